@@ -1,0 +1,169 @@
+"""The SQL seam shared by the SQLite and PostgreSQL stores and by every engine's tables.
+
+Engines write SQL once with ``?`` placeholders and ``{double}``-style type names in DDL; ``Tx`` adapts both
+to the store's dialect.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from .errors import PayloadError
+
+SQLITE = "sqlite"
+POSTGRES = "postgresql"
+
+_DDL_TYPES = {
+    SQLITE: {
+        "double": "REAL",
+        "bigint": "INTEGER",
+        "blob": "BLOB",
+        "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "text": "TEXT",
+    },
+    POSTGRES: {
+        "double": "DOUBLE PRECISION",
+        "bigint": "BIGINT",
+        "blob": "BYTEA",
+        "serial_pk": "BIGSERIAL PRIMARY KEY",
+        "text": "TEXT",
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step of a component. ``sql`` holds ``;``-separated statements; ``{double}``,
+    ``{bigint}``, ``{blob}``, ``{serial_pk}`` and ``{text}`` become the dialect's types."""
+
+    version: int
+    sql: str
+
+    def statements(self, dialect: str) -> list[str]:
+        text = self.sql.format(**_DDL_TYPES[dialect])
+        return [s.strip() for s in text.split(";") if s.strip()]
+
+
+@functools.lru_cache(maxsize=1024)
+def _to_pyformat(sql: str) -> str:
+    if "%" in sql:
+        sql = sql.replace("%", "%%")
+    return sql.replace("?", "%s")
+
+
+class Tx:
+    """One open transaction (or the caller's own connection). Rows come back as tuples."""
+
+    __slots__ = ("dialect", "raw")
+
+    def __init__(self, raw: Any, dialect: str) -> None:
+        self.raw = raw
+        self.dialect = dialect
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.dialect == SQLITE else _to_pyformat(sql)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if self.dialect == SQLITE:
+            return self.raw.execute(sql, params)
+        cur = self.raw.cursor()
+        cur.execute(_to_pyformat(sql), params)
+        return cur
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        if self.dialect == SQLITE:
+            self.raw.executemany(sql, rows)
+            return
+        rows = list(rows)
+        if rows:
+            self.raw.cursor().executemany(_to_pyformat(sql), rows)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.execute(sql, params).fetchall())
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row = self.execute(sql, params).fetchone()
+        return tuple(row) if row is not None else None
+
+    def rowcount(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return int(self.execute(sql, params).rowcount)
+
+    @property
+    def skip_locked(self) -> str:
+        """``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers instead."""
+        return " FOR UPDATE SKIP LOCKED" if self.dialect == POSTGRES else ""
+
+
+def in_clause(n: int) -> str:
+    """``(?,?,...)`` with ``n`` placeholders."""
+    return "(" + ",".join("?" * n) + ")"
+
+
+def dumps(value: Any, *, field: str = "payload", limit: int | None = None) -> str:
+    """JSON text of ``value``; ``PayloadError`` naming ``field`` if it is not JSON or too large."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"{field} must be JSON-serialisable: {exc}", field=field, value=type(value).__name__
+        ) from exc
+    if limit is not None and len(text) > limit and len(text.encode("utf-8")) > limit:
+        raise PayloadError(
+            f"{field} is {len(text.encode('utf-8'))} bytes as JSON, over the limit of {limit} bytes",
+            field=field,
+            value=len(text.encode("utf-8")),
+        )
+    return text
+
+
+def loads(text: str | bytes | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+_TOKEN = r"[^.]+"
+
+
+@functools.lru_cache(maxsize=512)
+def subject_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a dot-separated subject pattern: ``*`` matches one token, ``**`` one or more."""
+    if not pattern or any(t == "" for t in pattern.split(".")):
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"subject pattern {pattern!r} is malformed: use dot-separated tokens, '*' or '**'",
+            field="subjects",
+            value=pattern,
+        )
+    parts = []
+    tokens = pattern.split(".")
+    for i, tok in enumerate(tokens):
+        if tok == "**":
+            if i != len(tokens) - 1:
+                from .errors import ConfigError
+
+                raise ConfigError(
+                    f"subject pattern {pattern!r}: '**' may only be the last token",
+                    field="subjects",
+                    value=pattern,
+                )
+            parts.append(r"[^.]+(?:\.[^.]+)*")
+        elif tok == "*":
+            parts.append(_TOKEN)
+        else:
+            parts.append(re.escape(tok))
+    return re.compile(r"\A" + r"\.".join(parts) + r"\Z")
+
+
+def subject_matcher(patterns: Sequence[str] | None) -> Any:
+    """A predicate over subjects for ``patterns`` (None or empty: everything)."""
+    if not patterns:
+        return lambda subject: True
+    regexes = [subject_regex(p) for p in patterns]
+    if len(regexes) == 1:
+        match = regexes[0].match
+        return lambda subject: match(subject) is not None
+    return lambda subject: any(r.match(subject) for r in regexes)

@@ -1,0 +1,44 @@
+"""Test kit for emissary plugin authors: contract suites to subclass, fakes and service fixtures.
+
+The contract suites need pytest and are imported lazily:
+
+    from emissary.core.testing import StoreContract
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def store(self, clock):
+            return MyStore("mystore://...", clock=clock)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._clock import FakeClock
+from ._services import (
+    PostgresServer,
+    require_services,
+    service_missing,
+    start_postgres,
+)
+
+__all__ = [
+    "FakeClock",
+    "PostgresServer",
+    "StoreContract",
+    "require_services",
+    "service_missing",
+    "start_postgres",
+]
+
+_LAZY = {
+    "StoreContract": "._store_contract",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
