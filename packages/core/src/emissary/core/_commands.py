@@ -1,4 +1,4 @@
-"""Sub-commands of the engines in emissary-core (effects, obligations, events, dead, worker)."""
+"""Sub-commands of the engines in emissary-core. Each engine keeps its commands in its own module."""
 
 from __future__ import annotations
 
@@ -7,3 +7,7 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Add the core engines' sub-commands to the ``emissary`` parser."""
+    from . import _cmd_fanout, _cmd_outbox
+
+    _cmd_outbox.register(sub)
+    _cmd_fanout.register(sub)

@@ -85,11 +85,16 @@ class StoreJournalDemo:
             store.close()
 
 
+# The demo parts of the engines inside emissary-core; plugins add theirs through
+# ``emissary_register_demos``.
+CORE_DEMOS: list[type] = [StoreJournalDemo]
+
+
 def _demo_parts() -> list[Any]:
     from ._plugins import get_registry
 
     reg = get_registry()
-    classes: list[type] = [StoreJournalDemo]
+    classes: list[type] = list(CORE_DEMOS)
     for impl in reg.pm.hook.emissary_register_demos.get_hookimpls():
         classes.extend(impl.function() or [])
     classes.sort(key=lambda c: (getattr(c, "order", 100), getattr(c, "name", "")))

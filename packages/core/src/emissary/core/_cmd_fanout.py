@@ -1,0 +1,9 @@
+"""``emissary`` sub-commands of the fanout engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add this engine's sub-commands."""
