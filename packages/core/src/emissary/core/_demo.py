@@ -7,7 +7,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, cast
 
 from ._console import Progress, print_json, print_table
 from ._journal import Journal, StoreScheduler
@@ -96,7 +96,7 @@ def _demo_parts() -> list[Any]:
     reg = get_registry()
     classes: list[type] = list(CORE_DEMOS)
     for impl in reg.pm.hook.emissary_register_demos.get_hookimpls():
-        classes.extend(impl.function() or [])
+        classes.extend(cast("list[type]", impl.function() or []))
     classes.sort(key=lambda c: (getattr(c, "order", 100), getattr(c, "name", "")))
     return [cls() for cls in classes]
 

@@ -54,7 +54,7 @@ class Journal:
 
 TIMER_QUEUE = "em.timers"
 
-TimerHandler = Callable[[str, Any], "None | Awaitable[None]"]
+TimerHandler = Callable[[str, Any], "Awaitable[None] | None"]
 
 
 class StoreScheduler:

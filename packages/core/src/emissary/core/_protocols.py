@@ -57,7 +57,7 @@ class Sink(Protocol):
 
     name: ClassVar[str]
 
-    def publish(self, events: Sequence[Event]) -> None | Awaitable[None]: ...
+    def publish(self, events: Sequence[Event]) -> Awaitable[None] | None: ...
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._clock import Clock, SystemClock
-from ._sql import POSTGRES, SQLITE, Migration, Tx, dumps, in_clause, loads, subject_matcher
+from ._sql import POSTGRES, SQLITE, Migration, Tx, dumps, loads, subject_matcher
 from ._values import Event, Lease
 from .errors import ConfigError, LeaseLostError, MissingDependencyError
 
@@ -452,9 +452,9 @@ class SQLStore:
                 lambda _l: (expires,),
             )
         return [
-            Lease(queue=l.queue, key=l.key, token=l.token, owner=l.owner, expires_at=expires,
-                  payload=l.payload, attempts=l.attempts)
-            for l in leases
+            Lease(queue=lease.queue, key=lease.key, token=lease.token, owner=lease.owner, expires_at=expires,
+                  payload=lease.payload, attempts=lease.attempts)
+            for lease in leases
         ]
 
     def dequeue(self, queue: str, key: str, *, tx: Tx | None = None) -> bool:

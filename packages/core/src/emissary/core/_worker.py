@@ -118,15 +118,15 @@ class Worker:
                 self._wake.set()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
-                restore[sig] = signal.signal(sig, _on_signal)
+                restore[int(sig)] = signal.signal(sig, _on_signal)
         try:
             while not stop.is_set():
                 if self.step() == 0:
                     self._wake.wait(self.poll_interval)
                     self._wake.clear()
         finally:
-            for sig, handler in restore.items():
-                signal.signal(sig, handler)
+            for signum, handler in restore.items():
+                signal.signal(signum, handler)
             for part in (self.outbox, self.fanout):
                 close = getattr(part, "close", None)
                 if callable(close):

@@ -112,14 +112,14 @@ class StoreContract:
         assert store.enqueue("q", [("a", {"v": 99})]) == 0
         assert store.queue_size("q") == 2
         leases = store.claim("q", 10)
-        assert {l.key: l.payload for l in leases} == {"a": {"v": 1}, "b": {"v": 2}}
+        assert {x.key: x.payload for x in leases} == {"a": {"v": 1}, "b": {"v": 2}}
 
     def test_claim_batch_and_complete_batch(self, store: Any) -> None:
         store.enqueue("q", [(f"k{i}", i) for i in range(50)])
         first = store.claim("q", 20, owner="w1")
         second = store.claim("q", 100, owner="w2")
         assert len(first) == 20 and len(second) == 30
-        assert not {l.key for l in first} & {l.key for l in second}
+        assert not {x.key for x in first} & {x.key for x in second}
         assert store.claim("q", 10) == []
         store.complete(first + second)
         assert store.queue_size("q") == 0
@@ -128,13 +128,13 @@ class StoreContract:
         store.enqueue("q", [("later", None, clock.now() + 60)])
         assert store.claim("q") == []
         clock.advance(61)
-        assert [l.key for l in store.claim("q")] == ["later"]
+        assert [x.key for x in store.claim("q")] == ["later"]
 
     def test_stale_token_raises_and_changes_nothing(self, store: Any, clock: FakeClock) -> None:
         store.enqueue("q", [("a", 1), ("b", 2)])
-        old = {l.key: l for l in store.claim("q", 10, lease_for=5, owner="old")}
+        old = {x.key: x for x in store.claim("q", 10, lease_for=5, owner="old")}
         clock.advance(6)
-        new = {l.key: l for l in store.claim("q", 10, lease_for=5, owner="new")}
+        new = {x.key: x for x in store.claim("q", 10, lease_for=5, owner="new")}
         assert new["a"].token > old["a"].token
         with pytest.raises(LeaseLostError):
             store.complete([old["a"]])
@@ -176,7 +176,7 @@ class StoreContract:
                     return
                 store.complete(leases)
                 with lock:
-                    got.extend(l.key for l in leases)
+                    got.extend(x.key for x in leases)
 
         threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
         for t in threads:
