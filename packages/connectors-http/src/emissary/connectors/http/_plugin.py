@@ -1,0 +1,13 @@
+"""The ``http`` plugin: what emissary-connectors-http registers with emissary-core."""
+
+from __future__ import annotations
+
+from emissary.core import hookimpl
+
+
+@hookimpl
+def emissary_register_connectors() -> list[type]:
+    """The ``http`` connector type (``type = "http"`` in ``emissary.toml``)."""
+    from ._connector import HttpConnector
+
+    return [HttpConnector]
