@@ -1,0 +1,133 @@
+"""The public surface of ``emissary.core``: names outside code relies on (DESIGN §2, §11)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import emissary.core
+import emissary.core.errors
+
+# Sorted. A name added to emissary.core.__all__ is added here in the same change; a name removed
+# from here is a breaking change.
+EXPECTED_ALL = [
+    "AlreadyExistsError",
+    "Clock",
+    "CompensatingConnector",
+    "CompensationOutcome",
+    "CompensationResult",
+    "ConfigError",
+    "Connector",
+    "ConnectorCapabilities",
+    "DeadEvent",
+    "DeliveryError",
+    "DispatchOutcome",
+    "DispatchResult",
+    "Effect",
+    "EffectConflictError",
+    "EffectStatus",
+    "EmissaryConfig",
+    "EmissaryError",
+    "Event",
+    "FakeClock",
+    "FanOut",
+    "InvalidTaskIdError",
+    "Journal",
+    "Lease",
+    "LeaseLostError",
+    "MemoryStore",
+    "Migration",
+    "MissingDependencyError",
+    "NewEvent",
+    "NotFoundError",
+    "Obligation",
+    "Observation",
+    "ObservationOutcome",
+    "ObservingConnector",
+    "PayloadError",
+    "PermanentError",
+    "PluginError",
+    "PluginInfo",
+    "PostgresStore",
+    "Registry",
+    "Route",
+    "RouteState",
+    "RouteStatus",
+    "SQLStore",
+    "SQLiteStore",
+    "Scheduler",
+    "Semantics",
+    "Sink",
+    "StoreScheduler",
+    "SystemClock",
+    "TransientError",
+    "Tx",
+    "Worker",
+    "__version__",
+    "capabilities_of",
+    "get_registry",
+    "hookimpl",
+    "hookspec",
+    "load_config",
+    "open_store",
+    "register_connector",
+    "register_sink",
+    "reset_registry",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert emissary.core.__all__ == EXPECTED_ALL
+
+
+def test_all_is_sorted_and_unique() -> None:
+    assert EXPECTED_ALL == sorted(set(EXPECTED_ALL))
+    assert emissary.core.__all__ == sorted(set(emissary.core.__all__))
+
+
+@pytest.mark.parametrize("name", EXPECTED_ALL)
+def test_every_name_resolves(name: str) -> None:
+    assert getattr(emissary.core, name) is not None
+
+
+def test_star_import_gives_exactly_all() -> None:
+    namespace: dict[str, object] = {}
+    exec("from emissary.core import *", namespace)
+    assert sorted(k for k in namespace if k != "__builtins__") == EXPECTED_ALL
+
+
+def test_errors_module_exports_the_tree() -> None:
+    errors = emissary.core.errors
+    classes = sorted(n for n, o in vars(errors).items() if inspect.isclass(o) and issubclass(o, Exception)
+                     and o.__module__ == errors.__name__)
+    assert errors.__all__ == classes
+    for name in classes:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.EmissaryError)
+        assert getattr(emissary.core, name) is cls, f"{name} is not re-exported from emissary.core"
+        assert name in (errors.__doc__ or ""), f"{name} is missing from the tree in the errors docstring"
+
+
+def test_missing_dependency_error_is_an_import_error() -> None:
+    err = emissary.core.MissingDependencyError("psycopg", "postgres")
+    assert isinstance(err, ImportError)
+    assert "pip install 'emissary[postgres]'" in str(err)
+
+
+def test_version_matches_about() -> None:
+    about = importlib.import_module("emissary.core.__about__")
+    assert emissary.core.__version__ == about.__version__
+    assert all(part.isdigit() for part in about.__version__.split(".")[:2])
+
+
+def test_design_signatures() -> None:
+    from emissary.core import DispatchOutcome, DispatchResult, Effect, Observation, ObservationOutcome, Semantics
+
+    effect = Effect(key="order-42", connector="bank.wire", payload={"amount": 1})
+    assert effect.tool == "" and effect.semantics is Semantics.IDEMPOTENT and effect.human_gate is False
+    result = DispatchResult(outcome=DispatchOutcome.CONFIRMED, response={"ok": True}, external_ref="x",
+                            error=None, retry_after=None)
+    assert result.outcome == "CONFIRMED"
+    assert Observation(outcome=ObservationOutcome.ABSENT, response=None, external_ref=None).outcome == "ABSENT"
