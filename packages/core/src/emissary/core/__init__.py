@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._clock import Clock, FakeClock, SystemClock
+from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
 from ._hookspecs import hookimpl, hookspec
 from ._journal import Journal, StoreScheduler
 from ._plugins import (
@@ -74,6 +75,7 @@ __all__ = [
     "ConfigError",
     "Connector",
     "ConnectorCapabilities",
+    "DeadEvent",
     "DeliveryError",
     "DispatchOutcome",
     "DispatchResult",
@@ -84,6 +86,7 @@ __all__ = [
     "EmissaryError",
     "Event",
     "FakeClock",
+    "FanOut",
     "InvalidTaskIdError",
     "Journal",
     "Lease",
@@ -103,6 +106,9 @@ __all__ = [
     "PluginInfo",
     "PostgresStore",
     "Registry",
+    "Route",
+    "RouteState",
+    "RouteStatus",
     "SQLStore",
     "SQLiteStore",
     "Scheduler",

@@ -21,10 +21,13 @@ from ._services import (
     service_missing,
     start_postgres,
 )
+from ._sinks import InMemorySink
 
 __all__ = [
     "FakeClock",
+    "InMemorySink",
     "PostgresServer",
+    "SinkContract",
     "StoreContract",
     "require_services",
     "service_missing",
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "SinkContract": "._sink_contract",
     "StoreContract": "._store_contract",
 }
 
