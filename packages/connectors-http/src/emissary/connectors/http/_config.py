@@ -100,7 +100,8 @@ def _check_headers(problems: list[ConfigError], prefix: str, value: Any, *, expa
     for name, raw in value.items():
         hpath = f'{path}."{name}"'
         if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
-            problems.append(ConfigError(f"{path} has an invalid header name {name!r}", field=hpath, value=name))
+            problems.append(ConfigError(f"{hpath} is not a valid header name: use letters, digits and '-'",
+                                        field=hpath, value=name))
             continue
         if name.lower() in _RESERVED:
             problems.append(ConfigError(f"{hpath} is set by the connector itself and cannot be configured; "
