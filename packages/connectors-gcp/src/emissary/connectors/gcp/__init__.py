@@ -1,0 +1,20 @@
+"""emissary-connectors-gcp: emissary on Google Cloud.
+
+- ``PubSubConnector`` / ``PubSubSink`` (extra ``pubsub``): effects and journal events published to Pub/Sub.
+- ``CloudTasksConnector`` / ``CloudTasksScheduler`` (extra ``tasks``): effects and timers as Cloud Tasks
+  HTTP tasks.
+- ``SpannerOperationStore`` (extra ``spanner``): lro's operation store on the alis Spanner table.
+
+Importing never needs an extra; using a part whose extra is missing raises ``MissingDependencyError``.
+"""
+
+from __future__ import annotations
+
+from .__about__ import __version__
+from ._pubsub import PubSubConnector, PubSubSink
+
+__all__ = [
+    "PubSubConnector",
+    "PubSubSink",
+    "__version__",
+]

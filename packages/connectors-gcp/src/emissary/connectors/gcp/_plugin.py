@@ -1,0 +1,17 @@
+"""The ``gcp`` plugin: the connector, sink and scheduler classes emissary-connectors-gcp registers."""
+
+from __future__ import annotations
+
+from emissary.core import hookimpl
+
+from ._pubsub import PubSubConnector, PubSubSink
+
+
+@hookimpl
+def emissary_register_connectors() -> list[type]:
+    return [PubSubConnector]
+
+
+@hookimpl
+def emissary_register_sinks() -> list[type]:
+    return [PubSubSink]
