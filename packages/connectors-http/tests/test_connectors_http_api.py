@@ -12,6 +12,7 @@ from emissary.core import Connector, capabilities_of
 def test_public_names() -> None:
     assert http.__all__ == [
         "NEVER_SENT",
+        "AsyncHttpConnector",
         "HttpConnector",
         "__version__",
         "is_secret_header",

@@ -375,3 +375,33 @@ def test_async_client_is_reused_within_a_loop() -> None:
     with LedgerServer() as server:
         assert asyncio.run(go(server.url("/effects"))) == [DispatchOutcome.CONFIRMED] * 10
         assert len(server.client_ports) == 1
+
+
+def test_attempt_comes_from_the_outbox_metadata(httpserver: HTTPServer, connector: HttpConnector) -> None:
+    httpserver.expect_request("/pay").respond_with_data("ok")
+    connector.dispatch(effect(metadata={"emissary.attempt": 5, "attempt": 2}))
+    request, _ = httpserver.log[0]
+    assert request.headers["Emissary-Attempt"] == "5"
+
+
+def test_async_connector_methods_are_coroutines(httpserver: HTTPServer) -> None:
+    from emissary.connectors.http import AsyncHttpConnector
+
+    httpserver.expect_request("/pay").respond_with_data("", status=503, headers={"Retry-After": "2"})
+    httpserver.expect_request("/lookup").respond_with_json({"count": 0})
+    httpserver.expect_request("/refund").respond_with_data("done")
+    c = AsyncHttpConnector(url=httpserver.url_for("/pay"), observe_url=httpserver.url_for("/lookup"),
+                           compensate_url=httpserver.url_for("/refund"))
+
+    async def go() -> tuple[Any, Any, Any]:
+        try:
+            return (await c.dispatch(effect()), await c.observe(effect()),
+                    await c.compensate(Obligation(effect_key="order-1", kind="refund", payload={})))
+        finally:
+            await c.aclose()
+
+    dispatched, observed, compensated = asyncio.run(go())
+    assert dispatched.outcome is DispatchOutcome.UNKNOWN and dispatched.retry_after == 2.0
+    assert observed.outcome is ObservationOutcome.ABSENT
+    assert compensated.outcome is CompensationOutcome.COMPENSATED
+    assert repr(c).startswith("AsyncHttpConnector(")

@@ -41,11 +41,13 @@ _MAX_TEXT = 2000
 
 
 def _attempt_of(effect: Effect, attempt: int | None) -> int:
+    """The attempt number: the keyword, else the one the outbox puts in the metadata, else 1."""
     if attempt is not None:
         return int(attempt)
-    value = effect.metadata.get("attempt") if effect.metadata else None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    for name in ("emissary.attempt", "attempt"):
+        value = effect.metadata.get(name) if effect.metadata else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     return 1
 
 
@@ -254,7 +256,7 @@ class HttpConnector:
         if self.settings.headers:
             parts.append(f"headers={redact_headers(self.settings.headers)!r}")
         parts.append(f"timeout={self.timeout!r}")
-        return f"HttpConnector({', '.join(parts)})"
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # -- requests -------------------------------------------------------------------------------
     def _request_headers(self, key: str, business_key: str | None, run_id: str | None,
@@ -336,8 +338,8 @@ class HttpConnector:
 
         Args:
             effect: the effect; its key is sent as ``Idempotency-Key``.
-            attempt: the attempt number sent as ``Emissary-Attempt`` (else ``effect.metadata["attempt"]``,
-                else 1).
+            attempt: the attempt number sent as ``Emissary-Attempt``; by default the outbox's count
+                (``effect.metadata["emissary.attempt"]``), else ``effect.metadata["attempt"]``, else 1.
 
         Returns:
             The outcome; never raises for an HTTP or transport failure.
@@ -507,3 +509,26 @@ class HttpConnector:
         self._log("compensate", self.compensate_url, headers["Idempotency-Key"], headers, result.outcome,
                   result.error)
         return result
+
+
+class AsyncHttpConnector(HttpConnector):
+    """:class:`HttpConnector` whose ``dispatch``, ``observe`` and ``compensate`` are coroutines.
+
+    The worker awaits them on its one event-loop thread, so all requests share one ``httpx.AsyncClient``
+    pool. Same settings, headers and outcome mapping as :class:`HttpConnector`; ``type = "http-async"`` in
+    ``emissary.toml``.
+    """
+
+    name: ClassVar[str] = "http-async"
+
+    async def dispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:  # type: ignore[override]
+        """POST the effect; see :meth:`HttpConnector.dispatch`."""
+        return await self.adispatch(effect, attempt=attempt)
+
+    async def observe(self, effect: Effect, *, attempt: int | None = None) -> Observation:  # type: ignore[override]
+        """Look the effect up; see :meth:`HttpConnector.observe`."""
+        return await self.aobserve(effect, attempt=attempt)
+
+    async def compensate(self, obligation: Obligation) -> CompensationResult:  # type: ignore[override]
+        """POST the obligation; see :meth:`HttpConnector.compensate`."""
+        return await self.acompensate(obligation)

@@ -7,7 +7,7 @@ from emissary.core import hookimpl
 
 @hookimpl
 def emissary_register_connectors() -> list[type]:
-    """The ``http`` connector type (``type = "http"`` in ``emissary.toml``)."""
-    from ._connector import HttpConnector
+    """The ``http`` and ``http-async`` connector types (``type = "http"`` in ``emissary.toml``)."""
+    from ._connector import AsyncHttpConnector, HttpConnector
 
-    return [HttpConnector]
+    return [HttpConnector, AsyncHttpConnector]
