@@ -345,7 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             try:
                 import psycopg  # noqa: F401
-
                 from emissary.core.testing import start_postgres
 
                 server = start_postgres()

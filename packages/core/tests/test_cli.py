@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import pytest
-
 from emissary.core import Registry, hookimpl, reset_registry
 from emissary.core._cli import main
 

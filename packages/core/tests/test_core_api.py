@@ -5,10 +5,9 @@ from __future__ import annotations
 import importlib
 import inspect
 
-import pytest
-
 import emissary.core
 import emissary.core.errors
+import pytest
 
 # Sorted. A name added to emissary.core.__all__ is added here in the same change; a name removed
 # from here is a breaking change.
@@ -27,6 +26,8 @@ EXPECTED_ALL = [
     "DispatchResult",
     "Effect",
     "EffectConflictError",
+    "EffectOutcome",
+    "EffectRecord",
     "EffectStatus",
     "EmissaryConfig",
     "EmissaryError",
@@ -43,9 +44,13 @@ EXPECTED_ALL = [
     "NewEvent",
     "NotFoundError",
     "Obligation",
+    "ObligationOutcome",
+    "ObligationRecord",
+    "ObligationStatus",
     "Observation",
     "ObservationOutcome",
     "ObservingConnector",
+    "Outbox",
     "PayloadError",
     "PermanentError",
     "PluginError",
@@ -131,3 +136,21 @@ def test_design_signatures() -> None:
                             error=None, retry_after=None)
     assert result.outcome == "CONFIRMED"
     assert Observation(outcome=ObservationOutcome.ABSENT, response=None, external_ref=None).outcome == "ABSENT"
+
+
+def test_outbox_signatures() -> None:
+    from emissary.core import EffectStatus, Outbox, open_store
+    from emissary.core.testing import ChaosConnector, ConnectorContract, FakeConnector
+
+    assert ConnectorContract is not None and ChaosConnector is not None
+    outbox = Outbox(open_store("memory://"), connectors={"bank.wire": FakeConnector()})
+    rec = outbox.submit(emissary.core.Effect(key="order-42", connector="bank.wire", payload={"a": 1}), conn=None)
+    assert rec.status is EffectStatus.PENDING
+    assert [o.status for o in outbox.dispatch_once()] == [EffectStatus.CONFIRMED]
+    assert outbox.reconcile_once() == [] and outbox.compensate_once() == []
+    rec = outbox.get("order-42")
+    assert (rec.status, rec.attempts, rec.external_ref) == (EffectStatus.CONFIRMED, 1, "fake-order-42")
+    assert rec.response == {"received": "order-42"}
+    for name in ("submit_many", "run_inline", "approve", "reject", "redrive", "register_compensation",
+                 "compensate_run", "compensator", "list", "stats"):
+        assert callable(getattr(outbox, name)), name

@@ -4,13 +4,13 @@ instances and ``emissary.toml``."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import re
 import sys
 import types
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import pytest
-
 from emissary.core import (
     ConfigError,
     DispatchOutcome,
@@ -258,7 +258,7 @@ def test_plugin_that_fails_to_import_names_itself(installed: Any) -> None:
 
     installed([FakeDist("boom", "1", {"boom": "boom_plugin:attr"})], {"boom_plugin": boom})
     boom.__getattr__ = __getattr__  # type: ignore[attr-defined]
-    with pytest.raises(PluginError, match="plugin 'boom'.*kaboom") as info:
+    with pytest.raises(PluginError, match=r"plugin 'boom'.*kaboom") as info:
         Registry()
     assert info.value.plugin == "boom"
 
@@ -270,7 +270,7 @@ def test_hook_registering_an_instance_is_refused() -> None:
 
 
 def test_class_without_name_is_refused() -> None:
-    with pytest.raises(PluginError, match="NoNameConnector.*has no name class attribute"):
+    with pytest.raises(PluginError, match=r"NoNameConnector.*has no name class attribute"):
         Registry([("nn", plugin_module("nn", emissary_register_connectors=[NoNameConnector]))], autoload=False)
 
 
@@ -300,7 +300,7 @@ def test_named_instances_in_code() -> None:
 def test_unknown_named_connector_lists_the_known_ones() -> None:
     reg = Registry(autoload=False)
     reg.add_connector("bank.wire", WireConnector(url="https://bank.example"))
-    with pytest.raises(ConfigError, match="unknown connector 'bank.wyre'; named connectors: bank.wire") as info:
+    with pytest.raises(ConfigError, match=re.escape("unknown connector 'bank.wyre'; named connectors: bank.wire")) as info:
         reg.connector("bank.wyre")
     assert info.value.value == "bank.wyre"
     with pytest.raises(ConfigError, match="unknown sink 'nope'"):
@@ -318,10 +318,10 @@ def test_bad_instance_names_are_refused(bad: Any) -> None:
 
 def test_instance_without_dispatch_is_refused() -> None:
     reg = Registry(autoload=False)
-    with pytest.raises(ConfigError, match='connectors."bank.wire" must have a dispatch') as info:
+    with pytest.raises(ConfigError, match=re.escape('connectors."bank.wire" must have a dispatch')) as info:
         reg.add_connector("bank.wire", AuditSink())
     assert info.value.field == 'connectors."bank.wire"'
-    with pytest.raises(ConfigError, match="sinks.audit must have a publish"):
+    with pytest.raises(ConfigError, match=re.escape("sinks.audit must have a publish")):
         reg.add_sink("audit", WireConnector(url="https://x"))
     assert reg.connector_instances == {} and reg.sink_instances == {}
 

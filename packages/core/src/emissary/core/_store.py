@@ -514,17 +514,29 @@ class SQLiteStore(SQLStore):
         if not path:
             raise ConfigError(f"store URL {url!r} names no file", field="store", value=url)
         self.path = path
-        sync = (synchronous or options.pop("synchronous", "NORMAL")).upper()
+        url_sync = options.pop("synchronous", None)
+        sync = (synchronous or url_sync or "NORMAL").upper()
         if sync not in _SYNC_LEVELS:
             raise ConfigError(
                 f"store option synchronous must be one of {', '.join(_SYNC_LEVELS)}, got {sync!r}",
                 field="store.synchronous", value=sync,
             )
         self.synchronous = sync
+        busy_text = options.pop("busy_timeout", "30000")
         try:
-            busy = int(options.pop("busy_timeout", "30000"))
+            busy = int(busy_text)
         except ValueError as exc:
-            raise ConfigError("store option busy_timeout must be milliseconds", field="store.busy_timeout") from exc
+            raise ConfigError(
+                f"store option busy_timeout must be whole milliseconds, got {busy_text!r}",
+                field="store.busy_timeout", value=busy_text,
+            ) from exc
+        if options:
+            # A misspelt option (``synchronus=FULL``) must not silently drop a durability setting.
+            unknown = sorted(options)
+            raise ConfigError(
+                f"unknown store option(s) {', '.join(unknown)} in {url!r}; SQLite takes synchronous and busy_timeout",
+                field=f"store.{unknown[0]}", value=options[unknown[0]],
+            )
         self._lock = threading.RLock()
         self._conn = self._connect(path, busy)
         self.migrate("core", CORE_MIGRATIONS)
@@ -629,7 +641,14 @@ class PostgresStore(SQLStore):
         self._psycopg = psycopg
         parts = urlsplit(url)
         options = dict(parse_qsl(parts.query))
-        size = pool_size or int(options.pop("pool_size", "8"))
+        pool_text = options.pop("pool_size", "8")
+        try:
+            size = pool_size or int(pool_text)
+        except ValueError as exc:
+            raise ConfigError(
+                f"store option pool_size must be a whole number of connections, got {pool_text!r}",
+                field="store.pool_size", value=pool_text,
+            ) from exc
         rest = "&".join(f"{k}={v}" for k, v in options.items())
         self._conninfo = parts._replace(scheme="postgresql", query=rest).geturl()
         self._idle: list[Any] = []

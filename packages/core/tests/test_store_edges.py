@@ -1,0 +1,227 @@
+"""Store URLs and options at the edges: bad input, durability settings, missing drivers."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from emissary.core import (
+    ConfigError,
+    MemoryStore,
+    MissingDependencyError,
+    PostgresStore,
+    SQLiteStore,
+    SQLStore,
+    open_store,
+)
+
+SYNC_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("app.db", "store URL must look like"),
+        ("", "store URL must look like"),
+        ("sqlite://host/app.db", "has a host"),
+        ("sqlite:///", "names no file"),
+        ("redis://localhost/0", "unknown store scheme 'redis'"),
+        ("sqlite:///app.db?synchronous=SOMETIMES", "synchronous must be one of OFF, NORMAL, FULL, EXTRA"),
+        ("sqlite:///app.db?busy_timeout=soon", "busy_timeout must be"),
+        ("sqlite:///app.db?synchronus=FULL", "unknown store option"),
+    ],
+)
+def test_bad_url_is_a_config_error_naming_the_value(url: str, message: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message) as info:
+        open_store(url)
+    err = info.value
+    assert err.field is not None and err.field.startswith("store")
+    assert err.value is not None
+    assert str(err.value) in url or str(err.value).upper() in url.upper()
+    assert not (tmp_path / "app.db").exists(), "a refused URL must create nothing"
+
+
+def test_non_string_url() -> None:
+    with pytest.raises(ConfigError, match="got 42") as info:
+        open_store(42)  # type: ignore[arg-type]
+    assert info.value.value == 42
+
+
+def test_unknown_scheme_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        open_store("mongodb://x/y")
+    message = str(info.value)
+    for scheme in ("memory", "postgres", "postgresql", "sqlite"):
+        assert scheme in message
+    assert info.value.value == "mongodb://x/y"
+
+
+def test_missing_directory_is_named(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'app.db'}"
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        open_store(url)
+    assert info.value.value == url
+    assert not (tmp_path / "no").exists()
+
+
+def test_scheme_is_case_insensitive(tmp_path: Path) -> None:
+    store = open_store(f"SQLite:///{tmp_path / 'a.db'}")
+    try:
+        assert isinstance(store, SQLiteStore)
+    finally:
+        store.close()
+
+
+def _pragma(store: Any, name: str) -> Any:
+    with store.read() as tx:
+        row = tx.one(f"PRAGMA {name}")
+    return row[0] if row else None
+
+
+@pytest.mark.parametrize("level", ["FULL", "full", "EXTRA", "OFF"])
+def test_synchronous_from_url_is_honoured(tmp_path: Path, level: str) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}?synchronous={level}")
+    try:
+        assert store.synchronous == level.upper()
+        assert _pragma(store, "synchronous") == SYNC_LEVELS[level.upper()]
+        assert _pragma(store, "journal_mode") == "wal"
+    finally:
+        store.close()
+
+
+def test_synchronous_defaults_to_normal_and_keyword_overrides(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    try:
+        assert _pragma(store, "synchronous") == SYNC_LEVELS["NORMAL"]
+    finally:
+        store.close()
+    store = open_store(f"sqlite:///{tmp_path / 'e.db'}", synchronous="full")
+    try:
+        assert _pragma(store, "synchronous") == SYNC_LEVELS["FULL"]
+    finally:
+        store.close()
+
+
+def test_busy_timeout_from_url(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'b.db'}?busy_timeout=1234")
+    try:
+        assert _pragma(store, "busy_timeout") == 1234
+    finally:
+        store.close()
+
+
+def test_relative_and_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rel = open_store("sqlite:///rel.db")
+    rel.close()
+    assert (tmp_path / "rel.db").exists()
+    absolute = open_store(f"sqlite:///{tmp_path / 'abs.db'}")
+    absolute.close()
+    assert (tmp_path / "abs.db").exists()
+
+
+def test_in_memory_urls() -> None:
+    a, b = open_store("memory://"), open_store("memory://")
+    try:
+        assert isinstance(a, MemoryStore)
+        a.kv_put("ns", "k", 1)
+        assert b.kv_get("ns", "k") is None, "each memory:// store is private"
+        joined = a.connect()
+        assert joined.execute("SELECT value FROM em_kv WHERE key = 'k'").fetchone() == ("1",)
+        joined.close()
+    finally:
+        a.close()
+        b.close()
+    mem = open_store("sqlite:///:memory:")
+    try:
+        with pytest.raises(ConfigError, match="in-memory store cannot be shared"):
+            mem.connect()
+    finally:
+        mem.close()
+
+
+def test_wrong_connection_type_for_conn(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        with pytest.raises(ConfigError, match=r"conn must be a sqlite3\.Connection") as info:
+            store.append_events([], conn=object())
+        assert info.value.field == "conn"
+    finally:
+        store.close()
+
+
+def test_migrations_are_versioned_and_applied_once(tmp_path: Path) -> None:
+    from emissary.core import Migration
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    steps = [Migration(1, "CREATE TABLE t_one (a {bigint})"), Migration(2, "ALTER TABLE t_one ADD COLUMN b {double}")]
+    store = open_store(url)
+    try:
+        assert store.schema_version("core") >= 1
+        assert store.migrate("mine", steps[:1]) == 1
+    finally:
+        store.close()
+    store = open_store(url)
+    try:
+        assert store.schema_version("mine") == 1
+        assert store.migrate("mine", steps) == 2
+        with store.transaction() as tx:
+            tx.execute("INSERT INTO t_one (a, b) VALUES (?, ?)", (1, 2.5))
+        assert store.schema_version("mine") == 2
+    finally:
+        store.close()
+
+
+def test_missing_psycopg_names_the_postgres_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # makes ``import psycopg`` raise ImportError
+    with pytest.raises(MissingDependencyError) as info:
+        open_store("postgresql://emissary:secret@127.0.0.1:1/app")
+    err = info.value
+    assert err.package == "psycopg"
+    assert err.extra == "postgres"
+    assert "pip install 'emissary[postgres]'" in str(err)
+    assert "secret" not in str(err)
+    assert isinstance(err, ImportError)
+
+
+def test_postgres_alias_scheme_reaches_the_postgres_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(MissingDependencyError):
+        open_store("postgres://u@127.0.0.1:1/app")
+
+
+def test_bad_pool_size_is_a_config_error() -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(ConfigError, match="pool_size") as info:
+        PostgresStore("postgresql://u@127.0.0.1:1/app?pool_size=many")
+    assert info.value.value == "many"
+
+
+def test_password_never_shows_in_repr() -> None:
+    store = SQLStore("postgresql://emissary:s3cr3t@db.example:5432/app")
+    assert "s3cr3t" not in repr(store)
+    assert "emissary:***@db.example" in repr(store)
+
+
+def test_postgres_alias_and_wal_free_url_on_a_real_server(postgres_url: str) -> None:
+    store = open_store(postgres_url.replace("postgresql://", "postgres://", 1) + "?pool_size=2")
+    try:
+        assert isinstance(store, PostgresStore)
+        assert store.schema_version("core") >= 1
+    finally:
+        store.close()
+
+
+def test_sqlite_file_survives_reopen(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}?synchronous=FULL"
+    store = open_store(url)
+    store.kv_put("ns", "k", {"v": 1})
+    store.close()
+    raw = sqlite3.connect(tmp_path / "r.db")
+    assert raw.execute("SELECT value FROM em_kv").fetchone() == ('{"v":1}',)
+    raw.close()
