@@ -5,6 +5,7 @@ import emissary.sinks
 
 def test_public_names_are_pinned() -> None:
     assert emissary.sinks.__all__ == [
+        "LogConnector",
         "LogSink",
         "WebhookGoneError",
         "WebhookSink",
