@@ -14,6 +14,14 @@ from ._clock import Clock, FakeClock, SystemClock
 from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
 from ._hookspecs import hookimpl, hookspec
 from ._journal import Journal, StoreScheduler
+from ._outbox import (
+    EffectOutcome,
+    EffectRecord,
+    ObligationOutcome,
+    ObligationRecord,
+    ObligationStatus,
+    Outbox,
+)
 from ._plugins import (
     EmissaryConfig,
     PluginInfo,
@@ -81,6 +89,8 @@ __all__ = [
     "DispatchResult",
     "Effect",
     "EffectConflictError",
+    "EffectOutcome",
+    "EffectRecord",
     "EffectStatus",
     "EmissaryConfig",
     "EmissaryError",
@@ -97,9 +107,13 @@ __all__ = [
     "NewEvent",
     "NotFoundError",
     "Obligation",
+    "ObligationOutcome",
+    "ObligationRecord",
+    "ObligationStatus",
     "Observation",
     "ObservationOutcome",
     "ObservingConnector",
+    "Outbox",
     "PayloadError",
     "PermanentError",
     "PluginError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .__about__ import __version__
+from ._log_connector import LogConnector
 from ._log_sink import LogSink
 from ._webhook import (
     WebhookGoneError,
@@ -13,6 +14,7 @@ from ._webhook import (
 )
 
 __all__ = [
+    "LogConnector",
     "LogSink",
     "WebhookGoneError",
     "WebhookSink",

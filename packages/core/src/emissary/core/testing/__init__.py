@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._clock import FakeClock
+from ._fakes import ChaosConnector, FakeConnector
 from ._services import (
     PostgresServer,
     require_services,
@@ -24,7 +25,10 @@ from ._services import (
 from ._sinks import InMemorySink
 
 __all__ = [
+    "ChaosConnector",
+    "ConnectorContract",
     "FakeClock",
+    "FakeConnector",
     "InMemorySink",
     "PostgresServer",
     "SinkContract",
@@ -35,6 +39,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ConnectorContract": "._connector_contract",
     "SinkContract": "._sink_contract",
     "StoreContract": "._store_contract",
 }
