@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._pubsub import PubSubConnector, PubSubSink
+from ._tasks import CloudTasksConnector, CloudTasksScheduler, task_id_for
 
 __all__ = [
+    "CloudTasksConnector",
+    "CloudTasksScheduler",
     "PubSubConnector",
     "PubSubSink",
     "__version__",
+    "task_id_for",
 ]

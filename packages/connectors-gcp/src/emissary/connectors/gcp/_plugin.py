@@ -5,13 +5,19 @@ from __future__ import annotations
 from emissary.core import hookimpl
 
 from ._pubsub import PubSubConnector, PubSubSink
+from ._tasks import CloudTasksConnector, CloudTasksScheduler
 
 
 @hookimpl
 def emissary_register_connectors() -> list[type]:
-    return [PubSubConnector]
+    return [CloudTasksConnector, PubSubConnector]
 
 
 @hookimpl
 def emissary_register_sinks() -> list[type]:
     return [PubSubSink]
+
+
+@hookimpl
+def emissary_register_schedulers() -> list[type]:
+    return [CloudTasksScheduler]
