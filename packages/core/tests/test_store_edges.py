@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from emissary.core import (
     ConfigError,
+    LeaseLostError,
     MemoryStore,
     MissingDependencyError,
     PostgresStore,
@@ -225,3 +226,44 @@ def test_sqlite_file_survives_reopen(tmp_path: Path) -> None:
     raw = sqlite3.connect(tmp_path / "r.db")
     assert raw.execute("SELECT value FROM em_kv").fetchone() == ('{"v":1}',)
     raw.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path, clock: Any) -> Any:
+    if request.param == "sqlite":
+        store = open_store(f"sqlite:///{tmp_path / 'q.db'}", clock=clock)
+    else:
+        store = open_store(request.getfixturevalue("postgres_url"), clock=clock)
+    yield store
+    store.close()
+
+
+def test_large_batches_complete_in_one_call(any_store: Any) -> None:
+    any_store.enqueue("q", [(f"k{i}", i) for i in range(2500)])
+    leases = any_store.claim("q", 2500)
+    assert len(leases) == 2500
+    any_store.complete(leases)
+    assert any_store.queue_size("q") == 0
+
+
+def test_batch_release_and_extend_with_one_stale_lease_change_nothing(any_store: Any, clock: Any) -> None:
+    any_store.enqueue("q", [(k, k) for k in "abc"])
+    old = {x.key: x for x in any_store.claim("q", 10, lease_for=5)}
+    any_store.release([old["b"]])
+    (newer_b,) = any_store.claim("q", 10, lease_for=100)
+    assert newer_b.key == "b" and newer_b.token > old["b"].token
+    stale_batch = [old["a"], old["b"], old["c"]]
+    with pytest.raises(LeaseLostError, match="q/b"):
+        any_store.extend(stale_batch, lease_for=100)
+    with pytest.raises(LeaseLostError, match="q/b"):
+        any_store.release(stale_batch, delay=0)
+    with pytest.raises(LeaseLostError, match="q/b"):
+        any_store.complete(stale_batch)
+    assert any_store.queue_size("q") == 3
+    clock.advance(6)
+    # a and c were not extended, so their leases lapsed; b is still held by its newer lease
+    assert sorted(x.key for x in any_store.claim("q", 10)) == ["a", "c"]
+    with pytest.raises(LeaseLostError):
+        any_store.complete([newer_b, newer_b])
+    any_store.complete([newer_b])
+    assert any_store.queue_size("q") == 2

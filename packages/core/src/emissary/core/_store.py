@@ -414,6 +414,28 @@ class SQLStore:
         ]
 
     def _fenced(self, tx: Tx, leases: Sequence[Lease], sql: str, extra: Callable[[Lease], tuple[Any, ...]]) -> None:
+        where = "WHERE queue = ? AND key = ? AND lease_token = ?"
+        extras = {extra(lease) for lease in leases}
+        if tx.dialect == POSTGRES and len(leases) > 1 and len(extras) == 1 and sql.endswith(where):
+            # One statement per chunk rather than one network round trip per lease.
+            head, params = sql[: -len(where)], extras.pop()
+            for i in range(0, len(leases), 1000):
+                chunk = leases[i : i + 1000]
+                rows = tx.query(
+                    f"{head}WHERE (queue, key, lease_token) IN (VALUES {', '.join(['(?, ?, ?)'] * len(chunk))}) "
+                    "RETURNING queue, key, lease_token",
+                    (*params, *(v for lease in chunk for v in (lease.queue, lease.key, lease.token))),
+                )
+                held = {(q, k, int(t)) for q, k, t in rows}
+                seen: set[tuple[str, str, int]] = set()
+                for lease in chunk:
+                    ident = (lease.queue, lease.key, lease.token)
+                    if ident not in held or ident in seen:
+                        raise LeaseLostError(
+                            f"lease on {lease.queue}/{lease.key} (token {lease.token}) is no longer held"
+                        )
+                    seen.add(ident)
+            return
         for lease in leases:
             n = tx.rowcount(sql, (*extra(lease), lease.queue, lease.key, lease.token))
             if n != 1:
