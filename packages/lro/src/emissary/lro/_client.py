@@ -736,10 +736,10 @@ def _cloud_tasks_scheduler(config: Config) -> Any:
     try:
         return cls(
             project=config.project, location=config.region, queue=config.queue_name,
-            service_account=config.invoker_service_account,
+            service_account=config.invoker_service_account, host=config.base_url, prefix=config.prefix,
         )
     except TypeError as exc:
         raise ConfigError(
-            f"the cloudtasks scheduler {cls.__name__} does not accept project/location/queue/service_account: {exc}",
+            f"the cloudtasks scheduler {cls.__name__} does not accept project/location/queue/service_account/host/prefix: {exc}",
             field="lro.scheduler", value=cls.__name__,
         ) from exc
