@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, List, Mapping, Sequence, TypeVar
@@ -44,6 +45,7 @@ from .errors import (
 log = logging.getLogger("emissary.outbox")
 
 DEFAULT_PAYLOAD_LIMIT = 1024 * 1024
+_INLINE_BELOW = 0.0002  # seconds: connectors faster than this on average are called inline
 MAX_KEY_LENGTH = 512
 
 
@@ -415,6 +417,8 @@ class Outbox:
         self.owner = owner or default_owner()
         self._rng = random.Random(seed)
         self._compensators: dict[str, Callable[[Obligation], Any]] = {}
+        self._latency: dict[str, float] = {}
+        self._caps: dict[str, tuple[Any, bool]] = {}
         self._runner = CallRunner(max_in_flight)
         self._own_runner = True
         store.migrate("outbox", OUTBOX_MIGRATIONS)
@@ -588,13 +592,14 @@ class Outbox:
             One record per effect, in order (the stored one for keys submitted before).
         """
         now = self.store.clock.now()
+        effects = list(effects)
         rows = [self._row_of(e, now) for e in effects]
         if not rows:
             return []
         with self.store.transaction(conn) as tx:
-            return self._insert(tx, rows)
+            return self._insert(tx, rows, effects)
 
-    def _insert(self, tx: Tx, rows: List[tuple[Any, ...]]) -> List[EffectRecord]:
+    def _insert(self, tx: Tx, rows: List[tuple[Any, ...]], effects: List[Effect]) -> List[EffectRecord]:
         by_key: dict[str, tuple[Any, ...]] = {}
         for row in rows:
             seen = by_key.get(row[0])
@@ -627,20 +632,21 @@ class Outbox:
                 [_effect_event(r[0], r[1], r[2], r[10], semantics=r[5], run_id=r[6]) for r in new_rows], tx=tx,
             )
         out = []
-        for row in rows:
+        for row, effect in zip(rows, effects):
             rec = existing.get(row[0])
-            out.append(rec if rec is not None else self._fresh_record(row))
+            out.append(rec if rec is not None else self._fresh_record(row, effect))
         return out
 
     @staticmethod
-    def _fresh_record(row: tuple[Any, ...]) -> EffectRecord:
-        (key, connector, tool, payload, business_key, semantics, run_id, metadata, human_gate, _nb, status,
+    def _fresh_record(row: tuple[Any, ...], effect: Effect) -> EffectRecord:
+        (key, connector, tool, _payload, business_key, semantics, run_id, _metadata, human_gate, _nb, status,
          max_attempts, next_at, created, updated) = row
+        created_at = _ts(created)
         return EffectRecord(
-            key=key, connector=connector, tool=tool, payload=loads(payload), status=EffectStatus(status),
+            key=key, connector=connector, tool=tool, payload=effect.payload, status=EffectStatus(status),
             semantics=Semantics(semantics), attempts=0, max_attempts=max_attempts, business_key=business_key,
-            run_id=run_id, human_gate=bool(human_gate), metadata=loads(metadata) or {},
-            next_attempt_at=_ts(next_at), created_at=_ts(created), updated_at=_ts(updated),
+            run_id=run_id, human_gate=bool(human_gate), metadata=dict(effect.metadata),
+            next_attempt_at=_ts(next_at), created_at=created_at, updated_at=created_at,
         )
 
     @staticmethod
@@ -792,6 +798,16 @@ class Outbox:
         )
 
     # -- claims and completion -----------------------------------------------------------------
+    def _can_observe(self, name: str) -> bool:
+        conn = self.connectors.get(name)
+        if conn is None:
+            return False
+        cached = self._caps.get(name)
+        if cached is None or cached[0] is not conn:
+            cached = (conn, capabilities_of(conn).can_observe)
+            self._caps[name] = cached
+        return cached[1]
+
     def _known(self) -> List[str]:
         return sorted(self.connectors)
 
@@ -823,7 +839,8 @@ class Outbox:
             self.store.append_events(
                 [_effect_event(r[0], r[1], r[2], "DISPATCHING", attempt=int(r[9])) for r in rows], tx=tx)
         claimed = [self._claimed_effect(r) for r in rows]
-        results = self._runner.map(self._dispatch_call, claimed)
+        fast = all(self._latency.get(c[0].connector, 1.0) < _INLINE_BELOW for c in claimed)
+        results = self._runner.map(self._dispatch_call, claimed, inline=fast)
         return self._complete_dispatch(claimed, results)
 
     @staticmethod
@@ -839,7 +856,15 @@ class Outbox:
 
     def _dispatch_call(self, item: tuple[Effect, int, int, int]) -> Any:
         effect = item[0]
-        return self.connector(effect.connector).dispatch(effect)
+        started = time.perf_counter()
+        try:
+            return self._runner.call(self.connector(effect.connector).dispatch, effect)
+        finally:
+            # A moving average of each connector's call time: connectors answering in well under a
+            # millisecond are called inline, where a thread hand-off would cost more than the call.
+            spent = time.perf_counter() - started
+            old = self._latency.get(effect.connector)
+            self._latency[effect.connector] = spent if old is None else 0.8 * old + 0.2 * spent
 
     def _complete_dispatch(
         self, claimed: Sequence[tuple[Effect, int, int, int]], results: Sequence[tuple[bool, Any]],
@@ -853,8 +878,7 @@ class Outbox:
     def _dispatch_transition(
         self, effect: Effect, attempts: int, token: int, max_attempts: int, ok: bool, value: Any, now: float,
     ) -> tuple[tuple[Any, ...], EffectOutcome, NewEvent]:
-        conn = self.connectors.get(effect.connector)
-        can_observe = conn is not None and capabilities_of(conn).can_observe
+        can_observe = self._can_observe(effect.connector)
         non_idem = effect.semantics is Semantics.NON_IDEMPOTENT
         outcome: DispatchOutcome | None = None
         response: Any = None

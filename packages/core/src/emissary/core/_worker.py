@@ -78,12 +78,14 @@ class CallRunner:
         except Exception as exc:  # handed back to the engine, which records it on the item
             return False, exc
 
-    def map(self, fn: Callable[[T], Any], items: Sequence[T]) -> list[tuple[bool, Any]]:
+    def map(self, fn: Callable[[T], Any], items: Sequence[T], *, inline: bool = False) -> list[tuple[bool, Any]]:
         """Call ``fn`` on every item; ``(True, result)`` or ``(False, exception)`` per item, in order.
 
-        ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``) is not caught: it propagates.
+        ``inline=True`` runs them one after another in the calling thread (for calls so quick that
+        handing them to threads costs more than it saves). ``BaseException`` (``KeyboardInterrupt``,
+        ``SystemExit``) is not caught: it propagates.
         """
-        if len(items) <= 1 or self.max_in_flight == 1:
+        if inline or len(items) <= 1 or self.max_in_flight == 1:
             return [self._guarded(fn, item) for item in items]
         pool = self._ensure_pool()
         futures = [pool.submit(self._guarded, fn, item) for item in items]
