@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from emissary.core._console import print_json, print_table
 from google.longrunning import operations_pb2
 from google.protobuf import json_format
-
-from emissary.core._console import print_json, print_table
 
 from ._client import LroClient
 from ._config import Config

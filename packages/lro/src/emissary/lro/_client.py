@@ -22,13 +22,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 from urllib.parse import quote
 
-from google.longrunning import operations_pb2
-from google.rpc import code_pb2
-
 from emissary.core import (
     ConfigError,
-    LeaseLostError,
     Lease,
+    LeaseLostError,
     MissingDependencyError,
     NotFoundError,
     SQLStore,
@@ -36,6 +33,8 @@ from emissary.core import (
     TransientError,
     open_store,
 )
+from google.longrunning import operations_pb2
+from google.rpc import code_pb2
 
 from ._auth import SIGNATURE_HEADER, CallbackAuth, sign
 from ._codec import encode_state, pack_any

@@ -10,10 +10,9 @@ import dataclasses
 import json
 from typing import Any, Mapping, TypeVar
 
+from emissary.core import ConfigError, PayloadError
 from google.protobuf import any_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
-
-from emissary.core import ConfigError, PayloadError
 
 T = TypeVar("T")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from emissary.core import AlreadyExistsError, ConfigError, LeaseLostError, MissingDependencyError, NotFoundError
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
-
-from emissary.core import AlreadyExistsError, ConfigError, LeaseLostError, MissingDependencyError, NotFoundError
 
 if TYPE_CHECKING:
     from ._client import LroClient

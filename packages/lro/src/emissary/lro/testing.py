@@ -18,9 +18,8 @@ import threading
 from typing import Any
 
 import pytest
-from google.longrunning import operations_pb2
-
 from emissary.core import AlreadyExistsError, FakeClock, LeaseLostError, NotFoundError
+from google.longrunning import operations_pb2
 
 from ._store import OperationDoneError, OperationRecord
 
