@@ -1,0 +1,108 @@
+"""The state of one invocation: the operations seen so far and the checkpoint updates not yet flushed."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping, Protocol, Sequence
+
+from ._errors import NonDeterministicExecutionError, SuspendExecution
+from ._values import Operation, OperationUpdate, apply_update
+
+
+class CheckpointBackend(Protocol):
+    """Where an invocation's checkpoints go: the runner's store or an AWS-shaped client."""
+
+    execution_id: str
+
+    def now(self) -> float: ...
+
+    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> None:
+        """Persist ``operations`` (the state after ``updates``) in one transaction.
+
+        Raises:
+            ExecutionFencedOut: another invocation or an operator owns the execution now.
+        """
+
+    def new_callback_id(self, operation_id: str) -> str: ...
+
+    def check_invoke(self, function_name: str) -> None:
+        """Raise ``ConfigError`` if ``function_name`` cannot be invoked from here."""
+
+
+class ExecutionState:
+    """Operations by id, the pending updates, and what the invocation learnt (fatal errors).
+
+    Thread-safe: branches of ``map`` / ``parallel`` checkpoint from worker threads.
+    """
+
+    def __init__(self, backend: CheckpointBackend, operations: Mapping[str, Operation] | None = None, *,
+                 always_replay: bool = False) -> None:
+        self.backend = backend
+        self.execution_id = backend.execution_id
+        self.operations: dict[str, Operation] = dict(operations or {})
+        self.always_replay = always_replay
+        self.fatal: NonDeterministicExecutionError | None = None
+        self.replayed = bool(self.operations)
+        self._updates: list[OperationUpdate] = []
+        self._dirty: dict[str, None] = {}
+        self._lock = threading.RLock()
+        self._seq = max((op.seq for op in self.operations.values()), default=0)
+        self.new_completions = 0
+
+    def now(self) -> float:
+        return self.backend.now()
+
+    def get(self, operation_id: str) -> Operation | None:
+        with self._lock:
+            return self.operations.get(operation_id)
+
+    def checkpoint(self, update: OperationUpdate, *, sync: bool) -> Operation:
+        """Apply ``update`` now; persist it now (``sync``) or with the next synchronous checkpoint."""
+        with self._lock:
+            existing = self.operations.get(update.operation_id)
+            if existing is None:
+                self._seq += 1
+            op = apply_update(existing, update, self.now(), self._seq)
+            self.operations[op.id] = op
+            self._updates.append(update)
+            self._dirty[op.id] = None
+            if sync:
+                self._flush_locked()
+            return op
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._updates:
+            return
+        updates, ids = self._updates, list(self._dirty)
+        self.backend.flush(updates, [self.operations[i] for i in ids])
+        self._updates, self._dirty = [], {}
+
+    def take_pending(self) -> tuple[list[OperationUpdate], list[Operation]]:
+        """The updates not yet flushed and the operations they touched, for the final transaction."""
+        with self._lock:
+            updates, ids = self._updates, list(self._dirty)
+            self._updates, self._dirty = [], {}
+            return updates, [self.operations[i] for i in ids]
+
+    def mark_fatal(self, error: NonDeterministicExecutionError) -> NonDeterministicExecutionError:
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = error
+            return error
+
+    def completed_new(self) -> None:
+        """Called after an operation ran (not replayed) to completion; ``always_replay`` suspends here
+        so that the rest of the execution runs from a fresh replay."""
+        with self._lock:
+            self.new_completions += 1
+        if self.always_replay:
+            raise SuspendExecution("always_replay", until=self.now())
+
+
+def earliest(values: Sequence[Any]) -> float | None:
+    times = [float(v) for v in values if v is not None]
+    return min(times) if times else None

@@ -1,0 +1,8 @@
+"""Test kit for durable functions: ``LocalRunner`` runs executions in memory with a fake clock that skips
+ahead to the next timer, so a one-hour wait takes no time."""
+
+from __future__ import annotations
+
+from ._local import LocalRunner
+
+__all__ = ["LocalRunner"]
