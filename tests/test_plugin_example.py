@@ -103,16 +103,43 @@ def test_named_instance_from_config_dispatches_once(site: Path, tmp_path: Path) 
         load_config({str(config)!r})
         conn = get_registry().connector("audit.ledger")
         effect = Effect(key="k-1", connector="audit.ledger", payload={{"amount": 5}})
+        other = Effect(key="k-2", connector="audit.ledger", payload={{}})
         print(type(conn).__module__, conn.dispatch(effect).outcome, conn.dispatch(effect).outcome,
-              conn.observe(effect).outcome)
+              conn.observe(effect).outcome, conn.observe(other).outcome)
         """
     )
     proc = _run([sys.executable, "-c", script], site)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["emissary_ledger", "CONFIRMED", "CONFIRMED", "CONFIRMED"]
+    assert proc.stdout.split() == ["emissary_ledger", "CONFIRMED", "CONFIRMED", "CONFIRMED", "ABSENT"]
     assert [json.loads(line) for line in ledger.read_text().splitlines()] == [
         {"key": "k-1", "payload": {"amount": 5}}
     ]
+
+
+def test_outbox_delivers_through_the_plugin_once(site: Path, tmp_path: Path) -> None:
+    ledger = tmp_path / "payments.jsonl"
+    config = tmp_path / "emissary.toml"
+    config.write_text(
+        f'store = "sqlite:///{(tmp_path / "app.db").as_posix()}"\n'
+        f'[connectors."bank.ledger"]\ntype = "ledger"\npath = "{ledger.as_posix()}"\n'
+    )
+    script = textwrap.dedent(
+        f"""
+        from emissary.core import Effect, Outbox, load_config, open_store
+        config = load_config({str(config)!r})
+        outbox = Outbox(open_store(config.store))  # connectors: the registry's named instances
+        effect = Effect(key="order-42", connector="bank.ledger", payload={{"cents": 500}})
+        outbox.submit(effect)
+        outbox.submit(effect)
+        while outbox.dispatch_once():
+            pass
+        print(outbox.get("order-42").status)
+        """
+    )
+    proc = _run([sys.executable, "-c", script], site)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["CONFIRMED"]
+    assert [json.loads(line)["key"] for line in ledger.read_text().splitlines()] == ["order-42"]
 
 
 def test_disabled_plugin_type_is_a_config_error(site: Path, tmp_path: Path) -> None:

@@ -29,8 +29,10 @@ class LedgerConnector:
 
     def observe(self, effect: Effect) -> Observation:
         n = self._count(effect.key)
-        outcome = [ObservationOutcome.ABSENT, ObservationOutcome.CONFIRMED][n] if n < 2 else ObservationOutcome.DUPLICATE
-        return Observation(outcome=outcome, external_ref=effect.key if n else None)
+        if n == 0:
+            return Observation(outcome=ObservationOutcome.ABSENT)
+        outcome = ObservationOutcome.CONFIRMED if n == 1 else ObservationOutcome.DUPLICATE
+        return Observation(outcome=outcome, external_ref=effect.key)
 
 
 @hookimpl
