@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import emissary.durable as durable
+import emissary.durable.testing as durable_testing
+
+
+def test_public_names_are_pinned() -> None:
+    assert durable.__all__ == sorted(durable.__all__)
+    assert set(durable.__all__) == {
+        "BatchItem", "BatchItemError", "BatchItemStatus", "BatchResult", "Callback", "CallbackConfig",
+        "CallbackError", "CallbackTimeoutError", "CheckpointError", "CheckpointOutput", "ChildConfig",
+        "ChildContextError", "CompletionConfig", "CompletionReason", "DurableContext", "DurableError",
+        "DurableExecutionConfig", "DurableOperationError", "DurableRunner", "Duration", "ErrorObject",
+        "ExecutionInfo", "ExecutionStatus", "InMemoryClient", "InitialExecutionState", "InvocationInput",
+        "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",
+        "MapConfig", "NonDeterministicExecutionError", "Operation", "OperationAction", "OperationStatus",
+        "OperationSubType", "OperationType", "OperationUpdate", "ParallelConfig", "PassThroughSerdes",
+        "RetryDecision", "RetryPresets", "RetryStrategyConfig", "Serdes", "SerdesContext", "SerdesError",
+        "StateOutput", "StepConfig", "StepContext", "StepError", "StepInterruptedError", "StepSemantics",
+        "SuspendExecution", "WaitForCallbackConfig", "WaitForConditionConfig", "WaitForConditionDecision",
+        "WaitForConditionError", "__version__", "create_retry_strategy", "durable_function",
+        "with_durable_execution",
+    }
+    for name in durable.__all__:
+        assert getattr(durable, name) is not None
+    assert durable_testing.__all__ == ["LocalRunner"]
+
+
+def test_control_signals_are_not_exceptions() -> None:
+    assert issubclass(durable.SuspendExecution, BaseException)
+    assert not issubclass(durable.SuspendExecution, Exception)
+    assert issubclass(durable.StepError, durable.DurableError)
+    assert issubclass(durable.CallbackTimeoutError, durable.CallbackError)
