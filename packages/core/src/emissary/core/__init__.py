@@ -40,8 +40,10 @@ from ._protocols import (
     Sink,
     capabilities_of,
 )
+from ._reactor import Reaction, Reactor
 from ._sql import Migration, Tx
 from ._store import MemoryStore, NewEvent, PostgresStore, SQLiteStore, SQLStore, open_store
+from ._tasks import TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
 from ._values import (
     CompensationOutcome,
     CompensationResult,
@@ -119,6 +121,8 @@ __all__ = [
     "PluginError",
     "PluginInfo",
     "PostgresStore",
+    "Reaction",
+    "Reactor",
     "Registry",
     "Route",
     "RouteState",
@@ -130,6 +134,10 @@ __all__ = [
     "Sink",
     "StoreScheduler",
     "SystemClock",
+    "TaskContext",
+    "TaskEngine",
+    "TaskRecord",
+    "TaskStatus",
     "TransientError",
     "Tx",
     "Worker",
@@ -143,4 +151,5 @@ __all__ = [
     "register_connector",
     "register_sink",
     "reset_registry",
+    "typed_handler",
 ]

@@ -1,0 +1,354 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pytest
+
+from emissary.core import (
+    ConfigError,
+    FakeClock,
+    InvalidTaskIdError,
+    MemoryStore,
+    PayloadError,
+    PermanentError,
+    TaskContext,
+    TaskEngine,
+    TaskStatus,
+    TransientError,
+    Worker,
+    open_store,
+    typed_handler,
+)
+
+
+@pytest.fixture
+def store() -> Any:
+    s = MemoryStore()
+    yield s
+    s.close()
+
+
+def test_submit_run_get(store: Any) -> None:
+    engine = TaskEngine(store, handlers={"add": lambda p: p["a"] + p["b"]})
+    task_id = engine.submit("add", {"a": 2, "b": 3})
+    uuid.UUID(task_id)
+    rec = engine.get(task_id)
+    assert rec is not None and rec.status is TaskStatus.PENDING and rec.params == {"a": 2, "b": 3}
+    done = engine.wait(task_id)
+    assert done.status is TaskStatus.SUCCEEDED and done.result == 5 and done.attempts == 1
+    assert done.started_at is not None and done.finished_at is not None
+    engine.close()
+
+
+def test_caller_ids_must_be_uuids_and_same_id_is_same_task(store: Any) -> None:
+    engine = TaskEngine(store, handlers={"t": lambda p: p})
+    with pytest.raises(InvalidTaskIdError) as info:
+        engine.submit("t", {}, id="order-42")
+    assert info.value.field == "id" and "order-42" in str(info.value) and "UUID" in str(info.value)
+    assert engine.recent() == []
+    given = uuid.uuid4()
+    a = engine.submit("t", {"n": 1}, id=str(given).upper())
+    b = engine.submit("t", {"n": 2}, id=given)
+    assert a == b == str(given)
+    assert len(engine.recent()) == 1 and engine.get(a).params == {"n": 1}  # type: ignore[union-attr]
+    engine.wait(a)
+    engine.submit("t", {"n": 3}, id=a)
+    assert engine.get(a).result == {"n": 1}  # type: ignore[union-attr]
+    engine.close()
+
+
+def test_bad_submissions_change_nothing(store: Any) -> None:
+    engine = TaskEngine(store, handlers={"t": lambda p: p})
+    with pytest.raises(ConfigError, match="no handler for task type 'nope'; known types: t"):
+        engine.submit("nope", {})
+    with pytest.raises(PayloadError):
+        engine.submit("t", {"x": object()})
+    assert engine.recent() == []
+    with pytest.raises(ConfigError, match="max_concurrency must be an integer >= 1, got 0"):
+        engine.register("u", lambda p: p, max_concurrency=0)
+
+
+def test_tasks_run_concurrently(store: Any) -> None:
+    barrier = threading.Barrier(4, timeout=5)
+
+    def meet(_p: Any) -> str:
+        barrier.wait()  # four tasks must be running at once, or this raises
+        return "met"
+
+    engine = TaskEngine(store, handlers={"meet": meet}, concurrency=4)
+    ids = [engine.submit("meet", {}) for _ in range(4)]
+    assert engine.run_once() == 4
+    assert [engine.wait(i).result for i in ids] == ["met"] * 4
+    engine.close()
+
+
+def test_max_concurrency_limits_one_type(store: Any) -> None:
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def slow(_p: Any) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    engine = TaskEngine(store, concurrency=8)
+    engine.register("slow", slow, max_concurrency=2)
+    ids = [engine.submit("slow", {}) for _ in range(8)]
+    engine.drain()
+    assert all(engine.get(i).status is TaskStatus.SUCCEEDED for i in ids)  # type: ignore[union-attr]
+    assert peak[0] == 2
+    engine.close()
+
+
+def test_rate_limit_spaces_starts(store: Any) -> None:
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    engine = TaskEngine(s, concurrency=8)
+    engine.register("limited", lambda p: p, rate_limit_per_s=2)
+    for _ in range(6):
+        engine.submit("limited", {})
+    assert engine.run_once() == 2
+    assert engine.run_once() == 0
+    clock.advance(0.5)
+    assert engine.run_once() == 1
+    clock.advance(1)
+    assert engine.run_once() == 2
+    engine.close()
+    s.close()
+
+
+def test_failures_retry_then_fail(store: Any) -> None:
+    calls: list[int] = []
+
+    def flaky(_p: Any, ctx: TaskContext) -> str:
+        calls.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise TransientError("try later", retry_after=0)
+        return "ok"
+
+    engine = TaskEngine(store, handlers={"flaky": flaky, "broken": lambda p: 1 / 0}, retry_max=2, retry_base=0.01)
+    ok = engine.submit("flaky", {})
+    bad = engine.submit("broken", {})
+    assert engine.wait(ok).result == "ok" and calls == [1, 2, 3]
+    rec = engine.wait(bad)
+    assert rec.status is TaskStatus.FAILED and rec.attempts == 3 and "ZeroDivisionError" in (rec.error or "")
+    assert engine.redrive([bad]) == 1 and engine.get(bad).status is TaskStatus.PENDING  # type: ignore[union-attr]
+    engine.close()
+
+
+def test_permanent_error_is_not_retried_and_dlq_parks(store: Any) -> None:
+    def refuse(_p: Any) -> None:
+        raise PermanentError("never")
+
+    engine = TaskEngine(store, retry_base=0.01)
+    engine.register("refuse", refuse, retry_max=5)
+    engine.register("parked", lambda p: 1 / 0, retry_max=10, dlq_after=2)
+    a, b = engine.submit("refuse", {}), engine.submit("parked", {})
+    assert engine.wait(a).status is TaskStatus.FAILED and engine.get(a).attempts == 1  # type: ignore[union-attr]
+    rec = engine.wait(b)
+    assert rec.status is TaskStatus.DEAD and rec.attempts == 2
+    assert [t.id for t in engine.dead()] == [b]
+    assert engine.redrive(type="parked") == 1 and engine.dead() == []
+    engine.close()
+
+
+def test_recent_and_remove(store: Any) -> None:
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    engine = TaskEngine(s, handlers={"t": lambda p: p})
+    ids = []
+    for i in range(5):
+        ids.append(engine.submit("t", {"i": i}))
+        clock.advance(1)
+    assert [r.id for r in engine.recent(3)] == ids[::-1][:3]
+    assert engine.remove(ids[0]) is True and engine.remove(ids[0]) is False
+    assert engine.get(ids[0]) is None
+    assert len(engine.recent(10, status="PENDING")) == 4
+    engine.close()
+    s.close()
+
+
+def test_async_handler(store: Any) -> None:
+    async def double(p: Any) -> int:
+        return int(p["n"]) * 2
+
+    engine = TaskEngine(store, handlers={"double": double})
+    assert engine.wait(engine.submit("double", {"n": 21})).result == 42
+    engine.close()
+
+
+@dataclass
+class Line:
+    sku: str
+    qty: int = 1
+
+
+@dataclass
+class Order:
+    id: str
+    lines: list[Line] = field(default_factory=list)
+
+
+class Greeting(TypedDict):
+    name: str
+    times: int
+
+
+def test_typed_handler_builds_dataclasses_and_typeddicts(store: Any) -> None:
+    seen: list[Any] = []
+
+    @typed_handler
+    def place(order: Order) -> int:
+        seen.append(order)
+        return sum(line.qty for line in order.lines)
+
+    @typed_handler
+    def greet(g: Greeting, ctx: TaskContext) -> str:
+        return f"{g['name'] * g['times']}@{ctx.attempt}"
+
+    engine = TaskEngine(store, handlers={"place": place, "greet": greet})
+    a = engine.submit("place", {"id": "o1", "lines": [{"sku": "x", "qty": 2}, {"sku": "y"}]})
+    b = engine.submit("greet", {"name": "ab", "times": 2})
+    c = engine.submit("place", {"id": "o2", "lines": [{"sku": "x", "qty": "many"}]})
+    d = engine.submit("greet", {"name": "ab"})
+    assert engine.wait(a).result == 3
+    assert seen[0] == Order(id="o1", lines=[Line("x", 2), Line("y", 1)])
+    assert engine.wait(b).result == "abab@1"
+    bad = engine.wait(c)
+    assert bad.status is TaskStatus.FAILED and bad.attempts == 1
+    assert "params.lines[0].qty must be int, got 'many'" in (bad.error or "")
+    assert "params.times is required by Greeting" in (engine.wait(d).error or "")
+    engine.close()
+
+
+def test_typed_handler_with_pydantic(store: Any) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Item(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        name: str
+        price: float
+
+    def price(item: Item) -> float:
+        return item.price * 2
+
+    price.__annotations__["item"] = Item
+    engine = TaskEngine(store, handlers={"price": typed_handler(price)})
+    assert engine.wait(engine.submit("price", {"name": "a", "price": 2})).result == 4.0
+    rec = engine.wait(engine.submit("price", {"name": "a"}))
+    assert rec.status is TaskStatus.FAILED and "params.price" in (rec.error or "")
+    engine.close()
+
+
+def test_typed_handler_needs_an_annotation() -> None:
+    def bare(p):  # type: ignore[no-untyped-def]
+        return p
+
+    with pytest.raises(ConfigError, match="annotate the first argument"):
+        typed_handler(bare)
+
+
+def test_runs_in_the_worker(store: Any) -> None:
+    engine = TaskEngine(store, handlers={"t": lambda p: p["n"]})
+    ids = [engine.submit("t", {"n": i}) for i in range(10)]
+    worker = Worker(store, jobs=[engine.run_once], poll_interval=0.01)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
+    thread.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        engine.get(i).status is not TaskStatus.SUCCEEDED for i in ids  # type: ignore[union-attr]
+    ):
+        time.sleep(0.02)
+    stop.set()
+    thread.join()
+    assert [engine.get(i).result for i in ids] == list(range(10))  # type: ignore[union-attr]
+    engine.close()
+
+
+def test_lapsed_lease_of_another_host_is_taken_again(store: Any) -> None:
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    engine = TaskEngine(s, handlers={"t": lambda p: "done"}, lease_for=30)
+    task_id = engine.submit("t", {})
+    with s.transaction() as tx:
+        tx.execute("UPDATE em_tasks SET status = 'RUNNING', owner = 'elsewhere:1:x', lease_expires = ? WHERE id = ?",
+                   (clock.now() + 30, task_id))
+    assert engine.recover() == 0
+    assert engine.run_once() == 0
+    clock.advance(31)
+    assert engine.run_once() == 1
+    assert engine.wait(task_id).status is TaskStatus.SUCCEEDED
+    engine.close()
+    s.close()
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from emissary.core import TaskEngine, open_store
+
+    marks = Path(sys.argv[2])
+
+    def work(params):
+        with open(marks, "a") as fh:
+            fh.write("started\\n")
+        time.sleep(600)
+
+    engine = TaskEngine(open_store(sys.argv[1]), handlers={"work": work})
+    while True:
+        engine.run_once()
+        time.sleep(0.01)
+""")
+
+
+def test_task_left_running_by_a_killed_process_runs_again_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    marks = tmp_path / "marks.txt"
+    store = open_store(url)
+    submitter = TaskEngine(store)
+    task_id = submitter.submit("work", {"n": 1})
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, url, str(marks)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (marks.exists() and marks.read_text()):
+        time.sleep(0.02)
+    rec = submitter.get(task_id)
+    assert rec is not None and rec.status is TaskStatus.RUNNING
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # The lease (60s) has not lapsed: only the dead owner's pid says the task is orphaned.
+    completed: list[str] = []
+    engine = TaskEngine(store, handlers={"work": lambda p: completed.append("x") or "finished"})
+    rec = engine.wait(task_id, timeout=10)
+    assert rec.status is TaskStatus.SUCCEEDED and rec.result == "finished" and rec.attempts == 2
+    engine.drain(timeout=1)
+    assert completed == ["x"]
+    assert marks.read_text() == "started\n"
+    engine.close()
+    store.close()
+
+
+@pytest.mark.services
+def test_on_postgres(postgres_url: str) -> None:
+    store = open_store(postgres_url)
+    try:
+        engine = TaskEngine(store, handlers={"sq": lambda p: p * p}, concurrency=4)
+        engine.register("limited", lambda p: p, max_concurrency=1)
+        ids = [engine.submit("sq", i) for i in range(20)] + [engine.submit("limited", i) for i in range(3)]
+        engine.drain()
+        assert [engine.get(i).result for i in ids] == [i * i for i in range(20)] + [0, 1, 2]  # type: ignore[union-attr]
+        engine.close()
+    finally:
+        store.close()
