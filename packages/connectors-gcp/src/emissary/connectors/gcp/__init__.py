@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._pubsub import PubSubConnector, PubSubSink
+from ._spanner import SpannerOperationStore, SpannerStore, operations_ddl
 from ._tasks import CloudTasksConnector, CloudTasksScheduler, task_id_for
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "CloudTasksScheduler",
     "PubSubConnector",
     "PubSubSink",
+    "SpannerOperationStore",
+    "SpannerStore",
     "__version__",
+    "operations_ddl",
     "task_id_for",
 ]

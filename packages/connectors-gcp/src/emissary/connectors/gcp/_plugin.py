@@ -1,10 +1,11 @@
-"""The ``gcp`` plugin: the connector, sink and scheduler classes emissary-connectors-gcp registers."""
+"""The ``gcp`` plugin: the connector, sink, scheduler and store classes emissary-connectors-gcp registers."""
 
 from __future__ import annotations
 
 from emissary.core import hookimpl
 
 from ._pubsub import PubSubConnector, PubSubSink
+from ._spanner import SpannerStore
 from ._tasks import CloudTasksConnector, CloudTasksScheduler
 
 
@@ -21,3 +22,8 @@ def emissary_register_sinks() -> list[type]:
 @hookimpl
 def emissary_register_schedulers() -> list[type]:
     return [CloudTasksScheduler]
+
+
+@hookimpl
+def emissary_register_stores() -> list[type]:
+    return [SpannerStore]

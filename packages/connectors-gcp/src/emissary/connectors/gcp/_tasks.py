@@ -128,7 +128,6 @@ class _TasksQueue:
                     host = self._emulator_host or os.environ.get(EMULATOR_ENV)
                     if host:
                         import grpc
-
                         from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
                         channel = grpc.insecure_channel(host)
@@ -137,7 +136,8 @@ class _TasksQueue:
                         self._client = tasks.CloudTasksClient()
         return self._client
 
-    def http_request(self, method: str, url: str, body: bytes, headers: Mapping[str, str]) -> Any:
+    def http_request(self, method: str, url: str, body: bytes, headers: Mapping[str, str], *,
+                     audience: str | None = None) -> Any:
         tasks = _tasks()
         request = tasks.HttpRequest(
             http_method=getattr(tasks.HttpMethod, method), url=url, headers={**self.headers, **headers},
@@ -145,8 +145,8 @@ class _TasksQueue:
         )
         if self.service_account:
             token = tasks.OidcToken(service_account_email=self.service_account)
-            if self.audience:
-                token.audience = self.audience
+            if audience or self.audience:
+                token.audience = audience or self.audience
             request.oidc_token = token
         return request
 
@@ -317,28 +317,40 @@ class CloudTasksConnector:
 
 
 class CloudTasksScheduler:
-    """Core's ``Scheduler`` on Cloud Tasks: each timer is an HTTP task that calls this service back.
+    """Core's ``Scheduler`` on Cloud Tasks: each timer is an HTTP task that calls a service back at ``at``.
 
-    ``schedule(topic, payload, at, key)`` creates a task that, at ``at``, sends ``{method}
-    {host}{prefix}{topic}``. With ``payload_as="query"`` (the default, the alis shape used by lro's
-    ``resume_via_tasks``: ``PUT {host}{prefix}{path}?operation={name}``) the payload must be a flat mapping
-    and becomes the query string; with ``payload_as="json"`` it is the JSON body. The task id is
-    ``task_id_for(key)``, so scheduling the same key again changes nothing; ``cancel(key)`` deletes it.
+    Where a timer's task goes:
+
+    * a payload mapping with a ``"url"`` (lro's ``resume_via_tasks`` gives
+      ``{host}{prefix}{path}?operation={name}&token=…``): that URL, with an empty body — the alis shape
+      ``PUT {host}{prefix}{path}?operation={name}``;
+    * otherwise ``{host}{prefix}{topic}``: with ``payload_as="query"`` a flat payload mapping becomes the
+      query string, with ``payload_as="json"`` the payload is the JSON body.
+
+    The task id is ``task_id_for(key)``, so scheduling the same key again changes nothing, and
+    ``cancel(key)`` deletes the task. With ``service_account`` Cloud Tasks adds a Google OIDC token whose
+    audience is ``audience``, by default the target's origin (``https://svc.example``), which is what lro's
+    callback check expects.
 
     Args:
         project: the Google Cloud project id.
         location: the queue's location.
         queue: the queue id (lro: ``{neuron}-operations``).
-        host: the public base URL of the service (``https://svc.example``).
-        prefix: the path the callbacks are served under (``/resume-operation/``).
-        method: the HTTP method of the callbacks.
+        host: the base URL for timers whose payload has no ``"url"``.
+        prefix: the path those callbacks are served under.
+        method: the HTTP method of the callbacks (``PUT``, as lro's callback app expects).
         payload_as: ``"query"`` or ``"json"``.
         service_account: the email Cloud Tasks signs OIDC tokens as.
-        audience: the OIDC audience; default ``host``.
+        audience: the OIDC audience; default the target URL's origin.
         headers: extra request headers (never logged).
         timeout: seconds for each Cloud Tasks API call.
         client: a ready ``CloudTasksClient``.
         emulator_host: ``host:port`` of an emulator (default ``$CLOUD_TASKS_EMULATOR_HOST``).
+
+    Example:
+        >>> scheduler = CloudTasksScheduler("my-project", "europe-west1", "svc-operations",
+        ...                                 service_account="alis-build@my-project.iam.gserviceaccount.com")
+        >>> client = LroClient(Config(neuron="svc", host="https://svc.example", scheduler=scheduler))  # doctest: +SKIP
     """
 
     name: ClassVar[str] = "cloudtasks"
@@ -348,7 +360,7 @@ class CloudTasksScheduler:
         project: str,
         location: str,
         queue: str,
-        host: str,
+        host: str | None = None,
         prefix: str = "/",
         *,
         method: str = "PUT",
@@ -360,7 +372,7 @@ class CloudTasksScheduler:
         client: Any = None,
         emulator_host: str | None = None,
     ) -> None:
-        self.host = _check_url("host", host).rstrip("/")
+        self.host = _check_url("host", host).rstrip("/") if host is not None else None
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             raise ConfigError(f"prefix must be a path starting with '/', got {prefix!r}", field="prefix",
                               value=prefix)
@@ -374,31 +386,28 @@ class CloudTasksScheduler:
                               value=payload_as)
         self.payload_as = payload_as
         self._queue = _TasksQueue(project, location, queue, client, emulator_host, timeout, service_account,
-                                  audience or (self.host if service_account else None), headers)
-
-    @classmethod
-    def for_lro(cls, config: Any, **kwargs: Any) -> CloudTasksScheduler:
-        """The scheduler an lro ``Config`` describes: queue ``config.queue_name`` in ``config.region`` of
-        ``config.project``, callbacks to ``{config.host}{config.prefix}``, OIDC as
-        ``config.invoker_service_account`` with audience ``config.audience``."""
-        missing = [f for f in ("project", "region", "host") if not getattr(config, f, None)]
-        if missing:
-            raise ConfigError(
-                f"a Cloud Tasks scheduler needs lro.{', lro.'.join(missing)} (ALIS_OS_PROJECT, ALIS_REGION and "
-                f"ALIS_PROJECT_NR or host=)", field=f"lro.{missing[0]}", value=None,
-            )
-        return cls(
-            config.project, config.region, config.queue_name, config.base_url, config.prefix,
-            service_account=config.invoker_service_account, audience=config.audience, **kwargs,
-        )
+                                  audience, headers)
 
     @property
     def queue_path(self) -> str:
         return self._queue.queue_path
 
     def url_for(self, topic: str, payload: Any) -> str:
-        """The callback URL of a timer."""
-        url = f"{self.host}{self.prefix}{topic.lstrip('/') if self.prefix.endswith('/') else topic}"
+        """The callback URL of a timer.
+
+        Raises:
+            ConfigError: the payload has no ``"url"`` and the scheduler no ``host``.
+            PayloadError: a query payload that is not a flat mapping.
+        """
+        if isinstance(payload, Mapping) and "url" in payload:
+            return _check_url("payload.url", payload["url"])
+        if self.host is None:
+            raise ConfigError(
+                f"timer {topic!r} has no 'url' in its payload and the scheduler no host; pass "
+                f"CloudTasksScheduler(..., host='https://svc.example')", field="host", value=None,
+            )
+        path = topic.lstrip("/") if self.prefix.endswith("/") else topic
+        url = f"{self.host}{self.prefix}{path}"
         if self.payload_as == "query" and payload:
             url += "?" + urlencode(self._query(payload))
         return url
@@ -419,8 +428,9 @@ class CloudTasksScheduler:
         """Create the callback task of a timer.
 
         Args:
-            topic: the path under ``prefix`` to call (lro: the handler path).
-            payload: the query parameters (``payload_as="query"``) or JSON body.
+            topic: the path under ``prefix`` to call, unless the payload carries a ``"url"``.
+            payload: a mapping with ``"url"``; else the query parameters (``payload_as="query"``) or the
+                JSON body (``payload_as="json"``).
             at: when, as an aware datetime or epoch seconds.
             key: makes scheduling idempotent; default a fresh id.
 
@@ -432,29 +442,33 @@ class CloudTasksScheduler:
             PermanentError: Cloud Tasks refused (no such queue, permission denied).
         """
         if not isinstance(topic, str) or not topic:
-            raise ConfigError(f"topic must be a non-empty path, got {topic!r}", field="topic", value=topic)
+            raise ConfigError(f"topic must be a non-empty string, got {topic!r}", field="topic", value=topic)
         key = key or uuid.uuid4().hex
         when = _as_datetime(at)
         url = self.url_for(topic, payload)
+        headers = {"Emissary-Timer-Key": key}
+        body = b""
         if self.payload_as == "json":
             try:
                 body = json.dumps(payload, separators=(",", ":")).encode()
             except (TypeError, ValueError) as exc:
                 raise PayloadError(f"timer payload is not JSON-serialisable: {exc}", field="payload") from exc
-            headers = {"Content-Type": "application/json"}
-        else:
-            body, headers = b"", {}
-        headers["Emissary-Timer-Key"] = key
+            headers["Content-Type"] = "application/json"
+        audience = self._queue.audience
+        if audience is None and self._queue.service_account:
+            parts = urlsplit(url)
+            audience = f"{parts.scheme}://{parts.netloc}"
         try:
-            self._queue.create(task_id_for(key), self._queue.http_request(self.method, url, body, headers), when)
+            request = self._queue.http_request(self.method, url, body, headers, audience=audience)
+            self._queue.create(task_id_for(key), request, when)
         except Exception as exc:
             if isinstance(exc, ImportError):
                 raise
             kind = _kind(exc)
             if kind == "exists":
                 return key
-            message = f"scheduling {topic!r} on {self.queue_path} failed: {type(exc).__name__}: " \
-                      f"{getattr(exc, 'message', exc)}"
+            message = (f"scheduling {topic!r} on {self.queue_path} failed: {type(exc).__name__}: "
+                       f"{getattr(exc, 'message', exc)}")
             if kind in ("failed", "missing"):
                 raise PermanentError(message) from exc
             raise TransientError(message) from exc
@@ -476,4 +490,3 @@ class CloudTasksScheduler:
     def close(self) -> None:
         """Close the client's channel."""
         self._queue.close()
-

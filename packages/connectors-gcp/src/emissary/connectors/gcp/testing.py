@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
-
 from emissary.core.testing import service_missing
 from emissary.core.testing._services import free_port, wait_for_port
 

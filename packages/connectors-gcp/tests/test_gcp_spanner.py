@@ -1,0 +1,130 @@
+"""SpannerOperationStore against the real Spanner emulator: lro's whole operation-store contract."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+from emissary.connectors.gcp import SpannerOperationStore
+from emissary.connectors.gcp.testing import SpannerDatabase
+from emissary.core import FakeClock
+from emissary.lro.testing import OperationStoreContract, make_record
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
+
+
+class TestSpannerOperationStore(OperationStoreContract):
+    @pytest.fixture
+    def op_store(self, clock: FakeClock, spanner_database: SpannerDatabase) -> Iterator[Any]:
+        store = SpannerOperationStore(spanner_database.project, spanner_database.instance,
+                                      spanner_database.database, "launchpad-v1", clock=clock)
+        yield store
+        store.close()
+
+
+def _ddl(db: SpannerDatabase) -> list[str]:
+    from google.cloud import spanner
+
+    database = spanner.Client(project=db.project).instance(db.instance).database(db.database)
+    database.reload()
+    return list(database.ddl_statements)
+
+
+def test_table_is_the_alis_layout(spanner_database: SpannerDatabase) -> None:
+    store = SpannerOperationStore(spanner_database.project, spanner_database.instance, spanner_database.database,
+                                  "launchpad-v1", table_project="my-os-project")
+    try:
+        assert store.table == "my_os_project_launchpad_v1_Operations"
+        ddl = _ddl(spanner_database)
+        (bundle,) = [s for s in ddl if s.startswith("CREATE PROTO BUNDLE")]
+        for t in ("google.longrunning.Operation", "google.rpc.Status", "google.protobuf.Any"):
+            assert t in bundle
+        (table,) = [s for s in ddl if s.startswith("CREATE TABLE my_os_project_launchpad_v1_Operations")]
+        for column in ("key STRING(MAX) NOT NULL", "Operation `google.longrunning.Operation`",
+                       "State BYTES(MAX)", "ResumePoint STRING(MAX)", "UpdateTime TIMESTAMP NOT NULL"):
+            assert column in table, table
+        assert "ROW DELETION POLICY (OLDER_THAN(UpdateTime, INTERVAL 90 DAY))" in table
+        # The operation column is a real PROTO column: Spanner SQL reads its fields.
+        store.create(make_record("operations/x1", done=False))
+        with store._db.snapshot() as snap:
+            rows = list(snap.execute_sql(f"SELECT Operation.name FROM {store.table}"))
+        assert rows == [["operations/x1"]]
+    finally:
+        store.close()
+
+
+def test_two_neurons_share_a_database_not_a_table(spanner_database: SpannerDatabase) -> None:
+    db = spanner_database
+    a = SpannerOperationStore(db.project, db.instance, db.database, "alpha")
+    b = SpannerOperationStore(db.project, db.instance, db.database, "beta")  # the bundle exists already
+    try:
+        a.create(make_record("operations/1"))
+        b.create(make_record("operations/1"))
+        b.save(make_record("operations/1", done=True), expected_version=1)
+        assert not a.get("operations/1").done and b.get("operations/1").done
+        assert a.create_table() is False  # opening again changes nothing
+    finally:
+        a.close()
+        b.close()
+
+
+def test_spanner_url_through_lro(spanner_database: SpannerDatabase) -> None:
+    from emissary.core import StoreScheduler, open_store
+    from emissary.lro import Config, LroClient
+
+    db = spanner_database
+    url = f"spanner://projects/{db.project}/instances/{db.instance}/databases/{db.database}"
+    timers = open_store("memory://")
+    client = LroClient(Config(neuron="svc-a", store=url, scheduler=StoreScheduler(timers)))
+    try:
+        assert isinstance(client.store, SpannerOperationStore)
+        assert client.store.table == f"local_svc_a_Operations"
+        op = client.new_operation("operations/u1", {"step": "start"})
+        op.complete({"ok": True})
+        got = client.get_operation_pb("operations/u1")
+        assert got.done and got.name == "operations/u1"
+    finally:
+        client.close()
+        timers.close()
+
+
+def test_from_env_uses_spanner_and_cloud_tasks(spanner_database: SpannerDatabase) -> None:
+    from emissary.connectors.gcp import CloudTasksScheduler
+    from emissary.lro import LroClient
+
+    db = spanner_database
+    env = {
+        "ALIS_OS_PROJECT": "os-proj", "ALIS_PROJECT_NR": "123456", "ALIS_REGION": "europe-west1",
+        "ALIS_MANAGED_SPANNER_PROJECT": db.project, "ALIS_MANAGED_SPANNER_INSTANCE": db.instance,
+        "ALIS_MANAGED_SPANNER_DB": db.database,
+    }
+    client = LroClient.from_env("launchpad-v1", env=env)
+    try:
+        assert isinstance(client.store, SpannerOperationStore)
+        assert client.store.table == "os_proj_launchpad_v1_Operations"
+        assert isinstance(client.scheduler, CloudTasksScheduler)
+        assert client.scheduler.queue_path == "projects/os-proj/locations/europe-west1/queues/launchpad-v1-operations"
+        assert client.scheduler._queue.service_account == "alis-build@os-proj.iam.gserviceaccount.com"
+        assert client.callback_url("operations/1", "create-agent") == (
+            "https://launchpad-v1-123456.europe-west1.run.app/resume-operation/create-agent?operation=operations%2F1"
+        )
+    finally:
+        client.close()
+
+
+def test_bad_config_and_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from emissary.connectors.gcp import SpannerStore
+    from emissary.core import ConfigError, MissingDependencyError
+
+    with pytest.raises(ConfigError) as info:
+        SpannerStore("spanner://instances/x")
+    assert info.value.field == "store"
+    with pytest.raises(ConfigError, match="table"):
+        SpannerOperationStore("p", "i", "d", "svc", table="1bad")
+    monkeypatch.setitem(sys.modules, "google.cloud.spanner", None)
+    with pytest.raises(MissingDependencyError) as missing:
+        SpannerOperationStore("p", "i", "d", "svc")
+    assert missing.value.extra == "spanner"
