@@ -56,6 +56,8 @@ EXPECTED_ALL = [
     "PluginError",
     "PluginInfo",
     "PostgresStore",
+    "Reaction",
+    "Reactor",
     "Registry",
     "Route",
     "RouteState",
@@ -67,6 +69,10 @@ EXPECTED_ALL = [
     "Sink",
     "StoreScheduler",
     "SystemClock",
+    "TaskContext",
+    "TaskEngine",
+    "TaskRecord",
+    "TaskStatus",
     "TransientError",
     "Tx",
     "Worker",
@@ -80,6 +86,7 @@ EXPECTED_ALL = [
     "register_connector",
     "register_sink",
     "reset_registry",
+    "typed_handler",
 ]
 
 
@@ -154,3 +161,25 @@ def test_outbox_signatures() -> None:
     for name in ("submit_many", "run_inline", "approve", "reject", "redrive", "register_compensation",
                  "compensate_run", "compensator", "list", "stats"):
         assert callable(getattr(outbox, name)), name
+
+
+def test_design_signatures_of_fanout_reactions_and_tasks() -> None:
+    from emissary.core import FanOut, Journal, Reactor, Route, TaskEngine, open_store
+    from emissary.core.testing import InMemorySink
+
+    store = open_store("memory://")
+    journal = Journal(store)
+    event = journal.append("orders/42", "order.placed", {"total": 1}, subject="order.placed")
+    fanout = FanOut(store, routes=[Route(name="audit", sink=InMemorySink(), subjects=["order.**"])])
+    assert fanout.run_once() == 1
+    assert fanout.dead("audit") == [] and fanout.redrive("audit") == 0
+    reactor = Reactor(store)
+    reactor.on("order.*", lambda e: None, max_concurrency=1, rate_limit_per_s=None, debounce_ms=0, retry_max=5,
+               dlq_after=5)
+    engine = TaskEngine(store, handlers={"t": lambda p: p})
+    task_id = engine.submit("t", {"a": 1}, id=None)
+    assert engine.get(task_id) is not None and engine.recent(10) and engine.remove(task_id)
+    assert event.to_cloudevent()["specversion"] == "1.0"
+    for part in (fanout, reactor, engine):
+        part.close()
+    store.close()
