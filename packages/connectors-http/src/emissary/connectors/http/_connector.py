@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import ssl
+import threading
 from typing import Any, ClassVar, Mapping
 
 import httpx
@@ -172,6 +173,7 @@ class HttpConnector:
         self._own_async_client = async_client is None
         self._async_client = async_client
         self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, *, name: str, options: Mapping[str, Any], field: str = "") -> HttpConnector:
@@ -207,10 +209,15 @@ class HttpConnector:
         return ssl.create_default_context(cafile=self.settings.ca_bundle)
 
     def _sync_client(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(timeout=self._timeout, limits=self._limits, verify=self._verify(),
-                                        follow_redirects=False)
-        return self._client
+        client = self._client
+        if client is None:
+            # Worker threads dispatch at once: exactly one of them may build the pool.
+            with self._lock:
+                if self._client is None:
+                    self._client = httpx.Client(timeout=self._timeout, limits=self._limits, verify=self._verify(),
+                                                follow_redirects=False)
+                client = self._client
+        return client
 
     def _aclient(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -222,17 +229,34 @@ class HttpConnector:
         return self._async_client
 
     def close(self) -> None:
-        """Close the connector's own synchronous connection pool."""
-        if self._own_client and self._client is not None:
-            self._client.close()
-            self._client = None
+        """Close the connector's own connection pools.
+
+        The async pool is closed on the event loop that opened it, when that loop runs in another thread
+        (a worker's loop); from inside a running loop use :meth:`aclose`. Close an async pool before its
+        loop ends: a pool whose loop is gone can only be dropped.
+        """
+        with self._lock:
+            client, self._client = (self._client, None) if self._own_client else (None, self._client)
+            aclient, loop = (self._async_client, self._async_loop) if self._own_async_client else (None, None)
+            if aclient is not None:
+                self._async_client, self._async_loop = None, None
+        if client is not None:
+            client.close()
+        if aclient is not None and loop is not None and loop.is_running() and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                asyncio.run_coroutine_threadsafe(aclient.aclose(), loop).result(timeout=self.timeout)
 
     async def aclose(self) -> None:
         """Close the connector's own connection pools (async and sync)."""
         if self._own_async_client and self._async_client is not None:
-            await self._async_client.aclose()
+            client = self._async_client
             self._async_client = None
             self._async_loop = None
+            await client.aclose()
         self.close()
 
     def __enter__(self) -> HttpConnector:
