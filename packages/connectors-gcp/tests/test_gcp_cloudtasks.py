@@ -10,8 +10,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
 import pytest
-from pytest_httpserver import HTTPServer
-
 from emissary.connectors.gcp import CloudTasksConnector, CloudTasksScheduler, task_id_for
 from emissary.connectors.gcp.testing import EmulatorProcess
 from emissary.core import (
@@ -26,6 +24,7 @@ from emissary.core import (
     capabilities_of,
 )
 from emissary.core.testing._services import free_port
+from pytest_httpserver import HTTPServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 

@@ -9,12 +9,11 @@ import uuid
 from typing import Any, Iterator
 
 import pytest
-from pytest_httpserver import HTTPServer
-
 from emissary.connectors.gcp import CloudTasksConnector, CloudTasksScheduler
 from emissary.connectors.gcp.testing import EmulatorProcess
 from emissary.core import Effect, EffectStatus, Outbox, open_store
 from emissary.core.testing._services import free_port, wait_for_port
+from pytest_httpserver import HTTPServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 

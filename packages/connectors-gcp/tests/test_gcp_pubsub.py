@@ -8,7 +8,6 @@ import uuid
 from typing import Any, Iterator
 
 import pytest
-
 from emissary.connectors.gcp import PubSubConnector, PubSubSink
 from emissary.connectors.gcp.testing import EmulatorProcess
 from emissary.core import (

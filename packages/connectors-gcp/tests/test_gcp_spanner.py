@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-
 from emissary.connectors.gcp import SpannerOperationStore
 from emissary.connectors.gcp.testing import SpannerDatabase
 from emissary.core import FakeClock
@@ -79,7 +78,7 @@ def test_spanner_url_through_lro(spanner_database: SpannerDatabase) -> None:
     client = LroClient(Config(neuron="svc-a", store=url, scheduler=StoreScheduler(timers)))
     try:
         assert isinstance(client.store, SpannerOperationStore)
-        assert client.store.table == f"local_svc_a_Operations"
+        assert client.store.table == "local_svc_a_Operations"
         op = client.new_operation("operations/u1", {"step": "start"})
         op.complete({"ok": True})
         got = client.get_operation_pb("operations/u1")

@@ -314,15 +314,15 @@ class PubSubSink:
                 raise PermanentError(f"event {event.id!r} cannot be published to {topic}: {exc}") from exc
             except Exception as exc:
                 raise TransientError(f"publishing to {topic} failed: {type(exc).__name__}: {exc}") from exc
-        done, not_done = concurrent.futures.wait([f for f, _ in pending], timeout=self.timeout)
+        _, not_done = concurrent.futures.wait([f for f, _ in pending], timeout=self.timeout)
         failures: list[tuple[str, BaseException]] = []
         for future, key in pending:
             if future in not_done:
                 failures.append((key, concurrent.futures.TimeoutError()))
                 continue
-            exc = future.exception()
-            if exc is not None:
-                failures.append((key, exc))
+            error = future.exception()
+            if error is not None:
+                failures.append((key, error))
         if not failures:
             return
         for key in {k for k, _ in failures}:

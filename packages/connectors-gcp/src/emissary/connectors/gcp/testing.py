@@ -321,7 +321,7 @@ def _create_spanner_instance() -> None:
 
     client = spanner.Client(project=TEST_PROJECT)
     config = f"projects/{TEST_PROJECT}/instanceConfigs/emulator-config"
-    instance = client.instance(SPANNER_INSTANCE, configuration_name=config, node_count=1)
+    instance = client.instance(SPANNER_INSTANCE, configuration_name=config, node_count=1)  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -350,7 +350,7 @@ def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatab
 
     name = f"db{uuid.uuid4().hex[:12]}"
     client = spanner.Client(project=TEST_PROJECT)
-    database = client.instance(SPANNER_INSTANCE).database(name)
+    database = client.instance(SPANNER_INSTANCE).database(name)  # type: ignore[no-untyped-call]
     database.create().result(timeout=60)
     try:
         yield SpannerDatabase(project=TEST_PROJECT, instance=SPANNER_INSTANCE, database=name)
