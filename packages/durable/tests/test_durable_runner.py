@@ -1,0 +1,247 @@
+"""DurableRunner on SQLite and PostgreSQL: starting, workers, callbacks, leases and management."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+from emissary.core import AlreadyExistsError, ConfigError, FakeClock, LeaseLostError, NotFoundError, PayloadError
+from emissary.durable import (
+    DurableContext,
+    DurableRunner,
+    ExecutionStatus,
+    OperationStatus,
+    durable_function,
+)
+
+
+def greet(event: Any, ctx: DurableContext) -> str:
+    name = ctx.step("normalise", lambda _: event["name"].title())
+    ctx.wait("cooldown", 30)
+    answer = ctx.wait_for_callback("approval", lambda callback_id, s: None)
+    return f"hello {name} {answer}"
+
+
+def parent(event: Any, ctx: DurableContext) -> Any:
+    ctx.step("before", lambda _: 1)
+    return ctx.invoke("child", {"n": event["n"]}, name="child")
+
+
+def child(event: Any, ctx: DurableContext) -> Any:
+    ctx.wait("nap", 10)
+    return ctx.step("double", lambda _: event["n"] * 2)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def runner(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[DurableRunner]:
+    clock = FakeClock()
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'durable.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    r = DurableRunner(url, clock=clock, functions={"greet": greet, "parent": parent, "child": child},
+                      retention=3600)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _callback_id(runner: DurableRunner, eid: str) -> str:
+    return next(o.callback_id for o in runner.history(eid) if o.callback_id)  # type: ignore[return-value]
+
+
+def test_start_is_idempotent_and_worker_resumes_on_timer_and_callback(runner: DurableRunner) -> None:
+    clock: FakeClock = runner.clock  # type: ignore[assignment]
+    eid = runner.start("greet", {"name": "ada"}, execution_id="order-1")
+    assert runner.start("greet", {"name": "ada"}, execution_id="order-1") == "order-1"
+    with pytest.raises(AlreadyExistsError):
+        runner.start("greet", {"name": "bob"}, execution_id="order-1")
+    assert runner.get(eid).status is ExecutionStatus.RUNNING
+    assert runner.work_once() == 1
+    assert runner.get(eid).status is ExecutionStatus.PENDING
+    assert runner.work_once() == 0  # the timer is not due yet
+    clock.advance(30)
+    assert runner.work_once() == 1
+    info = runner.get(eid)
+    assert info.status is ExecutionStatus.PENDING and runner.next_due() is None  # waits for the callback only
+    runner.complete_callback(_callback_id(runner, eid), "yes")
+    info = runner.wait(eid, timeout=10)
+    assert info.status is ExecutionStatus.SUCCEEDED and info.result == "hello Ada yes"
+    assert info.invocations == 3
+    ops = runner.history(eid)
+    assert [o.name for o in ops if o.parent_id is None] == ["normalise", "cooldown", "approval"]
+    assert all(o.status is OperationStatus.SUCCEEDED for o in ops)
+    events = runner.store.read_events(stream=f"durable/{eid}")
+    assert [e.type for e in events] == ["durable.execution.started", "durable.execution.succeeded"]
+
+
+def test_callback_arriving_while_the_invocation_runs_is_not_lost(runner: DurableRunner) -> None:
+    seen: list[str] = []
+
+    def quick(event: Any, ctx: DurableContext) -> Any:
+        def submit(cid: str, s: Any) -> None:
+            seen.append(cid)
+            runner.complete_callback(cid, "early")  # answered before the invocation suspends
+
+        return ctx.wait_for_callback("cb", submit)
+
+    runner.register("quick", quick)
+    eid = runner.start("quick")
+    info = runner.wait(eid, timeout=10)
+    assert info.result == "early" and len(seen) == 1
+
+
+def test_invoke_child_execution_and_recursive_purge(runner: DurableRunner) -> None:
+    clock: FakeClock = runner.clock  # type: ignore[assignment]
+    eid = runner.start("parent", {"n": 4})
+    runner.drain()
+    [kid] = runner.list(parent_id=eid)
+    assert kid.function == "child" and kid.status is ExecutionStatus.PENDING
+    clock.advance(10)
+    runner.drain()
+    assert runner.get(kid.execution_id).status is ExecutionStatus.SUCCEEDED
+    assert runner.get(eid).result == 8
+    with pytest.raises(ConfigError, match="terminate it"):
+        runner.purge(runner.start("greet", {"name": "x"}))
+    assert runner.purge(eid) == 2
+    with pytest.raises(NotFoundError):
+        runner.get(kid.execution_id)
+    assert runner.store.read_events(stream=f"durable/{eid}")  # the journal is append-only
+
+
+def test_terminate_fences_out_a_running_invocation_and_children(runner: DurableRunner) -> None:
+    eid = runner.start("parent", {"n": 1})
+    runner.drain()
+    [kid] = runner.list(parent_id=eid)
+    info = runner.terminate(eid, "operator said so")
+    assert info.status is ExecutionStatus.TERMINATED
+    assert info.error is not None and info.error.message == "operator said so"
+    assert runner.get(kid.execution_id).status is ExecutionStatus.TERMINATED
+    assert runner.drain() == 0
+    assert runner.terminate(eid).status is ExecutionStatus.TERMINATED  # idempotent
+
+
+def test_suspend_and_resume(runner: DurableRunner) -> None:
+    clock: FakeClock = runner.clock  # type: ignore[assignment]
+    eid = runner.start("greet", {"name": "ada"})
+    runner.drain()
+    assert runner.suspend(eid).status is ExecutionStatus.SUSPENDED
+    clock.advance(60)
+    assert runner.drain() == 0
+    with pytest.raises(ConfigError, match="SUSPENDED"):
+        runner.suspend(eid)
+    assert runner.resume(eid).status is ExecutionStatus.RUNNING
+    runner.drain()
+    runner.complete_callback(_callback_id(runner, eid), "ok")
+    assert runner.wait(eid, timeout=10).result == "hello Ada ok"
+    with pytest.raises(ConfigError, match="SUCCEEDED"):
+        runner.resume(eid)
+
+
+def test_rerun_from_an_operation_keeps_earlier_checkpoints(runner: DurableRunner) -> None:
+    runs: list[str] = []
+
+    def pipeline(event: Any, ctx: DurableContext) -> Any:
+        a = ctx.step("extract", lambda _: runs.append("extract") or event["v"])
+        b = ctx.step("transform", lambda _: runs.append("transform") or a + 1)
+        return ctx.step("load", lambda _: runs.append("load") or b * 10)
+
+    runner.register("pipeline", pipeline)
+    first = runner.run("pipeline", {"v": 1})
+    assert first.result == 20 and runs == ["extract", "transform", "load"]
+    new_id = runner.rerun_from(first.execution_id, "transform", new_execution_id="again")
+    assert new_id == "again"
+    runs.clear()
+    assert runner.wait(new_id, timeout=10).result == 20
+    assert runs == ["transform", "load"]
+    with pytest.raises(NotFoundError):
+        runner.rerun_from(first.execution_id, "nope")
+
+
+def test_list_filters_and_retention(runner: DurableRunner) -> None:
+    clock: FakeClock = runner.clock  # type: ignore[assignment]
+    runner.register("one", lambda e, c: c.step("s", lambda _: e))
+    done = [runner.run("one", i).execution_id for i in range(3)]
+    pending = runner.start("greet", {"name": "z"})
+    assert {i.execution_id for i in runner.list("SUCCEEDED")} == set(done)
+    assert [i.execution_id for i in runner.list(function="greet")] == [pending]
+    assert len(runner.list(limit=2)) == 2
+    with pytest.raises(ConfigError, match="unknown execution status"):
+        runner.list("DONE")
+    clock.advance(3601)
+    assert runner.apply_retention() == 3
+    assert [i.execution_id for i in runner.list()] == [pending]
+
+
+def test_bad_input_changes_nothing(runner: DurableRunner) -> None:
+    with pytest.raises(ConfigError, match="no durable function named 'missing'"):
+        runner.start("missing")
+    with pytest.raises(PayloadError):
+        runner.start("greet", {"bad": {1, 2}})
+    with pytest.raises(ConfigError, match="execution_id"):
+        runner.start("greet", {}, execution_id="")
+    with pytest.raises(NotFoundError):
+        runner.complete_callback("no-such-callback", 1)
+    with pytest.raises(NotFoundError):
+        runner.get("nope")
+    assert runner.list() == []
+
+
+def test_stale_lease_cannot_finish_an_invocation(tmp_path: Any) -> None:
+    clock = FakeClock()
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'd.db'}", clock=clock, lease_for=10)
+    gate = threading.Event()
+    release = threading.Event()
+
+    def slow(event: Any, ctx: DurableContext) -> str:
+        if event == "block":
+            gate.set()
+            release.wait(10)
+        return ctx.step("s", lambda _: "done")
+
+    runner.register("slow", slow)
+    eid = runner.start("slow", "block")
+    [lease] = runner.store.claim("durable.work", 1, lease_for=10)
+    t = threading.Thread(target=runner._load_and_invoke, args=(eid, lease))
+    t.start()
+    gate.wait(5)
+    clock.advance(11)  # the lease lapses; another worker claims the item and takes the execution over
+    [lease2] = runner.store.claim("durable.work", 1, lease_for=10)
+    assert lease2.token > lease.token
+    with runner.store.transaction() as tx:
+        tx.execute("UPDATE durable_executions SET run_token = run_token + 1 WHERE id = ?", (eid,))
+    release.set()
+    t.join(10)
+    assert runner.get(eid).status is ExecutionStatus.RUNNING  # the fenced invocation changed nothing
+    assert runner.history(eid) == []
+    with pytest.raises(LeaseLostError):
+        runner.store.complete([lease])
+    runner.store.release([lease2])
+    assert runner.wait(eid, timeout=10).result == "done"
+    runner.close()
+
+
+def test_module_level_registration_and_serve_thread(tmp_path: Any) -> None:
+    @durable_function("registered-globally")
+    def fn(event: Any, ctx: DurableContext) -> Any:
+        ctx.wait("w", 0.05)
+        return ctx.step("s", lambda _: event + 1)
+
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'g.db'}")
+    stop = threading.Event()
+    worker = threading.Thread(target=runner.serve, args=(stop,), kwargs={"poll_interval": 0.01})
+    worker.start()
+    try:
+        eid = runner.start("registered-globally", 1)
+        deadline = time.monotonic() + 10
+        while not runner.get(eid).status.terminal and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.get(eid).result == 2
+    finally:
+        stop.set()
+        worker.join(5)
+        runner.close()
