@@ -405,3 +405,15 @@ def test_async_connector_methods_are_coroutines(httpserver: HTTPServer) -> None:
     assert observed.outcome is ObservationOutcome.ABSENT
     assert compensated.outcome is CompensationOutcome.COMPENSATED
     assert repr(c).startswith("AsyncHttpConnector(")
+
+
+def test_async_pool_closes_with_its_event_loop() -> None:
+    from emissary.connectors.http import AsyncHttpConnector
+
+    with LedgerServer() as server:
+        c = AsyncHttpConnector(url=server.url("/effects"))
+        first = asyncio.run(c.dispatch(effect("a")))
+        assert c._async_client is None, "the pool is closed when the loop that owns it closes"
+        second = asyncio.run(c.dispatch(effect("b")))
+        assert (first.outcome, second.outcome) == (DispatchOutcome.CONFIRMED, DispatchOutcome.CONFIRMED)
+        assert len(server.client_ports) == 2

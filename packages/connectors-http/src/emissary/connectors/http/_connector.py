@@ -10,6 +10,7 @@ import json
 import logging
 import ssl
 import threading
+import weakref
 from typing import Any, ClassVar, Mapping
 
 import httpx
@@ -75,6 +76,34 @@ def _external_ref(response: httpx.Response, body: Any) -> str | None:
             if isinstance(value, (str, int)) and not isinstance(value, bool):
                 return str(value)
     return None
+
+
+def _close_with_loop(connector: HttpConnector, client: httpx.AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
+    """Close ``client`` just before ``loop`` closes, unless the connector closed it first.
+
+    Engines run async connectors on a loop they own and close when they stop; a pool left open on a closed
+    loop could only leak its sockets. asyncio has no close hook, so the loop's ``close`` is wrapped once
+    per pool. Loops that refuse new attributes (uvloop) are left alone: close the connector yourself.
+    """
+    ref = weakref.ref(connector)
+    original = loop.close
+
+    def close_pool_then_loop() -> None:
+        owner = ref()
+        if owner is not None and owner._async_client is client:
+            owner._async_client, owner._async_loop = None, None
+        if owner is None or not client.is_closed:
+            if not loop.is_running() and not loop.is_closed():
+                try:
+                    loop.run_until_complete(client.aclose())
+                except Exception:
+                    log.warning("closing an http connection pool with its event loop failed", exc_info=True)
+        original()
+
+    try:
+        loop.close = close_pool_then_loop  # type: ignore[method-assign]
+    except AttributeError:
+        pass
 
 
 class HttpConnector:
@@ -221,12 +250,19 @@ class HttpConnector:
 
     def _aclient(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
-        if self._async_client is None or (self._own_async_client and self._async_loop is not loop):
+        client = self._async_client
+        if client is not None and (not self._own_async_client or self._async_loop is loop):
+            return client
+        with self._lock:
+            stale, stale_loop = (self._async_client, self._async_loop) if self._own_async_client else (None, None)
             # Pooled connections belong to the loop that opened them: a new loop gets a new pool.
-            self._async_client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits,
-                                                   verify=self._verify(), follow_redirects=False)
-            self._async_loop = loop
-        return self._async_client
+            client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=self._verify(),
+                                       follow_redirects=False)
+            self._async_client, self._async_loop = client, loop
+        if stale is not None and stale_loop is not None and stale_loop.is_running():
+            asyncio.run_coroutine_threadsafe(stale.aclose(), stale_loop)
+        _close_with_loop(self, client, loop)
+        return client
 
     def close(self) -> None:
         """Close the connector's own connection pools.
