@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
 
 from emissary.core import FanOut, Journal, NewEvent, Route, open_store
 from emissary.sinks import LogSink, WebhookSink

@@ -5,7 +5,6 @@ import threading
 from typing import Any, Sequence
 
 import pytest
-
 from emissary.core import (
     ConfigError,
     Event,

@@ -5,7 +5,6 @@ import time
 from typing import Any
 
 import pytest
-
 from emissary.core import (
     ConfigError,
     Event,

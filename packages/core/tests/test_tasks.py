@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
-
 from emissary.core import (
     ConfigError,
     FakeClock,

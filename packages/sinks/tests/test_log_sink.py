@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from emissary.core import ConfigError, FanOut, Journal, MemoryStore, NewEvent, Registry, Route, load_config
 from emissary.core.testing import SinkContract
 from emissary.sinks import LogSink

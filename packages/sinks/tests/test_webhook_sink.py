@@ -9,11 +9,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from pytest_httpserver import HTTPServer
-from standardwebhooks.webhooks import Webhook
-from standardwebhooks.webhooks import WebhookVerificationError as SWVerificationError
-from werkzeug import Request, Response
-
 from emissary.core import (
     ConfigError,
     FanOut,
@@ -29,6 +24,10 @@ from emissary.core import (
 )
 from emissary.core.testing import SinkContract
 from emissary.sinks import WebhookGoneError, WebhookSink, WebhookVerificationError, verify_webhook
+from pytest_httpserver import HTTPServer
+from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError as SWVerificationError
+from werkzeug import Request, Response
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()

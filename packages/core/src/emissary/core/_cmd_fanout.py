@@ -27,8 +27,12 @@ def _open(args: argparse.Namespace) -> Any:
     url = args.store
     path = args.config or (None if url else ("emissary.toml" if os.path.exists("emissary.toml") else None))
     if url is None and path:
-        from ._plugins import tomllib
         from .errors import ConfigError
+
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
         try:
             with open(path, "rb") as fh:

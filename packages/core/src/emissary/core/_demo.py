@@ -87,9 +87,10 @@ class StoreJournalDemo:
 
 # The demo parts of the engines inside emissary-core; plugins add theirs through
 # ``emissary_register_demos``.
+from ._fanout_demo import FanOutDemo  # noqa: E402
 from ._outbox_demo import OutboxDemo  # noqa: E402
 
-CORE_DEMOS: list[type] = [StoreJournalDemo, OutboxDemo]
+CORE_DEMOS: list[type] = [StoreJournalDemo, OutboxDemo, FanOutDemo]
 
 
 def _demo_parts() -> list[Any]:

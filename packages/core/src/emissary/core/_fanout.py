@@ -218,10 +218,12 @@ class FanOut:
     def from_config(cls, store: SQLStore, config: Any, **kwargs: Any) -> FanOut:
         """Routes for every sink of a loaded ``emissary.toml`` (``EmissaryConfig``), with the route keys
         (``subjects``, ``batch_size``, ``max_in_flight``) given beside each sink."""
-        routes = [
-            Route(name, sink, **{k: (list(v) if k == "subjects" else v) for k, v in config.routes.get(name, {}).items()})
-            for name, sink in config.sinks.items()
-        ]
+        routes = []
+        for name, sink in config.sinks.items():
+            options: dict[str, Any] = dict(config.routes.get(name, {}))
+            if "subjects" in options and isinstance(options["subjects"], (list, tuple)):
+                options["subjects"] = list(options["subjects"])
+            routes.append(Route(name, sink, **options))
         return cls(store, routes, **kwargs)
 
     @property

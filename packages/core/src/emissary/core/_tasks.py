@@ -324,7 +324,8 @@ class TaskEngine:
     def recent(self, limit: int = 20, *, status: TaskStatus | str | None = None,
                type: str | None = None) -> list[TaskRecord]:
         """The newest tasks first, optionally of one status or type."""
-        sql, params = f"SELECT {_COLS} FROM em_tasks", []
+        sql = f"SELECT {_COLS} FROM em_tasks"
+        params: list[Any] = []
         where = []
         if status is not None:
             where.append("status = ?")
@@ -721,7 +722,7 @@ def _convert_value(hint: Any, value: Any, path: str) -> Any:
         items = [_convert_value(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if hint in _SIMPLE:
-        if isinstance(value, bool) and hint is not bool or not isinstance(value, _SIMPLE[hint]):
+        if (isinstance(value, bool) and hint is not bool) or not isinstance(value, _SIMPLE[hint]):
             raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}", field=path, value=value)
         return float(value) if hint is float else value
     return value

@@ -60,7 +60,7 @@ class LogSink:
             self._fh = getattr(sys, stream)
         else:
             _cut_torn_tail(self.path)
-            self._fh = open(self.path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115
+            self._fh = open(self.path, "a", encoding="utf-8", newline="\n")
         assert self._fh is not None
         return self._fh
 

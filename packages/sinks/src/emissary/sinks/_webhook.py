@@ -16,7 +16,6 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import httpx
-
 from emissary.core import ConfigError, EmissaryError, Event, PermanentError, TransientError
 
 SECRET_PREFIX = "whsec_"
