@@ -1,0 +1,76 @@
+"""``emissary executions ...`` and the durable part of ``emissary demo``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from emissary.core._cli import main
+from emissary.durable import DurableContext, DurableRunner
+
+
+def _seed(url: str) -> tuple[str, str]:
+    def pipeline(event: Any, ctx: DurableContext) -> Any:
+        a = ctx.step("extract", lambda _: 1)
+        return ctx.step("load", lambda _: a + 1)
+
+    def waiting(event: Any, ctx: DurableContext) -> Any:
+        ctx.wait("forever", 10**6)
+
+    runner = DurableRunner(url, functions={"pipeline": pipeline, "waiting": waiting})
+    done = runner.run("pipeline", {}, execution_id="done-1").execution_id
+    pending = runner.run("waiting", {}, execution_id="wait-1").execution_id
+    runner.close()
+    return done, pending
+
+
+def test_executions_list_history_terminate_rerun(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    done, pending = _seed(url)
+
+    assert main(["executions", "list", "--store", url, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {(e["execution_id"], e["status"]) for e in listed} == {(done, "SUCCEEDED"), (pending, "PENDING")}
+
+    assert main(["executions", "list", "--store", url, "--status", "PENDING"]) == 0
+    table = capsys.readouterr().out
+    assert "EXECUTION" in table and pending in table and done not in table
+
+    assert main(["executions", "history", done, "--store", url, "--json"]) == 0
+    ops = json.loads(capsys.readouterr().out)
+    assert [o["Name"] for o in ops] == ["extract", "load"]
+    assert ops[0]["StepDetails"]["Result"] == "1"
+
+    assert main(["executions", "history", done, "--store", url]) == 0
+    assert "extract" in capsys.readouterr().out
+
+    assert main(["executions", "terminate", pending, "--store", url, "--reason", "cleanup"]) == 0
+    assert "TERMINATED" in capsys.readouterr().out
+
+    assert main(["executions", "rerun", done, "load", "--store", url, "--new-id", "done-2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["execution_id"] == "done-2"
+    runner = DurableRunner(url)
+    assert [o.name for o in runner.history("done-2")] == ["extract"]
+    runner.close()
+
+    assert main(["executions", "history", "missing", "--store", url]) == 1
+    assert "NotFoundError" in capsys.readouterr().err
+
+
+def test_demo_part_runs_end_to_end(tmp_path: Any) -> None:
+    from emissary.core._demo import DemoContext
+    from emissary.durable._demo import DurableDemo
+
+    ctx = DemoContext(store_url=f"sqlite:///{tmp_path / 'demo.db'}", workdir=str(tmp_path), size=100, quiet=False)
+    figures = DurableDemo().run(ctx)
+    assert figures["workflows succeeded"] == "10/10"
+    assert figures["map values"] == 20
+    assert figures["callback execution"] == "SUCCEEDED: approved by ops"
+
+
+def test_plugin_registers_cli_and_demo() -> None:
+    from emissary.durable import _plugin
+
+    assert _plugin.emissary_register_demos()[0].name == "durable"
