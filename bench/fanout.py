@@ -29,8 +29,11 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from emissary.core import FanOut, Journal, NewEvent, Route, open_store
-from emissary.sinks import LogSink, WebhookSink
+# A sibling benchmark named like a standard-library package (bench/http.py) must not shadow it here.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from emissary.core import FanOut, Journal, NewEvent, Route, open_store  # noqa: E402
+from emissary.sinks import LogSink, WebhookSink  # noqa: E402
 
 STREAMS = 20
 SECRET = "whsec_" + base64.b64encode(b"emissary-bench-secret-0123456789").decode()
