@@ -255,7 +255,7 @@ def test_completion_is_journalled_once_in_the_same_transaction(client: LroClient
     assert client.core_store is not None
     events = Journal(client.core_store).read(0, subjects=["lro.operation.done"])
     assert [(e.stream, e.data) for e in events] == [
-        ("lro/svc/operations/j", {"name": "operations/j", "neuron": "svc"})
+        ("lro/svc", {"name": "operations/j", "neuron": "svc"})
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import binascii
 import enum
 import inspect
@@ -19,7 +20,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 from emissary.core import (
@@ -122,7 +123,7 @@ def _run_coroutine(aw: Awaitable[Any]) -> Any:
 
 def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     result = fn(*args, **kwargs)
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):
         return _run_coroutine(result)
     return result
 
@@ -274,6 +275,26 @@ class LroClient:
     @property
     def handlers(self) -> Mapping[str, ResumableHandler]:
         return dict(self._handlers)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Commit every operation change made on this thread inside the block in one transaction.
+
+        ``new_operation`` followed by ``resume_via_tasks`` then costs one commit, and creating many
+        operations costs one. If the block raises, none of it happens. Other threads using the same SQLite
+        store wait until the block ends: keep it short.
+
+        Raises:
+            ConfigError: the store has no transactions spanning calls (it is not an emissary SQL store).
+        """
+        batch = getattr(self.store, "batch", None)
+        if batch is None:
+            raise ConfigError(
+                f"{type(self.store).__name__} cannot group calls into one transaction; use a SQL store",
+                field="lro.store", value=type(self.store).__name__,
+            )
+        with batch():
+            yield
 
     # -- operations ------------------------------------------------------------------------------
     def new_operation(
@@ -437,27 +458,27 @@ class LroClient:
         url = f"{base}{self.config.prefix}{path}?operation={quote(name, safe='')}"
         return url + (f"&token={token}" if token else "")
 
-    def _save_and_schedule(
-        self, record: OperationRecord, expected_version: int, path: str, delay: timedelta | float
-    ) -> OperationRecord:
+    def _save_and_schedule(self, op: Operation, path: str, delay: timedelta | float) -> OperationRecord:
         if not isinstance(path, str) or not _PATH.match(path):
             raise ConfigError(f"resume path must look like 'create-agent', got {path!r}", field="path", value=path)
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
             raise ConfigError(f"delay must be a timedelta or seconds >= 0, got {delay!r}", field="delay", value=delay)
         token = uuid.uuid4().hex
-        record = replace(record, resume_path=path, resume_token=token)
+        record = op._snapshot(resume_path=path, resume_token=token)
+        expected_version = op.version
         if self._atomic_timers():
             assert isinstance(self.store, SQLOperationStore)
             with self.store.batch() as tx:
-                saved = self.store.save(record, expected_version=expected_version)
+                # The timer first: if the save then loses (LeaseLostError) the timer carries a token that
+                # never becomes current and is acknowledged as stale, so no savepoint is needed.
                 self.store.store.enqueue(
                     TIMER_QUEUE,
                     [(f"lro-{token}", {"topic": RESUME_TOPIC, "payload": self._payload(record.name, path, token)},
                       self.store.now() + float(seconds))],
                     tx=tx,
                 )
-            return saved
+                return self.store.save(record, expected_version=expected_version)
         saved = self.store.save(record, expected_version=expected_version)
         self._schedule(saved, path, token, float(seconds), key=f"lro-{token}")
         return saved
@@ -606,13 +627,11 @@ class LroClient:
             self._ack(done, retry)
             return len(done)
         step = self.config.resume_batch
-        batched = step > 1 and isinstance(self.store, SQLOperationStore) and self.store.store is core
-        for i in range(0, len(mine), step):
-            chunk = mine[i:i + step]
-            d: list[Lease] = []
-            r: list[Lease] = []
-            if batched:
-                assert isinstance(self.store, SQLOperationStore)
+        if step > 1 and isinstance(self.store, SQLOperationStore) and self.store.store is core:
+            for i in range(0, len(mine), step):
+                chunk = mine[i:i + step]
+                d: list[Lease] = []
+                r: list[Lease] = []
                 with self.store.batch() as tx:
                     for lease in chunk:
                         (d if self._fire_direct(lease) else r).append(lease)
@@ -620,11 +639,10 @@ class LroClient:
                     if r:
                         core.release(r, delay=self.config.retry_delay, tx=tx)
                 done += d
-            else:
-                for lease in chunk:
-                    (d if self._fire_direct(lease) else r).append(lease)
-                self._ack(d, r)
-                done += d
+            return len(done)
+        for lease in mine:
+            (done if self._fire_direct(lease) else retry).append(lease)
+        self._ack(done, retry)
         return len(done)
 
     def _ack(self, done: Sequence[Lease], retry: Sequence[Lease]) -> None:

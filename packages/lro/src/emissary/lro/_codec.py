@@ -20,6 +20,14 @@ T = TypeVar("T")
 def pack_any(value: Any, *, field: str) -> any_pb2.Any:
     """``value`` (a message, a mapping, a dataclass or a pydantic model) as an ``Any``."""
     out = any_pb2.Any()
+    if type(value) is dict:
+        struct = struct_pb2.Struct()
+        try:
+            struct.update(value)
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(f"{field} cannot be packed as google.protobuf.Struct: {exc}", field=field) from exc
+        out.Pack(struct)
+        return out
     if isinstance(value, any_pb2.Any):
         out.CopyFrom(value)
         return out
@@ -44,6 +52,8 @@ def pack_any(value: Any, *, field: str) -> any_pb2.Any:
 
 def to_jsonable(value: Any, *, field: str) -> Any:
     """Plain JSON data of a dict, dataclass, pydantic model or protobuf message."""
+    if type(value) is dict:
+        return value
     if isinstance(value, Message):
         return json_format.MessageToDict(value, preserving_proto_field_name=True)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

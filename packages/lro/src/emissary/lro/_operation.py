@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,11 +41,13 @@ class Operation:
     is stale: load the operation again with ``client.get_operation``.
     """
 
-    __slots__ = ("_client", "_pb", "_record")
+    __slots__ = ("_client", "_pb", "_point", "_record", "_state")
 
     def __init__(self, client: LroClient, record: OperationRecord) -> None:
         self._client = client
         self._record = record
+        self._state = record.state
+        self._point = record.resume_point
         self._pb = operations_pb2.Operation.FromString(record.operation)
 
     def __repr__(self) -> str:
@@ -70,7 +71,7 @@ class Operation:
     @property
     def resume_point(self) -> str:
         """The handler's own marker of where to pick up; ``""`` until set."""
-        return self._record.resume_point
+        return self._point
 
     @property
     def cancel_requested(self) -> bool:
@@ -92,7 +93,7 @@ class Operation:
         Returns:
             None if no state was saved.
         """
-        return decode_state(self._record.state, type_)
+        return decode_state(self._state, type_)
 
     # -- changing --------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -112,7 +113,7 @@ class Operation:
     def set_private_state(self, state: Any) -> Operation:
         """Replace the private state (JSON: a dict, a dataclass, a pydantic model or a message)."""
         self._open()
-        self._record = replace(self._record, state=encode_state(state))
+        self._state = encode_state(state)
         return self
 
     def save_private_state(self, state: Any) -> Operation:
@@ -124,15 +125,21 @@ class Operation:
         self._open()
         if not isinstance(point, str):
             raise ConfigError(f"resume point must be a string, got {point!r}", field="resume_point", value=point)
-        self._record = replace(self._record, resume_point=point)
+        self._point = point
         return self
 
     def save_resume_point(self, point: str) -> Operation:
         """``set_resume_point`` and ``save``."""
         return self.set_resume_point(point).save()
 
-    def _snapshot(self) -> OperationRecord:
-        return replace(self._record, operation=self._pb.SerializeToString(deterministic=True), done=self._pb.done)
+    def _snapshot(self, resume_path: str | None = None, resume_token: str | None = None) -> OperationRecord:
+        r = self._record
+        return OperationRecord(
+            name=r.name, operation=self._pb.SerializeToString(deterministic=True), state=self._state,
+            resume_point=self._point, update_time=r.update_time, version=r.version, done=self._pb.done,
+            cancel_requested=r.cancel_requested, resume_path=resume_path or r.resume_path,
+            resume_token=resume_token or r.resume_token,
+        )
 
     def save(self) -> Operation:
         """Write every pending change, compare-and-set on ``version``.
@@ -190,7 +197,7 @@ class Operation:
         left over from an earlier ``resume_via_tasks`` is ignored once a newer one is scheduled.
         """
         self._open()
-        self._record = self._client._save_and_schedule(self._snapshot(), self._record.version, path, delay)
+        self._record = self._client._save_and_schedule(self, path, delay)
         return self
 
 

@@ -108,33 +108,41 @@ class OperationStore(Protocol):
         ...
 
 
-LRO_MIGRATIONS = [
-    Migration(
-        1,
-        """
+_TABLE = """
         CREATE TABLE IF NOT EXISTS lro_operations (
             Neuron TEXT NOT NULL,
             key TEXT NOT NULL,
-            Operation {blob} NOT NULL,
-            State {blob},
+            Operation {{blob}} NOT NULL,
+            State {{blob}},
             ResumePoint TEXT NOT NULL DEFAULT '',
-            UpdateTime {double} NOT NULL,
-            Version {bigint} NOT NULL,
+            UpdateTime {{double}} NOT NULL,
+            Version {{bigint}} NOT NULL,
             Done INTEGER NOT NULL DEFAULT 0,
             CancelRequested INTEGER NOT NULL DEFAULT 0,
             ResumePath TEXT,
             ResumeToken TEXT,
             PRIMARY KEY (Neuron, key)
-        );
-        CREATE INDEX IF NOT EXISTS lro_operations_update ON lro_operations (UpdateTime);
+        ){suffix};
         CREATE INDEX IF NOT EXISTS lro_operations_done ON lro_operations (Neuron, Done, key)
-        """,
-    ),
-]
+"""
+
+# No index on UpdateTime: every save changes it, and only the periodic purge reads it (a scan).
+# On SQLite the table is WITHOUT ROWID: one B-tree keyed by (Neuron, key) instead of two.
+LRO_MIGRATIONS = [Migration(1, _TABLE.format(suffix=""))]
+LRO_MIGRATIONS_SQLITE = [Migration(1, _TABLE.format(suffix=" WITHOUT ROWID"))]
 
 _COLS = "key, Operation, State, ResumePoint, UpdateTime, Version, Done, CancelRequested, ResumePath, ResumeToken"
 
 DONE_EVENT = "lro.operation.done"
+
+
+def _with(r: OperationRecord, *, version: int, update_time: float) -> OperationRecord:
+    # dataclasses.replace is several times slower than building the record; saves are the hot path.
+    return OperationRecord(
+        name=r.name, operation=r.operation, state=r.state, resume_point=r.resume_point, update_time=update_time,
+        version=version, done=r.done, cancel_requested=r.cancel_requested, resume_path=r.resume_path,
+        resume_token=r.resume_token,
+    )
 
 
 def _record(row: Sequence[Any]) -> OperationRecord:
@@ -149,8 +157,8 @@ def _record(row: Sequence[Any]) -> OperationRecord:
 class SQLOperationStore:
     """``OperationStore`` on an emissary-core SQL store (SQLite, PostgreSQL, memory).
 
-    The transition to done appends a ``lro.operation.done`` event to the journal (stream
-    ``lro/{neuron}/{name}``) in the same transaction, so fan-out routes can react to finished operations
+    The transition to done appends a ``lro.operation.done`` event (data ``{"name", "neuron"}``) to the
+    journal stream ``lro/{neuron}`` in the same transaction, so fan-out routes can react to finished operations
     and every completion is recorded exactly once.
 
     Args:
@@ -161,17 +169,14 @@ class SQLOperationStore:
     def __init__(self, store: SQLStore, neuron: str) -> None:
         self.store = store
         self.neuron = neuron
-        store.migrate("lro", LRO_MIGRATIONS)
+        store.migrate("lro", LRO_MIGRATIONS_SQLITE if store.dialect == "sqlite" else LRO_MIGRATIONS)
         self._local = threading.local()
 
     # -- transactions ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def batch(self) -> Iterator[Tx]:
-        """One transaction that every call on this thread joins until the block ends.
-
-        Each call inside runs under its own savepoint, so a failed compare-and-set leaves the rest of
-        the batch intact.
-        """
+        """One transaction that every call on this thread joins until the outermost block ends; committed
+        at its end, rolled back if it raises. A nested block simply joins the outer transaction."""
         current: Tx | None = getattr(self._local, "tx", None)
         if current is not None:
             yield current
@@ -184,11 +189,16 @@ class SQLOperationStore:
                 self._local.tx = None
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[Tx]:
+    def _tx(self, atomic: bool = False) -> Iterator[Tx]:
+        """The batch transaction, or a new one. ``atomic``: the block writes more than one statement, so
+        inside a batch it runs under a savepoint and a failure undoes all of it."""
         current: Tx | None = getattr(self._local, "tx", None)
         if current is None:
             with self.store.transaction() as tx:
                 yield tx
+            return
+        if not atomic:
+            yield current
             return
         current.execute("SAVEPOINT lro_sp")
         try:
@@ -208,9 +218,8 @@ class SQLOperationStore:
 
     # -- OperationStore --------------------------------------------------------------------------
     def create(self, record: OperationRecord) -> OperationRecord:
-        now = self.now()
-        out = replace(record, version=1, update_time=now)
-        with self._tx() as tx:
+        out = _with(record, version=1, update_time=self.now())
+        with self._tx(atomic=out.done) as tx:
             row = tx.one(
                 f"INSERT INTO lro_operations (Neuron, {_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (Neuron, key) DO NOTHING RETURNING Version",
@@ -242,8 +251,8 @@ class SQLOperationStore:
 
     def save(self, record: OperationRecord, *, expected_version: int) -> OperationRecord:
         now = self.now()
-        out = replace(record, version=expected_version + 1, update_time=now)
-        with self._tx() as tx:
+        out = _with(record, version=expected_version + 1, update_time=now)
+        with self._tx(atomic=out.done) as tx:
             row = tx.one(
                 "UPDATE lro_operations SET Operation = ?, State = ?, ResumePoint = ?, UpdateTime = ?, "
                 "Version = ?, Done = ?, ResumePath = ?, ResumeToken = ? "
@@ -262,14 +271,15 @@ class SQLOperationStore:
                     f"operation {record.name!r} is no longer at version {expected_version} "
                     f"(now {got[0]}): another writer saved first"
                 )
-            out = replace(out, cancel_requested=bool(row[0]))
+            if row[0]:
+                out = replace(out, cancel_requested=True)
             if out.done:
                 self._append_done(tx, out)
         return out
 
     def _append_done(self, tx: Tx, record: OperationRecord) -> None:
         self.store.append_events(
-            [NewEvent(f"lro/{self.neuron}/{record.name}", DONE_EVENT, {"name": record.name, "neuron": self.neuron})],
+            [NewEvent(f"lro/{self.neuron}", DONE_EVENT, {"name": record.name, "neuron": self.neuron})],
             tx=tx,
         )
 
