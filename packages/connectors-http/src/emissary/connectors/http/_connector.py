@@ -244,7 +244,7 @@ class HttpConnector:
             with self._lock:
                 if self._client is None:
                     self._client = httpx.Client(timeout=self._timeout, limits=self._limits, verify=self._verify(),
-                                                follow_redirects=False)
+                                                headers=self._headers, follow_redirects=False)
                 client = self._client
         return client
 
@@ -257,7 +257,7 @@ class HttpConnector:
             stale, stale_loop = (self._async_client, self._async_loop) if self._own_async_client else (None, None)
             # Pooled connections belong to the loop that opened them: a new loop gets a new pool.
             client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=self._verify(),
-                                       follow_redirects=False)
+                                       headers=self._headers, follow_redirects=False)
             self._async_client, self._async_loop = client, loop
         if stale is not None and stale_loop is not None and stale_loop.is_running():
             asyncio.run_coroutine_threadsafe(stale.aclose(), stale_loop)
@@ -321,8 +321,8 @@ class HttpConnector:
     # -- requests -------------------------------------------------------------------------------
     def _request_headers(self, key: str, business_key: str | None, run_id: str | None,
                          attempt: int) -> dict[str, str]:
-        headers = dict(self._headers)
-        headers["Idempotency-Key"] = key
+        """The per-request protocol headers; the static ones live on the connector's own clients."""
+        headers = {"Idempotency-Key": key}
         if business_key is not None:
             headers["Emissary-Business-Key"] = business_key
         if run_id is not None:
@@ -338,14 +338,19 @@ class HttpConnector:
         client = self._sync_client()
         for attempt in self._retrying():
             with attempt:
-                return client.post(url, content=body, headers=headers, timeout=self._timeout)
+                if self._own_client:
+                    return client.post(url, content=body, headers=headers)
+                return client.post(url, content=body, headers={**self._headers, **headers}, timeout=self._timeout)
         raise AssertionError("stamina.retry_context yields at least one attempt")
 
     async def _apost(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         client = self._aclient()
         async for attempt in self._retrying():
             with attempt:
-                return await client.post(url, content=body, headers=headers, timeout=self._timeout)
+                if self._own_async_client:
+                    return await client.post(url, content=body, headers=headers)
+                return await client.post(url, content=body, headers={**self._headers, **headers},
+                                         timeout=self._timeout)
         raise AssertionError("stamina.retry_context yields at least one attempt")
 
     def _describe(self, exc: BaseException, url: str) -> str:
@@ -358,7 +363,7 @@ class HttpConnector:
         if error is None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s key=%s -> %s headers=%s", what, redact_url(url), key, outcome,
-                          redact_headers(headers))
+                          redact_headers({**self._headers, **headers}))
         else:
             log.info("%s %s key=%s -> %s: %s", what, redact_url(url), key, outcome, error)
 
