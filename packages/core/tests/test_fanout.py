@@ -339,3 +339,24 @@ def test_on_postgres(postgres_url: str) -> None:
         fanout.close()
     finally:
         store.close()
+
+
+def test_events_appended_in_the_callers_transaction_are_relayed_only_once_committed(tmp_path: Any) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'tx.db'}")
+    sink = InMemorySink()
+    fanout = FanOut(store, [Route("r", sink)])
+    journal = Journal(store)
+    conn = store.connect()
+    conn.execute("CREATE TABLE orders (id TEXT)")
+    conn.commit()
+    conn.execute("INSERT INTO orders VALUES ('42')")
+    journal.append("orders/42", "order.placed", {"n": 1}, conn=conn)
+    conn.rollback()
+    assert fanout.run_once() == 0 and journal.read(0) == []
+    conn.execute("INSERT INTO orders VALUES ('43')")
+    journal.append("orders/43", "order.placed", {"n": 2}, conn=conn)
+    conn.commit()
+    conn.close()
+    assert fanout.run_once() == 1 and sink.ids == ["orders/43/1"]
+    fanout.close()
+    store.close()

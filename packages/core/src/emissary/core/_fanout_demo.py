@@ -41,20 +41,12 @@ class FanOutDemo:
         audit: Any = log_cls(path=log_path) if log_cls is not None else InMemorySink()
         try:
             n = ctx.size
-            journal = Journal(store)
-            progress = ctx.progress("domain events appended", n)
-            for start in range(0, n, 500):
-                journal.append_many([
-                    NewEvent(f"orders/{i % 20}", "order.shipped" if i % 10 == 0 else "order.placed", {"order": i})
-                    for i in range(start, min(n, start + 500))
-                ])
-                progress.update(min(500, n - start))
-            progress.close()
-            poison = f"orders/7/{max(1, n // 40)}"
+            poison = f"shop/7/{max(1, n // 40)}"
             partner = InMemorySink(poison=[poison])
+            # The routes and the reaction start at the end of the journal: this part relays its own events.
             fanout = FanOut(store, [
-                Route("audit", audit, subjects=["order.**"], batch_size=500),
-                Route("partner", partner, subjects=["order.*"], batch_size=100, max_in_flight=4),
+                Route("audit", audit, subjects=["order.**"], batch_size=500, start="end"),
+                Route("partner", partner, subjects=["order.*"], batch_size=100, max_in_flight=4, start="end"),
             ])
             reacted: list[str] = []
             lock = threading.Lock()
@@ -69,7 +61,18 @@ class FanOutDemo:
 
             engine = TaskEngine(store, handlers={"report": report}, concurrency=4)
             reactor = Reactor(store, engine)
-            reactor.on("order.shipped", on_shipped, max_concurrency=4, name="demo.shipped")
+            reactor.on("order.shipped", on_shipped, max_concurrency=4, name="demo.shipped", start="end")
+            fanout.status()
+            reactor.submit_once()
+            journal = Journal(store)
+            progress = ctx.progress("domain events appended", n)
+            for start in range(0, n, 500):
+                journal.append_many([
+                    NewEvent(f"shop/{i % 20}", "order.shipped" if i % 10 == 0 else "order.placed", {"order": i})
+                    for i in range(start, min(n, start + 500))
+                ])
+                progress.update(min(500, n - start))
+            progress.close()
             task_id = engine.submit("report", {"title": "daily", "orders": n})
 
             stop = threading.Event()
