@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+from datetime import datetime, timezone
 from typing import Any, ClassVar, Mapping, Sequence
 
 from emissary.core import (
@@ -33,6 +34,16 @@ BUSINESS_KEY = "emissary-business-key"
 RUN_ID = "emissary-run-id"
 CONNECTOR = "emissary-connector"
 TOOL = "emissary-tool"
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def _cloudevent_time(when: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, as ``Event.to_cloudevent`` writes it."""
+    if when.tzinfo is timezone.utc:
+        return when.isoformat().replace("+00:00", "Z")
+    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _check_name(field: str, value: object) -> str:
@@ -276,9 +287,8 @@ class PubSubSink:
     @staticmethod
     def message(event: Event) -> tuple[bytes, dict[str, str]]:
         """The data and ``ce-*`` attributes of ``event`` (CloudEvents Pub/Sub binding, binary mode)."""
-        envelope = event.to_cloudevent()
         try:
-            data = json.dumps(event.data, separators=(",", ":")).encode()
+            data = _JSON.encode(event.data).encode()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"event {event.id!r}: data is not JSON-serialisable: {exc}") from exc
         attrs = {
@@ -286,7 +296,7 @@ class PubSubSink:
             "ce-id": event.id,
             "ce-source": event.source,
             "ce-type": event.type,
-            "ce-time": envelope["time"],
+            "ce-time": _cloudevent_time(event.time),
             "content-type": "application/json",
         }
         if event.subject:
