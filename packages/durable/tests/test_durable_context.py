@@ -114,7 +114,7 @@ def test_retry_strategy_filters_by_type_and_message() -> None:
 def test_at_least_once_step_reruns_an_interrupted_attempt_at_most_once_does_not() -> None:
     from emissary.durable import DurableRunner
 
-    runner = DurableRunner("memory://")
+    runner = DurableRunner("memory://", lease_for=0.05)
     runs: dict[str, int] = {"least": 0, "most": 0}
     crash = {"on": True}
 
@@ -137,11 +137,11 @@ def test_at_least_once_step_reruns_an_interrupted_attempt_at_most_once_does_not(
     runner.register("wf", wf)
     for kind in ("least", "most"):
         eid = runner.start("wf", kind)
-        [lease] = runner.store.claim("durable.work", 1, lease_for=0.01)
+        [lease] = runner.store.claim("durable.work", 1, lease_for=0.05)
         with pytest.raises(Crash):  # the process "dies" inside the step
             runner._load_and_invoke(eid, lease)
         crash["on"] = False
-        time.sleep(0.02)
+        time.sleep(0.1)  # the dead worker's lease lapses
         info = runner.wait(eid, timeout=10)
         crash["on"] = True
         if kind == "least":

@@ -123,6 +123,26 @@ def test_terminate_fences_out_a_running_invocation_and_children(runner: DurableR
     assert runner.get(kid.execution_id).status is ExecutionStatus.TERMINATED
     assert runner.drain() == 0
     assert runner.terminate(eid).status is ExecutionStatus.TERMINATED  # idempotent
+    events = runner.store.read_events(stream=f"durable/{eid}")
+    assert events[-1].type == "durable.execution.terminated"
+    assert events[-1].data["error"]["ErrorMessage"] == "operator said so"
+
+
+def test_long_invocations_keep_their_lease(runner: DurableRunner) -> None:
+    clock: FakeClock = runner.clock  # type: ignore[assignment]
+
+    def long(event: Any, ctx: DurableContext) -> int:
+        for i in range(5):
+            ctx.step(f"s{i}", lambda _: clock.advance(runner.lease_for / 2) and i)
+        return 5
+
+    runner.register("long", long)
+    eid = runner.start("long")
+    [lease] = runner.store.claim("durable.work", 1, lease_for=runner.lease_for)
+    assert runner._load_and_invoke(eid, lease)
+    # 2.5 lease periods passed inside the invocation; it kept extending its lease and finished
+    assert runner.get(eid).status is ExecutionStatus.SUCCEEDED
+    assert runner.store.claim("durable.work", 1) == []
 
 
 def test_suspend_and_resume(runner: DurableRunner) -> None:

@@ -388,6 +388,11 @@ class DurableRunner:
         """Take the execution (bumping its run token) and run one invocation. False if not runnable."""
         now = self.clock.now()
         with self.store.transaction() as tx:
+            if lease is not None and tx.rowcount(
+                "UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
+                (now + self.lease_for, QUEUE, execution_id, lease.token),
+            ) != 1:
+                raise LeaseLostError(f"lease on execution {execution_id} (token {lease.token}) is no longer held")
             row = tx.one(
                 "UPDATE durable_executions SET run_token = run_token + 1, invocations = invocations + 1, "
                 "status = 'RUNNING', updated_at = ? WHERE id = ? AND status IN ('RUNNING', 'PENDING') "
