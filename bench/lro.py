@@ -36,10 +36,9 @@ from typing import Any, Callable
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from google.longrunning import operations_pb2
-from google.protobuf import any_pb2, struct_pb2
-
-from emissary.lro import Config, LroClient, Operation, ResumableHandler, unmarshal_metadata
+from emissary.lro import Config, LroClient, Operation, ResumableHandler, unmarshal_metadata  # noqa: E402
+from google.longrunning import operations_pb2  # noqa: E402
+from google.protobuf import any_pb2, struct_pb2  # noqa: E402
 
 RAW_DDL = (
     "CREATE TABLE ops (key TEXT PRIMARY KEY, Operation BLOB NOT NULL, State BLOB, ResumePoint TEXT, "

@@ -20,7 +20,6 @@ from collections import Counter
 from typing import Any
 
 import pytest
-
 from emissary.core import Journal, open_store
 from emissary.lro import Config, LroClient, unmarshal_metadata
 

@@ -7,10 +7,6 @@ from datetime import timedelta
 from typing import Any, Iterator
 
 import pytest
-from google.longrunning import operations_pb2
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from google.rpc import code_pb2
-
 from emissary.core import (
     AlreadyExistsError,
     ConfigError,
@@ -33,6 +29,9 @@ from emissary.lro import (
     parse_filter,
     unmarshal_metadata,
 )
+from google.longrunning import operations_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.rpc import code_pb2
 
 
 @dataclass

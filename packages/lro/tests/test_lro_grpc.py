@@ -9,13 +9,12 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
+from emissary.lro import Config, LroClient, Operation, ResumableHandler
 from google.api_core import exceptions, operation, operations_v1
 from google.api_core.future.polling import DEFAULT_POLLING
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 from google.rpc import code_pb2
-
-from emissary.lro import Config, LroClient, Operation, ResumableHandler
 
 FAST = DEFAULT_POLLING.with_delay(initial=0.05, maximum=0.2, multiplier=1.5)
 

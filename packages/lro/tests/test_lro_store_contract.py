@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-
 from emissary.core import FakeClock, open_store
 from emissary.lro import SQLOperationStore
 from emissary.lro.testing import OperationStoreContract

@@ -75,7 +75,7 @@ class CertsRequest:
         except OSError as exc:
             from google.auth import exceptions
 
-            raise exceptions.TransportError(f"could not fetch {url}: {exc}") from exc
+            raise exceptions.TransportError(f"could not fetch {url}: {exc}") from exc  # type: ignore[no-untyped-call]
         if out.status == 200 and method == "GET":
             with self._lock:
                 self._cache[url] = (now, out)
@@ -126,7 +126,9 @@ class CallbackAuth:
         except ImportError as exc:
             raise MissingDependencyError("google-auth", "lro") from exc
         try:
-            claims = id_token.verify_token(token, self._request, audience=self.audience, certs_url=self.certs_url)
+            claims = id_token.verify_token(
+                token, self._request, audience=self.audience, certs_url=self.certs_url  # type: ignore[arg-type]
+            )
         except Exception as exc:  # google-auth raises ValueError and its own errors for bad tokens
             log.warning("OIDC callback refused: %s", type(exc).__name__)
             return False

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from emissary.core._console import print_json, print_table
-from google.longrunning import operations_pb2
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import json_format
 
 from ._client import LroClient
@@ -24,7 +24,7 @@ def _status(pb: operations_pb2.Operation) -> str:
     if not pb.done:
         return "RUNNING"
     if pb.HasField("error"):
-        from google.rpc import code_pb2
+        from google.rpc import code_pb2  # type: ignore[import-untyped]
 
         return f"FAILED({code_pb2.Code.Name(pb.error.code)})"
     return "SUCCEEDED"

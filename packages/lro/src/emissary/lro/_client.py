@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import binascii
+import contextlib
 import enum
 import inspect
 import json
@@ -34,8 +34,8 @@ from emissary.core import (
     TransientError,
     open_store,
 )
-from google.longrunning import operations_pb2
-from google.rpc import code_pb2
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
+from google.rpc import code_pb2  # type: ignore[import-untyped]
 
 from ._auth import SIGNATURE_HEADER, CallbackAuth, sign
 from ._codec import encode_state, pack_any
@@ -53,7 +53,7 @@ TIMER_QUEUE = "em.timers"
 _NAME = re.compile(r"^operations/[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
 _PATH = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
 
-HandlerFn = Callable[[Operation], "None | Awaitable[None]"]
+HandlerFn = Callable[[Operation], "Awaitable[None] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -566,7 +566,7 @@ class LroClient:
             return outcome
         assert op is not None
         try:
-            if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+            if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
                 await fn(op)
             else:
                 result = await asyncio.to_thread(fn, op)
@@ -609,9 +609,9 @@ class LroClient:
             return 0
         mine, others = [], []
         for lease in leases:
-            p = lease.payload if isinstance(lease.payload, dict) else {}
-            inner = p.get("payload") if isinstance(p.get("payload"), dict) else {}
-            if p.get("topic") == RESUME_TOPIC and inner.get("neuron") == self.neuron:
+            p: dict[str, Any] = lease.payload if isinstance(lease.payload, dict) else {}
+            inner = p.get("payload")
+            if p.get("topic") == RESUME_TOPIC and isinstance(inner, dict) and inner.get("neuron") == self.neuron:
                 mine.append(lease)
             else:
                 others.append(lease)

@@ -111,7 +111,7 @@ def decode_state(raw: bytes | None, type_: type[T] | None) -> T | None:
 def unpack_any(value: any_pb2.Any, type_: type[T] | None, *, field: str) -> T:
     """The content of an ``Any`` as ``type_`` (a message class, dict, dataclass or pydantic model)."""
     if isinstance(type_, type) and issubclass(type_, Message):
-        if value.Is(type_.DESCRIPTOR):
+        if value.Is(type_.DESCRIPTOR):  # type: ignore[arg-type]
             msg = type_()
             value.Unpack(msg)
             return msg  # type: ignore[return-value]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from emissary.core import AlreadyExistsError, ConfigError, LeaseLostError, MissingDependencyError, NotFoundError
-from google.longrunning import operations_pb2
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import empty_pb2
 
 if TYPE_CHECKING:
@@ -13,9 +13,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+grpc: Any
+operations_pb2_grpc: Any
 try:
     import grpc
-    from google.longrunning import operations_pb2_grpc
+    from google.longrunning import operations_pb2_grpc  # type: ignore[import-untyped,no-redef]
 except ImportError:  # pragma: no cover - exercised only without the grpc extra
     grpc = None
     operations_pb2_grpc = None

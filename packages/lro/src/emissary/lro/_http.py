@@ -60,8 +60,8 @@ class _Endpoint:
         names = req.query.get("operation") or []
         if len(names) != 1 or not names[0]:
             return _json(400, {"error": "query parameter 'operation' (the url-encoded operation name) is required"})
-        tokens = req.query.get("token") or [None]
-        return names[0], req.path[len(self.prefix):], tokens[0]
+        tokens = req.query.get("token") or []
+        return names[0], req.path[len(self.prefix):], tokens[0] if tokens else None
 
     def settle(self, name: str, outcome: Any = None, error: BaseException | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
         if error is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from emissary.core import AlreadyExistsError, FakeClock, LeaseLostError, NotFoundError
-from google.longrunning import operations_pb2
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 
 from ._store import OperationDoneError, OperationRecord
 
