@@ -265,3 +265,57 @@ def test_module_level_registration_and_serve_thread(tmp_path: Any) -> None:
         stop.set()
         worker.join(5)
         runner.close()
+
+
+def test_design_example_end_to_end(tmp_path: Any) -> None:
+    notified: list[str] = []
+
+    @durable_function("greet-design")
+    def greet_design(event: dict[str, Any], ctx: DurableContext) -> str:
+        from emissary.durable import Duration, MapConfig
+
+        name = ctx.step("normalise", lambda step: event["name"].title())
+        ctx.wait("cooldown", Duration(seconds=30))
+        doubled = ctx.map("double", [1, 2, 3], lambda c, item, i, items: item * 2,
+                          config=MapConfig(max_concurrency=2))
+        answer = ctx.wait_for_callback("approval", submitter=lambda callback_id, wctx: notified.append(callback_id))
+        return f"hello {name} {doubled.results()} {answer}"
+
+    clock = FakeClock()
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'design.db'}", clock=clock)
+    execution_id = runner.start("greet-design", {"name": "ada"})
+    runner.drain()
+    assert runner.get(execution_id).status is ExecutionStatus.PENDING and notified == []
+    clock.advance(30)
+    runner.drain()
+    assert len(notified) == 1
+    runner.complete_callback(notified[0], "approved")
+    info = runner.wait(execution_id, timeout=60)
+    assert info.result == "hello Ada [2, 4, 6] approved"
+    assert len(notified) == 1
+    runner.close()
+
+
+def test_failing_submitter_and_failed_callbacks_raise_callback_error(tmp_path: Any) -> None:
+    from emissary.durable import CallbackError, RetryPresets, WaitForCallbackConfig
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        def submit(cid: str, s: Any) -> None:
+            if event == "submit-fails":
+                raise ConnectionError("mail server down")
+            holder.append(cid)
+
+        try:
+            return ctx.wait_for_callback("cb", submit, WaitForCallbackConfig(retry_strategy=RetryPresets.immediate(2)))
+        except CallbackError as exc:
+            return [exc.error_type, exc.error_message]
+
+    holder: list[str] = []
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'cb.db'}", functions={"wf": wf})
+    assert runner.run("wf", "submit-fails").result == ["ConnectionError", "mail server down"]
+    eid = runner.run("wf", "ok").execution_id
+    assert runner.fail_callback(holder[0], RuntimeError("declined"))
+    assert runner.wait(eid, timeout=10).result == ["RuntimeError", "declined"]
+    with pytest.raises(ConfigError, match="error must be"):
+        runner.fail_callback(holder[0], 42)  # type: ignore[arg-type]
+    runner.close()
