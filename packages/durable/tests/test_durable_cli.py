@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import pytest
-
 from emissary.core._cli import main
 from emissary.durable import DurableContext, DurableRunner
 

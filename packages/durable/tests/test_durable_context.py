@@ -6,11 +6,9 @@ import time
 from typing import Any
 
 import pytest
-
 from emissary.core import ConfigError
 from emissary.durable import (
     BatchItemError,
-    BatchItemStatus,
     CallbackConfig,
     CallbackError,
     CallbackTimeoutError,

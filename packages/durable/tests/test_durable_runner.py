@@ -7,7 +7,6 @@ import time
 from typing import Any, Iterator
 
 import pytest
-
 from emissary.core import AlreadyExistsError, ConfigError, FakeClock, LeaseLostError, NotFoundError, PayloadError
 from emissary.durable import (
     DurableContext,
@@ -133,7 +132,7 @@ def test_long_invocations_keep_their_lease(runner: DurableRunner) -> None:
 
     def long(event: Any, ctx: DurableContext) -> int:
         for i in range(5):
-            ctx.step(f"s{i}", lambda _: clock.advance(runner.lease_for / 2) and i)
+            ctx.step(f"s{i}", lambda _, i=i: clock.advance(runner.lease_for / 2) and i)
         return 5
 
     runner.register("long", long)

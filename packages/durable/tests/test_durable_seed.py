@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import pytest
-
 from emissary.core import ConfigError, FakeClock
 from emissary.durable import (
     DurableContext,
