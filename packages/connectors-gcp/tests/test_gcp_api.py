@@ -19,6 +19,7 @@ def test_public_api_is_pinned() -> None:
         "SpannerStore",
         "__version__",
         "operations_ddl",
+        "operations_descriptor_set",
         "task_id_for",
     ]
     assert gcp.__all__ == sorted(gcp.__all__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._pubsub import PubSubConnector, PubSubSink
-from ._spanner import SpannerOperationStore, SpannerStore, operations_ddl
+from ._spanner import SpannerOperationStore, SpannerStore, operations_ddl, operations_descriptor_set
 from ._tasks import CloudTasksConnector, CloudTasksScheduler, task_id_for
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "SpannerStore",
     "__version__",
     "operations_ddl",
+    "operations_descriptor_set",
     "task_id_for",
 ]

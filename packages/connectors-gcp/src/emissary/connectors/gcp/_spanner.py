@@ -22,7 +22,7 @@ from emissary.core import AlreadyExistsError, ConfigError, LeaseLostError, NotFo
 
 from ._imports import require
 
-__all__ = ["SpannerOperationStore", "SpannerStore", "operations_ddl"]
+__all__ = ["SpannerOperationStore", "SpannerStore", "operations_ddl", "operations_descriptor_set"]
 
 T = TypeVar("T")
 
@@ -71,8 +71,9 @@ def operations_ddl(table: str, *, ttl_days: int = 90, proto_bundle: bool = True)
     return statements
 
 
-def _descriptor_set() -> bytes:
-    """A ``FileDescriptorSet`` with the files (and their imports) that define the bundle's types."""
+def operations_descriptor_set() -> bytes:
+    """The serialised ``FileDescriptorSet`` the proto bundle needs: the files defining
+    ``google.longrunning.Operation``, ``google.rpc.Status`` and ``google.protobuf.Any``, with their imports."""
     descriptor_pb2 = require("google.protobuf.descriptor_pb2", package="protobuf", extra="spanner")
     operations_pb2 = require("google.longrunning.operations_pb2", package="googleapis-common-protos",
                              extra="spanner")
@@ -177,7 +178,7 @@ class SpannerOperationStore:
                 missing = [t for t in _PROTO_TYPES if t not in bundle]
                 if missing:
                     statements.insert(0, f"ALTER PROTO BUNDLE INSERT ({', '.join(f'`{t}`' for t in missing)})")
-            self._db.update_ddl(statements, proto_descriptors=_descriptor_set()).result(timeout=300)
+            self._db.update_ddl(statements, proto_descriptors=operations_descriptor_set()).result(timeout=300)
             return True
 
     # -- OperationStore --------------------------------------------------------------------------
