@@ -318,3 +318,12 @@ def test_failing_submitter_and_failed_callbacks_raise_callback_error(tmp_path: A
     with pytest.raises(ConfigError, match="error must be"):
         runner.fail_callback(holder[0], 42)  # type: ignore[arg-type]
     runner.close()
+
+
+def test_core_worker_runs_durable_executions(tmp_path: Any) -> None:
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'w.db'}", functions={"one": lambda e, c: c.step("s", lambda _: e)})
+    eid = runner.start("one", 7)
+    worker = runner.worker()
+    assert worker.drain() >= 1
+    assert runner.get(eid).result == 7
+    runner.close()

@@ -198,3 +198,34 @@ def test_invoke_through_the_in_memory_client() -> None:
     inp = client.start_execution({})
     assert wrapped(inp).status is InvocationStatus.PENDING
     assert wrapped(client.invocation_input(inp.durable_execution_arn)).result == "42"
+
+
+def test_replay_pages_through_get_execution_state() -> None:
+    clock = FakeClock()
+    client = InMemoryClient(clock=clock)
+    runs: list[int] = []
+
+    def handler(event: Any, ctx: DurableContext) -> int:
+        total = sum(ctx.step(f"s{i}", lambda _, i=i: runs.append(i) or i) for i in range(150))
+        ctx.wait("w", 1)
+        return total
+
+    wrapped = with_durable_execution(handler, DurableExecutionConfig(client=client))
+    inp = client.start_execution({})
+    assert wrapped(inp).status is InvocationStatus.PENDING
+    clock.advance(1)
+    again = client.invocation_input(inp.durable_execution_arn)
+    assert again.initial_execution_state.next_marker  # more than one page of operations
+    assert wrapped(again).result == str(sum(range(150)))
+    assert len(runs) == 150
+
+
+def test_a_stale_checkpoint_token_is_refused() -> None:
+    from emissary.durable import CheckpointError
+
+    client = InMemoryClient()
+    wrapped = with_durable_execution(lambda e, c: c.step("s", lambda _: 1), DurableExecutionConfig(client=client))
+    old = client.start_execution({})
+    client.invocation_input(old.durable_execution_arn)  # a newer invocation took over
+    with pytest.raises(CheckpointError, match="stale CheckpointToken"):
+        wrapped(old)
