@@ -203,7 +203,7 @@ def test_submit_joins_the_callers_sqlite_transaction(tmp_path: Path, bank: FakeC
 
 
 def test_conn_of_the_wrong_kind(outbox: Any) -> None:
-    with pytest.raises(ConfigError, match="sqlite3.Connection") as err:
+    with pytest.raises(ConfigError, match=r"sqlite3\.Connection") as err:
         outbox.submit(pay(), conn=object())
     assert err.value.field == "conn"
 

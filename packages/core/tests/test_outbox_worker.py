@@ -254,7 +254,7 @@ def test_worker_command_stops_cleanly_on_signals(project: dict[str, Any], sig: i
     while (not ledger.exists() or len(ledger.read_text().split()) < 8) and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "emissary worker stopped" in err
     delivered = ledger.read_text().split()

@@ -488,7 +488,7 @@ class Outbox:
         delay *= 0.5 + 0.5 * self._rng.random()
         if retry_after is not None and retry_after > delay:
             delay = float(retry_after)
-        return delay
+        return float(delay)
 
     # -- submit ------------------------------------------------------------------------------
     def _row_of(self, effect: Any, now: float, *, inline: bool = False) -> tuple[Any, ...]:
@@ -633,14 +633,14 @@ class Outbox:
             )
         out = []
         for row, effect in zip(rows, effects):
-            rec = existing.get(row[0])
-            out.append(rec if rec is not None else self._fresh_record(row, effect))
+            stored = existing.get(row[0])
+            out.append(stored if stored is not None else self._fresh_record(row, effect))
         return out
 
     @staticmethod
     def _fresh_record(row: tuple[Any, ...], effect: Effect) -> EffectRecord:
         (key, connector, tool, _payload, business_key, semantics, run_id, _metadata, human_gate, _nb, status,
-         max_attempts, next_at, created, updated) = row
+         max_attempts, next_at, created, _updated) = row
         created_at = _ts(created)
         return EffectRecord(
             key=key, connector=connector, tool=tool, payload=effect.payload, status=EffectStatus(status),

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from typing import IO, Any, ClassVar
+from typing import IO, ClassVar
 
 from emissary.core import (
     ConfigError,
@@ -92,7 +92,7 @@ class LogConnector:
                 self._fh = getattr(sys, self.stream)
             else:
                 _cut_torn_tail(self.path)
-                self._fh = open(self.path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115
+                self._fh = open(self.path, "a", encoding="utf-8", newline="\n")
                 # A connector dropped without close() still closes its file.
                 weakref.finalize(self, self._fh.close)
         assert self._fh is not None
