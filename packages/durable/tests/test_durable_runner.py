@@ -327,3 +327,40 @@ def test_core_worker_runs_durable_executions(tmp_path: Any) -> None:
     assert worker.drain() >= 1
     assert runner.get(eid).result == 7
     runner.close()
+
+
+@pytest.mark.services
+def test_two_workers_share_postgres_without_running_a_step_twice(postgres_url: str) -> None:
+    counts: dict[tuple[str, int], int] = {}
+    lock = threading.Lock()
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        out = []
+        for i in range(3):
+            def run(step: Any, i: int = i) -> int:
+                with lock:
+                    counts[(step.execution_id, i)] = counts.get((step.execution_id, i), 0) + 1
+                return i
+
+            out.append(ctx.step(f"s{i}", run))
+            ctx.wait(f"w{i}", 0.01)
+        return out
+
+    runners = [DurableRunner(postgres_url, functions={"wf": wf}) for _ in range(2)]
+    ids = [runners[0].start("wf", None, execution_id=f"e{i}") for i in range(20)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=r.serve, args=(stop,), kwargs={"poll_interval": 0.01}) for r in runners]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(runners[0].get(i).status.terminal for i in ids):
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert all(runners[0].get(i).result == [0, 1, 2] for i in ids)
+    assert set(counts.values()) == {1} and len(counts) == 60
+    for r in runners:
+        r.close()
