@@ -174,11 +174,11 @@ def main() -> None:
     ratio = best_raw / best_ours
     print(f"{n} POSTs to a local uvicorn server (deduplicating on Idempotency-Key, {args.latency * 1000:g} ms "
           f"service time), concurrency {c}, best of {args.rounds}\n")
-    print(f"| {'client':<52} | {'seconds':>8} | {'requests/s':>10} | {'vs raw':>7} |")
-    print(f"|{'-' * 54}|{'-' * 10}|{'-' * 12}|{'-' * 9}|")
-    print(f"| {'raw httpx (threads, one pooled Client, no durability)':<52} | {best_raw:>8.2f} | "
+    print(f"| {'client':<54} | {'seconds':>8} | {'requests/s':>10} | {'vs raw':>7} |")
+    print(f"|{'-' * 56}|{'-' * 10}|{'-' * 12}|{'-' * 9}|")
+    print(f"| {'raw httpx (threads, one pooled Client, no durability)':<54} | {best_raw:>8.2f} | "
           f"{n / best_raw:>10.0f} | {1.0:>6.2f}x |")
-    print(f"| {'emissary outbox + HttpConnector (SQLite, Worker)':<52} | {best_ours:>8.2f} | "
+    print(f"| {'emissary outbox + HttpConnector (SQLite, Worker)':<54} | {best_ours:>8.2f} | "
           f"{n / best_ours:>10.0f} | {ratio:>6.2f}x |")
     print(f"\nrounds (s): raw {', '.join(f'{x:.2f}' for x in raw)}; outbox {', '.join(f'{x:.2f}' for x in ours)}; "
           f"server saw {stats['performed']} keys, {stats['duplicates']} duplicates")
