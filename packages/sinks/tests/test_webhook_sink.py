@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -39,14 +40,21 @@ def events(n: int = 3, streams: int = 1) -> list[Any]:
 
 
 def received(server: HTTPServer) -> list[Request]:
-    return [req for req, _resp in server.log]
+    # Each test serves its own path: the server may log a request of the previous test after its teardown.
+    path = getattr(server, "hook_path", "/hooks")
+    return [req for req, _resp in server.log if req.path == path]
+
+
+def serve(server: HTTPServer) -> str:
+    server.hook_path = f"/hooks/{uuid.uuid4().hex}"  # type: ignore[attr-defined]
+    server.expect_request(server.hook_path, method="POST").respond_with_data("ok")  # type: ignore[attr-defined]
+    return server.url_for(server.hook_path)  # type: ignore[attr-defined]
 
 
 class TestWebhookSinkContract(SinkContract):
     @pytest.fixture
     def sink(self, httpserver: HTTPServer) -> Any:
-        httpserver.expect_request("/hooks", method="POST").respond_with_data("ok")
-        s = WebhookSink(url=httpserver.url_for("/hooks"), secret=SECRET)
+        s = WebhookSink(url=serve(httpserver), secret=SECRET)
         s.server = httpserver  # type: ignore[attr-defined]
         yield s
         s.close()
@@ -57,12 +65,12 @@ class TestWebhookSinkContract(SinkContract):
 
 @pytest.fixture
 def hooks(httpserver: HTTPServer) -> HTTPServer:
-    httpserver.expect_request("/hooks", method="POST").respond_with_data("ok")
+    serve(httpserver)
     return httpserver
 
 
 def test_deliveries_verify_with_the_helper_and_with_standardwebhooks(hooks: HTTPServer) -> None:
-    sink = WebhookSink(url=hooks.url_for("/hooks"), secret=SECRET)
+    sink = WebhookSink(url=hooks.url_for(hooks.hook_path), secret=SECRET)
     evs = events(3)
     sink.publish(evs)
     sink.close()
@@ -78,7 +86,7 @@ def test_deliveries_verify_with_the_helper_and_with_standardwebhooks(hooks: HTTP
 
 
 def test_tampered_body_and_stale_timestamp_fail(hooks: HTTPServer) -> None:
-    sink = WebhookSink(url=hooks.url_for("/hooks"), secret=SECRET)
+    sink = WebhookSink(url=hooks.url_for(hooks.hook_path), secret=SECRET)
     sink.publish(events(1))
     sink.close()
     req = received(hooks)[0]
@@ -108,7 +116,7 @@ def test_tampered_body_and_stale_timestamp_fail(hooks: HTTPServer) -> None:
 
 
 def test_key_rotation_sends_one_signature_per_secret(hooks: HTTPServer) -> None:
-    sink = WebhookSink(url=hooks.url_for("/hooks"), secret=[SECRET, OLD_SECRET])
+    sink = WebhookSink(url=hooks.url_for(hooks.hook_path), secret=[SECRET, OLD_SECRET])
     sink.publish(events(1))
     sink.close()
     req = received(hooks)[0]
@@ -174,20 +182,24 @@ def test_other_4xx_park_the_event_and_the_route_moves_on(httpserver: HTTPServer)
             return Response("unprocessable", status=422)
         return Response("ok")
 
-    httpserver.expect_request("/hooks").respond_with_handler(handler)
+    path = f"/poison/{uuid.uuid4().hex}"
+    httpserver.expect_request(path).respond_with_handler(handler)
+
+    def accepted() -> list[str]:
+        return [r.headers["webhook-id"] for r, resp in httpserver.log if r.path == path and resp.status_code == 200]
+
     store = MemoryStore()
     Journal(store).append_many([NewEvent("orders/0", "order.placed", {"i": i}) for i in range(5)])
-    sink = WebhookSink(url=httpserver.url_for("/hooks"), secret=SECRET)
+    sink = WebhookSink(url=httpserver.url_for(path), secret=SECRET)
     fanout = FanOut(store, [Route("hooks", sink, batch_size=5)])
     assert fanout.drain() == 4
     dead = fanout.dead("hooks")
     assert [d.event.id for d in dead] == ["orders/0/2"] and "422" in dead[0].error
-    ok_ids = [r.headers["webhook-id"] for r, resp in httpserver.log if resp.status_code == 200]
-    assert set(ok_ids) == {"orders/0/1", "orders/0/3", "orders/0/4", "orders/0/5"}
+    assert set(accepted()) == {"orders/0/1", "orders/0/3", "orders/0/4", "orders/0/5"}
     poison.clear()
     assert fanout.redrive("hooks") == 1
     assert fanout.run_once() == 1 and fanout.dead("hooks") == []
-    assert [r.headers["webhook-id"] for r, resp in httpserver.log if resp.status_code == 200].count("orders/0/2") == 1
+    assert accepted().count("orders/0/2") == 1
     fanout.close()
 
 
@@ -233,9 +245,19 @@ def test_bad_options_are_named_and_secrets_never_shown() -> None:
     assert "sekrit" not in str(info2.value)
     with pytest.raises(ConfigError, match="secret is required"):
         WebhookSink(url="https://x.example/h")
-    sink = WebhookSink(url="https://x.example/h", secret=SECRET)
+    sink = WebhookSink(url="https://user:pw@x.example/services/T0/B0/tok3n?key=k3y", secret=SECRET)
     assert SECRET[6:] not in repr(sink) and "redacted" in repr(sink)
+    assert all(s not in repr(sink) for s in ("tok3n", "k3y", "pw"))
     sink.close()
+
+
+def test_errors_do_not_show_tokens_in_the_url(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/services/T0/tok3n").respond_with_data("no", status=500)
+    sink = WebhookSink(url=httpserver.url_for("/services/T0/tok3n"), secret=SECRET)
+    with pytest.raises(TransientError) as info:
+        sink.publish(events(1))
+    sink.close()
+    assert "tok3n" not in str(info.value) and "answered 500" in str(info.value)
 
 
 def test_built_from_emissary_toml_with_secret_env(monkeypatch: Any) -> None:

@@ -59,6 +59,14 @@ def sign_webhook(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode("ascii")
 
 
+def _display_url(url: str) -> str:
+    # Webhook URLs often carry a token in the path or query (chat and CI hooks): show only the origin.
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    origin = f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    return origin + ("/..." if parts.path.strip("/") or parts.query else "")
+
+
 def _retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
@@ -136,6 +144,7 @@ class WebhookSink:
             raise ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field,
                               value=problems[0].value)
         self.url = url
+        self.display_url = _display_url(url)
         self.timeout = float(timeout)
         self._clock = clock
         self._headers = {"content-type": "application/cloudevents+json; charset=utf-8",
@@ -143,7 +152,7 @@ class WebhookSink:
         self._client = httpx.Client(timeout=self.timeout, transport=transport, follow_redirects=False)
 
     def __repr__(self) -> str:
-        return f"WebhookSink(url={self.url!r}, secrets=<{len(self._keys)} redacted>)"
+        return f"WebhookSink(url={self.display_url!r}, secrets=<{len(self._keys)} redacted>)"
 
     def signed_headers(self, event: Event, body: bytes, timestamp: int | None = None) -> dict[str, str]:
         """The headers that go with ``body`` for ``event``."""
@@ -166,13 +175,13 @@ class WebhookSink:
         try:
             resp = self._client.post(self.url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
-            raise TransientError(f"webhook {self.url} timed out after {self.timeout}s for {event.id}") from exc
+            raise TransientError(f"webhook {self.display_url} timed out after {self.timeout}s for {event.id}") from exc
         except httpx.TransportError as exc:
-            raise TransientError(f"webhook {self.url} unreachable for {event.id}: {type(exc).__name__}") from exc
+            raise TransientError(f"webhook {self.display_url} unreachable for {event.id}: {type(exc).__name__}") from exc
         status = resp.status_code
         if 200 <= status < 300:
             return
-        what = f"webhook {self.url} answered {status} for {event.id}"
+        what = f"webhook {self.display_url} answered {status} for {event.id}"
         if status == 410:
             raise WebhookGoneError(f"{what}: the endpoint is gone; the route stops until resumed")
         if status in _RETRY_STATUSES or status >= 500 or 300 <= status < 400:
