@@ -103,23 +103,25 @@ def test_dispatch_at_schedule_time_oidc_and_observe(
     sa = "invoker@emissary-test.iam.gserviceaccount.com"
     connector = _connector(tasks_emulator, queue, httpserver.url_for("/later"), service_account=sa,
                            audience="https://svc.example")
-    at = datetime.now(timezone.utc) + timedelta(seconds=2)
-    effect = Effect(key="later-1", connector="later", payload={}, dispatch_at=at)
+    at = datetime.now(timezone.utc) + timedelta(hours=1)
+    later = Effect(key="later-1", connector="later", payload={"n": 1}, dispatch_at=at)
+    now = Effect(key="now-1", connector="later", payload={"n": 2}, dispatch_at=time.time() - 1)
     try:
-        assert connector.dispatch(effect).outcome is DispatchOutcome.CONFIRMED
-        seen = connector.observe(effect)
-        assert seen.outcome is ObservationOutcome.CONFIRMED
-        task = connector._queue.client().get_task(name=connector.task_name(effect))
+        assert connector.dispatch(later).outcome is DispatchOutcome.CONFIRMED
+        assert connector.observe(later).outcome is ObservationOutcome.CONFIRMED
+        task = connector._queue.client().get_task(name=connector.task_name(later))
         assert abs(task.schedule_time.timestamp() - at.timestamp()) < 0.001
         assert task.http_request.oidc_token.service_account_email == sa
         assert task.http_request.oidc_token.audience == "https://svc.example"
-        assert len(httpserver.log) == 0  # not due yet
+        assert connector.dispatch(now).outcome is DispatchOutcome.CONFIRMED
         wait_until(lambda: len(httpserver.log) == 1)
         # Run and removed: observe says absent, and a re-dispatch is refused by name.
-        wait_until(lambda: connector.observe(effect).outcome is ObservationOutcome.ABSENT)
-        assert connector.dispatch(effect).response["already_existed"] is True
+        wait_until(lambda: connector.observe(now).outcome is ObservationOutcome.ABSENT)
+        assert connector.dispatch(now).response["already_existed"] is True
+        assert connector.observe(later).outcome is ObservationOutcome.CONFIRMED  # still waiting for its hour
     finally:
         connector.close()
+    assert [json.loads(r.get_data()) for r, _ in httpserver.log] == [{"n": 2}]
 
 
 def test_observe_never_created_is_absent(tasks_emulator: EmulatorProcess, queue: str) -> None:
