@@ -29,6 +29,11 @@ import tempfile
 import time
 from typing import Any
 
+# ``python bench/durable.py`` puts bench/ first on sys.path, where sibling scripts (bench/http.py) would
+# shadow standard-library modules that DBOS imports.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 WARMUP = 10
 
 
