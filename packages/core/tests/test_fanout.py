@@ -360,3 +360,25 @@ def test_events_appended_in_the_callers_transaction_are_relayed_only_once_commit
     assert fanout.run_once() == 1 and sink.ids == ["orders/43/1"]
     fanout.close()
     store.close()
+
+
+def test_two_relays_on_one_route_deliver_everything_and_notice_each_other(tmp_path: Any, caplog: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    store_a, store_b = open_store(url), open_store(url)
+    append(store_a, 100, streams=3)
+    sink = InMemorySink()
+    a = FanOut(store_a, [Route("shared", sink, batch_size=10)])
+    b = FanOut(store_b, [Route("shared", sink, batch_size=10)])
+    a.status(), b.status()  # both hold cursor 0
+    assert a.run_once() == 10
+    with caplog.at_level(logging.WARNING, logger="emissary.fanout"):
+        b.run_once()  # publishes from its stale cursor, then its compare-and-set fails
+    assert "moved by another process" in caplog.text
+    for _ in range(20):
+        a.run_once()
+        b.run_once()
+    assert set(sink.ids) == {e.id for e in Journal(store_a).read(0, limit=200)}
+    assert per_stream_in_order(sink.ids)
+    assert store_a.get_cursor("fanout:shared") == 100
+    for part in (a, b, store_a, store_b):
+        part.close()

@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import threading
+import time
 import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from ._async_bridge import AsyncBridge
 from ._sql import Migration, Tx, dumps, in_clause, loads
 from ._store import SQLStore
 from ._values import _StrEnum
-from .errors import ConfigError, InvalidTaskIdError, PermanentError, TransientError
+from .errors import ConfigError, InvalidTaskIdError, NotFoundError, PermanentError, TransientError
 
 log = logging.getLogger("emissary.tasks")
 
@@ -559,14 +560,10 @@ class TaskEngine:
 
     def wait(self, id: str, timeout: float = 30.0, *, poll: float = 0.02) -> TaskRecord:
         """Run due tasks until ``id`` is final (or ``timeout`` seconds pass), and return it."""
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             rec = self.get(id)
             if rec is None:
-                from .errors import NotFoundError
-
                 raise NotFoundError(f"no task {id!r}")
             if rec.status in FINAL or time.monotonic() >= deadline:
                 return rec
@@ -575,8 +572,6 @@ class TaskEngine:
 
     def drain(self, timeout: float = 30.0, *, poll: float = 0.02) -> int:
         """Run tasks until none of this engine's types is due or running here. Returns tasks started."""
-        import time
-
         deadline = time.monotonic() + timeout
         started = 0
         while time.monotonic() < deadline:
