@@ -125,7 +125,7 @@ def _raise_all(problems: list[ConfigError]) -> None:
     raise err
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeadEvent:
     """An event a route parked because its sink refused it on its own."""
 
@@ -137,7 +137,7 @@ class DeadEvent:
     redrive: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteStatus:
     """Where a route stands: ``behind`` counts journal positions after its cursor."""
 
