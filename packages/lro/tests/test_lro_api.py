@@ -19,7 +19,7 @@ def test_public_names_are_pinned() -> None:
         "parse_filter",
         "unmarshal_metadata",
     ]
-    assert lro.__all__ == sorted(lro.__all__, key=lambda n: (n.startswith("_") and not n.startswith("__"), n))
+    assert lro.__all__ == sorted(lro.__all__)
     for name in lro.__all__:
         assert getattr(lro, name) is not None
 

@@ -620,3 +620,43 @@ def test_operation_pb_is_a_copy(client: LroClient) -> None:
     pb = op.operation_pb()
     pb.done = True
     assert not op.done and isinstance(pb, operations_pb2.Operation)
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("batch", [1, 10])
+def test_seed_flow_on_postgresql(postgres_url: str, clock: FakeClock, batch: int) -> None:
+    with LroClient(Config(neuron="svc", store=postgres_url, resume_batch=batch), clock=clock) as c:
+        def handler(op: Operation) -> None:
+            state = op.decode_private_state(Progress) or Progress()
+            state.step += 1
+            if state.step < 3:
+                op.set_private_state(state).set_metadata({"step": state.step}).resume_via_tasks("h")
+            elif op.name.endswith("3"):
+                raise RuntimeError("three breaks")
+            else:
+                op.complete({"steps": state.step})
+
+        c.add_resumable_handlers(ResumableHandler("h", handler))
+        with c.batch():
+            for i in range(12):
+                c.new_operation(f"operations/pg{i}", private_state=Progress()).resume_via_tasks("h")
+        while c.run_due() > 0:
+            pass
+        done, _ = c.list_operations("done = true")
+        assert len(done) == 12
+        failed = [pb.name for pb in done if pb.HasField("error")]
+        assert failed == ["operations/pg3"]
+        assert c.get_operation_pb("operations/pg3").error.code == code_pb2.INTERNAL
+        assert unmarshal_metadata(c.get_operation_pb("operations/pg5"), dict) == {"step": 2}
+        assert c.scheduler.pending() == 0
+        assert c.core_store is not None
+        assert len(Journal(c.core_store).read(0, subjects=["lro.operation.done"])) == 12
+
+
+def test_batch_rolls_back_everything_when_the_block_raises(client: LroClient) -> None:
+    with pytest.raises(RuntimeError):
+        with client.batch():
+            client.new_operation("operations/rb1").resume_via_tasks("h")
+            client.new_operation("operations/rb2")
+            raise RuntimeError("caller changed its mind")
+    assert client.list_operations()[0] == [] and client.scheduler.pending() == 0
