@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
@@ -25,7 +26,7 @@ class DemoContext:
     notes: list[str] = field(default_factory=list)
 
     def progress(self, label: str, total: int) -> Progress:
-        return Progress(label, total, out=open(os.devnull, "w") if self.quiet else sys.stderr)
+        return Progress(label, total, out=io.StringIO() if self.quiet else sys.stderr)
 
     def say(self, text: str) -> None:
         if not self.quiet:
