@@ -11,3 +11,11 @@ def emissary_register_connectors() -> list[type]:
     from ._connector import AsyncHttpConnector, HttpConnector
 
     return [HttpConnector, AsyncHttpConnector]
+
+
+@hookimpl
+def emissary_register_demos() -> list[type]:
+    """The ``http connector`` part of ``emissary demo``."""
+    from ._demo import HttpDemo
+
+    return [HttpDemo]

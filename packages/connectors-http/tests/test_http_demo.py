@@ -1,0 +1,25 @@
+"""The ``http connector`` part of ``emissary demo``, registered through the plugin hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emissary.connectors.http import _plugin
+from emissary.connectors.http._demo import HttpDemo
+from emissary.core import Registry
+from emissary.core._demo import DemoContext
+
+
+def test_demo_part_is_registered() -> None:
+    reg = Registry(plugins=[("http", _plugin)], autoload=False)
+    parts = [cls for impl in reg.pm.hook.emissary_register_demos.get_hookimpls() for cls in impl.function()]
+    assert HttpDemo in parts
+
+
+def test_demo_part_confirms_every_effect_once(tmp_path: Path) -> None:
+    ctx = DemoContext(store_url=f"sqlite:///{tmp_path / 'demo.db'}", workdir=str(tmp_path), size=200, quiet=True)
+    figures = HttpDemo().run(ctx)
+    assert figures["effects confirmed"] == 200
+    assert figures["keys performed twice"] == 0
+    assert figures["answered 500 (injected)"] > 0
+    assert figures["requests sent"] > 200
