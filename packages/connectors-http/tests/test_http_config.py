@@ -178,15 +178,3 @@ def test_secrets_never_reach_logs_reprs_or_errors(httpserver: HTTPServer, caplog
 ])
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     assert parse_retry_after(value, now=1445412470.0) == expected
-
-
-def test_tls_verification_is_on() -> None:
-    c = HttpConnector(url="https://bank.example/pay")
-    client = c._sync_client()
-    # httpx keeps the SSL context on the pool of its default transport.
-    context = client._transport._pool._ssl_context  # type: ignore[attr-defined]
-    import ssl
-
-    assert context.verify_mode is ssl.CERT_REQUIRED
-    assert context.check_hostname is True
-    c.close()
