@@ -23,7 +23,7 @@ import os
 import sqlite3
 import tempfile
 import time
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from emissary.core import DispatchOutcome, DispatchResult, Effect, EffectStatus, Outbox, open_store
 
