@@ -495,3 +495,22 @@ def test_list_get_and_stats(outbox: Any, store: Any) -> None:
         outbox.get("zz")
     rec = outbox.get("a")
     assert rec.effect.key == "a" and rec.to_dict()["status"] == "CONFIRMED"
+
+
+def test_history_matches_the_exact_key(store: Any, clock: FakeClock) -> None:
+    bank = FakeConnector("bank")
+    outbox = Outbox(store, connectors={"bank": bank})
+    keys = ["A_%!x", "a_%!x", "a__%!x", 'q"uote\\', "plain"]
+    outbox.submit_many([pay(k) for k in keys])
+    outbox.dispatch_once()
+    outbox.register_compensation("A_%!x", "refund", {"n": 1}, due=True)
+    outbox.compensate_once()
+    for key in keys:
+        events = outbox.history(key)
+        assert {e.data["key"] for e in events} == {key}
+    assert [e.type for e in outbox.history("A_%!x")] == [
+        "effect.pending", "effect.dispatching", "effect.confirmed", "obligation.pending",
+        "obligation.compensating", "obligation.compensated"]
+    assert len(outbox.history("plain")) == 3
+    with pytest.raises(NotFoundError):
+        outbox.history("nope")

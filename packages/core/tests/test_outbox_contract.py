@@ -48,6 +48,31 @@ class TestAsyncConnector(ConnectorContract):
         return AsyncLedger()
 
 
+class TestChaosAroundAsync(ConnectorContract):
+    @pytest.fixture
+    def connector(self) -> Any:
+        return ChaosConnector(AsyncLedger(), seed=3, delay=0.5, max_delay=0.001)
+
+
+def test_chaos_around_an_async_connector_duplicates_and_loses_acks() -> None:
+    from emissary.core import EffectStatus, Outbox, open_store
+
+    ledger = AsyncLedger()
+    calls: list[str] = []
+    original = ledger.dispatch
+
+    async def counting(effect: Effect) -> DispatchResult:
+        calls.append(effect.key)
+        return await original(effect)
+
+    ledger.dispatch = counting  # type: ignore[method-assign]
+    outbox = Outbox(open_store("memory://"), connectors={"c": ChaosConnector(ledger, duplicate=1.0, lose_ack=1.0)})
+    outbox.submit(Effect(key="k", connector="c", payload={}))
+    [out] = outbox.dispatch_once()
+    assert out.status is EffectStatus.UNKNOWN and calls == ["k", "k"]
+    outbox.close()
+
+
 class TestChaosWithoutFaults(ConnectorContract):
     @pytest.fixture
     def connector(self) -> Any:

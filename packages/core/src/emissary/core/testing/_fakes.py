@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import random
 import threading
 import time
@@ -115,7 +117,8 @@ class ChaosConnector:
     - ``duplicate``: deliver twice (a retry inside the transport), answer the second result.
     - ``delay``: sleep up to ``max_delay`` seconds before delivering.
 
-    ``observe`` and ``compensate`` pass through to the wrapped connector.
+    ``observe`` and ``compensate`` pass through to the wrapped connector. An ``async`` connector is wrapped
+    by an ``async`` ``dispatch``.
 
     Args:
         inner: the connector to wrap.
@@ -146,23 +149,42 @@ class ChaosConnector:
         with self._lock:
             return self._rng.random() < p
 
-    def dispatch(self, effect: Effect) -> Any:
+    def _before(self, effect: Effect) -> tuple[float, bool]:
+        """Roll the faults that act before delivery: returns (pause, deliver twice)."""
         if self._roll(self.p_fail):
             self.faults["fail"] += 1
             raise TransientError(f"chaos: connection to the counterparty failed for {effect.key!r}")
+        pause = 0.0
         if self._roll(self.p_delay):
             self.faults["delay"] += 1
             with self._lock:
                 pause = self._rng.random() * self.max_delay
-            time.sleep(pause)
-        if self._roll(self.p_duplicate):
+        twice = self._roll(self.p_duplicate)
+        if twice:
             self.faults["duplicate"] += 1
-            self.inner.dispatch(effect)
-        result = self.inner.dispatch(effect)
+        return pause, twice
+
+    def _after(self, result: Any) -> Any:
         if self._roll(self.p_lose_ack):
             self.faults["lose_ack"] += 1
             return DispatchResult(outcome=DispatchOutcome.UNKNOWN, error="chaos: acknowledgement lost")
         return result
+
+    def dispatch(self, effect: Effect) -> Any:
+        if inspect.iscoroutinefunction(self.inner.dispatch):
+            return self._dispatch_async(effect)
+        pause, twice = self._before(effect)
+        time.sleep(pause)
+        if twice:
+            self.inner.dispatch(effect)
+        return self._after(self.inner.dispatch(effect))
+
+    async def _dispatch_async(self, effect: Effect) -> Any:
+        pause, twice = self._before(effect)
+        await asyncio.sleep(pause)
+        if twice:
+            await self.inner.dispatch(effect)
+        return self._after(await self.inner.dispatch(effect))
 
     def observe(self, effect: Effect) -> Any:
         return self.inner.observe(effect)
