@@ -74,10 +74,13 @@ def test_operations_get_wait_cancel(db: str, capsys: pytest.CaptureFixture[str])
     assert "filter" in capsys.readouterr().err
 
 
-def test_demo_includes_the_lro_part(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--size", "60", "--json", "--store", f"sqlite:///{tmp_path / 'demo.db'}"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    lro = next(part for part in summary if part["part"] == "lro")
-    assert lro["ok"] is True
-    assert lro["figures"]["operations completed"] == 60
-    assert lro["figures"]["operations cancelled"] == 1
+def test_demo_includes_the_lro_part(tmp_path: Any) -> None:
+    from emissary.core._demo import DemoContext, _demo_parts
+    from emissary.lro._demo import LroDemo
+
+    parts = [p for p in _demo_parts() if isinstance(p, LroDemo)]
+    assert len(parts) == 1 and parts[0].name == "lro"
+    ctx = DemoContext(store_url=f"sqlite:///{tmp_path / 'demo.db'}", workdir=str(tmp_path), size=60)
+    figures = parts[0].run(ctx)
+    assert figures["operations completed"] == 60
+    assert figures["operations cancelled"] == 1

@@ -61,7 +61,8 @@ def _put(url: str, headers: dict[str, str] | None = None, method: str = "PUT") -
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read() or b"{}"), dict(resp.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
+        with exc:
+            return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
 
 
 def _drive(worker: LroClient, name: str, timeout: float = 30.0) -> int:

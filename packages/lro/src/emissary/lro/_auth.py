@@ -71,7 +71,8 @@ class CertsRequest:
             with urllib.request.urlopen(req, timeout=timeout or 10) as resp:
                 out = _Response(resp.status, dict(resp.headers), resp.read())
         except urllib.error.HTTPError as exc:
-            out = _Response(exc.code, dict(exc.headers), exc.read())
+            with exc:
+                out = _Response(exc.code, dict(exc.headers), exc.read())
         except OSError as exc:
             from google.auth import exceptions
 

@@ -193,6 +193,7 @@ class LroClient:
         self._secret: str | None = config.callback_secret
         self._secret_lock = threading.Lock()
         self._auth: CallbackAuth | None = None
+        self._atomic: bool | None = None
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -322,7 +323,7 @@ class LroClient:
             pb.metadata.CopyFrom(pack_any(metadata, field="metadata"))
         state = encode_state(private_state) if private_state is not None else None
         record = OperationRecord(name=name, operation=pb.SerializeToString(deterministic=True), state=state)
-        return Operation(self, self.store.create(record))
+        return Operation(self, self.store.create(record), pb)
 
     def get_operation(self, name: str) -> Operation:
         """The operation, to read or change. Raises ``NotFoundError``."""
@@ -437,11 +438,14 @@ class LroClient:
 
     # -- scheduling ------------------------------------------------------------------------------
     def _atomic_timers(self) -> bool:
-        return (
-            isinstance(self.scheduler, StoreScheduler)
-            and isinstance(self.store, SQLOperationStore)
-            and self.scheduler.store is self.store.store
-        )
+        atomic: bool | None = getattr(self, "_atomic", None)
+        if atomic is None:
+            atomic = self._atomic = (
+                isinstance(self.scheduler, StoreScheduler)
+                and isinstance(self.store, SQLOperationStore)
+                and self.scheduler.store is self.store.store
+            )
+        return atomic
 
     def _payload(self, name: str, path: str, token: str) -> dict[str, Any]:
         payload = {"neuron": self.neuron, "name": name, "path": path, "token": token}
@@ -695,7 +699,8 @@ class LroClient:
                 resp.read()
                 return True
         except urllib.error.HTTPError as exc:
-            exc.read()
+            with exc:
+                exc.read()
             if exc.code == 404:
                 log.warning("callback %s answered 404; dropped", lease.key)
                 return True

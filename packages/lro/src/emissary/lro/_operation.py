@@ -43,12 +43,12 @@ class Operation:
 
     __slots__ = ("_client", "_pb", "_point", "_record", "_state")
 
-    def __init__(self, client: LroClient, record: OperationRecord) -> None:
+    def __init__(self, client: LroClient, record: OperationRecord, pb: operations_pb2.Operation | None = None) -> None:
         self._client = client
         self._record = record
         self._state = record.state
         self._point = record.resume_point
-        self._pb = operations_pb2.Operation.FromString(record.operation)
+        self._pb = pb if pb is not None else operations_pb2.Operation.FromString(record.operation)
 
     def __repr__(self) -> str:
         return f"Operation({self.name!r}, version={self.version}, done={self.done})"
