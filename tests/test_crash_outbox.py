@@ -108,10 +108,11 @@ def kill(proc: subprocess.Popen[str]) -> None:
     proc.stdout.close()
 
 
-def crash_and_drain(tmp_path: Path, workers: int) -> tuple[Any, list[tuple[int, str, str, int, int]], set[str]]:
+def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
+                    ) -> tuple[Any, list[tuple[int, str, str, int, int]], set[str]]:
     from emissary.core import Effect, Outbox, Semantics, open_store
 
-    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    url = url or f"sqlite:///{tmp_path / 'outbox.db'}"
     ledger = tmp_path / "ledger.db"
     db = sqlite3.connect(ledger, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
@@ -187,6 +188,15 @@ def test_two_workers_sharing_a_store_survive_sigkill(tmp_path: Path) -> None:
     outbox, log, non_idempotent = crash_and_drain(tmp_path, workers=2)
     check_invariants(outbox, log, non_idempotent)
     assert len({pid for *_, pid in log}) > KILLS  # both workers of every round delivered something
+    outbox.close()
+    outbox.store.close()
+
+
+@pytest.mark.crash
+@pytest.mark.services
+def test_two_workers_on_postgresql_survive_sigkill(tmp_path: Path, postgres_url: str) -> None:
+    outbox, log, non_idempotent = crash_and_drain(tmp_path, workers=2, url=postgres_url)
+    check_invariants(outbox, log, non_idempotent)
     outbox.close()
     outbox.store.close()
 
