@@ -213,6 +213,7 @@ class ObligationRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping (times as ISO 8601)."""
         out: dict[str, Any] = {}
         for name in self.__slots__:  # type: ignore[attr-defined]
             value = getattr(self, name)

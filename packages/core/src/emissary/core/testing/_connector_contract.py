@@ -39,7 +39,7 @@ class ConnectorContract:
 
     @pytest.fixture
     def connector(self) -> Any:  # pragma: no cover - must be overridden
-        raise NotImplementedError("override the connector fixture")
+        pytest.fail(f"{type(self).__name__} must override the connector fixture to return the connector to test")
 
     @pytest.fixture
     def call(self) -> Iterator[Callable[[Callable[[Any], Any], Any], Any]]:
