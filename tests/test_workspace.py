@@ -1,7 +1,9 @@
-"""The hatch workspace covers every package: each env installs it with all its extras and lint checks it."""
+"""The hatch workspace covers every package: each env installs it with all its extras, lint checks it,
+and every bench script it names exists."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +45,10 @@ def test_lint_covers_every_package() -> None:
         assert f"packages/{package}/src" in scripts["style"], f"ruff skips {package}"
         assert leaf.relative_to(ROOT).as_posix() in scripts["typing"], f"mypy skips {package}"
 
+
+
+def test_bench_scripts_exist() -> None:
+    for name, command in HATCH["envs"]["bench"]["scripts"].items():
+        match = re.fullmatch(r"python (bench/\w+\.py) \{args\}", command)
+        assert match, f"bench:{name} runs {command!r}"
+        assert (ROOT / match.group(1)).exists(), f"bench:{name}: {match.group(1)} is missing"
