@@ -660,3 +660,34 @@ def test_batch_rolls_back_everything_when_the_block_raises(client: LroClient) ->
             client.new_operation("operations/rb2")
             raise RuntimeError("caller changed its mind")
     assert client.list_operations()[0] == [] and client.scheduler.pending() == 0
+
+
+def test_a_half_written_completion_rolls_the_whole_batch_back(
+    tmp_path: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from emissary.lro import SQLOperationStore
+
+    cfg = Config(neuron="svc", store=f"sqlite:///{tmp_path}/h.db", resume_batch=10, timer_lease=5)
+    with LroClient(cfg, clock=clock) as c:
+        c.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete({"ok": True})))
+        for i in range(3):
+            c.new_operation(f"operations/h{i}").resume_via_tasks("h")
+
+        def broken(self: Any, tx: Any, record: Any) -> None:
+            raise sqlite3.OperationalError("disk I/O error")  # a fault the real disk will not give on demand
+
+        monkeypatch.setattr(SQLOperationStore, "_append_done", broken)
+        assert c.run_due() == 0
+        assert c.list_operations("done = true")[0] == []  # no row is done without its event
+        with pytest.raises(TransientError):
+            with c.batch():
+                c.get_operation("operations/h0").complete()
+        assert not c.get_operation_pb("operations/h0").done
+        monkeypatch.undo()
+        clock.advance(5)  # the rolled-back batch's leases lapse
+        assert c.run_due() == 3
+        assert len(c.list_operations("done = true")[0]) == 3
+        assert c.core_store is not None
+        assert len(Journal(c.core_store).read(0, subjects=["lro.operation.done"])) == 3

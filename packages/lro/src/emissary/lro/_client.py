@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import enum
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from ._auth import SIGNATURE_HEADER, CallbackAuth, sign
 from ._codec import encode_state, pack_any
 from ._config import Config, config_from_env
 from ._operation import Operation
-from ._store import OperationRecord, OperationStore, SQLOperationStore
+from ._store import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
 
 log = logging.getLogger("emissary.lro")
 
@@ -194,6 +195,9 @@ class LroClient:
         self._secret_lock = threading.Lock()
         self._auth: CallbackAuth | None = None
         self._atomic: bool | None = None
+        # Resume tokens only need to be unique: a random prefix per client and a counter.
+        self._token_prefix = secrets.token_hex(8)
+        self._token_seq = itertools.count(1)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -294,8 +298,11 @@ class LroClient:
                 f"{type(self.store).__name__} cannot group calls into one transaction; use a SQL store",
                 field="lro.store", value=type(self.store).__name__,
             )
-        with batch():
-            yield
+        try:
+            with batch():
+                yield
+        except BatchAborted as exc:
+            raise TransientError(f"the batch was rolled back: {exc}") from exc
 
     # -- operations ------------------------------------------------------------------------------
     def new_operation(
@@ -468,7 +475,7 @@ class LroClient:
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
             raise ConfigError(f"delay must be a timedelta or seconds >= 0, got {delay!r}", field="delay", value=delay)
-        token = uuid.uuid4().hex
+        token = f"{self._token_prefix}{next(self._token_seq):x}"
         record = op._snapshot(resume_path=path, resume_token=token)
         expected_version = op.version
         if self._atomic_timers():
@@ -636,12 +643,17 @@ class LroClient:
                 chunk = mine[i:i + step]
                 d: list[Lease] = []
                 r: list[Lease] = []
-                with self.store.batch() as tx:
-                    for lease in chunk:
-                        (d if self._fire_direct(lease) else r).append(lease)
-                    core.complete(d, tx=tx)
-                    if r:
-                        core.release(r, delay=self.config.retry_delay, tx=tx)
+                try:
+                    with self.store.batch() as tx:
+                        for lease in chunk:
+                            (d if self._fire_direct(lease) else r).append(lease)
+                        core.complete(d, tx=tx)
+                        if r:
+                            core.release(r, delay=self.config.retry_delay, tx=tx)
+                except BatchAborted:
+                    # Nothing of the chunk happened; its timers fire again when their leases lapse.
+                    log.exception("a batch of %d callbacks was rolled back", len(chunk))
+                    continue
                 done += d
             return len(done)
         for lease in mine:

@@ -23,6 +23,11 @@ class OperationDoneError(LeaseLostError):
     """The operation is done: it is final and no save may change it."""
 
 
+class BatchAborted(BaseException):
+    """A write inside a batch half-happened: the whole batch transaction must roll back. A
+    ``BaseException`` so that handler code catching ``Exception`` cannot swallow it."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OperationRecord:
     """One stored operation, exactly as a store keeps it.
@@ -176,7 +181,10 @@ class SQLOperationStore:
     @contextlib.contextmanager
     def batch(self) -> Iterator[Tx]:
         """One transaction that every call on this thread joins until the outermost block ends; committed
-        at its end, rolled back if it raises. A nested block simply joins the outer transaction."""
+        at its end, rolled back if it raises. A nested block simply joins the outer transaction.
+
+        Each call inside is one statement, or stops the batch (``BatchAborted``) if its second statement
+        fails, so no call leaves half of its writes behind."""
         current: Tx | None = getattr(self._local, "tx", None)
         if current is not None:
             yield current
@@ -189,25 +197,24 @@ class SQLOperationStore:
                 self._local.tx = None
 
     @contextlib.contextmanager
-    def _tx(self, atomic: bool = False) -> Iterator[Tx]:
-        """The batch transaction, or a new one. ``atomic``: the block writes more than one statement, so
-        inside a batch it runs under a savepoint and a failure undoes all of it."""
+    def _tx(self) -> Iterator[Tx]:
+        """The batch transaction open on this thread, or a transaction of its own."""
         current: Tx | None = getattr(self._local, "tx", None)
         if current is None:
             with self.store.transaction() as tx:
                 yield tx
             return
-        if not atomic:
-            yield current
-            return
-        current.execute("SAVEPOINT lro_sp")
+        yield current
+
+    def _append_done_or_abort(self, tx: Tx, record: OperationRecord) -> None:
+        # The row is already done in this transaction: if its event cannot be appended, the transaction
+        # must not commit. BatchAborted escapes handlers' ``except Exception`` and rolls the batch back.
         try:
-            yield current
-        except BaseException:
-            current.execute("ROLLBACK TO SAVEPOINT lro_sp")
-            current.execute("RELEASE SAVEPOINT lro_sp")
+            self._append_done(tx, record)
+        except Exception as exc:
+            if self.current_tx() is tx:
+                raise BatchAborted(f"could not journal the completion of {record.name!r}: {exc}") from exc
             raise
-        current.execute("RELEASE SAVEPOINT lro_sp")
 
     def current_tx(self) -> Tx | None:
         """The batch transaction open on this thread, if any."""
@@ -219,7 +226,7 @@ class SQLOperationStore:
     # -- OperationStore --------------------------------------------------------------------------
     def create(self, record: OperationRecord) -> OperationRecord:
         out = _with(record, version=1, update_time=self.now())
-        with self._tx(atomic=out.done) as tx:
+        with self._tx() as tx:
             row = tx.one(
                 f"INSERT INTO lro_operations (Neuron, {_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (Neuron, key) DO NOTHING RETURNING Version",
@@ -228,7 +235,7 @@ class SQLOperationStore:
             if row is None:
                 raise AlreadyExistsError(f"operation {record.name!r} already exists; choose another id")
             if out.done:
-                self._append_done(tx, out)
+                self._append_done_or_abort(tx, out)
         return out
 
     def _values(self, r: OperationRecord) -> tuple[Any, ...]:
@@ -252,7 +259,7 @@ class SQLOperationStore:
     def save(self, record: OperationRecord, *, expected_version: int) -> OperationRecord:
         now = self.now()
         out = _with(record, version=expected_version + 1, update_time=now)
-        with self._tx(atomic=out.done) as tx:
+        with self._tx() as tx:
             row = tx.one(
                 "UPDATE lro_operations SET Operation = ?, State = ?, ResumePoint = ?, UpdateTime = ?, "
                 "Version = ?, Done = ?, ResumePath = ?, ResumeToken = ? "
@@ -274,7 +281,7 @@ class SQLOperationStore:
             if row[0]:
                 out = replace(out, cancel_requested=True)
             if out.done:
-                self._append_done(tx, out)
+                self._append_done_or_abort(tx, out)
         return out
 
     def _append_done(self, tx: Tx, record: OperationRecord) -> None:
