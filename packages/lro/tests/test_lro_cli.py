@@ -6,11 +6,10 @@ import json
 from typing import Any
 
 import pytest
-from google.rpc import code_pb2
-
 from emissary.core import reset_registry
 from emissary.core._cli import main
 from emissary.lro import Config, LroClient
+from google.rpc import code_pb2
 
 
 @pytest.fixture(autouse=True)
