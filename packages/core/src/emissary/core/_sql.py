@@ -23,14 +23,18 @@ _DDL_TYPES = {
         "bigint": "INTEGER",
         "blob": "BLOB",
         "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "rowid_pk": "INTEGER PRIMARY KEY",
         "text": "TEXT",
+        "without_rowid": " WITHOUT ROWID",
     },
     POSTGRES: {
         "double": "DOUBLE PRECISION",
         "bigint": "BIGINT",
         "blob": "BYTEA",
         "serial_pk": "BIGSERIAL PRIMARY KEY",
+        "rowid_pk": "BIGSERIAL PRIMARY KEY",
         "text": "TEXT",
+        "without_rowid": "",
     },
 }
 
@@ -38,7 +42,10 @@ _DDL_TYPES = {
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One schema step of a component. ``sql`` holds ``;``-separated statements; ``{double}``,
-    ``{bigint}``, ``{blob}``, ``{serial_pk}`` and ``{text}`` become the dialect's types."""
+    ``{bigint}``, ``{blob}``, ``{serial_pk}`` and ``{text}`` become the dialect's types; ``{without_rowid}``
+    after a table's closing parenthesis clusters a SQLite table on its primary key (one B-tree to write
+    instead of two); ``{rowid_pk}`` is ``{serial_pk}`` without SQLite's AUTOINCREMENT bookkeeping, for
+    append-only tables whose highest row is never deleted."""
 
     version: int
     sql: str

@@ -27,6 +27,9 @@ from .errors import ConfigError, LeaseLostError, MissingDependencyError
 _JOURNAL_LOCK = 0x656D6A6F
 _MIGRATE_LOCK = 0x656D6D69
 
+# Every append writes as few B-trees as possible: (stream, seq) is unique by construction (the per-stream
+# counter in em_streams is taken under the write lock), so it carries no index of its own; keyed tables are
+# clustered on their key on SQLite.
 CORE_MIGRATIONS = [
     Migration(
         1,
@@ -34,16 +37,15 @@ CORE_MIGRATIONS = [
         CREATE TABLE IF NOT EXISTS em_streams (
             stream TEXT PRIMARY KEY,
             last_seq {bigint} NOT NULL
-        );
+        ){without_rowid};
         CREATE TABLE IF NOT EXISTS em_events (
-            position {serial_pk},
+            position {rowid_pk},
             stream TEXT NOT NULL,
             seq {bigint} NOT NULL,
             subject TEXT NOT NULL,
             type TEXT NOT NULL,
             data TEXT,
-            time {double} NOT NULL,
-            UNIQUE (stream, seq)
+            time {double} NOT NULL
         );
         CREATE TABLE IF NOT EXISTS em_queue (
             queue TEXT NOT NULL,
@@ -56,7 +58,7 @@ CORE_MIGRATIONS = [
             lease_expires {double},
             created_at {double} NOT NULL,
             PRIMARY KEY (queue, key)
-        );
+        ){without_rowid};
         CREATE INDEX IF NOT EXISTS em_queue_due ON em_queue (queue, available_at);
         CREATE TABLE IF NOT EXISTS em_kv (
             namespace TEXT NOT NULL,
@@ -65,7 +67,7 @@ CORE_MIGRATIONS = [
             version {bigint} NOT NULL DEFAULT 1,
             updated_at {double} NOT NULL,
             PRIMARY KEY (namespace, key)
-        )
+        ){without_rowid}
         """,
     ),
 ]
