@@ -127,13 +127,15 @@ _TABLE = """
             ResumePath TEXT,
             ResumeToken TEXT,
             PRIMARY KEY (Neuron, key)
-        ){suffix};
-        CREATE INDEX IF NOT EXISTS lro_operations_done ON lro_operations (Neuron, Done, key)
+        ){suffix}
 """
+_DONE_INDEX = "CREATE INDEX IF NOT EXISTS lro_operations_done ON lro_operations (Neuron, Done, key)"
 
-# No index on UpdateTime: every save changes it, and only the periodic purge reads it (a scan).
-# On SQLite the table is WITHOUT ROWID: one B-tree keyed by (Neuron, key) instead of two.
-LRO_MIGRATIONS = [Migration(1, _TABLE.format(suffix=""))]
+# No index on UpdateTime: every save changes it, and only the periodic purge reads it (a scan). On SQLite
+# the table is WITHOUT ROWID (one B-tree keyed by (Neuron, key)) and has no Done index either: the embedded
+# store favours writes, and a listing filtered on done walks the neuron's rows in name order. PostgreSQL,
+# serving a fleet, keeps the index.
+LRO_MIGRATIONS = [Migration(1, _TABLE.format(suffix="") + ";" + _DONE_INDEX)]
 LRO_MIGRATIONS_SQLITE = [Migration(1, _TABLE.format(suffix=" WITHOUT ROWID"))]
 
 _COLS = "key, Operation, State, ResumePoint, UpdateTime, Version, Done, CancelRequested, ResumePath, ResumeToken"
