@@ -675,7 +675,7 @@ def test_a_half_written_completion_rolls_the_whole_batch_back(
         for i in range(3):
             c.new_operation(f"operations/h{i}").resume_via_tasks("h")
 
-        def broken(self: Any, tx: Any, record: Any) -> None:
+        def broken(self: Any, tx: Any, records: Any) -> None:
             raise sqlite3.OperationalError("disk I/O error")  # a fault the real disk will not give on demand
 
         monkeypatch.setattr(SQLOperationStore, "_append_done", broken)

@@ -24,8 +24,8 @@ class OperationDoneError(LeaseLostError):
 
 
 class BatchAborted(BaseException):
-    """A write inside a batch half-happened: the whole batch transaction must roll back. A
-    ``BaseException`` so that handler code catching ``Exception`` cannot swallow it."""
+    """A batch could not be completed and its transaction was rolled back. A ``BaseException`` so that
+    handler code catching ``Exception`` inside the batch cannot swallow it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,18 +185,26 @@ class SQLOperationStore:
         """One transaction that every call on this thread joins until the outermost block ends; committed
         at its end, rolled back if it raises. A nested block simply joins the outer transaction.
 
-        Each call inside is one statement, or stops the batch (``BatchAborted``) if its second statement
-        fails, so no call leaves half of its writes behind."""
+        Each call inside is one statement; the journal events of the operations completed inside are
+        appended together at the end, in the same transaction (if that fails, ``BatchAborted`` and nothing
+        of the batch happens)."""
         current: Tx | None = getattr(self._local, "tx", None)
         if current is not None:
             yield current
             return
         with self.store.transaction() as tx:
             self._local.tx = tx
+            self._local.done = []
             try:
                 yield tx
+                if self._local.done:
+                    try:
+                        self._append_done(tx, self._local.done)
+                    except Exception as exc:
+                        raise BatchAborted(f"could not journal the completions of this batch: {exc}") from exc
             finally:
                 self._local.tx = None
+                self._local.done = []
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Tx]:
@@ -209,14 +217,10 @@ class SQLOperationStore:
         yield current
 
     def _append_done_or_abort(self, tx: Tx, record: OperationRecord) -> None:
-        # The row is already done in this transaction: if its event cannot be appended, the transaction
-        # must not commit. BatchAborted escapes handlers' ``except Exception`` and rolls the batch back.
-        try:
-            self._append_done(tx, record)
-        except Exception as exc:
-            if self.current_tx() is tx:
-                raise BatchAborted(f"could not journal the completion of {record.name!r}: {exc}") from exc
-            raise
+        if self.current_tx() is tx:
+            self._local.done.append(record)  # appended with the rest of the batch, before it commits
+        else:
+            self._append_done(tx, [record])
 
     def current_tx(self) -> Tx | None:
         """The batch transaction open on this thread, if any."""
@@ -286,10 +290,10 @@ class SQLOperationStore:
                 self._append_done_or_abort(tx, out)
         return out
 
-    def _append_done(self, tx: Tx, record: OperationRecord) -> None:
+    def _append_done(self, tx: Tx, records: Sequence[OperationRecord]) -> None:
+        stream = f"lro/{self.neuron}"
         self.store.append_events(
-            [NewEvent(f"lro/{self.neuron}", DONE_EVENT, {"name": record.name, "neuron": self.neuron})],
-            tx=tx,
+            [NewEvent(stream, DONE_EVENT, {"name": r.name, "neuron": self.neuron}) for r in records], tx=tx
         )
 
     def request_cancel(self, name: str) -> OperationRecord:
