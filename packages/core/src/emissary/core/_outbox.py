@@ -22,6 +22,7 @@ from ._store import _EVENT_COLS, NewEvent, SQLStore, _event_from_row, as_epoch, 
 from ._values import (
     CompensationOutcome,
     CompensationResult,
+    ConnectorCapabilities,
     DispatchOutcome,
     DispatchResult,
     Effect,
@@ -307,11 +308,20 @@ def _subject(status: str, connector: str, tool: str) -> str:
 # Events go to one stream per connector (``effects/<connector>``) and per compensation kind
 # (``obligations/<kind>``), in order; a stream per effect would add a journal stream row and scatter index
 # writes on every submit. ``data`` always starts with the effect key, which ``Outbox.history`` relies on.
+_EVENT_NAMES: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+
+
 def _effect_event(key: str, connector: str, tool: str, status: str, **data: Any) -> NewEvent:
-    subject = _subject(status, connector, tool)
+    names = _EVENT_NAMES.get((connector, tool, status))
+    if names is None:
+        names = (f"effects/{connector}", f"effect.{status.lower()}", _subject(status, connector, tool))
+        if len(_EVENT_NAMES) < 4096:
+            _EVENT_NAMES[(connector, tool, status)] = names
     body = {"key": key, "connector": connector, "tool": tool, "status": status}
-    body.update({k: v for k, v in data.items() if v is not None})
-    return NewEvent(stream=f"effects/{connector}", type=f"effect.{status.lower()}", data=body, subject=subject)
+    for name, value in data.items():
+        if value is not None:
+            body[name] = value
+    return NewEvent(stream=names[0], type=names[1], data=body, subject=names[2])
 
 
 def _obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data: Any) -> NewEvent:
@@ -321,6 +331,11 @@ def _obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **dat
         stream=f"obligations/{kind}", type=f"obligation.{status.lower()}",
         data=body, subject=f"obligation.{status.lower()}.{kind}",
     )
+
+
+_STATUS = {s.value: s for s in EffectStatus}
+_SEMANTICS = {s.value: s for s in Semantics}
+_MARK_FRESH = 1.0  # seconds a journal mark taken from this outbox's own appends is reused
 
 
 def _journal_mark(tx: Tx) -> int:
@@ -432,7 +447,8 @@ class Outbox:
         self._rng = random.Random(seed)
         self._compensators: dict[str, Callable[[Obligation], Any]] = {}
         self._latency: dict[str, float] = {}
-        self._caps: dict[str, tuple[Any, bool]] = {}
+        self._caps: dict[str, tuple[Any, ConnectorCapabilities]] = {}
+        self._mark: tuple[int, float] | None = None
         self._runner = CallRunner(max_in_flight)
         self._own_runner = True
         store.migrate("outbox", outbox_migrations(store.dialect))
@@ -505,7 +521,34 @@ class Outbox:
         return float(delay)
 
     # -- submit ------------------------------------------------------------------------------
-    def _row_of(self, effect: Any, now: float, *, inline: bool = False) -> tuple[Any, ...]:
+    def _journal(self, tx: Tx, events: Sequence[NewEvent]) -> None:
+        """Append events this engine built (well-formed by construction: not validated again) in ``tx``."""
+        if events:
+            _rows, positions = self.store._write_events(tx, events)
+            # Positions only grow (a rolled-back append frees positions from its first one up), so the one
+            # before this append's first is below every event appended from now on.
+            self._mark = (positions[0] - 1, time.monotonic())
+
+    def _mark_for(self, tx: Tx) -> int:
+        """A journal position below every event appended later in ``tx`` (an effect's ``journal_from``):
+        taken from this outbox's last append when that is recent, else read from the journal."""
+        mark = self._mark
+        if mark is not None and time.monotonic() - mark[1] < _MARK_FRESH:
+            return mark[0]
+        return _journal_mark(tx)
+
+    def _caps_of(self, name: str) -> ConnectorCapabilities:
+        """The capabilities of connector ``name``, computed once per connector instance."""
+        conn = self.connector(name)
+        cached = self._caps.get(name)
+        if cached is None or cached[0] is not conn:
+            cached = (conn, capabilities_of(conn))
+            self._caps[name] = cached
+        return cached[1]
+
+    @staticmethod
+    def _check_fields(effect: Any) -> None:
+        """Raise the specific ``ConfigError`` for the first malformed field of ``effect``."""
         if not isinstance(effect, Effect):
             raise ConfigError(f"effect must be an emissary.core.Effect, got {type(effect).__name__}",
                               field="effect", value=type(effect).__name__)
@@ -518,7 +561,7 @@ class Outbox:
         _check_str("effect.business_key", effect.business_key, optional=True)
         _check_str("effect.run_id", effect.run_id, optional=True)
         try:
-            semantics = Semantics(effect.semantics)
+            Semantics(effect.semantics)
         except ValueError:
             raise ConfigError(
                 f"effect.semantics must be one of {', '.join(s.value for s in Semantics)}, got {effect.semantics!r}",
@@ -527,18 +570,35 @@ class Outbox:
         if not isinstance(effect.human_gate, bool):
             raise ConfigError(f"effect.human_gate must be True or False, got {effect.human_gate!r}",
                               field="effect.human_gate", value=effect.human_gate)
+        if not isinstance(effect.metadata, Mapping):
+            raise ConfigError(f"effect.metadata must be a mapping, got {type(effect.metadata).__name__}",
+                              field="effect.metadata", value=type(effect.metadata).__name__)
+
+    def _row_of(self, effect: Any, now: float, *, inline: bool = False) -> tuple[Any, ...]:
+        # The common shape passes one cheap test; anything else gets the field-by-field checks, which raise
+        # the specific error (or accept, e.g. str subclasses).
+        if not (
+            type(effect) is Effect and type(effect.key) is str and 0 < len(effect.key) <= MAX_KEY_LENGTH
+            and type(effect.connector) is str and effect.connector and type(effect.tool) is str
+            and (effect.business_key is None or (type(effect.business_key) is str and effect.business_key))
+            and (effect.run_id is None or (type(effect.run_id) is str and effect.run_id))
+            and type(effect.semantics) is Semantics and type(effect.human_gate) is bool
+            and type(effect.metadata) is dict
+        ):
+            self._check_fields(effect)
+        semantics = effect.semantics if type(effect.semantics) is Semantics else Semantics(effect.semantics)
         max_attempts = self.max_attempts if effect.max_attempts is None else effect.max_attempts
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise ConfigError(f"effect.max_attempts must be an integer >= 1, got {effect.max_attempts!r}",
                               field="effect.max_attempts", value=effect.max_attempts)
-        if not isinstance(effect.metadata, Mapping):
-            raise ConfigError(f"effect.metadata must be a mapping, got {type(effect.metadata).__name__}",
-                              field="effect.metadata", value=type(effect.metadata).__name__)
-        try:
-            not_before = as_epoch(effect.dispatch_at, now)
-        except ConfigError as exc:
-            raise ConfigError(f"effect.dispatch_at: {exc}", field="effect.dispatch_at",
-                              value=effect.dispatch_at) from None
+        if effect.dispatch_at is None:
+            not_before = now
+        else:
+            try:
+                not_before = as_epoch(effect.dispatch_at, now)
+            except ConfigError as exc:
+                raise ConfigError(f"effect.dispatch_at: {exc}", field="effect.dispatch_at",
+                                  value=effect.dispatch_at) from None
         payload = dumps(effect.payload, field="effect.payload", limit=self.payload_limit)
         metadata = dumps(dict(effect.metadata), field="effect.metadata", limit=self.payload_limit) \
             if effect.metadata else None
@@ -551,8 +611,7 @@ class Outbox:
                 )
             status = EffectStatus.DISPATCHING
         else:
-            conn = self.connector(effect.connector)
-            caps = capabilities_of(conn)
+            caps = self._caps_of(effect.connector)
             if semantics is Semantics.NON_IDEMPOTENT and not (
                 caps.can_observe or caps.can_compensate or effect.business_key or effect.human_gate
                 or (effect.tool and effect.tool in self._compensators) or effect.connector in self._compensators
@@ -597,7 +656,20 @@ class Outbox:
             PayloadError: the payload is not JSON or over ``payload_limit``.
             EffectConflictError: the key exists with a different payload, connector or tool.
         """
-        return self.submit_many([effect], conn=conn)[0]
+        row = self._row_of(effect, self.store.clock.now())
+        with self.store.transaction(conn) as tx:
+            row = (*row, self._mark_for(tx))
+            # Insert first and look only on a conflict (the common case is a new key).
+            if tx.rowcount(_E_INSERT + " ON CONFLICT (key) DO NOTHING", row) == 1:
+                self._journal(tx, [_effect_event(row[0], row[1], row[2], row[10], semantics=row[5], run_id=row[6])])
+                return self._fresh_record(row, effect)
+            got = tx.one(f"SELECT {_E_COLS} FROM em_effects WHERE key = ?", (row[0],))
+        if got is None:
+            # Not stored and not inserted: only a concurrent delete could do this; go the general way.
+            return self.submit_many([effect], conn=conn)[0]
+        rec = _effect_record(got)
+        self._check_same(row, rec)
+        return rec
 
     def submit_many(self, effects: Iterable[Effect], conn: Any = None) -> List[EffectRecord]:
         """Record many effects in one transaction: all of them, or (on any error) none.
@@ -611,7 +683,7 @@ class Outbox:
         if not rows:
             return []
         with self.store.transaction(conn) as tx:
-            mark = _journal_mark(tx)
+            mark = self._mark_for(tx)
             return self._insert(tx, [(*row, mark) for row in rows], effects)
 
     def _insert(self, tx: Tx, rows: List[tuple[Any, ...]], effects: List[Effect]) -> List[EffectRecord]:
@@ -628,8 +700,7 @@ class Outbox:
             # One effect: insert first and look only on a conflict (the common case is a new key).
             row = by_key[keys[0]]
             if tx.rowcount(_E_INSERT + " ON CONFLICT (key) DO NOTHING", row) == 1:
-                self.store.append_events(
-                    [_effect_event(row[0], row[1], row[2], row[10], semantics=row[5], run_id=row[6])], tx=tx)
+                self._journal(tx, [_effect_event(row[0], row[1], row[2], row[10], semantics=row[5], run_id=row[6])])
                 return [self._fresh_record(r, e) for r, e in zip(rows, effects)]
         for i in range(0, len(keys), 500):
             chunk = keys[i:i + 500]
@@ -650,9 +721,7 @@ class Outbox:
                 new_rows = [row for row in new_rows if row[0] not in existing]
             else:
                 tx.executemany(_E_INSERT, new_rows)
-            self.store.append_events(
-                [_effect_event(r[0], r[1], r[2], r[10], semantics=r[5], run_id=r[6]) for r in new_rows], tx=tx,
-            )
+            self._journal(tx, [_effect_event(r[0], r[1], r[2], r[10], semantics=r[5], run_id=r[6]) for r in new_rows])
         out = []
         for row, effect in zip(rows, effects):
             stored = existing.get(row[0])
@@ -665,8 +734,8 @@ class Outbox:
          max_attempts, next_at, created, _updated) = row[:15]
         created_at = _ts(created)
         return EffectRecord(
-            key=key, connector=connector, tool=tool, payload=effect.payload, status=EffectStatus(status),
-            semantics=Semantics(semantics), attempts=0, max_attempts=max_attempts, business_key=business_key,
+            key=key, connector=connector, tool=tool, payload=effect.payload, status=_STATUS[status],
+            semantics=_SEMANTICS[semantics], attempts=0, max_attempts=max_attempts, business_key=business_key,
             run_id=run_id, human_gate=bool(human_gate), metadata=dict(effect.metadata),
             next_attempt_at=_ts(next_at), created_at=created_at, updated_at=created_at,
         )
@@ -705,8 +774,7 @@ class Outbox:
                 tx.execute("UPDATE em_effects SET attempts = 1, lease_token = 1, lease_owner = ? WHERE key = ?",
                            (self.owner, effect.key))
                 token, attempts = 1, 1
-                self.store.append_events(
-                    [_effect_event(effect.key, effect.connector, effect.tool, "DISPATCHING", attempt=1)], tx=tx)
+                self._journal(tx, [_effect_event(effect.key, effect.connector, effect.tool, "DISPATCHING", attempt=1)])
             else:
                 rec = _effect_record(got)
                 self._check_same(row, rec)
@@ -720,9 +788,8 @@ class Outbox:
                     "next_attempt_at = ?, updated_at = ? WHERE key = ?",
                     (EffectStatus.DISPATCHING.value, token, self.owner, attempts, lease_until, now, effect.key),
                 )
-                self.store.append_events(
-                    [_effect_event(effect.key, effect.connector, effect.tool, "DISPATCHING", attempt=attempts)],
-                    tx=tx)
+                self._journal(
+                    tx, [_effect_event(effect.key, effect.connector, effect.tool, "DISPATCHING", attempt=attempts)])
         try:
             value = fn(effect)
             if hasattr(value, "__await__"):
@@ -746,9 +813,8 @@ class Outbox:
                 (status.value, _json_or_text(response), ref, error, now, effect.key, token),
             )
             if n == 1:
-                self.store.append_events(
-                    [_effect_event(effect.key, effect.connector, effect.tool, status.value, error=error,
-                                   external_ref=ref)], tx=tx)
+                self._journal(tx, [_effect_event(effect.key, effect.connector, effect.tool, status.value, error=error,
+                                   external_ref=ref)])
         return self.get(effect.key)
 
     # -- human gate, redrive, cancel ------------------------------------------------------
@@ -772,7 +838,7 @@ class Outbox:
                 "WHERE key = ?",
                 (to.value, next_at, now, *params, key),
             )
-            self.store.append_events([_effect_event(key, rec.connector, rec.tool, to.value, **event)], tx=tx)
+            self._journal(tx, [_effect_event(key, rec.connector, rec.tool, to.value, **event)])
             got = tx.one(f"SELECT {_E_COLS} FROM em_effects WHERE key = ?", (key,))
             assert got is not None
             return _effect_record(got)
@@ -826,9 +892,9 @@ class Outbox:
             return False
         cached = self._caps.get(name)
         if cached is None or cached[0] is not conn:
-            cached = (conn, capabilities_of(conn).can_observe)
+            cached = (conn, capabilities_of(conn))
             self._caps[name] = cached
-        return cached[1]
+        return cached[1].can_observe
 
     def _known(self) -> List[str]:
         return sorted(self.connectors)
@@ -858,8 +924,7 @@ class Outbox:
             )
             if not rows:
                 return []
-            self.store.append_events(
-                [_effect_event(r[0], r[1], r[2], "DISPATCHING", attempt=int(r[9])) for r in rows], tx=tx)
+            self._journal(tx, [_effect_event(r[0], r[1], r[2], "DISPATCHING", attempt=int(r[9])) for r in rows])
         claimed = [self._claimed_effect(r) for r in rows]
         results: List[tuple[bool, Any]] = []
         if any(c[0].connector not in self._latency for c in claimed[1:]):
@@ -872,14 +937,15 @@ class Outbox:
 
     @staticmethod
     def _claimed_effect(r: Sequence[Any]) -> tuple[Effect, int, int, int]:
-        metadata = dict(loads(r[7]) or {})
-        metadata["emissary.attempt"] = int(r[9])
-        metadata["emissary.lease_token"] = int(r[10])
+        attempts, token, max_attempts = int(r[9]), int(r[10]), int(r[8])
+        metadata = loads(r[7]) if r[7] is not None else {}
+        metadata["emissary.attempt"] = attempts
+        metadata["emissary.lease_token"] = token
         effect = Effect(
-            key=r[0], connector=r[1], tool=r[2], payload=loads(r[3]), business_key=r[4], semantics=Semantics(r[5]),
-            run_id=r[6], metadata=metadata, max_attempts=int(r[8]),
+            key=r[0], connector=r[1], tool=r[2], payload=loads(r[3]), business_key=r[4], semantics=_SEMANTICS[r[5]],
+            run_id=r[6], metadata=metadata, max_attempts=max_attempts,
         )
-        return effect, int(r[9]), int(r[10]), int(r[8])
+        return effect, attempts, token, max_attempts
 
     def _dispatch_call(self, item: tuple[Effect, int, int, int]) -> Any:
         effect = item[0]
@@ -986,7 +1052,7 @@ class Outbox:
                 if ob is not None:
                     events.append(ob)
             if events:
-                self.store.append_events(events, tx=tx)
+                self._journal(tx, events)
         return out
 
     @staticmethod
@@ -1033,9 +1099,8 @@ class Outbox:
                 (now, now),
             )
             if lapsed:
-                self.store.append_events(
-                    [_effect_event(k, c, t, "UNKNOWN", error="lease lapsed during dispatch") for k, c, t in lapsed],
-                    tx=tx)
+                self._journal(
+                    tx, [_effect_event(k, c, t, "UNKNOWN", error="lease lapsed during dispatch") for k, c, t in lapsed])
             if not known:
                 return []
             rows = tx.query(
@@ -1172,7 +1237,7 @@ class Outbox:
                    self.compensation_attempts, now if due else None, now, now)
             event = self._insert_obligation(tx, row)
             if event is not None:
-                self.store.append_events([event], tx=tx)
+                self._journal(tx, [event])
             got = tx.one(f"SELECT {_O_COLS} FROM em_obligations WHERE effect_key = ? AND kind = ?", (effect_key, kind))
             assert got is not None
             rec = _obligation_record(got)
@@ -1208,7 +1273,7 @@ class Outbox:
             recs = sorted((_obligation_record(r) for r in rows), key=lambda o: -o.id)
             events += [_obligation_event(o.id, o.effect_key, o.kind, "PENDING", run_id=run_id) for o in recs]
             if events:
-                self.store.append_events(events, tx=tx)
+                self._journal(tx, events)
         return recs
 
     def compensate_once(self, limit: int | None = None) -> List[ObligationOutcome]:
@@ -1227,8 +1292,8 @@ class Outbox:
             )
             if not rows:
                 return []
-            self.store.append_events(
-                [_obligation_event(int(r[0]), r[1], r[2], "COMPENSATING", attempt=int(r[7])) for r in rows], tx=tx)
+            self._journal(
+                tx, [_obligation_event(int(r[0]), r[1], r[2], "COMPENSATING", attempt=int(r[7])) for r in rows])
         claimed = [(_obligation_record(r), int(r[11])) for r in rows]
         results = self._runner.map(self._compensate_call, [c[0] for c in claimed])
         now = self.store.clock.now()
@@ -1251,7 +1316,7 @@ class Outbox:
                 events.append(_obligation_event(rec.id, rec.effect_key, rec.kind, outcome.status.value,
                                                 attempt=rec.attempts, error=outcome.error))
             if events:
-                self.store.append_events(events, tx=tx)
+                self._journal(tx, events)
         return out
 
     def _compensate_call(self, rec: ObligationRecord) -> Any:
@@ -1313,8 +1378,7 @@ class Outbox:
                 raise ConfigError(f"obligation {obligation_id!r} does not exist or is not STUCK",
                                   field="id", value=obligation_id)
             rec = _obligation_record(row)
-            self.store.append_events([_obligation_event(rec.id, rec.effect_key, rec.kind, "PENDING", redriven=True)],
-                                     tx=tx)
+            self._journal(tx, [_obligation_event(rec.id, rec.effect_key, rec.kind, "PENDING", redriven=True)])
         return rec
 
     # -- views ---------------------------------------------------------------------------------

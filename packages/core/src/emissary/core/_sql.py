@@ -110,10 +110,14 @@ def in_clause(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
+# One encoder for every write: ``json.dumps`` with options would build a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def dumps(value: Any, *, field: str = "payload", limit: int | None = None) -> str:
     """JSON text of ``value``; ``PayloadError`` naming ``field`` if it is not JSON or too large."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _encode(value)
     except (TypeError, ValueError) as exc:
         raise PayloadError(
             f"{field} must be JSON-serialisable: {exc}", field=field, value=type(value).__name__

@@ -11,7 +11,6 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
@@ -218,10 +217,24 @@ class SQLStore:
     def _append(self, tx: Tx, events: Sequence[NewEvent]) -> list[Event]:
         if not events:
             return []
+        rows, positions = self._write_events(tx, events)
+        when = datetime.fromtimestamp(rows[0][5], tz=timezone.utc)
+        return [
+            Event(
+                id=f"{r[0]}/{r[1]}", stream=r[0], seq=r[1], subject=r[2], type=r[3],
+                data=ev.data, time=when, position=pos,
+            )
+            for r, ev, pos in zip(rows, events, positions)
+        ]
+
+    def _write_events(self, tx: Tx, events: Sequence[NewEvent]) -> tuple[list[tuple[Any, ...]], list[int]]:
+        """Write well-formed events (validated by the caller, or built by an engine): their rows and positions."""
         now = self.clock.now()
         if tx.dialect == POSTGRES:
             tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
-        counts = Counter(ev.stream for ev in events)
+        counts: dict[str, int] = {}
+        for ev in events:
+            counts[ev.stream] = counts.get(ev.stream, 0) + 1
         next_seq: dict[str, int] = {}
         for stream, n in counts.items():
             row = tx.one(
@@ -236,21 +249,18 @@ class SQLStore:
             seq = next_seq[ev.stream]
             next_seq[ev.stream] = seq + 1
             rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, dumps(ev.data, field="data"), now))
-        positions = self._insert_events(tx, rows)
-        when = datetime.fromtimestamp(now, tz=timezone.utc)
-        return [
-            Event(
-                id=f"{r[0]}/{r[1]}", stream=r[0], seq=r[1], subject=r[2], type=r[3],
-                data=ev.data, time=when, position=pos,
-            )
-            for r, ev, pos in zip(rows, events, positions)
-        ]
+        return rows, self._insert_events(tx, rows)
 
     def _insert_events(self, tx: Tx, rows: list[tuple[Any, ...]]) -> list[int]:
         sql = "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?)"
         if tx.dialect == SQLITE:
-            execute = tx.raw.execute
-            return [int(execute(sql, r).lastrowid) for r in rows]
+            if len(rows) == 1:
+                return [int(tx.raw.execute(sql, rows[0]).lastrowid)]
+            # Under the write lock a rowid table hands out max(position) + 1 per row (the journal is append-only
+            # and never given an explicit position): the rows of one statement are consecutive.
+            tx.raw.executemany(sql, rows)
+            last = int(tx.raw.execute("SELECT last_insert_rowid()").fetchone()[0])
+            return list(range(last - len(rows) + 1, last + 1))
         cur = tx.raw.cursor()
         cur.executemany(tx._sql(sql + " RETURNING position"), rows, returning=True)
         out = []
