@@ -334,3 +334,4 @@ def test_secrets_never_reach_the_logs(served: tuple[LroClient, _Uvicorn], caplog
     secret = client.callback_secret()
     assert secret is not None
     assert "c2VjcmV0LXBheWxvYWQ" not in caplog.text and secret not in caplog.text
+    assert secret not in repr(client.callback_auth()) and secret not in repr(client.config)

@@ -9,7 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from emissary.core import MissingDependencyError
@@ -92,7 +92,7 @@ class CallbackAuth:
     with neither are accepted only with ``allow_unauthenticated``; bad credentials never are.
     """
 
-    secret: str | None
+    secret: str | None = field(repr=False)
     audience: str | None
     service_accounts: tuple[str, ...]
     certs_url: str
