@@ -548,16 +548,46 @@ def test_timers_of_other_topics_are_left_for_their_engine(client: LroClient) -> 
     assert fired == [{"x": 1}]
 
 
-def test_attach_adds_the_job_to_a_core_worker(client: LroClient) -> None:
+def test_attach_fires_callbacks_from_a_core_worker_beside_other_timers(client: LroClient) -> None:
     from emissary.core import Worker
 
     assert client.core_store is not None
     client.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete()))
     client.new_operation("operations/w1").resume_via_tasks("h")
-    worker = Worker(client.core_store)
+    other: list[Any] = []
+    worker = Worker(client.core_store, timer_handlers={"other.topic": lambda _t, p: other.append(p)})
+    client.scheduler.schedule("other.topic", {"x": 1}, at=0.0)
     client.attach(worker)
-    assert worker.drain() >= 1
-    assert client.get_operation_pb("operations/w1").done
+    worker.step()  # one pass fires both: neither engine parks the other's timers
+    assert client.get_operation_pb("operations/w1").done and other == [{"x": 1}]
+
+
+def test_attach_with_batched_resumes_adds_a_job(tmp_path: Any) -> None:
+    from emissary.core import Worker
+
+    with LroClient(Config(neuron="svc", store=f"sqlite:///{tmp_path}/a.db", resume_batch=20)) as c:
+        assert c.core_store is not None
+        c.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete()))
+        for i in range(30):
+            c.new_operation(f"operations/a{i}").resume_via_tasks("h")
+        worker = Worker(c.core_store)
+        c.attach(worker)
+        assert worker.drain() >= 30
+        assert len(c.list_operations("done = true")[0]) == 30
+
+
+def test_fire_is_a_timer_handler_that_asks_for_retries(client: LroClient) -> None:
+    client.add_resumable_handlers(ResumableHandler("t", _always_transient))
+    client.new_operation("operations/f1").resume_via_tasks("t")
+    token = client.store.get("operations/f1").resume_token
+    payload = {"neuron": "svc", "name": "operations/f1", "path": "t", "token": token}
+    with pytest.raises(TransientError):
+        client.fire(client.resume_topic, payload)
+    client.fire(client.resume_topic, {**payload, "name": "operations/gone"})  # dropped, not retried
+
+
+def _always_transient(op: Operation) -> None:
+    raise TransientError("later")
 
 
 def test_shared_store_object_and_missing_scheduler(tmp_path: Any) -> None:
@@ -607,7 +637,7 @@ def test_an_operation_store_with_its_own_scheduler(clock: FakeClock) -> None:
         c.new_operation("operations/1").resume_via_tasks("h", delay=timedelta(seconds=30))
         topic, payload, at, key = scheduled[0]
         token = c.store.get("operations/1").resume_token
-        assert topic == "lro.resume" and key == f"lro-{token}"
+        assert topic == "lro.resume.svc" and key == f"lro-{token}"
         assert payload == {"neuron": "svc", "name": "operations/1", "path": "h", "token": token,
                            "url": f"https://svc.example/resume-operation/h?operation=operations%2F1&token={token}"}
         assert at.timestamp() == pytest.approx(clock.now() + 30)

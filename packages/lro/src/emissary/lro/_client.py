@@ -48,6 +48,7 @@ log = logging.getLogger("emissary.lro")
 
 __all__ = ["RESUME_TOPIC", "LroClient", "ResumableHandler", "ResumeOutcome"]
 
+# Timers of ``resume_via_tasks`` go under ``lro.resume.{neuron}``.
 RESUME_TOPIC = "lro.resume"
 TIMER_QUEUE = "em.timers"
 
@@ -255,6 +256,11 @@ class LroClient:
     @property
     def neuron(self) -> str:
         return self.config.neuron
+
+    @property
+    def resume_topic(self) -> str:
+        """The scheduler topic of this neuron's callbacks: ``lro.resume.{neuron}``."""
+        return f"{RESUME_TOPIC}.{self.config.neuron}"
 
     # -- handlers --------------------------------------------------------------------------------
     def add_resumable_handlers(self, *handlers: ResumableHandler) -> None:
@@ -485,7 +491,7 @@ class LroClient:
                 # never becomes current and is acknowledged as stale, so no savepoint is needed.
                 self.store.store.enqueue(
                     TIMER_QUEUE,
-                    [(f"lro-{token}", {"topic": RESUME_TOPIC, "payload": self._payload(record.name, path, token)},
+                    [(f"lro-{token}", {"topic": self.resume_topic, "payload": self._payload(record.name, path, token)},
                       self.store.now() + float(seconds))],
                     tx=tx,
                 )
@@ -496,7 +502,7 @@ class LroClient:
 
     def _schedule(self, record: OperationRecord, path: str, token: str, seconds: float, *, key: str) -> None:
         at = datetime.fromtimestamp(self.store.now() + seconds, tz=timezone.utc)
-        _call(self.scheduler.schedule, RESUME_TOPIC, self._payload(record.name, path, token), at, key=key)
+        _call(self.scheduler.schedule, self.resume_topic, self._payload(record.name, path, token), at, key=key)
 
     # -- resuming --------------------------------------------------------------------------------
     def _begin(self, name: str, path: str, token: str | None) -> tuple[ResumeOutcome | None, Operation | None, Any]:
@@ -622,7 +628,7 @@ class LroClient:
         for lease in leases:
             p: dict[str, Any] = lease.payload if isinstance(lease.payload, dict) else {}
             inner = p.get("payload")
-            if p.get("topic") == RESUME_TOPIC and isinstance(inner, dict) and inner.get("neuron") == self.neuron:
+            if p.get("topic") == self.resume_topic and isinstance(inner, dict):
                 mine.append(lease)
             else:
                 others.append(lease)
@@ -682,12 +688,14 @@ class LroClient:
                     pass
 
     def _fire_direct(self, lease: Lease) -> bool:
-        p = lease.payload["payload"]
+        return self._fire_payload(lease.key, lease.payload["payload"])
+
+    def _fire_payload(self, key: str, p: Mapping[str, Any]) -> bool:
         try:
             self.resume(p["name"], p["path"], p.get("token"))
             return True
         except NotFoundError as exc:
-            log.warning("callback %s dropped: %s", lease.key, exc)
+            log.warning("callback %s dropped: %s", key, exc)
             return True
         except TransientError as exc:
             log.info("callback for %s asked to retry: %s", p.get("name"), exc)
@@ -697,7 +705,9 @@ class LroClient:
             return False
 
     def _fire_http(self, lease: Lease) -> bool:
-        p = lease.payload["payload"]
+        return self._post(lease.key, lease.payload["payload"])
+
+    def _post(self, key: str, p: Mapping[str, Any]) -> bool:
         url = self.callback_url(p["name"], p["path"], p.get("token"))
         assert url is not None
         target = url[len(self.config.base_url or ""):]
@@ -714,17 +724,38 @@ class LroClient:
             with exc:
                 exc.read()
             if exc.code == 404:
-                log.warning("callback %s answered 404; dropped", lease.key)
+                log.warning("callback %s answered 404; dropped", key)
                 return True
-            log.warning("callback %s answered %s; retrying in %ss", lease.key, exc.code, self.config.retry_delay)
+            log.warning("callback %s answered %s; retrying in %ss", key, exc.code, self.config.retry_delay)
             return False
         except OSError as exc:
-            log.warning("callback %s failed (%s); retrying in %ss", lease.key, type(exc).__name__, self.config.retry_delay)
+            log.warning("callback %s failed (%s); retrying in %ss", key, type(exc).__name__, self.config.retry_delay)
             return False
 
+    def fire(self, topic: str, payload: Mapping[str, Any]) -> None:
+        """A core timer handler for this neuron's callbacks (``worker.on_timer(client.resume_topic,
+        client.fire)``): in-process without a host, else over HTTP with the HMAC header.
+
+        Raises:
+            TransientError: the callback should fire again later.
+        """
+        key = f"lro-{payload.get('token')}"
+        ok = self._post(key, payload) if self.config.base_url is not None else self._fire_payload(key, payload)
+        if not ok:
+            raise TransientError(f"callback for {payload.get('name')!r} will be retried")
+
     def attach(self, worker: Any) -> None:
-        """Add this client's ``run_due`` to a core ``Worker``."""
-        worker.add_job(f"lro.{self.neuron}.run_due", self.run_due)
+        """Fire this neuron's callbacks from a core ``Worker``.
+
+        With ``resume_batch`` 1 the worker's own timer pass fires them (``worker.on_timer``), alongside
+        every other engine's timers. With a larger ``resume_batch``, ``run_due`` is added as a job to fire
+        them in batches; then run no other timer handlers on that worker, as its timer pass would park
+        these callbacks for core's ``retry_delay``.
+        """
+        if self.config.resume_batch > 1:
+            worker.add_job(f"lro.{self.neuron}.run_due", self.run_due)
+        else:
+            worker.on_timer(self.resume_topic, self.fire)
 
     # -- serving ---------------------------------------------------------------------------------
     def callback_auth(self) -> CallbackAuth:
