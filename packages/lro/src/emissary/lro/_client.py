@@ -451,7 +451,7 @@ class LroClient:
 
     # -- scheduling ------------------------------------------------------------------------------
     def _atomic_timers(self) -> bool:
-        atomic: bool | None = getattr(self, "_atomic", None)
+        atomic = self._atomic
         if atomic is None:
             atomic = self._atomic = (
                 isinstance(self.scheduler, StoreScheduler)

@@ -40,8 +40,8 @@ class OperationStoreContract:
         return FakeClock()
 
     @pytest.fixture
-    def op_store(self, clock: FakeClock) -> Any:  # pragma: no cover - must be overridden
-        raise NotImplementedError("override the op_store fixture")
+    def op_store(self, clock: FakeClock) -> Any:  # pragma: no cover - overridden by every subclass
+        pytest.fail("OperationStoreContract needs an op_store fixture: override it in the subclass")
 
     def test_create_then_get_round_trips_every_column(self, op_store: Any) -> None:
         rec = make_record("operations/a", state=b'{"n":1}')
