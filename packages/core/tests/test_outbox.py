@@ -455,6 +455,53 @@ def test_a_stale_lease_records_nothing(store: Any, clock: FakeClock) -> None:
     assert sum(1 for e in first.history("s") if e.type == "effect.confirmed") == 1
 
 
+def test_a_batch_with_some_leases_lost_records_only_the_held_ones(store: Any, clock: FakeClock) -> None:
+    results: list[Any] = []
+    stalled: list[bool] = []
+
+    class Slow:
+        name = "slow"
+
+        def dispatch(self, effect: Effect) -> DispatchResult:
+            if not stalled:
+                # Both leases lapse; another worker takes over one effect and finishes it first.
+                stalled.append(True)
+                clock.advance(31)
+                results.append(other.dispatch_once(limit=1))
+            return DispatchResult(outcome=DispatchOutcome.CONFIRMED, response="first worker")
+
+    conns = {"slow": Slow()}
+    first = Outbox(store, connectors=conns, owner="w1", max_in_flight=1)
+    other = Outbox(store, connectors=conns, owner="w2")
+    first.submit_many([Effect(key=k, connector="slow", payload={}) for k in ("s1", "s2")])
+    outcomes = {o.key: o for o in first.dispatch_once()}
+    [taken] = results[0]
+    kept = "s2" if taken.key == "s1" else "s1"
+    assert outcomes[taken.key].lease_lost and not outcomes[kept].lease_lost
+    assert outcomes[kept].status is EffectStatus.CONFIRMED
+    assert (first.get(taken.key).attempts, first.get(kept).attempts) == (2, 1)
+    for key in ("s1", "s2"):
+        assert first.get(key).status is EffectStatus.CONFIRMED
+        assert sum(1 for e in first.history(key) if e.type == "effect.confirmed") == 1
+
+
+def test_history_survives_a_rolled_back_append(tmp_path: Path, bank: FakeConnector) -> None:
+    # A caller's transaction that appended and rolled back frees its journal positions for the next append.
+    store = open_store(f"sqlite:///{tmp_path / 'app.db'}")
+    outbox = Outbox(store, connectors={"bank": bank})
+    outbox.submit(pay("a"))
+    conn = sqlite3.connect(str(tmp_path / "app.db"))
+    outbox.submit_many([pay("b1"), pay("b2")], conn=conn)
+    conn.rollback()
+    outbox.submit(pay("c"))
+    outbox.submit(pay("d"))
+    assert [e.type for e in outbox.history("c")] == ["effect.pending"]
+    assert [e.type for e in outbox.history("d")] == ["effect.pending"]
+    conn.close()
+    outbox.close()
+    store.close()
+
+
 def test_lapsed_dispatch_of_an_idempotent_effect_is_dispatched_again(outbox: Any, bank: FakeConnector,
                                                                       clock: FakeClock) -> None:
     class Crash(BaseException):

@@ -737,7 +737,8 @@ class Outbox:
             key=key, connector=connector, tool=tool, payload=effect.payload, status=_STATUS[status],
             semantics=_SEMANTICS[semantics], attempts=0, max_attempts=max_attempts, business_key=business_key,
             run_id=run_id, human_gate=bool(human_gate), metadata=dict(effect.metadata),
-            next_attempt_at=_ts(next_at), created_at=created_at, updated_at=created_at,
+            next_attempt_at=created_at if next_at == created else _ts(next_at), created_at=created_at,
+            updated_at=created_at,
         )
 
     @staticmethod
@@ -971,6 +972,16 @@ class Outbox:
     def _dispatch_transition(
         self, effect: Effect, attempts: int, token: int, max_attempts: int, ok: bool, value: Any, now: float,
     ) -> tuple[tuple[Any, ...], EffectOutcome, NewEvent]:
+        if ok and type(value) is DispatchResult and value.outcome is DispatchOutcome.CONFIRMED:
+            # The common answer, with no branch to weigh.
+            ref, error = value.external_ref, value.error
+            return (
+                ("CONFIRMED", None, _json_or_text(value.response), error, ref, 0, now, effect.key, token),
+                EffectOutcome(key=effect.key, outcome=DispatchOutcome.CONFIRMED, status=EffectStatus.CONFIRMED,
+                              attempts=attempts, error=error),
+                _effect_event(effect.key, effect.connector, effect.tool, "CONFIRMED", attempt=attempts,
+                              outcome="CONFIRMED", error=error, external_ref=ref),
+            )
         can_observe = self._can_observe(effect.connector)
         non_idem = effect.semantics is Semantics.NON_IDEMPOTENT
         outcome: DispatchOutcome | None = None
@@ -1059,6 +1070,21 @@ class Outbox:
     def _fenced_update(tx: Tx, rows: Sequence[tuple[Any, ...]], held: str) -> set[str]:
         """Apply completions ``(status, next_at, response, error, ref, flagged, now, key, token)`` where the
         lease token still matches, one statement per chunk; returns the keys that were still held."""
+        if tx.dialect == SQLITE and rows:
+            # One prepared statement run per completion: when every lease was still held (the rule) the count
+            # of changed rows says so. Otherwise undo it and take the statement that names the keys held.
+            tx.execute("SAVEPOINT em_fenced")
+            changed = tx.raw.executemany(
+                "UPDATE em_effects SET status = ?, next_attempt_at = ?, response = COALESCE(?, response), error = ?, "
+                "external_ref = COALESCE(?, external_ref), flagged = ?, lease_owner = NULL, updated_at = ? "
+                f"WHERE key = ? AND lease_token = ? AND status = '{held}'",
+                rows,
+            ).rowcount
+            if changed == len(rows):
+                tx.execute("RELEASE em_fenced")
+                return {row[7] for row in rows}
+            tx.execute("ROLLBACK TO em_fenced")
+            tx.execute("RELEASE em_fenced")
         done: set[str] = set()
         row_sql = ("(CAST(? AS TEXT), CAST(? AS DOUBLE PRECISION), CAST(? AS TEXT), CAST(? AS TEXT), "
                    "CAST(? AS TEXT), CAST(? AS INTEGER), CAST(? AS DOUBLE PRECISION), CAST(? AS TEXT), "

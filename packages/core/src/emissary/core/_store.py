@@ -232,9 +232,10 @@ class SQLStore:
         now = self.clock.now()
         if tx.dialect == POSTGRES:
             tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
-        counts: dict[str, int] = {}
-        for ev in events:
-            counts[ev.stream] = counts.get(ev.stream, 0) + 1
+        counts: dict[str, int] = {events[0].stream: len(events)} if len(events) == 1 else {}
+        if not counts:
+            for ev in events:
+                counts[ev.stream] = counts.get(ev.stream, 0) + 1
         next_seq: dict[str, int] = {}
         for stream, n in counts.items():
             row = tx.one(
