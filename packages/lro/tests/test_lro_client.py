@@ -540,6 +540,55 @@ def test_batched_resumes_commit_together(tmp_path: Any, clock: FakeClock) -> Non
         assert c.scheduler.pending() == 2
 
 
+def test_a_handler_changing_another_operation_of_its_batch_is_seen_by_that_operations_resume(
+    tmp_path: Any, clock: FakeClock
+) -> None:
+    # The chunk's rows are read once up front; a row a handler writes meanwhile must not be served stale.
+    cfg = Config(neuron="svc", store=f"sqlite:///{tmp_path}/x.db", resume_batch=10)
+    with LroClient(cfg, clock=clock) as c:
+        ran: list[str] = []
+
+        def handler(op: Operation) -> None:
+            ran.append(op.name)
+            if op.name == "operations/x0":
+                c.get_operation("operations/x1").complete({"by": "x0"})
+                c.get_operation("operations/x2").set_private_state({"moved": True}).resume_via_tasks("h", 60)
+            op.complete({"by": op.name})
+
+        c.add_resumable_handlers(ResumableHandler("h", handler))
+        for i in range(3):
+            c.new_operation(f"operations/x{i}").resume_via_tasks("h")
+        assert c.run_due() == 3
+        assert ran == ["operations/x0"]  # x1 was already done, x2's first callback was superseded
+        x1 = c.get_operation_pb("operations/x1")
+        response = struct_pb2.Struct()
+        x1.response.Unpack(response)
+        assert response["by"] == "x0"
+        assert c.get_operation("operations/x2").decode_private_state() == {"moved": True}
+        assert not c.get_operation_pb("operations/x2").done
+        clock.advance(60)
+        assert c.run_due() == 1 and ran[-1] == "operations/x2"
+        assert c.core_store is not None
+        events = Journal(c.core_store).read(0, subjects=["lro.operation.done"])
+        assert sorted(e.data["name"] for e in events) == ["operations/x0", "operations/x1", "operations/x2"]
+
+
+def test_reads_inside_a_batch_see_the_batchs_own_writes(client: LroClient) -> None:
+    with client.batch():
+        op = client.new_operation("operations/rw", {"step": 0}, private_state={"n": 1})
+        op.set_private_state({"n": 2}).save_metadata({"step": 1})
+        again = client.get_operation("operations/rw")
+        assert again.version == op.version == 2
+        assert again.decode_private_state() == {"n": 2} and unmarshal_metadata(again, dict) == {"step": 1}
+        client.cancel_operation("operations/rw")  # never scheduled: cancelled at once, inside the batch
+        assert client.get_operation("operations/rw").done
+        with pytest.raises(LeaseLostError):
+            op.save_private_state({"n": 3})  # a stale copy still loses its compare-and-set
+    pb = client.get_operation_pb("operations/rw")
+    assert pb.done and pb.error.code == code_pb2.CANCELLED
+    assert client.get_operation("operations/rw").decode_private_state() == {"n": 2}
+
+
 def test_timers_of_other_topics_are_left_for_their_engine(client: LroClient) -> None:
     client.scheduler.schedule("other.topic", {"x": 1}, at=0.0, key="other")
     assert client.run_due() == 0

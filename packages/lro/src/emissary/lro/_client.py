@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 from emissary.core import (
@@ -161,6 +161,25 @@ def parse_filter(text: str) -> tuple[bool | None, str, str | None]:
     return done, prefix, exact
 
 
+class _ClientBatch:
+    """The context manager of ``LroClient.batch``: the store's batch, with ``BatchAborted`` reported as
+    ``TransientError``."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: contextlib.AbstractContextManager[Any]) -> None:
+        self._inner = inner
+
+    def __enter__(self) -> None:
+        self._inner.__enter__()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            return bool(self._inner.__exit__(exc_type, exc, tb))
+        except BatchAborted as aborted:
+            raise TransientError(f"the batch was rolled back: {aborted}") from aborted
+
+
 class LroClient:
     """Long-running operations in the ``google.longrunning`` shape, resumed by callbacks.
 
@@ -287,8 +306,7 @@ class LroClient:
     def handlers(self) -> Mapping[str, ResumableHandler]:
         return dict(self._handlers)
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> contextlib.AbstractContextManager[None]:
         """Commit every operation change made on this thread inside the block in one transaction.
 
         ``new_operation`` followed by ``resume_via_tasks`` then costs one commit, and creating many
@@ -297,6 +315,7 @@ class LroClient:
 
         Raises:
             ConfigError: the store has no transactions spanning calls (it is not an emissary SQL store).
+            TransientError: the batch could not be committed and was rolled back.
         """
         batch = getattr(self.store, "batch", None)
         if batch is None:
@@ -304,11 +323,7 @@ class LroClient:
                 f"{type(self.store).__name__} cannot group calls into one transaction; use a SQL store",
                 field="lro.store", value=type(self.store).__name__,
             )
-        try:
-            with batch():
-                yield
-        except BatchAborted as exc:
-            raise TransientError(f"the batch was rolled back: {exc}") from exc
+        return _ClientBatch(batch())
 
     # -- operations ------------------------------------------------------------------------------
     def new_operation(
@@ -485,17 +500,19 @@ class LroClient:
         record = op._snapshot(resume_path=path, resume_token=token)
         expected_version = op.version
         if self._atomic_timers():
-            assert isinstance(self.store, SQLOperationStore)
-            with self.store.batch() as tx:
-                # The timer first: if the save then loses (LeaseLostError) the timer carries a token that
-                # never becomes current and is acknowledged as stale, so no savepoint is needed.
-                self.store.store.enqueue(
-                    TIMER_QUEUE,
-                    [(f"lro-{token}", {"topic": self.resume_topic, "payload": self._payload(record.name, path, token)},
-                      self.store.now() + float(seconds))],
-                    tx=tx,
-                )
-                return self.store.save(record, expected_version=expected_version)
+            store = self.store
+            assert isinstance(store, SQLOperationStore)
+            # The timer first: if the save then loses (LeaseLostError) the timer carries a token that never
+            # becomes current and is acknowledged as stale, so no savepoint is needed.
+            timer = [(f"lro-{token}", {"topic": self.resume_topic, "payload": self._payload(record.name, path, token)},
+                      store.now() + float(seconds))]
+            tx = store.current_tx()
+            if tx is not None:
+                store.store.enqueue(TIMER_QUEUE, timer, tx=tx)
+                return store.save(record, expected_version=expected_version)
+            with store.batch() as tx:
+                store.store.enqueue(TIMER_QUEUE, timer, tx=tx)
+                return store.save(record, expected_version=expected_version)
         saved = self.store.save(record, expected_version=expected_version)
         self._schedule(saved, path, token, float(seconds), key=f"lro-{token}")
         return saved
@@ -505,13 +522,16 @@ class LroClient:
         _call(self.scheduler.schedule, self.resume_topic, self._payload(record.name, path, token), at, key=key)
 
     # -- resuming --------------------------------------------------------------------------------
-    def _begin(self, name: str, path: str, token: str | None) -> tuple[ResumeOutcome | None, Operation | None, Any]:
+    def _begin(
+        self, name: str, path: str, token: str | None, record: OperationRecord | None = None
+    ) -> tuple[ResumeOutcome | None, Operation | None, Any]:
         handler = self._handlers.get(path)
         if handler is None:
             raise NotFoundError(
                 f"no resumable handler at path {path!r}; registered: {', '.join(sorted(self._handlers)) or 'none'}"
             )
-        record = self.store.get(name)
+        if record is None:
+            record = self.store.get(name)
         if record.done:
             return ResumeOutcome.ALREADY_DONE, None, None
         if token is not None and token != record.resume_token:
@@ -565,7 +585,10 @@ class LroClient:
             NotFoundError: no such operation, or no handler at ``path``.
             TransientError: the handler asked to be called again later.
         """
-        outcome, op, fn = self._begin(name, path, token)
+        return self._resume(name, path, token, None)
+
+    def _resume(self, name: str, path: str, token: str | None, record: OperationRecord | None) -> ResumeOutcome:
+        outcome, op, fn = self._begin(name, path, token, record)
         if outcome is not None:
             return outcome
         assert op is not None
@@ -651,8 +674,14 @@ class LroClient:
                 r: list[Lease] = []
                 try:
                     with self.store.batch() as tx:
+                        # One read for the chunk; rows a handler writes meanwhile are served from the batch.
+                        read = self.store.get_many([str(lease.payload["payload"].get("name")) for lease in chunk])
+                        written = self.store.written()
                         for lease in chunk:
-                            (d if self._fire_direct(lease) else r).append(lease)
+                            p = lease.payload["payload"]
+                            name = str(p.get("name"))
+                            record = written.get(name) or read.get(name)
+                            (d if self._fire_payload(lease.key, p, record) else r).append(lease)
                         core.complete(d, tx=tx)
                         if r:
                             core.release(r, delay=self.config.retry_delay, tx=tx)
@@ -690,9 +719,9 @@ class LroClient:
     def _fire_direct(self, lease: Lease) -> bool:
         return self._fire_payload(lease.key, lease.payload["payload"])
 
-    def _fire_payload(self, key: str, p: Mapping[str, Any]) -> bool:
+    def _fire_payload(self, key: str, p: Mapping[str, Any], record: OperationRecord | None = None) -> bool:
         try:
-            self.resume(p["name"], p["path"], p.get("token"))
+            self._resume(p["name"], p["path"], p.get("token"), record)
             return True
         except NotFoundError as exc:
             log.warning("callback %s dropped: %s", key, exc)

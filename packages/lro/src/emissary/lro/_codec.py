@@ -16,18 +16,22 @@ from google.protobuf.message import Message
 
 T = TypeVar("T")
 
+# One encoder and one decoder for every operation: ``json.dumps`` with options builds a new encoder per call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_decode_json = json.JSONDecoder().decode
+_STRUCT_URL = "type.googleapis.com/google.protobuf.Struct"
+
 
 def pack_any(value: Any, *, field: str) -> any_pb2.Any:
     """``value`` (a message, a mapping, a dataclass or a pydantic model) as an ``Any``."""
-    out = any_pb2.Any()
     if type(value) is dict:
         struct = struct_pb2.Struct()
         try:
             struct.update(value)
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"{field} cannot be packed as google.protobuf.Struct: {exc}", field=field) from exc
-        out.Pack(struct)
-        return out
+        return any_pb2.Any(type_url=_STRUCT_URL, value=struct.SerializeToString())
+    out = any_pb2.Any()
     if isinstance(value, any_pb2.Any):
         out.CopyFrom(value)
         return out
@@ -73,9 +77,9 @@ def to_jsonable(value: Any, *, field: str) -> Any:
 
 def encode_state(value: Any) -> bytes:
     """Private state as compact JSON bytes."""
-    data = to_jsonable(value, field="private_state")
+    data = value if type(value) is dict else to_jsonable(value, field="private_state")
     try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return _encode_json(data).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"private_state must be JSON-serialisable: {exc}", field="private_state") from exc
 
@@ -105,7 +109,10 @@ def from_jsonable(data: Any, type_: type[T] | None, *, field: str) -> T:
 def decode_state(raw: bytes | None, type_: type[T] | None) -> T | None:
     if raw is None:
         return None
-    return from_jsonable(json.loads(raw), type_, field="private_state")
+    data = _decode_json(raw.decode("utf-8"))
+    if type_ is None or type_ is dict:
+        return data  # type: ignore[no-any-return]
+    return from_jsonable(data, type_, field="private_state")
 
 
 def unpack_any(value: any_pb2.Any, type_: type[T] | None, *, field: str) -> T:

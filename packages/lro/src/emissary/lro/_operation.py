@@ -41,7 +41,7 @@ class Operation:
     is stale: load the operation again with ``client.get_operation``.
     """
 
-    __slots__ = ("_client", "_pb", "_point", "_record", "_state")
+    __slots__ = ("_client", "_pb", "_point", "_raw", "_record", "_state")
 
     def __init__(self, client: LroClient, record: OperationRecord, pb: operations_pb2.Operation | None = None) -> None:
         self._client = client
@@ -49,6 +49,9 @@ class Operation:
         self._state = record.state
         self._point = record.resume_point
         self._pb = pb if pb is not None else operations_pb2.Operation.FromString(record.operation)
+        # The serialised ``_pb`` while it is unchanged, so saves that only touch the state or the resume
+        # point do not serialise it again. Every change to ``_pb`` clears it.
+        self._raw: bytes | None = record.operation
 
     def __repr__(self) -> str:
         return f"Operation({self.name!r}, version={self.version}, done={self.done})"
@@ -104,6 +107,7 @@ class Operation:
         """Replace the metadata (a protobuf message or a dict packed as ``google.protobuf.Struct``)."""
         self._open()
         self._pb.metadata.CopyFrom(pack_any(metadata, field="metadata"))
+        self._raw = None
         return self
 
     def save_metadata(self, metadata: Any) -> Operation:
@@ -134,8 +138,11 @@ class Operation:
 
     def _snapshot(self, resume_path: str | None = None, resume_token: str | None = None) -> OperationRecord:
         r = self._record
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = self._pb.SerializeToString(deterministic=True)
         return OperationRecord(
-            name=r.name, operation=self._pb.SerializeToString(deterministic=True), state=self._state,
+            name=r.name, operation=raw, state=self._state,
             resume_point=self._point, update_time=r.update_time, version=r.version, done=self._pb.done,
             cancel_requested=r.cancel_requested, resume_path=resume_path or r.resume_path,
             resume_token=resume_token or r.resume_token,
@@ -157,9 +164,11 @@ class Operation:
         ``google.protobuf.Empty``)."""
         self._open()
         packed = pack_any(empty_pb2.Empty() if response is None else response, field="response")
-        self._pb.ClearField("error")
-        self._pb.response.CopyFrom(packed)
-        self._pb.done = True
+        pb = self._pb
+        pb.ClearField("error")
+        pb.response.CopyFrom(packed)
+        pb.done = True
+        self._raw = None
         return self._save_final()
 
     def fail(self, message: str, *args: Any, code: Any = code_pb2.UNKNOWN) -> Operation:
@@ -179,6 +188,7 @@ class Operation:
         self._pb.ClearField("response")
         self._pb.error.CopyFrom(status_pb2.Status(code=number, message=text))
         self._pb.done = True
+        self._raw = None
         return self._save_final()
 
     def _save_final(self) -> Operation:
@@ -187,6 +197,7 @@ class Operation:
         except BaseException:
             # The write did not happen: this copy must not claim to be done either.
             self._pb.done = False
+            self._raw = None
             raise
         return self
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 from emissary.core import LeaseLostError, Migration, NewEvent, NotFoundError, SQLStore, Tx
 from emissary.core.errors import AlreadyExistsError
@@ -178,33 +178,19 @@ class SQLOperationStore:
         self.neuron = neuron
         store.migrate("lro", LRO_MIGRATIONS_SQLITE if store.dialect == "sqlite" else LRO_MIGRATIONS)
         self._local = threading.local()
+        self._stream = f"lro/{neuron}"
 
     # -- transactions ----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[Tx]:
+    def batch(self) -> contextlib.AbstractContextManager[Tx]:
         """One transaction that every call on this thread joins until the outermost block ends; committed
         at its end, rolled back if it raises. A nested block simply joins the outer transaction.
 
         Each call inside is one statement; the journal events of the operations completed inside are
         appended together at the end, in the same transaction (if that fails, ``BatchAborted`` and nothing
-        of the batch happens)."""
-        current: Tx | None = getattr(self._local, "tx", None)
-        if current is not None:
-            yield current
-            return
-        with self.store.transaction() as tx:
-            self._local.tx = tx
-            self._local.done = []
-            try:
-                yield tx
-                if self._local.done:
-                    try:
-                        self._append_done(tx, self._local.done)
-                    except Exception as exc:
-                        raise BatchAborted(f"could not journal the completions of this batch: {exc}") from exc
-            finally:
-                self._local.tx = None
-                self._local.done = []
+        of the batch happens). Rows written inside are remembered until the block ends, so reading one of
+        them again costs no query: the open transaction holds their write locks, so nobody else can change
+        them meanwhile."""
+        return _Batch(self)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Tx]:
@@ -216,44 +202,51 @@ class SQLOperationStore:
             return
         yield current
 
-    def _append_done_or_abort(self, tx: Tx, record: OperationRecord) -> None:
-        if self.current_tx() is tx:
-            self._local.done.append(record)  # appended with the rest of the batch, before it commits
-        else:
-            self._append_done(tx, [record])
-
     def current_tx(self) -> Tx | None:
         """The batch transaction open on this thread, if any."""
         return getattr(self._local, "tx", None)
+
+    def written(self) -> Mapping[str, OperationRecord]:
+        """The rows the batch open on this thread wrote, by name, as they now stand (empty outside a batch)."""
+        written: dict[str, OperationRecord] | None = getattr(self._local, "written", None)
+        return written if written is not None else {}
 
     def now(self) -> float:
         return self.store.clock.now()
 
     # -- OperationStore --------------------------------------------------------------------------
     def create(self, record: OperationRecord) -> OperationRecord:
-        out = _with(record, version=1, update_time=self.now())
-        with self._tx() as tx:
-            row = tx.one(
-                f"INSERT INTO lro_operations (Neuron, {_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (Neuron, key) DO NOTHING RETURNING Version",
-                (self.neuron, *self._values(out)),
-            )
-            if row is None:
-                raise AlreadyExistsError(f"operation {record.name!r} already exists; choose another id")
+        out = _with(record, version=1, update_time=self.store.clock.now())
+        tx: Tx | None = getattr(self._local, "tx", None)
+        if tx is not None:
+            self._insert(tx, out)
             if out.done:
-                self._append_done_or_abort(tx, out)
+                self._local.done.append(out)  # journalled with the rest of the batch, before it commits
+            self._local.written[out.name] = out
+            return out
+        with self.store.transaction() as tx:
+            self._insert(tx, out)
+            if out.done:
+                self._append_done(tx, [out])
         return out
 
-    def _values(self, r: OperationRecord) -> tuple[Any, ...]:
-        return (
-            r.name, r.operation, r.state, r.resume_point, r.update_time, r.version, int(r.done),
-            int(r.cancel_requested), r.resume_path, r.resume_token,
+    def _insert(self, tx: Tx, r: OperationRecord) -> None:
+        n = tx.rowcount(
+            f"INSERT INTO lro_operations (Neuron, {_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (Neuron, key) DO NOTHING",
+            (self.neuron, r.name, r.operation, r.state, r.resume_point, r.update_time, r.version, int(r.done),
+             int(r.cancel_requested), r.resume_path, r.resume_token),
         )
+        if n != 1:
+            raise AlreadyExistsError(f"operation {r.name!r} already exists; choose another id")
 
     def get(self, name: str) -> OperationRecord:
-        current = self.current_tx()
+        current: Tx | None = getattr(self._local, "tx", None)
         sql = f"SELECT {_COLS} FROM lro_operations WHERE Neuron = ? AND key = ?"
         if current is not None:
+            mine: OperationRecord | None = self._local.written.get(name)
+            if mine is not None:
+                return mine  # written by the open batch, which holds the row's lock
             row = current.one(sql, (self.neuron, name))
         else:
             with self.store.read() as tx:
@@ -262,39 +255,75 @@ class SQLOperationStore:
             raise NotFoundError(f"operation {name!r} not found")
         return _record(row)
 
-    def save(self, record: OperationRecord, *, expected_version: int) -> OperationRecord:
-        now = self.now()
-        out = _with(record, version=expected_version + 1, update_time=now)
-        with self._tx() as tx:
-            row = tx.one(
-                "UPDATE lro_operations SET Operation = ?, State = ?, ResumePoint = ?, UpdateTime = ?, "
-                "Version = ?, Done = ?, ResumePath = ?, ResumeToken = ? "
-                "WHERE Neuron = ? AND key = ? AND Version = ? AND Done = 0 RETURNING CancelRequested",
-                (out.operation, out.state, out.resume_point, now, out.version, int(out.done), out.resume_path,
-                 out.resume_token, self.neuron, record.name, expected_version),
-            )
-            if row is None:
-                got = tx.one("SELECT Version, Done FROM lro_operations WHERE Neuron = ? AND key = ?",
-                             (self.neuron, record.name))
-                if got is None:
-                    raise NotFoundError(f"operation {record.name!r} not found")
-                if got[1]:
-                    raise OperationDoneError(f"operation {record.name!r} is done; a done operation is final")
-                raise LeaseLostError(
-                    f"operation {record.name!r} is no longer at version {expected_version} "
-                    f"(now {got[0]}): another writer saved first"
+    def get_many(self, names: Sequence[str]) -> dict[str, OperationRecord]:
+        """The stored records of ``names`` by name (missing ones left out), one statement per 500 names.
+        Inside a batch, rows the batch wrote come from memory."""
+        written = self.written()
+        out: dict[str, OperationRecord] = {}
+        wanted: list[str] = []
+        for n in dict.fromkeys(names):
+            mine = written.get(n)
+            if mine is not None:
+                out[n] = mine
+            elif isinstance(n, str):
+                wanted.append(n)
+        if not wanted:
+            return out
+        current = self.current_tx()
+        with contextlib.nullcontext(current) if current is not None else self.store.read() as tx:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                rows = tx.query(
+                    f"SELECT {_COLS} FROM lro_operations WHERE Neuron = ? AND key IN ({', '.join('?' * len(chunk))})",
+                    (self.neuron, *chunk),
                 )
-            if row[0]:
-                out = replace(out, cancel_requested=True)
+                for row in rows:
+                    rec = _record(row)
+                    out[rec.name] = rec
+        return out
+
+    def save(self, record: OperationRecord, *, expected_version: int) -> OperationRecord:
+        out = _with(record, version=expected_version + 1, update_time=self.store.clock.now())
+        tx: Tx | None = getattr(self._local, "tx", None)
+        if tx is not None:
+            out = self._update(tx, out, expected_version)
             if out.done:
-                self._append_done_or_abort(tx, out)
+                self._local.done.append(out)  # journalled with the rest of the batch, before it commits
+            self._local.written[out.name] = out
+            return out
+        with self.store.transaction() as tx:
+            out = self._update(tx, out, expected_version)
+            if out.done:
+                self._append_done(tx, [out])
+        return out
+
+    def _update(self, tx: Tx, out: OperationRecord, expected_version: int) -> OperationRecord:
+        row = tx.one(
+            "UPDATE lro_operations SET Operation = ?, State = ?, ResumePoint = ?, UpdateTime = ?, "
+            "Version = ?, Done = ?, ResumePath = ?, ResumeToken = ? "
+            "WHERE Neuron = ? AND key = ? AND Version = ? AND Done = 0 RETURNING CancelRequested",
+            (out.operation, out.state, out.resume_point, out.update_time, out.version, int(out.done),
+             out.resume_path, out.resume_token, self.neuron, out.name, expected_version),
+        )
+        if row is None:
+            got = tx.one("SELECT Version, Done FROM lro_operations WHERE Neuron = ? AND key = ?",
+                         (self.neuron, out.name))
+            if got is None:
+                raise NotFoundError(f"operation {out.name!r} not found")
+            if got[1]:
+                raise OperationDoneError(f"operation {out.name!r} is done; a done operation is final")
+            raise LeaseLostError(
+                f"operation {out.name!r} is no longer at version {expected_version} "
+                f"(now {got[0]}): another writer saved first"
+            )
+        if row[0] and not out.cancel_requested:
+            out = replace(out, cancel_requested=True)
         return out
 
     def _append_done(self, tx: Tx, records: Sequence[OperationRecord]) -> None:
-        stream = f"lro/{self.neuron}"
-        self.store.append_events(
-            [NewEvent(stream, DONE_EVENT, {"name": r.name, "neuron": self.neuron}) for r in records], tx=tx
-        )
+        stream, neuron = self._stream, self.neuron
+        self.store.append_events([NewEvent(stream, DONE_EVENT, {"name": r.name, "neuron": neuron}) for r in records],
+                                 tx=tx)
 
     def request_cancel(self, name: str) -> OperationRecord:
         with self._tx() as tx:
@@ -304,10 +333,17 @@ class SQLOperationStore:
             )
         if row is None:
             raise NotFoundError(f"operation {name!r} not found")
-        return _record(row)
+        out = _record(row)
+        written: dict[str, OperationRecord] | None = getattr(self._local, "written", None)
+        if written is not None:
+            written[name] = out
+        return out
 
     def delete(self, name: str) -> bool:
         with self._tx() as tx:
+            written: dict[str, OperationRecord] | None = getattr(self._local, "written", None)
+            if written is not None:
+                written.pop(name, None)
             return tx.rowcount("DELETE FROM lro_operations WHERE Neuron = ? AND key = ?", (self.neuron, name)) > 0
 
     def list(
@@ -330,6 +366,50 @@ class SQLOperationStore:
 
     def purge(self, older_than: float) -> int:
         with self._tx() as tx:
+            written: dict[str, OperationRecord] | None = getattr(self._local, "written", None)
+            if written is not None:
+                written.clear()
             return tx.rowcount(
                 "DELETE FROM lro_operations WHERE Neuron = ? AND UpdateTime < ?", (self.neuron, older_than)
             )
+
+
+class _Batch:
+    """The context manager of ``SQLOperationStore.batch``. A class rather than a generator: it is entered
+    once per operation on hot paths."""
+
+    __slots__ = ("_cm", "_ops", "_tx")
+
+    def __init__(self, ops: SQLOperationStore) -> None:
+        self._ops = ops
+        self._cm: contextlib.AbstractContextManager[Tx] | None = None
+        self._tx: Tx | None = None
+
+    def __enter__(self) -> Tx:
+        local = self._ops._local
+        current: Tx | None = getattr(local, "tx", None)
+        if current is not None:
+            return current  # nested: joins the outer block
+        cm = self._ops.store.transaction()
+        tx = cm.__enter__()
+        self._cm, self._tx = cm, tx
+        local.tx, local.done, local.written = tx, [], {}
+        return tx
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        cm, tx = self._cm, self._tx
+        if cm is None or tx is None:
+            return False
+        self._cm = self._tx = None
+        local = self._ops._local
+        done: list[OperationRecord] = local.done
+        local.tx, local.done, local.written = None, [], None
+        if exc_type is None and done:
+            try:
+                self._ops._append_done(tx, done)
+            except Exception as error:
+                aborted = BatchAborted(f"could not journal the completions of this batch: {error}")
+                aborted.__cause__ = error
+                cm.__exit__(BatchAborted, aborted, None)  # rolls back
+                raise aborted from error
+        return bool(cm.__exit__(exc_type, exc, tb))
