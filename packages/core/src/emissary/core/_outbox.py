@@ -974,13 +974,13 @@ class Outbox:
     ) -> tuple[tuple[Any, ...], EffectOutcome, NewEvent]:
         if ok and type(value) is DispatchResult and value.outcome is DispatchOutcome.CONFIRMED:
             # The common answer, with no branch to weigh.
-            ref, error = value.external_ref, value.error
+            said_ref, said_error = value.external_ref, value.error
             return (
-                ("CONFIRMED", None, _json_or_text(value.response), error, ref, 0, now, effect.key, token),
+                ("CONFIRMED", None, _json_or_text(value.response), said_error, said_ref, 0, now, effect.key, token),
                 EffectOutcome(key=effect.key, outcome=DispatchOutcome.CONFIRMED, status=EffectStatus.CONFIRMED,
-                              attempts=attempts, error=error),
+                              attempts=attempts, error=said_error),
                 _effect_event(effect.key, effect.connector, effect.tool, "CONFIRMED", attempt=attempts,
-                              outcome="CONFIRMED", error=error, external_ref=ref),
+                              outcome="CONFIRMED", error=said_error, external_ref=said_ref),
             )
         can_observe = self._can_observe(effect.connector)
         non_idem = effect.semantics is Semantics.NON_IDEMPOTENT
