@@ -217,6 +217,7 @@ class LroClient:
         self._atomic: bool | None = None
         # Resume tokens only need to be unique: a random prefix per client and a counter.
         self._token_prefix = secrets.token_hex(8)
+        self._topic = f"{RESUME_TOPIC}.{config.neuron}"
         self._token_seq = itertools.count(1)
 
     # -- construction ----------------------------------------------------------------------------
@@ -279,7 +280,7 @@ class LroClient:
     @property
     def resume_topic(self) -> str:
         """The scheduler topic of this neuron's callbacks: ``lro.resume.{neuron}``."""
-        return f"{RESUME_TOPIC}.{self.config.neuron}"
+        return self._topic
 
     # -- handlers --------------------------------------------------------------------------------
     def add_resumable_handlers(self, *handlers: ResumableHandler) -> None:
@@ -491,7 +492,7 @@ class LroClient:
         return url + (f"&token={token}" if token else "")
 
     def _save_and_schedule(self, op: Operation, path: str, delay: timedelta | float) -> OperationRecord:
-        if not isinstance(path, str) or not _PATH.match(path):
+        if not isinstance(path, str) or (path not in self._handlers and not _PATH.match(path)):
             raise ConfigError(f"resume path must look like 'create-agent', got {path!r}", field="path", value=path)
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
@@ -504,7 +505,7 @@ class LroClient:
             assert isinstance(store, SQLOperationStore)
             # The timer first: if the save then loses (LeaseLostError) the timer carries a token that never
             # becomes current and is acknowledged as stale, so no savepoint is needed.
-            timer = [(f"lro-{token}", {"topic": self.resume_topic, "payload": self._payload(record.name, path, token)},
+            timer = [(f"lro-{token}", {"topic": self._topic, "payload": self._payload(record.name, path, token)},
                       store.now() + float(seconds))]
             tx = store.current_tx()
             if tx is not None:
@@ -651,7 +652,7 @@ class LroClient:
         for lease in leases:
             p: dict[str, Any] = lease.payload if isinstance(lease.payload, dict) else {}
             inner = p.get("payload")
-            if p.get("topic") == self.resume_topic and isinstance(inner, dict):
+            if p.get("topic") == self._topic and isinstance(inner, dict):
                 mine.append(lease)
             else:
                 others.append(lease)
