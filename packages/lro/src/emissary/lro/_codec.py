@@ -109,7 +109,7 @@ def from_jsonable(data: Any, type_: type[T] | None, *, field: str) -> T:
 def decode_state(raw: bytes | None, type_: type[T] | None) -> T | None:
     if raw is None:
         return None
-    data = _decode_json(raw.decode("utf-8"))
+    data = _decode_json(raw.decode("utf-8")) if type(raw) is bytes else json.loads(raw)
     if type_ is None or type_ is dict:
         return data  # type: ignore[no-any-return]
     return from_jsonable(data, type_, field="private_state")
