@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported")
     args = parser.parse_args(argv)
     n = args.ops
-    ratios: dict[str, float] = {}
+    batched: dict[str, float] = {}
     per_op: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="emissary-bench-lro-") as tmp:
         counter = iter(range(10_000))
@@ -193,11 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             print("|---|---:|---:|---:|")
             for name, secs in rows:
                 print(f"| {name} | {secs:.3f} | {n / secs:,.0f} | {base / secs:.2f}x |")
-            ratios[sync] = base / rows[-1][1]
+            batched[sync] = base / rows[-1][1]
             per_op[sync] = base / dict(rows)[PER_OPERATION]
-    print(f"\none batch (one commit) per operation: {per_op['FULL']:.2f}x fsynced, {per_op['NORMAL']:.2f}x not fsynced")
-    print(f"with synchronous=NORMAL (commits not fsynced): {ratios['NORMAL']:.2f}x")
-    print(f"lro vs alis sequence: {ratios['FULL']:.2f}x (goal >= 1.5)")
+    # The goal is read on the row a service sees (each operation created by its own request, one commit per
+    # operation), fsynced on both sides like an alis save on Spanner.
+    print(f"\n100 operations per batch: {batched['FULL']:.2f}x fsynced, {batched['NORMAL']:.2f}x not fsynced")
+    print(f"one batch per operation with synchronous=NORMAL (commits not fsynced): {per_op['NORMAL']:.2f}x")
+    print(f"lro vs alis sequence: {per_op['FULL']:.2f}x (goal >= 1.5)")
     return 0
 
 
