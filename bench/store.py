@@ -30,30 +30,33 @@ from typing import Any, Callable
 
 from emissary.core import NewEvent, open_store
 
+# The raw tables have the same columns, keys and indexes as the store's own (CORE_MIGRATIONS), so that
+# the comparison measures the code path, not the schema.
 RAW_EVENTS_DDL = {
     "sqlite": (
-        "CREATE TABLE raw_streams (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);"
-        "CREATE TABLE raw_events (position INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL, "
-        "seq INTEGER NOT NULL, subject TEXT NOT NULL, type TEXT NOT NULL, data TEXT, time REAL NOT NULL, "
-        "UNIQUE (stream, seq))"
+        "CREATE TABLE raw_streams (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;"
+        "CREATE TABLE raw_events (position INTEGER PRIMARY KEY, stream TEXT NOT NULL, "
+        "seq INTEGER NOT NULL, subject TEXT NOT NULL, type TEXT NOT NULL, data TEXT, time REAL NOT NULL)"
     ),
     "postgresql": (
         "CREATE TABLE raw_streams (stream TEXT PRIMARY KEY, last_seq BIGINT NOT NULL);"
         "CREATE TABLE raw_events (position BIGSERIAL PRIMARY KEY, stream TEXT NOT NULL, "
         "seq BIGINT NOT NULL, subject TEXT NOT NULL, type TEXT NOT NULL, data TEXT, "
-        "time DOUBLE PRECISION NOT NULL, UNIQUE (stream, seq))"
+        "time DOUBLE PRECISION NOT NULL)"
     ),
 }
 RAW_QUEUE_DDL = {
     "sqlite": (
-        "CREATE TABLE raw_queue (key TEXT PRIMARY KEY, payload TEXT, available_at REAL NOT NULL, "
-        "lease_owner TEXT, lease_token INTEGER NOT NULL DEFAULT 0, lease_expires REAL);"
-        "CREATE INDEX raw_queue_due ON raw_queue (available_at)"
+        "CREATE TABLE raw_queue (queue TEXT NOT NULL, key TEXT NOT NULL, payload TEXT, "
+        "available_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, "
+        "lease_token INTEGER NOT NULL DEFAULT 0, lease_expires REAL, PRIMARY KEY (queue, key)) WITHOUT ROWID;"
+        "CREATE INDEX raw_queue_due ON raw_queue (queue, available_at)"
     ),
     "postgresql": (
-        "CREATE TABLE raw_queue (key TEXT PRIMARY KEY, payload TEXT, available_at DOUBLE PRECISION NOT NULL, "
-        "lease_owner TEXT, lease_token BIGINT NOT NULL DEFAULT 0, lease_expires DOUBLE PRECISION);"
-        "CREATE INDEX raw_queue_due ON raw_queue (available_at)"
+        "CREATE TABLE raw_queue (queue TEXT NOT NULL, key TEXT NOT NULL, payload TEXT, "
+        "available_at DOUBLE PRECISION NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, "
+        "lease_token BIGINT NOT NULL DEFAULT 0, lease_expires DOUBLE PRECISION, PRIMARY KEY (queue, key));"
+        "CREATE INDEX raw_queue_due ON raw_queue (queue, available_at)"
     ),
 }
 STREAMS = 20
@@ -234,34 +237,34 @@ def lease_raw(backend: Backend, rows: int, batch: int) -> float:
         backend.ddl(conn, RAW_QUEUE_DDL[backend.dialect])
         backend.begin(conn)
         conn.cursor().executemany(
-            backend.sql("INSERT INTO raw_queue (key, payload, available_at) VALUES (?, ?, ?)"),
-            [(f"job-{i}", json.dumps({"i": i}), 0.0) for i in range(rows)],
+            backend.sql("INSERT INTO raw_queue (queue, key, payload, available_at) VALUES (?, ?, ?, ?)"),
+            [("bench", f"job-{i}", json.dumps({"i": i}), 0.0) for i in range(rows)],
         )
         backend.commit(conn)
         skip = " FOR UPDATE SKIP LOCKED" if backend.dialect == "postgresql" else ""
         claim = backend.sql(
-            "UPDATE raw_queue SET lease_owner = ?, lease_token = lease_token + 1, lease_expires = ? "
-            "WHERE key IN (SELECT key FROM raw_queue WHERE available_at <= ? AND "
-            f"(lease_expires IS NULL OR lease_expires <= ?) ORDER BY available_at LIMIT ?{skip}) "
+            "UPDATE raw_queue SET lease_owner = ?, lease_token = lease_token + 1, lease_expires = ?, "
+            "attempts = attempts + 1 WHERE (queue, key) IN (SELECT queue, key FROM raw_queue WHERE queue = ? "
+            f"AND available_at <= ? AND (lease_expires IS NULL OR lease_expires <= ?) ORDER BY available_at LIMIT ?{skip}) "
             "RETURNING key, payload, lease_token"
         )
-        complete = backend.sql("DELETE FROM raw_queue WHERE key = ? AND lease_token = ?")
+        complete = backend.sql("DELETE FROM raw_queue WHERE queue = ? AND key = ? AND lease_token = ?")
         started = time.perf_counter()
         done = 0
         while True:
             now = time.time()
             backend.begin(conn)
-            got = conn.execute(claim, ("bench", now + 60, now, now, batch)).fetchall()
+            got = conn.execute(claim, ("owner", now + 60, "bench", now, now, batch)).fetchall()
             backend.commit(conn)
             if not got:
                 break
             leases = [(k, json.loads(p), t) for k, p, t in got]
             backend.begin(conn)
             if len(leases) == 1:
-                assert conn.execute(complete, (leases[0][0], leases[0][2])).rowcount == 1
+                assert conn.execute(complete, ("bench", leases[0][0], leases[0][2])).rowcount == 1
             else:
                 cur = conn.cursor()
-                cur.executemany(complete, [(k, t) for k, _, t in leases])
+                cur.executemany(complete, [("bench", k, t) for k, _, t in leases])
             backend.commit(conn)
             done += len(leases)
         elapsed = time.perf_counter() - started
