@@ -7,8 +7,8 @@ workload, three rows are measured in the same run on fresh databases:
 - ``raw per-row``: the bare driver (sqlite3 / psycopg) doing the same rows with one commit per row;
 - ``raw batch``: the bare driver doing the same rows with one commit per batch (``executemany``).
 
-Journal append writes events with a per-stream sequence and JSON data; the raw rows insert the same
-columns (the raw batch computes sequences in Python, which the store must do in SQL). Lease claim/complete
+Journal append writes events with a per-stream sequence (one counter upsert per stream per batch, as the
+store does) and JSON data into tables with the store's own columns, keys and indexes. Lease claim/complete
 leases queued items with a fencing token and deletes them, checking the token, in two transactions per
 batch; the raw rows run the same statements.
 
