@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from .._outbox import Outbox
+from .._outbox import ObligationStatus, Outbox
 from .._protocols import capabilities_of
 from .._store import open_store
 from .._values import (
@@ -19,8 +19,10 @@ from .._values import (
     Obligation,
     Observation,
     ObservationOutcome,
+    Semantics,
 )
 from .._worker import CallRunner
+from ..errors import ConfigError, NotFoundError
 
 
 class ConnectorContract:
@@ -91,14 +93,16 @@ class ConnectorContract:
     # -- observe -----------------------------------------------------------------------------
     def test_observe_before_dispatch_is_absent_or_unknown(self, connector: Any, call: Any) -> None:
         if not capabilities_of(connector).can_observe:
-            pytest.skip("connector cannot observe")
+            self._check_cannot_observe(connector)
+            return
         seen = call(connector.observe, self.make_effect(self.new_key()))
         assert isinstance(seen, Observation)
         assert seen.outcome in (ObservationOutcome.ABSENT, ObservationOutcome.UNKNOWN)
 
     def test_observe_after_dispatch_is_confirmed_or_unknown(self, connector: Any, call: Any) -> None:
         if not capabilities_of(connector).can_observe:
-            pytest.skip("connector cannot observe")
+            self._check_cannot_observe(connector)
+            return
         effect = self.make_effect(self.new_key())
         call(connector.dispatch, effect)
         seen = call(connector.observe, effect)
@@ -107,7 +111,8 @@ class ConnectorContract:
     # -- compensate --------------------------------------------------------------------------
     def test_compensate_returns_a_compensation_result(self, connector: Any, call: Any) -> None:
         if not capabilities_of(connector).can_compensate:
-            pytest.skip("connector cannot compensate")
+            self._check_cannot_compensate(connector)
+            return
         effect = self.make_effect(self.new_key())
         call(connector.dispatch, effect)
         ob = Obligation(effect_key=effect.key, kind="contract", payload={"why": "contract"}, attempt=1,
@@ -115,6 +120,42 @@ class ConnectorContract:
         first = call(connector.compensate, ob)
         again = call(connector.compensate, ob)
         assert isinstance(first, CompensationResult) and isinstance(again, CompensationResult)
+
+    # -- what the engine does for a connector without a capability ---------------------------
+    def _check_cannot_observe(self, connector: Any) -> None:
+        """A connector that cannot observe gets no NON_IDEMPOTENT effect without another safety net, and
+        nothing is stored for the refused effect."""
+        store = open_store("memory://")
+        outbox = Outbox(store, connectors={self.connector_name: connector})
+        try:
+            base = self.make_effect(self.new_key())
+            risky = Effect(key=base.key, connector=base.connector, payload=base.payload, tool=base.tool,
+                           semantics=Semantics.NON_IDEMPOTENT)
+            with pytest.raises(ConfigError):
+                outbox.submit(risky)
+            with pytest.raises(NotFoundError):
+                outbox.get(risky.key)
+        finally:
+            outbox.close()
+            store.close()
+
+    def _check_cannot_compensate(self, connector: Any) -> None:
+        """A compensation owed through a connector that cannot compensate is never dropped: it ends STUCK,
+        visible, with the reason."""
+        store = open_store("memory://")
+        outbox = Outbox(store, connectors={self.connector_name: connector}, compensation_attempts=1)
+        try:
+            effect = self.make_effect(self.new_key())
+            outbox.submit(effect)
+            outbox.drain()
+            outbox.register_compensation(effect.key, "contract", {"why": "contract"}, due=True)
+            outbox.compensate_once()
+            (owed,) = outbox.obligations(effect_key=effect.key)
+            assert owed.status is ObligationStatus.STUCK, owed.status
+            assert owed.error and "no compensator" in owed.error
+        finally:
+            outbox.close()
+            store.close()
 
     # -- through the engine ------------------------------------------------------------------
     def test_end_to_end_through_the_outbox(self, connector: Any) -> None:
