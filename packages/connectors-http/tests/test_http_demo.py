@@ -23,3 +23,22 @@ def test_demo_part_confirms_every_effect_once(tmp_path: Path) -> None:
     assert figures["keys performed twice"] == 0
     assert figures["answered 500 (injected)"] > 0
     assert figures["requests sent"] > 200
+
+
+def test_demo_part_counts_only_its_own_effects_on_a_shared_store(tmp_path: Path) -> None:
+    # `emissary demo` runs every part on one store: effects confirmed by an earlier part must not end this
+    # part's wait before its own effects are delivered.
+    from emissary.core import Effect, Outbox, open_store
+    from emissary.core.testing import FakeConnector
+
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    store = open_store(url)
+    earlier = Outbox(store, {"earlier": FakeConnector()})
+    earlier.submit_many([Effect(key=f"earlier-{i}", connector="earlier", payload={}) for i in range(300)])
+    earlier.drain()
+    earlier.close()
+    store.close()
+    ctx = DemoContext(store_url=url, workdir=str(tmp_path), size=100, quiet=True)
+    figures = HttpDemo().run(ctx)
+    assert figures["effects confirmed"] == 100
+    assert figures["requests sent"] >= 100
