@@ -37,11 +37,15 @@ class Connector(Protocol):
 
 @runtime_checkable
 class ObservingConnector(Connector, Protocol):
+    """A connector that can look up whether an effect key already took effect."""
+
     def observe(self, effect: Effect) -> Observation | Awaitable[Observation]: ...
 
 
 @runtime_checkable
 class CompensatingConnector(Connector, Protocol):
+    """A connector that can undo an effect it delivered."""
+
     def compensate(
         self, obligation: Obligation
     ) -> CompensationResult | Awaitable[CompensationResult]: ...

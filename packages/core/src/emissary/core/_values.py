@@ -24,6 +24,8 @@ class Semantics(_StrEnum):
 
 
 class DispatchOutcome(_StrEnum):
+    """What a dispatch achieved: done, accepted for later, unknown (observe before any blind retry), failed."""
+
     CONFIRMED = "CONFIRMED"
     PENDING = "PENDING"
     UNKNOWN = "UNKNOWN"
@@ -31,6 +33,8 @@ class DispatchOutcome(_StrEnum):
 
 
 class ObservationOutcome(_StrEnum):
+    """What an observation of the counterparty found for an effect key."""
+
     CONFIRMED = "CONFIRMED"
     ABSENT = "ABSENT"
     DUPLICATE = "DUPLICATE"
@@ -39,6 +43,8 @@ class ObservationOutcome(_StrEnum):
 
 
 class CompensationOutcome(_StrEnum):
+    """What a compensation attempt achieved."""
+
     COMPENSATED = "COMPENSATED"
     PENDING = "PENDING"
     STUCK = "STUCK"
@@ -46,6 +52,8 @@ class CompensationOutcome(_StrEnum):
 
 
 class EffectStatus(_StrEnum):
+    """Where an effect is in its lifecycle (see the outbox section of the README)."""
+
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     PENDING = "PENDING"
     DISPATCHING = "DISPATCHING"
@@ -77,6 +85,8 @@ class Effect:
 
 @dataclass(frozen=True, slots=True)
 class DispatchResult:
+    """A connector's answer to ``dispatch``; ``retry_after`` (seconds) delays the next attempt."""
+
     outcome: DispatchOutcome
     response: Any = None
     external_ref: str | None = None
@@ -86,6 +96,8 @@ class DispatchResult:
 
 @dataclass(frozen=True, slots=True)
 class Observation:
+    """A connector's answer to ``observe``."""
+
     outcome: ObservationOutcome
     response: Any = None
     external_ref: str | None = None
@@ -93,6 +105,8 @@ class Observation:
 
 @dataclass(frozen=True, slots=True)
 class CompensationResult:
+    """A connector's or compensator's answer to ``compensate``."""
+
     outcome: CompensationOutcome
     response: Any = None
     error: str | None = None
@@ -101,6 +115,8 @@ class CompensationResult:
 
 @dataclass(frozen=True, slots=True)
 class ConnectorCapabilities:
+    """What a connector can do beyond ``dispatch``; inferred from its methods when not declared."""
+
     can_observe: bool = False
     can_compensate: bool = False
     default_semantics: Semantics = Semantics.IDEMPOTENT
