@@ -121,10 +121,8 @@ class StoreScheduler:
                 again.append(lease)
         if done:
             self.store.complete(done)
-        if again:
-            self.store.release(again, delay=self.retry_delay)
-        if unknown:
-            self.store.release(unknown, delay=self.retry_delay)
+        if again or unknown:
+            self.store.release(again + unknown, delay=self.retry_delay)
         return len(done)
 
 

@@ -130,6 +130,21 @@ def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(float(value), tz=timezone.utc)
 
 
+def _record_dict(record: Any) -> dict[str, Any]:
+    """A record's fields as a JSON-ready mapping: times as ISO 8601, enums as their values."""
+    out: dict[str, Any] = {}
+    for name in record.__slots__:
+        value = getattr(record, name)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, _StrEnum):
+            value = str(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        out[name] = value
+    return out
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EffectRecord:
     """The stored state of one effect.
@@ -173,17 +188,7 @@ class EffectRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping (times as ISO 8601)."""
-        out: dict[str, Any] = {}
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            value = getattr(self, name)
-            if isinstance(value, datetime):
-                value = value.isoformat()
-            elif isinstance(value, _StrEnum):
-                value = str(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            out[name] = value
-        return out
+        return _record_dict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -215,15 +220,7 @@ class ObligationRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping (times as ISO 8601)."""
-        out: dict[str, Any] = {}
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            value = getattr(self, name)
-            if isinstance(value, datetime):
-                value = value.isoformat()
-            elif isinstance(value, _StrEnum):
-                value = str(value)
-            out[name] = value
-        return out
+        return _record_dict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,7 +13,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._clock import Clock, SystemClock
@@ -804,5 +804,3 @@ def as_epoch(value: datetime | float | int | None, default: float) -> float:
         return float(value)
     raise ConfigError(f"expected a datetime or epoch seconds, got {value!r}", field="at", value=value)
 
-
-Options = Mapping[str, Any]

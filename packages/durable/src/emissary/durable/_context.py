@@ -142,6 +142,17 @@ def _check_callable(fn: Any, what: str) -> None:
         raise ConfigError(f"{what} must be callable, got {fn!r}", field=what, value=repr(fn))
 
 
+def _name_and_callable(first: Any, second: Any, name: str | None, what: str) -> tuple[str | None, Any]:
+    """Accept both argument orders, ``(name, fn)`` (DESIGN) and ``(fn, name=...)`` (AWS); the callable is
+    checked."""
+    if isinstance(first, str):
+        name, fn = first, second
+    else:
+        fn = first
+    _check_callable(fn, what)
+    return name, fn
+
+
 class DurableContext:
     """The handle a durable function uses for every side effect, wait and fan-out.
 
@@ -216,12 +227,7 @@ class DurableContext:
         Raises:
             StepError: the function failed and the retry strategy gave up.
         """
-        if isinstance(name_or_fn, str):
-            name, func = name_or_fn, fn
-        else:
-            func = name_or_fn
-        _check_callable(func, "step function")
-        assert func is not None
+        name, func = _name_and_callable(name_or_fn, fn, name, "step function")
         config = config or StepConfig()
         op_id, op = self._next(OperationType.STEP, OperationSubType.STEP, _check_name(name))
         return self._run_step(op_id, op, name, func, config)  # type: ignore[no-any-return]
@@ -335,12 +341,7 @@ class DurableContext:
             CallbackError: the callback was failed, or the submitter failed.
             CallbackTimeoutError: no result or heartbeat came in time.
         """
-        if isinstance(name_or_submitter, str):
-            name, sub = name_or_submitter, submitter
-        else:
-            sub = name_or_submitter
-        _check_callable(sub, "submitter")
-        assert sub is not None
+        name, sub = _name_and_callable(name_or_submitter, submitter, name, "submitter")
         config = config or WaitForCallbackConfig()
         serdes = config.serdes or DEFAULT_SERDES
         strategy = config.retry_strategy or RetryPresets.none()
@@ -368,12 +369,7 @@ class DurableContext:
         Raises:
             ChildContextError: ``fn`` raised.
         """
-        if isinstance(name_or_fn, str):
-            name, func = name_or_fn, fn
-        else:
-            func = name_or_fn
-        _check_callable(func, "child context function")
-        assert func is not None
+        name, func = _name_and_callable(name_or_fn, fn, name, "child context function")
         config = config or ChildConfig()
         value: T = self._child(_check_name(name), func, config.sub_type or OperationSubType.RUN_IN_CHILD_CONTEXT,
                                config.serdes or DEFAULT_SERDES)
