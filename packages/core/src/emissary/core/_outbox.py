@@ -119,11 +119,22 @@ _OUTBOX_V1 = """
 """
 
 
+# Version 2: the cursor of fresh effects. A submitted effect due at once is written with no
+# ``next_attempt_at`` (so no entry in ``em_effects_due``); its ``effect.pending`` journal event announces it, and
+# the dispatcher claims fresh effects by reading the journal from this cursor. Rows already pending when the
+# cursor is created keep their ``next_attempt_at`` and are claimed through the index as before.
+_OUTBOX_V2 = """
+        INSERT INTO em_kv (namespace, key, value, version, updated_at)
+            SELECT 'outbox', 'fresh', CAST(COALESCE(MAX(position), 0) AS TEXT), 1, 0 FROM em_events WHERE 1 = 1
+            ON CONFLICT (namespace, key) DO NOTHING
+"""
+
+
 def outbox_migrations(dialect: str) -> List[Migration]:
     """The outbox schema for ``dialect``. On SQLite the effects table is clustered on its key
     (``WITHOUT ROWID``): one b-tree less to write on every submit."""
     options = " WITHOUT ROWID" if dialect == SQLITE else ""
-    return [Migration(1, _OUTBOX_V1.replace("/*effects table options*/", options))]
+    return [Migration(1, _OUTBOX_V1.replace("/*effects table options*/", options)), Migration(2, _OUTBOX_V2)]
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -273,9 +284,11 @@ _LIVE = (EffectStatus.PENDING, EffectStatus.DISPATCHING, EffectStatus.UNKNOWN, E
 
 
 def _effect_record(row: Sequence[Any]) -> EffectRecord:
-    (key, connector, tool, payload, business_key, semantics, run_id, metadata, human_gate, _nb, status,
+    (key, connector, tool, payload, business_key, semantics, run_id, metadata, human_gate, not_before, status,
      attempts, max_attempts, observations, next_at, owner, _token, flagged, response, error, ref,
      created, updated) = row
+    if next_at is None and status == "PENDING":
+        next_at = not_before  # a fresh effect, announced by its journal event: due since it was submitted
     return EffectRecord(
         key=key, connector=connector, tool=tool, payload=loads(payload), status=EffectStatus(status),
         semantics=Semantics(semantics), attempts=int(attempts), max_attempts=int(max_attempts),
@@ -302,9 +315,10 @@ def _subject(status: str, connector: str, tool: str) -> str:
     return f"{base}.{tool}" if tool else base
 
 
-# Events go to one stream per connector (``effects/<connector>``) and per compensation kind
-# (``obligations/<kind>``), in order; a stream per effect would add a journal stream row and scatter index
-# writes on every submit. ``data`` always starts with the effect key, which ``Outbox.history`` relies on.
+# Events go to one stream per connector (``effects/<connector>``, numbered by journal position: no stream
+# counter row to write on every submit) and per compensation kind (``obligations/<kind>``), in order; a
+# stream per effect would add a journal stream row and scatter index writes on every submit. ``data`` always
+# starts with the effect key, which ``Outbox.history`` relies on.
 _EVENT_NAMES: dict[tuple[str, str, str], tuple[str, str, str]] = {}
 
 
@@ -333,6 +347,7 @@ def _obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **dat
 _STATUS = {s.value: s for s in EffectStatus}
 _SEMANTICS = {s.value: s for s in Semantics}
 _MARK_FRESH = 1.0  # seconds a journal mark taken from this outbox's own appends is reused
+_FRESH_SCAN = 5000  # journal positions one claim looks through for fresh effects
 
 
 def _journal_mark(tx: Tx) -> int:
@@ -630,7 +645,12 @@ class Outbox:
                 status = EffectStatus.UNKNOWN
             else:
                 status = EffectStatus.PENDING
-        next_at = None if status is EffectStatus.AWAITING_APPROVAL else max(now, not_before)
+        if status is EffectStatus.AWAITING_APPROVAL or (status is EffectStatus.PENDING and not_before <= now):
+            # Awaiting a human, or fresh and due at once: a fresh effect is claimed through its journal event
+            # (``_claim_fresh``), so it takes no entry in the due index.
+            next_at = None
+        else:
+            next_at = max(now, not_before)
         return (
             effect.key, effect.connector, effect.tool, payload, effect.business_key, semantics.value,
             effect.run_id, metadata, int(effect.human_gate), not_before, status.value, max_attempts,
@@ -734,7 +754,8 @@ class Outbox:
             key=key, connector=connector, tool=tool, payload=effect.payload, status=_STATUS[status],
             semantics=_SEMANTICS[semantics], attempts=0, max_attempts=max_attempts, business_key=business_key,
             run_id=run_id, human_gate=bool(human_gate), metadata=dict(effect.metadata),
-            next_attempt_at=created_at if next_at == created else _ts(next_at), created_at=created_at,
+            next_attempt_at=created_at if next_at == created or (next_at is None and status == "PENDING")
+            else _ts(next_at), created_at=created_at,
             updated_at=created_at,
         )
 
@@ -920,6 +941,9 @@ class Outbox:
                 "attempts, lease_token",
                 (self.owner, until, now, now, *known, limit or self.batch_size),
             )
+            room = (limit or self.batch_size) - len(rows)
+            if room > 0:
+                rows += self._claim_fresh(tx, room, known, now, until)
             if not rows:
                 return []
             self._journal(tx, [_effect_event(r[0], r[1], r[2], "DISPATCHING", attempt=int(r[9])) for r in rows])
@@ -932,6 +956,69 @@ class Outbox:
         fast = all(self._latency.get(c[0].connector, 1.0) < _INLINE_BELOW for c in rest)
         results += self._runner.map(self._dispatch_call, rest, inline=fast)
         return self._complete_dispatch(claimed, results)
+
+    def _claim_fresh(self, tx: Tx, room: int, known: Sequence[str], now: float, until: float) -> List[Any]:
+        """Claim up to ``room`` fresh effects (submitted due at once, never attempted), found through their
+        ``effect.pending`` events after the fresh cursor, which moves past what was looked at.
+
+        Claims are serialised on the cursor row (SQLite's write lock; a row lock on PostgreSQL, where a claim
+        finding it taken leaves fresh effects to that worker). A fresh effect of a connector this outbox does
+        not know is given a ``next_attempt_at``, so that a worker that knows it claims it through the index.
+        """
+        lock = " FOR UPDATE SKIP LOCKED" if tx.dialect == POSTGRES else ""
+        got = tx.one(f"SELECT value FROM em_kv WHERE namespace = 'outbox' AND key = 'fresh'{lock}")
+        if got is None:
+            # Removed: put it back at the start of the journal. Or taken by another worker (PostgreSQL): leave
+            # fresh effects to that one.
+            if tx.rowcount("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES "
+                           "('outbox', 'fresh', '0', 1, ?) ON CONFLICT (namespace, key) DO NOTHING", (now,)) != 1:
+                return []
+            got = ("0",)
+        start = cursor = int(got[0])
+        top_row = tx.one("SELECT MAX(position) FROM em_events")
+        top = int(top_row[0]) if top_row is not None and top_row[0] is not None else 0
+        rows: List[Any] = []
+        while not rows and cursor < top:
+            # A window at a time, so that a long run of other events is passed over in bounded steps.
+            upto = min(top, cursor + _FRESH_SCAN)
+            events = tx.query(
+                "SELECT position, data FROM em_events WHERE position > ? AND position <= ? AND "
+                "type = 'effect.pending' AND stream LIKE 'effects/%' ORDER BY position LIMIT ?",
+                (cursor, upto, room),
+            )
+            cursor = int(events[-1][0]) if len(events) == room else upto
+            if events:
+                rows = self._claim_keys(tx, [loads(data)["key"] for _pos, data in events], known, now, until)
+        if cursor != start:
+            tx.execute("UPDATE em_kv SET value = ?, version = version + 1, updated_at = ? "
+                       "WHERE namespace = 'outbox' AND key = 'fresh'", (str(cursor), now))
+        return rows
+
+    def _claim_keys(self, tx: Tx, keys: List[str], known: Sequence[str], now: float, until: float) -> List[Any]:
+        """Lease the fresh effects among ``keys``; hand those of connectors unknown here to the index."""
+        rows: List[Any] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            rows += tx.query(
+                "UPDATE em_effects SET status = 'DISPATCHING', lease_owner = ?, lease_token = lease_token + 1, "
+                "attempts = attempts + 1, next_attempt_at = ?, updated_at = ? WHERE key IN "
+                f"{in_clause(len(chunk))} AND status = 'PENDING' AND next_attempt_at IS NULL AND connector IN "
+                f"{in_clause(len(known))} RETURNING key, connector, tool, payload, business_key, semantics, run_id, "
+                "metadata, max_attempts, attempts, lease_token",
+                (self.owner, until, now, *chunk, *known),
+            )
+        if len(rows) < len(keys):
+            # Cancelled, approved or redriven since (nothing to do here), or of a connector unknown to this outbox.
+            claimed = {r[0] for r in rows}
+            rest = [k for k in keys if k not in claimed]
+            for i in range(0, len(rest), 500):
+                chunk = rest[i:i + 500]
+                tx.execute(
+                    "UPDATE em_effects SET next_attempt_at = not_before WHERE key IN "
+                    f"{in_clause(len(chunk))} AND status = 'PENDING' AND next_attempt_at IS NULL",
+                    chunk,
+                )
+        return rows
 
     @staticmethod
     def _claimed_effect(r: Sequence[Any]) -> tuple[Effect, int, int, int]:
@@ -1508,7 +1595,8 @@ class Outbox:
             eff = dict(tx.query("SELECT status, COUNT(*) FROM em_effects GROUP BY status"))
             flagged = tx.one("SELECT COUNT(*) FROM em_effects WHERE flagged = 1")
             due = tx.one(
-                "SELECT COUNT(*) FROM em_effects WHERE status IN ('PENDING', 'UNKNOWN') AND next_attempt_at <= ?",
+                "SELECT COUNT(*) FROM em_effects WHERE status IN ('PENDING', 'UNKNOWN') AND (next_attempt_at <= ? "
+                "OR (status = 'PENDING' AND next_attempt_at IS NULL))",
                 (now,))
             obs = dict(tx.query("SELECT status, COUNT(*) FROM em_obligations GROUP BY status"))
         return {

@@ -29,6 +29,11 @@ _MIGRATE_LOCK = 0x656D6D69
 # Every append writes as few B-trees as possible: (stream, seq) is unique by construction (the per-stream
 # counter in em_streams is taken under the write lock), so it carries no index of its own; keyed tables are
 # clustered on their key on SQLite.
+#
+# Streams under these prefixes belong to an engine and number their events by journal position (``seq`` is
+# the event's ``position``): still unique, stable and increasing along the stream, with no counter row to
+# write on every append. Users cannot append to them.
+POSITIONED_PREFIXES = ("effects/",)
 CORE_MIGRATIONS = [
     Migration(
         1,
@@ -89,6 +94,12 @@ def _validate_new_event(ev: NewEvent) -> None:
             raise ConfigError(
                 f"event {name} must be a non-empty string, got {value!r}", field=name, value=value
             )
+    if ev.stream.startswith(POSITIONED_PREFIXES):
+        raise ConfigError(
+            f"stream {ev.stream!r} belongs to the outbox (streams under {', '.join(POSITIONED_PREFIXES)} are "
+            "written by the engine only); append to a stream of your own",
+            field="stream", value=ev.stream,
+        )
     if ev.subject is not None and (not isinstance(ev.subject, str) or not ev.subject):
         raise ConfigError(
             f"event subject must be a non-empty string, got {ev.subject!r}",
@@ -228,13 +239,16 @@ class SQLStore:
         ]
 
     def _write_events(self, tx: Tx, events: Sequence[NewEvent]) -> tuple[list[tuple[Any, ...]], list[int]]:
-        """Write well-formed events (validated by the caller, or built by an engine): their rows and positions."""
+        """Write well-formed events (validated by the caller, or built by an engine): their rows and positions.
+
+        Events on a stream under ``POSITIONED_PREFIXES`` take their position as ``seq``; the others take the
+        next value of their stream's counter."""
         now = self.clock.now()
         if tx.dialect == POSTGRES:
             tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
-        counts: dict[str, int] = {events[0].stream: len(events)} if len(events) == 1 else {}
-        if not counts:
-            for ev in events:
+        counts: dict[str, int] = {}
+        for ev in events:
+            if not ev.stream.startswith(POSITIONED_PREFIXES):
                 counts[ev.stream] = counts.get(ev.stream, 0) + 1
         next_seq: dict[str, int] = {}
         for stream, n in counts.items():
@@ -247,23 +261,41 @@ class SQLStore:
             next_seq[stream] = int(row[0]) - n + 1
         rows = []
         for ev in events:
-            seq = next_seq[ev.stream]
-            next_seq[ev.stream] = seq + 1
+            seq = next_seq.get(ev.stream)
+            if seq is not None:
+                next_seq[ev.stream] = seq + 1
             rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, dumps(ev.data, field="data"), now))
-        return rows, self._insert_events(tx, rows)
+        positions = self._insert_events(tx, rows)
+        if counts.keys() != {ev.stream for ev in events}:
+            rows = [r if r[1] is not None else (r[0], pos, *r[2:]) for r, pos in zip(rows, positions)]
+        return rows, positions
 
     def _insert_events(self, tx: Tx, rows: list[tuple[Any, ...]]) -> list[int]:
-        sql = "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?)"
+        """Insert event rows (``seq`` None: the row's own position) and return their positions."""
         if tx.dialect == SQLITE:
+            # A rowid table hands out max(position) + 1 (the journal is append-only and never given an explicit
+            # position), which the statement reads first when it needs it for ``seq``. Under the write lock the
+            # rows of one statement are consecutive.
+            sql = ("INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
+                   "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)")
             if len(rows) == 1:
                 return [int(tx.raw.execute(sql, rows[0]).lastrowid)]
-            # Under the write lock a rowid table hands out max(position) + 1 per row (the journal is append-only
-            # and never given an explicit position): the rows of one statement are consecutive.
-            tx.raw.executemany(sql, rows)
-            last = int(tx.raw.execute("SELECT last_insert_rowid()").fetchone()[0])
-            return list(range(last - len(rows) + 1, last + 1))
+            first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
+            tx.raw.executemany(
+                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(first + i, r[0], first + i if r[1] is None else r[1], *r[2:]) for i, r in enumerate(rows)],
+            )
+            return list(range(first, first + len(rows)))
         cur = tx.raw.cursor()
-        cur.executemany(tx._sql(sql + " RETURNING position"), rows, returning=True)
+        cur.executemany(
+            tx._sql(
+                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) SELECT p.v, "
+                "CAST(? AS TEXT), COALESCE(CAST(? AS BIGINT), p.v), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), "
+                "CAST(? AS DOUBLE PRECISION) FROM (SELECT "
+                "nextval(pg_get_serial_sequence('em_events', 'position')) AS v) p RETURNING position"
+            ),
+            rows, returning=True,
+        )
         out = []
         while True:
             out.append(int(cur.fetchone()[0]))

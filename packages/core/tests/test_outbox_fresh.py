@@ -1,0 +1,160 @@
+"""How fresh effects reach the dispatcher: announced by their journal event, claimed from the fresh cursor.
+
+An effect submitted due at once takes no entry in the due index; the dispatcher reads ``effect.pending``
+events after a cursor kept in the store. These tests hold that path to what the index path promised:
+every fresh effect is claimed once, whatever lies between it and the cursor, whoever submitted it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from emissary.core import (
+    ConfigError,
+    Effect,
+    EffectStatus,
+    FakeClock,
+    Journal,
+    NewEvent,
+    Outbox,
+    open_store,
+)
+from emissary.core.testing import FakeConnector
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Any:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    s = open_store(url, clock=clock)
+    yield s
+    s.close()
+
+
+def effect(key: str, connector: str = "bank") -> Effect:
+    return Effect(key=key, connector=connector, payload={"n": key})
+
+
+def cursor(store: Any) -> int:
+    with store.read() as tx:
+        row = tx.one("SELECT value FROM em_kv WHERE namespace = 'outbox' AND key = 'fresh'")
+    return int(row[0])
+
+
+def test_fresh_effect_has_no_due_index_entry_and_is_claimed_once(store: Any) -> None:
+    bank = FakeConnector("bank")
+    outbox = Outbox(store, connectors={"bank": bank})
+    rec = outbox.submit(effect("a"))
+    assert rec.status is EffectStatus.PENDING
+    assert rec.next_attempt_at == rec.created_at
+    with store.read() as tx:
+        assert tx.one("SELECT next_attempt_at FROM em_effects WHERE key = 'a'")[0] is None
+    assert outbox.get("a").next_attempt_at == rec.created_at
+    assert outbox.stats()["due"] == 1
+    assert [o.key for o in outbox.dispatch_once()] == ["a"]
+    assert outbox.dispatch_once() == []
+    assert bank.deliveries("a") == 1
+    assert outbox.get("a").status is EffectStatus.CONFIRMED
+    outbox.close()
+
+
+def test_cursor_passes_long_runs_of_other_events(store: Any) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")}, batch_size=50)
+    journal = Journal(store)
+    outbox.submit(effect("before"))
+    # More unrelated events than one scan window holds, then more fresh effects than one batch.
+    journal.append_many([NewEvent(f"orders/{i}", "order.placed", {"i": i}) for i in range(12_000)])
+    outbox.submit_many([effect(f"after-{i}") for i in range(120)])
+    assert outbox.drain() == 121
+    assert outbox.stats()["effects"]["CONFIRMED"] == 121
+    with store.read() as tx:
+        top = tx.one("SELECT MAX(position) FROM em_events")[0]
+    assert cursor(store) <= top
+    outbox.close()
+
+
+def test_unknown_connector_is_handed_to_a_worker_that_knows_it(store: Any) -> None:
+    both = Outbox(store, connectors={"bank": FakeConnector("bank"), "mail": FakeConnector("mail")})
+    both.submit(effect("pay", "bank"))
+    both.submit(effect("note", "mail"))
+    banks_only = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    assert [o.key for o in banks_only.dispatch_once()] == ["pay"]
+    assert banks_only.dispatch_once() == []
+    # The mail effect was not dropped when the cursor moved past it: the index carries it now.
+    with store.read() as tx:
+        assert tx.one("SELECT next_attempt_at FROM em_effects WHERE key = 'note'")[0] is not None
+    mail_only = Outbox(store, connectors={"mail": FakeConnector("mail")})
+    assert [o.key for o in mail_only.dispatch_once()] == ["note"]
+    assert both.get("note").status is EffectStatus.CONFIRMED
+    for ob in (both, banks_only, mail_only):
+        ob.close()
+
+
+def test_cancelled_and_deferred_fresh_effects(store: Any, clock: FakeClock) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    outbox.submit(effect("gone"))
+    outbox.cancel("gone", reason="changed my mind")
+    later = Effect(key="later", connector="bank", payload={}, dispatch_at=clock.now() + 60)
+    assert outbox.submit(later).status is EffectStatus.PENDING
+    outbox.submit(effect("now"))
+    assert [o.key for o in outbox.dispatch_once()] == ["now"]
+    assert outbox.get("gone").status is EffectStatus.CANCELLED
+    clock.advance(61)
+    assert [o.key for o in outbox.dispatch_once()] == ["later"]
+    outbox.close()
+
+
+def test_effects_submitted_in_the_callers_transaction(tmp_path: Path, clock: FakeClock) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'caller.db'}", clock=clock)
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    conn = store.connect()
+    with conn:
+        outbox.submit(effect("rolled-back"), conn=conn)
+        conn.rollback()
+    with conn:
+        outbox.submit(effect("kept"), conn=conn)
+    conn.close()
+    assert [o.key for o in outbox.dispatch_once()] == ["kept"]
+    assert {r.key for r in outbox.list()} == {"kept"}
+    outbox.close()
+    store.close()
+
+
+def test_effects_pending_before_the_upgrade_are_claimed_through_the_index(store: Any) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    outbox.submit(effect("old"))
+    # A row written before version 2: it has its next_attempt_at and no event after the cursor.
+    with store.transaction() as tx:
+        tx.execute("UPDATE em_effects SET next_attempt_at = created_at WHERE key = 'old'")
+        tx.execute("UPDATE em_kv SET value = (SELECT CAST(MAX(position) AS TEXT) FROM em_events) "
+                   "WHERE namespace = 'outbox' AND key = 'fresh'")
+    assert [o.key for o in outbox.dispatch_once()] == ["old"]
+    outbox.close()
+
+
+def test_lost_cursor_is_put_back_and_nothing_is_missed(store: Any) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    outbox.submit(effect("a"))
+    with store.transaction() as tx:
+        tx.execute("DELETE FROM em_kv WHERE namespace = 'outbox' AND key = 'fresh'")
+    assert outbox.drain() == 1
+    assert outbox.get("a").status is EffectStatus.CONFIRMED
+    outbox.close()
+
+
+def test_effect_streams_are_numbered_by_position_and_reserved(store: Any) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    journal = Journal(store)
+    journal.append("orders/1", "order.placed", {})
+    outbox.submit(effect("a"))
+    outbox.drain()
+    events = [e for e in journal.read(0) if e.stream == "effects/bank"]
+    assert [e.type for e in events] == ["effect.pending", "effect.dispatching", "effect.confirmed"]
+    assert all(e.seq == e.position and e.id == f"effects/bank/{e.position}" for e in events)
+    assert journal.read(0)[0].id == "orders/1/1"
+    before = len(journal.read(0))
+    with pytest.raises(ConfigError, match="belongs to the outbox"):
+        journal.append("effects/bank", "effect.confirmed", {"key": "a"})
+    assert len(journal.read(0)) == before
+    outbox.close()
