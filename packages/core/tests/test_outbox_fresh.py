@@ -158,3 +158,55 @@ def test_effect_streams_are_numbered_by_position_and_reserved(store: Any) -> Non
         journal.append("effects/bank", "effect.confirmed", {"key": "a"})
     assert len(journal.read(0)) == before
     outbox.close()
+
+
+def test_submitted_record_equals_the_stored_one(store: Any) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    rec = outbox.submit(Effect(key="r", connector="bank", tool="pay", payload={"n": 1}, business_key="b-1",
+                               run_id="run-1", metadata={"who": "me"}))
+    assert rec == outbox.get("r")
+    assert rec.to_dict() == outbox.get("r").to_dict()
+    outbox.close()
+
+
+def test_event_data_written_from_the_template_is_what_dumps_writes(store: Any) -> None:
+    import json
+
+    from emissary.core._outbox import _effect_event
+    from emissary.core._sql import dumps
+
+    ev = _effect_event('k"é\n', "bank", "pay", "CONFIRMED", attempt=3, outcome="CONFIRMED", error=None,
+                       external_ref="ref-1", flagged=True, response={"a": [1, 2.5, None]}, ok=False)
+    assert ev.data == dumps(json.loads(ev.data))
+    assert json.loads(ev.data) == {"key": 'k"é\n', "connector": "bank", "tool": "pay", "status": "CONFIRMED",
+                                   "attempt": 3, "outcome": "CONFIRMED", "external_ref": "ref-1", "flagged": True,
+                                   "response": {"a": [1, 2.5, None]}, "ok": False}
+
+
+def test_circular_payload_is_a_payload_error_and_nothing_is_stored(store: Any) -> None:
+    from emissary.core import PayloadError
+
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(PayloadError, match="JSON"):
+        outbox.submit(Effect(key="loop", connector="bank", payload={"x": loop}))
+    assert outbox.list() == []
+    outbox.close()
+
+
+def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path, clock: FakeClock) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.db'}", clock=clock)
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    # A deferred foreign key violation fails at COMMIT, not at the statement.
+    with store.transaction() as tx:
+        tx.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        tx.execute("CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(Exception, match="FOREIGN KEY"):
+        with store.transaction() as tx:
+            tx.execute("INSERT INTO child (p) VALUES (1)")
+    assert outbox.submit(effect("after")).status is EffectStatus.PENDING
+    with store.read() as tx:
+        assert tx.one("SELECT COUNT(*) FROM child")[0] == 0
+    outbox.close()
+    store.close()

@@ -110,15 +110,52 @@ def in_clause(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
-# One encoder for every write: ``json.dumps`` with options would build a new one per call.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _make_encoder() -> Any:
+    """One encoder for every write, built once: ``json.dumps`` (and ``JSONEncoder.encode``) build a new
+    one per call. It keeps no markers: a circular value ends in ``RecursionError``, reported as not JSON."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # pragma: no cover - CPython always has the C encoder
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+    chunks = c_make_encoder(None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(chunks(value, 0))
+
+    return encode
+
+
+_encode = _make_encoder()
+
+
+class JSONText(str):
+    """Text that is JSON already (an engine's own event data, built from a template): written as it is."""
+
+    __slots__ = ()
+
+
+_encode_str = json.encoder.encode_basestring
+
+
+def json_value(value: Any) -> str:
+    """The JSON text of one value, quickest for the strings and integers engines put in their events."""
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
+    return dumps(value, field="data")
 
 
 def dumps(value: Any, *, field: str = "payload", limit: int | None = None) -> str:
     """JSON text of ``value``; ``PayloadError`` naming ``field`` if it is not JSON or too large."""
     try:
         text = _encode(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(
             f"{field} must be JSON-serialisable: {exc}", field=field, value=type(value).__name__
         ) from exc

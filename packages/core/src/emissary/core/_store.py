@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._clock import Clock, SystemClock
-from ._sql import POSTGRES, SQLITE, Migration, Tx, dumps, loads, subject_matcher
+from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, loads, subject_matcher
 from ._values import Event, Lease
 from .errors import ConfigError, LeaseLostError, MissingDependencyError
 
@@ -250,6 +250,12 @@ class SQLStore:
         for ev in events:
             if not ev.stream.startswith(POSITIONED_PREFIXES):
                 counts[ev.stream] = counts.get(ev.stream, 0) + 1
+        if not counts:
+            # Only positioned streams (an engine's own events): no counters, seq is the position.
+            rows = [(ev.stream, None, ev.subject or ev.type, ev.type,
+                     ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data"), now) for ev in events]
+            positions = self._insert_events(tx, rows)
+            return [(r[0], pos, *r[2:]) for r, pos in zip(rows, positions)], positions
         next_seq: dict[str, int] = {}
         for stream, n in counts.items():
             row = tx.one(
@@ -264,7 +270,8 @@ class SQLStore:
             seq = next_seq.get(ev.stream)
             if seq is not None:
                 next_seq[ev.stream] = seq + 1
-            rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, dumps(ev.data, field="data"), now))
+            data = ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data")
+            rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, data, now))
         positions = self._insert_events(tx, rows)
         if counts.keys() != {ev.stream for ev in events}:
             rows = [r if r[1] is not None else (r[0], pos, *r[2:]) for r, pos in zip(rows, positions)]
@@ -622,25 +629,15 @@ class SQLiteStore(SQLStore):
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
-    @contextlib.contextmanager
-    def transaction(self, conn: Any = None) -> Iterator[Tx]:
+    def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
         if conn is not None:
             if not isinstance(conn, sqlite3.Connection):
                 raise ConfigError(
                     f"conn must be a sqlite3.Connection to {self.path!r} for this store, got {type(conn).__name__}",
                     field="conn", value=type(conn).__name__,
                 )
-            yield Tx(conn, SQLITE)
-            return
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                yield Tx(c, SQLITE)
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
+            return contextlib.nullcontext(Tx(conn, SQLITE))
+        return _SQLiteTransaction(self._lock, self._conn)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
@@ -663,6 +660,40 @@ class SQLiteStore(SQLStore):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class _SQLiteTransaction:
+    """One write transaction on the store's connection (a class, not a generator: it is on every hot path)."""
+
+    __slots__ = ("_lock", "_conn")
+
+    def __init__(self, lock: Any, conn: sqlite3.Connection) -> None:
+        self._lock = lock
+        self._conn = conn
+
+    def __enter__(self) -> Tx:
+        self._lock.acquire()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return Tx(self._conn, SQLITE)
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        try:
+            if kind is None:
+                try:
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    # Not committed (the disk is full, say): leave the connection out of the transaction.
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            else:
+                self._conn.execute("ROLLBACK")
+        finally:
+            self._lock.release()
 
 
 class MemoryStore(SQLiteStore):

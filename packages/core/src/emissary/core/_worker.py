@@ -11,12 +11,17 @@ import threading
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from ._journal import StoreScheduler
+from ._values import CompensationResult, DispatchResult, Observation
 from ._store import SQLStore
 
 log = logging.getLogger("emissary.worker")
 
 Job = Callable[[], Any]
 T = TypeVar("T")
+
+# Results that are never awaitable, answered without asking ``inspect.isawaitable`` (which walks the ABCs).
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple, DispatchResult, Observation,
+                    CompensationResult})
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
@@ -68,6 +73,8 @@ class CallRunner:
     def call(self, fn: Callable[[T], Any], item: T) -> Any:
         """``fn(item)``, awaiting the result on the runner's loop if it is awaitable."""
         result = fn(item)
+        if type(result) in _PLAIN:
+            return result
         if inspect.isawaitable(result):
             return asyncio.run_coroutine_threadsafe(_await(result), self._ensure_loop()).result()
         return result
