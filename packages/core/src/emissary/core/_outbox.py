@@ -8,18 +8,17 @@ a completion whose token is stale changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, List, Mapping, Sequence, TypeVar
 
 from ._protocols import capabilities_of
-from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, in_clause, json_value, loads
-from ._sql import _encode_str
+from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, _encode_str, dumps, in_clause, json_value, loads
 from ._store import _EVENT_COLS, NewEvent, SQLStore, _event_from_row, as_epoch, default_owner
 from ._values import (
     CompensationOutcome,

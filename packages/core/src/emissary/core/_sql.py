@@ -10,7 +10,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import PayloadError
 
@@ -114,7 +114,7 @@ def _not_json(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def _make_encoder() -> Any:
+def _make_encoder() -> Callable[[Any], str]:
     """One encoder for every write, built once: ``json.dumps`` (and ``JSONEncoder.encode``) build a new
     one per call. It keeps no markers: a circular value ends in ``RecursionError``, reported as not JSON."""
     c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
@@ -138,14 +138,14 @@ class JSONText(str):
     __slots__ = ()
 
 
-_encode_str = json.encoder.encode_basestring
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def json_value(value: Any) -> str:
     """The JSON text of one value, quickest for the strings and integers engines put in their events."""
     kind = type(value)
     if kind is str:
-        return _encode_str(value)  # type: ignore[no-any-return]
+        return _encode_str(value)
     if kind is int:
         return str(value)
     return dumps(value, field="data")

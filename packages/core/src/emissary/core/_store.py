@@ -252,10 +252,11 @@ class SQLStore:
                 counts[ev.stream] = counts.get(ev.stream, 0) + 1
         if not counts:
             # Only positioned streams (an engine's own events): no counters, seq is the position.
-            rows = [(ev.stream, None, ev.subject or ev.type, ev.type,
-                     ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data"), now) for ev in events]
-            positions = self._insert_events(tx, rows)
-            return [(r[0], pos, *r[2:]) for r, pos in zip(rows, positions)], positions
+            new: list[tuple[Any, ...]] = [
+                (ev.stream, None, ev.subject or ev.type, ev.type,
+                 ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data"), now) for ev in events]
+            positions = self._insert_events(tx, new)
+            return [(r[0], pos, *r[2:]) for r, pos in zip(new, positions)], positions
         next_seq: dict[str, int] = {}
         for stream, n in counts.items():
             row = tx.one(
@@ -265,7 +266,7 @@ class SQLStore:
             )
             assert row is not None
             next_seq[stream] = int(row[0]) - n + 1
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         for ev in events:
             seq = next_seq.get(ev.stream)
             if seq is not None:
@@ -665,7 +666,7 @@ class SQLiteStore(SQLStore):
 class _SQLiteTransaction:
     """One write transaction on the store's connection (a class, not a generator: it is on every hot path)."""
 
-    __slots__ = ("_lock", "_conn")
+    __slots__ = ("_conn", "_lock")
 
     def __init__(self, lock: Any, conn: sqlite3.Connection) -> None:
         self._lock = lock

@@ -11,8 +11,8 @@ import threading
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from ._journal import StoreScheduler
-from ._values import CompensationResult, DispatchResult, Observation
 from ._store import SQLStore
+from ._values import CompensationResult, DispatchResult, Observation
 
 log = logging.getLogger("emissary.worker")
 
