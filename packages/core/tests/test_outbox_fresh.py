@@ -210,3 +210,28 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path, clock: FakeCloc
         assert tx.one("SELECT COUNT(*) FROM child")[0] == 0
     outbox.close()
     store.close()
+
+
+def test_dispatch_event_data_is_what_the_general_builder_writes() -> None:
+    from emissary.core._outbox import _attempt_event, _effect_event
+
+    assert _attempt_event("k", "bank", "pay", "DISPATCHING", 2) == _effect_event("k", "bank", "pay", "DISPATCHING",
+                                                                                  attempt=2)
+    assert _attempt_event("k", "bank", "", "CONFIRMED", 1, ',"outcome":"CONFIRMED","external_ref":"r"') == \
+        _effect_event("k", "bank", "", "CONFIRMED", attempt=1, outcome="CONFIRMED", error=None, external_ref="r")
+
+
+def test_submit_event_is_what_the_general_builder_writes(store: Any) -> None:
+    import json
+
+    from emissary.core._outbox import _effect_event
+
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    outbox.submit(Effect(key="s-1", connector="bank", tool="pay", payload={}, run_id="run-7"))
+    outbox.submit(Effect(key="s-2", connector="bank", payload={}))
+    for key, tool, run_id in (("s-1", "pay", "run-7"), ("s-2", "", None)):
+        (event,) = outbox.history(key)
+        expected = _effect_event(key, "bank", tool, "PENDING", semantics="IDEMPOTENT", run_id=run_id)
+        assert (event.stream, event.type, event.subject) == (expected.stream, expected.type, expected.subject)
+        assert event.data == json.loads(expected.data)
+    outbox.close()

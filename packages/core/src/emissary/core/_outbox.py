@@ -293,6 +293,7 @@ _E_INSERT = (
     "human_gate, not_before, status, attempts, max_attempts, observations, next_attempt_at, flagged, "
     "created_at, updated_at, journal_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, 0, ?, ?, ?)"
 )
+_E_INSERT_NEW = _E_INSERT + " ON CONFLICT (key) DO NOTHING"
 _LIVE = (EffectStatus.PENDING, EffectStatus.DISPATCHING, EffectStatus.UNKNOWN, EffectStatus.AWAITING_APPROVAL)
 
 
@@ -335,13 +336,27 @@ def _subject(status: str, connector: str, tool: str) -> str:
 _EVENT_NAMES: dict[tuple[str, str, str], tuple[str, str, str, str]] = {}
 
 
-def _effect_event(key: str, connector: str, tool: str, status: str, **data: Any) -> NewEvent:
+def _event_names(connector: str, tool: str, status: str) -> tuple[str, str, str, str]:
+    """Stream, type, subject and the JSON after the key, for an effect event (cached: a handful per outbox)."""
     names = _EVENT_NAMES.get((connector, tool, status))
     if names is None:
         names = (f"effects/{connector}", f"effect.{status.lower()}", _subject(status, connector, tool),
                  f',"connector":{_encode_str(connector)},"tool":{_encode_str(tool)},"status":{_encode_str(status)}')
         if len(_EVENT_NAMES) < 4096:
             _EVENT_NAMES[(connector, tool, status)] = names
+    return names
+
+
+def _attempt_event(key: str, connector: str, tool: str, status: str, attempt: int, tail: str = "") -> NewEvent:
+    """``_effect_event(key, connector, tool, status, attempt=attempt)`` plus ``tail`` (JSON members, each with
+    its leading comma): the events of every dispatch, built without a keyword dict."""
+    names = _event_names(connector, tool, status)
+    return NewEvent(names[0], names[1], JSONText(f'{{"key":{_encode_str(key)}{names[3]},"attempt":{attempt}{tail}}}'),
+                    names[2])
+
+
+def _effect_event(key: str, connector: str, tool: str, status: str, **data: Any) -> NewEvent:
+    names = _event_names(connector, tool, status)
     # The JSON is written from a template: the same text ``dumps`` would give, at a fraction of the cost.
     parts = ['{"key":', _encode_str(key), names[3]]
     for name, value in data.items():
@@ -693,8 +708,13 @@ class Outbox:
         with self.store.transaction(conn) as tx:
             row = (*row, self._mark_for(tx))
             # Insert first and look only on a conflict (the common case is a new key).
-            if tx.rowcount(_E_INSERT + " ON CONFLICT (key) DO NOTHING", row) == 1:
-                self._journal(tx, [_effect_event(row[0], row[1], row[2], row[10], semantics=row[5], run_id=row[6])])
+            if tx.rowcount(_E_INSERT_NEW, row) == 1:
+                key, connector, tool, semantics, run_id, status = row[0], row[1], row[2], row[5], row[6], row[10]
+                names = _event_names(connector, tool, status)
+                data = (f'{{"key":{_encode_str(key)}{names[3]},"semantics":{_encode_str(semantics)}'
+                        + ("}" if run_id is None else f',"run_id":{_encode_str(run_id)}}}'))
+                position = self.store._append_positioned(tx, names[0], names[2], names[1], data, row[13])
+                self._mark = (position - 1, time.monotonic())
                 return self._fresh_record(row, effect)
             got = tx.one(f"SELECT {_E_COLS} FROM em_effects WHERE key = ?", (row[0],))
         if got is None:
@@ -732,7 +752,7 @@ class Outbox:
         if len(keys) == 1:
             # One effect: insert first and look only on a conflict (the common case is a new key).
             row = by_key[keys[0]]
-            if tx.rowcount(_E_INSERT + " ON CONFLICT (key) DO NOTHING", row) == 1:
+            if tx.rowcount(_E_INSERT_NEW, row) == 1:
                 self._journal(tx, [_effect_event(row[0], row[1], row[2], row[10], semantics=row[5], run_id=row[6])])
                 return [self._fresh_record(r, e) for r, e in zip(rows, effects)]
         for i in range(0, len(keys), 500):
@@ -745,7 +765,7 @@ class Outbox:
         if new_rows:
             if tx.dialect == POSTGRES:
                 for row in new_rows:
-                    if tx.rowcount(_E_INSERT + " ON CONFLICT (key) DO NOTHING", row) != 1:
+                    if tx.rowcount(_E_INSERT_NEW, row) != 1:
                         got = tx.one(f"SELECT {_E_COLS} FROM em_effects WHERE key = ?", (row[0],))
                         assert got is not None
                         rec = _effect_record(got)
@@ -961,7 +981,7 @@ class Outbox:
                 rows += self._claim_fresh(tx, room, known, now, until)
             if not rows:
                 return []
-            self._journal(tx, [_effect_event(r[0], r[1], r[2], "DISPATCHING", attempt=int(r[9])) for r in rows])
+            self._journal(tx, [_attempt_event(r[0], r[1], r[2], "DISPATCHING", r[9]) for r in rows])
         claimed = [self._claimed_effect(r) for r in rows]
         results: List[tuple[bool, Any]] = []
         if any(c[0].connector not in self._latency for c in claimed[1:]):
@@ -1098,8 +1118,10 @@ class Outbox:
                 ("CONFIRMED", None, _json_or_text(value.response), said_error, said_ref, 0, now, effect.key, token),
                 EffectOutcome(key=effect.key, outcome=DispatchOutcome.CONFIRMED, status=EffectStatus.CONFIRMED,
                               attempts=attempts, error=said_error),
-                _effect_event(effect.key, effect.connector, effect.tool, "CONFIRMED", attempt=attempts,
-                              outcome="CONFIRMED", error=said_error, external_ref=said_ref),
+                _attempt_event(
+                    effect.key, effect.connector, effect.tool, "CONFIRMED", attempts, ',"outcome":"CONFIRMED"'
+                    + ("" if said_error is None else ',"error":' + json_value(said_error))
+                    + ("" if said_ref is None else ',"external_ref":' + json_value(said_ref))),
             )
         can_observe = self._can_observe(effect.connector)
         non_idem = effect.semantics is Semantics.NON_IDEMPOTENT

@@ -87,6 +87,13 @@ class NewEvent:
     subject: str | None = None
 
 
+# One event row; ``seq`` None takes the position the row gets (max(position) + 1 under the write lock).
+_SQLITE_INSERT_EVENT = (
+    "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
+    "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)"
+)
+
+
 def _validate_new_event(ev: NewEvent) -> None:
     for name in ("stream", "type"):
         value = getattr(ev, name)
@@ -278,16 +285,21 @@ class SQLStore:
             rows = [r if r[1] is not None else (r[0], pos, *r[2:]) for r, pos in zip(rows, positions)]
         return rows, positions
 
+    def _append_positioned(self, tx: Tx, stream: str, subject: str, type_: str, data: str, now: float) -> int:
+        """Append one engine event, its data JSON already, on a positioned stream: its position."""
+        if tx.dialect == SQLITE:
+            return int(tx.raw.execute(_SQLITE_INSERT_EVENT, (stream, None, subject, type_, data, now)).lastrowid)
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
+        return self._insert_events(tx, [(stream, None, subject, type_, data, now)])[0]
+
     def _insert_events(self, tx: Tx, rows: list[tuple[Any, ...]]) -> list[int]:
         """Insert event rows (``seq`` None: the row's own position) and return their positions."""
         if tx.dialect == SQLITE:
             # A rowid table hands out max(position) + 1 (the journal is append-only and never given an explicit
             # position), which the statement reads first when it needs it for ``seq``. Under the write lock the
             # rows of one statement are consecutive.
-            sql = ("INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
-                   "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)")
             if len(rows) == 1:
-                return [int(tx.raw.execute(sql, rows[0]).lastrowid)]
+                return [int(tx.raw.execute(_SQLITE_INSERT_EVENT, rows[0]).lastrowid)]
             first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
             tx.raw.executemany(
                 "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
