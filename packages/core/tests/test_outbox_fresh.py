@@ -235,3 +235,28 @@ def test_submit_event_is_what_the_general_builder_writes(store: Any) -> None:
         assert (event.stream, event.type, event.subject) == (expected.stream, expected.type, expected.subject)
         assert event.data == json.loads(expected.data)
     outbox.close()
+
+
+def test_hot_path_builders_match_the_constructors() -> None:
+    import dataclasses
+
+    from emissary.core import DispatchOutcome, Semantics
+    from emissary.core._outbox import (
+        EffectOutcome,
+        EffectRecord,
+        _new_effect,
+        _new_effect_outcome,
+        _new_effect_record,
+    )
+
+    samples = [
+        (_new_effect, Effect(key="k", connector="c", payload={"a": 1}, tool="t", business_key="b",
+                             semantics=Semantics.NON_IDEMPOTENT, run_id="r", max_attempts=3, metadata={"m": 1})),
+        (_new_effect_outcome, EffectOutcome(key="k", outcome=DispatchOutcome.CONFIRMED, status=EffectStatus.CONFIRMED,
+                                            attempts=2, error="e", flagged=True)),
+        (_new_effect_record, EffectRecord(key="k", connector="c", tool="", payload=[1], status=EffectStatus.PENDING,
+                                          semantics=Semantics.IDEMPOTENT, attempts=0, max_attempts=5, run_id="r")),
+    ]
+    for make, built in samples:
+        values = tuple(getattr(built, f.name) for f in dataclasses.fields(built))
+        assert make(values) == built
