@@ -213,11 +213,11 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path, clock: FakeCloc
 
 
 def test_dispatch_event_data_is_what_the_general_builder_writes() -> None:
-    from emissary.core._outbox import _attempt_event, _effect_event
+    from emissary.core._outbox import _effect_event, _effect_event_with
 
-    assert _attempt_event("k", "bank", "pay", "DISPATCHING", 2) == _effect_event("k", "bank", "pay", "DISPATCHING",
-                                                                                  attempt=2)
-    assert _attempt_event("k", "bank", "", "CONFIRMED", 1, ',"outcome":"CONFIRMED","external_ref":"r"') == \
+    assert _effect_event_with("k", "bank", "pay", "DISPATCHING", ',"attempt":2') == _effect_event(
+        "k", "bank", "pay", "DISPATCHING", attempt=2)
+    assert _effect_event_with("k", "bank", "", "CONFIRMED", ',"attempt":1,"outcome":"CONFIRMED","external_ref":"r"') == \
         _effect_event("k", "bank", "", "CONFIRMED", attempt=1, outcome="CONFIRMED", error=None, external_ref="r")
 
 
@@ -260,3 +260,11 @@ def test_hot_path_builders_match_the_constructors() -> None:
     for make, built in samples:
         values = tuple(getattr(built, f.name) for f in dataclasses.fields(built))
         assert make(values) == built
+
+
+def test_fresh_effect_with_a_past_dispatch_at_is_due_since_it_was_submitted(store: Any, clock: FakeClock) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    rec = outbox.submit(Effect(key="past", connector="bank", payload={}, dispatch_at=clock.now() - 60))
+    assert rec.next_attempt_at == rec.created_at
+    assert outbox.get("past") == rec
+    outbox.close()

@@ -309,12 +309,19 @@ _E_INSERT_NEW = _E_INSERT + " ON CONFLICT (key) DO NOTHING"
 _LIVE = (EffectStatus.PENDING, EffectStatus.DISPATCHING, EffectStatus.UNKNOWN, EffectStatus.AWAITING_APPROVAL)
 
 
+def _due_at(status: str, next_at: float | None, not_before: float, created: float) -> float | None:
+    """When an effect is next looked at. A fresh one (``PENDING`` with no ``next_attempt_at``, announced by its
+    journal event) is due since it was submitted, or since its ``dispatch_at`` if that came later."""
+    if next_at is None and status == "PENDING":
+        return max(float(created), float(not_before))
+    return next_at
+
+
 def _effect_record(row: Sequence[Any]) -> EffectRecord:
     (key, connector, tool, payload, business_key, semantics, run_id, metadata, human_gate, not_before, status,
      attempts, max_attempts, observations, next_at, owner, _token, flagged, response, error, ref,
      created, updated) = row
-    if next_at is None and status == "PENDING":
-        next_at = not_before  # a fresh effect, announced by its journal event: due since it was submitted
+    next_at = _due_at(status, next_at, not_before, created)
     return EffectRecord(
         key=key, connector=connector, tool=tool, payload=loads(payload), status=EffectStatus(status),
         semantics=Semantics(semantics), attempts=int(attempts), max_attempts=int(max_attempts),
@@ -359,23 +366,25 @@ def _event_names(connector: str, tool: str, status: str) -> tuple[str, str, str,
     return names
 
 
-def _attempt_event(key: str, connector: str, tool: str, status: str, attempt: int, tail: str = "") -> NewEvent:
-    """``_effect_event(key, connector, tool, status, attempt=attempt)`` plus ``tail`` (JSON members, each with
-    its leading comma): the events of every dispatch, built without a keyword dict."""
+def _effect_event_with(key: str, connector: str, tool: str, status: str, tail: str) -> NewEvent:
+    """An effect event whose ``data`` members after ``key``, ``connector``, ``tool`` and ``status`` are the JSON
+    text ``tail`` (each member with its leading comma). The JSON is written from a template: the same text
+    ``dumps`` would give, at a fraction of the cost; submit and dispatch pass their few members directly."""
     names = _event_names(connector, tool, status)
-    return NewEvent(names[0], names[1], JSONText(f'{{"key":{_encode_str(key)}{names[3]},"attempt":{attempt}{tail}}}'),
-                    names[2])
+    return NewEvent(names[0], names[1], JSONText(f'{{"key":{_encode_str(key)}{names[3]}{tail}}}'), names[2])
+
+
+def _submitted_event(row: Sequence[Any]) -> NewEvent:
+    """The event of a new effect row (``_row_of``): its status with its semantics and run."""
+    semantics, run_id = row[5], row[6]
+    return _effect_event_with(row[0], row[1], row[2], row[10], f',"semantics":{_encode_str(semantics)}' + (
+        "" if run_id is None else f',"run_id":{_encode_str(run_id)}'))
 
 
 def _effect_event(key: str, connector: str, tool: str, status: str, **data: Any) -> NewEvent:
-    names = _event_names(connector, tool, status)
-    # The JSON is written from a template: the same text ``dumps`` would give, at a fraction of the cost.
-    parts = ['{"key":', _encode_str(key), names[3]]
-    for name, value in data.items():
-        if value is not None:
-            parts += (',"', name, '":', "true" if value is True else json_value(value))
-    parts.append("}")
-    return NewEvent(stream=names[0], type=names[1], data=JSONText("".join(parts)), subject=names[2])
+    tail = "".join(f',"{name}":{"true" if value is True else json_value(value)}'
+                   for name, value in data.items() if value is not None)
+    return _effect_event_with(key, connector, tool, status, tail)
 
 
 def _obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data: Any) -> NewEvent:
@@ -580,9 +589,13 @@ class Outbox:
         """Append events this engine built (well-formed by construction: not validated again) in ``tx``."""
         if events:
             _rows, positions = self.store._write_events(tx, events)
-            # Positions only grow (a rolled-back append frees positions from its first one up), so the one
-            # before this append's first is below every event appended from now on.
-            self._mark = (positions[0] - 1, time.monotonic())
+            self._note_append(positions[0])
+
+    def _note_append(self, first: int) -> None:
+        """Remember the position before this outbox's latest append (its first event at ``first``): positions
+        only grow (a rolled-back append frees positions from its first one up), so it is below every event
+        appended from now on."""
+        self._mark = (first - 1, time.monotonic())
 
     def _mark_for(self, tx: Tx) -> int:
         """A journal position below every event appended later in ``tx`` (an effect's ``journal_from``):
@@ -721,12 +734,7 @@ class Outbox:
             row = (*row, self._mark_for(tx))
             # Insert first and look only on a conflict (the common case is a new key).
             if tx.rowcount(_E_INSERT_NEW, row) == 1:
-                key, connector, tool, semantics, run_id, status = row[0], row[1], row[2], row[5], row[6], row[10]
-                names = _event_names(connector, tool, status)
-                data = (f'{{"key":{_encode_str(key)}{names[3]},"semantics":{_encode_str(semantics)}'
-                        + ("}" if run_id is None else f',"run_id":{_encode_str(run_id)}}}'))
-                position = self.store._append_positioned(tx, names[0], names[2], names[1], data, row[13])
-                self._mark = (position - 1, time.monotonic())
+                self._note_append(self.store._append_engine_event(tx, _submitted_event(row)))
                 return self._fresh_record(row, effect)
             got = tx.one(f"SELECT {_E_COLS} FROM em_effects WHERE key = ?", (row[0],))
         if got is None:
@@ -765,7 +773,7 @@ class Outbox:
             # One effect: insert first and look only on a conflict (the common case is a new key).
             row = by_key[keys[0]]
             if tx.rowcount(_E_INSERT_NEW, row) == 1:
-                self._journal(tx, [_effect_event(row[0], row[1], row[2], row[10], semantics=row[5], run_id=row[6])])
+                self._journal(tx, [_submitted_event(row)])
                 return [self._fresh_record(r, e) for r, e in zip(rows, effects)]
         for i in range(0, len(keys), 500):
             chunk = keys[i:i + 500]
@@ -786,7 +794,7 @@ class Outbox:
                 new_rows = [row for row in new_rows if row[0] not in existing]
             else:
                 tx.executemany(_E_INSERT, new_rows)
-            self._journal(tx, [_effect_event(r[0], r[1], r[2], r[10], semantics=r[5], run_id=r[6]) for r in new_rows])
+            self._journal(tx, [_submitted_event(r) for r in new_rows])
         out = []
         for row, effect in zip(rows, effects):
             stored = existing.get(row[0])
@@ -795,11 +803,11 @@ class Outbox:
 
     @staticmethod
     def _fresh_record(row: tuple[Any, ...], effect: Effect) -> EffectRecord:
-        (key, connector, tool, _payload, business_key, semantics, run_id, _metadata, human_gate, _nb, status,
+        (key, connector, tool, _payload, business_key, semantics, run_id, _metadata, human_gate, not_before, status,
          max_attempts, next_at, created, _updated) = row[:15]
         created_at = _ts(created)
-        next_attempt_at = created_at if next_at == created or (next_at is None and status == "PENDING") \
-            else _ts(next_at)
+        next_at = _due_at(status, next_at, not_before, created)
+        next_attempt_at = created_at if next_at == created else _ts(next_at)
         return _new_effect_record((
             key, connector, tool, effect.payload, _STATUS[status], _SEMANTICS[semantics], 0, max_attempts, 0,
             business_key, run_id, bool(human_gate), dict(effect.metadata), False, None, None, None, next_attempt_at,
@@ -993,35 +1001,17 @@ class Outbox:
                 rows += self._claim_fresh(tx, room, known, now, until)
             if not rows:
                 return []
-            self._journal(tx, [_attempt_event(r[0], r[1], r[2], "DISPATCHING", r[9]) for r in rows])
+            self._journal(tx, [_effect_event_with(r[0], r[1], r[2], "DISPATCHING", f',"attempt":{r[9]}')
+                               for r in rows])
         claimed = [self._claimed_effect(r) for r in rows]
         results: List[tuple[bool, Any]] = []
         if any(c[0].connector not in self._latency for c in claimed[1:]):
             # A connector not timed yet: its first call runs alone, to learn whether it is quick.
             results = self._runner.map(self._dispatch_call, claimed[:1], inline=True)
         rest = claimed[len(results):]
-        if all(self._latency.get(c[0].connector, 1.0) < _INLINE_BELOW for c in rest):
-            results += self._dispatch_inline(rest)
-        else:
-            results += self._runner.map(self._dispatch_call, rest)
+        fast = all(self._latency.get(c[0].connector, 1.0) < _INLINE_BELOW for c in rest)
+        results += self._runner.map(self._dispatch_call, rest, inline=fast)
         return self._complete_dispatch(claimed, results)
-
-    def _dispatch_inline(self, items: Sequence[tuple[Effect, int, int, int]]) -> List[tuple[bool, Any]]:
-        """``_dispatch_call`` for each item, one after another in this thread (for quick connectors)."""
-        out: List[tuple[bool, Any]] = []
-        latency, call, clock = self._latency, self._runner.call, time.perf_counter
-        for item in items:
-            effect = item[0]
-            name = effect.connector
-            started = clock()
-            try:
-                out.append((True, call(self.connector(name).dispatch, effect)))
-            except Exception as exc:  # recorded on the effect
-                out.append((False, exc))
-            spent = clock() - started
-            old = latency.get(name)
-            latency[name] = spent if old is None else 0.8 * old + 0.2 * spent
-        return out
 
     def _claim_fresh(self, tx: Tx, room: int, known: Sequence[str], now: float, until: float) -> List[Any]:
         """Claim up to ``room`` fresh effects (submitted due at once, never attempted), found through their
@@ -1043,11 +1033,11 @@ class Outbox:
         start = cursor = int(got[0])
         top_row = tx.one("SELECT MAX(position) FROM em_events")
         top = int(top_row[0]) if top_row is not None and top_row[0] is not None else 0
+        key = "json_extract(data, '$.key')" if tx.dialect == SQLITE else "CAST(data AS jsonb) ->> 'key'"
         rows: List[Any] = []
         while not rows and cursor < top:
             # A window at a time, so that a long run of other events is passed over in bounded steps.
             upto = min(top, cursor + _FRESH_SCAN)
-            key = "json_extract(data, '$.key')" if tx.dialect == SQLITE else "CAST(data AS jsonb) ->> 'key'"
             events = tx.query(
                 f"SELECT position, {key} FROM em_events WHERE position > ? AND position <= ? AND "
                 "type = 'effect.pending' AND stream LIKE 'effects/%' ORDER BY position LIMIT ?",
@@ -1131,8 +1121,8 @@ class Outbox:
                 # EffectOutcome(key, outcome, status, attempts, error, flagged, lease_lost)
                 _new_effect_outcome((effect.key, DispatchOutcome.CONFIRMED, EffectStatus.CONFIRMED, attempts,
                                      said_error, False, False)),
-                _attempt_event(
-                    effect.key, effect.connector, effect.tool, "CONFIRMED", attempts, ',"outcome":"CONFIRMED"'
+                _effect_event_with(
+                    effect.key, effect.connector, effect.tool, "CONFIRMED", f',"attempt":{attempts},"outcome":"CONFIRMED"'
                     + ("" if said_error is None else ',"error":' + json_value(said_error))
                     + ("" if said_ref is None else ',"external_ref":' + json_value(said_ref))),
             )

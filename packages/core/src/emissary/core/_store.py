@@ -87,13 +87,6 @@ class NewEvent:
     subject: str | None = None
 
 
-# One event row; ``seq`` None takes the position the row gets (max(position) + 1 under the write lock).
-_SQLITE_INSERT_EVENT = (
-    "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
-    "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)"
-)
-
-
 def _validate_new_event(ev: NewEvent) -> None:
     for name in ("stream", "type"):
         value = getattr(ev, name)
@@ -257,13 +250,6 @@ class SQLStore:
         for ev in events:
             if not ev.stream.startswith(POSITIONED_PREFIXES):
                 counts[ev.stream] = counts.get(ev.stream, 0) + 1
-        if not counts:
-            # Only positioned streams (an engine's own events): no counters, seq is the position.
-            new: list[tuple[Any, ...]] = [
-                (ev.stream, None, ev.subject or ev.type, ev.type,
-                 ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data"), now) for ev in events]
-            positions = self._insert_events(tx, new)
-            return [(r[0], pos, *r[2:]) for r, pos in zip(new, positions)], positions
         next_seq: dict[str, int] = {}
         for stream, n in counts.items():
             row = tx.one(
@@ -281,16 +267,14 @@ class SQLStore:
             data = ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data")
             rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, data, now))
         positions = self._insert_events(tx, rows)
-        if counts.keys() != {ev.stream for ev in events}:
-            rows = [r if r[1] is not None else (r[0], pos, *r[2:]) for r, pos in zip(rows, positions)]
-        return rows, positions
+        return [r if r[1] is not None else (r[0], pos, *r[2:]) for r, pos in zip(rows, positions)], positions
 
-    def _append_positioned(self, tx: Tx, stream: str, subject: str, type_: str, data: str, now: float) -> int:
-        """Append one engine event, its data JSON already, on a positioned stream: its position."""
-        if tx.dialect == SQLITE:
-            return int(tx.raw.execute(_SQLITE_INSERT_EVENT, (stream, None, subject, type_, data, now)).lastrowid)
-        tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
-        return self._insert_events(tx, [(stream, None, subject, type_, data, now)])[0]
+    def _append_engine_event(self, tx: Tx, ev: NewEvent) -> int:
+        """Write one event an engine built on a positioned stream, its data ``JSONText``: its position. The
+        one-event case of ``_write_events`` without its bookkeeping, for the submit path."""
+        if tx.dialect == POSTGRES:
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
+        return self._insert_events(tx, [(ev.stream, None, ev.subject, ev.type, ev.data, self.clock.now())])[0]
 
     def _insert_events(self, tx: Tx, rows: list[tuple[Any, ...]]) -> list[int]:
         """Insert event rows (``seq`` None: the row's own position) and return their positions."""
@@ -299,7 +283,11 @@ class SQLStore:
             # position), which the statement reads first when it needs it for ``seq``. Under the write lock the
             # rows of one statement are consecutive.
             if len(rows) == 1:
-                return [int(tx.raw.execute(_SQLITE_INSERT_EVENT, rows[0]).lastrowid)]
+                return [int(tx.raw.execute(
+                    "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
+                    "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)",
+                    rows[0],
+                ).lastrowid)]
             first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
             tx.raw.executemany(
                 "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
