@@ -1,9 +1,9 @@
-"""Durable workflows: 200 sequential workflows of three steps on SQLite, emissary-durable beside DBOS.
+"""Durable workflows: 200 sequential workflows of three steps on SQLite, errands-durable beside DBOS.
 
 Every workflow runs in the calling thread, start to finish, with each step's result checkpointed before
 the next step runs:
 
-- ``emissary``: ``DurableRunner("sqlite:///...").run("three", i)`` with its default durability (WAL,
+- ``errands``: ``DurableRunner("sqlite:///...").run("three", i)`` with its default durability (WAL,
   ``synchronous=NORMAL``, one commit per step result, the steps' starts and the execution's start and end
   in their own commits);
 - ``DBOS defaults``: ``@DBOS.workflow`` / ``@DBOS.step`` on its SQLite system database as DBOS opens it
@@ -37,8 +37,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 WARMUP = 10
 
 
-def run_emissary(workdir: str, n: int, repeat: int) -> float:
-    from emissary.durable import DurableContext, DurableRunner
+def run_errands(workdir: str, n: int, repeat: int) -> float:
+    from errands.durable import DurableContext, DurableRunner
 
     def three(event: Any, ctx: DurableContext) -> int:
         a = ctx.step("one", lambda _: event + 1)
@@ -47,7 +47,7 @@ def run_emissary(workdir: str, n: int, repeat: int) -> float:
 
     best = float("inf")
     for r in range(repeat):
-        runner = DurableRunner(f"sqlite:///{os.path.join(workdir, f'emissary-{r}.db')}", functions={"three": three})
+        runner = DurableRunner(f"sqlite:///{os.path.join(workdir, f'errands-{r}.db')}", functions={"three": three})
         for i in range(WARMUP):
             runner.run("three", i)
         started = time.perf_counter()
@@ -124,9 +124,9 @@ def main() -> None:
         print(json.dumps({"seconds": seconds}))
         return
     n = args.workflows
-    with tempfile.TemporaryDirectory(prefix="emissary-bench-durable-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="errands-bench-durable-") as tmp:
         results: list[tuple[str, str, float]] = []
-        results.append(("emissary", "WAL, synchronous=NORMAL (default)", run_emissary(tmp, n, args.repeat)))
+        results.append(("errands", "WAL, synchronous=NORMAL (default)", run_errands(tmp, n, args.repeat)))
         for child, label in (("dbos-default", "defaults (rollback journal, synchronous=FULL)"),
                              ("dbos-tuned", "WAL, synchronous=NORMAL")):
             out = subprocess.run(
@@ -134,17 +134,17 @@ def main() -> None:
                  "--repeat", str(args.repeat)], check=True, capture_output=True, text=True)
             seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
             results.append((f"DBOS {child.split('-')[1]}", label, seconds))
-    emissary_s = results[0][2]
+    errands_s = results[0][2]
     print(f"{n} sequential workflows of 3 steps on SQLite (best of {args.repeat})\n")
-    header = ["engine", "SQLite durability", "total s", "ms / workflow", "workflows / s", "vs emissary"]
-    rows = [[name, label, f"{s:.3f}", f"{1000 * s / n:.2f}", f"{n / s:.0f}", f"{s / emissary_s:.2f}x"]
+    header = ["engine", "SQLite durability", "total s", "ms / workflow", "workflows / s", "vs errands"]
+    rows = [[name, label, f"{s:.3f}", f"{1000 * s / n:.2f}", f"{n / s:.0f}", f"{s / errands_s:.2f}x"]
             for name, label, s in results]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
-    ratio = results[2][2] / emissary_s
+    ratio = results[2][2] / errands_s
     print()
     print(f"durable vs tuned DBOS: {ratio:.2f}x (goal >= 1.5)")
 

@@ -1,15 +1,15 @@
 """Fan-out throughput: a route relaying the journal to a file ``LogSink`` and to a ``WebhookSink``, beside
 raw loops doing the same work, measured in the same run.
 
-- ``log``: 100,000 events over 20 streams in a SQLite file (WAL, ``synchronous=NORMAL``). emissary relays
+- ``log``: 100,000 events over 20 streams in a SQLite file (WAL, ``synchronous=NORMAL``). errands relays
   them with ``FanOut`` + ``LogSink`` (batches of 1,000, cursor committed per batch). The raw loop reads the
   same rows with ``sqlite3`` in pages of 1,000 and writes the same CloudEvents JSON lines; the two files
   are checked to be byte-identical.
 - ``webhook``: events POSTed to a local uvicorn server (in its own process) at the same concurrency:
-  emissary with ``WebhookSink`` (signed, Standard Webhooks) on a route with ``max_in_flight`` lanes; raw
+  errands with ``WebhookSink`` (signed, Standard Webhooks) on a route with ``max_in_flight`` lanes; raw
   with that many threads, each an ``httpx.Client`` posting the same bodies.
 
-Ratios are emissary throughput / raw throughput (higher is better; 1.0 = as fast as raw).
+Ratios are errands throughput / raw throughput (higher is better; 1.0 = as fast as raw).
 
 Run: ``hatch run bench:fanout`` (options: ``--events``, ``--hooks``, ``--concurrency``, ``--repeat``).
 """
@@ -32,11 +32,11 @@ from datetime import datetime, timezone
 # A sibling benchmark named like a standard-library package (bench/http.py) must not shadow it here.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from emissary.core import FanOut, Journal, NewEvent, Route, open_store  # noqa: E402
-from emissary.sinks import LogSink, WebhookSink  # noqa: E402
+from errands.core import FanOut, Journal, NewEvent, Route, open_store  # noqa: E402
+from errands.sinks import LogSink, WebhookSink  # noqa: E402
 
 STREAMS = 20
-SECRET = "whsec_" + base64.b64encode(b"emissary-bench-secret-0123456789").decode()
+SECRET = "whsec_" + base64.b64encode(b"errands-bench-secret-0123456789").decode()
 
 SERVER = """
 import sys, uvicorn
@@ -85,7 +85,7 @@ def raw_log(db: str, out: str, page: int = 1000) -> int:
             lines = []
             for position, stream, seq, subject, type_, data, t in rows:
                 lines.append(json.dumps({
-                    "specversion": "1.0", "id": f"{stream}/{seq}", "source": "emissary", "type": type_,
+                    "specversion": "1.0", "id": f"{stream}/{seq}", "source": "errands", "type": type_,
                     "subject": subject,
                     "time": datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z"),
                     "datacontenttype": "application/json", "data": json.loads(data),
@@ -98,7 +98,7 @@ def raw_log(db: str, out: str, page: int = 1000) -> int:
     return n
 
 
-def emissary_log(url: str, out: str, name: str) -> int:
+def errands_log(url: str, out: str, name: str) -> int:
     store = open_store(url)
     fanout = FanOut(store, [Route(name, LogSink(path=out), batch_size=1000)])
     n = fanout.drain()
@@ -118,10 +118,10 @@ def bench_log(tmp: str, events: int, repeat: int) -> tuple[float, float]:
         assert raw_log(db, raw_out) == events
         best_raw = min(best_raw, time.perf_counter() - t)
         t = time.perf_counter()
-        assert emissary_log(url, em_out, f"bench{r}") == events
+        assert errands_log(url, em_out, f"bench{r}") == events
         best_em = min(best_em, time.perf_counter() - t)
         with open(raw_out, "rb") as a, open(em_out, "rb") as b:
-            assert a.read() == b.read(), "emissary and raw wrote different lines"
+            assert a.read() == b.read(), "errands and raw wrote different lines"
     return best_raw, best_em
 
 
@@ -194,14 +194,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="emissary-bench-fanout-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="errands-bench-fanout-") as tmp:
         raw_l, em_l = bench_log(tmp, args.events, args.repeat)
         raw_w, em_w = bench_webhook(tmp, args.hooks, args.concurrency, args.repeat)
     rows = [
         ("log sink (file)", args.events, "raw sqlite3 + json lines", raw_l, em_l),
         (f"webhook (x{args.concurrency})", args.hooks, "raw httpx threads", raw_w, em_w),
     ]
-    header = f"{'workload':<18} {'events':>8} {'baseline':<26} {'raw ev/s':>10} {'emissary ev/s':>14} {'ratio':>6}"
+    header = f"{'workload':<18} {'events':>8} {'baseline':<26} {'raw ev/s':>10} {'errands ev/s':>14} {'ratio':>6}"
     print(header)
     print("-" * len(header))
     for name, n, base, raw_t, em_t in rows:

@@ -4,7 +4,7 @@ Both sides publish the same messages (the events' JSON data with their ``ce-*`` 
 fresh topic on one emulator, with the same client batch settings, and wait until Pub/Sub has acknowledged
 every message:
 
-- ``emissary``: events already in a SQLite journal (WAL) are relayed by ``FanOut.drain()`` to a
+- ``errands``: events already in a SQLite journal (WAL) are relayed by ``FanOut.drain()`` to a
   ``PubSubSink``: reading the journal, building the messages, publishing each batch and waiting for it,
   and committing the route's cursor after each window.
 - ``raw publisher``: a bare ``PublisherClient`` publishes the pre-built messages in one go and waits for
@@ -34,11 +34,11 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any  # noqa: E402
 
-from emissary.connectors.gcp import PubSubSink  # noqa: E402
-from emissary.connectors.gcp._emulators import start_pubsub_emulator  # noqa: E402
-from emissary.core import FanOut, NewEvent, Route, open_store  # noqa: E402
+from errands.connectors.gcp import PubSubSink  # noqa: E402
+from errands.connectors.gcp._emulators import start_pubsub_emulator  # noqa: E402
+from errands.core import FanOut, NewEvent, Route, open_store  # noqa: E402
 
-PROJECT = "emissary-bench"
+PROJECT = "errands-bench"
 CLIENT_BATCH = 1000
 CLIENT_LATENCY = 0.01
 
@@ -49,7 +49,7 @@ def new_topic(publisher: Any) -> str:
     return topic
 
 
-def emissary_run(journal: str, topic: str, ordering: bool, batch: int, in_flight: int) -> float:
+def errands_run(journal: str, topic: str, ordering: bool, batch: int, in_flight: int) -> float:
     store = open_store(f"sqlite:///{journal}")
     sink = PubSubSink(PROJECT, topic, ordering=ordering, batch_max_messages=CLIENT_BATCH,
                       batch_max_latency=CLIENT_LATENCY)
@@ -92,7 +92,7 @@ def main() -> int:
 
     emulator = start_pubsub_emulator()
     os.environ["PUBSUB_EMULATOR_HOST"] = emulator.address
-    tmp = tempfile.mkdtemp(prefix="emissary-bench-gcp-")
+    tmp = tempfile.mkdtemp(prefix="errands-bench-gcp-")
     try:
         from google.cloud import pubsub_v1
 
@@ -120,7 +120,7 @@ def main() -> int:
         for ordering in (False, True):
             ours, raw = 0.0, 0.0
             for _ in range(args.repeat):
-                ours = max(ours, emissary_run(journal, new_topic(admin), ordering, args.batch, args.in_flight))
+                ours = max(ours, errands_run(journal, new_topic(admin), ordering, args.batch, args.in_flight))
                 raw = max(raw, raw_run(messages, new_topic(admin), ordering))
             ratios.append(ours / raw)
             rows.append((f"ordering {'on' if ordering else 'off'}", ours, raw, ours / raw))
@@ -132,7 +132,7 @@ def main() -> int:
     print(f"Pub/Sub emulator, {args.events} events over {args.streams} streams, FanOut batch {args.batch} x "
           f"{args.in_flight} in flight, client batches of {CLIENT_BATCH}; best of {args.repeat}")
     print()
-    print("| run | emissary (FanOut + PubSubSink) msg/s | raw PublisherClient msg/s | emissary/raw |")
+    print("| run | errands (FanOut + PubSubSink) msg/s | raw PublisherClient msg/s | errands/raw |")
     print("|---|---:|---:|---:|")
     for name, ours, raw, ratio in rows:
         print(f"| {name} | {ours:,.0f} | {raw:,.0f} | {ratio:.2f} |")

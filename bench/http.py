@@ -6,12 +6,12 @@ counterparty's own service time; 0 by default).
 
 - ``raw httpx``: one ``httpx.Client`` shared by ``--concurrency`` threads POSTing the same JSON bodies with an
   ``Idempotency-Key`` header. No durability: nothing is recorded anywhere.
-- ``emissary outbox``: ``outbox.submit_many`` (batches of 500) into a fresh SQLite file (WAL,
+- ``errands outbox``: ``outbox.submit_many`` (batches of 500) into a fresh SQLite file (WAL,
   ``synchronous=NORMAL``), then a ``Worker`` draining it with ``max_in_flight=--concurrency`` through an
   ``HttpConnector``: every effect leased, POSTed, recorded CONFIRMED and journalled. Submitting is timed too.
 
 Each side runs ``--rounds`` times, alternating, against the same server; the best round of each is compared
-(the least disturbed by the other processes on the machine). The ratio is emissary throughput / raw
+(the least disturbed by the other processes on the machine). The ratio is errands throughput / raw
 throughput.
 
 Run: ``hatch run bench:http`` (options: ``--effects``, ``--concurrency``, ``--latency``, ``--rounds``).
@@ -38,8 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
 import httpx
-from emissary.connectors.http import HttpConnector
-from emissary.core import Effect, EffectStatus, Outbox, Worker, open_store
+from errands.connectors.http import HttpConnector
+from errands.core import Effect, EffectStatus, Outbox, Worker, open_store
 
 
 # -- the server (run in a child process) ------------------------------------------------------------
@@ -121,7 +121,7 @@ def raw_httpx(url: str, n: int, concurrency: int, tag: str) -> float:
     return elapsed
 
 
-def emissary_outbox(url: str, n: int, concurrency: int, tag: str, tmp: str) -> float:
+def errands_outbox(url: str, n: int, concurrency: int, tag: str, tmp: str) -> float:
     store = open_store(f"sqlite:///{os.path.join(tmp, tag + '.db')}")
     connector = HttpConnector(url=url, timeout=30.0, max_connections=concurrency)
     outbox = Outbox(store, {"bench": connector}, batch_size=500)
@@ -161,10 +161,10 @@ def main() -> None:
         raw_httpx(url, 200, c, "warmup")
         raw: list[float] = []
         ours: list[float] = []
-        with tempfile.TemporaryDirectory(prefix="emissary-bench-http-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="errands-bench-http-") as tmp:
             for r in range(args.rounds):
                 raw.append(raw_httpx(url, n, c, f"raw{r}"))
-                ours.append(emissary_outbox(url, n, c, f"outbox{r}", tmp))
+                ours.append(errands_outbox(url, n, c, f"outbox{r}", tmp))
         stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
     finally:
         server.terminate()
@@ -178,7 +178,7 @@ def main() -> None:
     print(f"|{'-' * 56}|{'-' * 10}|{'-' * 12}|{'-' * 9}|")
     print(f"| {'raw httpx (threads, one pooled Client, no durability)':<54} | {best_raw:>8.2f} | "
           f"{n / best_raw:>10.0f} | {1.0:>6.2f}x |")
-    print(f"| {'emissary outbox + HttpConnector (SQLite, Worker)':<54} | {best_ours:>8.2f} | "
+    print(f"| {'errands outbox + HttpConnector (SQLite, Worker)':<54} | {best_ours:>8.2f} | "
           f"{n / best_ours:>10.0f} | {ratio:>6.2f}x |")
     print(f"\nrounds (s): raw {', '.join(f'{x:.2f}' for x in raw)}; outbox {', '.join(f'{x:.2f}' for x in ours)}; "
           f"server saw {stats['performed']} keys, {stats['duplicates']} duplicates")

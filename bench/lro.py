@@ -47,7 +47,7 @@ from typing import Any, Callable
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from emissary.lro import Config, LroClient, Operation, ResumableHandler, unmarshal_metadata  # noqa: E402
+from errands.lro import Config, LroClient, Operation, ResumableHandler, unmarshal_metadata  # noqa: E402
 from google.longrunning import operations_pb2  # noqa: E402
 from google.protobuf import any_pb2, struct_pb2  # noqa: E402
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.ops
     batched: dict[str, float] = {}
     per_op: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="emissary-bench-lro-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="errands-bench-lro-") as tmp:
         counter = iter(range(10_000))
         for sync in ("NORMAL", "FULL"):
             runs: dict[str, list[float]] = {name: [] for name in ROWS}

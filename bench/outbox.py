@@ -1,12 +1,12 @@
 """Outbox throughput: effects submitted and dispatched through a no-op connector, beside a naive outbox.
 
 The naive outbox is what one writes with the raw ``sqlite3`` driver: per effect, one INSERT committed,
-the dispatch, and one UPDATE committed (two commits per effect). emissary is measured two ways on the
+the dispatch, and one UPDATE committed (two commits per effect). errands is measured two ways on the
 same workload and the same durability setting:
 
-- ``emissary one-by-one``: ``outbox.submit(effect)`` per effect (one transaction each, with its journal
+- ``errands one-by-one``: ``outbox.submit(effect)`` per effect (one transaction each, with its journal
   event), then the worker's ``dispatch_once`` claiming and completing batches;
-- ``emissary submit_many``: ``outbox.submit_many`` in batches of ``--batch`` effects, then the same
+- ``errands submit_many``: ``outbox.submit_many`` in batches of ``--batch`` effects, then the same
   dispatch.
 
 Both count the whole trip: submitted, dispatched, CONFIRMED, every transition journalled. Each row runs on
@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any, ClassVar
 
-from emissary.core import DispatchOutcome, DispatchResult, Effect, EffectStatus, Outbox, open_store
+from errands.core import DispatchOutcome, DispatchResult, Effect, EffectStatus, Outbox, open_store
 
 
 class NoopConnector:
@@ -83,7 +83,7 @@ class Naive:
         self.conn.close()
 
 
-class Emissary:
+class Errands:
     """The outbox engine: effects submitted one by one or with ``submit_many``, then the worker's dispatch
     step claiming and completing batches until nothing is due."""
 
@@ -124,12 +124,12 @@ def main() -> None:
     per_round = n // args.rounds
     rows: list[tuple[str, str, float, float]] = []
     ratios: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="emissary-bench-outbox-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="errands-bench-outbox-") as tmp:
         for sync in ("NORMAL", "FULL"):
             parts: dict[str, Any] = {
                 "naive": Naive(os.path.join(tmp, f"naive-{sync}.db"), sync),
-                "one": Emissary(os.path.join(tmp, f"one-{sync}.db"), sync, None),
-                "many": Emissary(os.path.join(tmp, f"many-{sync}.db"), sync, args.batch),
+                "one": Errands(os.path.join(tmp, f"one-{sync}.db"), sync, None),
+                "many": Errands(os.path.join(tmp, f"many-{sync}.db"), sync, args.batch),
             }
             spent = dict.fromkeys(parts, 0.0)
             for r in range(args.rounds):
@@ -143,8 +143,8 @@ def main() -> None:
             ratios[sync] = {"one": base / spent["one"], "many": base / spent["many"]}
             rows += [
                 (sync, "naive raw sqlite3 (2 commits/effect)", base, 1.0),
-                (sync, "emissary one-by-one submit", spent["one"], ratios[sync]["one"]),
-                (sync, f"emissary submit_many({args.batch})", spent["many"], ratios[sync]["many"]),
+                (sync, "errands one-by-one submit", spent["one"], ratios[sync]["one"]),
+                (sync, f"errands submit_many({args.batch})", spent["many"], ratios[sync]["many"]),
             ]
     total = per_round * args.rounds
     print(f"{total} effects submitted and dispatched through a no-op connector, SQLite WAL\n")

@@ -3,7 +3,7 @@
 For each backend (SQLite file in WAL mode with ``synchronous=NORMAL``; PostgreSQL when installed) and each
 workload, three rows are measured in the same run on fresh databases:
 
-- ``emissary batched``: the store API, ``--batch`` rows per call (one transaction per batch);
+- ``errands batched``: the store API, ``--batch`` rows per call (one transaction per batch);
 - ``raw per-row``: the bare driver (sqlite3 / psycopg) doing the same rows with one commit per row;
 - ``raw batch``: the bare driver doing the same rows with one commit per batch (``executemany``).
 
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from emissary.core import NewEvent, open_store
+from errands.core import NewEvent, open_store
 
 # The raw tables have the same columns, keys and indexes as the store's own (CORE_MIGRATIONS), so that
 # the comparison measures the code path, not the schema.
@@ -148,7 +148,7 @@ class PostgresBackend(Backend):
 # -- workloads --------------------------------------------------------------------------------------
 
 
-def journal_emissary(backend: Backend, rows: int, batch: int) -> float:
+def journal_errands(backend: Backend, rows: int, batch: int) -> float:
     url = backend.fresh_url()
     store = open_store(url)
     try:
@@ -206,7 +206,7 @@ def journal_raw(backend: Backend, rows: int, batch: int) -> float:
     return elapsed
 
 
-def lease_emissary(backend: Backend, rows: int, batch: int) -> float:
+def lease_errands(backend: Backend, rows: int, batch: int) -> float:
     url = backend.fresh_url()
     store = open_store(url)
     try:
@@ -282,7 +282,7 @@ def lease_raw(backend: Backend, rows: int, batch: int) -> float:
 class Result:
     backend: str
     workload: str
-    emissary: float
+    errands: float
     per_row: float
     raw_batch: float
 
@@ -294,15 +294,15 @@ def best_rate(fn: Callable[[Backend, int, int], float], backend: Backend, rows: 
 def measure(backend: Backend, name: str, rows: int, per_row_rows: int, batch: int, repeat: int) -> list[Result]:
     out = []
     for workload, ours, raw in (
-        ("journal append", journal_emissary, journal_raw),
-        ("lease claim+complete", lease_emissary, lease_raw),
+        ("journal append", journal_errands, journal_raw),
+        ("lease claim+complete", lease_errands, lease_raw),
     ):
         sys.stderr.write(f"  {name}: {workload}...\n")
         out.append(
             Result(
                 backend=name,
                 workload=workload,
-                emissary=best_rate(ours, backend, rows, batch, repeat),
+                errands=best_rate(ours, backend, rows, batch, repeat),
                 per_row=best_rate(raw, backend, per_row_rows, 1, repeat),
                 raw_batch=best_rate(raw, backend, rows, batch, repeat),
             )
@@ -312,12 +312,12 @@ def measure(backend: Backend, name: str, rows: int, per_row_rows: int, batch: in
 
 def print_table(results: list[Result], batch: int) -> None:
     headers = [
-        "backend", "workload", f"emissary batched ({batch}/tx) rows/s", "raw per-row commit rows/s",
+        "backend", "workload", f"errands batched ({batch}/tx) rows/s", "raw per-row commit rows/s",
         f"raw batch ({batch}/tx) rows/s", "vs per-row", "vs raw batch",
     ]
     rows = [
-        [r.backend, r.workload, f"{r.emissary:,.0f}", f"{r.per_row:,.0f}", f"{r.raw_batch:,.0f}",
-         f"{r.emissary / r.per_row:.2f}x", f"{r.emissary / r.raw_batch:.2f}"]
+        [r.backend, r.workload, f"{r.errands:,.0f}", f"{r.per_row:,.0f}", f"{r.raw_batch:,.0f}",
+         f"{r.errands / r.per_row:.2f}x", f"{r.errands / r.raw_batch:.2f}"]
         for r in results
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     args = parser.parse_args(argv)
 
-    workdir = tempfile.mkdtemp(prefix="emissary-bench-store-")
+    workdir = tempfile.mkdtemp(prefix="errands-bench-store-")
     results: list[Result] = []
     note = ""
     try:
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             try:
                 import psycopg  # noqa: F401
-                from emissary.core.testing import start_postgres
+                from errands.core.testing import start_postgres
 
                 server = start_postgres()
             except (ImportError, FileNotFoundError) as exc:
@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(note)
     sqlite = [r for r in results if r.backend == "sqlite"]
-    vs_per_row = min(r.emissary / r.per_row for r in sqlite)
-    vs_batch = min(r.emissary / r.raw_batch for r in sqlite)
+    vs_per_row = min(r.errands / r.per_row for r in sqlite)
+    vs_batch = min(r.errands / r.raw_batch for r in sqlite)
     print(f"store batched vs per-row commits: {vs_per_row:.2f}x (goal >= 2)")
     print(f"store batched vs raw batch: {vs_batch:.2f} (goal >= 0.25)")
     return 0

@@ -19,13 +19,13 @@ def _run_ci(tmp_path: Path, output: str, status: int) -> tuple[int, str, str]:
     calls = tmp_path / "calls.txt"
     (bin_dir / "python3").write_text(f'#!/bin/sh\necho "python3 $*" >> {calls}\n')
     (bin_dir / "hatch").write_text(
-        f'#!/bin/sh\necho "hatch $* REQUIRE=$EMISSARY_REQUIRE_SERVICES" >> {calls}\n'
+        f'#!/bin/sh\necho "hatch $* REQUIRE=$ERRANDS_REQUIRE_SERVICES" >> {calls}\n'
         f"cat <<'OUT'\n{output}\nOUT\nexit {status}\n"
     )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("EMISSARY_REQUIRE_SERVICES", None)
+    env.pop("ERRANDS_REQUIRE_SERVICES", None)
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60, check=False)
     return proc.returncode, proc.stderr, calls.read_text()
 

@@ -1,4 +1,4 @@
-"""``pip install ./packages/core`` alone, into a clean virtual environment, gives a working ``emissary``."""
+"""``pip install ./packages/core`` alone, into a clean virtual environment, gives a working ``errands``."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("EMISSARY_")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("ERRANDS_")}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtual environment holding emissary-core and its dependencies, nothing else."""
+    """A fresh virtual environment holding errands-core and its dependencies, nothing else."""
     path = tmp_path_factory.mktemp("clean") / "venv"
     uv = shutil.which("uv")
     python = path / "bin" / "python"
@@ -37,12 +37,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_emissary_command_works(venv: Path) -> None:
-    proc = _run([str(venv / "bin" / "emissary"), "plugins", "--json"])
+def test_errands_command_works(venv: Path) -> None:
+    proc = _run([str(venv / "bin" / "errands"), "plugins", "--json"])
     assert proc.returncode == 0, proc.stderr
     plugins = json.loads(proc.stdout)
     assert [p["name"] for p in plugins] == ["core"]
-    assert plugins[0]["distribution"] == "emissary-core"
+    assert plugins[0]["distribution"] == "errands-core"
     assert plugins[0]["stores"] == ["memory", "postgres", "postgresql", "sqlite"]
 
 
@@ -52,28 +52,28 @@ def test_only_core_and_its_dependencies_are_installed(venv: Path) -> None:
                  "for d in m.distributions())))"])
     assert proc.returncode == 0, proc.stderr
     installed = set(proc.stdout.split())
-    assert "emissary-core" in installed
-    assert not {n for n in installed if n.startswith("emissary") and n != "emissary-core"}
+    assert "errands-core" in installed
+    assert not {n for n in installed if n.startswith("errands") and n != "errands-core"}
     assert "psycopg" not in installed  # the postgres extra was not asked for
 
 
-def test_emissary_is_a_namespace_package(venv: Path) -> None:
+def test_errands_is_a_namespace_package(venv: Path) -> None:
     proc = _run([str(venv / "bin" / "python"), "-c",
-                 "import emissary, emissary.core; print(emissary.__file__, emissary.core.__version__)"])
+                 "import errands, errands.core; print(errands.__file__, errands.core.__version__)"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "None"
 
 
 def test_postgres_url_without_the_extra_names_it(venv: Path) -> None:
     proc = _run([str(venv / "bin" / "python"), "-c",
-                 "from emissary.core import open_store\nopen_store('postgresql://u@127.0.0.1:1/db')"])
+                 "from errands.core import open_store\nopen_store('postgresql://u@127.0.0.1:1/db')"])
     assert proc.returncode != 0
     assert "MissingDependencyError" in proc.stderr
-    assert "pip install 'emissary[postgres]'" in proc.stderr
+    assert "pip install 'errands[postgres]'" in proc.stderr
 
 
 def test_demo_runs(venv: Path) -> None:
-    proc = _run([str(venv / "bin" / "emissary"), "demo", "--size", "200", "--json"])
+    proc = _run([str(venv / "bin" / "errands"), "demo", "--size", "200", "--json"])
     assert proc.returncode == 0, proc.stderr
     parts = {p["part"]: p for p in json.loads(proc.stdout)}
     assert parts["store+journal"]["ok"] is True

@@ -1,4 +1,4 @@
-"""Crash test of emissary-durable: a worker subprocess is SIGKILLed at random moments while it runs 100
+"""Crash test of errands-durable: a worker subprocess is SIGKILLed at random moments while it runs 100
 executions of a five-step workflow; after restarts every execution succeeds, at-most-once steps never
 ran twice in one attempt, and no step ran again once its result was checkpointed."""
 
@@ -19,7 +19,7 @@ import pytest
 WORKER = textwrap.dedent(
     """
     import random, sqlite3, sys, time, uuid
-    from emissary.durable import DurableRunner, RetryPresets, StepConfig, StepSemantics
+    from errands.durable import DurableRunner, RetryPresets, StepConfig, StepSemantics
 
     store_url, record_path = sys.argv[1], sys.argv[2]
     rec = sqlite3.connect(record_path, isolation_level=None, timeout=30)
@@ -52,7 +52,7 @@ N_KILLS = 30
 
 @pytest.mark.crash
 def test_worker_killed_at_random_moments(tmp_path: Path) -> None:
-    from emissary.durable import DurableRunner, ExecutionStatus, OperationType
+    from errands.durable import DurableRunner, ExecutionStatus, OperationType
 
     store_url = f"sqlite:///{tmp_path / 'durable.db'}"
     record_path = tmp_path / "runs.db"
@@ -64,7 +64,7 @@ def test_worker_killed_at_random_moments(tmp_path: Path) -> None:
                 "attempt INTEGER, value TEXT)")
     runner = DurableRunner(store_url, functions={"five": lambda e, c: None})
     ids = [runner.start("five", {"i": i}, execution_id=f"exec-{i:03d}") for i in range(N_EXECUTIONS)]
-    rng = random.Random(int(os.environ.get("EMISSARY_CRASH_SEED", "7")))
+    rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "7")))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     log_path = tmp_path / "worker.log"

@@ -23,8 +23,8 @@ KILLS = 20
 
 
 def relay(url: str, path: str, drain: bool) -> None:
-    from emissary.core import FanOut, Route, open_store
-    from emissary.sinks import LogSink
+    from errands.core import FanOut, Route, open_store
+    from errands.sinks import LogSink
 
     store = open_store(url)
     fanout = FanOut(store, [Route("crash", LogSink(path=path), batch_size=50, max_in_flight=4)])
@@ -56,13 +56,13 @@ def count_lines(path: Path) -> int:
 
 @pytest.mark.crash
 def test_relay_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
-    from emissary.core import Journal, NewEvent, open_store
+    from errands.core import Journal, NewEvent, open_store
 
     url = f"sqlite:///{tmp_path / 'crash.db'}"
     log_path = tmp_path / "events.jsonl"
     store = open_store(url)
     journal = Journal(store)
-    rng = random.Random(int(os.environ.get("EMISSARY_CRASH_SEED", "0")) or None)
+    rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
     per_round = EVENTS // KILLS
     appended = 0
     killed_behind = 0

@@ -20,8 +20,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from emissary.core import Journal, open_store
-from emissary.lro import Config, LroClient, unmarshal_metadata
+from errands.core import Journal, open_store
+from errands.lro import Config, LroClient, unmarshal_metadata
 
 pytestmark = pytest.mark.crash
 
@@ -30,7 +30,7 @@ N = 200
 WORKER = textwrap.dedent(
     """
     import os, random, sys, time
-    from emissary.lro import Config, LroClient, ResumableHandler, unmarshal_metadata
+    from errands.lro import Config, LroClient, ResumableHandler, unmarshal_metadata
 
     db, batch = sys.argv[1], int(sys.argv[2])
     client = LroClient(Config(neuron="crash", store=db, timer_lease=0.5, retry_delay=0.1, resume_batch=batch))
@@ -65,7 +65,7 @@ def _remaining(client: LroClient) -> int:
 
 
 def test_sigkill_mid_handler_every_operation_completes_exactly_once(tmp_path: Any) -> None:
-    rng = random.Random(int(os.environ.get("EMISSARY_CRASH_SEED", "0")) or None)
+    rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
     db = f"sqlite:///{tmp_path / 'crash.db'}"
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

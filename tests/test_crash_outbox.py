@@ -44,18 +44,18 @@ class LedgerConnector:
         return db
 
     def dispatch(self, effect: Any) -> Any:
-        from emissary.core import DispatchOutcome, DispatchResult
+        from errands.core import DispatchOutcome, DispatchResult
 
         self._db().execute(
             "INSERT INTO log (key, kind, token, pid) VALUES (?, 'dispatch', ?, ?)",
-            (effect.key, effect.metadata["emissary.lease_token"], os.getpid()),
+            (effect.key, effect.metadata["errands.lease_token"], os.getpid()),
         )
         # Delivered but not yet recorded by the outbox: the window a SIGKILL should hit.
         time.sleep(0.004)
         return DispatchResult(outcome=DispatchOutcome.CONFIRMED, external_ref=f"ledger/{effect.key}")
 
     def observe(self, effect: Any) -> Any:
-        from emissary.core import Observation, ObservationOutcome
+        from errands.core import Observation, ObservationOutcome
 
         db = self._db()
         db.execute("INSERT INTO log (key, kind, token, pid) VALUES (?, 'observe', 0, ?)", (effect.key, os.getpid()))
@@ -68,7 +68,7 @@ class LedgerConnector:
 
 
 def run_worker(url: str, ledger: str, drain: bool) -> None:
-    from emissary.core import Outbox, Worker, open_store
+    from errands.core import Outbox, Worker, open_store
 
     store = open_store(url)
     outbox = Outbox(store, connectors={"ledger": LedgerConnector(ledger)}, lease_for=LEASE_FOR, batch_size=40,
@@ -110,7 +110,7 @@ def kill(proc: subprocess.Popen[str]) -> None:
 
 def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
                     ) -> tuple[Any, list[tuple[int, str, str, int, int]], set[str]]:
-    from emissary.core import Effect, Outbox, Semantics, open_store
+    from errands.core import Effect, Outbox, Semantics, open_store
 
     url = url or f"sqlite:///{tmp_path / 'outbox.db'}"
     ledger = tmp_path / "ledger.db"
@@ -120,7 +120,7 @@ def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
                "token INTEGER NOT NULL, pid INTEGER NOT NULL)")
     store = open_store(url)
     outbox = Outbox(store, connectors={"ledger": LedgerConnector(str(ledger))})
-    rng = random.Random(int(os.environ.get("EMISSARY_CRASH_SEED", "0")) or None)
+    rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
     per_round = EFFECTS // KILLS
     non_idempotent: set[str] = set()
     for r in range(KILLS):
@@ -146,7 +146,7 @@ def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
 
 
 def check_invariants(outbox: Any, log: list[tuple[int, str, str, int, int]], non_idempotent: set[str]) -> None:
-    from emissary.core import EffectStatus
+    from errands.core import EffectStatus
 
     stats = outbox.stats()
     assert stats["effects"]["CONFIRMED"] == EFFECTS, stats

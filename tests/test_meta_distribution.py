@@ -1,4 +1,4 @@
-"""The root ``emissary`` meta distribution: its extras pull exactly the packages of DESIGN §1 that exist."""
+"""The root ``errands`` meta distribution: its extras pull exactly the packages of DESIGN §1 that exist."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # DESIGN §1: package folder -> (distribution, {meta extra: extras of that distribution it asks for, or
 # None when the package decides}).
 DESIGN: dict[str, tuple[str, dict[str, set[str] | None]]] = {
-    "core": ("emissary-core", {"postgres": {"postgres"}}),
-    "connectors-http": ("emissary-connectors-http", {"http": None}),
-    "sinks": ("emissary-sinks", {"sinks": None}),
+    "core": ("errands-core", {"postgres": {"postgres"}}),
+    "connectors-http": ("errands-connectors-http", {"http": None}),
+    "sinks": ("errands-sinks", {"sinks": None}),
     "connectors-gcp": (
-        "emissary-connectors-gcp",
+        "errands-connectors-gcp",
         {"gcp": None, "pubsub": {"pubsub"}, "tasks": {"tasks"}, "spanner": {"spanner"}},
     ),
-    "lro": ("emissary-lro", {"lro": None}),
-    "durable": ("emissary-durable", {"durable": None}),
+    "lro": ("errands-lro", {"lro": None}),
+    "durable": ("errands-durable", {"durable": None}),
 }
 PRESENT = {d: spec for d, spec in DESIGN.items() if (ROOT / "packages" / d / "pyproject.toml").exists()}
 
@@ -56,12 +56,12 @@ def metadata(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Require
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(ROOT)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (wheel,) = out.glob("emissary-*.whl")
+    (wheel,) = out.glob("errands-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         assert not [n for n in zf.namelist() if ".dist-info/" not in n], "the meta wheel must hold no code"
         meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         meta = Parser().parsestr(zf.read(meta_name).decode())
-    assert meta["Name"] == "emissary"
+    assert meta["Name"] == "errands"
     reqs = [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
     by_extra: dict[str, list[Requirement]] = {"": [r for r in reqs if r.marker is None]}
     for extra in meta.get_all("Provides-Extra") or []:
@@ -70,7 +70,7 @@ def metadata(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Require
 
 
 def test_base_is_core_alone(metadata: dict[str, list[Requirement]]) -> None:
-    assert [(r.name, r.extras) for r in metadata[""]] == [("emissary-core", set())]
+    assert [(r.name, r.extras) for r in metadata[""]] == [("errands-core", set())]
 
 
 def test_extras_are_exactly_those_of_present_packages(metadata: dict[str, list[Requirement]]) -> None:
@@ -88,11 +88,11 @@ def test_extra_pulls_exactly_its_package(metadata: dict[str, list[Requirement]],
     (req,) = metadata[extra]
     assert req.name == distribution == project["name"]
     declared = set(project.get("optional-dependencies", {}))  # type: ignore[arg-type]
-    assert req.extras <= declared, f"emissary[{extra}] asks {distribution} for extras it lacks"
+    assert req.extras <= declared, f"errands[{extra}] asks {distribution} for extras it lacks"
     if wanted is not None:
         assert req.extras == wanted
     assert req.specifier.contains(Version(str(project["version"]))), (
-        f"emissary[{extra}] pins {req.specifier}, which excludes {distribution} {project['version']}"
+        f"errands[{extra}] pins {req.specifier}, which excludes {distribution} {project['version']}"
     )
 
 
@@ -102,5 +102,5 @@ def test_all_pulls_every_present_package_with_all_its_extras(metadata: dict[str,
     for folder, (dist, _) in PRESENT.items():
         project = _project(folder)
         declared = set(project.get("optional-dependencies", {}))  # type: ignore[arg-type]
-        assert got[dist].extras == declared, f"emissary[all] misses extras of {dist}"
+        assert got[dist].extras == declared, f"errands[all] misses extras of {dist}"
         assert got[dist].specifier.contains(Version(str(project["version"])))

@@ -32,18 +32,18 @@ def _pip_install_target(project: Path, target: Path) -> None:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("plugin-site")
     _pip_install_target(EXAMPLE, target)
-    assert (target / "emissary_ledger" / "__init__.py").exists()
-    assert list(target.glob("emissary_ledger-1.2.0.dist-info"))
+    assert (target / "errands_ledger" / "__init__.py").exists()
+    assert list(target.glob("errands_ledger-1.2.0.dist-info"))
     return target
 
 
-def _emissary_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "emissary"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "emissary.core"]
+def _errands_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "errands"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "errands.core"]
 
 
 def _run(args: list[str], site: Path | None, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMISSARY_DISABLE")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ERRANDS_DISABLE")}
     environ.pop("PYTHONPATH", None)
     if site is not None:
         environ["PYTHONPATH"] = str(site)
@@ -52,7 +52,7 @@ def _run(args: list[str], site: Path | None, **env: str) -> subprocess.Completed
 
 
 def _plugins(site: Path | None, **env: str) -> dict[str, dict[str, Any]]:
-    proc = _run([*_emissary_cmd(), "plugins", "--json"], site, **env)
+    proc = _run([*_errands_cmd(), "plugins", "--json"], site, **env)
     assert proc.returncode == 0, proc.stderr
     return {p["name"]: p for p in json.loads(proc.stdout)}
 
@@ -65,41 +65,41 @@ def test_installed_plugin_is_listed_with_distribution_version_and_connector(site
     plugins = _plugins(site)
     assert plugins["ledger"] == {
         "name": "ledger",
-        "distribution": "emissary-ledger",
+        "distribution": "errands-ledger",
         "version": "1.2.0",
         "connectors": ["ledger"],
         "sinks": [],
         "stores": [],
         "schedulers": [],
     }
-    assert plugins["core"]["distribution"] == "emissary-core"
+    assert plugins["core"]["distribution"] == "errands-core"
 
 
 def test_table_output_lists_plugin(site: Path) -> None:
-    proc = _run([*_emissary_cmd(), "plugins"], site)
+    proc = _run([*_errands_cmd(), "plugins"], site)
     assert proc.returncode == 0, proc.stderr
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ledger "))
-    assert row[:4] == ["ledger", "emissary-ledger", "1.2.0", "ledger"]
+    assert row[:4] == ["ledger", "errands-ledger", "1.2.0", "ledger"]
 
 
 def test_disable_plugins_hides_it_by_name(site: Path) -> None:
-    plugins = _plugins(site, EMISSARY_DISABLE_PLUGINS="unrelated, ledger")
+    plugins = _plugins(site, ERRANDS_DISABLE_PLUGINS="unrelated, ledger")
     assert "ledger" not in plugins
     assert "core" in plugins
 
 
 def test_disable_autoload_loads_none(site: Path) -> None:
-    plugins = _plugins(site, EMISSARY_DISABLE_PLUGIN_AUTOLOAD="1")
+    plugins = _plugins(site, ERRANDS_DISABLE_PLUGIN_AUTOLOAD="1")
     assert list(plugins) == ["core"]
 
 
 def test_named_instance_from_config_dispatches_once(site: Path, tmp_path: Path) -> None:
     ledger = tmp_path / "audit.jsonl"
-    config = tmp_path / "emissary.toml"
+    config = tmp_path / "errands.toml"
     config.write_text(f'[connectors."audit.ledger"]\ntype = "ledger"\npath = "{ledger.as_posix()}"\n')
     script = textwrap.dedent(
         f"""
-        from emissary.core import Effect, get_registry, load_config
+        from errands.core import Effect, get_registry, load_config
         load_config({str(config)!r})
         conn = get_registry().connector("audit.ledger")
         effect = Effect(key="k-1", connector="audit.ledger", payload={{"amount": 5}})
@@ -110,7 +110,7 @@ def test_named_instance_from_config_dispatches_once(site: Path, tmp_path: Path) 
     )
     proc = _run([sys.executable, "-c", script], site)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["emissary_ledger", "CONFIRMED", "CONFIRMED", "CONFIRMED", "ABSENT"]
+    assert proc.stdout.split() == ["errands_ledger", "CONFIRMED", "CONFIRMED", "CONFIRMED", "ABSENT"]
     assert [json.loads(line) for line in ledger.read_text().splitlines()] == [
         {"key": "k-1", "payload": {"amount": 5}}
     ]
@@ -118,14 +118,14 @@ def test_named_instance_from_config_dispatches_once(site: Path, tmp_path: Path) 
 
 def test_outbox_delivers_through_the_plugin_once(site: Path, tmp_path: Path) -> None:
     ledger = tmp_path / "payments.jsonl"
-    config = tmp_path / "emissary.toml"
+    config = tmp_path / "errands.toml"
     config.write_text(
         f'store = "sqlite:///{(tmp_path / "app.db").as_posix()}"\n'
         f'[connectors."bank.ledger"]\ntype = "ledger"\npath = "{ledger.as_posix()}"\n'
     )
     script = textwrap.dedent(
         f"""
-        from emissary.core import Effect, Outbox, load_config, open_store
+        from errands.core import Effect, Outbox, load_config, open_store
         config = load_config({str(config)!r})
         outbox = Outbox(open_store(config.store))  # connectors: the registry's named instances
         effect = Effect(key="order-42", connector="bank.ledger", payload={{"cents": 500}})
@@ -143,11 +143,11 @@ def test_outbox_delivers_through_the_plugin_once(site: Path, tmp_path: Path) -> 
 
 
 def test_disabled_plugin_type_is_a_config_error(site: Path, tmp_path: Path) -> None:
-    config = tmp_path / "emissary.toml"
+    config = tmp_path / "errands.toml"
     config.write_text('[connectors."audit.ledger"]\ntype = "ledger"\n')
     proc = _run(
-        [sys.executable, "-c", f"from emissary.core import load_config; load_config({str(config)!r})"],
-        site, EMISSARY_DISABLE_PLUGINS="ledger",
+        [sys.executable, "-c", f"from errands.core import load_config; load_config({str(config)!r})"],
+        site, ERRANDS_DISABLE_PLUGINS="ledger",
     )
     assert proc.returncode != 0
     assert "ConfigError" in proc.stderr

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from emissary.connectors.gcp.testing import (  # noqa: F401
+from errands.connectors.gcp.testing import (  # noqa: F401
     pubsub_emulator,
     spanner_database,
     spanner_emulator,

@@ -1,12 +1,12 @@
-"""The public surface of emissary.connectors.gcp, its plugin registrations and import without extras."""
+"""The public surface of errands.connectors.gcp, its plugin registrations and import without extras."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-import emissary.connectors.gcp as gcp
-from emissary.core import get_registry
+import errands.connectors.gcp as gcp
+from errands.core import get_registry
 
 
 def test_public_api_is_pinned() -> None:
@@ -42,7 +42,7 @@ def test_import_needs_no_extra() -> None:
         "import sys\n"
         "for m in ('google.cloud.pubsub_v1', 'google.cloud.tasks_v2', 'google.cloud.spanner'):\n"
         "    sys.modules[m] = None\n"
-        "import emissary.connectors.gcp as g\n"
+        "import errands.connectors.gcp as g\n"
         "g.PubSubSink('p', 'topic'); g.CloudTasksConnector('p', 'l', 'q', 'https://x.example')\n"
         "print('ok')\n"
     )

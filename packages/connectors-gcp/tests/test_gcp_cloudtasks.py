@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
 import pytest
-from emissary.connectors.gcp import CloudTasksConnector, CloudTasksScheduler, task_id_for
-from emissary.connectors.gcp.testing import EmulatorProcess
-from emissary.core import (
+from errands.connectors.gcp import CloudTasksConnector, CloudTasksScheduler, task_id_for
+from errands.connectors.gcp.testing import EmulatorProcess
+from errands.core import (
     ConfigError,
     DispatchOutcome,
     Effect,
@@ -23,12 +23,12 @@ from emissary.core import (
     TransientError,
     capabilities_of,
 )
-from emissary.core.testing._services import free_port
+from errands.core.testing._services import free_port
 from pytest_httpserver import HTTPServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
-PROJECT = "emissary-test"
+PROJECT = "errands-test"
 LOCATION = "europe-west1"
 
 
@@ -89,9 +89,9 @@ def test_effect_becomes_one_http_task(tasks_emulator: EmulatorProcess, queue: st
     request, _ = httpserver.log[0]
     assert json.loads(request.get_data()) == {"amount": 10}
     assert request.headers["Idempotency-Key"] == "order-42"
-    assert request.headers["Emissary-Business-Key"] == "B-42"
-    assert request.headers["Emissary-Run-Id"] == "run-1"
-    assert request.headers["Emissary-Connector"] == "bank.wire"
+    assert request.headers["Errands-Business-Key"] == "B-42"
+    assert request.headers["Errands-Run-Id"] == "run-1"
+    assert request.headers["Errands-Connector"] == "bank.wire"
     assert request.headers["X-Api-Key"] == "k1"
     assert request.headers["Content-Type"] == "application/json"
 
@@ -100,7 +100,7 @@ def test_dispatch_at_schedule_time_oidc_and_observe(
     tasks_emulator: EmulatorProcess, queue: str, httpserver: HTTPServer
 ) -> None:
     httpserver.expect_request("/later").respond_with_data("ok")
-    sa = "invoker@emissary-test.iam.gserviceaccount.com"
+    sa = "invoker@errands-test.iam.gserviceaccount.com"
     connector = _connector(tasks_emulator, queue, httpserver.url_for("/later"), service_account=sa,
                            audience="https://svc.example")
     at = datetime.now(timezone.utc) + timedelta(hours=1)
@@ -174,7 +174,7 @@ def test_scheduler_alis_shape_idempotent_and_cancel(
     request, _ = httpserver.log[0]
     assert request.method == "PUT"
     assert request.args["operation"] == "operations/1"
-    assert request.headers["Emissary-Timer-Key"] == "op-1:1"
+    assert request.headers["Errands-Timer-Key"] == "op-1:1"
 
 
 def test_scheduler_json_payload(tasks_emulator: EmulatorProcess, queue: str, httpserver: HTTPServer) -> None:
@@ -188,7 +188,7 @@ def test_scheduler_json_payload(tasks_emulator: EmulatorProcess, queue: str, htt
         scheduler.close()
     request, _ = httpserver.log[0]
     assert json.loads(request.get_data()) == {"execution": "x-1", "items": [1, 2]}
-    assert request.headers["Emissary-Timer-Key"] == key
+    assert request.headers["Errands-Timer-Key"] == key
 
 
 def test_scheduler_errors(tasks_emulator: EmulatorProcess) -> None:
@@ -239,5 +239,5 @@ def test_missing_extra_raises_at_use_naming_it(monkeypatch: pytest.MonkeyPatch) 
         connector.dispatch(Effect(key="k", connector="c", payload={}))
     assert info.value.extra == "tasks"
     scheduler = CloudTasksScheduler(PROJECT, LOCATION, "q", "https://x.example")
-    with pytest.raises(MissingDependencyError, match=r"emissary\[tasks\]"):
+    with pytest.raises(MissingDependencyError, match=r"errands\[tasks\]"):
         scheduler.schedule("p", {}, time.time())

@@ -9,15 +9,15 @@ import uuid
 from typing import Any, Iterator
 
 import pytest
-from emissary.connectors.gcp import CloudTasksConnector, CloudTasksScheduler
-from emissary.connectors.gcp.testing import EmulatorProcess
-from emissary.core import Effect, EffectStatus, Outbox, open_store
-from emissary.core.testing._services import free_port, wait_for_port
+from errands.connectors.gcp import CloudTasksConnector, CloudTasksScheduler
+from errands.connectors.gcp.testing import EmulatorProcess
+from errands.core import Effect, EffectStatus, Outbox, open_store
+from errands.core.testing._services import free_port, wait_for_port
 from pytest_httpserver import HTTPServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
-PROJECT = "emissary-test"
+PROJECT = "errands-test"
 LOCATION = "europe-west1"
 
 
@@ -64,7 +64,7 @@ class Uvicorn:
 def test_lro_handler_rescheduled_twice_over_cloud_tasks(
     tasks_emulator: EmulatorProcess, queue: str, tmp_path: Any
 ) -> None:
-    from emissary.lro import Config, LroClient, ResumableHandler
+    from errands.lro import Config, LroClient, ResumableHandler
 
     port = free_port()
     scheduler = CloudTasksScheduler(PROJECT, LOCATION, queue, emulator_host=tasks_emulator.address)

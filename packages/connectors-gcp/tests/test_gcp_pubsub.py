@@ -8,9 +8,9 @@ import uuid
 from typing import Any, Iterator
 
 import pytest
-from emissary.connectors.gcp import PubSubConnector, PubSubSink
-from emissary.connectors.gcp.testing import EmulatorProcess
-from emissary.core import (
+from errands.connectors.gcp import PubSubConnector, PubSubSink
+from errands.connectors.gcp.testing import EmulatorProcess
+from errands.core import (
     ConfigError,
     DispatchOutcome,
     Effect,
@@ -23,11 +23,11 @@ from emissary.core import (
     capabilities_of,
     open_store,
 )
-from emissary.core.testing._services import free_port
+from errands.core.testing._services import free_port
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
-PROJECT = "emissary-test"
+PROJECT = "errands-test"
 
 
 class PubSub:
@@ -94,11 +94,11 @@ def test_connector_publishes_payload_with_effect_attributes(pubsub: PubSub) -> N
     (msg,) = pubsub.pull(sub, 1)
     assert json.loads(msg.data) == {"order": "order-1", "total": 5}
     assert dict(msg.attributes) == {
-        "emissary-effect-key": "order-1",
-        "emissary-business-key": "B-1",
-        "emissary-run-id": "run-9",
-        "emissary-connector": "orders.events",
-        "emissary-tool": "notify",
+        "errands-effect-key": "order-1",
+        "errands-business-key": "B-1",
+        "errands-run-id": "run-9",
+        "errands-connector": "orders.events",
+        "errands-tool": "notify",
     }
     assert result.external_ref == msg.message_id
 
@@ -130,7 +130,7 @@ def test_connector_ordering_key_and_resume_after_a_failed_key(pubsub: PubSub) ->
         connector.close()
     (msg,) = pubsub.pull(sub, 1)
     assert msg.ordering_key == "customer-7"
-    assert msg.attributes["emissary-effect-key"] == "k-1"
+    assert msg.attributes["errands-effect-key"] == "k-1"
 
 
 def test_connector_timeout_is_unknown(pubsub_emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +159,7 @@ def test_sink_publishes_cloudevents_binary_mode(pubsub: PubSub, tmp_path: Any) -
     assert attrs == {
         "ce-specversion": "1.0",
         "ce-id": "orders/42/1",
-        "ce-source": "emissary",
+        "ce-source": "errands",
         "ce-type": "order.placed",
         "ce-subject": "order.placed",
         "ce-time": event.to_cloudevent()["time"],
@@ -182,7 +182,7 @@ def test_sink_missing_topic_is_transient(pubsub: PubSub, tmp_path: Any) -> None:
 def test_sink_unserialisable_data_is_permanent(tmp_path: Any) -> None:
     from datetime import datetime, timezone
 
-    from emissary.core import Event
+    from errands.core import Event
 
     bad = Event(id="s/1", stream="s", seq=1, subject="a", type="a", data={"x": object()},
                 time=datetime.now(timezone.utc))
@@ -238,4 +238,4 @@ def test_missing_extra_raises_at_use_naming_it(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(MissingDependencyError) as info:
         connector.dispatch(_effect("x-1"))
     assert info.value.extra == "pubsub"
-    assert "emissary[pubsub]" in str(info.value)
+    assert "errands[pubsub]" in str(info.value)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-from emissary.connectors.gcp import SpannerOperationStore
-from emissary.connectors.gcp.testing import SpannerDatabase
-from emissary.core import FakeClock
-from emissary.lro.testing import OperationStoreContract, make_record
+from errands.connectors.gcp import SpannerOperationStore
+from errands.connectors.gcp.testing import SpannerDatabase
+from errands.core import FakeClock
+from errands.lro.testing import OperationStoreContract, make_record
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
@@ -69,8 +69,8 @@ def test_two_neurons_share_a_database_not_a_table(spanner_database: SpannerDatab
 
 
 def test_spanner_url_through_lro(spanner_database: SpannerDatabase) -> None:
-    from emissary.core import StoreScheduler, open_store
-    from emissary.lro import Config, LroClient
+    from errands.core import StoreScheduler, open_store
+    from errands.lro import Config, LroClient
 
     db = spanner_database
     url = f"spanner://projects/{db.project}/instances/{db.instance}/databases/{db.database}"
@@ -89,8 +89,8 @@ def test_spanner_url_through_lro(spanner_database: SpannerDatabase) -> None:
 
 
 def test_from_env_uses_spanner_and_cloud_tasks(spanner_database: SpannerDatabase) -> None:
-    from emissary.connectors.gcp import CloudTasksScheduler
-    from emissary.lro import LroClient
+    from errands.connectors.gcp import CloudTasksScheduler
+    from errands.lro import LroClient
 
     db = spanner_database
     env = {
@@ -115,8 +115,8 @@ def test_from_env_uses_spanner_and_cloud_tasks(spanner_database: SpannerDatabase
 def test_bad_config_and_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from emissary.connectors.gcp import SpannerStore
-    from emissary.core import ConfigError, MissingDependencyError
+    from errands.connectors.gcp import SpannerStore
+    from errands.core import ConfigError, MissingDependencyError
 
     with pytest.raises(ConfigError) as info:
         SpannerStore("spanner://instances/x")

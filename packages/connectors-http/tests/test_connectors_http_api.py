@@ -1,12 +1,12 @@
-"""The public surface of emissary.connectors.http, pinned."""
+"""The public surface of errands.connectors.http, pinned."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import emissary.connectors.http as http
-import emissary.connectors.http.testing as http_testing
-from emissary.core import Connector, capabilities_of
+import errands.connectors.http as http
+import errands.connectors.http.testing as http_testing
+from errands.core import Connector, capabilities_of
 
 
 def test_public_names() -> None:
@@ -35,7 +35,7 @@ def test_is_a_connector_with_declared_capabilities() -> None:
 
 
 def test_pep420_namespace_has_no_init() -> None:
-    src = Path(__file__).resolve().parents[1] / "src" / "emissary"
+    src = Path(__file__).resolve().parents[1] / "src" / "errands"
     assert not (src / "__init__.py").exists()
     assert not (src / "connectors" / "__init__.py").exists()
     assert (src / "connectors" / "http" / "py.typed").exists()

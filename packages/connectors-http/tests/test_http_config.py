@@ -1,4 +1,4 @@
-"""Configuration from code and from ``emissary.toml``, plugin discovery, and secret redaction."""
+"""Configuration from code and from ``errands.toml``, plugin discovery, and secret redaction."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emissary.connectors.http import HttpConnector, _plugin, is_secret_header, parse_retry_after, redact_headers
-from emissary.core import ConfigError, DispatchOutcome, Effect, Registry, load_config
+from errands.connectors.http import HttpConnector, _plugin, is_secret_header, parse_retry_after, redact_headers
+from errands.core import ConfigError, DispatchOutcome, Effect, Registry, load_config
 from pytest_httpserver import HTTPServer
 
 SECRET = "tok-VERY-SECRET-42"
@@ -21,21 +21,21 @@ def registry() -> Registry:
 def test_entry_point_is_declared_in_the_distribution() -> None:
     from importlib.metadata import entry_points
 
-    eps = [ep for ep in entry_points(group="emissary.plugins") if ep.name == "http"]
-    assert [ep.value for ep in eps] == ["emissary.connectors.http._plugin"]
-    assert eps[0].dist is not None and eps[0].dist.metadata["Name"] == "emissary-connectors-http"
+    eps = [ep for ep in entry_points(group="errands.plugins") if ep.name == "http"]
+    assert [ep.value for ep in eps] == ["errands.connectors.http._plugin"]
+    assert eps[0].dist is not None and eps[0].dist.metadata["Name"] == "errands-connectors-http"
 
 
 def test_autoloaded_registry_knows_the_http_type() -> None:
     reg = Registry()
     assert reg.connectors["http"] is HttpConnector
-    assert reg.plugins["http"].distribution == "emissary-connectors-http"
+    assert reg.plugins["http"].distribution == "errands-connectors-http"
 
 
-def test_emissary_toml_builds_a_named_connector(tmp_path: Path, httpserver: HTTPServer,
+def test_errands_toml_builds_a_named_connector(tmp_path: Path, httpserver: HTTPServer,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BANK_TOKEN", SECRET)
-    config = tmp_path / "emissary.toml"
+    config = tmp_path / "errands.toml"
     config.write_text(f'''
 store = "memory://"
 
@@ -138,7 +138,7 @@ def test_secret_header_value_not_in_config_errors() -> None:
 @pytest.mark.parametrize(("name", "secret"), [
     ("Authorization", True), ("proxy-authorization", True), ("Cookie", True), ("Set-Cookie", True),
     ("X-Api-Token", True), ("X-Api-Key", True), ("Stripe-Key", True), ("X-Client-Secret", True), ("apikey", True),
-    ("Idempotency-Key", False), ("Emissary-Business-Key", False), ("Content-Type", False), ("X-Team", False),
+    ("Idempotency-Key", False), ("Errands-Business-Key", False), ("Content-Type", False), ("X-Team", False),
 ])
 def test_secret_header_names(name: str, secret: bool) -> None:
     assert is_secret_header(name) is secret
@@ -154,7 +154,7 @@ def test_secrets_never_reach_logs_reprs_or_errors(httpserver: HTTPServer, caplog
                         status=500)
 
     httpserver.expect_request("/pay").respond_with_handler(echo)
-    caplog.set_level(logging.DEBUG, logger="emissary.connectors.http")
+    caplog.set_level(logging.DEBUG, logger="errands.connectors.http")
     c = HttpConnector(url=httpserver.url_for("/pay"),
                       headers={"Authorization": f"Bearer {SECRET}", "X-Api-Key": "k-ABCDEF-99"})
     result = c.dispatch(Effect(key="k", connector="bank.wire", payload={}))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-from emissary.connectors.http import AsyncHttpConnector, HttpConnector
-from emissary.connectors.http.testing import LedgerServer
-from emissary.core.testing import ConnectorContract
+from errands.connectors.http import AsyncHttpConnector, HttpConnector
+from errands.connectors.http.testing import LedgerServer
+from errands.core.testing import ConnectorContract
 
 
 @pytest.fixture

@@ -1,18 +1,18 @@
-"""The ``http connector`` part of ``emissary demo``, registered through the plugin hook."""
+"""The ``http connector`` part of ``errands demo``, registered through the plugin hook."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from emissary.connectors.http import _plugin
-from emissary.connectors.http._demo import HttpDemo
-from emissary.core import Registry
-from emissary.core._demo import DemoContext
+from errands.connectors.http import _plugin
+from errands.connectors.http._demo import HttpDemo
+from errands.core import Registry
+from errands.core._demo import DemoContext
 
 
 def test_demo_part_is_registered() -> None:
     reg = Registry(plugins=[("http", _plugin)], autoload=False)
-    parts = [cls for impl in reg.pm.hook.emissary_register_demos.get_hookimpls() for cls in impl.function()]
+    parts = [cls for impl in reg.pm.hook.errands_register_demos.get_hookimpls() for cls in impl.function()]
     assert HttpDemo in parts
 
 
@@ -26,10 +26,10 @@ def test_demo_part_confirms_every_effect_once(tmp_path: Path) -> None:
 
 
 def test_demo_part_counts_only_its_own_effects_on_a_shared_store(tmp_path: Path) -> None:
-    # `emissary demo` runs every part on one store: effects confirmed by an earlier part must not end this
+    # `errands demo` runs every part on one store: effects confirmed by an earlier part must not end this
     # part's wait before its own effects are delivered.
-    from emissary.core import Effect, Outbox, open_store
-    from emissary.core.testing import FakeConnector
+    from errands.core import Effect, Outbox, open_store
+    from errands.core.testing import FakeConnector
 
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     store = open_store(url)

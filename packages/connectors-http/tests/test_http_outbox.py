@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from emissary.connectors.http import AsyncHttpConnector, HttpConnector
-from emissary.connectors.http.testing import LedgerServer
-from emissary.core import Effect, EffectStatus, Outbox, Semantics, Worker, open_store
+from errands.connectors.http import AsyncHttpConnector, HttpConnector
+from errands.connectors.http.testing import LedgerServer
+from errands.core import Effect, EffectStatus, Outbox, Semantics, Worker, open_store
 
 FAST = {"backoff_base": 0.005, "backoff_cap": 0.05, "max_attempts": 25, "max_observations": 25}
 

@@ -11,16 +11,16 @@ from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
-from emissary.connectors.http import HttpConnector
-from emissary.connectors.http.testing import LedgerServer
-from emissary.core import (
+from errands.connectors.http import HttpConnector
+from errands.connectors.http.testing import LedgerServer
+from errands.core import (
     CompensationOutcome,
     DispatchOutcome,
     Effect,
     Obligation,
     ObservationOutcome,
 )
-from emissary.core.testing._services import free_port
+from errands.core.testing._services import free_port
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -120,9 +120,9 @@ def test_dispatch_sends_json_and_protocol_headers(httpserver: HTTPServer, connec
     assert json.loads(request.get_data()) == {"amount": 5, "to": "ada"}
     assert request.headers["Content-Type"] == "application/json"
     assert request.headers["Idempotency-Key"] == "order-9"
-    assert request.headers["Emissary-Business-Key"] == "invoice-3"
-    assert request.headers["Emissary-Run-Id"] == "run-5"
-    assert request.headers["Emissary-Attempt"] == "3"
+    assert request.headers["Errands-Business-Key"] == "invoice-3"
+    assert request.headers["Errands-Run-Id"] == "run-5"
+    assert request.headers["Errands-Attempt"] == "3"
     assert request.headers["Authorization"] == "Bearer tok-SECRET-123"
 
 
@@ -132,10 +132,10 @@ def test_attempt_keyword_wins_and_optional_headers_are_omitted(httpserver: HTTPS
     connector.dispatch(effect(metadata={"attempt": 2}), attempt=4)
     connector.dispatch(effect("order-2"))
     first, second = (req for req, _ in httpserver.log)
-    assert first.headers["Emissary-Attempt"] == "4"
-    assert second.headers["Emissary-Attempt"] == "1"
-    assert "Emissary-Business-Key" not in second.headers
-    assert "Emissary-Run-Id" not in second.headers
+    assert first.headers["Errands-Attempt"] == "4"
+    assert second.headers["Errands-Attempt"] == "1"
+    assert "Errands-Business-Key" not in second.headers
+    assert "Errands-Run-Id" not in second.headers
 
 
 def test_location_header_is_the_external_ref(httpserver: HTTPServer, connector: HttpConnector) -> None:
@@ -339,7 +339,7 @@ def test_compensate_status_maps_to_outcome(httpserver: HTTPServer, connector: Ht
     assert json.loads(request.get_data()) == {
         "effect_key": "order-1", "kind": "refund", "payload": {"amount": 5}, "run_id": "run-1"}
     assert request.headers["Idempotency-Key"] == "order-1:compensate:refund"
-    assert request.headers["Emissary-Attempt"] == "2"
+    assert request.headers["Errands-Attempt"] == "2"
 
 
 def test_compensate_without_url_is_stuck(httpserver: HTTPServer) -> None:
@@ -379,13 +379,13 @@ def test_async_client_is_reused_within_a_loop() -> None:
 
 def test_attempt_comes_from_the_outbox_metadata(httpserver: HTTPServer, connector: HttpConnector) -> None:
     httpserver.expect_request("/pay").respond_with_data("ok")
-    connector.dispatch(effect(metadata={"emissary.attempt": 5, "attempt": 2}))
+    connector.dispatch(effect(metadata={"errands.attempt": 5, "attempt": 2}))
     request, _ = httpserver.log[0]
-    assert request.headers["Emissary-Attempt"] == "5"
+    assert request.headers["Errands-Attempt"] == "5"
 
 
 def test_async_connector_methods_are_coroutines(httpserver: HTTPServer) -> None:
-    from emissary.connectors.http import AsyncHttpConnector
+    from errands.connectors.http import AsyncHttpConnector
 
     httpserver.expect_request("/pay").respond_with_data("", status=503, headers={"Retry-After": "2"})
     httpserver.expect_request("/lookup").respond_with_json({"count": 0})
@@ -408,7 +408,7 @@ def test_async_connector_methods_are_coroutines(httpserver: HTTPServer) -> None:
 
 
 def test_async_pool_closes_with_its_event_loop() -> None:
-    from emissary.connectors.http import AsyncHttpConnector
+    from errands.connectors.http import AsyncHttpConnector
 
     with LedgerServer() as server:
         c = AsyncHttpConnector(url=server.url("/effects"))

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import pytest
-from emissary.connectors.http import HttpConnector
-from emissary.core import DispatchOutcome, Effect
+from errands.connectors.http import HttpConnector
+from errands.core import DispatchOutcome, Effect
 
 
 def _write_ca_and_leaf(folder: Path) -> tuple[Path, Path, Path]:
@@ -23,7 +23,7 @@ def _write_ca_and_leaf(folder: Path) -> tuple[Path, Path, Path]:
 
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "emissary test CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "errands test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
           .not_valid_after(now + datetime.timedelta(days=2))

@@ -1,5 +1,5 @@
-"""The user's path: ``emissary.toml`` with ``type = "http"``, effects submitted by the app, and the
-``emissary worker`` command (a separate process, plugin found by entry point) delivering them."""
+"""The user's path: ``errands.toml`` with ``type = "http"``, effects submitted by the app, and the
+``errands worker`` command (a separate process, plugin found by entry point) delivering them."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from emissary.connectors.http import HttpConnector
-from emissary.connectors.http.testing import LedgerServer
-from emissary.core import Effect, EffectStatus, Outbox, open_store
+from errands.connectors.http import HttpConnector
+from errands.connectors.http.testing import LedgerServer
+from errands.core import Effect, EffectStatus, Outbox, open_store
 
 
-def test_emissary_worker_delivers_through_a_configured_http_connector(tmp_path: Path) -> None:
+def test_errands_worker_delivers_through_a_configured_http_connector(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
-    config = tmp_path / "emissary.toml"
+    config = tmp_path / "errands.toml"
     with LedgerServer() as server:
         config.write_text(f'''
 store = "sqlite:///{db.as_posix()}"
@@ -30,8 +30,8 @@ headers = {{ Authorization = "Bearer ${{BANK_TOKEN}}" }}
         submitter = HttpConnector(url=server.url("/effects"), observe_url=server.url("/observe"))
         outbox = Outbox(store, {"bank.wire": submitter})
         outbox.submit_many([Effect(key=f"wire-{i}", connector="bank.wire", payload={"cents": i}) for i in range(20)])
-        env = {**os.environ, "BANK_TOKEN": "tok-from-env", "EMISSARY_DISABLE_PLUGINS": ""}
-        proc = subprocess.run([sys.executable, "-m", "emissary.core", "worker", "--config", str(config), "--drain"],
+        env = {**os.environ, "BANK_TOKEN": "tok-from-env", "ERRANDS_DISABLE_PLUGINS": ""}
+        proc = subprocess.run([sys.executable, "-m", "errands.core", "worker", "--config", str(config), "--drain"],
                               capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "tok-from-env" not in proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""The ``emissary`` command line: ``plugins`` (table and ``--json``, DESIGN §11) and ``demo``."""
+"""The ``errands`` command line: ``plugins`` (table and ``--json``, DESIGN §11) and ``demo``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import pytest
-from emissary.core import Registry, hookimpl, reset_registry
-from emissary.core._cli import main
+from errands.core import Registry, hookimpl, reset_registry
+from errands.core._cli import main
 
 PLUGIN_KEYS = ["name", "distribution", "version", "connectors", "sinks", "stores", "schedulers"]
 
@@ -42,21 +42,21 @@ def _plugin() -> types.ModuleType:
     mod = types.ModuleType("demo_plugin")
 
     @hookimpl
-    def emissary_register_connectors() -> list[type]:
+    def errands_register_connectors() -> list[type]:
         return [DemoConnector]
 
     @hookimpl
-    def emissary_register_sinks() -> list[type]:
+    def errands_register_sinks() -> list[type]:
         return [ZSink, ASink]
 
-    mod.emissary_register_connectors = emissary_register_connectors  # type: ignore[attr-defined]
-    mod.emissary_register_sinks = emissary_register_sinks  # type: ignore[attr-defined]
+    mod.errands_register_connectors = errands_register_connectors  # type: ignore[attr-defined]
+    mod.errands_register_sinks = errands_register_sinks  # type: ignore[attr-defined]
     return mod
 
 
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
-    monkeypatch.delenv("EMISSARY_DISABLE_PLUGINS", raising=False)
+    monkeypatch.delenv("ERRANDS_DISABLE_PLUGINS", raising=False)
     reg = Registry([("demo", _plugin())], autoload=False)
     reset_registry(reg)
     yield reg
@@ -78,23 +78,23 @@ def test_plugins_json_shape(registry: Registry, capsys: pytest.CaptureFixture[st
         "sinks": ["asink", "zsink"], "stores": [], "schedulers": [],
     }
     core = by_name["core"]
-    assert core["distribution"] == "emissary-core"
+    assert core["distribution"] == "errands-core"
     assert core["stores"] == ["memory", "postgres", "postgresql", "sqlite"]
     assert core["schedulers"] == ["store"]
 
 
 def test_plugins_table(registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
-    from emissary.core import __version__
+    from errands.core import __version__
 
     assert main(["plugins"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "CONNECTORS", "SINKS", "STORES", "SCHEDULERS"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert rows["core"] == ["core", "emissary-core", __version__, "-", "-", "memory,postgres,postgresql,sqlite",
+    assert rows["core"] == ["core", "errands-core", __version__, "-", "-", "memory,postgres,postgresql,sqlite",
                             "store"]
     assert rows["demo"] == ["demo", "-", "-", "demo-wire", "asink,zsink", "-", "-"]
     # columns line up under their headers
-    assert lines[1].index("emissary-core") == lines[0].index("DISTRIBUTION")
+    assert lines[1].index("errands-core") == lines[0].index("DISTRIBUTION")
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str], registry: Registry) -> None:
@@ -104,12 +104,12 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str], registry: Re
 
 
 def test_version(capsys: pytest.CaptureFixture[str], registry: Registry) -> None:
-    from emissary.core import __version__
+    from errands.core import __version__
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"emissary-core {__version__}"
+    assert capsys.readouterr().out.strip() == f"errands-core {__version__}"
 
 
 def test_demo_prints_a_summary(registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,7 +123,7 @@ def test_demo_prints_a_summary(registry: Registry, capsys: pytest.CaptureFixture
     assert figures["leases completed"] == "120"
     assert figures["timers fired"] == "1"
     assert lines[-1].startswith("all parts ok in ")
-    assert "emissary demo on sqlite:///" in captured.err
+    assert "errands demo on sqlite:///" in captured.err
 
 
 def test_demo_json(registry: Registry, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -159,10 +159,10 @@ def test_demo_includes_parts_from_plugins(monkeypatch: pytest.MonkeyPatch, capsy
     mod = types.ModuleType("echo_plugin")
 
     @hookimpl
-    def emissary_register_demos() -> list[type]:
+    def errands_register_demos() -> list[type]:
         return [EchoDemo]
 
-    mod.emissary_register_demos = emissary_register_demos  # type: ignore[attr-defined]
+    mod.errands_register_demos = errands_register_demos  # type: ignore[attr-defined]
     reset_registry(Registry([("echo", mod)], autoload=False))
     try:
         assert main(["demo", "--size", "20", "--json"]) == 0
@@ -174,9 +174,9 @@ def test_demo_includes_parts_from_plugins(monkeypatch: pytest.MonkeyPatch, capsy
 
 
 def test_installed_console_script() -> None:
-    script = Path(sys.executable).parent / "emissary"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "emissary.core"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMISSARY_DISABLE")}
+    script = Path(sys.executable).parent / "errands"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "errands.core"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ERRANDS_DISABLE")}
     proc = subprocess.run([*cmd, "plugins", "--json"], capture_output=True, text=True, env=env, timeout=120,
                           check=False)
     assert proc.returncode == 0, proc.stderr
@@ -186,7 +186,7 @@ def test_installed_console_script() -> None:
 
 
 def test_plugin_subcommand_and_error_exit(capsys: pytest.CaptureFixture[str]) -> None:
-    from emissary.core import ConfigError
+    from errands.core import ConfigError
 
     def boom(args: Any) -> int:
         raise ConfigError(f"store must be a store URL, got {args.store!r}", field="store", value=args.store)
@@ -194,15 +194,15 @@ def test_plugin_subcommand_and_error_exit(capsys: pytest.CaptureFixture[str]) ->
     mod = types.ModuleType("cli_plugin")
 
     @hookimpl
-    def emissary_register_cli(group: Any) -> None:
+    def errands_register_cli(group: Any) -> None:
         p = group.add_parser("boom", help="always fails")
         p.add_argument("--store", default="x")
         p.set_defaults(func=boom)
 
-    mod.emissary_register_cli = emissary_register_cli  # type: ignore[attr-defined]
+    mod.errands_register_cli = errands_register_cli  # type: ignore[attr-defined]
     reset_registry(Registry([("cli", mod)], autoload=False))
     try:
         assert main(["boom", "--store", "app.db"]) == 1
     finally:
         reset_registry()
-    assert capsys.readouterr().err == "emissary: ConfigError: store must be a store URL, got 'app.db'\n"
+    assert capsys.readouterr().err == "errands: ConfigError: store must be a store URL, got 'app.db'\n"

@@ -1,15 +1,15 @@
-"""The public surface of ``emissary.core``: names outside code relies on (DESIGN §2, §11)."""
+"""The public surface of ``errands.core``: names outside code relies on (DESIGN §2, §11)."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 
-import emissary.core
-import emissary.core.errors
+import errands.core
+import errands.core.errors
 import pytest
 
-# Sorted. A name added to emissary.core.__all__ is added here in the same change; a name removed
+# Sorted. A name added to errands.core.__all__ is added here in the same change; a name removed
 # from here is a breaking change.
 EXPECTED_ALL = [
     "AlreadyExistsError",
@@ -29,8 +29,8 @@ EXPECTED_ALL = [
     "EffectOutcome",
     "EffectRecord",
     "EffectStatus",
-    "EmissaryConfig",
-    "EmissaryError",
+    "ErrandsConfig",
+    "ErrandsError",
     "Event",
     "FakeClock",
     "FanOut",
@@ -91,51 +91,51 @@ EXPECTED_ALL = [
 
 
 def test_all_is_pinned() -> None:
-    assert emissary.core.__all__ == EXPECTED_ALL
+    assert errands.core.__all__ == EXPECTED_ALL
 
 
 def test_all_is_sorted_and_unique() -> None:
     assert EXPECTED_ALL == sorted(set(EXPECTED_ALL))
-    assert emissary.core.__all__ == sorted(set(emissary.core.__all__))
+    assert errands.core.__all__ == sorted(set(errands.core.__all__))
 
 
 @pytest.mark.parametrize("name", EXPECTED_ALL)
 def test_every_name_resolves(name: str) -> None:
-    assert getattr(emissary.core, name) is not None
+    assert getattr(errands.core, name) is not None
 
 
 def test_star_import_gives_exactly_all() -> None:
     namespace: dict[str, object] = {}
-    exec("from emissary.core import *", namespace)
+    exec("from errands.core import *", namespace)
     assert sorted(k for k in namespace if k != "__builtins__") == EXPECTED_ALL
 
 
 def test_errors_module_exports_the_tree() -> None:
-    errors = emissary.core.errors
+    errors = errands.core.errors
     classes = sorted(n for n, o in vars(errors).items() if inspect.isclass(o) and issubclass(o, Exception)
                      and o.__module__ == errors.__name__)
     assert errors.__all__ == classes
     for name in classes:
         cls = getattr(errors, name)
-        assert issubclass(cls, errors.EmissaryError)
-        assert getattr(emissary.core, name) is cls, f"{name} is not re-exported from emissary.core"
+        assert issubclass(cls, errors.ErrandsError)
+        assert getattr(errands.core, name) is cls, f"{name} is not re-exported from errands.core"
         assert name in (errors.__doc__ or ""), f"{name} is missing from the tree in the errors docstring"
 
 
 def test_missing_dependency_error_is_an_import_error() -> None:
-    err = emissary.core.MissingDependencyError("psycopg", "postgres")
+    err = errands.core.MissingDependencyError("psycopg", "postgres")
     assert isinstance(err, ImportError)
-    assert "pip install 'emissary[postgres]'" in str(err)
+    assert "pip install 'errands[postgres]'" in str(err)
 
 
 def test_version_matches_about() -> None:
-    about = importlib.import_module("emissary.core.__about__")
-    assert emissary.core.__version__ == about.__version__
+    about = importlib.import_module("errands.core.__about__")
+    assert errands.core.__version__ == about.__version__
     assert all(part.isdigit() for part in about.__version__.split(".")[:2])
 
 
 def test_design_signatures() -> None:
-    from emissary.core import DispatchOutcome, DispatchResult, Effect, Observation, ObservationOutcome, Semantics
+    from errands.core import DispatchOutcome, DispatchResult, Effect, Observation, ObservationOutcome, Semantics
 
     effect = Effect(key="order-42", connector="bank.wire", payload={"amount": 1})
     assert effect.tool == "" and effect.semantics is Semantics.IDEMPOTENT and effect.human_gate is False
@@ -146,12 +146,12 @@ def test_design_signatures() -> None:
 
 
 def test_outbox_signatures() -> None:
-    from emissary.core import EffectStatus, Outbox, open_store
-    from emissary.core.testing import ChaosConnector, ConnectorContract, FakeConnector
+    from errands.core import EffectStatus, Outbox, open_store
+    from errands.core.testing import ChaosConnector, ConnectorContract, FakeConnector
 
     assert ConnectorContract is not None and ChaosConnector is not None
     outbox = Outbox(open_store("memory://"), connectors={"bank.wire": FakeConnector()})
-    rec = outbox.submit(emissary.core.Effect(key="order-42", connector="bank.wire", payload={"a": 1}), conn=None)
+    rec = outbox.submit(errands.core.Effect(key="order-42", connector="bank.wire", payload={"a": 1}), conn=None)
     assert rec.status is EffectStatus.PENDING
     assert [o.status for o in outbox.dispatch_once()] == [EffectStatus.CONFIRMED]
     assert outbox.reconcile_once() == [] and outbox.compensate_once() == []
@@ -164,8 +164,8 @@ def test_outbox_signatures() -> None:
 
 
 def test_design_signatures_of_fanout_reactions_and_tasks() -> None:
-    from emissary.core import FanOut, Journal, Reactor, Route, TaskEngine, open_store
-    from emissary.core.testing import InMemorySink
+    from errands.core import FanOut, Journal, Reactor, Route, TaskEngine, open_store
+    from errands.core.testing import InMemorySink
 
     store = open_store("memory://")
     journal = Journal(store)

@@ -5,7 +5,7 @@ import threading
 from typing import Any, Sequence
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     Event,
     FakeClock,
@@ -19,7 +19,7 @@ from emissary.core import (
     TransientError,
     open_store,
 )
-from emissary.core.testing import InMemorySink, SinkContract
+from errands.core.testing import InMemorySink, SinkContract
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_stop_route_error_stops_the_route_and_says_so(store: Any, caplog: Any) -
     append(store, 5)
     sink = InMemorySink(gone=True)
     fanout = FanOut(store, [Route("hooks", sink)])
-    with caplog.at_level(logging.ERROR, logger="emissary.fanout"):
+    with caplog.at_level(logging.ERROR, logger="errands.fanout"):
         assert fanout.run_once() == 0
     assert "route hooks stopped" in caplog.text
     status = fanout.status()[0]
@@ -300,7 +300,7 @@ def test_close_closes_sinks(store: Any) -> None:
 
 
 def test_runs_in_the_worker(store: Any) -> None:
-    from emissary.core import Worker
+    from errands.core import Worker
 
     append(store, 25)
     sink = InMemorySink()
@@ -310,10 +310,10 @@ def test_runs_in_the_worker(store: Any) -> None:
 
 
 def test_from_config(store: Any) -> None:
-    from emissary.core import EmissaryConfig
+    from errands.core import ErrandsConfig
 
     sink = InMemorySink()
-    config = EmissaryConfig(store="memory://", connectors={}, sinks={"audit": sink},
+    config = ErrandsConfig(store="memory://", connectors={}, sinks={"audit": sink},
                             routes={"audit": {"subjects": ["order.**"], "batch_size": 3}}, worker={}, raw={})
     fanout = FanOut.from_config(store, config)
     assert fanout.routes[0].batch_size == 3 and fanout.routes[0].subjects == ["order.**"]
@@ -371,7 +371,7 @@ def test_two_relays_on_one_route_deliver_everything_and_notice_each_other(tmp_pa
     b = FanOut(store_b, [Route("shared", sink, batch_size=10)])
     a.status(), b.status()  # both hold cursor 0
     assert a.run_once() == 10
-    with caplog.at_level(logging.WARNING, logger="emissary.fanout"):
+    with caplog.at_level(logging.WARNING, logger="errands.fanout"):
         b.run_once()  # publishes from its stale cursor, then its compare-and-set fails
     assert "moved by another process" in caplog.text
     for _ in range(20):

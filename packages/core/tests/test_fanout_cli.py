@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from emissary.core import FanOut, Journal, NewEvent, Route, open_store
-from emissary.core._cli import main
-from emissary.core.testing import InMemorySink
+from errands.core import FanOut, Journal, NewEvent, Route, open_store
+from errands.core._cli import main
+from errands.core.testing import InMemorySink
 
 
 def setup_store(tmp_path: Path) -> tuple[str, Any]:

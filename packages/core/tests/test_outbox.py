@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     DispatchOutcome,
     DispatchResult,
@@ -24,7 +24,7 @@ from emissary.core import (
     TransientError,
     open_store,
 )
-from emissary.core.testing import FakeConnector
+from errands.core.testing import FakeConnector
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_submit_records_pending_and_dispatch_confirms(outbox: Any, bank: FakeCon
     assert (rec.status, rec.attempts, rec.external_ref, rec.response) == (
         EffectStatus.CONFIRMED, 1, "fake-order-42", {"received": "order-42"})
     assert bank.deliveries("order-42") == 1
-    assert bank.dispatched[0].metadata["emissary.attempt"] == 1
+    assert bank.dispatched[0].metadata["errands.attempt"] == 1
     assert types(outbox, "order-42") == [
         "effect.pending.bank.transfer", "effect.dispatching.bank.transfer", "effect.confirmed.bank.transfer"]
 
@@ -162,7 +162,7 @@ def test_bad_outbox_options(store: Any) -> None:
 
 
 def test_connectors_default_to_the_registry(store: Any) -> None:
-    from emissary.core import Registry, reset_registry
+    from errands.core import Registry, reset_registry
 
     reg = Registry(autoload=False)
     reset_registry(reg)

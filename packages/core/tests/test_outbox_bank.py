@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from emissary.core import (
+from errands.core import (
     CompensationOutcome,
     CompensationResult,
     DispatchOutcome,
@@ -27,7 +27,7 @@ from emissary.core import (
     Semantics,
     open_store,
 )
-from emissary.core.testing import ChaosConnector
+from errands.core.testing import ChaosConnector
 
 
 class Crash(BaseException):
@@ -331,7 +331,7 @@ def test_two_workers_never_dispatch_one_lease_twice(store: Any, bank: Bank) -> N
 
         def dispatch(self, effect: Effect) -> DispatchResult:
             with lock:
-                seen[(effect.key, effect.metadata["emissary.lease_token"])] += 1
+                seen[(effect.key, effect.metadata["errands.lease_token"])] += 1
             return bank.dispatch(effect)
 
     conns = {"bank": Recording()}

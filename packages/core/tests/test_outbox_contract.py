@@ -1,4 +1,4 @@
-"""The published ConnectorContract, run against the fakes shipped in emissary.core.testing and an async
+"""The published ConnectorContract, run against the fakes shipped in errands.core.testing and an async
 connector, so that the suite itself is exercised here."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, ClassVar
 
 import pytest
-from emissary.core import (
+from errands.core import (
     CompensationOutcome,
     CompensationResult,
     DispatchOutcome,
@@ -17,7 +17,7 @@ from emissary.core import (
     Observation,
     ObservationOutcome,
 )
-from emissary.core.testing import ChaosConnector, ConnectorContract, FakeConnector
+from errands.core.testing import ChaosConnector, ConnectorContract, FakeConnector
 
 
 class AsyncLedger:
@@ -55,7 +55,7 @@ class TestChaosAroundAsync(ConnectorContract):
 
 
 def test_chaos_around_an_async_connector_duplicates_and_loses_acks() -> None:
-    from emissary.core import EffectStatus, Outbox, open_store
+    from errands.core import EffectStatus, Outbox, open_store
 
     ledger = AsyncLedger()
     calls: list[str] = []

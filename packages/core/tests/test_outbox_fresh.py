@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     Effect,
     EffectStatus,
@@ -21,7 +21,7 @@ from emissary.core import (
     Outbox,
     open_store,
 )
-from emissary.core.testing import FakeConnector
+from errands.core.testing import FakeConnector
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -172,8 +172,8 @@ def test_submitted_record_equals_the_stored_one(store: Any) -> None:
 def test_event_data_written_from_the_template_is_what_dumps_writes(store: Any) -> None:
     import json
 
-    from emissary.core._outbox import _effect_event
-    from emissary.core._sql import dumps
+    from errands.core._outbox import _effect_event
+    from errands.core._sql import dumps
 
     ev = _effect_event('k"é\n', "bank", "pay", "CONFIRMED", attempt=3, outcome="CONFIRMED", error=None,
                        external_ref="ref-1", flagged=True, response={"a": [1, 2.5, None]}, ok=False)
@@ -184,7 +184,7 @@ def test_event_data_written_from_the_template_is_what_dumps_writes(store: Any) -
 
 
 def test_circular_payload_is_a_payload_error_and_nothing_is_stored(store: Any) -> None:
-    from emissary.core import PayloadError
+    from errands.core import PayloadError
 
     outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
     loop: list[Any] = []
@@ -213,7 +213,7 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path, clock: FakeCloc
 
 
 def test_dispatch_event_data_is_what_the_general_builder_writes() -> None:
-    from emissary.core._outbox import _effect_event, _effect_event_with
+    from errands.core._outbox import _effect_event, _effect_event_with
 
     assert _effect_event_with("k", "bank", "pay", "DISPATCHING", ',"attempt":2') == _effect_event(
         "k", "bank", "pay", "DISPATCHING", attempt=2)
@@ -224,7 +224,7 @@ def test_dispatch_event_data_is_what_the_general_builder_writes() -> None:
 def test_submit_event_is_what_the_general_builder_writes(store: Any) -> None:
     import json
 
-    from emissary.core._outbox import _effect_event
+    from errands.core._outbox import _effect_event
 
     outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
     outbox.submit(Effect(key="s-1", connector="bank", tool="pay", payload={}, run_id="run-7"))
@@ -240,8 +240,8 @@ def test_submit_event_is_what_the_general_builder_writes(store: Any) -> None:
 def test_hot_path_builders_match_the_constructors() -> None:
     import dataclasses
 
-    from emissary.core import DispatchOutcome, Semantics
-    from emissary.core._outbox import (
+    from errands.core import DispatchOutcome, Semantics
+    from errands.core._outbox import (
         EffectOutcome,
         EffectRecord,
         _new_effect,

@@ -1,5 +1,5 @@
 """The worker with the outbox: bounded concurrency for sync and async connectors, clean stops on
-SIGTERM/SIGINT, ``emissary worker`` and the ``effects`` / ``obligations`` commands."""
+SIGTERM/SIGINT, ``errands worker`` and the ``effects`` / ``obligations`` commands."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     DispatchOutcome,
     DispatchResult,
@@ -25,8 +25,8 @@ from emissary.core import (
     Worker,
     open_store,
 )
-from emissary.core._cli import main
-from emissary.core._worker import CallRunner
+from errands.core._cli import main
+from errands.core._worker import CallRunner
 
 
 class Gauge:
@@ -109,7 +109,7 @@ def test_max_in_flight_bounds_concurrent_calls(kind: str) -> None:
 
 
 def test_async_observe_and_compensate() -> None:
-    from emissary.core import CompensationOutcome, CompensationResult, Obligation, Observation, ObservationOutcome
+    from errands.core import CompensationOutcome, CompensationResult, Obligation, Observation, ObservationOutcome
 
     class AsyncBank:
         name = "abank"
@@ -178,7 +178,7 @@ def test_worker_keeps_calling_fanout_run_once() -> None:
 
 CONNECTOR_MODULE = '''
 import time
-from emissary.core import DispatchOutcome, DispatchResult, hookimpl
+from errands.core import DispatchOutcome, DispatchResult, hookimpl
 
 
 class SlowLog:
@@ -195,7 +195,7 @@ class SlowLog:
 
 
 @hookimpl
-def emissary_register_connectors():
+def errands_register_connectors():
     return [SlowLog]
 '''
 
@@ -203,12 +203,12 @@ def emissary_register_connectors():
 @pytest.fixture
 def project(tmp_path: Path) -> dict[str, Any]:
     (tmp_path / "slowlog_plugin.py").write_text(CONNECTOR_MODULE)
-    (tmp_path / "emissary.toml").write_text(
+    (tmp_path / "errands.toml").write_text(
         f'store = "sqlite:///{tmp_path / "app.db"}"\n'
         f'[connectors.ledger]\ntype = "slowlog"\npath = "{tmp_path / "ledger.txt"}"\ndelay = 0.05\n'
         "[worker]\npoll_interval = 0.02\nmax_in_flight = 4\nlease_for = 5\nbatch_size = 4\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), EMISSARY_DISABLE_PLUGIN_AUTOLOAD="1")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), ERRANDS_DISABLE_PLUGIN_AUTOLOAD="1")
     return {"dir": tmp_path, "env": env, "url": f"sqlite:///{tmp_path / 'app.db'}"}
 
 
@@ -218,7 +218,7 @@ def _plugin_registry(tmp_path: Path) -> Any:
         import slowlog_plugin
     finally:
         sys.path.remove(str(tmp_path))
-    from emissary.core import Registry
+    from errands.core import Registry
 
     reg = Registry([("slowlog", slowlog_plugin)], autoload=False)
     return reg, slowlog_plugin
@@ -234,8 +234,8 @@ def _submit(url: str, n: int, conn: Any) -> None:
 
 WORKER_MAIN = (
     "import sys, slowlog_plugin\n"
-    "from emissary.core import Registry, reset_registry\n"
-    "from emissary.core._cli import main\n"
+    "from errands.core import Registry, reset_registry\n"
+    "from errands.core._cli import main\n"
     "reset_registry(Registry([('slowlog', slowlog_plugin)], autoload=False))\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
@@ -246,7 +246,7 @@ def test_worker_command_stops_cleanly_on_signals(project: dict[str, Any], sig: i
     _, plugin = _plugin_registry(project["dir"])
     _submit(project["url"], 60, plugin.SlowLog(str(project["dir"] / "unused.txt")))
     proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER_MAIN, "worker", "--config", str(project["dir"] / "emissary.toml")],
+        [sys.executable, "-c", WORKER_MAIN, "worker", "--config", str(project["dir"] / "errands.toml")],
         cwd=project["dir"], env=project["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     ledger = project["dir"] / "ledger.txt"
@@ -256,7 +256,7 @@ def test_worker_command_stops_cleanly_on_signals(project: dict[str, Any], sig: i
     proc.send_signal(sig)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "emissary worker stopped" in err
+    assert "errands worker stopped" in err
     delivered = ledger.read_text().split()
     store = open_store(project["url"])
     outbox = Outbox(store, connectors={})
@@ -270,7 +270,7 @@ def test_worker_command_stops_cleanly_on_signals(project: dict[str, Any], sig: i
 
 def test_worker_command_drain_and_effects_commands(project: dict[str, Any], capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from emissary.core import reset_registry
+    from errands.core import reset_registry
 
     reg, plugin = _plugin_registry(project["dir"])
     reset_registry(reg)
@@ -321,14 +321,14 @@ def test_worker_command_drain_and_effects_commands(project: dict[str, Any], caps
 
 
 def test_worker_command_rejects_unknown_worker_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "emissary.toml").write_text(f'store = "sqlite:///{tmp_path / "w.db"}"\n[worker]\nspeed = 3\n')
-    assert main(["worker", "--config", str(tmp_path / "emissary.toml"), "--drain"]) == 1
+    (tmp_path / "errands.toml").write_text(f'store = "sqlite:///{tmp_path / "w.db"}"\n[worker]\nspeed = 3\n')
+    assert main(["worker", "--config", str(tmp_path / "errands.toml"), "--drain"]) == 1
     assert "worker.speed: unknown option" in capsys.readouterr().err
 
 
 def test_demo_includes_the_outbox(capsys: pytest.CaptureFixture[str]) -> None:
-    from emissary.core._demo import run_demo
-    from emissary.core._outbox_demo import OutboxDemo
+    from errands.core._demo import run_demo
+    from errands.core._outbox_demo import OutboxDemo
 
     assert run_demo(as_json=True, size=200, parts=lambda: [OutboxDemo()]) == 0
     [part] = json.loads(capsys.readouterr().out)

@@ -1,5 +1,5 @@
 """Plugin discovery (entry points faked the way pluggy and pytest test theirs), kill switches, named
-instances and ``emissary.toml``."""
+instances and ``errands.toml``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     DispatchOutcome,
     DispatchResult,
@@ -25,7 +25,7 @@ from emissary.core import (
     reset_registry,
 )
 
-GROUP = "emissary.plugins"
+GROUP = "errands.plugins"
 
 
 # -- plugin classes ---------------------------------------------------------------------------------
@@ -95,8 +95,8 @@ class FakeDist:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("EMISSARY_DISABLE_PLUGINS", raising=False)
-    monkeypatch.delenv("EMISSARY_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("ERRANDS_DISABLE_PLUGINS", raising=False)
+    monkeypatch.delenv("ERRANDS_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     yield
     reset_registry()
 
@@ -122,9 +122,9 @@ def two_plugins(installed: Any) -> None:
             FakeDist("pytest-thing", "1.0", {"thing": "nowhere_at_all"}, group="pytest11"),
         ],
         {
-            "acme_plugin": plugin_module("acme_plugin", emissary_register_connectors=[WireConnector],
-                                         emissary_register_stores=[MemoStore]),
-            "audit_plugin": plugin_module("audit_plugin", emissary_register_sinks=[AuditSink]),
+            "acme_plugin": plugin_module("acme_plugin", errands_register_connectors=[WireConnector],
+                                         errands_register_stores=[MemoStore]),
+            "audit_plugin": plugin_module("audit_plugin", errands_register_sinks=[AuditSink]),
         },
     )
 
@@ -152,7 +152,7 @@ def test_other_entry_point_groups_are_ignored(two_plugins: None) -> None:
 
 
 def test_disable_plugins_blocks_by_entry_point_name(two_plugins: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMISSARY_DISABLE_PLUGINS", " audit , something-else")
+    monkeypatch.setenv("ERRANDS_DISABLE_PLUGINS", " audit , something-else")
     reg = Registry()
     assert sorted(reg.plugins) == ["acme", "core"]
     assert "audit" not in reg.sinks
@@ -160,23 +160,23 @@ def test_disable_plugins_blocks_by_entry_point_name(two_plugins: None, monkeypat
 
 
 def test_disabled_plugin_is_never_imported(installed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    installed([FakeDist("broken", "1", {"broken": "emissary_test_module_that_does_not_exist"})], {})
+    installed([FakeDist("broken", "1", {"broken": "errands_test_module_that_does_not_exist"})], {})
     with pytest.raises(PluginError):
         Registry()
-    monkeypatch.setenv("EMISSARY_DISABLE_PLUGINS", "broken")
+    monkeypatch.setenv("ERRANDS_DISABLE_PLUGINS", "broken")
     assert "broken" not in Registry().plugins
 
 
 def test_disable_autoload_loads_no_entry_point(two_plugins: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMISSARY_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("ERRANDS_DISABLE_PLUGIN_AUTOLOAD", "1")
     reg = Registry()
     assert list(reg.plugins) == ["core"]
     assert reg.connectors == {} and reg.sinks == {}
 
 
 def test_disable_autoload_keeps_explicit_plugins(two_plugins: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMISSARY_DISABLE_PLUGIN_AUTOLOAD", "1")
-    explicit = plugin_module("mine", emissary_register_connectors=[WireConnector])
+    monkeypatch.setenv("ERRANDS_DISABLE_PLUGIN_AUTOLOAD", "1")
+    explicit = plugin_module("mine", errands_register_connectors=[WireConnector])
     reg = Registry([("mine", explicit)])
     assert sorted(reg.plugins) == ["core", "mine"]
     assert reg.connectors["wire"] is WireConnector
@@ -187,13 +187,13 @@ def test_autoload_argument_overrides_environment(two_plugins: None) -> None:
 
 
 def test_explicit_plugin_can_be_disabled_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMISSARY_DISABLE_PLUGINS", "mine")
-    reg = Registry([("mine", plugin_module("mine", emissary_register_connectors=[WireConnector]))], autoload=False)
+    monkeypatch.setenv("ERRANDS_DISABLE_PLUGINS", "mine")
+    reg = Registry([("mine", plugin_module("mine", errands_register_connectors=[WireConnector]))], autoload=False)
     assert "mine" not in reg.plugins and "wire" not in reg.connectors
 
 
 def test_explicit_plugin_takes_precedence_over_entry_point_of_same_name(two_plugins: None) -> None:
-    mine = plugin_module("mine", emissary_register_sinks=[AuditSink])
+    mine = plugin_module("mine", errands_register_sinks=[AuditSink])
     reg = Registry([("acme", mine)])
     assert "wire" not in reg.connectors
     assert reg.sinks["audit"] is AuditSink
@@ -206,8 +206,8 @@ def test_duplicate_connector_name_names_both_classes(installed: Any) -> None:
     installed(
         [FakeDist("a-dist", "1", {"first": "first_plugin"}), FakeDist("b-dist", "1", {"second": "second_plugin"})],
         {
-            "first_plugin": plugin_module("first_plugin", emissary_register_connectors=[WireConnector]),
-            "second_plugin": plugin_module("second_plugin", emissary_register_connectors=[OtherWireConnector]),
+            "first_plugin": plugin_module("first_plugin", errands_register_connectors=[WireConnector]),
+            "second_plugin": plugin_module("second_plugin", errands_register_connectors=[OtherWireConnector]),
         },
     )
     with pytest.raises(PluginError) as info:
@@ -221,8 +221,8 @@ def test_duplicate_connector_name_names_both_classes(installed: Any) -> None:
 
 def test_same_class_from_two_plugins_is_not_a_conflict() -> None:
     reg = Registry(
-        [("a", plugin_module("a", emissary_register_connectors=[WireConnector])),
-         ("b", plugin_module("b", emissary_register_connectors=[WireConnector]))],
+        [("a", plugin_module("a", errands_register_connectors=[WireConnector])),
+         ("b", plugin_module("b", errands_register_connectors=[WireConnector]))],
         autoload=False,
     )
     assert reg.connectors == {"wire": WireConnector}
@@ -234,20 +234,20 @@ def test_duplicate_store_scheme_is_an_error() -> None:
         schemes: ClassVar[tuple[str, ...]] = ("sqlite",)
 
     with pytest.raises(PluginError, match="'sqlite' is registered twice"):
-        Registry([("shadow", plugin_module("shadow", emissary_register_stores=[Shadow]))], autoload=False)
+        Registry([("shadow", plugin_module("shadow", errands_register_stores=[Shadow]))], autoload=False)
 
 
 def test_misspelt_hook_is_caught_by_check_pending(installed: Any) -> None:
     installed([FakeDist("typo", "1", {"typo": "typo_plugin"})],
-              {"typo_plugin": plugin_module("typo_plugin", emissary_register_conectors=[WireConnector])})
-    with pytest.raises(PluginError, match="emissary_register_conectors") as info:
+              {"typo_plugin": plugin_module("typo_plugin", errands_register_conectors=[WireConnector])})
+    with pytest.raises(PluginError, match="errands_register_conectors") as info:
         Registry()
     assert info.value.plugin is not None
 
 
 def test_misspelt_hook_in_explicit_plugin() -> None:
-    with pytest.raises(PluginError, match="emissary_register_sink"):
-        Registry([("x", plugin_module("x", emissary_register_sink=[AuditSink]))], autoload=False)
+    with pytest.raises(PluginError, match="errands_register_sink"):
+        Registry([("x", plugin_module("x", errands_register_sink=[AuditSink]))], autoload=False)
 
 
 def test_plugin_that_fails_to_import_names_itself(installed: Any) -> None:
@@ -265,24 +265,24 @@ def test_plugin_that_fails_to_import_names_itself(installed: Any) -> None:
 
 def test_hook_registering_an_instance_is_refused() -> None:
     with pytest.raises(PluginError, match="hooks register classes") as info:
-        Registry([("inst", plugin_module("inst", emissary_register_sinks=[AuditSink()]))], autoload=False)
+        Registry([("inst", plugin_module("inst", errands_register_sinks=[AuditSink()]))], autoload=False)
     assert info.value.plugin == "inst"
 
 
 def test_class_without_name_is_refused() -> None:
     with pytest.raises(PluginError, match=r"NoNameConnector.*has no name class attribute"):
-        Registry([("nn", plugin_module("nn", emissary_register_connectors=[NoNameConnector]))], autoload=False)
+        Registry([("nn", plugin_module("nn", errands_register_connectors=[NoNameConnector]))], autoload=False)
 
 
 def test_hook_that_raises_names_the_plugin() -> None:
     mod = types.ModuleType("raiser")
 
     @hookimpl
-    def emissary_register_connectors() -> list[type]:
+    def errands_register_connectors() -> list[type]:
         raise ValueError("no config")
 
-    mod.emissary_register_connectors = emissary_register_connectors  # type: ignore[attr-defined]
-    with pytest.raises(PluginError, match="plugin 'raiser' failed in emissary_register_connectors: no config"):
+    mod.errands_register_connectors = errands_register_connectors  # type: ignore[attr-defined]
+    with pytest.raises(PluginError, match="plugin 'raiser' failed in errands_register_connectors: no config"):
         Registry([("raiser", mod)], autoload=False)
 
 
@@ -337,7 +337,7 @@ def test_process_wide_registry(two_plugins: None) -> None:
     assert get_registry() is not reg and "acme" not in get_registry().plugins
 
 
-# -- emissary.toml ----------------------------------------------------------------------------------
+# -- errands.toml ----------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -369,7 +369,7 @@ max_in_flight = 8
 
 
 def test_load_config_builds_named_instances(reg: Registry, tmp_path: Path) -> None:
-    path = tmp_path / "emissary.toml"
+    path = tmp_path / "errands.toml"
     path.write_text(GOOD)
     config = load_config(path, registry=reg)
     assert config.store == "sqlite:///app.db"
@@ -385,7 +385,7 @@ def test_load_config_builds_named_instances(reg: Registry, tmp_path: Path) -> No
 
 def test_load_config_from_mapping(reg: Registry) -> None:
     config = load_config({"connectors": {"w": {"type": "wire", "url": "http://x"}}}, registry=reg)
-    assert config.store == "sqlite:///emissary.db"
+    assert config.store == "sqlite:///errands.db"
     assert config.path is None
     assert reg.connector("w").url == "http://x"
 
@@ -425,7 +425,7 @@ def test_bad_value_names_the_field_path_and_the_value(reg: Registry) -> None:
 
 
 def test_every_problem_is_reported_at_once_and_nothing_is_registered(reg: Registry, tmp_path: Path) -> None:
-    path = tmp_path / "emissary.toml"
+    path = tmp_path / "errands.toml"
     path.write_text(
         'store = "app.db"\n'
         "[connectors.ok]\ntype = \"wire\"\nurl = \"https://fine.example\"\n"

@@ -5,7 +5,7 @@ import time
 from typing import Any
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     Event,
     FakeClock,

@@ -4,8 +4,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from emissary.core import FakeClock, open_store
-from emissary.core.testing import StoreContract
+from errands.core import FakeClock, open_store
+from errands.core.testing import StoreContract
 
 
 class TestSQLiteStore(StoreContract):

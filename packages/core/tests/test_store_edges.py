@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     LeaseLostError,
     MemoryStore,
@@ -157,7 +157,7 @@ def test_wrong_connection_type_for_conn(tmp_path: Path) -> None:
 
 
 def test_migrations_are_versioned_and_applied_once(tmp_path: Path) -> None:
-    from emissary.core import Migration
+    from errands.core import Migration
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     steps = [Migration(1, "CREATE TABLE t_one (a {bigint})"), Migration(2, "ALTER TABLE t_one ADD COLUMN b {double}")]
@@ -181,11 +181,11 @@ def test_migrations_are_versioned_and_applied_once(tmp_path: Path) -> None:
 def test_missing_psycopg_names_the_postgres_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "psycopg", None)  # makes ``import psycopg`` raise ImportError
     with pytest.raises(MissingDependencyError) as info:
-        open_store("postgresql://emissary:secret@127.0.0.1:1/app")
+        open_store("postgresql://errands:secret@127.0.0.1:1/app")
     err = info.value
     assert err.package == "psycopg"
     assert err.extra == "postgres"
-    assert "pip install 'emissary[postgres]'" in str(err)
+    assert "pip install 'errands[postgres]'" in str(err)
     assert "secret" not in str(err)
     assert isinstance(err, ImportError)
 
@@ -204,9 +204,9 @@ def test_bad_pool_size_is_a_config_error() -> None:
 
 
 def test_password_never_shows_in_repr() -> None:
-    store = SQLStore("postgresql://emissary:s3cr3t@db.example:5432/app")
+    store = SQLStore("postgresql://errands:s3cr3t@db.example:5432/app")
     assert "s3cr3t" not in repr(store)
-    assert "emissary:***@db.example" in repr(store)
+    assert "errands:***@db.example" in repr(store)
 
 
 def test_postgres_alias_and_wal_free_url_on_a_real_server(postgres_url: str) -> None:

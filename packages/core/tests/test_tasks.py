@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     FakeClock,
     InvalidTaskIdError,
@@ -297,7 +297,7 @@ def test_lapsed_lease_of_another_host_is_taken_again(store: Any) -> None:
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from emissary.core import TaskEngine, open_store
+    from errands.core import TaskEngine, open_store
 
     marks = Path(sys.argv[2])
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import emissary.durable as durable
-import emissary.durable.testing as durable_testing
+import errands.durable as durable
+import errands.durable.testing as durable_testing
 
 
 def test_public_names_are_pinned() -> None:

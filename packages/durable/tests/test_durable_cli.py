@@ -1,4 +1,4 @@
-"""``emissary executions ...`` and the durable part of ``emissary demo``."""
+"""``errands executions ...`` and the durable part of ``errands demo``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from emissary.core._cli import main
-from emissary.durable import DurableContext, DurableRunner
+from errands.core._cli import main
+from errands.durable import DurableContext, DurableRunner
 
 
 def _seed(url: str) -> tuple[str, str]:
@@ -59,8 +59,8 @@ def test_executions_list_history_terminate_rerun(tmp_path: Any, capsys: pytest.C
 
 
 def test_demo_part_runs_end_to_end(tmp_path: Any) -> None:
-    from emissary.core._demo import DemoContext
-    from emissary.durable._demo import DurableDemo
+    from errands.core._demo import DemoContext
+    from errands.durable._demo import DurableDemo
 
     ctx = DemoContext(store_url=f"sqlite:///{tmp_path / 'demo.db'}", workdir=str(tmp_path), size=100, quiet=False)
     figures = DurableDemo().run(ctx)
@@ -70,6 +70,6 @@ def test_demo_part_runs_end_to_end(tmp_path: Any) -> None:
 
 
 def test_plugin_registers_cli_and_demo() -> None:
-    from emissary.durable import _plugin
+    from errands.durable import _plugin
 
-    assert _plugin.emissary_register_demos()[0].name == "durable"
+    assert _plugin.errands_register_demos()[0].name == "durable"

@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 import pytest
-from emissary.core import ConfigError
-from emissary.durable import (
+from errands.core import ConfigError
+from errands.durable import (
     BatchItemError,
     CallbackConfig,
     CallbackError,
@@ -40,7 +40,7 @@ from emissary.durable import (
     WaitForConditionError,
     create_retry_strategy,
 )
-from emissary.durable.testing import LocalRunner
+from errands.durable.testing import LocalRunner
 
 
 def test_one_hour_wait_completes_instantly_with_time_skipping() -> None:
@@ -110,7 +110,7 @@ def test_retry_strategy_filters_by_type_and_message() -> None:
 
 
 def test_at_least_once_step_reruns_an_interrupted_attempt_at_most_once_does_not() -> None:
-    from emissary.durable import DurableRunner
+    from errands.durable import DurableRunner
 
     runner = DurableRunner("memory://", lease_for=0.05)
     runs: dict[str, int] = {"least": 0, "most": 0}
@@ -368,8 +368,8 @@ def test_serdes_pass_through_and_json_errors() -> None:
 
     assert LocalRunner(wf).run().result == ["not json {", True]
     with pytest.raises(SerdesError):
-        PassThroughSerdes().serialize(1, __import__("emissary.durable", fromlist=["SerdesContext"]).SerdesContext())
-    assert JsonSerdes().serialize({"a": [1]}, __import__("emissary.durable", fromlist=["SerdesContext"]).SerdesContext()) == '{"a":[1]}'
+        PassThroughSerdes().serialize(1, __import__("errands.durable", fromlist=["SerdesContext"]).SerdesContext())
+    assert JsonSerdes().serialize({"a": [1]}, __import__("errands.durable", fromlist=["SerdesContext"]).SerdesContext()) == '{"a":[1]}'
 
 
 def test_invoke_runs_a_child_execution() -> None:

@@ -7,8 +7,8 @@ import time
 from typing import Any, Iterator
 
 import pytest
-from emissary.core import AlreadyExistsError, ConfigError, FakeClock, LeaseLostError, NotFoundError, PayloadError
-from emissary.durable import (
+from errands.core import AlreadyExistsError, ConfigError, FakeClock, LeaseLostError, NotFoundError, PayloadError
+from errands.durable import (
     DurableContext,
     DurableRunner,
     ExecutionStatus,
@@ -271,7 +271,7 @@ def test_design_example_end_to_end(tmp_path: Any) -> None:
 
     @durable_function("greet-design")
     def greet_design(event: dict[str, Any], ctx: DurableContext) -> str:
-        from emissary.durable import Duration, MapConfig
+        from errands.durable import Duration, MapConfig
 
         name = ctx.step("normalise", lambda step: event["name"].title())
         ctx.wait("cooldown", Duration(seconds=30))
@@ -296,7 +296,7 @@ def test_design_example_end_to_end(tmp_path: Any) -> None:
 
 
 def test_failing_submitter_and_failed_callbacks_raise_callback_error(tmp_path: Any) -> None:
-    from emissary.durable import CallbackError, RetryPresets, WaitForCallbackConfig
+    from errands.durable import CallbackError, RetryPresets, WaitForCallbackConfig
 
     def wf(event: Any, ctx: DurableContext) -> Any:
         def submit(cid: str, s: Any) -> None:

@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from emissary.core import ConfigError, FakeClock
-from emissary.durable import (
+from errands.core import ConfigError, FakeClock
+from errands.durable import (
     DurableContext,
     DurableExecutionConfig,
     Duration,
@@ -221,7 +221,7 @@ def test_replay_pages_through_get_execution_state() -> None:
 
 
 def test_a_stale_checkpoint_token_is_refused() -> None:
-    from emissary.durable import CheckpointError
+    from errands.durable import CheckpointError
 
     client = InMemoryClient()
     wrapped = with_durable_execution(lambda e, c: c.step("s", lambda _: 1), DurableExecutionConfig(client=client))

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import emissary.lro as lro
+import errands.lro as lro
 
 
 def test_public_names_are_pinned() -> None:
@@ -25,7 +25,7 @@ def test_public_names_are_pinned() -> None:
 
 
 def test_done_error_is_a_lease_lost_error() -> None:
-    from emissary.core import LeaseLostError
+    from errands.core import LeaseLostError
 
     assert issubclass(lro.OperationDoneError, LeaseLostError)
 
@@ -42,7 +42,7 @@ def test_importing_reads_no_environment() -> None:
         "        reads.append(key)\n"
         "        return super().__getitem__(key)\n"
         "os.environ.__class__ = Spy\n"
-        "import emissary.lro, emissary.lro._grpc, emissary.lro._http, emissary.lro._cli\n"
+        "import errands.lro, errands.lro._grpc, errands.lro._http, errands.lro._cli\n"
         "print([k for k in reads if k.startswith('ALIS_')])\n"
     )
     env = {"ALIS_OS_PROJECT": "p", "ALIS_REGION": "r", "PATH": "/usr/bin"}

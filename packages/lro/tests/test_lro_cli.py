@@ -1,4 +1,4 @@
-"""``emissary operations list|get|wait|cancel`` and the lro part of ``emissary demo``, through core's CLI."""
+"""``errands operations list|get|wait|cancel`` and the lro part of ``errands demo``, through core's CLI."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 import pytest
-from emissary.core import reset_registry
-from emissary.core._cli import main
-from emissary.lro import Config, LroClient
+from errands.core import reset_registry
+from errands.core._cli import main
+from errands.lro import Config, LroClient
 from google.rpc import code_pb2
 
 
@@ -74,8 +74,8 @@ def test_operations_get_wait_cancel(db: str, capsys: pytest.CaptureFixture[str])
 
 
 def test_demo_includes_the_lro_part(tmp_path: Any) -> None:
-    from emissary.core._demo import DemoContext, _demo_parts
-    from emissary.lro._demo import LroDemo
+    from errands.core._demo import DemoContext, _demo_parts
+    from errands.lro._demo import LroDemo
 
     parts = [p for p in _demo_parts() if isinstance(p, LroDemo)]
     assert len(parts) == 1 and parts[0].name == "lro"

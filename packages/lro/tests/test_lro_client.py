@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any, Iterator
 
 import pytest
-from emissary.core import (
+from errands.core import (
     AlreadyExistsError,
     ConfigError,
     FakeClock,
@@ -18,7 +18,7 @@ from emissary.core import (
     TransientError,
     open_store,
 )
-from emissary.lro import (
+from errands.lro import (
     Config,
     LroClient,
     Operation,
@@ -82,7 +82,7 @@ def test_from_env_without_cloud_variables_runs_embedded(tmp_path: Any, monkeypat
 
 
 def test_from_env_alis_variables_and_defaults(tmp_path: Any) -> None:
-    from emissary.lro._config import config_from_env
+    from errands.lro._config import config_from_env
 
     env = {
         "ALIS_OS_PROJECT": "acme-prod", "ALIS_PROJECT_NR": "1234", "ALIS_REGION": "europe-west1",
@@ -102,7 +102,7 @@ def test_from_env_alis_variables_and_defaults(tmp_path: Any) -> None:
 
 
 def test_from_env_in_the_cloud_uses_the_cloudtasks_scheduler(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from emissary.core import MissingDependencyError, get_registry
+    from errands.core import MissingDependencyError, get_registry
 
     made: list[dict[str, Any]] = []
 
@@ -598,7 +598,7 @@ def test_timers_of_other_topics_are_left_for_their_engine(client: LroClient) -> 
 
 
 def test_attach_fires_callbacks_from_a_core_worker_beside_other_timers(client: LroClient) -> None:
-    from emissary.core import Worker
+    from errands.core import Worker
 
     assert client.core_store is not None
     client.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete()))
@@ -612,7 +612,7 @@ def test_attach_fires_callbacks_from_a_core_worker_beside_other_timers(client: L
 
 
 def test_attach_with_batched_resumes_adds_a_job(tmp_path: Any) -> None:
-    from emissary.core import Worker
+    from errands.core import Worker
 
     with LroClient(Config(neuron="svc", store=f"sqlite:///{tmp_path}/a.db", resume_batch=20)) as c:
         assert c.core_store is not None
@@ -647,7 +647,7 @@ def test_shared_store_object_and_missing_scheduler(tmp_path: Any) -> None:
     assert Journal(store).last_position() == 0
     store.close()
 
-    from emissary.lro import SQLOperationStore
+    from errands.lro import SQLOperationStore
 
     inner = open_store("memory://")
     with pytest.raises(ConfigError) as err:
@@ -671,7 +671,7 @@ class _Wrapped:
 
 
 def test_an_operation_store_with_its_own_scheduler(clock: FakeClock) -> None:
-    from emissary.lro import SQLOperationStore
+    from errands.lro import SQLOperationStore
 
     scheduled: list[tuple[str, Any, Any, Any]] = []
 
@@ -746,7 +746,7 @@ def test_a_half_written_completion_rolls_the_whole_batch_back(
 ) -> None:
     import sqlite3
 
-    from emissary.lro import SQLOperationStore
+    from errands.lro import SQLOperationStore
 
     cfg = Config(neuron="svc", store=f"sqlite:///{tmp_path}/h.db", resume_batch=10, timer_lease=5)
     with LroClient(cfg, clock=clock) as c:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
-from emissary.lro import Config, LroClient, Operation, ResumableHandler
+from errands.lro import Config, LroClient, Operation, ResumableHandler
 from google.api_core import exceptions, operation, operations_v1
 from google.api_core.future.polling import DEFAULT_POLLING
 from google.longrunning import operations_pb2, operations_pb2_grpc

@@ -15,10 +15,10 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 import uvicorn
-from emissary.core import TransientError
-from emissary.core.testing._services import free_port
-from emissary.lro import Config, LroClient, Operation, ResumableHandler, unmarshal_metadata
-from emissary.lro._auth import SIGNATURE_HEADER, sign
+from errands.core import TransientError
+from errands.core.testing._services import free_port
+from errands.lro import Config, LroClient, Operation, ResumableHandler, unmarshal_metadata
+from errands.lro._auth import SIGNATURE_HEADER, sign
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2
 

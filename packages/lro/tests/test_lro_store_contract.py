@@ -3,9 +3,9 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-from emissary.core import FakeClock, open_store
-from emissary.lro import SQLOperationStore
-from emissary.lro.testing import OperationStoreContract
+from errands.core import FakeClock, open_store
+from errands.lro import SQLOperationStore
+from errands.lro.testing import OperationStoreContract
 
 
 class TestSQLiteOperationStore(OperationStoreContract):
@@ -34,7 +34,7 @@ class TestPostgresOperationStore(OperationStoreContract):
 
 
 def test_neurons_sharing_a_store_do_not_see_each_other(tmp_path: Any) -> None:
-    from emissary.lro.testing import make_record
+    from errands.lro.testing import make_record
 
     store = open_store(f"sqlite:///{tmp_path / 'ops.db'}")
     a, b = SQLOperationStore(store, "alpha"), SQLOperationStore(store, "beta")

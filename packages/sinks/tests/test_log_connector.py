@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     DispatchOutcome,
     Effect,
@@ -20,9 +20,9 @@ from emissary.core import (
     load_config,
     open_store,
 )
-from emissary.core.testing import ConnectorContract
-from emissary.sinks import LogConnector
-from emissary.sinks import _plugin as sinks_plugin
+from errands.core.testing import ConnectorContract
+from errands.sinks import LogConnector
+from errands.sinks import _plugin as sinks_plugin
 
 
 class TestLogConnectorFile(ConnectorContract):

@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emissary.core import ConfigError, FanOut, Journal, MemoryStore, NewEvent, Registry, Route, load_config
-from emissary.core.testing import SinkContract
-from emissary.sinks import LogSink
+from errands.core import ConfigError, FanOut, Journal, MemoryStore, NewEvent, Registry, Route, load_config
+from errands.core.testing import SinkContract
+from errands.sinks import LogSink
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def test_bad_options_name_the_field(tmp_path: Path) -> None:
         LogSink(path="-", fsync="yes")  # type: ignore[arg-type]
 
 
-def test_built_from_emissary_toml(tmp_path: Path) -> None:
+def test_built_from_errands_toml(tmp_path: Path) -> None:
     registry = Registry()
     path = tmp_path / "audit.jsonl"
     config = load_config({"store": "memory://", "sinks": {"audit": {"type": "log", "path": str(path),

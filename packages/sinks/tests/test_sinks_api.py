@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import emissary.sinks
+import errands.sinks
 
 
 def test_public_names_are_pinned() -> None:
-    assert emissary.sinks.__all__ == [
+    assert errands.sinks.__all__ == [
         "LogConnector",
         "LogSink",
         "WebhookGoneError",
@@ -14,13 +14,13 @@ def test_public_names_are_pinned() -> None:
         "sign_webhook",
         "verify_webhook",
     ]
-    for name in emissary.sinks.__all__:
-        assert getattr(emissary.sinks, name) is not None
+    for name in errands.sinks.__all__:
+        assert getattr(errands.sinks, name) is not None
 
 
 def test_plugin_registers_the_sinks() -> None:
-    from emissary.core import Registry
+    from errands.core import Registry
 
     registry = Registry()
-    assert registry.sinks["log"] is emissary.sinks.LogSink
-    assert registry.sinks["webhook"] is emissary.sinks.WebhookSink
+    assert registry.sinks["log"] is errands.sinks.LogSink
+    assert registry.sinks["webhook"] is errands.sinks.WebhookSink

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from emissary.core import (
+from errands.core import (
     ConfigError,
     FanOut,
     Journal,
@@ -23,8 +23,8 @@ from emissary.core import (
     TransientError,
     load_config,
 )
-from emissary.core.testing import SinkContract
-from emissary.sinks import WebhookGoneError, WebhookSink, WebhookVerificationError, verify_webhook
+from errands.core.testing import SinkContract
+from errands.sinks import WebhookGoneError, WebhookSink, WebhookVerificationError, verify_webhook
 from pytest_httpserver import HTTPServer
 from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError as SWVerificationError
@@ -211,7 +211,7 @@ def test_410_stops_the_route_and_says_so(httpserver: HTTPServer, caplog: Any) ->
     with pytest.raises(WebhookGoneError):
         sink.publish(events(1))
     fanout = FanOut(store, [Route("hooks", sink)])
-    with caplog.at_level(logging.ERROR, logger="emissary.fanout"):
+    with caplog.at_level(logging.ERROR, logger="errands.fanout"):
         assert fanout.run_once() == 0
     assert "route hooks stopped" in caplog.text and "410" in caplog.text
     status = fanout.status()[0]
@@ -260,7 +260,7 @@ def test_errors_do_not_show_tokens_in_the_url(httpserver: HTTPServer) -> None:
     assert "tok3n" not in str(info.value) and "answered 500" in str(info.value)
 
 
-def test_built_from_emissary_toml_with_secret_env(monkeypatch: Any) -> None:
+def test_built_from_errands_toml_with_secret_env(monkeypatch: Any) -> None:
     monkeypatch.setenv("HOOK_SECRETS", f"{SECRET} {OLD_SECRET}")
     config = load_config({"sinks": {"partners": {"type": "webhook", "url": "https://x.example/h",
                           "secret_env": "HOOK_SECRETS", "subjects": ["order.*"]}}}, registry=Registry())

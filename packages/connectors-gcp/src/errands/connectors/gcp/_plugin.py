@@ -1,0 +1,29 @@
+"""The ``gcp`` plugin: the connector, sink, scheduler and store classes errands-connectors-gcp registers."""
+
+from __future__ import annotations
+
+from errands.core import hookimpl
+
+from ._pubsub import PubSubConnector, PubSubSink
+from ._spanner import SpannerStore
+from ._tasks import CloudTasksConnector, CloudTasksScheduler
+
+
+@hookimpl
+def errands_register_connectors() -> list[type]:
+    return [CloudTasksConnector, PubSubConnector]
+
+
+@hookimpl
+def errands_register_sinks() -> list[type]:
+    return [PubSubSink]
+
+
+@hookimpl
+def errands_register_schedulers() -> list[type]:
+    return [CloudTasksScheduler]
+
+
+@hookimpl
+def errands_register_stores() -> list[type]:
+    return [SpannerStore]

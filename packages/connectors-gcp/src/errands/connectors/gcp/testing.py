@@ -1,0 +1,163 @@
+"""The real Google Cloud emulators for tests: Pub/Sub, Spanner and Cloud Tasks, each a process on a free port.
+
+Every emulator runs as its own process on ``127.0.0.1`` and is always stopped (its whole process group).
+A missing binary calls ``service_missing(reason)``: the test skips, or fails under
+``ERRANDS_REQUIRE_SERVICES=1``.
+
+- Pub/Sub: ``cloud-pubsub-emulator`` of the Google Cloud SDK (``ERRANDS_PUBSUB_EMULATOR`` overrides the
+  path). The fixture sets ``PUBSUB_EMULATOR_HOST`` for the clients.
+- Spanner: ``emulator_main`` of the SDK (``ERRANDS_SPANNER_EMULATOR``). The fixture sets
+  ``SPANNER_EMULATOR_HOST`` and ``GOOGLE_CLOUD_SPANNER_MULTIPLEXED_SESSIONS_FOR_RW=false`` and creates one
+  instance; ``spanner_database`` gives each test a fresh database.
+- Cloud Tasks: ``gcloud-tasks-emulator==0.6.2`` pins ``protobuf<5``, so it lives in its own virtualenv,
+  built once and cached under ``~/.cache/errands/`` (``ERRANDS_CACHE_DIR`` overrides). It is started
+  through a short launcher that adds what real Cloud Tasks does and 0.6.2 lacks: task-name de-duplication
+  (``ALREADY_EXISTS`` for a name seen before), ``GetTask`` and ``DeleteTask``. It dispatches HTTP tasks for
+  real.
+
+Use the fixtures from a ``conftest.py``::
+
+    from errands.connectors.gcp.testing import pubsub_emulator, spanner_emulator, tasks_emulator  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+from errands.core.testing import service_missing
+
+from ._emulators import (
+    SPANNER_INSTANCE,
+    TASKS_EMULATOR_VERSION,
+    TEST_PROJECT,
+    EmulatorProcess,
+    start_pubsub_emulator,
+    start_spanner_emulator,
+    start_tasks_emulator,
+    tasks_emulator_python,
+)
+
+__all__ = [
+    "TASKS_EMULATOR_VERSION",
+    "EmulatorProcess",
+    "SpannerDatabase",
+    "pubsub_emulator",
+    "spanner_database",
+    "spanner_emulator",
+    "start_pubsub_emulator",
+    "start_spanner_emulator",
+    "start_tasks_emulator",
+    "tasks_emulator",
+    "tasks_emulator_python",
+]
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> Iterator[EmulatorProcess]:
+    """The Pub/Sub emulator for the session, with ``PUBSUB_EMULATOR_HOST`` set."""
+    try:
+        emulator = start_pubsub_emulator()
+    except FileNotFoundError as exc:
+        service_missing(str(exc))
+        raise
+    try:
+        with _environ(PUBSUB_EMULATOR_HOST=emulator.address):
+            yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def spanner_emulator() -> Iterator[EmulatorProcess]:
+    """The Spanner emulator for the session, with one instance (``errands-test``) created."""
+    try:
+        emulator = start_spanner_emulator()
+    except FileNotFoundError as exc:
+        service_missing(str(exc))
+        raise
+    try:
+        with _environ(
+            SPANNER_EMULATOR_HOST=emulator.address, GOOGLE_CLOUD_SPANNER_MULTIPLEXED_SESSIONS_FOR_RW="false"
+        ):
+            _create_spanner_instance()
+            yield emulator
+    finally:
+        emulator.stop()
+
+
+def _create_spanner_instance() -> None:
+    from google.cloud import spanner
+
+    client = spanner.Client(project=TEST_PROJECT)
+    config = f"projects/{TEST_PROJECT}/instanceConfigs/emulator-config"
+    instance = client.instance(SPANNER_INSTANCE, configuration_name=config, node_count=1)  # type: ignore[no-untyped-call]
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            instance.create().result(timeout=30)
+            return
+        except Exception:
+            # The emulator accepts connections a moment before it serves the admin API.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@dataclass
+class SpannerDatabase:
+    """A fresh, empty database on the Spanner emulator."""
+
+    project: str
+    instance: str
+    database: str
+
+
+@pytest.fixture
+def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatabase]:
+    """A fresh database on the emulator for one test, dropped afterwards."""
+    from google.cloud import spanner
+
+    name = f"db{uuid.uuid4().hex[:12]}"
+    client = spanner.Client(project=TEST_PROJECT)
+    database = client.instance(SPANNER_INSTANCE).database(name)  # type: ignore[no-untyped-call]
+    database.create().result(timeout=60)
+    try:
+        yield SpannerDatabase(project=TEST_PROJECT, instance=SPANNER_INSTANCE, database=name)
+    finally:
+        with contextlib.suppress(Exception):
+            database.drop()
+
+
+@pytest.fixture(scope="session")
+def tasks_emulator() -> Iterator[EmulatorProcess]:
+    """The Cloud Tasks emulator for the session (its virtualenv is built and cached on first use)."""
+    try:
+        emulator = start_tasks_emulator()
+    except RuntimeError as exc:
+        service_missing(f"Cloud Tasks emulator unavailable: {exc}")
+        raise
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+

@@ -1,0 +1,599 @@
+"""``HttpConnector``: effects delivered as JSON POSTs carrying their idempotency key.
+
+httpx exceptions are mapped to outcomes here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import threading
+import weakref
+from typing import Any, ClassVar, Mapping
+
+import httpx
+import stamina
+from errands.core import (
+    CompensationOutcome,
+    CompensationResult,
+    ConnectorCapabilities,
+    DispatchOutcome,
+    DispatchResult,
+    Effect,
+    Obligation,
+    Observation,
+    ObservationOutcome,
+    Semantics,
+)
+
+from .__about__ import __version__
+from ._config import HttpSettings, redact_url, validate
+from ._headers import parse_retry_after, redact_headers, scrub, secret_fragments
+
+log = logging.getLogger("errands.connectors.http")
+
+# The only failures retried inside the connector: the request provably never left this process.
+# Anything later (a read timeout, a dropped connection) may have reached the server and becomes UNKNOWN.
+NEVER_SENT: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+_RETRYABLE_STATUS = frozenset({408, 425, 429})
+_MAX_TEXT = 2000
+
+
+def _attempt_of(effect: Effect, attempt: int | None) -> int:
+    """The attempt number: the keyword, else the one the outbox puts in the metadata, else 1."""
+    if attempt is not None:
+        return int(attempt)
+    for name in ("errands.attempt", "attempt"):
+        value = effect.metadata.get(name) if effect.metadata else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 1
+
+
+def _body_of(response: httpx.Response) -> Any:
+    """The response body: parsed JSON when it is JSON, else text (cut at a bounded length), else None."""
+    if not response.content:
+        return None
+    if "json" in response.headers.get("content-type", ""):
+        try:
+            return response.json()
+        except ValueError:
+            pass
+    text = response.text
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "…"
+
+
+def _external_ref(response: httpx.Response, body: Any) -> str | None:
+    location: str | None = response.headers.get("location")
+    if location:
+        return location
+    if isinstance(body, Mapping):
+        for name in ("external_ref", "id"):
+            value = body.get(name)
+            if isinstance(value, (str, int)) and not isinstance(value, bool):
+                return str(value)
+    return None
+
+
+def _close_with_loop(connector: HttpConnector, client: httpx.AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
+    """Close ``client`` just before ``loop`` closes, unless the connector closed it first.
+
+    Engines run async connectors on a loop they own and close when they stop; a pool left open on a closed
+    loop could only leak its sockets. asyncio has no close hook, so the loop's ``close`` is wrapped once
+    per pool. Loops that refuse new attributes (uvloop) are left alone: close the connector yourself.
+    """
+    ref = weakref.ref(connector)
+    original = loop.close
+
+    def close_pool_then_loop() -> None:
+        owner = ref()
+        if owner is not None and owner._async_client is client:
+            owner._async_client, owner._async_loop = None, None
+        if owner is None or not client.is_closed:
+            if not loop.is_running() and not loop.is_closed():
+                try:
+                    loop.run_until_complete(client.aclose())
+                except Exception:
+                    log.warning("closing an http connection pool with its event loop failed", exc_info=True)
+        original()
+
+    try:
+        loop.close = close_pool_then_loop  # type: ignore[method-assign]
+    except AttributeError:
+        pass
+
+
+class HttpConnector:
+    """Delivers effects to an HTTP endpoint as JSON POSTs, exactly once in effect.
+
+    Each effect is POSTed as its JSON payload with the headers ``Idempotency-Key`` (the effect key),
+    ``Errands-Business-Key`` and ``Errands-Run-Id`` (when set) and ``Errands-Attempt``. The counterparty
+    deduplicates on ``Idempotency-Key``; the outbox retries and observes on the outcome:
+
+    ============================================ ===========================================
+    response                                     outcome
+    ============================================ ===========================================
+    2xx                                          ``CONFIRMED``
+    408, 425, 429, 5xx; timeout, dropped link    ``UNKNOWN`` (``retry_after`` from ``Retry-After``)
+    3xx (redirects are not followed)             ``UNKNOWN``
+    other 4xx                                    ``FAILED``
+    ============================================ ===========================================
+
+    Connect failures (the request provably never left) are retried inside the connector with stamina,
+    ``connect_retries`` times; nothing that may have reached the server is ever retried here.
+
+    Args:
+        url: where effects are POSTed (http or https).
+        observe_url: where ``observe`` POSTs ``{idempotency_key, business_key, payload}``; the answer
+            ``200 {"count": n}`` means ABSENT (0), CONFIRMED (1) or DUPLICATE (more).
+        compensate_url: where ``compensate`` POSTs an obligation; without it compensation is STUCK.
+        headers: extra headers for every request (``Authorization``...). Values of secret-looking headers
+            (``Authorization``, cookies, ``*-Token``, ``*-Key``, ``*-Secret``) never appear in logs, reprs
+            or errors.
+        timeout: seconds for each request (connect, write, read and pool wait each).
+        client: an ``httpx.Client`` to use instead of the connector's own (it is not closed by ``close``).
+        async_client: an ``httpx.AsyncClient`` to use for the async methods (not closed by ``aclose``).
+        connect_retries: how often a connect failure is retried before the outcome is UNKNOWN.
+        max_connections: the size of each connection pool.
+        ca_bundle: a PEM file of CA certificates to trust instead of the system ones. TLS verification is
+            always on; to change that, pass your own ``client``.
+
+    Raises:
+        ConfigError: a bad URL, header, timeout or count, naming the field.
+
+    Example:
+        >>> connector = HttpConnector(url="https://bank.example/wires",
+        ...                           headers={"Authorization": "Bearer s3cret"})
+        >>> connector
+        HttpConnector(url='https://bank.example/wires', headers={'Authorization': '***'}, timeout=10.0)
+        >>> connector.close()
+    """
+
+    name: ClassVar[str] = "http"
+
+    def __init__(
+        self,
+        url: str,
+        observe_url: str | None = None,
+        compensate_url: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        client: httpx.Client | None = None,
+        *,
+        async_client: httpx.AsyncClient | None = None,
+        connect_retries: int = 2,
+        max_connections: int = 100,
+        ca_bundle: str | None = None,
+    ) -> None:
+        settings = validate(
+            {"url": url, "observe_url": observe_url, "compensate_url": compensate_url, "headers": headers,
+             "timeout": timeout, "connect_retries": connect_retries, "max_connections": max_connections,
+             "ca_bundle": ca_bundle},
+            allow_unknown=True,
+        )
+        self._init(settings, client, async_client)
+
+    def _init(self, settings: HttpSettings, client: httpx.Client | None,
+              async_client: httpx.AsyncClient | None) -> None:
+        self.settings = settings
+        self.url = settings.url
+        self.observe_url = settings.observe_url
+        self.compensate_url = settings.compensate_url
+        self.timeout = settings.timeout
+        self.capabilities = ConnectorCapabilities(
+            can_observe=settings.observe_url is not None,
+            can_compensate=settings.compensate_url is not None,
+            default_semantics=Semantics.IDEMPOTENT,
+        )
+        self._headers = {
+            "User-Agent": f"errands-connectors-http/{__version__}",
+            "Content-Type": "application/json",
+            **settings.headers,
+        }
+        self._secrets = secret_fragments(settings.headers)
+        self._timeout = httpx.Timeout(settings.timeout)
+        self._limits = httpx.Limits(max_connections=settings.max_connections,
+                                    max_keepalive_connections=settings.max_connections)
+        self._own_client = client is None
+        self._client = client
+        self._own_async_client = async_client is None
+        self._async_client = async_client
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, *, name: str, options: Mapping[str, Any], field: str = "") -> HttpConnector:
+        """Build a connector from an ``errands.toml`` table.
+
+        ``${NAME}`` in a header value is read from the environment, so tokens stay out of the file::
+
+            [connectors."bank.wire"]
+            type = "http"
+            url = "https://bank.example/wires"
+            observe_url = "https://bank.example/wires/lookup"
+            headers = { Authorization = "Bearer ${BANK_TOKEN}" }
+            timeout = 5.0
+
+        Args:
+            name: the instance name (``bank.wire``).
+            options: the table without ``type``.
+            field: the field path of the table, prefixed to every error.
+
+        Raises:
+            ConfigError: listing every bad field by its path.
+        """
+        prefix = field or f'connectors."{name}"'
+        settings = validate(options, prefix=prefix, expand_env=True)
+        self = cls.__new__(cls)
+        self._init(settings, None, None)
+        return self
+
+    # -- clients --------------------------------------------------------------------------------
+    def _verify(self) -> ssl.SSLContext | bool:
+        if self.settings.ca_bundle is None:
+            return True
+        return ssl.create_default_context(cafile=self.settings.ca_bundle)
+
+    def _sync_client(self) -> httpx.Client:
+        client = self._client
+        if client is None:
+            # Worker threads dispatch at once: exactly one of them may build the pool.
+            with self._lock:
+                if self._client is None:
+                    self._client = httpx.Client(timeout=self._timeout, limits=self._limits, verify=self._verify(),
+                                                headers=self._headers, follow_redirects=False)
+                client = self._client
+        return client
+
+    def _aclient(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._async_client
+        if client is not None and (not self._own_async_client or self._async_loop is loop):
+            return client
+        with self._lock:
+            stale, stale_loop = (self._async_client, self._async_loop) if self._own_async_client else (None, None)
+            # Pooled connections belong to the loop that opened them: a new loop gets a new pool.
+            client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=self._verify(),
+                                       headers=self._headers, follow_redirects=False)
+            self._async_client, self._async_loop = client, loop
+        if stale is not None and stale_loop is not None and stale_loop.is_running():
+            asyncio.run_coroutine_threadsafe(stale.aclose(), stale_loop)
+        _close_with_loop(self, client, loop)
+        return client
+
+    def close(self) -> None:
+        """Close the connector's own connection pools.
+
+        The async pool is closed on the event loop that opened it, when that loop runs in another thread
+        (a worker's loop); from inside a running loop use :meth:`aclose`. Close an async pool before its
+        loop ends: a pool whose loop is gone can only be dropped.
+        """
+        with self._lock:
+            client, self._client = (self._client, None) if self._own_client else (None, self._client)
+            aclient, loop = (self._async_client, self._async_loop) if self._own_async_client else (None, None)
+            if aclient is not None:
+                self._async_client, self._async_loop = None, None
+        if client is not None:
+            client.close()
+        if aclient is not None and loop is not None and loop.is_running() and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                asyncio.run_coroutine_threadsafe(aclient.aclose(), loop).result(timeout=self.timeout)
+
+    async def aclose(self) -> None:
+        """Close the connector's own connection pools (async and sync)."""
+        if self._own_async_client and self._async_client is not None:
+            client = self._async_client
+            self._async_client = None
+            self._async_loop = None
+            await client.aclose()
+        self.close()
+
+    def __enter__(self) -> HttpConnector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> HttpConnector:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        parts = [f"url={redact_url(self.url)!r}"]
+        if self.observe_url:
+            parts.append(f"observe_url={redact_url(self.observe_url)!r}")
+        if self.compensate_url:
+            parts.append(f"compensate_url={redact_url(self.compensate_url)!r}")
+        if self.settings.headers:
+            parts.append(f"headers={redact_headers(self.settings.headers)!r}")
+        parts.append(f"timeout={self.timeout!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    # -- requests -------------------------------------------------------------------------------
+    def _request_headers(self, key: str, business_key: str | None, run_id: str | None,
+                         attempt: int) -> dict[str, str]:
+        """The per-request protocol headers; the static ones live on the connector's own clients."""
+        headers = {"Idempotency-Key": key}
+        if business_key is not None:
+            headers["Errands-Business-Key"] = business_key
+        if run_id is not None:
+            headers["Errands-Run-Id"] = run_id
+        headers["Errands-Attempt"] = str(attempt)
+        return headers
+
+    def _retrying(self) -> Any:
+        return stamina.retry_context(on=NEVER_SENT, attempts=self.settings.connect_retries + 1,
+                                     timeout=None, wait_initial=0.05, wait_max=1.0, wait_jitter=0.05)
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        client = self._sync_client()
+        for attempt in self._retrying():
+            with attempt:
+                if self._own_client:
+                    return client.post(url, content=body, headers=headers)
+                return client.post(url, content=body, headers={**self._headers, **headers}, timeout=self._timeout)
+        raise AssertionError("stamina.retry_context yields at least one attempt")
+
+    async def _apost(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        client = self._aclient()
+        async for attempt in self._retrying():
+            with attempt:
+                if self._own_async_client:
+                    return await client.post(url, content=body, headers=headers)
+                return await client.post(url, content=body, headers={**self._headers, **headers},
+                                         timeout=self._timeout)
+        raise AssertionError("stamina.retry_context yields at least one attempt")
+
+    def _describe(self, exc: BaseException, url: str) -> str:
+        sent = "the request was not sent" if isinstance(exc, NEVER_SENT) else "the request may have been sent"
+        detail = scrub(str(exc), self._secrets) or type(exc).__name__
+        return f"POST {redact_url(url)} failed ({type(exc).__name__}: {detail}); {sent}"
+
+    def _log(self, what: str, url: str, key: str, headers: Mapping[str, str], outcome: object,
+             error: str | None) -> None:
+        if error is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s key=%s -> %s headers=%s", what, redact_url(url), key, outcome,
+                          redact_headers({**self._headers, **headers}))
+        else:
+            log.info("%s %s key=%s -> %s: %s", what, redact_url(url), key, outcome, error)
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _dispatch_request(self, effect: Effect, attempt: int | None) -> tuple[bytes, dict[str, str]] | DispatchResult:
+        try:
+            body = json.dumps(effect.payload, separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            return DispatchResult(outcome=DispatchOutcome.FAILED,
+                                  error=f"payload of effect {effect.key!r} is not JSON-serialisable: {exc}")
+        return body, self._request_headers(effect.key, effect.business_key, effect.run_id,
+                                           _attempt_of(effect, attempt))
+
+    def _dispatch_result(self, response: httpx.Response) -> DispatchResult:
+        status = response.status_code
+        body = _body_of(response)
+        summary = {"status": status, "body": body}
+        if 200 <= status < 300:
+            return DispatchResult(outcome=DispatchOutcome.CONFIRMED, response=summary,
+                                  external_ref=_external_ref(response, body))
+        shown = scrub(body if isinstance(body, str) else json.dumps(body), self._secrets)[:300] if body else ""
+        if 300 <= status < 400:
+            where = response.headers.get("location", "")
+            return DispatchResult(outcome=DispatchOutcome.UNKNOWN, response=summary,
+                                  error=f"HTTP {status} redirect{' to ' + where if where else ''}: a POST is not "
+                                        "followed, the effect may or may not have happened",
+                                  retry_after=parse_retry_after(response.headers.get("retry-after")))
+        if status in _RETRYABLE_STATUS or status >= 500 or status < 200:
+            return DispatchResult(outcome=DispatchOutcome.UNKNOWN, response=summary,
+                                  error=f"HTTP {status}{': ' + shown if shown else ''}",
+                                  retry_after=parse_retry_after(response.headers.get("retry-after")))
+        return DispatchResult(outcome=DispatchOutcome.FAILED, response=summary,
+                              error=f"HTTP {status}{': ' + shown if shown else ''}")
+
+    def dispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:
+        """POST ``effect.payload`` as JSON to ``url``.
+
+        Args:
+            effect: the effect; its key is sent as ``Idempotency-Key``.
+            attempt: the attempt number sent as ``Errands-Attempt``; by default the outbox's count
+                (``effect.metadata["errands.attempt"]``), else ``effect.metadata["attempt"]``, else 1.
+
+        Returns:
+            The outcome; never raises for an HTTP or transport failure.
+        """
+        prepared = self._dispatch_request(effect, attempt)
+        if isinstance(prepared, DispatchResult):
+            return prepared
+        body, headers = prepared
+        try:
+            response = self._post(self.url, body, headers)
+        except httpx.RequestError as exc:
+            result = DispatchResult(outcome=DispatchOutcome.UNKNOWN, error=self._describe(exc, self.url))
+        else:
+            result = self._dispatch_result(response)
+        self._log("dispatch", self.url, effect.key, headers, result.outcome, result.error)
+        return result
+
+    async def adispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:
+        """The async form of :meth:`dispatch`, on the connector's ``httpx.AsyncClient``."""
+        prepared = self._dispatch_request(effect, attempt)
+        if isinstance(prepared, DispatchResult):
+            return prepared
+        body, headers = prepared
+        try:
+            response = await self._apost(self.url, body, headers)
+        except httpx.RequestError as exc:
+            result = DispatchResult(outcome=DispatchOutcome.UNKNOWN, error=self._describe(exc, self.url))
+        else:
+            result = self._dispatch_result(response)
+        self._log("dispatch", self.url, effect.key, headers, result.outcome, result.error)
+        return result
+
+    # -- observe --------------------------------------------------------------------------------
+    def _observe_request(self, effect: Effect, attempt: int | None) -> tuple[bytes, dict[str, str]] | Observation:
+        if self.observe_url is None:
+            return Observation(outcome=ObservationOutcome.UNKNOWN,
+                               response={"error": "this connector has no observe_url"})
+        try:
+            body = json.dumps({"idempotency_key": effect.key, "business_key": effect.business_key,
+                               "payload": effect.payload}, separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            return Observation(outcome=ObservationOutcome.UNKNOWN,
+                               response={"error": f"payload is not JSON-serialisable: {exc}"})
+        return body, self._request_headers(effect.key, effect.business_key, effect.run_id,
+                                           _attempt_of(effect, attempt))
+
+    def _observation(self, response: httpx.Response) -> Observation:
+        body = _body_of(response)
+        summary = {"status": response.status_code, "body": body}
+        count = body.get("count") if isinstance(body, Mapping) else None
+        if response.status_code != 200 or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return Observation(outcome=ObservationOutcome.UNKNOWN, response=summary)
+        outcome = (ObservationOutcome.ABSENT if count == 0 else
+                   ObservationOutcome.CONFIRMED if count == 1 else ObservationOutcome.DUPLICATE)
+        return Observation(outcome=outcome, response=summary, external_ref=_external_ref(response, body))
+
+    def observe(self, effect: Effect, *, attempt: int | None = None) -> Observation:
+        """Ask ``observe_url`` whether the effect happened, and how often.
+
+        POSTs ``{"idempotency_key", "business_key", "payload"}``; a ``200`` answer with an integer
+        ``count`` of 0, 1 or more means ABSENT, CONFIRMED or DUPLICATE. Anything else (another status, no
+        ``count``, a transport failure, no ``observe_url``) is UNKNOWN.
+
+        Args:
+            effect: the effect to look up.
+            attempt: sent as ``Errands-Attempt``, as for :meth:`dispatch`.
+        """
+        prepared = self._observe_request(effect, attempt)
+        if isinstance(prepared, Observation):
+            return prepared
+        body, headers = prepared
+        assert self.observe_url is not None
+        try:
+            response = self._post(self.observe_url, body, headers)
+        except httpx.RequestError as exc:
+            error = self._describe(exc, self.observe_url)
+            result = Observation(outcome=ObservationOutcome.UNKNOWN, response={"error": error})
+        else:
+            result = self._observation(response)
+        self._log("observe", self.observe_url, effect.key, headers, result.outcome, None)
+        return result
+
+    async def aobserve(self, effect: Effect, *, attempt: int | None = None) -> Observation:
+        """The async form of :meth:`observe`."""
+        prepared = self._observe_request(effect, attempt)
+        if isinstance(prepared, Observation):
+            return prepared
+        body, headers = prepared
+        assert self.observe_url is not None
+        try:
+            response = await self._apost(self.observe_url, body, headers)
+        except httpx.RequestError as exc:
+            error = self._describe(exc, self.observe_url)
+            result = Observation(outcome=ObservationOutcome.UNKNOWN, response={"error": error})
+        else:
+            result = self._observation(response)
+        self._log("observe", self.observe_url, effect.key, headers, result.outcome, None)
+        return result
+
+    # -- compensate -----------------------------------------------------------------------------
+    def _compensate_request(self, obligation: Obligation) -> tuple[bytes, dict[str, str]] | CompensationResult:
+        if self.compensate_url is None:
+            return CompensationResult(outcome=CompensationOutcome.STUCK,
+                                      error="this connector has no compensate_url; compensate by hand")
+        try:
+            body = json.dumps({"effect_key": obligation.effect_key, "kind": obligation.kind,
+                               "payload": obligation.payload, "run_id": obligation.run_id},
+                              separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            return CompensationResult(outcome=CompensationOutcome.FAILED,
+                                      error=f"obligation payload is not JSON-serialisable: {exc}")
+        # A key of its own: a counterparty that deduplicates on Idempotency-Key across endpoints must not
+        # take the compensation for a replay of the effect.
+        key = f"{obligation.effect_key}:compensate:{obligation.kind}"
+        return body, self._request_headers(key, None, obligation.run_id, obligation.attempt + 1)
+
+    def _compensation(self, response: httpx.Response) -> CompensationResult:
+        status = response.status_code
+        body = _body_of(response)
+        summary = {"status": status, "body": body}
+        if 200 <= status < 300:
+            return CompensationResult(outcome=CompensationOutcome.COMPENSATED, response=summary)
+        shown = scrub(body if isinstance(body, str) else json.dumps(body), self._secrets)[:300] if body else ""
+        error = f"HTTP {status}{': ' + shown if shown else ''}"
+        if 400 <= status < 500 and status not in _RETRYABLE_STATUS:
+            return CompensationResult(outcome=CompensationOutcome.FAILED, response=summary, error=error)
+        return CompensationResult(outcome=CompensationOutcome.PENDING, response=summary, error=error,
+                                  retry_after=parse_retry_after(response.headers.get("retry-after")))
+
+    def compensate(self, obligation: Obligation) -> CompensationResult:
+        """POST the obligation to ``compensate_url``.
+
+        The body is ``{"effect_key", "kind", "payload", "run_id"}``; ``Idempotency-Key`` is
+        ``"<effect_key>:compensate:<kind>"``. 2xx is COMPENSATED; 408/425/429/5xx/3xx and transport
+        failures are PENDING (retried with backoff); other 4xx are FAILED; no ``compensate_url`` is STUCK.
+        """
+        prepared = self._compensate_request(obligation)
+        if isinstance(prepared, CompensationResult):
+            return prepared
+        body, headers = prepared
+        assert self.compensate_url is not None
+        try:
+            response = self._post(self.compensate_url, body, headers)
+        except httpx.RequestError as exc:
+            result = CompensationResult(outcome=CompensationOutcome.PENDING,
+                                        error=self._describe(exc, self.compensate_url))
+        else:
+            result = self._compensation(response)
+        self._log("compensate", self.compensate_url, headers["Idempotency-Key"], headers, result.outcome,
+                  result.error)
+        return result
+
+    async def acompensate(self, obligation: Obligation) -> CompensationResult:
+        """The async form of :meth:`compensate`."""
+        prepared = self._compensate_request(obligation)
+        if isinstance(prepared, CompensationResult):
+            return prepared
+        body, headers = prepared
+        assert self.compensate_url is not None
+        try:
+            response = await self._apost(self.compensate_url, body, headers)
+        except httpx.RequestError as exc:
+            result = CompensationResult(outcome=CompensationOutcome.PENDING,
+                                        error=self._describe(exc, self.compensate_url))
+        else:
+            result = self._compensation(response)
+        self._log("compensate", self.compensate_url, headers["Idempotency-Key"], headers, result.outcome,
+                  result.error)
+        return result
+
+
+class AsyncHttpConnector(HttpConnector):
+    """:class:`HttpConnector` whose ``dispatch``, ``observe`` and ``compensate`` are coroutines.
+
+    The worker awaits them on its one event-loop thread, so all requests share one ``httpx.AsyncClient``
+    pool. Same settings, headers and outcome mapping as :class:`HttpConnector`; ``type = "http-async"`` in
+    ``errands.toml``.
+    """
+
+    name: ClassVar[str] = "http-async"
+
+    async def dispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:  # type: ignore[override]
+        """POST the effect; see :meth:`HttpConnector.dispatch`."""
+        return await self.adispatch(effect, attempt=attempt)
+
+    async def observe(self, effect: Effect, *, attempt: int | None = None) -> Observation:  # type: ignore[override]
+        """Look the effect up; see :meth:`HttpConnector.observe`."""
+        return await self.aobserve(effect, attempt=attempt)
+
+    async def compensate(self, obligation: Obligation) -> CompensationResult:  # type: ignore[override]
+        """POST the obligation; see :meth:`HttpConnector.compensate`."""
+        return await self.acompensate(obligation)

@@ -1,0 +1,155 @@
+"""errands-core: effects, obligations, connectors, sinks, the store and the engines.
+
+Example:
+    >>> from errands.core import Journal, open_store
+    >>> store = open_store("memory://")
+    >>> Journal(store).append("orders/1", "order.placed", {"total": 5}).id
+    'orders/1/1'
+"""
+
+from __future__ import annotations
+
+from .__about__ import __version__
+from ._clock import Clock, FakeClock, SystemClock
+from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
+from ._hookspecs import hookimpl, hookspec
+from ._journal import Journal, StoreScheduler
+from ._outbox import (
+    EffectOutcome,
+    EffectRecord,
+    ObligationOutcome,
+    ObligationRecord,
+    ObligationStatus,
+    Outbox,
+)
+from ._plugins import (
+    ErrandsConfig,
+    PluginInfo,
+    Registry,
+    get_registry,
+    load_config,
+    register_connector,
+    register_sink,
+    reset_registry,
+)
+from ._protocols import (
+    CompensatingConnector,
+    Connector,
+    ObservingConnector,
+    Scheduler,
+    Sink,
+    capabilities_of,
+)
+from ._reactor import Reaction, Reactor
+from ._sql import Migration, Tx
+from ._store import MemoryStore, NewEvent, PostgresStore, SQLiteStore, SQLStore, open_store
+from ._tasks import TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
+from ._values import (
+    CompensationOutcome,
+    CompensationResult,
+    ConnectorCapabilities,
+    DispatchOutcome,
+    DispatchResult,
+    Effect,
+    EffectStatus,
+    Event,
+    Lease,
+    Obligation,
+    Observation,
+    ObservationOutcome,
+    Semantics,
+)
+from ._worker import Worker
+from .errors import (
+    AlreadyExistsError,
+    ConfigError,
+    DeliveryError,
+    EffectConflictError,
+    ErrandsError,
+    InvalidTaskIdError,
+    LeaseLostError,
+    MissingDependencyError,
+    NotFoundError,
+    PayloadError,
+    PermanentError,
+    PluginError,
+    TransientError,
+)
+
+__all__ = [
+    "AlreadyExistsError",
+    "Clock",
+    "CompensatingConnector",
+    "CompensationOutcome",
+    "CompensationResult",
+    "ConfigError",
+    "Connector",
+    "ConnectorCapabilities",
+    "DeadEvent",
+    "DeliveryError",
+    "DispatchOutcome",
+    "DispatchResult",
+    "Effect",
+    "EffectConflictError",
+    "EffectOutcome",
+    "EffectRecord",
+    "EffectStatus",
+    "ErrandsConfig",
+    "ErrandsError",
+    "Event",
+    "FakeClock",
+    "FanOut",
+    "InvalidTaskIdError",
+    "Journal",
+    "Lease",
+    "LeaseLostError",
+    "MemoryStore",
+    "Migration",
+    "MissingDependencyError",
+    "NewEvent",
+    "NotFoundError",
+    "Obligation",
+    "ObligationOutcome",
+    "ObligationRecord",
+    "ObligationStatus",
+    "Observation",
+    "ObservationOutcome",
+    "ObservingConnector",
+    "Outbox",
+    "PayloadError",
+    "PermanentError",
+    "PluginError",
+    "PluginInfo",
+    "PostgresStore",
+    "Reaction",
+    "Reactor",
+    "Registry",
+    "Route",
+    "RouteState",
+    "RouteStatus",
+    "SQLStore",
+    "SQLiteStore",
+    "Scheduler",
+    "Semantics",
+    "Sink",
+    "StoreScheduler",
+    "SystemClock",
+    "TaskContext",
+    "TaskEngine",
+    "TaskRecord",
+    "TaskStatus",
+    "TransientError",
+    "Tx",
+    "Worker",
+    "__version__",
+    "capabilities_of",
+    "get_registry",
+    "hookimpl",
+    "hookspec",
+    "load_config",
+    "open_store",
+    "register_connector",
+    "register_sink",
+    "reset_registry",
+    "typed_handler",
+]

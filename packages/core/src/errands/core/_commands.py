@@ -1,0 +1,13 @@
+"""Sub-commands of the engines in errands-core. Each engine keeps its commands in its own module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add the core engines' sub-commands to the ``errands`` parser."""
+    from . import _cmd_fanout, _cmd_outbox
+
+    _cmd_outbox.register(sub)
+    _cmd_fanout.register(sub)

@@ -1,0 +1,388 @@
+"""Plugin discovery (entry-point group ``errands.plugins``) and named instances."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import inspect
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import pluggy
+
+from . import _hookspecs
+from .errors import ConfigError, PluginError
+
+ENTRY_POINT_GROUP = "errands.plugins"
+_KINDS = ("connectors", "sinks", "stores", "schedulers")
+
+
+@dataclass
+class PluginInfo:
+    """One loaded plugin and what it registered."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    connectors: dict[str, type] = field(default_factory=dict)
+    sinks: dict[str, type] = field(default_factory=dict)
+    stores: dict[str, type] = field(default_factory=dict)
+    schedulers: dict[str, type] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "connectors": sorted(self.connectors),
+            "sinks": sorted(self.sinks),
+            "stores": sorted(self.stores),
+            "schedulers": sorted(self.schedulers),
+        }
+
+
+class _BuiltinPlugin:
+    """The stores and scheduler that ship inside errands-core."""
+
+    @staticmethod
+    @_hookspecs.hookimpl
+    def errands_register_stores() -> list[type]:
+        from ._store import BUILTIN_STORES
+
+        return list(BUILTIN_STORES)
+
+    @staticmethod
+    @_hookspecs.hookimpl
+    def errands_register_schedulers() -> list[type]:
+        from ._journal import StoreScheduler
+
+        return [StoreScheduler]
+
+
+def _env_list(name: str) -> set[str]:
+    return {p.strip() for p in os.environ.get(name, "").split(",") if p.strip()}
+
+
+class Registry:
+    """Discovered plugin classes and the named connector and sink instances built from them.
+
+    Args:
+        plugins: plugin objects (modules or instances with hook implementations) to register
+            explicitly, under their ``__name__``/``name`` or as ``(name, plugin)`` pairs.
+        autoload: load the ``errands.plugins`` entry points (``ERRANDS_DISABLE_PLUGIN_AUTOLOAD=1``
+            turns it off).
+    """
+
+    def __init__(self, plugins: Iterable[Any] = (), *, autoload: bool | None = None) -> None:
+        self.pm = pluggy.PluginManager("errands")
+        self.pm.add_hookspecs(_hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.connectors: dict[str, type] = {}
+        self.sinks: dict[str, type] = {}
+        self.stores: dict[str, type] = {}
+        self.schedulers: dict[str, type] = {}
+        self.connector_instances: dict[str, Any] = {}
+        self.sink_instances: dict[str, Any] = {}
+        self.cli_hook = self.pm.hook.errands_register_cli
+        if autoload is None:
+            autoload = os.environ.get("ERRANDS_DISABLE_PLUGIN_AUTOLOAD", "") not in ("1", "true", "yes")
+        disabled = _env_list("ERRANDS_DISABLE_PLUGINS")
+        dist_of: dict[str, tuple[str | None, str | None]] = {}
+        self.pm.register(_BuiltinPlugin, name="core")
+        from .__about__ import __version__
+
+        dist_of["core"] = ("errands-core", __version__)
+        for item in plugins:
+            name, plugin = item if isinstance(item, tuple) else (_plugin_name(item), item)
+            if name in disabled:
+                continue
+            self.pm.register(plugin, name=name)
+            dist_of[name] = (None, None)
+        if autoload:
+            for ep in _entry_points():
+                if ep.name in disabled:
+                    self.pm.set_blocked(ep.name)
+                    continue
+                if self.pm.has_plugin(ep.name) or self.pm.is_blocked(ep.name):
+                    continue
+                try:
+                    plugin = ep.load()
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}", plugin=ep.name
+                    ) from exc
+                self.pm.register(plugin, name=ep.name)
+                dist = getattr(ep, "dist", None)
+                dist_of[ep.name] = (
+                    dist.metadata["Name"] if dist is not None else None,
+                    dist.version if dist is not None else None,
+                )
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(str(exc), plugin=exc.plugin) from exc
+        for name in dist_of:
+            distribution, version = dist_of[name]
+            self.plugins[name] = PluginInfo(name, distribution, version)
+        for kind in _KINDS:
+            self._collect(kind)
+
+    def _collect(self, kind: str) -> None:
+        hook = getattr(self.pm.hook, f"errands_register_{kind}")
+        table: dict[str, type] = getattr(self, kind)
+        owner: dict[str, str] = {}
+        for impl in reversed(hook.get_hookimpls()):
+            plugin_name = impl.plugin_name
+            try:
+                classes = impl.function() or []
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {plugin_name!r} failed in errands_register_{kind}: {exc}", plugin=plugin_name
+                ) from exc
+            info = self.plugins.setdefault(plugin_name, PluginInfo(plugin_name, None, None))
+            for cls in classes:
+                if not inspect.isclass(cls):
+                    raise PluginError(
+                        f"plugin {plugin_name!r} registered {cls!r} as one of its {kind}; hooks register classes",
+                        plugin=plugin_name,
+                    )
+                names = list(getattr(cls, "schemes", ())) if kind == "stores" else [getattr(cls, "name", None)]
+                for key in names:
+                    if not isinstance(key, str) or not key:
+                        raise PluginError(
+                            f"{cls.__module__}.{cls.__qualname__} from plugin {plugin_name!r} has no "
+                            f"{'schemes' if kind == 'stores' else 'name'} class attribute",
+                            plugin=plugin_name,
+                        )
+                    if key in table and table[key] is not cls:
+                        other = table[key]
+                        raise PluginError(
+                            f"{kind[:-1]} name {key!r} is registered twice: "
+                            f"{other.__module__}.{other.__qualname__} (plugin {owner[key]!r}) and "
+                            f"{cls.__module__}.{cls.__qualname__} (plugin {plugin_name!r})",
+                            plugin=plugin_name,
+                        )
+                    table[key] = cls
+                    owner[key] = plugin_name
+                    getattr(info, kind)[key] = cls
+
+    # -- named instances ---------------------------------------------------------------------
+    def add_connector(self, name: str, instance: Any) -> Any:
+        """Register a connector instance under ``name`` (``"bank.wire"``)."""
+        _check_instance_name("connectors", name)
+        if not callable(getattr(instance, "dispatch", None)):
+            raise ConfigError(
+                f"connectors.{_q(name)} must have a dispatch(effect) method, got {type(instance).__name__}",
+                field=f"connectors.{_q(name)}", value=type(instance).__name__,
+            )
+        self.connector_instances[name] = instance
+        return instance
+
+    def add_sink(self, name: str, instance: Any) -> Any:
+        """Register a sink instance under ``name``."""
+        _check_instance_name("sinks", name)
+        if not callable(getattr(instance, "publish", None)):
+            raise ConfigError(
+                f"sinks.{_q(name)} must have a publish(events) method, got {type(instance).__name__}",
+                field=f"sinks.{_q(name)}", value=type(instance).__name__,
+            )
+        self.sink_instances[name] = instance
+        return instance
+
+    def build(self, kind: str, name: str, options: Mapping[str, Any]) -> Any:
+        """Build a named instance from config ``options`` (which hold ``type``)."""
+        path = f"{kind}.{_q(name)}"
+        table: dict[str, type] = getattr(self, kind)
+        type_name = options.get("type")
+        if not isinstance(type_name, str) or not type_name:
+            raise ConfigError(f"{path}.type is required (one of: {', '.join(sorted(table)) or 'none installed'})",
+                              field=f"{path}.type", value=type_name)
+        cls = table.get(type_name)
+        if cls is None:
+            raise ConfigError(
+                f"{path}.type {type_name!r} is not a known {kind[:-1]} type; installed: "
+                f"{', '.join(sorted(table)) or 'none'} (is its plugin installed or disabled?)",
+                field=f"{path}.type", value=type_name,
+            )
+        kwargs = {k: v for k, v in options.items() if k != "type"}
+        factory: Callable[..., Any] = getattr(cls, "from_config", None) or cls
+        try:
+            if getattr(cls, "from_config", None) is not None:
+                return factory(name=name, options=kwargs, field=path)
+            return factory(**kwargs)
+        except ConfigError as exc:
+            if exc.field and not exc.field.startswith(path):
+                raise ConfigError(f"{path}.{exc.field}: {exc}", field=f"{path}.{exc.field}", value=exc.value) from exc
+            raise
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}", field=path, value=kwargs) from exc
+
+    def connector(self, name: str) -> Any:
+        try:
+            return self.connector_instances[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown connector {name!r}; named connectors: {', '.join(sorted(self.connector_instances)) or 'none'}",
+                field="connector", value=name,
+            ) from None
+
+    def sink(self, name: str) -> Any:
+        try:
+            return self.sink_instances[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown sink {name!r}; named sinks: {', '.join(sorted(self.sink_instances)) or 'none'}",
+                field="sink", value=name,
+            ) from None
+
+
+def _q(name: str) -> str:
+    return f'"{name}"' if "." in name or " " in name else name
+
+
+def _check_instance_name(kind: str, name: Any) -> None:
+    if not isinstance(name, str) or not name or name != name.strip() or any(c.isspace() for c in name):
+        raise ConfigError(f"{kind} names must be non-empty strings without spaces, got {name!r}",
+                          field=kind, value=name)
+
+
+def _plugin_name(plugin: Any) -> str:
+    return str(getattr(plugin, "name", None) or getattr(plugin, "__name__", None) or type(plugin).__name__)
+
+
+def _entry_points() -> list[md.EntryPoint]:
+    seen: set[str] = set()
+    out = []
+    for dist in md.distributions():
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP and ep.name not in seen:
+                seen.add(ep.name)
+                if getattr(ep, "dist", None) is None:  # pragma: no cover - very old importlib
+                    ep = ep._for(dist)  # type: ignore[attr-defined]
+                out.append(ep)
+    return out
+
+
+_registry: Registry | None = None
+_registry_lock = threading.Lock()
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, discovered on first use."""
+    global _registry
+    with _registry_lock:
+        if _registry is None:
+            _registry = Registry()
+        return _registry
+
+
+def reset_registry(registry: Registry | None = None) -> None:
+    """Replace (or forget) the process-wide registry: tests and scripts that change plugins."""
+    global _registry
+    with _registry_lock:
+        _registry = registry
+
+
+def register_connector(name: str, instance: Any) -> Any:
+    """Register a named connector instance in the process-wide registry."""
+    return get_registry().add_connector(name, instance)
+
+
+def register_sink(name: str, instance: Any) -> Any:
+    """Register a named sink instance in the process-wide registry."""
+    return get_registry().add_sink(name, instance)
+
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+
+@dataclass
+class ErrandsConfig:
+    """A loaded ``errands.toml``."""
+
+    store: str
+    connectors: dict[str, Any]
+    sinks: dict[str, Any]
+    routes: dict[str, dict[str, Any]]
+    worker: dict[str, Any]
+    raw: dict[str, Any]
+    path: str | None = None
+
+
+ROUTE_KEYS = ("subjects", "batch_size", "max_in_flight")
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry: Registry | None = None) -> ErrandsConfig:
+    """Load ``errands.toml`` (a path or an already parsed mapping) and build its named instances,
+    registering them in ``registry`` (the process-wide one by default).
+
+    Raises:
+        ConfigError: naming the field path and the bad value; every problem is reported at once.
+    """
+    path = None
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = os.fspath(source)
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist", field="config", value=path) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}", field="config", value=path) from exc
+    reg = registry or get_registry()
+    problems: list[ConfigError] = []
+    known_top = {"store", "connectors", "sinks", "worker", "lro", "durable"}
+    for key in raw:
+        if key not in known_top:
+            problems.append(ConfigError(f"{key}: unknown section; expected one of {', '.join(sorted(known_top))}",
+                                        field=key, value=raw[key]))
+    store = raw.get("store", "sqlite:///errands.db")
+    if not isinstance(store, str) or "://" not in store:
+        problems.append(ConfigError(f"store must be a store URL such as 'sqlite:///app.db', got {store!r}",
+                                    field="store", value=store))
+    connectors: dict[str, Any] = {}
+    sinks: dict[str, Any] = {}
+    routes: dict[str, dict[str, Any]] = {}
+    for kind, out in (("connectors", connectors), ("sinks", sinks)):
+        section = raw.get(kind, {})
+        if not isinstance(section, Mapping):
+            problems.append(ConfigError(f"{kind} must be a table of named {kind}", field=kind, value=section))
+            continue
+        for name, options in section.items():
+            path_ = f"{kind}.{_q(name)}"
+            if not isinstance(options, Mapping):
+                problems.append(ConfigError(f"{path_} must be a table with a type", field=path_, value=options))
+                continue
+            opts = dict(options)
+            if kind == "sinks":
+                routes[name] = {k: opts.pop(k) for k in ROUTE_KEYS if k in opts}
+            try:
+                out[name] = reg.build(kind, name, opts)
+            except ConfigError as exc:
+                problems.append(exc)
+    worker = raw.get("worker", {})
+    if not isinstance(worker, Mapping):
+        problems.append(ConfigError("worker must be a table", field="worker", value=worker))
+        worker = {}
+    if problems:
+        if len(problems) == 1:
+            raise problems[0]
+        err = ConfigError(
+            f"{len(problems)} problems in {path or 'config'}:\n" + "\n".join(f"  - {p}" for p in problems),
+            field=problems[0].field, value=problems[0].value,
+        )
+        err.problems = problems  # type: ignore[attr-defined]
+        raise err
+    for name, inst in connectors.items():
+        reg.add_connector(name, inst)
+    for name, inst in sinks.items():
+        reg.add_sink(name, inst)
+    return ErrandsConfig(store=store, connectors=connectors, sinks=sinks, routes=routes,
+                          worker=dict(worker), raw=raw, path=path)

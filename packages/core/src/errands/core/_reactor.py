@@ -1,0 +1,180 @@
+"""Reactions: journal events matching a subject pattern become tasks of the task engine."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ._fanout import CURSOR_NAMESPACE
+from ._sql import dumps, subject_regex
+from ._store import SQLStore
+from ._tasks import TaskEngine, TaskRecord
+from ._values import Event
+from .errors import ConfigError, LeaseLostError
+
+log = logging.getLogger("errands.reactor")
+
+_NAMESPACE = uuid.UUID("0b5d7f0e-5c7a-4a53-9d6e-656d69737361")
+
+
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    """One ``Reactor.on`` registration. Its tasks have type ``reaction:<name>``."""
+
+    name: str
+    subject_pattern: str
+    task_type: str
+    debounce_ms: int
+    start: str
+
+    def task_id(self, event: Event) -> str:
+        """The task id of this reaction to ``event``: the same event always makes the same task."""
+        return str(uuid.uuid5(_NAMESPACE, f"{self.name}|{event.id}"))
+
+
+def _call_with_event(handler: Callable[[Event], Any], params: Any) -> Any:
+    return handler(Event.from_cloudevent(params))
+
+
+class Reactor:
+    """Turns matching journal events into tasks, each reaction from its own durable cursor.
+
+    Args:
+        store: the open store.
+        engine: the ``TaskEngine`` that runs the reactions (a new one on ``store`` if None).
+        batch_size: the most events read per reaction per pass.
+
+    Example:
+        >>> reactor = Reactor(store)
+        >>> reactor.on("order.placed", send_receipt, max_concurrency=4, retry_max=5)
+        >>> Worker(store, jobs=[reactor.run_once]).run()
+    """
+
+    def __init__(self, store: SQLStore, engine: TaskEngine | None = None, *, batch_size: int = 500) -> None:
+        self.store = store
+        self.engine = engine or TaskEngine(store)
+        self.batch_size = batch_size
+        self._reactions: dict[str, Reaction] = {}
+        self._cursors: dict[str, tuple[int, int]] = {}
+
+    def on(
+        self, subject_pattern: str, handler: Callable[[Event], Any], max_concurrency: int = 1,
+        rate_limit_per_s: float | None = None, debounce_ms: int = 0, retry_max: int = 5, dlq_after: int = 5,
+        *, name: str | None = None, start: str = "beginning",
+    ) -> Reaction:
+        """React to events whose subject matches ``subject_pattern`` by running ``handler(event)`` as a task.
+
+        Args:
+            subject_pattern: dot-separated; ``*`` one token, ``**`` the rest.
+            handler: ``handler(event)``, sync or async; must be idempotent (at least once).
+            max_concurrency: the most runs of this reaction at once, across workers.
+            rate_limit_per_s: the most runs started per second (per worker process).
+            debounce_ms: wait this long after an event; a newer event of the same stream arriving
+                meanwhile replaces it, so a burst runs the handler once, for its last event.
+            retry_max: retries after a failure.
+            dlq_after: park the task in the dead-letter list after this many failed attempts (or when
+                retries run out first).
+            name: the reaction's name (its cursor and task type); the handler's qualified name by default.
+            start: a new reaction begins at the ``"beginning"`` of the journal or its ``"end"``.
+
+        Raises:
+            ConfigError: a bad pattern, option or a name used twice, naming the field.
+        """
+        name = name or f"{getattr(handler, '__module__', '')}.{getattr(handler, '__qualname__', repr(handler))}"
+        problems: list[ConfigError] = []
+        try:
+            subject_regex(subject_pattern)
+        except ConfigError as exc:
+            problems.append(ConfigError(str(exc), field="subject_pattern", value=subject_pattern))
+        if name in self._reactions:
+            problems.append(ConfigError(f"a reaction named {name!r} exists already; pass name= to tell them apart",
+                                        field="name", value=name))
+        if not isinstance(debounce_ms, int) or isinstance(debounce_ms, bool) or debounce_ms < 0:
+            problems.append(ConfigError(f"debounce_ms must be an integer >= 0, got {debounce_ms!r}",
+                                        field="debounce_ms", value=debounce_ms))
+        if start not in ("beginning", "end"):
+            problems.append(ConfigError(f"start must be 'beginning' or 'end', got {start!r}", field="start",
+                                        value=start))
+        task_type = f"reaction:{name}"
+        if not problems:
+            try:
+                self.engine.register(task_type, functools.partial(_call_with_event, handler),
+                                     max_concurrency=max_concurrency, rate_limit_per_s=rate_limit_per_s,
+                                     retry_max=retry_max, dlq_after=dlq_after)
+            except ConfigError as exc:
+                problems.append(exc)
+        if problems:
+            if len(problems) == 1:
+                raise problems[0]
+            raise ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field,
+                              value=problems[0].value)
+        reaction = Reaction(name=name, subject_pattern=subject_pattern, task_type=task_type,
+                            debounce_ms=debounce_ms, start=start)
+        self._reactions[name] = reaction
+        return reaction
+
+    @property
+    def reactions(self) -> list[Reaction]:
+        return list(self._reactions.values())
+
+    def _cursor(self, reaction: Reaction) -> tuple[int, int]:
+        key = f"reactor:{reaction.name}"
+        got = self.store.kv_get(CURSOR_NAMESPACE, key)
+        if got is not None:
+            return int(got[0]), got[1]
+        start = self.store.last_position() if reaction.start == "end" else 0
+        try:
+            return start, self.store.kv_put(CURSOR_NAMESPACE, key, start, expected_version=0)
+        except LeaseLostError:
+            return self._cursor(reaction)
+
+    def submit_once(self) -> int:
+        """Turn one batch of new matching events per reaction into tasks. Returns how many were queued."""
+        queued = 0
+        for reaction in self._reactions.values():
+            cursor, version = self._cursors.get(reaction.name) or self._cursor(reaction)
+            events, last = self.store.scan_events(cursor, self.batch_size, [reaction.subject_pattern])
+            if last == cursor:
+                self._cursors[reaction.name] = (cursor, version)
+                continue
+            delay = reaction.debounce_ms / 1000.0
+            now = self.store.clock.now()
+            try:
+                with self.store.transaction() as tx:
+                    for ev in events:
+                        queued += self.engine._insert(
+                            tx, reaction.task_id(ev), reaction.task_type, dumps(ev.to_cloudevent(), field="data"),
+                            now + delay, f"{reaction.name}|{ev.stream}" if reaction.debounce_ms else None,
+                        )
+                    version = self.store.kv_put(CURSOR_NAMESPACE, f"reactor:{reaction.name}", last,
+                                                expected_version=version, tx=tx)
+            except LeaseLostError:
+                log.warning("reaction %s: its cursor was moved by another process; reloading it", reaction.name)
+                self._cursors.pop(reaction.name, None)
+                continue
+            self._cursors[reaction.name] = (last, version)
+        return queued
+
+    def run_once(self) -> int:
+        """Queue tasks for new events, then start due reaction tasks. Returns the work done."""
+        return self.submit_once() + self.engine.run_once()
+
+    def dead(self, name: str | None = None, limit: int = 100) -> list[TaskRecord]:
+        """Reaction tasks parked in the dead-letter list (of one reaction, or all)."""
+        if name is not None:
+            return self.engine.dead(type=f"reaction:{name}", limit=limit)
+        return [t for t in self.engine.dead(limit=limit) if t.type.startswith("reaction:")]
+
+    def redrive(self, name: str | None = None, ids: list[str] | None = None) -> int:
+        """Queue dead reaction tasks again (those of ``name``, or the ``ids`` given)."""
+        if ids is not None:
+            return self.engine.redrive(ids)
+        if name is not None:
+            return self.engine.redrive(type=f"reaction:{name}")
+        return sum(self.engine.redrive(type=r.task_type) for r in self._reactions.values())
+
+    def close(self, wait: bool = True) -> None:
+        self.engine.close(wait=wait)

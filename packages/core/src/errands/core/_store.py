@@ -1,0 +1,870 @@
+"""Stores: one schema and one SQL code path over SQLite (embedded default) and PostgreSQL.
+
+``memory://`` is the SQLite engine on a private in-memory database: identical semantics, nothing on
+disk, gone when the store closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ._clock import Clock, SystemClock
+from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, loads, subject_matcher
+from ._values import Event, Lease
+from .errors import ConfigError, LeaseLostError, MissingDependencyError
+
+# Arbitrary constants for PostgreSQL advisory locks: one serialises journal appends so that global
+# positions become visible in order; one serialises migrations across processes.
+_JOURNAL_LOCK = 0x656D6A6F
+_MIGRATE_LOCK = 0x656D6D69
+
+# Every append writes as few B-trees as possible: (stream, seq) is unique by construction (the per-stream
+# counter in em_streams is taken under the write lock), so it carries no index of its own; keyed tables are
+# clustered on their key on SQLite.
+#
+# Streams under these prefixes belong to an engine and number their events by journal position (``seq`` is
+# the event's ``position``): still unique, stable and increasing along the stream, with no counter row to
+# write on every append. Users cannot append to them.
+POSITIONED_PREFIXES = ("effects/",)
+CORE_MIGRATIONS = [
+    Migration(
+        1,
+        """
+        CREATE TABLE IF NOT EXISTS em_streams (
+            stream TEXT PRIMARY KEY,
+            last_seq {bigint} NOT NULL
+        ){without_rowid};
+        CREATE TABLE IF NOT EXISTS em_events (
+            position {rowid_pk},
+            stream TEXT NOT NULL,
+            seq {bigint} NOT NULL,
+            subject TEXT NOT NULL,
+            type TEXT NOT NULL,
+            data TEXT,
+            time {double} NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS em_queue (
+            queue TEXT NOT NULL,
+            key TEXT NOT NULL,
+            payload TEXT,
+            available_at {double} NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_token {bigint} NOT NULL DEFAULT 0,
+            lease_expires {double},
+            created_at {double} NOT NULL,
+            PRIMARY KEY (queue, key)
+        ){without_rowid};
+        CREATE INDEX IF NOT EXISTS em_queue_due ON em_queue (queue, available_at);
+        CREATE TABLE IF NOT EXISTS em_kv (
+            namespace TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT,
+            version {bigint} NOT NULL DEFAULT 1,
+            updated_at {double} NOT NULL,
+            PRIMARY KEY (namespace, key)
+        ){without_rowid}
+        """,
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append; the journal assigns ``seq``, ``position``, ``id`` and ``time``."""
+
+    stream: str
+    type: str
+    data: Any = None
+    subject: str | None = None
+
+
+def _validate_new_event(ev: NewEvent) -> None:
+    for name in ("stream", "type"):
+        value = getattr(ev, name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(
+                f"event {name} must be a non-empty string, got {value!r}", field=name, value=value
+            )
+    if ev.stream.startswith(POSITIONED_PREFIXES):
+        raise ConfigError(
+            f"stream {ev.stream!r} belongs to the outbox (streams under {', '.join(POSITIONED_PREFIXES)} are "
+            "written by the engine only); append to a stream of your own",
+            field="stream", value=ev.stream,
+        )
+    if ev.subject is not None and (not isinstance(ev.subject, str) or not ev.subject):
+        raise ConfigError(
+            f"event subject must be a non-empty string, got {ev.subject!r}",
+            field="subject",
+            value=ev.subject,
+        )
+
+
+def _event_from_row(row: Sequence[Any]) -> Event:
+    position, stream, seq, subject, type_, data, t = row
+    return Event(
+        id=f"{stream}/{seq}",
+        stream=stream,
+        seq=int(seq),
+        subject=subject,
+        type=type_,
+        data=loads(data),
+        time=datetime.fromtimestamp(float(t), tz=timezone.utc),
+        position=int(position),
+    )
+
+
+_EVENT_COLS = "position, stream, seq, subject, type, data, time"
+
+
+class SQLStore:
+    """Everything a store does, written once over ``Tx``. Subclasses supply connections.
+
+    Args:
+        url: the store URL.
+        clock: the time source (``FakeClock`` in tests).
+    """
+
+    name: ClassVar[str] = ""
+    schemes: ClassVar[tuple[str, ...]] = ()
+    dialect: ClassVar[str] = SQLITE
+
+    def __init__(self, url: str, *, clock: Clock | None = None) -> None:
+        self.url = url
+        self.clock: Clock = clock or SystemClock()
+        self._migrated: set[str] = set()
+        self._migrate_lock = threading.Lock()
+
+    # -- connections -------------------------------------------------------------------------
+    def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
+        """A write transaction: committed on success, rolled back on error.
+
+        Args:
+            conn: the caller's own connection to the same database. The work joins the caller's
+                transaction and is committed or rolled back by the caller.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def read(self) -> contextlib.AbstractContextManager[Tx]:
+        """A read-only transaction."""
+        return self.transaction()
+
+    def close(self) -> None:
+        """Release connections. The store is unusable afterwards."""
+
+    def __enter__(self) -> SQLStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.redacted_url!r})"
+
+    @property
+    def redacted_url(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+            return parts._replace(netloc=netloc).geturl()
+        return self.url
+
+    # -- migrations --------------------------------------------------------------------------
+    def migrate(self, component: str, migrations: Sequence[Migration]) -> int:
+        """Apply the ``component``'s migrations not yet applied, each in one transaction.
+
+        Returns:
+            The component's schema version afterwards.
+        """
+        with self._migrate_lock:
+            if component in self._migrated:
+                return max((m.version for m in migrations), default=0)
+            with self.transaction() as tx:
+                if self.dialect == POSTGRES:
+                    tx.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATE_LOCK,))
+                tx.execute(
+                    "CREATE TABLE IF NOT EXISTS em_schema (component TEXT PRIMARY KEY, "
+                    "version INTEGER NOT NULL)"
+                )
+                row = tx.one("SELECT version FROM em_schema WHERE component = ?", (component,))
+                current = int(row[0]) if row else 0
+                for m in sorted(migrations, key=lambda m: m.version):
+                    if m.version <= current:
+                        continue
+                    for stmt in m.statements(self.dialect):
+                        tx.execute(stmt)
+                    current = m.version
+                tx.execute(
+                    "INSERT INTO em_schema (component, version) VALUES (?, ?) "
+                    "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                    (component, current),
+                )
+            self._migrated.add(component)
+            return current
+
+    def schema_version(self, component: str = "core") -> int:
+        with self.read() as tx:
+            row = tx.one("SELECT version FROM em_schema WHERE component = ?", (component,))
+        return int(row[0]) if row else 0
+
+    # -- journal -----------------------------------------------------------------------------
+    def append_events(self, events: Sequence[NewEvent], *, tx: Tx | None = None, conn: Any = None) -> list[Event]:
+        """Append events in one transaction (or inside ``tx`` / the caller's ``conn``)."""
+        for ev in events:
+            _validate_new_event(ev)
+        if tx is not None:
+            return self._append(tx, events)
+        with self.transaction(conn) as t:
+            return self._append(t, events)
+
+    def _append(self, tx: Tx, events: Sequence[NewEvent]) -> list[Event]:
+        if not events:
+            return []
+        rows, positions = self._write_events(tx, events)
+        when = datetime.fromtimestamp(rows[0][5], tz=timezone.utc)
+        return [
+            Event(
+                id=f"{r[0]}/{r[1]}", stream=r[0], seq=r[1], subject=r[2], type=r[3],
+                data=ev.data, time=when, position=pos,
+            )
+            for r, ev, pos in zip(rows, events, positions)
+        ]
+
+    def _write_events(self, tx: Tx, events: Sequence[NewEvent]) -> tuple[list[tuple[Any, ...]], list[int]]:
+        """Write well-formed events (validated by the caller, or built by an engine): their rows and positions.
+
+        Events on a stream under ``POSITIONED_PREFIXES`` take their position as ``seq``; the others take the
+        next value of their stream's counter."""
+        now = self.clock.now()
+        if tx.dialect == POSTGRES:
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
+        counts: dict[str, int] = {}
+        for ev in events:
+            if not ev.stream.startswith(POSITIONED_PREFIXES):
+                counts[ev.stream] = counts.get(ev.stream, 0) + 1
+        next_seq: dict[str, int] = {}
+        for stream, n in counts.items():
+            row = tx.one(
+                "INSERT INTO em_streams (stream, last_seq) VALUES (?, ?) ON CONFLICT (stream) "
+                "DO UPDATE SET last_seq = em_streams.last_seq + excluded.last_seq RETURNING last_seq",
+                (stream, n),
+            )
+            assert row is not None
+            next_seq[stream] = int(row[0]) - n + 1
+        rows: list[tuple[Any, ...]] = []
+        for ev in events:
+            seq = next_seq.get(ev.stream)
+            if seq is not None:
+                next_seq[ev.stream] = seq + 1
+            data = ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data")
+            rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, data, now))
+        positions = self._insert_events(tx, rows)
+        return [r if r[1] is not None else (r[0], pos, *r[2:]) for r, pos in zip(rows, positions)], positions
+
+    def _append_engine_event(self, tx: Tx, ev: NewEvent) -> int:
+        """Write one event an engine built on a positioned stream, its data ``JSONText``: its position. The
+        one-event case of ``_write_events`` without its bookkeeping, for the submit path."""
+        if tx.dialect == POSTGRES:
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
+        return self._insert_events(tx, [(ev.stream, None, ev.subject, ev.type, ev.data, self.clock.now())])[0]
+
+    def _insert_events(self, tx: Tx, rows: list[tuple[Any, ...]]) -> list[int]:
+        """Insert event rows (``seq`` None: the row's own position) and return their positions."""
+        if tx.dialect == SQLITE:
+            # A rowid table hands out max(position) + 1 (the journal is append-only and never given an explicit
+            # position), which the statement reads first when it needs it for ``seq``. Under the write lock the
+            # rows of one statement are consecutive.
+            if len(rows) == 1:
+                return [int(tx.raw.execute(
+                    "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
+                    "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)",
+                    rows[0],
+                ).lastrowid)]
+            first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
+            tx.raw.executemany(
+                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(first + i, r[0], first + i if r[1] is None else r[1], *r[2:]) for i, r in enumerate(rows)],
+            )
+            return list(range(first, first + len(rows)))
+        cur = tx.raw.cursor()
+        cur.executemany(
+            tx._sql(
+                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) SELECT p.v, "
+                "CAST(? AS TEXT), COALESCE(CAST(? AS BIGINT), p.v), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), "
+                "CAST(? AS DOUBLE PRECISION) FROM (SELECT "
+                "nextval(pg_get_serial_sequence('em_events', 'position')) AS v) p RETURNING position"
+            ),
+            rows, returning=True,
+        )
+        out = []
+        while True:
+            out.append(int(cur.fetchone()[0]))
+            if not cur.nextset():
+                break
+        return out
+
+    def read_events(
+        self, after: int = 0, limit: int = 1000, subjects: Sequence[str] | None = None,
+        stream: str | None = None,
+    ) -> list[Event]:
+        """Events with a global position after ``after``, oldest first, at most ``limit``,
+        filtered by subject patterns and/or one stream."""
+        events, _ = self.scan_events(after, limit, subjects, stream=stream)
+        return events
+
+    def scan_events(
+        self, after: int, limit: int, subjects: Sequence[str] | None = None, *,
+        stream: str | None = None, scan: int | None = None,
+    ) -> tuple[list[Event], int]:
+        """Like ``read_events``, also returning the last position scanned, so that a reader whose
+        filter skipped every row still moves its cursor forward."""
+        match = subject_matcher(subjects)
+        scan = scan or max(limit, 500)
+        out: list[Event] = []
+        last = after
+        while len(out) < limit:
+            with self.read() as tx:
+                if stream is None:
+                    rows = tx.query(
+                        f"SELECT {_EVENT_COLS} FROM em_events WHERE position > ? ORDER BY position LIMIT ?",
+                        (last, scan),
+                    )
+                else:
+                    rows = tx.query(
+                        f"SELECT {_EVENT_COLS} FROM em_events WHERE stream = ? AND position > ? "
+                        "ORDER BY position LIMIT ?",
+                        (stream, last, scan),
+                    )
+            if not rows:
+                break
+            for row in rows:
+                last = int(row[0])
+                if match(row[3]):
+                    out.append(_event_from_row(row))
+                    if len(out) >= limit:
+                        break
+            if len(rows) < scan:
+                break
+        return out, last
+
+    def last_position(self) -> int:
+        with self.read() as tx:
+            row = tx.one("SELECT COALESCE(MAX(position), 0) FROM em_events")
+        return int(row[0]) if row else 0
+
+    # -- key/value with versions (cursors, engine state) --------------------------------------
+    def kv_get(self, namespace: str, key: str, *, tx: Tx | None = None) -> tuple[Any, int] | None:
+        """``(value, version)`` or None."""
+        sql = "SELECT value, version FROM em_kv WHERE namespace = ? AND key = ?"
+        if tx is not None:
+            row = tx.one(sql, (namespace, key))
+        else:
+            with self.read() as t:
+                row = t.one(sql, (namespace, key))
+        return (loads(row[0]), int(row[1])) if row else None
+
+    def kv_put(
+        self, namespace: str, key: str, value: Any, *, expected_version: int | None = None,
+        tx: Tx | None = None,
+    ) -> int:
+        """Store ``value``; with ``expected_version`` it is compare-and-set (0 = must not exist):
+        a mismatch raises ``LeaseLostError`` and changes nothing. Returns the new version."""
+        if tx is None:
+            with self.transaction() as t:
+                return self.kv_put(namespace, key, value, expected_version=expected_version, tx=t)
+        now = self.clock.now()
+        text = dumps(value, field="value")
+        if expected_version is None:
+            row = tx.one(
+                "INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
+                "version = em_kv.version + 1, updated_at = excluded.updated_at RETURNING version",
+                (namespace, key, text, now),
+            )
+            assert row is not None
+            return int(row[0])
+        if expected_version == 0:
+            row = tx.one(
+                "INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT (namespace, key) DO NOTHING RETURNING version",
+                (namespace, key, text, now),
+            )
+        else:
+            row = tx.one(
+                "UPDATE em_kv SET value = ?, version = version + 1, updated_at = ? "
+                "WHERE namespace = ? AND key = ? AND version = ? RETURNING version",
+                (text, now, namespace, key, expected_version),
+            )
+        if row is None:
+            raise LeaseLostError(
+                f"{namespace}/{key} is no longer at version {expected_version}: another writer won"
+            )
+        return int(row[0])
+
+    def kv_delete(self, namespace: str, key: str) -> bool:
+        with self.transaction() as tx:
+            return tx.rowcount("DELETE FROM em_kv WHERE namespace = ? AND key = ?", (namespace, key)) > 0
+
+    def get_cursor(self, name: str) -> int:
+        got = self.kv_get("cursor", name)
+        return int(got[0]) if got else 0
+
+    def set_cursor(self, name: str, position: int, *, tx: Tx | None = None) -> None:
+        self.kv_put("cursor", name, int(position), tx=tx)
+
+    # -- leased work queue -------------------------------------------------------------------
+    def enqueue(
+        self, queue: str, items: Sequence[tuple[str, Any] | tuple[str, Any, float]], *,
+        tx: Tx | None = None, conn: Any = None,
+    ) -> int:
+        """Add ``(key, payload[, available_at])`` items; a key already queued is left as it is.
+
+        Returns:
+            How many items were new.
+        """
+        if tx is None:
+            with self.transaction(conn) as t:
+                return self.enqueue(queue, items, tx=t)
+        now = self.clock.now()
+        added = 0
+        for item in items:
+            key, payload = item[0], item[1]
+            at = float(item[2]) if len(item) > 2 else now  # type: ignore[misc]
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"queue item key must be a non-empty string, got {key!r}", field="key", value=key)
+            added += tx.rowcount(
+                "INSERT INTO em_queue (queue, key, payload, available_at, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (queue, key) DO NOTHING",
+                (queue, key, dumps(payload), at, now),
+            )
+        return added
+
+    def claim(self, queue: str, limit: int = 100, *, lease_for: float = 30.0, owner: str | None = None) -> list[Lease]:
+        """Lease up to ``limit`` due items, oldest first, in one transaction. Each claim bumps the
+        item's fencing token; items whose lease lapsed are claimable again."""
+        owner = owner or default_owner()
+        now = self.clock.now()
+        expires = now + lease_for
+        with self.transaction() as tx:
+            rows = tx.query(
+                "UPDATE em_queue SET lease_owner = ?, lease_token = lease_token + 1, lease_expires = ?, "
+                "attempts = attempts + 1 WHERE (queue, key) IN (SELECT queue, key FROM em_queue "
+                "WHERE queue = ? AND available_at <= ? AND (lease_expires IS NULL OR lease_expires <= ?) "
+                f"ORDER BY available_at LIMIT ?{tx.skip_locked}) RETURNING key, payload, lease_token, attempts",
+                (owner, expires, queue, now, now, limit),
+            )
+        return [
+            Lease(queue=queue, key=k, token=int(t), owner=owner, expires_at=expires, payload=loads(p), attempts=int(a))
+            for k, p, t, a in rows
+        ]
+
+    def _fenced(self, tx: Tx, leases: Sequence[Lease], sql: str, extra: Callable[[Lease], tuple[Any, ...]]) -> None:
+        where = "WHERE queue = ? AND key = ? AND lease_token = ?"
+        extras = {extra(lease) for lease in leases}
+        if tx.dialect == POSTGRES and len(leases) > 1 and len(extras) == 1 and sql.endswith(where):
+            # One statement per chunk rather than one network round trip per lease.
+            head, params = sql[: -len(where)], extras.pop()
+            for i in range(0, len(leases), 1000):
+                chunk = leases[i : i + 1000]
+                rows = tx.query(
+                    f"{head}WHERE (queue, key, lease_token) IN (VALUES {', '.join(['(?, ?, ?)'] * len(chunk))}) "
+                    "RETURNING queue, key, lease_token",
+                    (*params, *(v for lease in chunk for v in (lease.queue, lease.key, lease.token))),
+                )
+                held = {(q, k, int(t)) for q, k, t in rows}
+                seen: set[tuple[str, str, int]] = set()
+                for lease in chunk:
+                    ident = (lease.queue, lease.key, lease.token)
+                    if ident not in held or ident in seen:
+                        raise LeaseLostError(
+                            f"lease on {lease.queue}/{lease.key} (token {lease.token}) is no longer held"
+                        )
+                    seen.add(ident)
+            return
+        for lease in leases:
+            n = tx.rowcount(sql, (*extra(lease), lease.queue, lease.key, lease.token))
+            if n != 1:
+                raise LeaseLostError(
+                    f"lease on {lease.queue}/{lease.key} (token {lease.token}) is no longer held"
+                )
+
+    def complete(self, leases: Sequence[Lease], *, tx: Tx | None = None) -> None:
+        """Finish leased items in one transaction. If any token is stale, ``LeaseLostError`` and
+        nothing changes."""
+        if tx is None:
+            with self.transaction() as t:
+                return self.complete(leases, tx=t)
+        self._fenced(tx, leases, "DELETE FROM em_queue WHERE queue = ? AND key = ? AND lease_token = ?", lambda _l: ())
+
+    def release(self, leases: Sequence[Lease], *, delay: float = 0.0, tx: Tx | None = None) -> None:
+        """Give leased items back, due again after ``delay`` seconds. Stale tokens: ``LeaseLostError``."""
+        if tx is None:
+            with self.transaction() as t:
+                return self.release(leases, delay=delay, tx=t)
+        at = self.clock.now() + delay
+        self._fenced(
+            tx, leases,
+            "UPDATE em_queue SET lease_owner = NULL, lease_expires = NULL, available_at = ? "
+            "WHERE queue = ? AND key = ? AND lease_token = ?",
+            lambda _l: (at,),
+        )
+
+    def extend(self, leases: Sequence[Lease], *, lease_for: float = 30.0) -> list[Lease]:
+        """Push the expiry of held leases out by ``lease_for`` seconds from now."""
+        expires = self.clock.now() + lease_for
+        with self.transaction() as tx:
+            self._fenced(
+                tx, leases,
+                "UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
+                lambda _l: (expires,),
+            )
+        return [
+            Lease(queue=lease.queue, key=lease.key, token=lease.token, owner=lease.owner, expires_at=expires,
+                  payload=lease.payload, attempts=lease.attempts)
+            for lease in leases
+        ]
+
+    def dequeue(self, queue: str, key: str, *, tx: Tx | None = None) -> bool:
+        """Remove an item whatever its lease. Returns whether it existed."""
+        if tx is None:
+            with self.transaction() as t:
+                return self.dequeue(queue, key, tx=t)
+        return tx.rowcount("DELETE FROM em_queue WHERE queue = ? AND key = ?", (queue, key)) > 0
+
+    def queue_size(self, queue: str) -> int:
+        with self.read() as tx:
+            row = tx.one("SELECT COUNT(*) FROM em_queue WHERE queue = ?", (queue,))
+        return int(row[0]) if row else 0
+
+    def next_due(self, queue: str) -> float | None:
+        """When the earliest item of ``queue`` becomes claimable, or None if empty."""
+        with self.read() as tx:
+            row = tx.one(
+                "SELECT MIN(CASE WHEN lease_expires IS NOT NULL AND lease_expires > available_at "
+                "THEN lease_expires ELSE available_at END) FROM em_queue WHERE queue = ?",
+                (queue,),
+            )
+        return float(row[0]) if row and row[0] is not None else None
+
+
+def default_owner() -> str:
+    return f"{os.uname().nodename if hasattr(os, 'uname') else 'host'}:{os.getpid()}:{threading.get_ident()}"
+
+
+# -- SQLite ---------------------------------------------------------------------------------------
+
+_SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class SQLiteStore(SQLStore):
+    """The embedded store: one SQLite file in WAL mode, on a local disk (never NFS).
+
+    URL: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``; query options
+    ``synchronous`` (``NORMAL`` default; ``FULL`` survives power loss) and ``busy_timeout`` (ms, 30000).
+    """
+
+    name: ClassVar[str] = "sqlite"
+    schemes: ClassVar[tuple[str, ...]] = ("sqlite",)
+    dialect: ClassVar[str] = SQLITE
+
+    def __init__(self, url: str, *, clock: Clock | None = None, synchronous: str | None = None) -> None:
+        super().__init__(url, clock=clock)
+        parts = urlsplit(url)
+        options = dict(parse_qsl(parts.query))
+        path = unquote(parts.path)
+        if parts.netloc:
+            raise ConfigError(
+                f"store URL {url!r} has a host; write sqlite:///relative.db or sqlite:////absolute.db",
+                field="store", value=url,
+            )
+        path = path[1:] if path.startswith("/") else path
+        if not path:
+            raise ConfigError(f"store URL {url!r} names no file", field="store", value=url)
+        self.path = path
+        url_sync = options.pop("synchronous", None)
+        sync = (synchronous or url_sync or "NORMAL").upper()
+        if sync not in _SYNC_LEVELS:
+            raise ConfigError(
+                f"store option synchronous must be one of {', '.join(_SYNC_LEVELS)}, got {sync!r}",
+                field="store.synchronous", value=sync,
+            )
+        self.synchronous = sync
+        busy_text = options.pop("busy_timeout", "30000")
+        try:
+            busy = int(busy_text)
+        except ValueError as exc:
+            raise ConfigError(
+                f"store option busy_timeout must be whole milliseconds, got {busy_text!r}",
+                field="store.busy_timeout", value=busy_text,
+            ) from exc
+        if options:
+            # A misspelt option (``synchronus=FULL``) must not silently drop a durability setting.
+            unknown = sorted(options)
+            raise ConfigError(
+                f"unknown store option(s) {', '.join(unknown)} in {url!r}; SQLite takes synchronous and busy_timeout",
+                field=f"store.{unknown[0]}", value=options[unknown[0]],
+            )
+        self._lock = threading.RLock()
+        self._conn = self._connect(path, busy)
+        self.migrate("core", CORE_MIGRATIONS)
+
+    def _connect(self, path: str, busy_ms: int) -> sqlite3.Connection:
+        memory = path == ":memory:"
+        if not memory:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ConfigError(f"store directory {parent!r} does not exist", field="store", value=self.url)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        if not memory:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
+        if conn is not None:
+            if not isinstance(conn, sqlite3.Connection):
+                raise ConfigError(
+                    f"conn must be a sqlite3.Connection to {self.path!r} for this store, got {type(conn).__name__}",
+                    field="conn", value=type(conn).__name__,
+                )
+            return contextlib.nullcontext(Tx(conn, SQLITE))
+        return _SQLiteTransaction(self._lock, self._conn)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Tx]:
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")
+            try:
+                yield Tx(c, SQLITE)
+            finally:
+                c.execute("COMMIT")
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection of the caller's own to this database, for ``conn=`` transactions."""
+        if self.path == ":memory:":
+            raise ConfigError("an in-memory store cannot be shared with another connection", field="store")
+        conn = sqlite3.connect(self.path, timeout=30)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _SQLiteTransaction:
+    """One write transaction on the store's connection (a class, not a generator: it is on every hot path)."""
+
+    __slots__ = ("_conn", "_lock")
+
+    def __init__(self, lock: Any, conn: sqlite3.Connection) -> None:
+        self._lock = lock
+        self._conn = conn
+
+    def __enter__(self) -> Tx:
+        self._lock.acquire()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return Tx(self._conn, SQLITE)
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        try:
+            if kind is None:
+                try:
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    # Not committed (the disk is full, say): leave the connection out of the transaction.
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            else:
+                self._conn.execute("ROLLBACK")
+        finally:
+            self._lock.release()
+
+
+class MemoryStore(SQLiteStore):
+    """``memory://``: the SQLite engine on a private in-memory database."""
+
+    name: ClassVar[str] = "memory"
+    schemes: ClassVar[tuple[str, ...]] = ("memory",)
+
+    def __init__(self, url: str = "memory://", *, clock: Clock | None = None) -> None:
+        SQLStore.__init__(self, url, clock=clock)
+        # A named shared-cache database, so that callers can join with ``connect()``; it lives as
+        # long as this store's connection.
+        self.path = f"file:errands-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        self.synchronous = "OFF"
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.path, uri=True, isolation_level=None, check_same_thread=False)
+        self.migrate("core", CORE_MIGRATIONS)
+
+    def connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, uri=True, check_same_thread=False)
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+
+
+class PostgresStore(SQLStore):
+    """PostgreSQL through psycopg 3, claims with ``FOR UPDATE SKIP LOCKED``.
+
+    URL: ``postgresql://user:pass@host:port/db``; option ``pool_size`` (default 8) is consumed here,
+    the rest goes to libpq.
+    """
+
+    name: ClassVar[str] = "postgresql"
+    schemes: ClassVar[tuple[str, ...]] = ("postgresql", "postgres")
+    dialect: ClassVar[str] = POSTGRES
+
+    def __init__(self, url: str, *, clock: Clock | None = None, pool_size: int | None = None) -> None:
+        super().__init__(url, clock=clock)
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise MissingDependencyError("psycopg", "postgres") from exc
+        self._psycopg = psycopg
+        parts = urlsplit(url)
+        options = dict(parse_qsl(parts.query))
+        pool_text = options.pop("pool_size", "8")
+        try:
+            size = pool_size or int(pool_text)
+        except ValueError as exc:
+            raise ConfigError(
+                f"store option pool_size must be a whole number of connections, got {pool_text!r}",
+                field="store.pool_size", value=pool_text,
+            ) from exc
+        rest = "&".join(f"{k}={v}" for k, v in options.items())
+        self._conninfo = parts._replace(scheme="postgresql", query=rest).geturl()
+        self._idle: list[Any] = []
+        self._slots = threading.BoundedSemaphore(size)
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        self.migrate("core", CORE_MIGRATIONS)
+
+    def _acquire(self) -> Any:
+        self._slots.acquire()
+        with self._pool_lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+        try:
+            return self._psycopg.connect(self._conninfo, autocommit=False)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _give_back(self, conn: Any) -> None:
+        with self._pool_lock:
+            if not conn.closed and not self._closed:
+                self._idle.append(conn)
+            else:
+                conn.close()
+        self._slots.release()
+
+    @contextlib.contextmanager
+    def transaction(self, conn: Any = None) -> Iterator[Tx]:
+        if conn is not None:
+            if not isinstance(conn, self._psycopg.Connection):
+                raise ConfigError(
+                    f"conn must be a psycopg.Connection for this store, got {type(conn).__name__}",
+                    field="conn", value=type(conn).__name__,
+                )
+            yield Tx(conn, POSTGRES)
+            return
+        c = self._acquire()
+        try:
+            try:
+                yield Tx(c, POSTGRES)
+            except BaseException:
+                if not c.closed:
+                    c.rollback()
+                raise
+            c.commit()
+        except BaseException:
+            if c.broken:
+                c.close()
+            raise
+        finally:
+            self._give_back(c)
+
+    def connect(self) -> Any:
+        """A new psycopg connection of the caller's own to this database."""
+        return self._psycopg.connect(self._conninfo)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+
+BUILTIN_STORES: tuple[type[SQLStore], ...] = (SQLiteStore, MemoryStore, PostgresStore)
+
+
+def open_store(url: str, *, clock: Clock | None = None, **options: Any) -> Any:
+    """Open the store named by ``url`` and apply pending migrations.
+
+    Args:
+        url: ``sqlite:///path.db`` (embedded default), ``sqlite:///:memory:``, ``memory://``,
+            ``postgresql://...``, or a scheme a plugin registered (``spanner://...``).
+        clock: the time source; ``FakeClock`` in tests.
+        **options: passed to the store class.
+
+    Raises:
+        ConfigError: the URL is malformed or its scheme unknown.
+        MissingDependencyError: the scheme's driver is not installed.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(
+            f"store URL must look like 'sqlite:///app.db', 'memory://' or 'postgresql://...', got {url!r}",
+            field="store", value=url,
+        )
+    scheme = url.split("://", 1)[0].lower()
+    for cls in BUILTIN_STORES:
+        if scheme in cls.schemes:
+            return cls(url, clock=clock, **options)
+    from ._plugins import get_registry
+
+    registry = get_registry()
+    cls2 = registry.stores.get(scheme)
+    if cls2 is None:
+        known = sorted({s for c in BUILTIN_STORES for s in c.schemes} | set(registry.stores))
+        raise ConfigError(
+            f"unknown store scheme {scheme!r} in {url!r}; known: {', '.join(known)}",
+            field="store", value=url,
+        )
+    return cls2(url, clock=clock, **options)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def as_epoch(value: datetime | float | int | None, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ConfigError(f"datetime {value!r} must be timezone-aware", field="dispatch_at", value=value)
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"expected a datetime or epoch seconds, got {value!r}", field="at", value=value)
+

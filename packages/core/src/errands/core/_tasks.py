@@ -1,0 +1,723 @@
+"""The task engine: durable background tasks run concurrently by handlers registered per type.
+
+Each task is a row in ``em_tasks``; a worker claims due tasks with a lease and a fencing token, runs them
+on a thread pool (async handlers on the engine's event loop) and records the result. A task left
+``RUNNING`` by a process that died is taken again: at the next start when the dead process ran on this
+host, otherwise once its lease lapses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import typing
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, Sequence
+
+from ._async_bridge import AsyncBridge
+from ._sql import Migration, Tx, dumps, in_clause, loads
+from ._store import SQLStore
+from ._values import _StrEnum
+from .errors import ConfigError, InvalidTaskIdError, NotFoundError, PermanentError, TransientError
+
+log = logging.getLogger("errands.tasks")
+
+TASK_MIGRATIONS = [
+    Migration(
+        1,
+        """
+        CREATE TABLE IF NOT EXISTS em_tasks (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            params TEXT,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            available_at {double} NOT NULL,
+            owner TEXT,
+            token {bigint} NOT NULL DEFAULT 0,
+            lease_expires {double},
+            result TEXT,
+            error TEXT,
+            debounce_key TEXT,
+            created_at {double} NOT NULL,
+            updated_at {double} NOT NULL,
+            started_at {double},
+            finished_at {double}
+        );
+        CREATE INDEX IF NOT EXISTS em_tasks_due ON em_tasks (type, status, available_at);
+        CREATE INDEX IF NOT EXISTS em_tasks_created ON em_tasks (created_at);
+        CREATE INDEX IF NOT EXISTS em_tasks_debounce ON em_tasks (debounce_key)
+        """,
+    ),
+]
+
+
+class TaskStatus(_StrEnum):
+    """Where a task is in its life."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    DEAD = "DEAD"
+
+
+FINAL = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.DEAD)
+
+
+def _when(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(float(t), tz=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRecord:
+    """A task as stored."""
+
+    id: str
+    type: str
+    params: Any
+    status: TaskStatus
+    attempts: int
+    result: Any
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    available_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskContext:
+    """Given to handlers that take a second argument."""
+
+    id: str
+    type: str
+    attempt: int
+
+
+@dataclass
+class _TypeSpec:
+    fn: Callable[..., Any]
+    wants_ctx: bool
+    max_concurrency: int | None
+    rate_limit_per_s: float | None
+    retry_max: int
+    dlq_after: int | None
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+
+
+_COLS = ("id, type, params, status, attempts, result, error, created_at, updated_at, started_at, finished_at, "
+         "available_at")
+
+
+def _record(row: Sequence[Any]) -> TaskRecord:
+    return TaskRecord(
+        id=row[0], type=row[1], params=loads(row[2]), status=TaskStatus(row[3]), attempts=int(row[4]),
+        result=loads(row[5]), error=row[6], created_at=_when(row[7]),  # type: ignore[arg-type]
+        updated_at=_when(row[8]), started_at=_when(row[9]), finished_at=_when(row[10]),  # type: ignore[arg-type]
+        available_at=_when(row[11]),  # type: ignore[arg-type]
+    )
+
+
+def _task_id(value: Any) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            pass
+    raise InvalidTaskIdError(
+        f"task id must be a UUID such as '{uuid.uuid4()}', got {value!r}; omit id to get a new one",
+        field="id", value=value,
+    )
+
+
+def _wants_ctx(fn: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _positive_int(value: Any, field: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{field} must be an integer >= {minimum}, got {value!r}", field=field, value=value)
+    return value
+
+
+class TaskEngine:
+    """Durable tasks: ``submit`` from anywhere, run by whichever worker has the handler.
+
+    Args:
+        store: the open store.
+        handlers: task type -> ``fn(params)`` or ``fn(params, ctx)``, sync or async. Handlers must be
+            idempotent: a task whose process dies mid-run runs again.
+        concurrency: the most tasks this engine runs at once.
+        lease_for: seconds a running task's lease lasts; renewed while the handler runs.
+        retry_max: retries after a failure (``PermanentError`` and ``ConfigError`` are not retried).
+        retry_base: the first retry delay in seconds, doubling each attempt (with jitter).
+        retry_cap: the longest retry delay.
+
+    Example:
+        >>> engine = TaskEngine(store, handlers={"resize": resize_image})
+        >>> task_id = engine.submit("resize", {"path": "a.png", "width": 200})
+        >>> engine.run_once(); engine.wait(task_id).status
+        <TaskStatus.SUCCEEDED: 'SUCCEEDED'>
+    """
+
+    def __init__(
+        self, store: SQLStore, handlers: Mapping[str, Callable[..., Any]] | None = None, *, concurrency: int = 8,
+        lease_for: float = 60.0, retry_max: int = 3, retry_base: float = 1.0, retry_cap: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.concurrency = _positive_int(concurrency, "concurrency")
+        self.lease_for = float(lease_for)
+        self.retry_max = _positive_int(retry_max, "retry_max", 0)
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.owner = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._types: dict[str, _TypeSpec] = {}
+        for type_, fn in (handlers or {}).items():
+            self.register(type_, fn)
+        store.migrate("tasks", TASK_MIGRATIONS)
+        self._bridge = AsyncBridge("errands-tasks")
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._recovered = False
+        self._closed = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- registration --------------------------------------------------------------------------
+    def register(
+        self, type: str, fn: Callable[..., Any], *, max_concurrency: int | None = None,
+        rate_limit_per_s: float | None = None, retry_max: int | None = None, dlq_after: int | None = None,
+    ) -> None:
+        """Run tasks of ``type`` with ``fn``.
+
+        Args:
+            type: the task type.
+            fn: ``fn(params)`` or ``fn(params, ctx: TaskContext)``, sync or async.
+            max_concurrency: the most tasks of this type running at once, across every worker.
+            rate_limit_per_s: the most tasks of this type started per second by this engine.
+            retry_max: retries after a failure (default: the engine's).
+            dlq_after: park the task in the dead-letter list (status ``DEAD``) after this many failed
+                attempts, or once its retries run out; None ends such tasks ``FAILED``.
+        """
+        problems: list[ConfigError] = []
+        if not isinstance(type, str) or not type:
+            problems.append(ConfigError(f"task type must be a non-empty string, got {type!r}", field="type",
+                                        value=type))
+        if not callable(fn):
+            problems.append(ConfigError(f"handlers[{type!r}] must be callable, got {fn!r}",
+                                        field=f"handlers.{type}", value=fn))
+        for field, value, minimum in (("max_concurrency", max_concurrency, 1), ("retry_max", retry_max, 0),
+                                      ("dlq_after", dlq_after, 1)):
+            if value is not None:
+                try:
+                    _positive_int(value, field, minimum)
+                except ConfigError as exc:
+                    problems.append(exc)
+        if rate_limit_per_s is not None and (
+            not isinstance(rate_limit_per_s, (int, float)) or isinstance(rate_limit_per_s, bool)
+            or rate_limit_per_s <= 0
+        ):
+            problems.append(ConfigError(f"rate_limit_per_s must be a positive number, got {rate_limit_per_s!r}",
+                                        field="rate_limit_per_s", value=rate_limit_per_s))
+        if problems:
+            if len(problems) == 1:
+                raise problems[0]
+            raise ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field,
+                              value=problems[0].value)
+        self._types[type] = _TypeSpec(
+            fn=fn, wants_ctx=_wants_ctx(fn), max_concurrency=max_concurrency,
+            rate_limit_per_s=float(rate_limit_per_s) if rate_limit_per_s else None,
+            retry_max=self.retry_max if retry_max is None else retry_max, dlq_after=dlq_after,
+            tokens=max(1.0, float(rate_limit_per_s or 1)), refilled_at=self.store.clock.now(),
+        )
+
+    @property
+    def types(self) -> list[str]:
+        return sorted(self._types)
+
+    # -- submit and views ------------------------------------------------------------------------
+    def submit(
+        self, type: str, params: Any = None, id: str | uuid.UUID | None = None, *, delay: float = 0.0,
+        conn: Any = None,
+    ) -> str:
+        """Queue a task. Submitting an id that exists already returns it and changes nothing.
+
+        Args:
+            type: the task type; must have a handler here if this engine has any handlers.
+            params: JSON-serialisable parameters.
+            id: a caller-chosen UUID (same id = same task); a new one if None.
+            delay: seconds before the task may start.
+            conn: the caller's connection: the task commits with the caller's transaction.
+
+        Returns:
+            The task id.
+
+        Raises:
+            InvalidTaskIdError: ``id`` is not a UUID.
+            ConfigError: unknown type; PayloadError: params not JSON.
+        """
+        task_id = _task_id(id) if id is not None else str(uuid.uuid4())
+        self._check_type(type)
+        text = dumps(params, field="params")
+        with self.store.transaction(conn) as tx:
+            self._insert(tx, task_id, type, text, self.store.clock.now() + max(0.0, float(delay)), None)
+        return task_id
+
+    def _check_type(self, type: Any) -> None:
+        if not isinstance(type, str) or not type:
+            raise ConfigError(f"task type must be a non-empty string, got {type!r}", field="type", value=type)
+        if self._types and type not in self._types:
+            raise ConfigError(f"no handler for task type {type!r}; known types: {', '.join(self.types)}",
+                              field="type", value=type)
+
+    def _insert(self, tx: Tx, task_id: str, type: str, params: str, at: float, debounce_key: str | None) -> int:
+        now = self.store.clock.now()
+        if debounce_key is not None:
+            tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?",
+                       (debounce_key, str(TaskStatus.PENDING)))
+        return tx.rowcount(
+            "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (task_id, type, params, str(TaskStatus.PENDING), at, debounce_key, now, now),
+        )
+
+    def get(self, id: str) -> TaskRecord | None:
+        """The task, or None if there is no such task (or it was removed)."""
+        with self.store.read() as tx:
+            row = tx.one(f"SELECT {_COLS} FROM em_tasks WHERE id = ?", (_task_id(id),))
+        return _record(row) if row else None
+
+    def recent(self, limit: int = 20, *, status: TaskStatus | str | None = None,
+               type: str | None = None) -> list[TaskRecord]:
+        """The newest tasks first, optionally of one status or type."""
+        sql = f"SELECT {_COLS} FROM em_tasks"
+        params: list[Any] = []
+        where = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(str(TaskStatus(status)))
+        if type is not None:
+            where.append("type = ?")
+            params.append(type)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id LIMIT ?"
+        params.append(_positive_int(limit, "limit"))
+        with self.store.read() as tx:
+            return [_record(r) for r in tx.query(sql, params)]
+
+    def remove(self, id: str) -> bool:
+        """Delete a task whatever its state (a running one finishes, but its outcome is dropped)."""
+        with self.store.transaction() as tx:
+            return tx.rowcount("DELETE FROM em_tasks WHERE id = ?", (_task_id(id),)) > 0
+
+    def dead(self, type: str | None = None, limit: int = 100) -> list[TaskRecord]:
+        """Tasks parked in the dead-letter list, oldest first."""
+        sql, params = f"SELECT {_COLS} FROM em_tasks WHERE status = ?", [str(TaskStatus.DEAD)]
+        if type is not None:
+            sql += " AND type = ?"
+            params.append(type)
+        with self.store.read() as tx:
+            return [_record(r) for r in tx.query(sql + " ORDER BY updated_at, id LIMIT ?", (*params, limit))]
+
+    def redrive(self, ids: Sequence[str] | None = None, *, type: str | None = None) -> int:
+        """Queue dead (or failed, when named by id) tasks again with fresh retries. Returns how many."""
+        now = self.store.clock.now()
+        with self.store.transaction() as tx:
+            if ids is not None:
+                clean = [_task_id(i) for i in ids]
+                if not clean:
+                    return 0
+                return tx.rowcount(
+                    f"UPDATE em_tasks SET status = ?, attempts = 0, available_at = ?, updated_at = ?, error = NULL "
+                    f"WHERE id IN {in_clause(len(clean))} AND status IN (?, ?)",
+                    (str(TaskStatus.PENDING), now, now, *clean, str(TaskStatus.DEAD), str(TaskStatus.FAILED)),
+                )
+            sql = "UPDATE em_tasks SET status = ?, attempts = 0, available_at = ?, updated_at = ?, error = NULL " \
+                  "WHERE status = ?"
+            params: list[Any] = [str(TaskStatus.PENDING), now, now, str(TaskStatus.DEAD)]
+            if type is not None:
+                sql += " AND type = ?"
+                params.append(type)
+            return tx.rowcount(sql, params)
+
+    # -- running -------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Queue again the tasks left RUNNING by dead processes of this host and by lapsed leases.
+        Called by the first ``run_once``. Returns how many were queued."""
+        now = self.store.clock.now()
+        host = _host()
+        with self.store.transaction() as tx:
+            rows = tx.query("SELECT id, owner, lease_expires FROM em_tasks WHERE status = ?",
+                            (str(TaskStatus.RUNNING),))
+            orphans = []
+            for task_id, owner, expires in rows:
+                h, _, rest = (owner or "").partition(":")
+                pid_text = rest.partition(":")[0]
+                dead_here = h == host and pid_text.isdigit() and int(pid_text) != os.getpid() \
+                    and not _pid_alive(int(pid_text))
+                if dead_here or expires is None or float(expires) <= now:
+                    orphans.append(task_id)
+            for task_id in orphans:
+                tx.execute(
+                    "UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, "
+                    "updated_at = ? WHERE id = ? AND status = ?",
+                    (str(TaskStatus.PENDING), now, now, task_id, str(TaskStatus.RUNNING)),
+                )
+        if orphans:
+            log.warning("re-queued %d task(s) left running by a process that stopped: %s", len(orphans),
+                        ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
+        self._recovered = True
+        return len(orphans)
+
+    def run_once(self) -> int:
+        """Start the due tasks this engine has handlers for, up to its free slots. Does not wait for them.
+
+        Returns:
+            How many tasks were started.
+        """
+        if not self._recovered:
+            self.recover()
+        if not self._types:
+            return 0
+        with self._lock:
+            free = self.concurrency - sum(self._running.values())
+        if free <= 0:
+            return 0
+        now = self.store.clock.now()
+        claimed: list[tuple[str, str, Any, int, int]] = []
+        with self.store.transaction() as tx:
+            running: dict[str, int] = {}
+            if any(s.max_concurrency for s in self._types.values()):
+                running = {t: int(n) for t, n in tx.query(
+                    "SELECT type, COUNT(*) FROM em_tasks WHERE status = ? AND lease_expires > ? GROUP BY type",
+                    (str(TaskStatus.RUNNING), now))}
+            for type_, spec in self._types.items():
+                if free <= 0:
+                    break
+                allowed = free
+                if spec.max_concurrency is not None:
+                    allowed = min(allowed, spec.max_concurrency - running.get(type_, 0))
+                if spec.rate_limit_per_s is not None:
+                    self._refill(spec, now)
+                    allowed = min(allowed, int(spec.tokens))
+                if allowed <= 0:
+                    continue
+                rows = tx.query(
+                    "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
+                    "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM em_tasks "
+                    "WHERE type = ? AND ((status = ? AND available_at <= ?) OR (status = ? AND lease_expires <= ?)) "
+                    f"ORDER BY available_at, created_at LIMIT ?{tx.skip_locked}) "
+                    "RETURNING id, type, params, token, attempts",
+                    (str(TaskStatus.RUNNING), self.owner, now + self.lease_for, now, now, type_,
+                     str(TaskStatus.PENDING), now, str(TaskStatus.RUNNING), now, allowed),
+                )
+                if spec.rate_limit_per_s is not None:
+                    spec.tokens -= len(rows)
+                free -= len(rows)
+                claimed.extend((r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows)
+        if not claimed:
+            return 0
+        pool = self._executor()
+        with self._lock:
+            for task_id, _t, _p, token, _a in claimed:
+                self._running[task_id] = token
+        self._ensure_heartbeat()
+        for task in claimed:
+            pool.submit(self._execute, *task)
+        return len(claimed)
+
+    def _refill(self, spec: _TypeSpec, now: float) -> None:
+        assert spec.rate_limit_per_s is not None
+        spec.tokens = min(max(1.0, spec.rate_limit_per_s),
+                          spec.tokens + (now - spec.refilled_at) * spec.rate_limit_per_s)
+        spec.refilled_at = now
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="errands-task")
+            return self._pool
+
+    def _execute(self, task_id: str, type_: str, params: Any, token: int, attempt: int) -> None:
+        spec = self._types[type_]
+        try:
+            args: tuple[Any, ...] = (params, TaskContext(id=task_id, type=type_, attempt=attempt)) \
+                if spec.wants_ctx else (params,)
+            result = self._bridge.call(spec.fn, *args)
+            text = dumps(result, field="result")
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                self._forget(task_id)
+                raise
+            self._failed(task_id, type_, spec, token, attempt, exc)
+            return
+        now = self.store.clock.now()
+        self._finish(task_id, token, "status = ?, result = ?, error = NULL, finished_at = ?",
+                     (str(TaskStatus.SUCCEEDED), text, now))
+
+    def _failed(self, task_id: str, type_: str, spec: _TypeSpec, token: int, attempt: int,
+                exc: Exception) -> None:
+        now = self.store.clock.now()
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        permanent = isinstance(exc, (PermanentError, ConfigError))
+        out_of_tries = attempt > spec.retry_max or (spec.dlq_after is not None and attempt >= spec.dlq_after)
+        if permanent or out_of_tries:
+            status = TaskStatus.DEAD if spec.dlq_after is not None else TaskStatus.FAILED
+            log.error("task %s (%s) %s after %d attempt(s): %s", task_id, type_, status.value.lower(), attempt, error)
+            self._finish(task_id, token, "status = ?, error = ?, finished_at = ?", (str(status), error, now))
+            return
+        retry_after = getattr(exc, "retry_after", None) if isinstance(exc, TransientError) else None
+        if isinstance(retry_after, (int, float)) and retry_after >= 0:
+            delay = float(retry_after)
+        else:
+            d = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
+            delay = d / 2 + random.uniform(0, d / 2)
+        log.warning("task %s (%s) attempt %d failed: %s; retrying in %.2fs", task_id, type_, attempt, error, delay)
+        self._finish(task_id, token, "status = ?, error = ?, available_at = ?",
+                     (str(TaskStatus.PENDING), error, now + delay))
+
+    def _finish(self, task_id: str, token: int, assignments: str, values: tuple[Any, ...]) -> None:
+        try:
+            with self.store.transaction() as tx:
+                n = tx.rowcount(
+                    f"UPDATE em_tasks SET {assignments}, owner = NULL, lease_expires = NULL, updated_at = ? "
+                    "WHERE id = ? AND token = ? AND status = ?",
+                    (*values, self.store.clock.now(), task_id, token, str(TaskStatus.RUNNING)),
+                )
+            if n == 0:
+                log.warning("task %s: outcome dropped; it was removed or taken by another worker", task_id)
+        finally:
+            self._forget(task_id)
+
+    def _forget(self, task_id: str) -> None:
+        with self._lock:
+            self._running.pop(task_id, None)
+
+    def _ensure_heartbeat(self) -> None:
+        with self._lock:
+            if self._heartbeat is not None and self._heartbeat.is_alive():
+                return
+            self._heartbeat = threading.Thread(target=self._beat, name="errands-task-lease", daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        interval = max(0.05, self.lease_for / 3)
+        while not self._closed.wait(interval):
+            with self._lock:
+                held = list(self._running.items())
+            if not held:
+                continue
+            until = self.store.clock.now() + self.lease_for
+            try:
+                with self.store.transaction() as tx:
+                    for task_id, token in held:
+                        tx.execute("UPDATE em_tasks SET lease_expires = ? WHERE id = ? AND token = ? AND status = ?",
+                                   (until, task_id, token, str(TaskStatus.RUNNING)))
+            except Exception:
+                log.warning("could not renew task leases; retrying", exc_info=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks this engine is running now."""
+        with self._lock:
+            return len(self._running)
+
+    def wait(self, id: str, timeout: float = 30.0, *, poll: float = 0.02) -> TaskRecord:
+        """Run due tasks until ``id`` is final (or ``timeout`` seconds pass), and return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.get(id)
+            if rec is None:
+                raise NotFoundError(f"no task {id!r}")
+            if rec.status in FINAL or time.monotonic() >= deadline:
+                return rec
+            self.run_once()
+            time.sleep(poll)
+
+    def drain(self, timeout: float = 30.0, *, poll: float = 0.02) -> int:
+        """Run tasks until none of this engine's types is due or running here. Returns tasks started."""
+        deadline = time.monotonic() + timeout
+        started = 0
+        while time.monotonic() < deadline:
+            n = self.run_once()
+            started += n
+            if n == 0 and self.in_flight == 0:
+                now = self.store.clock.now()
+                with self.store.read() as tx:
+                    types = list(self._types)
+                    row = tx.one(
+                        f"SELECT COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(types))} AND status = ? "
+                        "AND available_at <= ?", (*types, str(TaskStatus.PENDING), now)) if types else (0,)
+                if not row or int(row[0]) == 0:
+                    break
+            time.sleep(poll)
+        return started
+
+    def close(self, wait: bool = True) -> None:
+        """Stop taking tasks; with ``wait``, let running ones finish."""
+        self._closed.set()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait)
+        self._bridge.close()
+
+
+# -- typed handlers ------------------------------------------------------------------------------
+
+def typed_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` so that its first argument arrives as its annotated type, built from the JSON params.
+
+    Supports dataclasses (nested too), ``TypedDict`` (keys checked) and pydantic models (if pydantic
+    is installed). Params that do not fit raise ``ConfigError`` naming the field: the task fails
+    without retries.
+
+    Example:
+        >>> @dataclass
+        ... class Resize:
+        ...     path: str
+        ...     width: int
+        >>> @typed_handler
+        ... def resize(job: Resize) -> str: ...
+        >>> TaskEngine(store, handlers={"resize": resize})
+    """
+    params = list(inspect.signature(fn).parameters.values())
+    if not params:
+        raise ConfigError(f"typed_handler: {fn.__qualname__} takes no argument to convert params into",
+                          field="handler", value=fn.__qualname__)
+    hints = typing.get_type_hints(fn)
+    target = hints.get(params[0].name)
+    if target is None:
+        raise ConfigError(f"typed_handler: annotate the first argument of {fn.__qualname__} with its params type",
+                          field="handler", value=fn.__qualname__)
+    convert = _converter(target)
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(raw: Any, *rest: Any) -> Any:
+            return await fn(convert(raw, "params"), *rest)
+
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(raw: Any, *rest: Any) -> Any:
+        return fn(convert(raw, "params"), *rest)
+
+    return wrapper
+
+
+def _converter(target: Any) -> Callable[[Any, str], Any]:
+    if dataclasses.is_dataclass(target) and isinstance(target, type):
+        return lambda raw, path: _to_dataclass(target, raw, path)
+    if typing.is_typeddict(target):
+        return lambda raw, path: _to_typeddict(target, raw, path)
+    validate = getattr(target, "model_validate", None)
+    if isinstance(target, type) and callable(validate):
+        def pydantic(raw: Any, path: str) -> Any:
+            try:
+                return validate(raw)
+            except Exception as exc:
+                if type(exc).__name__ != "ValidationError":
+                    raise
+                errors = exc.errors()  # type: ignore[attr-defined]
+                first = errors[0] if errors else {}
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                raise ConfigError(f"{path}.{where}: {first.get('msg', exc)}", field=f"{path}.{where}",
+                                  value=first.get("input")) from exc
+
+        return pydantic
+    return lambda raw, path: raw
+
+
+def _to_dataclass(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path} must be an object for {cls.__name__}, got {type(raw).__name__}",
+                          field=path, value=raw)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]} is not a field of {cls.__name__} (fields: {', '.join(fields)})",
+                          field=f"{path}.{unknown[0]}", value=raw[unknown[0]])
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}.{name} is required by {cls.__name__}", field=f"{path}.{name}", value=None)
+            continue
+        kwargs[name] = _convert_value(hints.get(name), raw[name], f"{path}.{name}")
+    return cls(**kwargs)
+
+
+def _to_typeddict(cls: Any, raw: Any, path: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path} must be an object for {cls.__name__}, got {type(raw).__name__}",
+                          field=path, value=raw)
+    hints = typing.get_type_hints(cls)
+    missing = sorted(set(cls.__required_keys__) - set(raw))
+    if missing:
+        raise ConfigError(f"{path}.{missing[0]} is required by {cls.__name__}", field=f"{path}.{missing[0]}",
+                          value=None)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]} is not a key of {cls.__name__}", field=f"{path}.{unknown[0]}",
+                          value=raw[unknown[0]])
+    return {k: _convert_value(hints.get(k), v, f"{path}.{k}") for k, v in raw.items()}
+
+
+_SIMPLE = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _convert_value(hint: Any, value: Any, path: str) -> Any:
+    if hint is None or hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _to_dataclass(hint, value, path)
+    if typing.is_typeddict(hint):
+        return _to_typeddict(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin in (list, Sequence, tuple) and isinstance(value, list):
+        args = typing.get_args(hint)
+        inner = args[0] if args else None
+        items = [_convert_value(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint in _SIMPLE:
+        if (isinstance(value, bool) and hint is not bool) or not isinstance(value, _SIMPLE[hint]):
+            raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}", field=path, value=value)
+        return float(value) if hint is float else value
+    return value

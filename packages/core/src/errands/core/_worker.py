@@ -1,0 +1,234 @@
+"""The worker loop: runs every engine's ``*_once`` step until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import signal
+import threading
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+
+from ._journal import StoreScheduler
+from ._store import SQLStore
+from ._values import CompensationResult, DispatchResult, Observation
+
+log = logging.getLogger("errands.worker")
+
+Job = Callable[[], Any]
+T = TypeVar("T")
+
+# Results that are never awaitable, answered without asking ``inspect.isawaitable`` (which walks the ABCs).
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple, DispatchResult, Observation,
+                    CompensationResult})
+
+
+async def _await(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+class CallRunner:
+    """Runs connector calls with at most ``max_in_flight`` in flight at once.
+
+    Sync callables run on a thread pool; a callable that returns an awaitable (an ``async def``
+    connector method) is awaited on one event-loop thread owned by the runner, so async clients stay
+    bound to a single loop. A batch of one, or ``max_in_flight=1``, runs in the calling thread.
+
+    Args:
+        max_in_flight: the bound on concurrent calls (>= 1).
+    """
+
+    def __init__(self, max_in_flight: int = 16) -> None:
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"max_in_flight must be a positive integer, got {max_in_flight!r}",
+                field="max_in_flight", value=max_in_flight,
+            )
+        self.max_in_flight = max_in_flight
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="errands-async", daemon=True)
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    def _ensure_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.max_in_flight, thread_name_prefix="errands-call"
+                )
+            return self._pool
+
+    def call(self, fn: Callable[[T], Any], item: T) -> Any:
+        """``fn(item)``, awaiting the result on the runner's loop if it is awaitable."""
+        result = fn(item)
+        if type(result) in _PLAIN:
+            return result
+        if inspect.isawaitable(result):
+            return asyncio.run_coroutine_threadsafe(_await(result), self._ensure_loop()).result()
+        return result
+
+    def _guarded(self, fn: Callable[[T], Any], item: T) -> tuple[bool, Any]:
+        try:
+            return True, self.call(fn, item)
+        except Exception as exc:  # handed back to the engine, which records it on the item
+            return False, exc
+
+    def map(self, fn: Callable[[T], Any], items: Sequence[T], *, inline: bool = False) -> list[tuple[bool, Any]]:
+        """Call ``fn`` on every item; ``(True, result)`` or ``(False, exception)`` per item, in order.
+
+        ``inline=True`` runs them one after another in the calling thread (for calls so quick that
+        handing them to threads costs more than it saves). ``BaseException`` (``KeyboardInterrupt``,
+        ``SystemExit``) is not caught: it propagates.
+        """
+        if inline or len(items) <= 1 or self.max_in_flight == 1:
+            return [self._guarded(fn, item) for item in items]
+        pool = self._ensure_pool()
+        futures = [pool.submit(self._guarded, fn, item) for item in items]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Wait for calls in flight, then stop the pool and the loop thread."""
+        with self._lock:
+            pool, loop, thread = self._pool, self._loop, self._loop_thread
+            self._pool = self._loop = self._loop_thread = None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            loop.close()
+
+
+def _amount(result: Any) -> int:
+    if result is None:
+        return 0
+    if isinstance(result, bool):
+        return int(result)
+    if isinstance(result, int):
+        return result
+    try:
+        return len(result)
+    except TypeError:
+        return 1
+
+
+class Worker:
+    """Runs dispatch, reconcile, compensate, fan-out, timers and tasks until stopped.
+
+    Each pass calls every job once; when a pass finds no work the worker sleeps ``poll_interval``
+    seconds (or until ``wake()``). SIGTERM and SIGINT stop it after the current pass: leases in flight
+    finish, or lapse and are taken again by the next worker; nothing is lost.
+
+    Args:
+        store: the open store.
+        outbox: an ``Outbox`` (dispatch, reconcile and compensate steps).
+        fanout: a ``FanOut`` (its ``run_once`` step).
+        scheduler: the timer scheduler (a ``StoreScheduler`` on ``store`` by default).
+        timer_handlers: topic -> handler for timers fired by this worker.
+        jobs: further ``() -> amount`` callables run every pass (task engines, lro, durable).
+        poll_interval: seconds to sleep after a pass that found nothing.
+        max_in_flight: the most effects or batches in flight at once, passed to the engines.
+    """
+
+    def __init__(
+        self, store: SQLStore, *, outbox: Any = None, fanout: Any = None, scheduler: StoreScheduler | None = None,
+        timer_handlers: Mapping[str, Callable[[str, Any], Any]] | None = None, jobs: Sequence[Job] = (),
+        poll_interval: float = 0.2, max_in_flight: int = 16,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.fanout = fanout
+        self.scheduler = scheduler or StoreScheduler(store)
+        self.timer_handlers: dict[str, Callable[[str, Any], Any]] = dict(timer_handlers or {})
+        self.poll_interval = poll_interval
+        self.max_in_flight = max_in_flight
+        self._wake = threading.Event()
+        self._jobs: list[tuple[str, Job]] = []
+        self.runner = CallRunner(max_in_flight)
+        use_runner = getattr(outbox, "use_runner", None)
+        if callable(use_runner):
+            use_runner(self.runner)
+        if outbox is not None:
+            for step in ("dispatch_once", "reconcile_once", "compensate_once"):
+                fn = getattr(outbox, step, None)
+                if fn is not None:
+                    self._jobs.append((f"outbox.{step}", fn))
+        if fanout is not None:
+            self._jobs.append(("fanout.run_once", fanout.run_once))
+        self._jobs.append(("timers", self._fire_timers))
+        for job in jobs:
+            self._jobs.append((getattr(job, "__qualname__", repr(job)), job))
+        self.passes = 0
+
+    def add_job(self, name: str, job: Job) -> None:
+        self._jobs.append((name, job))
+
+    def on_timer(self, topic: str, handler: Callable[[str, Any], Any]) -> None:
+        self.timer_handlers[topic] = handler
+
+    def _fire_timers(self) -> int:
+        if not self.timer_handlers:
+            return 0
+        return self.scheduler.fire_due(self.timer_handlers)
+
+    def step(self) -> int:
+        """Run every job once. Returns how much work was done."""
+        done = 0
+        for name, job in self._jobs:
+            try:
+                done += _amount(job())
+            except Exception:
+                log.exception("worker job %s failed; continuing", name)
+        self.passes += 1
+        return done
+
+    def drain(self, max_passes: int = 10_000) -> int:
+        """Run passes until one finds nothing to do (due now). Returns the total amount of work."""
+        total = 0
+        for _ in range(max_passes):
+            n = self.step()
+            total += n
+            if n == 0:
+                break
+        return total
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Loop until ``stop`` is set, or SIGTERM/SIGINT when run in the main thread."""
+        stop = stop or threading.Event()
+        restore: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            def _on_signal(signum: int, _frame: Any) -> None:
+                log.info("signal %s: stopping after this pass", signum)
+                stop.set()
+                self._wake.set()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                restore[int(sig)] = signal.signal(sig, _on_signal)
+        try:
+            while not stop.is_set():
+                if self.step() == 0:
+                    self._wake.wait(self.poll_interval)
+                    self._wake.clear()
+        finally:
+            for signum, handler in restore.items():
+                signal.signal(signum, handler)
+            for part in (self.outbox, self.fanout):
+                close = getattr(part, "close", None)
+                if callable(close):
+                    close()
+            self.runner.close()

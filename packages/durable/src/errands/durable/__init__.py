@@ -1,0 +1,146 @@
+"""errands-durable: durable functions with steps, waits, callbacks, map and parallel — AWS Durable
+Execution in Python, on an errands store.
+
+Example:
+    >>> from errands.durable import DurableRunner
+    >>> runner = DurableRunner("memory://")
+    >>> @runner.durable_function("greet")
+    ... def greet(event, ctx):
+    ...     return ctx.step("hello", lambda _: f"hello {event['name']}")
+    >>> runner.run("greet", {"name": "alice"}).result
+    'hello alice'
+"""
+
+from __future__ import annotations
+
+from .__about__ import __version__
+from ._context import Callback, DurableContext, StepContext
+from ._errors import (
+    BatchItemError,
+    CallbackError,
+    CallbackTimeoutError,
+    CheckpointError,
+    ChildContextError,
+    DurableError,
+    DurableOperationError,
+    InvokeError,
+    NonDeterministicExecutionError,
+    SerdesError,
+    StepError,
+    StepInterruptedError,
+    SuspendExecution,
+    WaitForConditionError,
+)
+from ._lambda import (
+    CheckpointOutput,
+    DurableExecutionConfig,
+    InitialExecutionState,
+    InMemoryClient,
+    InvocationInput,
+    InvocationOutput,
+    StateOutput,
+    with_durable_execution,
+)
+from ._retries import (
+    JitterStrategy,
+    RetryDecision,
+    RetryPresets,
+    RetryStrategyConfig,
+    create_retry_strategy,
+)
+from ._runner import DurableRunner, durable_function
+from ._serdes import JsonSerdes, PassThroughSerdes, Serdes, SerdesContext
+from ._values import (
+    BatchItem,
+    BatchItemStatus,
+    BatchResult,
+    CallbackConfig,
+    ChildConfig,
+    CompletionConfig,
+    CompletionReason,
+    Duration,
+    ErrorObject,
+    ExecutionInfo,
+    ExecutionStatus,
+    InvocationStatus,
+    InvokeConfig,
+    MapConfig,
+    Operation,
+    OperationAction,
+    OperationStatus,
+    OperationSubType,
+    OperationType,
+    OperationUpdate,
+    ParallelConfig,
+    StepConfig,
+    StepSemantics,
+    WaitForCallbackConfig,
+    WaitForConditionConfig,
+    WaitForConditionDecision,
+)
+
+__all__ = [
+    "BatchItem",
+    "BatchItemError",
+    "BatchItemStatus",
+    "BatchResult",
+    "Callback",
+    "CallbackConfig",
+    "CallbackError",
+    "CallbackTimeoutError",
+    "CheckpointError",
+    "CheckpointOutput",
+    "ChildConfig",
+    "ChildContextError",
+    "CompletionConfig",
+    "CompletionReason",
+    "DurableContext",
+    "DurableError",
+    "DurableExecutionConfig",
+    "DurableOperationError",
+    "DurableRunner",
+    "Duration",
+    "ErrorObject",
+    "ExecutionInfo",
+    "ExecutionStatus",
+    "InMemoryClient",
+    "InitialExecutionState",
+    "InvocationInput",
+    "InvocationOutput",
+    "InvocationStatus",
+    "InvokeConfig",
+    "InvokeError",
+    "JitterStrategy",
+    "JsonSerdes",
+    "MapConfig",
+    "NonDeterministicExecutionError",
+    "Operation",
+    "OperationAction",
+    "OperationStatus",
+    "OperationSubType",
+    "OperationType",
+    "OperationUpdate",
+    "ParallelConfig",
+    "PassThroughSerdes",
+    "RetryDecision",
+    "RetryPresets",
+    "RetryStrategyConfig",
+    "Serdes",
+    "SerdesContext",
+    "SerdesError",
+    "StateOutput",
+    "StepConfig",
+    "StepContext",
+    "StepError",
+    "StepInterruptedError",
+    "StepSemantics",
+    "SuspendExecution",
+    "WaitForCallbackConfig",
+    "WaitForConditionConfig",
+    "WaitForConditionDecision",
+    "WaitForConditionError",
+    "__version__",
+    "create_retry_strategy",
+    "durable_function",
+    "with_durable_execution",
+]

@@ -1,0 +1,110 @@
+"""``errands executions list|history|terminate|rerun``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+from errands.core._console import print_json, print_table
+
+DEFAULT_STORE = "sqlite:///errands.db"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _runner(args: argparse.Namespace) -> Any:
+    from ._runner import DurableRunner
+
+    return DurableRunner(args.store)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _runner(args) as runner:
+        rows = runner.list(args.status, function=args.function, limit=args.limit)
+    if args.json:
+        print_json([r.to_dict() for r in rows])
+        return 0
+    print_table(["execution", "function", "status", "created", "ended", "invocations"],
+                [[r.execution_id, r.function, r.status.value, _when(r.created_at), _when(r.ended_at), r.invocations]
+                 for r in rows])
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    with _runner(args) as runner:
+        ops = runner.history(args.execution_id)
+    if args.json:
+        print_json([o.to_dict() for o in ops])
+        return 0
+    print_table(["operation", "parent", "type", "subtype", "name", "status", "attempt", "started"],
+                [[o.id, o.parent_id or "-", o.type.value, o.sub_type.value if o.sub_type else "-", o.name or "-",
+                  o.status.value, o.attempt or "-", _when(o.start_timestamp)] for o in ops])
+    return 0
+
+
+def _cmd_terminate(args: argparse.Namespace) -> int:
+    with _runner(args) as runner:
+        info = runner.terminate(args.execution_id, args.reason)
+    if args.json:
+        print_json(info.to_dict())
+    else:
+        print(f"{info.execution_id}: {info.status.value}")
+    return 0
+
+
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    with _runner(args) as runner:
+        new_id = runner.rerun_from(args.execution_id, args.operation, new_execution_id=args.new_id)
+    if args.json:
+        print_json({"execution_id": new_id, "source": args.execution_id, "from": args.operation})
+    else:
+        print(new_id)
+    return 0
+
+
+def register(group: Any) -> None:
+    """Add ``executions`` and its sub-commands to the ``errands`` parser."""
+    p = group.add_parser("executions", help="durable executions: list, history, terminate, rerun")
+    sub = p.add_subparsers(dest="executions_command", metavar="ACTION")
+    store = os.environ.get("ERRANDS_STORE", DEFAULT_STORE)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--store", default=store, help=f"store URL (default $ERRANDS_STORE or {DEFAULT_STORE})")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
+    q = sub.add_parser("list", help="list executions, newest first")
+    common(q)
+    q.add_argument("--status", action="append", default=None, help="only this status (repeatable)")
+    q.add_argument("--function", default=None, help="only this durable function")
+    q.add_argument("--limit", type=int, default=50)
+    q.set_defaults(func=_cmd_list)
+
+    q = sub.add_parser("history", help="the checkpointed operations of an execution")
+    common(q)
+    q.add_argument("execution_id")
+    q.set_defaults(func=_cmd_history)
+
+    q = sub.add_parser("terminate", help="stop an execution (and those it invoked)")
+    common(q)
+    q.add_argument("execution_id")
+    q.add_argument("--reason", default=None)
+    q.set_defaults(func=_cmd_terminate)
+
+    q = sub.add_parser("rerun", help="start a new execution from an operation of an old one")
+    common(q)
+    q.add_argument("execution_id")
+    q.add_argument("operation", help="operation id or name to run again from")
+    q.add_argument("--new-id", default=None, help="id of the new execution")
+    q.set_defaults(func=_cmd_rerun)
+
+    def _help(_args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=_help)

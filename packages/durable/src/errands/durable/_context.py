@@ -1,0 +1,710 @@
+"""``DurableContext``: the operations a durable function calls, replayed from checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Sequence, TypeVar
+
+from errands.core import ConfigError
+
+from ._errors import (
+    CallbackError,
+    CallbackTimeoutError,
+    ChildContextError,
+    DurableOperationError,
+    ExecutionFencedOut,
+    InvokeError,
+    NonDeterministicExecutionError,
+    StepError,
+    StepInterruptedError,
+    SuspendExecution,
+    WaitForConditionError,
+)
+from ._retries import RetryPresets, RetryStrategy
+from ._serdes import DEFAULT_SERDES, Serdes, SerdesContext
+from ._state import ExecutionState, earliest
+from ._values import (
+    BatchItem,
+    BatchItemStatus,
+    BatchResult,
+    CallbackConfig,
+    ChildConfig,
+    CompletionConfig,
+    CompletionReason,
+    Duration,
+    ErrorObject,
+    InvokeConfig,
+    MapConfig,
+    Operation,
+    OperationAction,
+    OperationStatus,
+    OperationSubType,
+    OperationType,
+    OperationUpdate,
+    ParallelConfig,
+    StepConfig,
+    StepSemantics,
+    WaitForCallbackConfig,
+    WaitForConditionConfig,
+    to_seconds,
+)
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+log = logging.getLogger("errands.durable")
+
+
+def operation_id(parent_id: str | None, counter: int) -> str:
+    """The id of the ``counter``-th operation (1-based) under ``parent_id``: stable across replays."""
+    return hashlib.blake2b(f"{parent_id or ''}-{counter}".encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a step function receives."""
+
+    execution_id: str
+    operation_id: str
+    name: str | None
+    attempt: int
+    logger: logging.Logger
+
+
+class Callback:
+    """A callback created by ``ctx.create_callback``: hand ``callback_id`` to the outside world, then
+    ``result()`` suspends until ``DurableRunner.complete_callback`` (or ``fail_callback``) arrives."""
+
+    def __init__(self, ctx: DurableContext, op_id: str, callback_id: str, serdes: Serdes) -> None:
+        self._ctx = ctx
+        self.operation_id = op_id
+        self.callback_id = callback_id
+        self._serdes = serdes
+
+    def result(self) -> Any:
+        """The callback's result; suspends while it has none.
+
+        Raises:
+            CallbackError: the callback was failed.
+            CallbackTimeoutError: no result or heartbeat came in time.
+        """
+        state = self._ctx._state
+        op = state.get(self.operation_id)
+        assert op is not None
+        if op.status is OperationStatus.SUCCEEDED:
+            return _decode(self._serdes, op.result, self.operation_id, state.execution_id)
+        if op.status is OperationStatus.FAILED or op.status is OperationStatus.TIMED_OUT:
+            raise _callback_error(op.error)
+        deadlines = [op.timeout_timestamp]
+        if op.heartbeat_timeout:
+            deadlines.append((op.heartbeat_timestamp or op.start_timestamp or 0.0) + op.heartbeat_timeout)
+        deadline = earliest(deadlines)
+        if deadline is not None and state.now() >= deadline:
+            error = ErrorObject(type="CallbackTimeoutError",
+                                message=f"callback {op.name or self.operation_id} timed out")
+            state.checkpoint(_update(op, OperationAction.FAIL, error=error), sync=True)
+            raise CallbackTimeoutError.from_error_object(error)
+        raise SuspendExecution(f"waiting for callback {op.name or self.operation_id}", until=deadline)
+
+
+def _callback_error(error: ErrorObject | None) -> CallbackError:
+    error = error or ErrorObject(type="CallbackError", message="callback failed")
+    if error.type == "CallbackTimeoutError":
+        return CallbackTimeoutError.from_error_object(error)  # type: ignore[no-any-return]
+    return CallbackError.from_error_object(error)  # type: ignore[no-any-return]
+
+
+def _decode(serdes: Serdes, text: str | None, op_id: str, execution_id: str) -> Any:
+    if text is None:
+        return None
+    return serdes.deserialize(text, SerdesContext(op_id, execution_id))
+
+
+def _update(op: Operation, action: OperationAction, **kw: Any) -> OperationUpdate:
+    return OperationUpdate(operation_id=op.id, operation_type=op.type, action=action, parent_id=op.parent_id,
+                           name=op.name, sub_type=op.sub_type, **kw)
+
+
+def _check_name(name: Any) -> str | None:
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"operation name must be a string or None, got {name!r}", field="name", value=name)
+    return name  # type: ignore[no-any-return]
+
+
+def _check_callable(fn: Any, what: str) -> None:
+    if not callable(fn):
+        raise ConfigError(f"{what} must be callable, got {fn!r}", field=what, value=repr(fn))
+
+
+def _name_and_callable(first: Any, second: Any, name: str | None, what: str) -> tuple[str | None, Any]:
+    """Accept both argument orders, ``(name, fn)`` (DESIGN) and ``(fn, name=...)`` (AWS); the callable is
+    checked."""
+    if isinstance(first, str):
+        name, fn = first, second
+    else:
+        fn = first
+    _check_callable(fn, what)
+    return name, fn
+
+
+class DurableContext:
+    """The handle a durable function uses for every side effect, wait and fan-out.
+
+    Each call is an operation with an id derived from its parent and its call order. On replay, a
+    finished operation returns its checkpointed result without running again; one whose type, subtype or
+    name differs from the checkpoint raises ``NonDeterministicExecutionError``.
+
+    Both the AWS argument order (``step(fn, name=...)``, ``wait(duration, name=...)``,
+    ``map(items, fn, name=...)``) and the name-first order (``step("name", fn)``, ``wait("name",
+    duration)``, ``map("name", items, fn)``) are accepted.
+    """
+
+    def __init__(self, state: ExecutionState, parent_id: str | None = None) -> None:
+        self._state = state
+        self._parent_id = parent_id
+        self._counter = 0
+        self._lock = threading.Lock()
+        self.logger = log
+
+    @property
+    def execution_id(self) -> str:
+        return self._state.execution_id
+
+    @property
+    def durable_execution_arn(self) -> str:
+        return self._state.execution_id
+
+    @property
+    def is_replaying(self) -> bool:
+        """True while the next operation has a checkpoint (the function is catching up)."""
+        with self._lock:
+            nxt = operation_id(self._parent_id, self._counter + 1)
+        return self._state.get(nxt) is not None
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _next(self, type_: OperationType, sub_type: OperationSubType | None, name: str | None
+              ) -> tuple[str, Operation | None]:
+        with self._lock:
+            self._counter += 1
+            op_id = operation_id(self._parent_id, self._counter)
+        state = self._state
+        if state.fatal is not None:
+            raise state.fatal
+        op = state.get(op_id)
+        if op is not None and (op.type, op.sub_type, op.name) != (type_, sub_type, name):
+            raise state.mark_fatal(NonDeterministicExecutionError(
+                f"operation #{self._counter} under {self._parent_id or 'the root'} was "
+                f"{op.type.value}/{op.sub_type.value if op.sub_type else '-'} {op.name!r} when checkpointed, "
+                f"now {type_.value}/{sub_type.value if sub_type else '-'} {name!r}: the function must call "
+                "the same operations in the same order on every replay",
+                step_id=op_id,
+            ))
+        return op_id, op
+
+    def _start(self, op_id: str, type_: OperationType, sub_type: OperationSubType | None, name: str | None,
+               *, sync: bool = False, **kw: Any) -> Operation:
+        return self._state.checkpoint(OperationUpdate(
+            operation_id=op_id, operation_type=type_, action=OperationAction.START, parent_id=self._parent_id,
+            name=name, sub_type=sub_type, **kw), sync=sync)
+
+    # -- step ------------------------------------------------------------------------------------
+    def step(self, name_or_fn: str | Callable[[StepContext], T], fn: Callable[[StepContext], T] | None = None,
+             config: StepConfig | None = None, *, name: str | None = None) -> T:
+        """Run ``fn(step_context)`` once and checkpoint its result; on replay return the checkpoint.
+
+        Args:
+            name_or_fn: the step's name (then ``fn``), or the function (AWS order).
+            fn: the function, when a name comes first.
+            config: retry strategy, semantics and serdes.
+            name: the step's name in the AWS order.
+
+        Raises:
+            StepError: the function failed and the retry strategy gave up.
+        """
+        name, func = _name_and_callable(name_or_fn, fn, name, "step function")
+        config = config or StepConfig()
+        op_id, op = self._next(OperationType.STEP, OperationSubType.STEP, _check_name(name))
+        return self._run_step(op_id, op, name, func, config)  # type: ignore[no-any-return]
+
+    def _run_step(self, op_id: str, op: Operation | None, name: str | None, func: Callable[[StepContext], Any],
+                  config: StepConfig) -> Any:
+        state = self._state
+        serdes = config.serdes or DEFAULT_SERDES
+        if op is not None:
+            if op.status is OperationStatus.SUCCEEDED:
+                return _decode(serdes, op.result, op_id, state.execution_id)
+            if op.status is OperationStatus.FAILED:
+                raise StepError.from_error_object(op.error or ErrorObject(message="step failed"))
+            if op.status is OperationStatus.PENDING and (op.next_attempt_timestamp or 0) > state.now():
+                raise SuspendExecution(f"step {name or op_id} retries later", until=op.next_attempt_timestamp)
+        strategy: RetryStrategy = config.retry_strategy or RetryPresets.default()
+        at_most_once = config.step_semantics is StepSemantics.AT_MOST_ONCE_PER_RETRY
+        attempt = op.attempt if op is not None and op.attempt else 1
+        started = op is not None and op.status is OperationStatus.STARTED
+        pending_error: Exception | None = None
+        if started and at_most_once:
+            pending_error = StepInterruptedError(
+                f"step {name or op_id} attempt {attempt} was interrupted before its outcome was checkpointed")
+        while True:
+            if pending_error is None:
+                if at_most_once:
+                    self._start(op_id, OperationType.STEP, OperationSubType.STEP, name, sync=True)
+                elif not started:
+                    self._start(op_id, OperationType.STEP, OperationSubType.STEP, name)
+                started = False
+                sctx = StepContext(execution_id=state.execution_id, operation_id=op_id, name=name, attempt=attempt,
+                                   logger=self.logger)
+                try:
+                    value = func(sctx)
+                except Exception as exc:
+                    pending_error = exc
+                else:
+                    text = serdes.serialize(value, SerdesContext(op_id, state.execution_id))
+                    cur = state.get(op_id)
+                    assert cur is not None
+                    state.checkpoint(_update(cur, OperationAction.SUCCEED, payload=text), sync=True)
+                    state.completed_new()
+                    return serdes.deserialize(text, SerdesContext(op_id, state.execution_id))
+            failure: Exception = pending_error
+            pending_error = None
+            error = ErrorObject.from_exception(failure)
+            decision = strategy(failure, attempt)
+            cur = state.get(op_id)
+            if cur is None:
+                cur = self._start(op_id, OperationType.STEP, OperationSubType.STEP, name)
+            if not decision.should_retry:
+                state.checkpoint(_update(cur, OperationAction.FAIL, error=error), sync=True)
+                raise StepError.from_error_object(error) from failure
+            delay = decision.delay_seconds
+            state.checkpoint(_update(cur, OperationAction.RETRY, error=error, next_attempt_delay_seconds=delay),
+                             sync=True)
+            attempt += 1
+            if delay > 0:
+                raise SuspendExecution(f"step {name or op_id} retries in {delay}s", until=state.now() + delay)
+
+    # -- wait ------------------------------------------------------------------------------------
+    def wait(self, name_or_duration: str | Duration | timedelta | float,
+             duration: Duration | timedelta | float | None = None, *, name: str | None = None) -> None:
+        """Suspend the execution for ``duration`` (a ``Duration``, ``timedelta`` or seconds).
+
+        The invocation ends here (``PENDING``) and a later one continues after the wait.
+        """
+        if isinstance(name_or_duration, str):
+            name = name_or_duration
+            if duration is None:
+                raise ConfigError(f"wait {name!r} needs a duration", field="duration", value=None)
+            seconds = to_seconds(duration)
+        else:
+            seconds = to_seconds(name_or_duration)
+        op_id, op = self._next(OperationType.WAIT, OperationSubType.WAIT, _check_name(name))
+        state = self._state
+        if op is None:
+            op = self._start(op_id, OperationType.WAIT, OperationSubType.WAIT, name, wait_seconds=seconds)
+        if op.done:
+            return
+        if state.now() >= (op.scheduled_timestamp or 0):
+            state.checkpoint(_update(op, OperationAction.SUCCEED), sync=False)
+            return
+        raise SuspendExecution(f"wait {name or op_id}", until=op.scheduled_timestamp)
+
+    # -- callbacks -------------------------------------------------------------------------------
+    def create_callback(self, name: str | None = None, config: CallbackConfig | None = None) -> Callback:
+        """A callback id to hand out; ``callback.result()`` suspends until it is completed.
+
+        The id is committed before this returns, so it is safe to send anywhere.
+        """
+        config = config or CallbackConfig()
+        op_id, op = self._next(OperationType.CALLBACK, OperationSubType.CALLBACK, _check_name(name))
+        if op is None:
+            op = self._start(
+                op_id, OperationType.CALLBACK, OperationSubType.CALLBACK, name, sync=True,
+                callback_id=self._state.backend.new_callback_id(op_id),
+                timeout_seconds=to_seconds(config.timeout_seconds, field="timeout_seconds") or None,
+                heartbeat_timeout_seconds=to_seconds(config.heartbeat_timeout_seconds,
+                                                     field="heartbeat_timeout_seconds") or None,
+            )
+        assert op.callback_id is not None
+        return Callback(self, op_id, op.callback_id, config.serdes or DEFAULT_SERDES)
+
+    def wait_for_callback(self, name_or_submitter: str | Callable[[str, Any], Any],
+                          submitter: Callable[[str, Any], Any] | None = None,
+                          config: WaitForCallbackConfig | None = None, *, name: str | None = None) -> Any:
+        """Create a callback, run ``submitter(callback_id, step_context)`` as a step, then wait for the result.
+
+        Raises:
+            CallbackError: the callback was failed, or the submitter failed.
+            CallbackTimeoutError: no result or heartbeat came in time.
+        """
+        name, sub = _name_and_callable(name_or_submitter, submitter, name, "submitter")
+        config = config or WaitForCallbackConfig()
+        serdes = config.serdes or DEFAULT_SERDES
+        strategy = config.retry_strategy or RetryPresets.none()
+
+        def body(child: DurableContext) -> Any:
+            cb = child.create_callback(config=CallbackConfig(
+                timeout_seconds=config.timeout_seconds, heartbeat_timeout_seconds=config.heartbeat_timeout_seconds,
+                serdes=serdes))
+            try:
+                child.step(lambda sctx: sub(cb.callback_id, sctx), name="submitter",
+                           config=StepConfig(retry_strategy=strategy))
+            except StepError as exc:
+                raise CallbackError(exc.error_message, error_type=exc.error_type, error_data=exc.error_data,
+                                    stack_trace=exc.stack_trace) from exc
+            return cb.result()
+
+        return self._child(_check_name(name), body, OperationSubType.WAIT_FOR_CALLBACK, serdes)
+
+    # -- child contexts --------------------------------------------------------------------------
+    def run_in_child_context(self, name_or_fn: str | Callable[[DurableContext], T],
+                             fn: Callable[[DurableContext], T] | None = None, config: ChildConfig | None = None,
+                             *, name: str | None = None) -> T:
+        """Run ``fn(child_ctx)`` as one operation with its own operations inside.
+
+        Raises:
+            ChildContextError: ``fn`` raised.
+        """
+        name, func = _name_and_callable(name_or_fn, fn, name, "child context function")
+        config = config or ChildConfig()
+        value: T = self._child(_check_name(name), func, config.sub_type or OperationSubType.RUN_IN_CHILD_CONTEXT,
+                               config.serdes or DEFAULT_SERDES)
+        return value
+
+    def _child(self, name: str | None, func: Callable[[DurableContext], Any], sub_type: OperationSubType,
+               serdes: Serdes) -> Any:
+        op_id, op = self._next(OperationType.CONTEXT, sub_type, name)
+        state = self._state
+        error_cls: type[DurableOperationError] = ChildContextError
+        if op is not None:
+            if op.status is OperationStatus.SUCCEEDED:
+                return _decode(serdes, op.result, op_id, state.execution_id)
+            if op.status is OperationStatus.FAILED:
+                if sub_type is OperationSubType.WAIT_FOR_CALLBACK:
+                    raise _callback_error(op.error)
+                raise error_cls.from_error_object(op.error or ErrorObject(message="child context failed"))
+        else:
+            op = self._start(op_id, OperationType.CONTEXT, sub_type, name)
+        child = DurableContext(state, parent_id=op_id)
+        try:
+            value = func(child)
+        except (NonDeterministicExecutionError, SuspendExecution, ExecutionFencedOut):
+            raise
+        except Exception as exc:
+            error = ErrorObject.from_exception(exc)
+            state.checkpoint(_update(op, OperationAction.FAIL, error=error), sync=True)
+            if sub_type is OperationSubType.WAIT_FOR_CALLBACK:
+                raise _callback_error(error) from exc
+            raise error_cls.from_error_object(error) from exc
+        text = serdes.serialize(value, SerdesContext(op_id, state.execution_id))
+        state.checkpoint(_update(op, OperationAction.SUCCEED, payload=text), sync=False)
+        return serdes.deserialize(text, SerdesContext(op_id, state.execution_id))
+
+    # -- invoke ----------------------------------------------------------------------------------
+    def invoke(self, function_name: str, payload: Any = None, name: str | None = None,
+               config: InvokeConfig | None = None) -> Any:
+        """Start the durable function ``function_name`` as a child execution and wait for its result.
+
+        Raises:
+            InvokeError: the child execution failed.
+        """
+        if not isinstance(function_name, str) or not function_name:
+            raise ConfigError(f"invoke needs a function name, got {function_name!r}", field="function_name",
+                              value=function_name)
+        config = config or InvokeConfig()
+        op_id, op = self._next(OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, _check_name(name))
+        state = self._state
+        if op is None:
+            state.backend.check_invoke(function_name)
+            text = (config.serdes_payload or DEFAULT_SERDES).serialize(payload, SerdesContext(op_id, state.execution_id))
+            op = self._start(op_id, OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
+                             function_name=function_name, payload=text,
+                             child_execution_id=f"{state.execution_id}/{op_id}")
+        if op.status is OperationStatus.SUCCEEDED:
+            return _decode(config.serdes_result or DEFAULT_SERDES, op.result, op_id, state.execution_id)
+        if op.done:
+            raise InvokeError.from_error_object(op.error or ErrorObject(message="invoked function failed"))
+        raise SuspendExecution(f"waiting for {function_name}", until=None)
+
+    # -- wait for condition ----------------------------------------------------------------------
+    def wait_for_condition(self, check: Callable[[Any, StepContext], Any] | str,
+                           config: WaitForConditionConfig[Any] | Callable[[Any, StepContext], Any] | None = None,
+                           name: str | WaitForConditionConfig[Any] | None = None) -> Any:
+        """Poll ``check(state, step_context) -> new_state`` until ``config.wait_strategy(state, attempt)``
+        says stop, suspending between checks. Returns the final state.
+
+        Raises:
+            WaitForConditionError: ``check`` raised.
+        """
+        if isinstance(check, str):  # name-first order: (name, check, config)
+            check, config, name = config, name, check  # type: ignore[assignment]
+        _check_callable(check, "check")
+        if isinstance(name, WaitForConditionConfig):
+            raise ConfigError("wait_for_condition takes (check, config, name) or (name, check, config)",
+                              field="name", value=repr(name))
+        if not isinstance(config, WaitForConditionConfig):
+            raise ConfigError("wait_for_condition needs config=WaitForConditionConfig(wait_strategy=..., "
+                              f"initial_state=...), got {config!r}", field="config", value=repr(config))
+        assert callable(check)
+        op_id, op = self._next(OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION,
+                               _check_name(name))
+        state = self._state
+        serdes = config.serdes or DEFAULT_SERDES
+        sc = SerdesContext(op_id, state.execution_id)
+        if op is not None:
+            if op.status is OperationStatus.SUCCEEDED:
+                return _decode(serdes, op.result, op_id, state.execution_id)
+            if op.status is OperationStatus.FAILED:
+                raise WaitForConditionError.from_error_object(op.error or ErrorObject(message="check failed"))
+            if op.status is OperationStatus.PENDING and (op.next_attempt_timestamp or 0) > state.now():
+                raise SuspendExecution(f"condition {name or op_id}", until=op.next_attempt_timestamp)
+        current = (serdes.deserialize(op.result, sc) if op is not None and op.result is not None
+                   else config.initial_state)
+        attempt = op.attempt if op is not None and op.attempt else 1
+        if op is None or op.status is not OperationStatus.STARTED:
+            op = self._start(op_id, OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION, name)
+        try:
+            new_state = check(current, StepContext(execution_id=state.execution_id, operation_id=op_id,
+                                                   name=name, attempt=attempt, logger=self.logger))
+        except Exception as exc:
+            error = ErrorObject.from_exception(exc)
+            state.checkpoint(_update(op, OperationAction.FAIL, error=error), sync=True)
+            raise WaitForConditionError.from_error_object(error) from exc
+        text = serdes.serialize(new_state, sc)
+        new_state = serdes.deserialize(text, sc)
+        decision = config.wait_strategy(new_state, attempt)
+        if not decision.should_continue:
+            state.checkpoint(_update(op, OperationAction.SUCCEED, payload=text), sync=True)
+            state.completed_new()
+            return new_state
+        delay = max(float(decision.delay_seconds), 0.0)
+        state.checkpoint(_update(op, OperationAction.RETRY, payload=text, next_attempt_delay_seconds=delay),
+                         sync=True)
+        raise SuspendExecution(f"condition {name or op_id}", until=state.now() + delay)
+
+    # -- map / parallel --------------------------------------------------------------------------
+    def map(self, name_or_items: Any, items_or_fn: Any = None, fn: Any = None,
+            config: MapConfig | None = None, *, name: str | None = None) -> BatchResult[Any]:
+        """Run ``fn(child_ctx, item, index, items)`` for every item, at most ``max_concurrency`` at once.
+
+        Each item runs in its own child context; the ``BatchResult`` is checkpointed once complete.
+        """
+        if isinstance(name_or_items, str) and fn is not None:
+            name, items, func = name_or_items, items_or_fn, fn
+        else:
+            items, func = name_or_items, items_or_fn
+            if isinstance(fn, MapConfig):
+                config = fn
+        _check_callable(func, "map function")
+        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+            try:
+                items = list(items)
+            except TypeError:
+                raise ConfigError(f"map items must be a sequence, got {type(items).__name__}", field="items",
+                                  value=type(items).__name__) from None
+        config = config or MapConfig()
+        seq = list(items)
+
+        def branch(i: int) -> Callable[[DurableContext], Any]:
+            return lambda c: func(c, seq[i], i, seq)
+
+        return self._concurrently(
+            _check_name(name), [branch(i) for i in range(len(seq))], config.max_concurrency,
+            config.completion_config, config.serdes or DEFAULT_SERDES, OperationSubType.MAP,
+            OperationSubType.MAP_ITERATION,
+        )
+
+    def parallel(self, name_or_functions: Any, functions: Any = None, config: ParallelConfig | None = None,
+                 *, name: str | None = None) -> BatchResult[Any]:
+        """Run each ``fn(child_ctx)`` of ``functions`` as a branch, at most ``max_concurrency`` at once."""
+        if isinstance(name_or_functions, str):
+            name, fns = name_or_functions, functions
+        else:
+            fns = name_or_functions
+            if isinstance(functions, ParallelConfig):
+                config = functions
+        config = config or ParallelConfig()
+        fns = list(fns or [])
+        for f in fns:
+            _check_callable(f, "parallel branch")
+        return self._concurrently(_check_name(name), fns, config.max_concurrency, config.completion_config,
+                                  config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
+                                  OperationSubType.PARALLEL_BRANCH)
+
+    def execute_concurrently(self, functions: Sequence[Callable[[DurableContext], Any]], name: str | None = None,
+                             config: ParallelConfig | None = None) -> BatchResult[Any]:
+        """The engine under ``map`` and ``parallel``: run branches with bounded concurrency until the
+        completion config is met."""
+        config = config or ParallelConfig()
+        fns = list(functions)
+        for f in fns:
+            _check_callable(f, "branch")
+        return self._concurrently(_check_name(name), fns, config.max_concurrency, config.completion_config,
+                                  config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
+                                  OperationSubType.PARALLEL_BRANCH)
+
+    def _concurrently(self, name: str | None, fns: list[Callable[[DurableContext], Any]], max_concurrency: int | None,
+                      completion: CompletionConfig, serdes: Serdes, outer: OperationSubType,
+                      inner: OperationSubType) -> BatchResult[Any]:
+        if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
+            raise ConfigError(f"max_concurrency must be a positive integer or None, got {max_concurrency!r}",
+                              field="max_concurrency", value=max_concurrency)
+        op_id, op = self._next(OperationType.CONTEXT, outer, name)
+        state = self._state
+        if op is not None and op.status is OperationStatus.SUCCEEDED:
+            return _decode_batch(op.result, serdes, op_id, state.execution_id)
+        if op is None:
+            op = self._start(op_id, OperationType.CONTEXT, outer, name)
+        total = len(fns)
+        branch_ids = [operation_id(op_id, i + 1) for i in range(total)]
+        outcomes: dict[int, tuple[str, Any]] = {}
+
+        def run_branch(i: int) -> tuple[str, Any]:
+            bid = branch_ids[i]
+            bop = state.get(bid)
+            if bop is not None and (bop.type, bop.sub_type) != (OperationType.CONTEXT, inner):
+                raise state.mark_fatal(NonDeterministicExecutionError(
+                    f"branch {i} of {name or op_id} was {bop.type.value}/{bop.sub_type}", step_id=bid))
+            if bop is None:
+                bop = state.checkpoint(OperationUpdate(
+                    operation_id=bid, operation_type=OperationType.CONTEXT, action=OperationAction.START,
+                    parent_id=op_id, sub_type=inner), sync=False)
+            try:
+                value = fns[i](DurableContext(state, parent_id=bid))
+            except SuspendExecution as s:
+                return ("suspend", s.until)
+            except (NonDeterministicExecutionError, ExecutionFencedOut):
+                raise
+            except Exception as exc:
+                error = ErrorObject.from_exception(exc)
+                state.checkpoint(_update(bop, OperationAction.FAIL, error=error), sync=True)
+                return ("err", error)
+            text = serdes.serialize(value, SerdesContext(bid, state.execution_id))
+            state.checkpoint(_update(bop, OperationAction.SUCCEED, payload=text), sync=False)
+            return ("ok", text)
+
+        queue: list[int] = []
+        for i, bid in enumerate(branch_ids):
+            bop = state.get(bid)
+            if bop is not None and bop.status is OperationStatus.SUCCEEDED:
+                outcomes[i] = ("ok", bop.result)
+            elif bop is not None and bop.status is OperationStatus.FAILED:
+                outcomes[i] = ("err", bop.error)
+            else:
+                queue.append(i)
+        stop = _should_stop(outcomes, total, completion)
+        fatal: BaseException | None = None
+        if queue and not stop:
+            workers = min(max_concurrency or len(queue), len(queue))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="errands-durable") as pool:
+                running: dict[Future[tuple[str, Any]], int] = {}
+                while queue or running:
+                    while queue and len(running) < workers and not stop and fatal is None:
+                        i = queue.pop(0)
+                        running[pool.submit(run_branch, i)] = i
+                    if not running:
+                        break
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        i = running.pop(f)
+                        try:
+                            outcomes[i] = f.result()
+                        except BaseException as exc:  # re-raised once every running branch has stopped
+                            fatal = fatal or exc
+                    stop = stop or _should_stop(outcomes, total, completion)
+        if fatal is not None:
+            raise fatal
+        finished = {i: o for i, o in outcomes.items() if o[0] != "suspend"}
+        if len(finished) < total and not _should_stop(finished, total, completion):
+            until = earliest([o[1] for o in outcomes.values() if o[0] == "suspend"])
+            raise SuspendExecution(f"{outer.value} {name or op_id} waits for its branches", until=until)
+        items: list[dict[str, Any]] = []
+        for i in range(total):
+            kind, value = finished.get(i, ("started", None))
+            if kind == "ok":
+                items.append({"index": i, "status": "SUCCEEDED", "result": value, "error": None})
+            elif kind == "err":
+                items.append({"index": i, "status": "FAILED", "result": None,
+                              "error": value.to_dict() if value else None})
+            else:
+                items.append({"index": i, "status": "STARTED", "result": None, "error": None})
+        text = json.dumps({"all": items, "completionReason": _reason(finished, total, completion).value},
+                          separators=(",", ":"))
+        state.checkpoint(_update(op, OperationAction.SUCCEED, payload=text), sync=False)
+        return _decode_batch(text, serdes, op_id, state.execution_id)
+
+
+def _counts(outcomes: dict[int, tuple[str, Any]]) -> tuple[int, int]:
+    ok = sum(1 for k, _ in outcomes.values() if k == "ok")
+    err = sum(1 for k, _ in outcomes.values() if k == "err")
+    return ok, err
+
+
+def _should_stop(outcomes: dict[int, tuple[str, Any]], total: int, cc: CompletionConfig) -> bool:
+    ok, err = _counts(outcomes)
+    if ok + err >= total:
+        return True
+    if cc.min_successful is not None and ok >= cc.min_successful:
+        return True
+    if cc.tolerated_failure_count is None and cc.tolerated_failure_percentage is None:
+        return err > 0
+    if cc.tolerated_failure_count is not None and err > cc.tolerated_failure_count:
+        return True
+    return bool(cc.tolerated_failure_percentage is not None and total
+                and err * 100.0 / total > cc.tolerated_failure_percentage)
+
+
+def _reason(outcomes: dict[int, tuple[str, Any]], total: int, cc: CompletionConfig) -> CompletionReason:
+    ok, err = _counts(outcomes)
+    if ok + err >= total:
+        return CompletionReason.ALL_COMPLETED
+    if cc.min_successful is not None and ok >= cc.min_successful:
+        return CompletionReason.MIN_SUCCESSFUL_REACHED
+    return CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+
+
+def _decode_batch(text: str | None, serdes: Serdes, op_id: str, execution_id: str) -> BatchResult[Any]:
+    data = json.loads(text or '{"all":[],"completionReason":"ALL_COMPLETED"}')
+    items: list[BatchItem[Any]] = []
+    for raw in data["all"]:
+        status = BatchItemStatus(raw["status"])
+        bid = operation_id(op_id, int(raw["index"]) + 1)
+        result = _decode(serdes, raw.get("result"), bid, execution_id) if status is BatchItemStatus.SUCCEEDED else None
+        error = ErrorObject.from_dict(raw["error"]) if raw.get("error") else None
+        items.append(BatchItem(index=int(raw["index"]), status=status, result=result, error=error))
+    return BatchResult(all=items, completion_reason=CompletionReason(data["completionReason"]))
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationOutcome:
+    """How one invocation of a durable function ended."""
+
+    status: str
+    result: str | None = None
+    error: ErrorObject | None = None
+    until: float | None = None
+
+
+def run_handler(fn: Callable[[Any, DurableContext], Any], event: Any, state: ExecutionState) -> InvocationOutcome:
+    """Run ``fn(event, ctx)`` over ``state``: SUCCEEDED with the JSON result, FAILED with the error, or
+    PENDING until a time (None: until a callback or child arrives). ``ExecutionFencedOut`` propagates."""
+    ctx = DurableContext(state)
+    try:
+        value = fn(event, ctx)
+    except SuspendExecution as s:
+        if state.fatal is not None:
+            return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal))
+        return InvocationOutcome("PENDING", until=s.until)
+    except Exception as exc:
+        return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal or exc))
+    if state.fatal is not None:
+        return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal))
+    try:
+        text = DEFAULT_SERDES.serialize(value, SerdesContext("", state.execution_id))
+    except Exception as exc:
+        return InvocationOutcome("FAILED", error=ErrorObject.from_exception(exc))
+    return InvocationOutcome("SUCCEEDED", result=text)

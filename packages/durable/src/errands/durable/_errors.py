@@ -1,0 +1,131 @@
+"""Errors of the durable engine.
+
+The tree::
+
+    ErrandsError (errands.core)
+    └── DurableError
+        ├── DurableOperationError         an operation failed; carries the AWS ErrorObject fields
+        │   ├── StepError                 a step failed after its retries
+        │   ├── CallbackError             a callback was failed by the caller
+        │   │   └── CallbackTimeoutError  ... or timed out (result or heartbeat)
+        │   ├── InvokeError               an invoked durable function failed
+        │   ├── ChildContextError         a child context raised
+        │   ├── WaitForConditionError     a condition check raised
+        │   └── BatchItemError            ``BatchResult.throw_if_error``
+        ├── NonDeterministicExecutionError  replay met a different operation than the checkpoint
+        ├── SerdesError                   a value could not be serialised or deserialised
+        ├── CheckpointError               the checkpoint service refused an update (stale token)
+        └── StepInterruptedError          an at-most-once step was cut off mid-attempt
+
+    BaseException
+    └── SuspendExecution                  control signal: the invocation stops here, PENDING
+
+Errors an operation raises are built from the checkpointed ``ErrorObject`` on the first run and on
+replay alike, so ``except StepError`` sees the same type, message and data both times.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from errands.core import ErrandsError
+
+from ._values import ErrorObject
+
+
+class DurableError(ErrandsError):
+    """Root of the durable engine's errors."""
+
+
+class DurableOperationError(DurableError):
+    """A durable operation failed. Carries the ``ErrorObject`` fields.
+
+    Attributes:
+        error_type: the original exception's type name.
+        error_message: its message.
+        error_data: extra data (text), if any.
+        stack_trace: the original stack trace lines, if kept.
+    """
+
+    def __init__(self, message: str | None = None, *, error_type: str | None = None,
+                 error_data: str | None = None, stack_trace: list[str] | None = None) -> None:
+        super().__init__(message or "")
+        self.error_message = message
+        self.error_type = error_type or type(self).__name__
+        self.error_data = error_data
+        self.stack_trace = stack_trace
+
+    @classmethod
+    def from_error_object(cls, error: ErrorObject) -> Any:
+        return cls(error.message, error_type=error.type, error_data=error.data, stack_trace=error.stack_trace)
+
+    def to_error_object(self) -> ErrorObject:
+        return ErrorObject(type=self.error_type, message=self.error_message, data=self.error_data,
+                           stack_trace=self.stack_trace)
+
+
+class StepError(DurableOperationError):
+    """A step failed and its retry strategy gave up."""
+
+
+class CallbackError(DurableOperationError):
+    """A callback was failed through ``fail_callback``."""
+
+
+class CallbackTimeoutError(CallbackError):
+    """A callback got no result, or no heartbeat, within its timeout."""
+
+
+class InvokeError(DurableOperationError):
+    """A durable function started with ``ctx.invoke`` failed."""
+
+
+class ChildContextError(DurableOperationError):
+    """The function of ``run_in_child_context`` raised."""
+
+
+class WaitForConditionError(DurableOperationError):
+    """The check of ``wait_for_condition`` raised."""
+
+
+class BatchItemError(DurableOperationError):
+    """A failed item of a ``BatchResult``, raised by ``throw_if_error``."""
+
+
+class NonDeterministicExecutionError(DurableError):
+    """Replay met an operation whose type, subtype or name differs from the checkpoint.
+
+    The invocation fails even if user code catches this error.
+    """
+
+    def __init__(self, message: str, *, step_id: str | None = None) -> None:
+        super().__init__(message)
+        self.step_id = step_id
+
+
+class SerdesError(DurableError):
+    """A value could not pass through its serdes."""
+
+
+class CheckpointError(DurableError):
+    """The checkpoint service refused the invocation's updates (for example a stale ``CheckpointToken``)."""
+
+
+class StepInterruptedError(DurableError):
+    """An ``AT_MOST_ONCE_PER_RETRY`` attempt was cut off before its outcome was checkpointed."""
+
+
+class SuspendExecution(BaseException):
+    """Control signal: the invocation stops and the execution is ``PENDING`` until ``until``
+    (epoch seconds) or a callback or child arrives.
+
+    It derives from ``BaseException`` so that ``except Exception`` in user code does not swallow it.
+    """
+
+    def __init__(self, message: str = "suspended", until: float | None = None) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class ExecutionFencedOut(BaseException):
+    """Control signal: another invocation (or an operator) took this execution over; stop now."""

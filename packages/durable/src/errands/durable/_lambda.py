@@ -1,0 +1,393 @@
+"""The AWS Lambda face: ``with_durable_execution`` speaks the AWS durable invocation JSON shapes, and
+``InMemoryClient`` plays the checkpoint service for tests and local runs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from errands.core import Clock, ConfigError, NotFoundError, SystemClock
+
+from ._context import DurableContext, run_handler
+from ._errors import CheckpointError, ExecutionFencedOut
+from ._state import ExecutionState
+from ._values import (
+    ErrorObject,
+    InvocationStatus,
+    Operation,
+    OperationAction,
+    OperationStatus,
+    OperationType,
+    OperationUpdate,
+    apply_update,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InitialExecutionState:
+    """``InitialExecutionState``: the operations checkpointed so far (first page) and ``NextMarker``."""
+
+    operations: list[Operation] = field(default_factory=list)
+    next_marker: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InitialExecutionState:
+        return cls(operations=[Operation.from_dict(o) for o in data.get("Operations") or []],
+                   next_marker=data.get("NextMarker") or "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"Operations": [o.to_dict() for o in self.operations], "NextMarker": self.next_marker}
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationInput:
+    """The durable invocation input: ``DurableExecutionArn``, ``CheckpointToken``, ``InitialExecutionState``."""
+
+    durable_execution_arn: str
+    checkpoint_token: str
+    initial_execution_state: InitialExecutionState = field(default_factory=InitialExecutionState)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InvocationInput:
+        """Read the AWS JSON shape.
+
+        Raises:
+            ConfigError: a required key is missing (the function is not configured as durable).
+        """
+        missing = [k for k in ("DurableExecutionArn", "CheckpointToken") if not isinstance(data.get(k), str)]
+        if missing:
+            raise ConfigError(
+                f"durable invocation input lacks {', '.join(missing)}: the function must be invoked as a durable "
+                "execution (with DurableExecutionArn, CheckpointToken and InitialExecutionState)",
+                field=missing[0], value=None)
+        return cls(durable_execution_arn=data["DurableExecutionArn"], checkpoint_token=data["CheckpointToken"],
+                   initial_execution_state=InitialExecutionState.from_dict(data.get("InitialExecutionState") or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"DurableExecutionArn": self.durable_execution_arn, "CheckpointToken": self.checkpoint_token,
+                "InitialExecutionState": self.initial_execution_state.to_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationOutput:
+    """The durable invocation output: ``Status``, ``Result`` (JSON text), ``Error``."""
+
+    status: InvocationStatus
+    result: str | None = None
+    error: ErrorObject | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"Status": self.status.value}
+        if self.result is not None:
+            out["Result"] = self.result
+        if self.error is not None:
+            out["Error"] = self.error.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InvocationOutput:
+        return cls(status=InvocationStatus(data["Status"]), result=data.get("Result"),
+                   error=ErrorObject.from_dict(data["Error"]) if data.get("Error") else None)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointOutput:
+    """What the checkpoint service answers: the next ``CheckpointToken`` and the operations it changed."""
+
+    checkpoint_token: str
+    operations: list[Operation] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StateOutput:
+    """One page of ``GetDurableExecutionState``."""
+
+    operations: list[Operation]
+    next_marker: str = ""
+
+
+@dataclass
+class _ClientExecution:
+    arn: str
+    operations: dict[str, Operation]
+    token: str
+    seq: int = 0
+    function: str | None = None
+    parent: tuple[str, str] | None = None
+    output: InvocationOutput | None = None
+
+
+class InMemoryClient:
+    """The durable checkpoint service in memory: tokens, operations, callbacks and chained invokes.
+
+    Args:
+        clock: the time source (wait and timeout deadlines).
+
+    Example:
+        >>> client = InMemoryClient()
+        >>> wrapped = with_durable_execution(lambda e, ctx: "hi", DurableExecutionConfig(client=client))
+        >>> wrapped(client.start_execution({"name": "alice"}).to_dict()).to_dict()
+        {'Status': 'SUCCEEDED', 'Result': '"hi"'}
+    """
+
+    page_size = 100
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self._executions: dict[str, _ClientExecution] = {}
+        self._callbacks: dict[str, tuple[str, str]] = {}
+        self._functions: dict[str, Callable[[Any], InvocationOutput]] = {}
+        self._lock = threading.RLock()
+        self.checkpoint_calls = 0
+
+    # -- the service API -------------------------------------------------------------------------
+    def checkpoint(self, durable_execution_arn: str, checkpoint_token: str, updates: Sequence[OperationUpdate],
+                   client_token: str | None = None) -> CheckpointOutput:
+        """Apply ``updates`` in order, atomically.
+
+        Raises:
+            CheckpointError: the token is not the execution's current one.
+        """
+        invokes: list[OperationUpdate] = []
+        with self._lock:
+            ex = self._execution(durable_execution_arn)
+            if checkpoint_token != ex.token:
+                raise CheckpointError(f"stale CheckpointToken for {durable_execution_arn}")
+            self.checkpoint_calls += 1
+            now = self.clock.now()
+            touched: dict[str, None] = {}
+            for u in updates:
+                existing = ex.operations.get(u.operation_id)
+                if existing is None:
+                    ex.seq += 1
+                op = apply_update(existing, u, now, ex.seq)
+                ex.operations[op.id] = op
+                touched[op.id] = None
+                if op.callback_id and u.action is OperationAction.START:
+                    self._callbacks[op.callback_id] = (ex.arn, op.id)
+                if u.operation_type is OperationType.INVOKE and u.action is OperationAction.START:
+                    invokes.append(u)
+            ex.token = uuid.uuid4().hex
+            out = CheckpointOutput(ex.token, [ex.operations[i] for i in touched])
+        for u in invokes:
+            self._start_child(durable_execution_arn, u)
+        return out
+
+    def get_execution_state(self, durable_execution_arn: str, checkpoint_token: str, next_marker: str = "",
+                            max_items: int = 1000) -> StateOutput:
+        """A page of the execution's operations after ``next_marker``."""
+        with self._lock:
+            ex = self._execution(durable_execution_arn)
+            ops = sorted(ex.operations.values(), key=lambda o: o.seq)
+            start = int(next_marker or 0)
+            page = ops[start:start + max_items]
+            more = start + max_items < len(ops)
+            return StateOutput(page, str(start + max_items) if more else "")
+
+    # -- driving executions ----------------------------------------------------------------------
+    def start_execution(self, input: Any = None, *, arn: str | None = None, function: str | None = None
+                        ) -> InvocationInput:
+        """Create an execution with ``input`` (JSON) and return its first invocation input."""
+        arn = arn or f"arn:errands:durable:local:execution/{uuid.uuid4().hex}"
+        with self._lock:
+            if arn in self._executions:
+                raise ConfigError(f"execution {arn!r} exists already", field="arn", value=arn)
+            op = Operation(id=f"{arn}#execution", type=OperationType.EXECUTION, status=OperationStatus.STARTED,
+                           start_timestamp=self.clock.now(), input_payload=json.dumps(input), seq=0)
+            self._executions[arn] = _ClientExecution(arn, {op.id: op}, uuid.uuid4().hex, function=function)
+        return self.invocation_input(arn)
+
+    def invocation_input(self, arn: str) -> InvocationInput:
+        """The input of the next invocation of ``arn``: a fresh token and the first page of operations."""
+        with self._lock:
+            ex = self._execution(arn)
+            ex.token = uuid.uuid4().hex
+            ops = sorted(ex.operations.values(), key=lambda o: o.seq)
+            first, rest = ops[:self.page_size], ops[self.page_size:]
+            return InvocationInput(arn, ex.token, InitialExecutionState(first, str(self.page_size) if rest else ""))
+
+    def record_output(self, arn: str, output: InvocationOutput) -> None:
+        """Remember an invocation's output; a finished child completes its parent's invoke operation."""
+        with self._lock:
+            ex = self._execution(arn)
+            ex.output = output
+            parent = ex.parent
+            if parent is None or output.status is InvocationStatus.PENDING:
+                return
+            pex = self._execution(parent[0])
+            op = pex.operations[parent[1]]
+            if op.done:
+                return
+            action = OperationAction.SUCCEED if output.status is InvocationStatus.SUCCEEDED else OperationAction.FAIL
+            pex.operations[op.id] = apply_update(op, OperationUpdate(
+                operation_id=op.id, operation_type=op.type, action=action, payload=output.result,
+                error=output.error), self.clock.now())
+
+    def output(self, arn: str) -> InvocationOutput | None:
+        """The last recorded output of ``arn``."""
+        with self._lock:
+            return self._execution(arn).output
+
+    def operations(self, arn: str) -> list[Operation]:
+        with self._lock:
+            return sorted(self._execution(arn).operations.values(), key=lambda o: o.seq)
+
+    def register_function(self, name: str, handler: Callable[[Any], InvocationOutput]) -> None:
+        """Make ``handler`` (a ``with_durable_execution`` result) invocable with ``ctx.invoke(name, ...)``."""
+        self._functions[name] = handler
+
+    def check_invoke(self, function_name: str) -> None:
+        if function_name not in self._functions:
+            raise ConfigError(f"no function {function_name!r} registered with this client; "
+                              "call client.register_function(name, handler)", field="function_name",
+                              value=function_name)
+
+    def invoke(self, arn: str) -> InvocationOutput:
+        """Invoke the registered function of ``arn`` once more (after a wait or callback)."""
+        ex = self._execution(arn)
+        if ex.function is None:
+            raise ConfigError(f"execution {arn!r} has no registered function", field="arn", value=arn)
+        out = self._functions[ex.function](self.invocation_input(arn))
+        self.record_output(arn, out)
+        return out
+
+    def _start_child(self, parent_arn: str, u: OperationUpdate) -> None:
+        assert u.function_name is not None and u.child_execution_id is not None
+        child = u.child_execution_id
+        self.start_execution(json.loads(u.payload) if u.payload is not None else None, arn=child,
+                             function=u.function_name)
+        with self._lock:
+            self._executions[child].parent = (parent_arn, u.operation_id)
+        self.invoke(child)
+
+    # -- callbacks -------------------------------------------------------------------------------
+    def _settle(self, callback_id: str, action: OperationAction, payload: str | None,
+                error: ErrorObject | None) -> bool:
+        with self._lock:
+            where = self._callbacks.get(callback_id)
+            if where is None:
+                raise NotFoundError(f"no callback {callback_id!r}")
+            ex = self._execution(where[0])
+            op = ex.operations[where[1]]
+            if op.done:
+                return False
+            ex.operations[op.id] = apply_update(op, OperationUpdate(
+                operation_id=op.id, operation_type=op.type, action=action, payload=payload, error=error),
+                self.clock.now())
+            return True
+
+    def complete_callback(self, callback_id: str, result: Any = None) -> bool:
+        """``SendDurableExecutionCallbackSuccess`` with a JSON result."""
+        return self._settle(callback_id, OperationAction.SUCCEED, json.dumps(result), None)
+
+    def fail_callback(self, callback_id: str, error: ErrorObject) -> bool:
+        """``SendDurableExecutionCallbackFailure``."""
+        return self._settle(callback_id, OperationAction.FAIL, None, error)
+
+    def heartbeat_callback(self, callback_id: str) -> None:
+        """``SendDurableExecutionCallbackHeartbeat``."""
+        from dataclasses import replace
+
+        with self._lock:
+            where = self._callbacks.get(callback_id)
+            if where is None:
+                raise NotFoundError(f"no callback {callback_id!r}")
+            ex = self._execution(where[0])
+            ex.operations[where[1]] = replace(ex.operations[where[1]], heartbeat_timestamp=self.clock.now())
+
+    def _execution(self, arn: str) -> _ClientExecution:
+        ex = self._executions.get(arn)
+        if ex is None:
+            raise NotFoundError(f"no durable execution {arn!r}")
+        return ex
+
+
+class _ClientBackend:
+    def __init__(self, client: Any, arn: str, token: str, clock: Clock) -> None:
+        self.client = client
+        self.execution_id = arn
+        self.token = token
+        self.clock = clock
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> None:
+        try:
+            out = self.client.checkpoint(self.execution_id, self.token, list(updates), None)
+        except CheckpointError as exc:
+            raise ExecutionFencedOut(str(exc)) from exc
+        self.token = out.checkpoint_token
+
+    def new_callback_id(self, operation_id: str) -> str:
+        return uuid.uuid4().hex
+
+    def check_invoke(self, function_name: str) -> None:
+        check = getattr(self.client, "check_invoke", None)
+        if check is None:
+            raise ConfigError("this client cannot invoke durable functions", field="client")
+        check(function_name)
+
+
+@dataclass(frozen=True, slots=True)
+class DurableExecutionConfig:
+    """Options of ``with_durable_execution``.
+
+    Args:
+        client: the checkpoint service (``InMemoryClient`` locally).
+        clock: the time source (default: the client's clock, else the wall clock).
+        always_replay: end the invocation after each newly completed operation (a determinism check).
+    """
+
+    client: Any
+    clock: Clock | None = None
+    always_replay: bool = False
+
+
+def with_durable_execution(handler: Callable[[Any, DurableContext], Any], config: DurableExecutionConfig
+                           ) -> Callable[..., InvocationOutput]:
+    """Wrap ``handler(event, ctx)`` as a durable Lambda handler.
+
+    The wrapper takes the invocation input (a dict with the AWS keys, or ``InvocationInput``) and an
+    optional Lambda context, replays the checkpointed operations, runs the handler, flushes its
+    checkpoints and returns an ``InvocationOutput`` (``Status`` SUCCEEDED / FAILED / PENDING).
+
+    Raises:
+        ConfigError: the input is not a durable invocation.
+        CheckpointError: the service refused the checkpoints (stale token): let Lambda retry.
+    """
+    if not callable(handler):
+        raise ConfigError(f"handler must be callable, got {handler!r}", field="handler", value=repr(handler))
+    client = config.client
+    clock = config.clock or getattr(client, "clock", None) or SystemClock()
+
+    def wrapped(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> InvocationOutput:
+        inp = event if isinstance(event, InvocationInput) else InvocationInput.from_dict(event)
+        ops = list(inp.initial_execution_state.operations)
+        marker = inp.initial_execution_state.next_marker
+        while marker:
+            page = client.get_execution_state(inp.durable_execution_arn, inp.checkpoint_token, marker)
+            ops.extend(page.operations)
+            marker = page.next_marker
+        payload = next((o.input_payload for o in ops if o.type is OperationType.EXECUTION), None)
+        user_event = json.loads(payload) if payload and payload.strip() else {}
+        backend = _ClientBackend(client, inp.durable_execution_arn, inp.checkpoint_token, clock)
+        state = ExecutionState(backend, {o.id: o for o in ops if o.type is not OperationType.EXECUTION},
+                               always_replay=config.always_replay)
+        try:
+            outcome = run_handler(handler, user_event, state)
+            updates, touched = state.take_pending()
+            if updates:
+                backend.flush(updates, touched)
+        except ExecutionFencedOut as exc:
+            raise CheckpointError(str(exc)) from exc
+        out = InvocationOutput(status=InvocationStatus(outcome.status), result=outcome.result, error=outcome.error)
+        record = getattr(client, "record_output", None)
+        if callable(record):
+            record(inp.durable_execution_arn, out)
+        return out
+
+    return wrapped

@@ -1,0 +1,143 @@
+"""Callback authentication: Google OIDC tokens (Cloud Tasks) and the local scheduler's HMAC header."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from errands.core import MissingDependencyError
+
+log = logging.getLogger("errands.lro.auth")
+
+SIGNATURE_HEADER = "x-errands-signature"
+TOLERANCE = 300
+
+
+def sign(secret: str, method: str, target: str, now: float | None = None) -> str:
+    """The ``X-Errands-Signature`` value for a request: ``t=<unix>,v1=<hex HMAC-SHA256>`` over
+    ``{t}.{METHOD}.{path?query}``."""
+    t = int(now if now is not None else time.time())
+    mac = hmac.new(secret.encode(), f"{t}.{method.upper()}.{target}".encode(), hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify_signature(secret: str, header: str, method: str, target: str, now: float | None = None) -> bool:
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    try:
+        t = int(parts.get("t", ""))
+    except ValueError:
+        return False
+    current = now if now is not None else time.time()
+    if abs(current - t) > TOLERANCE:
+        return False
+    expected = sign(secret, method, target, now=t).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+class _Response:
+    def __init__(self, status: int, headers: Mapping[str, str], data: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.data = data
+
+
+class CertsRequest:
+    """A ``google.auth.transport.Request`` over urllib that caches certificate responses for a while, so
+    verifying a token costs no round trip once the certificates are known."""
+
+    def __init__(self, cache_for: float = 300.0) -> None:
+        self.cache_for = cache_for
+        self._cache: dict[str, tuple[float, _Response]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, url: str, method: str = "GET", body: bytes | None = None, headers: Mapping[str, str] | None = None,
+        timeout: float | None = None, **_kwargs: Any,
+    ) -> _Response:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(url)
+            if hit and method == "GET" and now - hit[0] < self.cache_for:
+                return hit[1]
+        req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or 10) as resp:
+                out = _Response(resp.status, dict(resp.headers), resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                out = _Response(exc.code, dict(exc.headers), exc.read())
+        except OSError as exc:
+            from google.auth import exceptions
+
+            raise exceptions.TransportError(f"could not fetch {url}: {exc}") from exc  # type: ignore[no-untyped-call]
+        if out.status == 200 and method == "GET":
+            with self._lock:
+                self._cache[url] = (now, out)
+        return out
+
+
+@dataclass
+class CallbackAuth:
+    """Decides whether a callback request may resume an operation.
+
+    Accepted: ``Authorization: Bearer <Google OIDC token>`` whose audience is ``audience`` (and whose
+    email is one of ``service_accounts`` when given), or a valid ``X-Errands-Signature`` HMAC. Requests
+    with neither are accepted only with ``allow_unauthenticated``; bad credentials never are.
+    """
+
+    secret: str | None = field(repr=False)
+    audience: str | None
+    service_accounts: tuple[str, ...]
+    certs_url: str
+    issuers: tuple[str, ...]
+    allow_unauthenticated: bool = False
+
+    def __post_init__(self) -> None:
+        self._request = CertsRequest()
+
+    def check(self, headers: Mapping[str, str], method: str, target: str) -> bool:
+        """Whether the request is allowed. ``headers`` have lower-case names; ``target`` is the raw
+        ``path?query``. Never logs credentials."""
+        signature = headers.get(SIGNATURE_HEADER)
+        authorization = headers.get("authorization")
+        if signature is not None:
+            if self.secret is None:
+                return False
+            return verify_signature(self.secret, signature, method, target)
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return False
+            return self._check_oidc(token.strip())
+        return self.allow_unauthenticated
+
+    def _check_oidc(self, token: str) -> bool:
+        if not self.audience:
+            log.warning("OIDC callback refused: no audience configured (set Config.host or oidc_audience)")
+            return False
+        try:
+            from google.oauth2 import id_token
+        except ImportError as exc:
+            raise MissingDependencyError("google-auth", "lro") from exc
+        try:
+            claims = id_token.verify_token(
+                token, self._request, audience=self.audience, certs_url=self.certs_url  # type: ignore[arg-type]
+            )
+        except Exception as exc:  # google-auth raises ValueError and its own errors for bad tokens
+            log.warning("OIDC callback refused: %s", type(exc).__name__)
+            return False
+        if claims.get("iss") not in self.issuers:
+            log.warning("OIDC callback refused: issuer not accepted")
+            return False
+        if self.service_accounts:
+            if claims.get("email") not in self.service_accounts or not claims.get("email_verified", False):
+                log.warning("OIDC callback refused: email not an accepted service account")
+                return False
+        return True

@@ -1,0 +1,840 @@
+"""``LroClient``: creates, resumes, lists, waits for and cancels operations."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import inspect
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+from urllib.parse import quote
+
+from errands.core import (
+    ConfigError,
+    Lease,
+    LeaseLostError,
+    MissingDependencyError,
+    NotFoundError,
+    SQLStore,
+    StoreScheduler,
+    TransientError,
+    open_store,
+)
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
+from google.rpc import code_pb2  # type: ignore[import-untyped]
+
+from ._auth import SIGNATURE_HEADER, CallbackAuth, sign
+from ._codec import encode_state, pack_any
+from ._config import Config, config_from_env
+from ._operation import Operation
+from ._store import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
+
+log = logging.getLogger("errands.lro")
+
+__all__ = ["RESUME_TOPIC", "LroClient", "ResumableHandler", "ResumeOutcome"]
+
+# Timers of ``resume_via_tasks`` go under ``lro.resume.{neuron}``.
+RESUME_TOPIC = "lro.resume"
+TIMER_QUEUE = "em.timers"
+
+_NAME = re.compile(r"^operations/[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
+_PATH = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
+
+HandlerFn = Callable[[Operation], "Awaitable[None] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumableHandler:
+    """A handler that resumes operations, served at ``{prefix}{path}``.
+
+    Args:
+        path: the path under the callback prefix, e.g. ``"create-agent"``.
+        fn: ``fn(op)``, sync or async. Raise ``TransientError`` to be called again later; any other
+            exception fails the operation with ``INTERNAL``.
+    """
+
+    path: str
+    fn: HandlerFn
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not _PATH.match(self.path):
+            raise ConfigError(
+                f"handler path must be URL path segments of letters, digits and '._~-' without a leading '/', "
+                f"got {self.path!r}",
+                field="path", value=self.path,
+            )
+        if not callable(self.fn):
+            raise ConfigError(f"handler for {self.path!r} must be callable, got {self.fn!r}", field="fn", value=self.fn)
+
+
+class ResumeOutcome(str, enum.Enum):
+    """What one callback did."""
+
+    RAN = "ran"                    # the handler ran; the operation is still running
+    COMPLETED = "completed"        # the operation is done (completed or failed by the handler)
+    FAILED = "failed"              # the handler raised; the operation failed with INTERNAL
+    CANCELLED = "cancelled"        # cancellation was requested; the operation ended CANCELLED
+    ALREADY_DONE = "already_done"  # the operation was done before the callback
+    STALE = "stale"                # a newer resume_via_tasks superseded this callback
+    LOST = "lost"                  # another writer saved first; its run carries on
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _run_coroutine(aw: Awaitable[Any]) -> Any:
+    """Run an awaitable to completion from sync code, whether or not a loop runs on this thread."""
+
+    async def _main() -> Any:
+        return await aw
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_main())
+    box: dict[str, Any] = {}
+
+    def _thread() -> None:
+        try:
+            box["value"] = asyncio.run(_main())
+        except BaseException as exc:  # re-raised on the calling thread
+            box["error"] = exc
+
+    t = threading.Thread(target=_thread)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    result = fn(*args, **kwargs)
+    if result is not None and inspect.isawaitable(result):
+        return _run_coroutine(result)
+    return result
+
+
+def parse_filter(text: str) -> tuple[bool | None, str, str | None]:
+    """``(done, prefix, exact)`` of a ListOperations filter.
+
+    Supported: clauses joined by ``AND``: ``done = true|false``, ``name = "operations/x"`` (exact),
+    ``name = "operations/x*"`` or ``name:"operations/x"`` (prefix).
+    """
+    done: bool | None = None
+    prefix = ""
+    exact: str | None = None
+    if not text or not text.strip():
+        return done, prefix, exact
+    for clause in re.split(r"\s+AND\s+", text.strip()):
+        m = re.fullmatch(r"\s*done\s*=\s*(true|false)\s*", clause, flags=re.IGNORECASE)
+        if m:
+            done = m.group(1).lower() == "true"
+            continue
+        m = re.fullmatch(r'\s*name\s*(=|:)\s*"([^"*]*)(\*?)"\s*', clause)
+        if m:
+            if m.group(1) == ":" or m.group(3):
+                prefix = m.group(2)
+            else:
+                exact = m.group(2)
+            continue
+        raise ConfigError(
+            f"filter clause {clause.strip()!r} is not supported; use 'done = true|false', 'name = \"operations/x\"' "
+            "or 'name = \"operations/prefix*\"', joined by AND",
+            field="filter", value=text,
+        )
+    return done, prefix, exact
+
+
+class _ClientBatch:
+    """The context manager of ``LroClient.batch``: the store's batch, with ``BatchAborted`` reported as
+    ``TransientError``."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: contextlib.AbstractContextManager[Any]) -> None:
+        self._inner = inner
+
+    def __enter__(self) -> None:
+        self._inner.__enter__()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            return bool(self._inner.__exit__(exc_type, exc, tb))
+        except BatchAborted as aborted:
+            raise TransientError(f"the batch was rolled back: {aborted}") from aborted
+
+
+class LroClient:
+    """Long-running operations in the ``google.longrunning`` shape, resumed by callbacks.
+
+    Args:
+        config: see ``Config``.
+        clock: the store's time source when ``config.store`` is a URL (``FakeClock`` in tests).
+
+    Example:
+        >>> client = LroClient(Config(neuron="svc", store="memory://"))
+        >>> op = client.new_operation("operations/1", {"step": "start"})
+        >>> op.complete({"ok": True}).done
+        True
+    """
+
+    def __init__(self, config: Config, *, clock: Any = None) -> None:
+        if not isinstance(config, Config):
+            raise ConfigError(f"LroClient needs a Config, got {type(config).__name__}", field="config")
+        self.config = config
+        self._owned: list[Any] = []
+        self.core_store: SQLStore | None = None
+        self.store: OperationStore = self._open_store(config.store, clock)
+        self.scheduler: Any = config.scheduler
+        if self.scheduler is None:
+            if self.core_store is None:
+                raise ConfigError(
+                    "lro.scheduler is required when lro.store is not an errands SQL store", field="lro.scheduler"
+                )
+            self.scheduler = StoreScheduler(
+                self.core_store, lease_for=config.timer_lease, retry_delay=config.retry_delay
+            )
+        self._handlers: dict[str, ResumableHandler] = {}
+        self._secret: str | None = config.callback_secret
+        self._secret_lock = threading.Lock()
+        self._auth: CallbackAuth | None = None
+        self._atomic: bool | None = None
+        # Resume tokens only need to be unique: a random prefix per client and a counter.
+        self._token_prefix = secrets.token_hex(8)
+        self._topic = f"{RESUME_TOPIC}.{config.neuron}"
+        self._token_seq = itertools.count(1)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_env(
+        cls, neuron: str, host: str | None = None, *, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> LroClient:
+        """A client configured from the alis environment variables (see the README table).
+
+        Without ``ALIS_*`` variables it runs on the embedded ``sqlite:///ops.db`` and the local scheduler.
+        With ``ALIS_OS_PROJECT`` and ``ALIS_REGION`` it schedules through the ``cloudtasks`` scheduler of
+        errands-connectors-gcp on queue ``{neuron}-operations``.
+
+        Args:
+            neuron: the service name.
+            host: the public base URL; default the Cloud Run URL ``https://{neuron}-{nr}.{region}.run.app``.
+            env: the variables to read (default ``os.environ``, read now, never at import).
+            **overrides: further ``Config`` fields.
+        """
+        source = os.environ if env is None else env
+        config = config_from_env(neuron, host, source, **overrides)
+        if config.scheduler is None and config.project and config.region:
+            config = replace(config, scheduler=_cloud_tasks_scheduler(config))
+        return cls(config)
+
+    def _open_store(self, spec: Any, clock: Any) -> OperationStore:
+        if isinstance(spec, str):
+            spec = open_store(spec, clock=clock)
+            self._owned.append(spec)
+        if isinstance(spec, SQLStore):
+            self.core_store = spec
+            return SQLOperationStore(spec, self.config.neuron)
+        factory = getattr(spec, "operation_store", None)
+        if callable(factory):
+            store: OperationStore = factory(neuron=self.config.neuron, table=self.config.spanner_table)
+            return store
+        if isinstance(spec, OperationStore):
+            return spec
+        raise ConfigError(
+            f"lro.store must be a store URL, an errands store or an OperationStore, got {type(spec).__name__}",
+            field="lro.store", value=type(spec).__name__,
+        )
+
+    def close(self) -> None:
+        """Close the stores this client opened."""
+        for s in self._owned:
+            s.close()
+        self._owned.clear()
+
+    def __enter__(self) -> LroClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def neuron(self) -> str:
+        return self.config.neuron
+
+    @property
+    def resume_topic(self) -> str:
+        """The scheduler topic of this neuron's callbacks: ``lro.resume.{neuron}``."""
+        return self._topic
+
+    # -- handlers --------------------------------------------------------------------------------
+    def add_resumable_handlers(self, *handlers: ResumableHandler) -> None:
+        """Register handlers at startup. A path registered twice raises ``ConfigError`` and registers
+        none of ``handlers``."""
+        seen = dict(self._handlers)
+        problems = []
+        for h in handlers:
+            if not isinstance(h, ResumableHandler):
+                raise ConfigError(f"expected a ResumableHandler, got {type(h).__name__}", field="handlers")
+            if h.path in seen:
+                problems.append(h.path)
+            seen[h.path] = h
+        if problems:
+            raise ConfigError(
+                f"resumable handler path(s) {', '.join(map(repr, problems))} registered twice; each path has one handler",
+                field="handlers.path", value=problems[0],
+            )
+        self._handlers = seen
+
+    add_resumable_handler = add_resumable_handlers
+
+    @property
+    def handlers(self) -> Mapping[str, ResumableHandler]:
+        return dict(self._handlers)
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Commit every operation change made on this thread inside the block in one transaction.
+
+        ``new_operation`` followed by ``resume_via_tasks`` then costs one commit, and creating many
+        operations costs one. If the block raises, none of it happens. Other threads using the same SQLite
+        store wait until the block ends: keep it short.
+
+        Raises:
+            ConfigError: the store has no transactions spanning calls (it is not an errands SQL store).
+            TransientError: the batch could not be committed and was rolled back.
+        """
+        batch = getattr(self.store, "batch", None)
+        if batch is None:
+            raise ConfigError(
+                f"{type(self.store).__name__} cannot group calls into one transaction; use a SQL store",
+                field="lro.store", value=type(self.store).__name__,
+            )
+        return _ClientBatch(batch())
+
+    # -- operations ------------------------------------------------------------------------------
+    def new_operation(
+        self, name: str | None = None, metadata: Any = None, *, private_state: Any = None
+    ) -> Operation:
+        """Create an operation (not done).
+
+        Args:
+            name: ``operations/{id}``; default ``operations/{uuid4}``.
+            metadata: a protobuf message or a dict (packed as ``google.protobuf.Struct``).
+            private_state: initial private state (JSON).
+
+        Raises:
+            ConfigError: the name is malformed or the metadata/state cannot be encoded.
+            AlreadyExistsError: an operation of that name exists.
+        """
+        name = name if name is not None else f"operations/{uuid.uuid4()}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"operation name must be 'operations/{{id}}' with an id of letters, digits and '._~-', got {name!r}",
+                field="name", value=name,
+            )
+        pb = operations_pb2.Operation(name=name)
+        if metadata is not None:
+            pb.metadata.CopyFrom(pack_any(metadata, field="metadata"))
+        state = encode_state(private_state) if private_state is not None else None
+        record = OperationRecord(name=name, operation=pb.SerializeToString(deterministic=True), state=state)
+        return Operation(self, self.store.create(record), pb)
+
+    def get_operation(self, name: str) -> Operation:
+        """The operation, to read or change. Raises ``NotFoundError``."""
+        return Operation(self, self.store.get(name))
+
+    def get_operation_pb(self, name: str) -> operations_pb2.Operation:
+        """The ``google.longrunning.Operation``. Raises ``NotFoundError``."""
+        return operations_pb2.Operation.FromString(self.store.get(name).operation)
+
+    def list_operations(
+        self, filter: str = "", page_size: int = 0, page_token: str = "", *, name: str = ""
+    ) -> tuple[list[operations_pb2.Operation], str]:
+        """A page of operations ordered by name, and the token of the next page (``""`` at the end).
+
+        Args:
+            filter: see ``parse_filter``: ``done = true``, ``name = "operations/abc*"``, joined by ``AND``.
+            page_size: at most this many (default 100, at most 1000).
+            page_token: the token a previous page returned, with the same filter.
+            name: the collection (``operations``); its operations are those named ``{name}/...``.
+        """
+        done, prefix, exact = parse_filter(filter)
+        if name:
+            collection = name.rstrip("/") + "/"
+            if not prefix.startswith(collection) and not collection.startswith(prefix):
+                return [], ""
+            prefix = max(prefix, collection, key=len)
+        if exact is not None:
+            prefix = max(prefix, exact, key=len)
+        if not isinstance(page_size, int) or page_size < 0:
+            raise ConfigError(f"page_size must be >= 0, got {page_size!r}", field="page_size", value=page_size)
+        size = min(page_size or 100, 1000)
+        after = self._decode_token(page_token, filter) if page_token else ""
+        rows = list(self.store.list(done=done, prefix=prefix, after=after, limit=size + 1))
+        more = len(rows) > size
+        rows = rows[:size]
+        out = [operations_pb2.Operation.FromString(r.operation) for r in rows if exact is None or r.name == exact]
+        token = self._encode_token(rows[-1].name, filter) if more and rows else ""
+        return out, token
+
+    @staticmethod
+    def _encode_token(after: str, filter: str) -> str:
+        raw = json.dumps({"a": after, "f": filter}, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @staticmethod
+    def _decode_token(token: str, filter: str) -> str:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            after, was = data["a"], data["f"]
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise ConfigError("page_token is not one this service issued", field="page_token", value=token) from exc
+        if was != filter:
+            raise ConfigError(
+                "page_token was issued for another filter; pass the same filter as the first page",
+                field="page_token", value=token,
+            )
+        return str(after)
+
+    def wait_operation(self, name: str, timeout: float | timedelta | None = None) -> operations_pb2.Operation:
+        """Wait until the operation is done or ``timeout`` passes; returns its latest state either way.
+
+        Polls the store starting at ``config.wait_initial`` seconds, growing by ``wait_multiplier`` up to
+        ``wait_maximum``.
+        """
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        if seconds is None or seconds <= 0:
+            seconds = self.config.wait_default_timeout
+        deadline = time.monotonic() + seconds
+        interval = self.config.wait_initial
+        while True:
+            pb = self.get_operation_pb(name)
+            left = deadline - time.monotonic()
+            if pb.done or left <= 0:
+                return pb
+            time.sleep(min(interval, left))
+            interval = min(interval * self.config.wait_multiplier, self.config.wait_maximum)
+
+    def cancel_operation(self, name: str) -> None:
+        """Ask for cancellation. Cooperative: a running handler sees ``op.cancel_requested``; the next
+        callback (scheduled now) ends the operation ``CANCELLED`` unless it finished meanwhile. An
+        operation no handler was ever scheduled for is cancelled at once. Done operations are unchanged.
+
+        Raises:
+            NotFoundError: no such operation.
+        """
+        record = self.store.get(name)
+        if record.done:
+            return
+        record = self.store.request_cancel(name)
+        if record.done:
+            return
+        if record.resume_path is None or record.resume_token is None:
+            for _ in range(10):
+                try:
+                    self._finish_cancelled(Operation(self, record))
+                    return
+                except LeaseLostError:
+                    record = self.store.get(name)
+                    if record.done:
+                        return
+            raise LeaseLostError(f"operation {name!r} kept changing while it was being cancelled; try again")
+        self._schedule(record, record.resume_path, record.resume_token, 0.0, key=f"lro-{record.resume_token}-cancel")
+
+    def delete_operation(self, name: str) -> None:
+        """Delete the operation. Raises ``NotFoundError``."""
+        if not self.store.delete(name):
+            raise NotFoundError(f"operation {name!r} not found")
+
+    def purge_expired(self) -> int:
+        """Delete operations not saved for ``config.ttl`` (90 days by default). Returns how many."""
+        return self.store.purge(self.store.now() - self.config.ttl.total_seconds())
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def _atomic_timers(self) -> bool:
+        atomic = self._atomic
+        if atomic is None:
+            atomic = self._atomic = (
+                isinstance(self.scheduler, StoreScheduler)
+                and isinstance(self.store, SQLOperationStore)
+                and self.scheduler.store is self.store.store
+            )
+        return atomic
+
+    def _payload(self, name: str, path: str, token: str) -> dict[str, Any]:
+        payload = {"neuron": self.neuron, "name": name, "path": path, "token": token}
+        url = self.callback_url(name, path, token)
+        if url:
+            payload["url"] = url
+        return payload
+
+    def callback_url(self, name: str, path: str, token: str | None = None) -> str | None:
+        """``{host}{prefix}{path}?operation={name}[&token=...]`` or None without a host."""
+        base = self.config.base_url
+        if base is None:
+            return None
+        url = f"{base}{self.config.prefix}{path}?operation={quote(name, safe='')}"
+        return url + (f"&token={token}" if token else "")
+
+    def _save_and_schedule(self, op: Operation, path: str, delay: timedelta | float) -> OperationRecord:
+        if not isinstance(path, str) or (path not in self._handlers and not _PATH.match(path)):
+            raise ConfigError(f"resume path must look like 'create-agent', got {path!r}", field="path", value=path)
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ConfigError(f"delay must be a timedelta or seconds >= 0, got {delay!r}", field="delay", value=delay)
+        token = f"{self._token_prefix}{next(self._token_seq):x}"
+        record = op._snapshot(resume_path=path, resume_token=token)
+        expected_version = op.version
+        if self._atomic_timers():
+            store = self.store
+            assert isinstance(store, SQLOperationStore)
+            # The timer first: if the save then loses (LeaseLostError) the timer carries a token that never
+            # becomes current and is acknowledged as stale, so no savepoint is needed.
+            timer = [(f"lro-{token}", {"topic": self._topic, "payload": self._payload(record.name, path, token)},
+                      store.now() + float(seconds))]
+            tx = store.current_tx()
+            if tx is not None:
+                store.store.enqueue(TIMER_QUEUE, timer, tx=tx)
+                return store.save(record, expected_version=expected_version)
+            with store.batch() as tx:
+                store.store.enqueue(TIMER_QUEUE, timer, tx=tx)
+                return store.save(record, expected_version=expected_version)
+        saved = self.store.save(record, expected_version=expected_version)
+        self._schedule(saved, path, token, float(seconds), key=f"lro-{token}")
+        return saved
+
+    def _schedule(self, record: OperationRecord, path: str, token: str, seconds: float, *, key: str) -> None:
+        at = datetime.fromtimestamp(self.store.now() + seconds, tz=timezone.utc)
+        _call(self.scheduler.schedule, self.resume_topic, self._payload(record.name, path, token), at, key=key)
+
+    # -- resuming --------------------------------------------------------------------------------
+    def _begin(
+        self, name: str, path: str, token: str | None, record: OperationRecord | None = None
+    ) -> tuple[ResumeOutcome | None, Operation | None, Any]:
+        handler = self._handlers.get(path)
+        if handler is None:
+            raise NotFoundError(
+                f"no resumable handler at path {path!r}; registered: {', '.join(sorted(self._handlers)) or 'none'}"
+            )
+        if record is None:
+            record = self.store.get(name)
+        if record.done:
+            return ResumeOutcome.ALREADY_DONE, None, None
+        if token is not None and token != record.resume_token:
+            return ResumeOutcome.STALE, None, None
+        op = Operation(self, record)
+        if record.cancel_requested:
+            try:
+                self._finish_cancelled(op)
+            except LeaseLostError:
+                return ResumeOutcome.LOST, None, None
+            return ResumeOutcome.CANCELLED, None, None
+        return None, op, handler.fn
+
+    def _finish_cancelled(self, op: Operation) -> None:
+        op.fail("operation cancelled", code=code_pb2.CANCELLED)
+
+    def _end(self, op: Operation, error: BaseException | None) -> ResumeOutcome:
+        if op.done:
+            if error is not None and not isinstance(error, LeaseLostError):
+                log.warning("handler for %s raised after finishing it: %r", op.name, error)
+            return ResumeOutcome.COMPLETED
+        if error is None:
+            try:
+                if op.cancel_requested:
+                    self._finish_cancelled(op)
+                    return ResumeOutcome.CANCELLED
+            except LeaseLostError:
+                return ResumeOutcome.LOST
+            return ResumeOutcome.RAN
+        if isinstance(error, TransientError):
+            raise error
+        if isinstance(error, LeaseLostError):
+            return ResumeOutcome.LOST
+        log.error("handler for %s failed; the operation fails with INTERNAL", op.name, exc_info=error)
+        try:
+            op.fail("%s", str(error) or type(error).__name__, code=code_pb2.INTERNAL)
+        except LeaseLostError:
+            return ResumeOutcome.LOST
+        return ResumeOutcome.FAILED
+
+    def resume(self, name: str, path: str, token: str | None = None) -> ResumeOutcome:
+        """Run the handler at ``path`` on the operation now, in this process (no HTTP).
+
+        Args:
+            name: the operation.
+            path: a registered handler path.
+            token: the token of the ``resume_via_tasks`` that scheduled this; a superseded token is
+                ignored (``STALE``). None always runs.
+
+        Raises:
+            NotFoundError: no such operation, or no handler at ``path``.
+            TransientError: the handler asked to be called again later.
+        """
+        return self._resume(name, path, token, None)
+
+    def _resume(self, name: str, path: str, token: str | None, record: OperationRecord | None) -> ResumeOutcome:
+        outcome, op, fn = self._begin(name, path, token, record)
+        if outcome is not None:
+            return outcome
+        assert op is not None
+        try:
+            _call(fn, op)
+        except Exception as exc:
+            return self._end(op, exc)
+        return self._end(op, None)
+
+    async def aresume(self, name: str, path: str, token: str | None = None) -> ResumeOutcome:
+        """``resume`` for async code: store calls and sync handlers run in a thread, async handlers on
+        the running loop."""
+        outcome, op, fn = await asyncio.to_thread(self._begin, name, path, token)
+        if outcome is not None:
+            return outcome
+        assert op is not None
+        try:
+            if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
+                await fn(op)
+            else:
+                result = await asyncio.to_thread(fn, op)
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:
+            return await asyncio.to_thread(self._end, op, exc)
+        return await asyncio.to_thread(self._end, op, None)
+
+    # -- the local scheduler ---------------------------------------------------------------------
+    def callback_secret(self) -> str | None:
+        """The HMAC key of local callbacks: ``config.callback_secret``, or one kept in the store."""
+        if self._secret is not None or self.core_store is None:
+            return self._secret
+        with self._secret_lock:
+            if self._secret is None:
+                got = self.core_store.kv_get("lro", "callback-secret")
+                if got is None:
+                    try:
+                        self.core_store.kv_put("lro", "callback-secret", secrets.token_hex(32), expected_version=0)
+                    except LeaseLostError:
+                        pass  # another process created it first
+                    got = self.core_store.kv_get("lro", "callback-secret")
+                assert got is not None
+                self._secret = str(got[0])
+        return self._secret
+
+    def run_due(self, limit: int = 100) -> int:
+        """Fire this neuron's due local callbacks: in-process without a host, else an HTTP ``PUT`` with
+        the HMAC header to ``{host}{prefix}{path}``. The worker job of the lro engine.
+
+        Returns:
+            How many callbacks were acknowledged.
+        """
+        core = self.core_store
+        if core is None or not isinstance(self.scheduler, StoreScheduler):
+            return 0
+        leases = core.claim(TIMER_QUEUE, limit, lease_for=self.config.timer_lease)
+        if not leases:
+            return 0
+        mine, others = [], []
+        for lease in leases:
+            p: dict[str, Any] = lease.payload if isinstance(lease.payload, dict) else {}
+            inner = p.get("payload")
+            if p.get("topic") == self._topic and isinstance(inner, dict):
+                mine.append(lease)
+            else:
+                others.append(lease)
+        if others:
+            core.release(others)
+        if not mine:
+            return 0
+        done: list[Lease] = []
+        retry: list[Lease] = []
+        if self.config.base_url is not None:
+            for lease in mine:
+                (done if self._fire_http(lease) else retry).append(lease)
+            self._ack(done, retry)
+            return len(done)
+        step = self.config.resume_batch
+        if step > 1 and isinstance(self.store, SQLOperationStore) and self.store.store is core:
+            for i in range(0, len(mine), step):
+                chunk = mine[i:i + step]
+                d: list[Lease] = []
+                r: list[Lease] = []
+                try:
+                    with self.store.batch() as tx:
+                        # One read for the chunk; rows a handler writes meanwhile are served from the batch.
+                        read = self.store.get_many([str(lease.payload["payload"].get("name")) for lease in chunk])
+                        written = self.store.written()
+                        for lease in chunk:
+                            p = lease.payload["payload"]
+                            name = str(p.get("name"))
+                            record = written.get(name) or read.get(name)
+                            (d if self._fire_payload(lease.key, p, record) else r).append(lease)
+                        core.complete(d, tx=tx)
+                        if r:
+                            core.release(r, delay=self.config.retry_delay, tx=tx)
+                except BatchAborted:
+                    # Nothing of the chunk happened; its timers fire again when their leases lapse.
+                    log.exception("a batch of %d callbacks was rolled back", len(chunk))
+                    continue
+                done += d
+            return len(done)
+        for lease in mine:
+            (done if self._fire_direct(lease) else retry).append(lease)
+        self._ack(done, retry)
+        return len(done)
+
+    def _ack(self, done: Sequence[Lease], retry: Sequence[Lease]) -> None:
+        assert self.core_store is not None
+        core = self.core_store
+        try:
+            with core.transaction() as tx:
+                core.complete(done, tx=tx)
+                core.release(retry, delay=self.config.retry_delay, tx=tx)
+        except LeaseLostError:
+            # A lease lapsed while its callback ran and another worker took it: settle the rest alone.
+            for lease in done:
+                try:
+                    core.complete([lease])
+                except LeaseLostError:
+                    pass
+            for lease in retry:
+                try:
+                    core.release([lease], delay=self.config.retry_delay)
+                except LeaseLostError:
+                    pass
+
+    def _fire_direct(self, lease: Lease) -> bool:
+        return self._fire_payload(lease.key, lease.payload["payload"])
+
+    def _fire_payload(self, key: str, p: Mapping[str, Any], record: OperationRecord | None = None) -> bool:
+        try:
+            self._resume(p["name"], p["path"], p.get("token"), record)
+            return True
+        except NotFoundError as exc:
+            log.warning("callback %s dropped: %s", key, exc)
+            return True
+        except TransientError as exc:
+            log.info("callback for %s asked to retry: %s", p.get("name"), exc)
+            return False
+        except Exception:
+            log.exception("callback for %s failed; retrying in %ss", p.get("name"), self.config.retry_delay)
+            return False
+
+    def _fire_http(self, lease: Lease) -> bool:
+        return self._post(lease.key, lease.payload["payload"])
+
+    def _post(self, key: str, p: Mapping[str, Any]) -> bool:
+        url = self.callback_url(p["name"], p["path"], p.get("token"))
+        assert url is not None
+        target = url[len(self.config.base_url or ""):]
+        headers = {"content-length": "0"}
+        secret = self.callback_secret()
+        if secret is not None:
+            headers[SIGNATURE_HEADER] = sign(secret, "PUT", target)
+        req = urllib.request.Request(url, data=b"", method="PUT", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.config.http_timeout) as resp:
+                resp.read()
+                return True
+        except urllib.error.HTTPError as exc:
+            with exc:
+                exc.read()
+            if exc.code == 404:
+                log.warning("callback %s answered 404; dropped", key)
+                return True
+            log.warning("callback %s answered %s; retrying in %ss", key, exc.code, self.config.retry_delay)
+            return False
+        except OSError as exc:
+            log.warning("callback %s failed (%s); retrying in %ss", key, type(exc).__name__, self.config.retry_delay)
+            return False
+
+    def fire(self, topic: str, payload: Mapping[str, Any]) -> None:
+        """A core timer handler for this neuron's callbacks (``worker.on_timer(client.resume_topic,
+        client.fire)``): in-process without a host, else over HTTP with the HMAC header.
+
+        Raises:
+            TransientError: the callback should fire again later.
+        """
+        key = f"lro-{payload.get('token')}"
+        ok = self._post(key, payload) if self.config.base_url is not None else self._fire_payload(key, payload)
+        if not ok:
+            raise TransientError(f"callback for {payload.get('name')!r} will be retried")
+
+    def attach(self, worker: Any) -> None:
+        """Fire this neuron's callbacks from a core ``Worker``.
+
+        With ``resume_batch`` 1 the worker's own timer pass fires them (``worker.on_timer``), alongside
+        every other engine's timers. With a larger ``resume_batch``, ``run_due`` is added as a job to fire
+        them in batches; then run no other timer handlers on that worker, as its timer pass would park
+        these callbacks for core's ``retry_delay``.
+        """
+        if self.config.resume_batch > 1:
+            worker.add_job(f"lro.{self.neuron}.run_due", self.run_due)
+        else:
+            worker.on_timer(self.resume_topic, self.fire)
+
+    # -- serving ---------------------------------------------------------------------------------
+    def callback_auth(self) -> CallbackAuth:
+        if self._auth is None:
+            cfg = self.config
+            self._auth = CallbackAuth(
+                secret=self.callback_secret(), audience=cfg.audience, service_accounts=cfg.accepted_service_accounts,
+                certs_url=cfg.oidc_certs_url, issuers=cfg.oidc_issuers, allow_unauthenticated=cfg.allow_unauthenticated,
+            )
+        return self._auth
+
+    def asgi_app(self, prefix: str | None = None) -> Any:
+        """An ASGI application serving ``PUT {prefix}{path}?operation={name}`` callbacks."""
+        from ._http import AsgiApp
+
+        return AsgiApp(self, prefix or self.config.prefix)
+
+    def wsgi_app(self, prefix: str | None = None) -> Any:
+        """A WSGI application serving ``PUT {prefix}{path}?operation={name}`` callbacks."""
+        from ._http import WsgiApp
+
+        return WsgiApp(self, prefix or self.config.prefix)
+
+    def register_grpc(self, server: Any) -> Any:
+        """Serve ``google.longrunning.Operations`` (Get, List, Delete, Cancel, Wait) on a ``grpc.Server``.
+
+        Raises:
+            MissingDependencyError: grpcio is not installed (``pip install 'errands-lro[grpc]'``).
+        """
+        from ._grpc import OperationsServicer, add_servicer
+
+        servicer = OperationsServicer(self)
+        add_servicer(servicer, server)
+        return servicer
+
+
+def _cloud_tasks_scheduler(config: Config) -> Any:
+    from errands.core import get_registry
+
+    cls = get_registry().schedulers.get("cloudtasks")
+    if cls is None:
+        raise MissingDependencyError("errands-connectors-gcp (cloudtasks scheduler)", "tasks")
+    try:
+        return cls(
+            project=config.project, location=config.region, queue=config.queue_name,
+            service_account=config.invoker_service_account, host=config.base_url, prefix=config.prefix,
+        )
+    except TypeError as exc:
+        raise ConfigError(
+            f"the cloudtasks scheduler {cls.__name__} does not accept project/location/queue/service_account/host/prefix: {exc}",
+            field="lro.scheduler", value=cls.__name__,
+        ) from exc

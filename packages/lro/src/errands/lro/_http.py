@@ -1,0 +1,157 @@
+"""The callback endpoint, written directly against ASGI and WSGI (no web framework).
+
+``PUT {prefix}{path}?operation={url-encoded name}[&token=...]`` resumes the operation with the handler at
+``path``. Answers: 200 with ``{"operation", "outcome"}`` when the callback is settled (ran, completed,
+failed, cancelled, stale, already done, lost a race: none of these should be retried); 400 for a malformed
+request; 401 for missing or bad credentials (nothing changes); 404 for an unknown operation or path;
+405 for other methods; 503 with ``Retry-After`` when the handler raised ``TransientError``; 500 when the
+store failed. Cloud Tasks and the local scheduler retry 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+from urllib.parse import parse_qs, quote
+
+from errands.core import ConfigError, NotFoundError, TransientError
+
+if TYPE_CHECKING:
+    from ._client import LroClient
+
+log = logging.getLogger("errands.lro.http")
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class _Request:
+    """What both servers need from a request."""
+
+    def __init__(self, method: str, path: str, raw_path: str, query: str, headers: dict[str, str]) -> None:
+        self.method = method
+        self.path = path
+        self.target = f"{raw_path}?{query}" if query else raw_path
+        self.query = parse_qs(query, keep_blank_values=True)
+        self.headers = headers
+
+
+def _json(status: int, body: dict[str, Any], extra: Iterable[tuple[str, str]] = ()) -> tuple[int, list[tuple[str, str]], bytes]:
+    data = json.dumps(body).encode()
+    headers = [("content-type", "application/json"), ("content-length", str(len(data))), *extra]
+    return status, headers, data
+
+
+class _Endpoint:
+    def __init__(self, client: LroClient, prefix: str) -> None:
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise ConfigError(f"prefix must start and end with '/', got {prefix!r}", field="prefix", value=prefix)
+        self.client = client
+        self.prefix = prefix
+
+    def route(self, req: _Request) -> tuple[int, list[tuple[str, str]], bytes] | tuple[str, str, str | None]:
+        """Either a finished response, or ``(name, path, token)`` to resume after authentication."""
+        if not req.path.startswith(self.prefix) or len(req.path) == len(self.prefix):
+            return _json(404, {"error": f"no callback here; callbacks are PUT {self.prefix}{{path}}"})
+        if req.method != "PUT":
+            return _json(405, {"error": "callbacks use PUT"}, [("allow", "PUT")])
+        names = req.query.get("operation") or []
+        if len(names) != 1 or not names[0]:
+            return _json(400, {"error": "query parameter 'operation' (the url-encoded operation name) is required"})
+        tokens = req.query.get("token") or []
+        return names[0], req.path[len(self.prefix):], tokens[0] if tokens else None
+
+    def settle(self, name: str, outcome: Any = None, error: BaseException | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        if error is None:
+            return _json(200, {"operation": name, "outcome": str(outcome)})
+        if isinstance(error, NotFoundError):
+            return _json(404, {"operation": name, "error": str(error)})
+        if isinstance(error, TransientError):
+            extra = [("retry-after", str(max(1, round(error.retry_after))))] if error.retry_after else []
+            return _json(503, {"operation": name, "error": "transient", "message": str(error)}, extra)
+        if isinstance(error, ConfigError):
+            return _json(400, {"operation": name, "error": str(error)})
+        log.error("callback for %s failed", name, exc_info=error)
+        return _json(500, {"operation": name, "error": type(error).__name__})
+
+
+class AsgiApp(_Endpoint):
+    """The ASGI 3 callback application (``client.asgi_app()``); also answers lifespan events."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[dict[str, Any]], Any]) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:  # the body carries nothing; drain it
+            message = await receive()
+            more = bool(message.get("more_body")) and message["type"] == "http.request"
+        raw = scope.get("raw_path")
+        raw_path = raw.decode("latin-1") if raw else quote(scope["path"])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        req = _Request(scope["method"].upper(), scope["path"], raw_path, scope.get("query_string", b"").decode("latin-1"), headers)
+        routed = self.route(req)
+        if len(routed) == 3 and isinstance(routed[0], int):
+            await self._send(send, routed)  # type: ignore[arg-type]
+            return
+        name, path, token = routed  # type: ignore[misc]
+        allowed = await asyncio.to_thread(self.client.callback_auth().check, req.headers, req.method, req.target)
+        if not allowed:
+            await self._send(send, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
+            return
+        try:
+            outcome = await self.client.aresume(name, path, token)
+        except Exception as exc:
+            await self._send(send, self.settle(name, error=exc))
+            return
+        await self._send(send, self.settle(name, outcome))
+
+    @staticmethod
+    async def _send(send: Callable[[dict[str, Any]], Any], response: tuple[int, list[tuple[str, str]], bytes]) -> None:
+        status, headers, body = response
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.encode(), v.encode()) for k, v in headers]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class WsgiApp(_Endpoint):
+    """The WSGI callback application (``client.wsgi_app()``)."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        length = environ.get("CONTENT_LENGTH") or "0"
+        stream = environ.get("wsgi.input")
+        if stream is not None and length.isdigit() and int(length) > 0:
+            stream.read(int(length))
+        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")}
+        path = environ.get("PATH_INFO", "")
+        script = environ.get("SCRIPT_NAME", "")
+        # PATH_INFO is decoded (as latin-1 per PEP 3333); REQUEST_URI, when the server gives it, is raw.
+        uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+        raw_path = uri.split("?", 1)[0] if uri else quote((script + path).encode("latin-1").decode("utf-8"))
+        req = _Request(environ.get("REQUEST_METHOD", "GET").upper(), path, raw_path, environ.get("QUERY_STRING", ""), headers)
+        routed = self.route(req)
+        if len(routed) == 3 and isinstance(routed[0], int):
+            return self._respond(start_response, routed)  # type: ignore[arg-type]
+        name, rpath, token = routed  # type: ignore[misc]
+        if not self.client.callback_auth().check(req.headers, req.method, req.target):
+            return self._respond(start_response, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
+        try:
+            outcome = self.client.resume(name, rpath, token)
+        except Exception as exc:
+            return self._respond(start_response, self.settle(name, error=exc))
+        return self._respond(start_response, self.settle(name, outcome))
+
+    @staticmethod
+    def _respond(start_response: Callable[..., Any], response: tuple[int, list[tuple[str, str]], bytes]) -> list[bytes]:
+        status, headers, body = response
+        start_response(f"{status} {_REASONS.get(status, '')}", headers)
+        return [body]

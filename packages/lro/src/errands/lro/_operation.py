@@ -1,0 +1,236 @@
+"""``Operation``: one long-running operation as a handler sees it, and the metadata helpers."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from errands.core import ConfigError
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
+from google.protobuf import empty_pb2
+from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
+
+from ._codec import decode_state, encode_state, pack_any, unpack_any
+from ._store import OperationDoneError, OperationRecord
+
+if TYPE_CHECKING:
+    from ._client import LroClient
+
+T = TypeVar("T")
+
+__all__ = ["Operation", "must_unmarshal_metadata", "unmarshal_metadata"]
+
+
+def _code_value(code: Any) -> int:
+    """A ``google.rpc.Code`` number from an int, a ``code_pb2`` value or a ``grpc.StatusCode``."""
+    value = getattr(code, "value", code)
+    if isinstance(value, tuple):  # grpc.StatusCode.value is (number, "name")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in code_pb2.Code.values():
+        raise ConfigError(
+            f"code must be a google.rpc.Code (an int 1-16 or grpc.StatusCode), got {code!r}", field="code", value=code
+        )
+    return int(value)
+
+
+class Operation:
+    """One operation: its ``google.longrunning.Operation``, private state and resume point.
+
+    ``set_*`` methods change the local copy; ``save_*``, ``save``, ``complete``, ``fail`` and
+    ``resume_via_tasks`` write it with compare-and-set on ``version``. After ``LeaseLostError`` this object
+    is stale: load the operation again with ``client.get_operation``.
+    """
+
+    __slots__ = ("_client", "_pb", "_point", "_raw", "_record", "_state")
+
+    def __init__(self, client: LroClient, record: OperationRecord, pb: operations_pb2.Operation | None = None) -> None:
+        self._client = client
+        self._record = record
+        self._state = record.state
+        self._point = record.resume_point
+        self._pb = pb if pb is not None else operations_pb2.Operation.FromString(record.operation)
+        # The serialised ``_pb`` while it is unchanged, so saves that only touch the state or the resume
+        # point do not serialise it again. Every change to ``_pb`` clears it.
+        self._raw: bytes | None = record.operation
+
+    def __repr__(self) -> str:
+        return f"Operation({self.name!r}, version={self.version}, done={self.done})"
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """``operations/{id}``."""
+        return self._record.name
+
+    @property
+    def version(self) -> int:
+        """The stored version this object was loaded at (or last saved as)."""
+        return self._record.version
+
+    @property
+    def done(self) -> bool:
+        return bool(self._pb.done)
+
+    @property
+    def resume_point(self) -> str:
+        """The handler's own marker of where to pick up; ``""`` until set."""
+        return self._point
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether a client asked to cancel. Read from the store on each access, so a long handler
+        sees a request made while it runs; a handler that notices should stop and return."""
+        if self._record.cancel_requested:
+            return True
+        return self._client.store.get(self.name).cancel_requested
+
+    def operation_pb(self) -> operations_pb2.Operation:
+        """A copy of the ``google.longrunning.Operation``."""
+        out = operations_pb2.Operation()
+        out.CopyFrom(self._pb)
+        return out
+
+    def decode_private_state(self, type_: type[T] | None = None) -> T | None:
+        """The private state as ``type_`` (dataclass, pydantic model, message; None or dict: a dict).
+
+        Returns:
+            None if no state was saved.
+        """
+        return decode_state(self._state, type_)
+
+    # -- changing --------------------------------------------------------------------------------
+    def _open(self) -> None:
+        if self._pb.done:
+            raise OperationDoneError(f"operation {self.name!r} is done; a done operation is final")
+
+    def set_metadata(self, metadata: Any) -> Operation:
+        """Replace the metadata (a protobuf message or a dict packed as ``google.protobuf.Struct``)."""
+        self._open()
+        self._pb.metadata.CopyFrom(pack_any(metadata, field="metadata"))
+        self._raw = None
+        return self
+
+    def save_metadata(self, metadata: Any) -> Operation:
+        """``set_metadata`` and ``save``."""
+        return self.set_metadata(metadata).save()
+
+    def set_private_state(self, state: Any) -> Operation:
+        """Replace the private state (JSON: a dict, a dataclass, a pydantic model or a message)."""
+        self._open()
+        self._state = encode_state(state)
+        return self
+
+    def save_private_state(self, state: Any) -> Operation:
+        """``set_private_state`` and ``save``."""
+        return self.set_private_state(state).save()
+
+    def set_resume_point(self, point: str) -> Operation:
+        """Record where the handler should pick up next time."""
+        self._open()
+        if not isinstance(point, str):
+            raise ConfigError(f"resume point must be a string, got {point!r}", field="resume_point", value=point)
+        self._point = point
+        return self
+
+    def save_resume_point(self, point: str) -> Operation:
+        """``set_resume_point`` and ``save``."""
+        return self.set_resume_point(point).save()
+
+    def _snapshot(self, resume_path: str | None = None, resume_token: str | None = None) -> OperationRecord:
+        r = self._record
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = self._pb.SerializeToString(deterministic=True)
+        return OperationRecord(
+            name=r.name, operation=raw, state=self._state,
+            resume_point=self._point, update_time=r.update_time, version=r.version, done=self._pb.done,
+            cancel_requested=r.cancel_requested, resume_path=resume_path or r.resume_path,
+            resume_token=resume_token or r.resume_token,
+        )
+
+    def save(self) -> Operation:
+        """Write every pending change, compare-and-set on ``version``.
+
+        Raises:
+            LeaseLostError: another writer saved first; nothing changed.
+            OperationDoneError: the operation is done; nothing changed.
+        """
+        self._open()
+        self._record = self._client.store.save(self._snapshot(), expected_version=self._record.version)
+        return self
+
+    def complete(self, response: Any = None) -> Operation:
+        """Finish successfully with ``response`` (a message, or a dict packed as ``Struct``; None packs
+        ``google.protobuf.Empty``)."""
+        self._open()
+        packed = pack_any(empty_pb2.Empty() if response is None else response, field="response")
+        pb = self._pb
+        pb.ClearField("error")
+        pb.response.CopyFrom(packed)
+        pb.done = True
+        self._raw = None
+        return self._save_final()
+
+    def fail(self, message: str, *args: Any, code: Any = code_pb2.UNKNOWN) -> Operation:
+        """Finish with an error: ``message % args`` and a non-zero ``google.rpc.Code``.
+
+        Raises:
+            ConfigError: ``code`` is OK (0) or not a ``google.rpc.Code``; nothing changed.
+        """
+        number = _code_value(code)
+        if number == code_pb2.OK:
+            raise ConfigError(
+                "fail() needs a non-zero code: use complete() for success, or a code such as UNKNOWN or INTERNAL",
+                field="code", value=code,
+            )
+        self._open()
+        text = message % args if args else message
+        self._pb.ClearField("response")
+        self._pb.error.CopyFrom(status_pb2.Status(code=number, message=text))
+        self._pb.done = True
+        self._raw = None
+        return self._save_final()
+
+    def _save_final(self) -> Operation:
+        try:
+            self._record = self._client.store.save(self._snapshot(), expected_version=self._record.version)
+        except BaseException:
+            # The write did not happen: this copy must not claim to be done either.
+            self._pb.done = False
+            self._raw = None
+            raise
+        return self
+
+    def resume_via_tasks(self, path: str, delay: timedelta | float = 0.0) -> Operation:
+        """Save, and have the handler at ``path`` resume this operation after ``delay``.
+
+        With the local scheduler on the same store, the save and the timer commit together. A callback
+        left over from an earlier ``resume_via_tasks`` is ignored once a newer one is scheduled.
+        """
+        self._open()
+        self._record = self._client._save_and_schedule(self, path, delay)
+        return self
+
+
+def unmarshal_metadata(op: Operation | operations_pb2.Operation, type_: type[T] | None = None) -> T | None:
+    """The operation's metadata as ``type_`` (a message class, dict, dataclass or pydantic model).
+
+    Returns:
+        None when the operation has no metadata.
+
+    Raises:
+        ConfigError: the metadata is of another message type.
+    """
+    pb = op._pb if isinstance(op, Operation) else op
+    if not pb.HasField("metadata"):
+        return None
+    return unpack_any(pb.metadata, type_, field="metadata")
+
+
+def must_unmarshal_metadata(op: Operation | operations_pb2.Operation, type_: type[T] | None = None) -> T:
+    """Like ``unmarshal_metadata``, but a missing metadata raises ``ConfigError``."""
+    value = unmarshal_metadata(op, type_)
+    if value is None:
+        name = op.name
+        raise ConfigError(f"operation {name!r} has no metadata", field="metadata", value=None)
+    return value

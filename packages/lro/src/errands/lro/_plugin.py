@@ -1,0 +1,21 @@
+"""The ``lro`` plugin: what errands-lro registers with errands-core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from errands.core import hookimpl
+
+
+@hookimpl
+def errands_register_cli(group: Any) -> None:
+    from ._cli import register
+
+    register(group)
+
+
+@hookimpl
+def errands_register_demos() -> list[type]:
+    from ._demo import LroDemo
+
+    return [LroDemo]
