@@ -14,6 +14,7 @@ from ._clock import Clock, FakeClock, SystemClock
 from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
 from ._hookspecs import hookimpl, hookspec
 from ._journal import Journal, StoreScheduler
+from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._outbox import (
     EffectOutcome,
     EffectRecord,
@@ -66,6 +67,7 @@ from .errors import (
     DeliveryError,
     EffectConflictError,
     ErrandsError,
+    InfrastructureError,
     InvalidTaskIdError,
     LeaseLostError,
     MissingDependencyError,
@@ -78,6 +80,7 @@ from .errors import (
 
 __all__ = [
     "AlreadyExistsError",
+    "Beat",
     "Clock",
     "CompensatingConnector",
     "CompensationOutcome",
@@ -85,6 +88,7 @@ __all__ = [
     "ConfigError",
     "Connector",
     "ConnectorCapabilities",
+    "DEFAULT_LEASE_FOR",
     "DeadEvent",
     "DeliveryError",
     "DispatchOutcome",
@@ -99,6 +103,7 @@ __all__ = [
     "Event",
     "FakeClock",
     "FanOut",
+    "InfrastructureError",
     "InvalidTaskIdError",
     "Journal",
     "Lease",
@@ -144,8 +149,10 @@ __all__ = [
     "__version__",
     "capabilities_of",
     "get_registry",
+    "heartbeat",
     "hookimpl",
     "hookspec",
+    "is_infrastructure_error",
     "load_config",
     "open_store",
     "register_connector",

@@ -12,6 +12,8 @@ The tree::
     ├── LeaseLostError            a lease was completed with a stale fencing token
     ├── NotFoundError             no such effect, operation, execution, ...
     ├── AlreadyExistsError        a resource with that name exists already
+    ├── InfrastructureError       the store's database or connection failed (locked, dropped, serialization);
+    │                             the invocation is abandoned and retried, never recorded as a failure
     └── DeliveryError             a connector or sink could not deliver
         ├── TransientError        retry later (``retry_after`` seconds, if known)
         └── PermanentError        retrying will not help; park it
@@ -29,6 +31,7 @@ __all__ = [
     "DeliveryError",
     "EffectConflictError",
     "ErrandsError",
+    "InfrastructureError",
     "InvalidTaskIdError",
     "LeaseLostError",
     "MissingDependencyError",
@@ -115,6 +118,12 @@ class NotFoundError(ErrandsError, KeyError):
 
 class AlreadyExistsError(ErrandsError):
     """A resource with that name exists already."""
+
+
+class InfrastructureError(ErrandsError):
+    """The store's database or the connection to it failed: a locked or busy SQLite file, a PostgreSQL
+    serialization failure, deadlock or dropped connection. Engines abandon the invocation and retry it
+    promptly; it is never recorded as the user's failure. The original error is ``__cause__``."""
 
 
 class DeliveryError(ErrandsError):
