@@ -12,6 +12,8 @@ business failure.
 - :func:`terminate_postgres_connections` drops other sessions' connections with ``pg_terminate_backend``.
 - :class:`JumpClock` is a wall clock that can jump forward (lease expiry, timers due) without sleeping.
 - :class:`WorkerProcess` starts a worker in a child process, SIGKILLs it and starts it again.
+- :func:`model_settings` sizes hypothesis' stateful (model-based) tests: 200 examples by default,
+  ``ERRANDS_MODEL_EXAMPLES=5000`` for a long profile.
 
 Example::
 
@@ -52,6 +54,7 @@ __all__ = [
     "fault_error",
     "inject",
     "kill_at_random",
+    "model_settings",
     "python_worker",
     "sqlite_write_lock",
     "terminate_postgres_connections",
@@ -433,3 +436,20 @@ def kill_at_random(workers: Sequence[WorkerProcess], *, kills: int, between: tup
 def python_worker(script: Path | str, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
     """A :class:`WorkerProcess` running ``script`` with this interpreter."""
     return WorkerProcess([sys.executable, str(script), *args], env=dict(env or {}))
+
+
+def model_settings(examples: int | None = None, *, steps: int = 40) -> Any:
+    """hypothesis ``settings`` for a model-based test of an engine: ``examples`` runs (default 200, or
+    ``ERRANDS_MODEL_EXAMPLES``) of up to ``steps`` operations each, no deadline (faults and restarts make
+    single steps slow), and no health check against slow data generation."""
+    from hypothesis import HealthCheck, settings
+
+    if examples is None:
+        text = os.environ.get("ERRANDS_MODEL_EXAMPLES", "200")
+        try:
+            examples = int(text)
+        except ValueError:
+            raise ValueError(f"ERRANDS_MODEL_EXAMPLES must be a whole number, got {text!r}") from None
+    return settings(max_examples=examples, stateful_step_count=steps, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                           HealthCheck.data_too_large])
