@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 from errands.core import (
+    MAX_RETRY_AFTER,
     ConfigError,
+    FakeClock,
     FanOut,
     Journal,
     MemoryStore,
@@ -156,6 +158,49 @@ def test_retry_after_as_http_date(httpserver: HTTPServer) -> None:
         sink.publish(events(1))
     sink.close()
     assert info.value.retry_after == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("inf", None), ("Infinity", None), ("nan", None), ("-5", 0.0),
+    (str(10 ** 12), MAX_RETRY_AFTER),
+    ("Wed Oct 21 07:28:00 2015", 30.0),          # asctime: no zone, GMT by RFC 9110
+    ("Wed, 21 Oct 2015 07:28:00", 30.0),         # naive IMF date: GMT
+    ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),      # past: retry now
+])
+def test_retry_after_is_read_by_the_one_core_rule(httpserver: HTTPServer, header: str,
+                                                   expected: float | None) -> None:
+    now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=timezone.utc).timestamp()
+    httpserver.expect_request("/hooks").respond_with_data("", status=503, headers={"Retry-After": header})
+    sink = WebhookSink(url=httpserver.url_for("/hooks"), secret=SECRET, clock=lambda: now)
+    with pytest.raises(TransientError) as info:
+        sink.publish(events(1))
+    sink.close()
+    assert info.value.retry_after == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_retry_after_inf_does_not_stall_the_route(httpserver: HTTPServer) -> None:
+    path = f"/stall/{uuid.uuid4().hex}"
+    answers = [Response("busy", status=429, headers={"Retry-After": "1e999"}),
+               Response("busy", status=503, headers={"Retry-After": str(10 ** 15)})]
+
+    def handler(_req: Request) -> Response:
+        return answers.pop(0) if answers else Response("ok")
+
+    httpserver.expect_request(path).respond_with_handler(handler)
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    Journal(store).append("orders/1", "order.placed", {"n": 1})
+    sink = WebhookSink(url=httpserver.url_for(path), secret=SECRET, clock=clock.now)
+    fanout = FanOut(store, [Route("hooks", sink)], retry_base=1.0, retry_cap=30.0)
+    assert fanout.run_once() == 0  # 429 with an unreadable Retry-After: the route's own backoff
+    clock.advance(31)
+    assert fanout.run_once() == 0  # 503 asking for 31,000 years: capped
+    retry_at = fanout.status()[0].retry_at
+    assert retry_at is not None and retry_at - clock.now() == pytest.approx(MAX_RETRY_AFTER)
+    clock.advance(MAX_RETRY_AFTER + 1)
+    assert fanout.run_once() == 1
+    fanout.close()
+    store.close()
 
 
 def test_timeouts_and_refused_connections_are_transient(httpserver: HTTPServer) -> None:

@@ -42,6 +42,7 @@ from ._protocols import (
     capabilities_of,
 )
 from ._reactor import Reaction, Reactor
+from ._retry_after import MAX_RETRY_AFTER, clamp_retry_after, parse_retry_after
 from ._sql import Migration, Tx
 from ._store import MemoryStore, NewEvent, PostgresStore, SQLiteStore, SQLStore, open_store
 from ._tasks import TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
@@ -108,6 +109,7 @@ __all__ = [
     "Journal",
     "Lease",
     "LeaseLostError",
+    "MAX_RETRY_AFTER",
     "MemoryStore",
     "Migration",
     "MissingDependencyError",
@@ -148,6 +150,7 @@ __all__ = [
     "Worker",
     "__version__",
     "capabilities_of",
+    "clamp_retry_after",
     "get_registry",
     "heartbeat",
     "hookimpl",
@@ -155,6 +158,7 @@ __all__ = [
     "is_infrastructure_error",
     "load_config",
     "open_store",
+    "parse_retry_after",
     "register_connector",
     "register_sink",
     "reset_registry",

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from ._async_bridge import AsyncBridge
+from ._retry_after import clamp_retry_after
 from ._sql import Migration, Tx, in_clause, subject_matcher, subject_regex
 from ._store import SQLStore, _event_from_row
 from ._values import Event, _StrEnum
@@ -412,9 +413,10 @@ class FanOut:
 
     def _back_off(self, run: _RouteRun, exc: BaseException) -> None:
         run.attempt += 1
-        retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, (int, float)) and retry_after >= 0:
-            delay = float(retry_after)
+        # One rule with the Retry-After header: NaN or no number -> backoff; inf or absurd -> MAX_RETRY_AFTER.
+        retry_after = clamp_retry_after(getattr(exc, "retry_after", None))
+        if retry_after is not None:
+            delay = retry_after
         else:
             d = min(self.retry_cap, self.retry_base * 2 ** (run.attempt - 1))
             delay = d / 2 + random.uniform(0, d / 2)

@@ -11,12 +11,11 @@ import json
 import os
 import time
 from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import httpx
-from errands.core import ConfigError, ErrandsError, Event, PermanentError, TransientError
+from errands.core import ConfigError, ErrandsError, Event, PermanentError, TransientError, parse_retry_after
 
 SECRET_PREFIX = "whsec_"
 _RETRY_STATUSES = frozenset({408, 425, 429})
@@ -65,23 +64,6 @@ def _display_url(url: str) -> str:
     host = parts.hostname or ""
     origin = f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
     return origin + ("/..." if parts.path.strip("/") or parts.query else "")
-
-
-def _retry_after(value: str | None, now: float) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, when.timestamp() - now)
 
 
 class WebhookSink:
@@ -185,7 +167,8 @@ class WebhookSink:
         if status == 410:
             raise WebhookGoneError(f"{what}: the endpoint is gone; the route stops until resumed")
         if status in _RETRY_STATUSES or status >= 500 or 300 <= status < 400:
-            raise TransientError(what, retry_after=_retry_after(resp.headers.get("retry-after"), self._clock()))
+            wait = parse_retry_after(resp.headers.get("retry-after"), now=self._clock())
+            raise TransientError(what, retry_after=wait)
         raise PermanentError(f"{what}: {resp.text[:200]}")
 
     def close(self) -> None:

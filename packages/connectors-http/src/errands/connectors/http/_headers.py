@@ -1,11 +1,17 @@
-"""Header rules: which header values are secrets, how to redact them, and ``Retry-After`` parsing."""
+"""Header rules: which header values are secrets and how to redact them.
+
+``parse_retry_after`` is core's one ``Retry-After`` reading (``errands.core.parse_retry_after``), re-exported
+here for connector code.
+"""
 
 from __future__ import annotations
 
 import re
-import time
-from email.utils import parsedate_to_datetime
 from typing import Iterable, Mapping
+
+from errands.core import parse_retry_after
+
+__all__ = ["REDACTED", "is_secret_header", "parse_retry_after", "redact_headers", "scrub", "secret_fragments"]
 
 REDACTED = "***"
 
@@ -56,42 +62,3 @@ def scrub(text: str, fragments: Iterable[str]) -> str:
         if fragment in text:
             text = text.replace(fragment, REDACTED)
     return text
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP-date.
-
-    Args:
-        value: the header value, or None.
-        now: the current UNIX time (``time.time()`` by default).
-
-    Returns:
-        Seconds (never negative), or None when the header is absent or unreadable.
-
-    Example:
-        >>> parse_retry_after("120")
-        120.0
-        >>> parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0)
-        10.0
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        if seconds != seconds or seconds in (float("inf"), float("-inf")):
-            return None
-        return max(0.0, seconds)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
