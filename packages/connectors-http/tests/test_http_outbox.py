@@ -11,7 +11,9 @@ from typing import Any, Iterator
 import pytest
 from errands.connectors.http import AsyncHttpConnector, HttpConnector
 from errands.connectors.http.testing import LedgerServer
-from errands.core import Effect, EffectStatus, Outbox, Semantics, Worker, open_store
+from errands.core import Effect, EffectStatus, FakeClock, Outbox, Semantics, Worker, open_store
+from pytest_httpserver import HTTPServer
+from werkzeug import Response
 
 FAST = {"backoff_base": 0.005, "backoff_cap": 0.05, "max_attempts": 25, "max_observations": 25}
 
@@ -113,3 +115,27 @@ def test_idempotent_effects_with_observe_endpoint_are_confirmed_by_observation(s
         assert all(count == 1 for count in server.performed.values())
         # A dropped answer is settled by one observation, not by a second POST.
         assert sum(1 for r in server.requests if r.endpoint == "effects") == n
+
+
+def test_errands_attempt_on_compensation_is_the_outbox_attempt(tmp_path: Path, httpserver: HTTPServer) -> None:
+    answers = iter([503, 200])
+    httpserver.expect_request("/pay").respond_with_data("ok")
+    httpserver.expect_request("/refund").respond_with_handler(
+        lambda _req: Response("", status=next(answers)))
+    clock = FakeClock()
+    store = open_store(f"sqlite:///{tmp_path / 'c.db'}", clock=clock)
+    connector = HttpConnector(url=httpserver.url_for("/pay"), compensate_url=httpserver.url_for("/refund"))
+    outbox = Outbox(store, {"bank": connector}, **FAST)
+    outbox.submit(Effect(key="order-1", connector="bank", payload={}))
+    assert [o.status for o in outbox.dispatch_once()] == [EffectStatus.CONFIRMED]
+    outbox.register_compensation("order-1", "refund", {"amount": 5}, due=True)
+    first = outbox.compensate_once()
+    clock.advance(60)
+    second = outbox.compensate_once()
+    refunds = [req for req, _ in httpserver.log if req.path == "/refund"]
+    assert [(o.attempts, o.status.value) for o in first + second] == [(1, "PENDING"), (2, "COMPENSATED")]
+    assert [req.headers["Errands-Attempt"] for req in refunds] == ["1", "2"], \
+        "the header carries the attempt the outbox records, not one more"
+    outbox.close()
+    connector.close()
+    store.close()

@@ -14,6 +14,7 @@ import pytest
 from errands.connectors.http import HttpConnector
 from errands.connectors.http.testing import LedgerServer
 from errands.core import (
+    MAX_RETRY_AFTER,
     CompensationOutcome,
     DispatchOutcome,
     Effect,
@@ -167,6 +168,37 @@ def test_unreadable_retry_after_is_ignored(httpserver: HTTPServer, connector: Ht
     httpserver.expect_request("/pay").respond_with_data("", status=429, headers={"Retry-After": "soon"})
     result = connector.dispatch(effect())
     assert result.outcome is DispatchOutcome.UNKNOWN
+    assert result.retry_after is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("header", "expected"), [
+    ("inf", None), ("1e999", None), ("nan", None), ("-30", 0.0),
+    (str(10 ** 12), MAX_RETRY_AFTER), ("9" * 400, MAX_RETRY_AFTER),
+])
+def test_retry_after_inf_nan_and_absurd_values(httpserver: HTTPServer, connector: HttpConnector, mode: str,
+                                               header: str, expected: float | None) -> None:
+    httpserver.expect_request("/pay").respond_with_data("", status=503, headers={"Retry-After": header})
+    result = run(connector, mode, "dispatch", effect())
+    assert result.outcome is DispatchOutcome.UNKNOWN
+    assert result.retry_after == expected
+
+
+def test_retry_after_asctime_date_without_a_zone_is_gmt(httpserver: HTTPServer, connector: HttpConnector) -> None:
+    when = datetime.now(timezone.utc) + timedelta(seconds=120)
+    httpserver.expect_request("/pay").respond_with_data(
+        "", status=429, headers={"Retry-After": time.asctime(when.utctimetuple())})
+    result = connector.dispatch(effect())
+    assert result.retry_after is not None
+    assert 100 <= result.retry_after <= 121
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compensate_retry_after_uses_the_same_rule(httpserver: HTTPServer, connector: HttpConnector,
+                                                   mode: str) -> None:
+    httpserver.expect_request("/refund").respond_with_data("", status=503, headers={"Retry-After": "inf"})
+    result = run(connector, mode, "compensate", Obligation(effect_key="k", kind="refund", payload={}, attempt=1))
+    assert result.outcome is CompensationOutcome.PENDING
     assert result.retry_after is None
 
 
@@ -339,7 +371,7 @@ def test_compensate_status_maps_to_outcome(httpserver: HTTPServer, connector: Ht
     assert json.loads(request.get_data()) == {
         "effect_key": "order-1", "kind": "refund", "payload": {"amount": 5}, "run_id": "run-1"}
     assert request.headers["Idempotency-Key"] == "order-1:compensate:refund"
-    assert request.headers["Errands-Attempt"] == "2"
+    assert request.headers["Errands-Attempt"] == "1"
 
 
 def test_compensate_without_url_is_stuck(httpserver: HTTPServer) -> None:

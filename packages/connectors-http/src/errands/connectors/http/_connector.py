@@ -519,7 +519,9 @@ class HttpConnector:
         # A key of its own: a counterparty that deduplicates on Idempotency-Key across endpoints must not
         # take the compensation for a replay of the effect.
         key = f"{obligation.effect_key}:compensate:{obligation.kind}"
-        return body, self._request_headers(key, None, obligation.run_id, obligation.attempt + 1)
+        # The outbox counts the attempt before it calls (the first call carries 1); a hand-built obligation
+        # (attempt 0) is a first attempt too.
+        return body, self._request_headers(key, None, obligation.run_id, max(1, obligation.attempt))
 
     def _compensation(self, response: httpx.Response) -> CompensationResult:
         status = response.status_code
