@@ -14,6 +14,7 @@ from typing import Any, TypedDict
 
 import pytest
 from errands.core import (
+    DEFAULT_LEASE_FOR,
     ConfigError,
     FakeClock,
     InvalidTaskIdError,
@@ -28,6 +29,7 @@ from errands.core import (
     open_store,
     typed_handler,
 )
+from errands.core.testing import faults
 
 
 @pytest.fixture
@@ -162,6 +164,152 @@ def test_permanent_error_is_not_retried_and_dlq_parks(store: Any) -> None:
     assert [t.id for t in engine.dead()] == [b]
     assert engine.redrive(type="parked") == 1 and engine.dead() == []
     engine.close()
+
+
+def test_a_task_retried_many_times_does_not_use_up_the_free_slots(store: Any) -> None:
+    # Free slots are counted in tasks, not in fencing tokens: a task on its fourth attempt holds one slot.
+    release = threading.Event()
+
+    def flaky(_p: Any, ctx: TaskContext) -> str:
+        if ctx.attempt < 4:
+            raise TransientError("again", retry_after=0)
+        release.wait(10)
+        return "ok"
+
+    engine = TaskEngine(store, handlers={"flaky": flaky, "quick": lambda p: "quick"}, concurrency=2, retry_max=5)
+    slow = engine.submit("flaky", {})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and engine.get(slow).attempts < 4:  # type: ignore[union-attr]
+        engine.run_once()
+        time.sleep(0.005)
+    assert engine.get(slow).attempts == 4 and engine.in_flight == 1  # type: ignore[union-attr]
+    quick = engine.submit("quick", {})
+    assert engine.run_once() == 1
+    assert engine.wait(quick, timeout=5).result == "quick"
+    release.set()
+    assert engine.wait(slow, timeout=5).result == "ok"
+    engine.close()
+
+
+def test_the_default_lease_is_the_shared_one_and_renewed_while_a_long_handler_runs(tmp_path: Path) -> None:
+    assert TaskEngine(MemoryStore()).lease_for == DEFAULT_LEASE_FOR == 10.0
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    first, second = open_store(url), open_store(url)
+    release, calls = threading.Event(), []
+
+    def long(_p: Any) -> str:
+        calls.append(1)
+        release.wait(20)
+        return "done"
+
+    engine = TaskEngine(first, handlers={"long": long}, lease_for=0.6)
+    other = TaskEngine(second, handlers={"long": long}, lease_for=0.6)
+    task_id = engine.submit("long", {})
+    assert engine.run_once() == 1
+    deadline = time.monotonic() + 2.0  # more than three leases: only renewals keep the task
+    while time.monotonic() < deadline:
+        assert other.run_once() == 0
+        time.sleep(0.02)
+    release.set()
+    rec = engine.wait(task_id, timeout=10)
+    assert rec.status is TaskStatus.SUCCEEDED and rec.attempts == 1 and calls == [1]
+    engine.close()
+    other.close()
+    first.close()
+    second.close()
+
+
+def test_a_handler_that_lost_its_lease_is_told_and_records_nothing(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    ahead = faults.JumpClock()
+    mine, theirs = open_store(url), open_store(url, clock=ahead)
+    noticed = threading.Event()
+    started = threading.Event()
+
+    def slow(_p: Any, ctx: TaskContext) -> str:
+        started.set()
+        for _ in range(1000):
+            if ctx.lease_lost:
+                noticed.set()
+                ctx.check_lease()  # raises LeaseLostError: the engine records nothing
+            time.sleep(0.01)
+        return "first"
+
+    engine = TaskEngine(mine, handlers={"t": slow}, lease_for=0.3)
+    task_id = engine.submit("t", {})
+    assert engine.run_once() == 1 and started.wait(5)
+    ahead.jump(60)  # for the second worker the first one's lease has lapsed
+    other = TaskEngine(theirs, handlers={"t": lambda p: "second"}, lease_for=30)
+    assert other.run_once() == 1
+    assert noticed.wait(10)
+    assert other.wait(task_id, timeout=10).result == "second"
+    deadline = time.monotonic() + 5
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rec = engine.get(task_id)
+    assert rec is not None and rec.status is TaskStatus.SUCCEEDED and rec.result == "second" and rec.error is None
+    assert any("lease" in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
+    engine.close()
+    other.close()
+    mine.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("when", ["before", "commit", "after_commit"])
+def test_an_outcome_write_that_meets_a_fault_is_retried_not_a_failure(when: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    plan = faults.FaultPlan(match=r"SET status = \?, result", rate=1.0, kinds=("locked", "dropped"),
+                            when=(when,), seed=3, limit=3)
+    with faults.inject(s, plan):
+        engine = TaskEngine(s, handlers={"t": lambda p: p["n"] * 2})
+        task_id = engine.submit("t", {"n": 21})
+        rec = engine.wait(task_id, timeout=10)
+    assert len(plan.injected) == (1 if when == "after_commit" else 3)
+    assert rec.status is TaskStatus.SUCCEEDED and rec.result == 42 and rec.attempts == 1
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]  # the write that landed is known
+    engine.close()
+    s.close()
+
+
+def test_an_outcome_that_cannot_be_written_abandons_the_run_which_runs_again_soon() -> None:
+    clock = FakeClock()  # the lease never lapses by itself: only an abandon gives the task back
+    s = MemoryStore(clock=clock)
+    calls: list[int] = []
+
+    def handler(_p: Any, ctx: TaskContext) -> str:
+        calls.append(ctx.attempt)
+        return "ok"
+
+    plan = faults.FaultPlan(match=r"SET status = \?, result", rate=1.0, kinds=("locked",), limit=5)
+    with faults.inject(s, plan):
+        engine = TaskEngine(s, handlers={"t": handler})
+        task_id = engine.submit("t", {})
+        rec = engine.wait(task_id, timeout=10)
+    assert rec.status is TaskStatus.SUCCEEDED and rec.error is None
+    assert calls == [1, 1] and rec.attempts == 1  # the abandoned invocation is not counted as an attempt
+    engine.close()
+    s.close()
+
+
+@pytest.mark.parametrize("when", ["before", "commit", "after_commit"])
+def test_a_claim_that_meets_a_fault_starts_the_task_at_a_later_pass(when: str) -> None:
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    calls: list[int] = []
+    plan = faults.FaultPlan(match=r"UPDATE em_tasks SET status = \?, owner = \?", rate=1.0,
+                            kinds=("dropped",), when=(when,), limit=1)
+    with faults.inject(s, plan):
+        engine = TaskEngine(s, handlers={"t": lambda p: calls.append(1)})
+        task_id = engine.submit("t", {})
+        assert engine.run_once() == 0  # logged, not raised
+        rec = engine.wait(task_id, timeout=10)
+    assert len(plan.injected) == 1
+    assert rec.status is TaskStatus.SUCCEEDED and rec.attempts == 1 and calls == [1]
+    engine.close()
+    s.close()
 
 
 def test_recent_and_remove(store: Any) -> None:
@@ -351,3 +499,62 @@ def test_on_postgres(postgres_url: str) -> None:
         engine.close()
     finally:
         store.close()
+
+
+class _MeetAtTheCount(faults.FaultPlan):
+    """Injects nothing; holds each engine at its count of running tasks until the other has counted too
+    (or a few seconds have passed), the interleaving under which count-then-claim over-admits."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=3)
+
+    def decide(self, sql: str) -> faults.Fault | None:
+        if "COUNT(*)" in sql and "em_tasks" in sql and "GROUP BY type" in sql:
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return super().decide(sql)
+
+
+@pytest.mark.services
+def test_max_concurrency_holds_across_two_engines_racing_on_postgres(postgres_url: str) -> None:
+    release = threading.Event()
+    running: list[str] = []
+
+    def hold(p: Any) -> None:
+        running.append(p)
+        release.wait(20)
+
+    stores = [open_store(postgres_url), open_store(postgres_url)]
+    plan = _MeetAtTheCount(2)
+    engines: list[TaskEngine] = []
+    try:
+        with faults.inject(stores[0], plan), faults.inject(stores[1], plan):
+            for s in stores:
+                engine = TaskEngine(s, concurrency=4)
+                engine.register("single", hold, max_concurrency=1)
+                engines.append(engine)
+            ids = [engines[0].submit("single", f"t{i}") for i in range(4)]
+            for engine in engines:
+                engine.recover()
+            started: list[int] = []
+            threads = [threading.Thread(target=lambda e=e: started.append(e.run_once())) for e in engines]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            with stores[0].read() as tx:
+                row = tx.one("SELECT COUNT(*) FROM em_tasks WHERE status = 'RUNNING'")
+            assert row is not None and int(row[0]) == 1 and sum(started) == 1
+            release.set()
+            for engine in engines:
+                engine.drain(timeout=20)
+            assert all(engines[0].get(i).status is TaskStatus.SUCCEEDED for i in ids)  # type: ignore[union-attr]
+    finally:
+        release.set()
+        for engine in engines:
+            engine.close()
+        for s in stores:
+            s.close()

@@ -1,9 +1,11 @@
 """The task engine: durable background tasks run concurrently by handlers registered per type.
 
 Each task is a row in ``em_tasks``; a worker claims due tasks with a lease and a fencing token, runs them
-on a thread pool (async handlers on the engine's event loop) and records the result. A task left
+on a thread pool (async handlers on the engine's event loop) and records the result. The shared heartbeat
+renews a task's lease while its handler runs; a handler whose lease was lost writes nothing. A task left
 ``RUNNING`` by a process that died is taken again: at the next start when the dead process ran on this
-host, otherwise once its lease lapses.
+host, otherwise once its lease lapses. An infrastructure error in the engine's own store calls (a locked
+database, a dropped connection) abandons the invocation, which runs again soon; it never fails the task.
 """
 
 from __future__ import annotations
@@ -21,16 +23,25 @@ import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
 from ._async_bridge import AsyncBridge
-from ._sql import Migration, Tx, dumps, in_clause, loads
+from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
+from ._sql import POSTGRES, Migration, Tx, dumps, in_clause, loads
 from ._store import SQLStore
 from ._values import _StrEnum
-from .errors import ConfigError, InvalidTaskIdError, NotFoundError, PermanentError, TransientError
+from .errors import ConfigError, InvalidTaskIdError, LeaseLostError, NotFoundError, PermanentError, TransientError
 
 log = logging.getLogger("errands.tasks")
+
+# PostgreSQL advisory lock class for task admission: engines claiming a type with ``max_concurrency`` take
+# ``(_ADMIT_LOCK, hashtext(type))`` for the transaction, so counting the running tasks and claiming more is
+# one step across workers (READ COMMITTED would otherwise let two counts see the same free slot).
+_ADMIT_LOCK = 0x656D7461
+# Retries of a result write that met an infrastructure error, while the heartbeat keeps the lease.
+_WRITE_RETRIES = (0.05, 0.1, 0.2, 0.4)
 
 TASK_MIGRATIONS = [
     Migration(
@@ -99,11 +110,38 @@ class TaskRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskContext:
-    """Given to handlers that take a second argument."""
+    """Given to handlers that take a second argument.
+
+    A long handler can ask whether its lease is still its own (``lease_lost``, ``check_lease()``): once it
+    is lost another worker may run the task, and whatever this run returns is dropped.
+    """
 
     id: str
     type: str
     attempt: int
+    _beat: Beat | None = dataclass_field(default=None, repr=False, compare=False)
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once this run's lease is known to be lost."""
+        return self._beat is not None and self._beat.lost
+
+    def check_lease(self) -> None:
+        """Raise ``LeaseLostError`` if this run's lease is lost (the engine then records nothing)."""
+        if self._beat is not None:
+            self._beat.check()
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """A task this engine claimed and runs now."""
+
+    id: str
+    type: str
+    params: Any
+    token: int
+    attempt: int
+    beat: Beat
 
 
 @dataclass
@@ -183,7 +221,8 @@ class TaskEngine:
         handlers: task type -> ``fn(params)`` or ``fn(params, ctx)``, sync or async. Handlers must be
             idempotent: a task whose process dies mid-run runs again.
         concurrency: the most tasks this engine runs at once.
-        lease_for: seconds a running task's lease lasts; renewed while the handler runs.
+        lease_for: seconds a running task's lease lasts; the shared heartbeat renews it every third of
+            that while the handler runs, so a task of a killed worker runs again within ``lease_for``.
         retry_max: retries after a failure (``PermanentError`` and ``ConfigError`` are not retried).
         retry_base: the first retry delay in seconds, doubling each attempt (with jitter).
         retry_cap: the longest retry delay.
@@ -197,10 +236,13 @@ class TaskEngine:
 
     def __init__(
         self, store: SQLStore, handlers: Mapping[str, Callable[..., Any]] | None = None, *, concurrency: int = 8,
-        lease_for: float = 60.0, retry_max: int = 3, retry_base: float = 1.0, retry_cap: float = 300.0,
+        lease_for: float = DEFAULT_LEASE_FOR, retry_max: int = 3, retry_base: float = 1.0, retry_cap: float = 300.0,
     ) -> None:
         self.store = store
         self.concurrency = _positive_int(concurrency, "concurrency")
+        if not isinstance(lease_for, (int, float)) or isinstance(lease_for, bool) or lease_for <= 0:
+            raise ConfigError(f"lease_for must be a positive number of seconds, got {lease_for!r}",
+                              field="lease_for", value=lease_for)
         self.lease_for = float(lease_for)
         self.retry_max = _positive_int(retry_max, "retry_max", 0)
         self.retry_base = retry_base
@@ -212,11 +254,14 @@ class TaskEngine:
         store.migrate("tasks", TASK_MIGRATIONS)
         self._bridge = AsyncBridge("errands-tasks")
         self._pool: ThreadPoolExecutor | None = None
-        self._running: dict[str, int] = {}
+        self._running: dict[str, _Run] = {}
         self._lock = threading.Lock()
+        self._claiming = threading.Lock()
         self._recovered = False
-        self._closed = threading.Event()
-        self._heartbeat: threading.Thread | None = None
+        # Set when a store call failed in a way that may leave one of this engine's tasks RUNNING but not
+        # run here (a claim committed but unacknowledged, a result that could not be written): the next
+        # claim gives such tasks back at once instead of waiting out their lease.
+        self._abandoned = False
 
     # -- registration --------------------------------------------------------------------------
     def register(
@@ -408,25 +453,66 @@ class TaskEngine:
     def run_once(self) -> int:
         """Start the due tasks this engine has handlers for, up to its free slots. Does not wait for them.
 
+        An infrastructure error from the store (a locked database, a dropped connection) is logged and
+        nothing starts: the next call tries again.
+
         Returns:
             How many tasks were started.
         """
-        if not self._recovered:
-            self.recover()
-        if not self._types:
-            return 0
-        with self._lock:
-            free = self.concurrency - sum(self._running.values())
-        if free <= 0:
-            return 0
+        with self._claiming:
+            try:
+                if not self._recovered:
+                    self.recover()
+                if not self._types:
+                    return 0
+                with self._lock:
+                    free = self.concurrency - len(self._running)
+                    held = list(self._running)
+                    abandoned, self._abandoned = self._abandoned, False
+                if free <= 0:
+                    with self._lock:
+                        self._abandoned = self._abandoned or abandoned
+                    return 0
+                claimed = self._claim(free, held, abandoned)
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                # The claim may have committed before the error reached us: those tasks are ours but not
+                # running, and the next claim gives them back.
+                with self._lock:
+                    self._abandoned = True
+                log.info("tasks: claiming failed (%s: %s); trying again at the next pass", type(exc).__name__, exc)
+                return 0
+            if not claimed:
+                return 0
+            pool = self._executor()
+            runs = []
+            with self._lock:
+                for task_id, type_, params, token, attempt in claimed:
+                    beat = heartbeat(functools.partial(self._renew, task_id, token), lease_for=self.lease_for,
+                                     what=f"task {task_id}")
+                    run = _Run(id=task_id, type=type_, params=params, token=token, attempt=attempt, beat=beat)
+                    self._running[task_id] = run
+                    runs.append(run)
+        for run in runs:
+            pool.submit(self._execute, run)
+        return len(runs)
+
+    def _claim(self, free: int, held: list[str], abandoned: bool) -> list[tuple[str, str, Any, int, int]]:
         now = self.store.clock.now()
         claimed: list[tuple[str, str, Any, int, int]] = []
+        limited = sorted(t for t, s in self._types.items() if s.max_concurrency is not None)
         with self.store.transaction() as tx:
+            if abandoned:
+                self._give_back(tx, held, now)
             running: dict[str, int] = {}
-            if any(s.max_concurrency for s in self._types.values()):
+            if limited:
+                if tx.dialect == POSTGRES:
+                    for type_ in limited:  # in one order everywhere, so two engines never deadlock
+                        tx.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_ADMIT_LOCK, type_))
                 running = {t: int(n) for t, n in tx.query(
-                    "SELECT type, COUNT(*) FROM em_tasks WHERE status = ? AND lease_expires > ? GROUP BY type",
-                    (str(TaskStatus.RUNNING), now))}
+                    f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND status = ? "
+                    "AND lease_expires > ? GROUP BY type", (*limited, str(TaskStatus.RUNNING), now))}
             for type_, spec in self._types.items():
                 if free <= 0:
                     break
@@ -451,16 +537,27 @@ class TaskEngine:
                     spec.tokens -= len(rows)
                 free -= len(rows)
                 claimed.extend((r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows)
-        if not claimed:
-            return 0
-        pool = self._executor()
-        with self._lock:
-            for task_id, _t, _p, token, _a in claimed:
-                self._running[task_id] = token
-        self._ensure_heartbeat()
-        for task in claimed:
-            pool.submit(self._execute, *task)
-        return len(claimed)
+        return claimed
+
+    def _give_back(self, tx: Tx, held: list[str], now: float) -> None:
+        """Queue again, due now, this engine's RUNNING tasks that it does not run: their invocation was
+        abandoned on an infrastructure error, so it does not count as an attempt."""
+        sql = ("UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, updated_at = ?, "
+               "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE status = ? AND owner = ?")
+        params: list[Any] = [str(TaskStatus.PENDING), now, now, str(TaskStatus.RUNNING), self.owner]
+        if held:
+            sql += f" AND id NOT IN {in_clause(len(held))}"
+            params.extend(held)
+        n = tx.rowcount(sql, params)
+        if n:
+            log.info("tasks: %d abandoned invocation(s) queued again", n)
+
+    def _renew(self, task_id: str, token: int) -> bool:
+        with self.store.transaction() as tx:
+            return tx.rowcount(
+                "UPDATE em_tasks SET lease_expires = ? WHERE id = ? AND token = ? AND status = ?",
+                (self.store.clock.now() + self.lease_for, task_id, token, str(TaskStatus.RUNNING)),
+            ) == 1
 
     def _refill(self, spec: _TypeSpec, now: float) -> None:
         assert spec.rate_limit_per_s is not None
@@ -474,83 +571,111 @@ class TaskEngine:
                 self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="errands-task")
             return self._pool
 
-    def _execute(self, task_id: str, type_: str, params: Any, token: int, attempt: int) -> None:
-        spec = self._types[type_]
+    def _execute(self, run: _Run) -> None:
+        spec = self._types[run.type]
+        outcome: tuple[str, tuple[Any, ...]]
         try:
-            args: tuple[Any, ...] = (params, TaskContext(id=task_id, type=type_, attempt=attempt)) \
-                if spec.wants_ctx else (params,)
+            args: tuple[Any, ...] = (run.params, TaskContext(id=run.id, type=run.type, attempt=run.attempt,
+                                                             _beat=run.beat)) if spec.wants_ctx else (run.params,)
             result = self._bridge.call(spec.fn, *args)
             text = dumps(result, field="result")
         except BaseException as exc:
             if not isinstance(exc, Exception):
-                self._forget(task_id)
+                self._forget(run.id)
                 raise
-            self._failed(task_id, type_, spec, token, attempt, exc)
-            return
-        now = self.store.clock.now()
-        self._finish(task_id, token, "status = ?, result = ?, error = NULL, finished_at = ?",
-                     (str(TaskStatus.SUCCEEDED), text, now))
+            if isinstance(exc, LeaseLostError) and run.beat.lost:
+                outcome = ("", ())
+            else:
+                outcome = self._failure(run, spec, exc)
+        else:
+            outcome = ("status = ?, result = ?, error = NULL, finished_at = ?",
+                       (str(TaskStatus.SUCCEEDED), text, self.store.clock.now()))
+        abandoned = False
+        try:
+            if run.beat.lost:
+                log.warning("task %s (%s): its lease was lost while it ran; this run records nothing (another "
+                            "worker may run it)", run.id, run.type)
+                return
+            abandoned = self._record(run, *outcome)
+        finally:
+            self._forget(run.id, abandoned=abandoned)
 
-    def _failed(self, task_id: str, type_: str, spec: _TypeSpec, token: int, attempt: int,
-                exc: Exception) -> None:
+    def _failure(self, run: _Run, spec: _TypeSpec, exc: Exception) -> tuple[str, tuple[Any, ...]]:
         now = self.store.clock.now()
+        attempt = run.attempt
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         permanent = isinstance(exc, (PermanentError, ConfigError))
         out_of_tries = attempt > spec.retry_max or (spec.dlq_after is not None and attempt >= spec.dlq_after)
         if permanent or out_of_tries:
             status = TaskStatus.DEAD if spec.dlq_after is not None else TaskStatus.FAILED
-            log.error("task %s (%s) %s after %d attempt(s): %s", task_id, type_, status.value.lower(), attempt, error)
-            self._finish(task_id, token, "status = ?, error = ?, finished_at = ?", (str(status), error, now))
-            return
+            log.error("task %s (%s) %s after %d attempt(s): %s", run.id, run.type, status.value.lower(), attempt,
+                      error)
+            return "status = ?, error = ?, finished_at = ?", (str(status), error, now)
         retry_after = getattr(exc, "retry_after", None) if isinstance(exc, TransientError) else None
         if isinstance(retry_after, (int, float)) and retry_after >= 0:
             delay = float(retry_after)
         else:
             d = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
             delay = d / 2 + random.uniform(0, d / 2)
-        log.warning("task %s (%s) attempt %d failed: %s; retrying in %.2fs", task_id, type_, attempt, error, delay)
-        self._finish(task_id, token, "status = ?, error = ?, available_at = ?",
-                     (str(TaskStatus.PENDING), error, now + delay))
+        log.warning("task %s (%s) attempt %d failed: %s; retrying in %.2fs", run.id, run.type, attempt, error, delay)
+        return "status = ?, error = ?, available_at = ?", (str(TaskStatus.PENDING), error, now + delay)
 
-    def _finish(self, task_id: str, token: int, assignments: str, values: tuple[Any, ...]) -> None:
-        try:
-            with self.store.transaction() as tx:
-                n = tx.rowcount(
-                    f"UPDATE em_tasks SET {assignments}, owner = NULL, lease_expires = NULL, updated_at = ? "
-                    "WHERE id = ? AND token = ? AND status = ?",
-                    (*values, self.store.clock.now(), task_id, token, str(TaskStatus.RUNNING)),
-                )
-            if n == 0:
-                log.warning("task %s: outcome dropped; it was removed or taken by another worker", task_id)
-        finally:
-            self._forget(task_id)
-
-    def _forget(self, task_id: str) -> None:
-        with self._lock:
-            self._running.pop(task_id, None)
-
-    def _ensure_heartbeat(self) -> None:
-        with self._lock:
-            if self._heartbeat is not None and self._heartbeat.is_alive():
-                return
-            self._heartbeat = threading.Thread(target=self._beat, name="errands-task-lease", daemon=True)
-            self._heartbeat.start()
-
-    def _beat(self) -> None:
-        interval = max(0.05, self.lease_for / 3)
-        while not self._closed.wait(interval):
-            with self._lock:
-                held = list(self._running.items())
-            if not held:
-                continue
-            until = self.store.clock.now() + self.lease_for
+    def _record(self, run: _Run, assignments: str, values: tuple[Any, ...]) -> bool:
+        """Write a run's outcome, fenced by its token. Infrastructure errors are retried a few times while
+        the heartbeat keeps the lease; then the invocation is abandoned and runs again soon. Returns
+        whether it was abandoned."""
+        failed_before = False
+        for delay in (*_WRITE_RETRIES, None):
             try:
                 with self.store.transaction() as tx:
-                    for task_id, token in held:
-                        tx.execute("UPDATE em_tasks SET lease_expires = ? WHERE id = ? AND token = ? AND status = ?",
-                                   (until, task_id, token, str(TaskStatus.RUNNING)))
-            except Exception:
-                log.warning("could not renew task leases; retrying", exc_info=True)
+                    n = tx.rowcount(
+                        f"UPDATE em_tasks SET {assignments}, owner = NULL, lease_expires = NULL, updated_at = ? "
+                        "WHERE id = ? AND token = ? AND status = ?",
+                        (*values, self.store.clock.now(), run.id, run.token, str(TaskStatus.RUNNING)),
+                    )
+                    landed = n == 0 and failed_before and tx.one(
+                        "SELECT 1 FROM em_tasks WHERE id = ? AND token = ? AND status <> ?",
+                        (run.id, run.token, str(TaskStatus.RUNNING))) is not None
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                failed_before = True
+                if delay is None or run.beat.lost:
+                    self._abandon(run, exc)
+                    return True
+                log.info("task %s: writing its outcome failed (%s: %s); retrying", run.id, type(exc).__name__, exc)
+                time.sleep(delay)
+                continue
+            if n == 0 and not landed:
+                log.warning("task %s: outcome dropped; it was removed or taken by another worker", run.id)
+            return False
+        return True  # pragma: no cover - the loop always returns
+
+    def _abandon(self, run: _Run, exc: Exception) -> None:
+        """Give a run's task back after an infrastructure error: due now, this invocation not counted."""
+        log.warning("task %s (%s): the store failed (%s: %s); the run is abandoned and the task runs again",
+                    run.id, run.type, type(exc).__name__, exc)
+        now = self.store.clock.now()
+        try:
+            with self.store.transaction() as tx:
+                tx.execute(
+                    "UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, "
+                    "updated_at = ?, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
+                    "WHERE id = ? AND token = ? AND status = ?",
+                    (str(TaskStatus.PENDING), now, now, run.id, run.token, str(TaskStatus.RUNNING)),
+                )
+        except Exception as again:
+            if not is_infrastructure_error(again):
+                raise
+            # Still failing: the next claim of this engine gives the task back (or its lease lapses).
+
+    def _forget(self, task_id: str, *, abandoned: bool = False) -> None:
+        with self._lock:
+            run = self._running.pop(task_id, None)
+            if abandoned:
+                self._abandoned = True
+        if run is not None:
+            run.beat.stop()
 
     @property
     def in_flight(self) -> int:
@@ -591,7 +716,6 @@ class TaskEngine:
 
     def close(self, wait: bool = True) -> None:
         """Stop taking tasks; with ``wait``, let running ones finish."""
-        self._closed.set()
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
