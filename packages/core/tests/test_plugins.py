@@ -22,6 +22,7 @@ from errands.core import (
     hookimpl,
     load_config,
     register_connector,
+    register_sink,
     reset_registry,
 )
 
@@ -326,6 +327,56 @@ def test_instance_without_dispatch_is_refused() -> None:
     assert reg.connector_instances == {} and reg.sink_instances == {}
 
 
+def test_a_taken_connector_name_is_refused_naming_both_instances() -> None:
+    reg = Registry(autoload=False)
+    first = reg.add_connector("bank.wire", WireConnector(url="https://bank.example"))
+    with pytest.raises(ConfigError) as info:
+        reg.add_connector("bank.wire", OtherWireConnector())
+    err = info.value
+    assert err.field == 'connectors."bank.wire"'
+    message = str(err)
+    assert 'connectors."bank.wire" is taken' in message
+    assert f"{__name__}.WireConnector" in message and f"{__name__}.OtherWireConnector" in message
+    assert "replace=True" in message, "the message says how to replace it on purpose"
+    assert reg.connector("bank.wire") is first, "the first instance is still the one registered"
+
+
+def test_a_taken_sink_name_is_refused_naming_both_instances() -> None:
+    reg = Registry(autoload=False)
+    first = reg.add_sink("audit", AuditSink(path="a.jsonl"))
+    with pytest.raises(ConfigError, match=re.escape("sinks.audit is taken")) as info:
+        reg.add_sink("audit", AuditSink(path="b.jsonl"))
+    assert info.value.field == "sinks.audit"
+    assert str(info.value).count(f"{__name__}.AuditSink") == 2
+    assert reg.sink("audit") is first
+
+
+def test_registering_the_same_object_again_is_idempotent_and_replace_is_explicit() -> None:
+    reg = Registry(autoload=False)
+    wire = WireConnector(url="https://bank.example")
+    assert reg.add_connector("bank.wire", wire) is wire
+    assert reg.add_connector("bank.wire", wire) is wire
+    other = OtherWireConnector()
+    assert reg.add_connector("bank.wire", other, replace=True) is other
+    assert reg.connector("bank.wire") is other
+    sink = AuditSink()
+    assert reg.add_sink("audit", sink) is reg.add_sink("audit", sink) is sink
+    newer = AuditSink()
+    assert reg.add_sink("audit", newer, replace=True) is reg.sink("audit") is newer
+
+
+def test_process_wide_register_connector_refuses_a_taken_name() -> None:
+    reset_registry(Registry(autoload=False))
+    first = register_connector("bank.wire", WireConnector(url="https://bank.example"))
+    with pytest.raises(ConfigError, match="is taken"):
+        register_connector("bank.wire", WireConnector(url="https://other.example"))
+    assert get_registry().connector("bank.wire") is first
+    register_sink("audit", AuditSink())
+    with pytest.raises(ConfigError, match="is taken"):
+        register_sink("audit", AuditSink())
+    assert register_connector("bank.wire", OtherWireConnector(), replace=True) is get_registry().connector("bank.wire")
+
+
 def test_process_wide_registry(two_plugins: None) -> None:
     reset_registry()
     reg = get_registry()
@@ -464,3 +515,45 @@ def test_sections_of_the_wrong_shape(reg: Registry) -> None:
         load_config({"connectors": ["wire"], "sinks": {"audit": "log"}, "worker": 3}, registry=reg)
     fields = sorted(p.field for p in info.value.problems)  # type: ignore[attr-defined]
     assert fields == ["connectors", "sinks.audit", "worker"]
+
+
+def test_config_name_taken_in_code_is_a_problem_and_nothing_is_registered(reg: Registry) -> None:
+    mine = reg.add_connector("bank.wire", OtherWireConnector())
+    with pytest.raises(ConfigError) as info:
+        load_config({"connectors": {"bank.wire": {"type": "wire", "url": "https://bank.example"},
+                                    "backup": {"type": "wire", "url": "https://backup.example"}}}, registry=reg)
+    err = info.value
+    assert err.field == 'connectors."bank.wire"'
+    assert f"{__name__}.OtherWireConnector" in str(err) and f"{__name__}.WireConnector" in str(err)
+    assert reg.connector("bank.wire") is mine
+    assert "backup" not in reg.connector_instances, "a config with a problem registers nothing"
+
+
+def test_loading_the_same_config_again_keeps_its_instances(reg: Registry, tmp_path: Path) -> None:
+    path = tmp_path / "errands.toml"
+    path.write_text(GOOD)
+    first = load_config(path, registry=reg)
+    again = load_config(path, registry=reg)
+    assert again.connectors["bank.wire"] is first.connectors["bank.wire"] is reg.connector("bank.wire")
+    assert again.sinks["audit"] is reg.sink("audit")
+    assert again.routes == first.routes
+
+
+def test_a_changed_table_under_a_loaded_name_is_refused_unless_replaced(reg: Registry) -> None:
+    load_config({"connectors": {"w": {"type": "wire", "url": "https://one.example"}}}, registry=reg)
+    first = reg.connector("w")
+    with pytest.raises(ConfigError, match="is taken") as info:
+        load_config({"connectors": {"w": {"type": "wire", "url": "https://two.example"}}}, registry=reg)
+    assert info.value.field == "connectors.w"
+    assert reg.connector("w") is first
+    load_config({"connectors": {"w": {"type": "wire", "url": "https://two.example"}}}, registry=reg, replace=True)
+    assert reg.connector("w") is not first and reg.connector("w").url == "https://two.example"
+
+
+def test_a_taken_name_with_a_bad_table_reports_both_problems(reg: Registry) -> None:
+    load_config({"connectors": {"w": {"type": "wire", "url": "https://one.example"}}}, registry=reg)
+    with pytest.raises(ConfigError) as info:
+        load_config({"connectors": {"w": {"type": "wire", "url": "ftp://two"}}}, registry=reg)
+    fields = [p.field for p in info.value.problems]  # type: ignore[attr-defined]
+    assert fields == ["connectors.w.url", "connectors.w"]
+    assert reg.connector("w").url == "https://one.example"

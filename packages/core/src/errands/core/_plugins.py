@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata as md
 import inspect
 import os
@@ -85,6 +86,9 @@ class Registry:
         self.schedulers: dict[str, type] = {}
         self.connector_instances: dict[str, Any] = {}
         self.sink_instances: dict[str, Any] = {}
+        # The errands.toml table each config-built instance came from: loading that same table again
+        # keeps the instance instead of refusing its name as taken.
+        self._config_tables: dict[tuple[str, str], dict[str, Any]] = {}
         self.cli_hook = self.pm.hook.errands_register_cli
         if autoload is None:
             autoload = os.environ.get("ERRANDS_DISABLE_PLUGIN_AUTOLOAD", "") not in ("1", "true", "yes")
@@ -169,27 +173,65 @@ class Registry:
                     getattr(info, kind)[key] = cls
 
     # -- named instances ---------------------------------------------------------------------
-    def add_connector(self, name: str, instance: Any) -> Any:
-        """Register a connector instance under ``name`` (``"bank.wire"``)."""
+    def add_connector(self, name: str, instance: Any, *, replace: bool = False) -> Any:
+        """Register a connector instance under ``name`` (``"bank.wire"``).
+
+        Args:
+            name: the instance name effects refer to.
+            instance: an object with ``dispatch(effect)``.
+            replace: put ``instance`` in the place of one already registered under ``name``.
+
+        Returns:
+            ``instance``.
+
+        Raises:
+            ConfigError: a bad name, an object without ``dispatch``, or ``name`` taken by another instance
+                (registering the very same object again is a no-op).
+        """
         _check_instance_name("connectors", name)
         if not callable(getattr(instance, "dispatch", None)):
             raise ConfigError(
                 f"connectors.{_q(name)} must have a dispatch(effect) method, got {type(instance).__name__}",
                 field=f"connectors.{_q(name)}", value=type(instance).__name__,
             )
-        self.connector_instances[name] = instance
+        self._put("connectors", name, instance, replace)
         return instance
 
-    def add_sink(self, name: str, instance: Any) -> Any:
-        """Register a sink instance under ``name``."""
+    def add_sink(self, name: str, instance: Any, *, replace: bool = False) -> Any:
+        """Register a sink instance under ``name``.
+
+        Args:
+            name: the instance name routes refer to.
+            instance: an object with ``publish(events)``.
+            replace: put ``instance`` in the place of one already registered under ``name``.
+
+        Returns:
+            ``instance``.
+
+        Raises:
+            ConfigError: a bad name, an object without ``publish``, or ``name`` taken by another instance
+                (registering the very same object again is a no-op).
+        """
         _check_instance_name("sinks", name)
         if not callable(getattr(instance, "publish", None)):
             raise ConfigError(
                 f"sinks.{_q(name)} must have a publish(events) method, got {type(instance).__name__}",
                 field=f"sinks.{_q(name)}", value=type(instance).__name__,
             )
-        self.sink_instances[name] = instance
+        self._put("sinks", name, instance, replace)
         return instance
+
+    def _instances(self, kind: str) -> dict[str, Any]:
+        return self.connector_instances if kind == "connectors" else self.sink_instances
+
+    def _put(self, kind: str, name: str, instance: Any, replace: bool) -> None:
+        table = self._instances(kind)
+        current = table.get(name)
+        if current is not None and current is not instance and not replace:
+            raise _name_taken(kind, name, current, _type_path(type(instance)))
+        table[name] = instance
+        if current is not instance:
+            self._config_tables.pop((kind, name), None)
 
     def build(self, kind: str, name: str, options: Mapping[str, Any]) -> Any:
         """Build a named instance from config ``options`` (which hold ``type``)."""
@@ -242,6 +284,28 @@ def _q(name: str) -> str:
     return f'"{name}"' if "." in name or " " in name else name
 
 
+def _discard(instance: Any) -> None:
+    close = getattr(instance, "close", None)
+    if callable(close) and not inspect.iscoroutinefunction(close):
+        close()
+
+
+def _type_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _name_taken(kind: str, name: str, current: Any, newcomer: str) -> ConfigError:
+    # A second instance under a taken name used to replace the first in silence: effects and routes
+    # that named it would have gone to the newcomer.
+    path = f"{kind}.{_q(name)}"
+    return ConfigError(
+        f"{path} is taken: a {_type_path(type(current))} is registered under that name, so a "
+        f"{newcomer} cannot be; choose another name, or replace it on purpose "
+        f"(add_{kind[:-1]}(name, instance, replace=True); load_config(..., replace=True))",
+        field=path, value=newcomer,
+    )
+
+
 def _check_instance_name(kind: str, name: Any) -> None:
     if not isinstance(name, str) or not name or name != name.strip() or any(c.isspace() for c in name):
         raise ConfigError(f"{kind} names must be non-empty strings without spaces, got {name!r}",
@@ -285,14 +349,14 @@ def reset_registry(registry: Registry | None = None) -> None:
         _registry = registry
 
 
-def register_connector(name: str, instance: Any) -> Any:
-    """Register a named connector instance in the process-wide registry."""
-    return get_registry().add_connector(name, instance)
+def register_connector(name: str, instance: Any, *, replace: bool = False) -> Any:
+    """Register a named connector instance in the process-wide registry (see :meth:`Registry.add_connector`)."""
+    return get_registry().add_connector(name, instance, replace=replace)
 
 
-def register_sink(name: str, instance: Any) -> Any:
-    """Register a named sink instance in the process-wide registry."""
-    return get_registry().add_sink(name, instance)
+def register_sink(name: str, instance: Any, *, replace: bool = False) -> Any:
+    """Register a named sink instance in the process-wide registry (see :meth:`Registry.add_sink`)."""
+    return get_registry().add_sink(name, instance, replace=replace)
 
 
 if sys.version_info >= (3, 11):
@@ -317,12 +381,18 @@ class ErrandsConfig:
 ROUTE_KEYS = ("subjects", "batch_size", "max_in_flight")
 
 
-def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry: Registry | None = None) -> ErrandsConfig:
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry: Registry | None = None,
+                replace: bool = False) -> ErrandsConfig:
     """Load ``errands.toml`` (a path or an already parsed mapping) and build its named instances,
     registering them in ``registry`` (the process-wide one by default).
 
+    Loading the same tables again (each CLI command of one process reads ``errands.toml``) keeps the
+    instances built the first time. A name already taken by another instance (registered in code, or
+    built from a different table) is a problem, unless ``replace=True`` rebuilds and replaces them.
+
     Raises:
-        ConfigError: naming the field path and the bad value; every problem is reported at once.
+        ConfigError: naming the field path and the bad value; every problem is reported at once, and
+            nothing is registered.
     """
     path = None
     if isinstance(source, Mapping):
@@ -350,6 +420,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry:
     connectors: dict[str, Any] = {}
     sinks: dict[str, Any] = {}
     routes: dict[str, dict[str, Any]] = {}
+    tables: dict[tuple[str, str], dict[str, Any]] = {}
     for kind, out in (("connectors", connectors), ("sinks", sinks)):
         section = raw.get(kind, {})
         if not isinstance(section, Mapping):
@@ -363,10 +434,24 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry:
             opts = dict(options)
             if kind == "sinks":
                 routes[name] = {k: opts.pop(k) for k in ROUTE_KEYS if k in opts}
+            current = reg._instances(kind).get(name)
+            if current is not None and not replace and reg._config_tables.get((kind, name)) == opts:
+                out[name] = current  # the same table loaded again: the same instance
+                continue
             try:
-                out[name] = reg.build(kind, name, opts)
+                built = reg.build(kind, name, opts)
             except ConfigError as exc:
                 problems.append(exc)
+                built = None
+            if current is not None and not replace:
+                type_name = opts.get("type")
+                cls = getattr(reg, kind).get(type_name) if isinstance(type_name, str) else None
+                problems.append(_name_taken(kind, name, current, _type_path(cls) if cls else repr(type_name)))
+                if built is not None:
+                    _discard(built)  # built only to report its own problems too
+            elif built is not None:
+                out[name] = built
+                tables[(kind, name)] = copy.deepcopy(opts)
     worker = raw.get("worker", {})
     if not isinstance(worker, Mapping):
         problems.append(ConfigError("worker must be a table", field="worker", value=worker))
@@ -380,9 +465,13 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry:
         )
         err.problems = problems  # type: ignore[attr-defined]
         raise err
-    for name, inst in connectors.items():
-        reg.add_connector(name, inst)
-    for name, inst in sinks.items():
-        reg.add_sink(name, inst)
+    for kind, built in (("connectors", connectors), ("sinks", sinks)):
+        for name, inst in built.items():
+            if kind == "connectors":
+                reg.add_connector(name, inst, replace=replace)
+            else:
+                reg.add_sink(name, inst, replace=replace)
+            if (kind, name) in tables:
+                reg._config_tables[(kind, name)] = tables[(kind, name)]
     return ErrandsConfig(store=store, connectors=connectors, sinks=sinks, routes=routes,
                           worker=dict(worker), raw=raw, path=path)
