@@ -175,14 +175,15 @@ class _FaultyCursor:
         self._cursor = cursor
         self._conn = conn
 
-    def execute(self, sql: str, params: Any = ()) -> Any:
+    def execute(self, sql: str, params: Any = (), **kwargs: Any) -> Any:
         self._conn._before(sql)
-        self._cursor.execute(sql, params)
+        self._cursor.execute(sql, params, **kwargs)
         return self
 
-    def executemany(self, sql: str, rows: Any) -> Any:
+    def executemany(self, sql: str, rows: Any, **kwargs: Any) -> Any:
+        # psycopg's executemany(..., returning=True) feeds the store's batched event inserts
         self._conn._before(sql)
-        self._cursor.executemany(sql, rows)
+        self._cursor.executemany(sql, rows, **kwargs)
         return self
 
     def __getattr__(self, name: str) -> Any:
@@ -215,13 +216,13 @@ class _FaultyConnection:
                 self._raw.close()  # the connection really is gone: the pool must not hand it out again
         raise fault_error(fault, self._dialect)
 
-    def execute(self, sql: str, params: Any = ()) -> Any:
+    def execute(self, sql: str, params: Any = (), **kwargs: Any) -> Any:
         self._before(sql)
-        return self._raw.execute(sql, params)
+        return self._raw.execute(sql, params, **kwargs)
 
-    def executemany(self, sql: str, rows: Any) -> Any:
+    def executemany(self, sql: str, rows: Any, **kwargs: Any) -> Any:
         self._before(sql)
-        return self._raw.executemany(sql, rows)
+        return self._raw.executemany(sql, rows, **kwargs)
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         return _FaultyCursor(self._raw.cursor(*args, **kwargs), self)
