@@ -196,3 +196,59 @@ def test_runs_in_the_worker(store: Any) -> None:
     thread.join()
     assert sorted(got) == [f"s/{i}" for i in range(1, 6)]
     reactor.close()
+
+
+def test_debounce_never_merges_distinct_effects_of_one_connector() -> None:
+    # The outbox writes one stream per connector (effects/<connector>): a burst of three distinct effects
+    # confirmed together is three entities, and each gets its reaction.
+    from errands.core import Effect, Outbox
+    from errands.core.testing import FakeConnector
+
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    got: list[str] = []
+    reactor = Reactor(s)
+    reactor.on("effect.confirmed.**", lambda e: got.append(e.data["key"]), debounce_ms=500, name="confirmed")
+    outbox = Outbox(s, connectors={"bank": FakeConnector("bank")})
+    for key in ("a", "b", "c"):
+        outbox.submit(Effect(key=key, connector="bank", payload={"n": key}))
+    outbox.dispatch_once()
+    reactor.submit_once()
+    clock.advance(1)
+    reactor.run_once()
+    reactor.engine.drain(timeout=5)
+    assert sorted(got) == ["a", "b", "c"]
+    reactor.close()
+    s.close()
+
+
+def test_debounce_key_names_the_entity() -> None:
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    got: list[Any] = []
+    reactor = Reactor(s)
+    reactor.on("order.changed", lambda e: got.append((e.data.get("order"), e.data["rev"])), debounce_ms=500,
+               key="data.order", max_concurrency=4)
+    journal = Journal(s)
+    for rev in range(3):
+        journal.append("shop", "order.changed", {"order": 1, "rev": rev})
+        journal.append("shop", "order.changed", {"order": 2, "rev": rev})
+    journal.append("shop", "order.changed", {"rev": 9})  # no order: its own entity, never merged
+    journal.append("shop", "order.changed", {"rev": 10})
+    reactor.submit_once()
+    clock.advance(1)
+    reactor.run_once()
+    reactor.engine.drain(timeout=5)
+    assert sorted(got, key=repr) == sorted([(1, 2), (2, 2), (None, 9), (None, 10)], key=repr)
+    reactor.close()
+    s.close()
+
+
+def test_a_bad_debounce_key_is_named(store: Any) -> None:
+    reactor = Reactor(store)
+    with pytest.raises(ConfigError, match="key must name the entity") as info:
+        reactor.on("a", print, debounce_ms=10, key="order")
+    assert info.value.field == "key" and info.value.value == "order"
+    reaction = reactor.on("a", print, debounce_ms=10, key=lambda e: e.data["id"], name="fn")
+    ev = Journal(store).append("s", "a", {"id": 7})
+    assert reaction.entity(ev) == "7"
