@@ -312,6 +312,32 @@ def test_a_claim_that_meets_a_fault_starts_the_task_at_a_later_pass(when: str) -
     s.close()
 
 
+def test_an_engine_never_takes_again_a_task_it_still_runs() -> None:
+    # Renewals cannot reach the database and the lease lapses while the handler still runs here: another
+    # worker may take the task (at least once), but this engine must not start it a second time itself.
+    clock = FakeClock()
+    s = MemoryStore(clock=clock)
+    release, calls = threading.Event(), []
+
+    def hold(_p: Any) -> str:
+        calls.append(1)
+        release.wait(10)
+        return "done"
+
+    plan = faults.FaultPlan(match=r"SET lease_expires = \? WHERE id", rate=1.0, kinds=("dropped",))
+    with faults.inject(s, plan):
+        engine = TaskEngine(s, handlers={"t": hold}, lease_for=1.0, concurrency=4)
+        task_id = engine.submit("t", {})
+        assert engine.run_once() == 1
+        clock.advance(5)
+        assert engine.run_once() == 0
+        release.set()
+        rec = engine.wait(task_id, timeout=10)
+    assert rec.status is TaskStatus.SUCCEEDED and calls == [1]
+    engine.close()
+    s.close()
+
+
 def test_recent_and_remove(store: Any) -> None:
     clock = FakeClock()
     s = MemoryStore(clock=clock)

@@ -513,6 +513,9 @@ class TaskEngine:
                 running = {t: int(n) for t, n in tx.query(
                     f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND status = ? "
                     "AND lease_expires > ? GROUP BY type", (*limited, str(TaskStatus.RUNNING), now))}
+            # A lapsed lease of a task this engine still runs (its renewals could not reach the database) is
+            # for other workers to take, never for this one to start twice.
+            mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
             for type_, spec in self._types.items():
                 if free <= 0:
                     break
@@ -527,11 +530,12 @@ class TaskEngine:
                 rows = tx.query(
                     "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
                     "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM em_tasks "
-                    "WHERE type = ? AND ((status = ? AND available_at <= ?) OR (status = ? AND lease_expires <= ?)) "
+                    "WHERE type = ? AND ((status = ? AND available_at <= ?) OR "
+                    f"(status = ? AND lease_expires <= ?{mine})) "
                     f"ORDER BY available_at, created_at LIMIT ?{tx.skip_locked}) "
                     "RETURNING id, type, params, token, attempts",
                     (str(TaskStatus.RUNNING), self.owner, now + self.lease_for, now, now, type_,
-                     str(TaskStatus.PENDING), now, str(TaskStatus.RUNNING), now, allowed),
+                     str(TaskStatus.PENDING), now, str(TaskStatus.RUNNING), now, *held, allowed),
                 )
                 if spec.rate_limit_per_s is not None:
                     spec.tokens -= len(rows)
@@ -581,7 +585,7 @@ class TaskEngine:
             text = dumps(result, field="result")
         except BaseException as exc:
             if not isinstance(exc, Exception):
-                self._forget(run.id)
+                self._forget(run)
                 raise
             if isinstance(exc, LeaseLostError) and run.beat.lost:
                 outcome = ("", ())
@@ -598,7 +602,7 @@ class TaskEngine:
                 return
             abandoned = self._record(run, *outcome)
         finally:
-            self._forget(run.id, abandoned=abandoned)
+            self._forget(run, abandoned=abandoned)
 
     def _failure(self, run: _Run, spec: _TypeSpec, exc: Exception) -> tuple[str, tuple[Any, ...]]:
         now = self.store.clock.now()
@@ -669,13 +673,13 @@ class TaskEngine:
                 raise
             # Still failing: the next claim of this engine gives the task back (or its lease lapses).
 
-    def _forget(self, task_id: str, *, abandoned: bool = False) -> None:
+    def _forget(self, run: _Run, *, abandoned: bool = False) -> None:
         with self._lock:
-            run = self._running.pop(task_id, None)
+            if self._running.get(run.id) is run:
+                del self._running[run.id]
             if abandoned:
                 self._abandoned = True
-        if run is not None:
-            run.beat.stop()
+        run.beat.stop()
 
     @property
     def in_flight(self) -> int:
