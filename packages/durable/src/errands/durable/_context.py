@@ -19,6 +19,7 @@ from ._errors import (
     ChildContextError,
     DurableOperationError,
     ExecutionFencedOut,
+    InvocationAbandoned,
     InvokeError,
     NonDeterministicExecutionError,
     StepError,
@@ -254,7 +255,14 @@ class DurableContext:
         while True:
             if pending_error is None:
                 if at_most_once:
-                    self._start(op_id, OperationType.STEP, OperationSubType.STEP, name, sync=True)
+                    try:
+                        self._start(op_id, OperationType.STEP, OperationSubType.STEP, name, sync=True)
+                    except InvocationAbandoned as abandoned:
+                        # The start may have committed without this worker hearing so; the attempt has not
+                        # run, so the runner puts it back rather than let a replay count it interrupted.
+                        cur = state.get(op_id)
+                        abandoned.undo_starts.append((op_id, cur.attempt if cur is not None else attempt))
+                        raise
                 elif not started:
                     self._start(op_id, OperationType.STEP, OperationSubType.STEP, name)
                 started = False
@@ -681,20 +689,35 @@ def _decode_batch(text: str | None, serdes: Serdes, op_id: str, execution_id: st
 
 @dataclass(frozen=True, slots=True)
 class InvocationOutcome:
-    """How one invocation of a durable function ended."""
+    """How one invocation of a durable function ended. ``ABANDONED`` (with ``abandoned``): the store failed
+    under it; nothing is recorded and the execution is replayed later."""
 
     status: str
     result: str | None = None
     error: ErrorObject | None = None
     until: float | None = None
+    abandoned: InvocationAbandoned | None = None
 
 
 def run_handler(fn: Callable[[Any, DurableContext], Any], event: Any, state: ExecutionState) -> InvocationOutcome:
-    """Run ``fn(event, ctx)`` over ``state``: SUCCEEDED with the JSON result, FAILED with the error, or
-    PENDING until a time (None: until a callback or child arrives). ``ExecutionFencedOut`` propagates."""
+    """Run ``fn(event, ctx)`` over ``state``: SUCCEEDED with the JSON result, FAILED with the error, PENDING
+    until a time (None: until a callback or child arrives), or ABANDONED when a checkpoint could not be
+    written. ``ExecutionFencedOut`` propagates, even when user code swallowed it."""
+    outcome = _run_handler(fn, event, state)
+    stopped = state.stopped
+    if isinstance(stopped, ExecutionFencedOut):
+        raise stopped
+    if isinstance(stopped, InvocationAbandoned):
+        return InvocationOutcome("ABANDONED", abandoned=stopped)
+    return outcome
+
+
+def _run_handler(fn: Callable[[Any, DurableContext], Any], event: Any, state: ExecutionState) -> InvocationOutcome:
     ctx = DurableContext(state)
     try:
         value = fn(event, ctx)
+    except InvocationAbandoned as abandoned:
+        return InvocationOutcome("ABANDONED", abandoned=abandoned)
     except SuspendExecution as s:
         if state.fatal is not None:
             return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal))

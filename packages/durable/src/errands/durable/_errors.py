@@ -15,10 +15,14 @@ The tree::
         ├── NonDeterministicExecutionError  replay met a different operation than the checkpoint
         ├── SerdesError                   a value could not be serialised or deserialised
         ├── CheckpointError               the checkpoint service refused an update (stale token)
-        └── StepInterruptedError          an at-most-once step was cut off mid-attempt
+        ├── StepInterruptedError          an at-most-once step was cut off mid-attempt
+        └── DuplicateFunctionError        a function name is taken by another function (also a ConfigError)
 
     BaseException
-    └── SuspendExecution                  control signal: the invocation stops here, PENDING
+    ├── SuspendExecution                  control signal: the invocation stops here, PENDING
+    ├── ExecutionFencedOut                control signal: another invocation owns the execution now
+    └── InvocationAbandoned               control signal: the store failed under the invocation; it is
+                                          retried soon and never recorded as the execution's failure
 
 Errors an operation raises are built from the checkpointed ``ErrorObject`` on the first run and on
 replay alike, so ``except StepError`` sees the same type, message and data both times.
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from errands.core import ErrandsError
+from errands.core import ConfigError, ErrandsError
 
 from ._values import ErrorObject
 
@@ -115,6 +119,34 @@ class StepInterruptedError(DurableError):
     """An ``AT_MOST_ONCE_PER_RETRY`` attempt was cut off before its outcome was checkpointed."""
 
 
+class DuplicateFunctionError(DurableError, ConfigError):
+    """A durable function name is registered to another function already.
+
+    Attributes:
+        name: the taken name.
+        existing: the function registered under it.
+        new: the function that was refused.
+    """
+
+    def __init__(self, name: str, existing: Any, new: Any, *, where: str = "") -> None:
+        super().__init__(
+            f"durable function name {name!r} is taken{where} by {describe_function(existing)}; cannot register "
+            f"{describe_function(new)} under it too (pick another name, or register the same function)",
+            field="name", value=name)
+        self.name = name
+        self.existing = existing
+        self.new = new
+
+
+def describe_function(fn: Any) -> str:
+    """``module.qualname`` of a function, for messages."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if qualname is None:
+        return repr(fn)
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
 class SuspendExecution(BaseException):
     """Control signal: the invocation stops and the execution is ``PENDING`` until ``until``
     (epoch seconds) or a callback or child arrives.
@@ -129,3 +161,24 @@ class SuspendExecution(BaseException):
 
 class ExecutionFencedOut(BaseException):
     """Control signal: another invocation (or an operator) took this execution over; stop now."""
+
+
+class InvocationAbandoned(BaseException):
+    """Control signal: the invocation stops and writes nothing more, because the store failed under it (a
+    locked database, a dropped connection, a serialization failure) or because an operation it was writing
+    was settled meanwhile (a callback answered). The lease is given back and the execution is replayed soon;
+    the execution never fails because of it.
+
+    Attributes:
+        cause: the store's error, or None when the invocation only has to replay (``retry_now``).
+        retry_now: replay at once rather than after a backoff.
+        undo_starts: ``(operation_id, attempt)`` of at-most-once starts whose commit was not confirmed; the
+            attempt never ran, so the runner puts it back as not started.
+    """
+
+    def __init__(self, reason: str, cause: BaseException | None = None, *, retry_now: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cause = cause
+        self.retry_now = retry_now
+        self.undo_starts: list[tuple[str, int]] = []

@@ -11,8 +11,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from errands.core import Clock, ConfigError, NotFoundError, SystemClock
 
-from ._context import DurableContext, run_handler
-from ._errors import CheckpointError, ExecutionFencedOut
+from ._context import DurableContext, InvocationOutcome, run_handler
+from ._errors import CheckpointError, ExecutionFencedOut, InvocationAbandoned
 from ._state import ExecutionState
 from ._values import (
     ErrorObject,
@@ -320,6 +320,9 @@ class _ClientBackend:
             out = self.client.checkpoint(self.execution_id, self.token, list(updates), None)
         except CheckpointError as exc:
             raise ExecutionFencedOut(str(exc)) from exc
+        except Exception as exc:
+            # The service failed, not the user's code: the invocation fails and Lambda retries it.
+            raise InvocationAbandoned(f"{type(exc).__name__}: {exc}", exc) from exc
         self.token = out.checkpoint_token
 
     def new_callback_id(self, operation_id: str) -> str:
@@ -358,6 +361,8 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any], config
     Raises:
         ConfigError: the input is not a durable invocation.
         CheckpointError: the service refused the checkpoints (stale token): let Lambda retry.
+        Exception: the checkpoint service itself failed (the client's error, re-raised): the invocation
+            fails, never the execution, and Lambda retries it.
     """
     if not callable(handler):
         raise ConfigError(f"handler must be callable, got {handler!r}", field="handler", value=repr(handler))
@@ -384,6 +389,13 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any], config
                 backend.flush(updates, touched)
         except ExecutionFencedOut as exc:
             raise CheckpointError(str(exc)) from exc
+        except InvocationAbandoned as exc:
+            outcome = InvocationOutcome("ABANDONED", abandoned=exc)
+        if outcome.abandoned is not None:
+            cause = outcome.abandoned.cause
+            if cause is None:
+                raise CheckpointError(outcome.abandoned.reason)
+            raise cause
         out = InvocationOutput(status=InvocationStatus(outcome.status), result=outcome.result, error=outcome.error)
         record = getattr(client, "record_output", None)
         if callable(record):

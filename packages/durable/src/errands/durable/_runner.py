@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -12,7 +13,9 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Mapping, Sequence
 
 from errands.core import (
+    DEFAULT_LEASE_FOR,
     AlreadyExistsError,
+    Beat,
     Clock,
     ConfigError,
     Lease,
@@ -23,12 +26,15 @@ from errands.core import (
     SQLStore,
     Tx,
     Worker,
+    heartbeat,
+    is_infrastructure_error,
     open_store,
 )
 from errands.core._sql import dumps, in_clause
+from errands.core._store import default_owner
 
 from ._context import InvocationOutcome, run_handler
-from ._errors import ExecutionFencedOut
+from ._errors import DuplicateFunctionError, ExecutionFencedOut, InvocationAbandoned
 from ._state import ExecutionState
 from ._values import (
     TERMINAL_OP,
@@ -117,6 +123,9 @@ _UPSERT_OP = (
 _EXEC_COLS = ("id, function, status, input, result, error, parent_id, created_at, updated_at, ended_at, "
               "invocations")
 _ACTIVE = ("RUNNING", "PENDING")
+#: A checkpoint that meets an infrastructure error is tried this many times in all (briefly apart) before
+#: the invocation is abandoned.
+_WRITE_TRIES = 3
 
 _REGISTRY: dict[str, DurableFunction] = {}
 
@@ -134,6 +143,7 @@ def durable_function(name: str) -> Callable[[DurableFunction], DurableFunction]:
     def register(fn: DurableFunction) -> DurableFunction:
         if not callable(fn):
             raise ConfigError(f"durable function {name!r} must be callable", field="fn", value=repr(fn))
+        _check_free(name, fn, _REGISTRY, " (with @durable_function)")
         _REGISTRY[name] = fn
         return fn
 
@@ -144,6 +154,13 @@ def _check_function_name(name: Any) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"durable function name must be a non-empty string, got {name!r}", field="name",
                           value=name)
+
+
+def _check_free(name: str, fn: DurableFunction, taken: Mapping[str, DurableFunction], where: str) -> None:
+    """Refuse a second function under a taken name; the same function again is fine."""
+    existing = taken.get(name)
+    if existing is not None and existing is not fn:
+        raise DuplicateFunctionError(name, existing, fn, where=where)
 
 
 def _op_row(execution_id: str, op: Operation) -> tuple[Any, ...]:
@@ -179,14 +196,42 @@ def _info(row: Sequence[Any]) -> ExecutionInfo:
 
 
 class _StoreBackend:
-    """Checkpoints of one invocation into the runner's store, fenced by the execution's run token."""
+    """Checkpoints of one invocation into the runner's store, fenced by the execution's run token and by
+    the worker's lease on its queue item, which a heartbeat renews while user code runs."""
 
-    def __init__(self, runner: DurableRunner, execution_id: str, run_token: int, lease: Lease | None) -> None:
+    def __init__(self, runner: DurableRunner, execution_id: str, run_token: int, lease: Lease) -> None:
         self.runner = runner
         self.execution_id = execution_id
         self.run_token = run_token
         self.lease = lease
         self._kept_alive = runner.clock.now()
+        self.beat: Beat | None = None
+        self._renewing = threading.Lock()
+        self._ending = False
+
+    def renew(self) -> bool:
+        """Heartbeat: push the lease out by ``lease_for``. False once the execution is no longer this
+        invocation's (taken over, terminated, suspended) or the lease moved on."""
+        with self._renewing:
+            if self._ending:  # the invocation gives its lease back itself
+                return True
+            runner = self.runner
+            with runner.store.transaction() as tx:
+                row = tx.one("SELECT run_token, status FROM durable_executions WHERE id = ?", (self.execution_id,))
+                if row is None or int(row[0]) != self.run_token or row[1] != "RUNNING":
+                    return False
+                return tx.rowcount(
+                    "UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
+                    (runner.clock.now() + runner.lease_for, QUEUE, self.execution_id, self.lease.token),
+                ) == 1
+
+    def end_heartbeat(self) -> None:
+        """Stop renewing before the invocation's last transaction completes or releases the lease, so that a
+        renewal in flight cannot lease the item again after it was given back."""
+        with self._renewing:
+            self._ending = True
+        if self.beat is not None:
+            self.beat.stop()
 
     def now(self) -> float:
         return self.runner.clock.now()
@@ -207,8 +252,17 @@ class _StoreBackend:
 
     def write_ops(self, tx: Tx, updates: Sequence[OperationUpdate], ops: Sequence[Operation], now: float) -> None:
         for op in ops:
-            if tx.rowcount(_UPSERT_OP, _op_row(self.execution_id, op)) != 1:
-                raise ExecutionFencedOut(f"operation {op.id} of {self.execution_id} changed under this invocation")
+            row = _op_row(self.execution_id, op)
+            if tx.rowcount(_UPSERT_OP, row) == 1:
+                continue
+            # The stored operation is finished already: written by this invocation's own earlier attempt
+            # (its commit was not acknowledged), or settled meanwhile (a callback answered, a child ended).
+            stored = tx.one("SELECT status, result, error FROM durable_operations WHERE execution_id = ? AND id = ?",
+                            (self.execution_id, op.id))
+            if stored is not None and tuple(stored) == (row[7], row[9], row[10]):
+                continue
+            raise InvocationAbandoned(f"operation {op.name or op.id} was settled while this invocation wrote it",
+                                      retry_now=True)
         for u in updates:
             if u.operation_type is OperationType.INVOKE and u.action is OperationAction.START:
                 assert u.function_name is not None and u.child_execution_id is not None
@@ -216,25 +270,24 @@ class _StoreBackend:
                                     parent=(self.execution_id, u.operation_id))
 
     def keepalive(self, tx: Tx, now: float) -> None:
-        every = self.runner.lease_for / 3
-        if now - self._kept_alive < every:
+        """Extend the lease along with a checkpoint when the store's clock says it is due (the heartbeat
+        renews by the wall clock; this covers clocks that jump, as in tests)."""
+        if now - self._kept_alive < self.runner.lease_for / 3:
             return
+        n = tx.rowcount("UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
+                        (now + self.runner.lease_for, QUEUE, self.execution_id, self.lease.token))
+        if n != 1:
+            raise ExecutionFencedOut(f"lease on {self.execution_id} lapsed")
         self._kept_alive = now
-        if self.lease is not None:
-            n = tx.rowcount("UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
-                            (now + self.runner.lease_for, QUEUE, self.execution_id, self.lease.token))
-            if n != 1:
-                raise ExecutionFencedOut(f"lease on {self.execution_id} lapsed")
-        else:
-            tx.execute("UPDATE em_queue SET available_at = ? WHERE queue = ? AND key = ? AND lease_expires IS NULL "
-                       "AND available_at > ?", (now + self.runner.lease_for, QUEUE, self.execution_id, now))
 
     def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> None:
-        with self.runner.store.transaction() as tx:
+        def write(tx: Tx) -> None:
             now = self.now()
             self.fence(tx, now)
             self.write_ops(tx, updates, operations, now)
             self.keepalive(tx, now)
+
+        self.runner._write(self, write)
 
 
 class DurableRunner:
@@ -245,7 +298,9 @@ class DurableRunner:
         store: a store URL (``sqlite:///durable.db``, ``postgresql://...``, ``memory://``) or an open store.
         functions: name -> ``fn(event, ctx)``, on top of those registered with ``@durable_function``.
         clock: the time source (``FakeClock`` in tests); only used when ``store`` is a URL.
-        lease_for: seconds a worker holds an execution before another may take it over.
+        lease_for: seconds a worker's claim on an execution lasts; a heartbeat renews it every third of that
+            while user code runs, so it bounds how long a killed worker's execution waits, not how long a
+            step may take.
         retention: how long finished executions are kept (``timedelta`` or seconds; None: forever).
         always_replay: end every invocation after each newly completed operation and replay from the
             start (a determinism check for tests).
@@ -261,7 +316,7 @@ class DurableRunner:
 
     def __init__(self, store: str | SQLStore = "sqlite:///durable.db", *,
                  functions: Mapping[str, DurableFunction] | None = None, clock: Clock | None = None,
-                 lease_for: float = 60.0, retention: timedelta | float | None = None,
+                 lease_for: float = DEFAULT_LEASE_FOR, retention: timedelta | float | None = None,
                  always_replay: bool = False) -> None:
         if isinstance(store, str):
             self.store: SQLStore = open_store(store, clock=clock)
@@ -282,14 +337,22 @@ class DurableRunner:
             self.register(name, fn)
         self._last_retention = 0.0
         self._stop = threading.Event()
+        self._abandons: dict[str, int] = {}
 
     # -- registration ----------------------------------------------------------------------------
     def register(self, name: str, fn: DurableFunction) -> None:
-        """Register ``fn(event, ctx)`` under ``name`` for this runner."""
+        """Register ``fn(event, ctx)`` under ``name`` for this runner.
+
+        Raises:
+            DuplicateFunctionError: ``name`` is registered to another function already (on this runner or
+                with ``@durable_function``). Registering the same function again changes nothing.
+        """
         _check_function_name(name)
         if not callable(fn):
             raise ConfigError(f"durable function {name!r} must be callable", field=f"functions.{name}",
                               value=repr(fn))
+        _check_free(name, fn, self._functions, " on this runner")
+        _check_free(name, fn, _REGISTRY, " (with @durable_function)")
         self._functions[name] = fn
 
     def durable_function(self, name: str) -> Callable[[DurableFunction], DurableFunction]:
@@ -367,28 +430,32 @@ class DurableRunner:
     def run(self, function: str, input: Any = None, *, execution_id: str | None = None) -> ExecutionInfo:
         """Start ``function`` and run its first invocation in this thread.
 
-        Returns when the execution finishes or suspends (``PENDING``: a worker resumes it later). If the
-        process dies meanwhile, a worker takes the execution over after ``lease_for`` seconds.
+        Returns when the execution finishes or suspends (``PENDING``: a worker resumes it later). The
+        invocation holds a lease like a worker's: if the process dies meanwhile, a worker takes the execution
+        over within ``lease_for`` seconds. An existing ``execution_id`` is run here only if it is due and no
+        worker holds it.
         """
         execution_id, text = self._prepare_start(function, input, execution_id)
         now = self.clock.now()
         with self.store.transaction() as tx:
-            created = self._insert(tx, execution_id, function, text, now, run_token=1, due=now + self.lease_for)
+            created = self._insert(tx, execution_id, function, text, now, run_token=1)
             if not created:
                 self._check_same(tx, execution_id, function, text)
-        if created:
-            backend = _StoreBackend(self, execution_id, 1, None)
-            self._invoke(backend, function, text, {}, 0)
+            leases = self._claim_keys(tx, [execution_id], now)
+        if created and leases:
+            backend = _StoreBackend(self, execution_id, 1, leases[0])
+            self._guarded(leases[0], lambda: self._invoke(backend, function, text, {}, 0))
         else:
-            self._load_and_invoke(execution_id, None)
+            for lease in leases:
+                self._run_lease(lease)
         return self.get(execution_id)
 
     # -- invocations -----------------------------------------------------------------------------
-    def _load_and_invoke(self, execution_id: str, lease: Lease | None) -> bool:
+    def _load_and_invoke(self, execution_id: str, lease: Lease) -> bool:
         """Take the execution (bumping its run token) and run one invocation. False if not runnable."""
         now = self.clock.now()
         with self.store.transaction() as tx:
-            if lease is not None and tx.rowcount(
+            if tx.rowcount(
                 "UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
                 (now + self.lease_for, QUEUE, execution_id, lease.token),
             ) != 1:
@@ -400,8 +467,7 @@ class DurableRunner:
                 (now, execution_id),
             )
             if row is None:
-                if lease is not None:
-                    self.store.complete([lease], tx=tx)
+                self.store.complete([lease], tx=tx)
                 return False
             ops = {op.id: op for op in (
                 _op_from_row(r) for r in tx.query(
@@ -412,24 +478,138 @@ class DurableRunner:
 
     def _invoke(self, backend: _StoreBackend, function: str, input_text: str | None,
                 ops: dict[str, Operation], signal_seq: int) -> None:
+        eid = backend.execution_id
         state = ExecutionState(backend, ops, always_replay=self.always_replay)
+        backend.beat = heartbeat(backend.renew, lease_for=self.lease_for, what=f"execution {eid}")
         try:
-            fn = self._function(function)
-        except ConfigError as exc:
-            outcome = InvocationOutcome("FAILED", error=ErrorObject.from_exception(exc, with_trace=False))
-        else:
-            event = json.loads(input_text) if input_text is not None else None
             try:
-                outcome = run_handler(fn, event, state)
-            except ExecutionFencedOut:
-                log.info("execution %s was taken over; this invocation stops", backend.execution_id)
-                return
+                fn = self._function(function)
+            except ConfigError as exc:
+                outcome = InvocationOutcome("FAILED", error=ErrorObject.from_exception(exc, with_trace=False))
+            else:
+                event = json.loads(input_text) if input_text is not None else None
+                try:
+                    outcome = run_handler(fn, event, state)
+                except ExecutionFencedOut:
+                    log.info("execution %s was taken over; this invocation stops", eid)
+                    return
+        finally:
+            backend.end_heartbeat()
+        if outcome.abandoned is not None:
+            self._abandon(backend, outcome.abandoned)
+            return
         updates, pending = state.take_pending()
         try:
-            with self.store.transaction() as tx:
-                self._finish(tx, backend, updates, pending, outcome, signal_seq)
+            self._write(backend, lambda tx: self._finish(tx, backend, updates, pending, outcome, signal_seq))
         except (ExecutionFencedOut, LeaseLostError):
-            log.info("execution %s was taken over before its invocation ended", backend.execution_id)
+            log.info("execution %s was taken over before its invocation ended", eid)
+        except InvocationAbandoned as abandoned:
+            self._abandon(backend, abandoned)
+        else:
+            self._abandons.pop(eid, None)
+
+    def _write(self, backend: _StoreBackend, body: Callable[[Tx], None]) -> None:
+        """Run ``body`` in one transaction of the invocation; after an infrastructure error try again a couple
+        of times, briefly apart, then abandon the invocation.
+
+        Raises:
+            ExecutionFencedOut: the lease was lost (the heartbeat said so, or the fence did).
+            InvocationAbandoned: the store kept failing, or failed in a way that is not the infrastructure's.
+        """
+        for attempt in range(1, _WRITE_TRIES + 1):
+            if backend.beat is not None and backend.beat.lost:
+                raise ExecutionFencedOut(f"the lease on execution {backend.execution_id} was lost")
+            try:
+                with self.store.transaction() as tx:
+                    body(tx)
+                return
+            except (LeaseLostError, InvocationAbandoned):
+                raise
+            except Exception as exc:
+                if attempt == _WRITE_TRIES or not is_infrastructure_error(exc):
+                    raise InvocationAbandoned(f"{type(exc).__name__}: {exc}", exc) from exc
+                log.debug("checkpoint of execution %s failed (%s: %s); trying again", backend.execution_id,
+                          type(exc).__name__, exc)
+                time.sleep(0.02 * 4 ** (attempt - 1))
+
+    def _backoff(self, execution_id: str) -> float:
+        """Seconds until an abandoned execution is tried again: short, doubling while it keeps failing here."""
+        if len(self._abandons) > 4096:
+            self._abandons.clear()
+        n = self._abandons.get(execution_id, 0)
+        self._abandons[execution_id] = n + 1
+        base: float = 0.05 * 2.0 ** min(n, 20)
+        return min(base, self.lease_for) * random.uniform(0.5, 1.0)
+
+    def _abandon(self, backend: _StoreBackend, abandoned: InvocationAbandoned) -> None:
+        """Give the lease back (after a short backoff, or at once to replay a settled operation), putting
+        back any at-most-once start whose commit was not confirmed; never record a failure."""
+        eid = backend.execution_id
+        cause = abandoned.cause
+        delay = 0.0 if abandoned.retry_now else self._backoff(eid)
+        if abandoned.retry_now:
+            log.info("execution %s replays at once: %s", eid, abandoned.reason)
+        elif cause is not None and is_infrastructure_error(cause):
+            log.warning("invocation of execution %s abandoned after an infrastructure error (%s); "
+                        "retried in %.2fs", eid, abandoned.reason, delay)
+        else:
+            log.error("invocation of execution %s abandoned after an unexpected store error (%s); retried in "
+                      "%.2fs", eid, abandoned.reason, delay, exc_info=cause)
+        try:
+            with self.store.transaction() as tx:
+                now = self.clock.now()
+                if abandoned.undo_starts:
+                    backend.fence(tx, now)
+                    for op_id, attempt in abandoned.undo_starts:
+                        tx.execute("UPDATE durable_operations SET status = 'PENDING', next_attempt_ts = ? "
+                                   "WHERE execution_id = ? AND id = ? AND status = 'STARTED' AND attempt = ?",
+                                   (now, eid, op_id, attempt))
+                self.store.release([backend.lease], delay=delay, tx=tx)
+        except (ExecutionFencedOut, LeaseLostError):
+            log.info("execution %s was taken over while its invocation was abandoned", eid)
+        except Exception as exc:
+            log.warning("could not give back the lease on execution %s (%s: %s); it lapses within %ss", eid,
+                        type(exc).__name__, exc, self.lease_for)
+
+    def _guarded(self, lease: Lease, run: Callable[[], Any]) -> None:
+        """Run one claimed execution; whatever goes wrong, the lease is given back and no other execution
+        is affected."""
+        try:
+            run()
+        except LeaseLostError:
+            log.info("lease on execution %s was lost", lease.key)
+        except Exception as exc:
+            delay = self._backoff(lease.key)
+            if is_infrastructure_error(exc):
+                log.warning("execution %s could not be started (%s: %s); retried in %.2fs", lease.key,
+                            type(exc).__name__, exc, delay)
+            else:
+                log.error("execution %s could not be started; retried in %.2fs", lease.key, delay, exc_info=exc)
+            try:
+                self.store.release([lease], delay=delay)
+            except LeaseLostError:
+                pass
+            except Exception as again:
+                log.warning("could not give back the lease on execution %s (%s: %s); it lapses within %ss",
+                            lease.key, type(again).__name__, again, self.lease_for)
+
+    def _run_lease(self, lease: Lease) -> None:
+        self._guarded(lease, lambda: self._load_and_invoke(lease.key, lease))
+
+    def _claim_keys(self, tx: Tx, keys: Sequence[str], now: float) -> list[Lease]:
+        """Lease the given executions' queue items that are due and not held by anyone."""
+        if not keys:
+            return []
+        owner = default_owner()
+        expires = now + self.lease_for
+        rows = tx.query(
+            "UPDATE em_queue SET lease_owner = ?, lease_token = lease_token + 1, lease_expires = ?, "
+            f"attempts = attempts + 1 WHERE queue = ? AND key IN {in_clause(len(keys))} AND available_at <= ? "
+            "AND (lease_expires IS NULL OR lease_expires <= ?) RETURNING key, lease_token, attempts",
+            (owner, expires, QUEUE, *keys, now, now),
+        )
+        return [Lease(queue=QUEUE, key=k, token=int(t), owner=owner, expires_at=expires, attempts=int(a))
+                for k, t, a in rows]
 
     def _finish(self, tx: Tx, backend: _StoreBackend, updates: Sequence[OperationUpdate],
                 ops: Sequence[Operation], outcome: InvocationOutcome, signal_seq: int) -> None:
@@ -443,22 +623,12 @@ class DurableRunner:
             if row is not None and int(row[0]) != signal_seq:
                 until = now
             tx.execute("UPDATE durable_executions SET status = 'PENDING', wake_at = ? WHERE id = ?", (until, eid))
-            if backend.lease is not None:
-                if until is None:
-                    self.store.complete([backend.lease], tx=tx)
-                else:
-                    self.store.release([backend.lease], delay=max(until - now, 0.0), tx=tx)
-            elif until is None:
-                self.store.dequeue(QUEUE, eid, tx=tx)
+            if until is None:
+                self.store.complete([backend.lease], tx=tx)
             else:
-                tx.execute("UPDATE em_queue SET available_at = ? WHERE queue = ? AND key = ? AND lease_expires IS NULL",
-                           (until, QUEUE, eid))
-                self.store.enqueue(QUEUE, [(eid, None, until)], tx=tx)
+                self.store.release([backend.lease], delay=max(until - now, 0.0), tx=tx)
             return
-        if backend.lease is not None:
-            self.store.complete([backend.lease], tx=tx)
-        else:
-            self.store.dequeue(QUEUE, eid, tx=tx)
+        self.store.complete([backend.lease], tx=tx)
         status = ExecutionStatus.SUCCEEDED if outcome.status == "SUCCEEDED" else ExecutionStatus.FAILED
         self._end(tx, eid, status, outcome.result, outcome.error, now)
 
@@ -503,16 +673,51 @@ class DurableRunner:
 
     # -- workers ---------------------------------------------------------------------------------
     def work_once(self, limit: int = 16) -> int:
-        """Claim up to ``limit`` due executions and run one invocation of each. Returns how many ran."""
-        leases = self.store.claim(QUEUE, limit, lease_for=self.lease_for)
+        """Claim up to ``limit`` due executions and run one invocation of each. Returns how many were claimed.
+
+        An execution whose invocation meets a store fault is given back and retried shortly; it never stops
+        the others. A fault while claiming claims nothing this round.
+        """
+        try:
+            leases = self.store.claim(QUEUE, limit, lease_for=self.lease_for)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.warning("claiming durable executions failed (%s: %s); trying again next round",
+                        type(exc).__name__, exc)
+            return 0
         for lease in leases:
-            try:
-                self._load_and_invoke(lease.key, lease)
-            except LeaseLostError:
-                log.info("lease on execution %s was lost", lease.key)
+            self._run_lease(lease)
         if self.retention is not None and self.clock.now() - self._last_retention > 60:
-            self.apply_retention()
+            try:
+                self.apply_retention()
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                log.warning("retention failed (%s: %s); trying again later", type(exc).__name__, exc)
         return len(leases)
+
+    def _work_keys(self, keys: Sequence[str]) -> int:
+        """Run one invocation of each of ``keys`` that is due and not held by a worker."""
+        try:
+            with self.store.transaction() as tx:
+                leases = self._claim_keys(tx, keys, self.clock.now())
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.info("claiming executions %s failed (%s: %s)", ", ".join(keys), type(exc).__name__, exc)
+            return 0
+        for lease in leases:
+            self._run_lease(lease)
+        return len(leases)
+
+    def _family(self, execution_id: str) -> list[str]:
+        """The execution and every active execution it invoked (their ids extend its own)."""
+        prefix = execution_id + "/"
+        with self.store.read() as tx:
+            rows = tx.query("SELECT id FROM durable_executions WHERE (id = ? OR substr(id, 1, ?) = ?) "
+                            f"AND status IN {in_clause(len(_ACTIVE))}", (execution_id, len(prefix), prefix, *_ACTIVE))
+        return [r[0] for r in rows]
 
     def next_due(self) -> float | None:
         """When the next execution becomes due (epoch seconds), or None."""
@@ -554,7 +759,8 @@ class DurableRunner:
         return _info(row)
 
     def wait(self, execution_id: str, timeout: float | None = None, *, poll_interval: float = 0.02) -> ExecutionInfo:
-        """Block until the execution finishes, running due work in this thread meanwhile.
+        """Block until the execution finishes. Meanwhile this thread runs the execution's own due invocations
+        (and those of the executions it invoked) that no worker holds; never other executions' work.
 
         Raises:
             TimeoutError: still not finished after ``timeout`` seconds.
@@ -566,7 +772,7 @@ class DurableRunner:
                 return info
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"execution {execution_id} is still {info.status.value} after {timeout}s")
-            if self.work_once() == 0:
+            if self._work_keys(self._family(execution_id)) == 0:
                 time.sleep(poll_interval)
 
     def list(self, status: ExecutionStatus | str | Iterable[ExecutionStatus | str] | None = None, *,

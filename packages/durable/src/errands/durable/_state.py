@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Mapping, Protocol, Sequence
 
-from ._errors import NonDeterministicExecutionError, SuspendExecution
+from ._errors import ExecutionFencedOut, InvocationAbandoned, NonDeterministicExecutionError, SuspendExecution
 from ._values import Operation, OperationUpdate, apply_update
 
 
@@ -21,6 +21,7 @@ class CheckpointBackend(Protocol):
 
         Raises:
             ExecutionFencedOut: another invocation or an operator owns the execution now.
+            InvocationAbandoned: the store failed (after any retries of its own): stop and replay later.
         """
 
     def new_callback_id(self, operation_id: str) -> str: ...
@@ -42,6 +43,9 @@ class ExecutionState:
         self.operations: dict[str, Operation] = dict(operations or {})
         self.always_replay = always_replay
         self.fatal: NonDeterministicExecutionError | None = None
+        #: Set once a checkpoint was fenced out or abandoned: every later checkpoint raises it again, so
+        #: user code that swallows the signal still writes nothing more.
+        self.stopped: ExecutionFencedOut | InvocationAbandoned | None = None
         self.replayed = bool(self.operations)
         self._updates: list[OperationUpdate] = []
         self._dirty: dict[str, None] = {}
@@ -59,6 +63,8 @@ class ExecutionState:
     def checkpoint(self, update: OperationUpdate, *, sync: bool) -> Operation:
         """Apply ``update`` now; persist it now (``sync``) or with the next synchronous checkpoint."""
         with self._lock:
+            if self.stopped is not None:
+                raise self.stopped
             existing = self.operations.get(update.operation_id)
             if existing is None:
                 self._seq += 1
@@ -75,10 +81,16 @@ class ExecutionState:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
+        if self.stopped is not None:
+            raise self.stopped
         if not self._updates:
             return
         updates, ids = self._updates, list(self._dirty)
-        self.backend.flush(updates, [self.operations[i] for i in ids])
+        try:
+            self.backend.flush(updates, [self.operations[i] for i in ids])
+        except (ExecutionFencedOut, InvocationAbandoned) as signal:
+            self.stopped = signal
+            raise
         self._updates, self._dirty = [], {}
 
     def take_pending(self) -> tuple[list[OperationUpdate], list[Operation]]:
