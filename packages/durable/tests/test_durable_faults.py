@@ -102,7 +102,8 @@ def test_a_locked_database_during_a_long_step_checkpoint_never_fails_the_executi
     runner.close()
 
 
-def test_a_step_longer_than_the_lease_is_never_taken_over(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["step", "map branch", "child context"])
+def test_a_step_longer_than_the_lease_is_never_taken_over(tmp_path: Path, where: str) -> None:
     lease_for = 1.0
     lock = threading.Lock()
     active = [0]
@@ -119,9 +120,14 @@ def test_a_step_longer_than_the_lease_is_never_taken_over(tmp_path: Path) -> Non
             active[0] -= 1
         return "done"
 
+    config = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY, retry_strategy=RetryPresets.immediate(3))
+
     def fn(event: Any, ctx: DurableContext) -> str:
-        return str(ctx.step("slow", body, StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY,
-                                                       retry_strategy=RetryPresets.immediate(3))))
+        if where == "map branch":
+            return str(ctx.map("m", [1], lambda c, item, i, items: c.step("slow", body, config)).results()[0])
+        if where == "child context":
+            return str(ctx.run_in_child_context("c", lambda c: c.step("slow", body, config)))
+        return str(ctx.step("slow", body, config))
 
     url = f"sqlite:///{tmp_path / 'long.db'}"
     runners = [DurableRunner(url, functions={"fn": fn}, lease_for=lease_for) for _ in range(2)]
