@@ -364,3 +364,20 @@ def test_two_workers_share_postgres_without_running_a_step_twice(postgres_url: s
     assert set(counts.values()) == {1} and len(counts) == 60
     for r in runners:
         r.close()
+
+
+def test_a_finished_executions_callback_can_no_longer_be_settled(runner: DurableRunner) -> None:
+    # found by the model-based test: terminating an execution left its open callback settleable, so a late
+    # answer changed a finished execution's checkpoints and was reported as delivered
+    eid = runner.start("greet", {"name": "ada"})
+    runner.drain()
+    runner.clock.advance(30)  # type: ignore[attr-defined]
+    runner.drain()
+    cid = _callback_id(runner, eid)
+    before = runner.history(eid)
+    runner.terminate(eid, "operator")
+    assert runner.complete_callback(cid, "late") is False
+    assert runner.fail_callback(cid, "late") is False
+    runner.heartbeat_callback(cid)
+    assert runner.history(eid) == before
+    assert runner.get(eid).status is ExecutionStatus.TERMINATED

@@ -819,8 +819,8 @@ class DurableRunner:
         if not isinstance(callback_id, str) or not callback_id:
             raise ConfigError(f"callback_id must be a non-empty string, got {callback_id!r}", field="callback_id",
                               value=callback_id)
-        row = tx.one("SELECT execution_id, id, status FROM durable_operations WHERE callback_id = ?",
-                     (callback_id,))
+        row = tx.one("SELECT o.execution_id, o.id, o.status, e.status FROM durable_operations o "
+                     "JOIN durable_executions e ON e.id = o.execution_id WHERE o.callback_id = ?", (callback_id,))
         if row is None:
             raise NotFoundError(f"no callback {callback_id!r}")
         return row
@@ -829,7 +829,8 @@ class DurableRunner:
         """Hand ``result`` (JSON) to the execution waiting on ``callback_id`` and wake it.
 
         Returns:
-            False if the callback had already completed, failed or timed out (nothing changes).
+            False if the callback had already completed, failed or timed out, or its execution has finished
+            (nothing changes).
 
         Raises:
             NotFoundError: no such callback. PayloadError: ``result`` is not JSON.
@@ -859,8 +860,8 @@ class DurableRunner:
     def _settle(self, callback_id: str, status: OperationStatus, result: str | None,
                 error: ErrorObject | None) -> bool:
         with self.store.transaction() as tx:
-            execution_id, op_id, current = self._callback_row(tx, callback_id)
-            if current != OperationStatus.STARTED.value:
+            execution_id, op_id, current, execution_status = self._callback_row(tx, callback_id)
+            if current != OperationStatus.STARTED.value or ExecutionStatus(execution_status).terminal:
                 return False
             now = self.clock.now()
             tx.execute("UPDATE durable_operations SET status = ?, result = ?, error = ?, end_ts = ? "
@@ -873,8 +874,8 @@ class DurableRunner:
     def heartbeat_callback(self, callback_id: str) -> None:
         """Record that the party completing ``callback_id`` is still working (resets its heartbeat timeout)."""
         with self.store.transaction() as tx:
-            execution_id, op_id, current = self._callback_row(tx, callback_id)
-            if current == OperationStatus.STARTED.value:
+            execution_id, op_id, current, execution_status = self._callback_row(tx, callback_id)
+            if current == OperationStatus.STARTED.value and not ExecutionStatus(execution_status).terminal:
                 tx.execute("UPDATE durable_operations SET heartbeat_ts = ? WHERE execution_id = ? AND id = ?",
                            (self.clock.now(), execution_id, op_id))
 
