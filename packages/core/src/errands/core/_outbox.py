@@ -12,11 +12,13 @@ import dataclasses
 import json
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, List, Mapping, Sequence, TypeVar
 
+from ._leases import DEFAULT_LEASE_FOR, heartbeat, is_infrastructure_error
 from ._protocols import capabilities_of
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, _encode_str, dumps, in_clause, json_value, loads
 from ._store import _EVENT_COLS, NewEvent, SQLStore, _event_from_row, as_epoch, default_owner
@@ -35,7 +37,7 @@ from ._values import (
     Semantics,
     _StrEnum,
 )
-from ._worker import CallRunner
+from ._worker import CallRunner, retry_infrastructure
 from .errors import (
     ConfigError,
     EffectConflictError,
@@ -436,6 +438,81 @@ def _check_str(field_name: str, value: Any, *, optional: bool = False, allow_emp
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_SKIPPED = object()  # a call not made: its lease lapsed before it started
+
+
+class _BatchLease:
+    """The leases of one claimed batch (effects or obligations), renewed together while connector calls run:
+    one heartbeat and one ``UPDATE`` per beat for every lease the batch still holds, never one per item.
+
+    It also knows, from this worker's side, until when the leases are surely held, so that no call starts on
+    a lease that may have passed to another worker (``holds``), and it stops renewing once the results are
+    recorded (``recorded``), so that a renewal racing the completion does not report the lease lost.
+    """
+
+    __slots__ = ("_lock", "beat", "done", "expires", "held", "ident", "lease_for", "lost", "status", "store",
+                 "table")
+
+    def __init__(self, store: SQLStore, table: str, ident: str, status: str, held: Mapping[Any, int],
+                 expires: float, lease_for: float, what: str) -> None:
+        self.store = store
+        self.table, self.ident, self.status = table, ident, status
+        self.held = dict(held)
+        self.lost: set[Any] = set()
+        self.expires = expires
+        self.lease_for = lease_for
+        self.done = False
+        self._lock = threading.Lock()
+        self.beat = heartbeat(self._renew, lease_for=lease_for, what=what)
+
+    def holds(self, ident: Any) -> bool:
+        """Whether the lease on ``ident`` is surely still this worker's."""
+        return ident not in self.lost and self.store.clock.now() < self.expires
+
+    def alive(self) -> bool:
+        """Whether any lease of the batch may still be this worker's."""
+        return len(self.lost) < len(self.held) and self.store.clock.now() < self.expires
+
+    def _renew(self) -> bool:
+        with self._lock:
+            if self.done:
+                return True
+            live = [(k, t) for k, t in self.held.items() if k not in self.lost]
+            if not live:
+                return False
+            now = self.store.clock.now()
+            until = now + self.lease_for
+            still: set[Any] = set()
+            cast = "BIGINT" if self.ident == "id" else "TEXT"
+            with self.store.transaction() as tx:
+                for i in range(0, len(live), 500):
+                    chunk = live[i:i + 500]
+                    rows = tx.query(
+                        f"UPDATE {self.table} SET next_attempt_at = ? WHERE status = ? AND ({self.ident}, lease_token) "
+                        f"IN (VALUES {', '.join([f'(CAST(? AS {cast}), CAST(? AS BIGINT))'] * len(chunk))}) "
+                        f"RETURNING {self.ident}",
+                        (until, self.status, *(v for pair in chunk for v in pair)),
+                    )
+                    still.update(r[0] for r in rows)
+            if self.ident == "id":
+                still = {int(v) for v in still}
+            self.lost.update(k for k, _t in live if k not in still)
+            if still:
+                self.expires = until
+            return bool(still)
+
+    def recorded(self, record: Callable[[], R]) -> R:
+        """Run ``record`` (the completion) with renewals held off, and stop renewing once it succeeded."""
+        with self._lock:
+            out = record()
+            self.done = True
+        self.beat.stop()
+        return out
+
+    def stop(self) -> None:
+        self.done = True
+        self.beat.stop()
+
 
 class Outbox:
     """Durable effects: submit them (in your own transaction if you like); a worker dispatches, observes and
@@ -447,7 +524,9 @@ class Outbox:
             so connectors registered later count).
         payload_limit: the largest payload, in bytes of JSON (1 MiB by default).
         lease_for: seconds a dispatch, observation or compensation holds its effect before another worker
-            may take it.
+            may take it (10 by default). A heartbeat renews the leases of a claimed batch every
+            ``lease_for / 3`` while its connector calls run, so a slow counterparty keeps them, and a worker
+            killed outright leaves them to lapse within ``lease_for``.
         batch_size: how many effects one ``*_once`` step claims.
         max_in_flight: how many connector calls run at once within a step (a ``Worker`` passes its own).
         max_attempts: dispatch attempts before an effect is ``FAILED`` (an ``Effect`` may override).
@@ -470,7 +549,7 @@ class Outbox:
 
     def __init__(
         self, store: SQLStore, connectors: Mapping[str, Any] | None = None, *,
-        payload_limit: int = DEFAULT_PAYLOAD_LIMIT, lease_for: float = 30.0, batch_size: int = 100,
+        payload_limit: int = DEFAULT_PAYLOAD_LIMIT, lease_for: float = DEFAULT_LEASE_FOR, batch_size: int = 100,
         max_in_flight: int = 16, max_attempts: int = 5, max_observations: int = 5,
         compensation_attempts: int = 5, backoff_base: float = 1.0, backoff_cap: float = 300.0,
         owner: str | None = None, seed: int | None = None,
@@ -840,6 +919,36 @@ class Outbox:
         now = self.store.clock.now()
         row = self._row_of(effect, now, inline=True)
         lease_until = now + self.lease_for
+        try:
+            token, stored = self._claim_inline(effect, row, now, lease_until)
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                self._release_inline(effect.key, now)
+            raise
+        if stored is not None:
+            return stored
+        lease = _BatchLease(self.store, "em_effects", "key", "DISPATCHING", {effect.key: token}, lease_until,
+                            self.lease_for, f"inline effect {effect.key}")
+        try:
+            try:
+                value = fn(effect)
+                if hasattr(value, "__await__"):
+                    value = self._runner.call(lambda aw: aw, value)
+            except Exception as exc:
+                self._finish_inline(effect, token, EffectStatus.FAILED, None, None, _error_text(exc), lease)
+                raise
+            if isinstance(value, DispatchResult):
+                status = EffectStatus.CONFIRMED if value.outcome is DispatchOutcome.CONFIRMED else (
+                    EffectStatus.FAILED if value.outcome is DispatchOutcome.FAILED else EffectStatus.UNKNOWN)
+                return self._finish_inline(effect, token, status, value.response, value.external_ref, value.error,
+                                           lease)
+            return self._finish_inline(effect, token, EffectStatus.CONFIRMED, value, None, None, lease)
+        finally:
+            lease.stop()
+
+    def _claim_inline(self, effect: Effect, row: tuple[Any, ...], now: float,
+                      lease_until: float) -> tuple[int, EffectRecord | None]:
+        """Lease ``effect`` for an inline run: ``(token, None)``, or ``(0, the stored record to return)``."""
         with self.store.transaction() as tx:
             got = tx.one(f"SELECT {_E_COLS} FROM em_effects WHERE key = ?", (effect.key,))
             if got is None:
@@ -855,7 +964,7 @@ class Outbox:
                 lapsed = rec.status in (EffectStatus.PENDING, EffectStatus.DISPATCHING) and (
                     got[14] is None or float(got[14]) <= now)
                 if not lapsed:
-                    return rec
+                    return 0, rec
                 token, attempts = int(got[16]) + 1, rec.attempts + 1
                 tx.execute(
                     "UPDATE em_effects SET status = ?, lease_token = ?, lease_owner = ?, attempts = ?, "
@@ -864,31 +973,39 @@ class Outbox:
                 )
                 self._journal(
                     tx, [_effect_event(effect.key, effect.connector, effect.tool, "DISPATCHING", attempt=attempts)])
+        return token, None
+
+    def _release_inline(self, key: str, now: float) -> None:
+        """After a store fault in an inline claim, let a replay take the effect at once if the claim committed
+        after all (``fn`` never ran)."""
+        def release(_attempt: int) -> None:
+            with self.store.transaction() as tx:
+                tx.execute("UPDATE em_effects SET next_attempt_at = ?, lease_owner = NULL WHERE key = ? AND "
+                           "lease_owner = ? AND status = 'DISPATCHING' AND updated_at = ?", (now, key, self.owner, now))
+
         try:
-            value = fn(effect)
-            if hasattr(value, "__await__"):
-                value = self._runner.call(lambda aw: aw, value)
-        except Exception as exc:
-            self._finish_inline(effect, token, EffectStatus.FAILED, None, None, _error_text(exc))
-            raise
-        if isinstance(value, DispatchResult):
-            status = EffectStatus.CONFIRMED if value.outcome is DispatchOutcome.CONFIRMED else (
-                EffectStatus.FAILED if value.outcome is DispatchOutcome.FAILED else EffectStatus.UNKNOWN)
-            return self._finish_inline(effect, token, status, value.response, value.external_ref, value.error)
-        return self._finish_inline(effect, token, EffectStatus.CONFIRMED, value, None, None)
+            retry_infrastructure(release, clock=self.store.clock, what=f"releasing inline effect {key}")
+        except Exception as again:
+            log.warning("could not release inline effect %s after a store fault (%s); its lease lapses within %ss",
+                        key, _error_text(again), self.lease_for)
 
     def _finish_inline(self, effect: Effect, token: int, status: EffectStatus, response: Any,
-                       ref: str | None, error: str | None) -> EffectRecord:
-        now = self.store.clock.now()
-        with self.store.transaction() as tx:
-            n = tx.rowcount(
-                "UPDATE em_effects SET status = ?, response = ?, external_ref = ?, error = ?, next_attempt_at = NULL, "
-                "lease_owner = NULL, updated_at = ? WHERE key = ? AND lease_token = ?",
-                (status.value, _json_or_text(response), ref, error, now, effect.key, token),
-            )
-            if n == 1:
-                self._journal(tx, [_effect_event(effect.key, effect.connector, effect.tool, status.value, error=error,
-                                   external_ref=ref)])
+                       ref: str | None, error: str | None, lease: _BatchLease) -> EffectRecord:
+        def record(_attempt: int) -> None:
+            now = self.store.clock.now()
+            with self.store.transaction() as tx:
+                n = tx.rowcount(
+                    "UPDATE em_effects SET status = ?, response = ?, external_ref = ?, error = ?, "
+                    "next_attempt_at = NULL, lease_owner = NULL, updated_at = ? WHERE key = ? AND lease_token = ? "
+                    "AND status = 'DISPATCHING'",
+                    (status.value, _json_or_text(response), ref, error, now, effect.key, token),
+                )
+                if n == 1:
+                    self._journal(tx, [_effect_event(effect.key, effect.connector, effect.tool, status.value,
+                                                     error=error, external_ref=ref)])
+
+        retry_infrastructure(lambda attempt: lease.recorded(lambda: record(attempt)), clock=self.store.clock,
+                             what=f"recording inline effect {effect.key}", keep_going=lease.alive)
         return self.get(effect.key)
 
     # -- human gate, redrive, cancel ------------------------------------------------------
@@ -985,33 +1102,87 @@ class Outbox:
             return []
         now = self.store.clock.now()
         until = now + self.lease_for
-        with self.store.transaction() as tx:
-            rows = tx.query(
-                "UPDATE em_effects SET status = 'DISPATCHING', lease_owner = ?, lease_token = lease_token + 1, "
-                "attempts = attempts + 1, next_attempt_at = ?, updated_at = ? WHERE key IN (SELECT key FROM "
-                "em_effects WHERE status IN ('PENDING', 'DISPATCHING') AND next_attempt_at <= ? AND NOT "
-                "(status = 'DISPATCHING' AND semantics = 'NON_IDEMPOTENT') "
-                f"AND connector IN {in_clause(len(known))} ORDER BY next_attempt_at LIMIT ?{tx.skip_locked}) "
-                "RETURNING key, connector, tool, payload, business_key, semantics, run_id, metadata, max_attempts, "
-                "attempts, lease_token",
-                (self.owner, until, now, now, *known, limit or self.batch_size),
-            )
-            room = (limit or self.batch_size) - len(rows)
-            if room > 0:
-                rows += self._claim_fresh(tx, room, known, now, until)
-            if not rows:
-                return []
-            self._journal(tx, [_effect_event_with(r[0], r[1], r[2], "DISPATCHING", f',"attempt":{r[9]}')
-                               for r in rows])
+        try:
+            with self.store.transaction() as tx:
+                rows = tx.query(
+                    "UPDATE em_effects SET status = 'DISPATCHING', lease_owner = ?, lease_token = lease_token + 1, "
+                    "attempts = attempts + 1, next_attempt_at = ?, updated_at = ? WHERE key IN (SELECT key FROM "
+                    "em_effects WHERE status IN ('PENDING', 'DISPATCHING') AND next_attempt_at <= ? AND NOT "
+                    "(status = 'DISPATCHING' AND semantics = 'NON_IDEMPOTENT') "
+                    f"AND connector IN {in_clause(len(known))} ORDER BY next_attempt_at LIMIT ?{tx.skip_locked}) "
+                    "RETURNING key, connector, tool, payload, business_key, semantics, run_id, metadata, "
+                    "max_attempts, attempts, lease_token",
+                    (self.owner, until, now, now, *known, limit or self.batch_size),
+                )
+                room = (limit or self.batch_size) - len(rows)
+                if room > 0:
+                    rows += self._claim_fresh(tx, room, known, now, until)
+                if not rows:
+                    return []
+                self._journal(tx, [_effect_event_with(r[0], r[1], r[2], "DISPATCHING", f',"attempt":{r[9]}')
+                                   for r in rows])
+        except Exception as exc:
+            self._release_failed_claim(exc, "dispatch", now)
+            raise
         claimed = [self._claimed_effect(r) for r in rows]
-        results: List[tuple[bool, Any]] = []
-        if any(c[0].connector not in self._latency for c in claimed[1:]):
-            # A connector not timed yet: its first call runs alone, to learn whether it is quick.
-            results = self._runner.map(self._dispatch_call, claimed[:1], inline=True)
-        rest = claimed[len(results):]
-        fast = all(self._latency.get(c[0].connector, 1.0) < _INLINE_BELOW for c in rest)
-        results += self._runner.map(self._dispatch_call, rest, inline=fast)
-        return self._complete_dispatch(claimed, results)
+        lease = _BatchLease(self.store, "em_effects", "key", "DISPATCHING", {c[0].key: c[2] for c in claimed},
+                            until, self.lease_for, f"{len(claimed)} effects dispatched by {self.owner}")
+        try:
+            def call(item: tuple[Effect, int, int, int]) -> Any:
+                return self._dispatch_call(item, lease)
+
+            results: List[tuple[bool, Any]] = []
+            if any(c[0].connector not in self._latency for c in claimed[1:]):
+                # A connector not timed yet: its first call runs alone, to learn whether it is quick.
+                results = self._runner.map(call, claimed[:1], inline=True)
+            rest = claimed[len(results):]
+            fast = all(self._latency.get(c[0].connector, 1.0) < _INLINE_BELOW for c in rest)
+            results += self._runner.map(call, rest, inline=fast)
+            return self._complete_dispatch(claimed, results, lease)
+        finally:
+            lease.stop()
+
+    def _release_failed_claim(self, exc: BaseException, step: str, now: float) -> None:
+        """After an infrastructure fault in a claim, give back at once what the claim may have committed
+        unbeknown to this worker (a commit whose acknowledgement was lost): no connector was called for it,
+        so it is due again now, with the attempt it was charged given back. The rows are found by this
+        worker's name and the claim's timestamp."""
+        if not is_infrastructure_error(exc):
+            return
+
+        def release(_attempt: int) -> None:
+            with self.store.transaction() as tx:
+                if step == "dispatch":
+                    rows = tx.query(
+                        "UPDATE em_effects SET status = 'PENDING', attempts = attempts - 1, next_attempt_at = ?, "
+                        "lease_owner = NULL WHERE lease_owner = ? AND status = 'DISPATCHING' AND updated_at = ? "
+                        "RETURNING key, connector, tool",
+                        (now, self.owner, now),
+                    )
+                    self._journal(tx, [_effect_event(k, c, t, "PENDING", released="store fault during claim")
+                                       for k, c, t in rows])
+                elif step == "reconcile":
+                    tx.execute(
+                        "UPDATE em_effects SET observations = observations - 1, next_attempt_at = ?, "
+                        "lease_owner = NULL WHERE lease_owner = ? AND status = 'UNKNOWN' AND updated_at = ?",
+                        (now, self.owner, now),
+                    )
+                else:
+                    rows = tx.query(
+                        "UPDATE em_obligations SET status = 'PENDING', attempts = attempts - 1, next_attempt_at = ?, "
+                        "lease_owner = NULL WHERE lease_owner = ? AND status = 'COMPENSATING' AND updated_at = ? "
+                        "RETURNING id, effect_key, kind",
+                        (now, self.owner, now),
+                    )
+                    self._journal(tx, [_obligation_event(int(i), k, kind, "PENDING",
+                                                         released="store fault during claim")
+                                       for i, k, kind in rows])
+
+        try:
+            retry_infrastructure(release, clock=self.store.clock, what=f"releasing a failed {step} claim")
+        except Exception as again:
+            log.warning("could not release a %s claim after a store fault (%s); its leases lapse within %ss",
+                        step, _error_text(again), self.lease_for)
 
     def _claim_fresh(self, tx: Tx, room: int, known: Sequence[str], now: float, until: float) -> List[Any]:
         """Claim up to ``room`` fresh effects (submitted due at once, never attempted), found through their
@@ -1089,8 +1260,10 @@ class Outbox:
                               metadata))
         return effect, attempts, token, max_attempts
 
-    def _dispatch_call(self, item: tuple[Effect, int, int, int]) -> Any:
+    def _dispatch_call(self, item: tuple[Effect, int, int, int], lease: _BatchLease) -> Any:
         effect = item[0]
+        if not lease.holds(effect.key):
+            return _SKIPPED
         started = time.perf_counter()
         try:
             return self._runner.call(self.connector(effect.connector).dispatch, effect)
@@ -1103,12 +1276,34 @@ class Outbox:
 
     def _complete_dispatch(
         self, claimed: Sequence[tuple[Effect, int, int, int]], results: Sequence[tuple[bool, Any]],
+        lease: _BatchLease,
     ) -> List[EffectOutcome]:
         now = self.store.clock.now()
         updates: list[tuple[tuple[Any, ...], EffectOutcome, NewEvent]] = []
+        skipped: list[EffectOutcome] = []
         for (effect, attempts, token, max_attempts), (ok, value) in zip(claimed, results):
+            if value is _SKIPPED:
+                skipped.append(self._lost_outcome(effect.key, attempts, EffectStatus.DISPATCHING))
+                continue
             updates.append(self._dispatch_transition(effect, attempts, token, max_attempts, ok, value, now))
-        return self._apply(updates, "DISPATCHING")
+        return self._record_batch(updates, "DISPATCHING", lease, skipped=skipped)
+
+    @staticmethod
+    def _lost_outcome(key: str, attempts: int, status: EffectStatus) -> EffectOutcome:
+        log.warning("lease on effect %s lapsed before its call started; another worker may hold it", key)
+        return EffectOutcome(key=key, outcome=None, status=status, attempts=attempts, lease_lost=True)
+
+    def _record_batch(self, updates: Sequence[tuple[tuple[Any, ...], EffectOutcome, NewEvent]], held: str,
+                      lease: _BatchLease, obligations: Sequence[tuple[str, tuple[Any, ...]]] = (),
+                      skipped: Sequence[EffectOutcome] = ()) -> List[EffectOutcome]:
+        """Record a batch's results in one transaction, again after an infrastructure fault while the leases
+        last: the connectors' answers are known, and a fault must cost a retry, not the answers."""
+        if not updates:
+            return list(skipped)
+        out = retry_infrastructure(
+            lambda attempt: lease.recorded(lambda: self._apply(updates, held, obligations, again=attempt > 0)),
+            clock=self.store.clock, what=f"recording {len(updates)} effect results", keep_going=lease.alive)
+        return out + list(skipped)
 
     def _dispatch_transition(
         self, effect: Effect, attempts: int, token: int, max_attempts: int, ok: bool, value: Any, now: float,
@@ -1183,17 +1378,25 @@ class Outbox:
         return params, out, ev
 
     def _apply(self, updates: Sequence[tuple[tuple[Any, ...], EffectOutcome, NewEvent]], held: str,
-               obligations: Sequence[tuple[str, tuple[Any, ...]]] = ()) -> List[EffectOutcome]:
-        """Record a batch of completions in one transaction, each fenced by its lease token."""
+               obligations: Sequence[tuple[str, tuple[Any, ...]]] = (), *, again: bool = False) -> List[EffectOutcome]:
+        """Record a batch of completions in one transaction, each fenced by its lease token.
+
+        ``again``: an earlier try met a store fault and may have committed anyway (its acknowledgement lost);
+        a completion it recorded (the token unchanged, the status it set) counts as recorded, not as lost.
+        """
         out: List[EffectOutcome] = []
         events: list[NewEvent] = []
         lost: set[str] = set()
         with self.store.transaction() as tx:
             held_keys = self._fenced_update(tx, [u[0] for u in updates], held)
+            recorded = self._recorded_before(tx, [u[0] for u in updates if u[0][7] not in held_keys]) \
+                if again and len(held_keys) < len(updates) else set()
             for _params, outcome, event in updates:
                 if outcome.key in held_keys:
                     out.append(outcome)
                     events.append(event)
+                elif outcome.key in recorded:
+                    out.append(outcome)
                 else:
                     lost.add(outcome.key)
                     log.warning("lease on effect %s lapsed before its result was recorded", outcome.key)
@@ -1209,6 +1412,22 @@ class Outbox:
             if events:
                 self._journal(tx, events)
         return out
+
+    @staticmethod
+    def _recorded_before(tx: Tx, rows: Sequence[tuple[Any, ...]]) -> set[str]:
+        """The keys among completions ``rows`` (``_fenced_update``'s shape) that stand as recorded: the lease
+        token unchanged since, the status the completion set, no lease owner."""
+        want = {row[7]: (int(row[8]), row[0]) for row in rows}
+        keys = list(want)
+        done: set[str] = set()
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            for key, token, status, owner in tx.query(
+                    f"SELECT key, lease_token, status, lease_owner FROM em_effects WHERE key IN {in_clause(len(chunk))}",
+                    chunk):
+                if owner is None and (int(token), status) == want[key]:
+                    done.add(key)
+        return done
 
     @staticmethod
     def _fenced_update(tx: Tx, rows: Sequence[tuple[Any, ...]], held: str) -> set[str]:
@@ -1260,44 +1479,61 @@ class Outbox:
         now = self.store.clock.now()
         until = now + self.lease_for
         known = self._known()
-        with self.store.transaction() as tx:
-            lapsed = tx.query(
-                "UPDATE em_effects SET status = 'UNKNOWN', lease_owner = NULL, updated_at = ?, "
-                "error = 'lease lapsed during dispatch; outcome unknown' WHERE key IN (SELECT key FROM em_effects "
-                "WHERE status = 'DISPATCHING' AND semantics = 'NON_IDEMPOTENT' AND next_attempt_at <= ?"
-                f"{tx.skip_locked}) RETURNING key, connector, tool",
-                (now, now),
-            )
-            if lapsed:
-                self._journal(
-                    tx, [_effect_event(k, c, t, "UNKNOWN", error="lease lapsed during dispatch") for k, c, t in lapsed])
-            if not known:
-                return []
-            rows = tx.query(
-                "UPDATE em_effects SET lease_owner = ?, lease_token = lease_token + 1, observations = observations + 1, "
-                "next_attempt_at = ?, updated_at = ? WHERE key IN (SELECT key FROM em_effects WHERE status = 'UNKNOWN' "
-                f"AND next_attempt_at <= ? AND connector IN {in_clause(len(known))} ORDER BY next_attempt_at "
-                f"LIMIT ?{tx.skip_locked}) RETURNING key, connector, tool, payload, business_key, semantics, run_id, "
-                "metadata, max_attempts, attempts, lease_token, observations, flagged",
-                (self.owner, until, now, now, *known, limit or self.batch_size),
-            )
+        try:
+            with self.store.transaction() as tx:
+                lapsed = tx.query(
+                    "UPDATE em_effects SET status = 'UNKNOWN', lease_owner = NULL, updated_at = ?, "
+                    "error = 'lease lapsed during dispatch; outcome unknown' WHERE key IN (SELECT key FROM em_effects "
+                    "WHERE status = 'DISPATCHING' AND semantics = 'NON_IDEMPOTENT' AND next_attempt_at <= ?"
+                    f"{tx.skip_locked}) RETURNING key, connector, tool",
+                    (now, now),
+                )
+                if lapsed:
+                    self._journal(tx, [_effect_event(k, c, t, "UNKNOWN", error="lease lapsed during dispatch")
+                                       for k, c, t in lapsed])
+                if not known:
+                    return []
+                rows = tx.query(
+                    "UPDATE em_effects SET lease_owner = ?, lease_token = lease_token + 1, "
+                    "observations = observations + 1, next_attempt_at = ?, updated_at = ? WHERE key IN (SELECT key "
+                    f"FROM em_effects WHERE status = 'UNKNOWN' AND next_attempt_at <= ? AND connector IN "
+                    f"{in_clause(len(known))} ORDER BY next_attempt_at LIMIT ?{tx.skip_locked}) RETURNING key, "
+                    "connector, tool, payload, business_key, semantics, run_id, metadata, max_attempts, attempts, "
+                    "lease_token, observations, flagged",
+                    (self.owner, until, now, now, *known, limit or self.batch_size),
+                )
+        except Exception as exc:
+            self._release_failed_claim(exc, "reconcile", now)
+            raise
         if not rows:
             return []
         claimed = [(self._claimed_effect(r), int(r[11]), bool(r[12])) for r in rows]
-        results = self._runner.map(self._observe_call, [c[0] for c in claimed])
-        now = self.store.clock.now()
-        updates: list[tuple[tuple[Any, ...], EffectOutcome, NewEvent]] = []
-        obligations: list[tuple[str, tuple[Any, ...]]] = []
-        for ((effect, attempts, token, max_attempts), observations, was_flagged), (ok, value) in zip(claimed, results):
-            upd, ob = self._observe_transition(effect, attempts, token, max_attempts, observations, was_flagged,
-                                               ok, value, now)
-            updates.append(upd)
-            if ob is not None:
-                obligations.append((effect.key, ob))
-        return self._apply(updates, "UNKNOWN", obligations)
+        lease = _BatchLease(self.store, "em_effects", "key", "UNKNOWN", {c[0][0].key: c[0][2] for c in claimed},
+                            until, self.lease_for, f"{len(claimed)} effects observed by {self.owner}")
+        try:
+            results = self._runner.map(lambda item: self._observe_call(item, lease), [c[0] for c in claimed])
+            now = self.store.clock.now()
+            updates: list[tuple[tuple[Any, ...], EffectOutcome, NewEvent]] = []
+            obligations: list[tuple[str, tuple[Any, ...]]] = []
+            skipped: list[EffectOutcome] = []
+            for ((effect, attempts, token, max_attempts), observations, was_flagged), (ok, value) in zip(
+                    claimed, results):
+                if value is _SKIPPED:
+                    skipped.append(self._lost_outcome(effect.key, attempts, EffectStatus.UNKNOWN))
+                    continue
+                upd, ob = self._observe_transition(effect, attempts, token, max_attempts, observations, was_flagged,
+                                                   ok, value, now)
+                updates.append(upd)
+                if ob is not None:
+                    obligations.append((effect.key, ob))
+            return self._record_batch(updates, "UNKNOWN", lease, obligations, skipped)
+        finally:
+            lease.stop()
 
-    def _observe_call(self, item: tuple[Effect, int, int, int]) -> Any:
+    def _observe_call(self, item: tuple[Effect, int, int, int], lease: _BatchLease) -> Any:
         effect = item[0]
+        if not lease.holds(effect.key):
+            return _SKIPPED
         conn = self.connector(effect.connector)
         if not capabilities_of(conn).can_observe:
             raise ConfigError(f"connector {effect.connector!r} cannot observe", field="connector",
@@ -1450,33 +1686,69 @@ class Outbox:
         """Claim due obligations (LIFO within a run), compensate them, record every result in one transaction."""
         now = self.store.clock.now()
         until = now + self.lease_for
-        with self.store.transaction() as tx:
-            rows = tx.query(
-                "UPDATE em_obligations SET status = 'COMPENSATING', lease_owner = ?, lease_token = lease_token + 1, "
-                "attempts = attempts + 1, next_attempt_at = ?, updated_at = ? WHERE id IN (SELECT o.id FROM "
-                "em_obligations o WHERE o.status IN ('PENDING', 'COMPENSATING') AND o.next_attempt_at <= ? AND NOT "
-                "EXISTS (SELECT 1 FROM em_obligations l WHERE l.run_id = o.run_id AND l.id > o.id AND l.status IN "
-                f"('PENDING', 'COMPENSATING', 'STUCK')) ORDER BY o.id DESC LIMIT ?{tx.skip_locked}) "
-                f"RETURNING {_O_COLS}",
-                (self.owner, until, now, now, limit or self.batch_size),
-            )
-            if not rows:
-                return []
-            self._journal(
-                tx, [_obligation_event(int(r[0]), r[1], r[2], "COMPENSATING", attempt=int(r[7])) for r in rows])
+        try:
+            with self.store.transaction() as tx:
+                rows = tx.query(
+                    "UPDATE em_obligations SET status = 'COMPENSATING', lease_owner = ?, "
+                    "lease_token = lease_token + 1, attempts = attempts + 1, next_attempt_at = ?, updated_at = ? "
+                    "WHERE id IN (SELECT o.id FROM em_obligations o WHERE o.status IN ('PENDING', 'COMPENSATING') "
+                    "AND o.next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM em_obligations l WHERE "
+                    "l.run_id = o.run_id AND l.id > o.id AND l.status IN ('PENDING', 'COMPENSATING', 'STUCK')) "
+                    f"ORDER BY o.id DESC LIMIT ?{tx.skip_locked}) RETURNING {_O_COLS}",
+                    (self.owner, until, now, now, limit or self.batch_size),
+                )
+                if not rows:
+                    return []
+                self._journal(
+                    tx, [_obligation_event(int(r[0]), r[1], r[2], "COMPENSATING", attempt=int(r[7])) for r in rows])
+        except Exception as exc:
+            self._release_failed_claim(exc, "compensate", now)
+            raise
         claimed = [(_obligation_record(r), int(r[11])) for r in rows]
-        results = self._runner.map(self._compensate_call, [c[0] for c in claimed])
-        now = self.store.clock.now()
+        lease = _BatchLease(self.store, "em_obligations", "id", "COMPENSATING", {c[0].id: c[1] for c in claimed},
+                            until, self.lease_for, f"{len(claimed)} obligations compensated by {self.owner}")
+        try:
+            results = self._runner.map(lambda rec: self._compensate_call(rec, lease), [c[0] for c in claimed])
+            now = self.store.clock.now()
+            done: list[tuple[ObligationRecord, int, tuple[Any, ...], ObligationOutcome]] = []
+            skipped: list[ObligationOutcome] = []
+            for (rec, token), (ok, value) in zip(claimed, results):
+                if value is _SKIPPED:
+                    log.warning("lease on obligation %s lapsed before its call started; another worker may hold it",
+                                rec.id)
+                    skipped.append(ObligationOutcome(id=rec.id, effect_key=rec.effect_key, kind=rec.kind, outcome=None,
+                                                     status=ObligationStatus.COMPENSATING, attempts=rec.attempts,
+                                                     lease_lost=True))
+                    continue
+                params, outcome = self._compensation_transition(rec, ok, value, now)
+                done.append((rec, token, params, outcome))
+            if not done:
+                return skipped
+            out = retry_infrastructure(
+                lambda attempt: lease.recorded(lambda: self._apply_compensations(done, now, again=attempt > 0)),
+                clock=self.store.clock, what=f"recording {len(done)} compensation results", keep_going=lease.alive)
+            return out + skipped
+        finally:
+            lease.stop()
+
+    def _apply_compensations(self, done: Sequence[tuple[ObligationRecord, int, tuple[Any, ...], ObligationOutcome]],
+                             now: float, *, again: bool) -> List[ObligationOutcome]:
+        """Record compensation results in one transaction, each fenced by its lease token (``again``: as in
+        ``_apply``, a result an earlier faulty try committed counts as recorded)."""
         out: List[ObligationOutcome] = []
         events: list[NewEvent] = []
         with self.store.transaction() as tx:
-            for (rec, token), (ok, value) in zip(claimed, results):
-                params, outcome = self._compensation_transition(rec, ok, value, now)
+            for rec, token, params, outcome in done:
                 n = tx.rowcount(
                     "UPDATE em_obligations SET status = ?, next_attempt_at = ?, response = ?, error = ?, "
                     "lease_owner = NULL, updated_at = ? WHERE id = ? AND lease_token = ? AND status = 'COMPENSATING'",
                     (*params, now, rec.id, token),
                 )
+                if n != 1 and again:
+                    got = tx.one("SELECT lease_token, status, lease_owner FROM em_obligations WHERE id = ?", (rec.id,))
+                    if got is not None and int(got[0]) == token and got[1] == params[0] and got[2] is None:
+                        out.append(outcome)
+                        continue
                 if n != 1:
                     out.append(ObligationOutcome(id=rec.id, effect_key=rec.effect_key, kind=rec.kind,
                                                  outcome=outcome.outcome, status=ObligationStatus.COMPENSATING,
@@ -1489,7 +1761,9 @@ class Outbox:
                 self._journal(tx, events)
         return out
 
-    def _compensate_call(self, rec: ObligationRecord) -> Any:
+    def _compensate_call(self, rec: ObligationRecord, lease: _BatchLease) -> Any:
+        if not lease.holds(rec.id):
+            return _SKIPPED
         fn = self._compensators.get(rec.kind)
         if fn is not None:
             return fn(rec.obligation)

@@ -10,7 +10,9 @@ import signal
 import threading
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
+from ._clock import Clock
 from ._journal import StoreScheduler
+from ._leases import is_infrastructure_error
 from ._store import SQLStore
 from ._values import CompensationResult, DispatchResult, Observation
 
@@ -18,6 +20,36 @@ log = logging.getLogger("errands.worker")
 
 Job = Callable[[], Any]
 T = TypeVar("T")
+
+#: Waits (seconds of the store's clock) before each retry of an engine's own store write that met an
+#: infrastructure fault: about four seconds in all, well inside the default lease.
+RETRY_DELAYS = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def retry_infrastructure(fn: Callable[[int], T], *, clock: Clock, what: str,
+                         keep_going: Callable[[], bool] | None = None) -> T:
+    """``fn(attempt)`` (attempt 0 first), called again after each infrastructure error (a locked
+    database, a dropped connection, a serialization failure: ``is_infrastructure_error``) up to
+    ``len(RETRY_DELAYS)`` times, while ``keep_going()`` (the lease is still held) allows.
+
+    Engines record what they already know (a connector's answer, a timer fired) through it, so that a
+    fault costs a retry instead of the result. Any other error, or the last infrastructure one, propagates.
+    ``fn`` must be safe to call again after a fault at commit, when the first call may have committed.
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn(attempt)
+        except Exception as exc:
+            if (not is_infrastructure_error(exc) or attempt >= len(RETRY_DELAYS)
+                    or (keep_going is not None and not keep_going())):
+                raise
+            delay = RETRY_DELAYS[attempt]
+            log.info("%s met an infrastructure fault (%s: %s); retrying in %.2fs", what, type(exc).__name__,
+                     exc, delay)
+        attempt += 1
+        if delay:
+            clock.sleep(delay)
 
 # Results that are never awaitable, answered without asking ``inspect.isawaitable`` (which walks the ABCs).
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple, DispatchResult, Observation,
