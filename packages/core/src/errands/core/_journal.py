@@ -64,14 +64,19 @@ class StoreScheduler:
     Args:
         store: an open store.
         lease_for: seconds a firing holds its timer before another worker may take it.
+        queue: the store queue the timers live in. An engine that fires its own timers gives them a queue
+            of their own, so that no other worker's ``fire_due`` claims (and parks) them.
     """
 
     name = "store"
 
-    def __init__(self, store: SQLStore, *, lease_for: float = 60.0, retry_delay: float = 5.0) -> None:
+    def __init__(
+        self, store: SQLStore, *, lease_for: float = 60.0, retry_delay: float = 5.0, queue: str = TIMER_QUEUE
+    ) -> None:
         self.store = store
         self.lease_for = lease_for
         self.retry_delay = retry_delay
+        self.queue = queue
 
     def schedule(self, topic: str, payload: Any, at: datetime | float, key: str | None = None) -> str:
         """Fire ``payload`` under ``topic`` at ``at`` (aware datetime or epoch seconds).
@@ -81,14 +86,14 @@ class StoreScheduler:
         """
         key = key or new_id()
         when = as_epoch(at, self.store.clock.now())
-        self.store.enqueue(TIMER_QUEUE, [(key, {"topic": topic, "payload": payload}, when)])
+        self.store.enqueue(self.queue, [(key, {"topic": topic, "payload": payload}, when)])
         return key
 
     def cancel(self, key: str) -> bool:
-        return self.store.dequeue(TIMER_QUEUE, key)
+        return self.store.dequeue(self.queue, key)
 
     def pending(self) -> int:
-        return self.store.queue_size(TIMER_QUEUE)
+        return self.store.queue_size(self.queue)
 
     def fire_due(
         self, handlers: Mapping[str, TimerHandler] | Callable[[str, Any], Any], limit: int = 100
@@ -101,7 +106,7 @@ class StoreScheduler:
         Returns:
             How many timers fired and completed.
         """
-        leases = self.store.claim(TIMER_QUEUE, limit, lease_for=self.lease_for)
+        leases = self.store.claim(self.queue, limit, lease_for=self.lease_for)
         done, again, unknown = [], [], []
         for lease in leases:
             topic, payload = lease.payload["topic"], lease.payload["payload"]
