@@ -241,3 +241,35 @@ def test_missing_extra_raises_at_use_naming_it(monkeypatch: pytest.MonkeyPatch) 
     scheduler = CloudTasksScheduler(PROJECT, LOCATION, "q", "https://x.example")
     with pytest.raises(MissingDependencyError, match=r"errands\[tasks\]"):
         scheduler.schedule("p", {}, time.time())
+
+
+def test_scheduler_tasks_carry_a_dispatch_deadline(tasks_emulator: EmulatorProcess, queue: str) -> None:
+    # Without one, Cloud Tasks gives up on a callback after 10 minutes and delivers it again while it runs.
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({}, 1800), ({"dispatch_deadline": 600}, 600), ({"dispatch_deadline": timedelta(minutes=2)}, 120),
+    ]
+    for kwargs, seconds in cases:
+        scheduler = CloudTasksScheduler(PROJECT, LOCATION, queue, "https://svc.example", "/resume-operation/",
+                                        emulator_host=tasks_emulator.address, **kwargs)
+        try:
+            key = scheduler.schedule("create-agent", {"operation": "operations/1"}, later)
+            client = scheduler._queue.client()
+            task = client.get_task(name=scheduler._queue.task_path(task_id_for(key)))
+            assert task.dispatch_deadline == timedelta(seconds=seconds), kwargs
+        finally:
+            scheduler.close()
+    connector = _connector(tasks_emulator, queue, "https://svc.example/wire", dispatch_deadline=900)
+    try:
+        effect = Effect(key="deadline-1", connector="c", payload={}, dispatch_at=later.timestamp())
+        assert connector.dispatch(effect).outcome is DispatchOutcome.CONFIRMED
+        task = connector._queue.client().get_task(name=connector.task_name(effect))
+        assert task.dispatch_deadline == timedelta(seconds=900)
+    finally:
+        connector.close()
+    for bad in (5, 3600, "soon"):
+        with pytest.raises(ConfigError) as info:
+            CloudTasksScheduler(PROJECT, LOCATION, "q", "https://x.example", dispatch_deadline=bad)
+        assert info.value.field == "dispatch_deadline"
+        with pytest.raises(ConfigError):
+            CloudTasksConnector(PROJECT, LOCATION, "q", "https://x.example", dispatch_deadline=bad)

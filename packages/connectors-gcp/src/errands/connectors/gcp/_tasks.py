@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Mapping
 from urllib.parse import urlencode, urlsplit
 
@@ -37,6 +37,23 @@ __all__ = ["CloudTasksConnector", "CloudTasksScheduler", "task_id_for"]
 
 EMULATOR_ENV = "CLOUD_TASKS_EMULATOR_HOST"
 _METHODS = ("POST", "PUT", "GET", "PATCH", "DELETE")
+# Cloud Tasks waits this long for an HTTP target's answer (15 s to 30 min); its default is 10 minutes.
+MAX_DISPATCH_DEADLINE = 1800.0
+MIN_DISPATCH_DEADLINE = 15.0
+
+
+def _check_deadline(value: object) -> timedelta | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+            or not MIN_DISPATCH_DEADLINE <= seconds <= MAX_DISPATCH_DEADLINE):
+        raise ConfigError(
+            f"dispatch_deadline must be {MIN_DISPATCH_DEADLINE:.0f} to {MAX_DISPATCH_DEADLINE:.0f} seconds "
+            f"(Cloud Tasks' range for HTTP targets), got {value!r}",
+            field="dispatch_deadline", value=value,
+        )
+    return timedelta(seconds=float(seconds))
 
 
 def task_id_for(key: str, prefix: str = "") -> str:
@@ -150,7 +167,7 @@ class _TasksQueue:
             request.oidc_token = token
         return request
 
-    def create(self, task_id: str, request: Any, at: datetime | None) -> Any:
+    def create(self, task_id: str, request: Any, at: datetime | None, deadline: timedelta | None = None) -> Any:
         """Create the task. Returns the task; raises the vendor error.
 
         Calls are made once (``retry=None``) within ``timeout``: the engine that called retries with its own
@@ -160,6 +177,8 @@ class _TasksQueue:
         task = tasks.Task(name=self.task_path(task_id), http_request=request)
         if at is not None:
             task.schedule_time = at
+        if deadline is not None:
+            task.dispatch_deadline = deadline
         return self.client().create_task(parent=self.queue_path, task=task, timeout=self.timeout, retry=None)
 
     def close(self) -> None:
@@ -205,6 +224,8 @@ class CloudTasksConnector:
         client: a ready ``CloudTasksClient``.
         emulator_host: ``host:port`` of an emulator (default ``$CLOUD_TASKS_EMULATOR_HOST``).
         task_id_prefix: prepended to every task id.
+        dispatch_deadline: how long Cloud Tasks waits for ``url`` to answer before it retries (seconds or a
+            timedelta, 15 s to 30 min); None: Cloud Tasks' default of 10 minutes.
 
     Example:
         >>> wire = CloudTasksConnector("my-project", "europe-west1", "payments", "https://bank.example/wire")
@@ -231,8 +252,10 @@ class CloudTasksConnector:
         client: Any = None,
         emulator_host: str | None = None,
         task_id_prefix: str = "",
+        dispatch_deadline: float | timedelta | None = None,
     ) -> None:
         self.url = _check_url("url", url)
+        self.dispatch_deadline = _check_deadline(dispatch_deadline)
         if method not in _METHODS:
             raise ConfigError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", field="method",
                               value=method)
@@ -275,7 +298,8 @@ class CloudTasksConnector:
         name = self.task_name(effect)
         try:
             request = self._queue.http_request(self.method, self.url, body, headers)
-            task = self._queue.create(task_id_for(effect.key, self.task_id_prefix), request, at)
+            task = self._queue.create(task_id_for(effect.key, self.task_id_prefix), request, at,
+                                      self.dispatch_deadline)
         except Exception as exc:
             if isinstance(exc, ImportError):
                 raise
@@ -330,7 +354,8 @@ class CloudTasksScheduler:
     The task id is ``task_id_for(key)``, so scheduling the same key again changes nothing, and
     ``cancel(key)`` deletes the task. With ``service_account`` Cloud Tasks adds a Google OIDC token whose
     audience is ``audience``, by default the target's origin (``https://svc.example``), which is what lro's
-    callback check expects.
+    callback check expects. Each task carries ``dispatch_deadline`` (30 minutes, the most Cloud Tasks allows,
+    by default), so a callback whose handler runs long is not delivered again while it still runs.
 
     Args:
         project: the Google Cloud project id.
@@ -346,6 +371,8 @@ class CloudTasksScheduler:
         timeout: seconds for each Cloud Tasks API call.
         client: a ready ``CloudTasksClient``.
         emulator_host: ``host:port`` of an emulator (default ``$CLOUD_TASKS_EMULATOR_HOST``).
+        dispatch_deadline: how long Cloud Tasks waits for a callback's answer before it delivers it again
+            (seconds or a timedelta, 15 s to 30 min; None: Cloud Tasks' default of 10 minutes).
 
     Example:
         >>> scheduler = CloudTasksScheduler("my-project", "europe-west1", "svc-operations",
@@ -371,8 +398,10 @@ class CloudTasksScheduler:
         timeout: float = 10.0,
         client: Any = None,
         emulator_host: str | None = None,
+        dispatch_deadline: float | timedelta | None = MAX_DISPATCH_DEADLINE,
     ) -> None:
         self.host = _check_url("host", host).rstrip("/") if host is not None else None
+        self.dispatch_deadline = _check_deadline(dispatch_deadline)
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             raise ConfigError(f"prefix must be a path starting with '/', got {prefix!r}", field="prefix",
                               value=prefix)
@@ -460,7 +489,7 @@ class CloudTasksScheduler:
             audience = f"{parts.scheme}://{parts.netloc}"
         try:
             request = self._queue.http_request(self.method, url, body, headers, audience=audience)
-            self._queue.create(task_id_for(key), request, when)
+            self._queue.create(task_id_for(key), request, when, self.dispatch_deadline)
         except Exception as exc:
             if isinstance(exc, ImportError):
                 raise
