@@ -33,7 +33,7 @@ WORKER = textwrap.dedent(
     from errands.lro import Config, LroClient, ResumableHandler, unmarshal_metadata
 
     db, batch = sys.argv[1], int(sys.argv[2])
-    client = LroClient(Config(neuron="crash", store=db, timer_lease=0.5, retry_delay=0.1, resume_batch=batch))
+    client = LroClient(Config(neuron="crash", store=db, lease_for=0.5, retry_delay=0.1, resume_batch=batch))
     log = open(db.replace("sqlite:///", "") + ".runs", "a")
 
     def step(op):

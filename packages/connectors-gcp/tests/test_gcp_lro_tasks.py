@@ -101,6 +101,44 @@ def test_lro_handler_rescheduled_twice_over_cloud_tasks(
     assert json_format.MessageToDict(response) == {"calls": 3.0}
 
 
+def test_a_task_that_cannot_be_created_leaves_the_operation_resumable(
+    tasks_emulator: EmulatorProcess, tmp_path: Any
+) -> None:
+    import grpc
+    from errands.core import PermanentError
+    from errands.lro import Config, LroClient, ResumableHandler
+    from google.cloud import tasks_v2
+    from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
+
+    port = free_port()
+    name = f"q-{uuid.uuid4().hex[:10]}"  # not created yet: Cloud Tasks refuses the task
+    scheduler = CloudTasksScheduler(PROJECT, LOCATION, name, emulator_host=tasks_emulator.address)
+    client = LroClient(Config(neuron="svc", store=f"sqlite:///{tmp_path / 'ops.db'}", host=f"http://127.0.0.1:{port}",
+                              scheduler=scheduler, allow_unauthenticated=True))
+    client.add_resumable_handlers(ResumableHandler("finish", lambda op: op.complete({"ok": True})))
+    admin = tasks_v2.CloudTasksClient(
+        transport=CloudTasksGrpcTransport(channel=grpc.insecure_channel(tasks_emulator.address))
+    )
+    parent = f"projects/{PROJECT}/locations/{LOCATION}"
+    try:
+        with Uvicorn(client.asgi_app(), port):
+            op = client.new_operation("operations/nq", {"step": 0})
+            before = client.store.get("operations/nq")
+            with pytest.raises(PermanentError):
+                op.resume_via_tasks("finish")
+            after = client.store.get("operations/nq")
+            assert after.resume_token == before.resume_token, "the operation waits for a task that does not exist"
+            admin.create_queue(parent=parent, queue=tasks_v2.Queue(name=f"{parent}/queues/{name}"))
+            op.resume_via_tasks("finish")  # the same object retries once the queue exists
+            result = client.wait_operation("operations/nq", timeout=60)
+        assert result.done and not result.HasField("error")
+    finally:
+        client.close()
+        scheduler.close()
+        admin.delete_queue(name=f"{parent}/queues/{name}")
+        admin.transport.close()
+
+
 def test_outbox_same_effect_key_twice_is_one_task(
     tasks_emulator: EmulatorProcess, queue: str, httpserver: HTTPServer, tmp_path: Any
 ) -> None:

@@ -123,7 +123,7 @@ def test_from_env_in_the_cloud_uses_the_cloudtasks_scheduler(tmp_path: Any, monk
     assert made == [{
         "project": "acme", "location": "eu", "queue": "svc-operations",
         "service_account": "alis-build@acme.iam.gserviceaccount.com",
-        "host": "https://svc-7.eu.run.app", "prefix": "/resume-operation/",
+        "host": "https://svc-7.eu.run.app", "prefix": "/resume-operation/", "dispatch_deadline": 1800.0,
     }]
     monkeypatch.delitem(schedulers, "cloudtasks")
     with pytest.raises(MissingDependencyError) as err:
@@ -605,7 +605,7 @@ def test_attach_fires_callbacks_from_a_core_worker_beside_other_timers(client: L
     client.new_operation("operations/w1").resume_via_tasks("h")
     other: list[Any] = []
     worker = Worker(client.core_store, timer_handlers={"other.topic": lambda _t, p: other.append(p)})
-    client.scheduler.schedule("other.topic", {"x": 1}, at=0.0)
+    worker.scheduler.schedule("other.topic", {"x": 1}, at=0.0)  # another engine's timer
     client.attach(worker)
     worker.step()  # one pass fires both: neither engine parks the other's timers
     assert client.get_operation_pb("operations/w1").done and other == [{"x": 1}]
@@ -748,7 +748,7 @@ def test_a_half_written_completion_rolls_the_whole_batch_back(
 
     from errands.lro import SQLOperationStore
 
-    cfg = Config(neuron="svc", store=f"sqlite:///{tmp_path}/h.db", resume_batch=10, timer_lease=5)
+    cfg = Config(neuron="svc", store=f"sqlite:///{tmp_path}/h.db", resume_batch=10, lease_for=5)
     with LroClient(cfg, clock=clock) as c:
         c.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete({"ok": True})))
         for i in range(3):

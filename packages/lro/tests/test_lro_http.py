@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 import uvicorn
-from errands.core import TransientError
+from errands.core import ConfigError, TransientError
 from errands.core.testing._services import free_port
 from errands.lro import Config, LroClient, Operation, ResumableHandler, unmarshal_metadata
 from errands.lro._auth import SIGNATURE_HEADER, sign
@@ -148,11 +148,17 @@ def _signed(client: LroClient, target: str, secret: str | None = None) -> dict[s
     return {SIGNATURE_HEADER: sign(key, "PUT", target)}
 
 
+def _target(client: LroClient, name: str, path: str) -> str:
+    token = client.store.get(name).resume_token
+    assert token is not None
+    return f"{client.config.prefix}{path}?operation={name.replace('/', '%2F')}&token={token}"
+
+
 def test_unauthenticated_callback_gets_401_and_changes_nothing(served: tuple[LroClient, _Uvicorn]) -> None:
     client, server = served
-    client.new_operation("operations/a")
+    client.new_operation("operations/a").resume_via_tasks("finish", delay=3600)
     before = client.store.get("operations/a")
-    target = "/resume-operation/finish?operation=operations%2Fa"
+    target = _target(client, "operations/a", "finish")
     for headers in (
         {},
         {"authorization": "Bearer not-a-jwt"},
@@ -172,36 +178,38 @@ def test_unauthenticated_callback_gets_401_and_changes_nothing(served: tuple[Lro
 def test_allow_unauthenticated_is_explicit(db: str) -> None:
     client = LroClient(Config(neuron="svc", store=db, allow_unauthenticated=True))
     client.add_resumable_handlers(ResumableHandler("finish", lambda op: op.complete()))
-    client.new_operation("operations/open")
+    client.new_operation("operations/open").resume_via_tasks("finish", delay=3600)
+    target = _target(client, "operations/open", "finish")
     with _Uvicorn(client.asgi_app()) as server:
-        status, body, _ = _put(server.url + "/resume-operation/finish?operation=operations%2Fopen")
-        assert status == 200 and body["outcome"] == "completed"
-        # bad credentials are still refused
-        status, _, _ = _put(server.url + "/resume-operation/finish?operation=operations%2Fopen",
-                            {"authorization": "Bearer junk"})
+        # bad credentials are refused even so
+        status, _, _ = _put(server.url + target, {"authorization": "Bearer junk"})
         assert status == 401
+        status, body, _ = _put(server.url + target)
+        assert status == 200 and body["outcome"] == "completed"
     client.close()
 
 
 def test_endpoint_answers(served: tuple[LroClient, _Uvicorn]) -> None:
     client, server = served
-    client.new_operation("operations/x")
+    client.new_operation("operations/x").resume_via_tasks("finish", delay=3600)
+    token = client.store.get("operations/x").resume_token
     base = server.url
 
     def put(target: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         return _put(base + target, _signed(client, target))
 
-    assert put("/resume-operation/nope?operation=operations%2Fx")[0] == 404
-    assert put("/resume-operation/finish?operation=operations%2Fmissing")[0] == 404
+    assert put(f"/resume-operation/nope?operation=operations%2Fx&token={token}")[0] == 404
+    assert put(f"/resume-operation/finish?operation=operations%2Fmissing&token={token}")[0] == 404
     assert put("/resume-operation/finish")[0] == 400
-    assert put("/elsewhere/finish?operation=operations%2Fx")[0] == 404
-    status, _, headers = _put(base + "/resume-operation/finish?operation=operations%2Fx", method="GET")
+    assert put("/resume-operation/finish?operation=operations%2Fx")[0] == 400  # no token
+    assert put(f"/elsewhere/finish?operation=operations%2Fx&token={token}")[0] == 404
+    status, _, headers = _put(base + f"/resume-operation/finish?operation=operations%2Fx&token={token}", method="GET")
     assert status == 405 and headers.get("allow") == "PUT"
-    status, body, headers = put("/resume-operation/flaky?operation=operations%2Fx")
+    status, body, headers = put(f"/resume-operation/flaky?operation=operations%2Fx&token={token}")
     assert status == 503 and headers.get("retry-after") == "7" and body["error"] == "transient"
     assert not client.get_operation_pb("operations/x").done
-    assert put("/resume-operation/finish?operation=operations%2Fx")[1]["outcome"] == "completed"
-    assert put("/resume-operation/finish?operation=operations%2Fx")[1]["outcome"] == "already_done"
+    assert put(f"/resume-operation/finish?operation=operations%2Fx&token={token}")[1]["outcome"] == "completed"
+    assert put(f"/resume-operation/finish?operation=operations%2Fx&token={token}")[1]["outcome"] == "already_done"
     op = client.new_operation("operations/y")
     op.resume_via_tasks("finish", delay=3600)
     status, body, _ = put("/resume-operation/finish?operation=operations%2Fy&token=old")
@@ -215,9 +223,9 @@ def test_handler_failure_fails_the_operation_internal_over_http(db: str) -> None
         raise KeyError("agent")
 
     client.add_resumable_handlers(ResumableHandler("broken", broken))
-    client.new_operation("operations/b")
+    client.new_operation("operations/b").resume_via_tasks("broken", delay=3600)
     with _Uvicorn(client.asgi_app()) as server:
-        status, body, _ = _put(server.url + "/resume-operation/broken?operation=operations%2Fb")
+        status, body, _ = _put(server.url + _target(client, "operations/b", "broken"))
     assert status == 200 and body["outcome"] == "failed"
     pb = client.get_operation_pb("operations/b")
     assert pb.error.code == code_pb2.INTERNAL and "agent" in pb.error.message
@@ -227,7 +235,8 @@ def test_handler_failure_fails_the_operation_internal_over_http(db: str) -> None
 def test_wsgi_app_serves_the_same_callbacks(db: str) -> None:
     client = LroClient(Config(neuron="svc", store=db, prefix="/cb/"))
     client.add_resumable_handlers(ResumableHandler("finish", lambda op: op.complete({"via": "wsgi"})))
-    client.new_operation("operations/w")
+    client.new_operation("operations/w").resume_via_tasks("finish", delay=3600)
+    target = _target(client, "operations/w", "finish")
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -238,7 +247,6 @@ def test_wsgi_app_serves_the_same_callbacks(db: str) -> None:
     thread.start()
     try:
         base = f"http://127.0.0.1:{httpd.server_port}"
-        target = "/cb/finish?operation=operations%2Fw"
         assert _put(base + target)[0] == 401
         assert not client.get_operation_pb("operations/w").done
         assert _put(base + "/cb/finish", _signed(client, "/cb/finish"))[0] == 400
@@ -300,10 +308,10 @@ def test_google_oidc_tokens_with_audience_check(db: str, httpserver: Any, signin
         oidc_service_accounts=("tasks@acme.iam.gserviceaccount.com",),
     ))
     client.add_resumable_handlers(ResumableHandler("finish", lambda op: op.complete({"by": "cloud-tasks"})))
-    client.new_operation("operations/oidc")
+    client.new_operation("operations/oidc").resume_via_tasks("finish", delay=3600)
     before = client.store.get("operations/oidc")
     server = _Uvicorn(client.asgi_app(), port)
-    target = f"{host}/resume-operation/finish?operation=operations%2Foidc"
+    target = host + _target(client, "operations/oidc", "finish")
     kid, private = signing_keys["kid"], signing_keys["private"]
     with server:
         refused = {
@@ -327,11 +335,129 @@ def test_google_oidc_tokens_with_audience_check(db: str, httpserver: Any, signin
 
 def test_secrets_never_reach_the_logs(served: tuple[LroClient, _Uvicorn], caplog: pytest.LogCaptureFixture) -> None:
     client, server = served
-    client.new_operation("operations/s")
+    client.new_operation("operations/s").resume_via_tasks("finish", delay=3600)
     secret_token = "Bearer eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
     with caplog.at_level("DEBUG"):
-        _put(server.url + "/resume-operation/finish?operation=operations%2Fs", {"authorization": secret_token})
+        status, _, _ = _put(server.url + _target(client, "operations/s", "finish"), {"authorization": secret_token})
+    assert status == 401
     secret = client.callback_secret()
     assert secret is not None
     assert "c2VjcmV0LXBheWxvYWQ" not in caplog.text and secret not in caplog.text
     assert secret not in repr(client.callback_auth()) and secret not in repr(client.config)
+
+
+# -- refused and fenced callbacks: unknown accounts, no token, replays, a second delivery meanwhile ----
+
+
+# -- who may call back ---------------------------------------------------------------------------
+
+
+def test_an_oidc_token_of_any_other_account_is_refused_when_no_account_is_configured(
+    db: str, httpserver: Any, signing_keys: dict[str, Any]
+) -> None:
+    httpserver.expect_request("/oauth2/v1/certs").respond_with_json(signing_keys["certs"])
+    port = free_port()
+    host = f"http://127.0.0.1:{port}"
+    client = LroClient(Config(neuron="svc", store=db, host=host, oidc_certs_url=httpserver.url_for("/oauth2/v1/certs")))
+    client.add_resumable_handlers(ResumableHandler("finish", lambda op: op.complete()))
+    client.new_operation("operations/o").resume_via_tasks("finish", delay=3600)
+    target = _target(client, "operations/o", "finish")
+    anyone = _token(signing_keys["private"], signing_keys["kid"], aud=host, email="anyone@gmail.com")
+    with _Uvicorn(client.asgi_app(), port):
+        status, _, _ = _put(host + target, {"authorization": f"Bearer {anyone}"})
+    assert status == 401, "a Google-signed token of an unknown account was accepted"
+    assert not client.get_operation_pb("operations/o").done
+    client.close()
+
+
+def test_a_callback_app_for_a_remote_scheduler_refuses_to_start_without_an_account(db: str) -> None:
+    class Remote:
+        def schedule(self, topic: str, payload: Any, at: Any, key: str | None = None) -> str:
+            return key or ""
+
+    client = LroClient(Config(neuron="svc", store=db, host="https://svc.example", scheduler=Remote()))
+    with pytest.raises(ConfigError) as err:
+        client.asgi_app()
+    assert err.value.field == "lro.oidc_service_accounts"
+    with pytest.raises(ConfigError):
+        client.wsgi_app()
+    client.close()
+    # The alis default names the account from the project; an explicit one, or opting out, starts too.
+    for extra in ({"project": "acme"}, {"oidc_service_accounts": ("tasks@acme.iam.gserviceaccount.com",)},
+                  {"allow_unauthenticated": True}):
+        with LroClient(Config(neuron="svc", store=db, host="https://svc.example", scheduler=Remote(),
+                              **extra)) as ok:
+            ok.asgi_app()
+    assert Config(neuron="svc", project="acme").accepted_service_accounts == (
+        "alis-build@acme.iam.gserviceaccount.com",
+    )
+
+
+# -- fencing: the token is required, spent once, and held while its handler runs -----------------
+
+
+@pytest.fixture
+def waiting(db: str) -> Iterator[tuple[LroClient, _Uvicorn, list[str], threading.Event, threading.Event]]:
+    client = LroClient(Config(neuron="svc", store=db))
+    runs: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def wait_once(op: Operation) -> None:
+        runs.append(op.name)
+        if len(runs) == 1:
+            started.set()
+            assert release.wait(30)
+        op.save_metadata({"runs": len(runs)})  # ends without rescheduling: the operation waits for more
+
+    client.add_resumable_handlers(ResumableHandler("wait", wait_once))
+    with _Uvicorn(client.asgi_app()) as server:
+        yield client, server, runs, started, release
+    release.set()
+    client.close()
+
+
+def test_a_callback_without_its_resume_token_is_refused(
+    waiting: tuple[LroClient, _Uvicorn, list[str], threading.Event, threading.Event],
+) -> None:
+    client, server, runs, _, release = waiting
+    release.set()
+    client.new_operation("operations/n").resume_via_tasks("wait", delay=3600)
+    target = "/resume-operation/wait?operation=operations%2Fn"
+    status, body, _ = _put(server.url + target, _signed(client, target))
+    assert status == 400 and "token" in body["error"]
+    assert runs == []
+
+
+def test_a_replayed_callback_runs_nothing(
+    waiting: tuple[LroClient, _Uvicorn, list[str], threading.Event, threading.Event],
+) -> None:
+    client, server, runs, _, release = waiting
+    release.set()
+    client.new_operation("operations/r").resume_via_tasks("wait", delay=3600)
+    target = _target(client, "operations/r", "wait")
+    headers = _signed(client, target)  # captured once, sent again within the signature's tolerance
+    status, body, _ = _put(server.url + target, headers)
+    assert status == 200 and body["outcome"] == "ran"
+    status, body, _ = _put(server.url + target, headers)
+    assert status == 200 and body["outcome"] == "stale"
+    assert runs == ["operations/r"], "a replayed callback ran the handler again"
+
+
+def test_a_second_delivery_while_the_handler_runs_is_told_to_come_back(
+    waiting: tuple[LroClient, _Uvicorn, list[str], threading.Event, threading.Event],
+) -> None:
+    client, server, runs, started, release = waiting
+    client.new_operation("operations/d").resume_via_tasks("wait", delay=3600)
+    target = _target(client, "operations/d", "wait")
+    first: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+    thread = threading.Thread(target=lambda: first.append(_put(server.url + target, _signed(client, target))))
+    thread.start()
+    assert started.wait(20)
+    status, body, headers = _put(server.url + target, _signed(client, target))  # Cloud Tasks delivers it again
+    assert status == 503 and body["error"] == "busy" and int(headers["retry-after"]) >= 1
+    assert runs == ["operations/d"], "the duplicate delivery ran the handler while the first still ran"
+    release.set()
+    thread.join(30)
+    assert first and first[0][0] == 200 and first[0][1]["outcome"] == "ran"
+    status, body, _ = _put(server.url + target, _signed(client, target))  # the retry of the duplicate
+    assert status == 200 and body["outcome"] == "stale" and runs == ["operations/d"]

@@ -87,9 +87,11 @@ class CertsRequest:
 class CallbackAuth:
     """Decides whether a callback request may resume an operation.
 
-    Accepted: ``Authorization: Bearer <Google OIDC token>`` whose audience is ``audience`` (and whose
-    email is one of ``service_accounts`` when given), or a valid ``X-Errands-Signature`` HMAC. Requests
-    with neither are accepted only with ``allow_unauthenticated``; bad credentials never are.
+    Accepted: ``Authorization: Bearer <Google OIDC token>`` whose audience is ``audience`` and whose
+    verified email is one of ``service_accounts`` (with none configured every token is refused: a token any
+    Google identity can mint for that audience proves nothing), or a valid ``X-Errands-Signature`` HMAC.
+    Requests with neither are accepted only with ``allow_unauthenticated``; bad credentials never are.
+    Replays are refused by the resume token each callback carries, which is spent once its handler ran.
     """
 
     secret: str | None = field(repr=False)
@@ -136,8 +138,11 @@ class CallbackAuth:
         if claims.get("iss") not in self.issuers:
             log.warning("OIDC callback refused: issuer not accepted")
             return False
-        if self.service_accounts:
-            if claims.get("email") not in self.service_accounts or not claims.get("email_verified", False):
-                log.warning("OIDC callback refused: email not an accepted service account")
-                return False
+        if not self.service_accounts:
+            log.warning("OIDC callback refused: no service account is accepted (set Config.oidc_service_accounts "
+                        "or Config.service_account)")
+            return False
+        if claims.get("email") not in self.service_accounts or not claims.get("email_verified", False):
+            log.warning("OIDC callback refused: email not an accepted service account")
+            return False
         return True

@@ -25,7 +25,9 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 from errands.core import (
+    Beat,
     ConfigError,
+    InfrastructureError,
     Lease,
     LeaseLostError,
     MissingDependencyError,
@@ -33,6 +35,8 @@ from errands.core import (
     SQLStore,
     StoreScheduler,
     TransientError,
+    heartbeat,
+    is_infrastructure_error,
     open_store,
 )
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
@@ -41,16 +45,18 @@ from google.rpc import code_pb2  # type: ignore[import-untyped]
 from ._auth import SIGNATURE_HEADER, CallbackAuth, sign
 from ._codec import encode_state, pack_any
 from ._config import Config, config_from_env
-from ._operation import Operation
+from ._operation import Operation, retoken, store_call
 from ._store import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
+from ._tokens import claimed, parse_token, used
 
 log = logging.getLogger("errands.lro")
 
-__all__ = ["RESUME_TOPIC", "LroClient", "ResumableHandler", "ResumeOutcome"]
+__all__ = ["RESUME_TOPIC", "LroClient", "ResumableHandler", "ResumeBusyError", "ResumeOutcome"]
 
-# Timers of ``resume_via_tasks`` go under ``lro.resume.{neuron}``.
+# Timers of ``resume_via_tasks`` go under ``lro.resume.{neuron}``, in the store queue
+# ``lro.timers.{neuron}``: a queue of their own, which no other engine's timer pass claims or parks.
 RESUME_TOPIC = "lro.resume"
-TIMER_QUEUE = "em.timers"
+TIMER_QUEUE = "lro.timers"
 
 _NAME = re.compile(r"^operations/[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
 _PATH = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
@@ -80,6 +86,11 @@ class ResumableHandler:
             )
         if not callable(self.fn):
             raise ConfigError(f"handler for {self.path!r} must be callable, got {self.fn!r}", field="fn", value=self.fn)
+
+
+class ResumeBusyError(TransientError):
+    """Another callback runs this resume now (a duplicate delivery, or a retry while the first attempt
+    still runs): come back after ``retry_after``. Callbacks answer it with 503 and ``Retry-After``."""
 
 
 class ResumeOutcome(str, enum.Enum):
@@ -208,7 +219,8 @@ class LroClient:
                     "lro.scheduler is required when lro.store is not an errands SQL store", field="lro.scheduler"
                 )
             self.scheduler = StoreScheduler(
-                self.core_store, lease_for=config.timer_lease, retry_delay=config.retry_delay
+                self.core_store, lease_for=config.lease_for, retry_delay=config.retry_delay,
+                queue=f"{TIMER_QUEUE}.{config.neuron}",
             )
         self._handlers: dict[str, ResumableHandler] = {}
         self._secret: str | None = config.callback_secret
@@ -219,6 +231,8 @@ class LroClient:
         self._token_prefix = secrets.token_hex(8)
         self._topic = f"{RESUME_TOPIC}.{config.neuron}"
         self._token_seq = itertools.count(1)
+        # Pauses between the attempts to create a resume's task before resume_via_tasks gives up.
+        self._schedule_backoff: tuple[float, ...] = (0.05, 0.25)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -240,6 +254,14 @@ class LroClient:
         source = os.environ if env is None else env
         config = config_from_env(neuron, host, source, **overrides)
         if config.scheduler is None and config.project and config.region:
+            if config.base_url is None:
+                # Checked before anything is opened or written: Cloud Tasks needs a URL to call back.
+                raise ConfigError(
+                    "ALIS_PROJECT_NR is not set: with ALIS_OS_PROJECT and ALIS_REGION operations resume through "
+                    "Cloud Tasks, which calls back https://{neuron}-{ALIS_PROJECT_NR}.{ALIS_REGION}.run.app; set "
+                    "ALIS_PROJECT_NR or pass host=",
+                    field="ALIS_PROJECT_NR", value=None,
+                )
             config = replace(config, scheduler=_cloud_tasks_scheduler(config))
         return cls(config)
 
@@ -433,28 +455,35 @@ class LroClient:
     def cancel_operation(self, name: str) -> None:
         """Ask for cancellation. Cooperative: a running handler sees ``op.cancel_requested``; the next
         callback (scheduled now) ends the operation ``CANCELLED`` unless it finished meanwhile. An
-        operation no handler was ever scheduled for is cancelled at once. Done operations are unchanged.
+        operation with no resume pending (never scheduled, or its last callback ran) is cancelled at once.
+        Done operations are unchanged.
 
         Raises:
             NotFoundError: no such operation.
         """
-        record = self.store.get(name)
+        record = store_call(f"cancelling {name!r}", self.store.get, name)
         if record.done:
             return
-        record = self.store.request_cancel(name)
+        record = store_call(f"cancelling {name!r}", self.store.request_cancel, name)
         if record.done:
             return
-        if record.resume_path is None or record.resume_token is None:
+        state = parse_token(record.resume_token)
+        if record.resume_path is None or state.token is None or state.used:
             for _ in range(10):
                 try:
                     self._finish_cancelled(Operation(self, record))
                     return
                 except LeaseLostError:
-                    record = self.store.get(name)
+                    record = store_call(f"cancelling {name!r}", self.store.get, name)
                     if record.done:
                         return
-            raise LeaseLostError(f"operation {name!r} kept changing while it was being cancelled; try again")
-        self._schedule(record, record.resume_path, record.resume_token, 0.0, key=f"lro-{record.resume_token}-cancel")
+                    state = parse_token(record.resume_token)
+                    if state.token is not None and not state.used and record.resume_path is not None:
+                        break  # a resume was scheduled meanwhile: its callback ends it
+            else:
+                raise LeaseLostError(f"operation {name!r} kept changing while it was being cancelled; try again")
+        assert record.resume_path is not None and state.token is not None
+        self._schedule(record, record.resume_path, state.token, 0.0, key=f"lro-{state.token}-cancel")
 
     def delete_operation(self, name: str) -> None:
         """Delete the operation. Raises ``NotFoundError``."""
@@ -500,6 +529,7 @@ class LroClient:
         token = f"{self._token_prefix}{next(self._token_seq):x}"
         record = op._snapshot(resume_path=path, resume_token=token)
         expected_version = op.version
+        what = f"scheduling operation {op.name!r}"
         if self._atomic_timers():
             store = self.store
             assert isinstance(store, SQLOperationStore)
@@ -509,14 +539,60 @@ class LroClient:
                       store.now() + float(seconds))]
             tx = store.current_tx()
             if tx is not None:
-                store.store.enqueue(TIMER_QUEUE, timer, tx=tx)
-                return store.save(record, expected_version=expected_version)
-            with store.batch() as tx:
-                store.store.enqueue(TIMER_QUEUE, timer, tx=tx)
-                return store.save(record, expected_version=expected_version)
-        saved = self.store.save(record, expected_version=expected_version)
-        self._schedule(saved, path, token, float(seconds), key=f"lro-{token}")
+                store_call(what, store.store.enqueue, self.scheduler.queue, timer, tx=tx)
+                return store_call(what, store.save, record, expected_version=expected_version)
+            return store_call(what, self._save_with_timer, store, timer, record, expected_version)
+        current_tx = getattr(self.store, "current_tx", None)
+        if current_tx is not None and current_tx() is not None:
+            raise ConfigError(
+                f"resume_via_tasks with the {type(self.scheduler).__name__} scheduler cannot join a batch: its task "
+                "must be created after the save commits; call it after the batch",
+                field="lro.scheduler", value=type(self.scheduler).__name__,
+            )
+        # The save first, then the task: a task created first could call back before the save commits and be
+        # acknowledged as stale. If the task cannot be created, the save is undone, so that the operation is
+        # as it was (a callback that rescheduled is retried with its own token) and ``op`` can retry.
+        saved = store_call(what, self.store.save, record, expected_version=expected_version)
+        try:
+            self._schedule_retrying(saved, path, token, float(seconds))
+        except BaseException as exc:
+            return self._undo_save(op, saved, exc)
         return saved
+
+    def _save_with_timer(
+        self, store: SQLOperationStore, timer: list[tuple[str, Any, float]], record: OperationRecord, expected: int
+    ) -> OperationRecord:
+        with store.batch() as tx:
+            store.store.enqueue(self.scheduler.queue, timer, tx=tx)
+            return store.save(record, expected_version=expected)
+
+    def _schedule_retrying(self, record: OperationRecord, path: str, token: str, seconds: float) -> None:
+        backoff = self._schedule_backoff
+        for attempt in range(len(backoff) + 1):
+            try:
+                self._schedule(record, path, token, seconds, key=f"lro-{token}")
+                return
+            except TransientError:
+                if attempt == len(backoff):
+                    raise
+                time.sleep(backoff[attempt])
+
+    def _undo_save(self, op: Operation, saved: OperationRecord, error: BaseException) -> OperationRecord:
+        """The task of ``saved`` could not be created: put the operation back as it was before, then raise
+        ``error``. Returns only if there is nothing to raise (never)."""
+        before = op._record
+        try:
+            restored = store_call(f"undoing the save of {op.name!r}", self.store.save, before,
+                                  expected_version=saved.version)
+        except Exception as undo_error:
+            # The operation keeps a resume whose task does not exist. ``op`` holds what was saved, so that
+            # the caller's next resume_via_tasks (a retry) replaces it.
+            log.error("operation %s was saved for a resume whose task could not be created, and the save could "
+                      "not be undone (%s); call resume_via_tasks again", op.name, type(undo_error).__name__)
+            op._record = saved
+            raise error
+        op._record = restored
+        raise error
 
     def _schedule(self, record: OperationRecord, path: str, token: str, seconds: float, *, key: str) -> None:
         at = datetime.fromtimestamp(self.store.now() + seconds, tz=timezone.utc)
@@ -524,48 +600,96 @@ class LroClient:
 
     # -- resuming --------------------------------------------------------------------------------
     def _begin(
-        self, name: str, path: str, token: str | None, record: OperationRecord | None = None
-    ) -> tuple[ResumeOutcome | None, Operation | None, Any]:
+        self, name: str, path: str, token: str | None, record: OperationRecord | None = None, *, hold: bool = False
+    ) -> tuple[ResumeOutcome | None, Operation | None, Any, str]:
+        """Decide what a callback does. Returns ``(outcome, None, None, "")`` when it is settled without the
+        handler, else ``(None, op, fn, claim)``: ``claim`` is the id of the hold taken on the resume
+        (``""`` without one).
+
+        Raises:
+            NotFoundError: no such operation or handler.
+            ResumeBusyError: another callback runs this resume now; come back later.
+            InfrastructureError: the store failed; retry.
+        """
         handler = self._handlers.get(path)
         if handler is None:
             raise NotFoundError(
                 f"no resumable handler at path {path!r}; registered: {', '.join(sorted(self._handlers)) or 'none'}"
             )
         if record is None:
-            record = self.store.get(name)
+            record = store_call(f"resuming {name!r}", self.store.get, name)
         if record.done:
-            return ResumeOutcome.ALREADY_DONE, None, None
-        if token is not None and token != record.resume_token:
-            return ResumeOutcome.STALE, None, None
-        op = Operation(self, record)
+            return ResumeOutcome.ALREADY_DONE, None, None, ""
+        state = parse_token(record.resume_token)
+        now = self.store.now() if state.expires else 0.0
+        held = state.held(now)
+        if token is not None and (token != state.token or state.used):
+            if record.cancel_requested and not held:
+                # A cancellation is never lost to a stale callback: end it now.
+                return self._cancel_now(Operation(self, record)), None, None, ""
+            return ResumeOutcome.STALE, None, None, ""
+        if held:
+            raise ResumeBusyError(
+                f"operation {name!r} is being resumed by another callback; retry later",
+                retry_after=max(1.0, state.expires - now),
+            )
         if record.cancel_requested:
+            return self._cancel_now(Operation(self, record)), None, None, ""
+        claim = ""
+        if hold and token is not None:
+            claim = secrets.token_hex(6)
+            raw = claimed(token, self.store.now() + self.config.lease_for, claim)
             try:
-                self._finish_cancelled(op)
-            except LeaseLostError:
-                return ResumeOutcome.LOST, None, None
-            return ResumeOutcome.CANCELLED, None, None
-        return None, op, handler.fn
+                record = store_call(f"resuming {name!r}", self.store.save, retoken(record, raw),
+                                    expected_version=record.version)
+            except LeaseLostError as exc:
+                raise ResumeBusyError(
+                    f"operation {name!r} changed while its callback started; retry later", retry_after=1.0
+                ) from exc
+        return None, Operation(self, record), handler.fn, claim
+
+    def _cancel_now(self, op: Operation) -> ResumeOutcome:
+        try:
+            self._finish_cancelled(op)
+        except LeaseLostError:
+            return ResumeOutcome.LOST
+        return ResumeOutcome.CANCELLED
 
     def _finish_cancelled(self, op: Operation) -> None:
         op.fail("operation cancelled", code=code_pb2.CANCELLED)
 
-    def _end(self, op: Operation, error: BaseException | None) -> ResumeOutcome:
+    def _end(self, op: Operation, error: BaseException | None, token: str | None, claim: str) -> ResumeOutcome:
         if op.done:
             if error is not None and not isinstance(error, LeaseLostError):
                 log.warning("handler for %s raised after finishing it: %r", op.name, error)
             return ResumeOutcome.COMPLETED
         if error is None:
             try:
+                if token is not None:
+                    # The handler ended without scheduling another resume: spend the token, so that a
+                    # replay of this callback runs nothing.
+                    spent = op._set_hold(used(token), token=token, claim=claim)
+                    if spent is not None:
+                        return self._cancel_now(op) if spent.cancel_requested else ResumeOutcome.RAN
                 if op.cancel_requested:
                     self._finish_cancelled(op)
                     return ResumeOutcome.CANCELLED
             except LeaseLostError:
                 return ResumeOutcome.LOST
             return ResumeOutcome.RAN
-        if isinstance(error, TransientError):
-            raise error
         if isinstance(error, LeaseLostError):
             return ResumeOutcome.LOST
+        if isinstance(error, (TransientError, InfrastructureError)):
+            # Asked to come back, or the store failed under the handler: give the resume back at once so
+            # that the retry need not wait for the hold to lapse.
+            if claim and token is not None:
+                try:
+                    op._set_hold(token, token=token, claim=claim)
+                except Exception as release_error:
+                    log.info("the hold on %s lapses by itself (%s)", op.name, type(release_error).__name__)
+            if isinstance(error, InfrastructureError):
+                log.warning("resuming %s abandoned: %s; it is retried", op.name, error)
+            raise error
         log.error("handler for %s failed; the operation fails with INTERNAL", op.name, exc_info=error)
         try:
             op.fail("%s", str(error) or type(error).__name__, code=code_pb2.INTERNAL)
@@ -573,39 +697,72 @@ class LroClient:
             return ResumeOutcome.LOST
         return ResumeOutcome.FAILED
 
+    def _heartbeat(self, op: Operation, token: str, claim: str, lease: Lease | None) -> Beat:
+        """Renew the hold of ``op`` on ``token`` (and the timer ``lease`` that fired it) while its handler
+        runs."""
+        op._lock = threading.Lock()
+        lease_for = self.config.lease_for
+        core = self.core_store
+        beat: Beat | None = None
+
+        def renew() -> bool:
+            if lease is not None and core is not None:
+                with contextlib.suppress(LeaseLostError):  # the timer only fired it; the hold fences the run
+                    core.extend([lease], lease_for=lease_for)
+            held = op._renew_hold(token, claim, lease_for)
+            if held is None:
+                if beat is not None:
+                    beat.stop()
+                return True
+            return held
+
+        beat = heartbeat(renew, lease_for=lease_for, what=f"the resume of {op.name}")
+        return beat
+
     def resume(self, name: str, path: str, token: str | None = None) -> ResumeOutcome:
         """Run the handler at ``path`` on the operation now, in this process (no HTTP).
 
         Args:
             name: the operation.
             path: a registered handler path.
-            token: the token of the ``resume_via_tasks`` that scheduled this; a superseded token is
-                ignored (``STALE``). None always runs.
+            token: the token of the ``resume_via_tasks`` that scheduled this; a superseded or spent token
+                is ignored (``STALE``), and while another callback runs the same token ``ResumeBusyError``
+                (a ``TransientError``) says to come back later. None always runs.
 
         Raises:
             NotFoundError: no such operation, or no handler at ``path``.
-            TransientError: the handler asked to be called again later.
+            TransientError: the handler asked to be called again later, or the resume is busy.
+            InfrastructureError: the store failed; nothing was recorded, call again.
         """
-        return self._resume(name, path, token, None)
+        return self._resume(name, path, token, None, hold=token is not None)
 
-    def _resume(self, name: str, path: str, token: str | None, record: OperationRecord | None) -> ResumeOutcome:
-        outcome, op, fn = self._begin(name, path, token, record)
+    def _resume(
+        self, name: str, path: str, token: str | None, record: OperationRecord | None, *, hold: bool = False,
+        lease: Lease | None = None,
+    ) -> ResumeOutcome:
+        outcome, op, fn, claim = self._begin(name, path, token, record, hold=hold)
         if outcome is not None:
             return outcome
         assert op is not None
+        beat = self._heartbeat(op, token, claim, lease) if claim and token is not None else None
         try:
             _call(fn, op)
         except Exception as exc:
-            return self._end(op, exc)
-        return self._end(op, None)
+            if beat is not None:
+                beat.stop()
+            return self._end(op, exc, token, claim)
+        if beat is not None:
+            beat.stop()
+        return self._end(op, None, token, claim)
 
     async def aresume(self, name: str, path: str, token: str | None = None) -> ResumeOutcome:
         """``resume`` for async code: store calls and sync handlers run in a thread, async handlers on
         the running loop."""
-        outcome, op, fn = await asyncio.to_thread(self._begin, name, path, token)
+        outcome, op, fn, claim = await asyncio.to_thread(self._begin, name, path, token, hold=token is not None)
         if outcome is not None:
             return outcome
         assert op is not None
+        beat = self._heartbeat(op, token, claim, None) if claim and token is not None else None
         try:
             if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
                 await fn(op)
@@ -614,8 +771,12 @@ class LroClient:
                 if inspect.isawaitable(result):
                     await result
         except Exception as exc:
-            return await asyncio.to_thread(self._end, op, exc)
-        return await asyncio.to_thread(self._end, op, None)
+            if beat is not None:
+                beat.stop()
+            return await asyncio.to_thread(self._end, op, exc, token, claim)
+        if beat is not None:
+            beat.stop()
+        return await asyncio.to_thread(self._end, op, None, token, claim)
 
     # -- the local scheduler ---------------------------------------------------------------------
     def callback_secret(self) -> str | None:
@@ -645,7 +806,13 @@ class LroClient:
         core = self.core_store
         if core is None or not isinstance(self.scheduler, StoreScheduler):
             return 0
-        leases = core.claim(TIMER_QUEUE, limit, lease_for=self.config.timer_lease)
+        try:
+            leases = core.claim(self.scheduler.queue, limit, lease_for=self.config.lease_for)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.info("claiming callbacks failed (%s); trying again at the next pass", type(exc).__name__)
+            return 0
         if not leases:
             return 0
         mine, others = [], []
@@ -657,7 +824,7 @@ class LroClient:
             else:
                 others.append(lease)
         if others:
-            core.release(others)
+            self._give_back(others, 0.0)
         if not mine:
             return 0
         done: list[Lease] = []
@@ -682,13 +849,22 @@ class LroClient:
                             p = lease.payload["payload"]
                             name = str(p.get("name"))
                             record = written.get(name) or read.get(name)
-                            (d if self._fire_payload(lease.key, p, record) else r).append(lease)
+                            (d if self._fire_payload(lease.key, p, record, in_batch=True) else r).append(lease)
                         core.complete(d, tx=tx)
                         if r:
                             core.release(r, delay=self.config.retry_delay, tx=tx)
                 except BatchAborted:
-                    # Nothing of the chunk happened; its timers fire again when their leases lapse.
+                    # Nothing of the chunk happened: its callbacks are retried.
                     log.exception("a batch of %d callbacks was rolled back", len(chunk))
+                    self._give_back(chunk, self.config.retry_delay)
+                    continue
+                except Exception as exc:
+                    if not is_infrastructure_error(exc):
+                        raise
+                    # The store failed under the batch: nothing of it is recorded (or, if only the answer
+                    # of its commit was lost, all of it is); either way its callbacks are retried.
+                    log.warning("a batch of %d callbacks was abandoned: %s; retrying", len(chunk), exc)
+                    self._give_back(chunk, self.config.retry_delay)
                     continue
                 done += d
             return len(done)
@@ -697,6 +873,25 @@ class LroClient:
         self._ack(done, retry)
         return len(done)
 
+    def _give_back(self, leases: Sequence[Lease], delay: float) -> None:
+        """Release timers this worker will not fire now; one taken meanwhile, or a failing store, leaves
+        them to lapse."""
+        assert self.core_store is not None
+        core = self.core_store
+        try:
+            core.release(leases, delay=delay)
+            return
+        except LeaseLostError:
+            pass
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.info("releasing %d callbacks failed (%s); their leases lapse", len(leases), type(exc).__name__)
+            return
+        for lease in leases:
+            with contextlib.suppress(LeaseLostError):
+                core.release([lease], delay=delay)
+
     def _ack(self, done: Sequence[Lease], retry: Sequence[Lease]) -> None:
         assert self.core_store is not None
         core = self.core_store
@@ -704,25 +899,36 @@ class LroClient:
             with core.transaction() as tx:
                 core.complete(done, tx=tx)
                 core.release(retry, delay=self.config.retry_delay, tx=tx)
+            return
         except LeaseLostError:
-            # A lease lapsed while its callback ran and another worker took it: settle the rest alone.
-            for lease in done:
-                try:
+            pass  # a lease lapsed while its callback ran and another worker took it: settle the rest alone
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.info("acknowledging %d callbacks failed (%s); settling them one by one", len(done) + len(retry),
+                     type(exc).__name__)
+        for lease, finished in [(lease, True) for lease in done] + [(lease, False) for lease in retry]:
+            try:
+                if finished:
                     core.complete([lease])
-                except LeaseLostError:
-                    pass
-            for lease in retry:
-                try:
+                else:
                     core.release([lease], delay=self.config.retry_delay)
-                except LeaseLostError:
-                    pass
+            except LeaseLostError:
+                pass
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                # Left to lapse: a done callback then fires again and is acknowledged as stale or done.
 
     def _fire_direct(self, lease: Lease) -> bool:
-        return self._fire_payload(lease.key, lease.payload["payload"])
+        return self._fire_payload(lease.key, lease.payload["payload"], lease=lease)
 
-    def _fire_payload(self, key: str, p: Mapping[str, Any], record: OperationRecord | None = None) -> bool:
+    def _fire_payload(
+        self, key: str, p: Mapping[str, Any], record: OperationRecord | None = None, *, in_batch: bool = False,
+        lease: Lease | None = None,
+    ) -> bool:
         try:
-            self._resume(p["name"], p["path"], p.get("token"), record)
+            self._resume(p["name"], p["path"], p.get("token"), record, hold=not in_batch, lease=lease)
             return True
         except NotFoundError as exc:
             log.warning("callback %s dropped: %s", key, exc)
@@ -730,12 +936,34 @@ class LroClient:
         except TransientError as exc:
             log.info("callback for %s asked to retry: %s", p.get("name"), exc)
             return False
+        except InfrastructureError:
+            if in_batch:
+                raise  # the batch's transaction is not to be trusted: abandon all of it
+            return False
         except Exception:
             log.exception("callback for %s failed; retrying in %ss", p.get("name"), self.config.retry_delay)
             return False
 
     def _fire_http(self, lease: Lease) -> bool:
-        return self._post(lease.key, lease.payload["payload"])
+        core = self.core_store
+        assert core is not None
+        lease_for = self.config.lease_for
+        finished = threading.Event()
+
+        def renew() -> bool:
+            if finished.is_set():
+                return True
+            try:
+                core.extend([lease], lease_for=lease_for)
+            except LeaseLostError:
+                return finished.is_set()
+            return True
+
+        with heartbeat(renew, lease_for=lease_for, what=f"callback {lease.key}"):
+            try:
+                return self._post(lease.key, lease.payload["payload"])
+            finally:
+                finished.set()
 
     def _post(self, key: str, p: Mapping[str, Any]) -> bool:
         url = self.callback_url(p["name"], p["path"], p.get("token"))
@@ -775,17 +1003,18 @@ class LroClient:
             raise TransientError(f"callback for {payload.get('name')!r} will be retried")
 
     def attach(self, worker: Any) -> None:
-        """Fire this neuron's callbacks from a core ``Worker``.
+        """Fire this neuron's callbacks from a core ``Worker``: ``run_due`` becomes one of its jobs.
 
-        With ``resume_batch`` 1 the worker's own timer pass fires them (``worker.on_timer``), alongside
-        every other engine's timers. With a larger ``resume_batch``, ``run_due`` is added as a job to fire
-        them in batches; then run no other timer handlers on that worker, as its timer pass would park
-        these callbacks for core's ``retry_delay``.
+        The callbacks' timers live in a queue of their own (``lro.timers.{neuron}``), so the worker's timer
+        pass never claims them, and they never hold up its other timers. Only a client configured with the
+        worker's own scheduler has its callbacks fired by the worker's timer pass (``worker.on_timer``).
         """
-        if self.config.resume_batch > 1:
-            worker.add_job(f"lro.{self.neuron}.run_due", self.run_due)
-        else:
+        mine, theirs = self.scheduler, getattr(worker, "scheduler", None)
+        if (isinstance(mine, StoreScheduler) and isinstance(theirs, StoreScheduler) and mine.store is theirs.store
+                and mine.queue == theirs.queue):
             worker.on_timer(self.resume_topic, self.fire)
+        else:
+            worker.add_job(f"lro.{self.neuron}.run_due", self.run_due)
 
     # -- serving ---------------------------------------------------------------------------------
     def callback_auth(self) -> CallbackAuth:
@@ -796,6 +1025,23 @@ class LroClient:
                 certs_url=cfg.oidc_certs_url, issuers=cfg.oidc_issuers, allow_unauthenticated=cfg.allow_unauthenticated,
             )
         return self._auth
+
+    def check_callback_auth(self) -> None:
+        """Refuse to serve callbacks that could not be authenticated: a remote scheduler (Cloud Tasks)
+        calls back with OIDC tokens, which are accepted only from a known service account.
+
+        Raises:
+            ConfigError: a remote scheduler, no accepted service account, and not ``allow_unauthenticated``.
+        """
+        cfg = self.config
+        if cfg.allow_unauthenticated or isinstance(self.scheduler, StoreScheduler) or cfg.accepted_service_accounts:
+            return
+        raise ConfigError(
+            f"callbacks from the {type(self.scheduler).__name__} scheduler carry Google OIDC tokens, and no service "
+            "account is accepted: set lro.oidc_service_accounts (or lro.service_account, or lro.project for the "
+            "alis default alis-build@{project}.iam.gserviceaccount.com)",
+            field="lro.oidc_service_accounts", value=None,
+        )
 
     def asgi_app(self, prefix: str | None = None) -> Any:
         """An ASGI application serving ``PUT {prefix}{path}?operation={name}`` callbacks."""
@@ -832,9 +1078,11 @@ def _cloud_tasks_scheduler(config: Config) -> Any:
         return cls(
             project=config.project, location=config.region, queue=config.queue_name,
             service_account=config.invoker_service_account, host=config.base_url, prefix=config.prefix,
+            dispatch_deadline=config.dispatch_deadline,
         )
     except TypeError as exc:
         raise ConfigError(
-            f"the cloudtasks scheduler {cls.__name__} does not accept project/location/queue/service_account/host/prefix: {exc}",
+            f"the cloudtasks scheduler {cls.__name__} does not accept project/location/queue/service_account/host/"
+            f"prefix/dispatch_deadline: {exc}",
             field="lro.scheduler", value=cls.__name__,
         ) from exc

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Mapping
 
-from errands.core import ConfigError
+from errands.core import DEFAULT_LEASE_FOR, ConfigError
 
 __all__ = ["ENV_VARS", "GOOGLE_CERTS_URL", "Config", "config_from_env"]
 
@@ -48,8 +48,9 @@ class Config:
             ``alis-build@{project}.iam.gserviceaccount.com`` when ``project`` is set.
         allow_unauthenticated: accept callbacks without credentials. Off by default.
         oidc_audience: the audience OIDC tokens must carry; default ``host``. None with no host: OIDC off.
-        oidc_service_accounts: accepted token ``email`` claims; default ``(service_account,)`` if set,
-            else any verified Google identity.
+        oidc_service_accounts: accepted token ``email`` claims (verified); default ``(service_account,)``
+            (the alis ``alis-build@{project}...`` when only ``project`` is set). With none, OIDC tokens are
+            refused, and a callback app for a remote scheduler refuses to start.
         oidc_certs_url: where Google's signing certificates are fetched.
         callback_secret: the HMAC key of the local scheduler's callbacks; default a random key kept in the
             store (so every process on the store shares it).
@@ -58,8 +59,11 @@ class Config:
         wait_maximum: longest poll interval, seconds.
         wait_multiplier: growth of the poll interval.
         wait_default_timeout: ``wait_operation`` timeout when the caller gives none, seconds.
-        timer_lease: seconds a fired local callback holds its timer before another worker may retry it.
+        lease_for: seconds a running callback holds its resume (and a fired local timer its timer) before
+            another worker may take it over; renewed by a heartbeat while the handler runs.
         retry_delay: seconds before a failed local callback is retried.
+        dispatch_deadline: seconds Cloud Tasks waits for a callback's answer before it delivers it again
+            (``from_env``'s Cloud Tasks scheduler; 15 s to 30 min).
         http_timeout: seconds the local scheduler waits for a callback's HTTP response.
         resume_batch: with in-process resumes, run up to this many due handlers in one transaction (their
             saves and the timer acknowledgements commit together); 1 gives every handler its own.
@@ -89,8 +93,9 @@ class Config:
     wait_maximum: float = 1.0
     wait_multiplier: float = 1.5
     wait_default_timeout: float = 60.0
-    timer_lease: float = 60.0
+    lease_for: float = DEFAULT_LEASE_FOR
     retry_delay: float = 5.0
+    dispatch_deadline: float = 1800.0
     http_timeout: float = 30.0
     resume_batch: int = 1
 
@@ -106,10 +111,13 @@ class Config:
             problems.append(("prefix", self.prefix, "a path starting and ending with '/', e.g. '/resume-operation/'"))
         if self.ttl <= timedelta(0):
             problems.append(("ttl", self.ttl, "a positive timedelta"))
-        for name in ("wait_initial", "wait_maximum", "wait_default_timeout", "timer_lease", "http_timeout"):
+        for name in ("wait_initial", "wait_maximum", "wait_default_timeout", "lease_for", "http_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 problems.append((name, value, "a positive number of seconds"))
+        if (isinstance(self.dispatch_deadline, bool) or not isinstance(self.dispatch_deadline, (int, float))
+                or not 15 <= self.dispatch_deadline <= 1800):
+            problems.append(("dispatch_deadline", self.dispatch_deadline, "seconds from 15 to 1800 (Cloud Tasks' range)"))
         if not isinstance(self.wait_multiplier, (int, float)) or self.wait_multiplier < 1:
             problems.append(("wait_multiplier", self.wait_multiplier, "a number >= 1"))
         if not isinstance(self.resume_batch, int) or self.resume_batch < 1:

@@ -1,11 +1,12 @@
 """The callback endpoint, written directly against ASGI and WSGI (no web framework).
 
-``PUT {prefix}{path}?operation={url-encoded name}[&token=...]`` resumes the operation with the handler at
-``path``. Answers: 200 with ``{"operation", "outcome"}`` when the callback is settled (ran, completed,
-failed, cancelled, stale, already done, lost a race: none of these should be retried); 400 for a malformed
-request; 401 for missing or bad credentials (nothing changes); 404 for an unknown operation or path;
-405 for other methods; 503 with ``Retry-After`` when the handler raised ``TransientError``; 500 when the
-store failed. Cloud Tasks and the local scheduler retry 5xx.
+``PUT {prefix}{path}?operation={url-encoded name}&token={resume token}`` resumes the operation with the
+handler at ``path``. Answers: 200 with ``{"operation", "outcome"}`` when the callback is settled (ran,
+completed, failed, cancelled, stale, already done, lost a race: none of these should be retried); 400 for a
+malformed request (no operation, no token); 401 for missing or bad credentials (nothing changes); 404 for an
+unknown operation or path; 405 for other methods; 503 with ``Retry-After`` when the handler raised
+``TransientError``, while another delivery of the same resume still runs (``busy``), or when the store
+failed (``unavailable``); 500 for anything else. Cloud Tasks and the local scheduler retry 5xx.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import parse_qs, quote
 
-from errands.core import ConfigError, NotFoundError, TransientError
+from errands.core import ConfigError, InfrastructureError, NotFoundError, TransientError
 
 if TYPE_CHECKING:
     from ._client import LroClient
@@ -48,6 +49,7 @@ class _Endpoint:
     def __init__(self, client: LroClient, prefix: str) -> None:
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ConfigError(f"prefix must start and end with '/', got {prefix!r}", field="prefix", value=prefix)
+        client.check_callback_auth()
         self.client = client
         self.prefix = prefix
 
@@ -61,7 +63,10 @@ class _Endpoint:
         if len(names) != 1 or not names[0]:
             return _json(400, {"error": "query parameter 'operation' (the url-encoded operation name) is required"})
         tokens = req.query.get("token") or []
-        return names[0], req.path[len(self.prefix):], tokens[0] if tokens else None
+        if len(tokens) != 1 or not tokens[0]:
+            # Without its token a callback could be neither fenced against a duplicate nor refused as a replay.
+            return _json(400, {"error": "query parameter 'token' (the resume token of resume_via_tasks) is required"})
+        return names[0], req.path[len(self.prefix):], tokens[0]
 
     def settle(self, name: str, outcome: Any = None, error: BaseException | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
         if error is None:
@@ -69,8 +74,14 @@ class _Endpoint:
         if isinstance(error, NotFoundError):
             return _json(404, {"operation": name, "error": str(error)})
         if isinstance(error, TransientError):
+            from ._client import ResumeBusyError
+
+            kind = "busy" if isinstance(error, ResumeBusyError) else "transient"
             extra = [("retry-after", str(max(1, round(error.retry_after))))] if error.retry_after else []
-            return _json(503, {"operation": name, "error": "transient", "message": str(error)}, extra)
+            return _json(503, {"operation": name, "error": kind, "message": str(error)}, extra)
+        if isinstance(error, InfrastructureError):
+            log.warning("callback for %s abandoned: %s", name, error)
+            return _json(503, {"operation": name, "error": "unavailable"}, [("retry-after", "1")])
         if isinstance(error, ConfigError):
             return _json(400, {"operation": name, "error": str(error)})
         log.error("callback for %s failed", name, exc_info=error)

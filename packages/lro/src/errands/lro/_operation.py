@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from errands.core import ConfigError
+from errands.core import ConfigError, InfrastructureError, LeaseLostError, is_infrastructure_error
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import empty_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 
 from ._codec import decode_state, encode_state, pack_any, unpack_any
 from ._store import OperationDoneError, OperationRecord
+from ._tokens import claimed, parse_token
 
 if TYPE_CHECKING:
     from ._client import LroClient
@@ -19,6 +22,30 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = ["Operation", "must_unmarshal_metadata", "unmarshal_metadata"]
+
+R = TypeVar("R")
+
+
+def store_call(what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """Call the operation store; a fault of its database (locked, dropped, serialization) comes out as
+    ``InfrastructureError`` so that the engine abandons and retries instead of failing the operation."""
+    try:
+        return fn(*args, **kwargs)
+    except InfrastructureError:
+        raise
+    except Exception as exc:
+        if is_infrastructure_error(exc):
+            raise InfrastructureError(f"{what}: the operation store failed ({type(exc).__name__}: {exc})") from exc
+        raise
+
+
+def retoken(r: OperationRecord, raw: str | None) -> OperationRecord:
+    """``r`` with another ``ResumeToken`` column value."""
+    return OperationRecord(
+        name=r.name, operation=r.operation, state=r.state, resume_point=r.resume_point, update_time=r.update_time,
+        version=r.version, done=r.done, cancel_requested=r.cancel_requested, resume_path=r.resume_path,
+        resume_token=raw,
+    )
 
 
 def _code_value(code: Any) -> int:
@@ -38,10 +65,12 @@ class Operation:
 
     ``set_*`` methods change the local copy; ``save_*``, ``save``, ``complete``, ``fail`` and
     ``resume_via_tasks`` write it with compare-and-set on ``version``. After ``LeaseLostError`` this object
-    is stale: load the operation again with ``client.get_operation``.
+    is stale: load the operation again with ``client.get_operation``. A write that fails for any other
+    reason (``InfrastructureError``, a failed task creation) leaves this object as it was before the call,
+    so the same call can be retried.
     """
 
-    __slots__ = ("_client", "_pb", "_point", "_raw", "_record", "_state")
+    __slots__ = ("_client", "_lock", "_pb", "_point", "_raw", "_record", "_state")
 
     def __init__(self, client: LroClient, record: OperationRecord, pb: operations_pb2.Operation | None = None) -> None:
         self._client = client
@@ -52,6 +81,8 @@ class Operation:
         # The serialised ``_pb`` while it is unchanged, so saves that only touch the state or the resume
         # point do not serialise it again. Every change to ``_pb`` clears it.
         self._raw: bytes | None = record.operation
+        # Set while a heartbeat renews this operation's hold on its resume: writes and renewals take turns.
+        self._lock: threading.Lock | None = None
 
     def __repr__(self) -> str:
         return f"Operation({self.name!r}, version={self.version}, done={self.done})"
@@ -82,7 +113,7 @@ class Operation:
         sees a request made while it runs; a handler that notices should stop and return."""
         if self._record.cancel_requested:
             return True
-        return self._client.store.get(self.name).cancel_requested
+        return store_call(f"operation {self.name!r}", self._client.store.get, self.name).cancel_requested
 
     def operation_pb(self) -> operations_pb2.Operation:
         """A copy of the ``google.longrunning.Operation``."""
@@ -136,17 +167,37 @@ class Operation:
         """``set_resume_point`` and ``save``."""
         return self.set_resume_point(point).save()
 
-    def _snapshot(self, resume_path: str | None = None, resume_token: str | None = None) -> OperationRecord:
+    def _snapshot(
+        self, resume_path: str | None = None, resume_token: str | None = None, *,
+        pb: operations_pb2.Operation | None = None, raw: bytes | None = None,
+    ) -> OperationRecord:
         r = self._record
-        raw = self._raw
-        if raw is None:
-            raw = self._raw = self._pb.SerializeToString(deterministic=True)
+        if pb is None:
+            pb = self._pb
+            raw = self._raw
+            if raw is None:
+                raw = self._raw = pb.SerializeToString(deterministic=True)
+        elif raw is None:
+            raw = pb.SerializeToString(deterministic=True)
         return OperationRecord(
             name=r.name, operation=raw, state=self._state,
-            resume_point=self._point, update_time=r.update_time, version=r.version, done=self._pb.done,
+            resume_point=self._point, update_time=r.update_time, version=r.version, done=pb.done,
             cancel_requested=r.cancel_requested, resume_path=resume_path or r.resume_path,
             resume_token=resume_token or r.resume_token,
         )
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        lock = self._lock
+        if lock is None:
+            yield
+            return
+        with lock:
+            yield
+
+    def _write(self, record: OperationRecord) -> OperationRecord:
+        return store_call(f"saving operation {self.name!r}", self._client.store.save, record,
+                          expected_version=record.version)
 
     def save(self) -> Operation:
         """Write every pending change, compare-and-set on ``version``.
@@ -154,9 +205,14 @@ class Operation:
         Raises:
             LeaseLostError: another writer saved first; nothing changed.
             OperationDoneError: the operation is done; nothing changed.
+            InfrastructureError: the store failed; this object is as it was, retry the save.
         """
         self._open()
-        self._record = self._client.store.save(self._snapshot(), expected_version=self._record.version)
+        if self._lock is None:
+            self._record = self._write(self._snapshot())
+            return self
+        with self._lock:
+            self._record = self._write(self._snapshot())
         return self
 
     def complete(self, response: Any = None) -> Operation:
@@ -164,12 +220,12 @@ class Operation:
         ``google.protobuf.Empty``)."""
         self._open()
         packed = pack_any(empty_pb2.Empty() if response is None else response, field="response")
-        pb = self._pb
+        pb = operations_pb2.Operation()
+        pb.CopyFrom(self._pb)
         pb.ClearField("error")
         pb.response.CopyFrom(packed)
         pb.done = True
-        self._raw = None
-        return self._save_final()
+        return self._save_final(pb)
 
     def fail(self, message: str, *args: Any, code: Any = code_pb2.UNKNOWN) -> Operation:
         """Finish with an error: ``message % args`` and a non-zero ``google.rpc.Code``.
@@ -185,20 +241,19 @@ class Operation:
             )
         self._open()
         text = message % args if args else message
-        self._pb.ClearField("response")
-        self._pb.error.CopyFrom(status_pb2.Status(code=number, message=text))
-        self._pb.done = True
-        self._raw = None
-        return self._save_final()
+        pb = operations_pb2.Operation()
+        pb.CopyFrom(self._pb)
+        pb.ClearField("response")
+        pb.error.CopyFrom(status_pb2.Status(code=number, message=text))
+        pb.done = True
+        return self._save_final(pb)
 
-    def _save_final(self) -> Operation:
-        try:
-            self._record = self._client.store.save(self._snapshot(), expected_version=self._record.version)
-        except BaseException:
-            # The write did not happen: this copy must not claim to be done either.
-            self._pb.done = False
-            self._raw = None
-            raise
+    def _save_final(self, pb: operations_pb2.Operation) -> Operation:
+        # The finished proto is a copy: if the write fails, this object stays exactly as it was.
+        raw = pb.SerializeToString(deterministic=True)
+        with self._guard():
+            self._record = self._write(self._snapshot(pb=pb, raw=raw))
+        self._pb, self._raw = pb, raw
         return self
 
     def resume_via_tasks(self, path: str, delay: timedelta | float = 0.0) -> Operation:
@@ -208,8 +263,36 @@ class Operation:
         left over from an earlier ``resume_via_tasks`` is ignored once a newer one is scheduled.
         """
         self._open()
-        self._record = self._client._save_and_schedule(self, path, delay)
+        with self._guard():
+            self._record = self._client._save_and_schedule(self, path, delay)
         return self
+
+    # -- the hold on a resume (see ``_tokens``) ------------------------------------------------------
+    def _renew_hold(self, token: str, claim: str, lease_for: float) -> bool | None:
+        """Push this operation's hold on its resume out by ``lease_for``. None: nothing to renew any more
+        (the handler finished, rescheduled, or released it); False: another writer took the operation."""
+        with self._guard():
+            r = self._record
+            state = parse_token(r.resume_token)
+            if self._pb.done or r.done or state.token != token or state.claim != claim:
+                return None
+            raw = claimed(token, self._client.store.now() + lease_for, claim)
+            try:
+                self._record = self._write(retoken(r, raw))
+            except LeaseLostError:
+                return False
+            return True
+
+    def _set_hold(self, raw: str | None, *, token: str, claim: str) -> OperationRecord | None:
+        """Replace this operation's hold on ``token`` (if it still has it) with the column value ``raw``:
+        the token again (released) or spent. Returns the stored record, or None if the hold was gone."""
+        with self._guard():
+            r = self._record
+            state = parse_token(r.resume_token)
+            if r.done or state.token != token or state.claim != claim:
+                return None
+            self._record = self._write(retoken(r, raw))
+            return self._record
 
 
 def unmarshal_metadata(op: Operation | operations_pb2.Operation, type_: type[T] | None = None) -> T | None:
