@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from datetime import datetime
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
+from ._leases import DEFAULT_LEASE_FOR, heartbeat
 from ._store import NewEvent, SQLStore, as_epoch, new_id
-from ._values import Event
+from ._values import Event, Lease
+from .errors import LeaseLostError
 
 log = logging.getLogger("errands.scheduler")
 
@@ -63,7 +66,9 @@ class StoreScheduler:
 
     Args:
         store: an open store.
-        lease_for: seconds a firing holds its timer before another worker may take it.
+        lease_for: seconds a firing holds its timer before another worker may take it (10 by default); a
+            heartbeat renews the leases of the claimed timers, all in one statement, while handlers run.
+        retry_delay: seconds before a timer whose handler raised fires again.
         queue: the store queue the timers live in. An engine that fires its own timers gives them a queue
             of their own, so that no other worker's ``fire_due`` claims (and parks) them.
     """
@@ -71,7 +76,8 @@ class StoreScheduler:
     name = "store"
 
     def __init__(
-        self, store: SQLStore, *, lease_for: float = 60.0, retry_delay: float = 5.0, queue: str = TIMER_QUEUE
+        self, store: SQLStore, *, lease_for: float = DEFAULT_LEASE_FOR, retry_delay: float = 5.0,
+        queue: str = TIMER_QUEUE,
     ) -> None:
         self.store = store
         self.lease_for = lease_for
@@ -101,34 +107,126 @@ class StoreScheduler:
         """Fire due timers through ``handlers`` (by topic, or one callable for all).
 
         A handler that raises leaves its timer to fire again after ``retry_delay``. Timers whose topic
-        has no handler here are released for another worker.
+        has no handler here are released for another worker. While handlers run, one heartbeat renews the
+        leases of every timer claimed; a timer whose lease was lost meanwhile is left to the worker that
+        holds it now. A store fault while completing or releasing timers is retried (it never fires a
+        timer again by itself).
 
         Returns:
             How many timers fired and completed.
         """
-        leases = self.store.claim(self.queue, limit, lease_for=self.lease_for)
-        done, again, unknown = [], [], []
-        for lease in leases:
-            topic, payload = lease.payload["topic"], lease.payload["payload"]
-            fn = handlers.get(topic) if isinstance(handlers, Mapping) else handlers
-            if fn is None:
-                unknown.append(lease)
-                continue
-            try:
-                result = fn(topic, payload)
-                if inspect.isawaitable(result):
-                    import asyncio
+        from ._worker import retry_infrastructure  # _worker imports this module
 
-                    asyncio.run(_await(result))
-                done.append(lease)
-            except Exception:
-                log.exception("timer %s (%s) failed; retrying in %ss", lease.key, topic, self.retry_delay)
-                again.append(lease)
-        if done:
-            self.store.complete(done)
-        if again or unknown:
-            self.store.release(again + unknown, delay=self.retry_delay)
-        return len(done)
+        leases = self.store.claim(self.queue, limit, lease_for=self.lease_for)
+        if not leases:
+            return 0
+        held = _TimerLeases(self.store, leases, self.lease_for)
+        done: list[Lease] = []
+        again: list[Lease] = []
+        unknown: list[Lease] = []
+        try:
+            for lease in leases:
+                topic, payload = lease.payload["topic"], lease.payload["payload"]
+                fn = handlers.get(topic) if isinstance(handlers, Mapping) else handlers
+                if fn is None:
+                    unknown.append(lease)
+                    continue
+                if not held.holds(lease.key):
+                    log.warning("timer %s: its lease lapsed before it fired; another worker may hold it", lease.key)
+                    continue
+                try:
+                    result = fn(topic, payload)
+                    if inspect.isawaitable(result):
+                        import asyncio
+
+                        asyncio.run(_await(result))
+                    done.append(lease)
+                except Exception:
+                    log.exception("timer %s (%s) failed; retrying in %ss", lease.key, topic, self.retry_delay)
+                    again.append(lease)
+            held.stop()  # the handlers are done: what remains is to settle the leases
+            fired = 0
+            if done:
+                fired = retry_infrastructure(lambda _a: held.settle(done, None), clock=self.store.clock,
+                                             what=f"completing {len(done)} timers", keep_going=held.alive)
+            if again or unknown:
+                retry_infrastructure(lambda _a: held.settle(again + unknown, self.retry_delay),
+                                     clock=self.store.clock, what=f"releasing {len(again) + len(unknown)} timers",
+                                     keep_going=held.alive)
+            return fired
+        finally:
+            held.stop()
+
+
+class _TimerLeases:
+    """The leases of one batch of claimed timers: renewed together by one heartbeat (one ``extend`` of every
+    lease still held per beat), settled together, and known locally to be held until ``expires``."""
+
+    def __init__(self, store: SQLStore, leases: Sequence[Lease], lease_for: float) -> None:
+        self.store = store
+        self.leases = {lease.key: lease for lease in leases}
+        self.lost: set[str] = set()
+        self.expires = min(lease.expires_at for lease in leases)
+        self.lease_for = lease_for
+        self.done = False
+        self._lock = threading.Lock()
+        self.beat = heartbeat(self._renew, lease_for=lease_for, what=f"{len(leases)} timers")
+
+    def holds(self, key: str) -> bool:
+        return key not in self.lost and self.store.clock.now() < self.expires
+
+    def alive(self) -> bool:
+        return len(self.lost) < len(self.leases) and self.store.clock.now() < self.expires
+
+    def _renew(self) -> bool:
+        with self._lock:
+            if self.done:
+                return True
+            live = [lease for key, lease in self.leases.items() if key not in self.lost]
+            until = self.store.clock.now() + self.lease_for
+            try:
+                self.store.extend(live, lease_for=self.lease_for)
+            except LeaseLostError:
+                # One of them went to another worker: find which, one by one (rare).
+                for lease in live:
+                    try:
+                        self.store.extend([lease], lease_for=self.lease_for)
+                    except LeaseLostError:
+                        self.lost.add(lease.key)
+            held = len(self.lost) < len(self.leases)
+            if held:
+                self.expires = until
+            return held
+
+    def settle(self, leases: Sequence[Lease], delay: float | None) -> int:
+        """Complete (``delay`` None) or release ``leases`` in one transaction, or one by one when some lease
+        was lost; returns how many were this worker's to settle."""
+        with self._lock:
+            mine = [lease for lease in leases if lease.key not in self.lost]
+            try:
+                self._settle(mine, delay)
+                return len(mine)
+            except LeaseLostError:
+                count = 0
+                for lease in mine:
+                    try:
+                        self._settle([lease], delay)
+                        count += 1
+                    except LeaseLostError:
+                        self.lost.add(lease.key)
+                return count
+
+    def _settle(self, leases: Sequence[Lease], delay: float | None) -> None:
+        if not leases:
+            return
+        if delay is None:
+            self.store.complete(leases)
+        else:
+            self.store.release(leases, delay=delay)
+
+    def stop(self) -> None:
+        self.done = True
+        self.beat.stop()
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
