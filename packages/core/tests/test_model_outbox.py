@@ -36,7 +36,6 @@ from errands.core import (
     DispatchOutcome,
     DispatchResult,
     Effect,
-    EffectStatus,
     FakeClock,
     Obligation,
     Observation,
@@ -362,7 +361,7 @@ class OutboxModel(RuleBasedStateMachine):
         now = self.clock.now()
         for key in self.specs:
             assert key in rows, f"effect {key} was lost"
-        for key, (status, attempts, response, error, ref, owner, next_at, flagged, token) in rows.items():
+        for key, (status, attempts, response, error, ref, owner, next_at, _flag, _token) in rows.items():
             if key in self.confirmed:
                 assert (status, response, ref) == self.confirmed[key][:3], f"CONFIRMED {key} changed"
             elif status == "CONFIRMED":

@@ -337,3 +337,24 @@ def test_demo_includes_the_outbox(capsys: pytest.CaptureFixture[str]) -> None:
     assert figures["human-gated payment"] == "pending -> confirmed"
     assert figures["saga refunds (LIFO)"] == "ship charge reserve"
     assert figures["duplicates observed and compensated"] == 1 and figures["flagged"] == 0
+
+
+def test_a_store_fault_in_a_pass_is_logged_as_one_and_the_worker_carries_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from errands.core.testing import FakeConnector, faults
+
+    store = open_store(f"sqlite:///{tmp_path / 'w.db'}")
+    plan = faults.FaultPlan(match="UPDATE em_effects SET status = 'DISPATCHING'", rate=1.0, limit=1)
+    with faults.inject(store, plan):
+        bank = FakeConnector("bank")
+        outbox = Outbox(store, connectors={"bank": bank})
+        outbox.submit(Effect(key="k", connector="bank", payload={}))
+        worker = Worker(store, outbox=outbox)
+        with caplog.at_level("INFO", logger="errands.worker"):
+            assert worker.drain() == 1
+    assert outbox.get("k").status is EffectStatus.CONFIRMED and bank.deliveries("k") == 1
+    [record] = [r for r in caplog.records if r.name == "errands.worker"]
+    # A store fault is the infrastructure's, not a bug: a warning that names it, without a traceback.
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert "outbox.dispatch_once" in record.getMessage() and "database is locked" in record.getMessage()
+    store.close()

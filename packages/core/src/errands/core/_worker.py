@@ -8,6 +8,7 @@ import inspect
 import logging
 import signal
 import threading
+import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from ._clock import Clock
@@ -203,6 +204,7 @@ class Worker:
         for job in jobs:
             self._jobs.append((getattr(job, "__qualname__", repr(job)), job))
         self.passes = 0
+        self.faulted = False  # whether the last pass met a store fault
 
     def add_job(self, name: str, job: Job) -> None:
         self._jobs.append((name, job))
@@ -216,22 +218,43 @@ class Worker:
         return self.scheduler.fire_due(self.timer_handlers)
 
     def step(self) -> int:
-        """Run every job once. Returns how much work was done."""
+        """Run every job once. Returns how much work was done.
+
+        A job that fails is logged and the pass goes on; a store fault (a locked database, a dropped
+        connection: ``is_infrastructure_error``) is logged as a warning without a traceback, and the job's
+        work is taken up again on a later pass.
+        """
         done = 0
+        self.faulted = False
         for name, job in self._jobs:
             try:
                 done += _amount(job())
-            except Exception:
-                log.exception("worker job %s failed; continuing", name)
+            except Exception as exc:
+                if is_infrastructure_error(exc):
+                    self.faulted = True
+                    log.warning("worker job %s met a store fault (%s: %s); it runs again next pass", name,
+                                type(exc).__name__, exc)
+                else:
+                    log.exception("worker job %s failed; continuing", name)
         self.passes += 1
         return done
 
     def drain(self, max_passes: int = 10_000) -> int:
-        """Run passes until one finds nothing to do (due now). Returns the total amount of work."""
+        """Run passes until one finds nothing to do (due now). Returns the total amount of work.
+
+        A pass that met a store fault does not count as finding nothing: the next one runs after a short
+        pause (doubling up to a second while the faults go on).
+        """
         total = 0
+        faulted = 0
         for _ in range(max_passes):
             n = self.step()
             total += n
+            if self.faulted:
+                faulted += 1
+                time.sleep(min(1.0, 0.01 * 2 ** min(faulted, 7)))
+                continue
+            faulted = 0
             if n == 0:
                 break
         return total
