@@ -1,4 +1,4 @@
-"""Model-based test of the durable engine: random starts, worker rounds on two runners, callbacks completed
+"""Model-based test of the durable engine: random starts (queued or run inline), worker rounds on two runners, callbacks completed
 and failed (from outside and from inside a running step), terminations, clock jumps, restarts, workers that
 die mid-step and injected store faults, checked against a small model.
 
@@ -181,12 +181,20 @@ class DurableModel(RuleBasedStateMachine):
         self.open_runners()
 
     @rule(target=executions, specs=st.lists(SPECS, min_size=1, max_size=4), wait=st.sampled_from([0.0, 1.0, 30.0]),
-          timeout=st.sampled_from([0.0, 20.0]))
-    def start(self, specs: list[str], wait: float, timeout: float) -> str:
+          timeout=st.sampled_from([0.0, 20.0]), inline=st.booleans())
+    def start(self, specs: list[str], wait: float, timeout: float, inline: bool) -> str:
         eid = f"e{len(self.model)}"
         self.model[eid] = Execution(eid, specs, wait, timeout)
         event = {"specs": specs, "wait": wait, "timeout": timeout}
-        self.retrying(lambda: self.runners[0].start("flow", event, execution_id=eid))
+        if inline:  # the first invocation runs in the caller's thread
+            try:
+                self.retrying(lambda: self.runners[0].run("flow", event, execution_id=eid))
+            except Crash:
+                self.crashes += 1
+                self.close_runners()
+                self.open_runners()
+        else:
+            self.retrying(lambda: self.runners[0].start("flow", event, execution_id=eid))
         return eid
 
     @rule(worker=st.sampled_from([0, 1]))
