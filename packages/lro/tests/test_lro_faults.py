@@ -137,9 +137,11 @@ def test_a_dropped_connection_in_a_batch_of_resumes_is_retried_not_failed(db: st
 # -- a handler that outlives its lease keeps it ---------------------------------------------------
 
 
-def test_a_handler_running_past_lease_for_is_not_run_twice(db: str) -> None:
-    # Two workers on one store fire timers: one through a core Worker's timer pass, one through run_due.
-    # The handler runs for several leases; the heartbeat keeps its lease, so the other never runs it.
+@pytest.mark.parametrize("via", ["worker timer pass", "run_due"])
+def test_a_handler_running_past_lease_for_is_not_run_twice(db: str, via: str) -> None:
+    # Two workers on one store fire the callback: the first through a core Worker's timer pass (its hold on
+    # the resume fences the run) or its own run_due (the timer's lease does), the second through run_due.
+    # The handler runs for several leases; the heartbeat keeps them, so the second never runs it.
     lease = 0.9
     first = LroClient(Config(neuron="svc", store=db, lease_for=lease, retry_delay=0.05))
     second = LroClient(Config(neuron="svc", store=db, lease_for=lease, retry_delay=0.05))
@@ -156,9 +158,12 @@ def test_a_handler_running_past_lease_for_is_not_run_twice(db: str) -> None:
         c.add_resumable_handlers(ResumableHandler("slow", slow))
     first.new_operation("operations/slow").resume_via_tasks("slow")
     assert first.core_store is not None
-    worker = Worker(first.core_store, scheduler=first.scheduler)  # type: ignore[arg-type]
-    first.attach(worker)
-    runner = threading.Thread(target=worker.step, name="worker")
+    if via == "run_due":
+        runner = threading.Thread(target=first.run_due, name="worker")
+    else:
+        worker = Worker(first.core_store, scheduler=first.scheduler)  # type: ignore[arg-type]
+        first.attach(worker)
+        runner = threading.Thread(target=worker.step, name="worker")
     runner.start()
     assert started.wait(10)
     while runner.is_alive():

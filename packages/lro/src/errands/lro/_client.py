@@ -191,6 +191,44 @@ class _ClientBatch:
             raise TransientError(f"the batch was rolled back: {aborted}") from aborted
 
 
+class _Renewal:
+    """The heartbeat of one running handler: renews its hold on the resume and the lease of the timer that
+    fired it, until ``stop``."""
+
+    __slots__ = ("beat", "claim", "client", "finished", "lease", "op", "token")
+
+    def __init__(self, client: LroClient, op: Operation, token: str | None, claim: str, lease: Lease | None) -> None:
+        self.client, self.op, self.token, self.claim, self.lease = client, op, token, claim, lease
+        self.finished = False
+        self.beat: Beat = heartbeat(self.renew, lease_for=client.config.lease_for, what=f"the resume of {op.name}")
+
+    def renew(self) -> bool:
+        if self.finished:
+            return True
+        lease_for = self.client.config.lease_for
+        if self.claim and self.token is not None:
+            held = self.op._renew_hold(self.token, self.claim, lease_for)
+            if held is None:  # the operation is done
+                self.stop()
+                return True
+            if not held:
+                return False
+        core = self.client.core_store
+        if self.lease is not None and core is not None:
+            try:
+                core.extend([self.lease], lease_for=lease_for)
+            except LeaseLostError:
+                # Without a hold, the timer's lease is what fences the run: losing it is losing the lease.
+                return self.finished or bool(self.claim)
+            except Exception as exc:
+                log.debug("extending the timer of %s failed: %s", self.op.name, type(exc).__name__)
+        return True
+
+    def stop(self) -> None:
+        self.finished = True
+        self.beat.stop()
+
+
 class LroClient:
     """Long-running operations in the ``google.longrunning`` shape, resumed by callbacks.
 
@@ -520,28 +558,31 @@ class LroClient:
         url = f"{base}{self.config.prefix}{path}?operation={quote(name, safe='')}"
         return url + (f"&token={token}" if token else "")
 
-    def _save_and_schedule(self, op: Operation, path: str, delay: timedelta | float) -> OperationRecord:
+    def _save_and_schedule(self, op: Operation, path: str, delay: timedelta | float) -> None:
+        """Save ``op`` with a fresh resume token and schedule its callback; ``op`` holds what was saved."""
         if not isinstance(path, str) or (path not in self._handlers and not _PATH.match(path)):
             raise ConfigError(f"resume path must look like 'create-agent', got {path!r}", field="path", value=path)
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
             raise ConfigError(f"delay must be a timedelta or seconds >= 0, got {delay!r}", field="delay", value=delay)
         token = f"{self._token_prefix}{next(self._token_seq):x}"
-        record = op._snapshot(resume_path=path, resume_token=token)
-        expected_version = op.version
         what = f"scheduling operation {op.name!r}"
         if self._atomic_timers():
             store = self.store
             assert isinstance(store, SQLOperationStore)
             # The timer first: if the save then loses (LeaseLostError) the timer carries a token that never
             # becomes current and is acknowledged as stale, so no savepoint is needed.
-            timer = [(f"lro-{token}", {"topic": self._topic, "payload": self._payload(record.name, path, token)},
+            timer = [(f"lro-{token}", {"topic": self._topic, "payload": self._payload(op.name, path, token)},
                       store.now() + float(seconds))]
-            tx = store.current_tx()
-            if tx is not None:
-                store_call(what, store.store.enqueue, self.scheduler.queue, timer, tx=tx)
-                return store_call(what, store.save, record, expected_version=expected_version)
-            return store_call(what, self._save_with_timer, store, timer, record, expected_version)
+            with op._guard():
+                record = op._snapshot(resume_path=path, resume_token=token)
+                tx = store.current_tx()
+                if tx is not None:
+                    store_call(what, store.store.enqueue, self.scheduler.queue, timer, tx=tx)
+                    op._record = store_call(what, store.save, record, expected_version=record.version)
+                else:
+                    op._record = store_call(what, self._save_with_timer, store, timer, record, record.version)
+            return
         current_tx = getattr(self.store, "current_tx", None)
         if current_tx is not None and current_tx() is not None:
             raise ConfigError(
@@ -552,12 +593,15 @@ class LroClient:
         # The save first, then the task: a task created first could call back before the save commits and be
         # acknowledged as stale. If the task cannot be created, the save is undone, so that the operation is
         # as it was (a callback that rescheduled is retried with its own token) and ``op`` can retry.
-        saved = store_call(what, self.store.save, record, expected_version=expected_version)
+        with op._guard():
+            before = op._record
+            record = op._snapshot(resume_path=path, resume_token=token)
+            saved = op._record = store_call(what, self.store.save, record, expected_version=record.version)
         try:
             self._schedule_retrying(saved, path, token, float(seconds))
-        except BaseException as exc:
-            return self._undo_save(op, saved, exc)
-        return saved
+        except BaseException:
+            self._undo_save(op, before, saved)
+            raise
 
     def _save_with_timer(
         self, store: SQLOperationStore, timer: list[tuple[str, Any, float]], record: OperationRecord, expected: int
@@ -577,22 +621,22 @@ class LroClient:
                     raise
                 time.sleep(backoff[attempt])
 
-    def _undo_save(self, op: Operation, saved: OperationRecord, error: BaseException) -> OperationRecord:
-        """The task of ``saved`` could not be created: put the operation back as it was before, then raise
-        ``error``. Returns only if there is nothing to raise (never)."""
-        before = op._record
-        try:
-            restored = store_call(f"undoing the save of {op.name!r}", self.store.save, before,
-                                  expected_version=saved.version)
-        except Exception as undo_error:
-            # The operation keeps a resume whose task does not exist. ``op`` holds what was saved, so that
-            # the caller's next resume_via_tasks (a retry) replaces it.
-            log.error("operation %s was saved for a resume whose task could not be created, and the save could "
-                      "not be undone (%s); call resume_via_tasks again", op.name, type(undo_error).__name__)
-            op._record = saved
-            raise error
-        op._record = restored
-        raise error
+    def _undo_save(self, op: Operation, before: OperationRecord, saved: OperationRecord) -> None:
+        """The task of ``saved`` could not be created: put the operation back as it was ``before``. A hold
+        ``before`` had on its resume is restored with a fresh expiry, for the handler still runs."""
+        state = parse_token(before.resume_token)
+        if state.claim and state.token is not None:
+            before = retoken(before, claimed(state.token, self.store.now() + self.config.lease_for, state.claim))
+        with op._guard():
+            try:
+                op._record = store_call(f"undoing the save of {op.name!r}", self.store.save, before,
+                                        expected_version=saved.version)
+            except Exception as undo_error:
+                # The operation keeps a resume whose task does not exist. ``op`` holds what was saved, so
+                # that the caller's next resume_via_tasks (a retry) replaces it.
+                log.error("operation %s was saved for a resume whose task could not be created, and the save "
+                          "could not be undone (%s); call resume_via_tasks again", op.name,
+                          type(undo_error).__name__)
 
     def _schedule(self, record: OperationRecord, path: str, token: str, seconds: float, *, key: str) -> None:
         at = datetime.fromtimestamp(self.store.now() + seconds, tz=timezone.utc)
@@ -697,27 +741,14 @@ class LroClient:
             return ResumeOutcome.LOST
         return ResumeOutcome.FAILED
 
-    def _heartbeat(self, op: Operation, token: str, claim: str, lease: Lease | None) -> Beat:
-        """Renew the hold of ``op`` on ``token`` (and the timer ``lease`` that fired it) while its handler
-        runs."""
-        op._lock = threading.Lock()
-        lease_for = self.config.lease_for
-        core = self.core_store
-        beat: Beat | None = None
-
-        def renew() -> bool:
-            if lease is not None and core is not None:
-                with contextlib.suppress(LeaseLostError):  # the timer only fired it; the hold fences the run
-                    core.extend([lease], lease_for=lease_for)
-            held = op._renew_hold(token, claim, lease_for)
-            if held is None:
-                if beat is not None:
-                    beat.stop()
-                return True
-            return held
-
-        beat = heartbeat(renew, lease_for=lease_for, what=f"the resume of {op.name}")
-        return beat
+    def _heartbeat(self, op: Operation, token: str | None, claim: str, lease: Lease | None) -> _Renewal | None:
+        """While the handler of ``op`` runs, renew its hold on ``token`` (if it took one) and the timer
+        ``lease`` that fired it (if any). None: nothing to renew."""
+        if not claim and lease is None:
+            return None
+        if claim:
+            op._lock = threading.Lock()
+        return _Renewal(self, op, token, claim, lease)
 
     def resume(self, name: str, path: str, token: str | None = None) -> ResumeOutcome:
         """Run the handler at ``path`` on the operation now, in this process (no HTTP).
@@ -744,7 +775,7 @@ class LroClient:
         if outcome is not None:
             return outcome
         assert op is not None
-        beat = self._heartbeat(op, token, claim, lease) if claim and token is not None else None
+        beat = self._heartbeat(op, token, claim, lease)
         try:
             _call(fn, op)
         except Exception as exc:
@@ -762,7 +793,7 @@ class LroClient:
         if outcome is not None:
             return outcome
         assert op is not None
-        beat = self._heartbeat(op, token, claim, None) if claim and token is not None else None
+        beat = self._heartbeat(op, token, claim, None)
         try:
             if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
                 await fn(op)
@@ -921,6 +952,8 @@ class LroClient:
                 # Left to lapse: a done callback then fires again and is acknowledged as stale or done.
 
     def _fire_direct(self, lease: Lease) -> bool:
+        # The timer's lease, renewed while the handler runs, fences this run: no hold on the row is needed
+        # (and no commit spent on one).
         return self._fire_payload(lease.key, lease.payload["payload"], lease=lease)
 
     def _fire_payload(
@@ -928,7 +961,8 @@ class LroClient:
         lease: Lease | None = None,
     ) -> bool:
         try:
-            self._resume(p["name"], p["path"], p.get("token"), record, hold=not in_batch, lease=lease)
+            self._resume(p["name"], p["path"], p.get("token"), record, hold=not in_batch and lease is None,
+                         lease=lease)
             return True
         except NotFoundError as exc:
             log.warning("callback %s dropped: %s", key, exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from errands.core import ConfigError, InfrastructureError, LeaseLostError, is_infrastructure_error
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
@@ -24,6 +24,21 @@ T = TypeVar("T")
 __all__ = ["Operation", "must_unmarshal_metadata", "unmarshal_metadata"]
 
 R = TypeVar("R")
+
+
+class _Unlocked:
+    """A context manager that does nothing (cheaper than ``contextlib.nullcontext`` on hot paths)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_UNLOCKED = _Unlocked()
 
 
 def store_call(what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
@@ -186,14 +201,10 @@ class Operation:
             resume_token=resume_token or r.resume_token,
         )
 
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
+    def _guard(self) -> contextlib.AbstractContextManager[Any]:
+        """The lock shared with the heartbeat while one renews this operation's hold, else a no-op."""
         lock = self._lock
-        if lock is None:
-            yield
-            return
-        with lock:
-            yield
+        return _UNLOCKED if lock is None else lock
 
     def _write(self, record: OperationRecord) -> OperationRecord:
         return store_call(f"saving operation {self.name!r}", self._client.store.save, record,
@@ -263,19 +274,21 @@ class Operation:
         left over from an earlier ``resume_via_tasks`` is ignored once a newer one is scheduled.
         """
         self._open()
-        with self._guard():
-            self._record = self._client._save_and_schedule(self, path, delay)
+        self._client._save_and_schedule(self, path, delay)  # sets ``_record`` as it writes
         return self
 
     # -- the hold on a resume (see ``_tokens``) ------------------------------------------------------
     def _renew_hold(self, token: str, claim: str, lease_for: float) -> bool | None:
-        """Push this operation's hold on its resume out by ``lease_for``. None: nothing to renew any more
-        (the handler finished, rescheduled, or released it); False: another writer took the operation."""
+        """Push this operation's hold on its resume out by ``lease_for``. None: the operation is done,
+        nothing to renew any more; True: renewed, or not held just now (rescheduled, or a reschedule being
+        undone); False: another writer took the operation."""
         with self._guard():
             r = self._record
-            state = parse_token(r.resume_token)
-            if self._pb.done or r.done or state.token != token or state.claim != claim:
+            if self._pb.done or r.done:
                 return None
+            state = parse_token(r.resume_token)
+            if state.token != token or state.claim != claim:
+                return True
             raw = claimed(token, self._client.store.now() + lease_for, claim)
             try:
                 self._record = self._write(retoken(r, raw))
