@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from errands.core import (
     ConfigError,
+    ErrandsError,
     LeaseLostError,
     MemoryStore,
     MissingDependencyError,
     PostgresStore,
     SQLiteStore,
     SQLStore,
+    is_infrastructure_error,
     open_store,
 )
+from errands.core.testing import faults
 
 SYNC_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
 
@@ -267,3 +272,168 @@ def test_batch_release_and_extend_with_one_stale_lease_change_nothing(any_store:
         any_store.complete([newer_b, newer_b])
     any_store.complete([newer_b])
     assert any_store.queue_size("q") == 2
+
+
+# -- the PostgreSQL connection pool ----------------------------------------------------------------
+
+
+def _sessions(url: str, application_name: str) -> list[int]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND application_name = %s", (application_name,)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def _backend_pid(store: Any) -> int:
+    with store.transaction() as tx:
+        return int(tx.one("SELECT pg_backend_pid()")[0])
+
+
+def _hold_connections(store: Any, n: int) -> set[int]:
+    """Run ``n`` transactions at once, so that the pool opens ``n`` connections; their backend pids."""
+    barrier = threading.Barrier(n)
+    pids: set[int] = set()
+
+    def hold() -> None:
+        with store.transaction() as tx:
+            pids.add(int(tx.one("SELECT pg_backend_pid()")[0]))
+            barrier.wait(timeout=30)
+
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return pids
+
+
+def test_connections_terminated_between_transactions_are_never_handed_out(postgres_url: str) -> None:
+    store = open_store(postgres_url + "?pool_size=4&application_name=errands-drop")
+    try:
+        before = _hold_connections(store, 4)
+        assert len(before) == 4
+        assert faults.terminate_postgres_connections(postgres_url, application_name="errands-drop") >= 4
+        for i in range(8):  # every idle connection is dead: none of them may reach a transaction
+            store.kv_put("ns", f"k{i}", {"i": i})
+        assert store.kv_get("ns", "k7") == ({"i": 7}, 1)
+        with store.read() as tx:
+            assert tx.one("SELECT count(*) FROM em_kv")[0] == 8
+            assert int(tx.one("SELECT pg_backend_pid()")[0]) not in before
+        after = _hold_connections(store, 4)  # concurrent use after the drop works as well
+        assert not after & before
+    finally:
+        store.close()
+
+
+def test_a_connection_dropped_inside_a_transaction_is_infrastructure_and_discarded(postgres_url: str) -> None:
+    from errands.core import is_infrastructure_error
+
+    store = open_store(postgres_url + "?pool_size=2&application_name=errands-mid")
+    try:
+        with pytest.raises(Exception) as info:
+            with store.transaction() as tx:
+                dead = int(tx.one("SELECT pg_backend_pid()")[0])
+                faults.terminate_postgres_connections(postgres_url, application_name="errands-mid")
+                tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) "
+                           "VALUES ('ns', 'lost', '1', 1, 0)")
+        assert is_infrastructure_error(info.value), info.value
+        assert _backend_pid(store) != dead
+        assert store.kv_get("ns", "lost") is None
+    finally:
+        store.close()
+
+
+def test_an_injected_dropped_connection_is_never_handed_out_again(postgres_url: str) -> None:
+    store = open_store(postgres_url + "?pool_size=1")
+    try:
+        first = _backend_pid(store)
+        plan = faults.FaultPlan(at=[1], faults=[faults.Fault(kind="dropped")])
+        with faults.inject(store, plan), pytest.raises(Exception, match="closed the connection"):
+            store.kv_put("ns", "k", 1)
+        assert len(plan.injected) == 1
+        assert _backend_pid(store) != first, "the connection the fault closed went back to no one"
+        store.kv_put("ns", "k", 2)
+        assert store.kv_get("ns", "k") == (2, 1)
+    finally:
+        store.close()
+
+
+def test_pool_size_bounds_the_connections(postgres_url: str) -> None:
+    store = open_store(postgres_url + "?pool_size=2&application_name=errands-size")
+    try:
+        pids: set[int] = set()
+
+        def work() -> None:
+            for _ in range(5):
+                with store.transaction() as tx:
+                    pids.add(int(tx.one("SELECT pg_backend_pid() FROM pg_sleep(0.01)")[0]))
+
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert 1 <= len(pids) <= 2
+        assert len(_sessions(postgres_url, "errands-size")) <= 2
+    finally:
+        store.close()
+
+
+def test_connections_past_their_max_lifetime_are_replaced(postgres_url: str) -> None:
+    store = open_store(postgres_url + "?pool_size=1&pool_max_lifetime=0.2")
+    try:
+        first = _backend_pid(store)
+        time.sleep(0.5)  # let the connection outlive its lifetime; it is retired when it comes back
+        _backend_pid(store)
+        assert _backend_pid(store) != first
+    finally:
+        store.close()
+
+
+def test_close_closes_the_pool(postgres_url: str) -> None:
+    store = open_store(postgres_url + "?pool_size=3&application_name=errands-close")
+    _hold_connections(store, 3)
+    assert len(_sessions(postgres_url, "errands-close")) >= 1
+    store.close()
+    deadline = time.monotonic() + 30
+    while _sessions(postgres_url, "errands-close") and time.monotonic() < deadline:
+        time.sleep(0.02)  # a backend leaves pg_stat_activity a moment after its client hangs up
+    assert _sessions(postgres_url, "errands-close") == []
+    with pytest.raises(ErrandsError, match="closed") as info:
+        store.kv_put("ns", "k", 1)
+    assert not is_infrastructure_error(info.value), "a closed store is a bug to fix, not a fault to retry"
+    store.close()  # closing twice is harmless
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("pool_size", "0"), ("pool_size", "many"), ("pool_min_size", "-1"), ("pool_min_size", "9"),
+    ("pool_timeout", "soon"), ("pool_timeout", "0"), ("pool_max_lifetime", "inf"), ("pool_max_idle", "nan"),
+    ("pool_reconnect_timeout", "-5"),
+])
+def test_bad_pool_options_are_config_errors_naming_them(option: str, value: str) -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(ConfigError, match=option) as info:
+        PostgresStore(f"postgresql://u@127.0.0.1:1/app?{option}={value}")
+    assert info.value.field == f"store.{option}"
+    assert info.value.value == value
+
+
+def test_missing_psycopg_pool_names_the_postgres_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("psycopg")
+    monkeypatch.setitem(sys.modules, "psycopg_pool", None)
+    with pytest.raises(MissingDependencyError) as info:
+        open_store("postgresql://errands:secret@127.0.0.1:1/app")
+    assert info.value.package == "psycopg-pool" and info.value.extra == "postgres"
+    assert "secret" not in str(info.value)
+
+
+def test_an_unreachable_server_fails_at_open_with_its_own_error() -> None:
+    psycopg = pytest.importorskip("psycopg")
+    from errands.core.testing._services import free_port
+
+    with pytest.raises(psycopg.OperationalError) as info:
+        open_store(f"postgresql://u@127.0.0.1:{free_port()}/app?connect_timeout=5")
+    assert type(info.value).__module__.startswith("psycopg") and "PoolTimeout" not in type(info.value).__name__
+    assert "refused" in str(info.value) or "connect" in str(info.value)

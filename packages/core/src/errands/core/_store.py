@@ -7,9 +7,12 @@ disk, gone when the store closes.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,7 +22,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ._clock import Clock, SystemClock
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, loads, subject_matcher
 from ._values import Event, Lease
-from .errors import ConfigError, LeaseLostError, MissingDependencyError
+from .errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
+
+log = logging.getLogger("errands.store")
 
 # Arbitrary constants for PostgreSQL advisory locks: one serialises journal appends so that global
 # positions become visible in order; one serialises migrations across processes.
@@ -720,11 +725,76 @@ class MemoryStore(SQLiteStore):
 # -- PostgreSQL -----------------------------------------------------------------------------------
 
 
-class PostgresStore(SQLStore):
-    """PostgreSQL through psycopg 3, claims with ``FOR UPDATE SKIP LOCKED``.
+# Pool options read from the URL: (name, default, whole number, lowest allowed value, whether it must be above it).
+_POOL_OPTIONS: tuple[tuple[str, float, bool, float, bool], ...] = (
+    ("pool_size", 8, True, 1, False),
+    ("pool_min_size", 1, True, 0, False),
+    ("pool_timeout", 30.0, False, 0, True),
+    ("pool_max_lifetime", 3600.0, False, 0, True),
+    ("pool_max_idle", 600.0, False, 0, True),
+    ("pool_reconnect_timeout", 300.0, False, 0, True),
+)
 
-    URL: ``postgresql://user:pass@host:port/db``; option ``pool_size`` (default 8) is consumed here,
-    the rest goes to libpq.
+
+def _pool_settings(options: dict[str, str], pool_size: int | None) -> dict[str, float]:
+    """The pool options popped from ``options``, checked; every bad one is reported at once."""
+    settings: dict[str, float] = {}
+    problems: list[ConfigError] = []
+    for name, default, whole, lowest, above in _POOL_OPTIONS:
+        text = options.pop(name, None)
+        if name == "pool_size" and pool_size is not None:
+            text = str(pool_size)
+        if text is None:
+            settings[name] = default
+            continue
+        try:
+            value = float(int(text)) if whole else float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < lowest or (above and value == lowest):
+            kind = "a whole number of connections" if whole else "a finite number of seconds"
+            bound = f"{'>' if above else '>='} {lowest:g}"
+            problems.append(ConfigError(f"store option {name} must be {kind} {bound}, got {text!r}",
+                                        field=f"store.{name}", value=text))
+            continue
+        settings[name] = value
+    if not problems and settings["pool_min_size"] > settings["pool_size"]:
+        text = str(int(settings["pool_min_size"]))
+        problems.append(ConfigError(
+            f"store option pool_min_size ({text}) must not exceed pool_size ({int(settings['pool_size'])})",
+            field="store.pool_min_size", value=text))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        err = ConfigError("; ".join(str(p) for p in problems), field=problems[0].field, value=problems[0].value)
+        err.problems = problems  # type: ignore[attr-defined]
+        raise err
+    return settings
+
+
+class PostgresStore(SQLStore):
+    """PostgreSQL through psycopg 3 and a ``psycopg_pool`` connection pool, claims with ``FOR UPDATE SKIP LOCKED``.
+
+    URL: ``postgresql://user:pass@host:port/db``. These options are the pool's; the rest go to libpq
+    (``sslmode``, ``connect_timeout``, ``application_name``...):
+
+    ========================== ======= ==================================================================
+    option                     default meaning
+    ========================== ======= ==================================================================
+    ``pool_size``              8       the most connections open at once (also the ``pool_size=`` keyword)
+    ``pool_min_size``          1       connections kept open while idle
+    ``pool_timeout``           30      seconds a transaction waits for a connection (then ``PoolTimeout``)
+    ``pool_max_lifetime``      3600    seconds after which a connection is retired when it comes back
+    ``pool_max_idle``          600     seconds an idle connection above ``pool_min_size`` is kept
+    ``pool_reconnect_timeout`` 300     seconds the pool keeps reconnecting (exponential backoff) before
+                                       it gives up on a connection and logs an error
+    ========================== ======= ==================================================================
+
+    Every connection is health-checked when it is taken from the pool: one that died idle (a failover,
+    a server restart, ``pg_terminate_backend``) is discarded together with every other dead idle one,
+    and never reaches a transaction. A connection that breaks inside a transaction raises its error (an
+    infrastructure error: ``is_infrastructure_error``) and is discarded when it goes back. Opening the
+    store connects once, so that a wrong host or password fails at once with the server's own error.
     """
 
     name: ClassVar[str] = "postgresql"
@@ -737,82 +807,105 @@ class PostgresStore(SQLStore):
             import psycopg
         except ImportError as exc:
             raise MissingDependencyError("psycopg", "postgres") from exc
+        try:
+            import psycopg_pool
+        except ImportError as exc:
+            raise MissingDependencyError("psycopg-pool", "postgres") from exc
         self._psycopg = psycopg
         parts = urlsplit(url)
         options = dict(parse_qsl(parts.query))
-        pool_text = options.pop("pool_size", "8")
-        try:
-            size = pool_size or int(pool_text)
-        except ValueError as exc:
-            raise ConfigError(
-                f"store option pool_size must be a whole number of connections, got {pool_text!r}",
-                field="store.pool_size", value=pool_text,
-            ) from exc
+        settings = _pool_settings(options, pool_size)
+        self.pool_size = int(settings["pool_size"])
         rest = "&".join(f"{k}={v}" for k, v in options.items())
         self._conninfo = parts._replace(scheme="postgresql", query=rest).geturl()
-        self._idle: list[Any] = []
-        self._slots = threading.BoundedSemaphore(size)
-        self._pool_lock = threading.Lock()
-        self._closed = False
-        self.migrate("core", CORE_MIGRATIONS)
-
-    def _acquire(self) -> Any:
-        self._slots.acquire()
-        with self._pool_lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.closed:
-                    return conn
+        self._timeout = settings["pool_timeout"]
+        # Fail now, with the server's own words, on a wrong host, database or password: a pool would only
+        # retry in the background and, after pool_timeout, say that no connection came.
+        psycopg.connect(self._conninfo).close()
+        self._pool: Any = psycopg_pool.ConnectionPool(
+            self._conninfo,
+            kwargs={"autocommit": False},
+            min_size=int(settings["pool_min_size"]),
+            max_size=self.pool_size,
+            open=False,
+            name=f"errands:{parts.path.lstrip('/') or 'postgres'}",
+            timeout=self._timeout,
+            max_lifetime=settings["pool_max_lifetime"],
+            max_idle=settings["pool_max_idle"],
+            reconnect_timeout=settings["pool_reconnect_timeout"],
+            reconnect_failed=self._reconnect_failed,
+        )
+        self._pool_closed: type[Exception] = psycopg_pool.PoolClosed
+        self._check = psycopg_pool.ConnectionPool.check_connection
+        self._pool.open(wait=False)
         try:
-            return self._psycopg.connect(self._conninfo, autocommit=False)
+            self.migrate("core", CORE_MIGRATIONS)
         except BaseException:
-            self._slots.release()
+            self._pool.close()
             raise
 
-    def _give_back(self, conn: Any) -> None:
-        with self._pool_lock:
-            if not conn.closed and not self._closed:
-                self._idle.append(conn)
-            else:
-                conn.close()
-        self._slots.release()
+    def _reconnect_failed(self, pool: Any) -> None:
+        log.error("store %s: could not reconnect to PostgreSQL for %.0f s; still trying when asked for a "
+                  "connection", self.redacted_url, pool.reconnect_timeout)
+
+    def _checkout(self) -> Any:
+        """A live connection from the pool: each is checked with a round trip before it is handed out."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                conn = self._pool.getconn(timeout=max(deadline - time.monotonic(), 0.001))
+            except self._pool_closed:
+                raise ErrandsError(f"store {self.redacted_url} is closed") from None
+            try:
+                self._check(conn)
+            except Exception as exc:
+                self._pool.putconn(conn)  # a broken connection is discarded there, and a new one opened
+                # A connection that died idle seldom dies alone (a failover, a restart, an administrator):
+                # test every idle one now rather than meet them one at a time.
+                log.warning("store %s: a pooled connection was dead (%s); checking the idle ones",
+                            self.redacted_url, type(exc).__name__)
+                self._pool.check()
+                continue
+            return conn
 
     @contextlib.contextmanager
-    def transaction(self, conn: Any = None) -> Iterator[Tx]:
+    def _pooled(self) -> Iterator[Tx]:
+        c = self._checkout()
+        try:
+            try:
+                yield Tx(c, POSTGRES)
+            except BaseException:
+                if not c.closed:
+                    try:
+                        c.rollback()
+                    except self._psycopg.Error:
+                        pass  # the connection is gone (the pool discards it); the error to report is the first
+                raise
+            c.commit()
+        finally:
+            self._pool.putconn(c)
+
+    def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
         if conn is not None:
             if not isinstance(conn, self._psycopg.Connection):
                 raise ConfigError(
                     f"conn must be a psycopg.Connection for this store, got {type(conn).__name__}",
                     field="conn", value=type(conn).__name__,
                 )
-            yield Tx(conn, POSTGRES)
-            return
-        c = self._acquire()
-        try:
-            try:
-                yield Tx(c, POSTGRES)
-            except BaseException:
-                if not c.closed:
-                    c.rollback()
-                raise
-            c.commit()
-        except BaseException:
-            if c.broken:
-                c.close()
-            raise
-        finally:
-            self._give_back(c)
+            return contextlib.nullcontext(Tx(conn, POSTGRES))
+        return self._pooled()
+
+    def read(self) -> contextlib.AbstractContextManager[Tx]:
+        # Not through self.transaction: fault injection wraps both, and a read must pass it once.
+        return self._pooled()
 
     def connect(self) -> Any:
-        """A new psycopg connection of the caller's own to this database."""
+        """A new psycopg connection of the caller's own to this database (not from the pool)."""
         return self._psycopg.connect(self._conninfo)
 
     def close(self) -> None:
-        with self._pool_lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for c in idle:
-            c.close()
+        """Close the pool: idle connections now, those in use when their transaction ends."""
+        self._pool.close()
 
 
 BUILTIN_STORES: tuple[type[SQLStore], ...] = (SQLiteStore, MemoryStore, PostgresStore)
