@@ -151,8 +151,7 @@ def test_a_step_longer_than_the_lease_is_never_taken_over(tmp_path: Path, where:
         r.close()
 
 
-def test_a_worker_that_lost_its_lease_logs_it_and_writes_nothing(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_worker_that_lost_its_lease_logs_it_and_writes_nothing(tmp_path: Path) -> None:
     lease_for = 0.6
     started = threading.Event()
     lost_seen = threading.Event()
@@ -177,7 +176,6 @@ def test_a_worker_that_lost_its_lease_logs_it_and_writes_nothing(tmp_path: Path,
     handler = Seen()
     logging.getLogger("errands").addHandler(handler)
     worker = threading.Thread(target=runner.work_once)
-    caplog.set_level(logging.INFO, logger="errands")
     try:
         worker.start()
         assert started.wait(10)

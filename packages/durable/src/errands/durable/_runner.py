@@ -581,10 +581,10 @@ class DurableRunner:
         except Exception as exc:
             delay = self._backoff(lease.key)
             if is_infrastructure_error(exc):
-                log.warning("execution %s could not be started (%s: %s); retried in %.2fs", lease.key,
+                log.warning("execution %s could not be run (%s: %s); retried in %.2fs", lease.key,
                             type(exc).__name__, exc, delay)
             else:
-                log.error("execution %s could not be started; retried in %.2fs", lease.key, delay, exc_info=exc)
+                log.error("execution %s could not be run; retried in %.2fs", lease.key, delay, exc_info=exc)
             try:
                 self.store.release([lease], delay=delay)
             except LeaseLostError:
@@ -699,6 +699,8 @@ class DurableRunner:
 
     def _work_keys(self, keys: Sequence[str]) -> int:
         """Run one invocation of each of ``keys`` that is due and not held by a worker."""
+        if not keys:
+            return 0
         try:
             with self.store.transaction() as tx:
                 leases = self._claim_keys(tx, keys, self.clock.now())
@@ -766,13 +768,23 @@ class DurableRunner:
             TimeoutError: still not finished after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        info: ExecutionInfo | None = None
         while True:
-            info = self.get(execution_id)
-            if info.status.terminal:
-                return info
+            try:
+                info = self.get(execution_id)
+                if info.status.terminal:
+                    return info
+                family = self._family(execution_id)
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                log.info("waiting for execution %s: the store failed (%s: %s); asking again", execution_id,
+                         type(exc).__name__, exc)
+                family = []
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"execution {execution_id} is still {info.status.value} after {timeout}s")
-            if self._work_keys(self._family(execution_id)) == 0:
+                status = info.status.value if info is not None else "unknown"
+                raise TimeoutError(f"execution {execution_id} is still {status} after {timeout}s")
+            if self._work_keys(family) == 0:
                 time.sleep(poll_interval)
 
     def list(self, status: ExecutionStatus | str | Iterable[ExecutionStatus | str] | None = None, *,
