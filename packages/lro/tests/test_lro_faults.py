@@ -3,6 +3,7 @@ that must outlive a long handler, and the configuration that must fail before an
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any, Iterator
@@ -303,3 +304,74 @@ def test_resume_via_tasks_with_a_remote_scheduler_refuses_to_join_a_batch(
 def test_the_outcome_enum_keeps_its_values() -> None:
     assert {o.value for o in ResumeOutcome} >= {"ran", "completed", "failed", "cancelled", "already_done",
                                                  "stale", "lost"}
+
+
+class ScriptedPlan(faults.FaultPlan):
+    """Faults for the first statements matching each pattern, in order: one entry per pattern (a None fault
+    lets that statement pass)."""
+
+    def __init__(self, script: list[tuple[str, faults.Fault | None]]) -> None:
+        super().__init__()
+        self.script = [(re.compile(pattern), fault) for pattern, fault in script]
+
+    def decide(self, sql: str) -> faults.Fault | None:
+        with self._lock:
+            self.statements += 1
+            if self._paused or not self.script or not self.script[0][0].search(sql):
+                return None
+            fault = self.script.pop(0)[1]
+            if fault is not None:
+                self.injected.append(faults.Injected(index=self.statements, fault=fault, sql=sql))
+            return fault
+
+
+def test_a_batch_whose_commit_answer_is_lost_and_whose_release_then_fails_is_not_an_error(db: str) -> None:
+    # Found by the model test: the batch commits but its caller hears a dropped connection; giving the
+    # chunk's timers back then meets a locked store. run_due must carry on, and nothing be fired twice.
+    clock = faults.JumpClock()
+    store = open_store(db, clock=clock)
+    plan = ScriptedPlan([
+        (r"^UPDATE lro_operations", faults.Fault(kind="dropped", when="after_commit")),
+        (r"^UPDATE em_queue SET lease_owner = NULL", None),  # the chunk at once: its timers are gone
+        (r"^UPDATE em_queue SET lease_owner = NULL", faults.Fault(kind="locked")),  # then one by one
+    ])
+    runs: list[str] = []
+    with faults.inject(store, plan):
+        client = LroClient(Config(neuron="svc", store=store, resume_batch=4, retry_delay=0.0))
+        client.add_resumable_handlers(ResumableHandler("h", lambda op: (runs.append(op.name), op.complete())))
+        with plan.paused():
+            for i in range(3):
+                client.new_operation(f"operations/g{i}").resume_via_tasks("h")
+        client.run_due()  # must not raise
+        assert not plan.script, "the faults were not all injected"
+        clock.jump(DEFAULT_LEASE_FOR + 1)
+        while client.run_due():
+            pass
+        assert len(client.list_operations("done = true")[0]) == 3
+        assert sorted(runs) == ["operations/g0", "operations/g1", "operations/g2"]
+        assert client.scheduler.pending() == 0
+        client.close()
+    store.close()
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_a_reschedule_whose_commit_answer_is_lost_still_resumes(clock: FakeClock, remote: bool) -> None:
+    # Found by the model test: the save of resume_via_tasks commits but its caller hears a dropped
+    # connection. With a remote scheduler its task was never created, so the operation waited forever.
+    store = open_store("memory://", clock=clock)
+    inner = StoreScheduler(store, lease_for=5.0, retry_delay=0.0, queue="tasks")
+    plan = ScriptedPlan([(r"^UPDATE lro_operations", faults.Fault(kind="dropped", when="after_commit"))])
+    with faults.inject(store, plan):
+        client = LroClient(Config(neuron="svc", store=store, scheduler=FlakyScheduler(inner, 0) if remote else None))
+        client.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete({"ok": True})))
+        op = client.new_operation("operations/lost", {"step": 0})
+        op.set_private_state({"n": 1}).resume_via_tasks("h")  # the object learns the save went in
+        assert not plan.script, "the fault was not injected"
+        assert op.version == client.store.get("operations/lost").version
+        if remote:
+            inner.fire_due({client.resume_topic: client.fire})
+        else:
+            client.run_due()
+        assert client.get_operation_pb("operations/lost").done, "the operation was never resumed"
+        client.close()
+    store.close()

@@ -580,8 +580,15 @@ class LroClient:
                 if tx is not None:
                     store_call(what, store.store.enqueue, self.scheduler.queue, timer, tx=tx)
                     op._record = store_call(what, store.save, record, expected_version=record.version)
-                else:
+                    return
+                try:
                     op._record = store_call(what, self._save_with_timer, store, timer, record, record.version)
+                except InfrastructureError:
+                    # Perhaps only the answer of the commit was lost: then the save and its timer are in.
+                    committed = self._read_back(op.name, token)
+                    if committed is None:
+                        raise
+                    op._record = committed
             return
         current_tx = getattr(self.store, "current_tx", None)
         if current_tx is not None and current_tx() is not None:
@@ -596,12 +603,33 @@ class LroClient:
         with op._guard():
             before = op._record
             record = op._snapshot(resume_path=path, resume_token=token)
-            saved = op._record = store_call(what, self.store.save, record, expected_version=record.version)
+            try:
+                saved = op._record = store_call(what, self.store.save, record, expected_version=record.version)
+            except InfrastructureError:
+                # Perhaps only the answer of the commit was lost. If the read-back cannot tell, create the
+                # task all the same: should the save not have committed, its callback is merely stale.
+                committed = self._read_back(op.name, token)
+                if committed is None:
+                    with contextlib.suppress(Exception):
+                        self._schedule_retrying(record, path, token, float(seconds))
+                    raise
+                saved = op._record = committed
         try:
             self._schedule_retrying(saved, path, token, float(seconds))
         except BaseException:
             self._undo_save(op, before, saved)
             raise
+
+    def _read_back(self, name: str, token: str) -> OperationRecord | None:
+        """After a write whose answer was lost: the stored record if it carries ``token`` (the write
+        committed), else None (it did not, or the store cannot tell now)."""
+        try:
+            current = self.store.get(name)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            return None
+        return current if parse_token(current.resume_token).token == token else None
 
     def _save_with_timer(
         self, store: SQLOperationStore, timer: list[tuple[str, Any, float]], record: OperationRecord, expected: int
@@ -920,8 +948,14 @@ class LroClient:
             log.info("releasing %d callbacks failed (%s); their leases lapse", len(leases), type(exc).__name__)
             return
         for lease in leases:
-            with contextlib.suppress(LeaseLostError):
+            try:
                 core.release([lease], delay=delay)
+            except LeaseLostError:
+                pass  # completed after all (only the answer of its commit was lost), or taken meanwhile
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                # Left to lapse.
 
     def _ack(self, done: Sequence[Lease], retry: Sequence[Lease]) -> None:
         assert self.core_store is not None
