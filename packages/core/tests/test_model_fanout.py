@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Sequence
 
 from errands.core import (
     Event,
