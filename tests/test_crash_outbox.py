@@ -2,7 +2,8 @@
 
 Run as a script, this file is the worker: ``python test_crash_outbox.py <store url> <ledger path> [drain]``.
 The counterparty is a SQLite ledger of its own that records every delivery (effect key, lease token, pid)
-and every observation, in the order they happen.
+and every observation, in the order they happen. The workers run with the default lease (``lease_for``
+10 s, renewed by the heartbeat while calls run): what a killed worker held is retried within seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import pytest
 
 EFFECTS = 2_000
 KILLS = 20
-LEASE_FOR = 0.5
 
 
 class LedgerConnector:
@@ -71,8 +71,8 @@ def run_worker(url: str, ledger: str, drain: bool) -> None:
     from errands.core import Outbox, Worker, open_store
 
     store = open_store(url)
-    outbox = Outbox(store, connectors={"ledger": LedgerConnector(ledger)}, lease_for=LEASE_FOR, batch_size=40,
-                    backoff_base=0.05, backoff_cap=0.2)
+    outbox = Outbox(store, connectors={"ledger": LedgerConnector(ledger)}, batch_size=40, backoff_base=0.05,
+                    backoff_cap=0.2)
     worker = Worker(store, outbox=outbox, poll_interval=0.01, max_in_flight=4)
     print("ready", flush=True)
     if not drain:
@@ -101,15 +101,47 @@ def start_workers(url: str, ledger: Path, n: int, drain: bool = False) -> list[s
     return procs
 
 
-def kill(proc: subprocess.Popen[str]) -> None:
+def kill(proc: subprocess.Popen[str]) -> float:
+    """SIGKILL ``proc``; returns when it died (epoch seconds)."""
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    died = time.time()
     assert proc.stdout is not None
     proc.stdout.close()
+    return died
+
+
+class Takeovers:
+    """What killed workers held when they died: their leases must lapse within the default lease, so that
+    another worker retries the effects within seconds; records when each was next confirmed."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[float, float]] = {}  # key -> (when its holder died, when its lease lapses)
+
+    def note(self, store: Any, pid: int, died: float) -> None:
+        from errands.core import DEFAULT_LEASE_FOR
+
+        with store.read() as tx:
+            rows = tx.query("SELECT key, next_attempt_at FROM em_effects WHERE status IN ('DISPATCHING', 'UNKNOWN') "
+                            "AND lease_owner LIKE ?", (f"%:{pid}:%",))
+        for key, until in rows:
+            # The lease a dead worker left ends at most lease_for after its last claim or renewal.
+            assert float(until) <= died + DEFAULT_LEASE_FOR, (key, until - died)
+            self.held[key] = (died, float(until))
+
+    def report(self, store: Any) -> str:
+        if not self.held:
+            return "no effect was held by a killed worker"
+        with store.read() as tx:
+            done = dict(tx.query("SELECT key, updated_at FROM em_effects WHERE status = 'CONFIRMED'"))
+        delays = sorted(float(done[k]) - died for k, (died, _until) in self.held.items() if k in done)
+        assert len(delays) == len(self.held), "an effect held by a killed worker was never confirmed"
+        return (f"{len(self.held)} effects held by killed workers, confirmed {delays[0]:.1f}-{delays[-1]:.1f} s "
+                f"after the kill (median {delays[len(delays) // 2]:.1f} s)")
 
 
 def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
-                    ) -> tuple[Any, list[tuple[int, str, str, int, int]], set[str]]:
+                    ) -> tuple[Any, list[tuple[int, str, str, int, int]], set[str], Takeovers]:
     from errands.core import Effect, Outbox, Semantics, open_store
 
     url = url or f"sqlite:///{tmp_path / 'outbox.db'}"
@@ -123,6 +155,7 @@ def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
     rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
     per_round = EFFECTS // KILLS
     non_idempotent: set[str] = set()
+    takeovers = Takeovers()
     for r in range(KILLS):
         batch = []
         for i in range(r * per_round, (r + 1) * per_round):
@@ -134,7 +167,7 @@ def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
         outbox.submit_many(batch)
         for proc in start_workers(url, ledger, workers):
             time.sleep(rng.uniform(0.02, 0.3))
-            kill(proc)
+            takeovers.note(store, proc.pid, kill(proc))
     drains = start_workers(url, ledger, workers, drain=True)
     for proc in drains:
         assert proc.wait(timeout=120) == 0
@@ -142,7 +175,8 @@ def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
         proc.stdout.close()
     log = db.execute("SELECT seq, key, kind, token, pid FROM log ORDER BY seq").fetchall()
     db.close()
-    return (outbox, log, non_idempotent)
+    print(takeovers.report(store))
+    return (outbox, log, non_idempotent, takeovers)
 
 
 def check_invariants(outbox: Any, log: list[tuple[int, str, str, int, int]], non_idempotent: set[str]) -> None:
@@ -173,10 +207,12 @@ def check_invariants(outbox: Any, log: list[tuple[int, str, str, int, int]], non
 
 @pytest.mark.crash
 def test_outbox_worker_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
-    outbox, log, non_idempotent = crash_and_drain(tmp_path, workers=1)
+    outbox, log, non_idempotent, takeovers = crash_and_drain(tmp_path, workers=1)
     check_invariants(outbox, log, non_idempotent)
-    # The kills landed while work was under way: some effects were delivered and only later recorded.
+    # The kills landed while work was under way: some effects were delivered and only later recorded, and
+    # their killed workers' leases ran out within the default lease (checked at each kill).
     assert any(r.attempts > 1 for r in outbox.list(limit=EFFECTS))
+    assert takeovers.held
     # ... and NON_IDEMPOTENT effects caught mid-dispatch were observed rather than sent again.
     assert any(kind == "observe" for _, _, kind, _, _ in log)
     outbox.close()
@@ -185,8 +221,9 @@ def test_outbox_worker_survives_sigkill_at_random_moments(tmp_path: Path) -> Non
 
 @pytest.mark.crash
 def test_two_workers_sharing_a_store_survive_sigkill(tmp_path: Path) -> None:
-    outbox, log, non_idempotent = crash_and_drain(tmp_path, workers=2)
+    outbox, log, non_idempotent, takeovers = crash_and_drain(tmp_path, workers=2)
     check_invariants(outbox, log, non_idempotent)
+    assert takeovers.held
     assert len({pid for *_, pid in log}) > KILLS  # both workers of every round delivered something
     outbox.close()
     outbox.store.close()
@@ -195,8 +232,9 @@ def test_two_workers_sharing_a_store_survive_sigkill(tmp_path: Path) -> None:
 @pytest.mark.crash
 @pytest.mark.services
 def test_two_workers_on_postgresql_survive_sigkill(tmp_path: Path, postgres_url: str) -> None:
-    outbox, log, non_idempotent = crash_and_drain(tmp_path, workers=2, url=postgres_url)
+    outbox, log, non_idempotent, takeovers = crash_and_drain(tmp_path, workers=2, url=postgres_url)
     check_invariants(outbox, log, non_idempotent)
+    assert takeovers.held
     outbox.close()
     outbox.store.close()
 
