@@ -178,7 +178,7 @@ def check(ids: dict[str, int], rows: dict[str, tuple[Any, ...]], runs: list[tupl
     assert set(by_task) == set(ids), "a task finished without its handler having run"
     for task_id, task_runs in by_task.items():
         finished_at = rows[task_id][2]
-        for _t, _a, pid, started, _e, _ok in task_runs:
+        for _t, _a, _pid, started, _e, _ok in task_runs:
             assert started <= finished_at, f"task {ids[task_id]} ran again after it finished"
         assert_no_overlap(task_runs, killed, f"task {ids[task_id]}")
     single = [run for run in runs if ids[run[0]] < SINGLE]
@@ -189,8 +189,9 @@ def assert_no_overlap(runs: list[tuple[Any, ...]], killed: set[int], what: str) 
     """No two runs overlap in time, except the unfinished run of a killed process, whose lease had to lapse."""
     spans = sorted((started, ended, pid) for _t, _a, pid, started, ended, _ok in runs
                    if not (ended is None and pid in killed))
-    for (s1, e1, p1), (s2, _e2, p2) in zip(spans, spans[1:]):
-        assert e1 is not None, f"{what}: a run of live process {p1} never ended"
+    for _s, ended, pid in spans:
+        assert ended is not None, f"{what}: a run of live process {pid} never ended"
+    for (_s1, e1, p1), (s2, _e2, p2) in zip(spans, spans[1:]):
         assert s2 >= e1, f"{what}: two runs at once (pids {p1} and {p2})"
 
 
