@@ -14,6 +14,7 @@ once across the workers.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import sqlite3
@@ -191,7 +192,7 @@ def assert_no_overlap(runs: list[tuple[Any, ...]], killed: set[int], what: str) 
                    if not (ended is None and pid in killed))
     for _s, ended, pid in spans:
         assert ended is not None, f"{what}: a run of live process {pid} never ended"
-    for (_s1, e1, p1), (s2, _e2, p2) in zip(spans, spans[1:]):
+    for (_s1, e1, p1), (s2, _e2, p2) in itertools.pairwise(spans):
         assert s2 >= e1, f"{what}: two runs at once (pids {p1} and {p2})"
 
 
