@@ -1,4 +1,5 @@
-"""Crash test: a relay process is SIGKILLed at random moments while it copies the journal to a log sink.
+"""Crash tests: a relay process is SIGKILLed at random moments while it copies the journal to a log sink, and
+(on PostgreSQL) a relay's connections are dropped again and again while it runs.
 
 Run as a script, this file is the relay: ``python test_crash_fanout.py <store url> <log path> [drain]``.
 """
@@ -26,13 +27,19 @@ def relay(url: str, path: str, drain: bool) -> None:
     from errands.core import FanOut, Route, open_store
     from errands.sinks import LogSink
 
+    from errands.core import is_infrastructure_error
+
     store = open_store(url)
     fanout = FanOut(store, [Route("crash", LogSink(path=path), batch_size=50, max_in_flight=4)])
     print("ready", flush=True)
     while True:
-        n = fanout.run_once()
-        if drain and n == 0 and fanout.status()[0].behind == 0:
-            break
+        try:
+            n = fanout.run_once()
+            if drain and n == 0 and fanout.status()[0].behind == 0:
+                break
+        except Exception as exc:  # a dropped connection: the pass is retried, as the worker does
+            if not is_infrastructure_error(exc):
+                raise
         # A short pause per pass stretches the relay out so that the kills land mid-delivery.
         time.sleep(0.01)
     fanout.close()
@@ -45,6 +52,24 @@ def start_relay(url: str, path: Path, drain: bool = False) -> subprocess.Popen[s
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
+
+
+def read_log(path: Path) -> list[str]:
+    ids: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            envelope: dict[str, Any] = json.loads(line)  # every line whole: torn tails are cut on open
+            ids.append(envelope["id"])
+    return ids
+
+
+def check_order(ids: list[str]) -> None:
+    """At least once, in order per stream: a stream never gets an event before its predecessor."""
+    last: dict[str, int] = {}
+    for event_id in ids:
+        stream, _, seq = event_id.rpartition("/")
+        assert int(seq) <= last.get(stream, 0) + 1, f"{event_id} arrived before its predecessor"
+        last[stream] = int(seq)
 
 
 def count_lines(path: Path) -> int:
@@ -88,24 +113,58 @@ def test_relay_survives_sigkill_at_random_moments(tmp_path: Path) -> None:
     proc.stdout.close()
     store.close()
 
-    ids: list[str] = []
-    with open(log_path, encoding="utf-8") as fh:
-        for line in fh:
-            envelope: dict[str, Any] = json.loads(line)  # every line whole: torn tails are cut on open
-            ids.append(envelope["id"])
+    ids = read_log(log_path)
     distinct = set(ids)
     assert len(distinct) == EVENTS
     expected = {f"orders/{s}/{q}" for s in range(STREAMS) for q in range(1, EVENTS // STREAMS + 1)}
     assert distinct == expected
-    # In order per stream, at least once: a stream never gets an event before its predecessor.
-    last: dict[str, int] = {}
-    for event_id in ids:
-        stream, _, seq = event_id.rpartition("/")
-        assert int(seq) <= last.get(stream, 0) + 1, f"{event_id} arrived before its predecessor"
-        last[stream] = int(seq)
+    check_order(ids)
     # The kills must have interrupted real work, or this test proves nothing.
     assert killed_behind >= KILLS // 4, f"only {killed_behind} kills landed while the relay was behind"
     print(f"{len(ids)} lines, {len(ids) - EVENTS} redelivered, {killed_behind} kills mid-delivery")
+
+
+@pytest.mark.crash
+@pytest.mark.services
+def test_relay_on_postgresql_survives_dropped_connections(tmp_path: Path, postgres_url: str) -> None:
+    """A relay runs while every connection it holds is dropped (``pg_terminate_backend``) again and again:
+    every event still arrives, in order per stream, nothing is parked and the route is not stopped."""
+    from errands.core import FanOut, Journal, NewEvent, Route, RouteState, open_store
+    from errands.core.testing import faults
+    from errands.sinks import LogSink
+
+    events = EVENTS // 2
+    store = open_store(postgres_url)
+    journal = Journal(store)
+    for start in range(0, events, 1000):
+        journal.append_many([NewEvent(f"orders/{(start + i) % STREAMS}", "order.placed", {"n": start + i})
+                             for i in range(1000)])
+    log_path = tmp_path / "events.jsonl"
+    app = "errands-drop-relay"
+    relay_url = postgres_url + ("&" if "?" in postgres_url else "?") + f"application_name={app}"
+    proc = start_relay(relay_url, log_path, drain=True)
+    rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
+    drops = mid_run = 0
+    while proc.poll() is None:
+        time.sleep(rng.uniform(0.05, 0.25))
+        dropped = faults.terminate_postgres_connections(postgres_url, application_name=app)
+        drops += dropped
+        if dropped and count_lines(log_path) < events:
+            mid_run += 1
+    assert proc.wait(timeout=120) == 0
+    assert proc.stdout is not None
+    proc.stdout.close()
+    ids = read_log(log_path)
+    assert set(ids) == {f"orders/{s}/{q}" for s in range(STREAMS) for q in range(1, events // STREAMS + 1)}
+    check_order(ids)
+    fanout = FanOut(store, [Route("crash", LogSink(path=str(tmp_path / "unused.jsonl")))])
+    assert fanout.dead("crash") == []
+    [status] = fanout.status()
+    assert status.state is RouteState.RUNNING and status.behind == 0
+    assert mid_run >= 5, f"only {mid_run} rounds of drops landed while the relay was behind"
+    print(f"{len(ids)} lines, {len(ids) - events} redelivered, {drops} connections dropped in {mid_run} rounds")
+    fanout.close()
+    store.close()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Run as a script, this file is the worker: ``python test_crash_outbox.py <store url> <ledger path> [drain]``.
 The counterparty is a SQLite ledger of its own that records every delivery (effect key, lease token, pid)
-and every observation, in the order they happen. The workers run with the default lease (``lease_for``
+and every observation, in the order they happen. On PostgreSQL the workers' connections are also dropped
+(``pg_terminate_backend``) again and again while they run. The workers run with the default lease (``lease_for``
 10 s, renewed by the heartbeat while calls run): what a killed worker held is retried within seconds.
 """
 
@@ -24,6 +25,8 @@ import pytest
 
 EFFECTS = 2_000
 KILLS = 20
+CALL_TIME = float(os.environ.get("ERRANDS_CRASH_CALL_TIME", "0.004"))  # seconds the counterparty takes
+DROP_APP = "errands-drop-worker"  # the application_name of workers whose connections are dropped
 
 
 class LedgerConnector:
@@ -51,7 +54,7 @@ class LedgerConnector:
             (effect.key, effect.metadata["errands.lease_token"], os.getpid()),
         )
         # Delivered but not yet recorded by the outbox: the window a SIGKILL should hit.
-        time.sleep(0.004)
+        time.sleep(CALL_TIME)
         return DispatchResult(outcome=DispatchOutcome.CONFIRMED, external_ref=f"ledger/{effect.key}")
 
     def observe(self, effect: Any) -> Any:
@@ -78,11 +81,19 @@ def run_worker(url: str, ledger: str, drain: bool) -> None:
     if not drain:
         worker.run()
         return
+    from errands.core import is_infrastructure_error
+
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, kwargs={"stop": stop}, daemon=True)
     thread.start()
     while True:
-        stats = outbox.stats()["effects"]
+        try:
+            stats = outbox.stats()["effects"]
+        except Exception as exc:  # a dropped connection: ask again
+            if not is_infrastructure_error(exc):
+                raise
+            time.sleep(0.05)
+            continue
         if stats["CONFIRMED"] + stats["FAILED"] + stats["CANCELLED"] == sum(stats.values()):
             break
         time.sleep(0.05)
@@ -92,9 +103,11 @@ def run_worker(url: str, ledger: str, drain: bool) -> None:
     store.close()
 
 
-def start_workers(url: str, ledger: Path, n: int, drain: bool = False) -> list[subprocess.Popen[str]]:
+def start_workers(url: str, ledger: Path, n: int, drain: bool = False,
+                  env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
     args = [sys.executable, __file__, url, str(ledger)] + (["drain"] if drain else [])
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+             for _ in range(n)]
     for proc in procs:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
@@ -140,16 +153,33 @@ class Takeovers:
                 f"after the kill (median {delays[len(delays) // 2]:.1f} s)")
 
 
-def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
-                    ) -> tuple[Any, list[tuple[int, str, str, int, int]], set[str], Takeovers]:
-    from errands.core import Effect, Outbox, Semantics, open_store
-
-    url = url or f"sqlite:///{tmp_path / 'outbox.db'}"
+def _ledger(tmp_path: Path) -> tuple[Path, sqlite3.Connection]:
     ledger = tmp_path / "ledger.db"
     db = sqlite3.connect(ledger, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, kind TEXT NOT NULL, "
                "token INTEGER NOT NULL, pid INTEGER NOT NULL)")
+    return ledger, db
+
+
+def _effects(start: int, stop: int, non_idempotent: set[str]) -> list[Any]:
+    from errands.core import Effect, Semantics
+
+    batch = []
+    for i in range(start, stop):
+        semantics = Semantics.NON_IDEMPOTENT if i % 4 == 0 else Semantics.IDEMPOTENT
+        if semantics is Semantics.NON_IDEMPOTENT:
+            non_idempotent.add(f"e{i}")
+        batch.append(Effect(key=f"e{i}", connector="ledger", tool="post", payload={"i": i}, semantics=semantics))
+    return batch
+
+
+def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
+                    ) -> tuple[Any, list[tuple[int, str, str, int, int]], set[str], Takeovers]:
+    from errands.core import Outbox, open_store
+
+    url = url or f"sqlite:///{tmp_path / 'outbox.db'}"
+    ledger, db = _ledger(tmp_path)
     store = open_store(url)
     outbox = Outbox(store, connectors={"ledger": LedgerConnector(str(ledger))})
     rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
@@ -157,14 +187,7 @@ def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
     non_idempotent: set[str] = set()
     takeovers = Takeovers()
     for r in range(KILLS):
-        batch = []
-        for i in range(r * per_round, (r + 1) * per_round):
-            semantics = Semantics.NON_IDEMPOTENT if i % 4 == 0 else Semantics.IDEMPOTENT
-            if semantics is Semantics.NON_IDEMPOTENT:
-                non_idempotent.add(f"e{i}")
-            batch.append(Effect(key=f"e{i}", connector="ledger", tool="post", payload={"i": i},
-                                semantics=semantics))
-        outbox.submit_many(batch)
+        outbox.submit_many(_effects(r * per_round, (r + 1) * per_round, non_idempotent))
         for proc in start_workers(url, ledger, workers):
             time.sleep(rng.uniform(0.02, 0.3))
             takeovers.note(store, proc.pid, kill(proc))
@@ -237,6 +260,44 @@ def test_two_workers_on_postgresql_survive_sigkill(tmp_path: Path, postgres_url:
     assert takeovers.held
     outbox.close()
     outbox.store.close()
+
+
+@pytest.mark.crash
+@pytest.mark.services
+def test_two_workers_on_postgresql_survive_dropped_connections(tmp_path: Path, postgres_url: str) -> None:
+    """Two workers run while every connection they hold is dropped (``pg_terminate_backend``) again and
+    again: each fault is retried or its lease lapses, and the end state is as if nothing had happened."""
+    from errands.core import Outbox, open_store
+    from errands.core.testing import faults
+
+    ledger, db = _ledger(tmp_path)
+    store = open_store(postgres_url)
+    outbox = Outbox(store, connectors={"ledger": LedgerConnector(str(ledger))})
+    non_idempotent: set[str] = set()
+    outbox.submit_many(_effects(0, EFFECTS, non_idempotent))
+    worker_url = postgres_url + ("&" if "?" in postgres_url else "?") + f"application_name={DROP_APP}"
+    # A slower counterparty stretches the run out over a few seconds of drops.
+    procs = start_workers(worker_url, ledger, 2, drain=True, env={"ERRANDS_CRASH_CALL_TIME": "0.02"})
+    rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
+    drops = mid_run = 0
+    while any(p.poll() is None for p in procs):
+        time.sleep(rng.uniform(0.1, 0.4))
+        dropped = faults.terminate_postgres_connections(postgres_url, application_name=DROP_APP)
+        drops += dropped
+        if dropped and outbox.stats()["effects"]["CONFIRMED"] < EFFECTS:
+            mid_run += 1
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+    log = db.execute("SELECT seq, key, kind, token, pid FROM log ORDER BY seq").fetchall()
+    db.close()
+    check_invariants(outbox, log, non_idempotent)  # 0 lost, 0 stuck, 0 delivered twice beyond semantics
+    assert not [r for r in outbox.list(limit=EFFECTS) if r.error], "a dropped connection was recorded on an effect"
+    assert mid_run >= 5, f"only {mid_run} rounds of drops landed while work was under way"
+    print(f"{drops} connections dropped in {mid_run} rounds while effects were under way")
+    outbox.close()
+    store.close()
 
 
 if __name__ == "__main__":
