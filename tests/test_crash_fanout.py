@@ -24,10 +24,8 @@ KILLS = 20
 
 
 def relay(url: str, path: str, drain: bool) -> None:
-    from errands.core import FanOut, Route, open_store
+    from errands.core import FanOut, Route, is_infrastructure_error, open_store
     from errands.sinks import LogSink
-
-    from errands.core import is_infrastructure_error
 
     store = open_store(url)
     fanout = FanOut(store, [Route("crash", LogSink(path=path), batch_size=50, max_in_flight=4)])
