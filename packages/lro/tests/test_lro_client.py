@@ -29,6 +29,7 @@ from errands.lro import (
     parse_filter,
     unmarshal_metadata,
 )
+from errands.lro._tokens import parse_token
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.rpc import code_pb2
@@ -685,7 +686,7 @@ def test_an_operation_store_with_its_own_scheduler(clock: FakeClock) -> None:
                           host="https://svc.example")) as c:
         c.new_operation("operations/1").resume_via_tasks("h", delay=timedelta(seconds=30))
         topic, payload, at, key = scheduled[0]
-        token = c.store.get("operations/1").resume_token
+        token = parse_token(c.store.get("operations/1").resume_token).token
         assert topic == "lro.resume.svc" and key == f"lro-{token}"
         assert payload == {"neuron": "svc", "name": "operations/1", "path": "h", "token": token,
                            "url": f"https://svc.example/resume-operation/h?operation=operations%2F1&token={token}"}

@@ -119,6 +119,11 @@ class LroMachine(RuleBasedStateMachine):
                 if not (isinstance(exc, (InfrastructureError, TransientError)) or is_infrastructure_error(exc)):
                     raise
         with self.plan.paused():
+            for _ in range(3):
+                try:
+                    return fn()
+                except TransientError:  # a stale copy the call itself just reloaded
+                    continue
             return fn()
 
     def teardown(self) -> None:
@@ -155,14 +160,23 @@ class LroMachine(RuleBasedStateMachine):
     def new_operation(self, business: bool) -> None:
         name = f"operations/m{len(self.names)}" + ("-biz" if business else "")
 
+        made: list[Operation] = []
+
         def create() -> None:
+            if not made:
+                try:
+                    made.append(self.client.new_operation(name, {"step": 0}, private_state={"steps": 0, "log": []}))
+                except AlreadyExistsError:  # an earlier attempt committed, but its answer was lost
+                    made.append(self.client.get_operation(name))
+            op = made[0]
+            if op.done or len(made) > 1:
+                return  # scheduled already
             try:
-                op = self.client.new_operation(name, {"step": 0}, private_state={"steps": 0, "log": []})
-            except AlreadyExistsError:  # an earlier attempt committed, but its answer was lost
-                op = self.client.get_operation(name)
-            if op.done or self.client.store.get(name).resume_token is None:
-                if not op.done:
-                    op.resume_via_tasks("step")
+                op.resume_via_tasks("step")  # after a failure, the same object retries
+                made.append(op)
+            except LeaseLostError:
+                made[0] = self.client.get_operation(name)  # a stale copy: load it again and retry
+                raise TransientError("stale copy") from None
 
         self._retrying(create)
         self.names.append(name)

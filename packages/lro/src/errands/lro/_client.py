@@ -47,7 +47,7 @@ from ._codec import encode_state, pack_any
 from ._config import Config, config_from_env
 from ._operation import Operation, retoken, store_call
 from ._store import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
-from ._tokens import claimed, parse_token, used
+from ._tokens import ResumeState, claimed, parse_token, scheduled, used
 
 log = logging.getLogger("errands.lro")
 
@@ -602,7 +602,7 @@ class LroClient:
         # as it was (a callback that rescheduled is retried with its own token) and ``op`` can retry.
         with op._guard():
             before = op._record
-            record = op._snapshot(resume_path=path, resume_token=token)
+            record = op._snapshot(resume_path=path, resume_token=scheduled(token, self.store.now() + float(seconds)))
             try:
                 saved = op._record = store_call(what, self.store.save, record, expected_version=record.version)
             except InfrastructureError:
@@ -620,7 +620,7 @@ class LroClient:
             self._undo_save(op, before, saved)
             raise
 
-    def _read_back(self, name: str, token: str) -> OperationRecord | None:
+    def _read_back(self, name: str, token: str | None) -> OperationRecord | None:
         """After a write whose answer was lost: the stored record if it carries ``token`` (the write
         committed), else None (it did not, or the store cannot tell now)."""
         try:
@@ -660,8 +660,14 @@ class LroClient:
                 op._record = store_call(f"undoing the save of {op.name!r}", self.store.save, before,
                                         expected_version=saved.version)
             except Exception as undo_error:
+                current = self._read_back(op.name, parse_token(before.resume_token).token) if (
+                    isinstance(undo_error, InfrastructureError)) else None
+                if current is not None and current.version == saved.version + 1:
+                    op._record = current  # only the answer of the undo's commit was lost
+                    return
                 # The operation keeps a resume whose task does not exist. ``op`` holds what was saved, so
-                # that the caller's next resume_via_tasks (a retry) replaces it.
+                # that the caller's next resume_via_tasks (a retry) replaces it, and a stale callback of
+                # the operation creates the task after all.
                 log.error("operation %s was saved for a resume whose task could not be created, and the save "
                           "could not be undone (%s); call resume_via_tasks again", op.name,
                           type(undo_error).__name__)
@@ -699,6 +705,8 @@ class LroClient:
             if record.cancel_requested and not held:
                 # A cancellation is never lost to a stale callback: end it now.
                 return self._cancel_now(Operation(self, record)), None, None, ""
+            if not held and not state.used and state.token is not None and not self._atomic_timers():
+                self._ensure_task(record, state)
             return ResumeOutcome.STALE, None, None, ""
         if held:
             raise ResumeBusyError(
@@ -719,6 +727,21 @@ class LroClient:
                     f"operation {name!r} changed while its callback started; retry later", retry_after=1.0
                 ) from exc
         return None, Operation(self, record), handler.fn, claim
+
+    def _ensure_task(self, record: OperationRecord, state: ResumeState) -> None:
+        """Create the task of the operation's pending resume again, in case it went missing (its creation
+        failed and so did undoing its save). Its name comes from its token, so a task that exists is not
+        doubled; one that already ran finds its token spent and is stale."""
+        if record.resume_path is None or state.token is None:
+            return
+        delay = max(0.0, state.due - self.store.now()) if state.due else 0.0
+        try:
+            self._schedule(record, record.resume_path, state.token, delay, key=f"lro-{state.token}")
+        except TransientError:
+            raise
+        except Exception as exc:
+            log.warning("could not make sure the pending resume of %s has its task: %s", record.name,
+                        type(exc).__name__)
 
     def _cancel_now(self, op: Operation) -> ResumeOutcome:
         try:
