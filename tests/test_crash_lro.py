@@ -117,3 +117,110 @@ def test_sigkill_mid_handler_every_operation_completes_exactly_once(tmp_path: An
     store.close()
     assert leftover == 0, f"{leftover} callbacks left behind"
     client.close()
+
+
+DROP_WORKER = textwrap.dedent(
+    """
+    import sqlite3, sys, time
+    from errands.lro import Config, LroClient, ResumableHandler
+
+    url, record_path, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rec = sqlite3.connect(record_path, isolation_level=None, timeout=30)
+    client = LroClient(Config(neuron="drop", store=url, lease_for=1.0, retry_delay=0.05, resume_batch=batch))
+
+    def step(op):
+        state = op.decode_private_state(dict) or {"step": 0, "log": []}
+        rec.execute("INSERT INTO runs (name, step) VALUES (?, ?)", (op.name, state["step"]))
+        time.sleep(0.005)  # a drop now hits the handler's own saves
+        if state["step"] < 2:
+            op.set_private_state({"step": state["step"] + 1, "log": state["log"] + [state["step"]]})
+            op.save_metadata({"step": state["step"] + 1})
+            op.resume_via_tasks("step")
+        else:
+            op.complete({"steps": state["step"]})
+
+    client.add_resumable_handlers(ResumableHandler("step", step))
+    print("ready", flush=True)
+    while True:
+        try:
+            if client.run_due(limit=20) == 0:
+                time.sleep(0.01)
+        except Exception as exc:  # what a core Worker does with a failing job: log it and carry on
+            sys.stderr.write(f"run_due raised {type(exc).__name__}: {exc}\\n")
+            time.sleep(0.01)
+    """
+)
+
+N_DROP = 100
+
+
+def _retry(call: Any) -> Any:
+    """The checking side's own connections are dropped too: try again on a fresh one."""
+    from errands.core import is_infrastructure_error
+
+    for attempt in range(20):
+        try:
+            return call()
+        except Exception as exc:
+            if not is_infrastructure_error(exc) or attempt == 19:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.services
+def test_dropped_postgres_connections_lose_and_fail_no_operation(postgres_url: str, tmp_path: Any) -> None:
+    import sqlite3
+
+    from errands.core.testing import faults
+
+    record_path = tmp_path / "runs.db"
+    rec = sqlite3.connect(record_path, isolation_level=None)
+    rec.execute("PRAGMA journal_mode = WAL")
+    rec.execute("CREATE TABLE runs (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, step INTEGER)")
+    script = tmp_path / "worker.py"
+    script.write_text(DROP_WORKER)
+    client = LroClient(Config(neuron="drop", store=postgres_url))
+    with client.batch():
+        for i in range(N_DROP):
+            client.new_operation(f"operations/d{i:03d}", {"step": 0},
+                                 private_state={"step": 0, "log": []}).resume_via_tasks("step")
+    rng = random.Random(int(os.environ.get("ERRANDS_CRASH_SEED", "0")) or None)
+    workers = [faults.WorkerProcess([sys.executable, str(script), postgres_url, str(record_path), str(batch)],
+                                    env={"PYTHONUNBUFFERED": "1"}) for batch in (1, 10)]
+    drops = rounds = 0
+    try:
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 60
+        while _retry(lambda: len(client.list_operations("done = false", page_size=1000)[0])) and (
+                time.monotonic() < deadline):
+            time.sleep(rng.uniform(0.05, 0.25))
+            if rounds < 25:
+                drops += faults.terminate_postgres_connections(postgres_url)
+                rounds += 1
+            assert all(w.alive for w in workers), "a worker died of a dropped connection"
+    finally:
+        for w in workers:
+            w.kill()
+
+    ops, _ = _retry(lambda: client.list_operations(page_size=1000))
+    assert len(ops) == N_DROP
+    assert not [pb.name for pb in ops if not pb.done], "operations stuck"
+    assert not [(pb.name, pb.error.message) for pb in ops if pb.HasField("error")], "failed by a fault"
+    for pb in ops:
+        assert unmarshal_metadata(pb, dict) == {"step": 2.0}, pb.name
+        state = _retry(lambda pb=pb: client.get_operation(pb.name)).decode_private_state(dict)
+        assert state == {"step": 2, "log": [0, 1]}, (pb.name, state)  # every step committed exactly once
+    assert client.core_store is not None
+    events = _retry(lambda: Journal(client.core_store).read(0, limit=10 * N_DROP, subjects=["lro.operation.done"]))
+    per_op = Counter(e.data["name"] for e in events)
+    assert len(per_op) == N_DROP and set(per_op.values()) == {1}, "each operation completes exactly once"
+    assert _retry(client.scheduler.pending) == 0, "callbacks left behind"
+    assert drops > 0 and rounds > 3, f"the drops never hit the workers ({drops} in {rounds} rounds)"
+    runs = Counter(name for name, in rec.execute("SELECT name FROM runs"))
+    assert len(runs) == N_DROP and min(runs.values()) >= 3
+    sys.stderr.write(f"lro drop test: {drops} connections dropped in {rounds} rounds, {sum(runs.values())} "
+                     f"handler runs for {3 * N_DROP} steps\n")
+    client.close()
+    rec.close()
