@@ -26,6 +26,7 @@ from errands.core import (
     ObservationOutcome,
     Outbox,
     Semantics,
+    is_infrastructure_error,
     open_store,
 )
 from errands.core.testing import faults
@@ -321,4 +322,44 @@ def test_run_inline_retries_recording_its_result(tmp_path: Path) -> None:
     assert len(plan.injected) == 1
     assert rec.status is EffectStatus.CONFIRMED and rec.response == {"ok": True}
     assert calls == ["inline"]
+    store.close()
+
+
+CLAIMS = {
+    "dispatch": r"UPDATE em_effects SET status = 'DISPATCHING'",
+    "reconcile": r"observations = observations \+ 1",
+    "compensate": r"UPDATE em_obligations SET status = 'COMPENSATING'",
+}
+
+
+@pytest.mark.parametrize("step", ["dispatch", "reconcile", "compensate"])
+def test_a_claim_whose_commit_was_lost_is_released_at_once(url: str, step: str) -> None:
+    # Found by the model test: the claim commits but the worker hears a store fault, so it never calls the
+    # connector; the effect must be due again at once, without the attempt the claim charged.
+    clock = FakeClock()
+    store = open_store(url, clock=clock)
+    cp = Counterparty()
+    plan = faults.FaultPlan(match=CLAIMS[step], rate=1.0, kinds=("dropped",), when=("after_commit",), limit=1)
+    with faults.inject(store, plan):
+        outbox = Outbox(store, connectors={"cp": cp})
+        with plan.paused():
+            _prepare(outbox, cp, clock, step)
+            before = outbox.get("k") if step != "compensate" else outbox.obligations()[0]
+        run = {"dispatch": outbox.dispatch_once, "reconcile": outbox.reconcile_once,
+               "compensate": outbox.compensate_once}[step]
+        with pytest.raises(Exception) as info:
+            run()
+        assert is_infrastructure_error(info.value)
+        assert len(plan.injected) == 1
+        # The same worker's next pass (no time passes) takes it again and completes it in one more attempt.
+        outcomes = run()
+    assert len(outcomes) == 1 and not outcomes[0].lease_lost
+    if step == "compensate":
+        rec = outbox.obligations()[0]
+        assert rec.status is ObligationStatus.COMPENSATED and rec.attempts == before.attempts + 1
+    else:
+        rec = outbox.get("k")
+        assert rec.status is EffectStatus.CONFIRMED
+        assert (rec.attempts, rec.observations) == (
+            (1, 0) if step == "dispatch" else (before.attempts, before.observations + 1))
     store.close()
