@@ -375,3 +375,40 @@ def test_a_reschedule_whose_commit_answer_is_lost_still_resumes(clock: FakeClock
         assert client.get_operation_pb("operations/lost").done, "the operation was never resumed"
         client.close()
     store.close()
+
+
+def test_a_reschedule_whose_task_and_undo_both_fail_is_repaired_by_the_retried_callback(
+    flaky: tuple[LroClient, FlakyScheduler, StoreScheduler],
+) -> None:
+    # Found by the model test: inside a handler, creating the next task fails and so does undoing the save.
+    # The operation then waits for a task that does not exist; the callback's retry is stale, and must
+    # create that task rather than just acknowledge itself.
+    client, scheduler, inner = flaky
+    assert client.core_store is not None
+    runs: list[int] = []
+
+    def step(op: Operation) -> None:
+        n = (op.decode_private_state(dict) or {"n": 0})["n"]
+        runs.append(n)
+        if n < 1:
+            op.set_private_state({"n": n + 1}).resume_via_tasks("step")
+        else:
+            op.complete({"n": n})
+
+    client.add_resumable_handlers(ResumableHandler("step", step))
+    client.new_operation("operations/u", private_state={"n": 0}).resume_via_tasks("step")
+    scheduler.calls, scheduler.fail = 0, 3  # every attempt of the handler's reschedule fails
+    plan = ScriptedPlan([
+        (r"^UPDATE lro_operations", None),  # the callback takes its hold
+        (r"^UPDATE lro_operations", None),  # the handler's save of the reschedule
+        (r"^UPDATE lro_operations", faults.Fault(kind="locked")),  # undoing it fails too
+    ])
+    handlers = {client.resume_topic: client.fire}
+    with faults.inject(client.core_store, plan):
+        assert inner.fire_due(handlers) == 0  # the callback asks to be retried
+        assert not plan.script, "the faults were not all injected"
+        for _ in range(5):
+            inner.fire_due(handlers)
+    pb = client.get_operation_pb("operations/u")
+    assert pb.done and not pb.HasField("error"), "the operation waits for a task that does not exist"
+    assert runs[-1] == 1
