@@ -15,6 +15,7 @@ stuck, every lease completed or lapsed).
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import tempfile
 import threading
@@ -43,6 +44,18 @@ CONCURRENCY = 3
 LIMIT = 2  # max_concurrency of the "limited" type
 FINAL = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.DEAD)
 OUTCOMES = st.sampled_from(["ok", "ok", "ok", "transient", "permanent"])
+
+
+class _Log(logging.Handler):
+    """The engine's recent log lines, for the message of a failed check."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.threadName}: {record.getMessage()}")
+        del self.messages[:-2000]
 
 
 class Crashed(BaseException):
@@ -101,6 +114,11 @@ class TaskModel(RuleBasedStateMachine):
         self.workers: list[tuple[Any, TaskEngine] | None] = [None, None]
         self.n = 0
         self.started = False
+        self.log = _Log()
+        self.logger = logging.getLogger("errands.tasks")
+        self.level = self.logger.level
+        self.logger.addHandler(self.log)
+        self.logger.setLevel(logging.INFO)
 
     # -- the system under test ---------------------------------------------------------------------
     def _handler(self, worker: int, gen: int) -> Any:
@@ -177,7 +195,7 @@ class TaskModel(RuleBasedStateMachine):
     def _rows(self) -> dict[str, tuple[Any, ...]]:
         with self.plan.paused(), self._store().read() as tx:
             return {r[0]: tuple(r[1:]) for r in tx.query(
-                "SELECT id, status, attempts, result, error, owner, lease_expires FROM em_tasks")}
+                "SELECT id, status, attempts, result, error, owner, lease_expires, token, updated_at FROM em_tasks")}
 
     # -- rules -------------------------------------------------------------------------------------
     @initialize(seed=st.integers(0, 2**32 - 1), rate=st.sampled_from([0.0, 0.05, 0.15, 0.3]))
@@ -243,11 +261,15 @@ class TaskModel(RuleBasedStateMachine):
                 running = {i.task for i in self.executing}
             for task_id, row in self._rows().items():
                 if row[0] == "RUNNING" and row[4] in live:
-                    assert task_id in running, f"task {task_id} is RUNNING under {row[4]} but runs nowhere"
+                    assert task_id in running, (
+                        f"task {task_id} is RUNNING under {row[4]} but runs nowhere: {row}; engines: "
+                        f"{[(g[1].owner, g[1].in_flight, g[1]._abandoned) for g in self.workers if g]}; "
+                        f"log: {[m for m in self.log.messages if task_id in m][-8:]}; faults: {self.plan.injected[-6:]}")
 
     def _quiesce(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(self._quiet(w) for w in (0, 1)):
+        deadline = time.monotonic() + 30
+        while not all(self._quiet(w) for w in (0, 1)):
+            assert time.monotonic() < deadline, "a worker still runs unheld tasks after 30 s"
             time.sleep(0.001)
 
     def _quiet(self, worker: int) -> bool:
@@ -323,6 +345,8 @@ class TaskModel(RuleBasedStateMachine):
                 if got is not None:
                     got[0].close()
             shutil.rmtree(self.dir, ignore_errors=True)
+            self.logger.removeHandler(self.log)
+            self.logger.setLevel(self.level)
 
     def _settle(self) -> None:
         """Faults stop, every handler is let go, time passes: every task must finish as its script says."""
