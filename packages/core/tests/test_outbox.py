@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from errands.core import (
+    MAX_RETRY_AFTER,
     ConfigError,
     DispatchOutcome,
     DispatchResult,
@@ -298,6 +299,22 @@ def test_backoff_is_exponential_with_jitter_and_honours_retry_after(store: Any, 
     assert delays[3] == pytest.approx(120)
     assert outbox.dispatch_once()[0].status is EffectStatus.CONFIRMED
     assert outbox.get("r").attempts == 5
+
+
+@pytest.mark.parametrize("retry_after", [float("inf"), 1e12, float("nan"), -5.0])
+def test_a_connectors_absurd_retry_after_never_parks_an_effect(store: Any, clock: FakeClock,
+                                                               retry_after: float) -> None:
+    flaky = FakeConnector("flaky", outcomes=[TransientError("429", retry_after=retry_after)])
+    outbox = Outbox(store, connectors={"flaky": flaky}, backoff_base=1.0, seed=5)
+    outbox.submit(Effect(key="r", connector="flaky", payload={}))
+    start = clock.now()
+    [out] = outbox.dispatch_once()
+    assert out.status is EffectStatus.PENDING
+    rec = outbox.get("r")
+    assert rec.next_attempt_at is not None
+    assert 0 <= rec.next_attempt_at.timestamp() - start <= MAX_RETRY_AFTER
+    clock.advance(MAX_RETRY_AFTER)
+    assert outbox.dispatch_once()[0].status is EffectStatus.CONFIRMED
 
 
 def test_max_attempts_then_failed_then_redrive(store: Any, clock: FakeClock) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, List, Mapping, Sequence, TypeVar
 
 from ._leases import DEFAULT_LEASE_FOR, heartbeat, is_infrastructure_error
 from ._protocols import capabilities_of
+from ._retry_after import clamp_retry_after
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, _encode_str, dumps, in_clause, json_value, loads
 from ._store import _EVENT_COLS, NewEvent, SQLStore, _event_from_row, as_epoch, default_owner
 from ._values import (
@@ -659,8 +660,11 @@ class Outbox:
     def _backoff(self, attempt: int, retry_after: float | None = None) -> float:
         delay = min(self.backoff_cap, self.backoff_base * (2 ** max(0, attempt - 1)))
         delay *= 0.5 + 0.5 * self._rng.random()
-        if retry_after is not None and retry_after > delay:
-            delay = float(retry_after)
+        if retry_after is not None:
+            # A connector's own number, bounded like a header: inf or 1e12 must not park the effect for ever.
+            bounded = clamp_retry_after(retry_after)
+            if bounded is not None and bounded > delay:
+                delay = bounded
         return float(delay)
 
     # -- submit ------------------------------------------------------------------------------
