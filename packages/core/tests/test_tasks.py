@@ -14,6 +14,7 @@ from typing import Any, TypedDict
 
 import pytest
 from errands.core import (
+    MAX_RETRY_AFTER,
     DEFAULT_LEASE_FOR,
     ConfigError,
     FakeClock,
@@ -147,6 +148,24 @@ def test_failures_retry_then_fail(store: Any) -> None:
     rec = engine.wait(bad)
     assert rec.status is TaskStatus.FAILED and rec.attempts == 3 and "ZeroDivisionError" in (rec.error or "")
     assert engine.redrive([bad]) == 1 and engine.get(bad).status is TaskStatus.PENDING  # type: ignore[union-attr]
+    engine.close()
+
+
+@pytest.mark.parametrize("retry_after", [float("inf"), 1e12, float("nan")])
+def test_a_handlers_absurd_retry_after_never_parks_a_task(store: Any, retry_after: float) -> None:
+    def later(_p: Any) -> None:
+        raise TransientError("429", retry_after=retry_after)
+
+    engine = TaskEngine(store, handlers={"later": later}, retry_max=3, retry_cap=5.0)
+    task_id = engine.submit("later", {})
+    start = time.time()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and engine.get(task_id).attempts < 1:  # type: ignore[union-attr]
+        engine.run_once()
+        time.sleep(0.005)
+    rec = engine.get(task_id)
+    assert rec is not None and rec.status is TaskStatus.PENDING and rec.attempts == 1
+    assert rec.available_at.timestamp() - start <= MAX_RETRY_AFTER + 5
     engine.close()
 
 

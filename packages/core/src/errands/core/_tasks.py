@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ._async_bridge import AsyncBridge
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
+from ._retry_after import clamp_retry_after
 from ._sql import POSTGRES, Migration, Tx, dumps, in_clause, loads
 from ._store import SQLStore
 from ._values import _StrEnum
@@ -616,8 +617,9 @@ class TaskEngine:
                       error)
             return "status = ?, error = ?, finished_at = ?", (str(status), error, now)
         retry_after = getattr(exc, "retry_after", None) if isinstance(exc, TransientError) else None
-        if isinstance(retry_after, (int, float)) and retry_after >= 0:
-            delay = float(retry_after)
+        bounded = clamp_retry_after(retry_after)  # inf or 1e12 from a handler must not park the task for ever
+        if bounded is not None:
+            delay = bounded
         else:
             d = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
             delay = d / 2 + random.uniform(0, d / 2)
