@@ -162,6 +162,14 @@ def _ledger(tmp_path: Path) -> tuple[Path, sqlite3.Connection]:
     return ledger, db
 
 
+def _wait_for_dispatch(db: sqlite3.Connection, pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.execute("SELECT 1 FROM log WHERE pid = ? AND kind = 'dispatch' LIMIT 1", (pid,)).fetchone():
+            return
+        time.sleep(0.002)
+
+
 def _effects(start: int, stop: int, non_idempotent: set[str]) -> list[Any]:
     from errands.core import Effect, Semantics
 
@@ -189,7 +197,10 @@ def crash_and_drain(tmp_path: Path, workers: int, url: str | None = None,
     for r in range(KILLS):
         outbox.submit_many(_effects(r * per_round, (r + 1) * per_round, non_idempotent))
         for proc in start_workers(url, ledger, workers):
-            time.sleep(rng.uniform(0.02, 0.3))
+            # Kill it at a random moment after it started delivering, so that it dies holding leases
+            # (however loaded the machine is); one that got no work dies after a second.
+            _wait_for_dispatch(db, proc.pid, timeout=1.0)
+            time.sleep(rng.uniform(0.0, 0.05))
             takeovers.note(store, proc.pid, kill(proc))
     drains = start_workers(url, ledger, workers, drain=True)
     for proc in drains:
