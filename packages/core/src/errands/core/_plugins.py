@@ -188,14 +188,7 @@ class Registry:
             ConfigError: a bad name, an object without ``dispatch``, or ``name`` taken by another instance
                 (registering the very same object again is a no-op).
         """
-        _check_instance_name("connectors", name)
-        if not callable(getattr(instance, "dispatch", None)):
-            raise ConfigError(
-                f"connectors.{_q(name)} must have a dispatch(effect) method, got {type(instance).__name__}",
-                field=f"connectors.{_q(name)}", value=type(instance).__name__,
-            )
-        self._put("connectors", name, instance, replace)
-        return instance
+        return self._add("connectors", name, instance, "dispatch(effect)", replace)
 
     def add_sink(self, name: str, instance: Any, *, replace: bool = False) -> Any:
         """Register a sink instance under ``name``.
@@ -212,13 +205,16 @@ class Registry:
             ConfigError: a bad name, an object without ``publish``, or ``name`` taken by another instance
                 (registering the very same object again is a no-op).
         """
-        _check_instance_name("sinks", name)
-        if not callable(getattr(instance, "publish", None)):
+        return self._add("sinks", name, instance, "publish(events)", replace)
+
+    def _add(self, kind: str, name: str, instance: Any, method: str, replace: bool) -> Any:
+        _check_instance_name(kind, name)
+        if not callable(getattr(instance, method.split("(")[0], None)):
             raise ConfigError(
-                f"sinks.{_q(name)} must have a publish(events) method, got {type(instance).__name__}",
-                field=f"sinks.{_q(name)}", value=type(instance).__name__,
+                f"{kind}.{_q(name)} must have a {method} method, got {type(instance).__name__}",
+                field=f"{kind}.{_q(name)}", value=type(instance).__name__,
             )
-        self._put("sinks", name, instance, replace)
+        self._put(kind, name, instance, replace)
         return instance
 
     def _instances(self, kind: str) -> dict[str, Any]:
