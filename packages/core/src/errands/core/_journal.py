@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 from datetime import datetime
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from ._leases import DEFAULT_LEASE_FOR, heartbeat
+from ._leases import DEFAULT_LEASE_FOR, LeaseBatch
 from ._store import NewEvent, SQLStore, as_epoch, new_id
 from ._values import Event, Lease
 from .errors import LeaseLostError
@@ -158,45 +157,31 @@ class StoreScheduler:
             held.stop()
 
 
-class _TimerLeases:
+class _TimerLeases(LeaseBatch):
     """The leases of one batch of claimed timers: renewed together by one heartbeat (one ``extend`` of every
     lease still held per beat), settled together, and known locally to be held until ``expires``."""
 
     def __init__(self, store: SQLStore, leases: Sequence[Lease], lease_for: float) -> None:
         self.store = store
         self.leases = {lease.key: lease for lease in leases}
-        self.lost: set[str] = set()
-        self.expires = min(lease.expires_at for lease in leases)
-        self.lease_for = lease_for
-        self.done = False
-        self._lock = threading.Lock()
-        self.beat = heartbeat(self._renew, lease_for=lease_for, what=f"{len(leases)} timers")
+        super().__init__(store.clock, self.leases, expires=min(lease.expires_at for lease in leases),
+                         lease_for=lease_for, what=f"{len(leases)} timers")
 
-    def holds(self, key: str) -> bool:
-        return key not in self.lost and self.store.clock.now() < self.expires
-
-    def alive(self) -> bool:
-        return len(self.lost) < len(self.leases) and self.store.clock.now() < self.expires
-
-    def _renew(self) -> bool:
-        with self._lock:
-            if self.done:
-                return True
-            live = [lease for key, lease in self.leases.items() if key not in self.lost]
-            until = self.store.clock.now() + self.lease_for
-            try:
-                self.store.extend(live, lease_for=self.lease_for)
-            except LeaseLostError:
-                # One of them went to another worker: find which, one by one (rare).
-                for lease in live:
-                    try:
-                        self.store.extend([lease], lease_for=self.lease_for)
-                    except LeaseLostError:
-                        self.lost.add(lease.key)
-            held = len(self.lost) < len(self.leases)
-            if held:
-                self.expires = until
-            return held
+    def _extend(self, keys: list[Any], until: float) -> set[Any]:
+        live = [self.leases[k] for k in keys]
+        try:
+            self.store.extend(live, lease_for=self.lease_for)
+            return set(keys)
+        except LeaseLostError:
+            # One of them went to another worker: find which, one by one (rare).
+            still = set()
+            for lease in live:
+                try:
+                    self.store.extend([lease], lease_for=self.lease_for)
+                    still.add(lease.key)
+                except LeaseLostError:
+                    pass
+            return still
 
     def settle(self, leases: Sequence[Lease], delay: float | None) -> int:
         """Complete (``delay`` None) or release ``leases`` in one transaction, or one by one when some lease
@@ -223,10 +208,6 @@ class _TimerLeases:
             self.store.complete(leases)
         else:
             self.store.release(leases, delay=delay)
-
-    def stop(self) -> None:
-        self.done = True
-        self.beat.stop()
 
 
 async def _await(aw: Awaitable[Any]) -> Any:

@@ -9,6 +9,7 @@ thread, so a long step keeps its lease however long it runs, and a killed worker
 
 from __future__ import annotations
 
+import abc
 import heapq
 import itertools
 import logging
@@ -16,11 +17,14 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable, Collection, TypeVar
 
+from ._clock import Clock
 from .errors import InfrastructureError, LeaseLostError
 
-__all__ = ["DEFAULT_LEASE_FOR", "Beat", "heartbeat", "is_infrastructure_error"]
+R = TypeVar("R")
+
+__all__ = ["DEFAULT_LEASE_FOR", "Beat", "LeaseBatch", "heartbeat", "is_infrastructure_error"]
 
 log = logging.getLogger("errands.leases")
 
@@ -193,3 +197,66 @@ def heartbeat(renew: Callable[[], bool], *, lease_for: float, what: str) -> Beat
     _HEARTBEATS.add(beat)
     return beat
 
+
+
+class LeaseBatch(abc.ABC):
+    """The leases of one claimed batch, renewed together while user code runs: one heartbeat and one
+    :meth:`_extend` per beat for every lease the batch still holds, never one per item.
+
+    It knows, from this worker's side, until when the leases are surely held, so that no call starts on a
+    lease that may have passed to another worker (:meth:`holds`), and it stops renewing once the results are
+    recorded (:meth:`recorded`), so that a renewal racing the completion does not report a lease lost.
+    A subclass sets its own fields, then calls ``super().__init__`` (which starts the heartbeat).
+    """
+
+    __slots__ = ("_count", "_keys", "_lock", "beat", "clock", "done", "expires", "lease_for", "lost")
+
+    def __init__(self, clock: Clock, keys: Collection[Any], *, expires: float, lease_for: float, what: str) -> None:
+        self.clock = clock
+        self._keys = list(keys)
+        self._count = len(self._keys)
+        self.lost: set[Any] = set()
+        self.expires = expires
+        self.lease_for = lease_for
+        self.done = False
+        self._lock = threading.Lock()
+        self.beat = heartbeat(self._renew, lease_for=lease_for, what=what)
+
+    @abc.abstractmethod
+    def _extend(self, keys: list[Any], until: float) -> set[Any]:
+        """Extend the leases on ``keys`` to ``until``; return the keys whose lease is still this worker's."""
+
+    def holds(self, key: Any) -> bool:
+        """Whether the lease on ``key`` is surely still this worker's."""
+        return key not in self.lost and self.clock.now() < self.expires
+
+    def alive(self) -> bool:
+        """Whether any lease of the batch may still be this worker's."""
+        return len(self.lost) < self._count and self.clock.now() < self.expires
+
+    def _renew(self) -> bool:
+        with self._lock:
+            if self.done:
+                return True
+            live = [k for k in self._keys if k not in self.lost]
+            if not live:
+                return False
+            until = self.clock.now() + self.lease_for
+            still = self._extend(live, until)
+            self.lost.update(k for k in live if k not in still)
+            if still:
+                self.expires = until
+            return bool(still)
+
+    def recorded(self, record: Callable[[], R]) -> R:
+        """Run ``record`` (the completion) with renewals held off, and stop renewing once it succeeded."""
+        with self._lock:
+            out = record()
+            self.done = True
+        self.beat.stop()
+        return out
+
+    def stop(self) -> None:
+        """Stop renewing."""
+        self.done = True
+        self.beat.stop()

@@ -12,13 +12,12 @@ import dataclasses
 import json
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, List, Mapping, Sequence, TypeVar
 
-from ._leases import DEFAULT_LEASE_FOR, heartbeat, is_infrastructure_error
+from ._leases import DEFAULT_LEASE_FOR, LeaseBatch, is_infrastructure_error
 from ._protocols import capabilities_of
 from ._retry_after import clamp_retry_after
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, _encode_str, dumps, in_clause, json_value, loads
@@ -442,77 +441,34 @@ F = TypeVar("F", bound=Callable[..., Any])
 _SKIPPED = object()  # a call not made: its lease lapsed before it started
 
 
-class _BatchLease:
-    """The leases of one claimed batch (effects or obligations), renewed together while connector calls run:
-    one heartbeat and one ``UPDATE`` per beat for every lease the batch still holds, never one per item.
+class _BatchLease(LeaseBatch):
+    """The leases of one claimed batch of effects or obligations (``held``: key or id -> fencing token),
+    extended by one ``UPDATE`` per beat."""
 
-    It also knows, from this worker's side, until when the leases are surely held, so that no call starts on
-    a lease that may have passed to another worker (``holds``), and it stops renewing once the results are
-    recorded (``recorded``), so that a renewal racing the completion does not report the lease lost.
-    """
-
-    __slots__ = ("_lock", "beat", "done", "expires", "held", "ident", "lease_for", "lost", "status", "store",
-                 "table")
+    __slots__ = ("held", "ident", "status", "store", "table")
 
     def __init__(self, store: SQLStore, table: str, ident: str, status: str, held: Mapping[Any, int],
                  expires: float, lease_for: float, what: str) -> None:
         self.store = store
         self.table, self.ident, self.status = table, ident, status
         self.held = dict(held)
-        self.lost: set[Any] = set()
-        self.expires = expires
-        self.lease_for = lease_for
-        self.done = False
-        self._lock = threading.Lock()
-        self.beat = heartbeat(self._renew, lease_for=lease_for, what=what)
+        super().__init__(store.clock, self.held, expires=expires, lease_for=lease_for, what=what)
 
-    def holds(self, ident: Any) -> bool:
-        """Whether the lease on ``ident`` is surely still this worker's."""
-        return ident not in self.lost and self.store.clock.now() < self.expires
-
-    def alive(self) -> bool:
-        """Whether any lease of the batch may still be this worker's."""
-        return len(self.lost) < len(self.held) and self.store.clock.now() < self.expires
-
-    def _renew(self) -> bool:
-        with self._lock:
-            if self.done:
-                return True
-            live = [(k, t) for k, t in self.held.items() if k not in self.lost]
-            if not live:
-                return False
-            now = self.store.clock.now()
-            until = now + self.lease_for
-            still: set[Any] = set()
-            cast = "BIGINT" if self.ident == "id" else "TEXT"
-            with self.store.transaction() as tx:
-                for i in range(0, len(live), 500):
-                    chunk = live[i:i + 500]
-                    rows = tx.query(
-                        f"UPDATE {self.table} SET next_attempt_at = ? WHERE status = ? AND ({self.ident}, lease_token) "
-                        f"IN (VALUES {', '.join([f'(CAST(? AS {cast}), CAST(? AS BIGINT))'] * len(chunk))}) "
-                        f"RETURNING {self.ident}",
-                        (until, self.status, *(v for pair in chunk for v in pair)),
-                    )
-                    still.update(r[0] for r in rows)
-            if self.ident == "id":
-                still = {int(v) for v in still}
-            self.lost.update(k for k, _t in live if k not in still)
-            if still:
-                self.expires = until
-            return bool(still)
-
-    def recorded(self, record: Callable[[], R]) -> R:
-        """Run ``record`` (the completion) with renewals held off, and stop renewing once it succeeded."""
-        with self._lock:
-            out = record()
-            self.done = True
-        self.beat.stop()
-        return out
-
-    def stop(self) -> None:
-        self.done = True
-        self.beat.stop()
+    def _extend(self, keys: list[Any], until: float) -> set[Any]:
+        live = [(k, self.held[k]) for k in keys]
+        still: set[Any] = set()
+        cast = "BIGINT" if self.ident == "id" else "TEXT"
+        with self.store.transaction() as tx:
+            for i in range(0, len(live), 500):
+                chunk = live[i:i + 500]
+                rows = tx.query(
+                    f"UPDATE {self.table} SET next_attempt_at = ? WHERE status = ? AND ({self.ident}, lease_token) "
+                    f"IN (VALUES {', '.join([f'(CAST(? AS {cast}), CAST(? AS BIGINT))'] * len(chunk))}) "
+                    f"RETURNING {self.ident}",
+                    (until, self.status, *(v for pair in chunk for v in pair)),
+                )
+                still.update(r[0] for r in rows)
+        return {int(v) for v in still} if self.ident == "id" else still
 
 
 class Outbox:
