@@ -20,11 +20,9 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import pytest
-
-T = TypeVar("T")
 
 # argv: store URL, record file, number of steps, lease_for, "wait" to pause on a timer after the second step.
 WORKER = textwrap.dedent(
@@ -156,20 +154,6 @@ N_DROP_EXECUTIONS = 80
 MAX_DROPS = 25
 
 
-def _retry(call: Callable[[], T]) -> T:
-    """The checking side's own connections are dropped too: try again on a fresh one."""
-    from errands.core import is_infrastructure_error
-
-    for attempt in range(20):
-        try:
-            return call()
-        except Exception as exc:
-            if not is_infrastructure_error(exc) or attempt == 19:
-                raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
 @pytest.mark.crash
 @pytest.mark.services
 def test_workers_survive_dropped_postgres_connections(postgres_url: str, tmp_path: Path) -> None:
@@ -186,7 +170,7 @@ def test_workers_survive_dropped_postgres_connections(postgres_url: str, tmp_pat
     drops = rounds = 0
 
     def unfinished() -> list[str]:
-        return [i for i in ids if not _retry(lambda i=i: runner.get(i)).status.terminal]  # type: ignore[misc]
+        return [i for i in ids if not faults.retry_through_faults(lambda i=i: runner.get(i)).status.terminal]  # type: ignore[misc]
 
     try:
         for w in workers:
@@ -204,11 +188,11 @@ def test_workers_survive_dropped_postgres_connections(postgres_url: str, tmp_pat
         for w in workers:
             w.kill()
 
-    infos: list[Any] = [_retry(lambda i=i: runner.get(i)) for i in ids]  # type: ignore[misc]
+    infos: list[Any] = [faults.retry_through_faults(lambda i=i: runner.get(i)) for i in ids]  # type: ignore[misc]
     assert not [i.execution_id for i in infos if not i.status.terminal], "executions stuck"
-    assert _retry(lambda: runner.store.queue_size(QUEUE)) == 0
+    assert faults.retry_through_faults(lambda: runner.store.queue_size(QUEUE)) == 0
     assert drops > 0 and rounds > 3, f"the connection drops never hit the workers ({drops} in {rounds} rounds)"
-    n_rows, reruns, interrupted = _check(infos, rec, lambda e: _retry(lambda: runner.history(e)), 4)
+    n_rows, reruns, interrupted = _check(infos, rec, lambda e: faults.retry_through_faults(lambda: runner.history(e)), 4)
     sys.stderr.write(f"drop test: {drops} connections dropped in {rounds} rounds, {n_rows} step runs, "
                      f"{reruns} at-least-once reruns, {interrupted} interrupted at-most-once attempts\n")
     runner.close()

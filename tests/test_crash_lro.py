@@ -154,20 +154,6 @@ DROP_WORKER = textwrap.dedent(
 N_DROP = 100
 
 
-def _retry(call: Any) -> Any:
-    """The checking side's own connections are dropped too: try again on a fresh one."""
-    from errands.core import is_infrastructure_error
-
-    for attempt in range(20):
-        try:
-            return call()
-        except Exception as exc:
-            if not is_infrastructure_error(exc) or attempt == 19:
-                raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
 @pytest.mark.services
 def test_dropped_postgres_connections_lose_and_fail_no_operation(postgres_url: str, tmp_path: Any) -> None:
     import sqlite3
@@ -193,7 +179,7 @@ def test_dropped_postgres_connections_lose_and_fail_no_operation(postgres_url: s
         for w in workers:
             w.start()
         deadline = time.monotonic() + 60
-        while _retry(lambda: len(client.list_operations("done = false", page_size=1000)[0])) and (
+        while faults.retry_through_faults(lambda: len(client.list_operations("done = false", page_size=1000)[0])) and (
                 time.monotonic() < deadline):
             time.sleep(rng.uniform(0.05, 0.25))
             if rounds < 25:
@@ -204,19 +190,19 @@ def test_dropped_postgres_connections_lose_and_fail_no_operation(postgres_url: s
         for w in workers:
             w.kill()
 
-    ops, _ = _retry(lambda: client.list_operations(page_size=1000))
+    ops, _ = faults.retry_through_faults(lambda: client.list_operations(page_size=1000))
     assert len(ops) == N_DROP
     assert not [pb.name for pb in ops if not pb.done], "operations stuck"
     assert not [(pb.name, pb.error.message) for pb in ops if pb.HasField("error")], "failed by a fault"
     for pb in ops:
         assert unmarshal_metadata(pb, dict) == {"step": 2.0}, pb.name
-        state = _retry(lambda pb=pb: client.get_operation(pb.name)).decode_private_state(dict)
+        state = faults.retry_through_faults(lambda pb=pb: client.get_operation(pb.name)).decode_private_state(dict)
         assert state == {"step": 2, "log": [0, 1]}, (pb.name, state)  # every step committed exactly once
     assert client.core_store is not None
-    events = _retry(lambda: Journal(client.core_store).read(0, limit=10 * N_DROP, subjects=["lro.operation.done"]))
+    events = faults.retry_through_faults(lambda: Journal(client.core_store).read(0, limit=10 * N_DROP, subjects=["lro.operation.done"]))
     per_op = Counter(e.data["name"] for e in events)
     assert len(per_op) == N_DROP and set(per_op.values()) == {1}, "each operation completes exactly once"
-    assert _retry(client.scheduler.pending) == 0, "callbacks left behind"
+    assert faults.retry_through_faults(client.scheduler.pending) == 0, "callbacks left behind"
     assert drops > 0 and rounds > 3, f"the drops never hit the workers ({drops} in {rounds} rounds)"
     runs = Counter(name for name, in rec.execute("SELECT name FROM runs"))
     assert len(runs) == N_DROP and min(runs.values()) >= 3

@@ -196,3 +196,26 @@ def test_worker_process_is_killed_and_restarted(tmp_path: Path) -> None:
         assert worker.alive and worker.proc is not None and worker.proc.pid != first
     assert not worker.alive
     assert worker.kills == 2
+
+
+def test_retry_through_faults_retries_only_infrastructure_errors() -> None:
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert faults.retry_through_faults(flaky, pause=0) == "ok" and calls["n"] == 3
+    with pytest.raises(ValueError):
+        faults.retry_through_faults(lambda: int("x"), pause=0)
+
+    def locked() -> None:
+        calls["n"] += 1
+        raise sqlite3.OperationalError("database is locked")
+
+    calls["n"] = 0
+    with pytest.raises(sqlite3.OperationalError):
+        faults.retry_through_faults(locked, attempts=2, pause=0)
+    assert calls["n"] == 2

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from .._clock import Clock, SystemClock
 from .._sql import POSTGRES, SQLITE
@@ -56,9 +56,12 @@ __all__ = [
     "kill_at_random",
     "model_settings",
     "python_worker",
+    "retry_through_faults",
     "sqlite_write_lock",
     "terminate_postgres_connections",
 ]
+
+T = TypeVar("T")
 
 KINDS = ("locked", "serialization", "dropped")
 WHEN = ("before", "commit", "after_commit")
@@ -454,3 +457,18 @@ def model_settings(examples: int | None = None, *, steps: int = 40) -> Any:
     return settings(max_examples=examples, stateful_step_count=steps, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large])
+
+
+def retry_through_faults(call: Callable[[], T], *, attempts: int = 20, pause: float = 0.05) -> T:
+    """``call()``, tried again on a fresh connection after each infrastructure error, up to ``attempts``
+    times: for the checking side of a test whose own connections are dropped too."""
+    from .._leases import is_infrastructure_error
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if not is_infrastructure_error(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(pause)
+    raise AssertionError("attempts must be at least 1")
