@@ -34,7 +34,7 @@ from errands.core import (
     is_infrastructure_error,
     open_store,
 )
-from errands.core._sql import subject_matcher
+from errands.core.store import subject_matcher
 from errands.core.testing import faults
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule

@@ -173,7 +173,7 @@ def test_event_data_written_from_the_template_is_what_dumps_writes(store: Any) -
     import json
 
     from errands.core._outbox import _effect_event
-    from errands.core._sql import dumps
+    from errands.core.store import dumps
 
     ev = _effect_event('k"é\n', "bank", "pay", "CONFIRMED", attempt=3, outcome="CONFIRMED", error=None,
                        external_ref="ref-1", flagged=True, response={"a": [1, 2.5, None]}, ok=False)

@@ -26,7 +26,7 @@ from errands.core import (
     open_store,
 )
 from errands.core._cli import main
-from errands.core._worker import CallRunner
+from errands.core._runtime import CallRunner
 
 
 class Gauge:

@@ -43,8 +43,6 @@ from ._protocols import (
 )
 from ._reactor import Reaction, Reactor
 from ._retry_after import MAX_RETRY_AFTER, clamp_retry_after, parse_retry_after
-from ._sql import Migration, Tx
-from ._store import MemoryStore, NewEvent, PostgresStore, SQLiteStore, SQLStore, open_store
 from ._tasks import TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
 from ._values import (
     CompensationOutcome,
@@ -78,6 +76,8 @@ from .errors import (
     PluginError,
     TransientError,
 )
+from .store._sql import Migration, Tx
+from .store._stores import MemoryStore, NewEvent, PostgresStore, SQLiteStore, SQLStore, open_store
 
 __all__ = [
     "AlreadyExistsError",

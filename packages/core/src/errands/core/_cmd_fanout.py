@@ -4,42 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
 
-from ._console import print_json, print_table
-
-DEFAULT_STORE = "sqlite:///errands.db"
+from .cli import add_store_options, print_json, print_table, store_url
 
 
 def _store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=None,
-                   help=f"store URL (default: the config's store, $ERRANDS_STORE, or {DEFAULT_STORE})")
-    p.add_argument("--config", default=None, help="an errands.toml whose store to use (default: ./errands.toml)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_store_options(p)
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from ._store import open_store
+    from .store import open_store
 
-    url = args.store
-    path = args.config or (None if url else ("errands.toml" if os.path.exists("errands.toml") else None))
-    if url is None and path:
-        from .errors import ConfigError
-
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
-
-        try:
-            with open(path, "rb") as fh:
-                url = tomllib.load(fh).get("store")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config {path!r} could not be read: {exc}", field="config", value=path) from exc
-    return open_store(url or os.environ.get("ERRANDS_STORE") or DEFAULT_STORE)
+    return open_store(store_url(args))
 
 
 def _tail_events(store: Any, limit: int, subjects: list[str] | None, stream: str | None) -> list[Any]:

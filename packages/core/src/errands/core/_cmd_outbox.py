@@ -4,37 +4,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any
 
-from ._console import print_json, print_table
+from .cli import add_store_options, config_path, print_json, print_table, store_url
 from .errors import ConfigError
-
-DEFAULT_STORE = "sqlite:///errands.db"
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=None,
-                   help=f"store URL (default: the config's store, $ERRANDS_STORE, or {DEFAULT_STORE})")
-    p.add_argument("--config", default=None,
-                   help="an errands.toml: its store and named connectors (default: ./errands.toml if present)")
+    add_store_options(p, json=False)
 
 
 def _open_outbox(args: argparse.Namespace) -> Any:
     from ._outbox import Outbox
-    from ._store import open_store
+    from .store import open_store
 
     config = None
-    path = args.config
-    if path is None and args.store is None and os.path.exists("errands.toml"):
-        path = "errands.toml"
+    path = config_path(args) if args.store is None or args.config else None
     if path:
         from ._plugins import load_config
 
         config = load_config(path)
-    url = args.store or (config.store if config else None) or os.environ.get("ERRANDS_STORE") or DEFAULT_STORE
-    store = open_store(url)
+    store = open_store(store_url(args, config_store=config.store if config else None))
     # Without a config the commands only read and decide; they dispatch nothing.
     return Outbox(store, connectors=None if config else {})
 
@@ -136,8 +127,8 @@ _WORKER_KEYS = {"max_in_flight": int, "poll_interval": float, "lease_for": float
 def _cmd_worker(args: argparse.Namespace) -> int:
     from ._outbox import Outbox
     from ._plugins import load_config
-    from ._store import open_store
     from ._worker import Worker
+    from .store._stores import open_store
 
     config = load_config(args.config)
     options: dict[str, Any] = {}

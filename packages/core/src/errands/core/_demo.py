@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, cast
 
 from ._console import Progress, print_json, print_table
 from ._journal import Journal, StoreScheduler
-from ._store import NewEvent, open_store
+from .store._stores import NewEvent, open_store
 
 
 @dataclass

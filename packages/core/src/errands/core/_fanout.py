@@ -9,7 +9,6 @@ with any parked events, to just before the earliest event not yet delivered.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._async_bridge import AsyncBridge
-from ._retry_after import clamp_retry_after
-from ._sql import Migration, Tx, in_clause, subject_matcher, subject_regex
-from ._store import SQLStore, _event_from_row
+from ._backoff import backoff
+from ._runtime import CallRunner
 from ._values import Event, _StrEnum
 from .errors import ConfigError, LeaseLostError, NotFoundError, PermanentError, TransientError
+from .store._sql import Migration, Tx, in_clause, subject_matcher, subject_regex
+from .store._stores import SQLStore, _event_from_row
 
 log = logging.getLogger("errands.fanout")
 
@@ -211,7 +210,7 @@ class FanOut:
                 self._runs[route.name] = _RouteRun(route, subject_matcher(list(route.subjects)))
         _raise_all(problems)
         store.migrate("fanout", FANOUT_MIGRATIONS)
-        self._bridge = AsyncBridge("errands-fanout")
+        self._bridge = CallRunner(name="errands-fanout")
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -414,12 +413,8 @@ class FanOut:
     def _back_off(self, run: _RouteRun, exc: BaseException) -> None:
         run.attempt += 1
         # One rule with the Retry-After header: NaN or no number -> backoff; inf or absurd -> MAX_RETRY_AFTER.
-        retry_after = clamp_retry_after(getattr(exc, "retry_after", None))
-        if retry_after is not None:
-            delay = retry_after
-        else:
-            d = min(self.retry_cap, self.retry_base * 2 ** (run.attempt - 1))
-            delay = d / 2 + random.uniform(0, d / 2)
+        delay = backoff(run.attempt, base=self.retry_base, cap=self.retry_cap,
+                        retry_after=getattr(exc, "retry_after", None))
         run.retry_at = self.store.clock.now() + delay
         log.warning("route %s: delivery failed (%s); retry %d in %.2fs", run.route.name, _describe(exc),
                     run.attempt, delay)

@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 from ._fanout import FanOut, Route
 from ._journal import Journal
 from ._reactor import Reactor
-from ._store import NewEvent, open_store
 from ._tasks import TaskEngine, TaskStatus, typed_handler
 from ._values import Event
 from ._worker import Worker
+from .store._stores import NewEvent, open_store
 
 
 @dataclass

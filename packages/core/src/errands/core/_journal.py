@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from ._leases import DEFAULT_LEASE_FOR, LeaseBatch
-from ._store import NewEvent, SQLStore, as_epoch, new_id
+from ._runtime import run_sync
 from ._values import Event, Lease
 from .errors import LeaseLostError
+from .store._stores import NewEvent, SQLStore, as_epoch, new_id
 
 log = logging.getLogger("errands.scheduler")
 
@@ -136,9 +137,7 @@ class StoreScheduler:
                 try:
                     result = fn(topic, payload)
                     if inspect.isawaitable(result):
-                        import asyncio
-
-                        asyncio.run(_await(result))
+                        run_sync(result)
                     done.append(lease)
                 except Exception:
                     log.exception("timer %s (%s) failed; retrying in %ss", lease.key, topic, self.retry_delay)
@@ -208,7 +207,3 @@ class _TimerLeases(LeaseBatch):
             self.store.complete(leases)
         else:
             self.store.release(leases, delay=delay)
-
-
-async def _await(aw: Awaitable[Any]) -> Any:
-    return await aw

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, List, Mapping, Sequence, TypeVar
 
+from ._backoff import backoff
 from ._leases import DEFAULT_LEASE_FOR, LeaseBatch, is_infrastructure_error
 from ._protocols import capabilities_of
-from ._retry_after import clamp_retry_after
-from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, _encode_str, dumps, in_clause, json_value, loads
-from ._store import _EVENT_COLS, NewEvent, SQLStore, _event_from_row, as_epoch, default_owner
+from ._runtime import CallRunner
 from ._values import (
     CompensationOutcome,
     CompensationResult,
@@ -37,7 +36,7 @@ from ._values import (
     Semantics,
     _StrEnum,
 )
-from ._worker import CallRunner, retry_infrastructure
+from ._worker import retry_infrastructure
 from .errors import (
     ConfigError,
     EffectConflictError,
@@ -45,7 +44,10 @@ from .errors import (
     PayloadError,
     PermanentError,
     TransientError,
+    error_text,
 )
+from .store._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, _encode_str, dumps, in_clause, json_value, loads
+from .store._stores import _EVENT_COLS, NewEvent, SQLStore, _event_from_row, as_epoch, default_owner
 
 log = logging.getLogger("errands.outbox")
 
@@ -410,11 +412,6 @@ def _journal_mark(tx: Tx) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _json_or_text(value: Any) -> str | None:
     """Connector responses are stored as JSON; a response that is not JSON is stored as its repr."""
     if value is None:
@@ -614,14 +611,7 @@ class Outbox:
         return register
 
     def _backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        delay = min(self.backoff_cap, self.backoff_base * (2 ** max(0, attempt - 1)))
-        delay *= 0.5 + 0.5 * self._rng.random()
-        if retry_after is not None:
-            # A connector's own number, bounded like a header: inf or 1e12 must not park the effect for ever.
-            bounded = clamp_retry_after(retry_after)
-            if bounded is not None and bounded > delay:
-                delay = bounded
-        return float(delay)
+        return backoff(attempt, base=self.backoff_base, cap=self.backoff_cap, retry_after=retry_after, rng=self._rng)
 
     # -- submit ------------------------------------------------------------------------------
     def _journal(self, tx: Tx, events: Sequence[NewEvent]) -> None:
@@ -895,7 +885,7 @@ class Outbox:
                 if hasattr(value, "__await__"):
                     value = self._runner.call(lambda aw: aw, value)
             except Exception as exc:
-                self._finish_inline(effect, token, EffectStatus.FAILED, None, None, _error_text(exc), lease)
+                self._finish_inline(effect, token, EffectStatus.FAILED, None, None, error_text(exc), lease)
                 raise
             if isinstance(value, DispatchResult):
                 status = EffectStatus.CONFIRMED if value.outcome is DispatchOutcome.CONFIRMED else (
@@ -947,7 +937,7 @@ class Outbox:
             retry_infrastructure(release, clock=self.store.clock, what=f"releasing inline effect {key}")
         except Exception as again:
             log.warning("could not release inline effect %s after a store fault (%s); its lease lapses within %ss",
-                        key, _error_text(again), self.lease_for)
+                        key, error_text(again), self.lease_for)
 
     def _finish_inline(self, effect: Effect, token: int, status: EffectStatus, response: Any,
                        ref: str | None, error: str | None, lease: _BatchLease) -> EffectRecord:
@@ -1142,7 +1132,7 @@ class Outbox:
             retry_infrastructure(release, clock=self.store.clock, what=f"releasing a failed {step} claim")
         except Exception as again:
             log.warning("could not release a %s claim after a store fault (%s); its leases lapse within %ss",
-                        step, _error_text(again), self.lease_for)
+                        step, error_text(again), self.lease_for)
 
     def _claim_fresh(self, tx: Tx, room: int, known: Sequence[str], now: float, until: float) -> List[Any]:
         """Claim up to ``room`` fresh effects (submitted due at once, never attempted), found through their
@@ -1294,7 +1284,7 @@ class Outbox:
         elif ok:
             error = f"connector {effect.connector!r} returned {type(value).__name__}, not a DispatchResult"
         else:
-            error = _error_text(value)
+            error = error_text(value)
             retry_after = getattr(value, "retry_after", None)
         if outcome is DispatchOutcome.CONFIRMED:
             kind = "confirmed"
@@ -1513,7 +1503,7 @@ class Outbox:
         elif ok:
             error = f"connector {effect.connector!r} observe returned {type(value).__name__}, not an Observation"
         else:
-            error = _error_text(value)
+            error = error_text(value)
         cannot_observe = not ok and isinstance(value, ConfigError)
         flagged = 0
         next_at: float | None = None
@@ -1751,7 +1741,7 @@ class Outbox:
         elif ok:
             error = f"compensator returned {type(value).__name__}, not a CompensationResult"
         else:
-            error = _error_text(value)
+            error = error_text(value)
             retry_after = getattr(value, "retry_after", None)
         next_at: float | None = None
         if outcome is CompensationOutcome.COMPENSATED:

@@ -7,9 +7,9 @@ import time
 from typing import Any, ClassVar
 
 from ._outbox import Outbox
-from ._store import open_store
 from ._values import CompensationOutcome, Effect, EffectStatus, Obligation, Semantics
 from ._worker import Worker
+from .store._stores import open_store
 
 
 class OutboxDemo:

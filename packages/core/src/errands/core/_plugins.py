@@ -50,7 +50,7 @@ class _BuiltinPlugin:
     @staticmethod
     @_hookspecs.hookimpl
     def errands_register_stores() -> list[type]:
-        from ._store import BUILTIN_STORES
+        from .store._stores import BUILTIN_STORES
 
         return list(BUILTIN_STORES)
 

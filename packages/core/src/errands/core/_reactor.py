@@ -17,11 +17,11 @@ from typing import Any, Callable, Union
 
 from ._fanout import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
-from ._sql import dumps, subject_regex
-from ._store import SQLStore
 from ._tasks import TaskEngine, TaskRecord
 from ._values import Event
 from .errors import ConfigError, LeaseLostError
+from .store._sql import dumps, subject_regex
+from .store._stores import SQLStore
 
 log = logging.getLogger("errands.reactor")
 

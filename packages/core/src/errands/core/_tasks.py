@@ -15,7 +15,6 @@ import functools
 import inspect
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -27,13 +26,13 @@ from dataclasses import field as dataclass_field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
-from ._async_bridge import AsyncBridge
+from ._backoff import backoff
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
-from ._retry_after import clamp_retry_after
-from ._sql import POSTGRES, Migration, Tx, dumps, in_clause, loads
-from ._store import SQLStore
+from ._runtime import CallRunner
 from ._values import _StrEnum
 from .errors import ConfigError, InvalidTaskIdError, LeaseLostError, NotFoundError, PermanentError, TransientError
+from .store._sql import POSTGRES, Migration, Tx, dumps, in_clause, loads
+from .store._stores import SQLStore
 
 log = logging.getLogger("errands.tasks")
 
@@ -253,7 +252,7 @@ class TaskEngine:
         for type_, fn in (handlers or {}).items():
             self.register(type_, fn)
         store.migrate("tasks", TASK_MIGRATIONS)
-        self._bridge = AsyncBridge("errands-tasks")
+        self._bridge = CallRunner(name="errands-tasks")
         self._pool: ThreadPoolExecutor | None = None
         self._running: dict[str, _Run] = {}
         self._lock = threading.Lock()
@@ -617,12 +616,8 @@ class TaskEngine:
                       error)
             return "status = ?, error = ?, finished_at = ?", (str(status), error, now)
         retry_after = getattr(exc, "retry_after", None) if isinstance(exc, TransientError) else None
-        bounded = clamp_retry_after(retry_after)  # inf or 1e12 from a handler must not park the task for ever
-        if bounded is not None:
-            delay = bounded
-        else:
-            d = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
-            delay = d / 2 + random.uniform(0, d / 2)
+        # inf or 1e12 from a handler must not park the task for ever: backoff bounds it.
+        delay = backoff(attempt, base=self.retry_base, cap=self.retry_cap, retry_after=retry_after)
         log.warning("task %s (%s) attempt %d failed: %s; retrying in %.2fs", run.id, run.type, attempt, error, delay)
         return "status = ?, error = ?, available_at = ?", (str(TaskStatus.PENDING), error, now + delay)
 

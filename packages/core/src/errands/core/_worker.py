@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import inspect
 import logging
 import signal
 import threading
 import time
-from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ._clock import Clock
 from ._journal import StoreScheduler
 from ._leases import is_infrastructure_error
-from ._store import SQLStore
-from ._values import CompensationResult, DispatchResult, Observation
+from ._runtime import CallRunner
+from .store._stores import SQLStore
 
 log = logging.getLogger("errands.worker")
 
@@ -51,98 +48,6 @@ def retry_infrastructure(fn: Callable[[int], T], *, clock: Clock, what: str,
         attempt += 1
         if delay:
             clock.sleep(delay)
-
-# Results that are never awaitable, answered without asking ``inspect.isawaitable`` (which walks the ABCs).
-_PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple, DispatchResult, Observation,
-                    CompensationResult})
-
-
-async def _await(aw: Awaitable[Any]) -> Any:
-    return await aw
-
-
-class CallRunner:
-    """Runs connector calls with at most ``max_in_flight`` in flight at once.
-
-    Sync callables run on a thread pool; a callable that returns an awaitable (an ``async def``
-    connector method) is awaited on one event-loop thread owned by the runner, so async clients stay
-    bound to a single loop. A batch of one, or ``max_in_flight=1``, runs in the calling thread.
-
-    Args:
-        max_in_flight: the bound on concurrent calls (>= 1).
-    """
-
-    def __init__(self, max_in_flight: int = 16) -> None:
-        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
-            from .errors import ConfigError
-
-            raise ConfigError(
-                f"max_in_flight must be a positive integer, got {max_in_flight!r}",
-                field="max_in_flight", value=max_in_flight,
-            )
-        self.max_in_flight = max_in_flight
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="errands-async", daemon=True)
-                thread.start()
-                self._loop, self._loop_thread = loop, thread
-            return self._loop
-
-    def _ensure_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=self.max_in_flight, thread_name_prefix="errands-call"
-                )
-            return self._pool
-
-    def call(self, fn: Callable[[T], Any], item: T) -> Any:
-        """``fn(item)``, awaiting the result on the runner's loop if it is awaitable."""
-        result = fn(item)
-        if type(result) in _PLAIN:
-            return result
-        if inspect.isawaitable(result):
-            return asyncio.run_coroutine_threadsafe(_await(result), self._ensure_loop()).result()
-        return result
-
-    def _guarded(self, fn: Callable[[T], Any], item: T) -> tuple[bool, Any]:
-        try:
-            return True, self.call(fn, item)
-        except Exception as exc:  # handed back to the engine, which records it on the item
-            return False, exc
-
-    def map(self, fn: Callable[[T], Any], items: Sequence[T], *, inline: bool = False) -> list[tuple[bool, Any]]:
-        """Call ``fn`` on every item; ``(True, result)`` or ``(False, exception)`` per item, in order.
-
-        ``inline=True`` runs them one after another in the calling thread (for calls so quick that
-        handing them to threads costs more than it saves). ``BaseException`` (``KeyboardInterrupt``,
-        ``SystemExit``) is not caught: it propagates.
-        """
-        if inline or len(items) <= 1 or self.max_in_flight == 1:
-            return [self._guarded(fn, item) for item in items]
-        pool = self._ensure_pool()
-        futures = [pool.submit(self._guarded, fn, item) for item in items]
-        return [f.result() for f in futures]
-
-    def close(self) -> None:
-        """Wait for calls in flight, then stop the pool and the loop thread."""
-        with self._lock:
-            pool, loop, thread = self._pool, self._loop, self._loop_thread
-            self._pool = self._loop = self._loop_thread = None
-        if pool is not None:
-            pool.shutdown(wait=True)
-        if loop is not None and thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=5)
-            loop.close()
-
 
 def _amount(result: Any) -> int:
     if result is None:

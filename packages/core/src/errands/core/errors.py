@@ -140,3 +140,9 @@ class TransientError(DeliveryError):
 
 class PermanentError(DeliveryError):
     """A failure that retrying will not cure: park the work for a human."""
+
+
+def error_text(exc: BaseException) -> str:
+    """How errands records an error it caught: ``"TypeName: message"`` (``"TypeName"`` with no message)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

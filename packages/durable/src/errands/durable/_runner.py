@@ -30,8 +30,7 @@ from errands.core import (
     is_infrastructure_error,
     open_store,
 )
-from errands.core._sql import dumps, in_clause
-from errands.core._store import default_owner
+from errands.core.store import default_owner, dumps, in_clause
 
 from ._context import InvocationOutcome, run_handler
 from ._errors import DuplicateFunctionError, ExecutionFencedOut, InvocationAbandoned

@@ -9,7 +9,7 @@ import pytest
 
 from .._outbox import ObligationStatus, Outbox
 from .._protocols import capabilities_of
-from .._store import open_store
+from .._runtime import CallRunner
 from .._values import (
     CompensationResult,
     DispatchOutcome,
@@ -21,8 +21,8 @@ from .._values import (
     ObservationOutcome,
     Semantics,
 )
-from .._worker import CallRunner
 from ..errors import ConfigError, NotFoundError
+from ..store._stores import open_store
 
 
 class ConnectorContract:

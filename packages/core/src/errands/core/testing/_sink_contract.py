@@ -13,8 +13,8 @@ import pytest
 from .._fanout import FanOut, Route
 from .._journal import Journal
 from .._protocols import Sink
-from .._store import MemoryStore, NewEvent
 from .._values import Event
+from ..store._stores import MemoryStore, NewEvent
 
 
 def _publish(sink: Any, events: Sequence[Event]) -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from .._clock import FakeClock
 from .._journal import Journal, StoreScheduler
-from .._store import NewEvent
 from ..errors import ConfigError, LeaseLostError, PayloadError
+from ..store._stores import NewEvent
 
 
 class StoreContract:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from .._clock import Clock, SystemClock
-from .._sql import POSTGRES, SQLITE
+from ..store._sql import POSTGRES, SQLITE
 
 __all__ = [
     "Fault",

@@ -19,10 +19,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ._clock import Clock, SystemClock
+from .._clock import Clock, SystemClock
+from .._values import Event, Lease
+from ..errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, loads, subject_matcher
-from ._values import Event, Lease
-from .errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
 
 log = logging.getLogger("errands.store")
 
@@ -910,8 +910,12 @@ class PostgresStore(SQLStore):
 
 BUILTIN_STORES: tuple[type[SQLStore], ...] = (SQLiteStore, MemoryStore, PostgresStore)
 
+#: What ``open_store`` returns: the built-in stores share ``SQLStore``'s interface; a plugin's store class
+#: (``errands_register_stores``) offers what the engine it serves asks of it (lro's ``operation_store``).
+Store = SQLStore
 
-def open_store(url: str, *, clock: Clock | None = None, **options: Any) -> Any:
+
+def open_store(url: str, *, clock: Clock | None = None, **options: Any) -> Store:
     """Open the store named by ``url`` and apply pending migrations.
 
     Args:
@@ -933,7 +937,7 @@ def open_store(url: str, *, clock: Clock | None = None, **options: Any) -> Any:
     for cls in BUILTIN_STORES:
         if scheme in cls.schemes:
             return cls(url, clock=clock, **options)
-    from ._plugins import get_registry
+    from .._plugins import get_registry
 
     registry = get_registry()
     cls2 = registry.stores.get(scheme)
@@ -943,7 +947,8 @@ def open_store(url: str, *, clock: Clock | None = None, **options: Any) -> Any:
             f"unknown store scheme {scheme!r} in {url!r}; known: {', '.join(known)}",
             field="store", value=url,
         )
-    return cls2(url, clock=clock, **options)
+    opened: Store = cls2(url, clock=clock, **options)
+    return opened
 
 
 def new_id() -> str:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import PayloadError
+from ..errors import PayloadError
 
 SQLITE = "sqlite"
 POSTGRES = "postgresql"
@@ -179,7 +179,7 @@ _TOKEN = r"[^.]+"
 def subject_regex(pattern: str) -> re.Pattern[str]:
     """Compile a dot-separated subject pattern: ``*`` matches one token, ``**`` one or more."""
     if not pattern or any(t == "" for t in pattern.split(".")):
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(
             f"subject pattern {pattern!r} is malformed: use dot-separated tokens, '*' or '**'",
@@ -191,7 +191,7 @@ def subject_regex(pattern: str) -> re.Pattern[str]:
     for i, tok in enumerate(tokens):
         if tok == "**":
             if i != len(tokens) - 1:
-                from .errors import ConfigError
+                from ..errors import ConfigError
 
                 raise ConfigError(
                     f"subject pattern {pattern!r}: '**' may only be the last token",

@@ -1,0 +1,137 @@
+"""The one way engines call user code: sync callables on a bounded thread pool, awaitables on one
+event-loop thread per runner (an ``httpx.AsyncClient`` stays bound to the loop it was first used on).
+
+Every engine (outbox dispatch, fan-out sinks, task handlers, timer handlers, lro and durable bridges)
+goes through ``CallRunner``; code outside an engine that must wait for an awaitable from sync code uses
+``run_sync``, which shares one process-wide runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from ._values import CompensationResult, DispatchResult, Observation
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+# Results that are never awaitable, answered without asking ``inspect.isawaitable`` (which walks the ABCs).
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple, DispatchResult, Observation,
+                    CompensationResult})
+
+
+async def _await(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+class CallRunner:
+    """Runs user calls with at most ``max_in_flight`` in flight at once.
+
+    Sync callables run on a thread pool; a callable that returns an awaitable (an ``async def``
+    connector method or handler) is awaited on one event-loop thread owned by the runner, so async
+    clients stay bound to a single loop. A batch of one, or ``max_in_flight=1``, runs in the calling thread.
+
+    Args:
+        max_in_flight: the bound on concurrent calls (>= 1).
+        name: the name of the runner's threads.
+    """
+
+    def __init__(self, max_in_flight: int = 16, *, name: str = "errands") -> None:
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
+            raise ConfigError(
+                f"max_in_flight must be a positive integer, got {max_in_flight!r}",
+                field="max_in_flight", value=max_in_flight,
+            )
+        self.max_in_flight = max_in_flight
+        self._name = name
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=f"{self._name}-async", daemon=True)
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    def _ensure_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.max_in_flight, thread_name_prefix=f"{self._name}-call"
+                )
+            return self._pool
+
+    def run(self, aw: Awaitable[Any]) -> Any:
+        """Wait for ``aw`` on the runner's loop and return its result (or raise its exception)."""
+        loop = self._ensure_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("CallRunner.run was called from its own event loop; await the call instead")
+        return asyncio.run_coroutine_threadsafe(_await(aw), loop).result()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, awaiting the result on the runner's loop if it is awaitable."""
+        result = fn(*args)
+        if type(result) in _PLAIN:
+            return result
+        if inspect.isawaitable(result):
+            return self.run(result)
+        return result
+
+    def _guarded(self, fn: Callable[[T], Any], item: T) -> tuple[bool, Any]:
+        try:
+            return True, self.call(fn, item)
+        except Exception as exc:  # handed back to the engine, which records it on the item
+            return False, exc
+
+    def map(self, fn: Callable[[T], Any], items: Sequence[T], *, inline: bool = False) -> list[tuple[bool, Any]]:
+        """Call ``fn`` on every item; ``(True, result)`` or ``(False, exception)`` per item, in order.
+
+        ``inline=True`` runs them one after another in the calling thread (for calls so quick that
+        handing them to threads costs more than it saves). ``BaseException`` (``KeyboardInterrupt``,
+        ``SystemExit``) is not caught: it propagates.
+        """
+        if inline or len(items) <= 1 or self.max_in_flight == 1:
+            return [self._guarded(fn, item) for item in items]
+        pool = self._ensure_pool()
+        futures = [pool.submit(self._guarded, fn, item) for item in items]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Wait for calls in flight, then stop the pool and the loop thread."""
+        with self._lock:
+            pool, loop, thread = self._pool, self._loop, self._loop_thread
+            self._pool = self._loop = self._loop_thread = None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            loop.close()
+
+
+_shared: CallRunner | None = None
+_shared_lock = threading.Lock()
+
+
+def run_sync(aw: Awaitable[Any]) -> Any:
+    """Wait for ``aw`` from sync code, whether or not an event loop runs on this thread: on the one
+    process-wide runner's loop thread (started on first use, a daemon)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = CallRunner(1, name="errands-shared")
+        runner = _shared
+    return runner.run(aw)

@@ -1,0 +1,68 @@
+"""What every ``errands`` sub-command shares, for core's commands and for the commands engine packages
+add through ``errands_register_commands``: one store resolution, and one way to print tables and JSON.
+
+The store a command opens is, in this order: ``--store URL``; the ``store`` of the config named by
+``--config`` (or of ``./errands.toml`` when it exists); ``$ERRANDS_STORE``; ``sqlite:///errands.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ._console import Progress, print_json, print_table
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_STORE", "Progress", "add_store_options", "config_path", "print_json", "print_table",
+           "read_config_table", "store_url"]
+
+DEFAULT_STORE = "sqlite:///errands.db"
+
+
+def add_store_options(parser: argparse.ArgumentParser, *, json: bool = True) -> None:
+    """``--store``, ``--config`` (and ``--json``) with the one precedence this module states."""
+    parser.add_argument("--store", default=None,
+                        help=f"store URL (default: the config's store, $ERRANDS_STORE, or {DEFAULT_STORE})")
+    parser.add_argument("--config", default=None,
+                        help="an errands.toml: its store, connectors and names (default: ./errands.toml if present)")
+    if json:
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    """The config a command reads: ``--config``, else ``./errands.toml`` when it exists."""
+    path = getattr(args, "config", None)
+    if path is None and os.path.exists("errands.toml"):
+        path = "errands.toml"
+    return path
+
+
+def read_config_table(path: str) -> dict[str, Any]:
+    """The parsed TOML of ``path``, without building any connector (for commands that only read)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+    try:
+        with open(path, "rb") as fh:
+            return dict(tomllib.load(fh))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist", field="config", value=path) from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config {path!r} could not be read: {exc}", field="config", value=path) from exc
+
+
+def store_url(args: argparse.Namespace, *, config_store: str | None = None) -> str:
+    """The store URL of a command: ``--store``, the config's ``store`` (``config_store`` when the caller
+    has loaded the config already), ``$ERRANDS_STORE``, then ``DEFAULT_STORE``."""
+    url = getattr(args, "store", None)
+    if url:
+        return str(url)
+    if config_store is None:
+        path = config_path(args)
+        if path:
+            value = read_config_table(path).get("store")
+            config_store = value if isinstance(value, str) else None
+    return config_store or os.environ.get("ERRANDS_STORE") or DEFAULT_STORE

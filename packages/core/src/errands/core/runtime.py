@@ -1,0 +1,33 @@
+"""The mechanisms every engine shares, one of each: calling user code (``CallRunner``, ``run_sync``),
+retry delays (``backoff``, ``parse_retry_after``, ``clamp_retry_after``), retrying the store through
+infrastructure faults (``retry_infrastructure``, ``is_infrastructure_error``), renewing leases while user
+code runs (``heartbeat``, ``LeaseBatch``) and recording caught errors (``error_text``).
+
+Engine packages (lro, durable) and plugins use these, not copies of their own.
+"""
+
+from __future__ import annotations
+
+from ._backoff import backoff
+from ._leases import DEFAULT_LEASE_FOR, Beat, LeaseBatch, heartbeat, is_infrastructure_error
+from ._retry_after import MAX_RETRY_AFTER, clamp_retry_after, parse_retry_after
+from ._runtime import CallRunner, run_sync
+from ._worker import RETRY_DELAYS, retry_infrastructure
+from .errors import error_text
+
+__all__ = [
+    "DEFAULT_LEASE_FOR",
+    "MAX_RETRY_AFTER",
+    "RETRY_DELAYS",
+    "Beat",
+    "CallRunner",
+    "LeaseBatch",
+    "backoff",
+    "clamp_retry_after",
+    "error_text",
+    "heartbeat",
+    "is_infrastructure_error",
+    "parse_retry_after",
+    "retry_infrastructure",
+    "run_sync",
+]
