@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from ._backoff import backoff
-from ._runtime import CallRunner
+from ._runtime import CallRunner, drain
 from ._values import Event, _StrEnum
 from .errors import ConfigError, LeaseLostError, NotFoundError, PermanentError, TransientError
 from .store._sql import Migration, Tx, in_clause, subject_matcher, subject_regex
@@ -251,13 +251,7 @@ class FanOut:
 
     def drain(self, max_passes: int = 1_000_000) -> int:
         """Call ``run_once`` until a pass delivers nothing. Returns the events delivered."""
-        total = 0
-        for _ in range(max_passes):
-            n = self.run_once()
-            total += n
-            if n == 0:
-                break
-        return total
+        return drain(self.run_once, max_passes)
 
     def _cursor_key(self, name: str) -> str:
         return f"fanout:{name}"

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, List, Mapping, Sequence, TypeVar
 from ._backoff import backoff
 from ._leases import DEFAULT_LEASE_FOR, LeaseBatch, is_infrastructure_error
 from ._protocols import capabilities_of
-from ._runtime import CallRunner
+from ._runtime import CallRunner, drain
 from ._values import (
     CompensationOutcome,
     CompensationResult,
@@ -1896,13 +1896,8 @@ class Outbox:
         Returns:
             How many items the steps handled.
         """
-        total = 0
-        for _ in range(max_steps):
-            n = len(self.dispatch_once()) + len(self.reconcile_once()) + len(self.compensate_once())
-            total += n
-            if n == 0:
-                break
-        return total
+        return drain(lambda: len(self.dispatch_once()) + len(self.reconcile_once()) + len(self.compensate_once()),
+                     max_steps)
 
 
 __all__ = [

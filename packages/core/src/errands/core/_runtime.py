@@ -135,3 +135,17 @@ def run_sync(aw: Awaitable[Any]) -> Any:
             _shared = CallRunner(1, name="errands-shared")
         runner = _shared
     return runner.run(aw)
+
+
+def drain(step: Callable[[], int], max_passes: int = 10_000, *, busy: Callable[[], bool] | None = None) -> int:
+    """Call ``step()`` (the amount of work one pass did) until a pass does none and ``busy()`` (work still
+    running elsewhere, if given) is false, at most ``max_passes`` times. Returns the total amount.
+
+    Every engine's ``drain`` is this loop over its own ``*_once`` steps."""
+    total = 0
+    for _ in range(max_passes):
+        n = step()
+        total += n
+        if n == 0 and (busy is None or not busy()):
+            break
+    return total

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._backoff import backoff
 from ._leases import DEFAULT_LEASE_FOR, Beat, LeaseBatch, heartbeat, is_infrastructure_error
 from ._retry_after import MAX_RETRY_AFTER, clamp_retry_after, parse_retry_after
-from ._runtime import CallRunner, run_sync
+from ._runtime import CallRunner, drain, run_sync
 from ._worker import RETRY_DELAYS, retry_infrastructure
 from .errors import error_text
 
@@ -24,6 +24,7 @@ __all__ = [
     "LeaseBatch",
     "backoff",
     "clamp_retry_after",
+    "drain",
     "error_text",
     "heartbeat",
     "is_infrastructure_error",

@@ -30,6 +30,7 @@ from errands.core import (
     is_infrastructure_error,
     open_store,
 )
+from errands.core.runtime import drain
 from errands.core.store import default_owner, dumps, in_clause
 
 from ._context import InvocationOutcome, run_handler
@@ -738,13 +739,7 @@ class DurableRunner:
 
     def drain(self, max_rounds: int = 10_000) -> int:
         """Run every due execution until none is due now. Returns how many invocations ran."""
-        total = 0
-        for _ in range(max_rounds):
-            n = self.work_once()
-            total += n
-            if n == 0:
-                break
-        return total
+        return drain(self.work_once, max_rounds)
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, execution_id: str) -> ExecutionInfo:
