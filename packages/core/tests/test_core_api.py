@@ -13,6 +13,7 @@ import pytest
 # from here is a breaking change.
 EXPECTED_ALL = [
     "AlreadyExistsError",
+    "App",
     "Beat",
     "Clock",
     "CompensatingConnector",

@@ -9,7 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import sys
+
 from .__about__ import __version__
+from ._app import App
 from ._clock import Clock, FakeClock, SystemClock
 from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
 from ._hookspecs import hookimpl, hookspec
@@ -81,6 +84,7 @@ from .store._stores import MemoryStore, NewEvent, PostgresStore, SQLiteStore, SQ
 
 __all__ = [
     "AlreadyExistsError",
+    "App",
     "Beat",
     "Clock",
     "CompensatingConnector",
@@ -164,3 +168,7 @@ __all__ = [
     "reset_registry",
     "typed_handler",
 ]
+
+# ``errands`` is a PEP 420 namespace (no distribution ships its ``__init__``), so ``errands.App`` is set
+# here: importing any errands package (each imports errands.core) makes it available.
+sys.modules[__name__.rpartition(".")[0]].App = App

@@ -1,14 +1,11 @@
-"""``errands`` sub-commands of the outbox engine: ``effects``, ``obligations`` and ``worker``."""
+"""``errands`` sub-commands of the outbox engine: ``effects`` and ``obligations``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import Any
 
 from .cli import add_store_options, config_path, print_json, print_table, store_url
-from .errors import ConfigError
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
@@ -120,63 +117,6 @@ def _cmd_obligations(args: argparse.Namespace) -> int:
     return 0
 
 
-_WORKER_KEYS = {"max_in_flight": int, "poll_interval": float, "lease_for": float, "batch_size": int,
-                "max_attempts": int, "max_observations": int, "payload_limit": int}
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
-    from ._outbox import Outbox
-    from ._plugins import load_config
-    from ._worker import Worker
-    from .store._stores import open_store
-
-    config = load_config(args.config)
-    options: dict[str, Any] = {}
-    for key, value in config.worker.items():
-        kind = _WORKER_KEYS.get(key)
-        if kind is None:
-            raise ConfigError(f"worker.{key}: unknown option; known: {', '.join(sorted(_WORKER_KEYS))}",
-                              field=f"worker.{key}", value=value)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"worker.{key} must be a number, got {value!r}", field=f"worker.{key}", value=value)
-        options[key] = kind(value)
-    for key in _WORKER_KEYS:
-        cli_value = getattr(args, key, None)
-        if cli_value is not None:
-            options[key] = cli_value
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    store = open_store(args.store or config.store)
-    max_in_flight = options.pop("max_in_flight", 16)
-    poll_interval = options.pop("poll_interval", 0.2)
-    outbox = Outbox(store, max_in_flight=max_in_flight, **options)
-    fanout = None
-    if config.sinks:
-        from ._fanout import FanOut
-
-        fanout = FanOut.from_config(store, config)
-    worker = Worker(store, outbox=outbox, fanout=fanout, poll_interval=poll_interval, max_in_flight=max_in_flight)
-    try:
-        if args.drain:
-            try:
-                done = worker.drain()
-            finally:
-                for part in (outbox, fanout):
-                    close = getattr(part, "close", None)
-                    if callable(close):
-                        close()
-                worker.runner.close()
-            print(f"drained: {done} items")
-        else:
-            sys.stderr.write(f"errands worker on {store.redacted_url}: {len(outbox.connectors)} connectors, "
-                             f"{len(config.sinks)} sinks; SIGTERM or Ctrl-C stops it cleanly\n")
-            worker.run()  # closes the engines and its call runner when it stops
-            sys.stderr.write("errands worker stopped\n")
-    finally:
-        store.close()
-    return 0
-
-
 def register(sub: Any) -> None:
     """Add this engine's sub-commands."""
     effects = sub.add_parser("effects", help="list, inspect, approve, reject and redrive effects")
@@ -222,14 +162,3 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_obligations)
-
-    p = sub.add_parser("worker", help="dispatch, reconcile, compensate, fan out and fire timers until stopped")
-    p.add_argument("--config", default="errands.toml", help="the errands.toml (default: ./errands.toml)")
-    p.add_argument("--store", default=None, help="override the config's store URL")
-    p.add_argument("--max-in-flight", dest="max_in_flight", type=int, default=None)
-    p.add_argument("--poll-interval", dest="poll_interval", type=float, default=None)
-    p.add_argument("--lease-for", dest="lease_for", type=float, default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    p.add_argument("--drain", action="store_true", help="work until nothing is due, then exit")
-    p.add_argument("--verbose", "-v", action="store_true")
-    p.set_defaults(func=_cmd_worker)

@@ -7,7 +7,8 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Add the core engines' sub-commands to the ``errands`` parser."""
-    from . import _cmd_fanout, _cmd_outbox
+    from . import _cmd_fanout, _cmd_outbox, _cmd_worker
 
     _cmd_outbox.register(sub)
     _cmd_fanout.register(sub)
+    _cmd_worker.register(sub)

@@ -187,8 +187,12 @@ class Worker:
         finally:
             for signum, handler in restore.items():
                 signal.signal(signum, handler)
-            for part in (self.outbox, self.fanout):
-                close = getattr(part, "close", None)
-                if callable(close):
-                    close()
-            self.runner.close()
+            self.close()
+
+    def close(self) -> None:
+        """Close the engines this worker runs and its call runner (``run`` does so when it stops)."""
+        for part in (self.outbox, self.fanout):
+            close = getattr(part, "close", None)
+            if callable(close):
+                close()
+        self.runner.close()
