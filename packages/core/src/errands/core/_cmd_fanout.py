@@ -113,23 +113,19 @@ def _cmd_dead_redrive(args: argparse.Namespace) -> int:
 
 
 def _cmd_routes_list(args: argparse.Namespace) -> int:
-    from ._fanout import CURSOR_NAMESPACE, list_dead, route_states
+    from . import _fanout_table as table
+    from ._fanout import route_states
 
     store = _open(args)
     try:
         head = store.last_position()
         states = route_states(store)
         with store.read() as tx:
-            rows = tx.query("SELECT key, value FROM em_kv WHERE namespace = ? AND key LIKE 'fanout:%' ORDER BY key",
-                            (CURSOR_NAMESPACE,))
-        dead: dict[str, int] = {}
-        for d in list_dead(store, None, 1_000_000):
-            dead[d.route] = dead.get(d.route, 0) + 1
+            cursors = table.cursors(tx)
+            dead = table.parked_counts(tx)
         out = []
-        for key, value in rows:
-            name = key.split(":", 1)[1]
+        for name, cursor in cursors:
             state, reason = states.get(name, ("RUNNING", None))
-            cursor = int(json.loads(value))
             out.append({"route": name, "cursor": cursor, "behind": max(0, head - cursor), "state": state,
                         "reason": reason, "dead": dead.get(name, 0)})
     finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from . import _tasks_table as tasks_table
-from ._fanout import CURSOR_NAMESPACE
+from ._fanout_table import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
 from ._tasks import TaskEngine, TaskRecord
 from ._values import Event
