@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from errands.core import FanOut, Journal, NewEvent, Route, open_store
 from errands.core._cli import main
+from errands.core.cli import add_command_group, add_store_command
 from errands.core.testing import InMemorySink
 
 
@@ -63,3 +66,19 @@ def test_dead_list_redrive_and_routes(tmp_path: Path, capsys: Any) -> None:
     assert "resumed" in capsys.readouterr().out
     fanout.close()
     store.close()
+
+
+def test_command_groups_and_store_commands_parse_as_every_engine_adds_them() -> None:
+    def run(args: argparse.Namespace) -> int:
+        return 0
+
+    parser = argparse.ArgumentParser(prog="errands")
+    group = add_command_group(parser.add_subparsers(dest="command"), "things", "thing commands")
+    add_store_command(group, "list", "list things", run, kind="all").add_argument("--limit", type=int, default=5)
+    args = parser.parse_args(["things", "list", "--store", "memory://", "--json", "--limit", "2"])
+    assert (args.things_command, args.func, args.kind, args.store, args.json, args.limit) == (
+        "list", run, "all", "memory://", True, 2)
+    assert parser.parse_args(["things", "list"]).json is False
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["things"])  # an action is required
+    assert info.value.code == 2

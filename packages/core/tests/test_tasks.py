@@ -30,6 +30,7 @@ from errands.core import (
     open_store,
     typed_handler,
 )
+from errands.core.runtime import RETRY_DELAYS
 from errands.core.testing import faults
 
 
@@ -302,7 +303,9 @@ def test_an_outcome_that_cannot_be_written_abandons_the_run_which_runs_again_soo
         calls.append(ctx.attempt)
         return "ok"
 
-    plan = faults.FaultPlan(match=r"SET status = \?, result", rate=1.0, kinds=("locked",), limit=5)
+    # Every write of the outcome fails: the first one and each retry of the shared policy.
+    plan = faults.FaultPlan(match=r"SET status = \?, result", rate=1.0, kinds=("locked",),
+                            limit=len(RETRY_DELAYS) + 1)
     with faults.inject(s, plan):
         engine = TaskEngine(s, handlers={"t": handler})
         task_id = engine.submit("t", {})

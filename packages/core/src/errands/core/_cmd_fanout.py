@@ -8,11 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .cli import add_store_options, print_json, print_table, store_url
-
-
-def _store_options(p: argparse.ArgumentParser) -> None:
-    add_store_options(p)
+from .cli import add_command_group, add_store_command, print_json, print_table, store_url
 
 
 def _open(args: argparse.Namespace) -> Any:
@@ -113,23 +109,19 @@ def _cmd_dead_redrive(args: argparse.Namespace) -> int:
 
 
 def _cmd_routes_list(args: argparse.Namespace) -> int:
-    from ._fanout import CURSOR_NAMESPACE, list_dead, route_states
+    from . import _fanout_table as table
+    from ._fanout import route_states
 
     store = _open(args)
     try:
         head = store.last_position()
         states = route_states(store)
         with store.read() as tx:
-            rows = tx.query("SELECT key, value FROM em_kv WHERE namespace = ? AND key LIKE 'fanout:%' ORDER BY key",
-                            (CURSOR_NAMESPACE,))
-        dead: dict[str, int] = {}
-        for d in list_dead(store, None, 1_000_000):
-            dead[d.route] = dead.get(d.route, 0) + 1
+            cursors = table.cursors(tx)
+            dead = table.parked_counts(tx)
         out = []
-        for key, value in rows:
-            name = key.split(":", 1)[1]
+        for name, cursor in cursors:
             state, reason = states.get(name, ("RUNNING", None))
-            cursor = int(json.loads(value))
             out.append({"route": name, "cursor": cursor, "behind": max(0, head - cursor), "state": state,
                         "reason": reason, "dead": dead.get(name, 0)})
     finally:
@@ -159,36 +151,23 @@ def _cmd_routes_resume(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add this engine's sub-commands."""
-    events = sub.add_parser("events", help="read the journal")
-    esub = events.add_subparsers(dest="events_command", metavar="COMMAND", required=True)
-    p = esub.add_parser("tail", help="print the latest events (and follow new ones with -f)")
-    _store_options(p)
+    events = add_command_group(sub, "events", "read the journal")
+    p = add_store_command(events, "tail", "print the latest events (and follow new ones with -f)", _cmd_events_tail)
     p.add_argument("-n", "--limit", type=int, default=20, help="how many recent events (default 20)")
     p.add_argument("--subject", action="append", help="subject pattern, e.g. 'order.**' (repeatable)")
     p.add_argument("--stream", default=None, help="only this stream")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events until interrupted")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between polls when following")
-    p.set_defaults(func=_cmd_events_tail)
 
-    dead = sub.add_parser("dead", help="events a route parked because its sink refused them")
-    dsub = dead.add_subparsers(dest="dead_command", metavar="COMMAND", required=True)
-    p = dsub.add_parser("list", help="list parked events")
-    _store_options(p)
+    dead = add_command_group(sub, "dead", "events a route parked because its sink refused them")
+    p = add_store_command(dead, "list", "list parked events", _cmd_dead_list)
     p.add_argument("--route", default=None, help="only this route")
     p.add_argument("--limit", type=int, default=100)
-    p.set_defaults(func=_cmd_dead_list)
-    p = dsub.add_parser("redrive", help="queue parked events for delivery by the worker")
-    _store_options(p)
+    p = add_store_command(dead, "redrive", "queue parked events for delivery by the worker", _cmd_dead_redrive)
     p.add_argument("route", help="the route")
     p.add_argument("event_ids", nargs="*", help="event ids (default: every parked event of the route)")
-    p.set_defaults(func=_cmd_dead_redrive)
 
-    routes = sub.add_parser("routes", help="fan-out routes: cursors, lag, state")
-    rsub = routes.add_subparsers(dest="routes_command", metavar="COMMAND", required=True)
-    p = rsub.add_parser("list", help="each route's cursor, how far behind it is, its state")
-    _store_options(p)
-    p.set_defaults(func=_cmd_routes_list)
-    p = rsub.add_parser("resume", help="let a stopped route deliver again")
-    _store_options(p)
+    routes = add_command_group(sub, "routes", "fan-out routes: cursors, lag, state")
+    add_store_command(routes, "list", "each route's cursor, how far behind it is, its state", _cmd_routes_list)
+    p = add_store_command(routes, "resume", "let a stopped route deliver again", _cmd_routes_resume)
     p.add_argument("route")
-    p.set_defaults(func=_cmd_routes_resume)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli import add_store_options, config_path, print_json, print_table, store_url
-
-
-def _add_store_options(p: argparse.ArgumentParser) -> None:
-    add_store_options(p, json=False)
+from .cli import add_command_group, add_store_command, config_path, print_json, print_table, store_url
 
 
 def _open_outbox(args: argparse.Namespace) -> Any:
@@ -119,46 +115,32 @@ def _cmd_obligations(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add this engine's sub-commands."""
-    effects = sub.add_parser("effects", help="list, inspect, approve, reject and redrive effects")
-    esub = effects.add_subparsers(dest="effects_command", metavar="ACTION", required=True)
+    effects = add_command_group(sub, "effects", "list, inspect, approve, reject and redrive effects", metavar="ACTION")
 
-    p = esub.add_parser("list", help="effects, oldest first")
-    _add_store_options(p)
+    p = add_store_command(effects, "list", "effects, oldest first", _cmd_list)
     p.add_argument("--status", default=None, help="AWAITING_APPROVAL, PENDING, DISPATCHING, CONFIRMED, FAILED, "
                                                   "UNKNOWN or CANCELLED (FAILED is the dead-letter view)")
     p.add_argument("--connector", default=None)
     p.add_argument("--run", default=None, help="only effects of this run id")
     p.add_argument("--flagged", action="store_true", help="only effects flagged for a human")
     p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_list)
 
-    p = esub.add_parser("show", help="one effect, its journal history and obligations")
-    _add_store_options(p)
+    p = add_store_command(effects, "show", "one effect, its journal history and obligations", _cmd_show)
     p.add_argument("key")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_show)
 
     for action, text in (("approve", "let a human-gated effect go"),
                          ("reject", "refuse a human-gated effect (it becomes CANCELLED)"),
                          ("redrive", "queue a FAILED, CANCELLED or flagged effect again")):
-        p = esub.add_parser(action, help=text)
-        _add_store_options(p)
+        p = add_store_command(effects, action, text, _decide, action=action, by=None, reason=None)
         p.add_argument("key")
         if action != "redrive":
             p.add_argument("--by", default=None, help="who decided (recorded in the journal)")
         if action == "reject":
             p.add_argument("--reason", default=None)
-        p.add_argument("--json", action="store_true", help="print JSON")
-        p.set_defaults(func=_decide, action=action, by=None, reason=None)
 
-    obligations = sub.add_parser("obligations", help="compensations owed")
-    osub = obligations.add_subparsers(dest="obligations_command", metavar="ACTION", required=True)
-    p = osub.add_parser("list", help="obligations, oldest first")
-    _add_store_options(p)
+    obligations = add_command_group(sub, "obligations", "compensations owed", metavar="ACTION")
+    p = add_store_command(obligations, "list", "obligations, oldest first", _cmd_obligations)
     p.add_argument("--status", default=None, help="REGISTERED, PENDING, COMPENSATING, COMPENSATED or STUCK")
     p.add_argument("--effect", default=None, help="only obligations of this effect key")
     p.add_argument("--run", default=None, help="only obligations of this run id")
     p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_obligations)

@@ -14,50 +14,20 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
-from ._backoff import backoff
+from . import _fanout_table as table
+from ._fanout_table import CURSOR_NAMESPACE, FANOUT_MIGRATIONS
+from ._fanout_transitions import Lane, RouteState, Verdict, retry_delay, settle, verdict
 from ._runtime import CallRunner, drain
-from ._values import Event, _StrEnum
-from .errors import ConfigError, LeaseLostError, NotFoundError, PermanentError, TransientError
-from .store._sql import Migration, Tx, in_clause, subject_matcher, subject_regex
-from .store._stores import SQLStore, _event_from_row
+from ._values import Event
+from .errors import ConfigError, LeaseLostError, NotFoundError, TransientError, error_text
+from .store import SQLStore, subject_matcher, subject_regex
+
+__all__ = ["DeadEvent", "FanOut", "Route", "RouteState", "RouteStatus", "list_dead", "mark_redrive", "resume_route",
+           "route_states"]
 
 log = logging.getLogger("errands.fanout")
-
-CURSOR_NAMESPACE = "cursor"
-
-FANOUT_MIGRATIONS = [
-    Migration(
-        1,
-        """
-        CREATE TABLE IF NOT EXISTS em_fanout_dead (
-            route TEXT NOT NULL,
-            event_id TEXT NOT NULL,
-            position {bigint} NOT NULL,
-            error TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 1,
-            redrive INTEGER NOT NULL DEFAULT 0,
-            parked_at {double} NOT NULL,
-            updated_at {double} NOT NULL,
-            PRIMARY KEY (route, event_id)
-        );
-        CREATE TABLE IF NOT EXISTS em_fanout_routes (
-            route TEXT PRIMARY KEY,
-            state TEXT NOT NULL,
-            reason TEXT,
-            updated_at {double} NOT NULL
-        )
-        """,
-    ),
-]
-
-
-class RouteState(_StrEnum):
-    """Whether a route is delivering."""
-
-    RUNNING = "RUNNING"
-    STOPPED = "STOPPED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +91,7 @@ def _raise_all(problems: list[ConfigError]) -> None:
     if len(problems) == 1:
         raise problems[0]
     err = ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field, value=problems[0].value)
-    err.problems = problems  # type: ignore[attr-defined]
+    cast(Any, err).problems = problems  # each problem on its own, for callers that list them
     raise err
 
 
@@ -151,16 +121,6 @@ class RouteStatus:
 
 
 @dataclass
-class _Lane:
-    batches: list[list[Event]]
-    delivered: list[Event] = field(default_factory=list)
-    parked: list[tuple[Event, str]] = field(default_factory=list)
-    failed_at: Event | None = None
-    error: BaseException | None = None
-    stop: BaseException | None = None
-
-
-@dataclass
 class _RouteRun:
     route: Route
     match: Any
@@ -170,10 +130,6 @@ class _RouteRun:
     retry_at: float = 0.0
     # Events past the cursor that were already delivered or parked: skipped when the window is re-read.
     ahead: dict[str, int] = field(default_factory=dict)
-
-
-def _stops_route(exc: BaseException) -> bool:
-    return bool(getattr(exc, "stop_route", False))
 
 
 class FanOut:
@@ -253,17 +209,14 @@ class FanOut:
         """Call ``run_once`` until a pass delivers nothing. Returns the events delivered."""
         return drain(self.run_once, max_passes)
 
-    def _cursor_key(self, name: str) -> str:
-        return f"fanout:{name}"
-
     def _load_cursor(self, run: _RouteRun) -> None:
-        got = self.store.kv_get(CURSOR_NAMESPACE, self._cursor_key(run.route.name))
+        got = self.store.kv_get(CURSOR_NAMESPACE, table.cursor_key(run.route.name))
         if got is not None:
             run.cursor, run.version = int(got[0]), got[1]
             return
         start = self.store.last_position() if run.route.start == "end" else 0
         try:
-            run.version = self.store.kv_put(CURSOR_NAMESPACE, self._cursor_key(run.route.name), start,
+            run.version = self.store.kv_put(CURSOR_NAMESPACE, table.cursor_key(run.route.name), start,
                                             expected_version=0)
             run.cursor = start
         except LeaseLostError:
@@ -271,8 +224,7 @@ class FanOut:
 
     def _state(self, name: str) -> tuple[RouteState, str | None]:
         with self.store.read() as tx:
-            row = tx.one("SELECT state, reason FROM em_fanout_routes WHERE route = ?", (name,))
-        return (RouteState(row[0]), row[1]) if row else (RouteState.RUNNING, None)
+            return table.state(tx, name)
 
     def _run_route(self, run: _RouteRun) -> int:
         route = run.route
@@ -286,8 +238,8 @@ class FanOut:
         if run.retry_at > self.store.clock.now() or self._state(route.name)[0] is RouteState.STOPPED:
             return delivered
         assert run.cursor is not None
-        window = route.batch_size * route.max_in_flight
-        events, last = self.store.scan_events(run.cursor, window, list(route.subjects) or None)
+        events, last = self.store.scan_events(run.cursor, route.batch_size * route.max_in_flight,
+                                              list(route.subjects) or None)
         if run.ahead:
             events = [e for e in events if e.id not in run.ahead]
         if not events:
@@ -301,43 +253,28 @@ class FanOut:
             pool = self._executor(route.max_in_flight)
             for f in [pool.submit(self._publish_lane, route, lane) for lane in lanes]:
                 f.result()
-        failed = [lane for lane in lanes if lane.failed_at is not None]
-        if failed:
-            first = min(lane.failed_at.position for lane in failed if lane.failed_at is not None)
-            new_cursor = first - 1
-            for lane in lanes:
-                for ev in lane.delivered:
-                    if ev.position > new_cursor:
-                        run.ahead[ev.id] = ev.position
-                for ev, _err in lane.parked:
-                    if ev.position > new_cursor:
-                        run.ahead[ev.id] = ev.position
-        else:
-            new_cursor = last
-        parked = [p for lane in lanes for p in lane.parked]
-        self._commit(run, new_cursor, parked)
-        count = sum(len(lane.delivered) for lane in lanes)
-        stop = next((lane.stop for lane in lanes if lane.stop is not None), None)
-        if stop is not None:
-            self._stop(route.name, stop)
-        elif failed:
-            err = next(lane.error for lane in failed if lane.error is not None)
-            self._back_off(run, err)
+        window = settle(last, lanes)
+        run.ahead.update(window.ahead)
+        self._commit(run, window.cursor, window.parked)
+        if window.stop is not None:
+            self._stop(route.name, window.stop)
+        elif window.retry is not None:
+            self._back_off(run, window.retry)
         else:
             run.attempt = 0
-        for ev, error in parked:
+        for ev, error in window.parked:
             log.warning("route %s parked event %s: %s", route.name, ev.id, error)
-        return delivered + count
+        return delivered + window.delivered
 
-    def _lanes(self, route: Route, events: list[Event]) -> list[_Lane]:
+    def _lanes(self, route: Route, events: list[Event]) -> list[Lane]:
         size = route.batch_size
         if route.max_in_flight == 1:
-            return [_Lane([events[i:i + size] for i in range(0, len(events), size)])]
+            return [Lane([events[i:i + size] for i in range(0, len(events), size)])]
         buckets: dict[int, list[Event]] = {}
         n = route.max_in_flight
         for ev in events:
             buckets.setdefault(zlib.crc32(ev.stream.encode()) % n, []).append(ev)
-        return [_Lane([b[i:i + size] for i in range(0, len(b), size)]) for b in buckets.values()]
+        return [Lane([b[i:i + size] for i in range(0, len(b), size)]) for b in buckets.values()]
 
     def _executor(self, n: int) -> ThreadPoolExecutor:
         with self._lock:
@@ -347,53 +284,46 @@ class FanOut:
                     old.shutdown(wait=False)
             return self._pool
 
-    def _publish(self, route: Route, batch: Sequence[Event]) -> None:
-        self._bridge.call(route.sink.publish, batch)
+    def _publish(self, route: Route, batch: Sequence[Event]) -> Exception | None:
+        """Hand ``batch`` to the sink: None if it took it, else what it raised."""
+        try:
+            self._bridge.call(route.sink.publish, batch)
+        except Exception as exc:
+            return exc
+        return None
 
-    def _publish_lane(self, route: Route, lane: _Lane) -> None:
+    def _publish_lane(self, route: Route, lane: Lane) -> None:
         for batch in lane.batches:
-            try:
-                self._publish(route, batch)
+            exc = self._publish(route, batch)
+            if exc is None:
                 lane.delivered.extend(batch)
                 continue
-            except PermanentError as exc:
-                if _stops_route(exc):
-                    lane.failed_at, lane.error, lane.stop = batch[0], exc, exc
-                    return
-            except Exception as exc:
-                if not isinstance(exc, TransientError):
+            answer = verdict(exc)
+            if answer is not Verdict.PARK:
+                if answer is Verdict.RETRY and not isinstance(exc, TransientError):
                     log.warning("route %s: sink %s raised %s; retrying as a transient failure", route.name,
-                                type(route.sink).__name__, type(exc).__name__, exc_info=True)
-                lane.failed_at, lane.error = batch[0], exc
+                                type(route.sink).__name__, type(exc).__name__, exc_info=exc)
+                lane.hold(batch[0], exc, answer)
                 return
             # The batch was refused for good: find the events that fail on their own.
             for ev in batch:
-                try:
-                    self._publish(route, [ev])
+                exc = self._publish(route, [ev])
+                if exc is None:
                     lane.delivered.append(ev)
-                except PermanentError as exc:
-                    if _stops_route(exc):
-                        lane.failed_at, lane.error, lane.stop = ev, exc, exc
-                        return
-                    lane.parked.append((ev, _describe(exc)))
-                except Exception as exc:
-                    lane.failed_at, lane.error = ev, exc
+                    continue
+                answer = verdict(exc)
+                if answer is not Verdict.PARK:
+                    lane.hold(ev, exc, answer)
                     return
+                lane.parked.append((ev, error_text(exc)))
 
     def _commit(self, run: _RouteRun, cursor: int, parked: Sequence[tuple[Event, str]]) -> None:
         now = self.store.clock.now()
         try:
             with self.store.transaction() as tx:
-                if parked:
-                    tx.executemany(
-                        "INSERT INTO em_fanout_dead (route, event_id, position, error, attempts, redrive, "
-                        "parked_at, updated_at) VALUES (?, ?, ?, ?, 1, 0, ?, ?) ON CONFLICT (route, event_id) "
-                        "DO UPDATE SET error = excluded.error, attempts = em_fanout_dead.attempts + 1, "
-                        "redrive = 0, updated_at = excluded.updated_at",
-                        [(run.route.name, ev.id, ev.position, err, now, now) for ev, err in parked],
-                    )
+                table.park(tx, run.route.name, parked, now)
                 if cursor != run.cursor:
-                    run.version = self.store.kv_put(CURSOR_NAMESPACE, self._cursor_key(run.route.name), cursor,
+                    run.version = self.store.kv_put(CURSOR_NAMESPACE, table.cursor_key(run.route.name), cursor,
                                                     expected_version=run.version, tx=tx)
         except LeaseLostError:
             log.warning("route %s: its cursor was moved by another process; reloading it", run.route.name)
@@ -404,55 +334,44 @@ class FanOut:
         if run.ahead:
             run.ahead = {k: p for k, p in run.ahead.items() if p > cursor}
 
-    def _back_off(self, run: _RouteRun, exc: BaseException) -> None:
+    def _back_off(self, run: _RouteRun, exc: Exception) -> None:
         run.attempt += 1
-        # One rule with the Retry-After header: NaN or no number -> backoff; inf or absurd -> MAX_RETRY_AFTER.
-        delay = backoff(run.attempt, base=self.retry_base, cap=self.retry_cap,
-                        retry_after=getattr(exc, "retry_after", None))
+        delay = retry_delay(run.attempt, exc, base=self.retry_base, cap=self.retry_cap)
         run.retry_at = self.store.clock.now() + delay
-        log.warning("route %s: delivery failed (%s); retry %d in %.2fs", run.route.name, _describe(exc),
+        log.warning("route %s: delivery failed (%s); retry %d in %.2fs", run.route.name, error_text(exc),
                     run.attempt, delay)
 
-    def _stop(self, name: str, exc: BaseException) -> None:
-        reason = _describe(exc)
+    def _stop(self, name: str, exc: Exception) -> None:
+        reason = error_text(exc)
         with self.store.transaction() as tx:
-            _set_state(tx, name, RouteState.STOPPED, reason, self.store.clock.now())
+            table.set_state(tx, name, RouteState.STOPPED, reason, self.store.clock.now())
         log.error("route %s stopped: %s; fix the sink, then resume it (FanOut.resume or "
                   "'errands routes resume')", name, reason)
 
     # -- redrive ---------------------------------------------------------------------------------
     def _deliver_redrives(self, run: _RouteRun) -> int:
+        """Publish, each on its own, the route's parked events marked for redrive."""
         route = run.route
         with self.store.read() as tx:
-            rows = tx.query(
-                "SELECT e.position, e.stream, e.seq, e.subject, e.type, e.data, e.time FROM em_fanout_dead d "
-                "JOIN em_events e ON e.position = d.position WHERE d.route = ? AND d.redrive = 1 "
-                "ORDER BY d.position LIMIT ?",
-                (route.name, route.batch_size),
-            )
+            positions = table.to_redrive(tx, route.name, route.batch_size)
         delivered = 0
-        for row in rows:
-            ev = _event_from_row(row)
-            try:
-                self._publish(route, [ev])
-            except PermanentError as exc:
-                if _stops_route(exc):
-                    self._stop(route.name, exc)
-                    return delivered
+        for ev in self.store.events_at(positions) if positions else ():
+            exc = self._publish(route, [ev])
+            if exc is None:
                 with self.store.transaction() as tx:
-                    tx.execute(
-                        "UPDATE em_fanout_dead SET redrive = 0, attempts = attempts + 1, error = ?, updated_at = ? "
-                        "WHERE route = ? AND event_id = ?",
-                        (_describe(exc), self.store.clock.now(), route.name, ev.id),
-                    )
-                log.warning("route %s: redriven event %s refused again: %s", route.name, ev.id, _describe(exc))
+                    table.unpark(tx, route.name, ev.id)
+                delivered += 1
                 continue
-            except Exception as exc:
+            answer = verdict(exc)
+            if answer is Verdict.STOP:
+                self._stop(route.name, exc)
+                return delivered
+            if answer is Verdict.RETRY:
                 self._back_off(run, exc)
                 return delivered
             with self.store.transaction() as tx:
-                tx.execute("DELETE FROM em_fanout_dead WHERE route = ? AND event_id = ?", (route.name, ev.id))
-            delivered += 1
+                table.refused_again(tx, route.name, ev.id, error_text(exc), self.store.clock.now())
+            log.warning("route %s: redriven event %s refused again: %s", route.name, ev.id, error_text(exc))
         return delivered
 
     def dead(self, route: str | None = None, limit: int = 100) -> list[DeadEvent]:
@@ -478,17 +397,17 @@ class FanOut:
     def status(self) -> list[RouteStatus]:
         """Each route's cursor, how far behind it is, its state and its dead-letter count."""
         head = self.store.last_position()
+        with self.store.read() as tx:
+            dead = table.parked_counts(tx)
         out = []
         for name, run in self._runs.items():
             if run.cursor is None:
                 self._load_cursor(run)
             assert run.cursor is not None
             state, reason = self._state(name)
-            with self.store.read() as tx:
-                row = tx.one("SELECT COUNT(*) FROM em_fanout_dead WHERE route = ?", (name,))
             out.append(RouteStatus(
                 name=name, cursor=run.cursor, behind=max(0, head - run.cursor), state=state, reason=reason,
-                dead=int(row[0]) if row else 0, retry_at=run.retry_at or None,
+                dead=dead.get(name, 0), retry_at=run.retry_at or None,
             ))
         return out
 
@@ -505,78 +424,45 @@ class FanOut:
         self._bridge.close()
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _set_state(tx: Tx, name: str, state: RouteState, reason: str | None, now: float) -> None:
-    tx.execute(
-        "INSERT INTO em_fanout_routes (route, state, reason, updated_at) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (route) DO UPDATE SET state = excluded.state, reason = excluded.reason, "
-        "updated_at = excluded.updated_at",
-        (name, str(state), reason, now),
-    )
-
-
 def list_dead(store: SQLStore, route: str | None = None, limit: int = 100) -> list[DeadEvent]:
     """Parked events of ``route`` (every route if None), oldest first. Works without the sinks, for the
     command line."""
     store.migrate("fanout", FANOUT_MIGRATIONS)
-    sql = (
-        "SELECT d.route, d.error, d.attempts, d.parked_at, d.redrive, e.position, e.stream, e.seq, e.subject, "
-        "e.type, e.data, e.time FROM em_fanout_dead d JOIN em_events e ON e.position = d.position"
-    )
-    params: list[Any] = []
-    if route is not None:
-        sql += " WHERE d.route = ?"
-        params.append(route)
-    sql += " ORDER BY d.route, d.position LIMIT ?"
-    params.append(limit)
     with store.read() as tx:
-        rows = tx.query(sql, params)
+        rows = table.parked(tx, route, limit)
+    events = {ev.position: ev for ev in store.events_at([r.position for r in rows])} if rows else {}
     return [
-        DeadEvent(route=r[0], error=r[1], attempts=int(r[2]),
-                  parked_at=datetime.fromtimestamp(float(r[3]), tz=timezone.utc), redrive=bool(r[4]),
-                  event=_event_from_row(r[5:]))
-        for r in rows
+        DeadEvent(route=r.route, error=r.error, attempts=r.attempts,
+                  parked_at=datetime.fromtimestamp(r.parked_at, tz=timezone.utc), redrive=r.redrive,
+                  event=events[r.position])
+        for r in rows if r.position in events
     ]
 
 
 def mark_redrive(store: SQLStore, route: str, event_ids: Sequence[str] | None = None) -> int:
     """Mark parked events of ``route`` for delivery by the next pass of the worker running it."""
     store.migrate("fanout", FANOUT_MIGRATIONS)
-    now = store.clock.now()
+    ids = None if event_ids is None else list(event_ids)
+    if ids is not None and not ids:
+        return 0
     with store.transaction() as tx:
-        if event_ids is None:
-            return tx.rowcount("UPDATE em_fanout_dead SET redrive = 1, updated_at = ? WHERE route = ?", (now, route))
-        ids = list(event_ids)
-        if not ids:
-            return 0
-        found = {r[0] for r in tx.query(
-            f"SELECT event_id FROM em_fanout_dead WHERE route = ? AND event_id IN {in_clause(len(ids))}",
-            (route, *ids))}
-        missing = [i for i in ids if i not in found]
-        if missing:
-            raise NotFoundError(f"route {route!r} has no parked event {missing[0]!r}; see 'errands dead list'")
-        return tx.rowcount(
-            f"UPDATE em_fanout_dead SET redrive = 1, updated_at = ? WHERE route = ? AND event_id IN "
-            f"{in_clause(len(ids))}",
-            (now, route, *ids),
-        )
+        if ids is not None:
+            found = table.parked_ids(tx, route, ids)
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFoundError(f"route {route!r} has no parked event {missing[0]!r}; see 'errands dead list'")
+        return table.mark_redrive(tx, route, ids, store.clock.now())
 
 
 def resume_route(store: SQLStore, route: str) -> bool:
     """Clear a route's STOPPED state. Returns whether it was stopped."""
     store.migrate("fanout", FANOUT_MIGRATIONS)
     with store.transaction() as tx:
-        return tx.rowcount("DELETE FROM em_fanout_routes WHERE route = ? AND state = ?",
-                           (route, str(RouteState.STOPPED))) > 0
+        return table.resume(tx, route)
 
 
 def route_states(store: SQLStore) -> Mapping[str, tuple[str, str | None]]:
     """Stopped routes and why, for the command line."""
     store.migrate("fanout", FANOUT_MIGRATIONS)
     with store.read() as tx:
-        return {r[0]: (r[1], r[2]) for r in tx.query("SELECT route, state, reason FROM em_fanout_routes")}
-
+        return table.states(tx)

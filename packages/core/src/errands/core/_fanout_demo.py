@@ -14,7 +14,7 @@ from ._reactor import Reactor
 from ._tasks import TaskEngine, TaskStatus, typed_handler
 from ._values import Event
 from ._worker import Worker
-from .store._stores import NewEvent, open_store
+from .store import NewEvent, open_store
 
 
 @dataclass

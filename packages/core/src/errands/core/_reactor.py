@@ -15,13 +15,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from ._fanout import CURSOR_NAMESPACE
+from . import _tasks_table as tasks_table
+from ._fanout_table import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
 from ._tasks import TaskEngine, TaskRecord
 from ._values import Event
 from .errors import ConfigError, LeaseLostError
-from .store._sql import dumps, subject_regex
-from .store._stores import SQLStore
+from .store import SQLStore, dumps, subject_regex
 
 log = logging.getLogger("errands.reactor")
 
@@ -252,9 +252,9 @@ class Reactor:
         queued = 0
         with self.store.transaction() as tx:
             for ev in events:
-                queued += self.engine._insert(
+                queued += tasks_table.insert(
                     tx, reaction.task_id(ev), reaction.task_type, dumps(ev.to_cloudevent(), field="data"),
-                    now + delay, f"{reaction.name}|{entity(ev)}" if reaction.debounce_ms else None,
+                    now + delay, f"{reaction.name}|{entity(ev)}" if reaction.debounce_ms else None, now,
                 )
             version = self.store.kv_put(CURSOR_NAMESPACE, f"reactor:{reaction.name}", last,
                                         expected_version=version, tx=tx)

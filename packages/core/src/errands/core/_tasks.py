@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import typing
@@ -23,89 +24,20 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
-from ._backoff import backoff
+from . import _tasks_table as table
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
-from ._runtime import CallRunner
-from ._values import _StrEnum
-from .errors import ConfigError, InvalidTaskIdError, LeaseLostError, NotFoundError, PermanentError, TransientError
-from .store._sql import POSTGRES, Migration, Tx, dumps, in_clause, loads
-from .store._stores import SQLStore
+from ._runtime import CallRunner, drain
+from ._tasks_table import TaskRecord
+from ._tasks_transitions import FINAL, RetryPolicy, TaskStatus, Transition, settle
+from ._worker import retry_infrastructure
+from .errors import ConfigError, InvalidTaskIdError, NotFoundError
+from .store import SQLStore, dumps
+
+__all__ = ["TaskContext", "TaskEngine", "TaskRecord", "TaskStatus", "typed_handler"]
 
 log = logging.getLogger("errands.tasks")
-
-# PostgreSQL advisory lock class for task admission: engines claiming a type with ``max_concurrency`` take
-# ``(_ADMIT_LOCK, hashtext(type))`` for the transaction, so counting the running tasks and claiming more is
-# one step across workers (READ COMMITTED would otherwise let two counts see the same free slot).
-_ADMIT_LOCK = 0x656D7461
-# Retries of a result write that met an infrastructure error, while the heartbeat keeps the lease.
-_WRITE_RETRIES = (0.05, 0.1, 0.2, 0.4)
-
-TASK_MIGRATIONS = [
-    Migration(
-        1,
-        """
-        CREATE TABLE IF NOT EXISTS em_tasks (
-            id TEXT PRIMARY KEY,
-            type TEXT NOT NULL,
-            params TEXT,
-            status TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            available_at {double} NOT NULL,
-            owner TEXT,
-            token {bigint} NOT NULL DEFAULT 0,
-            lease_expires {double},
-            result TEXT,
-            error TEXT,
-            debounce_key TEXT,
-            created_at {double} NOT NULL,
-            updated_at {double} NOT NULL,
-            started_at {double},
-            finished_at {double}
-        );
-        CREATE INDEX IF NOT EXISTS em_tasks_due ON em_tasks (type, status, available_at);
-        CREATE INDEX IF NOT EXISTS em_tasks_created ON em_tasks (created_at);
-        CREATE INDEX IF NOT EXISTS em_tasks_debounce ON em_tasks (debounce_key)
-        """,
-    ),
-]
-
-
-class TaskStatus(_StrEnum):
-    """Where a task is in its life."""
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    DEAD = "DEAD"
-
-
-FINAL = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.DEAD)
-
-
-def _when(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(float(t), tz=timezone.utc)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TaskRecord:
-    """A task as stored."""
-
-    id: str
-    type: str
-    params: Any
-    status: TaskStatus
-    attempts: int
-    result: Any
-    error: str | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    available_at: datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,23 +82,9 @@ class _TypeSpec:
     wants_ctx: bool
     max_concurrency: int | None
     rate_limit_per_s: float | None
-    retry_max: int
-    dlq_after: int | None
+    policy: RetryPolicy
     tokens: float = 0.0
     refilled_at: float = 0.0
-
-
-_COLS = ("id, type, params, status, attempts, result, error, created_at, updated_at, started_at, finished_at, "
-         "available_at")
-
-
-def _record(row: Sequence[Any]) -> TaskRecord:
-    return TaskRecord(
-        id=row[0], type=row[1], params=loads(row[2]), status=TaskStatus(row[3]), attempts=int(row[4]),
-        result=loads(row[5]), error=row[6], created_at=_when(row[7]),  # type: ignore[arg-type]
-        updated_at=_when(row[8]), started_at=_when(row[9]), finished_at=_when(row[10]),  # type: ignore[arg-type]
-        available_at=_when(row[11]),  # type: ignore[arg-type]
-    )
 
 
 def _task_id(value: Any) -> str:
@@ -251,7 +169,7 @@ class TaskEngine:
         self._types: dict[str, _TypeSpec] = {}
         for type_, fn in (handlers or {}).items():
             self.register(type_, fn)
-        store.migrate("tasks", TASK_MIGRATIONS)
+        store.migrate("tasks", table.TASK_MIGRATIONS)
         self._bridge = CallRunner(name="errands-tasks")
         self._pool: ThreadPoolExecutor | None = None
         self._running: dict[str, _Run] = {}
@@ -307,7 +225,8 @@ class TaskEngine:
         self._types[type] = _TypeSpec(
             fn=fn, wants_ctx=_wants_ctx(fn), max_concurrency=max_concurrency,
             rate_limit_per_s=float(rate_limit_per_s) if rate_limit_per_s else None,
-            retry_max=self.retry_max if retry_max is None else retry_max, dlq_after=dlq_after,
+            policy=RetryPolicy(retry_max=self.retry_max if retry_max is None else retry_max, dlq_after=dlq_after,
+                               base=self.retry_base, cap=self.retry_cap),
             tokens=max(1.0, float(rate_limit_per_s or 1)), refilled_at=self.store.clock.now(),
         )
 
@@ -339,8 +258,9 @@ class TaskEngine:
         task_id = _task_id(id) if id is not None else str(uuid.uuid4())
         self._check_type(type)
         text = dumps(params, field="params")
+        now = self.store.clock.now()
         with self.store.transaction(conn) as tx:
-            self._insert(tx, task_id, type, text, self.store.clock.now() + max(0.0, float(delay)), None)
+            table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now)
         return task_id
 
     def _check_type(self, type: Any) -> None:
@@ -350,76 +270,37 @@ class TaskEngine:
             raise ConfigError(f"no handler for task type {type!r}; known types: {', '.join(self.types)}",
                               field="type", value=type)
 
-    def _insert(self, tx: Tx, task_id: str, type: str, params: str, at: float, debounce_key: str | None) -> int:
-        now = self.store.clock.now()
-        if debounce_key is not None:
-            tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?",
-                       (debounce_key, str(TaskStatus.PENDING)))
-        return tx.rowcount(
-            "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (task_id, type, params, str(TaskStatus.PENDING), at, debounce_key, now, now),
-        )
-
     def get(self, id: str) -> TaskRecord | None:
         """The task, or None if there is no such task (or it was removed)."""
         with self.store.read() as tx:
-            row = tx.one(f"SELECT {_COLS} FROM em_tasks WHERE id = ?", (_task_id(id),))
-        return _record(row) if row else None
+            return table.get(tx, _task_id(id))
 
     def recent(self, limit: int = 20, *, status: TaskStatus | str | None = None,
                type: str | None = None) -> list[TaskRecord]:
         """The newest tasks first, optionally of one status or type."""
-        sql = f"SELECT {_COLS} FROM em_tasks"
-        params: list[Any] = []
-        where = []
-        if status is not None:
-            where.append("status = ?")
-            params.append(str(TaskStatus(status)))
-        if type is not None:
-            where.append("type = ?")
-            params.append(type)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id LIMIT ?"
-        params.append(_positive_int(limit, "limit"))
+        wanted = None if status is None else TaskStatus(status)
+        limit = _positive_int(limit, "limit")
         with self.store.read() as tx:
-            return [_record(r) for r in tx.query(sql, params)]
+            return table.recent(tx, limit, wanted, type)
 
     def remove(self, id: str) -> bool:
         """Delete a task whatever its state (a running one finishes, but its outcome is dropped)."""
         with self.store.transaction() as tx:
-            return tx.rowcount("DELETE FROM em_tasks WHERE id = ?", (_task_id(id),)) > 0
+            return table.remove(tx, _task_id(id))
 
     def dead(self, type: str | None = None, limit: int = 100) -> list[TaskRecord]:
         """Tasks parked in the dead-letter list, oldest first."""
-        sql, params = f"SELECT {_COLS} FROM em_tasks WHERE status = ?", [str(TaskStatus.DEAD)]
-        if type is not None:
-            sql += " AND type = ?"
-            params.append(type)
         with self.store.read() as tx:
-            return [_record(r) for r in tx.query(sql + " ORDER BY updated_at, id LIMIT ?", (*params, limit))]
+            return table.dead(tx, type, limit)
 
     def redrive(self, ids: Sequence[str] | None = None, *, type: str | None = None) -> int:
         """Queue dead (or failed, when named by id) tasks again with fresh retries. Returns how many."""
+        clean = None if ids is None else [_task_id(i) for i in ids]
+        if clean is not None and not clean:
+            return 0
         now = self.store.clock.now()
         with self.store.transaction() as tx:
-            if ids is not None:
-                clean = [_task_id(i) for i in ids]
-                if not clean:
-                    return 0
-                return tx.rowcount(
-                    f"UPDATE em_tasks SET status = ?, attempts = 0, available_at = ?, updated_at = ?, error = NULL "
-                    f"WHERE id IN {in_clause(len(clean))} AND status IN (?, ?)",
-                    (str(TaskStatus.PENDING), now, now, *clean, str(TaskStatus.DEAD), str(TaskStatus.FAILED)),
-                )
-            sql = "UPDATE em_tasks SET status = ?, attempts = 0, available_at = ?, updated_at = ?, error = NULL " \
-                  "WHERE status = ?"
-            params: list[Any] = [str(TaskStatus.PENDING), now, now, str(TaskStatus.DEAD)]
-            if type is not None:
-                sql += " AND type = ?"
-                params.append(type)
-            return tx.rowcount(sql, params)
+            return table.redrive(tx, now, ids=clean, type=type)
 
     # -- running -------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -428,22 +309,16 @@ class TaskEngine:
         now = self.store.clock.now()
         host = _host()
         with self.store.transaction() as tx:
-            rows = tx.query("SELECT id, owner, lease_expires FROM em_tasks WHERE status = ?",
-                            (str(TaskStatus.RUNNING),))
             orphans = []
-            for task_id, owner, expires in rows:
+            for task_id, owner, expires in table.running(tx):
                 h, _, rest = (owner or "").partition(":")
                 pid_text = rest.partition(":")[0]
                 dead_here = h == host and pid_text.isdigit() and int(pid_text) != os.getpid() \
                     and not _pid_alive(int(pid_text))
-                if dead_here or expires is None or float(expires) <= now:
+                if dead_here or expires is None or expires <= now:
                     orphans.append(task_id)
             for task_id in orphans:
-                tx.execute(
-                    "UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, "
-                    "updated_at = ? WHERE id = ? AND status = ?",
-                    (str(TaskStatus.PENDING), now, now, task_id, str(TaskStatus.RUNNING)),
-                )
+                table.requeue(tx, task_id, now)
         if orphans:
             log.warning("re-queued %d task(s) left running by a process that stopped: %s", len(orphans),
                         ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
@@ -488,34 +363,28 @@ class TaskEngine:
             pool = self._executor()
             runs = []
             with self._lock:
-                for task_id, type_, params, token, attempt in claimed:
-                    beat = heartbeat(functools.partial(self._renew, task_id, token), lease_for=self.lease_for,
-                                     what=f"task {task_id}")
-                    run = _Run(id=task_id, type=type_, params=params, token=token, attempt=attempt, beat=beat)
-                    self._running[task_id] = run
+                for c in claimed:
+                    beat = heartbeat(functools.partial(self._renew, c.id, c.token), lease_for=self.lease_for,
+                                     what=f"task {c.id}")
+                    run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat)
+                    self._running[c.id] = run
                     runs.append(run)
         for run in runs:
             pool.submit(self._execute, run)
         return len(runs)
 
-    def _claim(self, free: int, held: list[str], abandoned: bool) -> list[tuple[str, str, Any, int, int]]:
+    def _claim(self, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
         now = self.store.clock.now()
-        claimed: list[tuple[str, str, Any, int, int]] = []
-        limited = sorted(t for t, s in self._types.items() if s.max_concurrency is not None)
+        claimed: list[table.Claimed] = []
+        limited = [t for t, s in self._types.items() if s.max_concurrency is not None]
         with self.store.transaction() as tx:
             if abandoned:
-                self._give_back(tx, held, now)
-            running: dict[str, int] = {}
-            if limited:
-                if tx.dialect == POSTGRES:
-                    for type_ in limited:  # in one order everywhere, so two engines never deadlock
-                        tx.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_ADMIT_LOCK, type_))
-                running = {t: int(n) for t, n in tx.query(
-                    f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND status = ? "
-                    "AND lease_expires > ? GROUP BY type", (*limited, str(TaskStatus.RUNNING), now))}
-            # A lapsed lease of a task this engine still runs (its renewals could not reach the database) is
-            # for other workers to take, never for this one to start twice.
-            mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
+                # This engine's RUNNING tasks that it does not run: their invocation was abandoned on an
+                # infrastructure error.
+                n = table.give_back(tx, self.owner, held, now)
+                if n:
+                    log.info("tasks: %d abandoned invocation(s) queued again", n)
+            running = table.admitted(tx, limited, now)
             for type_, spec in self._types.items():
                 if free <= 0:
                     break
@@ -527,41 +396,18 @@ class TaskEngine:
                     allowed = min(allowed, int(spec.tokens))
                 if allowed <= 0:
                     continue
-                rows = tx.query(
-                    "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
-                    "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM em_tasks "
-                    "WHERE type = ? AND ((status = ? AND available_at <= ?) OR "
-                    f"(status = ? AND lease_expires <= ?{mine})) "
-                    f"ORDER BY available_at, created_at LIMIT ?{tx.skip_locked}) "
-                    "RETURNING id, type, params, token, attempts",
-                    (str(TaskStatus.RUNNING), self.owner, now + self.lease_for, now, now, type_,
-                     str(TaskStatus.PENDING), now, str(TaskStatus.RUNNING), now, *held, allowed),
-                )
+                # A lapsed lease of a task this engine still runs (its renewals could not reach the database)
+                # is for other workers to take, never for this one to start twice: ``held`` is left out.
+                got = table.claim(tx, type_, self.owner, held, allowed, now + self.lease_for, now)
                 if spec.rate_limit_per_s is not None:
-                    spec.tokens -= len(rows)
-                free -= len(rows)
-                claimed.extend((r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows)
+                    spec.tokens -= len(got)
+                free -= len(got)
+                claimed.extend(got)
         return claimed
-
-    def _give_back(self, tx: Tx, held: list[str], now: float) -> None:
-        """Queue again, due now, this engine's RUNNING tasks that it does not run: their invocation was
-        abandoned on an infrastructure error, so it does not count as an attempt."""
-        sql = ("UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, updated_at = ?, "
-               "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE status = ? AND owner = ?")
-        params: list[Any] = [str(TaskStatus.PENDING), now, now, str(TaskStatus.RUNNING), self.owner]
-        if held:
-            sql += f" AND id NOT IN {in_clause(len(held))}"
-            params.extend(held)
-        n = tx.rowcount(sql, params)
-        if n:
-            log.info("tasks: %d abandoned invocation(s) queued again", n)
 
     def _renew(self, task_id: str, token: int) -> bool:
         with self.store.transaction() as tx:
-            return tx.rowcount(
-                "UPDATE em_tasks SET lease_expires = ? WHERE id = ? AND token = ? AND status = ?",
-                (self.store.clock.now() + self.lease_for, task_id, token, str(TaskStatus.RUNNING)),
-            ) == 1
+            return table.renew(tx, task_id, token, self.store.clock.now() + self.lease_for)
 
     def _refill(self, spec: _TypeSpec, now: float) -> None:
         assert spec.rate_limit_per_s is not None
@@ -577,94 +423,67 @@ class TaskEngine:
 
     def _execute(self, run: _Run) -> None:
         spec = self._types[run.type]
-        outcome: tuple[str, tuple[Any, ...]]
+        outcome: str | Exception
         try:
             args: tuple[Any, ...] = (run.params, TaskContext(id=run.id, type=run.type, attempt=run.attempt,
                                                              _beat=run.beat)) if spec.wants_ctx else (run.params,)
-            result = self._bridge.call(spec.fn, *args)
-            text = dumps(result, field="result")
+            outcome = dumps(self._bridge.call(spec.fn, *args), field="result")
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 self._forget(run)
                 raise
-            if isinstance(exc, LeaseLostError) and run.beat.lost:
-                outcome = ("", ())
-            else:
-                outcome = self._failure(run, spec, exc)
-        else:
-            outcome = ("status = ?, result = ?, error = NULL, finished_at = ?",
-                       (str(TaskStatus.SUCCEEDED), text, self.store.clock.now()))
+            outcome = exc
         abandoned = False
         try:
-            if run.beat.lost:
+            transition = settle(outcome, run.attempt, spec.policy, self.store.clock.now(), lease_lost=run.beat.lost)
+            if transition is None:
                 log.warning("task %s (%s): its lease was lost while it ran; this run records nothing (another "
                             "worker may run it)", run.id, run.type)
                 return
-            abandoned = self._record(run, *outcome)
+            self._log(run, transition)
+            abandoned = self._record(run, transition)
         finally:
             self._forget(run, abandoned=abandoned)
 
-    def _failure(self, run: _Run, spec: _TypeSpec, exc: Exception) -> tuple[str, tuple[Any, ...]]:
-        now = self.store.clock.now()
-        attempt = run.attempt
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        permanent = isinstance(exc, (PermanentError, ConfigError))
-        out_of_tries = attempt > spec.retry_max or (spec.dlq_after is not None and attempt >= spec.dlq_after)
-        if permanent or out_of_tries:
-            status = TaskStatus.DEAD if spec.dlq_after is not None else TaskStatus.FAILED
-            log.error("task %s (%s) %s after %d attempt(s): %s", run.id, run.type, status.value.lower(), attempt,
-                      error)
-            return "status = ?, error = ?, finished_at = ?", (str(status), error, now)
-        retry_after = getattr(exc, "retry_after", None) if isinstance(exc, TransientError) else None
-        # inf or 1e12 from a handler must not park the task for ever: backoff bounds it.
-        delay = backoff(attempt, base=self.retry_base, cap=self.retry_cap, retry_after=retry_after)
-        log.warning("task %s (%s) attempt %d failed: %s; retrying in %.2fs", run.id, run.type, attempt, error, delay)
-        return "status = ?, error = ?, available_at = ?", (str(TaskStatus.PENDING), error, now + delay)
+    @staticmethod
+    def _log(run: _Run, transition: Transition) -> None:
+        """Say what a failed attempt led to: a retry is a warning, a task that ended failed or dead an error."""
+        if transition.status is TaskStatus.PENDING:
+            log.warning("task %s (%s) attempt %d failed: %s; retrying in %.2fs", run.id, run.type, run.attempt,
+                        transition.error, transition.delay)
+        elif transition.status is not TaskStatus.SUCCEEDED:
+            log.error("task %s (%s) %s after %d attempt(s): %s", run.id, run.type, transition.status.value.lower(),
+                      run.attempt, transition.error)
 
-    def _record(self, run: _Run, assignments: str, values: tuple[Any, ...]) -> bool:
-        """Write a run's outcome, fenced by its token. Infrastructure errors are retried a few times while
-        the heartbeat keeps the lease; then the invocation is abandoned and runs again soon. Returns
-        whether it was abandoned."""
-        failed_before = False
-        for delay in (*_WRITE_RETRIES, None):
-            try:
-                with self.store.transaction() as tx:
-                    n = tx.rowcount(
-                        f"UPDATE em_tasks SET {assignments}, owner = NULL, lease_expires = NULL, updated_at = ? "
-                        "WHERE id = ? AND token = ? AND status = ?",
-                        (*values, self.store.clock.now(), run.id, run.token, str(TaskStatus.RUNNING)),
-                    )
-                    landed = n == 0 and failed_before and tx.one(
-                        "SELECT 1 FROM em_tasks WHERE id = ? AND token = ? AND status <> ?",
-                        (run.id, run.token, str(TaskStatus.RUNNING))) is not None
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                failed_before = True
-                if delay is None or run.beat.lost:
-                    self._abandon(run, exc)
-                    return True
-                log.info("task %s: writing its outcome failed (%s: %s); retrying", run.id, type(exc).__name__, exc)
-                time.sleep(delay)
-                continue
-            if n == 0 and not landed:
-                log.warning("task %s: outcome dropped; it was removed or taken by another worker", run.id)
-            return False
-        return True  # pragma: no cover - the loop always returns
+    def _record(self, run: _Run, transition: Transition) -> bool:
+        """Write a run's outcome, fenced by its token. Infrastructure errors are retried (the shared
+        ``retry_infrastructure`` policy) while the heartbeat keeps the lease; then the invocation is abandoned
+        and runs again soon. Returns whether it was abandoned."""
+        def write(attempt: int) -> bool:
+            with self.store.transaction() as tx:
+                # A write that met a fault at commit may have landed unseen: a retry asks that first.
+                return (attempt > 0 and table.finished(tx, run.id, run.token)) or table.finish(
+                    tx, run.id, run.token, transition.columns, self.store.clock.now())
+
+        try:
+            written = retry_infrastructure(write, clock=self.store.clock, what=f"task {run.id}: writing its outcome",
+                                           keep_going=lambda: not run.beat.lost)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            self._abandon(run, exc)
+            return True
+        if not written:
+            log.warning("task %s: outcome dropped; it was removed or taken by another worker", run.id)
+        return False
 
     def _abandon(self, run: _Run, exc: Exception) -> None:
         """Give a run's task back after an infrastructure error: due now, this invocation not counted."""
         log.warning("task %s (%s): the store failed (%s: %s); the run is abandoned and the task runs again",
                     run.id, run.type, type(exc).__name__, exc)
-        now = self.store.clock.now()
         try:
             with self.store.transaction() as tx:
-                tx.execute(
-                    "UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, "
-                    "updated_at = ?, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-                    "WHERE id = ? AND token = ? AND status = ?",
-                    (str(TaskStatus.PENDING), now, now, run.id, run.token, str(TaskStatus.RUNNING)),
-                )
+                table.abandon(tx, run.id, run.token, self.store.clock.now())
         except Exception as again:
             if not is_infrastructure_error(again):
                 raise
@@ -697,23 +516,25 @@ class TaskEngine:
             time.sleep(poll)
 
     def drain(self, timeout: float = 30.0, *, poll: float = 0.02) -> int:
-        """Run tasks until none of this engine's types is due or running here. Returns tasks started."""
+        """Run tasks until none of this engine's types is due or running here (or ``timeout`` seconds pass).
+        Returns tasks started."""
         deadline = time.monotonic() + timeout
-        started = 0
-        while time.monotonic() < deadline:
-            n = self.run_once()
-            started += n
-            if n == 0 and self.in_flight == 0:
-                now = self.store.clock.now()
+
+        def step() -> int:
+            return self.run_once() if time.monotonic() < deadline else 0
+
+        def busy() -> bool:
+            """Tasks still run here or are due: pass again after ``poll``, until the deadline."""
+            if time.monotonic() >= deadline:
+                return False
+            if self.in_flight == 0:
                 with self.store.read() as tx:
-                    types = list(self._types)
-                    row = tx.one(
-                        f"SELECT COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(types))} AND status = ? "
-                        "AND available_at <= ?", (*types, str(TaskStatus.PENDING), now)) if types else (0,)
-                if not row or int(row[0]) == 0:
-                    break
+                    if table.due_count(tx, list(self._types), self.store.clock.now()) == 0:
+                        return False
             time.sleep(poll)
-        return started
+            return True
+
+        return drain(step, sys.maxsize, busy=busy)
 
     def close(self, wait: bool = True) -> None:
         """Stop taking tasks; with ``wait``, let running ones finish."""
@@ -779,7 +600,7 @@ def _converter(target: Any) -> Callable[[Any, str], Any]:
             except Exception as exc:
                 if type(exc).__name__ != "ValidationError":
                     raise
-                errors = exc.errors()  # type: ignore[attr-defined]
+                errors = typing.cast(Any, exc).errors()  # pydantic's ValidationError, not imported here
                 first = errors[0] if errors else {}
                 where = ".".join(str(p) for p in first.get("loc", ()))
                 raise ConfigError(f"{path}.{where}: {first.get('msg', exc)}", field=f"{path}.{where}",

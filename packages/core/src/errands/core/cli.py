@@ -1,6 +1,9 @@
 """What every ``errands`` sub-command shares, for core's commands and for the commands engine packages
 add through ``errands_register_commands``: one store resolution, and one way to print tables and JSON.
 
+Engines add their commands as groups of actions (``errands routes list``): ``add_command_group`` for the
+group, ``add_store_command`` for each action that opens the store.
+
 The store a command opens is, in this order: ``--store URL``; the ``store`` of the config named by
 ``--config`` (or of ``./errands.toml`` when it exists); ``$ERRANDS_STORE``; ``sqlite:///errands.db``.
 """
@@ -10,13 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from ._console import Progress, print_json, print_table
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_STORE", "Progress", "add_store_options", "config_path", "print_json", "print_table",
-           "read_config_table", "store_url"]
+__all__ = ["DEFAULT_STORE", "Progress", "add_command_group", "add_store_command", "add_store_options", "config_path",
+           "print_json", "print_table", "read_config_table", "store_url"]
 
 DEFAULT_STORE = "sqlite:///errands.db"
 
@@ -29,6 +32,22 @@ def add_store_options(parser: argparse.ArgumentParser, *, json: bool = True) -> 
                         help="an errands.toml: its store, connectors and names (default: ./errands.toml if present)")
     if json:
         parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_command_group(sub: Any, name: str, help: str, *, metavar: str = "COMMAND") -> Any:
+    """A command whose sub-commands are its actions (``errands dead list``); one of them is required. Returns
+    the set of sub-parsers to add the actions to (its choice lands in ``args.<name>_command``)."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", metavar=metavar, required=True)
+
+
+def add_store_command(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int],
+                      **defaults: Any) -> argparse.ArgumentParser:
+    """An action that opens the store: its parser, with ``--store``, ``--config`` and ``--json``, running
+    ``func(args)`` (with ``defaults`` set on ``args``). Add the action's own arguments to the parser returned."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    add_store_options(parser)
+    parser.set_defaults(func=func, **defaults)
+    return parser
 
 
 def config_path(args: argparse.Namespace) -> str | None:

@@ -1,0 +1,253 @@
+"""The task table ``em_tasks``: its migrations and every statement the task engine and reactions run on it,
+as functions over a ``Tx``. The engine (``_tasks``) decides; this module only reads and writes rows.
+
+Every write to a running task is fenced by its token (``token = ?``, bumped at each claim), so a worker
+whose lease moved on writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+from ._tasks_transitions import TaskStatus
+from .store import POSTGRES, Migration, Tx, in_clause, loads
+
+TASK_MIGRATIONS = [
+    Migration(
+        1,
+        """
+        CREATE TABLE IF NOT EXISTS em_tasks (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            params TEXT,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            available_at {double} NOT NULL,
+            owner TEXT,
+            token {bigint} NOT NULL DEFAULT 0,
+            lease_expires {double},
+            result TEXT,
+            error TEXT,
+            debounce_key TEXT,
+            created_at {double} NOT NULL,
+            updated_at {double} NOT NULL,
+            started_at {double},
+            finished_at {double}
+        );
+        CREATE INDEX IF NOT EXISTS em_tasks_due ON em_tasks (type, status, available_at);
+        CREATE INDEX IF NOT EXISTS em_tasks_created ON em_tasks (created_at);
+        CREATE INDEX IF NOT EXISTS em_tasks_debounce ON em_tasks (debounce_key)
+        """,
+    ),
+]
+
+# PostgreSQL advisory lock class for task admission: engines claiming a type with ``max_concurrency`` take
+# ``(_ADMIT_LOCK, hashtext(type))`` for the transaction, so counting the running tasks and claiming more is
+# one step across workers (READ COMMITTED would otherwise let two counts see the same free slot).
+_ADMIT_LOCK = 0x656D7461
+
+_PENDING, _RUNNING = str(TaskStatus.PENDING), str(TaskStatus.RUNNING)
+_COLS = ("id, type, params, status, attempts, result, error, created_at, updated_at, started_at, finished_at, "
+         "available_at")
+# An abandoned invocation (an infrastructure fault, not the handler's) does not count as an attempt.
+_GIVE_BACK = ("UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, updated_at = ?, "
+              "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE status = ?")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRecord:
+    """A task as stored."""
+
+    id: str
+    type: str
+    params: Any
+    status: TaskStatus
+    attempts: int
+    result: Any
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    available_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task a claim took: run it as attempt ``attempt``, writing its outcome under ``token``."""
+
+    id: str
+    type: str
+    params: Any
+    token: int
+    attempt: int
+
+
+def _at(t: Any) -> datetime:
+    return datetime.fromtimestamp(float(t), tz=timezone.utc)
+
+
+def _when(t: Any) -> datetime | None:
+    return None if t is None else _at(t)
+
+
+def _record(row: Sequence[Any]) -> TaskRecord:
+    return TaskRecord(
+        id=row[0], type=row[1], params=loads(row[2]), status=TaskStatus(row[3]), attempts=int(row[4]),
+        result=loads(row[5]), error=row[6], created_at=_at(row[7]), updated_at=_at(row[8]),
+        started_at=_when(row[9]), finished_at=_when(row[10]), available_at=_at(row[11]),
+    )
+
+
+# -- submitting and reading ----------------------------------------------------------------------
+
+def insert(tx: Tx, task_id: str, type: str, params: str, at: float, debounce_key: str | None, now: float) -> int:
+    """Queue a task due at ``at`` unless its id exists (returns 0 then). A ``debounce_key`` first removes the
+    pending task queued under the same key, so the newest one of a burst is the one that runs."""
+    if debounce_key is not None:
+        tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?", (debounce_key, _PENDING))
+    return tx.rowcount(
+        "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        (task_id, type, params, _PENDING, at, debounce_key, now, now),
+    )
+
+
+def get(tx: Tx, task_id: str) -> TaskRecord | None:
+    row = tx.one(f"SELECT {_COLS} FROM em_tasks WHERE id = ?", (task_id,))
+    return _record(row) if row else None
+
+
+def _where(filters: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """`` WHERE a = ? AND b = ?`` over the filters given (None: that column is not filtered), and the values."""
+    given = {column: value for column, value in filters.items() if value is not None}
+    return (" WHERE " + " AND ".join(f"{c} = ?" for c in given) if given else ""), list(given.values())
+
+
+def recent(tx: Tx, limit: int, status: TaskStatus | None, type: str | None) -> list[TaskRecord]:
+    """The newest tasks first, optionally of one status or type."""
+    where, params = _where({"status": None if status is None else str(status), "type": type})
+    return [_record(r) for r in tx.query(f"SELECT {_COLS} FROM em_tasks{where} ORDER BY created_at DESC, id LIMIT ?",
+                                         (*params, limit))]
+
+
+def dead(tx: Tx, type: str | None, limit: int) -> list[TaskRecord]:
+    """Tasks parked in the dead-letter list, oldest first."""
+    where, params = _where({"status": str(TaskStatus.DEAD), "type": type})
+    return [_record(r) for r in tx.query(f"SELECT {_COLS} FROM em_tasks{where} ORDER BY updated_at, id LIMIT ?",
+                                         (*params, limit))]
+
+
+def remove(tx: Tx, task_id: str) -> bool:
+    return tx.rowcount("DELETE FROM em_tasks WHERE id = ?", (task_id,)) > 0
+
+
+def redrive(tx: Tx, now: float, *, ids: Sequence[str] | None = None, type: str | None = None) -> int:
+    """Queue again, with fresh retries, the tasks named by ``ids`` if they are dead or failed, else every
+    dead task (of ``type``, if given)."""
+    sql = "UPDATE em_tasks SET status = ?, attempts = 0, available_at = ?, updated_at = ?, error = NULL "
+    if ids is not None:
+        return tx.rowcount(sql + f"WHERE id IN {in_clause(len(ids))} AND status IN (?, ?)",
+                           (_PENDING, now, now, *ids, str(TaskStatus.DEAD), str(TaskStatus.FAILED)))
+    params: list[Any] = [_PENDING, now, now, str(TaskStatus.DEAD)]
+    sql += "WHERE status = ?"
+    if type is not None:
+        sql += " AND type = ?"
+        params.append(type)
+    return tx.rowcount(sql, params)
+
+
+def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
+    """How many pending tasks of ``types`` are due at ``now``."""
+    if not types:
+        return 0
+    row = tx.one(f"SELECT COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(types))} AND status = ? "
+                 "AND available_at <= ?", (*types, _PENDING, now))
+    return int(row[0]) if row else 0
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def running(tx: Tx) -> list[tuple[str, str | None, float | None]]:
+    """``(id, owner, lease_expires)`` of every running task."""
+    return [(r[0], r[1], None if r[2] is None else float(r[2]))
+            for r in tx.query("SELECT id, owner, lease_expires FROM em_tasks WHERE status = ?", (_RUNNING,))]
+
+
+def requeue(tx: Tx, task_id: str, now: float) -> None:
+    """Queue a running task again, due now: its process stopped or its lease lapsed."""
+    tx.execute("UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, "
+               "updated_at = ? WHERE id = ? AND status = ?", (_PENDING, now, now, task_id, _RUNNING))
+
+
+def give_back(tx: Tx, owner: str, held: Sequence[str], now: float) -> int:
+    """Queue again, due now, the tasks ``owner`` left running except those in ``held`` (which it runs)."""
+    sql = _GIVE_BACK + " AND owner = ?"
+    params: list[Any] = [_PENDING, now, now, _RUNNING, owner]
+    if held:
+        sql += f" AND id NOT IN {in_clause(len(held))}"
+        params.extend(held)
+    return tx.rowcount(sql, params)
+
+
+def abandon(tx: Tx, task_id: str, token: int, now: float) -> None:
+    """Queue a run's task again, due now, its invocation not counted (the store failed, not the handler)."""
+    tx.execute(_GIVE_BACK + " AND id = ? AND token = ?", (_PENDING, now, now, _RUNNING, task_id, token))
+
+
+def admitted(tx: Tx, limited: Sequence[str], now: float) -> dict[str, int]:
+    """Running tasks with a live lease per type of ``limited`` (the types with ``max_concurrency``), counted
+    under a per-type advisory lock on PostgreSQL, held until the transaction ends, so that the claim that
+    follows in the same transaction cannot over-admit against another worker's."""
+    if not limited:
+        return {}
+    if tx.dialect == POSTGRES:
+        for type_ in sorted(limited):  # in one order everywhere, so two engines never deadlock
+            tx.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_ADMIT_LOCK, type_))
+    return {t: int(n) for t, n in tx.query(
+        f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND status = ? "
+        "AND lease_expires > ? GROUP BY type", (*limited, _RUNNING, now))}
+
+
+def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_until: float,
+          now: float) -> list[Claimed]:
+    """Take up to ``limit`` tasks of ``type``: due pending ones, and running ones whose lease lapsed except
+    those in ``held`` (this owner still runs them; they are for other workers to take, never for this one
+    to start twice)."""
+    mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
+    rows = tx.query(
+        "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
+        "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM em_tasks "
+        "WHERE type = ? AND ((status = ? AND available_at <= ?) OR "
+        f"(status = ? AND lease_expires <= ?{mine})) "
+        f"ORDER BY available_at, created_at LIMIT ?{tx.skip_locked}) "
+        "RETURNING id, type, params, token, attempts",
+        (_RUNNING, owner, lease_until, now, now, type, _PENDING, now, _RUNNING, now, *held, limit),
+    )
+    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
+
+
+def renew(tx: Tx, task_id: str, token: int, lease_until: float) -> bool:
+    """Extend a run's lease; False when the task is no longer that run's."""
+    return tx.rowcount("UPDATE em_tasks SET lease_expires = ? WHERE id = ? AND token = ? AND status = ?",
+                       (lease_until, task_id, token, _RUNNING)) == 1
+
+
+def finish(tx: Tx, task_id: str, token: int, columns: Mapping[str, Any], now: float) -> bool:
+    """Write a run's outcome (``columns``: column -> value, from a ``Transition``) and release its lease.
+    False when the task is no longer that run's: removed, taken since, or already written."""
+    assignments = ", ".join(f"{name} = ?" for name in columns)
+    return tx.rowcount(
+        f"UPDATE em_tasks SET {assignments}, owner = NULL, lease_expires = NULL, updated_at = ? "
+        "WHERE id = ? AND token = ? AND status = ?",
+        (*columns.values(), now, task_id, token, _RUNNING),
+    ) == 1
+
+
+def finished(tx: Tx, task_id: str, token: int) -> bool:
+    """Whether the run holding ``token`` left the task no longer running: asked before writing again after
+    a write that met a fault at commit, whose outcome may have landed."""
+    return tx.one("SELECT 1 FROM em_tasks WHERE id = ? AND token = ? AND status <> ?",
+                  (task_id, token, _RUNNING)) is not None
