@@ -171,4 +171,4 @@ __all__ = [
 
 # ``errands`` is a PEP 420 namespace (no distribution ships its ``__init__``), so ``errands.App`` is set
 # here: importing any errands package (each imports errands.core) makes it available.
-sys.modules[__name__.rpartition(".")[0]].App = App
+setattr(sys.modules[__name__.rpartition(".")[0]], "App", App)  # noqa: B010 - a namespace module has no declared attributes
