@@ -21,7 +21,6 @@ from ._errors import (
     CallbackTimeoutError,
     CheckpointError,
     ChildContextError,
-    DuplicateFunctionError,
     DurableError,
     DurableOperationError,
     InvokeError,
@@ -42,6 +41,7 @@ from ._lambda import (
     StateOutput,
     with_durable_execution,
 )
+from ._registry import DuplicateFunctionError, durable_function
 from ._retries import (
     JitterStrategy,
     RetryDecision,
@@ -49,7 +49,7 @@ from ._retries import (
     RetryStrategyConfig,
     create_retry_strategy,
 )
-from ._runner import DurableRunner, durable_function
+from ._runner import DurableRunner
 from ._serdes import JsonSerdes, PassThroughSerdes, Serdes, SerdesContext
 from ._values import (
     BatchItem,
