@@ -31,11 +31,13 @@ replay alike, so ``except StepError`` sees the same type, message and data both 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 from errands.core import ErrandsError
 
 from ._values import ErrorObject
+
+_E = TypeVar("_E", bound="DurableOperationError")
 
 
 class DurableError(ErrandsError):
@@ -61,7 +63,7 @@ class DurableOperationError(DurableError):
         self.stack_trace = stack_trace
 
     @classmethod
-    def from_error_object(cls, error: ErrorObject) -> Any:
+    def from_error_object(cls: type[_E], error: ErrorObject) -> _E:
         return cls(error.message, error_type=error.type, error_data=error.data, stack_trace=error.stack_trace)
 
     def to_error_object(self) -> ErrorObject:
