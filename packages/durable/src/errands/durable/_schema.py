@@ -173,12 +173,10 @@ def list_executions(tx: Tx, *, statuses: Sequence[str] | None, function: str | N
     if statuses is not None:
         where.append(f"status IN {in_clause(len(statuses))}")
         params.extend(statuses)
-    if function is not None:
-        where.append("function = ?")
-        params.append(function)
-    if parent_id is not None:
-        where.append("parent_id = ?")
-        params.append(parent_id)
+    for column, value in (("function", function), ("parent_id", parent_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
     sql = f"SELECT {_EXEC_COLS} FROM durable_executions"
     if where:
         sql += " WHERE " + " AND ".join(where)
