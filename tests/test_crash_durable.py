@@ -159,7 +159,7 @@ MAX_DROPS = 25
 def test_workers_survive_dropped_postgres_connections(postgres_url: str, tmp_path: Path) -> None:
     from errands.core.testing import faults
     from errands.durable import DurableRunner
-    from errands.durable._runner import QUEUE
+    from errands.durable._schema import QUEUE
 
     script, record_path, rec = _setup(tmp_path)
     runner = DurableRunner(postgres_url, functions={"steps": lambda e, c: None}, lease_for=2.0)

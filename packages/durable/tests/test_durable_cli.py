@@ -58,6 +58,33 @@ def test_executions_list_history_terminate_rerun(tmp_path: Any, capsys: pytest.C
     assert "NotFoundError" in capsys.readouterr().err
 
 
+def test_executions_find_their_store_as_every_errands_command_does(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from errands.core._cli import build_parser
+
+    urls = {name: f"sqlite:///{tmp_path / name}.db" for name in ("flag", "config", "env")}
+    for name, url in urls.items():
+        runner = DurableRunner(url, functions={"f": lambda e, c: None})
+        runner.run("f", execution_id=f"in-{name}")
+        runner.close()
+
+    def listed(*argv: str) -> list[str]:
+        assert main(["executions", "list", "--json", *argv]) == 0
+        return [e["execution_id"] for e in json.loads(capsys.readouterr().out)]
+
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()  # the environment is read when a command runs, not when its parser is built
+    monkeypatch.setenv("ERRANDS_STORE", urls["env"])
+    assert parser.parse_args(["executions", "list"]).store is None
+    assert listed() == ["in-env"]
+    (tmp_path / "errands.toml").write_text(f'store = "{urls["config"]}"\n')
+    assert listed() == ["in-config"]  # ./errands.toml comes before $ERRANDS_STORE
+    other = tmp_path / "other.toml"
+    other.write_text(f'store = "{urls["env"]}"\n')
+    assert listed("--config", str(other)) == ["in-env"]
+    assert listed("--store", urls["flag"]) == ["in-flag"]  # --store comes first
+
+
 def test_demo_part_runs_end_to_end(tmp_path: Any) -> None:
     from errands.core._demo import DemoContext
     from errands.durable._demo import DurableDemo

@@ -137,7 +137,7 @@ def test_at_least_once_step_reruns_an_interrupted_attempt_at_most_once_does_not(
         eid = runner.start("wf", kind)
         [lease] = runner.store.claim("durable.work", 1, lease_for=0.05)
         with pytest.raises(Crash):  # the process "dies" inside the step
-            runner._load_and_invoke(eid, lease)
+            runner._invocations.load_and_invoke(lease)
         crash["on"] = False
         time.sleep(0.1)  # the dead worker's lease lapses
         info = runner.wait(eid, timeout=10)

@@ -24,7 +24,7 @@ from errands.durable import (
     StepSemantics,
     durable_function,
 )
-from errands.durable._runner import QUEUE
+from errands.durable._schema import QUEUE
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -41,7 +41,7 @@ from errands.durable import (
     WaitForCallbackConfig,
     create_retry_strategy,
 )
-from errands.durable._runner import QUEUE
+from errands.durable._schema import QUEUE
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule

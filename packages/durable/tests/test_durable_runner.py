@@ -138,7 +138,7 @@ def test_long_invocations_keep_their_lease(runner: DurableRunner) -> None:
     runner.register("long", long)
     eid = runner.start("long")
     [lease] = runner.store.claim("durable.work", 1, lease_for=runner.lease_for)
-    assert runner._load_and_invoke(eid, lease)
+    assert runner._invocations.load_and_invoke(lease)
     # 2.5 lease periods passed inside the invocation; it kept extending its lease and finished
     assert runner.get(eid).status is ExecutionStatus.SUCCEEDED
     assert runner.store.claim("durable.work", 1) == []
@@ -225,7 +225,7 @@ def test_stale_lease_cannot_finish_an_invocation(tmp_path: Any) -> None:
     runner.register("slow", slow)
     eid = runner.start("slow", "block")
     [lease] = runner.store.claim("durable.work", 1, lease_for=10)
-    t = threading.Thread(target=runner._load_and_invoke, args=(eid, lease))
+    t = threading.Thread(target=runner._invocations.load_and_invoke, args=(lease,))
     t.start()
     gate.wait(5)
     clock.advance(11)  # the lease lapses; another worker claims the item and takes the execution over

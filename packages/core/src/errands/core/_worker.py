@@ -25,24 +25,27 @@ RETRY_DELAYS = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 def retry_infrastructure(fn: Callable[[int], T], *, clock: Clock, what: str,
-                         keep_going: Callable[[], bool] | None = None) -> T:
+                         keep_going: Callable[[], bool] | None = None,
+                         delays: Sequence[float] = RETRY_DELAYS) -> T:
     """``fn(attempt)`` (attempt 0 first), called again after each infrastructure error (a locked
-    database, a dropped connection, a serialization failure: ``is_infrastructure_error``) up to
-    ``len(RETRY_DELAYS)`` times, while ``keep_going()`` (the lease is still held) allows.
+    database, a dropped connection, a serialization failure: ``is_infrastructure_error``) once for each
+    of ``delays`` (waited first), while ``keep_going()`` (the lease is still held) allows.
 
     Engines record what they already know (a connector's answer, a timer fired) through it, so that a
     fault costs a retry instead of the result. Any other error, or the last infrastructure one, propagates.
     ``fn`` must be safe to call again after a fault at commit, when the first call may have committed.
+    An engine for which giving up is cheap (durable replays an abandoned invocation from its checkpoints)
+    passes fewer ``delays`` than ``RETRY_DELAYS``, so that a worker does not sit on one item for seconds.
     """
     attempt = 0
     while True:
         try:
             return fn(attempt)
         except Exception as exc:
-            if (not is_infrastructure_error(exc) or attempt >= len(RETRY_DELAYS)
+            if (not is_infrastructure_error(exc) or attempt >= len(delays)
                     or (keep_going is not None and not keep_going())):
                 raise
-            delay = RETRY_DELAYS[attempt]
+            delay = delays[attempt]
             log.info("%s met an infrastructure fault (%s: %s); retrying in %.2fs", what, type(exc).__name__,
                      exc, delay)
         attempt += 1

@@ -2,13 +2,15 @@
 Execution in Python, on an errands store.
 
 Example:
-    >>> from errands.durable import DurableRunner
-    >>> runner = DurableRunner("memory://")
-    >>> @runner.durable_function("greet")
-    ... def greet(event, ctx):
-    ...     return ctx.step("hello", lambda _: f"hello {event['name']}")
-    >>> runner.run("greet", {"name": "alice"}).result
-    'hello alice'
+    >>> from errands.durable import DurableRunner, durable_function
+    >>> @durable_function("checkout")
+    ... def checkout(event, ctx):
+    ...     paid = ctx.step("charge", lambda _: event["amount"])
+    ...     ctx.wait("cool-off", 0)
+    ...     return {"paid": paid, "shipped": ctx.step("ship", lambda _: True)}
+    >>> with DurableRunner("memory://") as runner:
+    ...     runner.run("checkout", {"amount": 5}).result
+    {'paid': 5, 'shipped': True}
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from ._errors import (
     CallbackTimeoutError,
     CheckpointError,
     ChildContextError,
-    DuplicateFunctionError,
     DurableError,
     DurableOperationError,
     InvokeError,
@@ -42,6 +43,7 @@ from ._lambda import (
     StateOutput,
     with_durable_execution,
 )
+from ._registry import DuplicateFunctionError, durable_function
 from ._retries import (
     JitterStrategy,
     RetryDecision,
@@ -49,7 +51,7 @@ from ._retries import (
     RetryStrategyConfig,
     create_retry_strategy,
 )
-from ._runner import DurableRunner, durable_function
+from ._runner import DurableRunner
 from ._serdes import JsonSerdes, PassThroughSerdes, Serdes, SerdesContext
 from ._values import (
     BatchItem,

@@ -1,15 +1,16 @@
-"""``errands executions list|history|terminate|rerun``."""
+"""``errands executions list|history|terminate|rerun``. The store is resolved as for every ``errands``
+command (``errands.core.cli``): ``--store``, the config's store, ``$ERRANDS_STORE``, the default."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from errands.core._console import print_json, print_table
+from errands.core.cli import add_store_options, print_json, print_table, store_url
 
-DEFAULT_STORE = "sqlite:///errands.db"
+if TYPE_CHECKING:
+    from ._runner import DurableRunner
 
 
 def _when(ts: float | None) -> str:
@@ -18,10 +19,10 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _runner(args: argparse.Namespace) -> Any:
-    from ._runner import DurableRunner
+def _runner(args: argparse.Namespace) -> DurableRunner:
+    from ._runner import DurableRunner  # on use: ``errands --help`` does not load the engine
 
-    return DurableRunner(args.store)
+    return DurableRunner(store_url(args))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -72,32 +73,27 @@ def register(group: Any) -> None:
     """Add ``executions`` and its sub-commands to the ``errands`` parser."""
     p = group.add_parser("executions", help="durable executions: list, history, terminate, rerun")
     sub = p.add_subparsers(dest="executions_command", metavar="ACTION")
-    store = os.environ.get("ERRANDS_STORE", DEFAULT_STORE)
-
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--store", default=store, help=f"store URL (default $ERRANDS_STORE or {DEFAULT_STORE})")
-        q.add_argument("--json", action="store_true", help="print JSON")
 
     q = sub.add_parser("list", help="list executions, newest first")
-    common(q)
+    add_store_options(q)
     q.add_argument("--status", action="append", default=None, help="only this status (repeatable)")
     q.add_argument("--function", default=None, help="only this durable function")
     q.add_argument("--limit", type=int, default=50)
     q.set_defaults(func=_cmd_list)
 
     q = sub.add_parser("history", help="the checkpointed operations of an execution")
-    common(q)
+    add_store_options(q)
     q.add_argument("execution_id")
     q.set_defaults(func=_cmd_history)
 
     q = sub.add_parser("terminate", help="stop an execution (and those it invoked)")
-    common(q)
+    add_store_options(q)
     q.add_argument("execution_id")
     q.add_argument("--reason", default=None)
     q.set_defaults(func=_cmd_terminate)
 
     q = sub.add_parser("rerun", help="start a new execution from an operation of an old one")
-    common(q)
+    add_store_options(q)
     q.add_argument("execution_id")
     q.add_argument("operation", help="operation id or name to run again from")
     q.add_argument("--new-id", default=None, help="id of the new execution")

@@ -117,8 +117,8 @@ class Callback:
 def _callback_error(error: ErrorObject | None) -> CallbackError:
     error = error or ErrorObject(type="CallbackError", message="callback failed")
     if error.type == "CallbackTimeoutError":
-        return CallbackTimeoutError.from_error_object(error)  # type: ignore[no-any-return]
-    return CallbackError.from_error_object(error)  # type: ignore[no-any-return]
+        return CallbackTimeoutError.from_error_object(error)
+    return CallbackError.from_error_object(error)
 
 
 def _decode(serdes: Serdes, text: str | None, op_id: str, execution_id: str) -> Any:
@@ -127,15 +127,36 @@ def _decode(serdes: Serdes, text: str | None, op_id: str, execution_id: str) -> 
     return serdes.deserialize(text, SerdesContext(op_id, execution_id))
 
 
+#: What ``_replay_attempts`` answers for an operation whose next attempt is due now.
+_RUN: Any = object()
+
+
+def _replay_attempts(state: ExecutionState, op: Operation | None, serdes: Serdes,
+                     error: type[DurableOperationError], failed: str, what: str) -> Any:
+    """Replay an operation that runs in attempts (a step, a condition check) from its checkpoint: its
+    result when it succeeded, its ``error`` raised when it failed (``failed`` is the message of a checkpoint
+    that kept none), a suspension while its next attempt is not due yet; ``_RUN`` when it has not finished
+    and its next attempt is due now."""
+    if op is None:
+        return _RUN
+    if op.status is OperationStatus.SUCCEEDED:
+        return _decode(serdes, op.result, op.id, state.execution_id)
+    if op.status is OperationStatus.FAILED:
+        raise error.from_error_object(op.error or ErrorObject(message=failed))
+    if op.status is OperationStatus.PENDING and (op.next_attempt_timestamp or 0) > state.now():
+        raise SuspendExecution(f"{what} retries later", until=op.next_attempt_timestamp)
+    return _RUN
+
+
 def _update(op: Operation, action: OperationAction, **kw: Any) -> OperationUpdate:
     return OperationUpdate(operation_id=op.id, operation_type=op.type, action=action, parent_id=op.parent_id,
                            name=op.name, sub_type=op.sub_type, **kw)
 
 
-def _check_name(name: Any) -> str | None:
-    if name is not None and not isinstance(name, str):
-        raise ConfigError(f"operation name must be a string or None, got {name!r}", field="name", value=name)
-    return name  # type: ignore[no-any-return]
+def _check_name(name: object) -> str | None:
+    if name is None or isinstance(name, str):
+        return name
+    raise ConfigError(f"operation name must be a string or None, got {name!r}", field="name", value=name)
 
 
 def _check_callable(fn: Any, what: str) -> None:
@@ -231,19 +252,16 @@ class DurableContext:
         name, func = _name_and_callable(name_or_fn, fn, name, "step function")
         config = config or StepConfig()
         op_id, op = self._next(OperationType.STEP, OperationSubType.STEP, _check_name(name))
-        return self._run_step(op_id, op, name, func, config)  # type: ignore[no-any-return]
+        result: T = self._run_step(op_id, op, name, func, config)  # the checkpoint's value, decoded
+        return result
 
     def _run_step(self, op_id: str, op: Operation | None, name: str | None, func: Callable[[StepContext], Any],
                   config: StepConfig) -> Any:
         state = self._state
         serdes = config.serdes or DEFAULT_SERDES
-        if op is not None:
-            if op.status is OperationStatus.SUCCEEDED:
-                return _decode(serdes, op.result, op_id, state.execution_id)
-            if op.status is OperationStatus.FAILED:
-                raise StepError.from_error_object(op.error or ErrorObject(message="step failed"))
-            if op.status is OperationStatus.PENDING and (op.next_attempt_timestamp or 0) > state.now():
-                raise SuspendExecution(f"step {name or op_id} retries later", until=op.next_attempt_timestamp)
+        replayed = _replay_attempts(state, op, serdes, StepError, "step failed", f"step {name or op_id}")
+        if replayed is not _RUN:
+            return replayed
         strategy: RetryStrategy = config.retry_strategy or RetryPresets.default()
         at_most_once = config.step_semantics is StepSemantics.AT_MOST_ONCE_PER_RETRY
         attempt = op.attempt if op is not None and op.attempt else 1
@@ -448,43 +466,42 @@ class DurableContext:
         Raises:
             WaitForConditionError: ``check`` raised.
         """
-        if isinstance(check, str):  # name-first order: (name, check, config)
-            check, config, name = config, name, check  # type: ignore[assignment]
-        _check_callable(check, "check")
-        if isinstance(name, WaitForConditionConfig):
+        # both orders: (check, config, name) and, name first, (name, check, config)
+        given: tuple[object, object, object] = (config, name, check) if isinstance(check, str) else (
+            check, config, name)
+        fn, cfg, given_name = given
+        _check_callable(fn, "check")
+        if isinstance(given_name, WaitForConditionConfig):
             raise ConfigError("wait_for_condition takes (check, config, name) or (name, check, config)",
-                              field="name", value=repr(name))
-        if not isinstance(config, WaitForConditionConfig):
+                              field="name", value=repr(given_name))
+        if not isinstance(cfg, WaitForConditionConfig):
             raise ConfigError("wait_for_condition needs config=WaitForConditionConfig(wait_strategy=..., "
-                              f"initial_state=...), got {config!r}", field="config", value=repr(config))
-        assert callable(check)
-        op_id, op = self._next(OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION,
-                               _check_name(name))
+                              f"initial_state=...), got {cfg!r}", field="config", value=repr(cfg))
+        assert callable(fn)
+        label = _check_name(given_name)
+        op_id, op = self._next(OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION, label)
         state = self._state
-        serdes = config.serdes or DEFAULT_SERDES
+        serdes = cfg.serdes or DEFAULT_SERDES
         sc = SerdesContext(op_id, state.execution_id)
-        if op is not None:
-            if op.status is OperationStatus.SUCCEEDED:
-                return _decode(serdes, op.result, op_id, state.execution_id)
-            if op.status is OperationStatus.FAILED:
-                raise WaitForConditionError.from_error_object(op.error or ErrorObject(message="check failed"))
-            if op.status is OperationStatus.PENDING and (op.next_attempt_timestamp or 0) > state.now():
-                raise SuspendExecution(f"condition {name or op_id}", until=op.next_attempt_timestamp)
+        replayed = _replay_attempts(state, op, serdes, WaitForConditionError, "check failed",
+                                    f"condition {label or op_id}")
+        if replayed is not _RUN:
+            return replayed
         current = (serdes.deserialize(op.result, sc) if op is not None and op.result is not None
-                   else config.initial_state)
+                   else cfg.initial_state)
         attempt = op.attempt if op is not None and op.attempt else 1
         if op is None or op.status is not OperationStatus.STARTED:
-            op = self._start(op_id, OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION, name)
+            op = self._start(op_id, OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION, label)
         try:
-            new_state = check(current, StepContext(execution_id=state.execution_id, operation_id=op_id,
-                                                   name=name, attempt=attempt, logger=self.logger))
+            new_state = fn(current, StepContext(execution_id=state.execution_id, operation_id=op_id,
+                                                name=label, attempt=attempt, logger=self.logger))
         except Exception as exc:
             error = ErrorObject.from_exception(exc)
             state.checkpoint(_update(op, OperationAction.FAIL, error=error), sync=True)
             raise WaitForConditionError.from_error_object(error) from exc
         text = serdes.serialize(new_state, sc)
         new_state = serdes.deserialize(text, sc)
-        decision = config.wait_strategy(new_state, attempt)
+        decision = cfg.wait_strategy(new_state, attempt)
         if not decision.should_continue:
             state.checkpoint(_update(op, OperationAction.SUCCEED, payload=text), sync=True)
             state.completed_new()
@@ -492,7 +509,7 @@ class DurableContext:
         delay = max(float(decision.delay_seconds), 0.0)
         state.checkpoint(_update(op, OperationAction.RETRY, payload=text, next_attempt_delay_seconds=delay),
                          sync=True)
-        raise SuspendExecution(f"condition {name or op_id}", until=state.now() + delay)
+        raise SuspendExecution(f"condition {label or op_id}", until=state.now() + delay)
 
     # -- map / parallel --------------------------------------------------------------------------
     def map(self, name_or_items: Any, items_or_fn: Any = None, fn: Any = None,

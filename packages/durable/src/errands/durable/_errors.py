@@ -16,7 +16,8 @@ The tree::
         ├── SerdesError                   a value could not be serialised or deserialised
         ├── CheckpointError               the checkpoint service refused an update (stale token)
         ├── StepInterruptedError          an at-most-once step was cut off mid-attempt
-        └── DuplicateFunctionError        a function name is taken by another function (also a ConfigError)
+        └── DuplicateFunctionError        a function name is taken by another function (also a ConfigError;
+                                          defined with the registry, in ``_registry``)
 
     BaseException
     ├── SuspendExecution                  control signal: the invocation stops here, PENDING
@@ -30,11 +31,13 @@ replay alike, so ``except StepError`` sees the same type, message and data both 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
-from errands.core import ConfigError, ErrandsError
+from errands.core import ErrandsError
 
 from ._values import ErrorObject
+
+_E = TypeVar("_E", bound="DurableOperationError")
 
 
 class DurableError(ErrandsError):
@@ -60,7 +63,7 @@ class DurableOperationError(DurableError):
         self.stack_trace = stack_trace
 
     @classmethod
-    def from_error_object(cls, error: ErrorObject) -> Any:
+    def from_error_object(cls: type[_E], error: ErrorObject) -> _E:
         return cls(error.message, error_type=error.type, error_data=error.data, stack_trace=error.stack_trace)
 
     def to_error_object(self) -> ErrorObject:
@@ -117,34 +120,6 @@ class CheckpointError(DurableError):
 
 class StepInterruptedError(DurableError):
     """An ``AT_MOST_ONCE_PER_RETRY`` attempt was cut off before its outcome was checkpointed."""
-
-
-class DuplicateFunctionError(DurableError, ConfigError):
-    """A durable function name is registered to another function already.
-
-    Attributes:
-        name: the taken name.
-        existing: the function registered under it.
-        new: the function that was refused.
-    """
-
-    def __init__(self, name: str, existing: Any, new: Any, *, where: str = "") -> None:
-        super().__init__(
-            f"durable function name {name!r} is taken{where} by {describe_function(existing)}; cannot register "
-            f"{describe_function(new)} under it too (pick another name, or register the same function)",
-            field="name", value=name)
-        self.name = name
-        self.existing = existing
-        self.new = new
-
-
-def describe_function(fn: Any) -> str:
-    """``module.qualname`` of a function, for messages."""
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if qualname is None:
-        return repr(fn)
-    return f"{module}.{qualname}" if module else str(qualname)
 
 
 class SuspendExecution(BaseException):

@@ -6,7 +6,7 @@ import traceback
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar, cast
 
 if TYPE_CHECKING:
     from ._retries import RetryDecision
@@ -592,22 +592,26 @@ class BatchResult(Generic[R]):
     all: list[BatchItem[R]]
     completion_reason: CompletionReason
 
+    def _with(self, status: BatchItemStatus) -> list[BatchItem[R]]:
+        return [i for i in self.all if i.status is status]
+
     def succeeded(self) -> list[BatchItem[R]]:
-        return [i for i in self.all if i.status is BatchItemStatus.SUCCEEDED]
+        return self._with(BatchItemStatus.SUCCEEDED)
 
     def failed(self) -> list[BatchItem[R]]:
-        return [i for i in self.all if i.status is BatchItemStatus.FAILED]
+        return self._with(BatchItemStatus.FAILED)
 
     def started(self) -> list[BatchItem[R]]:
-        return [i for i in self.all if i.status is BatchItemStatus.STARTED]
+        return self._with(BatchItemStatus.STARTED)
 
     def results(self) -> list[R]:
         """Results of the succeeded items, in input order."""
-        return [i.result for i in self.all if i.status is BatchItemStatus.SUCCEEDED]  # type: ignore[misc]
+        # A succeeded item carries its result: None there only when the branch returned None.
+        return [cast(R, i.result) for i in self.succeeded()]
 
     def errors(self) -> list[ErrorObject]:
         """Errors of the failed items, in input order."""
-        return [i.error for i in self.all if i.status is BatchItemStatus.FAILED and i.error is not None]
+        return [i.error for i in self.failed() if i.error is not None]
 
     get_results = results
     get_errors = errors
@@ -616,21 +620,21 @@ class BatchResult(Generic[R]):
         """Raise the first failed item's error as a ``StepError``-like ``BatchItemError``."""
         from ._errors import BatchItemError
 
-        for item in self.all:
-            if item.status is BatchItemStatus.FAILED:
-                raise BatchItemError.from_error_object(item.error or ErrorObject(message="failed"))
+        failed = self.failed()
+        if failed:
+            raise BatchItemError.from_error_object(failed[0].error or ErrorObject(message="failed"))
 
     @property
     def success_count(self) -> int:
-        return sum(1 for i in self.all if i.status is BatchItemStatus.SUCCEEDED)
+        return len(self.succeeded())
 
     @property
     def failure_count(self) -> int:
-        return sum(1 for i in self.all if i.status is BatchItemStatus.FAILED)
+        return len(self.failed())
 
     @property
     def started_count(self) -> int:
-        return sum(1 for i in self.all if i.status is BatchItemStatus.STARTED)
+        return len(self.started())
 
     @property
     def total_count(self) -> int:

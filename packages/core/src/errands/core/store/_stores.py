@@ -484,6 +484,31 @@ class SQLStore:
             for k, p, t, a in rows
         ]
 
+    def claim_keys(self, queue: str, keys: Sequence[str], *, lease_for: float = 30.0, owner: str | None = None,
+                   tx: Tx | None = None) -> list[Lease]:
+        """Lease those of ``keys`` that are due and held by no one, in one statement (inside ``tx`` when
+        given): for a worker that must run particular items now (one it has just enqueued, one a caller
+        waits for) rather than the oldest due. Keys absent, not yet due or leased to another are skipped;
+        each claim bumps the item's fencing token, as ``claim`` does."""
+        if not keys:
+            return []
+        if tx is None:
+            with self.transaction() as t:
+                return self.claim_keys(queue, keys, lease_for=lease_for, owner=owner, tx=t)
+        owner = owner or default_owner()
+        now = self.clock.now()
+        expires = now + lease_for
+        rows = tx.query(
+            "UPDATE em_queue SET lease_owner = ?, lease_token = lease_token + 1, lease_expires = ?, "
+            f"attempts = attempts + 1 WHERE queue = ? AND key IN {in_clause(len(keys))} AND available_at <= ? "
+            "AND (lease_expires IS NULL OR lease_expires <= ?) RETURNING key, payload, lease_token, attempts",
+            (owner, expires, queue, *keys, now, now),
+        )
+        return [
+            Lease(queue=queue, key=k, token=int(t), owner=owner, expires_at=expires, payload=loads(p), attempts=int(a))
+            for k, p, t, a in rows
+        ]
+
     def _fenced(self, tx: Tx, leases: Sequence[Lease], sql: str, extra: Callable[[Lease], tuple[Any, ...]]) -> None:
         where = "WHERE queue = ? AND key = ? AND lease_token = ?"
         extras = {extra(lease) for lease in leases}
@@ -535,20 +560,35 @@ class SQLStore:
             lambda _l: (at,),
         )
 
-    def extend(self, leases: Sequence[Lease], *, lease_for: float = 30.0) -> list[Lease]:
-        """Push the expiry of held leases out by ``lease_for`` seconds from now."""
+    def extend(self, leases: Sequence[Lease], *, lease_for: float = 30.0, tx: Tx | None = None) -> list[Lease]:
+        """Push the expiry of held leases out by ``lease_for`` seconds from now, in one transaction (or inside
+        ``tx``, so that the renewal commits with the holder's own writes). Stale tokens: ``LeaseLostError``."""
+        if tx is None:
+            with self.transaction() as t:
+                return self.extend(leases, lease_for=lease_for, tx=t)
         expires = self.clock.now() + lease_for
-        with self.transaction() as tx:
-            self._fenced(
-                tx, leases,
-                "UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
-                lambda _l: (expires,),
-            )
+        self._fenced(
+            tx, leases,
+            "UPDATE em_queue SET lease_expires = ? WHERE queue = ? AND key = ? AND lease_token = ?",
+            lambda _l: (expires,),
+        )
         return [
             Lease(queue=lease.queue, key=lease.key, token=lease.token, owner=lease.owner, expires_at=expires,
                   payload=lease.payload, attempts=lease.attempts)
             for lease in leases
         ]
+
+    def bring_forward(self, queue: str, key: str, at: float, *, tx: Tx | None = None) -> bool:
+        """Make a waiting item due by ``at`` if it was due later (something it waits for has arrived). A
+        leased item is left as it is: its holder decides when it comes back. Returns whether it moved."""
+        if tx is None:
+            with self.transaction() as t:
+                return self.bring_forward(queue, key, at, tx=t)
+        return tx.rowcount(
+            "UPDATE em_queue SET available_at = ? WHERE queue = ? AND key = ? AND lease_expires IS NULL "
+            "AND available_at > ?",
+            (at, queue, key, at),
+        ) == 1
 
     def dequeue(self, queue: str, key: str, *, tx: Tx | None = None) -> bool:
         """Remove an item whatever its lease. Returns whether it existed."""

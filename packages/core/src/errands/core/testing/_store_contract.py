@@ -164,6 +164,48 @@ class StoreContract:
         assert store.claim("q") == []
         store.complete([lease])
 
+    def test_extend_inside_a_transaction_is_fenced(self, store: Any, clock: FakeClock) -> None:
+        store.enqueue("q", [("a", 1)])
+        (lease,) = store.claim("q", lease_for=10)
+        with store.transaction() as tx:
+            (lease,) = store.extend([lease], lease_for=10, tx=tx)
+        assert lease.expires_at == clock.now() + 10
+        clock.advance(11)
+        (again,) = store.claim("q", lease_for=10)
+        with pytest.raises(LeaseLostError), store.transaction() as tx:
+            store.extend([lease], lease_for=10, tx=tx)
+        store.complete([again])
+
+    def test_claim_keys_leases_only_the_named_due_free_items(self, store: Any, clock: FakeClock) -> None:
+        store.enqueue("q", [("a", {"v": 1}), ("b", 2), ("c", 3), ("later", 4, clock.now() + 60)])
+        (held,) = store.claim_keys("q", ["b"], owner="other")
+        leases = store.claim_keys("q", ["a", "b", "later", "absent"], lease_for=5, owner="me")
+        assert [(x.key, x.payload, x.owner, x.attempts) for x in leases] == [("a", {"v": 1}, "me", 1)]
+        assert leases[0].token > 0 and store.claim_keys("q", []) == []
+        with store.transaction() as tx:
+            assert store.claim_keys("q", ["a", "c"], tx=tx)[0].key == "c"  # a is held now
+        assert [x.key for x in store.claim("q", 10)] == []  # everything due is held
+        clock.advance(6)
+        (retaken,) = store.claim_keys("q", ["a"])  # a's lease lapsed
+        assert retaken.token > leases[0].token and retaken.attempts == 2
+        with pytest.raises(LeaseLostError):
+            store.complete(leases)
+        store.complete([held, retaken])
+
+    def test_bring_forward_moves_only_a_waiting_item(self, store: Any, clock: FakeClock) -> None:
+        now = clock.now()
+        store.enqueue("q", [("later", None, now + 60), ("soon", None, now + 5), ("held", None)])
+        (held,) = store.claim("q", lease_for=30)
+        assert store.bring_forward("q", "later", now + 5)
+        with store.transaction() as tx:
+            assert not store.bring_forward("q", "soon", now + 10, tx=tx)  # due before that already
+        assert not store.bring_forward("q", "held", now - 10)  # its holder decides when it comes back
+        assert not store.bring_forward("q", "absent", now)
+        assert store.next_due("q") == now + 5
+        clock.advance(5)
+        assert {x.key for x in store.claim("q", 10)} == {"later", "soon"}
+        store.complete([held])
+
     def test_concurrent_claimers_never_share_an_item(self, store: Any) -> None:
         store.enqueue("q", [(f"k{i}", i) for i in range(400)])
         got: list[str] = []

@@ -1,0 +1,81 @@
+"""Callbacks answered from outside an execution: a result or a failure settles the waiting operation and
+wakes the execution in one transaction; a heartbeat keeps a callback's heartbeat timeout from firing.
+A callback that has settled, or whose execution has ended, takes nothing more."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from errands.core import ConfigError, NotFoundError
+from errands.core.store import SQLStore, Tx, dumps
+
+from . import _executions as executions
+from . import _schema as schema
+from ._transitions import can_settle_callback
+from ._values import ErrorObject, OperationStatus
+
+
+def _waiting(tx: Tx, callback_id: str) -> tuple[str, str] | None:
+    """``(execution_id, operation_id)`` of the callback if it can still be settled, else None.
+
+    Raises:
+        ConfigError: ``callback_id`` is not a non-empty string. NotFoundError: no such callback.
+    """
+    if not isinstance(callback_id, str) or not callback_id:
+        raise ConfigError(f"callback_id must be a non-empty string, got {callback_id!r}", field="callback_id",
+                          value=callback_id)
+    found = schema.find_callback(tx, callback_id)
+    if found is None:
+        raise NotFoundError(f"no callback {callback_id!r}")
+    execution_id, op_id, op_status, execution_status = found
+    return (execution_id, op_id) if can_settle_callback(op_status, execution_status) else None
+
+
+def _settle(store: SQLStore, callback_id: str, status: OperationStatus, result: str | None,
+            error: ErrorObject | None) -> bool:
+    with store.transaction() as tx:
+        waiting = _waiting(tx, callback_id)
+        if waiting is None:
+            return False
+        now = store.clock.now()
+        schema.settle_operation(tx, *waiting, status, result, error, now)
+        executions.signal(store, tx, waiting[0], now)
+    return True
+
+
+def complete(store: SQLStore, callback_id: str, result: Any) -> bool:
+    """Hand ``result`` (JSON) to the execution waiting on ``callback_id`` and wake it. False if the callback
+    can take no answer any more.
+
+    Raises:
+        NotFoundError: no such callback. PayloadError: ``result`` is not JSON.
+    """
+    return _settle(store, callback_id, OperationStatus.SUCCEEDED, dumps(result, field="result"), None)
+
+
+def error_object(error: ErrorObject | BaseException | Mapping[str, Any] | str) -> ErrorObject:
+    """The ``ErrorObject`` of a callback failure given as one, an exception, a dict with AWS keys or a
+    message."""
+    if isinstance(error, ErrorObject):
+        return error
+    if isinstance(error, BaseException):
+        return ErrorObject.from_exception(error, with_trace=False)
+    if isinstance(error, Mapping):
+        return ErrorObject.from_dict(error)
+    if isinstance(error, str):
+        return ErrorObject(type="CallbackError", message=error)
+    raise ConfigError(f"error must be an ErrorObject, exception, dict or str, got {type(error).__name__}",
+                      field="error", value=type(error).__name__)
+
+
+def fail(store: SQLStore, callback_id: str, error: ErrorObject | BaseException | Mapping[str, Any] | str) -> bool:
+    """Fail the callback: the waiting ``result()`` raises ``CallbackError`` with this error."""
+    return _settle(store, callback_id, OperationStatus.FAILED, None, error_object(error))
+
+
+def heartbeat(store: SQLStore, callback_id: str) -> None:
+    """Record that the party completing ``callback_id`` is still working (resets its heartbeat timeout)."""
+    with store.transaction() as tx:
+        waiting = _waiting(tx, callback_id)
+        if waiting is not None:
+            schema.touch_callback(tx, *waiting, store.clock.now())

@@ -1,0 +1,92 @@
+"""What happens to an execution across durable's tables, core's queue and the journal, inside the caller's
+transaction: it is created (a row, a queue item, a ``started`` event), it ends (a terminal status, an
+event, its parent's invoke operation settled) and it is signalled (made due when something it waits for
+arrives). Starting, invocations, callbacks and management all go through these, so that each rule is
+written once."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from errands.core import AlreadyExistsError, ConfigError
+from errands.core.store import NewEvent, SQLStore, Tx
+
+from . import _schema as schema
+from ._transitions import invoke_settlement
+from ._values import ErrorObject, ExecutionStatus
+
+#: The longest execution id accepted (ids of invoked executions extend their parent's).
+MAX_ID_LENGTH = 256
+
+
+def new_execution_id(execution_id: str | None) -> str:
+    """``execution_id`` checked, or a new one.
+
+    Raises:
+        ConfigError: not a non-empty string of at most ``MAX_ID_LENGTH`` characters.
+    """
+    if execution_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(execution_id, str) or not execution_id.strip() or len(execution_id) > MAX_ID_LENGTH:
+        raise ConfigError(f"execution_id must be a non-empty string of at most {MAX_ID_LENGTH} characters, got "
+                          f"{execution_id!r}", field="execution_id", value=execution_id)
+    return execution_id
+
+
+def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str | None, now: float, *,
+           parent: tuple[str, str] | None = None, run_token: int = 0) -> bool:
+    """A new execution, due now, with its ``durable.execution.started`` event. False (nothing changes) if
+    the id exists."""
+    if not schema.insert_execution(tx, execution_id, function, input_text, now, parent=parent, run_token=run_token):
+        return False
+    store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)
+    store.append_events([NewEvent(f"durable/{execution_id}", "durable.execution.started",
+                                  {"execution_id": execution_id, "function": function,
+                                   "parent_id": parent[0] if parent else None})], tx=tx)
+    return True
+
+
+def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str, now: float, *,
+          run_token: int = 0) -> bool:
+    """Create the execution, or find it created already with the same function and input (a start is
+    idempotent on its id). Whether it was created.
+
+    Raises:
+        AlreadyExistsError: the id exists with another function or input.
+    """
+    if create(store, tx, execution_id, function, input_text, now, run_token=run_token):
+        return True
+    existing = schema.function_and_input(tx, execution_id)
+    if existing != (function, input_text):
+        found = existing[0] if existing is not None else None
+        raise AlreadyExistsError(f"execution {execution_id!r} exists with function {found!r} and another input; "
+                                 "use a new execution_id")
+    return False
+
+
+def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, result: str | None,
+        error: ErrorObject | None, now: float) -> None:
+    """Record a terminal status, publish ``durable.execution.<status>`` and hand the outcome to a waiting
+    parent."""
+    parent_id, parent_op, function = schema.end_execution(tx, execution_id, status, result, error, now)
+    data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
+    if error is not None:
+        data["error"] = error.to_dict()
+    store.append_events([NewEvent(f"durable/{execution_id}", f"durable.execution.{status.value.lower()}", data)],
+                        tx=tx)
+    if parent_id is None or parent_op is None:
+        return
+    op_status, op_result, op_error = invoke_settlement(status, result, error)
+    schema.settle_operation(tx, parent_id, parent_op, op_status, op_result, op_error, now)
+    signal(store, tx, parent_id, now)
+
+
+def signal(store: SQLStore, tx: Tx, execution_id: str, now: float) -> None:
+    """Something the execution waits for arrived: make it due now (unless suspended or finished). An
+    invocation in flight sees the signal when it ends and runs again at once."""
+    status = schema.signal(tx, execution_id)
+    if status is None or status.value not in schema.ACTIVE:
+        return
+    store.bring_forward(schema.QUEUE, execution_id, now, tx=tx)
+    store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)

@@ -1,0 +1,345 @@
+"""durable's own tables, ``durable_executions`` and ``durable_operations``: their migrations, how rows map
+to ``ExecutionInfo`` and ``Operation``, and every statement over them, written over ``Tx``.
+
+This is the one module of errands-durable with SQL. The queue item of an execution (its key is the
+execution's id, in ``QUEUE``) lives in core's queue and is reached only through the store's queue methods.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, List, Sequence
+
+from errands.core.store import Migration, Tx, in_clause
+
+from ._values import (
+    TERMINAL_OP,
+    ErrorObject,
+    ExecutionInfo,
+    ExecutionStatus,
+    Operation,
+    OperationStatus,
+    OperationSubType,
+    OperationType,
+)
+
+#: The core queue holding one item per execution that is due to run (or running, while leased).
+QUEUE = "durable.work"
+
+MIGRATIONS = [
+    Migration(
+        1,
+        """
+        CREATE TABLE IF NOT EXISTS durable_executions (
+            id TEXT PRIMARY KEY,
+            function TEXT NOT NULL,
+            status TEXT NOT NULL,
+            input TEXT,
+            result TEXT,
+            error TEXT,
+            parent_id TEXT,
+            parent_op TEXT,
+            run_token {bigint} NOT NULL DEFAULT 0,
+            signal_seq {bigint} NOT NULL DEFAULT 0,
+            invocations {bigint} NOT NULL DEFAULT 0,
+            wake_at {double},
+            created_at {double} NOT NULL,
+            updated_at {double} NOT NULL,
+            ended_at {double}
+        );
+        CREATE INDEX IF NOT EXISTS durable_executions_status ON durable_executions (status, created_at);
+        CREATE INDEX IF NOT EXISTS durable_executions_parent ON durable_executions (parent_id);
+        CREATE INDEX IF NOT EXISTS durable_executions_ended ON durable_executions (ended_at);
+        CREATE TABLE IF NOT EXISTS durable_operations (
+            execution_id TEXT NOT NULL,
+            id TEXT NOT NULL,
+            seq {bigint} NOT NULL,
+            parent_id TEXT,
+            name TEXT,
+            type TEXT NOT NULL,
+            sub_type TEXT,
+            status TEXT NOT NULL,
+            attempt INTEGER NOT NULL DEFAULT 0,
+            result TEXT,
+            error TEXT,
+            callback_id TEXT,
+            start_ts {double},
+            end_ts {double},
+            next_attempt_ts {double},
+            scheduled_ts {double},
+            timeout_ts {double},
+            heartbeat_timeout {double},
+            heartbeat_ts {double},
+            child_execution_id TEXT,
+            PRIMARY KEY (execution_id, id)
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS durable_operations_callback ON durable_operations (callback_id)
+        """,
+    ),
+]
+
+#: Executions that may still run: due or running (``RUNNING``), or waiting for a timer, callback or child.
+ACTIVE = (ExecutionStatus.RUNNING.value, ExecutionStatus.PENDING.value)
+
+_OP_COLS = ("execution_id, id, seq, parent_id, name, type, sub_type, status, attempt, result, error, callback_id, "
+            "start_ts, end_ts, next_attempt_ts, scheduled_ts, timeout_ts, heartbeat_timeout, heartbeat_ts, "
+            "child_execution_id")
+_INSERT_OP = f"INSERT INTO durable_operations ({_OP_COLS}) VALUES ({','.join('?' * 20)})"
+_TERMINAL_SQL = "(" + ",".join(f"'{s.value}'" for s in TERMINAL_OP) + ")"
+# A finished operation is never overwritten: a callback answered or a child ended meanwhile wins.
+_UPSERT_OP = (
+    f"{_INSERT_OP} ON CONFLICT (execution_id, id) DO UPDATE SET status = excluded.status, "
+    "attempt = excluded.attempt, result = excluded.result, error = excluded.error, "
+    "callback_id = excluded.callback_id, end_ts = excluded.end_ts, next_attempt_ts = excluded.next_attempt_ts, "
+    "scheduled_ts = excluded.scheduled_ts, timeout_ts = excluded.timeout_ts, "
+    "heartbeat_timeout = excluded.heartbeat_timeout, heartbeat_ts = excluded.heartbeat_ts, "
+    "child_execution_id = excluded.child_execution_id "
+    f"WHERE durable_operations.status NOT IN {_TERMINAL_SQL}"
+)
+_EXEC_COLS = ("id, function, status, input, result, error, parent_id, created_at, updated_at, ended_at, "
+              "invocations")
+
+
+# -- rows -----------------------------------------------------------------------------------------
+def _error_text(error: ErrorObject | None) -> str | None:
+    return json.dumps(error.to_dict()) if error else None
+
+
+def _error_from(text: str | None) -> ErrorObject | None:
+    return ErrorObject.from_dict(json.loads(text)) if text else None
+
+
+def _op_row(execution_id: str, op: Operation) -> tuple[Any, ...]:
+    return (execution_id, op.id, op.seq, op.parent_id, op.name, op.type.value,
+            op.sub_type.value if op.sub_type else None, op.status.value, op.attempt, op.result,
+            _error_text(op.error), op.callback_id, op.start_timestamp, op.end_timestamp, op.next_attempt_timestamp,
+            op.scheduled_timestamp, op.timeout_timestamp, op.heartbeat_timeout, op.heartbeat_timestamp,
+            op.child_execution_id)
+
+
+def _op_from_row(row: Sequence[Any]) -> Operation:
+    (_e, id_, seq, parent, name, type_, sub, status, attempt, result, error, cb, start, end, nxt, sched, tmo,
+     hbt, hbts, child) = row
+    return Operation(
+        id=id_, type=OperationType(type_), status=OperationStatus(status), parent_id=parent, name=name,
+        sub_type=OperationSubType(sub) if sub else None, start_timestamp=start, end_timestamp=end,
+        attempt=int(attempt), result=result, error=_error_from(error), next_attempt_timestamp=nxt,
+        scheduled_timestamp=sched, callback_id=cb, timeout_timestamp=tmo, heartbeat_timeout=hbt,
+        heartbeat_timestamp=hbts, child_execution_id=child, seq=int(seq),
+    )
+
+
+def _info(row: Sequence[Any]) -> ExecutionInfo:
+    id_, function, status, input_, result, error, parent, created, updated, ended, invocations = row
+    return ExecutionInfo(
+        execution_id=id_, function=function, status=ExecutionStatus(status),
+        input=json.loads(input_) if input_ is not None else None,
+        result=json.loads(result) if result is not None else None, result_text=result,
+        error=_error_from(error), parent_id=parent, created_at=float(created), updated_at=float(updated),
+        ended_at=float(ended) if ended is not None else None, invocations=int(invocations),
+    )
+
+
+# -- executions -----------------------------------------------------------------------------------
+def insert_execution(tx: Tx, execution_id: str, function: str, input_text: str | None, now: float, *,
+                     parent: tuple[str, str] | None = None, run_token: int = 0) -> bool:
+    """A new ``RUNNING`` execution (a child when ``parent`` is ``(execution, operation)``); ``run_token`` 1
+    means its first invocation is already under way here. False if the id exists (nothing changes)."""
+    return tx.rowcount(
+        "INSERT INTO durable_executions (id, function, status, input, parent_id, parent_op, run_token, "
+        "invocations, created_at, updated_at) VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO NOTHING",
+        (execution_id, function, input_text, parent[0] if parent else None, parent[1] if parent else None,
+         run_token, 1 if run_token else 0, now, now),
+    ) == 1
+
+
+def function_and_input(tx: Tx, execution_id: str) -> tuple[str, str | None] | None:
+    """What an execution runs: its function's name and its input's JSON text."""
+    row = tx.one("SELECT function, input FROM durable_executions WHERE id = ?", (execution_id,))
+    return (row[0], row[1]) if row is not None else None
+
+
+def get_execution(tx: Tx, execution_id: str) -> ExecutionInfo | None:
+    row = tx.one(f"SELECT {_EXEC_COLS} FROM durable_executions WHERE id = ?", (execution_id,))
+    return _info(row) if row is not None else None
+
+
+def list_executions(tx: Tx, *, statuses: Sequence[str] | None, function: str | None, parent_id: str | None,
+                    limit: int, offset: int) -> List[ExecutionInfo]:
+    """Executions newest first, filtered by any of ``statuses``, a function and a parent (None: any)."""
+    where: list[str] = []
+    params: list[Any] = []
+    if statuses is not None:
+        where.append(f"status IN {in_clause(len(statuses))}")
+        params.extend(statuses)
+    for column, value in (("function", function), ("parent_id", parent_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    sql = f"SELECT {_EXEC_COLS} FROM durable_executions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+    return [_info(r) for r in tx.query(sql, (*params, limit, offset))]
+
+
+def execution_status(tx: Tx, execution_id: str) -> ExecutionStatus | None:
+    row = tx.one("SELECT status FROM durable_executions WHERE id = ?", (execution_id,))
+    return ExecutionStatus(row[0]) if row is not None else None
+
+
+def runs_under(tx: Tx, execution_id: str, run_token: int) -> bool:
+    """Whether the execution is ``RUNNING`` under ``run_token``: still the invocation's to write."""
+    row = tx.one("SELECT run_token, status FROM durable_executions WHERE id = ?", (execution_id,))
+    return row is not None and int(row[0]) == run_token and row[1] == ExecutionStatus.RUNNING.value
+
+
+def touch_running(tx: Tx, execution_id: str, run_token: int, now: float) -> bool:
+    """The fence of every write an invocation makes: mark the execution updated if it is still ``RUNNING``
+    under ``run_token``, and say whether it was. Taking the row's write lock first also orders the writers."""
+    return tx.rowcount(
+        "UPDATE durable_executions SET updated_at = ? WHERE id = ? AND run_token = ? AND status = 'RUNNING'",
+        (now, execution_id, run_token),
+    ) == 1
+
+
+def take_execution(tx: Tx, execution_id: str, now: float) -> tuple[int, str, str | None, int] | None:
+    """Start an invocation of a ``RUNNING`` or ``PENDING`` execution: a new run token (fencing out any
+    earlier invocation) and one more invocation counted. ``(run_token, function, input, signal_seq)``, or
+    None when the execution is not runnable (suspended, finished, gone)."""
+    row = tx.one(
+        "UPDATE durable_executions SET run_token = run_token + 1, invocations = invocations + 1, "
+        "status = 'RUNNING', updated_at = ? WHERE id = ? AND status IN ('RUNNING', 'PENDING') "
+        "RETURNING run_token, function, input, signal_seq",
+        (now, execution_id),
+    )
+    return (int(row[0]), row[1], row[2], int(row[3])) if row is not None else None
+
+
+def signal_seq(tx: Tx, execution_id: str) -> int | None:
+    """How many signals (a callback answered, a child ended) the execution has received."""
+    row = tx.one("SELECT signal_seq FROM durable_executions WHERE id = ?", (execution_id,))
+    return int(row[0]) if row is not None else None
+
+
+def signal(tx: Tx, execution_id: str) -> ExecutionStatus | None:
+    """Count a signal for the execution; its status afterwards, None if it does not exist."""
+    row = tx.one("UPDATE durable_executions SET signal_seq = signal_seq + 1 WHERE id = ? RETURNING status",
+                 (execution_id,))
+    return ExecutionStatus(row[0]) if row is not None else None
+
+
+def set_pending(tx: Tx, execution_id: str, wake_at: float | None) -> None:
+    tx.execute("UPDATE durable_executions SET status = 'PENDING', wake_at = ? WHERE id = ?", (wake_at, execution_id))
+
+
+def end_execution(tx: Tx, execution_id: str, status: ExecutionStatus, result: str | None,
+                  error: ErrorObject | None, now: float) -> tuple[str | None, str | None, str]:
+    """Record a terminal status (bumping the run token, so that no invocation writes after it).
+    ``(parent_id, parent_op, function)`` of the execution."""
+    row = tx.one(
+        "UPDATE durable_executions SET status = ?, result = ?, error = ?, ended_at = ?, updated_at = ?, "
+        "wake_at = NULL, run_token = run_token + 1 WHERE id = ? RETURNING parent_id, parent_op, function",
+        (status.value, result, _error_text(error), now, now, execution_id),
+    )
+    assert row is not None, f"execution {execution_id} ended while it did not exist"
+    return row[0], row[1], row[2]
+
+
+def suspend_execution(tx: Tx, execution_id: str, now: float) -> bool:
+    """Pause a ``RUNNING`` or ``PENDING`` execution, fencing out an invocation in flight. Whether it was."""
+    return tx.rowcount(
+        "UPDATE durable_executions SET status = 'SUSPENDED', run_token = run_token + 1, updated_at = ? "
+        "WHERE id = ? AND status IN ('RUNNING', 'PENDING')",
+        (now, execution_id),
+    ) == 1
+
+
+def resume_execution(tx: Tx, execution_id: str, now: float) -> bool:
+    """Make a ``SUSPENDED`` execution ``RUNNING`` again. Whether it was suspended."""
+    return tx.rowcount(
+        "UPDATE durable_executions SET status = 'RUNNING', updated_at = ? WHERE id = ? AND status = 'SUSPENDED'",
+        (now, execution_id),
+    ) == 1
+
+
+def children(tx: Tx, execution_id: str) -> list[str]:
+    """The executions this one invoked."""
+    return [r[0] for r in tx.query("SELECT id FROM durable_executions WHERE parent_id = ?", (execution_id,))]
+
+
+def active_family(tx: Tx, execution_id: str) -> list[str]:
+    """The execution and every active execution it invoked, if active (a child's id extends its parent's)."""
+    prefix = execution_id + "/"
+    rows = tx.query("SELECT id FROM durable_executions WHERE (id = ? OR substr(id, 1, ?) = ?) "
+                    f"AND status IN {in_clause(len(ACTIVE))}", (execution_id, len(prefix), prefix, *ACTIVE))
+    return [r[0] for r in rows]
+
+
+def delete_execution(tx: Tx, execution_id: str) -> int:
+    """Delete one execution and its operations (not its children). How many executions were deleted."""
+    tx.execute("DELETE FROM durable_operations WHERE execution_id = ?", (execution_id,))
+    return tx.rowcount("DELETE FROM durable_executions WHERE id = ?", (execution_id,))
+
+
+def ended_before(tx: Tx, cutoff: float, limit: int) -> list[str]:
+    """Top-level executions that finished before ``cutoff``, oldest first."""
+    return [r[0] for r in tx.query(
+        "SELECT id FROM durable_executions WHERE parent_id IS NULL AND ended_at IS NOT NULL AND ended_at < ? "
+        "ORDER BY ended_at LIMIT ?", (cutoff, limit))]
+
+
+# -- operations -----------------------------------------------------------------------------------
+def operations(tx: Tx, execution_id: str) -> List[Operation]:
+    """The execution's checkpointed operations in the order they started."""
+    return [_op_from_row(r) for r in tx.query(
+        f"SELECT {_OP_COLS} FROM durable_operations WHERE execution_id = ? ORDER BY seq", (execution_id,))]
+
+
+def insert_operation(tx: Tx, execution_id: str, op: Operation) -> None:
+    tx.execute(_INSERT_OP, _op_row(execution_id, op))
+
+
+def write_operation(tx: Tx, execution_id: str, op: Operation) -> bool:
+    """Checkpoint ``op``. False when the stored operation is finished otherwise: it was settled meanwhile
+    (a callback answered, a child ended) and the invocation must replay. The same finished operation
+    stored already (written by an earlier attempt whose commit was not acknowledged) counts as written."""
+    row = _op_row(execution_id, op)
+    if tx.rowcount(_UPSERT_OP, row) == 1:
+        return True
+    stored = tx.one("SELECT status, result, error FROM durable_operations WHERE execution_id = ? AND id = ?",
+                    (execution_id, op.id))
+    return stored is not None and tuple(stored) == (row[7], row[9], row[10])
+
+
+def unstart(tx: Tx, execution_id: str, operation_id: str, attempt: int, now: float) -> None:
+    """Put back an at-most-once start whose commit was never confirmed: the attempt never ran."""
+    tx.execute("UPDATE durable_operations SET status = 'PENDING', next_attempt_ts = ? "
+               "WHERE execution_id = ? AND id = ? AND status = 'STARTED' AND attempt = ?",
+               (now, execution_id, operation_id, attempt))
+
+
+def settle_operation(tx: Tx, execution_id: str, operation_id: str, status: OperationStatus, result: str | None,
+                     error: ErrorObject | None, now: float) -> None:
+    """Finish a ``STARTED`` operation from outside its invocation (a callback's answer, a child's end)."""
+    tx.execute(
+        "UPDATE durable_operations SET status = ?, result = ?, error = ?, end_ts = ? "
+        "WHERE execution_id = ? AND id = ? AND status = 'STARTED'",
+        (status.value, result, _error_text(error), now, execution_id, operation_id),
+    )
+
+
+def find_callback(tx: Tx, callback_id: str) -> tuple[str, str, OperationStatus, ExecutionStatus] | None:
+    """``(execution_id, operation_id, operation status, execution status)`` of a callback."""
+    row = tx.one("SELECT o.execution_id, o.id, o.status, e.status FROM durable_operations o "
+                 "JOIN durable_executions e ON e.id = o.execution_id WHERE o.callback_id = ?", (callback_id,))
+    if row is None:
+        return None
+    return row[0], row[1], OperationStatus(row[2]), ExecutionStatus(row[3])
+
+
+def touch_callback(tx: Tx, execution_id: str, operation_id: str, now: float) -> None:
+    """Record a heartbeat of the party completing a callback."""
+    tx.execute("UPDATE durable_operations SET heartbeat_ts = ? WHERE execution_id = ? AND id = ?",
+               (now, execution_id, operation_id))
