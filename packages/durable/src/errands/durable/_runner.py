@@ -173,6 +173,10 @@ class DurableRunner:
         """A core ``Worker`` running this runner's ``work_once`` (with signal handling and draining)."""
         return Worker(self.store, jobs=[self.work_once], **options)
 
+    def attach(self, worker: Worker) -> None:
+        """Run this runner's executions in ``worker`` (``errands.App.attach(runner)`` calls this)."""
+        worker.add_job("durable.work_once", self.work_once)
+
     def drain(self, max_rounds: int = 10_000) -> int:
         """Run every due execution until none is due now. Returns how many invocations ran."""
         return drain(self.work_once, max_rounds)
