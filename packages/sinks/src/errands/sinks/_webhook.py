@@ -121,10 +121,7 @@ class WebhookSink:
             problems.append(ConfigError(f"timeout must be positive seconds, got {timeout!r}", field="timeout",
                                         value=timeout))
         if problems:
-            if len(problems) == 1:
-                raise problems[0]
-            raise ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field,
-                              value=problems[0].value)
+            raise ConfigError.collect(problems, "webhook sink")
         self.url = url
         self.display_url = _display_url(url)
         self.timeout = float(timeout)
