@@ -444,8 +444,51 @@ def test_async_pool_closes_with_its_event_loop() -> None:
 
     with LedgerServer() as server:
         c = AsyncHttpConnector(url=server.url("/effects"))
-        first = asyncio.run(c.dispatch(effect("a")))
-        assert c._async_client is None, "the pool is closed when the loop that owns it closes"
-        second = asyncio.run(c.dispatch(effect("b")))
+        pools: list[httpx.AsyncClient] = []
+
+        async def go(key: str) -> Any:
+            result = await c.dispatch(effect(key))
+            pools.append(await c._aclient())
+            assert "close" not in vars(asyncio.get_running_loop()), "the loop is left as it is"
+            return result
+
+        first = asyncio.run(go("a"))
+        assert pools[0].is_closed and not c._async_pools, "the pool is closed when the loop that owns it closes"
+        second = asyncio.run(go("b"))
+        assert pools[1] is not pools[0] and pools[1].is_closed
         assert (first.outcome, second.outcome) == (DispatchOutcome.CONFIRMED, DispatchOutcome.CONFIRMED)
         assert len(server.client_ports) == 2
+
+
+def test_async_pool_on_a_call_runner_loop_closes_with_the_runner() -> None:
+    from errands.connectors.http import AsyncHttpConnector
+    from errands.core.runtime import CallRunner
+
+    with LedgerServer() as server:
+        c = AsyncHttpConnector(url=server.url("/effects"))
+        runner = CallRunner(1)
+        assert runner.call(c.dispatch, effect("a")).outcome is DispatchOutcome.CONFIRMED
+        (pool,) = c._async_pools.values()
+        runner.close()  # the connector is never closed: the runner's loop shutdown closes its pool
+        assert pool.client.is_closed and not c._async_pools
+
+
+def test_close_from_another_thread_closes_each_loops_pool_on_its_loop() -> None:
+    from errands.connectors.http import AsyncHttpConnector
+    from errands.core.runtime import CallRunner
+
+    with LedgerServer() as server:
+        c = AsyncHttpConnector(url=server.url("/effects"))
+        runners = [CallRunner(1), CallRunner(1)]
+        try:
+            for i, runner in enumerate(runners):
+                assert runner.call(c.dispatch, effect(f"k{i}")).outcome is DispatchOutcome.CONFIRMED
+            pools = list(c._async_pools.values())
+            assert len(pools) == 2 and len(server.client_ports) == 2, "one pool per event loop"
+            c.close()
+            assert all(p.client.is_closed for p in pools) and not c._async_pools
+            assert runners[0].call(c.dispatch, effect("again")).outcome is DispatchOutcome.CONFIRMED
+            assert len(c._async_pools) == 1, "a closed connector opens a new pool when used again"
+        finally:
+            for runner in runners:
+                runner.close()
