@@ -372,6 +372,7 @@ def register_sink(name: str, instance: S, *, replace: bool = False) -> S:
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
+    # tomli, the backport Python 3.10 installs, is typed; where it is not installed mypy cannot find it.
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 

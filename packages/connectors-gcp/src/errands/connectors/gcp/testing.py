@@ -110,6 +110,7 @@ def _create_spanner_instance() -> None:
 
     client = spanner.Client(project=TEST_PROJECT)
     config = f"projects/{TEST_PROJECT}/instanceConfigs/emulator-config"
+    # google-cloud-spanner's Client.instance carries no annotations.
     instance = client.instance(SPANNER_INSTANCE, configuration_name=config, node_count=1)  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + 30
     while True:
@@ -139,6 +140,7 @@ def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatab
 
     name = f"db{uuid.uuid4().hex[:12]}"
     client = spanner.Client(project=TEST_PROJECT)
+    # google-cloud-spanner's Client.instance carries no annotations.
     database = client.instance(SPANNER_INSTANCE).database(name)  # type: ignore[no-untyped-call]
     database.create().result(timeout=60)
     try:

@@ -571,6 +571,9 @@ class AsyncHttpConnector(HttpConnector):
 
     name: ClassVar[str] = "http-async"
 
+    # The three overrides below turn the inherited sync methods into coroutines on purpose: engines accept
+    # either form (``Connector.dispatch`` returns a result or an awaitable of one), while a subclass that
+    # changes the return type is, to the type checker, no longer substitutable for its base.
     async def dispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:  # type: ignore[override]
         """POST the effect; see :meth:`HttpConnector.dispatch`."""
         return await self.adispatch(effect, attempt=attempt)
