@@ -21,7 +21,7 @@ from errands.core import (
     Obligation,
     ObservationOutcome,
 )
-from errands.core.testing._services import free_port
+from errands.core.testing import free_port
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
