@@ -174,6 +174,8 @@ def test_unreadable_retry_after_is_ignored(httpserver: HTTPServer, connector: Ht
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("header", "expected"), [
     ("inf", None), ("1e999", None), ("nan", None), ("-30", 0.0),
+    ("1e3", None), ("+5", 5.0),               # 1e3 is not delay-seconds, though float() reads it as 1000
+    ("Wed, 21 Oct 2015 07:28:00", 0.0),       # a naive date is GMT (long past), not ignored
     (str(10 ** 12), MAX_RETRY_AFTER), ("9" * 400, MAX_RETRY_AFTER),
 ])
 def test_retry_after_inf_nan_and_absurd_values(httpserver: HTTPServer, connector: HttpConnector, mode: str,

@@ -183,10 +183,8 @@ class WebhookSink:
                               field=f"{field}.{unknown[0]}", value=options[unknown[0]])
         if "url" not in options:
             raise ConfigError(f"{field}.url is required", field=f"{field}.url", value=None)
-        try:
-            return cls(**options)
-        except ConfigError as exc:
-            raise ConfigError(f"{field}.{exc.field}: {exc}", field=f"{field}.{exc.field}", value=exc.value) from exc
+        # A ConfigError of the constructor is put under ``field`` by the registry that called this.
+        return cls(**options)
 
 
 def verify_webhook(
