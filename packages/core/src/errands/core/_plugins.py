@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "errands.plugins"
 
 C = TypeVar("C", bound=Connector)
 S = TypeVar("S", bound=Sink)
+T = TypeVar("T")
 
 
 @dataclass
@@ -254,32 +255,20 @@ class Registry:
             raise ConfigError(f"{path}: {exc}", field=path, value=kwargs) from exc
 
     def connector(self, name: str) -> Connector:
-        """The connector instance registered under ``name``.
-
-        Raises:
-            ConfigError: none is, naming those that are.
-        """
-        try:
-            return self.connector_instances[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown connector {name!r}; named connectors: {', '.join(sorted(self.connector_instances)) or 'none'}",
-                field="connector", value=name,
-            ) from None
+        """The connector instance registered under ``name``; a ``ConfigError`` names those that are."""
+        return _named("connector", self.connector_instances, name)
 
     def sink(self, name: str) -> Sink:
-        """The sink instance registered under ``name``.
+        """The sink instance registered under ``name``; a ``ConfigError`` names those that are."""
+        return _named("sink", self.sink_instances, name)
 
-        Raises:
-            ConfigError: none is, naming those that are.
-        """
-        try:
-            return self.sink_instances[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown sink {name!r}; named sinks: {', '.join(sorted(self.sink_instances)) or 'none'}",
-                field="sink", value=name,
-            ) from None
+
+def _named(what: str, table: Mapping[str, T], name: str) -> T:
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown {what} {name!r}; named {what}s: {', '.join(sorted(table)) or 'none'}",
+                          field=what, value=name) from None
 
 
 def _q(name: str) -> str:
