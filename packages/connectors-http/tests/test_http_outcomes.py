@@ -475,6 +475,19 @@ def test_async_pool_on_a_call_runner_loop_closes_with_the_runner() -> None:
         assert pool.client.is_closed and not c._async_pools
 
 
+def test_close_runs_a_loop_that_is_not_running_until_its_pool_is_closed() -> None:
+    with LedgerServer() as server:
+        c = HttpConnector(url=server.url("/effects"))
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(c.adispatch(effect("a"))).outcome is DispatchOutcome.CONFIRMED
+            (pool,) = c._async_pools.values()
+            c.close()
+            assert pool.client.is_closed and not c._async_pools
+        finally:
+            loop.close()
+
+
 def test_close_from_another_thread_closes_each_loops_pool_on_its_loop() -> None:
     from errands.connectors.http import AsyncHttpConnector
     from errands.core.runtime import CallRunner

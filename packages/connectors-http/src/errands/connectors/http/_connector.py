@@ -289,10 +289,10 @@ class HttpConnector:
     def close(self) -> None:
         """Close the connector's own connection pools.
 
-        An async pool is closed on the event loop that opened it when that loop runs in another thread (a
-        worker's loop). The pool of this thread's own running loop is left to :meth:`aclose` (or to the
-        loop's shutdown, as is the pool of a loop that is not running); a pool whose loop is gone can
-        only be dropped.
+        An async pool is closed on the event loop that opened it: a loop running in another thread (a
+        worker's loop) closes it there, a loop that is not running is run until it has (when no loop runs
+        in this thread). The pool of this thread's own running loop is left to :meth:`aclose`, or to the
+        loop's shutdown; a pool whose loop is gone can only be dropped.
         """
         with self._lock:
             client, self._client = (self._client, None) if self._own_client else (None, self._client)
@@ -306,8 +306,11 @@ class HttpConnector:
         for loop, pool in pools:
             if loop.is_closed():
                 _forget_pool(self, loop)(pool)
-            elif loop.is_running() and loop is not running:
-                asyncio.run_coroutine_threadsafe(pool.aclose(), loop).result(timeout=self.timeout)
+            elif loop.is_running():
+                if loop is not running:
+                    asyncio.run_coroutine_threadsafe(pool.aclose(), loop).result(timeout=self.timeout)
+            elif running is None:
+                loop.run_until_complete(pool.aclose())
 
     async def aclose(self) -> None:
         """Close the connector's own connection pools (async and sync)."""
