@@ -23,7 +23,7 @@ from errands.core import (
     TransientError,
     capabilities_of,
 )
-from errands.core.testing._services import free_port
+from errands.core.testing import free_port
 from pytest_httpserver import HTTPServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]

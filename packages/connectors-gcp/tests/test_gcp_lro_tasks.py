@@ -12,7 +12,7 @@ import pytest
 from errands.connectors.gcp import CloudTasksConnector, CloudTasksScheduler
 from errands.connectors.gcp.testing import EmulatorProcess
 from errands.core import Effect, EffectStatus, Outbox, open_store
-from errands.core.testing._services import free_port, wait_for_port
+from errands.core.testing import free_port, wait_for_port
 from pytest_httpserver import HTTPServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]

@@ -23,7 +23,7 @@ from errands.core import (
     capabilities_of,
     open_store,
 )
-from errands.core.testing._services import free_port
+from errands.core.testing import free_port
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 

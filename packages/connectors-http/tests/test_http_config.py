@@ -100,7 +100,7 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "3 problems" in text
     for field in ('connectors."bank.wire".url', 'connectors."bank.wire".timeout', 'connectors."bank.wire".colour'):
         assert field in text
-    assert len(info.value.problems) == 3  # type: ignore[attr-defined]
+    assert len(info.value.problems) == 3
 
 
 def test_missing_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

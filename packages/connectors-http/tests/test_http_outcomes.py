@@ -21,7 +21,7 @@ from errands.core import (
     Obligation,
     ObservationOutcome,
 )
-from errands.core.testing._services import free_port
+from errands.core.testing import free_port
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -174,6 +174,8 @@ def test_unreadable_retry_after_is_ignored(httpserver: HTTPServer, connector: Ht
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("header", "expected"), [
     ("inf", None), ("1e999", None), ("nan", None), ("-30", 0.0),
+    ("1e3", None), ("+5", 5.0),               # 1e3 is not delay-seconds, though float() reads it as 1000
+    ("Wed, 21 Oct 2015 07:28:00", 0.0),       # a naive date is GMT (long past), not ignored
     (str(10 ** 12), MAX_RETRY_AFTER), ("9" * 400, MAX_RETRY_AFTER),
 ])
 def test_retry_after_inf_nan_and_absurd_values(httpserver: HTTPServer, connector: HttpConnector, mode: str,
@@ -444,8 +446,64 @@ def test_async_pool_closes_with_its_event_loop() -> None:
 
     with LedgerServer() as server:
         c = AsyncHttpConnector(url=server.url("/effects"))
-        first = asyncio.run(c.dispatch(effect("a")))
-        assert c._async_client is None, "the pool is closed when the loop that owns it closes"
-        second = asyncio.run(c.dispatch(effect("b")))
+        pools: list[httpx.AsyncClient] = []
+
+        async def go(key: str) -> Any:
+            result = await c.dispatch(effect(key))
+            pools.append(await c._aclient())
+            assert "close" not in vars(asyncio.get_running_loop()), "the loop is left as it is"
+            return result
+
+        first = asyncio.run(go("a"))
+        assert pools[0].is_closed and not c._async_pools, "the pool is closed when the loop that owns it closes"
+        second = asyncio.run(go("b"))
+        assert pools[1] is not pools[0] and pools[1].is_closed
         assert (first.outcome, second.outcome) == (DispatchOutcome.CONFIRMED, DispatchOutcome.CONFIRMED)
         assert len(server.client_ports) == 2
+
+
+def test_async_pool_on_a_call_runner_loop_closes_with_the_runner() -> None:
+    from errands.connectors.http import AsyncHttpConnector
+    from errands.core.runtime import CallRunner
+
+    with LedgerServer() as server:
+        c = AsyncHttpConnector(url=server.url("/effects"))
+        runner = CallRunner(1)
+        assert runner.call(c.dispatch, effect("a")).outcome is DispatchOutcome.CONFIRMED
+        (pool,) = c._async_pools.values()
+        runner.close()  # the connector is never closed: the runner's loop shutdown closes its pool
+        assert pool.client.is_closed and not c._async_pools
+
+
+def test_close_runs_a_loop_that_is_not_running_until_its_pool_is_closed() -> None:
+    with LedgerServer() as server:
+        c = HttpConnector(url=server.url("/effects"))
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(c.adispatch(effect("a"))).outcome is DispatchOutcome.CONFIRMED
+            (pool,) = c._async_pools.values()
+            c.close()
+            assert pool.client.is_closed and not c._async_pools
+        finally:
+            loop.close()
+
+
+def test_close_from_another_thread_closes_each_loops_pool_on_its_loop() -> None:
+    from errands.connectors.http import AsyncHttpConnector
+    from errands.core.runtime import CallRunner
+
+    with LedgerServer() as server:
+        c = AsyncHttpConnector(url=server.url("/effects"))
+        runners = [CallRunner(1), CallRunner(1)]
+        try:
+            for i, runner in enumerate(runners):
+                assert runner.call(c.dispatch, effect(f"k{i}")).outcome is DispatchOutcome.CONFIRMED
+            pools = list(c._async_pools.values())
+            assert len(pools) == 2 and len(server.client_ports) == 2, "one pool per event loop"
+            c.close()
+            assert all(p.client.is_closed for p in pools) and not c._async_pools
+            assert runners[0].call(c.dispatch, effect("again")).outcome is DispatchOutcome.CONFIRMED
+            assert len(c._async_pools) == 1, "a closed connector opens a new pool when used again"
+        finally:
+            for runner in runners:
+                runner.close()

@@ -490,7 +490,7 @@ def test_every_problem_is_reported_at_once_and_nothing_is_registered(reg: Regist
     err = info.value
     message = str(err)
     assert message.startswith(f"5 problems in {path}")
-    fields = [p.field for p in err.problems]  # type: ignore[attr-defined]
+    fields = [p.field for p in err.problems]
     assert sorted(fields) == sorted(
         ["workers", "store", 'connectors."bank.wire".url', "connectors.typo.type", "sinks.audit.type"]
     )
@@ -513,7 +513,7 @@ def test_missing_file_and_bad_toml(reg: Registry, tmp_path: Path) -> None:
 def test_sections_of_the_wrong_shape(reg: Registry) -> None:
     with pytest.raises(ConfigError) as info:
         load_config({"connectors": ["wire"], "sinks": {"audit": "log"}, "worker": 3}, registry=reg)
-    fields = sorted(p.field for p in info.value.problems)  # type: ignore[attr-defined]
+    fields = sorted(p.field for p in info.value.problems)
     assert fields == ["connectors", "sinks.audit", "worker"]
 
 
@@ -554,6 +554,6 @@ def test_a_taken_name_with_a_bad_table_reports_both_problems(reg: Registry) -> N
     load_config({"connectors": {"w": {"type": "wire", "url": "https://one.example"}}}, registry=reg)
     with pytest.raises(ConfigError) as info:
         load_config({"connectors": {"w": {"type": "wire", "url": "ftp://two"}}}, registry=reg)
-    fields = [p.field for p in info.value.problems]  # type: ignore[attr-defined]
+    fields = [p.field for p in info.value.problems]
     assert fields == ["connectors.w.url", "connectors.w"]
     assert reg.connector("w").url == "https://one.example"

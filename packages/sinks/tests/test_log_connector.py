@@ -111,8 +111,8 @@ def test_non_idempotent_on_stdout_has_no_safety_net() -> None:
 def test_write_failure_is_transient(tmp_path: Path) -> None:
     conn = LogConnector(path=str(tmp_path / "dispatch.jsonl"))
     conn.dispatch(_effect("ok"))
-    assert conn._fh is not None
-    conn._fh.close()  # the file handle broke under the connector
+    assert conn._out._fh is not None
+    conn._out._fh.close()  # the file handle broke under the connector
     with pytest.raises(TransientError, match="could not write"):
         conn.dispatch(_effect("next"))
     assert conn.dispatch(_effect("next")).outcome is DispatchOutcome.CONFIRMED  # reopened

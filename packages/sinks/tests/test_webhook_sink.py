@@ -7,7 +7,7 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from errands.core import (
@@ -34,11 +34,23 @@ from werkzeug import Request, Response
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+E = TypeVar("E", bound=Exception)
 
 
 def events(n: int = 3, streams: int = 1) -> list[Any]:
     return Journal(MemoryStore()).append_many(
         [NewEvent(f"orders/{i % streams}", "order.placed", {"i": i, "note": "ünïcode"}) for i in range(n)])
+
+
+def refusal(url: str, error: type[E], **options: Any) -> E:
+    """What publishing one event to ``url`` raises: an ``error``."""
+    sink = WebhookSink(url=url, secret=SECRET, **options)
+    try:
+        with pytest.raises(error) as info:
+            sink.publish(events(1))
+    finally:
+        sink.close()
+    return info.value
 
 
 def received(server: HTTPServer) -> list[Request]:
@@ -142,26 +154,20 @@ def test_the_signature_matches_standardwebhooks_sign() -> None:
 @pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503])
 def test_retryable_statuses_raise_transient_with_retry_after(httpserver: HTTPServer, status: int) -> None:
     httpserver.expect_request("/hooks").respond_with_data("busy", status=status, headers={"Retry-After": "7"})
-    sink = WebhookSink(url=httpserver.url_for("/hooks"), secret=SECRET)
-    with pytest.raises(TransientError) as info:
-        sink.publish(events(1))
-    sink.close()
-    assert info.value.retry_after == 7.0 and str(status) in str(info.value)
+    error = refusal(httpserver.url_for("/hooks"), TransientError)
+    assert error.retry_after == 7.0 and str(status) in str(error)
 
 
 def test_retry_after_as_http_date(httpserver: HTTPServer) -> None:
     when = "Wed, 21 Oct 2015 07:28:00 GMT"
     now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=timezone.utc).timestamp()
     httpserver.expect_request("/hooks").respond_with_data("", status=429, headers={"Retry-After": when})
-    sink = WebhookSink(url=httpserver.url_for("/hooks"), secret=SECRET, clock=lambda: now)
-    with pytest.raises(TransientError) as info:
-        sink.publish(events(1))
-    sink.close()
-    assert info.value.retry_after == pytest.approx(30.0)
+    assert refusal(httpserver.url_for("/hooks"), TransientError, clock=lambda: now).retry_after == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize(("header", "expected"), [
     ("inf", None), ("Infinity", None), ("nan", None), ("-5", 0.0),
+    ("1e3", None), ("0x10", None),               # not delay-seconds, though float() reads 1e3 as 1000
     (str(10 ** 12), MAX_RETRY_AFTER),
     ("Wed Oct 21 07:28:00 2015", 30.0),          # asctime: no zone, GMT by RFC 9110
     ("Wed, 21 Oct 2015 07:28:00", 30.0),         # naive IMF date: GMT
@@ -171,11 +177,8 @@ def test_retry_after_is_read_by_the_one_core_rule(httpserver: HTTPServer, header
                                                    expected: float | None) -> None:
     now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=timezone.utc).timestamp()
     httpserver.expect_request("/hooks").respond_with_data("", status=503, headers={"Retry-After": header})
-    sink = WebhookSink(url=httpserver.url_for("/hooks"), secret=SECRET, clock=lambda: now)
-    with pytest.raises(TransientError) as info:
-        sink.publish(events(1))
-    sink.close()
-    assert info.value.retry_after == (pytest.approx(expected) if expected is not None else None)
+    error = refusal(httpserver.url_for("/hooks"), TransientError, clock=lambda: now)
+    assert error.retry_after == (pytest.approx(expected) if expected is not None else None)
 
 
 def test_retry_after_inf_does_not_stall_the_route(httpserver: HTTPServer) -> None:
@@ -272,11 +275,7 @@ def test_410_stops_the_route_and_says_so(httpserver: HTTPServer, caplog: Any) ->
 
 def test_plain_400_is_permanent(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/hooks").respond_with_data("bad", status=400)
-    sink = WebhookSink(url=httpserver.url_for("/hooks"), secret=SECRET)
-    with pytest.raises(PermanentError) as info:
-        sink.publish(events(1))
-    sink.close()
-    assert not isinstance(info.value, WebhookGoneError)
+    assert not isinstance(refusal(httpserver.url_for("/hooks"), PermanentError), WebhookGoneError)
 
 
 def test_bad_options_are_named_and_secrets_never_shown() -> None:
@@ -298,11 +297,8 @@ def test_bad_options_are_named_and_secrets_never_shown() -> None:
 
 def test_errors_do_not_show_tokens_in_the_url(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/services/T0/tok3n").respond_with_data("no", status=500)
-    sink = WebhookSink(url=httpserver.url_for("/services/T0/tok3n"), secret=SECRET)
-    with pytest.raises(TransientError) as info:
-        sink.publish(events(1))
-    sink.close()
-    assert "tok3n" not in str(info.value) and "answered 500" in str(info.value)
+    error = refusal(httpserver.url_for("/services/T0/tok3n"), TransientError)
+    assert "tok3n" not in str(error) and "answered 500" in str(error)
 
 
 def test_built_from_errands_toml_with_secret_env(monkeypatch: Any) -> None:

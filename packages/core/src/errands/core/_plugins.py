@@ -9,15 +9,19 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import pluggy
 
 from . import _hookspecs
+from ._protocols import Connector, Scheduler, Sink
 from .errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "errands.plugins"
-_KINDS = ("connectors", "sinks", "stores", "schedulers")
+
+C = TypeVar("C", bound=Connector)
+S = TypeVar("S", bound=Sink)
+T = TypeVar("T")
 
 
 @dataclass
@@ -27,10 +31,11 @@ class PluginInfo:
     name: str
     distribution: str | None
     version: str | None
-    connectors: dict[str, type] = field(default_factory=dict)
-    sinks: dict[str, type] = field(default_factory=dict)
+    connectors: dict[str, type[Connector]] = field(default_factory=dict)
+    sinks: dict[str, type[Sink]] = field(default_factory=dict)
+    # Store classes are of more than one kind (see ``errands_register_stores``): plain classes.
     stores: dict[str, type] = field(default_factory=dict)
-    schedulers: dict[str, type] = field(default_factory=dict)
+    schedulers: dict[str, type[Scheduler]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,7 +61,7 @@ class _BuiltinPlugin:
 
     @staticmethod
     @_hookspecs.hookimpl
-    def errands_register_schedulers() -> list[type]:
+    def errands_register_schedulers() -> list[type[Scheduler]]:
         from ._journal import StoreScheduler
 
         return [StoreScheduler]
@@ -80,12 +85,12 @@ class Registry:
         self.pm = pluggy.PluginManager("errands")
         self.pm.add_hookspecs(_hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
-        self.connectors: dict[str, type] = {}
-        self.sinks: dict[str, type] = {}
+        self.connectors: dict[str, type[Connector]] = {}
+        self.sinks: dict[str, type[Sink]] = {}
         self.stores: dict[str, type] = {}
-        self.schedulers: dict[str, type] = {}
-        self.connector_instances: dict[str, Any] = {}
-        self.sink_instances: dict[str, Any] = {}
+        self.schedulers: dict[str, type[Scheduler]] = {}
+        self.connector_instances: dict[str, Connector] = {}
+        self.sink_instances: dict[str, Sink] = {}
         # The errands.toml table each config-built instance came from: loading that same table again
         # keeps the instance instead of refusing its name as taken.
         self._config_tables: dict[tuple[str, str], dict[str, Any]] = {}
@@ -105,7 +110,7 @@ class Registry:
             self.pm.register(plugin, name=name)
             dist_of[name] = (None, None)
         if autoload:
-            for ep in _entry_points():
+            for ep, dist in _entry_points():
                 if ep.name in disabled:
                     self.pm.set_blocked(ep.name)
                     continue
@@ -118,11 +123,7 @@ class Registry:
                         f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}", plugin=ep.name
                     ) from exc
                 self.pm.register(plugin, name=ep.name)
-                dist = getattr(ep, "dist", None)
-                dist_of[ep.name] = (
-                    dist.metadata["Name"] if dist is not None else None,
-                    dist.version if dist is not None else None,
-                )
+                dist_of[ep.name] = (dist.metadata["Name"], dist.version)
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -130,12 +131,14 @@ class Registry:
         for name in dist_of:
             distribution, version = dist_of[name]
             self.plugins[name] = PluginInfo(name, distribution, version)
-        for kind in _KINDS:
-            self._collect(kind)
+        self._collect("connectors", self.connectors)
+        self._collect("sinks", self.sinks)
+        self._collect("stores", self.stores)
+        self._collect("schedulers", self.schedulers)
 
-    def _collect(self, kind: str) -> None:
+    def _collect(self, kind: str, table: dict[str, Any]) -> None:
+        """Fill ``table`` (and each plugin's ``PluginInfo``) from the ``errands_register_<kind>`` hook."""
         hook = getattr(self.pm.hook, f"errands_register_{kind}")
-        table: dict[str, type] = getattr(self, kind)
         owner: dict[str, str] = {}
         for impl in reversed(hook.get_hookimpls()):
             plugin_name = impl.plugin_name
@@ -173,7 +176,7 @@ class Registry:
                     getattr(info, kind)[key] = cls
 
     # -- named instances ---------------------------------------------------------------------
-    def add_connector(self, name: str, instance: Any, *, replace: bool = False) -> Any:
+    def add_connector(self, name: str, instance: C, *, replace: bool = False) -> C:
         """Register a connector instance under ``name`` (``"bank.wire"``).
 
         Args:
@@ -188,26 +191,16 @@ class Registry:
             ConfigError: a bad name, an object without ``dispatch``, or ``name`` taken by another instance
                 (registering the very same object again is a no-op).
         """
-        return self._add("connectors", name, instance, "dispatch(effect)", replace)
+        self._add("connectors", name, instance, "dispatch(effect)", replace)
+        return instance
 
-    def add_sink(self, name: str, instance: Any, *, replace: bool = False) -> Any:
-        """Register a sink instance under ``name``.
+    def add_sink(self, name: str, instance: S, *, replace: bool = False) -> S:
+        """Register a sink instance (an object with ``publish(events)``) under ``name``, the name routes
+        refer to; otherwise as :meth:`add_connector`."""
+        self._add("sinks", name, instance, "publish(events)", replace)
+        return instance
 
-        Args:
-            name: the instance name routes refer to.
-            instance: an object with ``publish(events)``.
-            replace: put ``instance`` in the place of one already registered under ``name``.
-
-        Returns:
-            ``instance``.
-
-        Raises:
-            ConfigError: a bad name, an object without ``publish``, or ``name`` taken by another instance
-                (registering the very same object again is a no-op).
-        """
-        return self._add("sinks", name, instance, "publish(events)", replace)
-
-    def _add(self, kind: str, name: str, instance: Any, method: str, replace: bool) -> Any:
+    def _add(self, kind: str, name: str, instance: object, method: str, replace: bool) -> None:
         _check_instance_name(kind, name)
         if not callable(getattr(instance, method.split("(")[0], None)):
             raise ConfigError(
@@ -215,12 +208,11 @@ class Registry:
                 field=f"{kind}.{_q(name)}", value=type(instance).__name__,
             )
         self._put(kind, name, instance, replace)
-        return instance
 
     def _instances(self, kind: str) -> dict[str, Any]:
         return self.connector_instances if kind == "connectors" else self.sink_instances
 
-    def _put(self, kind: str, name: str, instance: Any, replace: bool) -> None:
+    def _put(self, kind: str, name: str, instance: object, replace: bool) -> None:
         table = self._instances(kind)
         current = table.get(name)
         if current is not None and current is not instance and not replace:
@@ -230,7 +222,12 @@ class Registry:
             self._config_tables.pop((kind, name), None)
 
     def build(self, kind: str, name: str, options: Mapping[str, Any]) -> Any:
-        """Build a named instance from config ``options`` (which hold ``type``)."""
+        """Build a named instance from config ``options`` (which hold ``type``).
+
+        Raises:
+            ConfigError: no or an unknown ``type``, or options the class refuses; the class's own problems
+                are reported under the table's field path (``connectors."bank.wire".url``).
+        """
         path = f"{kind}.{_q(name)}"
         table: dict[str, type] = getattr(self, kind)
         type_name = options.get("type")
@@ -252,35 +249,41 @@ class Registry:
             return factory(**kwargs)
         except ConfigError as exc:
             if exc.field and not exc.field.startswith(path):
-                raise ConfigError(f"{path}.{exc.field}: {exc}", field=f"{path}.{exc.field}", value=exc.value) from exc
+                raise _under(path, exc) from exc
             raise
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}", field=path, value=kwargs) from exc
 
-    def connector(self, name: str) -> Any:
-        try:
-            return self.connector_instances[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown connector {name!r}; named connectors: {', '.join(sorted(self.connector_instances)) or 'none'}",
-                field="connector", value=name,
-            ) from None
+    def connector(self, name: str) -> Connector:
+        """The connector instance registered under ``name``; a ``ConfigError`` names those that are."""
+        return _named("connector", self.connector_instances, name)
 
-    def sink(self, name: str) -> Any:
-        try:
-            return self.sink_instances[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown sink {name!r}; named sinks: {', '.join(sorted(self.sink_instances)) or 'none'}",
-                field="sink", value=name,
-            ) from None
+    def sink(self, name: str) -> Sink:
+        """The sink instance registered under ``name``; a ``ConfigError`` names those that are."""
+        return _named("sink", self.sink_instances, name)
+
+
+def _named(what: str, table: Mapping[str, T], name: str) -> T:
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown {what} {name!r}; named {what}s: {', '.join(sorted(table)) or 'none'}",
+                          field=what, value=name) from None
 
 
 def _q(name: str) -> str:
     return f'"{name}"' if "." in name or " " in name else name
 
 
-def _discard(instance: Any) -> None:
+def _under(path: str, exc: ConfigError) -> ConfigError:
+    """``exc`` (and each problem it collects) with its field put under the table at ``path``."""
+    if not exc.field or exc.field.startswith(path):
+        return exc
+    return ConfigError(f"{path}.{exc.field}: {exc}", field=f"{path}.{exc.field}", value=exc.value,
+                       problems=[_under(path, p) for p in exc.problems])
+
+
+def _discard(instance: object) -> None:
     close = getattr(instance, "close", None)
     if callable(close) and not inspect.iscoroutinefunction(close):
         close()
@@ -290,7 +293,7 @@ def _type_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _name_taken(kind: str, name: str, current: Any, newcomer: str) -> ConfigError:
+def _name_taken(kind: str, name: str, current: object, newcomer: str) -> ConfigError:
     # A second instance under a taken name used to replace the first in silence: effects and routes
     # that named it would have gone to the newcomer.
     path = f"{kind}.{_q(name)}"
@@ -312,16 +315,16 @@ def _plugin_name(plugin: Any) -> str:
     return str(getattr(plugin, "name", None) or getattr(plugin, "__name__", None) or type(plugin).__name__)
 
 
-def _entry_points() -> list[md.EntryPoint]:
+def _entry_points() -> list[tuple[md.EntryPoint, md.Distribution]]:
+    """The ``errands.plugins`` entry points, the first of each name, each with the distribution that
+    declares it (read from the distribution itself: an entry point need not know its ``dist``)."""
     seen: set[str] = set()
     out = []
     for dist in md.distributions():
         for ep in dist.entry_points:
             if ep.group == ENTRY_POINT_GROUP and ep.name not in seen:
                 seen.add(ep.name)
-                if getattr(ep, "dist", None) is None:  # pragma: no cover - very old importlib
-                    ep = ep._for(dist)  # type: ignore[attr-defined]
-                out.append(ep)
+                out.append((ep, dist))
     return out
 
 
@@ -345,12 +348,12 @@ def reset_registry(registry: Registry | None = None) -> None:
         _registry = registry
 
 
-def register_connector(name: str, instance: Any, *, replace: bool = False) -> Any:
+def register_connector(name: str, instance: C, *, replace: bool = False) -> C:
     """Register a named connector instance in the process-wide registry (see :meth:`Registry.add_connector`)."""
     return get_registry().add_connector(name, instance, replace=replace)
 
 
-def register_sink(name: str, instance: Any, *, replace: bool = False) -> Any:
+def register_sink(name: str, instance: S, *, replace: bool = False) -> S:
     """Register a named sink instance in the process-wide registry (see :meth:`Registry.add_sink`)."""
     return get_registry().add_sink(name, instance, replace=replace)
 
@@ -358,6 +361,7 @@ def register_sink(name: str, instance: Any, *, replace: bool = False) -> Any:
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
+    # tomli, the backport Python 3.10 installs, is typed; where it is not installed mypy cannot find it.
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 
@@ -366,8 +370,8 @@ class ErrandsConfig:
     """A loaded ``errands.toml``."""
 
     store: str
-    connectors: dict[str, Any]
-    sinks: dict[str, Any]
+    connectors: dict[str, Connector]
+    sinks: dict[str, Sink]
     routes: dict[str, dict[str, Any]]
     worker: dict[str, Any]
     raw: dict[str, Any]
@@ -453,14 +457,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry:
         problems.append(ConfigError("worker must be a table", field="worker", value=worker))
         worker = {}
     if problems:
-        if len(problems) == 1:
-            raise problems[0]
-        err = ConfigError(
-            f"{len(problems)} problems in {path or 'config'}:\n" + "\n".join(f"  - {p}" for p in problems),
-            field=problems[0].field, value=problems[0].value,
-        )
-        err.problems = problems  # type: ignore[attr-defined]
-        raise err
+        raise ConfigError.collect(problems, path or "config")
     for kind, built in (("connectors", connectors), ("sinks", sinks)):
         for name, inst in built.items():
             if kind == "connectors":

@@ -1,12 +1,18 @@
 """The protocols engines consume. Plugins need not inherit from anything.
 
 Every method may be sync or async; engines accept both.
+
+Plugins register classes, and errands builds each one from the options of its ``errands.toml`` table
+(``cls(**options)``, or ``cls.from_config``), so ``type[Connector]``, ``type[Sink]`` and ``type[Scheduler]``
+are called with whatever options a class takes: for the type checker only, each protocol declares an
+``__init__`` that accepts any arguments (a class's own ``__init__`` is never part of a protocol match).
+At run time the protocols have none, so a class that inherits one explicitly keeps ``object.__init__``.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Awaitable, ClassVar, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Awaitable, ClassVar, Protocol, Sequence, Union, runtime_checkable
 
 from ._values import (
     CompensationResult,
@@ -31,6 +37,9 @@ class Connector(Protocol):
     """
 
     name: ClassVar[str]
+
+    if TYPE_CHECKING:
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
     def dispatch(self, effect: Effect) -> DispatchResult | Awaitable[DispatchResult]: ...
 
@@ -61,12 +70,18 @@ class Sink(Protocol):
 
     name: ClassVar[str]
 
+    if TYPE_CHECKING:
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
     def publish(self, events: Sequence[Event]) -> Awaitable[None] | None: ...
 
 
 @runtime_checkable
 class Scheduler(Protocol):
     """Runs ``payload`` under ``topic`` at ``at``; ``key`` makes scheduling idempotent."""
+
+    if TYPE_CHECKING:
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
     def schedule(
         self, topic: str, payload: Any, at: datetime | float, key: str | None = None

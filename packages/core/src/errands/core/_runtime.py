@@ -117,6 +117,9 @@ class CallRunner:
         if pool is not None:
             pool.shutdown(wait=True)
         if loop is not None and thread is not None:
+            # The loop shuts down as asyncio.run shuts one down: async generators still suspended on it
+            # (an async client's pool held open by one) are closed first, on the loop.
+            asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop).result(timeout=5)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=5)
             loop.close()

@@ -23,7 +23,7 @@ Vendor exceptions are mapped to these once, at each connector's edge, with ``rai
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "AlreadyExistsError",
@@ -50,16 +50,67 @@ class ErrandsError(Exception):
 class ConfigError(ErrandsError):
     """Invalid configuration or input.
 
+    Validation reports every problem at once, so that one run shows all there is to fix: it gathers one
+    ``ConfigError`` per bad field and raises :meth:`collect` of them, whose ``problems`` hold each one.
+
     Args:
         message: what is wrong and how to fix it.
         field: the field path (``connectors."bank.wire".url``), if any.
         value: the offending value, if any.
+        problems: the single problems this error reports together (empty for a single problem).
     """
 
-    def __init__(self, message: str, *, field: str | None = None, value: Any = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None,
+                 problems: Iterable[ConfigError] = ()) -> None:
         super().__init__(message)
         self.field = field
         self.value = value
+        self.problems = problems
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        """The single problems this error reports together; empty when it is one problem itself."""
+        return self._problems
+
+    @problems.setter
+    def problems(self, problems: Iterable[ConfigError]) -> None:
+        # Kept as a tuple whatever was gathered, so that the report cannot change after it is raised.
+        self._problems = tuple(problems)
+
+    @classmethod
+    def collect(cls, problems: Sequence[ConfigError], summary: str) -> ConfigError:
+        """One error reporting every problem in ``problems``.
+
+        Args:
+            problems: the problems found, at least one.
+            summary: what was checked (``"errands.toml"``, ``"http connector connectors.crm"``), for the
+                first line of the message: ``"3 problems in <summary>:"``, then a line per problem.
+
+        Returns:
+            The problem itself when there is only one; else a ``ConfigError`` whose ``field`` and
+            ``value`` are those of the first problem and whose ``problems`` are all of them.
+
+        Raises:
+            ValueError: ``problems`` is empty.
+
+        Example:
+            >>> err = ConfigError.collect([ConfigError("url is required", field="url"),
+            ...                            ConfigError("timeout must be > 0", field="timeout")], "settings")
+            >>> print(err)
+            2 problems in settings:
+              - url is required
+              - timeout must be > 0
+            >>> [p.field for p in err.problems]
+            ['url', 'timeout']
+        """
+        if not problems:
+            raise ValueError("ConfigError.collect needs at least one problem")
+        if len(problems) == 1:
+            return problems[0]
+        first = problems[0]
+        lines = "\n".join(f"  - {p}" for p in problems)
+        return cls(f"{len(problems)} problems in {summary}:\n{lines}", field=first.field, value=first.value,
+                   problems=problems)
 
 
 class PayloadError(ConfigError):
@@ -139,7 +190,14 @@ class TransientError(DeliveryError):
 
 
 class PermanentError(DeliveryError):
-    """A failure that retrying will not cure: park the work for a human."""
+    """A failure that retrying will not cure: park the work for a human.
+
+    A sink sets ``stop_route`` (on the instance, or as a class attribute of its own subclass) when the
+    failure is the route's, not the event's (a webhook answering 410 Gone): the fan-out then stops the
+    route until it is resumed instead of parking event after event.
+    """
+
+    stop_route: bool = False
 
 
 def error_text(exc: BaseException) -> str:

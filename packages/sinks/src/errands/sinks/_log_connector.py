@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
-import weakref
 from collections import Counter
-from typing import IO, ClassVar
+from typing import ClassVar
 
 from errands.core import (
-    ConfigError,
     ConnectorCapabilities,
     DispatchOutcome,
     DispatchResult,
@@ -20,10 +17,9 @@ from errands.core import (
     Observation,
     ObservationOutcome,
     Semantics,
-    TransientError,
 )
 
-_STREAMS = {"-": "stdout", "stdout": "stdout", "stderr": "stderr"}
+from ._lines import LineFile
 
 
 class LogConnector:
@@ -47,25 +43,13 @@ class LogConnector:
     name: ClassVar[str] = "log"
 
     def __init__(self, path: str = "dispatch.jsonl", *, fsync: bool = False) -> None:
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"log connector path must be a file path, '-' or 'stderr', got {path!r}",
-                              field="path", value=path)
-        if not isinstance(fsync, bool):
-            raise ConfigError(f"log connector fsync must be true or false, got {fsync!r}", field="fsync", value=fsync)
-        self.stream = _STREAMS.get(path)
-        if self.stream is None:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise ConfigError(
-                    f"log connector path {path!r}: directory {parent!r} does not exist; create it first",
-                    field="path", value=path,
-                )
+        self._out = LineFile("log connector", path, fsync)
+        self.stream = self._out.stream
         self.path = path
         self.fsync = fsync
         self.capabilities = ConnectorCapabilities(
             can_observe=self.stream is None, can_compensate=False, default_semantics=Semantics.IDEMPOTENT)
         self._lock = threading.Lock()
-        self._fh: IO[str] | None = None
         self._seen: Counter[str] | None = None
 
     def __repr__(self) -> str:
@@ -86,18 +70,6 @@ class LogConnector:
             self._seen = seen
         return self._seen
 
-    def _open(self) -> IO[str]:
-        if self._fh is None:
-            if self.stream is not None:
-                self._fh = getattr(sys, self.stream)
-            else:
-                _cut_torn_tail(self.path)
-                self._fh = open(self.path, "a", encoding="utf-8", newline="\n")
-                # A connector dropped without close() still closes its file.
-                weakref.finalize(self, self._fh.close)
-        assert self._fh is not None
-        return self._fh
-
     def dispatch(self, effect: Effect) -> DispatchResult:
         """Append the effect as a JSON line (once per key on a file).
 
@@ -116,17 +88,7 @@ class LogConnector:
             seen = self._keys()
             if seen[effect.key]:
                 return DispatchResult(outcome=DispatchOutcome.CONFIRMED, external_ref=f"{self.path}#{effect.key}")
-            try:
-                fh = self._open()
-                fh.write(line + "\n")
-                fh.flush()
-                if self.fsync and self.stream is None:
-                    os.fsync(fh.fileno())
-            except (OSError, ValueError) as exc:  # ValueError: the file handle was closed under us
-                if self.stream is None and self._fh is not None:
-                    self._fh.close()
-                    self._fh = None
-                raise TransientError(f"log connector could not write to {self.path!r}: {exc}") from exc
+            self._out.write(line + "\n")
             seen[effect.key] += 1
         return DispatchResult(outcome=DispatchOutcome.CONFIRMED, external_ref=f"{self.path}#{effect.key}")
 
@@ -136,8 +98,7 @@ class LogConnector:
         if self.stream is not None:
             return Observation(outcome=ObservationOutcome.UNKNOWN)
         with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
+            self._out.flush()
             self._seen = None
             n = self._keys()[effect.key]
         if n == 0:
@@ -147,33 +108,6 @@ class LogConnector:
         return Observation(outcome=ObservationOutcome.DUPLICATE, response={"count": n})
 
     def close(self) -> None:
+        """Close the file (standard streams are left open). Safe to call twice."""
         with self._lock:
-            if self._fh is not None and self.stream is None:
-                self._fh.close()
-            self._fh = None
-
-
-def _cut_torn_tail(path: str) -> None:
-    """Cut a file back to its last whole line (a killed writer may leave half a line)."""
-    try:
-        with open(path, "rb+") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            if size == 0:
-                return
-            fh.seek(size - 1)
-            if fh.read(1) == b"\n":
-                return
-            pos = size - 1
-            while pos > 0:
-                step = min(4096, pos)
-                fh.seek(pos - step)
-                chunk = fh.read(step)
-                nl = chunk.rfind(b"\n")
-                if nl >= 0:
-                    fh.truncate(pos - step + nl + 1)
-                    return
-                pos -= step
-            fh.truncate(0)
-    except FileNotFoundError:
-        return
+            self._out.close()

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 import threading
-from typing import IO, Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
-from errands.core import ConfigError, Event, TransientError
+from errands.core import ConfigError, Event
 
-log = logging.getLogger("errands.sinks.log")
-
-_STREAMS = {"-": "stdout", "stdout": "stdout", "stderr": "stderr"}
+from ._lines import LineFile
 
 
 class LogSink:
@@ -34,35 +29,13 @@ class LogSink:
     name: ClassVar[str] = "log"
 
     def __init__(self, path: str = "-", *, fsync: bool = False) -> None:
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"log sink path must be a file path, '-' or 'stderr', got {path!r}",
-                              field="path", value=path)
-        if not isinstance(fsync, bool):
-            raise ConfigError(f"log sink fsync must be true or false, got {fsync!r}", field="fsync", value=fsync)
-        if path not in _STREAMS:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise ConfigError(f"log sink path {path!r}: directory {parent!r} does not exist; create it first",
-                                  field="path", value=path)
+        self._out = LineFile("log sink", path, fsync)
         self.path = path
         self.fsync = fsync
-        self._fh: IO[str] | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LogSink(path={self.path!r}, fsync={self.fsync})"
-
-    def _open(self) -> IO[str]:
-        if self._fh is not None:
-            return self._fh
-        stream = _STREAMS.get(self.path)
-        if stream is not None:
-            self._fh = getattr(sys, stream)
-        else:
-            _cut_torn_tail(self.path)
-            self._fh = open(self.path, "a", encoding="utf-8", newline="\n")
-        assert self._fh is not None
-        return self._fh
 
     def publish(self, events: Sequence[Event]) -> None:
         """Append ``events`` as JSON lines.
@@ -74,30 +47,12 @@ class LogSink:
             return
         text = "".join([e.to_json() + "\n" for e in events])
         with self._lock:
-            try:
-                fh = self._open()
-                fh.write(text)
-                fh.flush()
-                if self.fsync and self.path not in _STREAMS:
-                    os.fsync(fh.fileno())
-            except OSError as exc:
-                self._drop()
-                raise TransientError(f"log sink could not write {self.path!r}: {exc}") from exc
-
-    def _drop(self) -> None:
-        fh, self._fh = self._fh, None
-        if fh is not None and self.path not in _STREAMS:
-            try:
-                fh.close()
-            except OSError:
-                log.warning("log sink %s: close failed after a write error", self.path, exc_info=True)
+            self._out.write(text)
 
     def close(self) -> None:
         """Close the file (standard streams are left open). Safe to call twice."""
         with self._lock:
-            if self._fh is not None and self.path not in _STREAMS:
-                self._fh.close()
-            self._fh = None
+            self._out.close()
 
     @classmethod
     def from_config(cls, *, name: str, options: dict[str, Any], field: str) -> LogSink:
@@ -106,35 +61,5 @@ class LogSink:
         if unknown:
             raise ConfigError(f"{field}: unknown option {unknown[0]!r}; log sinks take path and fsync",
                               field=f"{field}.{unknown[0]}", value=options[unknown[0]])
-        try:
-            return cls(**options)
-        except ConfigError as exc:
-            raise ConfigError(f"{field}.{exc.field}: {exc}", field=f"{field}.{exc.field}", value=exc.value) from exc
-
-
-def _cut_torn_tail(path: str) -> None:
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        return
-    if size == 0:
-        return
-    with open(path, "rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return
-        # Walk back to the last newline; everything after it is a half-written line.
-        pos = size
-        chunk = 65536
-        keep = 0
-        while pos > 0:
-            start = max(0, pos - chunk)
-            fh.seek(start)
-            data = fh.read(pos - start)
-            i = data.rfind(b"\n")
-            if i >= 0:
-                keep = start + i + 1
-                break
-            pos = start
-        fh.truncate(keep)
-    log.warning("log sink %s: cut a torn last line (%d bytes) left by an interrupted write", path, size - keep)
+        # A ConfigError of the constructor is put under ``field`` by the registry that called this.
+        return cls(**options)

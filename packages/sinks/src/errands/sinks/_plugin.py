@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from errands.core import hookimpl
+from errands.core import Connector, Sink, hookimpl
 
 
 @hookimpl
-def errands_register_connectors() -> list[type]:
+def errands_register_connectors() -> list[type[Connector]]:
     from ._log_connector import LogConnector
 
     return [LogConnector]
 
 
 @hookimpl
-def errands_register_sinks() -> list[type]:
+def errands_register_sinks() -> list[type[Sink]]:
     from ._log_sink import LogSink
     from ._webhook import WebhookSink
 

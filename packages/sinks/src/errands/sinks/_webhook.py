@@ -121,10 +121,7 @@ class WebhookSink:
             problems.append(ConfigError(f"timeout must be positive seconds, got {timeout!r}", field="timeout",
                                         value=timeout))
         if problems:
-            if len(problems) == 1:
-                raise problems[0]
-            raise ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field,
-                              value=problems[0].value)
+            raise ConfigError.collect(problems, "webhook sink")
         self.url = url
         self.display_url = _display_url(url)
         self.timeout = float(timeout)
@@ -186,10 +183,8 @@ class WebhookSink:
                               field=f"{field}.{unknown[0]}", value=options[unknown[0]])
         if "url" not in options:
             raise ConfigError(f"{field}.url is required", field=f"{field}.url", value=None)
-        try:
-            return cls(**options)
-        except ConfigError as exc:
-            raise ConfigError(f"{field}.{exc.field}: {exc}", field=f"{field}.{exc.field}", value=exc.value) from exc
+        # A ConfigError of the constructor is put under ``field`` by the registry that called this.
+        return cls(**options)
 
 
 def verify_webhook(

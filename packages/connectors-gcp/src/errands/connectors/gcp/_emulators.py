@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from errands.core.testing._services import free_port, wait_for_port
+from errands.core.testing import free_port, wait_for_port
 
 __all__ = [
     "TASKS_EMULATOR_VERSION",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from errands.core import hookimpl
+from errands.core import Connector, Scheduler, Sink, hookimpl
 
 from ._pubsub import PubSubConnector, PubSubSink
 from ._spanner import SpannerStore
@@ -10,17 +10,17 @@ from ._tasks import CloudTasksConnector, CloudTasksScheduler
 
 
 @hookimpl
-def errands_register_connectors() -> list[type]:
+def errands_register_connectors() -> list[type[Connector]]:
     return [CloudTasksConnector, PubSubConnector]
 
 
 @hookimpl
-def errands_register_sinks() -> list[type]:
+def errands_register_sinks() -> list[type[Sink]]:
     return [PubSubSink]
 
 
 @hookimpl
-def errands_register_schedulers() -> list[type]:
+def errands_register_schedulers() -> list[type[Scheduler]]:
     return [CloudTasksScheduler]
 
 

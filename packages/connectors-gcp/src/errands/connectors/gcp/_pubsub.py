@@ -103,6 +103,24 @@ class _Publisher:
             client.stop()
 
 
+class _OnTopic:
+    """What the connector and the sink share: the publisher they hold and what it publishes to."""
+
+    _pub: _Publisher
+
+    @property
+    def topic(self) -> str:
+        return self._pub.topic
+
+    @property
+    def ordering(self) -> bool:
+        return self._pub.ordering
+
+    def close(self) -> None:
+        """Flush and stop the publisher."""
+        self._pub.close()
+
+
 def _classify(exc: BaseException) -> str:
     """``"timeout"``, ``"transient"`` or ``"permanent"`` for an error a publish future raised."""
     if isinstance(exc, (concurrent.futures.TimeoutError, TimeoutError)):
@@ -118,7 +136,7 @@ def _classify(exc: BaseException) -> str:
     return "transient"
 
 
-class PubSubConnector:
+class PubSubConnector(_OnTopic):
     """Publishes each effect's payload (JSON) to a Pub/Sub topic.
 
     Attributes on every message: ``errands-effect-key``, ``errands-connector``, and when set
@@ -172,14 +190,6 @@ class PubSubConnector:
     def project(self) -> str:
         return self._pub.project
 
-    @property
-    def topic(self) -> str:
-        return self._pub.topic
-
-    @property
-    def ordering(self) -> bool:
-        return self._pub.ordering
-
     def ordering_key(self, effect: Effect) -> str:
         """The ordering key of ``effect`` ("" when ordering is off)."""
         if not self.ordering:
@@ -225,12 +235,8 @@ class PubSubConnector:
         return DispatchResult(outcome=DispatchOutcome.CONFIRMED, external_ref=str(message_id),
                               response={"message_id": str(message_id)})
 
-    def close(self) -> None:
-        """Flush and stop the publisher."""
-        self._pub.close()
 
-
-class PubSubSink:
+class PubSubSink(_OnTopic):
     """Publishes journal events to a Pub/Sub topic in CloudEvents binary mode.
 
     Each message's data is the event's ``data`` as JSON; its attributes are ``ce-specversion``, ``ce-id``
@@ -275,14 +281,6 @@ class PubSubSink:
         self._pub = _Publisher(project, topic, ordering, publisher, batch_max_messages,
                                _check_positive("batch_max_latency", batch_max_latency))
         self.timeout = _check_positive("timeout", timeout)
-
-    @property
-    def topic(self) -> str:
-        return self._pub.topic
-
-    @property
-    def ordering(self) -> bool:
-        return self._pub.ordering
 
     @staticmethod
     def message(event: Event) -> tuple[bytes, dict[str, str]]:
@@ -343,7 +341,3 @@ class PubSubSink:
         if kinds == {"permanent"}:
             raise PermanentError(message) from first
         raise TransientError(message) from first
-
-    def close(self) -> None:
-        """Flush and stop the publisher."""
-        self._pub.close()

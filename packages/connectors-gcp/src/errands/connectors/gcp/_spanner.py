@@ -133,13 +133,12 @@ class SpannerOperationStore:
         client: Any = None,
     ) -> None:
         problems = [
-            (f, v) for f, v in (("project", project), ("instance", instance), ("database", database),
-                                ("neuron", neuron))
+            ConfigError(f"{f} must be a non-empty id without '/', got {v!r}", field=f, value=v)
+            for f, v in (("project", project), ("instance", instance), ("database", database), ("neuron", neuron))
             if not isinstance(v, str) or not v or "/" in v
         ]
         if problems:
-            f, v = problems[0]
-            raise ConfigError(f"{f} must be a non-empty id without '/', got {v!r}", field=f, value=v)
+            raise ConfigError.collect(problems, "Spanner operation store")
         self.project, self.instance_id, self.database_id, self.neuron = project, instance, database, neuron
         self.table = table or table_name(table_project or project, neuron)
         if not _TABLE.match(self.table):

@@ -73,6 +73,13 @@ def _exceptions() -> Any:
     return require("google.api_core.exceptions", package="google-api-core", extra="tasks")
 
 
+def _check_method(method: object) -> str:
+    if method not in _METHODS:
+        raise ConfigError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", field="method",
+                          value=method)
+    return str(method)
+
+
 def _check(field: str, value: object, what: str = "a non-empty string") -> str:
     if not isinstance(value, str) or not value.strip() or "/" in value:
         raise ConfigError(f"{field} must be {what} without '/', got {value!r}", field=field, value=value)
@@ -188,8 +195,14 @@ class _TasksQueue:
             transport.close()
 
 
-def _kind(exc: BaseException) -> str:
-    """``"exists"``, ``"missing"``, ``"unknown"`` (maybe done, retry) or ``"failed"`` (will not pass)."""
+def _kind(exc: Exception) -> str:
+    """``"exists"``, ``"missing"``, ``"unknown"`` (maybe done, retry) or ``"failed"`` (will not pass).
+
+    Raises:
+        ImportError: ``exc`` itself, when it is one (a missing extra): that is no answer of Cloud Tasks.
+    """
+    if isinstance(exc, ImportError):
+        raise exc
     ex = _exceptions()
     if isinstance(exc, ex.AlreadyExists):
         return "exists"
@@ -201,7 +214,21 @@ def _kind(exc: BaseException) -> str:
     return "unknown"
 
 
-class CloudTasksConnector:
+class _OnQueue:
+    """What the connector and the scheduler share: the queue they create tasks in."""
+
+    _queue: _TasksQueue
+
+    @property
+    def queue_path(self) -> str:
+        return self._queue.queue_path
+
+    def close(self) -> None:
+        """Close the client's channel."""
+        self._queue.close()
+
+
+class CloudTasksConnector(_OnQueue):
     """Delivers each effect as one Cloud Tasks HTTP task; Cloud Tasks then calls ``url`` until it succeeds.
 
     The task id is ``task_id_for(effect.key)``: a second dispatch of the same effect gets ``ALREADY_EXISTS``,
@@ -256,20 +283,13 @@ class CloudTasksConnector:
     ) -> None:
         self.url = _check_url("url", url)
         self.dispatch_deadline = _check_deadline(dispatch_deadline)
-        if method not in _METHODS:
-            raise ConfigError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", field="method",
-                              value=method)
-        self.method = method
+        self.method = _check_method(method)
         if not isinstance(task_id_prefix, str) or any(not (c.isalnum() or c in "-_") for c in task_id_prefix):
             raise ConfigError(f"task_id_prefix may hold only letters, digits, '-' and '_', got {task_id_prefix!r}",
                               field="task_id_prefix", value=task_id_prefix)
         self.task_id_prefix = task_id_prefix
         self._queue = _TasksQueue(project, location, queue, client, emulator_host, timeout, service_account,
                                   audience, headers)
-
-    @property
-    def queue_path(self) -> str:
-        return self._queue.queue_path
 
     def task_name(self, effect: Effect) -> str:
         """The full task name ``effect`` is delivered as."""
@@ -301,8 +321,6 @@ class CloudTasksConnector:
             task = self._queue.create(task_id_for(effect.key, self.task_id_prefix), request, at,
                                       self.dispatch_deadline)
         except Exception as exc:
-            if isinstance(exc, ImportError):
-                raise
             kind = _kind(exc)
             error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
             if kind == "exists":
@@ -326,8 +344,6 @@ class CloudTasksConnector:
         try:
             task = self._queue.client().get_task(name=name, timeout=self._queue.timeout, retry=None)
         except Exception as exc:
-            if isinstance(exc, ImportError):
-                raise
             if _kind(exc) == "missing":
                 return Observation(outcome=ObservationOutcome.ABSENT, external_ref=name)
             return Observation(outcome=ObservationOutcome.UNKNOWN, external_ref=name,
@@ -335,12 +351,8 @@ class CloudTasksConnector:
         return Observation(outcome=ObservationOutcome.CONFIRMED, external_ref=task.name,
                            response={"task": task.name, "dispatch_count": int(task.dispatch_count)})
 
-    def close(self) -> None:
-        """Close the client's channel."""
-        self._queue.close()
 
-
-class CloudTasksScheduler:
+class CloudTasksScheduler(_OnQueue):
     """Core's ``Scheduler`` on Cloud Tasks: each timer is an HTTP task that calls a service back at ``at``.
 
     Where a timer's task goes:
@@ -406,20 +418,13 @@ class CloudTasksScheduler:
             raise ConfigError(f"prefix must be a path starting with '/', got {prefix!r}", field="prefix",
                               value=prefix)
         self.prefix = prefix
-        if method not in _METHODS:
-            raise ConfigError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", field="method",
-                              value=method)
-        self.method = method
+        self.method = _check_method(method)
         if payload_as not in ("query", "json"):
             raise ConfigError(f"payload_as must be 'query' or 'json', got {payload_as!r}", field="payload_as",
                               value=payload_as)
         self.payload_as = payload_as
         self._queue = _TasksQueue(project, location, queue, client, emulator_host, timeout, service_account,
                                   audience, headers)
-
-    @property
-    def queue_path(self) -> str:
-        return self._queue.queue_path
 
     def url_for(self, topic: str, payload: Any) -> str:
         """The callback URL of a timer.
@@ -491,8 +496,6 @@ class CloudTasksScheduler:
             request = self._queue.http_request(self.method, url, body, headers, audience=audience)
             self._queue.create(task_id_for(key), request, when, self.dispatch_deadline)
         except Exception as exc:
-            if isinstance(exc, ImportError):
-                raise
             kind = _kind(exc)
             if kind == "exists":
                 return key
@@ -509,13 +512,7 @@ class CloudTasksScheduler:
             self._queue.client().delete_task(name=self._queue.task_path(task_id_for(key)),
                                              timeout=self._queue.timeout, retry=None)
         except Exception as exc:
-            if isinstance(exc, ImportError):
-                raise
             if _kind(exc) == "missing":
                 return False
             raise TransientError(f"cancelling timer on {self.queue_path} failed: {type(exc).__name__}") from exc
         return True
-
-    def close(self) -> None:
-        """Close the client's channel."""
-        self._queue.close()

@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from errands.core.testing import service_missing
@@ -72,37 +72,39 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _running(start: Callable[[], EmulatorProcess], unavailable: type[Exception],
+             reason: str = "") -> Iterator[EmulatorProcess]:
+    """An emulator from ``start``, stopped afterwards; one that raises ``unavailable`` cannot run here, and
+    the test calls ``service_missing`` (with ``reason`` before the error)."""
+    try:
+        emulator = start()
+    except unavailable as exc:
+        service_missing(f"{reason}{exc}")
+        raise
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
 @pytest.fixture(scope="session")
 def pubsub_emulator() -> Iterator[EmulatorProcess]:
     """The Pub/Sub emulator for the session, with ``PUBSUB_EMULATOR_HOST`` set."""
-    try:
-        emulator = start_pubsub_emulator()
-    except FileNotFoundError as exc:
-        service_missing(str(exc))
-        raise
-    try:
-        with _environ(PUBSUB_EMULATOR_HOST=emulator.address):
-            yield emulator
-    finally:
-        emulator.stop()
+    with _running(start_pubsub_emulator, FileNotFoundError) as emulator, _environ(
+        PUBSUB_EMULATOR_HOST=emulator.address
+    ):
+        yield emulator
 
 
 @pytest.fixture(scope="session")
 def spanner_emulator() -> Iterator[EmulatorProcess]:
     """The Spanner emulator for the session, with one instance (``errands-test``) created."""
-    try:
-        emulator = start_spanner_emulator()
-    except FileNotFoundError as exc:
-        service_missing(str(exc))
-        raise
-    try:
-        with _environ(
-            SPANNER_EMULATOR_HOST=emulator.address, GOOGLE_CLOUD_SPANNER_MULTIPLEXED_SESSIONS_FOR_RW="false"
-        ):
-            _create_spanner_instance()
-            yield emulator
-    finally:
-        emulator.stop()
+    with _running(start_spanner_emulator, FileNotFoundError) as emulator, _environ(
+        SPANNER_EMULATOR_HOST=emulator.address, GOOGLE_CLOUD_SPANNER_MULTIPLEXED_SESSIONS_FOR_RW="false"
+    ):
+        _create_spanner_instance()
+        yield emulator
 
 
 def _create_spanner_instance() -> None:
@@ -110,6 +112,7 @@ def _create_spanner_instance() -> None:
 
     client = spanner.Client(project=TEST_PROJECT)
     config = f"projects/{TEST_PROJECT}/instanceConfigs/emulator-config"
+    # google-cloud-spanner's Client.instance carries no annotations.
     instance = client.instance(SPANNER_INSTANCE, configuration_name=config, node_count=1)  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + 30
     while True:
@@ -139,6 +142,7 @@ def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatab
 
     name = f"db{uuid.uuid4().hex[:12]}"
     client = spanner.Client(project=TEST_PROJECT)
+    # google-cloud-spanner's Client.instance carries no annotations.
     database = client.instance(SPANNER_INSTANCE).database(name)  # type: ignore[no-untyped-call]
     database.create().result(timeout=60)
     try:
@@ -151,13 +155,6 @@ def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatab
 @pytest.fixture(scope="session")
 def tasks_emulator() -> Iterator[EmulatorProcess]:
     """The Cloud Tasks emulator for the session (its virtualenv is built and cached on first use)."""
-    try:
-        emulator = start_tasks_emulator()
-    except RuntimeError as exc:
-        service_missing(f"Cloud Tasks emulator unavailable: {exc}")
-        raise
-    try:
+    with _running(start_tasks_emulator, RuntimeError, "Cloud Tasks emulator unavailable: ") as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 

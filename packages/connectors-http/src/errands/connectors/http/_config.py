@@ -169,13 +169,7 @@ def validate(options: Mapping[str, Any], *, prefix: str = "", expand_env: bool =
         problems.append(ConfigError(f"{path} must be the path of a PEM file of CA certificates, got {ca_bundle!r}",
                                     field=path, value=ca_bundle))
     if problems:
-        if len(problems) == 1:
-            raise problems[0]
-        err = ConfigError(f"{len(problems)} problems in http connector {prefix or 'settings'}:\n"
-                          + "\n".join(f"  - {p}" for p in problems),
-                          field=problems[0].field, value=problems[0].value)
-        err.problems = problems  # type: ignore[attr-defined]
-        raise err
+        raise ConfigError.collect(problems, f"http connector {prefix or 'settings'}")
     assert url is not None  # a missing url is a problem above
     return HttpSettings(url=url, observe_url=observe_url, compensate_url=compensate_url, headers=headers,
                         timeout=timeout, connect_retries=int(retries), max_connections=int(max_conn),

@@ -11,7 +11,8 @@ import logging
 import ssl
 import threading
 import weakref
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, Callable, ClassVar, Generic, Mapping, TypeVar
 
 import httpx
 import stamina
@@ -31,6 +32,8 @@ from errands.core import (
 from .__about__ import __version__
 from ._config import HttpSettings, redact_url, validate
 from ._headers import parse_retry_after, redact_headers, scrub, secret_fragments
+
+R = TypeVar("R", DispatchResult, Observation, CompensationResult)
 
 log = logging.getLogger("errands.connectors.http")
 
@@ -78,32 +81,49 @@ def _external_ref(response: httpx.Response, body: Any) -> str | None:
     return None
 
 
-def _close_with_loop(connector: HttpConnector, client: httpx.AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
-    """Close ``client`` just before ``loop`` closes, unless the connector closed it first.
+class _LoopPool:
+    """The connector's own ``httpx.AsyncClient`` on one event loop, closed on that loop.
 
-    Engines run async connectors on a loop they own and close when they stop; a pool left open on a closed
-    loop could only leak its sockets. asyncio has no close hook, so the loop's ``close`` is wrapped once
-    per pool. Loops that refuse new attributes (uvloop) are left alone: close the connector yourself.
+    Pooled connections belong to the loop that opened them, so each loop gets a pool of its own. The pool
+    is held open by an async generator suspended on that loop: asyncio tracks a loop's async generators
+    and closes them when the loop shuts down (``loop.shutdown_asyncgens()``, which ``asyncio.run``,
+    ``asyncio.Runner`` and core's ``CallRunner`` call), so a pool the connector was not asked to close
+    still closes before its loop does, without touching the loop itself.
     """
-    ref = weakref.ref(connector)
-    original = loop.close
 
-    def close_pool_then_loop() -> None:
-        owner = ref()
-        if owner is not None and owner._async_client is client:
-            owner._async_client, owner._async_loop = None, None
-        if owner is None or not client.is_closed:
-            if not loop.is_running() and not loop.is_closed():
-                try:
-                    loop.run_until_complete(client.aclose())
-                except Exception:
-                    log.warning("closing an http connection pool with its event loop failed", exc_info=True)
-        original()
+    def __init__(self, client: httpx.AsyncClient, closed: Callable[[_LoopPool], None]) -> None:
+        self.client = client
+        self._closed = closed
+        self._held = self._hold()
 
-    try:
-        loop.close = close_pool_then_loop  # type: ignore[method-assign]
-    except AttributeError:
-        pass
+    async def _hold(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self._closed(self)
+            await self.client.aclose()
+
+    async def open(self) -> None:
+        """Start holding the pool, on the running loop (which from now on tracks it)."""
+        await self._held.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the pool now; on its own loop."""
+        await self._held.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[R]):
+    """One POST of an operation (``dispatch``, ``observe``, ``compensate``) and how its answer, or the
+    transport failure that stood in for one, becomes that operation's result. The sync and async forms
+    of each operation differ only in how they send it."""
+
+    what: str
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    answered: Callable[[httpx.Response], R]
+    failed: Callable[[str], R]
 
 
 class HttpConnector:
@@ -199,10 +219,11 @@ class HttpConnector:
                                     max_keepalive_connections=settings.max_connections)
         self._own_client = client is None
         self._client = client
-        self._own_async_client = async_client is None
         self._async_client = async_client
-        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._async_pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._lock = threading.Lock()
+        self._retried = stamina.retry(on=NEVER_SENT, attempts=settings.connect_retries + 1, timeout=None,
+                                      wait_initial=0.05, wait_max=1.0, wait_jitter=0.05)
 
     @classmethod
     def from_config(cls, *, name: str, options: Mapping[str, Any], field: str = "") -> HttpConnector:
@@ -248,51 +269,55 @@ class HttpConnector:
                 client = self._client
         return client
 
-    def _aclient(self) -> httpx.AsyncClient:
+    async def _aclient(self) -> httpx.AsyncClient:
+        """The ``async_client`` passed in, else this connector's pool for the running loop."""
+        if self._async_client is not None:
+            return self._async_client
         loop = asyncio.get_running_loop()
-        client = self._async_client
-        if client is not None and (not self._own_async_client or self._async_loop is loop):
-            return client
         with self._lock:
-            stale, stale_loop = (self._async_client, self._async_loop) if self._own_async_client else (None, None)
-            # Pooled connections belong to the loop that opened them: a new loop gets a new pool.
+            pool = self._async_pools.get(loop)
+            if pool is not None:
+                return pool.client
+            for gone in [other for other in self._async_pools if other.is_closed()]:
+                del self._async_pools[gone]
             client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=self._verify(),
                                        headers=self._headers, follow_redirects=False)
-            self._async_client, self._async_loop = client, loop
-        if stale is not None and stale_loop is not None and stale_loop.is_running():
-            asyncio.run_coroutine_threadsafe(stale.aclose(), stale_loop)
-        _close_with_loop(self, client, loop)
+            pool = self._async_pools[loop] = _LoopPool(client, _forget_pool(self, loop))
+        await pool.open()
         return client
 
     def close(self) -> None:
         """Close the connector's own connection pools.
 
-        The async pool is closed on the event loop that opened it, when that loop runs in another thread
-        (a worker's loop); from inside a running loop use :meth:`aclose`. Close an async pool before its
-        loop ends: a pool whose loop is gone can only be dropped.
+        An async pool is closed on the event loop that opened it: a loop running in another thread (a
+        worker's loop) closes it there, a loop that is not running is run until it has (when no loop runs
+        in this thread). The pool of this thread's own running loop is left to :meth:`aclose`, or to the
+        loop's shutdown; a pool whose loop is gone can only be dropped.
         """
         with self._lock:
             client, self._client = (self._client, None) if self._own_client else (None, self._client)
-            aclient, loop = (self._async_client, self._async_loop) if self._own_async_client else (None, None)
-            if aclient is not None:
-                self._async_client, self._async_loop = None, None
+            pools = list(self._async_pools.items())
         if client is not None:
             client.close()
-        if aclient is not None and loop is not None and loop.is_running() and not loop.is_closed():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                asyncio.run_coroutine_threadsafe(aclient.aclose(), loop).result(timeout=self.timeout)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop, pool in pools:
+            if loop.is_closed():
+                _forget_pool(self, loop)(pool)
+            elif loop.is_running():
+                if loop is not running:
+                    asyncio.run_coroutine_threadsafe(pool.aclose(), loop).result(timeout=self.timeout)
+            elif running is None:
+                loop.run_until_complete(pool.aclose())
 
     async def aclose(self) -> None:
         """Close the connector's own connection pools (async and sync)."""
-        if self._own_async_client and self._async_client is not None:
-            client = self._async_client
-            self._async_client = None
-            self._async_loop = None
-            await client.aclose()
+        with self._lock:
+            pool = self._async_pools.get(asyncio.get_running_loop())
+        if pool is not None:
+            await pool.aclose()
         self.close()
 
     def __enter__(self) -> HttpConnector:
@@ -330,28 +355,43 @@ class HttpConnector:
         headers["Errands-Attempt"] = str(attempt)
         return headers
 
-    def _retrying(self) -> Any:
-        return stamina.retry_context(on=NEVER_SENT, attempts=self.settings.connect_retries + 1,
-                                     timeout=None, wait_initial=0.05, wait_max=1.0, wait_jitter=0.05)
+    def _post_options(self, headers: dict[str, str], own_client: bool) -> dict[str, Any]:
+        """The options of a POST: a client the connector built carries the static headers and the timeout."""
+        if own_client:
+            return {"headers": headers}
+        return {"headers": {**self._headers, **headers}, "timeout": self._timeout}
 
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        client = self._sync_client()
-        for attempt in self._retrying():
-            with attempt:
-                if self._own_client:
-                    return client.post(url, content=body, headers=headers)
-                return client.post(url, content=body, headers={**self._headers, **headers}, timeout=self._timeout)
-        raise AssertionError("stamina.retry_context yields at least one attempt")
+    def _post(self, call: _Call[Any]) -> httpx.Response | httpx.RequestError:
+        """Send ``call`` on the sync client (connect failures retried); a transport failure is returned."""
+        post = self._retried(self._sync_client().post)
+        try:
+            return post(call.url, content=call.body, **self._post_options(call.headers, self._own_client))
+        except httpx.RequestError as exc:
+            return exc
 
-    async def _apost(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        client = self._aclient()
-        async for attempt in self._retrying():
-            with attempt:
-                if self._own_async_client:
-                    return await client.post(url, content=body, headers=headers)
-                return await client.post(url, content=body, headers={**self._headers, **headers},
-                                         timeout=self._timeout)
-        raise AssertionError("stamina.retry_context yields at least one attempt")
+    async def _apost(self, call: _Call[Any]) -> httpx.Response | httpx.RequestError:
+        """:meth:`_post` on the async client."""
+        post = self._retried((await self._aclient()).post)
+        try:
+            return await post(call.url, content=call.body,
+                              **self._post_options(call.headers, self._async_client is None))
+        except httpx.RequestError as exc:
+            return exc
+
+    def _finish(self, call: _Call[R], answer: httpx.Response | httpx.RequestError) -> R:
+        """The result of ``call`` from its answer, logged."""
+        if isinstance(answer, httpx.Response):
+            result = call.answered(answer)
+        else:
+            result = call.failed(self._describe(answer, call.url))
+        self._log(call.what, call.url, call.headers["Idempotency-Key"], call.headers, result.outcome,
+                  getattr(result, "error", None))
+        return result
+
+    def _status_error(self, status: int, body: Any) -> str:
+        """``HTTP <status>`` and the start of the body the server answered with, secrets scrubbed."""
+        shown = scrub(body if isinstance(body, str) else json.dumps(body), self._secrets)[:300] if body else ""
+        return f"HTTP {status}{': ' + shown if shown else ''}"
 
     def _describe(self, exc: BaseException, url: str) -> str:
         sent = "the request was not sent" if isinstance(exc, NEVER_SENT) else "the request may have been sent"
@@ -368,14 +408,15 @@ class HttpConnector:
             log.info("%s %s key=%s -> %s: %s", what, redact_url(url), key, outcome, error)
 
     # -- dispatch -------------------------------------------------------------------------------
-    def _dispatch_request(self, effect: Effect, attempt: int | None) -> tuple[bytes, dict[str, str]] | DispatchResult:
+    def _dispatch_call(self, effect: Effect, attempt: int | None) -> _Call[DispatchResult] | DispatchResult:
         try:
             body = json.dumps(effect.payload, separators=(",", ":"), ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
             return DispatchResult(outcome=DispatchOutcome.FAILED,
                                   error=f"payload of effect {effect.key!r} is not JSON-serialisable: {exc}")
-        return body, self._request_headers(effect.key, effect.business_key, effect.run_id,
-                                           _attempt_of(effect, attempt))
+        headers = self._request_headers(effect.key, effect.business_key, effect.run_id, _attempt_of(effect, attempt))
+        return _Call("dispatch", self.url, body, headers, self._dispatch_result,
+                     lambda error: DispatchResult(outcome=DispatchOutcome.UNKNOWN, error=error))
 
     def _dispatch_result(self, response: httpx.Response) -> DispatchResult:
         status = response.status_code
@@ -384,19 +425,17 @@ class HttpConnector:
         if 200 <= status < 300:
             return DispatchResult(outcome=DispatchOutcome.CONFIRMED, response=summary,
                                   external_ref=_external_ref(response, body))
-        shown = scrub(body if isinstance(body, str) else json.dumps(body), self._secrets)[:300] if body else ""
         if 300 <= status < 400:
             where = response.headers.get("location", "")
             return DispatchResult(outcome=DispatchOutcome.UNKNOWN, response=summary,
                                   error=f"HTTP {status} redirect{' to ' + where if where else ''}: a POST is not "
                                         "followed, the effect may or may not have happened",
                                   retry_after=parse_retry_after(response.headers.get("retry-after")))
+        error = self._status_error(status, body)
         if status in _RETRYABLE_STATUS or status >= 500 or status < 200:
-            return DispatchResult(outcome=DispatchOutcome.UNKNOWN, response=summary,
-                                  error=f"HTTP {status}{': ' + shown if shown else ''}",
+            return DispatchResult(outcome=DispatchOutcome.UNKNOWN, response=summary, error=error,
                                   retry_after=parse_retry_after(response.headers.get("retry-after")))
-        return DispatchResult(outcome=DispatchOutcome.FAILED, response=summary,
-                              error=f"HTTP {status}{': ' + shown if shown else ''}")
+        return DispatchResult(outcome=DispatchOutcome.FAILED, response=summary, error=error)
 
     def dispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:
         """POST ``effect.payload`` as JSON to ``url``.
@@ -409,36 +448,16 @@ class HttpConnector:
         Returns:
             The outcome; never raises for an HTTP or transport failure.
         """
-        prepared = self._dispatch_request(effect, attempt)
-        if isinstance(prepared, DispatchResult):
-            return prepared
-        body, headers = prepared
-        try:
-            response = self._post(self.url, body, headers)
-        except httpx.RequestError as exc:
-            result = DispatchResult(outcome=DispatchOutcome.UNKNOWN, error=self._describe(exc, self.url))
-        else:
-            result = self._dispatch_result(response)
-        self._log("dispatch", self.url, effect.key, headers, result.outcome, result.error)
-        return result
+        call = self._dispatch_call(effect, attempt)
+        return self._finish(call, self._post(call)) if isinstance(call, _Call) else call
 
     async def adispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:
         """The async form of :meth:`dispatch`, on the connector's ``httpx.AsyncClient``."""
-        prepared = self._dispatch_request(effect, attempt)
-        if isinstance(prepared, DispatchResult):
-            return prepared
-        body, headers = prepared
-        try:
-            response = await self._apost(self.url, body, headers)
-        except httpx.RequestError as exc:
-            result = DispatchResult(outcome=DispatchOutcome.UNKNOWN, error=self._describe(exc, self.url))
-        else:
-            result = self._dispatch_result(response)
-        self._log("dispatch", self.url, effect.key, headers, result.outcome, result.error)
-        return result
+        call = self._dispatch_call(effect, attempt)
+        return self._finish(call, await self._apost(call)) if isinstance(call, _Call) else call
 
     # -- observe --------------------------------------------------------------------------------
-    def _observe_request(self, effect: Effect, attempt: int | None) -> tuple[bytes, dict[str, str]] | Observation:
+    def _observe_call(self, effect: Effect, attempt: int | None) -> _Call[Observation] | Observation:
         if self.observe_url is None:
             return Observation(outcome=ObservationOutcome.UNKNOWN,
                                response={"error": "this connector has no observe_url"})
@@ -448,8 +467,9 @@ class HttpConnector:
         except (TypeError, ValueError) as exc:
             return Observation(outcome=ObservationOutcome.UNKNOWN,
                                response={"error": f"payload is not JSON-serialisable: {exc}"})
-        return body, self._request_headers(effect.key, effect.business_key, effect.run_id,
-                                           _attempt_of(effect, attempt))
+        headers = self._request_headers(effect.key, effect.business_key, effect.run_id, _attempt_of(effect, attempt))
+        return _Call("observe", self.observe_url, body, headers, self._observation,
+                     lambda error: Observation(outcome=ObservationOutcome.UNKNOWN, response={"error": error}))
 
     def _observation(self, response: httpx.Response) -> Observation:
         body = _body_of(response)
@@ -472,40 +492,16 @@ class HttpConnector:
             effect: the effect to look up.
             attempt: sent as ``Errands-Attempt``, as for :meth:`dispatch`.
         """
-        prepared = self._observe_request(effect, attempt)
-        if isinstance(prepared, Observation):
-            return prepared
-        body, headers = prepared
-        assert self.observe_url is not None
-        try:
-            response = self._post(self.observe_url, body, headers)
-        except httpx.RequestError as exc:
-            error = self._describe(exc, self.observe_url)
-            result = Observation(outcome=ObservationOutcome.UNKNOWN, response={"error": error})
-        else:
-            result = self._observation(response)
-        self._log("observe", self.observe_url, effect.key, headers, result.outcome, None)
-        return result
+        call = self._observe_call(effect, attempt)
+        return self._finish(call, self._post(call)) if isinstance(call, _Call) else call
 
     async def aobserve(self, effect: Effect, *, attempt: int | None = None) -> Observation:
         """The async form of :meth:`observe`."""
-        prepared = self._observe_request(effect, attempt)
-        if isinstance(prepared, Observation):
-            return prepared
-        body, headers = prepared
-        assert self.observe_url is not None
-        try:
-            response = await self._apost(self.observe_url, body, headers)
-        except httpx.RequestError as exc:
-            error = self._describe(exc, self.observe_url)
-            result = Observation(outcome=ObservationOutcome.UNKNOWN, response={"error": error})
-        else:
-            result = self._observation(response)
-        self._log("observe", self.observe_url, effect.key, headers, result.outcome, None)
-        return result
+        call = self._observe_call(effect, attempt)
+        return self._finish(call, await self._apost(call)) if isinstance(call, _Call) else call
 
     # -- compensate -----------------------------------------------------------------------------
-    def _compensate_request(self, obligation: Obligation) -> tuple[bytes, dict[str, str]] | CompensationResult:
+    def _compensate_call(self, obligation: Obligation) -> _Call[CompensationResult] | CompensationResult:
         if self.compensate_url is None:
             return CompensationResult(outcome=CompensationOutcome.STUCK,
                                       error="this connector has no compensate_url; compensate by hand")
@@ -521,7 +517,9 @@ class HttpConnector:
         key = f"{obligation.effect_key}:compensate:{obligation.kind}"
         # The outbox counts the attempt before it calls (the first call carries 1); a hand-built obligation
         # (attempt 0) is a first attempt too.
-        return body, self._request_headers(key, None, obligation.run_id, max(1, obligation.attempt))
+        headers = self._request_headers(key, None, obligation.run_id, max(1, obligation.attempt))
+        return _Call("compensate", self.compensate_url, body, headers, self._compensation,
+                     lambda error: CompensationResult(outcome=CompensationOutcome.PENDING, error=error))
 
     def _compensation(self, response: httpx.Response) -> CompensationResult:
         status = response.status_code
@@ -529,8 +527,7 @@ class HttpConnector:
         summary = {"status": status, "body": body}
         if 200 <= status < 300:
             return CompensationResult(outcome=CompensationOutcome.COMPENSATED, response=summary)
-        shown = scrub(body if isinstance(body, str) else json.dumps(body), self._secrets)[:300] if body else ""
-        error = f"HTTP {status}{': ' + shown if shown else ''}"
+        error = self._status_error(status, body)
         if 400 <= status < 500 and status not in _RETRYABLE_STATUS:
             return CompensationResult(outcome=CompensationOutcome.FAILED, response=summary, error=error)
         return CompensationResult(outcome=CompensationOutcome.PENDING, response=summary, error=error,
@@ -543,39 +540,28 @@ class HttpConnector:
         ``"<effect_key>:compensate:<kind>"``. 2xx is COMPENSATED; 408/425/429/5xx/3xx and transport
         failures are PENDING (retried with backoff); other 4xx are FAILED; no ``compensate_url`` is STUCK.
         """
-        prepared = self._compensate_request(obligation)
-        if isinstance(prepared, CompensationResult):
-            return prepared
-        body, headers = prepared
-        assert self.compensate_url is not None
-        try:
-            response = self._post(self.compensate_url, body, headers)
-        except httpx.RequestError as exc:
-            result = CompensationResult(outcome=CompensationOutcome.PENDING,
-                                        error=self._describe(exc, self.compensate_url))
-        else:
-            result = self._compensation(response)
-        self._log("compensate", self.compensate_url, headers["Idempotency-Key"], headers, result.outcome,
-                  result.error)
-        return result
+        call = self._compensate_call(obligation)
+        return self._finish(call, self._post(call)) if isinstance(call, _Call) else call
 
     async def acompensate(self, obligation: Obligation) -> CompensationResult:
         """The async form of :meth:`compensate`."""
-        prepared = self._compensate_request(obligation)
-        if isinstance(prepared, CompensationResult):
-            return prepared
-        body, headers = prepared
-        assert self.compensate_url is not None
-        try:
-            response = await self._apost(self.compensate_url, body, headers)
-        except httpx.RequestError as exc:
-            result = CompensationResult(outcome=CompensationOutcome.PENDING,
-                                        error=self._describe(exc, self.compensate_url))
-        else:
-            result = self._compensation(response)
-        self._log("compensate", self.compensate_url, headers["Idempotency-Key"], headers, result.outcome,
-                  result.error)
-        return result
+        call = self._compensate_call(obligation)
+        return self._finish(call, await self._apost(call)) if isinstance(call, _Call) else call
+
+
+def _forget_pool(connector: HttpConnector, loop: asyncio.AbstractEventLoop) -> Callable[[_LoopPool], None]:
+    """What a pool of ``connector`` on ``loop`` calls as it closes: the connector, if it still exists (a
+    pool outlives a connector dropped without ``close``), forgets it."""
+    ref = weakref.ref(connector)
+
+    def forget(pool: _LoopPool) -> None:
+        owner = ref()
+        if owner is not None:
+            with owner._lock:
+                if owner._async_pools.get(loop) is pool:
+                    del owner._async_pools[loop]
+
+    return forget
 
 
 class AsyncHttpConnector(HttpConnector):
@@ -588,6 +574,9 @@ class AsyncHttpConnector(HttpConnector):
 
     name: ClassVar[str] = "http-async"
 
+    # The three overrides below turn the inherited sync methods into coroutines on purpose: engines accept
+    # either form (``Connector.dispatch`` returns a result or an awaitable of one), while a subclass that
+    # changes the return type is, to the type checker, no longer substitutable for its base.
     async def dispatch(self, effect: Effect, *, attempt: int | None = None) -> DispatchResult:  # type: ignore[override]
         """POST the effect; see :meth:`HttpConnector.dispatch`."""
         return await self.adispatch(effect, attempt=attempt)

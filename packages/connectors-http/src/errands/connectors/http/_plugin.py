@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from errands.core import hookimpl
+from errands.core import Connector, hookimpl
 
 
 @hookimpl
-def errands_register_connectors() -> list[type]:
+def errands_register_connectors() -> list[type[Connector]]:
     """The ``http`` and ``http-async`` connector types (``type = "http"`` in ``errands.toml``)."""
     from ._connector import AsyncHttpConnector, HttpConnector
 

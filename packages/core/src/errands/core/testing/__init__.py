@@ -18,9 +18,11 @@ from .._clock import FakeClock
 from ._fakes import ChaosConnector, FakeConnector
 from ._services import (
     PostgresServer,
+    free_port,
     require_services,
     service_missing,
     start_postgres,
+    wait_for_port,
 )
 from ._sinks import InMemorySink
 
@@ -33,9 +35,11 @@ __all__ = [
     "PostgresServer",
     "SinkContract",
     "StoreContract",
+    "free_port",
     "require_services",
     "service_missing",
     "start_postgres",
+    "wait_for_port",
 ]
 
 _LAZY = {

@@ -92,16 +92,14 @@ class ConnectorContract:
 
     # -- observe -----------------------------------------------------------------------------
     def test_observe_before_dispatch_is_absent_or_unknown(self, connector: Any, call: Any) -> None:
-        if not capabilities_of(connector).can_observe:
-            self._check_cannot_observe(connector)
+        if not self._observes(connector):
             return
         seen = call(connector.observe, self.make_effect(self.new_key()))
         assert isinstance(seen, Observation)
         assert seen.outcome in (ObservationOutcome.ABSENT, ObservationOutcome.UNKNOWN)
 
     def test_observe_after_dispatch_is_confirmed_or_unknown(self, connector: Any, call: Any) -> None:
-        if not capabilities_of(connector).can_observe:
-            self._check_cannot_observe(connector)
+        if not self._observes(connector):
             return
         effect = self.make_effect(self.new_key())
         call(connector.dispatch, effect)
@@ -110,8 +108,7 @@ class ConnectorContract:
 
     # -- compensate --------------------------------------------------------------------------
     def test_compensate_returns_a_compensation_result(self, connector: Any, call: Any) -> None:
-        if not capabilities_of(connector).can_compensate:
-            self._check_cannot_compensate(connector)
+        if not self._compensates(connector):
             return
         effect = self.make_effect(self.new_key())
         call(connector.dispatch, effect)
@@ -122,6 +119,20 @@ class ConnectorContract:
         assert isinstance(first, CompensationResult) and isinstance(again, CompensationResult)
 
     # -- what the engine does for a connector without a capability ---------------------------
+    def _observes(self, connector: Any) -> bool:
+        """Whether ``connector`` observes; when it does not, what the engine does instead is checked."""
+        if capabilities_of(connector).can_observe:
+            return True
+        self._check_cannot_observe(connector)
+        return False
+
+    def _compensates(self, connector: Any) -> bool:
+        """Whether ``connector`` compensates; when it does not, what the engine does instead is checked."""
+        if capabilities_of(connector).can_compensate:
+            return True
+        self._check_cannot_compensate(connector)
+        return False
+
     def _check_cannot_observe(self, connector: Any) -> None:
         """A connector that cannot observe gets no NON_IDEMPOTENT effect without another safety net, and
         nothing is stored for the refused effect."""

@@ -33,12 +33,18 @@ def service_missing(reason: str) -> Any:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    """Wait until something accepts connections on ``host:port``.
+
+    Raises:
+        TimeoutError: nothing did within ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -41,7 +41,7 @@ class InMemorySink:
             self.calls += 1
             if self.gone:
                 err = PermanentError("the endpoint is gone")
-                err.stop_route = True  # type: ignore[attr-defined]
+                err.stop_route = True
                 raise err
             if self.transient_failures > 0:
                 self.transient_failures -= 1
