@@ -14,7 +14,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence, cast
+from typing import Any, Iterable, Mapping, Sequence
 
 from . import _fanout_table as table
 from ._fanout_table import CURSOR_NAMESPACE, FANOUT_MIGRATIONS
@@ -88,11 +88,7 @@ class Route:
 def _raise_all(problems: list[ConfigError]) -> None:
     if not problems:
         return
-    if len(problems) == 1:
-        raise problems[0]
-    err = ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field, value=problems[0].value)
-    cast(Any, err).problems = problems  # each problem on its own, for callers that list them
-    raise err
+    raise ConfigError.collect(problems, "fan-out routes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

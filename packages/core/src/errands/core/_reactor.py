@@ -194,10 +194,7 @@ class Reactor:
             except ConfigError as exc:
                 problems.append(exc)
         if problems:
-            if len(problems) == 1:
-                raise problems[0]
-            raise ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field,
-                              value=problems[0].value)
+            raise ConfigError.collect(problems, f"reaction {name!r}")
         reaction = Reaction(name=name, subject_pattern=subject_pattern, task_type=task_type,
                             debounce_ms=debounce_ms, start=start, key=key)
         self._reactions[name] = reaction

@@ -218,10 +218,7 @@ class TaskEngine:
             problems.append(ConfigError(f"rate_limit_per_s must be a positive number, got {rate_limit_per_s!r}",
                                         field="rate_limit_per_s", value=rate_limit_per_s))
         if problems:
-            if len(problems) == 1:
-                raise problems[0]
-            raise ConfigError("\n".join(f"- {p}" for p in problems), field=problems[0].field,
-                              value=problems[0].value)
+            raise ConfigError.collect(problems, f"task type {type!r}")
         self._types[type] = _TypeSpec(
             fn=fn, wants_ctx=_wants_ctx(fn), max_concurrency=max_concurrency,
             rate_limit_per_s=float(rate_limit_per_s) if rate_limit_per_s else None,

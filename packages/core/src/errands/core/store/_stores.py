@@ -455,7 +455,7 @@ class SQLStore:
         added = 0
         for item in items:
             key, payload = item[0], item[1]
-            at = float(item[2]) if len(item) > 2 else now  # type: ignore[misc]
+            at = float(item[2]) if len(item) > 2 else now
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"queue item key must be a non-empty string, got {key!r}", field="key", value=key)
             added += tx.rowcount(
@@ -816,12 +816,8 @@ def _pool_settings(options: dict[str, str], pool_size: int | None) -> dict[str, 
         problems.append(ConfigError(
             f"store option pool_min_size ({text}) must not exceed pool_size ({int(settings['pool_size'])})",
             field="store.pool_min_size", value=text))
-    if len(problems) == 1:
-        raise problems[0]
     if problems:
-        err = ConfigError("; ".join(str(p) for p in problems), field=problems[0].field, value=problems[0].value)
-        err.problems = problems  # type: ignore[attr-defined]
-        raise err
+        raise ConfigError.collect(problems, "store options")
     return settings
 
 
