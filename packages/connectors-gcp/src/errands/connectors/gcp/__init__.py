@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._pubsub import PubSubConnector, PubSubSink
-from ._spanner import SpannerOperationStore, SpannerStore, operations_ddl, operations_descriptor_set
+from ._spanner_table import SpannerOperationStore, SpannerStore, operations_ddl, operations_descriptor_set
 from ._tasks import CloudTasksConnector, CloudTasksScheduler, task_id_for
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from errands.core import Connector, Scheduler, Sink, hookimpl
 
 from ._pubsub import PubSubConnector, PubSubSink
-from ._spanner import SpannerStore
+from ._spanner_table import SpannerStore
 from ._tasks import CloudTasksConnector, CloudTasksScheduler
 
 
