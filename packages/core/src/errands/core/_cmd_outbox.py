@@ -16,7 +16,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 
 
 def _open_outbox(args: argparse.Namespace) -> Any:
-    from ._outbox import Outbox
+    from .outbox import Outbox
     from .store import open_store
 
     config = None
@@ -125,9 +125,9 @@ _WORKER_KEYS = {"max_in_flight": int, "poll_interval": float, "lease_for": float
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from ._outbox import Outbox
     from ._plugins import load_config
     from ._worker import Worker
+    from .outbox import Outbox
     from .store._stores import open_store
 
     config = load_config(args.config)
