@@ -9,10 +9,14 @@ The package is an orchestration over pure decisions: ``_transitions`` decides (s
 events out), ``_admission`` checks what is submitted, ``_effect_table`` and ``_obligation_table`` hold the only
 SQL of the outbox's two tables, ``_dispatch``, ``_inline`` and ``_obligations`` run the steps, ``_queries`` the
 read models, and ``Outbox`` (``_engine``) hands each call to its part.
+
+``connector_names(errands.toml)`` reads the names of the configured connectors without building them: an
+API process submits through ``Outbox(store, connectors=connector_names(path))`` and holds no connector secrets.
 """
 
 from __future__ import annotations
 
+from .._plugins import connector_names
 from ._engine import Outbox
 from ._records import EffectOutcome, EffectRecord, ObligationOutcome, ObligationRecord, ObligationStatus
 
@@ -23,4 +27,5 @@ __all__ = [
     "ObligationRecord",
     "ObligationStatus",
     "Outbox",
+    "connector_names",
 ]
