@@ -317,17 +317,12 @@ class SQLStore:
             # A rowid table hands out max(position) + 1 (the journal is append-only and never given an explicit
             # position), which the statement reads first when it needs it for ``seq``. Under the write lock the
             # rows of one statement are consecutive.
+            insert = ("INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
+                      "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)")
             if len(rows) == 1:
-                return [int(tx.raw.execute(
-                    "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
-                    "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)",
-                    rows[0],
-                ).lastrowid)]
+                return [int(tx.raw.execute(insert, rows[0]).lastrowid)]
             first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
-            tx.raw.executemany(
-                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(first + i, r[0], first + i if r[1] is None else r[1], *r[2:]) for i, r in enumerate(rows)],
-            )
+            tx.raw.executemany(insert, rows)
             return list(range(first, first + len(rows)))
         cur = tx.raw.cursor()
         cur.executemany(
