@@ -7,7 +7,7 @@ import logging
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar
 
 from .._protocols import capabilities_of
 from .._values import ConnectorCapabilities
@@ -16,6 +16,8 @@ from ..runtime import CallRunner, LeaseBatch, backoff, error_text, is_infrastruc
 from ..store import NewEvent, SQLStore, Tx
 
 log = logging.getLogger("errands.outbox")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,10 +230,10 @@ class TableLease(LeaseBatch):
         with self.store.transaction() as tx:
             return self._renew_in(tx, [(k, self.held[k]) for k in keys], until)
 
-    def call(self, key: Any, call: Callable[[], Any]) -> Any:
-        """``call()``, unless the lease on ``key`` may have passed to another worker by now: then no call is made,
+    def call(self, key: Any, fn: Callable[[T], Any], item: T) -> Any:
+        """``fn(item)``, unless the lease on ``key`` may have passed to another worker by now: then no call is made,
         and ``SKIPPED`` stands for its result."""
-        return call() if self.holds(key) else SKIPPED
+        return fn(item) if self.holds(key) else SKIPPED
 
 
 def release_failed_claim(ctx: Context, exc: BaseException, what: str, release: Callable[[Tx], None]) -> None:

@@ -73,7 +73,7 @@ class Dispatcher:
         lease = self._lease(claimed, "DISPATCHING", until, "dispatched")
         try:
             def call(c: Claimed) -> Any:
-                return lease.call(c.effect.key, lambda: self._dispatch_call(c))
+                return lease.call(c.effect.key, self._dispatch_call, c)
 
             names = sorted({c.effect.connector for c in claimed})
             results: list[CallResult] = []
@@ -133,7 +133,7 @@ class Dispatcher:
             return []
         lease = self._lease(claimed, "UNKNOWN", until, "observed")
         try:
-            results = ctx.runner.map(lambda c: lease.call(c.effect.key, lambda: self._observe_call(c)), claimed)
+            results = ctx.runner.map(lambda c: lease.call(c.effect.key, self._observe_call, c), claimed)
             answered = ctx.store.clock.now()
 
             def transition(c: Claimed, result: CallResult) -> Completion:

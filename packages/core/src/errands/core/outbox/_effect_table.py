@@ -94,10 +94,32 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _each_or_none(tx: Tx, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
+    """On SQLite, inside a transaction: run ``sql`` for every row as one prepared statement, and keep it only if
+    each row changed one row (the rule), else undo it; whether it was kept. Elsewhere it runs nothing and says
+    no, and the caller takes its general way."""
+    if tx.dialect != SQLITE or not rows or not tx.raw.in_transaction:
+        return False
+    tx.execute("SAVEPOINT em_each")
+    changed = tx.raw.executemany(sql, rows).rowcount
+    if changed == len(rows):
+        tx.execute("RELEASE em_each")
+        return True
+    tx.execute("ROLLBACK TO em_each")
+    tx.execute("RELEASE em_each")
+    return False
+
+
 # -- admission ------------------------------------------------------------------------------------------------
 def insert_new(tx: Tx, row: NewEffect) -> bool:
     """Insert ``row`` unless its key is taken; whether it was inserted."""
     return tx.rowcount(_INSERT_NEW, row) == 1
+
+
+def insert_all_new(tx: Tx, rows: Sequence[NewEffect]) -> bool:
+    """Insert ``rows`` (distinct keys) in one statement if no key among them is taken: whether it did (if one is
+    taken, or this cannot be done in one statement here, nothing is inserted)."""
+    return _each_or_none(tx, _INSERT_NEW, rows)
 
 
 def insert_absent(tx: Tx, rows: Sequence[NewEffect]) -> list[NewEffect]:
@@ -227,21 +249,12 @@ def complete(tx: Tx, completions: Sequence[Completion], held: str) -> set[str]:
     """Store ``completions`` of effects leased in status ``held`` where the lease token still matches; returns the
     keys that were still held."""
     rows = [_params(c) for c in completions]
-    if tx.dialect == SQLITE and rows:
-        # One prepared statement run per completion: when every lease was still held (the rule) the count of
-        # changed rows says so. Otherwise undo it and take the statement that names the keys held.
-        tx.execute("SAVEPOINT em_fenced")
-        changed = tx.raw.executemany(
-            "UPDATE em_effects SET status = ?, next_attempt_at = ?, response = COALESCE(?, response), error = ?, "
-            "external_ref = COALESCE(?, external_ref), flagged = ?, lease_owner = NULL, updated_at = ? "
-            f"WHERE key = ? AND lease_token = ? AND status = '{held}'",
-            rows,
-        ).rowcount
-        if changed == len(rows):
-            tx.execute("RELEASE em_fenced")
-            return {c.key for c in completions}
-        tx.execute("ROLLBACK TO em_fenced")
-        tx.execute("RELEASE em_fenced")
+    # On SQLite, one prepared statement run per completion, kept when every lease was still held (the rule).
+    # Otherwise the statement that names the keys held.
+    if _each_or_none(tx, "UPDATE em_effects SET status = ?, next_attempt_at = ?, response = COALESCE(?, response), "
+                     "error = ?, external_ref = COALESCE(?, external_ref), flagged = ?, lease_owner = NULL, "
+                     f"updated_at = ? WHERE key = ? AND lease_token = ? AND status = '{held}'", rows):
+        return {c.key for c in completions}
     done: set[str] = set()
     row_sql = ("(CAST(? AS TEXT), CAST(? AS DOUBLE PRECISION), CAST(? AS TEXT), CAST(? AS TEXT), "
                "CAST(? AS TEXT), CAST(? AS INTEGER), CAST(? AS DOUBLE PRECISION), CAST(? AS TEXT), "

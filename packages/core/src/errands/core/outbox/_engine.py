@@ -254,21 +254,26 @@ class Outbox:
             return []
         by_key = distinct(rows)
         with store.transaction(conn) as tx:
-            stored = _effect_table.get_many(tx, list(by_key))
-            for key, rec in stored.items():
-                check_same(by_key[key], rec)
-            absent = [row for key, row in by_key.items() if key not in stored]
-            if absent:
-                inserted = _effect_table.insert_absent(tx, absent)
-                if len(inserted) < len(absent):
-                    # Taken by a concurrent submit meanwhile (PostgreSQL): those are stored, and must be the same.
-                    new = {row.key for row in inserted}
-                    for key, rec in _effect_table.get_many(tx, [k for k in by_key if k not in stored and
-                                                                k not in new]).items():
-                        check_same(by_key[key], rec)
-                        stored[key] = rec
+            # The rule is a batch of new keys, inserted at once; else look first, and insert what is absent.
+            stored: dict[str, EffectRecord] = {}
+            inserted = list(by_key.values())
+            if not _effect_table.insert_all_new(tx, inserted):
+                stored = self._stored_alike(tx, by_key, list(by_key))
+                inserted = _effect_table.insert_absent(tx, [row for key, row in by_key.items() if key not in stored])
+                # Taken by a concurrent submit meanwhile (PostgreSQL): stored now, and the same effect or a conflict.
+                new = {row.key for row in inserted}
+                stored.update(self._stored_alike(tx, by_key, [k for k in by_key if k not in stored and k not in new]))
+            if inserted:
                 self._ctx.journal(tx, [_transitions.submitted_event(row) for row in inserted])
         return [stored.get(row.key) or new_effect_record(row, effect) for row, effect in zip(rows, effects)]
+
+    @staticmethod
+    def _stored_alike(tx: Any, by_key: Mapping[str, NewEffect], keys: List[str]) -> dict[str, EffectRecord]:
+        """The stored records among ``keys``, each checked to be the effect submitted again (or a conflict)."""
+        stored = _effect_table.get_many(tx, keys) if keys else {}
+        for key, rec in stored.items():
+            check_same(by_key[key], rec)
+        return stored
 
     # -- inline -----------------------------------------------------------------------------------------------
     def run_inline(self, effect: Effect, fn: Callable[[Effect], Any]) -> EffectRecord:

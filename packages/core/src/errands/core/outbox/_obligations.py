@@ -92,8 +92,7 @@ class Saga:
                            expires=until, lease_for=s.lease_for,
                            what=f"{len(claimed)} obligations compensated by {s.owner}")
         try:
-            results = ctx.runner.map(lambda rec: lease.call(rec.id, lambda: self._call(rec)),
-                                     [r for r, _token in claimed])
+            results = ctx.runner.map(lambda rec: lease.call(rec.id, self._call, rec), [r for r, _token in claimed])
             now = ctx.store.clock.now()
             done: list[ObligationCompletion] = []
             skipped: list[ObligationOutcome] = []

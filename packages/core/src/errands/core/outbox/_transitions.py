@@ -153,10 +153,10 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     else:
         error = error_text(value)
         retry_after = getattr(value, "retry_after", None)
-    non_idempotent = effect.semantics is Semantics.NON_IDEMPOTENT
     # A TransientError says the counterparty did not take it: a plain retry, unless NON_IDEMPOTENT (where every
-    # doubt counts as unknown). Any other answer not settled below leaves the outcome unknown.
-    retry = not ok and isinstance(value, TransientError) and not non_idempotent
+    # doubt counts as unknown). Any other answer not settled first leaves the outcome unknown.
+    non_idempotent = effect.semantics is Semantics.NON_IDEMPOTENT
+    unknown = ok or non_idempotent or not isinstance(value, TransientError)
     flagged = False
     next_at: float | None = None
     if outcome is DispatchOutcome.CONFIRMED:
@@ -166,10 +166,10 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     elif outcome is DispatchOutcome.PENDING:
         status = EffectStatus.UNKNOWN if can_observe else EffectStatus.CONFIRMED
         next_at = now + delay(1, retry_after) if can_observe else None
-    elif not retry and can_observe:
+    elif unknown and can_observe:
         status = EffectStatus.UNKNOWN
         next_at = now + delay(1, retry_after)
-    elif not retry and non_idempotent:
+    elif unknown and non_idempotent:
         status, flagged = EffectStatus.UNKNOWN, True
         error = (error or "outcome unknown") + "; NON_IDEMPOTENT and the connector cannot observe: flagged"
     elif attempts >= claimed.max_attempts:
@@ -178,9 +178,8 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     else:
         status = EffectStatus.PENDING
         next_at = now + delay(attempts, retry_after)
-    event = effect_event(effect.key, effect.connector, effect.tool, status, attempt=attempts,
-                         outcome=None if outcome is None else outcome.value, error=error, external_ref=ref,
-                         flagged=True if flagged else None)
+    event = effect_event(effect.key, effect.connector, effect.tool, status, attempt=attempts, outcome=outcome,
+                         error=error, external_ref=ref, flagged=True if flagged else None)
     return _completion(claimed, outcome, status, next_at, response, error, ref, flagged, now, event)
 
 
@@ -235,8 +234,7 @@ def observe_transition(claimed: Claimed, result: CallResult, *, max_observations
         else:
             next_at = now + delay(observations, None)
     event = effect_event(
-        effect.key, effect.connector, effect.tool, status, observation=None if outcome is None else outcome.value,
-        observations=observations, error=error, external_ref=ref, flagged=True if flagged else None,
+        effect.key, effect.connector, effect.tool, status, observation=outcome, observations=observations, error=error, external_ref=ref, flagged=True if flagged else None,
         newly_flagged=True if flagged and not claimed.flagged else None,
     )
     return _completion(claimed, outcome, status, next_at, response, error, ref, flagged, now, event, obligation)
