@@ -8,7 +8,7 @@ state, calls connectors, hands the answers here and writes what comes back.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from .._values import (
     CompensationOutcome,
@@ -44,29 +44,25 @@ EFFECT_STREAMS = "effects/"
 
 
 # -- events ---------------------------------------------------------------------------------------------------
-def _with(body: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    """``body`` with the members of ``data`` that are not None added."""
-    for name, value in data.items():
-        if value is not None:
-            body[name] = value
-    return body
-
-
 def effect_event(key: str, connector: str, tool: str, status: str, **data: Any) -> NewEvent:
     """An effect's journal event: on its connector's stream, typed ``effect.<status>``, with the subject
     ``effect.<status>.<connector>.<tool>`` (no tool token when the effect has none). ``data`` holds the key first
     (``history`` finds an effect's events by it), the connector, tool and status (an ``EffectStatus`` is a string
     and is written as one), then the members given that are not None."""
+    body = {"key": key, "connector": connector, "tool": tool, "status": status}
+    for name, value in data.items():
+        if value is not None:
+            body[name] = value
     lower = status.lower()
-    body = _with({"key": key, "connector": connector, "tool": tool, "status": status}, data)
     subject = f"effect.{lower}.{connector}.{tool}" if tool else f"effect.{lower}.{connector}"
     return NewEvent(f"{EFFECT_STREAMS}{connector}", f"effect.{lower}", body, subject)
 
 
 def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data: Any) -> NewEvent:
     """An obligation's journal event, on the stream ``obligations/<kind>``; ``data`` starts with the effect key."""
+    body: dict[str, Any] = {"key": effect_key, "id": ob_id, "kind": kind, "status": status}
+    body.update((name, value) for name, value in data.items() if value is not None)
     lower = status.lower()
-    body = _with({"key": effect_key, "id": ob_id, "kind": kind, "status": status}, data)
     return NewEvent(f"obligations/{kind}", f"obligation.{lower}", body, f"obligation.{lower}.{kind}")
 
 
