@@ -206,6 +206,7 @@ class Outbox:
 
     # -- submit -----------------------------------------------------------------------------------------------
     def _admit(self, effect: Any, now: float) -> NewEffect:
+        """The row of ``effect``, checked against what this outbox knows of its connector."""
         s = self._ctx.settings
         return admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
                      capabilities=self._ctx.connectors.admission_capabilities, compensators=self._ctx.compensators)
