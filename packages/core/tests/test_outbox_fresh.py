@@ -1,8 +1,9 @@
-"""How fresh effects reach the dispatcher: announced by their journal event, claimed from the fresh cursor.
+"""How fresh effects reach the dispatcher: through the outbox's own table, never through the journal.
 
-An effect submitted due at once takes no entry in the due index; the dispatcher reads ``effect.pending``
-events after a cursor kept in the store. These tests hold that path to what the index path promised:
-every fresh effect is claimed once, whatever lies between it and the cursor, whoever submitted it.
+An effect submitted due at once is in the due index from its first write, like any effect a worker may take;
+the journal only records what happened. These tests hold that path to its promise: every fresh effect is
+claimed once, whatever else the journal holds, whoever submitted it, and effects written before the upgrade
+are claimed too.
 """
 
 from __future__ import annotations
@@ -36,20 +37,14 @@ def effect(key: str, connector: str = "bank") -> Effect:
     return Effect(key=key, connector=connector, payload={"n": key})
 
 
-def cursor(store: Any) -> int:
-    with store.read() as tx:
-        row = tx.one("SELECT value FROM em_kv WHERE namespace = 'outbox' AND key = 'fresh'")
-    return int(row[0])
-
-
-def test_fresh_effect_has_no_due_index_entry_and_is_claimed_once(store: Any) -> None:
+def test_fresh_effect_is_due_in_the_index_and_claimed_once(store: Any) -> None:
     bank = FakeConnector("bank")
     outbox = Outbox(store, connectors={"bank": bank})
     rec = outbox.submit(effect("a"))
     assert rec.status is EffectStatus.PENDING
     assert rec.next_attempt_at == rec.created_at
     with store.read() as tx:
-        assert tx.one("SELECT next_attempt_at FROM em_effects WHERE key = 'a'")[0] is None
+        assert tx.one("SELECT next_attempt_at FROM em_effects WHERE key = 'a'")[0] == rec.created_at.timestamp()
     assert outbox.get("a").next_attempt_at == rec.created_at
     assert outbox.stats()["due"] == 1
     assert [o.key for o in outbox.dispatch_once()] == ["a"]
@@ -59,7 +54,7 @@ def test_fresh_effect_has_no_due_index_entry_and_is_claimed_once(store: Any) -> 
     outbox.close()
 
 
-def test_cursor_passes_long_runs_of_other_events(store: Any) -> None:
+def test_long_runs_of_other_events_do_not_hold_fresh_effects_back(store: Any) -> None:
     outbox = Outbox(store, connectors={"bank": FakeConnector("bank")}, batch_size=50)
     journal = Journal(store)
     outbox.submit(effect("before"))
@@ -69,8 +64,18 @@ def test_cursor_passes_long_runs_of_other_events(store: Any) -> None:
     assert outbox.drain() == 121
     assert outbox.stats()["effects"]["CONFIRMED"] == 121
     with store.read() as tx:
-        top = tx.one("SELECT MAX(position) FROM em_events")[0]
-    assert cursor(store) <= top
+        assert tx.one("SELECT COUNT(*) FROM em_kv WHERE namespace = 'outbox'")[0] == 0  # no cursor into the journal
+    outbox.close()
+
+
+def test_work_is_found_in_the_effect_table_not_in_the_journal(store: Any) -> None:
+    bank = FakeConnector("bank")
+    outbox = Outbox(store, connectors={"bank": bank})
+    outbox.submit_many([effect(f"k{i}") for i in range(3)])
+    with store.transaction() as tx:
+        tx.execute("DELETE FROM em_events")  # what the journal holds plays no part in finding work
+    assert sorted(o.key for o in outbox.dispatch_once()) == ["k0", "k1", "k2"]
+    assert all(bank.deliveries(f"k{i}") == 1 for i in range(3))
     outbox.close()
 
 
@@ -121,26 +126,29 @@ def test_effects_submitted_in_the_callers_transaction(tmp_path: Path, clock: Fak
     store.close()
 
 
-def test_effects_pending_before_the_upgrade_are_claimed_through_the_index(store: Any) -> None:
-    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
-    outbox.submit(effect("old"))
-    # A row written before version 2: it has its next_attempt_at and no event after the cursor.
+def test_fresh_effects_written_under_schema_version_2_are_claimed_after_the_upgrade(store: Any) -> None:
+    from errands.core.outbox import _effect_table
+
+    store.migrate("outbox", _effect_table.migrations(store.dialect)[:2])
+    now = store.clock.now()
     with store.transaction() as tx:
-        tx.execute("UPDATE em_effects SET next_attempt_at = created_at WHERE key = 'old'")
-        tx.execute("UPDATE em_kv SET value = (SELECT CAST(MAX(position) AS TEXT) FROM em_events) "
-                   "WHERE namespace = 'outbox' AND key = 'fresh'")
+        # What version 2 wrote: a fresh effect with no next_attempt_at, announced to a cursor in em_kv.
+        tx.execute(
+            "INSERT INTO em_effects (key, connector, tool, payload, semantics, human_gate, not_before, status, "
+            "max_attempts, created_at, updated_at) VALUES ('old', 'bank', '', '{}', 'IDEMPOTENT', 0, ?, 'PENDING', "
+            "5, ?, ?)", (now + 5, now, now))
+        tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('outbox', 'fresh', '0', "
+                   "1, 0)")
+    upgraded = open_store(store.url, clock=store.clock)
+    outbox = Outbox(upgraded, connectors={"bank": FakeConnector("bank")})
+    assert upgraded.schema_version("outbox") == 3
+    assert outbox.dispatch_once() == []  # due at its dispatch_at, not before
+    store.clock.advance(5)
     assert [o.key for o in outbox.dispatch_once()] == ["old"]
+    with upgraded.read() as tx:
+        assert tx.one("SELECT COUNT(*) FROM em_kv WHERE namespace = 'outbox'")[0] == 0
     outbox.close()
-
-
-def test_lost_cursor_is_put_back_and_nothing_is_missed(store: Any) -> None:
-    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
-    outbox.submit(effect("a"))
-    with store.transaction() as tx:
-        tx.execute("DELETE FROM em_kv WHERE namespace = 'outbox' AND key = 'fresh'")
-    assert outbox.drain() == 1
-    assert outbox.get("a").status is EffectStatus.CONFIRMED
-    outbox.close()
+    upgraded.close()
 
 
 def test_effect_streams_are_numbered_by_position_and_reserved(store: Any) -> None:
@@ -167,20 +175,6 @@ def test_submitted_record_equals_the_stored_one(store: Any) -> None:
     assert rec == outbox.get("r")
     assert rec.to_dict() == outbox.get("r").to_dict()
     outbox.close()
-
-
-def test_event_data_written_from_the_template_is_what_dumps_writes(store: Any) -> None:
-    import json
-
-    from errands.core._outbox import _effect_event
-    from errands.core.store import dumps
-
-    ev = _effect_event('k"é\n', "bank", "pay", "CONFIRMED", attempt=3, outcome="CONFIRMED", error=None,
-                       external_ref="ref-1", flagged=True, response={"a": [1, 2.5, None]}, ok=False)
-    assert ev.data == dumps(json.loads(ev.data))
-    assert json.loads(ev.data) == {"key": 'k"é\n', "connector": "bank", "tool": "pay", "status": "CONFIRMED",
-                                   "attempt": 3, "outcome": "CONFIRMED", "external_ref": "ref-1", "flagged": True,
-                                   "response": {"a": [1, 2.5, None]}, "ok": False}
 
 
 def test_circular_payload_is_a_payload_error_and_nothing_is_stored(store: Any) -> None:
@@ -212,54 +206,18 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path, clock: FakeCloc
     store.close()
 
 
-def test_dispatch_event_data_is_what_the_general_builder_writes() -> None:
-    from errands.core._outbox import _effect_event, _effect_event_with
-
-    assert _effect_event_with("k", "bank", "pay", "DISPATCHING", ',"attempt":2') == _effect_event(
-        "k", "bank", "pay", "DISPATCHING", attempt=2)
-    assert _effect_event_with("k", "bank", "", "CONFIRMED", ',"attempt":1,"outcome":"CONFIRMED","external_ref":"r"') == \
-        _effect_event("k", "bank", "", "CONFIRMED", attempt=1, outcome="CONFIRMED", error=None, external_ref="r")
-
-
 def test_submit_event_is_what_the_general_builder_writes(store: Any) -> None:
-    import json
-
-    from errands.core._outbox import _effect_event
+    from errands.core.outbox._transitions import effect_event
 
     outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
     outbox.submit(Effect(key="s-1", connector="bank", tool="pay", payload={}, run_id="run-7"))
     outbox.submit(Effect(key="s-2", connector="bank", payload={}))
     for key, tool, run_id in (("s-1", "pay", "run-7"), ("s-2", "", None)):
         (event,) = outbox.history(key)
-        expected = _effect_event(key, "bank", tool, "PENDING", semantics="IDEMPOTENT", run_id=run_id)
-        assert (event.stream, event.type, event.subject) == (expected.stream, expected.type, expected.subject)
-        assert event.data == json.loads(expected.data)
+        expected = effect_event(key, "bank", tool, "PENDING", semantics="IDEMPOTENT", run_id=run_id)
+        assert (event.stream, event.type, event.subject, event.data) == (
+            expected.stream, expected.type, expected.subject, expected.data)
     outbox.close()
-
-
-def test_hot_path_builders_match_the_constructors() -> None:
-    import dataclasses
-
-    from errands.core import DispatchOutcome, Semantics
-    from errands.core._outbox import (
-        EffectOutcome,
-        EffectRecord,
-        _new_effect,
-        _new_effect_outcome,
-        _new_effect_record,
-    )
-
-    samples = [
-        (_new_effect, Effect(key="k", connector="c", payload={"a": 1}, tool="t", business_key="b",
-                             semantics=Semantics.NON_IDEMPOTENT, run_id="r", max_attempts=3, metadata={"m": 1})),
-        (_new_effect_outcome, EffectOutcome(key="k", outcome=DispatchOutcome.CONFIRMED, status=EffectStatus.CONFIRMED,
-                                            attempts=2, error="e", flagged=True)),
-        (_new_effect_record, EffectRecord(key="k", connector="c", tool="", payload=[1], status=EffectStatus.PENDING,
-                                          semantics=Semantics.IDEMPOTENT, attempts=0, max_attempts=5, run_id="r")),
-    ]
-    for make, built in samples:
-        values = tuple(getattr(built, f.name) for f in dataclasses.fields(built))
-        assert make(values) == built
 
 
 def test_fresh_effect_with_a_past_dispatch_at_is_due_since_it_was_submitted(store: Any, clock: FakeClock) -> None:

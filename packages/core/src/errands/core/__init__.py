@@ -18,14 +18,6 @@ from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
 from ._hookspecs import hookimpl, hookspec
 from ._journal import Journal, StoreScheduler
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
-from ._outbox import (
-    EffectOutcome,
-    EffectRecord,
-    ObligationOutcome,
-    ObligationRecord,
-    ObligationStatus,
-    Outbox,
-)
 from ._plugins import (
     ErrandsConfig,
     PluginInfo,
@@ -78,6 +70,14 @@ from .errors import (
     PermanentError,
     PluginError,
     TransientError,
+)
+from .outbox import (
+    EffectOutcome,
+    EffectRecord,
+    ObligationOutcome,
+    ObligationRecord,
+    ObligationStatus,
+    Outbox,
 )
 from .store._sql import Migration, Tx
 from .store._stores import MemoryStore, NewEvent, PostgresStore, SQLiteStore, SQLStore, open_store

@@ -24,14 +24,15 @@ import threading
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping, TypeVar, Union
 
 from ._clock import Clock
+from ._plugins import connector_names
 from .cli import DEFAULT_STORE, read_config_table
 from .errors import ConfigError
 from .store import SQLStore, open_store
 
 if TYPE_CHECKING:
-    from ._outbox import Outbox
     from ._tasks import TaskEngine
     from ._worker import Worker
+    from .outbox import Outbox
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -153,7 +154,8 @@ class App:
         self._sinks = _Parts("sinks", "publish")
         self._sinks.add_all(sinks)
         self._routes: dict[str, dict[str, Any]] = {}
-        self._config_connectors = [n for n in raw.get("connectors", {}) or {} if n not in self._connectors.names]
+        declared = connector_names(raw) if raw else []
+        self._config_connectors = [n for n in declared if n not in self._connectors.names]
         self._config_sinks = [n for n in raw.get("sinks", {}) or {} if n not in self._sinks.names]
         self._tasks: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
         self._reactions: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
@@ -231,7 +233,7 @@ class App:
         """An outbox that submits to the declared connector names without building any connector."""
         with self._lock:
             if self._outbox is None:
-                from ._outbox import Outbox
+                from .outbox import Outbox
 
                 self._outbox = Outbox(self.store, connectors=self.connector_names, **self._admission_options())
             return self._outbox
@@ -259,9 +261,9 @@ class App:
         ``overrides``: ``max_in_flight``, ``poll_interval``. Close it by stopping ``run()`` (or
         ``close_worker`` after ``drain()``)."""
         from ._fanout import FanOut, Route
-        from ._outbox import Outbox
         from ._reactor import Reactor
         from ._worker import Worker
+        from .outbox import Outbox
 
         unknown = set(overrides) - {"max_in_flight", "poll_interval"}
         if unknown:

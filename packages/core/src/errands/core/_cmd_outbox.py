@@ -9,7 +9,7 @@ from .cli import add_command_group, add_store_command, config_path, print_json, 
 
 
 def _open_outbox(args: argparse.Namespace) -> Any:
-    from ._outbox import Outbox
+    from .outbox import Outbox
     from .store import open_store
 
     config = None

@@ -6,9 +6,9 @@ import threading
 import time
 from typing import Any, ClassVar
 
-from ._outbox import Outbox
 from ._values import CompensationOutcome, Effect, EffectStatus, Obligation, Semantics
 from ._worker import Worker
+from .outbox import Outbox
 from .store._stores import open_store
 
 

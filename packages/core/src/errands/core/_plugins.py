@@ -381,6 +381,37 @@ class ErrandsConfig:
 ROUTE_KEYS = ("subjects", "batch_size", "max_in_flight")
 
 
+def _read_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """``errands.toml`` parsed (from its path, or a mapping parsed already), and its path."""
+    if isinstance(source, Mapping):
+        return dict(source), None
+    path = os.fspath(source)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh), path
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist", field="config", value=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}", field="config", value=path) from exc
+
+
+def connector_names(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[str]:
+    """The names of the connectors ``errands.toml`` configures (its ``[connectors.<name>]`` tables, in order),
+    without building any: what a submit-only ``Outbox(store, connectors=names)`` needs, in a process that holds no
+    connector clients or secrets.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, ``connectors`` is not a table, or a name is malformed.
+    """
+    raw, _path = _read_config(source)
+    section = raw.get("connectors", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError("connectors must be a table of named connectors", field="connectors", value=section)
+    for name in section:
+        _check_instance_name("connectors", name)
+    return list(section)
+
+
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry: Registry | None = None,
                 replace: bool = False) -> ErrandsConfig:
     """Load ``errands.toml`` (a path or an already parsed mapping) and build its named instances,
@@ -394,18 +425,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry:
         ConfigError: naming the field path and the bad value; every problem is reported at once, and
             nothing is registered.
     """
-    path = None
-    if isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        path = os.fspath(source)
-        try:
-            with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist", field="config", value=path) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}", field="config", value=path) from exc
+    raw, path = _read_config(source)
     reg = registry or get_registry()
     problems: list[ConfigError] = []
     known_top = {"store", "connectors", "sinks", "worker", "lro", "durable"}

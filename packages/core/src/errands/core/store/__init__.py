@@ -25,7 +25,6 @@ from ._sql import (
 from ._stores import (
     BUILTIN_STORES,
     CORE_MIGRATIONS,
-    POSITIONED_PREFIXES,
     MemoryStore,
     NewEvent,
     PostgresStore,
@@ -45,7 +44,6 @@ __all__ = [
     "MemoryStore",
     "Migration",
     "NewEvent",
-    "POSITIONED_PREFIXES",
     "POSTGRES",
     "PostgresStore",
     "SQLITE",

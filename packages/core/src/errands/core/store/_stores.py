@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .._clock import Clock, SystemClock
@@ -33,12 +33,8 @@ _MIGRATE_LOCK = 0x656D6D69
 
 # Every append writes as few B-trees as possible: (stream, seq) is unique by construction (the per-stream
 # counter in em_streams is taken under the write lock), so it carries no index of its own; keyed tables are
-# clustered on their key on SQLite.
-#
-# Streams under these prefixes belong to an engine and number their events by journal position (``seq`` is
-# the event's ``position``): still unique, stable and increasing along the stream, with no counter row to
-# write on every append. Users cannot append to them.
-POSITIONED_PREFIXES = ("effects/",)
+# clustered on their key on SQLite. Streams an engine reserved (``SQLStore.reserve_positioned_prefix``) have
+# no counter at all: their events are numbered by journal position.
 CORE_MIGRATIONS = [
     Migration(
         1,
@@ -92,19 +88,20 @@ class NewEvent:
     subject: str | None = None
 
 
-def _validate_new_event(ev: NewEvent) -> None:
+def _validate_new_event(ev: NewEvent, reserved: Mapping[str, str]) -> None:
     for name in ("stream", "type"):
         value = getattr(ev, name)
         if not isinstance(value, str) or not value:
             raise ConfigError(
                 f"event {name} must be a non-empty string, got {value!r}", field=name, value=value
             )
-    if ev.stream.startswith(POSITIONED_PREFIXES):
-        raise ConfigError(
-            f"stream {ev.stream!r} belongs to the outbox (streams under {', '.join(POSITIONED_PREFIXES)} are "
-            "written by the engine only); append to a stream of your own",
-            field="stream", value=ev.stream,
-        )
+    for prefix, engine in reserved.items():
+        if ev.stream.startswith(prefix):
+            raise ConfigError(
+                f"stream {ev.stream!r} belongs to {engine} (streams under {prefix} are written by the engine "
+                "only); append to a stream of your own",
+                field="stream", value=ev.stream,
+            )
     if ev.subject is not None and (not isinstance(ev.subject, str) or not ev.subject):
         raise ConfigError(
             f"event subject must be a non-empty string, got {ev.subject!r}",
@@ -221,10 +218,42 @@ class SQLStore:
         return int(row[0]) if row else 0
 
     # -- journal -----------------------------------------------------------------------------
+    # Stream prefixes engines reserved, with the engine each belongs to (``reserve_positioned_prefix``); shared
+    # by every store of the process, as the engines that fill it are.
+    _reserved: ClassVar[dict[str, str]] = {}
+    _positioned: ClassVar[tuple[str, ...]] = ()
+
+    #: ``last_position()`` as an SQL scalar subquery, for an engine to store with a row of its own in the statement
+    #: that writes the row (no round trip of its own): inside a transaction it is below every event appended later
+    #: in it, so that the engine can read the row's events from there.
+    LAST_POSITION_SQL: ClassVar[str] = "(SELECT COALESCE(MAX(position), 0) FROM em_events)"
+
+    @staticmethod
+    def reserve_positioned_prefix(prefix: str, engine: str) -> None:
+        """Reserve the streams under ``prefix`` (``"effects/"``) for ``engine`` (its name in errors: ``"the
+        outbox"``), in every store of this process. An engine calls it when its module is imported.
+
+        Their events are numbered by journal position (``seq`` is the event's ``position``): still unique, stable
+        and increasing along the stream, with no counter row to write on every append. Only the engine writes
+        them (``append_engine_events``); ``append_events`` refuses them with a ``ConfigError``.
+
+        Raises:
+            ConfigError: ``prefix`` is not a non-empty string ending in ``/``, or another engine holds it.
+        """
+        if not isinstance(prefix, str) or not prefix.endswith("/") or prefix == "/":
+            raise ConfigError(f"a reserved stream prefix must end in '/', got {prefix!r}", field="prefix",
+                              value=prefix)
+        holder = SQLStore._reserved.get(prefix)
+        if holder is not None and holder != engine:
+            raise ConfigError(f"streams under {prefix} are reserved for {holder} already", field="prefix",
+                              value=prefix)
+        SQLStore._reserved[prefix] = engine
+        SQLStore._positioned = tuple(SQLStore._reserved)
+
     def append_events(self, events: Sequence[NewEvent], *, tx: Tx | None = None, conn: Any = None) -> list[Event]:
         """Append events in one transaction (or inside ``tx`` / the caller's ``conn``)."""
         for ev in events:
-            _validate_new_event(ev)
+            _validate_new_event(ev, self._reserved)
         if tx is not None:
             return self._append(tx, events)
         with self.transaction(conn) as t:
@@ -235,25 +264,34 @@ class SQLStore:
             return []
         rows, positions = self._write_events(tx, events)
         when = datetime.fromtimestamp(rows[0][5], tz=timezone.utc)
-        return [
-            Event(
-                id=f"{r[0]}/{r[1]}", stream=r[0], seq=r[1], subject=r[2], type=r[3],
-                data=ev.data, time=when, position=pos,
-            )
-            for r, ev, pos in zip(rows, events, positions)
-        ]
+        out = []
+        for r, ev, pos in zip(rows, events, positions):
+            seq = pos if r[1] is None else r[1]
+            out.append(Event(id=f"{r[0]}/{seq}", stream=r[0], seq=seq, subject=r[2], type=r[3], data=ev.data,
+                             time=when, position=pos))
+        return out
+
+    def append_engine_events(self, tx: Tx, events: Sequence[NewEvent]) -> list[int]:
+        """Append events an engine built, inside the engine's transaction ``tx``; returns their positions.
+
+        For engines only: the events are taken as well-formed (an engine builds them; they are not validated
+        again), and they may go to the streams the engine reserved (``reserve_positioned_prefix``)."""
+        if not events:
+            return []
+        return self._write_events(tx, events)[1]
 
     def _write_events(self, tx: Tx, events: Sequence[NewEvent]) -> tuple[list[tuple[Any, ...]], list[int]]:
         """Write well-formed events (validated by the caller, or built by an engine): their rows and positions.
 
-        Events on a stream under ``POSITIONED_PREFIXES`` take their position as ``seq``; the others take the
-        next value of their stream's counter."""
+        Events on a reserved stream take their position as ``seq`` (their rows' ``seq`` is None); the others take
+        the next value of their stream's counter."""
         now = self.clock.now()
         if tx.dialect == POSTGRES:
             tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
+        positioned = self._positioned
         counts: dict[str, int] = {}
         for ev in events:
-            if not ev.stream.startswith(POSITIONED_PREFIXES):
+            if not ev.stream.startswith(positioned):
                 counts[ev.stream] = counts.get(ev.stream, 0) + 1
         next_seq: dict[str, int] = {}
         for stream, n in counts.items():
@@ -271,15 +309,7 @@ class SQLStore:
                 next_seq[ev.stream] = seq + 1
             data = ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data")
             rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, data, now))
-        positions = self._insert_events(tx, rows)
-        return [r if r[1] is not None else (r[0], pos, *r[2:]) for r, pos in zip(rows, positions)], positions
-
-    def _append_engine_event(self, tx: Tx, ev: NewEvent) -> int:
-        """Write one event an engine built on a positioned stream, its data ``JSONText``: its position. The
-        one-event case of ``_write_events`` without its bookkeeping, for the submit path."""
-        if tx.dialect == POSTGRES:
-            tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
-        return self._insert_events(tx, [(ev.stream, None, ev.subject, ev.type, ev.data, self.clock.now())])[0]
+        return rows, self._insert_events(tx, rows)
 
     def _insert_events(self, tx: Tx, rows: list[tuple[Any, ...]]) -> list[int]:
         """Insert event rows (``seq`` None: the row's own position) and return their positions."""
@@ -287,17 +317,12 @@ class SQLStore:
             # A rowid table hands out max(position) + 1 (the journal is append-only and never given an explicit
             # position), which the statement reads first when it needs it for ``seq``. Under the write lock the
             # rows of one statement are consecutive.
+            insert = ("INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
+                      "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)")
             if len(rows) == 1:
-                return [int(tx.raw.execute(
-                    "INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
-                    "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)",
-                    rows[0],
-                ).lastrowid)]
+                return [int(tx.raw.execute(insert, rows[0]).lastrowid)]
             first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
-            tx.raw.executemany(
-                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(first + i, r[0], first + i if r[1] is None else r[1], *r[2:]) for i, r in enumerate(rows)],
-            )
+            tx.raw.executemany(insert, rows)
             return list(range(first, first + len(rows)))
         cur = tx.raw.cursor()
         cur.executemany(
@@ -375,7 +400,7 @@ class SQLStore:
 
     def last_position(self) -> int:
         with self.read() as tx:
-            row = tx.one("SELECT COALESCE(MAX(position), 0) FROM em_events")
+            row = tx.one(f"SELECT {self.LAST_POSITION_SQL}")
         return int(row[0]) if row else 0
 
     # -- key/value with versions (cursors, engine state) --------------------------------------

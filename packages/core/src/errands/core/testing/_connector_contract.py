@@ -7,7 +7,6 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from .._outbox import ObligationStatus, Outbox
 from .._protocols import capabilities_of
 from .._runtime import CallRunner
 from .._values import (
@@ -22,6 +21,7 @@ from .._values import (
     Semantics,
 )
 from ..errors import ConfigError, NotFoundError
+from ..outbox import ObligationStatus, Outbox
 from ..store._stores import open_store
 
 
