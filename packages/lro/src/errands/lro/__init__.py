@@ -14,7 +14,7 @@ from .__about__ import __version__
 from ._client import LroClient, ResumableHandler, ResumeOutcome, parse_filter
 from ._config import Config
 from ._operation import Operation, must_unmarshal_metadata, unmarshal_metadata
-from ._store import OperationDoneError, OperationRecord, OperationStore, SQLOperationStore
+from ._operation_table import OperationDoneError, OperationRecord, OperationStore, SQLOperationStore
 
 __all__ = [
     "Config",

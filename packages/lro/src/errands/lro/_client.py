@@ -46,7 +46,7 @@ from ._auth import SIGNATURE_HEADER, CallbackAuth, sign
 from ._codec import encode_state, pack_any
 from ._config import Config, config_from_env
 from ._operation import Operation, retoken, store_call
-from ._store import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
+from ._operation_table import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
 from ._tokens import ResumeState, claimed, parse_token, scheduled, used
 
 log = logging.getLogger("errands.lro")

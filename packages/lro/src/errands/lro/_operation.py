@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 
 from ._codec import decode_state, encode_state, pack_any, unpack_any
-from ._store import OperationDoneError, OperationRecord
+from ._operation_table import OperationDoneError, OperationRecord
 from ._tokens import claimed, parse_token
 
 if TYPE_CHECKING:
