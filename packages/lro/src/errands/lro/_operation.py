@@ -274,7 +274,7 @@ class Operation:
         left over from an earlier ``resume_via_tasks`` is ignored once a newer one is scheduled.
         """
         self._open()
-        self._client._save_and_schedule(self, path, delay)  # sets ``_record`` as it writes
+        self._client._scheduling.save_and_schedule(self, path, delay)  # sets ``_record`` as it writes
         return self
 
     # -- the hold on a resume (see ``_tokens``) ------------------------------------------------------
