@@ -188,7 +188,7 @@ class StoreScheduler:
         topic = lease.payload["topic"]
         try:
             result = fn(topic, lease.payload["payload"])
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):  # most handlers return None: no ABC check
                 run_sync(result)
             return True
         except TransientError as exc:
