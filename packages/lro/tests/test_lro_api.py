@@ -48,3 +48,25 @@ def test_importing_reads_no_environment() -> None:
     env = {"ALIS_OS_PROJECT": "p", "ALIS_REGION": "r", "PATH": "/usr/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_lro_reaches_core_only_through_its_public_modules_and_keeps_sql_in_its_table_module() -> None:
+    import ast
+    import pathlib
+    import re
+
+    public = {"errands.core", "errands.core.store", "errands.core.runtime", "errands.core.cli",
+              "errands.core.errors", "errands.core.testing"}
+    sql = re.compile(r"\b(SELECT|INSERT INTO|UPDATE \w+ SET|DELETE FROM|CREATE TABLE)\b")
+    src = pathlib.Path(lro.__file__).parent
+    for path in sorted(src.glob("*.py")):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("errands.core"):
+                assert node.module in public, f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("errands.core"):
+                        assert alias.name in public, f"{path.name} imports {alias.name}"
+        if not path.name.endswith(("_table.py", "_schema.py")):
+            assert not sql.search(text), f"{path.name} holds SQL"

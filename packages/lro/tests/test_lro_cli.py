@@ -73,6 +73,20 @@ def test_operations_get_wait_cancel(db: str, capsys: pytest.CaptureFixture[str])
     assert "filter" in capsys.readouterr().err
 
 
+def test_the_store_resolves_as_for_every_errands_command(
+    db: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ERRANDS_STORE", db)
+    assert main(["operations", "list", "--neuron", "svc", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["operations"]) == 4
+    (tmp_path / "errands.toml").write_text(f'store = "sqlite:///{tmp_path / "other.db"}"\n')
+    assert main(["operations", "list", "--neuron", "svc", "--json"]) == 0  # the config's store comes first
+    assert json.loads(capsys.readouterr().out)["operations"] == []
+    assert main(["operations", "get", "--store", db, "--neuron", "svc", "operations/ok-1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["done"] is True  # and --store before it
+
+
 def test_demo_includes_the_lro_part(tmp_path: Any) -> None:
     from errands.core._demo import DemoContext, _demo_parts
     from errands.lro._demo import LroDemo

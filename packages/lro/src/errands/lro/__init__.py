@@ -11,10 +11,13 @@ Example:
 from __future__ import annotations
 
 from .__about__ import __version__
-from ._client import LroClient, ResumableHandler, ResumeOutcome, parse_filter
+from ._client import LroClient
 from ._config import Config
 from ._operation import Operation, must_unmarshal_metadata, unmarshal_metadata
-from ._store import OperationDoneError, OperationRecord, OperationStore, SQLOperationStore
+from ._operation_table import OperationDoneError, OperationRecord, OperationStore, SQLOperationStore
+from ._paging import parse_filter
+from ._resume import ResumableHandler
+from ._transitions import ResumeOutcome
 
 __all__ = [
     "Config",

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from errands.core import MissingDependencyError
+from errands.core.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from ._oidc import CertsRequest
 
 log = logging.getLogger("errands.lro.auth")
 
@@ -41,48 +41,6 @@ def verify_signature(secret: str, header: str, method: str, target: str, now: fl
     return hmac.compare_digest(expected, parts.get("v1", ""))
 
 
-class _Response:
-    def __init__(self, status: int, headers: Mapping[str, str], data: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.data = data
-
-
-class CertsRequest:
-    """A ``google.auth.transport.Request`` over urllib that caches certificate responses for a while, so
-    verifying a token costs no round trip once the certificates are known."""
-
-    def __init__(self, cache_for: float = 300.0) -> None:
-        self.cache_for = cache_for
-        self._cache: dict[str, tuple[float, _Response]] = {}
-        self._lock = threading.Lock()
-
-    def __call__(
-        self, url: str, method: str = "GET", body: bytes | None = None, headers: Mapping[str, str] | None = None,
-        timeout: float | None = None, **_kwargs: Any,
-    ) -> _Response:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(url)
-            if hit and method == "GET" and now - hit[0] < self.cache_for:
-                return hit[1]
-        req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout or 10) as resp:
-                out = _Response(resp.status, dict(resp.headers), resp.read())
-        except urllib.error.HTTPError as exc:
-            with exc:
-                out = _Response(exc.code, dict(exc.headers), exc.read())
-        except OSError as exc:
-            from google.auth import exceptions
-
-            raise exceptions.TransportError(f"could not fetch {url}: {exc}") from exc  # type: ignore[no-untyped-call]
-        if out.status == 200 and method == "GET":
-            with self._lock:
-                self._cache[url] = (now, out)
-        return out
-
-
 @dataclass
 class CallbackAuth:
     """Decides whether a callback request may resume an operation.
@@ -102,7 +60,7 @@ class CallbackAuth:
     allow_unauthenticated: bool = False
 
     def __post_init__(self) -> None:
-        self._request = CertsRequest()
+        self._certs: CertsRequest | None = None  # made at the first token, which needs google-auth
 
     def check(self, headers: Mapping[str, str], method: str, target: str) -> bool:
         """Whether the request is allowed. ``headers`` have lower-case names; ``target`` is the raw
@@ -126,12 +84,14 @@ class CallbackAuth:
             return False
         try:
             from google.oauth2 import id_token
+
+            from ._oidc import CertsRequest
         except ImportError as exc:
             raise MissingDependencyError("google-auth", "lro") from exc
+        if self._certs is None:
+            self._certs = CertsRequest()
         try:
-            claims = id_token.verify_token(
-                token, self._request, audience=self.audience, certs_url=self.certs_url  # type: ignore[arg-type]
-            )
+            claims = id_token.verify_token(token, self._certs, audience=self.audience, certs_url=self.certs_url)
         except Exception as exc:  # google-auth raises ValueError and its own errors for bad tokens
             log.warning("OIDC callback refused: %s", type(exc).__name__)
             return False

@@ -1,16 +1,25 @@
-"""``errands operations list|get|wait|cancel``: the operations of one neuron, as tables or JSON."""
+"""``errands operations list|get|wait|cancel``: the operations of one neuron, as tables or JSON.
+
+The store is resolved as by every ``errands`` command (``errands.core.cli``): ``--store``, the config's
+``store``, ``$ERRANDS_STORE``, then ``sqlite:///errands.db``. ``LroClient``'s own default store is
+``sqlite:///ops.db``: pass ``--store sqlite:///ops.db`` to read it."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from errands.core._console import print_json, print_table
+from errands.core.cli import DEFAULT_STORE, add_store_options, print_json, print_table, store_url
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import json_format
 
 from ._client import LroClient
 from ._config import Config
+
+_STORE_NOTE = (
+    f"The store is --store, the config's store, $ERRANDS_STORE, or {DEFAULT_STORE}, as for every errands "
+    "command. LroClient's own default store is sqlite:///ops.db: pass --store sqlite:///ops.db to read it."
+)
 
 
 def operation_dict(pb: operations_pb2.Operation) -> dict[str, Any]:
@@ -31,7 +40,7 @@ def _status(pb: operations_pb2.Operation) -> str:
 
 
 def _client(args: argparse.Namespace) -> LroClient:
-    return LroClient(Config(neuron=args.neuron, store=args.store))
+    return LroClient(Config(neuron=args.neuron, store=store_url(args)))
 
 
 def _rows(ops: list[operations_pb2.Operation]) -> list[list[Any]]:
@@ -78,13 +87,14 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 def register(group: Any) -> None:
     """Add ``operations`` to the ``errands`` command line."""
-    parser = group.add_parser("operations", help="list, show, wait for and cancel long-running operations")
+    parser = group.add_parser("operations", help="list, show, wait for and cancel long-running operations",
+                              epilog=_STORE_NOTE)
     sub = parser.add_subparsers(dest="operations_command", metavar="ACTION", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", default="sqlite:///ops.db", help="store URL (default sqlite:///ops.db)")
+        p.epilog = _STORE_NOTE
+        add_store_options(p)
         p.add_argument("--neuron", required=True, help="the service whose operations to read")
-        p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("list", help="list operations")
     common(p)

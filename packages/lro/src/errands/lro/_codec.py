@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar, cast
 
 from errands.core import ConfigError, PayloadError
 from google.protobuf import any_pb2, json_format, struct_pb2
@@ -86,19 +86,20 @@ def encode_state(value: Any) -> bytes:
 
 def from_jsonable(data: Any, type_: type[T] | None, *, field: str) -> T:
     """Build ``type_`` from plain JSON data (dict / dataclass / pydantic / message); None keeps the data."""
+    # ``type_`` is only known at run time, so what is built here is ``T`` by construction: ``cast`` says so.
     if type_ is None or type_ is dict or type_ is Any:
-        return data  # type: ignore[no-any-return]
+        return cast(T, data)
     try:
         if isinstance(type_, type) and issubclass(type_, Message):
             msg = type_()
             json_format.ParseDict(data or {}, msg, ignore_unknown_fields=True)
-            return msg  # type: ignore[return-value]
+            return cast(T, msg)
         validate = getattr(type_, "model_validate", None)
         if callable(validate):
-            return validate(data)  # type: ignore[no-any-return]
+            return cast(T, validate(data))
         if dataclasses.is_dataclass(type_):
             return type_(**(data or {}))
-        return type_(data)  # type: ignore[call-arg]
+        return cast(Callable[[Any], T], type_)(data)
     except Exception as exc:
         raise ConfigError(
             f"{field} does not decode as {getattr(type_, '__name__', type_)}: {exc}", field=field,
@@ -111,17 +112,17 @@ def decode_state(raw: bytes | None, type_: type[T] | None) -> T | None:
         return None
     data = _decode_json(raw.decode("utf-8")) if type(raw) is bytes else json.loads(raw)
     if type_ is None or type_ is dict:
-        return data  # type: ignore[no-any-return]
+        return cast(T, data)
     return from_jsonable(data, type_, field="private_state")
 
 
 def unpack_any(value: any_pb2.Any, type_: type[T] | None, *, field: str) -> T:
     """The content of an ``Any`` as ``type_`` (a message class, dict, dataclass or pydantic model)."""
     if isinstance(type_, type) and issubclass(type_, Message):
-        if value.Is(type_.DESCRIPTOR):  # type: ignore[arg-type]
+        if value.TypeName() == type_.DESCRIPTOR.full_name:  # ``value.Is``, on either descriptor implementation
             msg = type_()
             value.Unpack(msg)
-            return msg  # type: ignore[return-value]
+            return cast(T, msg)
         if value.Is(struct_pb2.Struct.DESCRIPTOR):
             return from_jsonable(_struct_dict(value), type_, field=field)
         raise ConfigError(

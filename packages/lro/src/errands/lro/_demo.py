@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from ._client import LroClient, ResumableHandler
+from ._client import LroClient
 from ._config import Config
 from ._operation import Operation, unmarshal_metadata
+from ._resume import ResumableHandler
 
 
 @dataclass

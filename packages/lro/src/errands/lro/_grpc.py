@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from errands.core import AlreadyExistsError, ConfigError, LeaseLostError, MissingDependencyError, NotFoundError
@@ -13,11 +14,13 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# Both optional (the ``grpc`` extra), so both are ``Any`` here; the generated stubs module has no types anyway.
 grpc: Any
 operations_pb2_grpc: Any
 try:
     import grpc
-    from google.longrunning import operations_pb2_grpc  # type: ignore[import-untyped,no-redef]
+
+    operations_pb2_grpc = importlib.import_module("google.longrunning.operations_pb2_grpc")
 except ImportError:  # pragma: no cover - exercised only without the grpc extra
     grpc = None
     operations_pb2_grpc = None

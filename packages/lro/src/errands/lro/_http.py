@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 from urllib.parse import parse_qs, quote
 
-from errands.core import ConfigError, InfrastructureError, NotFoundError, TransientError
+from errands.core.errors import ConfigError, InfrastructureError, NotFoundError, TransientError
+
+from ._resume import ResumeBusyError
 
 if TYPE_CHECKING:
     from ._client import LroClient
@@ -39,7 +41,18 @@ class _Request:
         self.headers = headers
 
 
-def _json(status: int, body: dict[str, Any], extra: Iterable[tuple[str, str]] = ()) -> tuple[int, list[tuple[str, str]], bytes]:
+_Response = tuple[int, list[tuple[str, str]], bytes]
+
+
+class _Callback(NamedTuple):
+    """A well-formed callback request, to resume once it is authenticated."""
+
+    name: str
+    path: str
+    token: str
+
+
+def _json(status: int, body: dict[str, Any], extra: Iterable[tuple[str, str]] = ()) -> _Response:
     data = json.dumps(body).encode()
     headers = [("content-type", "application/json"), ("content-length", str(len(data))), *extra]
     return status, headers, data
@@ -53,8 +66,8 @@ class _Endpoint:
         self.client = client
         self.prefix = prefix
 
-    def route(self, req: _Request) -> tuple[int, list[tuple[str, str]], bytes] | tuple[str, str, str | None]:
-        """Either a finished response, or ``(name, path, token)`` to resume after authentication."""
+    def route(self, req: _Request) -> _Response | _Callback:
+        """Either a finished response, or the callback to resume after authentication."""
         if not req.path.startswith(self.prefix) or len(req.path) == len(self.prefix):
             return _json(404, {"error": f"no callback here; callbacks are PUT {self.prefix}{{path}}"})
         if req.method != "PUT":
@@ -66,16 +79,14 @@ class _Endpoint:
         if len(tokens) != 1 or not tokens[0]:
             # Without its token a callback could be neither fenced against a duplicate nor refused as a replay.
             return _json(400, {"error": "query parameter 'token' (the resume token of resume_via_tasks) is required"})
-        return names[0], req.path[len(self.prefix):], tokens[0]
+        return _Callback(names[0], req.path[len(self.prefix):], tokens[0])
 
-    def settle(self, name: str, outcome: Any = None, error: BaseException | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+    def settle(self, name: str, outcome: Any = None, error: BaseException | None = None) -> _Response:
         if error is None:
             return _json(200, {"operation": name, "outcome": str(outcome)})
         if isinstance(error, NotFoundError):
             return _json(404, {"operation": name, "error": str(error)})
         if isinstance(error, TransientError):
-            from ._client import ResumeBusyError
-
             kind = "busy" if isinstance(error, ResumeBusyError) else "transient"
             extra = [("retry-after", str(max(1, round(error.retry_after))))] if error.retry_after else []
             return _json(503, {"operation": name, "error": kind, "message": str(error)}, extra)
@@ -111,10 +122,10 @@ class AsgiApp(_Endpoint):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         req = _Request(scope["method"].upper(), scope["path"], raw_path, scope.get("query_string", b"").decode("latin-1"), headers)
         routed = self.route(req)
-        if len(routed) == 3 and isinstance(routed[0], int):
-            await self._send(send, routed)  # type: ignore[arg-type]
+        if not isinstance(routed, _Callback):
+            await self._send(send, routed)
             return
-        name, path, token = routed  # type: ignore[misc]
+        name, path, token = routed
         allowed = await asyncio.to_thread(self.client.callback_auth().check, req.headers, req.method, req.target)
         if not allowed:
             await self._send(send, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
@@ -127,7 +138,7 @@ class AsgiApp(_Endpoint):
         await self._send(send, self.settle(name, outcome))
 
     @staticmethod
-    async def _send(send: Callable[[dict[str, Any]], Any], response: tuple[int, list[tuple[str, str]], bytes]) -> None:
+    async def _send(send: Callable[[dict[str, Any]], Any], response: _Response) -> None:
         status, headers, body = response
         await send({"type": "http.response.start", "status": status,
                     "headers": [(k.encode(), v.encode()) for k, v in headers]})
@@ -150,9 +161,9 @@ class WsgiApp(_Endpoint):
         raw_path = uri.split("?", 1)[0] if uri else quote((script + path).encode("latin-1").decode("utf-8"))
         req = _Request(environ.get("REQUEST_METHOD", "GET").upper(), path, raw_path, environ.get("QUERY_STRING", ""), headers)
         routed = self.route(req)
-        if len(routed) == 3 and isinstance(routed[0], int):
-            return self._respond(start_response, routed)  # type: ignore[arg-type]
-        name, rpath, token = routed  # type: ignore[misc]
+        if not isinstance(routed, _Callback):
+            return self._respond(start_response, routed)
+        name, rpath, token = routed
         if not self.client.callback_auth().check(req.headers, req.method, req.target):
             return self._respond(start_response, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
         try:
@@ -162,7 +173,7 @@ class WsgiApp(_Endpoint):
         return self._respond(start_response, self.settle(name, outcome))
 
     @staticmethod
-    def _respond(start_response: Callable[..., Any], response: tuple[int, list[tuple[str, str]], bytes]) -> list[bytes]:
+    def _respond(start_response: Callable[..., Any], response: _Response) -> list[bytes]:
         status, headers, body = response
         start_response(f"{status} {_REASONS.get(status, '')}", headers)
         return [body]

@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 
 from ._codec import decode_state, encode_state, pack_any, unpack_any
-from ._store import OperationDoneError, OperationRecord
+from ._operation_table import OperationDoneError, OperationRecord
 from ._tokens import claimed, parse_token
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ class Operation:
         left over from an earlier ``resume_via_tasks`` is ignored once a newer one is scheduled.
         """
         self._open()
-        self._client._save_and_schedule(self, path, delay)  # sets ``_record`` as it writes
+        self._client._scheduling.save_and_schedule(self, path, delay)  # sets ``_record`` as it writes
         return self
 
     # -- the hold on a resume (see ``_tokens``) ------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from errands.core import AlreadyExistsError, FakeClock, LeaseLostError, NotFoundError
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 
-from ._store import OperationDoneError, OperationRecord
+from ._operation_table import OperationDoneError, OperationRecord
 
 __all__ = ["OperationStoreContract", "make_record"]
 

@@ -1,4 +1,5 @@
-"""Where operations live: the ``OperationStore`` protocol and its SQL implementation on core's store.
+"""Where operations live: the ``OperationStore`` protocol and its SQL implementation on core's store, the
+one module of errands-lro that holds SQL.
 
 The row layout is the alis one (``key``, ``Operation``, ``State``, ``ResumePoint``, ``UpdateTime``) plus the
 bookkeeping that makes saves compare-and-set (``Version``), lets listings filter cheaply (``Done``), carries
@@ -13,8 +14,8 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-from errands.core import LeaseLostError, Migration, NewEvent, NotFoundError, SQLStore, Tx
-from errands.core.errors import AlreadyExistsError
+from errands.core.errors import AlreadyExistsError, LeaseLostError, NotFoundError
+from errands.core.store import Migration, NewEvent, SQLStore, Tx, in_clause
 
 __all__ = ["OperationDoneError", "OperationRecord", "OperationStore", "SQLOperationStore", "LRO_MIGRATIONS"]
 
@@ -274,7 +275,7 @@ class SQLOperationStore:
             for i in range(0, len(wanted), 500):
                 chunk = wanted[i:i + 500]
                 rows = tx.query(
-                    f"SELECT {_COLS} FROM lro_operations WHERE Neuron = ? AND key IN ({', '.join('?' * len(chunk))})",
+                    f"SELECT {_COLS} FROM lro_operations WHERE Neuron = ? AND key IN {in_clause(len(chunk))}",
                     (self.neuron, *chunk),
                 )
                 for row in rows:
