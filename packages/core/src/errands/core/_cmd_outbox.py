@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from .cli import add_command_group, add_store_command, config_path, print_json, print_table, store_url
 
 
-def _open_outbox(args: argparse.Namespace) -> Any:
+@contextlib.contextmanager
+def _open_outbox(args: argparse.Namespace) -> Iterator[Any]:
+    """The outbox a command works on, its store closed when the command is done."""
     from .outbox import Outbox
     from .store import open_store
 
@@ -19,8 +22,11 @@ def _open_outbox(args: argparse.Namespace) -> Any:
 
         config = load_config(path)
     store = open_store(store_url(args, config_store=config.store if config else None))
-    # Without a config the commands only read and decide; they dispatch nothing.
-    return Outbox(store, connectors=None if config else {})
+    try:
+        # Without a config the commands only read and decide; they dispatch nothing.
+        yield Outbox(store, connectors=None if config else {})
+    finally:
+        store.close()
 
 
 def _effect_row(rec: Any) -> list[Any]:
@@ -33,8 +39,7 @@ _EFFECT_HEADERS = ["key", "connector.tool", "status", "flagged", "attempts", "ob
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    outbox = _open_outbox(args)
-    try:
+    with _open_outbox(args) as outbox:
         recs = outbox.list(status=args.status, connector=args.connector, limit=args.limit,
                            flagged=True if args.flagged else None, run_id=args.run)
         if args.json:
@@ -44,14 +49,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
             stats = outbox.stats()
             counts = ", ".join(f"{k.lower()} {v}" for k, v in stats["effects"].items() if v)
             print(f"\n{counts or 'no effects'}; flagged {stats['flagged']}")
-    finally:
-        outbox.store.close()
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    outbox = _open_outbox(args)
-    try:
+    with _open_outbox(args) as outbox:
         rec = outbox.get(args.key)
         history = outbox.history(args.key)
         obligations = outbox.obligations(effect_key=args.key)
@@ -73,14 +75,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
             print("\nobligations:")
             print_table(["id", "kind", "status", "attempts", "error"],
                         [[o.id, o.kind, o.status.value, o.attempts, o.error or ""] for o in obligations])
-    finally:
-        outbox.store.close()
     return 0
 
 
 def _decide(args: argparse.Namespace) -> int:
-    outbox = _open_outbox(args)
-    try:
+    with _open_outbox(args) as outbox:
         if args.action == "approve":
             rec = outbox.approve(args.key, by=args.by)
         elif args.action == "reject":
@@ -91,14 +90,11 @@ def _decide(args: argparse.Namespace) -> int:
             print_json(rec.to_dict())
         else:
             print(f"{rec.key}: {rec.status.value}")
-    finally:
-        outbox.store.close()
     return 0
 
 
 def _cmd_obligations(args: argparse.Namespace) -> int:
-    outbox = _open_outbox(args)
-    try:
+    with _open_outbox(args) as outbox:
         recs = outbox.obligations(status=args.status, effect_key=args.effect, run_id=args.run, limit=args.limit)
         if args.json:
             print_json([o.to_dict() for o in recs])
@@ -108,8 +104,6 @@ def _cmd_obligations(args: argparse.Namespace) -> int:
                  (o.error or "")[:60]]
                 for o in recs
             ])
-    finally:
-        outbox.store.close()
     return 0
 
 
