@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mappin
 
 from ._clock import Clock
 from ._plugins import connector_names
-from .cli import DEFAULT_STORE, read_config_table
+from .cli import read_config_table, resolve_store_url
 from .errors import ConfigError
 from .store import SQLStore, open_store
 
@@ -124,7 +124,6 @@ class App:
         sinks: Mapping[str, Part] | Iterable[Any] | None = None, max_in_flight: int = 16,
         poll_interval: float = 0.2, clock: Clock | None = None, outbox_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self._config_source = config
         raw: dict[str, Any] = {}
         if config is not None:
             raw = dict(config) if isinstance(config, Mapping) else read_config_table(os.fspath(config))
@@ -138,8 +137,7 @@ class App:
                 raise ConfigError(f"store must be a URL or an open store, got {type(store).__name__}",
                                   field="store", value=type(store).__name__)
             configured = raw.get("store")
-            self._store_url = (store or (configured if isinstance(configured, str) else None)
-                               or os.environ.get("ERRANDS_STORE") or DEFAULT_STORE)
+            self._store_url = resolve_store_url(store, configured if isinstance(configured, str) else None)
             self._store = None
             self._owns_store = True
         if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
@@ -276,8 +274,7 @@ class App:
         if self._config_connectors or self._config_sinks:
             from ._plugins import load_config
 
-            assert self._config_source is not None
-            loaded = load_config(self._config_source)
+            loaded = load_config(self._raw_config)  # the table read at construction: no second read
             connectors.update({n: loaded.connectors[n] for n in self._config_connectors})
             sinks.update({n: loaded.sinks[n] for n in self._config_sinks})
             routes_options.update({n: loaded.routes.get(n, {}) for n in self._config_sinks})

@@ -45,9 +45,9 @@ def _app_of(args: argparse.Namespace) -> Any:
         return app
     from .cli import read_config_table
 
-    raw = read_config_table(args.config)
+    raw = read_config_table(args.config)  # read once: the app names and builds its parts from this table
     options = _options(dict(raw.get("worker", {}) or {}), args)
-    return App(args.store, config=args.config, max_in_flight=options.pop("max_in_flight", 16),
+    return App(args.store, config=raw, max_in_flight=options.pop("max_in_flight", 16),
                poll_interval=options.pop("poll_interval", 0.2), outbox_options=options)
 
 

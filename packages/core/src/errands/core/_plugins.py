@@ -381,7 +381,7 @@ class ErrandsConfig:
 ROUTE_KEYS = ("subjects", "batch_size", "max_in_flight")
 
 
-def _read_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+def read_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
     """``errands.toml`` parsed (from its path, or a mapping parsed already), and its path."""
     if isinstance(source, Mapping):
         return dict(source), None
@@ -403,7 +403,7 @@ def connector_names(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[
     Raises:
         ConfigError: the file is missing or not TOML, ``connectors`` is not a table, or a name is malformed.
     """
-    raw, _path = _read_config(source)
+    raw, _path = read_config(source)
     section = raw.get("connectors", {})
     if not isinstance(section, Mapping):
         raise ConfigError("connectors must be a table of named connectors", field="connectors", value=section)
@@ -425,7 +425,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, registry:
         ConfigError: naming the field path and the bad value; every problem is reported at once, and
             nothing is registered.
     """
-    raw, path = _read_config(source)
+    raw, path = read_config(source)
     reg = registry or get_registry()
     problems: list[ConfigError] = []
     known_top = {"store", "connectors", "sinks", "worker", "lro", "durable"}

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Callable
 
 from ._console import Progress, print_json, print_table
 from .errors import ConfigError
 
 __all__ = ["DEFAULT_STORE", "Progress", "add_command_group", "add_store_command", "add_store_options", "config_path",
-           "print_json", "print_table", "read_config_table", "store_url"]
+           "print_json", "print_table", "read_config_table", "resolve_store_url", "store_url"]
 
 DEFAULT_STORE = "sqlite:///errands.db"
 
@@ -60,17 +59,18 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 def read_config_table(path: str) -> dict[str, Any]:
     """The parsed TOML of ``path``, without building any connector (for commands that only read)."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+    from ._plugins import read_config
+
     try:
-        with open(path, "rb") as fh:
-            return dict(tomllib.load(fh))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist", field="config", value=path) from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return read_config(path)[0]
+    except OSError as exc:  # a missing file or bad TOML is a ConfigError already
         raise ConfigError(f"config {path!r} could not be read: {exc}", field="config", value=path) from exc
+
+
+def resolve_store_url(explicit: str | None, config_store: str | None) -> str:
+    """The one precedence of a store URL: the one given, the config's ``store``, ``$ERRANDS_STORE``, then
+    ``DEFAULT_STORE``."""
+    return explicit or config_store or os.environ.get("ERRANDS_STORE") or DEFAULT_STORE
 
 
 def store_url(args: argparse.Namespace, *, config_store: str | None = None) -> str:
@@ -84,4 +84,4 @@ def store_url(args: argparse.Namespace, *, config_store: str | None = None) -> s
         if path:
             value = read_config_table(path).get("store")
             config_store = value if isinstance(value, str) else None
-    return config_store or os.environ.get("ERRANDS_STORE") or DEFAULT_STORE
+    return resolve_store_url(None, config_store)
