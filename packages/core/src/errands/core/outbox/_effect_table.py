@@ -80,13 +80,15 @@ def migrations(dialect: str) -> list[Migration]:
 _COLS = ", ".join(EFFECT_COLUMNS)
 _CLAIMED = ", ".join(CLAIM_COLUMNS)
 # Every new row keeps the journal's position (``journal_from``): its events come after it.
-_INSERT = (
+# One row reads it in the statement; a batch reads it once and passes it to every row.
+_INSERT_INTO = (
     "INSERT INTO em_effects (key, connector, tool, payload, business_key, semantics, run_id, metadata, "
     "human_gate, not_before, status, attempts, max_attempts, observations, next_attempt_at, flagged, "
     "created_at, updated_at, journal_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, 0, ?, ?, "
-    f"{SQLStore.LAST_POSITION_SQL})"
 )
-_INSERT_NEW = _INSERT + " ON CONFLICT (key) DO NOTHING"
+_INSERT_ONE_NEW = _INSERT_INTO + f"{SQLStore.LAST_POSITION_SQL}) ON CONFLICT (key) DO NOTHING"
+_INSERT_BATCH = _INSERT_INTO + "?)"
+_INSERT_BATCH_NEW = _INSERT_BATCH + " ON CONFLICT (key) DO NOTHING"
 _CHUNK = 500
 
 
@@ -94,11 +96,16 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _each_possible(tx: Tx, rows: Sequence[Any]) -> bool:
+    """Whether ``_each_or_none`` can run ``rows`` here: on SQLite, inside a transaction."""
+    return tx.dialect == SQLITE and bool(rows) and tx.raw.in_transaction
+
+
 def _each_or_none(tx: Tx, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
     """On SQLite, inside a transaction: run ``sql`` for every row as one prepared statement, and keep it only if
     each row changed one row (the rule), else undo it; whether it was kept. Elsewhere it runs nothing and says
     no, and the caller takes its general way."""
-    if tx.dialect != SQLITE or not rows or not tx.raw.in_transaction:
+    if not _each_possible(tx, rows):
         return False
     tx.execute("SAVEPOINT em_each")
     changed = tx.raw.executemany(sql, rows).rowcount
@@ -113,13 +120,21 @@ def _each_or_none(tx: Tx, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
 # -- admission ------------------------------------------------------------------------------------------------
 def insert_new(tx: Tx, row: NewEffect) -> bool:
     """Insert ``row`` unless its key is taken; whether it was inserted."""
-    return tx.rowcount(_INSERT_NEW, row) == 1
+    return tx.rowcount(_INSERT_ONE_NEW, row) == 1
+
+
+def _with_position(tx: Tx, rows: Sequence[NewEffect]) -> list[tuple[Any, ...]]:
+    """``rows`` as the batch statement's parameters: each followed by the journal's last position."""
+    (position,) = tx.one(f"SELECT {SQLStore.LAST_POSITION_SQL}") or (0,)
+    return [(*row, position) for row in rows]
 
 
 def insert_all_new(tx: Tx, rows: Sequence[NewEffect]) -> bool:
     """Insert ``rows`` (distinct keys) in one statement if no key among them is taken: whether it did (if one is
     taken, or this cannot be done in one statement here, nothing is inserted)."""
-    return _each_or_none(tx, _INSERT_NEW, rows)
+    if not _each_possible(tx, rows):
+        return False
+    return _each_or_none(tx, _INSERT_BATCH_NEW, _with_position(tx, rows))
 
 
 def insert_absent(tx: Tx, rows: Sequence[NewEffect]) -> list[NewEffect]:
@@ -128,7 +143,8 @@ def insert_absent(tx: Tx, rows: Sequence[NewEffect]) -> list[NewEffect]:
     have taken a key since, and that row is left out."""
     if tx.dialect == POSTGRES:
         return [row for row in rows if insert_new(tx, row)]
-    tx.executemany(_INSERT, rows)
+    if rows:
+        tx.executemany(_INSERT_BATCH, _with_position(tx, rows))
     return list(rows)
 
 

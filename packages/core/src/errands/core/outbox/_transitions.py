@@ -53,9 +53,24 @@ def effect_event(key: str, connector: str, tool: str, status: str, **data: Any) 
     for name, value in data.items():
         if value is not None:
             body[name] = value
+    names = _EVENT_NAMES.get((connector, tool, status))
+    if names is None:
+        names = _event_names(connector, tool, status)
+    return NewEvent(names[0], names[1], body, names[2])
+
+
+# The stream, type and subject of an effect event, by connector, tool and status: a service has a few of each.
+_EVENT_NAMES: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+
+
+def _event_names(connector: str, tool: str, status: str) -> tuple[str, str, str]:
     lower = status.lower()
     subject = f"effect.{lower}.{connector}.{tool}" if tool else f"effect.{lower}.{connector}"
-    return NewEvent(f"{EFFECT_STREAMS}{connector}", f"effect.{lower}", body, subject)
+    names = (f"{EFFECT_STREAMS}{connector}", f"effect.{lower}", subject)
+    if len(_EVENT_NAMES) >= 4096:
+        _EVENT_NAMES.clear()
+    _EVENT_NAMES[(connector, tool, str(status))] = names
+    return names
 
 
 def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data: Any) -> NewEvent:

@@ -6,6 +6,7 @@ disk, gone when the store closes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -16,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .._clock import Clock, SystemClock
@@ -127,6 +128,9 @@ def _event_from_row(row: Sequence[Any]) -> Event:
 _EVENT_COLS = "position, stream, seq, subject, type, data, time"
 
 
+_T = TypeVar("_T")
+
+
 class SQLStore:
     """Everything a store does, written once over ``Tx``. Subclasses supply connections.
 
@@ -158,6 +162,17 @@ class SQLStore:
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         """A read-only transaction."""
         return self.transaction()
+
+    async def run_async(self, fn: Callable[..., _T], /, *args: Any, conn: Any = None, **kwargs: Any) -> _T:
+        """Run store work written once, for sync callers, on behalf of a coroutine: ``fn(*args, **kwargs)``
+        (with ``conn=conn`` when a connection is given), without blocking the caller's event loop.
+
+        Every ``*_async`` twin of the engines is this call around its sync method: one configuration serves
+        sync and async callers, and the SQL exists once.
+        """
+        if conn is not None:
+            kwargs["conn"] = conn
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     def close(self) -> None:
         """Release connections. The store is unusable afterwards."""
@@ -289,40 +304,49 @@ class SQLStore:
         if tx.dialect == POSTGRES:
             tx.execute("SELECT pg_advisory_xact_lock(?)", (_JOURNAL_LOCK,))
         positioned = self._positioned
-        counts: dict[str, int] = {}
-        for ev in events:
-            if not ev.stream.startswith(positioned):
-                counts[ev.stream] = counts.get(ev.stream, 0) + 1
-        next_seq: dict[str, int] = {}
-        for stream, n in counts.items():
-            row = tx.one(
-                "INSERT INTO em_streams (stream, last_seq) VALUES (?, ?) ON CONFLICT (stream) "
-                "DO UPDATE SET last_seq = em_streams.last_seq + excluded.last_seq RETURNING last_seq",
-                (stream, n),
-            )
-            assert row is not None
-            next_seq[stream] = int(row[0]) - n + 1
         rows: list[tuple[Any, ...]] = []
+        counted: dict[str, int] = {}
         for ev in events:
-            seq = next_seq.get(ev.stream)
-            if seq is not None:
-                next_seq[ev.stream] = seq + 1
             data = ev.data if type(ev.data) is JSONText else dumps(ev.data, field="data")
-            rows.append((ev.stream, seq, ev.subject or ev.type, ev.type, data, now))
+            stream = ev.stream
+            if not stream.startswith(positioned):
+                counted[stream] = counted.get(stream, 0) + 1
+            rows.append((stream, None, ev.subject or ev.type, ev.type, data, now))
+        if counted:
+            # Streams with a counter: one upsert per stream reserves its numbers, handed out in order.
+            next_seq: dict[str, int] = {}
+            for stream, n in counted.items():
+                row = tx.one(
+                    "INSERT INTO em_streams (stream, last_seq) VALUES (?, ?) ON CONFLICT (stream) "
+                    "DO UPDATE SET last_seq = em_streams.last_seq + excluded.last_seq RETURNING last_seq",
+                    (stream, n),
+                )
+                assert row is not None
+                next_seq[stream] = int(row[0]) - n + 1
+            for i, r in enumerate(rows):
+                seq = next_seq.get(r[0])
+                if seq is not None:
+                    next_seq[r[0]] = seq + 1
+                    rows[i] = (r[0], seq, *r[2:])
         return rows, self._insert_events(tx, rows)
 
     def _insert_events(self, tx: Tx, rows: list[tuple[Any, ...]]) -> list[int]:
         """Insert event rows (``seq`` None: the row's own position) and return their positions."""
         if tx.dialect == SQLITE:
-            # A rowid table hands out max(position) + 1 (the journal is append-only and never given an explicit
-            # position), which the statement reads first when it needs it for ``seq``. Under the write lock the
+            # A rowid table hands out max(position) + 1 (the journal is append-only and given no position but
+            # max(position) + 1), which the statement reads first when it needs it for ``seq``. Under the write lock the
             # rows of one statement are consecutive.
             insert = ("INSERT INTO em_events (stream, seq, subject, type, data, time) VALUES "
                       "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)")
             if len(rows) == 1:
                 return [int(tx.raw.execute(insert, rows[0]).lastrowid)]
+            # Several rows: their positions are known once the first is read, so each row carries its own
+            # (and, on a positioned stream, its ``seq``) and no row runs the subquery.
             first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
-            tx.raw.executemany(insert, rows)
+            tx.raw.executemany(
+                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(p, r[0], p if r[1] is None else r[1], r[2], r[3], r[4], r[5]) for p, r in enumerate(rows, first)],
+            )
             return list(range(first, first + len(rows)))
         cur = tx.raw.cursor()
         cur.executemany(
