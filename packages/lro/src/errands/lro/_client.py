@@ -499,3 +499,15 @@ class LroClient:
         return servicer
 
 
+    def register_grpc_async(self, server: Any) -> Any:
+        """Serve ``google.longrunning.Operations`` on a ``grpc.aio.Server``: the methods and status codes of
+        ``register_grpc``, as coroutines that never block the server's event loop.
+
+        Raises:
+            MissingDependencyError: grpcio is not installed (``pip install 'errands-lro[grpc]'``).
+        """
+        from ._grpc import AsyncOperationsServicer, add_servicer
+
+        servicer = AsyncOperationsServicer(self)
+        add_servicer(servicer, server)
+        return servicer
