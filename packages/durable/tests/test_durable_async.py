@@ -16,10 +16,13 @@ from errands.durable import (
     AsyncDurableContext,
     CallbackError,
     DurableContext,
+    DurableExecutionConfig,
     DurableOperation,
     DurableRunner,
     Duration,
     ExecutionStatus,
+    InMemoryClient,
+    InvocationStatus,
     MapConfig,
     OperationStatus,
     OperationSubType,
@@ -29,6 +32,7 @@ from errands.durable import (
     WaitForConditionConfig,
     WaitForConditionDecision,
     create_retry_strategy,
+    with_durable_execution,
 )
 from errands.durable.testing import LocalRunner
 from hypothesis import given, settings
@@ -277,6 +281,31 @@ def test_non_determinism_in_an_async_function_fails_it() -> None:
     info = LocalRunner(wf, always_replay=True).run()
     assert info.status is ExecutionStatus.FAILED
     assert info.error is not None and info.error.type == "NonDeterministicExecutionError"
+
+
+def test_cancelled_operation_still_finishes_its_checkpoint_before_the_invocation_ends() -> None:
+    async def wf(event: Any, ctx: AsyncDurableContext) -> str:
+        try:
+            await asyncio.wait_for(ctx.step("slow", lambda _: time.sleep(0.05) or "late"), timeout=0.001)
+        except asyncio.TimeoutError:
+            pass
+        return "done"
+
+    info = LocalRunner(wf).run()
+    assert info.status is ExecutionStatus.SUCCEEDED and info.result == "done"
+
+
+def test_async_handler_with_the_lambda_wrapper() -> None:
+    client = InMemoryClient()
+
+    async def handler(event: Any, ctx: AsyncDurableContext) -> str:
+        first, second = await asyncio.gather(ctx.step("a", counted(Counter(), "a", "hello")),
+                                             ctx.step("b", lambda _: event["name"]))
+        return f"{first} {second}"
+
+    wrapped = with_durable_execution(handler, DurableExecutionConfig(client=client))
+    out = wrapped(client.start_execution({"name": "alice"}).to_dict())
+    assert out.status is InvocationStatus.SUCCEEDED and out.result == '"hello alice"'
 
 
 # -- random gather shapes ----------------------------------------------------------------------------

@@ -202,7 +202,14 @@ class AsyncDurableContext(_ContextCore):
         value: Any = None
         error: BaseException | None = None
         while True:
-            done, out = await asyncio.to_thread(_advance, logic, value, error)
+            segment = asyncio.ensure_future(asyncio.to_thread(_advance, logic, value, error))
+            try:
+                done, out = await asyncio.shield(segment)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: the context waits for the checkpoints it is writing, so that
+                # none lands after the invocation ended.
+                self._tasks.append(segment)
+                raise
             if done:
                 return out
             value, error = None, None
