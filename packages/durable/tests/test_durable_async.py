@@ -11,7 +11,8 @@ from collections import Counter
 from typing import Any, Callable
 
 import pytest
-from errands.core import NotFoundError
+from errands.core import FakeClock, NotFoundError
+from errands.core.testing import faults
 from errands.durable import (
     AsyncDurableContext,
     CallbackError,
@@ -445,3 +446,28 @@ def test_start_in_the_callers_transaction(tmp_path: Any) -> None:
             with pytest.raises(NotFoundError):
                 runner.get(gone)
         assert runner.drain() == 0  # nothing queued for the rolled-back starts
+
+
+@pytest.mark.parametrize("kind", ["locked", "dropped"])
+@pytest.mark.parametrize("when", ["before", "after_commit"])
+def test_a_fault_in_an_async_step_checkpoint_never_fails_the_execution(tmp_path: Any, kind: str, when: str) -> None:
+    runs: Counter[str] = Counter()
+
+    async def wf(event: Any, ctx: AsyncDurableContext) -> Any:
+        return await asyncio.gather(*[ctx.step(f"s{i}", counted(runs, f"s{i}", i, 0.001 * i)) for i in range(3)])
+
+    clock = FakeClock()
+    with DurableRunner(f"sqlite:///{tmp_path / 'd.db'}", clock=clock, functions={"wf": wf}) as runner:
+        eid = runner.start("wf")
+        plan = faults.FaultPlan(seed=1, rate=1.0, kinds=(kind,), when=(when,),
+                                match=r"INSERT INTO durable_operations", limit=3)
+        with faults.inject(runner.store, plan):
+            for _ in range(50):
+                runner.drain()
+                if runner.get(eid).status.terminal:
+                    break
+                clock.advance(1.0)
+        assert plan.injected
+        info = runner.get(eid)
+        assert info.status is ExecutionStatus.SUCCEEDED, info.error
+        assert info.result == [0, 1, 2]

@@ -16,6 +16,8 @@ import threading
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, Sequence, TypeVar
 
+from errands.core.runtime import CallRunner
+
 from ._context import (
     _PLAIN,
     Batch,
@@ -35,7 +37,7 @@ from ._context import (
 )
 from ._errors import StepError, SuspendExecution
 from ._serdes import DEFAULT_SERDES
-from ._state import earliest
+from ._state import ExecutionState, earliest
 from ._values import (
     BatchResult,
     CallbackConfig,
@@ -169,7 +171,8 @@ class AsyncDurableContext(_ContextCore):
     ``parallel`` instead.
     """
 
-    def __init__(self, state: Any, parent_id: str | None = None, *, calls: Any = None) -> None:
+    def __init__(self, state: ExecutionState, parent_id: str | None = None, *,
+                 calls: CallRunner | None = None) -> None:
         super().__init__(state, parent_id, calls=calls)
         self._tasks: list[asyncio.Task[Any]] = []
 
