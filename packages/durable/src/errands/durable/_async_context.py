@@ -349,7 +349,8 @@ class AsyncDurableContext(_ContextCore):
         return DurableOperation(self, batch.op_id, lambda: self._run_batch(batch))
 
     async def _run_batch(self, batch: Batch) -> BatchResult[Any]:
-        replayed = batch.open()
+        # opening and closing checkpoint (under the state's lock, which a flush holds): off the loop
+        replayed = await asyncio.to_thread(batch.open)
         if replayed is not None:
             return replayed
         if batch.queue and not batch.stop:
@@ -363,4 +364,4 @@ class AsyncDurableContext(_ContextCore):
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     batch.finished(running.pop(task), task.result)
-        return batch.close()
+        return await asyncio.to_thread(batch.close)
