@@ -174,27 +174,32 @@ class AsyncDurableContext(_ContextCore):
     def __init__(self, state: ExecutionState, parent_id: str | None = None, *,
                  calls: CallRunner | None = None) -> None:
         super().__init__(state, parent_id, calls=calls)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: set[asyncio.Future[Any]] = set()  # operations still running
+        self._suspended: list[SuspendExecution] = []  # how those that suspended did
 
     # -- plumbing --------------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.ensure_future(coro)
-        self._tasks.append(task)
+        self._track(task)
         return task
+
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self._tasks.add(future)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        self._tasks.discard(future)
+        if not future.cancelled():
+            error = future.exception()  # also marks the error retrieved (its awaiter sees it too)
+            if isinstance(error, SuspendExecution):
+                self._suspended.append(error)
 
     async def _settle(self) -> list[SuspendExecution]:
         """Wait for every operation started in this context; the suspensions among them."""
-        waited = 0
-        while waited < len(self._tasks):
-            batch = self._tasks[waited:]
-            waited = len(self._tasks)
-            await asyncio.wait(batch)
-        suspended: list[SuspendExecution] = []
-        for task in self._tasks:
-            error = None if task.cancelled() else task.exception()  # also marks the error retrieved
-            if isinstance(error, SuspendExecution):
-                suspended.append(error)
-        return suspended
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+            await asyncio.sleep(0)  # their done callbacks run
+        return list(self._suspended)
 
     def _operation(self, op: tuple[str, OperationLogic]) -> DurableOperation[Any]:
         op_id, logic = op
@@ -211,7 +216,7 @@ class AsyncDurableContext(_ContextCore):
             except asyncio.CancelledError:
                 # A thread cannot be stopped: the context waits for the checkpoints it is writing, so that
                 # none lands after the invocation ended.
-                self._tasks.append(segment)
+                self._track(segment)
                 raise
             if done:
                 return out
