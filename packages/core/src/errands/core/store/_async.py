@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence, TypeVar
@@ -40,10 +41,9 @@ _live = 0
 
 def _greenlet() -> Any:
     try:
-        import greenlet
+        return importlib.import_module("greenlet")  # untyped: looked up by name
     except ImportError as exc:  # pragma: no cover - greenlet ships with the postgres and asyncio extras
         raise MissingDependencyError("greenlet", "asyncio") from exc
-    return greenlet
 
 
 _bridge_class: Any = None
@@ -112,7 +112,7 @@ async def bridge(fn: Callable[[], _T], store: Any = None) -> _T:
         while not glet.dead:
             try:
                 value = await result
-            except BaseException:  # noqa: BLE001 - thrown into fn, which decides (CancelledError included)
+            except BaseException:  # thrown into fn, which decides (CancelledError included)
                 result = glet.throw(*sys.exc_info())
             else:
                 result = glet.switch(value)
@@ -294,7 +294,7 @@ def pooled_async(store: Any) -> Iterator[Tx]:
             if not driver.closed:
                 try:
                     await_(asyncio.shield(driver.rollback()))
-                except Exception:  # noqa: BLE001 - the connection is gone; the error to report is the first
+                except Exception:  # the connection is gone; the error to report is the first
                     pass
             raise
         await_(driver.commit())
