@@ -38,20 +38,34 @@ class DB:
     url: str  # the store's
     sa_url: str
     sa_async_url: str
-    other_url: str  # a store URL of another database
+    other: Any  # () -> a store URL of another database (made on demand)
+
+    @property
+    def other_url(self) -> str:
+        url: str = self.other()
+        return url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request: Any, tmp_path: Path) -> Iterator[DB]:
     if request.param == "sqlite":
         path = tmp_path / "app.db"
-        url, other = f"sqlite:///{path}", f"sqlite:///{tmp_path / 'other.db'}"
+        url = f"sqlite:///{path}"
         sa_url, sa_async_url = url, f"sqlite+aiosqlite:///{path}"
+
+        def other() -> str:
+            return f"sqlite:///{tmp_path / 'other.db'}"
     else:
         server = request.getfixturevalue("postgres_server")
         url = request.getfixturevalue("postgres_url")
-        other = server.create_database()
-        request.addfinalizer(lambda: server.drop_database(other))
+        made: list[str] = []
+
+        def other() -> str:
+            if not made:
+                made.append(server.create_database())
+                request.addfinalizer(lambda: server.drop_database(made[0]))
+            return made[0]
+
         sa_url = sa_async_url = url.replace("postgresql://", "postgresql+psycopg://")
     store = open_store(url)
     engine = sa.create_engine(sa_url)
@@ -187,7 +201,7 @@ def test_a_connection_to_another_database_is_refused(db: DB) -> None:
     assert not stored(db, k)
     reopened = open_store(db.other_url)
     try:
-        assert not stored(DB(db.kind, reopened, db.other_url, "", "", ""), k)
+        assert not stored(DB(db.kind, reopened, db.other_url, "", "", None), k)
     finally:
         reopened.close()
 
