@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import importlib
 import sys
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
@@ -35,8 +36,9 @@ if TYPE_CHECKING:  # pragma: no cover
 _T = TypeVar("_T")
 
 # How many bridges are running in this process: while none is, a store's transaction need not ask greenlet
-# which greenlet it is on (the hot path of sync callers).
+# which greenlet it is on (the hot path of sync callers). Counted under a lock: loops may run in many threads.
 _live = 0
+_live_lock = threading.Lock()
 
 
 def _greenlet() -> Any:
@@ -106,7 +108,8 @@ async def bridge(fn: Callable[[], _T], store: Any = None) -> _T:
     global _live
     glet = _bridge_type()(fn, parent=sys.modules["greenlet"].getcurrent())
     glet.store = store
-    _live += 1
+    with _live_lock:
+        _live += 1
     try:
         result = glet.switch()
         while not glet.dead:
@@ -117,7 +120,8 @@ async def bridge(fn: Callable[[], _T], store: Any = None) -> _T:
             else:
                 result = glet.switch(value)
     finally:
-        _live -= 1
+        with _live_lock:
+            _live -= 1
     out: _T = result
     return out
 
