@@ -44,8 +44,8 @@ _live_lock = threading.Lock()
 def _greenlet() -> Any:
     try:
         return importlib.import_module("greenlet")  # untyped: looked up by name
-    except ImportError as exc:  # pragma: no cover - greenlet ships with the postgres and asyncio extras
-        raise MissingDependencyError("greenlet", "asyncio") from exc
+    except ImportError as exc:  # pragma: no cover - greenlet ships with the postgres extra and sqlalchemy[asyncio]
+        raise MissingDependencyError("greenlet", "postgres") from exc
 
 
 _bridge_class: Any = None
