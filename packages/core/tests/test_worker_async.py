@@ -293,3 +293,44 @@ def test_the_lifespan_runs_no_worker_unless_asked(tmp_path: Path) -> None:
             assert await asyncio.to_thread(status, app, "pay-1") is EffectStatus.PENDING
 
     asyncio.run(main())
+
+
+def test_a_call_runner_awaits_on_a_given_loop_and_lets_it_go_when_closed() -> None:
+    from errands.core.runtime import CallRunner, run_sync
+
+    async def where() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        runner = CallRunner(2, loop=loop)
+        assert runner.loop is loop
+        assert await asyncio.to_thread(runner.call, where) is loop            # from a thread: on this loop
+        results = await asyncio.to_thread(runner.map, lambda _: where(), [1, 2, 3])
+        assert results == [(True, loop)] * 3
+
+        def current() -> Any:
+            with runner.as_current():
+                return run_sync(where())
+
+        assert await asyncio.to_thread(current) is loop                         # run_sync follows the runner
+        assert await asyncio.to_thread(run_sync, where()) is not loop           # elsewhere: the shared runner
+        coro = where()
+        with pytest.raises(RuntimeError):
+            runner.run(coro)                                                    # from the loop itself: refused
+        coro.close()
+        await asyncio.to_thread(runner.close)
+        assert runner.loop is None and loop.is_running()                        # let go of, never stopped
+        assert await asyncio.to_thread(runner.call, where) is not loop          # its own loop thread again
+        await asyncio.to_thread(runner.close)
+
+    asyncio.run(main())
+    with pytest.raises(ConfigError):
+        CallRunner(1).use_loop("loop")  # type: ignore[arg-type]  # the wrong type is the point
+    stopped = asyncio.new_event_loop()
+    runner = CallRunner(1, loop=stopped)
+    coro = where()
+    with pytest.raises(RuntimeError, match="not running"):
+        runner.run(coro)
+    coro.close()
+    stopped.close()

@@ -122,6 +122,9 @@ class CallRunner:
             running = None
         if running is loop:
             raise RuntimeError("CallRunner.run was called from its own event loop; await the call instead")
+        if loop is self._given and not loop.is_running():
+            raise RuntimeError("the event loop given to this CallRunner is not running; an awaitable sent to it "
+                               "would never finish")
         return asyncio.run_coroutine_threadsafe(_await(aw), loop).result()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
