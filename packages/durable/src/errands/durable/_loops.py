@@ -26,26 +26,34 @@ T = TypeVar("T")
 CALL_THREADS = 32
 
 
-class _OwnLoop:
-    """A thread's private event loop and how many tasks are alive on it; closed with the thread."""
+class _Tasks:
+    """The task factory of a private loop, counting the tasks alive on it."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_default_executor(ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="errands-durable-call"))
-        self.loop.set_task_factory(self._task)
-        self.tasks = 0
+        self.alive = 0
 
-    def _task(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
-              **kw: Any) -> asyncio.Task[Any]:
+    def __call__(self, loop: asyncio.AbstractEventLoop,
+                 coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any], **kw: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.Task(coro, loop=loop, **kw)
-        self.tasks += 1
+        self.alive += 1
         task.add_done_callback(self._gone)
         return task
 
     def _gone(self, _task: asyncio.Task[Any]) -> None:
-        self.tasks -= 1
+        self.alive -= 1
 
-    def __del__(self) -> None:  # the thread ended: its thread-local storage is dropped
+
+class _OwnLoop:
+    """A thread's private event loop, closed with the thread: the thread's storage holds the only reference
+    (nothing the loop holds refers back), so it goes as soon as the thread ends, before the loop's sockets."""
+
+    def __init__(self) -> None:
+        self.tasks = _Tasks()
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="errands-durable-call"))
+        self.loop.set_task_factory(self.tasks)
+
+    def __del__(self) -> None:
         if not self.loop.is_running() and not self.loop.is_closed():
             self.loop.close()
 
@@ -91,7 +99,7 @@ def _on_helper_thread(aw: Awaitable[T]) -> T:
 def alone() -> bool:
     """Whether the running loop is this thread's private one with no task alive on it but the current one."""
     own = _local.own
-    return own is not None and own.tasks <= 1 and own.loop is events._get_running_loop()
+    return own is not None and own.tasks.alive <= 1 and own.loop is events._get_running_loop()
 
 
 def run_inline(context: contextvars.Context, fn: Callable[..., T], *args: Any) -> T:
