@@ -214,7 +214,54 @@ def test_sync_steps_and_sync_children_mix_with_async_ones() -> None:
         info = LocalRunner(wf, always_replay=replay).run()
         assert info.status is ExecutionStatus.SUCCEEDED, info.error
         assert info.result == [1, 6, 7, [2, 7]]
-    assert threads == {"errands-durable-call"}  # the sync child ran off the loop
+    assert threads and all(t.startswith("errands-durable-call") for t in threads)  # off the loop, on its pool
+
+
+def test_gathered_sync_steps_run_concurrently_and_a_lone_one_runs_in_the_invocations_thread() -> None:
+    both = threading.Barrier(2, timeout=5)  # broken unless the two steps run at once
+    threads: dict[str, str] = {}
+
+    def meet(name: str) -> Callable[[Any], str]:
+        def body(step: Any) -> str:
+            threads[name] = threading.current_thread().name
+            both.wait()
+            return name
+
+        return body
+
+    def lone(step: Any) -> int:
+        threads["lone"] = threading.current_thread().name
+        return asyncio.run(asyncio.sleep(0, 1))  # as on any thread without a running loop
+
+    async def wf(event: Any, ctx: AsyncDurableContext) -> Any:
+        pair = await asyncio.gather(ctx.step("a", meet("a")), ctx.step("b", meet("b")))
+        return [pair, await ctx.step("lone", lone)]
+
+    for replay in (False, True):
+        threads.clear()
+        info = LocalRunner(wf, always_replay=replay).run()
+        assert info.status is ExecutionStatus.SUCCEEDED, info.error
+        assert info.result == [["a", "b"], 1]
+    assert threads["lone"] == threading.current_thread().name  # inline: nothing else was alive on the loop
+    assert threads["a"].startswith("errands-durable-call") and threads["b"].startswith("errands-durable-call")
+
+
+def test_invocations_of_one_thread_share_its_loop_and_a_callers_running_loop_is_left_alone(tmp_path: Any) -> None:
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def wf(event: Any, ctx: AsyncDurableContext) -> Any:
+        loops.append(asyncio.get_running_loop())
+        return await ctx.step("s", counted(Counter(), "s", event))
+
+    with DurableRunner(f"sqlite:///{tmp_path / 'd.db'}", functions={"wf": wf}) as runner:
+        assert [runner.run("wf", i).result for i in range(2)] == [0, 1]
+        assert loops[0] is loops[1]  # an async client bound to the loop keeps working across invocations
+
+        async def caller() -> Any:
+            return runner.run("wf", 2).result  # from a running loop: the function runs on a helper thread's
+
+        assert asyncio.run(caller()) == 2
+        assert loops[2] is not loops[0]
 
 
 def test_async_operations_in_a_sync_function() -> None:
@@ -416,7 +463,7 @@ def test_async_function_awaited_from_async_code(tmp_path: Any) -> None:
         with DurableRunner(f"sqlite:///{tmp_path / 'd.db'}", functions={"wf": wf}) as runner:
             eid = await runner.start_async("wf")
             info = await runner.wait_async(eid, timeout=10)
-            assert id(asyncio.get_running_loop()) not in loops  # the function runs on the runner's own loop
+            assert id(asyncio.get_running_loop()) not in loops  # the function runs on a loop of its own
             return info.result
 
     assert asyncio.run(main()) == 3

@@ -3,8 +3,8 @@
 ``asyncio.gather(ctx.step(a), ctx.step(b))`` gives the same ids on every replay whatever finishes first.
 
 The operations' logic is the sync context's (``OperationLogic``): the parts between user calls, which
-write checkpoints, run on a thread; async user code is awaited on the loop, sync user code runs on a thread
-of its own.
+write checkpoints, run inline on the invocation's own loop (``_loops``); async user code is awaited there,
+sync user code runs inline when nothing else is alive on the loop, else on the loop's bounded pool.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-import threading
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, Sequence, TypeVar
 
-from errands.core.runtime import CallRunner
-
+from . import _loops
 from ._context import (
     _PLAIN,
     Batch,
@@ -59,25 +57,40 @@ class DurableOperation(Generic[T]):
     """An operation of an ``AsyncDurableContext``: await it for the operation's value.
 
     The operation id is assigned when the operation is called, in call order; the operation runs when it
-    is first awaited (``asyncio.gather`` awaits its arguments at once, so they run concurrently). Awaiting
-    it again gives the same outcome.
+    is first awaited, in the awaiting task (``asyncio.gather`` awaits its arguments at once, each in a task
+    of its own, so they run concurrently). Awaiting it again gives the same outcome.
 
     Attributes:
         operation_id: the operation's id, the same on every replay.
     """
 
-    __slots__ = ("_ctx", "_make", "_task", "operation_id")
+    __slots__ = ("_ctx", "_make", "_outcome", "operation_id")
 
     def __init__(self, ctx: AsyncDurableContext, op_id: str, make: Callable[[], Coroutine[Any, Any, T]]) -> None:
         self._ctx = ctx
         self._make = make
-        self._task: asyncio.Task[T] | None = None
+        self._outcome: asyncio.Future[T] | None = None
         self.operation_id = op_id
 
     def __await__(self) -> Generator[Any, None, T]:
-        if self._task is None:
-            self._task = self._ctx._spawn(self._make())
-        return self._task.__await__()
+        outcome = self._outcome
+        if outcome is not None:
+            return (yield from outcome.__await__())
+        ctx = self._ctx
+        self._outcome = outcome = ctx._begin()
+        try:
+            value = yield from self._make().__await__()
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome.cancel()
+            ctx._end(outcome)
+            raise
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            ctx._end(outcome)
+            raise
+        outcome.set_result(value)
+        ctx._end(outcome)
+        return value
 
     def __repr__(self) -> str:
         return f"DurableOperation({self.operation_id})"
@@ -99,42 +112,7 @@ class AsyncCallback:
             CallbackError: the callback was failed.
             CallbackTimeoutError: no result or heartbeat came in time.
         """
-        return await asyncio.to_thread(self._callback.result)
-
-
-def _advance(logic: OperationLogic, value: Any, error: BaseException | None) -> tuple[bool, Any]:
-    """Run ``logic`` to its next request: ``(False, request)``, or ``(True, value)`` once it returned."""
-    try:
-        return False, (logic.throw(error) if error is not None else logic.send(value))
-    except StopIteration as stop:
-        return True, stop.value
-
-
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on a thread of its own (sync user code may block, or wait for operations itself), its
-    outcome handed back to this loop."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-    context = contextvars.copy_context()
-
-    def settle(ok: bool, outcome: Any) -> None:
-        if future.cancelled():
-            return
-        if ok:
-            future.set_result(outcome)
-        else:
-            future.set_exception(outcome)
-
-    def run() -> None:
-        try:
-            result = context.run(fn, *args)
-        except BaseException as exc:  # handed back to the awaiting operation
-            loop.call_soon_threadsafe(settle, False, exc)
-        else:
-            loop.call_soon_threadsafe(settle, True, result)
-
-    threading.Thread(target=run, name="errands-durable-call", daemon=True).start()
-    return await future
+        return self._callback.result()
 
 
 async def run_body(ctx: AsyncDurableContext, body: Awaitable[T]) -> T:
@@ -171,34 +149,37 @@ class AsyncDurableContext(_ContextCore):
     ``parallel`` instead.
     """
 
-    def __init__(self, state: ExecutionState, parent_id: str | None = None, *,
-                 calls: CallRunner | None = None) -> None:
-        super().__init__(state, parent_id, calls=calls)
-        self._tasks: set[asyncio.Future[Any]] = set()  # operations still running
+    def __init__(self, state: ExecutionState, parent_id: str | None = None) -> None:
+        super().__init__(state, parent_id)
+        self._tasks: set[asyncio.Future[Any]] = set()  # operations still running, sync calls left running
         self._suspended: list[SuspendExecution] = []  # how those that suspended did
 
     # -- plumbing --------------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.ensure_future(coro)
-        self._track(task)
-        return task
-
-    def _track(self, future: asyncio.Future[Any]) -> None:
+    def _begin(self) -> asyncio.Future[Any]:
+        """The outcome of an operation that starts running now, kept until it ends (``_end``)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._tasks.add(future)
-        future.add_done_callback(self._finished)
+        return future
 
-    def _finished(self, future: asyncio.Future[Any]) -> None:
+    def _end(self, future: asyncio.Future[Any]) -> None:
+        if future not in self._tasks:
+            return
         self._tasks.discard(future)
         if not future.cancelled():
             error = future.exception()  # also marks the error retrieved (its awaiter sees it too)
             if isinstance(error, SuspendExecution):
                 self._suspended.append(error)
 
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self._tasks.add(future)
+        future.add_done_callback(self._end)
+
     async def _settle(self) -> list[SuspendExecution]:
         """Wait for every operation started in this context; the suspensions among them."""
         while self._tasks:
             await asyncio.wait(list(self._tasks))
-            await asyncio.sleep(0)  # their done callbacks run
+            for future in [f for f in self._tasks if f.done()]:
+                self._end(future)
         return list(self._suspended)
 
     def _operation(self, op: tuple[str, OperationLogic]) -> DurableOperation[Any]:
@@ -206,23 +187,18 @@ class AsyncDurableContext(_ContextCore):
         return DurableOperation(self, op_id, lambda: self._drive(logic))
 
     async def _drive(self, logic: OperationLogic) -> Any:
-        """Run an operation's logic: its checkpointing parts on a thread, the user code it asks for here."""
+        """Run an operation's logic: its checkpointing parts inline, the user code it asks for as
+        ``_perform`` says."""
         value: Any = None
         error: BaseException | None = None
         while True:
-            segment = asyncio.ensure_future(asyncio.to_thread(_advance, logic, value, error))
             try:
-                done, out = await asyncio.shield(segment)
-            except asyncio.CancelledError:
-                # A thread cannot be stopped: the context waits for the checkpoints it is writing, so that
-                # none lands after the invocation ended.
-                self._track(segment)
-                raise
-            if done:
-                return out
+                request = logic.throw(error) if error is not None else logic.send(value)
+            except StopIteration as stop:
+                return stop.value
             value, error = None, None
             try:
-                value = await self._perform(out)
+                value = await self._perform(request)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # handed to the logic, which decides what it catches
@@ -232,16 +208,32 @@ class AsyncDurableContext(_ContextCore):
         if isinstance(request, _Call):
             if is_async_callable(request.fn):
                 return await request.fn(*request.args)
-            result = await _in_thread(request.fn, *request.args)
+            result = await self._call_sync(True, request.fn, *request.args)
         elif is_async_callable(request.fn):
-            child = AsyncDurableContext(self._state, request.parent_id, calls=self._calls)
+            child = AsyncDurableContext(self._state, request.parent_id)
             return await run_body(child, request.fn(child, *request.args))
         else:
-            result = await _in_thread(request.fn, DurableContext(self._state, request.parent_id, calls=self._calls),
-                                      *request.args)
+            result = await self._call_sync(False, request.fn, DurableContext(self._state, request.parent_id),
+                                           *request.args)
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             result = await result
         return result
+
+    async def _call_sync(self, leaf: bool, fn: Callable[..., Any], *args: Any) -> Any:
+        """Sync user code: a ``leaf`` (a step body, a check: it calls no operations) inline when no other task
+        is alive on the invocation's loop, else on the loop's pool. A sync context function always runs on the
+        pool: it may await async operations on a loop of its own thread."""
+        context = contextvars.copy_context()
+        if leaf and _loops.alone():
+            return _loops.run_inline(context, fn, *args)
+        running = asyncio.get_running_loop().run_in_executor(None, context.run, fn, *args)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped: the context waits for it, so that nothing it checkpoints lands after
+            # the invocation ended.
+            self._track(running)
+            raise
 
     # -- operations ------------------------------------------------------------------------------
     def step(self, name_or_fn: str | Callable[[StepContext], Any], fn: Callable[[StepContext], Any] | None = None,
@@ -354,8 +346,7 @@ class AsyncDurableContext(_ContextCore):
         return DurableOperation(self, batch.op_id, lambda: self._run_batch(batch))
 
     async def _run_batch(self, batch: Batch) -> BatchResult[Any]:
-        # opening and closing checkpoint (under the state's lock, which a flush holds): off the loop
-        replayed = await asyncio.to_thread(batch.open)
+        replayed = batch.open()
         if replayed is not None:
             return replayed
         if batch.queue and not batch.stop:
@@ -369,4 +360,4 @@ class AsyncDurableContext(_ContextCore):
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     batch.finished(running.pop(task), task.result)
-        return await asyncio.to_thread(batch.close)
+        return batch.close()

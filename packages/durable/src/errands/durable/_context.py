@@ -13,8 +13,8 @@ from datetime import timedelta
 from typing import Any, Awaitable, Callable, Generator, Sequence, TypeVar, Union
 
 from errands.core import ConfigError
-from errands.core.runtime import CallRunner, run_sync
 
+from . import _loops
 from ._errors import (
     CallbackError,
     CallbackTimeoutError,
@@ -200,8 +200,8 @@ class _Body:
 
 #: An operation's logic, written once for sync and async functions: a generator that yields the user code
 #: it needs called (``_Call``, ``_Body``), is sent back the result (or thrown the exception), and returns the
-#: operation's value. ``DurableContext`` drives it in the calling thread; ``AsyncDurableContext`` runs the
-#: parts between the yields (checkpoints) on a thread and awaits async user code on its event loop.
+#: operation's value. ``DurableContext`` drives it in the calling thread; ``AsyncDurableContext`` on its event
+#: loop, running the parts between the yields (checkpoints) inline and awaiting async user code there.
 OperationLogic = Generator[Union[_Call, _Body], Any, Any]
 
 
@@ -222,11 +222,9 @@ class _ContextCore:
     """What the sync and the async context share: identity, operation ids, and the logic of every
     operation (as ``OperationLogic`` generators)."""
 
-    def __init__(self, state: ExecutionState, parent_id: str | None = None, *,
-                 calls: CallRunner | None = None) -> None:
+    def __init__(self, state: ExecutionState, parent_id: str | None = None) -> None:
         self._state = state
         self._parent_id = parent_id
-        self._calls = calls
         self._counter = 0
         self._lock = threading.Lock()
         self.logger = log
@@ -247,8 +245,8 @@ class _ContextCore:
         return self._state.get(nxt) is not None
 
     def _await_here(self, aw: Awaitable[Any]) -> Any:
-        """Wait for ``aw`` from this (sync) thread on the invocation's event loop."""
-        return self._calls.run(aw) if self._calls is not None else run_sync(aw)
+        """Wait for ``aw`` from this (sync) thread, on its private event loop."""
+        return _loops.run_here(aw)
 
     # -- plumbing --------------------------------------------------------------------------------
     def _next(self, type_: OperationType, sub_type: OperationSubType | None, name: str | None
@@ -686,8 +684,8 @@ class DurableContext(_ContextCore):
     ``map(items, fn, name=...)``) and the name-first order (``step("name", fn)``, ``wait("name",
     duration)``, ``map("name", items, fn)``) are accepted.
 
-    An ``async def`` step, check or submitter is awaited on the invocation's event loop; an ``async def``
-    child-context or branch function gets an ``AsyncDurableContext``.
+    An ``async def`` step, check or submitter is awaited on the calling thread's own event loop; an ``async
+    def`` child-context or branch function gets an ``AsyncDurableContext`` there.
     """
 
     def _drive(self, logic: OperationLogic) -> Any:
@@ -711,11 +709,10 @@ class DurableContext(_ContextCore):
         elif is_async_callable(request.fn):
             from ._async_context import AsyncDurableContext, run_body
 
-            child = AsyncDurableContext(self._state, request.parent_id, calls=self._calls)
+            child = AsyncDurableContext(self._state, request.parent_id)
             return self._await_here(run_body(child, request.fn(child, *request.args)))
         else:
-            result = request.fn(DurableContext(self._state, parent_id=request.parent_id, calls=self._calls),
-                                *request.args)
+            result = request.fn(DurableContext(self._state, parent_id=request.parent_id), *request.args)
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             result = self._await_here(result)
         return result
@@ -919,15 +916,14 @@ class InvocationOutcome:
     abandoned: InvocationAbandoned | None = None
 
 
-def run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionState, *,
-                calls: CallRunner | None = None) -> InvocationOutcome:
+def run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionState) -> InvocationOutcome:
     """Run ``fn(event, ctx)`` over ``state``: SUCCEEDED with the JSON result, FAILED with the error, PENDING
     until a time (None: until a callback or child arrives), or ABANDONED when a checkpoint could not be
     written. ``ExecutionFencedOut`` propagates, even when user code swallowed it.
 
-    An ``async def`` function gets an ``AsyncDurableContext`` and runs on the event loop of ``calls`` (the
-    process-wide one of ``run_sync`` without it); this thread waits for it."""
-    outcome = _run_handler(fn, event, state, calls)
+    An ``async def`` function gets an ``AsyncDurableContext`` and runs on this thread's own event loop (on a
+    helper thread's if this thread runs a loop already)."""
+    outcome = _run_handler(fn, event, state)
     stopped = state.stopped
     if isinstance(stopped, ExecutionFencedOut):
         raise stopped
@@ -936,17 +932,15 @@ def run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionState
     return outcome
 
 
-def _run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionState,
-                 calls: CallRunner | None) -> InvocationOutcome:
+def _run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionState) -> InvocationOutcome:
     try:
         if is_async_callable(fn):
             from ._async_context import AsyncDurableContext, run_body
 
-            actx = AsyncDurableContext(state, calls=calls)
-            main = run_body(actx, fn(event, actx))
-            value = calls.run(main) if calls is not None else run_sync(main)
+            actx = AsyncDurableContext(state)
+            value = _loops.run_here(run_body(actx, fn(event, actx)))
         else:
-            value = fn(event, DurableContext(state, calls=calls))
+            value = fn(event, DurableContext(state))
     except InvocationAbandoned as abandoned:
         return InvocationOutcome("ABANDONED", abandoned=abandoned)
     except SuspendExecution as s:

@@ -359,7 +359,6 @@ class DurableRunner:
     def close(self) -> None:
         """Stop ``serve`` loops and close the store if this runner opened it."""
         self._stop.set()
-        self._invocations.close()
         if self._owns_store:
             self.store.close()
 
