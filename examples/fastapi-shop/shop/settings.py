@@ -1,0 +1,57 @@
+"""The shop's settings, read from the environment once.
+
+| variable | default | meaning |
+|---|---|---|
+| ``SHOP_DATABASE_URL`` | ``sqlite+aiosqlite:///shop.db`` | the SQLAlchemy async URL; ``postgresql+asyncpg://...`` or ``postgresql+psycopg://...`` for PostgreSQL |
+| ``SHOP_PROVIDER_URL`` | ``http://127.0.0.1:8001`` | the payment provider (``uvicorn shop.provider:app``) |
+| ``SHOP_PUBLIC_URL`` | ``http://127.0.0.1:8000`` | where the shop's own routes are reached: the webhook sink posts here |
+| ``SHOP_WEBHOOK_SECRET`` | a development secret | the Standard Webhooks secret shared by the sink and the receiver |
+| ``SHOP_LEASE_FOR`` | ``10`` | seconds a worker holds an effect, an execution or a report: how soon a killed worker's work is retried |
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+DATABASE_URL = os.environ.get("SHOP_DATABASE_URL", "sqlite+aiosqlite:///shop.db")
+PROVIDER_URL = os.environ.get("SHOP_PROVIDER_URL", "http://127.0.0.1:8001").rstrip("/")
+PUBLIC_URL = os.environ.get("SHOP_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+WEBHOOK_SECRET = os.environ.get("SHOP_WEBHOOK_SECRET", "whsec_c2hvcC1kZXZlbG9wbWVudC1zZWNyZXQtMzJieXRlcyE=")
+LEASE_FOR = float(os.environ.get("SHOP_LEASE_FOR", "10"))
+
+
+def store_url(database_url: str) -> str:
+    """The errands store URL of the same database: the SQLAlchemy URL without its driver.
+
+    >>> store_url("sqlite+aiosqlite:////var/shop.db")
+    'sqlite:////var/shop.db'
+    >>> store_url("postgresql+asyncpg://shop@db/shop")
+    'postgresql://shop@db/shop'
+    """
+    parts = urlsplit(database_url)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme == "postgres":
+        scheme = "postgresql"
+    if scheme == "sqlite":
+        # urlsplit keeps sqlite:////abs/path's extra slash in the path; put the URL back together by hand.
+        return "sqlite://" + database_url.split("://", 1)[1]
+    return urlunsplit(parts._replace(scheme=scheme))
+
+
+def sync_database_url(database_url: str) -> str:
+    """A synchronous SQLAlchemy URL of the same database, for code that runs in the worker's threads.
+
+    >>> sync_database_url("sqlite+aiosqlite:///shop.db")
+    'sqlite:///shop.db'
+    >>> sync_database_url("postgresql+asyncpg://shop@db/shop")
+    'postgresql+psycopg://shop@db/shop'
+    """
+    scheme, rest = database_url.split("://", 1)
+    base = scheme.split("+", 1)[0]
+    if base == "sqlite":
+        return f"sqlite://{rest}"
+    return f"postgresql+psycopg://{rest}"
+
+
+STORE_URL = store_url(DATABASE_URL)

@@ -1,0 +1,222 @@
+"""The example in examples/fastapi-shop, run as it is deployed: the API under uvicorn, the payment provider
+under uvicorn, and ``errands worker --app shop.app:app`` as a separate process, all on one SQLite file.
+
+50 orders are placed concurrently over HTTP while the worker is SIGKILLed twice (and restarted each time),
+and the provider loses some acknowledgements and refuses some charges. Afterwards every order was charged
+exactly once (counted at the provider, and the charge the shop recorded is the provider's), every
+fulfilment workflow succeeded, the report operation completed with every order counted, and the webhook
+receiver got every ``order.placed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fastapi-shop"
+ORDERS = 50
+LEASE_FOR = 2.0  # how soon the work a killed worker held is taken up again
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _errands_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "errands"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "errands.core"]
+
+
+class _Process:
+    """A child process of the example, its output in a log file; ``kill()`` is SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name, self.argv, self.env, self.logs = name, argv, env, logs
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.kills = 0
+
+    def start(self) -> _Process:
+        self._log = open(self.logs / f"{self.name}.log", "ab")  # noqa: SIM115 - closed in _close
+        self.proc = subprocess.Popen(self.argv, cwd=EXAMPLE, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} died early: {self.tail()}"
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.kills += 1
+        self._close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def tail(self, n: int = 4000) -> str:
+        path = self.logs / f"{self.name}.log"
+        return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+async def _until(check: Any, timeout: float, what: str, procs: list[_Process], every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if await check():
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        await asyncio.sleep(every)
+
+
+@pytest.mark.timeout(150)
+def test_fifty_orders_survive_two_worker_kills(tmp_path: Path) -> None:
+    asyncio.run(_scenario(tmp_path))
+
+
+async def _scenario(tmp_path: Path) -> None:
+    api_port, provider_port = _free_port(), _free_port()
+    api_url, provider_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{provider_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ERRANDS_", "SHOP_", "PROVIDER_"))}
+    env.pop("PYTHONPATH", None)
+    env.update({
+        "SHOP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
+        "SHOP_PROVIDER_URL": provider_url,
+        "SHOP_PUBLIC_URL": api_url,
+        "SHOP_LEASE_FOR": str(LEASE_FOR),
+        "PROVIDER_CHAOS": "0.2",  # 10% refused before charging, 10% charged with the answer lost
+        "PROVIDER_SEED": "shop",
+        "PYTHONUNBUFFERED": "1",
+    })
+    uvicorn = [sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLE), "--host", "127.0.0.1",
+               "--log-level", "warning"]
+    provider = _Process("provider", [*uvicorn, "--port", str(provider_port), "shop.provider:app"], env, tmp_path)
+    api = _Process("api", [*uvicorn, "--port", str(api_port), "shop.app:api"], env, tmp_path)
+    worker = _Process("worker", [*_errands_cmd(), "worker", "--app", "shop.app:app", "--poll-interval", "0.02"],
+                      env, tmp_path)
+    procs = [provider, api, worker]
+    try:
+        provider.start()
+        api.start()
+        async with httpx.AsyncClient(base_url=api_url, timeout=30) as shop, \
+                httpx.AsyncClient(base_url=provider_url, timeout=30) as bank:
+
+            async def up() -> bool:
+                return (await shop.get("/healthz")).status_code == 200 and \
+                    (await bank.get("/charges")).status_code == 200
+
+            await _until(up, 30, "the API and the provider to start", procs)
+            worker.start()  # after the API created the shop's tables
+
+            async def charged() -> int:
+                return len((await bank.get("/charges")).json()["charges"])
+
+            async def kill_twice() -> None:
+                # Each kill comes once the worker running then has charged a few orders: mid-work, with
+                # orders still arriving.
+                for _ in range(2):
+                    at = await charged() + 5
+                    await _until(lambda at=at: _at_least(charged, at), 40, f"{at} charges", procs, every=0.01)
+                    print(f"SIGKILL the worker at {await charged()} charges")
+                    worker.kill()
+                    worker.start()
+
+            gate = asyncio.Semaphore(4)
+
+            async def place(i: int) -> dict[str, Any]:
+                async with gate:
+                    r = await shop.post("/orders", json={
+                        "customer": f"customer-{i}",
+                        "items": [{"sku": "tea", "quantity": 1 + i % 3, "price_cents": 450},
+                                  {"sku": "cup", "quantity": 1, "price_cents": 1200 + i}]})
+                    assert r.status_code == 201, r.text
+                    await asyncio.sleep(0.2)  # spread the orders over the kills (about 3 s in all)
+                    return dict(r.json())
+
+            killer = asyncio.create_task(kill_twice())
+            placed = await asyncio.gather(*(place(i) for i in range(ORDERS)))
+            report = (await shop.post("/reports", json={"kind": "sales"})).json()
+            assert report["name"].startswith("operations/") and not report["done"], report
+            await killer
+            assert worker.kills == 2
+            ids = {o["id"] for o in placed}
+            assert len(ids) == ORDERS
+
+            async def all_done() -> bool:
+                if await charged() < ORDERS:
+                    return False
+                hooks = (await shop.get("/webhooks/orders")).json()
+                if hooks["events"] < ORDERS:
+                    return False
+                op = (await shop.get(f"/{report['name']}")).json()
+                if not op.get("done"):
+                    return False
+                states = await asyncio.gather(*(shop.get(f"/orders/{i}") for i in ids))
+                return all(s.json()["payment"]["status"] == "CONFIRMED"
+                           and s.json()["fulfilment"]["status"] == "SUCCEEDED" for s in states)
+
+            await _until(all_done, 45, "every order charged and fulfilled, the report and the webhooks", procs)
+
+            # Charged exactly once each, at the provider, and the shop recorded the provider's charge.
+            book = (await bank.get("/charges")).json()
+            print("provider:", {k: v for k, v in book.items() if k != "charges"})
+            charges = book["charges"]
+            assert len(charges) == ORDERS
+            assert sorted(c["order_id"] for c in charges) == sorted(ids)
+            by_order = {c["order_id"]: c for c in charges}
+            for o in placed:
+                state = (await shop.get(f"/orders/{o['id']}")).json()
+                charge = by_order[o["id"]]
+                assert charge["key"] == f"charge-{o['id']}"
+                assert charge["amount_cents"] == o["amount_cents"] == state["amount_cents"]
+                assert state["payment"]["charge"] == charge["id"], state
+                assert state["fulfilment"]["status"] == "SUCCEEDED", state
+                assert state["fulfilment"]["result"]["tracking"].startswith("trk_"), state
+            assert book["requests"] >= ORDERS  # the redeliveries the idempotency key absorbed are on top
+
+            # The report: a finished google.longrunning.Operation with every order counted.
+            op = (await shop.get(f"/{report['name']}")).json()
+            assert op["name"] == report["name"] and op["done"] is True and "error" not in op, op
+            assert op["metadata"]["value"]["state"] == "DONE", op
+            assert op["response"]["value"] == {"orders": ORDERS,
+                                               "revenue_cents": sum(o["amount_cents"] for o in placed)}, op
+            assert (await shop.get("/operations/does-not-exist")).status_code == 404
+
+            # Every order.placed reached the webhook receiver (at least once; deduplicated on webhook-id).
+            hooks = (await shop.get("/webhooks/orders")).json()
+            assert hooks["events"] == ORDERS and hooks["order_ids"] == sorted(ids), hooks
+            assert hooks["deliveries"] >= ORDERS
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+async def _at_least(count: Any, n: int) -> bool:
+    return bool(await count() >= n)
