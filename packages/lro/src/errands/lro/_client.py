@@ -4,6 +4,7 @@ that carry them out: ``_scheduling`` (``resume_via_tasks``), ``_resume`` (runnin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -23,7 +24,7 @@ from ._auth import CallbackAuth
 from ._codec import encode_state, pack_any
 from ._config import Config, config_from_env
 from ._local_callbacks import LocalCallbacks
-from ._operation import Operation, store_call
+from ._operation import Operation, run_async, store_call
 from ._operation_table import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
 from ._resume import ResumableHandler
 from ._scheduling import ResumeScheduling, cloud_tasks_scheduler, local_scheduler
@@ -52,6 +53,31 @@ class _ClientBatch:
             return bool(self._inner.__exit__(exc_type, exc, tb))
         except BatchAborted as aborted:
             raise TransientError(f"the batch was rolled back: {aborted}") from aborted
+
+
+class _Polls:
+    """The pauses of ``wait_operation`` (sync and async): from ``wait_initial`` seconds, growing by
+    ``wait_multiplier`` up to ``wait_maximum``, never past the deadline."""
+
+    __slots__ = ("_deadline", "_interval", "_maximum", "_multiplier")
+
+    def __init__(self, config: Config, timeout: float | timedelta | None) -> None:
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        if seconds is None or seconds <= 0:
+            seconds = config.wait_default_timeout
+        self._deadline = time.monotonic() + seconds
+        self._interval = config.wait_initial
+        self._multiplier, self._maximum = config.wait_multiplier, config.wait_maximum
+
+    def pause(self, pb: operations_pb2.Operation) -> float | None:
+        """How long to pause before the next read of the operation last read as ``pb``; None: return ``pb``
+        (it is done, or the deadline passed)."""
+        left = self._deadline - time.monotonic()
+        if pb.done or left <= 0:
+            return None
+        pause = min(self._interval, left)
+        self._interval = min(self._interval * self._multiplier, self._maximum)
+        return pause
 
 
 class LroClient:
@@ -207,7 +233,7 @@ class LroClient:
 
     # -- operations ------------------------------------------------------------------------------
     def new_operation(
-        self, name: str | None = None, metadata: Any = None, *, private_state: Any = None
+        self, name: str | None = None, metadata: Any = None, *, private_state: Any = None, conn: Any = None
     ) -> Operation:
         """Create an operation (not done).
 
@@ -215,9 +241,13 @@ class LroClient:
             name: ``operations/{id}``; default ``operations/{uuid4}``.
             metadata: a protobuf message or a dict (packed as ``google.protobuf.Struct``).
             private_state: initial private state (JSON).
+            conn: the caller's own connection to the store's database (a ``sqlite3.Connection``, a psycopg
+                connection): the row is written in the caller's transaction and committed or rolled back
+                with it. Only on an errands SQL store, and not inside ``batch()``.
 
         Raises:
-            ConfigError: the name is malformed or the metadata/state cannot be encoded.
+            ConfigError: the name is malformed, the metadata/state cannot be encoded, or ``conn`` is given
+                to a store that cannot join it.
             AlreadyExistsError: an operation of that name exists.
         """
         name = name if name is not None else f"operations/{uuid.uuid4()}"
@@ -231,15 +261,36 @@ class LroClient:
             pb.metadata.CopyFrom(pack_any(metadata, field="metadata"))
         state = encode_state(private_state) if private_state is not None else None
         record = OperationRecord(name=name, operation=pb.SerializeToString(deterministic=True), state=state)
-        return Operation(self, self.store.create(record), pb)
+        if conn is None:
+            return Operation(self, self.store.create(record), pb)
+        if not isinstance(self.store, SQLOperationStore):
+            raise ConfigError(
+                f"conn= needs an errands SQL store; {type(self.store).__name__} cannot join the caller's transaction",
+                field="conn", value=type(conn).__name__,
+            )
+        return Operation(self, self.store.create(record, conn=conn), pb)
+
+    async def new_operation_async(
+        self, name: str | None = None, metadata: Any = None, *, private_state: Any = None, conn: Any = None
+    ) -> Operation:
+        """``new_operation`` for async code (``conn=`` as there)."""
+        return await run_async(self, self.new_operation, name, metadata, private_state=private_state, conn=conn)
 
     def get_operation(self, name: str) -> Operation:
         """The operation, to read or change. Raises ``NotFoundError``."""
         return Operation(self, self.store.get(name))
 
+    async def get_operation_async(self, name: str) -> Operation:
+        """``get_operation`` for async code."""
+        return await run_async(self, self.get_operation, name)
+
     def get_operation_pb(self, name: str) -> operations_pb2.Operation:
         """The ``google.longrunning.Operation``. Raises ``NotFoundError``."""
         return operations_pb2.Operation.FromString(self.store.get(name).operation)
+
+    async def get_operation_pb_async(self, name: str) -> operations_pb2.Operation:
+        """``get_operation_pb`` for async code."""
+        return await run_async(self, self.get_operation_pb, name)
 
     def list_operations(
         self, filter: str = "", page_size: int = 0, page_token: str = "", *, name: str = ""
@@ -254,24 +305,38 @@ class LroClient:
         """
         return _paging.list_operations(self.store, filter, page_size, page_token, name=name)
 
+    async def list_operations_async(
+        self, filter: str = "", page_size: int = 0, page_token: str = "", *, name: str = ""
+    ) -> tuple[list[operations_pb2.Operation], str]:
+        """``list_operations`` for async code."""
+        return await run_async(self, self.list_operations, filter, page_size, page_token, name=name)
+
     def wait_operation(self, name: str, timeout: float | timedelta | None = None) -> operations_pb2.Operation:
         """Wait until the operation is done or ``timeout`` passes; returns its latest state either way.
 
         Polls the store starting at ``config.wait_initial`` seconds, growing by ``wait_multiplier`` up to
         ``wait_maximum``.
         """
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        if seconds is None or seconds <= 0:
-            seconds = self.config.wait_default_timeout
-        deadline = time.monotonic() + seconds
-        interval = self.config.wait_initial
+        polls = _Polls(self.config, timeout)
         while True:
             pb = self.get_operation_pb(name)
-            left = deadline - time.monotonic()
-            if pb.done or left <= 0:
+            pause = polls.pause(pb)
+            if pause is None:
                 return pb
-            time.sleep(min(interval, left))
-            interval = min(interval * self.config.wait_multiplier, self.config.wait_maximum)
+            time.sleep(pause)
+
+    async def wait_operation_async(
+        self, name: str, timeout: float | timedelta | None = None
+    ) -> operations_pb2.Operation:
+        """``wait_operation`` for async code: each read runs off the event loop, and the pauses between
+        them are ``asyncio.sleep``."""
+        polls = _Polls(self.config, timeout)
+        while True:
+            pb = await self.get_operation_pb_async(name)
+            pause = polls.pause(pb)
+            if pause is None:
+                return pb
+            await asyncio.sleep(pause)
 
     def cancel_operation(self, name: str) -> None:
         """Ask for cancellation. Cooperative: a running handler sees ``op.cancel_requested``; the next
@@ -306,10 +371,18 @@ class LroClient:
         assert record.resume_path is not None and state.token is not None
         self._scheduling.schedule(record, record.resume_path, state.token, 0.0, key=f"lro-{state.token}-cancel")
 
+    async def cancel_operation_async(self, name: str) -> None:
+        """``cancel_operation`` for async code."""
+        await run_async(self, self.cancel_operation, name)
+
     def delete_operation(self, name: str) -> None:
         """Delete the operation. Raises ``NotFoundError``."""
         if not self.store.delete(name):
             raise NotFoundError(f"operation {name!r} not found")
+
+    async def delete_operation_async(self, name: str) -> None:
+        """``delete_operation`` for async code."""
+        await run_async(self, self.delete_operation, name)
 
     def purge_expired(self) -> int:
         """Delete operations not saved for ``config.ttl`` (90 days by default). Returns how many."""
@@ -425,3 +498,16 @@ class LroClient:
         add_servicer(servicer, server)
         return servicer
 
+
+    def register_grpc_async(self, server: Any) -> Any:
+        """Serve ``google.longrunning.Operations`` on a ``grpc.aio.Server``: the methods and status codes of
+        ``register_grpc``, as coroutines that never block the server's event loop.
+
+        Raises:
+            MissingDependencyError: grpcio is not installed (``pip install 'errands-lro[grpc]'``).
+        """
+        from ._grpc import AsyncOperationsServicer, add_servicer
+
+        servicer = AsyncOperationsServicer(self)
+        add_servicer(servicer, server)
+        return servicer

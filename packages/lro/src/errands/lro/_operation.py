@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from datetime import timedelta
@@ -13,7 +14,7 @@ from google.protobuf import empty_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 
 from ._codec import decode_state, encode_state, pack_any, unpack_any
-from ._operation_table import OperationDoneError, OperationRecord
+from ._operation_table import OperationDoneError, OperationRecord, SQLOperationStore
 from ._tokens import claimed, parse_token
 
 if TYPE_CHECKING:
@@ -52,6 +53,28 @@ def store_call(what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         if is_infrastructure_error(exc):
             raise InfrastructureError(f"{what}: the operation store failed ({type(exc).__name__}: {exc})") from exc
         raise
+
+
+async def run_async(client: LroClient, fn: Callable[..., R], /, *args: Any, conn: Any = None, **kwargs: Any) -> R:
+    """``fn(*args, **kwargs)`` (a sync method of the client or of an operation) for a coroutine, without
+    blocking its event loop: the one path of every ``*_async`` twin.
+
+    On an errands SQL store it is that store's ``run_async``; on another operation store (Spanner) a thread of
+    ``asyncio.to_thread``. Inside a ``client.batch()`` open on the calling thread the call runs right there:
+    the batch's transaction belongs to that thread, and a call from another thread would wait for it.
+    """
+    ops = client.store
+    current = getattr(ops, "current_tx", None)
+    if current is not None and current() is not None:
+        return fn(*args, **kwargs) if conn is None else fn(*args, conn=conn, **kwargs)
+    core = client.core_store
+    if core is None and isinstance(ops, SQLOperationStore):
+        core = ops.store
+    if core is not None:
+        return await core.run_async(fn, *args, conn=conn, **kwargs)
+    if conn is not None:
+        kwargs["conn"] = conn
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def retoken(r: OperationRecord, raw: str | None) -> OperationRecord:
@@ -276,6 +299,35 @@ class Operation:
         self._open()
         self._client._scheduling.save_and_schedule(self, path, delay)  # sets ``_record`` as it writes
         return self
+
+    # -- from async code: the writing methods above, off the event loop (see ``run_async``) ------------------
+    async def save_async(self) -> Operation:
+        """``save`` for async code."""
+        return await run_async(self._client, self.save)
+
+    async def save_metadata_async(self, metadata: Any) -> Operation:
+        """``save_metadata`` for async code."""
+        return await run_async(self._client, self.save_metadata, metadata)
+
+    async def save_private_state_async(self, state: Any) -> Operation:
+        """``save_private_state`` for async code."""
+        return await run_async(self._client, self.save_private_state, state)
+
+    async def save_resume_point_async(self, point: str) -> Operation:
+        """``save_resume_point`` for async code."""
+        return await run_async(self._client, self.save_resume_point, point)
+
+    async def complete_async(self, response: Any = None) -> Operation:
+        """``complete`` for async code."""
+        return await run_async(self._client, self.complete, response)
+
+    async def fail_async(self, message: str, *args: Any, code: Any = code_pb2.UNKNOWN) -> Operation:
+        """``fail`` for async code."""
+        return await run_async(self._client, self.fail, message, *args, code=code)
+
+    async def resume_via_tasks_async(self, path: str, delay: timedelta | float = 0.0) -> Operation:
+        """``resume_via_tasks`` for async code."""
+        return await run_async(self._client, self.resume_via_tasks, path, delay)
 
     # -- the hold on a resume (see ``_tokens``) ------------------------------------------------------
     def _renew_hold(self, token: str, claim: str, lease_for: float) -> bool | None:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-from errands.core.errors import AlreadyExistsError, LeaseLostError, NotFoundError
+from errands.core.errors import AlreadyExistsError, ConfigError, LeaseLostError, NotFoundError
 from errands.core.store import Migration, NewEvent, SQLStore, Tx, in_clause
 
 __all__ = ["OperationDoneError", "OperationRecord", "OperationStore", "SQLOperationStore", "LRO_MIGRATIONS"]
@@ -216,9 +216,27 @@ class SQLOperationStore:
         return self.store.clock.now()
 
     # -- OperationStore --------------------------------------------------------------------------
-    def create(self, record: OperationRecord) -> OperationRecord:
+    def create(self, record: OperationRecord, *, conn: Any = None) -> OperationRecord:
+        """``OperationStore.create``; with ``conn`` (the caller's own connection to the same database) the row
+        is written in the caller's transaction, and committed or rolled back with it.
+
+        Raises:
+            AlreadyExistsError: the name exists.
+            ConfigError: ``conn`` inside a ``batch()`` open on this thread, or not a connection of this store.
+        """
         out = _with(record, version=1, update_time=self.store.clock.now())
         tx: Tx | None = getattr(self._local, "tx", None)
+        if conn is not None:
+            if tx is not None:
+                raise ConfigError(
+                    "conn= cannot be used inside client.batch(): the batch has its own transaction",
+                    field="conn", value=type(conn).__name__,
+                )
+            with self.store.transaction(conn) as own:
+                self._insert(own, out)
+                if out.done:
+                    self._append_done(own, [out])
+            return out
         if tx is not None:
             self._insert(tx, out)
             if out.done:

@@ -8,7 +8,7 @@ completions are fenced by that token, a whole batch in one statement.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..store import POSTGRES, SQLITE, Migration, SQLStore, Tx, in_clause
 from . import _obligation_table
@@ -87,8 +87,13 @@ _INSERT_INTO = (
     "created_at, updated_at, journal_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, 0, ?, ?, "
 )
 _INSERT_ONE_NEW = _INSERT_INTO + f"{SQLStore.LAST_POSITION_SQL}) ON CONFLICT (key) DO NOTHING"
-_INSERT_BATCH = _INSERT_INTO + "?)"
-_INSERT_BATCH_NEW = _INSERT_BATCH + " ON CONFLICT (key) DO NOTHING"
+_BATCH_HEAD = (
+    "INSERT INTO em_effects (key, connector, tool, payload, business_key, semantics, run_id, metadata, "
+    "human_gate, not_before, status, attempts, max_attempts, observations, next_attempt_at, flagged, "
+    "created_at, updated_at, journal_from) VALUES "
+)
+_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, 0, ?, ?, ?)"
+_NEW_ONLY = " ON CONFLICT (key) DO NOTHING"
 _CHUNK = 500
 
 
@@ -96,20 +101,14 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _each_possible(tx: Tx, rows: Sequence[Any]) -> bool:
-    """Whether ``_each_or_none`` can run ``rows`` here: on SQLite, inside a transaction."""
-    return tx.dialect == SQLITE and bool(rows) and tx.raw.in_transaction
-
-
-def _each_or_none(tx: Tx, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
-    """On SQLite, inside a transaction: run ``sql`` for every row as one prepared statement, and keep it only if
-    each row changed one row (the rule), else undo it; whether it was kept. Elsewhere it runs nothing and says
-    no, and the caller takes its general way."""
-    if not _each_possible(tx, rows):
+def _each_or_none(tx: Tx, rows: Sequence[Any], run: Callable[[], int]) -> bool:
+    """On SQLite, inside a transaction: ``run()`` the statements for ``rows`` (it returns the rows changed) and keep
+    them only if each row changed one row (the rule), else undo them; whether they were kept. Elsewhere it runs
+    nothing and says no, and the caller takes its general way."""
+    if tx.dialect != SQLITE or not rows or not tx.raw.in_transaction:
         return False
     tx.execute("SAVEPOINT em_each")
-    changed = tx.raw.executemany(sql, rows).rowcount
-    if changed == len(rows):
+    if run() == len(rows):
         tx.execute("RELEASE em_each")
         return True
     tx.execute("ROLLBACK TO em_each")
@@ -132,9 +131,7 @@ def _with_position(tx: Tx, rows: Sequence[NewEffect]) -> list[tuple[Any, ...]]:
 def insert_all_new(tx: Tx, rows: Sequence[NewEffect]) -> bool:
     """Insert ``rows`` (distinct keys) in one statement if no key among them is taken: whether it did (if one is
     taken, or this cannot be done in one statement here, nothing is inserted)."""
-    if not _each_possible(tx, rows):
-        return False
-    return _each_or_none(tx, _INSERT_BATCH_NEW, _with_position(tx, rows))
+    return _each_or_none(tx, rows, lambda: tx.insert_rows(_BATCH_HEAD, _BATCH_ROW, _with_position(tx, rows), _NEW_ONLY))
 
 
 def insert_absent(tx: Tx, rows: Sequence[NewEffect]) -> list[NewEffect]:
@@ -144,7 +141,7 @@ def insert_absent(tx: Tx, rows: Sequence[NewEffect]) -> list[NewEffect]:
     if tx.dialect == POSTGRES:
         return [row for row in rows if insert_new(tx, row)]
     if rows:
-        tx.executemany(_INSERT_BATCH, _with_position(tx, rows))
+        tx.insert_rows(_BATCH_HEAD, _BATCH_ROW, _with_position(tx, rows))
     return list(rows)
 
 
@@ -267,9 +264,10 @@ def complete(tx: Tx, completions: Sequence[Completion], held: str) -> set[str]:
     rows = [_params(c) for c in completions]
     # On SQLite, one prepared statement run per completion, kept when every lease was still held (the rule).
     # Otherwise the statement that names the keys held.
-    if _each_or_none(tx, "UPDATE em_effects SET status = ?, next_attempt_at = ?, response = COALESCE(?, response), "
-                     "error = ?, external_ref = COALESCE(?, external_ref), flagged = ?, lease_owner = NULL, "
-                     f"updated_at = ? WHERE key = ? AND lease_token = ? AND status = '{held}'", rows):
+    update = ("UPDATE em_effects SET status = ?, next_attempt_at = ?, response = COALESCE(?, response), "
+              "error = ?, external_ref = COALESCE(?, external_ref), flagged = ?, lease_owner = NULL, "
+              f"updated_at = ? WHERE key = ? AND lease_token = ? AND status = '{held}'")
+    if _each_or_none(tx, rows, lambda: int(tx.raw.executemany(update, rows).rowcount)):
         return {c.key for c in completions}
     done: set[str] = set()
     row_sql = ("(CAST(? AS TEXT), CAST(? AS DOUBLE PRECISION), CAST(? AS TEXT), CAST(? AS TEXT), "

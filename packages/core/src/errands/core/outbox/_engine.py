@@ -4,6 +4,7 @@ dispatcher, the saga and the read models."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Callable, Collection, Iterable, List, Mapping, TypeVar
 
 from .._values import Effect, EffectStatus, Event, Obligation
@@ -266,7 +267,8 @@ class Outbox:
                 stored.update(self._stored_alike(tx, by_key, [k for k in by_key if k not in stored and k not in new]))
             if inserted:
                 self._ctx.journal(tx, [_transitions.submitted_event(row) for row in inserted])
-        return [stored.get(row.key) or new_effect_record(row, effect) for row, effect in zip(rows, effects)]
+        created = datetime.fromtimestamp(now, tz=timezone.utc)
+        return [stored.get(row.key) or new_effect_record(row, effect, created) for row, effect in zip(rows, effects)]
 
     @staticmethod
     def _stored_alike(tx: Any, by_key: Mapping[str, NewEffect], keys: List[str]) -> dict[str, EffectRecord]:

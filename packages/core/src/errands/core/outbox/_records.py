@@ -271,9 +271,11 @@ def effect_from_row(row: Sequence[Any]) -> StoredEffect:
     return StoredEffect(record, float(not_before), None if next_at is None else float(next_at), int(token))
 
 
-def new_effect_record(row: NewEffect, effect: Effect) -> EffectRecord:
-    """The record of an effect just inserted from ``row``: what reading it back would give, without the read."""
-    created = _ts(row.created_at)
+def new_effect_record(row: NewEffect, effect: Effect, created: datetime | None = None) -> EffectRecord:
+    """The record of an effect just inserted from ``row``: what reading it back would give, without the read.
+    ``created``: ``row.created_at`` as a datetime, when the caller has it (the rows of one batch share it)."""
+    if created is None:
+        created = _ts(row.created_at)
     due = created if row.next_attempt_at == row.created_at else _ts(row.next_attempt_at)
     return EffectRecord(
         key=row.key, connector=row.connector, tool=row.tool, payload=effect.payload, status=_STATUS[row.status],

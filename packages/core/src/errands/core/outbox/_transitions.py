@@ -90,7 +90,13 @@ def dispatching_event(claimed: Claimed) -> NewEvent:
 # -- admission ------------------------------------------------------------------------------------------------
 def submitted_event(row: NewEffect) -> NewEvent:
     """The event of an effect just admitted: its first status, with its semantics and run."""
-    return effect_event(row.key, row.connector, row.tool, row.status, semantics=row.semantics, run_id=row.run_id)
+    body: dict[str, Any] = {"key": row.key, "connector": row.connector, "tool": row.tool, "status": row.status,
+                            "semantics": row.semantics}
+    if row.run_id is not None:
+        body["run_id"] = row.run_id
+    names = _EVENT_NAMES.get((row.connector, row.tool, row.status)) or _event_names(row.connector, row.tool,
+                                                                                    row.status)
+    return NewEvent(names[0], names[1], body, names[2])
 
 
 def admitted_status(semantics: Semantics, human_gate: bool) -> EffectStatus:

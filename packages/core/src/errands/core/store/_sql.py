@@ -7,6 +7,7 @@ to the store's dialect.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -62,6 +63,16 @@ def _to_pyformat(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+#: Rows per multi-row ``INSERT`` on SQLite (``Tx.insert_rows``): far below its 32,766 parameters for rows of
+#: up to 300 columns.
+VALUES_ROWS = 100
+
+
+@functools.lru_cache(maxsize=64)
+def _values_statement(head: str, row: str, tail: str, n: int) -> str:
+    return head + ", ".join([row] * n) + tail
+
+
 class Tx:
     """One open transaction (or the caller's own connection). Rows come back as tuples."""
 
@@ -88,6 +99,31 @@ class Tx:
         rows = list(rows)
         if rows:
             self.raw.cursor().executemany(_to_pyformat(sql), rows)
+
+    def insert_rows(self, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str = "") -> int:
+        """Run ``head + row + tail`` for every row of ``rows`` (``row`` the parenthesised placeholders of one
+        row, ``head`` ending in ``VALUES``); returns the rows it changed.
+
+        On SQLite the rows go ``VALUES_ROWS`` at a time through one multi-row statement (prepared once, one step
+        per statement instead of one per row), the rest through the one-row statement."""
+        if self.dialect != SQLITE:
+            if not rows:
+                return 0
+            cur = self.raw.cursor()
+            cur.executemany(_to_pyformat(head + row + tail), rows)
+            return int(cur.rowcount)
+        n = len(rows)
+        whole = n - n % VALUES_ROWS
+        changed = 0
+        if whole:
+            many = _values_statement(head, row, tail, VALUES_ROWS)
+            flat = itertools.chain.from_iterable
+            execute = self.raw.execute
+            for i in range(0, whole, VALUES_ROWS):
+                changed += execute(many, tuple(flat(rows[i:i + VALUES_ROWS]))).rowcount
+        if n > whole:
+            changed += self.raw.executemany(head + row + tail, rows[whole:]).rowcount
+        return changed
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self.execute(sql, params).fetchall())

@@ -343,8 +343,9 @@ class SQLStore:
             # Several rows: their positions are known once the first is read, so each row carries its own
             # (and, on a positioned stream, its ``seq``) and no row runs the subquery.
             first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
-            tx.raw.executemany(
-                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            tx.insert_rows(
+                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES ",
+                "(?, ?, ?, ?, ?, ?, ?)",
                 [(p, r[0], p if r[1] is None else r[1], r[2], r[3], r[4], r[5]) for p, r in enumerate(rows, first)],
             )
             return list(range(first, first + len(rows)))
