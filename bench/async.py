@@ -69,12 +69,11 @@ def store_url(database_url: str) -> str:
 
 def build_app(database_url: str, pool_size: int) -> Any:
     """The FastAPI app of the child process: the two endpoints over one engine and one outbox."""
+    import errands.core
+    from errands.core import Effect
     from fastapi import FastAPI
     from sqlalchemy import event
     from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-
-    import errands.core
-    from errands.core import Effect
 
     sqlite = database_url.startswith("sqlite")
     options: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0}

@@ -50,7 +50,7 @@ class _Process:
         self.kills = 0
 
     def start(self) -> _Process:
-        self._log = open(self.logs / f"{self.name}.log", "ab")  # noqa: SIM115 - closed in _close
+        self._log = open(self.logs / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen(self.argv, cwd=EXAMPLE, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         return self

@@ -15,16 +15,15 @@ import contextlib
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, HTTPException, Request, Response
-from google.protobuf.json_format import MessageToDict
-from pydantic import BaseModel, Field
-from sqlalchemy import select
-
 import errands.core
 from errands.core import Effect, Journal, NotFoundError
 from errands.durable import DurableRunner
 from errands.lro import Config, LroClient, ResumableHandler
 from errands.sinks import WebhookSink, WebhookVerificationError, verify_webhook
+from fastapi import FastAPI, HTTPException, Request, Response
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, Field
+from sqlalchemy import select
 
 from . import settings
 from .db import Base, Order, Session, WebhookDelivery, engine

@@ -8,10 +8,8 @@ in doubt (a timeout, a 502) is ``UNKNOWN``: the outbox then asks ``observe`` bef
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import httpx
-
 from errands.core import (
     ConnectorCapabilities,
     DispatchOutcome,
