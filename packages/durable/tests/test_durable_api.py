@@ -7,10 +7,10 @@ import errands.durable.testing as durable_testing
 def test_public_names_are_pinned() -> None:
     assert durable.__all__ == sorted(durable.__all__)
     assert set(durable.__all__) == {
-        "BatchItem", "BatchItemError", "BatchItemStatus", "BatchResult", "Callback", "CallbackConfig",
+        "AsyncCallback", "AsyncDurableContext", "BatchItem", "BatchItemError", "BatchItemStatus", "BatchResult", "Callback", "CallbackConfig",
         "CallbackError", "CallbackTimeoutError", "CheckpointError", "CheckpointOutput", "ChildConfig",
         "ChildContextError", "CompletionConfig", "CompletionReason", "DurableContext", "DurableError",
-        "DurableExecutionConfig", "DurableOperationError", "DurableRunner", "DuplicateFunctionError", "Duration",
+        "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DuplicateFunctionError", "Duration",
         "ErrorObject",
         "ExecutionInfo", "ExecutionStatus", "InMemoryClient", "InitialExecutionState", "InvocationInput",
         "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",

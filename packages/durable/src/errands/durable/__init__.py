@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 from .__about__ import __version__
+from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
 from ._context import Callback, DurableContext, StepContext
 from ._errors import (
     BatchItemError,
@@ -83,6 +84,8 @@ from ._values import (
 )
 
 __all__ = [
+    "AsyncCallback",
+    "AsyncDurableContext",
     "BatchItem",
     "BatchItemError",
     "BatchItemStatus",
@@ -101,6 +104,7 @@ __all__ = [
     "DurableContext",
     "DurableError",
     "DurableExecutionConfig",
+    "DurableOperation",
     "DurableOperationError",
     "DurableRunner",
     "Duration",

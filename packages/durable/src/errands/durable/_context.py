@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Generator, Sequence, TypeVar, Union
 
 from errands.core import ConfigError
+from errands.core.runtime import CallRunner, run_sync
 
 from ._errors import (
     CallbackError,
@@ -61,6 +63,9 @@ U = TypeVar("U")
 
 log = logging.getLogger("errands.durable")
 
+#: Results that are never awaitable, answered without asking ``inspect.isawaitable``.
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple})
+
 
 def operation_id(parent_id: str | None, counter: int) -> str:
     """The id of the ``counter``-th operation (1-based) under ``parent_id``: stable across replays."""
@@ -82,8 +87,8 @@ class Callback:
     """A callback created by ``ctx.create_callback``: hand ``callback_id`` to the outside world, then
     ``result()`` suspends until ``DurableRunner.complete_callback`` (or ``fail_callback``) arrives."""
 
-    def __init__(self, ctx: DurableContext, op_id: str, callback_id: str, serdes: Serdes) -> None:
-        self._ctx = ctx
+    def __init__(self, state: ExecutionState, op_id: str, callback_id: str, serdes: Serdes) -> None:
+        self._state = state
         self.operation_id = op_id
         self.callback_id = callback_id
         self._serdes = serdes
@@ -95,7 +100,7 @@ class Callback:
             CallbackError: the callback was failed.
             CallbackTimeoutError: no result or heartbeat came in time.
         """
-        state = self._ctx._state
+        state = self._state
         op = state.get(self.operation_id)
         assert op is not None
         if op.status is OperationStatus.SUCCEEDED:
@@ -175,21 +180,53 @@ def _name_and_callable(first: Any, second: Any, name: str | None, what: str) -> 
     return name, fn
 
 
-class DurableContext:
-    """The handle a durable function uses for every side effect, wait and fan-out.
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """User code an operation calls: ``fn(*args)`` (a step body, a condition check)."""
 
-    Each call is an operation with an id derived from its parent and its call order. On replay, a
-    finished operation returns its checkpointed result without running again; one whose type, subtype or
-    name differs from the checkpoint raises ``NonDeterministicExecutionError``.
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
 
-    Both the AWS argument order (``step(fn, name=...)``, ``wait(duration, name=...)``,
-    ``map(items, fn, name=...)``) and the name-first order (``step("name", fn)``, ``wait("name",
-    duration)``, ``map("name", items, fn)``) are accepted.
-    """
 
-    def __init__(self, state: ExecutionState, parent_id: str | None = None) -> None:
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """A context function an operation runs: ``fn(ctx, *args)`` with a new context under ``parent_id``
+    (a child context, a ``map`` item, a ``parallel`` branch)."""
+
+    fn: Callable[..., Any]
+    parent_id: str
+    args: tuple[Any, ...] = ()
+
+
+#: An operation's logic, written once for sync and async functions: a generator that yields the user code
+#: it needs called (``_Call``, ``_Body``), is sent back the result (or thrown the exception), and returns the
+#: operation's value. ``DurableContext`` drives it in the calling thread; ``AsyncDurableContext`` runs the
+#: parts between the yields (checkpoints) on a thread and awaits async user code on its event loop.
+OperationLogic = Generator[Union[_Call, _Body], Any, Any]
+
+
+def is_async_callable(fn: Any) -> bool:
+    """Whether calling ``fn`` gives a coroutine: an ``async def`` function (or a partial of one, or an
+    object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(fn) or (
+        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__))
+
+
+def _immediate(fn: Callable[[], Any]) -> OperationLogic:
+    """The logic of an operation that calls no user code."""
+    return fn()
+    yield  # a generator, like every operation's logic
+
+
+class _ContextCore:
+    """What the sync and the async context share: identity, operation ids, and the logic of every
+    operation (as ``OperationLogic`` generators)."""
+
+    def __init__(self, state: ExecutionState, parent_id: str | None = None, *,
+                 calls: CallRunner | None = None) -> None:
         self._state = state
         self._parent_id = parent_id
+        self._calls = calls
         self._counter = 0
         self._lock = threading.Lock()
         self.logger = log
@@ -209,19 +246,24 @@ class DurableContext:
             nxt = operation_id(self._parent_id, self._counter + 1)
         return self._state.get(nxt) is not None
 
+    def _await_here(self, aw: Awaitable[Any]) -> Any:
+        """Wait for ``aw`` from this (sync) thread on the invocation's event loop."""
+        return self._calls.run(aw) if self._calls is not None else run_sync(aw)
+
     # -- plumbing --------------------------------------------------------------------------------
     def _next(self, type_: OperationType, sub_type: OperationSubType | None, name: str | None
               ) -> tuple[str, Operation | None]:
         with self._lock:
             self._counter += 1
-            op_id = operation_id(self._parent_id, self._counter)
+            counter = self._counter
+            op_id = operation_id(self._parent_id, counter)
         state = self._state
         if state.fatal is not None:
             raise state.fatal
         op = state.get(op_id)
         if op is not None and (op.type, op.sub_type, op.name) != (type_, sub_type, name):
             raise state.mark_fatal(NonDeterministicExecutionError(
-                f"operation #{self._counter} under {self._parent_id or 'the root'} was "
+                f"operation #{counter} under {self._parent_id or 'the root'} was "
                 f"{op.type.value}/{op.sub_type.value if op.sub_type else '-'} {op.name!r} when checkpointed, "
                 f"now {type_.value}/{sub_type.value if sub_type else '-'} {name!r}: the function must call "
                 "the same operations in the same order on every replay",
@@ -236,27 +278,15 @@ class DurableContext:
             name=name, sub_type=sub_type, **kw), sync=sync)
 
     # -- step ------------------------------------------------------------------------------------
-    def step(self, name_or_fn: str | Callable[[StepContext], T], fn: Callable[[StepContext], T] | None = None,
-             config: StepConfig | None = None, *, name: str | None = None) -> T:
-        """Run ``fn(step_context)`` once and checkpoint its result; on replay return the checkpoint.
-
-        Args:
-            name_or_fn: the step's name (then ``fn``), or the function (AWS order).
-            fn: the function, when a name comes first.
-            config: retry strategy, semantics and serdes.
-            name: the step's name in the AWS order.
-
-        Raises:
-            StepError: the function failed and the retry strategy gave up.
-        """
+    def _step_op(self, name_or_fn: Any, fn: Any, config: StepConfig | None, name: str | None
+                 ) -> tuple[str, OperationLogic]:
         name, func = _name_and_callable(name_or_fn, fn, name, "step function")
         config = config or StepConfig()
         op_id, op = self._next(OperationType.STEP, OperationSubType.STEP, _check_name(name))
-        result: T = self._run_step(op_id, op, name, func, config)  # the checkpoint's value, decoded
-        return result
+        return op_id, self._step_logic(op_id, op, name, func, config)
 
-    def _run_step(self, op_id: str, op: Operation | None, name: str | None, func: Callable[[StepContext], Any],
-                  config: StepConfig) -> Any:
+    def _step_logic(self, op_id: str, op: Operation | None, name: str | None, func: Callable[[StepContext], Any],
+                    config: StepConfig) -> OperationLogic:
         state = self._state
         serdes = config.serdes or DEFAULT_SERDES
         replayed = _replay_attempts(state, op, serdes, StepError, "step failed", f"step {name or op_id}")
@@ -287,7 +317,7 @@ class DurableContext:
                 sctx = StepContext(execution_id=state.execution_id, operation_id=op_id, name=name, attempt=attempt,
                                    logger=self.logger)
                 try:
-                    value = func(sctx)
+                    value = yield _Call(func, (sctx,))
                 except Exception as exc:
                     pending_error = exc
                 else:
@@ -315,12 +345,8 @@ class DurableContext:
                 raise SuspendExecution(f"step {name or op_id} retries in {delay}s", until=state.now() + delay)
 
     # -- wait ------------------------------------------------------------------------------------
-    def wait(self, name_or_duration: str | Duration | timedelta | float,
-             duration: Duration | timedelta | float | None = None, *, name: str | None = None) -> None:
-        """Suspend the execution for ``duration`` (a ``Duration``, ``timedelta`` or seconds).
-
-        The invocation ends here (``PENDING``) and a later one continues after the wait.
-        """
+    def _wait_op(self, name_or_duration: str | Duration | timedelta | float,
+                 duration: Duration | timedelta | float | None, name: str | None) -> tuple[str, OperationLogic]:
         if isinstance(name_or_duration, str):
             name = name_or_duration
             if duration is None:
@@ -329,81 +355,49 @@ class DurableContext:
         else:
             seconds = to_seconds(name_or_duration)
         op_id, op = self._next(OperationType.WAIT, OperationSubType.WAIT, _check_name(name))
-        state = self._state
-        if op is None:
-            op = self._start(op_id, OperationType.WAIT, OperationSubType.WAIT, name, wait_seconds=seconds)
-        if op.done:
-            return
-        if state.now() >= (op.scheduled_timestamp or 0):
-            state.checkpoint(_update(op, OperationAction.SUCCEED), sync=False)
-            return
-        raise SuspendExecution(f"wait {name or op_id}", until=op.scheduled_timestamp)
+
+        def wait() -> None:
+            state = self._state
+            current = op
+            if current is None:
+                current = self._start(op_id, OperationType.WAIT, OperationSubType.WAIT, name, wait_seconds=seconds)
+            if current.done:
+                return
+            if state.now() >= (current.scheduled_timestamp or 0):
+                state.checkpoint(_update(current, OperationAction.SUCCEED), sync=False)
+                return
+            raise SuspendExecution(f"wait {name or op_id}", until=current.scheduled_timestamp)
+
+        return op_id, _immediate(wait)
 
     # -- callbacks -------------------------------------------------------------------------------
-    def create_callback(self, name: str | None = None, config: CallbackConfig | None = None) -> Callback:
-        """A callback id to hand out; ``callback.result()`` suspends until it is completed.
-
-        The id is committed before this returns, so it is safe to send anywhere.
-        """
+    def _create_callback_op(self, name: str | None, config: CallbackConfig | None) -> tuple[str, OperationLogic]:
         config = config or CallbackConfig()
         op_id, op = self._next(OperationType.CALLBACK, OperationSubType.CALLBACK, _check_name(name))
-        if op is None:
-            op = self._start(
-                op_id, OperationType.CALLBACK, OperationSubType.CALLBACK, name, sync=True,
-                callback_id=self._state.backend.new_callback_id(op_id),
-                timeout_seconds=to_seconds(config.timeout_seconds, field="timeout_seconds") or None,
-                heartbeat_timeout_seconds=to_seconds(config.heartbeat_timeout_seconds,
-                                                     field="heartbeat_timeout_seconds") or None,
-            )
-        assert op.callback_id is not None
-        return Callback(self, op_id, op.callback_id, config.serdes or DEFAULT_SERDES)
 
-    def wait_for_callback(self, name_or_submitter: str | Callable[[str, Any], Any],
-                          submitter: Callable[[str, Any], Any] | None = None,
-                          config: WaitForCallbackConfig | None = None, *, name: str | None = None) -> Any:
-        """Create a callback, run ``submitter(callback_id, step_context)`` as a step, then wait for the result.
+        def create() -> Callback:
+            current = op
+            if current is None:
+                current = self._start(
+                    op_id, OperationType.CALLBACK, OperationSubType.CALLBACK, name, sync=True,
+                    callback_id=self._state.backend.new_callback_id(op_id),
+                    timeout_seconds=to_seconds(config.timeout_seconds, field="timeout_seconds") or None,
+                    heartbeat_timeout_seconds=to_seconds(config.heartbeat_timeout_seconds,
+                                                         field="heartbeat_timeout_seconds") or None,
+                )
+            assert current.callback_id is not None
+            return Callback(self._state, op_id, current.callback_id, config.serdes or DEFAULT_SERDES)
 
-        Raises:
-            CallbackError: the callback was failed, or the submitter failed.
-            CallbackTimeoutError: no result or heartbeat came in time.
-        """
-        name, sub = _name_and_callable(name_or_submitter, submitter, name, "submitter")
-        config = config or WaitForCallbackConfig()
-        serdes = config.serdes or DEFAULT_SERDES
-        strategy = config.retry_strategy or RetryPresets.none()
-
-        def body(child: DurableContext) -> Any:
-            cb = child.create_callback(config=CallbackConfig(
-                timeout_seconds=config.timeout_seconds, heartbeat_timeout_seconds=config.heartbeat_timeout_seconds,
-                serdes=serdes))
-            try:
-                child.step(lambda sctx: sub(cb.callback_id, sctx), name="submitter",
-                           config=StepConfig(retry_strategy=strategy))
-            except StepError as exc:
-                raise CallbackError(exc.error_message, error_type=exc.error_type, error_data=exc.error_data,
-                                    stack_trace=exc.stack_trace) from exc
-            return cb.result()
-
-        return self._child(_check_name(name), body, OperationSubType.WAIT_FOR_CALLBACK, serdes)
+        return op_id, _immediate(create)
 
     # -- child contexts --------------------------------------------------------------------------
-    def run_in_child_context(self, name_or_fn: str | Callable[[DurableContext], T],
-                             fn: Callable[[DurableContext], T] | None = None, config: ChildConfig | None = None,
-                             *, name: str | None = None) -> T:
-        """Run ``fn(child_ctx)`` as one operation with its own operations inside.
-
-        Raises:
-            ChildContextError: ``fn`` raised.
-        """
-        name, func = _name_and_callable(name_or_fn, fn, name, "child context function")
-        config = config or ChildConfig()
-        value: T = self._child(_check_name(name), func, config.sub_type or OperationSubType.RUN_IN_CHILD_CONTEXT,
-                               config.serdes or DEFAULT_SERDES)
-        return value
-
-    def _child(self, name: str | None, func: Callable[[DurableContext], Any], sub_type: OperationSubType,
-               serdes: Serdes) -> Any:
+    def _child_op(self, name: str | None, func: Callable[..., Any], sub_type: OperationSubType,
+                  serdes: Serdes) -> tuple[str, OperationLogic]:
         op_id, op = self._next(OperationType.CONTEXT, sub_type, name)
+        return op_id, self._child_logic(op_id, op, name, func, sub_type, serdes)
+
+    def _child_logic(self, op_id: str, op: Operation | None, name: str | None, func: Callable[..., Any],
+                     sub_type: OperationSubType, serdes: Serdes) -> OperationLogic:
         state = self._state
         error_cls: type[DurableOperationError] = ChildContextError
         if op is not None:
@@ -415,9 +409,8 @@ class DurableContext:
                 raise error_cls.from_error_object(op.error or ErrorObject(message="child context failed"))
         else:
             op = self._start(op_id, OperationType.CONTEXT, sub_type, name)
-        child = DurableContext(state, parent_id=op_id)
         try:
-            value = func(child)
+            value = yield _Body(func, op_id)
         except (NonDeterministicExecutionError, SuspendExecution, ExecutionFencedOut):
             raise
         except Exception as exc:
@@ -430,42 +423,42 @@ class DurableContext:
         state.checkpoint(_update(op, OperationAction.SUCCEED, payload=text), sync=False)
         return serdes.deserialize(text, SerdesContext(op_id, state.execution_id))
 
-    # -- invoke ----------------------------------------------------------------------------------
-    def invoke(self, function_name: str, payload: Any = None, name: str | None = None,
-               config: InvokeConfig | None = None) -> Any:
-        """Start the durable function ``function_name`` as a child execution and wait for its result.
+    def _run_in_child_context_op(self, name_or_fn: Any, fn: Any, config: ChildConfig | None, name: str | None
+                                 ) -> tuple[str, OperationLogic]:
+        name, func = _name_and_callable(name_or_fn, fn, name, "child context function")
+        config = config or ChildConfig()
+        return self._child_op(_check_name(name), func, config.sub_type or OperationSubType.RUN_IN_CHILD_CONTEXT,
+                              config.serdes or DEFAULT_SERDES)
 
-        Raises:
-            InvokeError: the child execution failed.
-        """
+    # -- invoke ----------------------------------------------------------------------------------
+    def _invoke_op(self, function_name: str, payload: Any, name: str | None, config: InvokeConfig | None
+                   ) -> tuple[str, OperationLogic]:
         if not isinstance(function_name, str) or not function_name:
             raise ConfigError(f"invoke needs a function name, got {function_name!r}", field="function_name",
                               value=function_name)
-        config = config or InvokeConfig()
+        cfg = config or InvokeConfig()
         op_id, op = self._next(OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, _check_name(name))
-        state = self._state
-        if op is None:
-            state.backend.check_invoke(function_name)
-            text = (config.serdes_payload or DEFAULT_SERDES).serialize(payload, SerdesContext(op_id, state.execution_id))
-            op = self._start(op_id, OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
-                             function_name=function_name, payload=text,
-                             child_execution_id=f"{state.execution_id}/{op_id}")
-        if op.status is OperationStatus.SUCCEEDED:
-            return _decode(config.serdes_result or DEFAULT_SERDES, op.result, op_id, state.execution_id)
-        if op.done:
-            raise InvokeError.from_error_object(op.error or ErrorObject(message="invoked function failed"))
-        raise SuspendExecution(f"waiting for {function_name}", until=None)
+
+        def invoke() -> Any:
+            state = self._state
+            current = op
+            if current is None:
+                state.backend.check_invoke(function_name)
+                text = (cfg.serdes_payload or DEFAULT_SERDES).serialize(payload,
+                                                                        SerdesContext(op_id, state.execution_id))
+                current = self._start(op_id, OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
+                                      function_name=function_name, payload=text,
+                                      child_execution_id=f"{state.execution_id}/{op_id}")
+            if current.status is OperationStatus.SUCCEEDED:
+                return _decode(cfg.serdes_result or DEFAULT_SERDES, current.result, op_id, state.execution_id)
+            if current.done:
+                raise InvokeError.from_error_object(current.error or ErrorObject(message="invoked function failed"))
+            raise SuspendExecution(f"waiting for {function_name}", until=None)
+
+        return op_id, _immediate(invoke)
 
     # -- wait for condition ----------------------------------------------------------------------
-    def wait_for_condition(self, check: Callable[[Any, StepContext], Any] | str,
-                           config: WaitForConditionConfig[Any] | Callable[[Any, StepContext], Any] | None = None,
-                           name: str | WaitForConditionConfig[Any] | None = None) -> Any:
-        """Poll ``check(state, step_context) -> new_state`` until ``config.wait_strategy(state, attempt)``
-        says stop, suspending between checks. Returns the final state.
-
-        Raises:
-            WaitForConditionError: ``check`` raised.
-        """
+    def _wait_for_condition_op(self, check: Any, config: Any, name: Any) -> tuple[str, OperationLogic]:
         # both orders: (check, config, name) and, name first, (name, check, config)
         given: tuple[object, object, object] = (config, name, check) if isinstance(check, str) else (
             check, config, name)
@@ -480,6 +473,10 @@ class DurableContext:
         assert callable(fn)
         label = _check_name(given_name)
         op_id, op = self._next(OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION, label)
+        return op_id, self._condition_logic(op_id, op, label, fn, cfg)
+
+    def _condition_logic(self, op_id: str, op: Operation | None, label: str | None, fn: Callable[..., Any],
+                         cfg: WaitForConditionConfig[Any]) -> OperationLogic:
         state = self._state
         serdes = cfg.serdes or DEFAULT_SERDES
         sc = SerdesContext(op_id, state.execution_id)
@@ -493,8 +490,8 @@ class DurableContext:
         if op is None or op.status is not OperationStatus.STARTED:
             op = self._start(op_id, OperationType.STEP, OperationSubType.WAIT_FOR_CONDITION, label)
         try:
-            new_state = fn(current, StepContext(execution_id=state.execution_id, operation_id=op_id,
-                                                name=label, attempt=attempt, logger=self.logger))
+            new_state = yield _Call(fn, (current, StepContext(execution_id=state.execution_id, operation_id=op_id,
+                                                              name=label, attempt=attempt, logger=self.logger)))
         except Exception as exc:
             error = ErrorObject.from_exception(exc)
             state.checkpoint(_update(op, OperationAction.FAIL, error=error), sync=True)
@@ -512,12 +509,8 @@ class DurableContext:
         raise SuspendExecution(f"condition {label or op_id}", until=state.now() + delay)
 
     # -- map / parallel --------------------------------------------------------------------------
-    def map(self, name_or_items: Any, items_or_fn: Any = None, fn: Any = None,
-            config: MapConfig | None = None, *, name: str | None = None) -> BatchResult[Any]:
-        """Run ``fn(child_ctx, item, index, items)`` for every item, at most ``max_concurrency`` at once.
-
-        Each item runs in its own child context; the ``BatchResult`` is checkpointed once complete.
-        """
+    def _map_batch(self, name_or_items: Any, items_or_fn: Any, fn: Any, config: MapConfig | None,
+                   name: str | None) -> Batch:
         if isinstance(name_or_items, str) and fn is not None:
             name, items, func = name_or_items, items_or_fn, fn
         else:
@@ -533,120 +526,138 @@ class DurableContext:
                                   value=type(items).__name__) from None
         config = config or MapConfig()
         seq = list(items)
+        return self._batch(_check_name(name), [(func, (seq[i], i, seq)) for i in range(len(seq))],
+                           config.max_concurrency, config.completion_config, config.serdes or DEFAULT_SERDES,
+                           OperationSubType.MAP, OperationSubType.MAP_ITERATION)
 
-        def branch(i: int) -> Callable[[DurableContext], Any]:
-            return lambda c: func(c, seq[i], i, seq)
-
-        return self._concurrently(
-            _check_name(name), [branch(i) for i in range(len(seq))], config.max_concurrency,
-            config.completion_config, config.serdes or DEFAULT_SERDES, OperationSubType.MAP,
-            OperationSubType.MAP_ITERATION,
-        )
-
-    def parallel(self, name_or_functions: Any, functions: Any = None, config: ParallelConfig | None = None,
-                 *, name: str | None = None) -> BatchResult[Any]:
-        """Run each ``fn(child_ctx)`` of ``functions`` as a branch, at most ``max_concurrency`` at once."""
+    def _parallel_batch(self, name_or_functions: Any, functions: Any, config: ParallelConfig | None,
+                        name: str | None) -> Batch:
         if isinstance(name_or_functions, str):
             name, fns = name_or_functions, functions
         else:
             fns = name_or_functions
             if isinstance(functions, ParallelConfig):
                 config = functions
-        config = config or ParallelConfig()
-        fns = list(fns or [])
-        for f in fns:
-            _check_callable(f, "parallel branch")
-        return self._concurrently(_check_name(name), fns, config.max_concurrency, config.completion_config,
-                                  config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
-                                  OperationSubType.PARALLEL_BRANCH)
+        return self._branches_batch(_check_name(name), list(fns or []), config, "parallel branch")
 
-    def execute_concurrently(self, functions: Sequence[Callable[[DurableContext], Any]], name: str | None = None,
-                             config: ParallelConfig | None = None) -> BatchResult[Any]:
-        """The engine under ``map`` and ``parallel``: run branches with bounded concurrency until the
-        completion config is met."""
+    def _branches_batch(self, name: str | None, fns: list[Any], config: ParallelConfig | None, what: str) -> Batch:
         config = config or ParallelConfig()
-        fns = list(functions)
         for f in fns:
-            _check_callable(f, "branch")
-        return self._concurrently(_check_name(name), fns, config.max_concurrency, config.completion_config,
-                                  config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
-                                  OperationSubType.PARALLEL_BRANCH)
+            _check_callable(f, what)
+        return self._batch(name, [(f, ()) for f in fns], config.max_concurrency, config.completion_config,
+                           config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
+                           OperationSubType.PARALLEL_BRANCH)
 
-    def _concurrently(self, name: str | None, fns: list[Callable[[DurableContext], Any]], max_concurrency: int | None,
-                      completion: CompletionConfig, serdes: Serdes, outer: OperationSubType,
-                      inner: OperationSubType) -> BatchResult[Any]:
+    def _batch(self, name: str | None, branches: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+               max_concurrency: int | None, completion: CompletionConfig, serdes: Serdes, outer: OperationSubType,
+               inner: OperationSubType) -> Batch:
         if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
             raise ConfigError(f"max_concurrency must be a positive integer or None, got {max_concurrency!r}",
                               field="max_concurrency", value=max_concurrency)
         op_id, op = self._next(OperationType.CONTEXT, outer, name)
-        state = self._state
-        if op is not None and op.status is OperationStatus.SUCCEEDED:
-            return _decode_batch(op.result, serdes, op_id, state.execution_id)
-        if op is None:
-            op = self._start(op_id, OperationType.CONTEXT, outer, name)
-        total = len(fns)
-        branch_ids = [operation_id(op_id, i + 1) for i in range(total)]
-        outcomes: dict[int, tuple[str, Any]] = {}
+        return Batch(self, op_id, op, name, branches, max_concurrency, completion, serdes, outer, inner)
 
-        def run_branch(i: int) -> tuple[str, Any]:
-            bid = branch_ids[i]
-            bop = state.get(bid)
-            if bop is not None and (bop.type, bop.sub_type) != (OperationType.CONTEXT, inner):
-                raise state.mark_fatal(NonDeterministicExecutionError(
-                    f"branch {i} of {name or op_id} was {bop.type.value}/{bop.sub_type}", step_id=bid))
-            if bop is None:
-                bop = state.checkpoint(OperationUpdate(
-                    operation_id=bid, operation_type=OperationType.CONTEXT, action=OperationAction.START,
-                    parent_id=op_id, sub_type=inner), sync=False)
-            try:
-                value = fns[i](DurableContext(state, parent_id=bid))
-            except SuspendExecution as s:
-                return ("suspend", s.until)
-            except (NonDeterministicExecutionError, ExecutionFencedOut):
-                raise
-            except Exception as exc:
-                error = ErrorObject.from_exception(exc)
-                state.checkpoint(_update(bop, OperationAction.FAIL, error=error), sync=True)
-                return ("err", error)
-            text = serdes.serialize(value, SerdesContext(bid, state.execution_id))
-            state.checkpoint(_update(bop, OperationAction.SUCCEED, payload=text), sync=False)
-            return ("ok", text)
 
-        queue: list[int] = []
-        for i, bid in enumerate(branch_ids):
+class Batch:
+    """One ``map`` / ``parallel`` operation: its branches, their outcomes so far, and when it is complete.
+    The sync context runs the branches on threads, the async one as tasks; both through these methods."""
+
+    def __init__(self, ctx: _ContextCore, op_id: str, op: Operation | None, name: str | None,
+                 branches: list[tuple[Callable[..., Any], tuple[Any, ...]]], max_concurrency: int | None,
+                 completion: CompletionConfig, serdes: Serdes, outer: OperationSubType, inner: OperationSubType
+                 ) -> None:
+        self.ctx = ctx
+        self.state = ctx._state
+        self.op_id = op_id
+        self.op = op
+        self.name = name
+        self.branches = branches
+        self.max_concurrency = max_concurrency
+        self.completion = completion
+        self.serdes = serdes
+        self.outer = outer
+        self.inner = inner
+        self.total = len(branches)
+        self.branch_ids = [operation_id(op_id, i + 1) for i in range(self.total)]
+        self.outcomes: dict[int, tuple[str, Any]] = {}
+        self.queue: list[int] = []
+        self.stop = False
+        self.fatal: BaseException | None = None
+
+    def open(self) -> BatchResult[Any] | None:
+        """The checkpointed result on replay; else start the operation and queue the unfinished branches
+        (None)."""
+        state = self.state
+        if self.op is not None and self.op.status is OperationStatus.SUCCEEDED:
+            return _decode_batch(self.op.result, self.serdes, self.op_id, state.execution_id)
+        if self.op is None:
+            self.op = self.ctx._start(self.op_id, OperationType.CONTEXT, self.outer, self.name)
+        for i, bid in enumerate(self.branch_ids):
             bop = state.get(bid)
             if bop is not None and bop.status is OperationStatus.SUCCEEDED:
-                outcomes[i] = ("ok", bop.result)
+                self.outcomes[i] = ("ok", bop.result)
             elif bop is not None and bop.status is OperationStatus.FAILED:
-                outcomes[i] = ("err", bop.error)
+                self.outcomes[i] = ("err", bop.error)
             else:
-                queue.append(i)
-        stop = _should_stop(outcomes, total, completion)
-        fatal: BaseException | None = None
-        if queue and not stop:
-            workers = min(max_concurrency or len(queue), len(queue))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="errands-durable") as pool:
-                running: dict[Future[tuple[str, Any]], int] = {}
-                while queue or running:
-                    while queue and len(running) < workers and not stop and fatal is None:
-                        i = queue.pop(0)
-                        running[pool.submit(run_branch, i)] = i
-                    if not running:
-                        break
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        i = running.pop(f)
-                        try:
-                            outcomes[i] = f.result()
-                        except BaseException as exc:  # re-raised once every running branch has stopped
-                            fatal = fatal or exc
-                    stop = stop or _should_stop(outcomes, total, completion)
-        if fatal is not None:
-            raise fatal
-        finished = {i: o for i, o in outcomes.items() if o[0] != "suspend"}
+                self.queue.append(i)
+        self.stop = _should_stop(self.outcomes, self.total, self.completion)
+        return None
+
+    def workers(self) -> int:
+        return min(self.max_concurrency or len(self.queue), len(self.queue))
+
+    def next_branch(self, running: int, workers: int) -> int | None:
+        """The next branch to start while ``running`` run, or None."""
+        if self.queue and running < workers and not self.stop and self.fatal is None:
+            return self.queue.pop(0)
+        return None
+
+    def branch(self, i: int) -> OperationLogic:
+        """The logic of branch ``i``: ``("ok", text)``, ``("err", error)`` or ``("suspend", until)``."""
+        state = self.state
+        bid = self.branch_ids[i]
+        bop = state.get(bid)
+        if bop is not None and (bop.type, bop.sub_type) != (OperationType.CONTEXT, self.inner):
+            raise state.mark_fatal(NonDeterministicExecutionError(
+                f"branch {i} of {self.name or self.op_id} was {bop.type.value}/{bop.sub_type}", step_id=bid))
+        if bop is None:
+            bop = state.checkpoint(OperationUpdate(
+                operation_id=bid, operation_type=OperationType.CONTEXT, action=OperationAction.START,
+                parent_id=self.op_id, sub_type=self.inner), sync=False)
+        fn, args = self.branches[i]
+        try:
+            value = yield _Body(fn, bid, args)
+        except SuspendExecution as s:
+            return ("suspend", s.until)
+        except (NonDeterministicExecutionError, ExecutionFencedOut):
+            raise
+        except Exception as exc:
+            error = ErrorObject.from_exception(exc)
+            state.checkpoint(_update(bop, OperationAction.FAIL, error=error), sync=True)
+            return ("err", error)
+        text = self.serdes.serialize(value, SerdesContext(bid, state.execution_id))
+        state.checkpoint(_update(bop, OperationAction.SUCCEED, payload=text), sync=False)
+        return ("ok", text)
+
+    def finished(self, i: int, result: Callable[[], tuple[str, Any]]) -> None:
+        """Record how branch ``i`` ended (``result()`` gives its outcome or raises its error, which is
+        re-raised by ``close`` once every running branch has stopped)."""
+        try:
+            self.outcomes[i] = result()
+        except BaseException as exc:
+            self.fatal = self.fatal or exc
+        self.stop = self.stop or _should_stop(self.outcomes, self.total, self.completion)
+
+    def close(self) -> BatchResult[Any]:
+        """Checkpoint and return the result once complete; else suspend until the earliest branch's time."""
+        if self.fatal is not None:
+            raise self.fatal
+        state, total, completion = self.state, self.total, self.completion
+        finished = {i: o for i, o in self.outcomes.items() if o[0] != "suspend"}
         if len(finished) < total and not _should_stop(finished, total, completion):
-            until = earliest([o[1] for o in outcomes.values() if o[0] == "suspend"])
-            raise SuspendExecution(f"{outer.value} {name or op_id} waits for its branches", until=until)
+            until = earliest([o[1] for o in self.outcomes.values() if o[0] == "suspend"])
+            raise SuspendExecution(f"{self.outer.value} {self.name or self.op_id} waits for its branches",
+                                   until=until)
         items: list[dict[str, Any]] = []
         for i in range(total):
             kind, value = finished.get(i, ("started", None))
@@ -659,8 +670,200 @@ class DurableContext:
                 items.append({"index": i, "status": "STARTED", "result": None, "error": None})
         text = json.dumps({"all": items, "completionReason": _reason(finished, total, completion).value},
                           separators=(",", ":"))
-        state.checkpoint(_update(op, OperationAction.SUCCEED, payload=text), sync=False)
-        return _decode_batch(text, serdes, op_id, state.execution_id)
+        assert self.op is not None
+        state.checkpoint(_update(self.op, OperationAction.SUCCEED, payload=text), sync=False)
+        return _decode_batch(text, self.serdes, self.op_id, state.execution_id)
+
+
+class DurableContext(_ContextCore):
+    """The handle a durable function uses for every side effect, wait and fan-out.
+
+    Each call is an operation with an id derived from its parent and its call order. On replay, a
+    finished operation returns its checkpointed result without running again; one whose type, subtype or
+    name differs from the checkpoint raises ``NonDeterministicExecutionError``.
+
+    Both the AWS argument order (``step(fn, name=...)``, ``wait(duration, name=...)``,
+    ``map(items, fn, name=...)``) and the name-first order (``step("name", fn)``, ``wait("name",
+    duration)``, ``map("name", items, fn)``) are accepted.
+
+    An ``async def`` step, check or submitter is awaited on the invocation's event loop; an ``async def``
+    child-context or branch function gets an ``AsyncDurableContext``.
+    """
+
+    def _drive(self, logic: OperationLogic) -> Any:
+        """Run an operation's logic in this thread, calling the user code it yields."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                request = logic.throw(error) if error is not None else logic.send(value)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            try:
+                value = self._perform(request)
+            except BaseException as exc:  # handed to the logic, which decides what it catches
+                error = exc
+
+    def _perform(self, request: _Call | _Body) -> Any:
+        if isinstance(request, _Call):
+            result = request.fn(*request.args)
+        elif is_async_callable(request.fn):
+            from ._async_context import AsyncDurableContext, run_body
+
+            child = AsyncDurableContext(self._state, request.parent_id, calls=self._calls)
+            return self._await_here(run_body(child, request.fn(child, *request.args)))
+        else:
+            result = request.fn(DurableContext(self._state, parent_id=request.parent_id, calls=self._calls),
+                                *request.args)
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            result = self._await_here(result)
+        return result
+
+    # -- step ------------------------------------------------------------------------------------
+    def step(self, name_or_fn: str | Callable[[StepContext], T], fn: Callable[[StepContext], T] | None = None,
+             config: StepConfig | None = None, *, name: str | None = None) -> T:
+        """Run ``fn(step_context)`` once and checkpoint its result; on replay return the checkpoint.
+
+        Args:
+            name_or_fn: the step's name (then ``fn``), or the function (AWS order).
+            fn: the function, when a name comes first.
+            config: retry strategy, semantics and serdes.
+            name: the step's name in the AWS order.
+
+        Raises:
+            StepError: the function failed and the retry strategy gave up.
+        """
+        result: T = self._drive(self._step_op(name_or_fn, fn, config, name)[1])  # the checkpoint's value, decoded
+        return result
+
+    # -- wait ------------------------------------------------------------------------------------
+    def wait(self, name_or_duration: str | Duration | timedelta | float,
+             duration: Duration | timedelta | float | None = None, *, name: str | None = None) -> None:
+        """Suspend the execution for ``duration`` (a ``Duration``, ``timedelta`` or seconds).
+
+        The invocation ends here (``PENDING``) and a later one continues after the wait.
+        """
+        self._drive(self._wait_op(name_or_duration, duration, name)[1])
+
+    # -- callbacks -------------------------------------------------------------------------------
+    def create_callback(self, name: str | None = None, config: CallbackConfig | None = None) -> Callback:
+        """A callback id to hand out; ``callback.result()`` suspends until it is completed.
+
+        The id is committed before this returns, so it is safe to send anywhere.
+        """
+        callback: Callback = self._drive(self._create_callback_op(name, config)[1])
+        return callback
+
+    def wait_for_callback(self, name_or_submitter: str | Callable[[str, Any], Any],
+                          submitter: Callable[[str, Any], Any] | None = None,
+                          config: WaitForCallbackConfig | None = None, *, name: str | None = None) -> Any:
+        """Create a callback, run ``submitter(callback_id, step_context)`` as a step, then wait for the result.
+
+        Raises:
+            CallbackError: the callback was failed, or the submitter failed.
+            CallbackTimeoutError: no result or heartbeat came in time.
+        """
+        name, sub = _name_and_callable(name_or_submitter, submitter, name, "submitter")
+        config = config or WaitForCallbackConfig()
+        serdes = config.serdes or DEFAULT_SERDES
+
+        def body(child: DurableContext) -> Any:
+            cb = child.create_callback(config=_callback_config(config, serdes))
+            try:
+                child.step(lambda sctx: sub(cb.callback_id, sctx), name="submitter",
+                           config=_submitter_config(config))
+            except StepError as exc:
+                raise _submitter_error(exc) from exc
+            return cb.result()
+
+        return self._drive(self._child_op(_check_name(name), body, OperationSubType.WAIT_FOR_CALLBACK, serdes)[1])
+
+    # -- child contexts --------------------------------------------------------------------------
+    def run_in_child_context(self, name_or_fn: str | Callable[[DurableContext], T],
+                             fn: Callable[[DurableContext], T] | None = None, config: ChildConfig | None = None,
+                             *, name: str | None = None) -> T:
+        """Run ``fn(child_ctx)`` as one operation with its own operations inside.
+
+        Raises:
+            ChildContextError: ``fn`` raised.
+        """
+        value: T = self._drive(self._run_in_child_context_op(name_or_fn, fn, config, name)[1])
+        return value
+
+    # -- invoke ----------------------------------------------------------------------------------
+    def invoke(self, function_name: str, payload: Any = None, name: str | None = None,
+               config: InvokeConfig | None = None) -> Any:
+        """Start the durable function ``function_name`` as a child execution and wait for its result.
+
+        Raises:
+            InvokeError: the child execution failed.
+        """
+        return self._drive(self._invoke_op(function_name, payload, name, config)[1])
+
+    # -- wait for condition ----------------------------------------------------------------------
+    def wait_for_condition(self, check: Callable[[Any, StepContext], Any] | str,
+                           config: WaitForConditionConfig[Any] | Callable[[Any, StepContext], Any] | None = None,
+                           name: str | WaitForConditionConfig[Any] | None = None) -> Any:
+        """Poll ``check(state, step_context) -> new_state`` until ``config.wait_strategy(state, attempt)``
+        says stop, suspending between checks. Returns the final state.
+
+        Raises:
+            WaitForConditionError: ``check`` raised.
+        """
+        return self._drive(self._wait_for_condition_op(check, config, name)[1])
+
+    # -- map / parallel --------------------------------------------------------------------------
+    def map(self, name_or_items: Any, items_or_fn: Any = None, fn: Any = None,
+            config: MapConfig | None = None, *, name: str | None = None) -> BatchResult[Any]:
+        """Run ``fn(child_ctx, item, index, items)`` for every item, at most ``max_concurrency`` at once.
+
+        Each item runs in its own child context; the ``BatchResult`` is checkpointed once complete.
+        """
+        return self._run_batch(self._map_batch(name_or_items, items_or_fn, fn, config, name))
+
+    def parallel(self, name_or_functions: Any, functions: Any = None, config: ParallelConfig | None = None,
+                 *, name: str | None = None) -> BatchResult[Any]:
+        """Run each ``fn(child_ctx)`` of ``functions`` as a branch, at most ``max_concurrency`` at once."""
+        return self._run_batch(self._parallel_batch(name_or_functions, functions, config, name))
+
+    def execute_concurrently(self, functions: Sequence[Callable[[DurableContext], Any]], name: str | None = None,
+                             config: ParallelConfig | None = None) -> BatchResult[Any]:
+        """The engine under ``map`` and ``parallel``: run branches with bounded concurrency until the
+        completion config is met."""
+        return self._run_batch(self._branches_batch(_check_name(name), list(functions), config, "branch"))
+
+    def _run_batch(self, batch: Batch) -> BatchResult[Any]:
+        replayed = batch.open()
+        if replayed is not None:
+            return replayed
+        if batch.queue and not batch.stop:
+            workers = batch.workers()
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="errands-durable") as pool:
+                running: dict[Future[tuple[str, Any]], int] = {}
+                while batch.queue or running:
+                    while (i := batch.next_branch(len(running), workers)) is not None:
+                        running[pool.submit(self._drive, batch.branch(i))] = i
+                    if not running:
+                        break
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        batch.finished(running.pop(f), f.result)
+        return batch.close()
+
+
+def _callback_config(config: WaitForCallbackConfig, serdes: Serdes) -> CallbackConfig:
+    return CallbackConfig(timeout_seconds=config.timeout_seconds,
+                          heartbeat_timeout_seconds=config.heartbeat_timeout_seconds, serdes=serdes)
+
+
+def _submitter_config(config: WaitForCallbackConfig) -> StepConfig:
+    return StepConfig(retry_strategy=config.retry_strategy or RetryPresets.none())
+
+
+def _submitter_error(exc: StepError) -> CallbackError:
+    return CallbackError(exc.error_message, error_type=exc.error_type, error_data=exc.error_data,
+                         stack_trace=exc.stack_trace)
 
 
 def _counts(outcomes: dict[int, tuple[str, Any]]) -> tuple[int, int]:
@@ -716,11 +919,15 @@ class InvocationOutcome:
     abandoned: InvocationAbandoned | None = None
 
 
-def run_handler(fn: Callable[[Any, DurableContext], Any], event: Any, state: ExecutionState) -> InvocationOutcome:
+def run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionState, *,
+                calls: CallRunner | None = None) -> InvocationOutcome:
     """Run ``fn(event, ctx)`` over ``state``: SUCCEEDED with the JSON result, FAILED with the error, PENDING
     until a time (None: until a callback or child arrives), or ABANDONED when a checkpoint could not be
-    written. ``ExecutionFencedOut`` propagates, even when user code swallowed it."""
-    outcome = _run_handler(fn, event, state)
+    written. ``ExecutionFencedOut`` propagates, even when user code swallowed it.
+
+    An ``async def`` function gets an ``AsyncDurableContext`` and runs on the event loop of ``calls`` (the
+    process-wide one of ``run_sync`` without it); this thread waits for it."""
+    outcome = _run_handler(fn, event, state, calls)
     stopped = state.stopped
     if isinstance(stopped, ExecutionFencedOut):
         raise stopped
@@ -729,10 +936,17 @@ def run_handler(fn: Callable[[Any, DurableContext], Any], event: Any, state: Exe
     return outcome
 
 
-def _run_handler(fn: Callable[[Any, DurableContext], Any], event: Any, state: ExecutionState) -> InvocationOutcome:
-    ctx = DurableContext(state)
+def _run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionState,
+                 calls: CallRunner | None) -> InvocationOutcome:
     try:
-        value = fn(event, ctx)
+        if is_async_callable(fn):
+            from ._async_context import AsyncDurableContext, run_body
+
+            actx = AsyncDurableContext(state, calls=calls)
+            main = run_body(actx, fn(event, actx))
+            value = calls.run(main) if calls is not None else run_sync(main)
+        else:
+            value = fn(event, DurableContext(state, calls=calls))
     except InvocationAbandoned as abandoned:
         return InvocationOutcome("ABANDONED", abandoned=abandoned)
     except SuspendExecution as s:

@@ -12,7 +12,7 @@ import logging
 from typing import Callable, Sequence
 
 from errands.core import ConfigError, Lease, LeaseLostError
-from errands.core.runtime import error_text, heartbeat, is_infrastructure_error
+from errands.core.runtime import CallRunner, error_text, heartbeat, is_infrastructure_error
 from errands.core.store import SQLStore, Tx
 
 from . import _executions as executions
@@ -48,6 +48,12 @@ class Invocations:
         self.lease_for = lease_for
         self.always_replay = always_replay
         self._abandons: dict[str, int] = {}
+        #: Where ``async def`` functions run: one event-loop thread for the runner, started on first use.
+        self.calls = CallRunner(1, name="errands-durable")
+
+    def close(self) -> None:
+        """Stop the event-loop thread of async functions (if one was started)."""
+        self.calls.close()
 
     # -- claiming -------------------------------------------------------------------------------
     def claim_keys(self, keys: Sequence[str], *, tx: Tx | None = None) -> list[Lease]:
@@ -124,7 +130,7 @@ class Invocations:
             else:
                 event = json.loads(input_text) if input_text is not None else None
                 try:
-                    outcome = run_handler(fn, event, state)
+                    outcome = run_handler(fn, event, state, calls=self.calls)
                 except ExecutionFencedOut:
                     log.info("execution %s was taken over; this invocation stops", eid)
                     return

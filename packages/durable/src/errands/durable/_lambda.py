@@ -7,7 +7,7 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from errands.core import Clock, ConfigError, NotFoundError, SystemClock
 
@@ -350,9 +350,10 @@ class DurableExecutionConfig:
     always_replay: bool = False
 
 
-def with_durable_execution(handler: Callable[[Any, DurableContext], Any], config: DurableExecutionConfig
-                           ) -> Callable[..., InvocationOutput]:
-    """Wrap ``handler(event, ctx)`` as a durable Lambda handler.
+def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Callable[[Any, Any], Awaitable[Any]],
+                           config: DurableExecutionConfig) -> Callable[..., InvocationOutput]:
+    """Wrap ``handler(event, ctx)`` as a durable Lambda handler (an ``async def`` handler gets an
+    ``AsyncDurableContext`` and runs on the process's shared event-loop thread).
 
     The wrapper takes the invocation input (a dict with the AWS keys, or ``InvocationInput``) and an
     optional Lambda context, replays the checkpointed operations, runs the handler, flushes its

@@ -7,6 +7,7 @@ under which name), ``_invocations`` (claiming and running invocations), ``_callb
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -106,20 +107,30 @@ class DurableRunner:
         self._registry.check(function)
         return executions.new_execution_id(execution_id), dumps(input, field="input")
 
-    def start(self, function: str, input: Any = None, *, execution_id: str | None = None) -> str:
+    def start(self, function: str, input: Any = None, *, execution_id: str | None = None, conn: Any = None) -> str:
         """Start ``function`` on ``input`` (JSON); a worker (or ``wait``) runs it.
 
         Idempotent on ``execution_id``: the same id with the same function and input returns the
         existing execution.
+
+        Args:
+            conn: the caller's own connection to the store's database: the execution's rows are written in
+                the caller's transaction, committed (or rolled back) with the caller's other writes.
 
         Raises:
             ConfigError: unknown function or bad id. PayloadError: input is not JSON.
             AlreadyExistsError: the id exists with another function or input.
         """
         execution_id, text = self._prepare_start(function, input, execution_id)
-        with self.store.transaction() as tx:
+        with self.store.transaction(conn) as tx:
             executions.start(self.store, tx, execution_id, function, text, self.clock.now())
         return execution_id
+
+    async def start_async(self, function: str, input: Any = None, *, execution_id: str | None = None,
+                          conn: Any = None) -> str:
+        """``start`` for coroutines, without blocking the event loop (``conn`` as there)."""
+        started: str = await self.store.run_async(self.start, function, input, execution_id=execution_id, conn=conn)
+        return started
 
     def run(self, function: str, input: Any = None, *, execution_id: str | None = None) -> ExecutionInfo:
         """Start ``function`` and run its first invocation in this thread.
@@ -190,6 +201,11 @@ class DurableRunner:
         """
         return management.get(self.store, execution_id)
 
+    async def get_async(self, execution_id: str) -> ExecutionInfo:
+        """``get`` for coroutines, without blocking the event loop."""
+        info: ExecutionInfo = await self.store.run_async(self.get, execution_id)
+        return info
+
     def wait(self, execution_id: str, timeout: float | None = None, *, poll_interval: float = 0.02) -> ExecutionInfo:
         """Block until the execution finishes. Meanwhile this thread runs the execution's own due invocations
         (and those of the executions it invoked) that no worker holds; never other executions' work.
@@ -200,22 +216,45 @@ class DurableRunner:
         deadline = None if timeout is None else time.monotonic() + timeout
         info: ExecutionInfo | None = None
         while True:
-            try:
-                info = self.get(execution_id)
-                if info.status.terminal:
-                    return info
-                family = management.active_family(self.store, execution_id)
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                log.info("waiting for execution %s: the store failed (%s); asking again", execution_id,
-                         error_text(exc))
-                family = []
-            if deadline is not None and time.monotonic() >= deadline:
-                status = info.status.value if info is not None else "unknown"
-                raise TimeoutError(f"execution {execution_id} is still {status} after {timeout}s")
+            info, family = self._look(execution_id, info)
+            if info is not None and info.status.terminal:
+                return info
+            _check_deadline(execution_id, info, timeout, deadline)
             if self._invocations.run_keys(family) == 0:
                 time.sleep(poll_interval)
+
+    async def wait_async(self, execution_id: str, timeout: float | None = None, *,
+                         poll_interval: float = 0.02) -> ExecutionInfo:
+        """``wait`` for coroutines: the reads and the execution's own due invocations run on a thread, the
+        pauses between them are ``asyncio.sleep``; the event loop is never blocked.
+
+        Raises:
+            TimeoutError: still not finished after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        info: ExecutionInfo | None = None
+        while True:
+            info, family = await self.store.run_async(self._look, execution_id, info)
+            if info is not None and info.status.terminal:
+                return info
+            _check_deadline(execution_id, info, timeout, deadline)
+            if await self.store.run_async(self._invocations.run_keys, family) == 0:
+                await asyncio.sleep(poll_interval)
+
+    def _look(self, execution_id: str, last: ExecutionInfo | None) -> tuple[ExecutionInfo | None, list[str]]:
+        """The execution (``last`` if the store failed) and, unless it finished, the executions of its family
+        that are still active."""
+        try:
+            info = self.get(execution_id)
+            if info.status.terminal:
+                return info, []
+            return info, management.active_family(self.store, execution_id)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.info("waiting for execution %s: the store failed (%s); asking again", execution_id,
+                     error_text(exc))
+            return last, []
 
     def list(self, status: ExecutionStatus | str | Iterable[ExecutionStatus | str] | None = None, *,
              function: str | None = None, parent_id: str | None = None, limit: int = 100,
@@ -252,6 +291,21 @@ class DurableRunner:
     def heartbeat_callback(self, callback_id: str) -> None:
         """Record that the party completing ``callback_id`` is still working (resets its heartbeat timeout)."""
         callbacks.heartbeat(self.store, callback_id)
+
+    async def complete_callback_async(self, callback_id: str, result: Any = None) -> bool:
+        """``complete_callback`` for coroutines, without blocking the event loop."""
+        done: bool = await self.store.run_async(self.complete_callback, callback_id, result)
+        return done
+
+    async def fail_callback_async(self, callback_id: str,
+                                  error: ErrorObject | BaseException | Mapping[str, Any] | str) -> bool:
+        """``fail_callback`` for coroutines, without blocking the event loop."""
+        done: bool = await self.store.run_async(self.fail_callback, callback_id, error)
+        return done
+
+    async def heartbeat_callback_async(self, callback_id: str) -> None:
+        """``heartbeat_callback`` for coroutines, without blocking the event loop."""
+        await self.store.run_async(self.heartbeat_callback, callback_id)
 
     # -- management ------------------------------------------------------------------------------
     def terminate(self, execution_id: str, reason: str | None = None, *, recursive: bool = True) -> ExecutionInfo:
@@ -305,6 +359,7 @@ class DurableRunner:
     def close(self) -> None:
         """Stop ``serve`` loops and close the store if this runner opened it."""
         self._stop.set()
+        self._invocations.close()
         if self._owns_store:
             self.store.close()
 
@@ -313,3 +368,10 @@ class DurableRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_deadline(execution_id: str, info: ExecutionInfo | None, timeout: float | None,
+                    deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        status = info.status.value if info is not None else "unknown"
+        raise TimeoutError(f"execution {execution_id} is still {status} after {timeout}s")

@@ -57,8 +57,9 @@ class ExecutionState:
         return self.backend.now()
 
     def get(self, operation_id: str) -> Operation | None:
-        with self._lock:
-            return self.operations.get(operation_id)
+        # Without the lock (one dict read is atomic): an async function's event loop asks while a checkpoint
+        # is being written on a thread, and must not wait for the store.
+        return self.operations.get(operation_id)
 
     def checkpoint(self, update: OperationUpdate, *, sync: bool) -> Operation:
         """Apply ``update`` now; persist it now (``sync``) or with the next synchronous checkpoint."""
