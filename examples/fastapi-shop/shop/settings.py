@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| ``SHOP_DATABASE_URL`` | ``sqlite+aiosqlite:///shop.db`` | the SQLAlchemy async URL; ``postgresql+asyncpg://...`` or ``postgresql+psycopg://...`` for PostgreSQL |
+| ``SHOP_DATABASE_URL`` | ``sqlite+aiosqlite:///shop.db`` | the SQLAlchemy async URL; ``postgresql+psycopg://...`` for PostgreSQL |
 | ``SHOP_PROVIDER_URL`` | ``http://127.0.0.1:8001`` | the payment provider (``uvicorn shop.provider:app``) |
 | ``SHOP_PUBLIC_URL`` | ``http://127.0.0.1:8000`` | where the shop's own routes are reached: the webhook sink posts here |
 | ``SHOP_WEBHOOK_SECRET`` | a development secret | the Standard Webhooks secret shared by the sink and the receiver |
@@ -26,11 +26,15 @@ def store_url(database_url: str) -> str:
 
     >>> store_url("sqlite+aiosqlite:////var/shop.db")
     'sqlite:////var/shop.db'
-    >>> store_url("postgresql+asyncpg://shop@db/shop")
+    >>> store_url("postgresql+psycopg://shop@db/shop")
     'postgresql://shop@db/shop'
     """
     parts = urlsplit(database_url)
-    scheme = parts.scheme.split("+", 1)[0]
+    scheme, _, driver = parts.scheme.partition("+")
+    if driver == "asyncpg":
+        # errands joins the session's transaction through the DBAPI connection under it: psycopg or aiosqlite.
+        raise ValueError(f"SHOP_DATABASE_URL {database_url.split('@')[-1]!r}: errands joins transactions on "
+                         "psycopg connections; use postgresql+psycopg://... (psycopg 3 async)")
     if scheme == "postgres":
         scheme = "postgresql"
     if scheme == "sqlite":
@@ -44,7 +48,7 @@ def sync_database_url(database_url: str) -> str:
 
     >>> sync_database_url("sqlite+aiosqlite:///shop.db")
     'sqlite:///shop.db'
-    >>> sync_database_url("postgresql+asyncpg://shop@db/shop")
+    >>> sync_database_url("postgresql+psycopg://shop@db/shop")
     'postgresql+psycopg://shop@db/shop'
     """
     scheme, rest = database_url.split("://", 1)
