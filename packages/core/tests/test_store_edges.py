@@ -154,7 +154,7 @@ def test_in_memory_urls() -> None:
 def test_wrong_connection_type_for_conn(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'c.db'}")
     try:
-        with pytest.raises(ConfigError, match=r"conn must be a sqlite3\.Connection") as info:
+        with pytest.raises(ConfigError, match=r"conn must be .*sqlite3\.Connection") as info:
             store.append_events([], conn=object())
         assert info.value.field == "conn"
     finally:

@@ -42,9 +42,20 @@ class Journal:
         """
         return self.store.append_events([NewEvent(stream, type, data, subject)], conn=conn)[0]
 
+    async def append_async(
+        self, stream: str, type: str, data: Any = None, subject: str | None = None, conn: Any = None
+    ) -> Event:
+        """``append`` for coroutines, without blocking the event loop (``SQLStore.run_async``); ``conn`` may also
+        be an async connection or session."""
+        return await self.store.run_async(self.append, stream, type, data, subject, conn=conn)
+
     def append_many(self, events: Sequence[NewEvent], conn: Any = None) -> list[Event]:
-        """Append many events in one transaction."""
+        """Append many events in one transaction (the caller's, with ``conn``)."""
         return self.store.append_events(list(events), conn=conn)
+
+    async def append_many_async(self, events: Sequence[NewEvent], conn: Any = None) -> list[Event]:
+        """``append_many`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.append_many, list(events), conn=conn)
 
     def read(
         self, after: int = 0, limit: int = 1000, subjects: Sequence[str] | None = None,
@@ -52,6 +63,13 @@ class Journal:
     ) -> list[Event]:
         """Events after global position ``after``, oldest first."""
         return self.store.read_events(after, limit, subjects, stream=stream)
+
+    async def read_async(
+        self, after: int = 0, limit: int = 1000, subjects: Sequence[str] | None = None,
+        stream: str | None = None,
+    ) -> list[Event]:
+        """``read`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.read, after, limit, subjects, stream)
 
     def last_position(self) -> int:
         return self.store.last_position()

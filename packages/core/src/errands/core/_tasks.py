@@ -243,7 +243,7 @@ class TaskEngine:
             params: JSON-serialisable parameters.
             id: a caller-chosen UUID (same id = same task); a new one if None.
             delay: seconds before the task may start.
-            conn: the caller's connection: the task commits with the caller's transaction.
+            conn: the caller's connection (any kind ``conn=`` takes): the task commits with the caller's transaction.
 
         Returns:
             The task id.
@@ -260,6 +260,14 @@ class TaskEngine:
             table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now)
         return task_id
 
+    async def submit_async(
+        self, type: str, params: Any = None, id: str | uuid.UUID | None = None, *, delay: float = 0.0,
+        conn: Any = None,
+    ) -> str:
+        """``submit`` for coroutines, without blocking the event loop (``SQLStore.run_async``); ``conn`` may also
+        be an async connection or session."""
+        return await self.store.run_async(self.submit, type, params, id, delay=delay, conn=conn)
+
     def _check_type(self, type: Any) -> None:
         if not isinstance(type, str) or not type:
             raise ConfigError(f"task type must be a non-empty string, got {type!r}", field="type", value=type)
@@ -271,6 +279,10 @@ class TaskEngine:
         """The task, or None if there is no such task (or it was removed)."""
         with self.store.read() as tx:
             return table.get(tx, _task_id(id))
+
+    async def get_async(self, id: str) -> TaskRecord | None:
+        """``get`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.get, id)
 
     def recent(self, limit: int = 20, *, status: TaskStatus | str | None = None,
                type: str | None = None) -> list[TaskRecord]:

@@ -219,8 +219,10 @@ class Outbox:
 
         Args:
             effect: the effect.
-            conn: the caller's own sqlite3/psycopg connection to the same database: the effect then commits or
-                rolls back with the caller's transaction (the transactional outbox).
+            conn: the caller's own connection to the same database (sqlite3, psycopg, a SQLAlchemy ``Connection``
+                or ``Session``, Django's connection inside ``atomic()``): the effect then commits or rolls back
+                with the caller's transaction (the transactional outbox). Async connections and sessions go to
+                ``submit_async``.
 
         Raises:
             ConfigError: bad input (empty key, unknown connector, wrong types, no safety net for
@@ -270,6 +272,16 @@ class Outbox:
         created = datetime.fromtimestamp(now, tz=timezone.utc)
         return [stored.get(row.key) or new_effect_record(row, effect, created) for row, effect in zip(rows, effects)]
 
+    async def submit_async(self, effect: Effect, conn: Any = None) -> EffectRecord:
+        """``submit`` for coroutines, without blocking the event loop (``SQLStore.run_async``); ``conn`` may also be
+        an async connection or session (psycopg ``AsyncConnection``, SQLAlchemy ``AsyncConnection`` /
+        ``AsyncSession``)."""
+        return await self.store.run_async(self.submit, effect, conn=conn)
+
+    async def submit_many_async(self, effects: Iterable[Effect], conn: Any = None) -> List[EffectRecord]:
+        """``submit_many`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.submit_many, list(effects), conn=conn)
+
     @staticmethod
     def _stored_alike(tx: Any, by_key: Mapping[str, NewEffect], keys: List[str]) -> dict[str, EffectRecord]:
         """The stored records among ``keys``, each checked to be the effect submitted again (or a conflict)."""
@@ -289,11 +301,18 @@ class Outbox:
         """
         return _inline.run_inline(self._ctx, effect, fn)
 
+    async def run_inline_async(self, effect: Effect, fn: Callable[[Effect], Any]) -> EffectRecord:
+        """``run_inline`` for coroutines: ``fn`` (sync or ``async def``) is called, and awaited, on the caller's
+        event loop; the store's work goes through ``SQLStore.run_async``."""
+        return await _inline.run_inline_async(self._ctx, effect, fn)
+
     # -- human gate, redrive, cancel --------------------------------------------------------------------------
-    def _decide(self, key: str, decide: Callable[[StoredEffect, float], _transitions.Change]) -> EffectRecord:
-        """Apply an operator's decision to effect ``key``, read and changed in one transaction."""
+    def _decide(self, key: str, decide: Callable[[StoredEffect, float], _transitions.Change],
+                conn: Any = None) -> EffectRecord:
+        """Apply an operator's decision to effect ``key``, read and changed in one transaction (the caller's, on
+        ``conn``)."""
         now = self.store.clock.now()
-        with self.store.transaction() as tx:
+        with self.store.transaction(conn) as tx:
             stored = _effect_table.get(tx, key, for_change=True)
             if stored is None:
                 raise NotFoundError(f"no effect with key {key!r}")
@@ -304,24 +323,35 @@ class Outbox:
         assert changed is not None
         return changed.record
 
-    def approve(self, key: str, *, by: str | None = None) -> EffectRecord:
-        """Let a human-gated effect go: ``AWAITING_APPROVAL`` -> ``PENDING``.
+    def approve(self, key: str, *, by: str | None = None, conn: Any = None) -> EffectRecord:
+        """Let a human-gated effect go: ``AWAITING_APPROVAL`` -> ``PENDING`` (in the caller's transaction on
+        ``conn``, if given).
 
         Raises:
             NotFoundError: no such effect.
             ConfigError: the effect is not awaiting approval.
         """
-        return self._decide(key, lambda stored, now: _transitions.approve(stored, now, by=by))
+        return self._decide(key, lambda stored, now: _transitions.approve(stored, now, by=by), conn)
 
-    def reject(self, key: str, *, reason: str | None = None, by: str | None = None) -> EffectRecord:
+    async def approve_async(self, key: str, *, by: str | None = None, conn: Any = None) -> EffectRecord:
+        """``approve`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.approve, key, by=by, conn=conn)
+
+    def reject(self, key: str, *, reason: str | None = None, by: str | None = None,
+               conn: Any = None) -> EffectRecord:
         """Refuse a human-gated effect: ``AWAITING_APPROVAL`` -> ``CANCELLED``; it is never dispatched."""
-        return self._decide(key, lambda stored, now: _transitions.reject(stored, now, reason=reason, by=by))
+        return self._decide(key, lambda stored, now: _transitions.reject(stored, now, reason=reason, by=by), conn)
+
+    async def reject_async(self, key: str, *, reason: str | None = None, by: str | None = None,
+                           conn: Any = None) -> EffectRecord:
+        """``reject`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.reject, key, reason=reason, by=by, conn=conn)
 
     def cancel(self, key: str, *, reason: str | None = None) -> EffectRecord:
         """Withdraw an effect not yet dispatched (``PENDING`` or ``AWAITING_APPROVAL``) -> ``CANCELLED``."""
         return self._decide(key, lambda stored, now: _transitions.cancel(stored, now, reason=reason))
 
-    def redrive(self, key: str) -> EffectRecord:
+    def redrive(self, key: str, *, conn: Any = None) -> EffectRecord:
         """Queue a ``FAILED`` or ``CANCELLED`` effect (or a flagged ``UNKNOWN`` one) again with fresh attempts.
 
         A flagged ``UNKNOWN`` effect whose connector can observe goes back to observation; otherwise it is
@@ -335,7 +365,11 @@ class Outbox:
             can_observe = None if connectors.submit_only else connectors.can_observe(name)
             return _transitions.redrive(stored, now, can_observe=can_observe)
 
-        return self._decide(key, decide)
+        return self._decide(key, decide, conn)
+
+    async def redrive_async(self, key: str, *, conn: Any = None) -> EffectRecord:
+        """``redrive`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.redrive, key, conn=conn)
 
     # -- the worker's steps -----------------------------------------------------------------------------------
     def dispatch_once(self, limit: int | None = None) -> List[EffectOutcome]:
@@ -406,20 +440,32 @@ class Outbox:
         return self._saga.redrive(obligation_id)
 
     # -- views ------------------------------------------------------------------------------------------------
-    def get(self, key: str) -> EffectRecord:
-        """The record of effect ``key``.
+    def get(self, key: str, *, conn: Any = None) -> EffectRecord:
+        """The record of effect ``key`` (read inside the caller's transaction on ``conn``, if given).
 
         Raises:
             NotFoundError: no such effect.
         """
-        return _queries.get(self.store, key)
+        return _queries.get(self.store, key, conn)
+
+    async def get_async(self, key: str, *, conn: Any = None) -> EffectRecord:
+        """``get`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.get, key, conn=conn)
 
     def list(
         self, status: EffectStatus | str | None = None, connector: str | None = None, limit: int = 100, *,
-        flagged: bool | None = None, run_id: str | None = None,
+        flagged: bool | None = None, run_id: str | None = None, conn: Any = None,
     ) -> List[EffectRecord]:
         """Effects, oldest first, filtered by status, connector, flag and run."""
-        return _queries.effects(self.store, status, connector, limit, flagged, run_id)
+        return _queries.effects(self.store, status, connector, limit, flagged, run_id, conn)
+
+    async def list_async(
+        self, status: EffectStatus | str | None = None, connector: str | None = None, limit: int = 100, *,
+        flagged: bool | None = None, run_id: str | None = None, conn: Any = None,
+    ) -> List[EffectRecord]:
+        """``list`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.list, status, connector, limit, flagged=flagged, run_id=run_id,
+                                          conn=conn)
 
     def obligations(
         self, status: ObligationStatus | str | None = None, *, effect_key: str | None = None,

@@ -16,6 +16,47 @@ from ._transitions import CallResult, effect_event, inline_result
 
 def run_inline(ctx: Context, effect: Effect, fn: Callable[[Effect], Any]) -> EffectRecord:
     """``Outbox.run_inline``."""
+    token, stored, lease = begin(ctx, effect)
+    if lease is None:
+        assert stored is not None
+        return stored
+    try:
+        try:
+            value = fn(effect)
+            if hasattr(value, "__await__"):
+                value = ctx.runner.call(lambda aw: aw, value)
+        except Exception as exc:
+            finish(ctx, effect, token, (False, exc), lease)
+            raise
+        return finish(ctx, effect, token, (True, value), lease)
+    finally:
+        lease.stop()
+
+
+async def run_inline_async(ctx: Context, effect: Effect, fn: Callable[[Effect], Any]) -> EffectRecord:
+    """``Outbox.run_inline_async``: the phases of ``run_inline``, the store's through ``run_async`` and ``fn`` (sync
+    or ``async def``) on the caller's event loop."""
+    store = ctx.store
+    token, stored, lease = await store.run_async(begin, ctx, effect)
+    if lease is None:
+        assert stored is not None
+        return stored
+    try:
+        try:
+            value = fn(effect)
+            if hasattr(value, "__await__"):
+                value = await value
+        except Exception as exc:
+            await store.run_async(finish, ctx, effect, token, (False, exc), lease)
+            raise
+        return await store.run_async(finish, ctx, effect, token, (True, value), lease)
+    finally:
+        lease.stop()
+
+
+def begin(ctx: Context, effect: Effect) -> tuple[int, EffectRecord | None, TableLease | None]:
+    """The first phase of an inline run: ``(token, None, lease)`` to run ``fn`` under (the lease renewed until
+    ``lease.stop()``), or ``(0, the stored record to return, None)``."""
     s = ctx.settings
     now = ctx.store.clock.now()
     until = now + s.lease_for
@@ -28,20 +69,10 @@ def run_inline(ctx: Context, effect: Effect, fn: Callable[[Effect], Any]) -> Eff
                              lambda tx: _effect_table.release_inline(tx, effect.key, s.owner, now))
         raise
     if stored is not None:
-        return stored
+        return 0, stored, None
     lease = TableLease(ctx.store, lambda tx, held, at: _effect_table.extend(tx, held, at, "DISPATCHING"),
                        {effect.key: token}, expires=until, lease_for=s.lease_for, what=f"inline effect {effect.key}")
-    try:
-        try:
-            value = fn(effect)
-            if hasattr(value, "__await__"):
-                value = ctx.runner.call(lambda aw: aw, value)
-        except Exception as exc:
-            _finish(ctx, effect, token, (False, exc), lease)
-            raise
-        return _finish(ctx, effect, token, (True, value), lease)
-    finally:
-        lease.stop()
+    return token, None, lease
 
 
 def _claim(ctx: Context, effect: Effect, row: NewEffect, now: float, until: float) -> tuple[int, EffectRecord | None]:
@@ -66,7 +97,7 @@ def _claim(ctx: Context, effect: Effect, row: NewEffect, now: float, until: floa
     return token, None
 
 
-def _finish(ctx: Context, effect: Effect, token: int, result: CallResult, lease: TableLease) -> EffectRecord:
+def finish(ctx: Context, effect: Effect, token: int, result: CallResult, lease: TableLease) -> EffectRecord:
     """Record the run's result (again after a store fault, while the lease lasts); the record afterwards."""
     done = inline_result(result)
 

@@ -22,8 +22,13 @@ def _status(value: Any, kind: type[_StrEnum]) -> str:
                           field="status", value=value) from None
 
 
-def get(store: SQLStore, key: str) -> EffectRecord:
-    with store.read() as tx:
+def _reading(store: SQLStore, conn: Any) -> Any:
+    """A read: the store's own, or inside the caller's transaction on ``conn``."""
+    return store.read() if conn is None else store.transaction(conn)
+
+
+def get(store: SQLStore, key: str, conn: Any = None) -> EffectRecord:
+    with _reading(store, conn) as tx:
         stored = _effect_table.get(tx, key)
     if stored is None:
         raise NotFoundError(f"no effect with key {key!r}")
@@ -36,10 +41,10 @@ def _where(**columns: Any) -> dict[str, Any]:
 
 
 def effects(store: SQLStore, status: Any, connector: str | None, limit: int, flagged: bool | None,
-            run_id: str | None) -> list[EffectRecord]:
+            run_id: str | None, conn: Any = None) -> list[EffectRecord]:
     where = _where(status=None if status is None else _status(status, EffectStatus), connector=connector,
                    flagged=None if flagged is None else int(flagged), run_id=run_id)
-    with store.read() as tx:
+    with _reading(store, conn) as tx:
         return _effect_table.select(tx, where, limit)
 
 

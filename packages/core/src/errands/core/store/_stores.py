@@ -6,7 +6,6 @@ disk, gone when the store closes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -23,6 +22,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from .._clock import Clock, SystemClock
 from .._values import Event, Lease
 from ..errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
+from . import _async
+from ._connections import caller_transaction, pg_server
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, in_clause, loads, subject_matcher
 
 log = logging.getLogger("errands.store")
@@ -154,8 +155,10 @@ class SQLStore:
         """A write transaction: committed on success, rolled back on error.
 
         Args:
-            conn: the caller's own connection to the same database. The work joins the caller's
-                transaction and is committed or rolled back by the caller.
+            conn: the caller's own connection to the same database, of any kind ``conn=`` accepts (a
+                ``sqlite3``/psycopg connection, a SQLAlchemy ``Connection`` or ``Session``, Django's connection
+                inside ``atomic()``; async ones from ``run_async``). The work joins the caller's transaction and
+                is committed or rolled back by the caller.
         """
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -169,10 +172,24 @@ class SQLStore:
 
         Every ``*_async`` twin of the engines is this call around its sync method: one configuration serves
         sync and async callers, and the SQL exists once.
+
+        - An async ``conn`` (psycopg ``AsyncConnection``, SQLAlchemy ``AsyncConnection`` / ``AsyncSession`` over
+          psycopg or aiosqlite): ``fn`` runs in a greenlet on this event loop, each of its DBAPI calls awaited on
+          the caller's connection, inside the caller's transaction.
+        - A sync ``conn`` (thread-bound: sqlite3, Django's, SQLAlchemy's sync ones): ``fn`` runs here, on it.
+        - No ``conn``: SQLite work runs in a thread; PostgreSQL work takes its connections from an
+          ``AsyncConnectionPool`` of this event loop, through the same greenlet bridge.
+
+        Errors raised by ``fn`` propagate unchanged. Cancelling the awaiting task leaves no transaction
+        half-open: the store's own transaction rolls back (or, in a thread, finishes) and its connection goes
+        back to the pool; the caller's own transaction is the caller's to end.
         """
-        if conn is not None:
-            kwargs["conn"] = conn
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await _async.run_async(self, fn, args, kwargs, conn)
+
+    async def close_async(self) -> None:
+        """Close what ``run_async`` opened for this event loop (a PostgreSQL store's async pool); the store
+        stays open for sync callers and other loops."""
+        await _async.close_pools(self)
 
     def close(self) -> None:
         """Release connections. The store is unusable afterwards."""
@@ -740,12 +757,7 @@ class SQLiteStore(SQLStore):
 
     def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
         if conn is not None:
-            if not isinstance(conn, sqlite3.Connection):
-                raise ConfigError(
-                    f"conn must be a sqlite3.Connection to {self.path!r} for this store, got {type(conn).__name__}",
-                    field="conn", value=type(conn).__name__,
-                )
-            return contextlib.nullcontext(Tx(conn, SQLITE))
+            return caller_transaction(self, conn)
         return _SQLiteTransaction(self._lock, self._conn)
 
     @contextlib.contextmanager
@@ -920,7 +932,9 @@ class PostgresStore(SQLStore):
         self._timeout = settings["pool_timeout"]
         # Fail now, with the server's own words, on a wrong host, database or password: a pool would only
         # retry in the background and, after pool_timeout, say that no connection came.
-        psycopg.connect(self._conninfo).close()
+        with psycopg.connect(self._conninfo) as probe:
+            #: ``(dbname, host, port)`` of the server: a caller's ``conn=`` must be connected to the same.
+            self.server = pg_server(probe.info)
         self._pool: Any = psycopg_pool.ConnectionPool(
             self._conninfo,
             kwargs={"autocommit": False},
@@ -986,16 +1000,15 @@ class PostgresStore(SQLStore):
 
     def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
         if conn is not None:
-            if not isinstance(conn, self._psycopg.Connection):
-                raise ConfigError(
-                    f"conn must be a psycopg.Connection for this store, got {type(conn).__name__}",
-                    field="conn", value=type(conn).__name__,
-                )
-            return contextlib.nullcontext(Tx(conn, POSTGRES))
+            return caller_transaction(self, conn)
+        if _async._live and _async.bridged_store() is self:
+            return _async.pooled_async(self)  # run_async: this event loop's async pool
         return self._pooled()
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         # Not through self.transaction: fault injection wraps both, and a read must pass it once.
+        if _async._live and _async.bridged_store() is self:
+            return _async.pooled_async(self)
         return self._pooled()
 
     def connect(self) -> Any:
@@ -1003,7 +1016,9 @@ class PostgresStore(SQLStore):
         return self._psycopg.connect(self._conninfo)
 
     def close(self) -> None:
-        """Close the pool: idle connections now, those in use when their transaction ends."""
+        """Close the pool: idle connections now, those in use when their transaction ends (and the async pools
+        of ``run_async`` whose event loops still run)."""
+        _async.close_all_pools(self)
         self._pool.close()
 
 
