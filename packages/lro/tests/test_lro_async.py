@@ -312,3 +312,157 @@ def test_new_operation_refuses_conn_it_cannot_join(lro: LroClient) -> None:
         conn.close()
     with pytest.raises(NotFoundError):
         lro.get_operation("operations/x2")
+
+
+# -- async handlers fired by run_due in batches (resume_batch > 1) ----------------------------------------
+
+
+def _batched(tmp_path: Any, clock: Any, batch: int = 10) -> LroClient:
+    return LroClient(Config(neuron="svc", store=f"sqlite:///{tmp_path / 'batched.db'}", resume_batch=batch,
+                            retry_delay=0.0), clock=clock)
+
+
+@pytest.mark.timeout(20)
+def test_async_handlers_fired_in_a_batch_write_in_its_transaction(tmp_path: Any, clock: Any) -> None:
+    # On SQLite the batch's transaction holds the store's lock on the thread of run_due: an async handler
+    # run on another thread waited for it at its first write, and the batch waited for the handler.
+    with _batched(tmp_path, clock) as c:
+        threads: set[int] = set()
+
+        async def plain(op: Operation) -> None:  # sync writes inside an async handler
+            await asyncio.sleep(0)
+            threads.add(threading.get_ident())
+            op.set_metadata({"by": "plain"}).save()
+            op.complete({"name": op.name})
+
+        async def twins(op: Operation) -> None:  # the awaited *_async twins
+            await asyncio.sleep(0)
+            threads.add(threading.get_ident())
+            state = op.decode_private_state() or {"n": 0}
+            state["n"] += 1
+            if state["n"] < 2:
+                await op.set_private_state(state).save_metadata_async({"step": 1})
+                await op.resume_via_tasks_async("twins")
+            else:
+                await op.complete_async({"n": state["n"]})
+
+        c.add_resumable_handlers(ResumableHandler("plain", plain), ResumableHandler("twins", twins))
+        with c.batch():
+            for i in range(6):
+                c.new_operation(f"operations/p{i}").resume_via_tasks("plain")
+                c.new_operation(f"operations/t{i}").resume_via_tasks("twins")
+        assert c.run_due() == 12  # two batches; the twins scheduled their next resume in theirs
+        assert len(c.list_operations("done = true")[0]) == 6
+        assert c.run_due() == 6
+        done, _ = c.list_operations("done = true")
+        assert len(done) == 12 and not any(pb.HasField("error") for pb in done)
+        assert dict(struct_pb2.Struct.FromString(c.get_operation_pb("operations/t3").response.value)) == {"n": 2.0}
+        assert c.get_operation("operations/p2").version == 4  # created, scheduled, its metadata saved, completed
+        assert threads == {threading.get_ident()}  # in the batch's thread, which holds its transaction
+        assert c.scheduler.pending() == 0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_handler_failing_in_a_batch_undoes_what_it_should(tmp_path: Any, clock: Any, kind: str) -> None:
+    # The same outcomes for sync and async handlers: a handler that raises fails its own operation (or is
+    # retried, on TransientError) and the rest of the batch commits, its own earlier writes included; a store
+    # fault abandons the whole batch, which is rolled back and fired again.
+    from errands.core import InfrastructureError, TransientError
+
+    armed = {"fault": True, "wait": True}
+
+    def before(op: Operation) -> None:
+        if op.name.endswith("fault") and armed["fault"]:
+            armed["fault"] = False
+            raise InfrastructureError("the store went away")
+        if op.name.endswith("fails"):
+            raise RuntimeError("it breaks")
+        if op.name.endswith("waits") and armed["wait"]:
+            raise TransientError("later")
+
+    def sync_handler(op: Operation) -> None:
+        op.save_metadata({"step": "started"})
+        before(op)
+        op.complete({"ok": True})
+
+    async def async_handler(op: Operation) -> None:
+        if op.name.endswith("0"):
+            op.save_metadata({"step": "started"})
+        else:
+            await op.save_metadata_async({"step": "started"})
+        await asyncio.sleep(0)
+        before(op)
+        await op.complete_async({"ok": True})
+
+    with _batched(tmp_path, clock) as c:
+        c.add_resumable_handlers(ResumableHandler("h", sync_handler if kind == "sync" else async_handler))
+        names = ["operations/ok0", "operations/ok1", "operations/fails", "operations/waits", "operations/fault"]
+        for name in names:
+            c.new_operation(name).resume_via_tasks("h")
+
+        assert c.run_due() == 0  # the store fault rolled the whole batch back
+        assert c.list_operations("done = true")[0] == []
+        assert all(c.get_operation(name).version == 2 for name in names)  # not even the metadata saves
+        assert c.scheduler.pending() == 5
+
+        assert c.run_due() == 4
+        done = {pb.name: pb for pb in c.list_operations("done = true")[0]}
+        assert sorted(done) == ["operations/fails", "operations/fault", "operations/ok0", "operations/ok1"]
+        assert done["operations/fails"].error.code == code_pb2.INTERNAL
+        assert done["operations/fails"].error.message == "it breaks"
+        assert not done["operations/ok0"].HasField("error")
+        waits = c.get_operation("operations/waits")
+        assert not waits.done and waits.version == 3  # its metadata save committed with the batch
+        assert dict(struct_pb2.Struct.FromString(waits.operation_pb().metadata.value)) == {"step": "started"}
+
+        armed["wait"] = False
+        assert c.run_due() == 1
+        assert len(c.list_operations("done = true")[0]) == 5
+        assert c.scheduler.pending() == 0
+
+
+@pytest.mark.timeout(20)
+def test_async_handlers_in_batches_share_their_threads_loop_until_the_client_closes(
+    tmp_path: Any, clock: Any
+) -> None:
+    loops: list[asyncio.AbstractEventLoop] = []
+    left: list[asyncio.Task[None]] = []
+
+    async def handler(op: Operation) -> None:
+        loops.append(asyncio.get_running_loop())
+        left.append(asyncio.get_running_loop().create_task(asyncio.sleep(3600)))  # never awaited by it
+        await op.complete_async()
+
+    c = _batched(tmp_path, clock, batch=2)
+    c.add_resumable_handlers(ResumableHandler("h", handler))
+    for i in range(3):
+        c.new_operation(f"operations/l{i}").resume_via_tasks("h")
+    assert c.run_due() == 3
+    c.new_operation("operations/l3").resume_via_tasks("h")
+    assert c.run_due() == 1
+    assert len(loops) == 4 and len(set(loops)) == 1  # two batches, then another pass: one loop
+    c.close()
+    assert loops[0].is_closed() and all(task.cancelled() for task in left)
+
+
+@pytest.mark.timeout(20)
+def test_the_loop_of_a_thread_that_ended_is_closed(tmp_path: Any, clock: Any) -> None:
+    import gc
+
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def handler(op: Operation) -> None:
+        loops.append(asyncio.get_running_loop())
+        op.complete()
+
+    with _batched(tmp_path, clock, batch=2) as c:
+        c.add_resumable_handlers(ResumableHandler("h", handler))
+        for i in range(2):
+            c.new_operation(f"operations/e{i}").resume_via_tasks("h")
+        thread = threading.Thread(target=c.run_due)
+        thread.start()
+        thread.join()
+        gc.collect()
+        assert len(loops) == 2 and loops[0].is_closed()  # not kept for a thread that is gone
+        assert len(c.list_operations("done = true")[0]) == 2

@@ -14,11 +14,16 @@ Example::
 
     app.outbox.submit(Effect(key="pay-1", connector="bank", payload={...}))   # API: no connector built
     app.worker().run()                                                       # worker: builds "bank"
+
+With ``App(..., worker_in_process=True)``, ``FastAPI(lifespan=app.lifespan)`` runs that worker inside the
+API process, on its event loop (``Worker.run_async``), from startup to shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping, TypeVar, Union
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
     from ._tasks import TaskEngine
     from ._worker import Worker
     from .outbox import Outbox
+
+log = logging.getLogger("errands.app")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,6 +123,9 @@ class App:
         poll_interval: seconds the worker sleeps after a pass that found nothing.
         clock: the time source (``FakeClock`` in tests).
         outbox_options: passed to the worker's ``Outbox`` (``lease_for``, ``batch_size``, ...).
+        worker_in_process: whether ``lifespan`` also runs the worker (``app.worker()``) in this process, on
+            the application's event loop (``Worker.run_async``) from startup to shutdown. Default False: the
+            worker runs elsewhere (``errands worker --app module:app``).
     """
 
     def __init__(
@@ -123,6 +133,7 @@ class App:
         connectors: Mapping[str, Part] | Iterable[Any] | None = None,
         sinks: Mapping[str, Part] | Iterable[Any] | None = None, max_in_flight: int = 16,
         poll_interval: float = 0.2, clock: Clock | None = None, outbox_options: Mapping[str, Any] | None = None,
+        worker_in_process: bool = False,
     ) -> None:
         raw: dict[str, Any] = {}
         if config is not None:
@@ -147,6 +158,11 @@ class App:
         self.poll_interval = float(poll_interval)
         self.clock = clock
         self.outbox_options = dict(outbox_options or {})
+        if not isinstance(worker_in_process, bool):
+            raise ConfigError(f"worker_in_process must be True or False, got {worker_in_process!r}",
+                              field="worker_in_process", value=worker_in_process)
+        self.worker_in_process = worker_in_process
+        self._running_worker: Worker | None = None
         self._connectors = _Parts("connectors", "dispatch")
         self._connectors.add_all(connectors)
         self._sinks = _Parts("sinks", "publish")
@@ -301,12 +317,37 @@ class App:
     @contextlib.asynccontextmanager
     async def lifespan(self, _asgi_app: Any = None) -> AsyncIterator[None]:
         """``FastAPI(lifespan=app.lifespan)``: open (and migrate) the store at startup, so a bad URL fails
-        the deploy instead of the first request, and close the app at shutdown."""
-        self.store  # noqa: B018 - opening is the point
+        the deploy instead of the first request, and close the app at shutdown.
+
+        With ``worker_in_process=True`` it also builds the worker at startup and runs it as a background
+        task on the application's loop (``Worker.run_async``); at shutdown it stops the worker, which
+        finishes the calls and tasks in flight and closes, before the app closes. Opening, building and
+        closing run in threads: the loop is never blocked by them.
+        """
+        await asyncio.to_thread(getattr, self, "store")  # opening is the point
+        worker_task: asyncio.Task[None] | None = None
+        stop = asyncio.Event()
         try:
+            if self.worker_in_process:
+                worker = await asyncio.to_thread(self.worker)
+                self._running_worker = worker
+                worker_task = asyncio.create_task(worker.run_async(stop), name="errands-worker")
+                worker_task.add_done_callback(_report_worker_end)
             yield
         finally:
-            self.close()
+            try:
+                if worker_task is not None:
+                    stop.set()
+                    await asyncio.wait([worker_task])  # its end is reported by _report_worker_end
+            finally:
+                self._running_worker = None
+                await asyncio.to_thread(self.close)
+
+    @property
+    def running_worker(self) -> Worker | None:
+        """The worker ``lifespan`` runs in this process (``worker_in_process=True``) while it runs, else None.
+        ``app.running_worker.wake()`` after a submit starts its next pass now."""
+        return self._running_worker
 
     def close(self) -> None:
         """Close the engines this app built and, if it opened it, the store."""
@@ -321,6 +362,14 @@ class App:
 
     def __repr__(self) -> str:
         return f"App(store={self._store_url!r}, connectors={self.connector_names!r})"
+
+
+def _report_worker_end(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("the in-process worker stopped on an error; this process delivers nothing more", exc_info=exc)
 
 
 def load_app(spec: str) -> App:

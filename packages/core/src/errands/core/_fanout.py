@@ -162,7 +162,8 @@ class FanOut:
                 self._runs[route.name] = _RouteRun(route, subject_matcher(list(route.subjects)))
         _raise_all(problems)
         store.migrate("fanout", FANOUT_MIGRATIONS)
-        self._bridge = CallRunner(name="errands-fanout")
+        self._own_bridge = CallRunner(name="errands-fanout")
+        self._bridge = self._own_bridge
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -407,6 +408,11 @@ class FanOut:
             ))
         return out
 
+    def use_runner(self, runner: CallRunner | None) -> None:
+        """Await async sinks through ``runner`` (a ``Worker`` lends its own while it runs this engine);
+        None: through this engine's own again."""
+        self._bridge = runner or self._own_bridge
+
     def close(self) -> None:
         """Close every sink that has ``close()`` and stop the engine's threads."""
         for run in self._runs.values():
@@ -417,7 +423,7 @@ class FanOut:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        self._bridge.close()
+        self._own_bridge.close()
 
 
 def list_dead(store: SQLStore, route: str | None = None, limit: int = 100) -> list[DeadEvent]:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Union
 from . import _tasks_table as tasks_table
 from ._fanout_table import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
+from ._runtime import CallRunner
 from ._tasks import TaskEngine, TaskRecord
 from ._values import Event
 from .errors import ConfigError, LeaseLostError
@@ -275,6 +276,10 @@ class Reactor:
         if name is not None:
             return self.engine.redrive(type=f"reaction:{name}")
         return sum(self.engine.redrive(type=r.task_type) for r in self._reactions.values())
+
+    def use_runner(self, runner: CallRunner | None) -> None:
+        """Await async handlers through ``runner`` (``TaskEngine.use_runner``)."""
+        self.engine.use_runner(runner)
 
     def close(self, wait: bool = True) -> None:
         self.engine.close(wait=wait)

@@ -1,18 +1,22 @@
 """The one way engines call user code: sync callables on a bounded thread pool, awaitables on one
-event-loop thread per runner (an ``httpx.AsyncClient`` stays bound to the loop it was first used on).
+event loop per runner (an ``httpx.AsyncClient`` stays bound to the loop it was first used on): the runner's
+own loop thread, or a loop it is given (an application's, under ``Worker.run_async``).
 
 Every engine (outbox dispatch, fan-out sinks, task handlers, timer handlers, lro and durable bridges)
 goes through ``CallRunner``; code outside an engine that must wait for an awaitable from sync code uses
-``run_sync``, which shares one process-wide runner.
+``run_sync``: the runner made current in this context (``CallRunner.as_current``: a worker's, during its
+passes), else one process-wide runner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import inspect
 import threading
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 from ._values import CompensationResult, DispatchResult, Observation
 from .errors import ConfigError
@@ -32,15 +36,22 @@ class CallRunner:
     """Runs user calls with at most ``max_in_flight`` in flight at once.
 
     Sync callables run on a thread pool; a callable that returns an awaitable (an ``async def``
-    connector method or handler) is awaited on one event-loop thread owned by the runner, so async
-    clients stay bound to a single loop. A batch of one, or ``max_in_flight=1``, runs in the calling thread.
+    connector method or handler) is awaited on one event loop, so async clients stay bound to a single
+    loop: one owned by the runner on a thread of its own, or the loop given with ``loop=`` or
+    ``use_loop`` (an application's event loop; the runner never stops or closes it). A batch of one, or
+    ``max_in_flight=1``, runs in the calling thread.
+
+    The calls are made from threads (the caller's, the pool's) and wait there: a runner on a given loop is
+    called from threads other than that loop's, never from a coroutine on it.
 
     Args:
         max_in_flight: the bound on concurrent calls (>= 1).
         name: the name of the runner's threads.
+        loop: the event loop on which to await async calls; default a loop thread of the runner's own.
     """
 
-    def __init__(self, max_in_flight: int = 16, *, name: str = "errands") -> None:
+    def __init__(self, max_in_flight: int = 16, *, name: str = "errands",
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
             raise ConfigError(
                 f"max_in_flight must be a positive integer, got {max_in_flight!r}",
@@ -51,10 +62,41 @@ class CallRunner:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+        self._given: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        if loop is not None:
+            self.use_loop(loop)
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Await async calls on ``loop`` from now on (None: on the runner's own loop thread again).
+
+        ``Worker.run_async`` gives its runner the application's running loop, and takes it back when it
+        stops (``close`` does so too)."""
+        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+            raise ConfigError(f"CallRunner.use_loop takes an asyncio event loop or None, got {type(loop).__name__}",
+                              field="loop", value=type(loop).__name__)
+        with self._lock:
+            self._given = loop
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop given with ``use_loop`` (None: async calls go to the runner's own loop thread)."""
+        return self._given
+
+    @contextlib.contextmanager
+    def as_current(self) -> Iterator[CallRunner]:
+        """Make this runner the one ``run_sync`` awaits on, in this context (a worker's passes: timer
+        handlers and attached engines that wait for an awaitable then use the worker's loop)."""
+        token = _current.set(self)
+        try:
+            yield self
+        finally:
+            _current.reset(token)
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
+            if self._given is not None:
+                return self._given
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name=f"{self._name}-async", daemon=True)
@@ -71,7 +113,8 @@ class CallRunner:
             return self._pool
 
     def run(self, aw: Awaitable[Any]) -> Any:
-        """Wait for ``aw`` on the runner's loop and return its result (or raise its exception)."""
+        """Wait for ``aw`` on the runner's loop (its own, or the given one) and return its result (or raise
+        its exception)."""
         loop = self._ensure_loop()
         try:
             running = asyncio.get_running_loop()
@@ -79,6 +122,9 @@ class CallRunner:
             running = None
         if running is loop:
             raise RuntimeError("CallRunner.run was called from its own event loop; await the call instead")
+        if loop is self._given and not loop.is_running():
+            raise RuntimeError("the event loop given to this CallRunner is not running; an awaitable sent to it "
+                               "would never finish")
         return asyncio.run_coroutine_threadsafe(_await(aw), loop).result()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -110,12 +156,15 @@ class CallRunner:
         return [f.result() for f in futures]
 
     def close(self) -> None:
-        """Wait for calls in flight, then stop the pool and the loop thread."""
+        """Wait for calls in flight, then stop the pool and the runner's own loop thread; a given loop is
+        let go of (never stopped). The runner may be used again: it starts what it needs anew."""
         with self._lock:
             pool, loop, thread = self._pool, self._loop, self._loop_thread
             self._pool = self._loop = self._loop_thread = None
         if pool is not None:
             pool.shutdown(wait=True)
+        with self._lock:
+            self._given = None
         if loop is not None and thread is not None:
             # The loop shuts down as asyncio.run shuts one down: async generators still suspended on it
             # (an async client's pool held open by one) are closed first, on the loop.
@@ -127,12 +176,23 @@ class CallRunner:
 
 _shared: CallRunner | None = None
 _shared_lock = threading.Lock()
+_current: contextvars.ContextVar[CallRunner | None] = contextvars.ContextVar("errands_call_runner", default=None)
 
 
 def run_sync(aw: Awaitable[Any]) -> Any:
-    """Wait for ``aw`` from sync code, whether or not an event loop runs on this thread: on the one
-    process-wide runner's loop thread (started on first use, a daemon)."""
+    """Wait for ``aw`` from sync code, whether or not an event loop runs on this thread: on the loop of
+    the runner made current here (``CallRunner.as_current``: a worker's, during its passes), else on the
+    one process-wide runner's loop thread (started on first use, a daemon). Called from a coroutine on the
+    current runner's own loop, it uses the process-wide one (waiting there would stop that loop for good)."""
     global _shared
+    runner = _current.get()
+    if runner is not None:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is None or (running is not runner._given and running is not runner._loop):
+            return runner.run(aw)
     with _shared_lock:
         if _shared is None:
             _shared = CallRunner(1, name="errands-shared")

@@ -170,7 +170,8 @@ class TaskEngine:
         for type_, fn in (handlers or {}).items():
             self.register(type_, fn)
         store.migrate("tasks", table.TASK_MIGRATIONS)
-        self._bridge = CallRunner(name="errands-tasks")
+        self._own_bridge = CallRunner(name="errands-tasks")
+        self._bridge = self._own_bridge
         self._pool: ThreadPoolExecutor | None = None
         self._running: dict[str, _Run] = {}
         self._lock = threading.Lock()
@@ -545,13 +546,18 @@ class TaskEngine:
 
         return drain(step, sys.maxsize, busy=busy)
 
+    def use_runner(self, runner: CallRunner | None) -> None:
+        """Await async handlers through ``runner`` (a ``Worker`` lends its own while it runs this engine);
+        None: through this engine's own again."""
+        self._bridge = runner or self._own_bridge
+
     def close(self, wait: bool = True) -> None:
         """Stop taking tasks; with ``wait``, let running ones finish."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=wait)
-        self._bridge.close()
+        self._own_bridge.close()
 
 
 # -- typed handlers ------------------------------------------------------------------------------

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 
 from ._clock import Clock
 from ._journal import StoreScheduler
 from ._leases import is_infrastructure_error
 from ._runtime import CallRunner
+from .errors import ConfigError
 from .store._stores import SQLStore
 
 log = logging.getLogger("errands.worker")
 
 Job = Callable[[], Any]
 T = TypeVar("T")
+#: What stops ``Worker.run_async``: an ``asyncio.Event`` of the running loop, or a ``threading.Event``.
+StopEvent = Union[asyncio.Event, threading.Event]
 
 #: Waits (seconds of the store's clock) before each retry of an engine's own store write that met an
 #: infrastructure fault: about four seconds in all, well inside the default lease.
@@ -72,6 +77,14 @@ class Worker:
     seconds (or until ``wake()``). SIGTERM and SIGINT stop it after the current pass: leases in flight
     finish, or lapse and are taken again by the next worker; nothing is lost.
 
+    ``run()`` loops in the calling thread; ``await run_async()`` runs the same loop inside an application's
+    event loop: the passes (store work, sync user code) in threads, async user code on that loop.
+
+    The worker's ``runner`` (one ``CallRunner``, the one concurrency budget) is lent to the outbox, the
+    fan-out and every job's engine that takes one (``use_runner``: the task engine, the reactor), so async
+    connectors, sinks and handlers all await on one loop. Such an engine is one the worker runs: ``close``
+    waits for its work in flight (its ``close()``) and takes the runner back.
+
     Args:
         store: the open store.
         outbox: an ``Outbox`` (dispatch, reconcile and compensate steps).
@@ -97,8 +110,12 @@ class Worker:
         self.max_in_flight = max_in_flight
         self._wake = threading.Event()
         self._jobs: list[tuple[str, Job]] = []
+        self._lent: list[Any] = []  # engines of jobs given this worker's runner: closed and given back by close
         self.runner = CallRunner(max_in_flight)
         use_runner = getattr(outbox, "use_runner", None)
+        if callable(use_runner):
+            use_runner(self.runner)
+        use_runner = getattr(fanout, "use_runner", None)
         if callable(use_runner):
             use_runner(self.runner)
         if outbox is not None:
@@ -110,12 +127,20 @@ class Worker:
             self._jobs.append(("fanout.run_once", fanout.run_once))
         self._jobs.append(("timers", self._fire_timers))
         for job in jobs:
-            self._jobs.append((getattr(job, "__qualname__", repr(job)), job))
+            self.add_job(getattr(job, "__qualname__", repr(job)), job)
         self.passes = 0
         self.faulted = False  # whether the last pass met a store fault
 
     def add_job(self, name: str, job: Job) -> None:
+        """Run ``job()`` every pass; if it is a method of an engine that takes a runner (``use_runner``),
+        that engine awaits async user code through this worker's runner."""
         self._jobs.append((name, job))
+        owner = getattr(job, "__self__", None)
+        if owner is not None and all(owner is not part for part in (*self._lent, self.outbox, self.fanout)):
+            use_runner = getattr(owner, "use_runner", None)
+            if callable(use_runner):
+                use_runner(self.runner)
+                self._lent.append(owner)
 
     def on_timer(self, topic: str, handler: Callable[[str, Any], Any]) -> None:
         self.timer_handlers[topic] = handler
@@ -134,16 +159,17 @@ class Worker:
         """
         done = 0
         self.faulted = False
-        for name, job in self._jobs:
-            try:
-                done += _amount(job())
-            except Exception as exc:
-                if is_infrastructure_error(exc):
-                    self.faulted = True
-                    log.warning("worker job %s met a store fault (%s: %s); it runs again next pass", name,
-                                type(exc).__name__, exc)
-                else:
-                    log.exception("worker job %s failed; continuing", name)
+        with self.runner.as_current():  # timer handlers and attached engines await on the worker's loop
+            for name, job in self._jobs:
+                try:
+                    done += _amount(job())
+                except Exception as exc:
+                    if is_infrastructure_error(exc):
+                        self.faulted = True
+                        log.warning("worker job %s met a store fault (%s: %s); it runs again next pass", name,
+                                    type(exc).__name__, exc)
+                    else:
+                        log.exception("worker job %s failed; continuing", name)
         self.passes += 1
         return done
 
@@ -183,19 +209,100 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore[int(sig)] = signal.signal(sig, _on_signal)
         try:
-            while not stop.is_set():
-                if self.step() == 0:
-                    self._wake.wait(self.poll_interval)
-                    self._wake.clear()
+            self._serve(stop.is_set)
         finally:
             for signum, handler in restore.items():
                 signal.signal(signum, handler)
             self.close()
 
+    def _serve(self, stopped: Callable[[], bool]) -> None:
+        """The one loop of ``run`` and ``run_async``: a pass, and after a pass that found nothing a sleep of
+        ``poll_interval`` (cut short by ``wake()``), until ``stopped()``."""
+        while not stopped():
+            if self.step() == 0:
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+
+    async def run_async(self, stop: StopEvent | None = None) -> None:
+        """Run every engine inside the running event loop until ``stop`` is set, then close the worker.
+
+        The loop of ``run`` (the same passes) runs on a thread of its own, so store work (claims,
+        completions), sync user code (on the bounded pool, as in ``run``) and the idle sleep never block the
+        event loop; async connectors, sinks and handlers (``async def dispatch``, ``publish``, ``@app.on``,
+        ``@app.task``, timer, lro handlers) are awaited *on this loop*, where an application's async clients
+        live. Leases, heartbeats and the one concurrency budget are those of ``run``.
+
+        Stopping (``stop`` set, or the task running this coroutine cancelled) ends the loop after the
+        current pass: calls in flight finish and are recorded, running tasks finish, then the worker closes
+        and this returns (a cancellation is raised again afterwards). Signals are the application's: none
+        is handled here.
+
+        Args:
+            stop: an ``asyncio.Event`` (of this loop) or a ``threading.Event``; None: run until cancelled.
+        """
+        if stop is not None and not isinstance(stop, (asyncio.Event, threading.Event)):
+            raise ConfigError(f"run_async(stop=...) takes an asyncio.Event or a threading.Event, got "
+                              f"{type(stop).__name__}", field="stop", value=type(stop).__name__)
+        loop = asyncio.get_running_loop()
+        halt = threading.Event()
+        given = stop if isinstance(stop, threading.Event) else None
+
+        def stopped() -> bool:
+            return halt.is_set() or (given is not None and given.is_set())
+
+        finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def serve() -> None:
+            try:
+                try:
+                    self._serve(stopped)
+                finally:
+                    self.close()  # here, off the loop: it waits for calls in flight, which the loop runs
+            except BaseException as exc:  # handed to the coroutine, which raises it
+                finished.set_exception(exc)
+            else:
+                finished.set_result(None)
+
+        self.runner.use_loop(loop)
+        thread = threading.Thread(target=serve, name="errands-worker", daemon=True)
+        thread.start()
+        done: asyncio.Future[Any] = asyncio.wrap_future(finished)
+        watcher: asyncio.Future[Any] | None = None
+        waiting = [done]
+        if isinstance(stop, asyncio.Event):
+            watcher = asyncio.ensure_future(stop.wait())
+            waiting.append(watcher)
+        cancelled = False
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            cancelled = True
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        halt.set()
+        self._wake.set()
+        while not done.done():  # the pass in flight finishes on its thread, its async calls on this loop
+            try:
+                await asyncio.wait([done])
+            except asyncio.CancelledError:
+                cancelled = True
+        thread.join()
+        done.result()
+        if cancelled:
+            raise asyncio.CancelledError
+
     def close(self) -> None:
-        """Close the engines this worker runs and its call runner (``run`` does so when it stops)."""
+        """Close the engines this worker runs and its call runner (``run`` and ``run_async`` do so when they
+        stop): the outbox and the fan-out, and every engine lent the runner, which finishes its work in flight
+        and gets its own runner back."""
         for part in (self.outbox, self.fanout):
             close = getattr(part, "close", None)
             if callable(close):
                 close()
+        for part in self._lent:
+            close = getattr(part, "close", None)
+            if callable(close):
+                close()
+            part.use_runner(None)
         self.runner.close()

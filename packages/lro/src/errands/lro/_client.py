@@ -26,7 +26,7 @@ from ._config import Config, config_from_env
 from ._local_callbacks import LocalCallbacks
 from ._operation import Operation, run_async, store_call
 from ._operation_table import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
-from ._resume import ResumableHandler
+from ._resume import BatchLoops, ResumableHandler
 from ._scheduling import ResumeScheduling, cloud_tasks_scheduler, local_scheduler
 from ._tokens import parse_token
 from ._transitions import ResumeOutcome, pending_resume
@@ -112,6 +112,7 @@ class LroClient:
         self._auth: CallbackAuth | None = None
         self._scheduling = ResumeScheduling(self)
         self._local = LocalCallbacks(self)
+        self._batch_loops = BatchLoops()
         # Pauses between the attempts to create a resume's task before resume_via_tasks gives up.
         self._schedule_backoff: tuple[float, ...] = (0.05, 0.25)
 
@@ -165,7 +166,8 @@ class LroClient:
         )
 
     def close(self) -> None:
-        """Close the stores this client opened."""
+        """Close the stores this client opened, and the event loops of async handlers run in batches."""
+        self._batch_loops.close()
         for s in self._owned:
             s.close()
         self._owned.clear()

@@ -9,6 +9,7 @@ import logging
 import re
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("errands.lro")
 
-__all__ = ["HANDLER_PATH", "ResumableHandler", "ResumeBusyError", "aresume", "call_user", "finish_cancelled",
-           "resume"]
+__all__ = ["HANDLER_PATH", "BatchLoops", "ResumableHandler", "ResumeBusyError", "aresume", "call_user",
+           "finish_cancelled", "resume"]
 
 HANDLER_PATH = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
 
@@ -70,6 +71,97 @@ def call_user(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if result is None:  # most handlers: answered without asking ``inspect.isawaitable``
         return None
     return run_sync(result) if inspect.isawaitable(result) else result
+
+
+async def _await(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+class _ThreadLoop:
+    """The loop of one thread of a ``BatchLoops``: closed when the thread ends (its thread-local value goes)
+    or the ``BatchLoops`` does, if ``close`` did not close it first."""
+
+    __slots__ = ("__weakref__", "loop")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        weakref.finalize(self, _close_idle, self.loop)
+
+
+def _close_idle(loop: asyncio.AbstractEventLoop) -> None:
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
+
+
+class BatchLoops:
+    """The event loops of async handlers called inside a batch transaction: one per thread, kept until the
+    thread ends or ``close`` (``LroClient.close``).
+
+    A batch's transaction belongs to the thread that opened it (on SQLite, with the store's lock), so an
+    async handler called inside one runs to completion on that thread, on its private loop: its writes,
+    plain or through the ``*_async`` twins (which run inline inside a batch), join the batch. Without this,
+    the handler ran on core's shared loop thread, whose first write waited for the batch's transaction
+    while the batch waited for the handler. The handlers called on one thread share its loop, so an async
+    client a handler keeps between calls stays bound to one loop."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._loops: weakref.WeakSet[_ThreadLoop] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def run(self, aw: Awaitable[Any]) -> Any:
+        """Wait for ``aw`` on this thread's loop (made on first use) and return its result."""
+        mine: _ThreadLoop | None = getattr(self._local, "loop", None)
+        if mine is None or mine.loop.is_closed():
+            mine = self._local.loop = _ThreadLoop()
+            with self._lock:
+                self._loops.add(mine)
+        return mine.loop.run_until_complete(_await(aw))
+
+    def close(self) -> None:
+        """Close the loops as ``asyncio.run`` closes its own: tasks still pending are cancelled, async
+        generators and the default executor shut down. A loop running now is left alone."""
+        with self._lock:
+            loops = [mine.loop for mine in self._loops if not mine.loop.is_running()]
+        for loop in loops:
+            if loop.is_closed():
+                continue
+            try:
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
+
+
+def _in_batch(client: LroClient) -> bool:
+    """Whether a ``client.batch()`` (or a batch of ``run_due``) is open on this thread and no event loop
+    runs here (a coroutine of this thread's cannot start another loop on it)."""
+    current = getattr(client.store, "current_tx", None)
+    if current is None or current() is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
+def _call_handler(client: LroClient, fn: HandlerFn, op: Operation) -> None:
+    """``fn(op)``, sync or async: ``call_user``, except that inside a batch open on this thread a
+    coroutine runs here, on the client's ``BatchLoops``."""
+    result = fn(op)
+    if result is None:
+        return
+    if inspect.isawaitable(result):
+        if _in_batch(client):
+            client._batch_loops.run(result)
+        else:
+            run_sync(result)
 
 
 class _Renewal:
@@ -218,7 +310,8 @@ def resume(
     client: LroClient, name: str, path: str, token: str | None, record: OperationRecord | None = None, *,
     hold: bool,
 ) -> ResumeOutcome:
-    """Run the handler at ``path`` on the operation now, in this thread (see ``LroClient.resume``).
+    """Run the handler at ``path`` on the operation now, in this thread (see ``LroClient.resume``); an
+    async handler inside a batch open on this thread too (see ``BatchLoops``).
 
     Args:
         record: the operation's row when the caller read it already (a batch of callbacks reads its rows
@@ -232,7 +325,7 @@ def resume(
     assert op is not None and fn is not None
     renewal = _renewal(client, op, token, claim)
     try:
-        call_user(fn, op)
+        _call_handler(client, fn, op)
     except Exception as exc:
         if renewal is not None:
             renewal.stop()
