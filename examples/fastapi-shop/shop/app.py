@@ -3,6 +3,8 @@
     uvicorn shop.app:api --port 8000              # the API
     errands worker --app shop.app:app             # the worker: payments, fulfilment, reports, webhooks
 
+or, with ``SHOP_WORKER_IN_PROCESS=1``, the API process alone, running the worker on its event loop.
+
 ``app`` is the ``errands.App``: the API process submits effects, appends events and starts workflows
 through it, inside the request's own SQLAlchemy transaction; the worker builds the payment connector and
 the webhook sink and runs every engine. ``api`` is the FastAPI application.
@@ -36,6 +38,7 @@ app = errands.App(
     settings.STORE_URL,
     connectors={"payments": lambda: PaymentConnector(settings.PROVIDER_URL)},
     outbox_options={"lease_for": settings.LEASE_FOR},
+    worker_in_process=settings.WORKER_IN_PROCESS,  # the lifespan runs the worker on the API's loop
 )
 app.route("order-webhooks", lambda: WebhookSink(url=f"{settings.PUBLIC_URL}/webhooks/orders",
                                                 secret=settings.WEBHOOK_SECRET),
@@ -49,16 +52,18 @@ reports.add_resumable_handlers(ResumableHandler(HANDLER, build_report))
 # -- the API --------------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-    async with app.lifespan(api):  # opens (and migrates) the errands store; closes it at shutdown
-        # Build the outbox now: building it migrates its tables, which must not wait for the write lock a
-        # request's transaction holds on SQLite.
-        await asyncio.to_thread(lambda: app.outbox)
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        try:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    try:
+        # Opens (and migrates) the errands store, and with SHOP_WORKER_IN_PROCESS=1 starts the worker; at
+        # shutdown it stops the worker and closes the store.
+        async with app.lifespan(api):
+            # Build the outbox now: building it migrates its tables, which must not wait for the write lock
+            # a request's transaction holds on SQLite.
+            await asyncio.to_thread(lambda: app.outbox)
             yield
-        finally:
-            await engine.dispose()
+    finally:
+        await engine.dispose()
 
 
 api = FastAPI(title="errands shop", lifespan=lifespan)
@@ -107,6 +112,8 @@ async def place_order(body: OrderIn) -> dict[str, Any]:
                                     "currency": body.currency, "items": items}, conn=session)
         await runner.start_async("fulfil", {"order_id": order_id, "items": items},
                                  execution_id=fulfilment_id(order_id), conn=session)
+    if app.running_worker is not None:  # the worker runs in this process: its next pass starts now
+        app.running_worker.wake()
     return {"id": order_id, "amount_cents": amount, "currency": body.currency}
 
 

@@ -7,6 +7,7 @@
 | ``SHOP_PUBLIC_URL`` | ``http://127.0.0.1:8000`` | where the shop's own routes are reached: the webhook sink posts here |
 | ``SHOP_WEBHOOK_SECRET`` | a development secret | the Standard Webhooks secret shared by the sink and the receiver |
 | ``SHOP_LEASE_FOR`` | ``10`` | seconds a worker holds an effect, an execution or a report: how soon a killed worker's work is retried |
+| ``SHOP_WORKER_IN_PROCESS`` | ``0`` | ``1``: the API process also runs the worker, on its event loop (no ``errands worker``) |
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ PROVIDER_URL = os.environ.get("SHOP_PROVIDER_URL", "http://127.0.0.1:8001").rstr
 PUBLIC_URL = os.environ.get("SHOP_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 WEBHOOK_SECRET = os.environ.get("SHOP_WEBHOOK_SECRET", "whsec_c2hvcC1kZXZlbG9wbWVudC1zZWNyZXQtMzJieXRlcyE=")
 LEASE_FOR = float(os.environ.get("SHOP_LEASE_FOR", "10"))
+WORKER_IN_PROCESS = os.environ.get("SHOP_WORKER_IN_PROCESS", "0").lower() in ("1", "true", "yes")
 
 
 def store_url(database_url: str) -> str:
