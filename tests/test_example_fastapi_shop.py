@@ -5,8 +5,8 @@ under uvicorn, and ``errands worker --app shop.app:app`` as a separate process, 
 and the provider loses some acknowledgements and refuses some charges. Afterwards every order was charged
 exactly once (counted at the provider, and the charge the shop recorded is the provider's), every
 fulfilment workflow succeeded, the report operation completed with every order counted, and the webhook
-receiver got every ``order.placed``. A second test runs the same shop with the worker inside the API
-process (``SHOP_WORKER_IN_PROCESS=1``).
+receiver got every ``order.placed``. The same runs on PostgreSQL (SQLAlchemy on psycopg 3), and a third
+test runs the shop with the worker inside the API process (``SHOP_WORKER_IN_PROCESS=1``).
 """
 
 from __future__ import annotations
@@ -113,13 +113,14 @@ class _Shop:
 
 
 @contextlib.asynccontextmanager
-async def _running_shop(tmp_path: Path, *, worker_in_process: bool) -> AsyncIterator[_Shop]:
+async def _running_shop(tmp_path: Path, *, worker_in_process: bool,
+                        database_url: str | None = None) -> AsyncIterator[_Shop]:
     api_port, provider_port = _free_port(), _free_port()
     api_url, provider_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{provider_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ERRANDS_", "SHOP_", "PROVIDER_"))}
     env.pop("PYTHONPATH", None)
     env.update({
-        "SHOP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
+        "SHOP_DATABASE_URL": database_url or f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
         "SHOP_PROVIDER_URL": provider_url,
         "SHOP_PUBLIC_URL": api_url,
         "SHOP_LEASE_FOR": str(LEASE_FOR),
@@ -221,12 +222,24 @@ async def _settled(shop: _Shop, placed: list[dict[str, Any]], report: dict[str, 
     assert hooks["deliveries"] >= n
 
 
+async def _kill_twice(shop: _Shop, worker: _Process) -> None:
+    """SIGKILL the worker twice, restarting it each time. Each kill comes once the worker running then has
+    charged a few orders: mid-work, with orders still arriving."""
+    for _ in range(2):
+        at = await shop.charged() + 5
+        await shop.until(lambda at=at: _at_least(shop.charged, at), 40, f"{at} charges", every=0.01)
+        print(f"SIGKILL the worker at {await shop.charged()} charges")
+        worker.kill()
+        worker.start()
+
+
 async def _start_report(shop: _Shop) -> dict[str, Any]:
     report = dict((await shop.shop.post("/reports", json={"kind": "sales"})).json())
     assert report["name"].startswith("operations/") and not report["done"], report
     return report
 
 
+@pytest.mark.crash
 @pytest.mark.timeout(150)
 def test_fifty_orders_survive_two_worker_kills(tmp_path: Path) -> None:
     async def scenario() -> None:
@@ -234,17 +247,7 @@ def test_fifty_orders_survive_two_worker_kills(tmp_path: Path) -> None:
             worker = shop.worker
             assert worker is not None
 
-            async def kill_twice() -> None:
-                # Each kill comes once the worker running then has charged a few orders: mid-work, with
-                # orders still arriving.
-                for _ in range(2):
-                    at = await shop.charged() + 5
-                    await shop.until(lambda at=at: _at_least(shop.charged, at), 40, f"{at} charges", every=0.01)
-                    print(f"SIGKILL the worker at {await shop.charged()} charges")
-                    worker.kill()
-                    worker.start()
-
-            killer = asyncio.create_task(kill_twice())
+            killer = asyncio.create_task(_kill_twice(shop, worker))
             # 4 at a time with a pause: the orders arrive over about 3 s, across the kills.
             placed = await _place_orders(shop, ORDERS, concurrency=4, pause=0.2)
             report = await _start_report(shop)  # after the last order: the report must count every one
@@ -262,6 +265,27 @@ def test_worker_in_the_api_process(tmp_path: Path) -> None:
         async with _running_shop(tmp_path, worker_in_process=True) as shop:
             placed = await _place_orders(shop, 20, concurrency=10, pause=0.0)
             report = await _start_report(shop)
+            await _settled(shop, placed, report)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.crash
+@pytest.mark.services
+@pytest.mark.timeout(150)
+def test_fifty_orders_survive_two_worker_kills_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    """The same shop on PostgreSQL: SQLAlchemy on psycopg 3's async connections, errands joining them."""
+    database_url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    async def scenario() -> None:
+        async with _running_shop(tmp_path, worker_in_process=False, database_url=database_url) as shop:
+            worker = shop.worker
+            assert worker is not None
+            killer = asyncio.create_task(_kill_twice(shop, worker))
+            placed = await _place_orders(shop, ORDERS, concurrency=4, pause=0.2)
+            report = await _start_report(shop)
+            await killer
+            assert worker.kills == 2
             await _settled(shop, placed, report)
 
     asyncio.run(scenario())
