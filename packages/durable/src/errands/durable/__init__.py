@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 from .__about__ import __version__
+from ._aws import AWSDurableExecutionClient, DurableServiceError
 from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
 from ._context import Callback, DurableContext, StepContext
 from ._errors import (
@@ -84,6 +85,7 @@ from ._values import (
 )
 
 __all__ = [
+    "AWSDurableExecutionClient",
     "AsyncCallback",
     "AsyncDurableContext",
     "BatchItem",
@@ -107,6 +109,7 @@ __all__ = [
     "DurableOperation",
     "DurableOperationError",
     "DurableRunner",
+    "DurableServiceError",
     "Duration",
     "ErrorObject",
     "ExecutionInfo",

@@ -351,13 +351,18 @@ class DurableExecutionConfig:
 
 
 def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Callable[[Any, Any], Awaitable[Any]],
-                           config: DurableExecutionConfig) -> Callable[..., InvocationOutput]:
+                           config: DurableExecutionConfig | None = None) -> Callable[..., Any]:
     """Wrap ``handler(event, ctx)`` as a durable Lambda handler (an ``async def`` handler gets an
     ``AsyncDurableContext`` and runs on the process's shared event-loop thread).
 
     The wrapper takes the invocation input (a dict with the AWS keys, or ``InvocationInput``) and an
     optional Lambda context, replays the checkpointed operations, runs the handler, flushes its
     checkpoints and returns an ``InvocationOutput`` (``Status`` SUCCEEDED / FAILED / PENDING).
+
+    Without ``config`` it is the Lambda entry point: the client is an ``AWSDurableExecutionClient``
+    (boto3 from the environment, made on the first invocation) and the wrapper returns the output as the
+    JSON dict Lambda sends back (``{"Status", "Result", "Error"}``). A checkpoint the service rejects as
+    invalid (``DurableServiceError`` that is not ``retryable``) fails the execution with that error.
 
     Raises:
         ConfigError: the input is not a durable invocation.
@@ -367,10 +372,20 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
     """
     if not callable(handler):
         raise ConfigError(f"handler must be callable, got {handler!r}", field="handler", value=repr(handler))
+    as_lambda = config is None
+    if config is None:
+        from ._aws import AWSDurableExecutionClient
+
+        config = DurableExecutionConfig(client=AWSDurableExecutionClient())
     client = config.client
     clock = config.clock or getattr(client, "clock", None) or SystemClock()
+    always_replay = config.always_replay
 
-    def wrapped(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> InvocationOutput:
+    def wrapped(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> Any:
+        out = invoke(event)
+        return out.to_dict() if as_lambda else out
+
+    def invoke(event: Mapping[str, Any] | InvocationInput) -> InvocationOutput:
         inp = event if isinstance(event, InvocationInput) else InvocationInput.from_dict(event)
         ops = list(inp.initial_execution_state.operations)
         marker = inp.initial_execution_state.next_marker
@@ -382,7 +397,7 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
         user_event = json.loads(payload) if payload and payload.strip() else {}
         backend = _ClientBackend(client, inp.durable_execution_arn, inp.checkpoint_token, clock)
         state = ExecutionState(backend, {o.id: o for o in ops if o.type is not OperationType.EXECUTION},
-                               always_replay=config.always_replay)
+                               always_replay=always_replay)
         try:
             outcome = run_handler(handler, user_event, state)
             updates, touched = state.take_pending()
@@ -396,6 +411,9 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
             cause = outcome.abandoned.cause
             if cause is None:
                 raise CheckpointError(outcome.abandoned.reason)
+            if getattr(cause, "retryable", True) is False:
+                # The service rejected the checkpoint itself (validation): retrying cannot help.
+                return InvocationOutput(status=InvocationStatus.FAILED, error=ErrorObject.from_exception(cause))
             raise cause
         out = InvocationOutput(status=InvocationStatus(outcome.status), result=outcome.result, error=outcome.error)
         record = getattr(client, "record_output", None)
