@@ -14,7 +14,7 @@ import threading
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from errands.core import Clock, SystemClock
+from errands.core import Clock, ConfigError, SystemClock
 
 from ._errors import CheckpointError, DurableError
 from ._lambda import CheckpointOutput, StateOutput
@@ -52,12 +52,14 @@ class DurableServiceError(DurableError):
     """
 
     def __init__(self, message: str, *, operation: str, code: str | None = None, status_code: int | None = None,
-                 retryable: bool = True) -> None:
+                 retryable: bool = True, response: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.operation = operation
         self.code = code
         self.status_code = status_code
         self.retryable = retryable
+        #: botocore's parsed error response (``Error``, ``ResponseMetadata``), when there was one.
+        self.response = response
 
     @property
     def category(self) -> str:
@@ -100,7 +102,7 @@ def classify_service_error(exc: BaseException, operation: str) -> CheckpointErro
         else:
             retryable = True
         return DurableServiceError(f"{operation} failed ({code or status}): {message}", operation=operation,
-                                   code=code, status_code=status, retryable=retryable)
+                                   code=code, status_code=status, retryable=retryable, response=response)
     # No response: the connection failed or timed out (botocore's ConnectionError, ReadTimeoutError, ...).
     return DurableServiceError(f"{operation} failed: {type(exc).__name__}: {exc}", operation=operation,
                                retryable=True)
@@ -326,19 +328,37 @@ class AWSDurableExecutionClient:
         """Any function name may be invoked: the service resolves it (and fails the operation if it cannot)."""
 
     # -- callbacks (what the outside world calls) ------------------------------------------------
-    def complete_callback(self, callback_id: str, result: Any = None) -> bool:
-        """``SendDurableExecutionCallbackSuccess`` with ``result`` as JSON.
+    def complete_callback(self, callback_id: str, payload: str | bytes | None = None) -> bool:
+        """``SendDurableExecutionCallbackSuccess``: ``payload`` is the serialized result, sent as given
+        (``'"approved"'`` is the JSON text of ``"approved"``), as with ``InMemoryClient``.
 
         Raises:
-            DurableServiceError: the service refused it (an unknown or settled callback is not retryable).
+            DurableServiceError: the service refused it (an unknown, settled or timed-out callback is not
+                ``retryable``).
         """
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif payload is not None and not isinstance(payload, (bytes, bytearray)):
+            raise ConfigError(f"complete_callback takes the serialized result (str), got {type(payload).__name__}; "
+                              "pass json.dumps(value)", field="payload", value=type(payload).__name__)
+        kwargs: dict[str, Any] = {"CallbackId": callback_id}
+        if payload is not None:
+            kwargs["Result"] = bytes(payload)
         self._call("SendDurableExecutionCallbackSuccess", self.lambda_client.send_durable_execution_callback_success,
-                   CallbackId=callback_id, Result=json.dumps(result).encode())
+                   **kwargs)
         return True
 
-    def fail_callback(self, callback_id: str, error: ErrorObject | BaseException) -> bool:
-        """``SendDurableExecutionCallbackFailure`` with an ``ErrorObject`` (or one made from an exception)."""
-        obj = error if isinstance(error, ErrorObject) else ErrorObject.from_exception(error, with_trace=False)
+    def fail_callback(self, callback_id: str, error: ErrorObject | BaseException | Mapping[str, Any] | str) -> bool:
+        """``SendDurableExecutionCallbackFailure`` with an ``ErrorObject`` (or one made from an exception, the
+        API's ``ErrorObject`` shape or a message)."""
+        if isinstance(error, ErrorObject):
+            obj = error
+        elif isinstance(error, BaseException):
+            obj = ErrorObject.from_exception(error, with_trace=False)
+        elif isinstance(error, Mapping):
+            obj = ErrorObject.from_dict(error)
+        else:
+            obj = ErrorObject(type="CallbackError", message=str(error))
         self._call("SendDurableExecutionCallbackFailure", self.lambda_client.send_durable_execution_callback_failure,
                    CallbackId=callback_id, Error=_error_to_service(obj))
         return True

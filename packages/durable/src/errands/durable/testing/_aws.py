@@ -312,13 +312,15 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-def normalise_history(events: list[Mapping[str, Any]], *, keep_errors: bool = False) -> list[dict[str, Any]]:
+def normalise_history(events: list[Mapping[str, Any]], *, keep_errors: bool = False,
+                      decode: Callable[[str], Any] = _json_or_text) -> list[dict[str, Any]]:
     """The history with ids replaced by their order of appearance, times and tokens dropped, and
     ``InvocationCompleted`` events left out (how many invocations an execution takes is the engine's
     business), payloads parsed as JSON and the execution's own name dropped, so two engines' histories of one scenario compare equal when their operations do.
 
     ``ErrorType`` values are kept when ``keep_errors``; otherwise error objects become ``{"Error": ...}``
-    with the message only (each SDK names its error types its own way).
+    with the message only (each SDK names its error types its own way). ``decode`` reads a payload
+    (default: JSON, else the text).
     """
     ids: dict[str, str] = {}
 
@@ -339,7 +341,7 @@ def normalise_history(events: list[Mapping[str, Any]], *, keep_errors: bool = Fa
                 elif k == "Name" and str(value.get("EventType", "")).startswith("Execution"):
                     continue  # the execution's own name: unique per run
                 elif k == "Payload" and isinstance(v, str):
-                    out[k] = _json_or_text(v)  # the same value, whatever JSON spacing each serdes uses
+                    out[k] = decode(v)  # the same value, whatever JSON spacing each serdes uses
                 elif k == "Error" and isinstance(v, Mapping) and not keep_errors:
                     inner = v.get("Payload", v) if isinstance(v.get("Payload", v), Mapping) else v
                     out[k] = {"ErrorMessage": inner.get("ErrorMessage")}
