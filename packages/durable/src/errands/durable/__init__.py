@@ -16,8 +16,8 @@ Example:
 from __future__ import annotations
 
 from .__about__ import __version__
-from ._aws import AWSDurableExecutionClient, DurableServiceError
 from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
+from ._aws import AWSDurableExecutionClient, DurableServiceError
 from ._context import Callback, DurableContext, StepContext
 from ._errors import (
     BatchItemError,

@@ -378,8 +378,8 @@ class AWSDurableExecutionClient:
 
 def _default_lambda_client() -> Any:
     try:
-        import boto3
-        from botocore.config import Config
+        import boto3  # type: ignore[import-untyped]
+        from botocore.config import Config  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError('AWSDurableExecutionClient needs boto3: pip install "errands-durable[aws]"') from exc
     return boto3.client("lambda", config=Config(connect_timeout=5, read_timeout=50,

@@ -42,11 +42,12 @@ _TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "STOPPED")
 
 def aws_runner_available() -> str | None:
     """Why the runner cannot run here (None when it can): the testing package or boto3 is missing."""
-    try:
-        import aws_durable_execution_sdk_python_testing  # noqa: F401
-        import boto3  # noqa: F401
-    except ImportError as exc:
-        return (f"AWS's local durable-execution runner is not installed ({exc}); "
+    import importlib.util
+
+    missing = [name for name in ("aws_durable_execution_sdk_python_testing", "boto3")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"AWS's local durable-execution runner is not installed (no {', '.join(missing)}); "
                 "pip install aws-durable-execution-sdk-python-testing boto3")
     return None
 
@@ -218,8 +219,8 @@ class AWSLocalRunner:
 
     def lambda_client(self) -> Any:
         """A new boto3 Lambda client pointed at the runner, with dummy credentials."""
-        import boto3
-        from botocore.config import Config
+        import boto3  # type: ignore[import-untyped]
+        from botocore.config import Config  # type: ignore[import-untyped]
 
         return boto3.client("lambda", endpoint_url=self.url, region_name=REGION, aws_access_key_id="local",
                             aws_secret_access_key="local",
@@ -243,7 +244,7 @@ class AWSLocalRunner:
                 "InvocationId": str(uuid.uuid4()), "Input": json.dumps(input)}
         request = urllib.request.Request(f"{self.url}/start-durable-execution", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - a local URL
+        with urllib.request.urlopen(request, timeout=30) as response:
             return str(json.loads(response.read())["ExecutionArn"])
 
     def describe(self, arn: str) -> dict[str, Any]:
