@@ -7,10 +7,11 @@ import errands.durable.testing as durable_testing
 def test_public_names_are_pinned() -> None:
     assert durable.__all__ == sorted(durable.__all__)
     assert set(durable.__all__) == {
-        "AsyncCallback", "AsyncDurableContext", "BatchItem", "BatchItemError", "BatchItemStatus", "BatchResult", "Callback", "CallbackConfig",
+        "AWSDurableExecutionClient", "AsyncCallback", "AsyncDurableContext", "BatchItem", "BatchItemError", "BatchItemStatus", "BatchResult", "Callback", "CallbackConfig",
         "CallbackError", "CallbackTimeoutError", "CheckpointError", "CheckpointOutput", "ChildConfig",
         "ChildContextError", "CompletionConfig", "CompletionReason", "DurableContext", "DurableError",
-        "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DuplicateFunctionError", "Duration",
+        "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DurableServiceError",
+        "DuplicateFunctionError", "Duration",
         "ErrorObject",
         "ExecutionInfo", "ExecutionStatus", "InMemoryClient", "InitialExecutionState", "InvocationInput",
         "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",
@@ -24,7 +25,8 @@ def test_public_names_are_pinned() -> None:
     }
     for name in durable.__all__:
         assert getattr(durable, name) is not None
-    assert durable_testing.__all__ == ["LocalRunner"]
+    assert durable_testing.__all__ == ["AWSLocalRunner", "LambdaEndpoint", "LocalRunner", "aws_runner_available",
+                                       "normalise_history"]
 
 
 def test_control_signals_are_not_exceptions() -> None:
