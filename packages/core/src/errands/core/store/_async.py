@@ -3,9 +3,12 @@
 ``SQLStore.run_async(fn, *args, conn=None, **kwargs)`` is the one mechanism every ``*_async`` twin uses:
 
 - with an async caller connection (psycopg ``AsyncConnection``; SQLAlchemy ``AsyncConnection`` /
-  ``AsyncSession`` over psycopg or aiosqlite), ``fn`` runs in a greenlet on the caller's event loop, and each
-  DBAPI call it makes is awaited on the caller's connection (the technique of SQLAlchemy's asyncio extension):
-  the SQL exists once, and the loop is never blocked;
+  ``AsyncSession`` over psycopg or aiosqlite), the driver under it is resolved once on the loop
+  (``join_async``); then ``fn`` runs in a greenlet on the caller's event loop, and each DBAPI call it makes is
+  awaited on the caller's connection (the technique of SQLAlchemy's asyncio extension): the SQL exists once,
+  and the loop is never blocked. On a SQLite store over aiosqlite, whose connection runs each statement in a
+  thread of its own, ``fn`` runs whole in that thread, on the ``sqlite3`` connection under it: one round trip
+  to the thread instead of one per statement;
 - with a sync caller connection (thread-bound: sqlite3, a Django connection), ``fn`` runs in the caller's
   thread, on the caller's connection, as the sync method would;
 - without a connection, a SQLite store's work runs in a thread off the loop, and a PostgreSQL store's
@@ -13,14 +16,16 @@
   greenlet bridge.
 
 Errors raised by ``fn`` propagate unchanged. A cancelled task leaves no transaction half-open: the
-cancellation is thrown into ``fn`` where it waits, the store's own transaction rolls back (shielded from the
-cancellation) and its connection goes back to the pool; the caller's own transaction is the caller's to end.
+cancellation is thrown into ``fn`` where it waits in a bridge, the store's own transaction rolls back (shielded
+from the cancellation) and its connection goes back to the pool; work already running in a thread (SQLite's, or
+aiosqlite's) finishes; the caller's own transaction is the caller's to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import sys
 import threading
@@ -28,7 +33,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import ConfigError, MissingDependencyError
-from ._sql import POSTGRES, Tx
+from ._sql import POSTGRES, SQLITE, Tx
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._stores import SQLStore
@@ -147,7 +152,35 @@ class _Done:
         return rows
 
 
+def _statement(raw: Any, sql: str, params: Sequence[Any]) -> _Done:
+    """One statement on a ``sqlite3.Connection``, in its thread: rows, rowcount and lastrowid at once."""
+    cur = raw.execute(sql, params)
+    try:
+        return _Done(cur.fetchall(), cur.rowcount, cur.lastrowid)
+    finally:
+        cur.close()
+
+
+def _statements(raw: Any, sql: str, rows: list[Any]) -> _Done:
+    cur = raw.executemany(sql, rows)
+    try:
+        return _Done([], cur.rowcount, cur.lastrowid)
+    finally:
+        cur.close()
+
+
+def in_driver_thread(driver: Any) -> Callable[..., Awaitable[Any]] | None:
+    """``call(fn, *args)``: ``fn(*args)`` run in the thread of an ``aiosqlite.Connection``, in one round trip
+    (the queue SQLAlchemy's aiosqlite dialect also uses), or None where this aiosqlite has no such queue."""
+    call = getattr(driver, "_execute", None)
+    return call if call is not None and hasattr(driver, "_conn") else None
+
+
 async def _aio_execute(conn: Any, sql: str, params: Sequence[Any]) -> _Done:
+    call = in_driver_thread(conn)
+    if call is not None:
+        done: _Done = await call(_statement, conn._conn, sql, params)
+        return done
     cur = await conn.execute(sql, params)
     try:
         rows = list(await cur.fetchall())
@@ -157,6 +190,10 @@ async def _aio_execute(conn: Any, sql: str, params: Sequence[Any]) -> _Done:
 
 
 async def _aio_executemany(conn: Any, sql: str, rows: Any) -> _Done:
+    call = in_driver_thread(conn)
+    if call is not None:
+        done: _Done = await call(_statements, conn._conn, sql, list(rows))
+        return done
     cur = await conn.executemany(sql, list(rows))
     try:
         return _Done([], cur.rowcount, cur.lastrowid)
@@ -340,7 +377,7 @@ def close_all_pools(store: Any) -> None:
 async def run_async(store: SQLStore, fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any],
                     conn: Any) -> _T:
     """``SQLStore.run_async``."""
-    from ._connections import is_async_connection
+    from ._connections import Joined, is_async_connection, join_async
 
     own = store if store.dialect == POSTGRES and hasattr(store, "_pool") else None
     if conn is None:
@@ -351,6 +388,15 @@ async def run_async(store: SQLStore, fn: Callable[..., _T], args: tuple[Any, ...
     if not is_async_connection(conn):
         # A sync connection belongs to its thread (sqlite3, Django's per-thread connections): use it there.
         return fn(*args, conn=conn, **kwargs)
-    # The store's resolution of ``conn`` (``caller_tx``) finds the driver under it from inside the bridge.
+    # Resolved once, here on the loop: the driver under the caller's connection, inside its transaction.
+    joined = await join_async(conn)
+    if joined.dialect == SQLITE and store.dialect == SQLITE:
+        call = in_driver_thread(joined.driver)
+        if call is not None:
+            # aiosqlite runs every statement in a thread of its own: the whole of fn runs there, on the
+            # sqlite3 connection under it, in one round trip instead of one per statement.
+            here = Joined(joined.driver._conn, SQLITE, joined.driver, conn)
+            result: _T = await call(functools.partial(fn, *args, conn=here, **kwargs))
+            return result
     _greenlet()
-    return await bridge(lambda: fn(*args, conn=conn, **kwargs), own)
+    return await bridge(lambda: fn(*args, conn=joined, **kwargs), own)
