@@ -12,8 +12,8 @@
 - with a sync caller connection (thread-bound: sqlite3, a Django connection), ``fn`` runs in the caller's
   thread, on the caller's connection, as the sync method would;
 - without a connection, a SQLite store's work runs in a thread off the loop, and a PostgreSQL store's
-  transactions take connections from a psycopg ``AsyncConnectionPool`` (one per event loop), through the same
-  greenlet bridge.
+  transactions take connections from a psycopg ``AsyncConnectionPool`` (one per event loop, closed when that
+  loop shuts down if ``close_async`` did not close it), through the same greenlet bridge.
 
 Errors raised by ``fn`` propagate unchanged. A cancelled task leaves no transaction half-open: the
 cancellation is thrown into ``fn`` where it waits in a bridge, the store's own transaction rolls back (shielded
@@ -283,7 +283,31 @@ class AsyncPGConnection:
 # -- a PostgreSQL store's own transactions on the event loop ---------------------------------------------------
 
 
-async def _open_pool(store: Any) -> Any:
+class _LoopPool:
+    """The async pool of one event loop, and the task that closes it (``_close_with_loop``)."""
+
+    __slots__ = ("guard", "pool")
+
+    def __init__(self, pool: Any, guard: asyncio.Task[None]) -> None:
+        self.pool = pool
+        self.guard = guard
+
+
+async def _close_with_loop(pool: Any, started: asyncio.Event) -> None:
+    """Wait until cancelled, then close ``pool``: cancelled by ``close_async``, by ``close``, or by the shutdown
+    of its loop (``asyncio.run`` cancels every task left, then waits for them all).
+
+    psycopg_pool's maintenance workers catch the cancellation of the task they run (a connection attempt, a
+    reset) and go back to waiting for the next one: a loop ended while the pool connects would wait for them
+    forever. Closing the pool sends each of them its stop."""
+    try:
+        started.set()
+        await asyncio.get_running_loop().create_future()
+    finally:
+        await pool.close()
+
+
+async def _open_pool(store: Any) -> _LoopPool:
     try:
         import psycopg_pool
     except ImportError as exc:  # pragma: no cover - a PostgresStore has it already
@@ -295,12 +319,21 @@ async def _open_pool(store: Any) -> Any:
         max_idle=sync.max_idle, reconnect_timeout=sync.reconnect_timeout,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
     )
-    await pool.open(wait=False)
-    return pool
+    # The guard first, running (a task cancelled before its first step would never reach its ``finally``): from
+    # its opening on, the pool closes when its loop ends.
+    started = asyncio.Event()
+    guard = asyncio.get_running_loop().create_task(_close_with_loop(pool, started), name=f"{sync.name}:async-close")
+    try:
+        await started.wait()
+        await pool.open(wait=False)
+    except BaseException:
+        guard.cancel()
+        raise
+    return _LoopPool(pool, guard)
 
 
-def _pools(store: Any) -> weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Any]]:
-    pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = getattr(
+def _pools(store: Any) -> weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[_LoopPool]]:
+    pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[_LoopPool]] | None = getattr(
         store, "_async_pools", None)
     if pools is None:
         pools = weakref.WeakKeyDictionary()
@@ -316,7 +349,7 @@ async def async_pool(store: Any) -> Any:
     if opening is None:
         opening = pools[loop] = asyncio.ensure_future(_open_pool(store))
     try:
-        return await asyncio.shield(opening)
+        return (await asyncio.shield(opening)).pool
     except Exception:
         if pools.get(loop) is opening:
             del pools[loop]
@@ -348,9 +381,14 @@ def pooled_async(store: Any) -> Iterator[Tx]:
 async def close_pools(store: Any) -> None:
     """Close the async pool of this event loop (``SQLStore.close_async``)."""
     opening = _pools(store).pop(asyncio.get_running_loop(), None)
-    if opening is not None:
-        with contextlib.suppress(Exception):
-            await (await opening).close()
+    if opening is None:
+        return
+    try:
+        held = await opening
+    except Exception:  # never opened: nothing to close
+        return
+    held.guard.cancel()
+    await asyncio.wait([held.guard])  # the pool closed (not ``await guard``: its cancellation is not ours)
 
 
 def close_all_pools(store: Any) -> None:
@@ -358,17 +396,17 @@ def close_all_pools(store: Any) -> None:
     pools = _pools(store)
     for loop, opening in list(pools.items()):
         pools.pop(loop, None)
-        if loop.is_closed() or not opening.done() or opening.exception() is not None:
+        if loop.is_closed() or not opening.done() or opening.cancelled() or opening.exception() is not None:
             continue
-        pool = opening.result()
+        guard = opening.result().guard
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:
-            loop.create_task(pool.close())
+            guard.cancel()
         elif loop.is_running():
-            asyncio.run_coroutine_threadsafe(pool.close(), loop)
+            loop.call_soon_threadsafe(guard.cancel)
 
 
 # -- run_async ---------------------------------------------------------------------------------------------------
