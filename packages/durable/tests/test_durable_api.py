@@ -13,7 +13,7 @@ def test_public_names_are_pinned() -> None:
         "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DuplicateFunctionError", "Duration",
         "ErrorObject",
         "ExecutionInfo", "ExecutionStatus", "InMemoryClient", "InitialExecutionState", "InvocationInput",
-        "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",
+        "InvalidCheckpointError", "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",
         "MapConfig", "NonDeterministicExecutionError", "Operation", "OperationAction", "OperationStatus",
         "OperationSubType", "OperationType", "OperationUpdate", "ParallelConfig", "PassThroughSerdes",
         "RetryDecision", "RetryPresets", "RetryStrategyConfig", "Serdes", "SerdesContext", "SerdesError",

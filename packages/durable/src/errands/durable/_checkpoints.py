@@ -118,7 +118,7 @@ class StoreCheckpoints:
                 raise InvocationAbandoned(f"operation {op.name or op.id} was settled while this invocation wrote it",
                                           retry_now=True)
         for u in updates:
-            if u.operation_type is OperationType.INVOKE and u.action is OperationAction.START:
+            if u.operation_type is OperationType.CHAINED_INVOKE and u.action is OperationAction.START:
                 assert u.function_name is not None and u.child_execution_id is not None
                 executions.create(self.store, tx, u.child_execution_id, u.function_name, u.payload, now,
                                   parent=(self.execution_id, u.operation_id))

@@ -435,7 +435,7 @@ class _ContextCore:
             raise ConfigError(f"invoke needs a function name, got {function_name!r}", field="function_name",
                               value=function_name)
         cfg = config or InvokeConfig()
-        op_id, op = self._next(OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, _check_name(name))
+        op_id, op = self._next(OperationType.CHAINED_INVOKE, OperationSubType.CHAINED_INVOKE, _check_name(name))
 
         def invoke() -> Any:
             state = self._state
@@ -444,7 +444,7 @@ class _ContextCore:
                 state.backend.check_invoke(function_name)
                 text = (cfg.serdes_payload or DEFAULT_SERDES).serialize(payload,
                                                                         SerdesContext(op_id, state.execution_id))
-                current = self._start(op_id, OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
+                current = self._start(op_id, OperationType.CHAINED_INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
                                       function_name=function_name, payload=text,
                                       child_execution_id=f"{state.execution_id}/{op_id}")
             if current.status is OperationStatus.SUCCEEDED:

@@ -118,6 +118,11 @@ class CheckpointError(DurableError):
     """The checkpoint service refused the invocation's updates (for example a stale ``CheckpointToken``)."""
 
 
+class InvalidCheckpointError(CheckpointError):
+    """The service refused a checkpoint batch that breaks its rules (an action a type does not take, two
+    updates of one operation, a bad id or parent): a bug in the SDK side, never retried."""
+
+
 class StepInterruptedError(DurableError):
     """An ``AT_MOST_ONCE_PER_RETRY`` attempt was cut off before its outcome was checkpointed."""
 

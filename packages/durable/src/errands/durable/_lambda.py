@@ -168,7 +168,7 @@ class InMemoryClient:
                 touched[op.id] = None
                 if op.callback_id and u.action is OperationAction.START:
                     self._callbacks[op.callback_id] = (ex.arn, op.id)
-                if u.operation_type is OperationType.INVOKE and u.action is OperationAction.START:
+                if u.operation_type is OperationType.CHAINED_INVOKE and u.action is OperationAction.START:
                     invokes.append(u)
             ex.token = uuid.uuid4().hex
             out = CheckpointOutput(ex.token, [ex.operations[i] for i in touched])

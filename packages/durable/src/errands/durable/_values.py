@@ -29,7 +29,13 @@ class OperationType(_StrEnum):
     STEP = "STEP"
     WAIT = "WAIT"
     CALLBACK = "CALLBACK"
-    INVOKE = "INVOKE"
+    CHAINED_INVOKE = "CHAINED_INVOKE"
+    #: Deprecated alias of ``CHAINED_INVOKE`` (the name before the 2025-12-01 API).
+    INVOKE = "CHAINED_INVOKE"
+
+    @classmethod
+    def _missing_(cls, value: object) -> OperationType | None:
+        return cls.CHAINED_INVOKE if value == "INVOKE" else None  # rows stored before the rename
 
 
 class OperationSubType(_StrEnum):
@@ -266,98 +272,23 @@ class Operation:
                 out[key] = value
         return out
 
+    @property
+    def scheduled_end_timestamp(self) -> float | None:
+        """When a wait ends (epoch seconds), the API's ``WaitDetails.ScheduledEndTimestamp``."""
+        return self.scheduled_timestamp
+
     def to_dict(self) -> dict[str, Any]:
-        """The AWS ``Operation`` JSON shape."""
-        out: dict[str, Any] = {"Id": self.id, "Type": self.type.value, "Status": self.status.value}
-        if self.parent_id:
-            out["ParentId"] = self.parent_id
-        if self.name:
-            out["Name"] = self.name
-        if self.sub_type:
-            out["SubType"] = self.sub_type.value
-        if self.start_timestamp is not None:
-            out["StartTimestamp"] = _iso(self.start_timestamp)
-        if self.end_timestamp is not None:
-            out["EndTimestamp"] = _iso(self.end_timestamp)
-        err = self.error.to_dict() if self.error else None
-        if self.type is OperationType.EXECUTION:
-            out["ExecutionDetails"] = {"InputPayload": self.input_payload}
-        elif self.type is OperationType.CONTEXT:
-            details: dict[str, Any] = {}
-            if self.result is not None:
-                details["Result"] = self.result
-            if err:
-                details["Error"] = err
-            out["ContextDetails"] = details
-        elif self.type is OperationType.STEP:
-            step: dict[str, Any] = {"Attempt": self.attempt}
-            if self.next_attempt_timestamp is not None:
-                step["NextAttemptTimestamp"] = _iso(self.next_attempt_timestamp)
-            if self.result is not None:
-                step["Result"] = self.result
-            if err:
-                step["Error"] = err
-            out["StepDetails"] = step
-        elif self.type is OperationType.WAIT:
-            out["WaitDetails"] = {"ScheduledTimestamp": _iso(self.scheduled_timestamp)}
-        elif self.type is OperationType.CALLBACK:
-            cb: dict[str, Any] = {"CallbackId": self.callback_id}
-            if self.result is not None:
-                cb["Result"] = self.result
-            if err:
-                cb["Error"] = err
-            out["CallbackDetails"] = cb
-        elif self.type is OperationType.INVOKE:
-            inv: dict[str, Any] = {"DurableExecutionArn": self.child_execution_id}
-            if self.result is not None:
-                inv["Result"] = self.result
-            if err:
-                inv["Error"] = err
-            out["InvokeDetails"] = inv
-        return out
+        """The Lambda API's ``Operation`` shape (timestamps in epoch milliseconds); see ``_wire``."""
+        from ._wire import operation_to_wire
+
+        return operation_to_wire(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Operation:
-        """Read the AWS ``Operation`` JSON shape."""
+        """Read the Lambda API's ``Operation`` shape, ignoring fields it does not know."""
+        from ._wire import operation_from_wire
 
-        def ts(value: Any) -> float | None:
-            if value is None:
-                return None
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, datetime):
-                return value.timestamp()
-            return datetime.fromisoformat(str(value)).timestamp()
-
-        type_ = OperationType(data["Type"])
-        kw: dict[str, Any] = {}
-        key = {
-            OperationType.EXECUTION: "ExecutionDetails", OperationType.CONTEXT: "ContextDetails",
-            OperationType.STEP: "StepDetails", OperationType.WAIT: "WaitDetails",
-            OperationType.CALLBACK: "CallbackDetails", OperationType.INVOKE: "InvokeDetails",
-        }[type_]
-        d = data.get(key) or {}
-        if d.get("Error"):
-            kw["error"] = ErrorObject.from_dict(d["Error"])
-        if "Result" in d:
-            kw["result"] = d["Result"]
-        if type_ is OperationType.EXECUTION:
-            kw["input_payload"] = d.get("InputPayload")
-        elif type_ is OperationType.STEP:
-            kw["attempt"] = int(d.get("Attempt", 0))
-            kw["next_attempt_timestamp"] = ts(d.get("NextAttemptTimestamp"))
-        elif type_ is OperationType.WAIT:
-            kw["scheduled_timestamp"] = ts(d.get("ScheduledTimestamp"))
-        elif type_ is OperationType.CALLBACK:
-            kw["callback_id"] = d.get("CallbackId")
-        elif type_ is OperationType.INVOKE:
-            kw["child_execution_id"] = d.get("DurableExecutionArn")
-        sub = data.get("SubType")
-        return cls(
-            id=data["Id"], type=type_, status=OperationStatus(data["Status"]), parent_id=data.get("ParentId"),
-            name=data.get("Name"), sub_type=OperationSubType(sub) if sub else None,
-            start_timestamp=ts(data.get("StartTimestamp")), end_timestamp=ts(data.get("EndTimestamp")), **kw,
-        )
+        return operation_from_wire(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +296,9 @@ class OperationUpdate:
     """One checkpoint update (AWS ``OperationUpdate``): what happened to an operation.
 
     ``wait_seconds``, ``next_attempt_delay_seconds``, ``timeout_seconds`` and
-    ``heartbeat_timeout_seconds`` are the ``WaitOptions``, ``StepOptions`` and ``CallbackOptions``.
+    ``heartbeat_timeout_seconds`` are the ``WaitOptions``, ``StepOptions`` and ``CallbackOptions``;
+    ``function_name`` and ``tenant_id`` the ``ChainedInvokeOptions``. ``callback_id`` and
+    ``child_execution_id`` are the service's (it issues them); they never go on the wire.
     """
 
     operation_id: str
@@ -383,30 +316,20 @@ class OperationUpdate:
     callback_id: str | None = None
     function_name: str | None = None
     child_execution_id: str | None = None
+    tenant_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The AWS ``OperationUpdate`` JSON shape."""
-        out: dict[str, Any] = {"Id": self.operation_id, "Type": self.operation_type.value, "Action": self.action.value}
-        if self.parent_id:
-            out["ParentId"] = self.parent_id
-        if self.name:
-            out["Name"] = self.name
-        if self.sub_type:
-            out["SubType"] = self.sub_type.value
-        if self.payload is not None:
-            out["Payload"] = self.payload
-        if self.error:
-            out["Error"] = self.error.to_dict()
-        if self.wait_seconds is not None:
-            out["WaitOptions"] = {"WaitSeconds": self.wait_seconds}
-        if self.next_attempt_delay_seconds is not None:
-            out["StepOptions"] = {"NextAttemptDelaySeconds": self.next_attempt_delay_seconds}
-        if self.timeout_seconds is not None or self.heartbeat_timeout_seconds is not None:
-            out["CallbackOptions"] = {"TimeoutSeconds": self.timeout_seconds or 0,
-                                      "HeartbeatTimeoutSeconds": self.heartbeat_timeout_seconds or 0}
-        if self.function_name is not None:
-            out["InvokeOptions"] = {"FunctionName": self.function_name}
-        return out
+        """The Lambda API's ``OperationUpdate`` shape (integer seconds in the options); see ``_wire``."""
+        from ._wire import update_to_wire
+
+        return update_to_wire(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OperationUpdate:
+        """Read the Lambda API's ``OperationUpdate`` shape, ignoring fields it does not know."""
+        from ._wire import update_from_wire
+
+        return update_from_wire(data)
 
 
 def apply_update(existing: Operation | None, update: OperationUpdate, now: float, seq: int = 0) -> Operation:
