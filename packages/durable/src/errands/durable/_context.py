@@ -18,6 +18,7 @@ from . import _loops
 from ._errors import (
     CallbackError,
     CallbackTimeoutError,
+    CheckpointError,
     ChildContextError,
     DurableOperationError,
     ExecutionFencedOut,
@@ -57,6 +58,7 @@ from ._values import (
     WaitForConditionConfig,
     to_seconds,
 )
+from ._wire import callback_deadline, seconds_to_wire
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -105,17 +107,13 @@ class Callback:
         assert op is not None
         if op.status is OperationStatus.SUCCEEDED:
             return _decode(self._serdes, op.result, self.operation_id, state.execution_id)
-        if op.status is OperationStatus.FAILED or op.status is OperationStatus.TIMED_OUT:
+        if op.status is OperationStatus.TIMED_OUT:
+            raise CallbackTimeoutError.from_error_object(op.error or ErrorObject(
+                type="CallbackTimeoutError", message=f"callback {op.name or self.operation_id} timed out"))
+        if op.done:
             raise _callback_error(op.error)
-        deadlines = [op.timeout_timestamp]
-        if op.heartbeat_timeout:
-            deadlines.append((op.heartbeat_timestamp or op.start_timestamp or 0.0) + op.heartbeat_timeout)
-        deadline = earliest(deadlines)
-        if deadline is not None and state.now() >= deadline:
-            error = ErrorObject(type="CallbackTimeoutError",
-                                message=f"callback {op.name or self.operation_id} timed out")
-            state.checkpoint(_update(op, OperationAction.FAIL, error=error), sync=True)
-            raise CallbackTimeoutError.from_error_object(error)
+        # The service times a callback out (CALLBACK takes only START): suspend until its deadline at most.
+        deadline = callback_deadline(op)
         raise SuspendExecution(f"waiting for callback {op.name or self.operation_id}", until=deadline)
 
 
@@ -227,7 +225,7 @@ class _ContextCore:
         self._parent_id = parent_id
         self._counter = 0
         self._lock = threading.Lock()
-        self.logger = log
+        self.logger = state.logger or log
 
     @property
     def execution_id(self) -> str:
@@ -336,6 +334,8 @@ class _ContextCore:
                 state.checkpoint(_update(cur, OperationAction.FAIL, error=error), sync=True)
                 raise StepError.from_error_object(error) from failure
             delay = decision.delay_seconds
+            if state.wire:  # the API takes whole seconds, at least one: the retry always suspends
+                delay = seconds_to_wire(delay, minimum=1) or 1
             state.checkpoint(_update(cur, OperationAction.RETRY, error=error, next_attempt_delay_seconds=delay),
                              sync=True)
             attempt += 1
@@ -355,14 +355,15 @@ class _ContextCore:
         op_id, op = self._next(OperationType.WAIT, OperationSubType.WAIT, _check_name(name))
 
         def wait() -> None:
+            # The service completes a wait (WAIT takes only START and CANCEL): the function suspends until
+            # then, and a replay finds the wait SUCCEEDED.
             state = self._state
             current = op
             if current is None:
-                current = self._start(op_id, OperationType.WAIT, OperationSubType.WAIT, name, wait_seconds=seconds)
+                wait_seconds = seconds_to_wire(seconds, minimum=1) if state.wire else seconds
+                current = self._start(op_id, OperationType.WAIT, OperationSubType.WAIT, name,
+                                      wait_seconds=wait_seconds)
             if current.done:
-                return
-            if state.now() >= (current.scheduled_timestamp or 0):
-                state.checkpoint(_update(current, OperationAction.SUCCEED), sync=False)
                 return
             raise SuspendExecution(f"wait {name or op_id}", until=current.scheduled_timestamp)
 
@@ -376,14 +377,16 @@ class _ContextCore:
         def create() -> Callback:
             current = op
             if current is None:
-                current = self._start(
+                self._start(
                     op_id, OperationType.CALLBACK, OperationSubType.CALLBACK, name, sync=True,
-                    callback_id=self._state.backend.new_callback_id(op_id),
                     timeout_seconds=to_seconds(config.timeout_seconds, field="timeout_seconds") or None,
                     heartbeat_timeout_seconds=to_seconds(config.heartbeat_timeout_seconds,
                                                          field="heartbeat_timeout_seconds") or None,
                 )
-            assert current.callback_id is not None
+                current = self._state.get(op_id)  # with the id the service issued
+                assert current is not None
+            if current.callback_id is None:
+                raise CheckpointError(f"the service issued no CallbackId for callback {name or op_id}")
             return Callback(self._state, op_id, current.callback_id, config.serdes or DEFAULT_SERDES)
 
         return op_id, _immediate(create)
@@ -445,7 +448,7 @@ class _ContextCore:
                 text = (cfg.serdes_payload or DEFAULT_SERDES).serialize(payload,
                                                                         SerdesContext(op_id, state.execution_id))
                 current = self._start(op_id, OperationType.CHAINED_INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
-                                      function_name=function_name, payload=text,
+                                      function_name=function_name, payload=text, tenant_id=state.tenant_id,
                                       child_execution_id=f"{state.execution_id}/{op_id}")
             if current.status is OperationStatus.SUCCEEDED:
                 return _decode(cfg.serdes_result or DEFAULT_SERDES, current.result, op_id, state.execution_id)
@@ -502,6 +505,8 @@ class _ContextCore:
             state.completed_new()
             return new_state
         delay = max(float(decision.delay_seconds), 0.0)
+        if state.wire:
+            delay = seconds_to_wire(delay, minimum=1) or 1
         state.checkpoint(_update(op, OperationAction.RETRY, payload=text, next_attempt_delay_seconds=delay),
                          sync=True)
         raise SuspendExecution(f"condition {label or op_id}", until=state.now() + delay)

@@ -16,15 +16,15 @@ class CheckpointBackend(Protocol):
 
     def now(self) -> float: ...
 
-    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> None:
-        """Persist ``operations`` (the state after ``updates``) in one transaction.
+    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]
+              ) -> Sequence[Operation] | None:
+        """Persist ``operations`` (the state after ``updates``) in one transaction; return the service's view
+        of the operations it changed (with what it issued: a callback's id), or None.
 
         Raises:
             ExecutionFencedOut: another invocation or an operator owns the execution now.
             InvocationAbandoned: the store failed (after any retries of its own): stop and replay later.
         """
-
-    def new_callback_id(self, operation_id: str) -> str: ...
 
     def check_invoke(self, function_name: str) -> None:
         """Raise ``ConfigError`` if ``function_name`` cannot be invoked from here."""
@@ -40,6 +40,11 @@ class ExecutionState:
                  always_replay: bool = False) -> None:
         self.backend = backend
         self.execution_id = backend.execution_id
+        #: The backend speaks the Lambda API: waits and retry delays are whole seconds, at least one.
+        self.wire: bool = bool(getattr(backend, "wire", False))
+        #: The logger of contexts and steps (None: ``errands.durable``); the chained invokes' ``TenantId``.
+        self.logger: Any = None
+        self.tenant_id: str | None = None
         self.operations: dict[str, Operation] = dict(operations or {})
         self.always_replay = always_replay
         self.fatal: NonDeterministicExecutionError | None = None
@@ -88,11 +93,26 @@ class ExecutionState:
             return
         updates, ids = self._updates, list(self._dirty)
         try:
-            self.backend.flush(updates, [self.operations[i] for i in ids])
+            answered = self.backend.flush(updates, [self.operations[i] for i in ids])
         except (ExecutionFencedOut, InvocationAbandoned) as signal:
             self.stopped = signal
             raise
         self._updates, self._dirty = [], {}
+        self.merge(answered or ())
+
+    def merge(self, answered: Sequence[Operation]) -> None:
+        """Take what the service issued for operations it answered with (a callback's id)."""
+        from dataclasses import replace
+
+        for op in answered:
+            mine = self.operations.get(op.id)
+            if mine is None:
+                continue
+            if op.callback_id and mine.callback_id != op.callback_id:
+                mine = replace(mine, callback_id=op.callback_id)
+            if op.done and not mine.done:  # settled by the service meanwhile
+                mine = replace(op, seq=mine.seq)
+            self.operations[op.id] = mine
 
     def take_pending(self) -> tuple[list[OperationUpdate], list[Operation]]:
         """The updates not yet flushed and the operations they touched, for the final transaction."""

@@ -77,6 +77,18 @@ class OperationAction(_StrEnum):
     CANCEL = "CANCEL"
 
 
+class TerminationReason(_StrEnum):
+    """Why an invocation ended without its function returning (the reference SDK's reasons)."""
+
+    UNHANDLED_ERROR = "UNHANDLED_ERROR"
+    INVOCATION_ERROR = "INVOCATION_ERROR"
+    EXECUTION_ERROR = "EXECUTION_ERROR"
+    CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
+    NON_DETERMINISTIC_EXECUTION = "NON_DETERMINISTIC_EXECUTION"
+    STEP_INTERRUPTED = "STEP_INTERRUPTED"
+    SERIALIZATION_ERROR = "SERIALIZATION_ERROR"
+
+
 class InvocationStatus(_StrEnum):
     """The outcome of one invocation: done, failed, or suspended until a timer or callback."""
 
@@ -345,8 +357,9 @@ def apply_update(existing: Operation | None, update: OperationUpdate, now: float
                      next_attempt_timestamp=None)
         if update.wait_seconds is not None:
             op = replace(op, scheduled_timestamp=now + update.wait_seconds)
-        if update.callback_id is not None:
-            op = replace(op, callback_id=update.callback_id, heartbeat_timestamp=now)
+        if update.operation_type is OperationType.CALLBACK:
+            # the service issues the callback id (``callback_id`` here is the one it chose)
+            op = replace(op, callback_id=update.callback_id or existing.callback_id, heartbeat_timestamp=now)
             if update.timeout_seconds:
                 op = replace(op, timeout_timestamp=now + update.timeout_seconds)
             if update.heartbeat_timeout_seconds:
@@ -361,8 +374,10 @@ def apply_update(existing: Operation | None, update: OperationUpdate, now: float
         return replace(existing, status=OperationStatus.FAILED, error=update.error, end_timestamp=now,
                        next_attempt_timestamp=None)
     if action is OperationAction.RETRY:
+        # PENDING until the delay has passed, then READY (the service's move; at once without a delay)
         delay = update.next_attempt_delay_seconds or 0.0
-        return replace(existing, status=OperationStatus.PENDING, error=update.error,
+        status = OperationStatus.PENDING if delay > 0 else OperationStatus.READY
+        return replace(existing, status=status, error=update.error,
                        result=update.payload if update.payload is not None else existing.result,
                        attempt=max(existing.attempt, 1) + 1, next_attempt_timestamp=now + delay)
     return replace(existing, status=OperationStatus.CANCELLED, end_timestamp=now)

@@ -373,7 +373,30 @@ def advance(op: Operation, now: float) -> Operation:
     if op.type is OperationType.STEP and op.status is OperationStatus.PENDING and (
             op.next_attempt_timestamp or 0.0) <= now:
         return replace(op, status=OperationStatus.READY)
+    if op.type is OperationType.CALLBACK and op.status is OperationStatus.STARTED:
+        deadline = callback_deadline(op)
+        if deadline is not None and deadline <= now:
+            error = ErrorObject(type="CallbackTimeoutError", message=f"callback {op.name or op.id} timed out")
+            return replace(op, status=OperationStatus.TIMED_OUT, error=error, end_timestamp=now)
     return op
+
+
+def callback_deadline(op: Operation) -> float | None:
+    """When a callback times out: its timeout, or its heartbeat timeout after the last heartbeat."""
+    deadlines = [t for t in (op.timeout_timestamp,) if t is not None]
+    if op.heartbeat_timeout:
+        deadlines.append((op.heartbeat_timestamp or op.start_timestamp or 0.0) + op.heartbeat_timeout)
+    return min(deadlines) if deadlines else None
+
+
+def advance_all(operations: Mapping[str, Operation], now: float) -> dict[str, Operation]:
+    """The operations that ``advance`` changes by ``now``, by id."""
+    out: dict[str, Operation] = {}
+    for op in operations.values():
+        moved = advance(op, now)
+        if moved is not op:
+            out[op.id] = moved
+    return out
 
 
 # -- invocation input and output, service answers ----------------------------------------------------
@@ -408,3 +431,34 @@ def checkpoint_response_from_wire(data: Mapping[str, Any]) -> tuple[str, list[Op
     The changed operations carry what the service issued (a callback's ``CallbackId``)."""
     ops, marker = state_from_wire(data.get("NewExecutionState"))
     return str(data.get("CheckpointToken") or ""), ops, marker
+
+
+#: Error codes the service answers with that no retry can fix (a KMS key the function cannot use).
+NON_RETRYABLE_CODES = frozenset({"KMSAccessDeniedException", "KMSDisabledException", "KMSInvalidStateException",
+                                 "KMSNotFoundException"})
+
+
+def checkpoint_error_category(exc: BaseException) -> str:
+    """``"EXECUTION"`` when a failed checkpoint call can never succeed (the execution must fail), else
+    ``"INVOCATION"`` (the invocation fails and Lambda retries it).
+
+    A batch the service refuses by its rules (``InvalidCheckpointError``), a non-retryable error code, and
+    a 4xx answer are execution-level, except throttling (429) and a stale checkpoint token
+    (``InvalidParameterValueException`` "Invalid checkpoint token ..."), as are 5xx answers and network
+    errors, which are invocation-level. botocore's ``ClientError`` is read through its ``response``.
+    """
+    if isinstance(exc, InvalidCheckpointError):
+        return "EXECUTION"
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return "INVOCATION"
+    error = response.get("Error") or {}
+    code = str(error.get("Code") or "")
+    if code in NON_RETRYABLE_CODES:
+        return "EXECUTION"
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    if isinstance(status, int) and 400 <= status < 500 and status != 429 and error and not (
+            code == "InvalidParameterValueException"
+            and str(error.get("Message") or "").startswith("Invalid checkpoint token")):
+        return "EXECUTION"
+    return "INVOCATION"
