@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
-from ._context import Callback, DurableContext, StepContext
+from ._context import Callback, DurableContext, StepContext, hash_id
 from ._errors import (
     BatchItemError,
     CallbackError,
@@ -26,13 +26,16 @@ from ._errors import (
     ChildContextError,
     DurableError,
     DurableOperationError,
+    ExecutionError,
     InvalidCheckpointError,
+    InvocationError,
     InvokeError,
     NonDeterministicExecutionError,
     SerdesError,
     StepError,
     StepInterruptedError,
     SuspendExecution,
+    UnrecoverableError,
     WaitForConditionError,
 )
 from ._lambda import (
@@ -79,6 +82,7 @@ from ._values import (
     ParallelConfig,
     StepConfig,
     StepSemantics,
+    TerminationReason,
     WaitForCallbackConfig,
     WaitForConditionConfig,
     WaitForConditionDecision,
@@ -110,11 +114,13 @@ __all__ = [
     "DurableRunner",
     "Duration",
     "ErrorObject",
+    "ExecutionError",
     "ExecutionInfo",
     "ExecutionStatus",
     "InMemoryClient",
     "InitialExecutionState",
     "InvalidCheckpointError",
+    "InvocationError",
     "InvocationInput",
     "InvocationOutput",
     "InvocationStatus",
@@ -145,6 +151,8 @@ __all__ = [
     "StepInterruptedError",
     "StepSemantics",
     "SuspendExecution",
+    "TerminationReason",
+    "UnrecoverableError",
     "WaitForCallbackConfig",
     "WaitForConditionConfig",
     "WaitForConditionDecision",
@@ -152,5 +160,6 @@ __all__ = [
     "__version__",
     "create_retry_strategy",
     "durable_function",
+    "hash_id",
     "with_durable_execution",
 ]

@@ -71,7 +71,14 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple}
 
 def operation_id(parent_id: str | None, counter: int) -> str:
     """The id of the ``counter``-th operation (1-based) under ``parent_id``: stable across replays."""
-    return hashlib.blake2b(f"{parent_id or ''}-{counter}".encode(), digest_size=8).hexdigest()
+    return hash_id(f"{parent_id or ''}-{counter}")
+
+
+def hash_id(value: str) -> str:
+    """The operation id for ``value``: 16 hex digits of its blake2b hash (within the API's 64 characters
+    of ``[A-Za-z0-9_-]``). ``hash_id(f"{parent_id or ''}-{n}")`` is the id of the n-th operation (1-based)
+    under ``parent_id``, so a test can build a checkpoint for ``set_operation`` by hand."""
+    return hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,8 @@ class _ClientExecution:
     function: str | None = None
     parent: tuple[str, str] | None = None
     output: InvocationOutput | None = None
+    #: Operations the service changed since the last checkpoint answer (answered callbacks, ended waits).
+    changed: set[str] = field(default_factory=set)
 
 
 class InMemoryClient:
@@ -185,7 +187,11 @@ class InMemoryClient:
                 if u.operation_type is OperationType.CHAINED_INVOKE and u.action is OperationAction.START:
                     invokes.append(u)
             ex.token = uuid.uuid4().hex
-            out = CheckpointOutput(ex.token, [ex.operations[i] for i in touched])
+            # the new execution state: what this batch changed, and what changed meanwhile on the service's
+            # side (a callback answered, a wait ended), so the function sees it in this invocation
+            changed = {**dict.fromkeys(ex.changed), **touched}
+            ex.changed.clear()
+            out = CheckpointOutput(ex.token, [ex.operations[i] for i in changed])
         for u in invokes:
             self._start_child(durable_execution_arn, u)
         return out
@@ -203,7 +209,9 @@ class InMemoryClient:
             return StateOutput(page, str(start + max_items) if more else "")
 
     def _advance(self, ex: _ClientExecution) -> None:
-        ex.operations.update(advance_all(ex.operations, self.clock.now()))
+        moved = advance_all(ex.operations, self.clock.now())
+        ex.operations.update(moved)
+        ex.changed.update(moved)
 
     # -- driving executions ----------------------------------------------------------------------
     def start_execution(self, input: Any = None, *, arn: str | None = None, function: str | None = None
@@ -342,6 +350,7 @@ class InMemoryClient:
                 return False
             ex.operations[op.id] = replace(op, status=status, result=payload, error=error,
                                            end_timestamp=self.clock.now())
+            ex.changed.add(op.id)
             return True
 
     def complete_callback(self, callback_id: str, payload: str | bytes | None = None) -> bool:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from ._errors import ExecutionFencedOut, InvocationAbandoned, NonDeterministicExecutionError, SuspendExecution
 from ._values import Operation, OperationUpdate, apply_update
+from ._wire import validate_updates
 
 
 class CheckpointBackend(Protocol):
@@ -54,6 +55,7 @@ class ExecutionState:
         self.replayed = bool(self.operations)
         self._updates: list[OperationUpdate] = []
         self._dirty: dict[str, None] = {}
+        self._before: dict[str, Operation | None] = {}
         self._lock = threading.RLock()
         self._seq = max((op.seq for op in self.operations.values()), default=0)
         self.new_completions = 0
@@ -72,6 +74,8 @@ class ExecutionState:
             if self.stopped is not None:
                 raise self.stopped
             existing = self.operations.get(update.operation_id)
+            if update.operation_id not in self._before:
+                self._before[update.operation_id] = existing
             if existing is None:
                 self._seq += 1
             op = apply_update(existing, update, self.now(), self._seq)
@@ -92,12 +96,14 @@ class ExecutionState:
         if not self._updates:
             return
         updates, ids = self._updates, list(self._dirty)
+        # the service's rules, on every backend alike (InMemoryClient and AWS check again on their side)
+        validate_updates(updates, _Before(self.operations, self._before))
         try:
             answered = self.backend.flush(updates, [self.operations[i] for i in ids])
         except (ExecutionFencedOut, InvocationAbandoned) as signal:
             self.stopped = signal
             raise
-        self._updates, self._dirty = [], {}
+        self._updates, self._dirty, self._before = [], {}, {}
         self.merge(answered or ())
 
     def merge(self, answered: Sequence[Operation]) -> None:
@@ -118,7 +124,8 @@ class ExecutionState:
         """The updates not yet flushed and the operations they touched, for the final transaction."""
         with self._lock:
             updates, ids = self._updates, list(self._dirty)
-            self._updates, self._dirty = [], {}
+            validate_updates(updates, _Before(self.operations, self._before))
+            self._updates, self._dirty, self._before = [], {}, {}
             return updates, [self.operations[i] for i in ids]
 
     def mark_fatal(self, error: NonDeterministicExecutionError) -> NonDeterministicExecutionError:
@@ -139,3 +146,30 @@ class ExecutionState:
 def earliest(values: Sequence[Any]) -> float | None:
     times = [float(v) for v in values if v is not None]
     return min(times) if times else None
+
+
+class _Before(Mapping[str, Operation]):
+    """The operations as they were before the pending batch (what the service holds), without a copy."""
+
+    def __init__(self, now: Mapping[str, Operation], before: Mapping[str, Operation | None]) -> None:
+        self._now = now
+        self._before = before
+
+    def __getitem__(self, key: str) -> Operation:
+        if key in self._before:
+            op = self._before[key]
+            if op is None:
+                raise KeyError(key)
+            return op
+        return self._now[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._before:
+            return self._before[key] is not None  # type: ignore[index]
+        return key in self._now
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._now if k in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
