@@ -163,3 +163,96 @@ def test_a_refused_checkpoint_fails_the_execution() -> None:
     out = wrapped(_input("arn:test:refused"))
     assert out.status is InvocationStatus.FAILED and out.error is not None
     assert out.error.type == "ExecutionError"
+
+
+def test_sync_futures_start_at_most_once() -> None:
+    from errands.durable.testing import LocalRunner
+
+    runs: list[str] = []
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        a = ctx.step_future("a", lambda s: runs.append("a") or 1)
+        b = ctx.step_future("b", lambda s: runs.append("b") or 2)
+        first = b.result()  # b runs first; a keeps the id it took first
+        return [a.result(), first, b.result(), a.done()]
+
+    assert LocalRunner(wf).run().result == [1, 2, 2, True]
+    assert runs == ["b", "a"]
+    assert LocalRunner(wf, always_replay=True).run().result == [1, 2, 2, True]
+
+
+def test_parallel_takes_named_branches_and_map_names_its_items() -> None:
+    from errands.durable import MapConfig, NamedBranch
+    from errands.durable.testing import LocalRunner
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        p = ctx.parallel("checks", [NamedBranch("payment", lambda c: "paid"), ("fraud", lambda c: "clean"),
+                                    {"name": "stock", "func": lambda c: 3}])
+        m = ctx.map("double", [1, 2], lambda c, item, i, items: item * 2,
+                    config=MapConfig(item_namer=lambda item, i: f"item-{item}"))
+        return [p.results(), m.results()]
+
+    local = LocalRunner(wf)
+    info = local.run()
+    assert info.result == [["paid", "clean", 3], [2, 4]]
+    names = {o.name for o in local.runner.history(info.execution_id) if o.parent_id}
+    assert {"payment", "fraud", "stock", "item-1", "item-2"} <= names
+
+
+def test_execute_concurrently_takes_the_reference_items() -> None:
+    from errands.durable import ConcurrentItem
+    from errands.durable.testing import LocalRunner
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        items = [ConcurrentItem(id="x", data=10, index=0, name="ten"), {"id": "y", "data": 20, "index": 1}, 30]
+        r = ctx.execute_concurrently("fan", items, lambda c, item: [item.id, item.data, item.index, item.name])
+        return r.results()
+
+    assert LocalRunner(wf).run().result == [["x", 10, 0, "ten"], ["y", 20, 1, None], ["2", 30, 2, None]]
+
+
+def test_item_and_batch_serdes() -> None:
+    from errands.durable import MapConfig
+    from errands.durable.testing import LocalRunner
+
+    class Upper:
+        def serialize(self, value: Any, context: SerdesContext) -> str:
+            return str(value).upper()
+
+        def deserialize(self, data: str, context: SerdesContext) -> Any:
+            return data
+
+    class Tagged(JsonSerdes):
+        def serialize(self, value: Any, context: SerdesContext) -> str:
+            return "batch:" + super().serialize(value, context)
+
+        def deserialize(self, data: str, context: SerdesContext) -> Any:
+            return super().deserialize(data.removeprefix("batch:"), context)
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        return ctx.map("m", ["a", "b"], lambda c, item, i, items: item,
+                       config=MapConfig(item_serdes=Upper(), batch_serdes=Tagged())).results()
+
+    local = LocalRunner(wf)
+    info = local.run()
+    assert info.result == ["A", "B"]
+    [batch] = [o for o in local.runner.history(info.execution_id) if o.sub_type is OperationSubType.MAP]
+    assert (batch.result or "").startswith("batch:")
+    assert LocalRunner(wf, always_replay=True).run().result == ["A", "B"]
+
+
+def test_using_a_parent_context_inside_a_child_raises() -> None:
+    from errands.durable import InvalidStateError
+    from errands.durable.testing import LocalRunner
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        def child(c: DurableContext) -> str:
+            try:
+                ctx.step("wrong", lambda s: 1)
+            except InvalidStateError:
+                return "refused"
+            return "allowed"
+
+        return ctx.run_in_child_context("child", child)
+
+    assert LocalRunner(wf).run().result == "refused"

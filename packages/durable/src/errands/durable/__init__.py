@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
-from ._context import Callback, DurableContext, StepContext, hash_id
+from ._context import Callback, DurableContext, DurableFuture, StepContext, hash_id
 from ._errors import (
     BatchItemError,
     CallbackError,
@@ -28,6 +28,7 @@ from ._errors import (
     DurableOperationError,
     ExecutionError,
     InvalidCheckpointError,
+    InvalidStateError,
     InvocationError,
     InvokeError,
     NonDeterministicExecutionError,
@@ -66,6 +67,7 @@ from ._values import (
     ChildConfig,
     CompletionConfig,
     CompletionReason,
+    ConcurrentItem,
     Duration,
     ErrorObject,
     ExecutionInfo,
@@ -73,6 +75,7 @@ from ._values import (
     InvocationStatus,
     InvokeConfig,
     MapConfig,
+    NamedBranch,
     Operation,
     OperationAction,
     OperationStatus,
@@ -105,10 +108,12 @@ __all__ = [
     "ChildContextError",
     "CompletionConfig",
     "CompletionReason",
+    "ConcurrentItem",
     "DuplicateFunctionError",
     "DurableContext",
     "DurableError",
     "DurableExecutionConfig",
+    "DurableFuture",
     "DurableOperation",
     "DurableOperationError",
     "DurableRunner",
@@ -120,6 +125,7 @@ __all__ = [
     "InMemoryClient",
     "InitialExecutionState",
     "InvalidCheckpointError",
+    "InvalidStateError",
     "InvocationError",
     "InvocationInput",
     "InvocationOutput",
@@ -129,6 +135,7 @@ __all__ = [
     "JitterStrategy",
     "JsonSerdes",
     "MapConfig",
+    "NamedBranch",
     "NonDeterministicExecutionError",
     "Operation",
     "OperationAction",

@@ -123,6 +123,11 @@ class InvalidCheckpointError(CheckpointError):
     updates of one operation, a bad id or parent): a bug in the SDK side, never retried."""
 
 
+class InvalidStateError(DurableError):
+    """An operation was called where it cannot be: on a parent context from inside one of its child
+    contexts (a child context function, a ``map`` item, a ``parallel`` branch)."""
+
+
 class UnrecoverableError(DurableError):
     """An error that ends the invocation whatever user code does, with a ``termination_reason``
     (``TerminationReason``): ``InvocationError`` (the handler raises, so Lambda retries the invocation) or

@@ -478,20 +478,53 @@ class WaitForConditionConfig(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class MapConfig:
-    """Options of ``ctx.map``: at most ``max_concurrency`` items at once (None: all)."""
+    """Options of ``ctx.map``: at most ``max_concurrency`` items at once (None: all).
+
+    ``item_namer(item, index) -> str`` names each item's child context; ``item_serdes`` stores each item's
+    result (``serdes`` too, for compatibility; ``item_serdes`` wins); ``batch_serdes`` stores the whole
+    ``BatchResult`` checkpoint (JSON by default).
+    """
 
     max_concurrency: int | None = None
     completion_config: CompletionConfig = field(default_factory=CompletionConfig)
     serdes: Serdes | None = None
+    item_namer: Callable[[Any, int], str] | None = None
+    item_serdes: Serdes | None = None
+    batch_serdes: Serdes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
-    """Options of ``ctx.parallel`` and ``ctx.execute_concurrently``."""
+    """Options of ``ctx.parallel`` and ``ctx.execute_concurrently``; ``item_serdes`` / ``batch_serdes`` as
+    in ``MapConfig``."""
 
     max_concurrency: int | None = None
     completion_config: CompletionConfig = field(default_factory=CompletionConfig.all_successful)
     serdes: Serdes | None = None
+    item_serdes: Serdes | None = None
+    batch_serdes: Serdes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NamedBranch(Generic[T]):
+    """A ``parallel`` branch with a name (its child context's ``Name``): ``NamedBranch("a", fn)``; a
+    ``(name, fn)`` pair or ``{"name": ..., "func": ...}`` works too."""
+
+    name: str | None
+    func: Callable[[Any], T]
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrentItem(Generic[T]):
+    """One item of ``ctx.execute_concurrently(name, items, fn)``: ``fn(child_ctx, item)`` gets it.
+
+    ``id`` is the caller's key for the item (the operation ids stay derived from ``index``), ``data`` the
+    item's value, ``index`` its position, ``name`` its child context's name."""
+
+    id: str
+    data: T
+    index: int
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
