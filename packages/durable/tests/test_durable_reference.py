@@ -256,3 +256,56 @@ def test_using_a_parent_context_inside_a_child_raises() -> None:
         return ctx.run_in_child_context("child", child)
 
     assert LocalRunner(wf).run().result == "refused"
+
+
+def test_the_same_handler_behaves_alike_on_the_client_and_the_runner() -> None:
+    from errands.durable import StepConfig, WaitForConditionConfig, WaitForConditionDecision
+    from errands.durable import RetryDecision
+    from errands.durable.testing import LocalRunner
+
+    attempts: list[int] = []
+
+    def flaky(step: Any) -> str:
+        attempts.append(step.attempt)
+        if step.attempt < 2:
+            raise RuntimeError("once")
+        return "ok"
+
+    def handler(event: Any, ctx: DurableContext) -> Any:
+        a = ctx.step("flaky", flaky, config=StepConfig(retry_strategy=lambda e, n: RetryDecision.retry(2)))
+        ctx.wait("nap", 5)
+        cb = ctx.create_callback("approval")
+        polled = ctx.wait_for_condition(lambda s, step: s + 1, WaitForConditionConfig(
+            wait_strategy=lambda s, n: WaitForConditionDecision(s < 2, 3), initial_state=0), "poll")
+        return [a, polled, cb.result(), event]
+
+    def shape(ops: list[Operation]) -> list[tuple[Any, ...]]:
+        return [(o.type, o.sub_type, o.name, o.status, o.attempt) for o in ops if o.type is not OperationType.EXECUTION]
+
+    clock = FakeClock()
+    client = InMemoryClient(clock=clock)
+    wrapped = with_durable_execution(handler, DurableExecutionConfig(client=client))
+    inp = client.start_execution({"n": 1})
+    arn = inp.durable_execution_arn
+    out = wrapped(inp)
+    for _ in range(20):
+        if out.status is not InvocationStatus.PENDING:
+            break
+        for cb in client.operations(arn):
+            if cb.type is OperationType.CALLBACK and cb.callback_id and cb.status is OperationStatus.STARTED:
+                client.complete_callback(cb.callback_id, '"yes"')
+        clock.advance(5)
+        out = wrapped(client.invocation_input(arn))
+    assert out.status is InvocationStatus.SUCCEEDED and json.loads(out.result or "") == ["ok", 2, "yes", {"n": 1}]
+    on_client = shape(client.operations(arn))
+
+    attempts.clear()
+    local = LocalRunner(handler)
+    info = local.run({"n": 1})
+    [cb_op] = [o for o in local.runner.history(info.execution_id) if o.type is OperationType.CALLBACK]
+    assert cb_op.callback_id
+    local.runner.complete_callback(cb_op.callback_id, "yes")
+    info = local.drive(info.execution_id)
+    assert info.result == ["ok", 2, "yes", {"n": 1}]
+    assert shape(local.runner.history(info.execution_id)) == on_client
+    assert on_client[1][:4] == (OperationType.WAIT, OperationSubType.WAIT, "nap", OperationStatus.SUCCEEDED)
