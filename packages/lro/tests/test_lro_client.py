@@ -651,9 +651,17 @@ def test_shared_store_object_and_missing_scheduler(tmp_path: Any) -> None:
     from errands.lro import SQLOperationStore
 
     inner = open_store("memory://")
+    # A read-only process (an Operations server) needs no scheduler; resuming without one is refused.
+    reader = LroClient(Config(neuron="svc", store=_Wrapped(SQLOperationStore(inner, "svc"))))
+    assert reader.scheduler is None
+    op = reader.new_operation("operations/r1", {"n": 1})
+    assert reader.get_operation_pb("operations/r1").name == "operations/r1"
     with pytest.raises(ConfigError) as err:
-        LroClient(Config(neuron="svc", store=_Wrapped(SQLOperationStore(inner, "svc"))))
+        op.resume_via_tasks("h")
     assert err.value.field == "lro.scheduler"
+    assert reader.store.get("operations/r1").resume_token is None  # nothing was saved
+    reader.cancel_operation("operations/r1")  # never scheduled: cancelled at once, no scheduler needed
+    assert reader.get_operation_pb("operations/r1").error.code == 1
     with pytest.raises(ConfigError):
         LroClient(Config(neuron="svc", store=42))
     inner.close()
