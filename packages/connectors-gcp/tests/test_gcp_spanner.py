@@ -7,14 +7,19 @@ from typing import Any, Iterator
 
 import pytest
 from errands.connectors.gcp import SpannerOperationStore
-from errands.connectors.gcp.testing import SpannerDatabase
+from errands.connectors.gcp.testing import (
+    ALIS_OPERATIONS_DDL,
+    SpannerDatabase,
+    provision_alis_table,
+)
+from errands.connectors.gcp.testing import database_ddl as _ddl
 from errands.core import FakeClock
 from errands.lro.testing import OperationStoreContract, make_record
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
 
-# The alis module's DDL, verbatim (go.alis.build/lro/v2 provisions exactly this table).
+# The alis module's DDL, verbatim (go.alis.build/lro/v2's Managed Operations provision exactly this table).
 ALIS_DDL = (
     "CREATE TABLE {project}_{neuron}_Operations (key STRING(MAX) NOT NULL AS (Operation.name) STORED, "
     "Operation google.longrunning.Operation, State BYTES(MAX), ResumePoint STRING(MAX), "
@@ -23,28 +28,8 @@ ALIS_DDL = (
 )
 
 
-def _database(db: SpannerDatabase) -> Any:
-    from google.cloud import spanner
-
-    return spanner.Client(project=db.project).instance(db.instance).database(db.database)
-
-
-def provision_alis_table(db: SpannerDatabase, project: str = "os_proj", neuron: str = "launchpad_v1") -> str:
-    """Create ``{project}_{neuron}_Operations`` with the alis DDL verbatim; returns the table name."""
-    from errands.connectors.gcp import operations_descriptor_set
-
-    database = _database(db)
-    database.update_ddl(
-        ["CREATE PROTO BUNDLE (google.longrunning.Operation)", ALIS_DDL.format(project=project, neuron=neuron)],
-        proto_descriptors=operations_descriptor_set(),
-    ).result(timeout=120)
-    return f"{project}_{neuron}_Operations"
-
-
-def _ddl(db: SpannerDatabase) -> list[str]:
-    database = _database(db)
-    database.reload()
-    return list(database.ddl_statements)
+def test_the_test_kit_provisions_the_alis_ddl_verbatim() -> None:
+    assert ALIS_OPERATIONS_DDL == ALIS_DDL
 
 
 class TestSpannerOperationStore(OperationStoreContract):

@@ -381,14 +381,18 @@ class SpannerOperationStore:
         out = replace(record, version=1, update_time=now)
         columns, values = self._write(out, when)
 
-        def fn(tx: Any) -> None:
-            tx.insert(self.table, columns, [values])
-
+        exceptions = require("google.api_core.exceptions", package="google-api-core", extra="spanner")
+        # One blind insert, committed in one round trip: an existing row makes the commit fail, so there is
+        # nothing to read first.
         try:
-            _, commit = self._run(fn)
-        except AlreadyExistsError as exc:
+            with self._db.batch() as batch:
+                batch.insert(self.table, columns, [values])
+        except exceptions.AlreadyExists as exc:
             raise AlreadyExistsError(f"operation {record.name!r} already exists; choose another id") from exc
-        return self._stamped(out, commit, now)
+        except exceptions.NotFound as exc:
+            raise NotFoundError(f"Spanner says not found ({self.table}): {exc.message}") from exc
+        committed = getattr(batch, "committed", None)
+        return self._stamped(out, committed.timestamp() if committed is not None else None, now)
 
     def get(self, name: str) -> Any:
         """The stored record. Raises ``NotFoundError``."""

@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from errands.core.testing import service_missing
@@ -44,9 +44,12 @@ from ._emulators import (
 )
 
 __all__ = [
+    "ALIS_OPERATIONS_DDL",
     "TASKS_EMULATOR_VERSION",
     "EmulatorProcess",
     "SpannerDatabase",
+    "database_ddl",
+    "provision_alis_table",
     "pubsub_emulator",
     "spanner_database",
     "spanner_emulator",
@@ -150,6 +153,42 @@ def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatab
     finally:
         with contextlib.suppress(Exception):
             database.drop()
+
+
+#: The operations table of the alis module, verbatim (``{project}`` and ``{neuron}`` with underscores).
+ALIS_OPERATIONS_DDL = (
+    "CREATE TABLE {project}_{neuron}_Operations (key STRING(MAX) NOT NULL AS (Operation.name) STORED, "
+    "Operation google.longrunning.Operation, State BYTES(MAX), ResumePoint STRING(MAX), "
+    "UpdateTime TIMESTAMP OPTIONS (allow_commit_timestamp=true)) PRIMARY KEY (key), "
+    "ROW DELETION POLICY (OLDER_THAN(UpdateTime, INTERVAL 90 DAY))"
+)
+
+
+def _database(db: SpannerDatabase) -> Any:
+    from google.cloud import spanner
+
+    # google-cloud-spanner's Client.instance carries no annotations.
+    return spanner.Client(project=db.project).instance(db.instance).database(db.database)  # type: ignore[no-untyped-call]
+
+
+def provision_alis_table(db: SpannerDatabase, project: str = "os_proj", neuron: str = "launchpad_v1") -> str:
+    """Create ``{project}_{neuron}_Operations`` in ``db`` as the alis module does: ``CREATE PROTO BUNDLE
+    (google.longrunning.Operation)`` and ``ALIS_OPERATIONS_DDL``. Returns the table name."""
+    from ._spanner_table import operations_descriptor_set
+
+    _database(db).update_ddl(
+        ["CREATE PROTO BUNDLE (google.longrunning.Operation)",
+         ALIS_OPERATIONS_DDL.format(project=project, neuron=neuron)],
+        proto_descriptors=operations_descriptor_set(),
+    ).result(timeout=120)
+    return f"{project}_{neuron}_Operations"
+
+
+def database_ddl(db: SpannerDatabase) -> list[str]:
+    """The DDL statements of ``db`` as Spanner reports them."""
+    database = _database(db)
+    database.reload()
+    return list(database.ddl_statements)
 
 
 @pytest.fixture(scope="session")
