@@ -197,3 +197,25 @@ def test_bad_config_and_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MissingDependencyError) as missing:
         SpannerOperationStore("p", "i", "d", "svc")
     assert missing.value.extra == "spanner"
+
+
+def test_store_url_options_and_database_role(spanner_database: SpannerDatabase) -> None:
+    from errands.connectors.gcp import SpannerStore
+    from errands.core import ConfigError
+
+    db = spanner_database
+    url = f"spanner://projects/{db.project}/instances/{db.instance}/databases/{db.database}"
+    parsed = SpannerStore(f"{url}?database_role=lro_reader&create_table=false")
+    assert parsed.options == {"database_role": "lro_reader", "create_table": False}
+    with pytest.raises(ConfigError, match="unknown"):
+        SpannerStore(f"{url}?colour=blue")
+    table = provision_alis_table(db)
+    # The emulator accepts a session role without enforcing fine-grained access control.
+    store = SpannerStore(url, create_table=False).operation_store(neuron="launchpad-v1", table=table,
+                                                                  database_role="lro_reader")
+    try:
+        assert store.database_role == "lro_reader" and store._db.database_role == "lro_reader"
+        store.create(make_record("operations/r1"))
+        assert store.get("operations/r1").version == 1
+    finally:
+        store.close()
