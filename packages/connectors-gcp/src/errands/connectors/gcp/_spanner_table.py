@@ -180,6 +180,8 @@ class SpannerOperationStore:
         ttl_days: the row deletion policy of a table created here.
         database_role: the fine-grained access control role the sessions use (alis ``database_role``).
         purge_batch: rows each partitioned ``DELETE`` of ``purge`` covers at most.
+        sessions: the size of the session pool (a ``PingingPool``) read-write transactions use.
+        pool: a session pool of your own instead.
         client: a ready ``google.cloud.spanner.Client``.
 
     Example:
@@ -202,6 +204,8 @@ class SpannerOperationStore:
         ttl_days: int = 90,
         database_role: str | None = None,
         purge_batch: int = 1000,
+        sessions: int = 10,
+        pool: Any = None,
         client: Any = None,
     ) -> None:
         problems = [
@@ -216,6 +220,9 @@ class SpannerOperationStore:
                 or not 1 <= purge_batch <= _MAX_PURGE_BATCH):
             problems.append(ConfigError(f"purge_batch must be an integer from 1 to {_MAX_PURGE_BATCH}, got "
                                         f"{purge_batch!r}", field="purge_batch", value=purge_batch))
+        if isinstance(sessions, bool) or not isinstance(sessions, int) or not 1 <= sessions <= 1000:
+            problems.append(ConfigError(f"sessions must be an integer from 1 to 1000, got {sessions!r}",
+                                        field="sessions", value=sessions))
         if database_role is not None and (not isinstance(database_role, str) or not database_role):
             problems.append(ConfigError(f"database_role must be a role name, got {database_role!r}",
                                         field="database_role", value=database_role))
@@ -230,9 +237,10 @@ class SpannerOperationStore:
         self._spanner = spanner
         self._client = client or spanner.Client(project=project)
         self._owns_client = client is None
-        instance_ = self._client.instance(instance)
-        self._db = (instance_.database(database, database_role=database_role) if database_role
-                    else instance_.database(database))
+        # A pinging pool checks a session's health only when it has been idle for long: a bursty pool (the
+        # client's default) asks the server whether the session exists before every read-write transaction.
+        pool = spanner.PingingPool(size=sessions, database_role=database_role) if pool is None else pool
+        self._db = self._client.instance(instance).database(database, pool=pool, database_role=database_role)
         self._lock = threading.Lock()
         self._layout: _Layout | None = None
         self._create = create_table
