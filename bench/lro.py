@@ -250,6 +250,7 @@ def bench_spanner(n: int, repeat: int) -> tuple[float, float, float] | None:
     os.environ["GOOGLE_CLOUD_SPANNER_MULTIPLEXED_SESSIONS_FOR_RW"] = "false"
     from errands.connectors.gcp import SpannerOperationStore, operations_descriptor_set
     from errands.connectors.gcp._emulators import SPANNER_INSTANCE, TEST_PROJECT, start_spanner_emulator
+    from errands.connectors.gcp._spanner_table import ALIS_OPERATIONS_DDL, PROTO_BUNDLE_DDL
 
     try:
         emulator = start_spanner_emulator()
@@ -278,13 +279,8 @@ def bench_spanner(n: int, repeat: int) -> tuple[float, float, float] | None:
             database = instance.database(name)
             database.create().result(timeout=60)
             table = "bench_proj_bench_Operations"
-            database.update_ddl([
-                "CREATE PROTO BUNDLE (google.longrunning.Operation)",
-                f"CREATE TABLE {table} (key STRING(MAX) NOT NULL AS (Operation.name) STORED, "
-                "Operation google.longrunning.Operation, State BYTES(MAX), ResumePoint STRING(MAX), "
-                "UpdateTime TIMESTAMP OPTIONS (allow_commit_timestamp=true)) PRIMARY KEY (key), "
-                "ROW DELETION POLICY (OLDER_THAN(UpdateTime, INTERVAL 90 DAY))",
-            ], proto_descriptors=operations_descriptor_set()).result(timeout=120)
+            database.update_ddl([PROTO_BUNDLE_DDL, ALIS_OPERATIONS_DDL.format(project="bench_proj", neuron="bench")],
+                                proto_descriptors=operations_descriptor_set()).result(timeout=120)
             return database, table
 
         raw: list[float] = []

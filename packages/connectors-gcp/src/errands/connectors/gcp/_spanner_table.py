@@ -38,6 +38,8 @@ from errands.core import AlreadyExistsError, ConfigError, LeaseLostError, NotFou
 from ._imports import require
 
 __all__ = [
+    "ALIS_OPERATIONS_DDL",
+    "PROTO_BUNDLE_DDL",
     "STATE_MAGIC",
     "SpannerOperationStore",
     "SpannerStore",
@@ -56,6 +58,15 @@ _READ = ", ".join(f"`{c}`" for c in _ALIS_COLUMNS)
 #: The first bytes of a ``State`` value that carries lro's bookkeeping (a JSON line) before the private state.
 STATE_MAGIC = b"\x00errands.lro/1 "
 _MAX_PURGE_BATCH = 10_000
+#: The operations table of the alis module, verbatim (``{project}`` and ``{neuron}`` with underscores).
+ALIS_OPERATIONS_DDL = (
+    "CREATE TABLE {project}_{neuron}_Operations (key STRING(MAX) NOT NULL AS (Operation.name) STORED, "
+    "Operation google.longrunning.Operation, State BYTES(MAX), ResumePoint STRING(MAX), "
+    "UpdateTime TIMESTAMP OPTIONS (allow_commit_timestamp=true)) PRIMARY KEY (key), "
+    "ROW DELETION POLICY (OLDER_THAN(UpdateTime, INTERVAL 90 DAY))"
+)
+#: The proto bundle the alis table needs.
+PROTO_BUNDLE_DDL = f"CREATE PROTO BUNDLE ({_PROTO_TYPE})"
 
 
 def table_name(project: str, neuron: str) -> str:

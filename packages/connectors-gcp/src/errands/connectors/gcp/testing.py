@@ -42,6 +42,7 @@ from ._emulators import (
     start_tasks_emulator,
     tasks_emulator_python,
 )
+from ._spanner_table import ALIS_OPERATIONS_DDL, PROTO_BUNDLE_DDL
 
 __all__ = [
     "ALIS_OPERATIONS_DDL",
@@ -155,15 +156,6 @@ def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatab
             database.drop()
 
 
-#: The operations table of the alis module, verbatim (``{project}`` and ``{neuron}`` with underscores).
-ALIS_OPERATIONS_DDL = (
-    "CREATE TABLE {project}_{neuron}_Operations (key STRING(MAX) NOT NULL AS (Operation.name) STORED, "
-    "Operation google.longrunning.Operation, State BYTES(MAX), ResumePoint STRING(MAX), "
-    "UpdateTime TIMESTAMP OPTIONS (allow_commit_timestamp=true)) PRIMARY KEY (key), "
-    "ROW DELETION POLICY (OLDER_THAN(UpdateTime, INTERVAL 90 DAY))"
-)
-
-
 def _database(db: SpannerDatabase) -> Any:
     from google.cloud import spanner
 
@@ -177,8 +169,7 @@ def provision_alis_table(db: SpannerDatabase, project: str = "os_proj", neuron: 
     from ._spanner_table import operations_descriptor_set
 
     _database(db).update_ddl(
-        ["CREATE PROTO BUNDLE (google.longrunning.Operation)",
-         ALIS_OPERATIONS_DDL.format(project=project, neuron=neuron)],
+        [PROTO_BUNDLE_DDL, ALIS_OPERATIONS_DDL.format(project=project, neuron=neuron)],
         proto_descriptors=operations_descriptor_set(),
     ).result(timeout=120)
     return f"{project}_{neuron}_Operations"
