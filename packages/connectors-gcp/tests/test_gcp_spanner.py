@@ -58,6 +58,35 @@ class TestSpannerOperationStoreOnTheAlisTable(OperationStoreContract):
         assert _ddl(spanner_database) == before  # the schema is unchanged
 
 
+class TestSpannerOperationStoreOnAPlainTable(OperationStoreContract):
+    """The contract where PROTO columns and generated keys are unavailable: ``Operation`` as ``BYTES``, a
+    written ``key``, no commit timestamps (``done`` is then filtered page by page)."""
+
+    @pytest.fixture
+    def op_store(self, clock: FakeClock, spanner_database: SpannerDatabase) -> Iterator[Any]:
+        from google.cloud import spanner
+
+        db = spanner_database
+        database = spanner.Client(project=db.project).instance(db.instance).database(db.database)
+        database.update_ddl([
+            "CREATE TABLE plain_Operations (key STRING(MAX) NOT NULL, Operation BYTES(MAX), State BYTES(MAX), "
+            "ResumePoint STRING(MAX), UpdateTime TIMESTAMP) PRIMARY KEY (key)"
+        ]).result(timeout=120)
+        store = SpannerOperationStore(db.project, db.instance, db.database, "launchpad-v1", table="plain_Operations",
+                                      clock=clock, create_table=False)
+        layout = store.layout()
+        assert not (layout.key_generated or layout.proto_operation or layout.commit_timestamp or layout.done_column)
+        yield store
+        store.close()
+
+    def test_done_listing_pages_through_a_bytes_column(self, op_store: Any) -> None:
+        for i in range(7):
+            op_store.create(make_record(f"operations/p{i}", done=i % 3 == 0))
+        assert [r.name for r in op_store.list(done=True, limit=2)] == ["operations/p0", "operations/p3"]
+        assert [r.name for r in op_store.list(done=True, after="operations/p3", limit=2)] == ["operations/p6"]
+        assert len(op_store.list(done=False, limit=100)) == 4
+
+
 def test_table_is_the_alis_layout(spanner_database: SpannerDatabase) -> None:
     store = SpannerOperationStore(spanner_database.project, spanner_database.instance, spanner_database.database,
                                   "launchpad-v1", table_project="my-os-project")
