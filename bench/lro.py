@@ -28,7 +28,9 @@ Every lro save is compare-and-set on the version column (no read first), and eac
 ``lro.operation.done`` journal event in the same transaction.
 
 Spanner rows (on the Spanner emulator, when its binary is installed): ``--spanner-ops`` operations through the
-same three steps on one table created with the alis DDL verbatim, the two sides alternating:
+same three steps, each run of each side on an emulator process of its own (the emulator slows down as it runs,
+its strong reads most, so no run inherits another's), on a table created with the alis DDL verbatim, after a
+warm-up of 20 operations; the sides take turns going first:
 
 - ``alis sequence (raw Spanner client)``: what go.alis.build/lro/v2 does with the raw client: a blind insert
   (one commit), then per save a read of the row and a blind update (one commit); its resume reads the row
@@ -183,7 +185,7 @@ def run_spanner_raw(database: Any, table: str, n: int, tag: str, blind: bool = F
 
     def read(name: str) -> tuple[operations_pb2.Operation, bytes | None]:
         with database.snapshot() as snap:
-            (row,) = list(snap.read(table, ["Operation", "State"], spanner.KeySet(keys=[[name]])))
+            (row,) = list(snap.read(table, ["Operation", "State"], spanner.KeySet(keys=[[name]]), limit=1))
         return operations_pb2.Operation.FromString(row[0]), None if row[1] is None else base64.b64decode(row[1])
 
     def write(name: str, op: operations_pb2.Operation, state: bytes | None, insert: bool = False) -> None:
@@ -244,23 +246,18 @@ def run_spanner_lro(store: Any, n: int, tag: str) -> float:
     return elapsed
 
 
-def bench_spanner(n: int, repeat: int) -> tuple[float, float, float] | None:
-    """Median seconds of the raw alis sequence, of lro/v2's blind saves and of lro on one alis table on the
-    emulator; None without the emulator binary."""
-    os.environ["GOOGLE_CLOUD_SPANNER_MULTIPLEXED_SESSIONS_FOR_RW"] = "false"
+def spanner_run(side: str, n: int) -> float:
+    """One timed run of ``side`` (``raw``, ``blind`` or ``lro``) on a Spanner emulator of its own: a fresh
+    process, a database with one table made with the alis DDL verbatim, a warm-up of 20 operations on it first.
+    The emulator slows down as it runs (its reads most), so no run inherits another's emulator."""
     from errands.connectors.gcp import SpannerOperationStore, operations_descriptor_set
     from errands.connectors.gcp._emulators import SPANNER_INSTANCE, TEST_PROJECT, start_spanner_emulator
     from errands.connectors.gcp._spanner_table import ALIS_OPERATIONS_DDL, PROTO_BUNDLE_DDL
+    from google.cloud import spanner
 
-    try:
-        emulator = start_spanner_emulator()
-    except FileNotFoundError as exc:
-        print(f"\nSpanner rows skipped: {exc}")
-        return None
+    emulator = start_spanner_emulator()
     os.environ["SPANNER_EMULATOR_HOST"] = emulator.address
     try:
-        from google.cloud import spanner
-
         client = spanner.Client(project=TEST_PROJECT)
         instance = client.instance(SPANNER_INSTANCE, configuration_name=f"projects/{TEST_PROJECT}/instanceConfigs/"
                                    "emulator-config", node_count=1)
@@ -269,48 +266,43 @@ def bench_spanner(n: int, repeat: int) -> tuple[float, float, float] | None:
             try:
                 instance.create().result(timeout=30)
                 break
-            except Exception:
+            except Exception:  # the emulator accepts connections a moment before it serves the admin API
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        def alis_database(name: str) -> tuple[Any, str]:
-            """A fresh database holding one table with the alis DDL verbatim: the emulator slows down as the
-            data it holds grows, so each round starts from an empty one."""
-            database = instance.database(name)
-            database.create().result(timeout=60)
-            table = "bench_proj_bench_Operations"
-            database.update_ddl([PROTO_BUNDLE_DDL, ALIS_OPERATIONS_DDL.format(project="bench_proj", neuron="bench")],
-                                proto_descriptors=operations_descriptor_set()).result(timeout=120)
-            return database, table
-
-        raw: list[float] = []
-        blind: list[float] = []
-        lro: list[float] = []
-        for r in range(-1, repeat):  # round -1 warms sessions and channels up, outside the timing
-            database, table = alis_database(f"bench-{r + 1}")
-            store = SpannerOperationStore(TEST_PROJECT, SPANNER_INSTANCE, database.database_id, "bench", table=table,
+        database = instance.database("bench")
+        database.create().result(timeout=60)
+        table = "bench_proj_bench_Operations"
+        database.update_ddl([PROTO_BUNDLE_DDL, ALIS_OPERATIONS_DDL.format(project="bench_proj", neuron="bench")],
+                            proto_descriptors=operations_descriptor_set()).result(timeout=120)
+        if side == "lro":
+            store = SpannerOperationStore(TEST_PROJECT, SPANNER_INSTANCE, "bench", "bench", table=table,
                                           create_table=False, client=client)
-            count = 20 if r < 0 else n
-            # The raw side gets the same kind of session pool as the store (the client's default pool asks the
-            # server whether a session exists at every checkout; Go's client does not).
-            raw_db = instance.database(database.database_id, pool=spanner.PingingPool(size=10))
-            order = [0, 1, 2] if r % 2 == 0 else [2, 1, 0]  # the sides take turns going first
-            times = [0.0, 0.0, 0.0]
-            for side in order:
-                if side == 0:
-                    times[0] = run_spanner_raw(raw_db, table, count, "raw")
-                elif side == 1:
-                    times[1] = run_spanner_lro(store, count, "lro")
-                else:
-                    times[2] = run_spanner_raw(raw_db, table, count, "blind", blind=True)
-            if r >= 0:
-                raw.append(times[0])
-                lro.append(times[1])
-                blind.append(times[2])
-            database.drop()
-        return statistics.median(raw), statistics.median(blind), statistics.median(lro)
+            run_spanner_lro(store, 20, "warm")
+            return run_spanner_lro(store, n, "timed")
+        # The raw side gets the same kind of session pool as the store (the client's default pool asks the
+        # server whether a session exists at every checkout; Go's client does not).
+        raw_db = instance.database("bench", pool=spanner.PingingPool(size=10))
+        run_spanner_raw(raw_db, table, 20, "warm", blind=side == "blind")
+        return run_spanner_raw(raw_db, table, n, "timed", blind=side == "blind")
     finally:
         emulator.stop()
+        os.environ.pop("SPANNER_EMULATOR_HOST", None)
+
+
+def bench_spanner(n: int, repeat: int) -> tuple[float, float, float] | None:
+    """Median seconds of the raw alis sequence, of lro/v2's blind saves and of lro, each run on an emulator of
+    its own, the sides taking turns going first; None without the emulator binary."""
+    os.environ["GOOGLE_CLOUD_SPANNER_MULTIPLEXED_SESSIONS_FOR_RW"] = "false"
+    times: dict[str, list[float]] = {"raw": [], "blind": [], "lro": []}
+    for r in range(repeat):
+        for side in (["raw", "lro", "blind"] if r % 2 == 0 else ["blind", "lro", "raw"]):
+            try:
+                times[side].append(spanner_run(side, n))
+            except FileNotFoundError as exc:
+                print(f"\nSpanner rows skipped: {exc}")
+                return None
+    return statistics.median(times["raw"]), statistics.median(times["blind"]), statistics.median(times["lro"])
 
 
 ROWS = {

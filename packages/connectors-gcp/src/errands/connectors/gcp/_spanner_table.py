@@ -354,10 +354,11 @@ class SpannerOperationStore:
             values.insert(0, r.name)
         return columns, values
 
-    def _when(self) -> tuple[Any, float]:
-        """What ``UpdateTime`` gets: the commit timestamp when the column allows it and no clock is set."""
+    def _when(self) -> tuple[Any, float | None]:
+        """What ``UpdateTime`` gets, and its epoch seconds: the commit timestamp (None: known once committed)
+        when the column allows it and no clock is set, else the clock's time."""
         if self.clock is None and self.layout().commit_timestamp:
-            return self._spanner.COMMIT_TIMESTAMP, 0.0
+            return self._spanner.COMMIT_TIMESTAMP, None
         now = self.now()
         return self._ts(now), now
 
@@ -384,10 +385,13 @@ class SpannerOperationStore:
         committed = getattr(last[0], "committed", None) if last else None
         return result, (committed.timestamp() if committed is not None else None)
 
-    def _stamped(self, record: Any, commit: float | None, now: float) -> Any:
+    def _stamped(self, record: Any, commit: float | None, now: float | None) -> Any:
+        """``record`` with the ``UpdateTime`` it was written with: ``now``, or the commit timestamp."""
         from dataclasses import replace
 
-        return replace(record, update_time=commit if commit is not None and not now else now)
+        if now is not None:
+            return record if record.update_time == now else replace(record, update_time=now)
+        return replace(record, update_time=commit if commit is not None else self.now())
 
     def create(self, record: Any) -> Any:
         """Insert ``record`` at version 1. Raises ``AlreadyExistsError`` if the name exists."""
@@ -397,7 +401,7 @@ class SpannerOperationStore:
             raise ConfigError(f"record {record.name!r} holds an Operation named otherwise; the key is its name",
                               field="name", value=record.name)
         when, now = self._when()
-        out = replace(record, version=1, update_time=now)
+        out = replace(record, version=1, update_time=now or 0.0)
         columns, values = self._write(out, when)
 
         exceptions = require("google.api_core.exceptions", package="google-api-core", extra="spanner")
@@ -448,7 +452,7 @@ class SpannerOperationStore:
                     f"operation {record.name!r} is no longer at version {expected_version} (now {stored.version}): "
                     "another writer saved first"
                 )
-            saved = replace(record, version=expected_version + 1, update_time=now,
+            saved = replace(record, version=expected_version + 1, update_time=now or 0.0,
                             cancel_requested=bool(stored.cancel_requested or record.cancel_requested))
             tx.update(self.table, *self._row(saved, when))
             return saved
