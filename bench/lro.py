@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         if got is not None:
             raw, blind, lro = got
             m = args.spanner_ops
-            print(f"\n{m} operations created, resumed once, completed; Spanner emulator, one alis table; "
-                  f"median of {args.repeat}\n")
+            print(f"\n{m} operations created, resumed once, completed; Spanner emulator (one per run), the alis "
+                  f"table; median of {args.repeat}\n")
             print("| what | seconds | ops/s | vs alis sequence |")
             print("|---|---:|---:|---:|")
             print(f"| alis sequence (raw Spanner client) | {raw:.3f} | {m / raw:,.0f} | 1.00x |")
