@@ -15,6 +15,7 @@ from errands.core import (
     LeaseLostError,
     NotFoundError,
     PayloadError,
+    StoreScheduler,
     TransientError,
     open_store,
 )
@@ -724,6 +725,18 @@ def test_shared_store_object_and_missing_scheduler(tmp_path: Any) -> None:
     assert reader.store.get("operations/r1").resume_token is None  # nothing was saved
     reader.cancel_operation("operations/r1")  # never scheduled: cancelled at once, no scheduler needed
     assert reader.get_operation_pb("operations/r1").error.code == 1
+    # An operation a writer scheduled: the reader flags it; the writer's next callback ends it CANCELLED.
+    timers = open_store("memory://")
+    writer = LroClient(Config(neuron="svc", store=_Wrapped(SQLOperationStore(inner, "svc")),
+                              scheduler=StoreScheduler(timers, queue="lro.timers.svc")))
+    writer.add_resumable_handler("h", lambda op: op.complete())
+    writer.new_operation("operations/r2").resume_via_tasks("h", delay=timedelta(hours=1))
+    reader.cancel_operation("operations/r2")
+    assert reader.store.get("operations/r2").cancel_requested and not reader.get_operation_pb("operations/r2").done
+    token = parse_token(writer.store.get("operations/r2").resume_token).token
+    assert writer.resume("operations/r2", "h", token) is not None
+    assert writer.get_operation_pb("operations/r2").error.code == 1
+    timers.close()
     with pytest.raises(ConfigError):
         LroClient(Config(neuron="svc", store=42))
     inner.close()

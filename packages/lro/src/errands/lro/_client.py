@@ -329,6 +329,8 @@ class LroClient:
             else:
                 raise LeaseLostError(f"operation {name!r} kept changing while it was being cancelled; try again")
         assert record.resume_path is not None and state.token is not None
+        if self.scheduler is None:
+            return  # a read-only client: the pending resume's own callback ends it CANCELLED, when it comes
         self._scheduling.schedule(record, record.resume_path, state.token, 0.0, key=f"lro-{state.token}-cancel")
 
     def delete_operation(self, name: str) -> None:
