@@ -82,7 +82,7 @@ class LroClient:
         if self.scheduler is None and self.core_store is not None:
             self.scheduler = local_scheduler(config, self.core_store)
         # Without a scheduler (a read-only process such as an Operations server on Spanner) everything but
-        # resume_via_tasks and cancel_operation of a scheduled operation works; those raise ConfigError.
+        # resume_via_tasks works (it raises ConfigError); a cancel only flags an operation whose resume is due.
         self._handlers: dict[str, ResumableHandler] = {}
         self._auth: CallbackAuth | None = None
         self._scheduling = ResumeScheduling(self)
