@@ -207,3 +207,73 @@ def test_a_sync_connection_given_to_a_twin_is_used_in_the_callers_thread(tmp_pat
     finally:
         conn.close()
         store.close()
+
+
+def _run_in_thread(main: Callable[[], Awaitable[None]], seconds: float) -> bool:
+    """``asyncio.run(main())`` in a thread of its own: whether it returned within ``seconds``."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if errors:
+        raise errors[0]
+    return not thread.is_alive()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("when", ["the pool is opening", "the pool is connecting", "a connection is checked out"])
+def test_a_loop_ended_without_close_async_does_not_hang(postgres_url: str, when: str) -> None:
+    """``asyncio.run(main())`` without ``close_async()``: the loop's shutdown cancels every task left, and the
+    async pool's workers catch the cancellation of the task they run (a connection attempt, say) and go back to
+    waiting for the next; the pool closes with its loop, so that the shutdown ends."""
+    import socket
+
+    import psycopg
+
+    store = open_store(postgres_url)
+    outbox = Outbox(store, connectors=["bank"])
+    listener = socket.socket()
+    blocker = None
+    if when != "a connection is checked out":
+        # A server that accepts and never answers: the pool's connection attempt waits for it.
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        store._conninfo = f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/x"  # type: ignore[attr-defined]
+    else:
+        blocker = _blocker(store)  # the submit holds its connection, waiting on a lock
+
+    async def main() -> None:
+        asyncio.create_task(outbox.submit_async(effect("left")))
+        if when == "the pool is opening":
+            # Three steps: the pool's opening begun, the task that closes it with its loop created and not yet
+            # started (a task cancelled before its first step never runs its body).
+            for _ in range(3):
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.3)  # and return: no close_async, the submit still waiting
+
+    try:
+        assert _run_in_thread(main, 20), f"asyncio.run did not return ({when})"
+        if blocker is not None:
+            blocker.rollback()
+        with psycopg.connect(postgres_url, autocommit=True) as watcher:
+            open_tx = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'").fetchone()
+        assert open_tx is not None and open_tx[0] == 0
+        with pytest.raises(NotFoundError):
+            outbox.get("left")
+    finally:
+        listener.close()
+        if blocker is not None:
+            blocker.close()
+        store.close()

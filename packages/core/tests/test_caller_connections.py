@@ -334,6 +334,34 @@ def test_an_async_connection_to_another_database_is_refused(db: DB) -> None:
     assert not stored(db, k)
 
 
+def test_the_database_of_an_async_connection_is_asked_once_and_still_refused_after(db: DB) -> None:
+    if db.kind != "sqlite":
+        pytest.skip("PostgreSQL's address comes from libpq, without a statement")
+    aiosqlite = pytest.importorskip("aiosqlite")
+    other = open_store(db.other_url)
+    other.close()
+    asked: list[str] = []
+
+    async def main() -> None:
+        async with aiosqlite.connect(db.store.path) as mine:  # type: ignore[attr-defined]
+            await mine.set_trace_callback(lambda sql: asked.append(sql) if "database_list" in sql else None)
+            outbox = Outbox(db.store, connectors=["bank"])
+            await mine.execute("BEGIN")
+            for k in ("first", "second", "third"):
+                await outbox.submit_async(effect(k), conn=mine)
+            await mine.commit()
+        async with aiosqlite.connect(other.path) as theirs:  # type: ignore[attr-defined]
+            await theirs.execute("BEGIN")
+            for _ in range(2):  # the verdict is remembered, never the connection's admission
+                with pytest.raises(ConfigError, match="pass a connection to the store's database"):
+                    await Outbox(db.store, connectors=["bank"]).submit_async(effect("nope"), conn=theirs)
+            await theirs.rollback()
+
+    asyncio.run(main())
+    assert len(asked) == 1
+    assert all(stored(db, k) for k in ("first", "second", "third")) and not stored(db, "nope")
+
+
 # -- Django -------------------------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from errands.durable import RetryDecision as OurRetryDecision
 from errands.durable import StepConfig as OurStepConfig
 from errands.durable import WaitForConditionConfig as OurWaitForConditionConfig
 from errands.durable import WaitForConditionDecision as OurDecision
-from errands.durable._aws import classify_service_error, operation_from_service, update_to_service
+from errands.durable._aws import classify_service_error
 from errands.durable.testing import AWSLocalRunner, LambdaEndpoint, aws_runner_available, normalise_history
 
 pytestmark = pytest.mark.timeout(120)
@@ -305,9 +305,7 @@ _NAMES = ("errands leaves map iterations and parallel branches unnamed; AWS's SD
           "parallel-branch-<i>, and its BatchResult items carry decoded results where ours carry serialized text")
 _WFC_NAMES = ("AWS's SDK names wait_for_callback's operations '<name> create callback id' and '<name> submitter'; "
               "errands leaves the callback unnamed and calls the step 'submitter'")
-_CHAINED = ("errands reads CHAINED_INVOKE operations of an invocation input once the Lambda wire mapping "
-            "(_wire: CHAINED_INVOKE, ChainedInvokeDetails, epoch-ms timestamps) is in")
-KNOWN_DIFFERENCES = {"map": _NAMES, "parallel": _NAMES, "wait-for-callback": _WFC_NAMES, "chained-invoke": _CHAINED}
+KNOWN_DIFFERENCES = {"map": _NAMES, "parallel": _NAMES, "wait-for-callback": _WFC_NAMES}
 
 
 def _compared(scenarios: list[Scenario]) -> list[Any]:
@@ -380,7 +378,12 @@ def _decode(text: str) -> Any:
 
 
 def _normalised(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return normalise_history(history, decode=_decode)
+    events = normalise_history(history, decode=_decode)
+    for event in events:  # each engine's parent invokes its own child function
+        details = event.get("ChainedInvokeStartedDetails")
+        if details and details.get("FunctionName") in CHILDREN:
+            details["FunctionName"] = "child"
+    return events
 
 
 @pytest.mark.parametrize("scenario", _compared(SCENARIOS))
@@ -532,24 +535,30 @@ def test_checkpoint_sends_the_lambda_shapes_and_reads_service_ids() -> None:
     updates = stub.calls[0][1]["Updates"]
     assert updates == [
         {"Id": "w", "Type": "WAIT", "Action": "START", "Name": "pause", "WaitOptions": {"WaitSeconds": 2}},
-        {"Id": "cb", "Type": "CALLBACK", "Action": "START", "CallbackOptions": {"TimeoutSeconds": 30}},
+        {"Id": "cb", "Type": "CALLBACK", "Action": "START",
+         "CallbackOptions": {"TimeoutSeconds": 30, "HeartbeatTimeoutSeconds": 0}},
         {"Id": "s", "Type": "STEP", "Action": "RETRY", "Error": {"ErrorType": "ValueError", "ErrorMessage": "bad"},
          "StepOptions": {"NextAttemptDelaySeconds": 1}},
     ]
 
 
-def test_chained_invoke_updates_and_operations_use_the_lambda_names() -> None:
-    invoke_type = OperationType("INVOKE") if "INVOKE" in OperationType.__members__ else OperationType("CHAINED_INVOKE")
-    wire = update_to_service(OperationUpdate("i", invoke_type, OperationAction.START, payload='{"n":1}',
-                                             function_name="child"))
-    assert wire == {"Id": "i", "Type": "CHAINED_INVOKE", "Action": "START", "Payload": '{"n":1}',
-                    "ChainedInvokeOptions": {"FunctionName": "child"}}
-    op = operation_from_service({"Id": "i", "Type": "CHAINED_INVOKE", "Status": "SUCCEEDED",
-                                 "StartTimestamp": 1767225600000, "ChainedInvokeDetails": {"Result": "400"}})
-    assert op.type is invoke_type and op.result == "400"
-    wait = operation_from_service({"Id": "w", "Type": "WAIT", "Status": "STARTED", "StartTimestamp": 1767225600000,
-                                   "WaitDetails": {"ScheduledEndTimestamp": 1767225602000}})
-    assert wait.scheduled_timestamp == 1767225602.0
+def test_chained_invoke_and_wait_answers_are_read_in_the_lambda_names() -> None:
+    from datetime import datetime, timezone
+
+    stub = _StubLambda()
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    stub.checkpoint_answer = {"CheckpointToken": "t2", "NewExecutionState": {"Operations": [
+        {"Id": "i", "Type": "CHAINED_INVOKE", "Status": "SUCCEEDED", "StartTimestamp": when,
+         "ChainedInvokeDetails": {"Result": "400"}},
+        {"Id": "w", "Type": "WAIT", "Status": "STARTED", "StartTimestamp": when,
+         "WaitDetails": {"ScheduledEndTimestamp": datetime(2026, 1, 1, 0, 0, 2, tzinfo=timezone.utc)}}]}}
+    out = AWSDurableExecutionClient(stub).checkpoint("arn", "t1", [OperationUpdate(
+        "i", OperationType.CHAINED_INVOKE, OperationAction.START, payload='{"n":1}', function_name="child")])
+    assert stub.calls[0][1]["Updates"] == [{"Id": "i", "Type": "CHAINED_INVOKE", "Action": "START",
+                                            "Payload": '{"n":1}', "ChainedInvokeOptions": {"FunctionName": "child"}}]
+    invoke, wait = out.operations
+    assert invoke.type is OperationType.CHAINED_INVOKE and invoke.result == "400"
+    assert wait.scheduled_timestamp == when.timestamp() + 2
 
 
 def test_a_rejected_checkpoint_fails_the_execution_and_a_throttled_one_the_invocation() -> None:
@@ -565,7 +574,7 @@ def test_a_rejected_checkpoint_fails_the_execution_and_a_throttled_one_the_invoc
     stub.raise_on_checkpoint = _ClientError(400, "InvalidParameterValueException", "Invalid action.")
     out = wrapped(inp)
     assert out.status.value == "FAILED" and out.error is not None
-    assert out.error.type == "DurableServiceError" and "Invalid action." in (out.error.message or "")
+    assert out.error.type == "ExecutionError" and "Invalid action." in (out.error.message or "")
 
     stub.raise_on_checkpoint = _ClientError(429, "TooManyRequestsException", "Rate exceeded")
     with pytest.raises(DurableServiceError) as info:

@@ -367,8 +367,10 @@ def test_serdes_pass_through_and_json_errors() -> None:
         return None
 
     assert LocalRunner(wf).run().result == ["not json {", True]
+    # a value that is not text is JSON-encoded, as the reference SDK's pass-through serdes does
+    assert PassThroughSerdes().serialize(1, __import__("errands.durable", fromlist=["SerdesContext"]).SerdesContext()) == "1"
     with pytest.raises(SerdesError):
-        PassThroughSerdes().serialize(1, __import__("errands.durable", fromlist=["SerdesContext"]).SerdesContext())
+        PassThroughSerdes().serialize({1, 2}, __import__("errands.durable", fromlist=["SerdesContext"]).SerdesContext())
     assert JsonSerdes().serialize({"a": [1]}, __import__("errands.durable", fromlist=["SerdesContext"]).SerdesContext()) == '{"a":[1]}'
 
 

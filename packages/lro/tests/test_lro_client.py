@@ -15,6 +15,7 @@ from errands.core import (
     LeaseLostError,
     NotFoundError,
     PayloadError,
+    StoreScheduler,
     TransientError,
     open_store,
 )
@@ -365,6 +366,68 @@ def test_delete_and_purge(client: LroClient, clock: FakeClock) -> None:
     assert [o.name for o in client.list_operations()[0]] == ["operations/young"]
 
 
+def test_a_worker_purges_expired_operations_in_bounded_batches(tmp_path: Any, clock: FakeClock) -> None:
+    from errands.core import Worker
+
+    store = open_store(f"sqlite:///{tmp_path}/w.db", clock=clock)
+    cfg = Config(neuron="svc", store=store, ttl=timedelta(hours=1), purge_batch=2, purge_every=3600)
+    with LroClient(cfg) as c:
+        worker = Worker(store)
+        c.attach(worker)
+        jobs = dict(worker._jobs)
+        purge = jobs["lro.svc.purge"]
+        for i in range(5):
+            c.new_operation(f"operations/old{i}")
+        clock.advance(3601)
+        c.new_operation("operations/young")
+        # A full batch lets the next pass go on at once; a short one waits purge_every.
+        assert [purge(), purge(), purge(), purge()] == [2, 2, 1, 0]
+        assert [o.name for o in c.list_operations()[0]] == ["operations/young"]
+        assert c.purge_expired(limit=10) == 0
+    store.close()
+
+
+def test_alis_parity_options(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from errands.core import get_registry
+    from errands.lro._config import config_from_env
+
+    made: list[dict[str, Any]] = []
+
+    class FakeCloudTasks:
+        name = "cloudtasks"
+
+        def __init__(self, **kwargs: Any) -> None:
+            made.append(kwargs)
+
+        def schedule(self, topic: str, payload: Any, at: Any, key: str | None = None) -> str:
+            return key or ""
+
+    monkeypatch.setitem(get_registry().schedulers, "cloudtasks", FakeCloudTasks)
+    env = {"ALIS_OS_PROJECT": "acme", "ALIS_REGION": "eu", "ALIS_RUN_HASH": "abc123"}
+    with LroClient.from_env("svc", env=env, store=f"sqlite:///{tmp_path}/x.db", cloud_tasks_project="tasks-proj") as c:
+        assert c.config.host == "https://svc-abc123.run.app"  # lro/v2's host from ALIS_RUN_HASH
+    assert made[0]["project"] == "tasks-proj" and made[0]["host"] == "https://svc-abc123.run.app"
+    assert config_from_env("svc", None, {**env, "ALIS_PROJECT_NR": "7"}).host == "https://svc-7.eu.run.app"
+    with pytest.raises(ConfigError) as err:
+        Config(neuron="svc", database_role="")
+    assert err.value.field == "lro.database_role"
+    with pytest.raises(ConfigError) as err:
+        Config(neuron="svc", purge_batch=0)
+    assert err.value.field == "lro.purge_batch"
+
+    seen: list[dict[str, Any]] = []
+
+    class Factory:
+        def operation_store(self, **kwargs: Any) -> Any:
+            seen.append(kwargs)
+            from errands.lro import SQLOperationStore
+
+            return SQLOperationStore(open_store("memory://"), "svc")
+
+    LroClient(Config(neuron="svc", store=Factory(), database_role="lro_reader", project="acme")).close()
+    assert seen == [{"neuron": "svc", "table": "acme_svc_Operations", "database_role": "lro_reader"}]
+
+
 def test_purge_honours_a_configured_ttl(tmp_path: Any, clock: FakeClock) -> None:
     with LroClient(Config(neuron="svc", store=f"sqlite:///{tmp_path}/t.db", ttl=timedelta(hours=1)), clock=clock) as c:
         c.new_operation("operations/a")
@@ -651,9 +714,29 @@ def test_shared_store_object_and_missing_scheduler(tmp_path: Any) -> None:
     from errands.lro import SQLOperationStore
 
     inner = open_store("memory://")
+    # A read-only process (an Operations server) needs no scheduler; resuming without one is refused.
+    reader = LroClient(Config(neuron="svc", store=_Wrapped(SQLOperationStore(inner, "svc"))))
+    assert reader.scheduler is None
+    op = reader.new_operation("operations/r1", {"n": 1})
+    assert reader.get_operation_pb("operations/r1").name == "operations/r1"
     with pytest.raises(ConfigError) as err:
-        LroClient(Config(neuron="svc", store=_Wrapped(SQLOperationStore(inner, "svc"))))
+        op.resume_via_tasks("h")
     assert err.value.field == "lro.scheduler"
+    assert reader.store.get("operations/r1").resume_token is None  # nothing was saved
+    reader.cancel_operation("operations/r1")  # never scheduled: cancelled at once, no scheduler needed
+    assert reader.get_operation_pb("operations/r1").error.code == 1
+    # An operation a writer scheduled: the reader flags it; the writer's next callback ends it CANCELLED.
+    timers = open_store("memory://")
+    writer = LroClient(Config(neuron="svc", store=_Wrapped(SQLOperationStore(inner, "svc")),
+                              scheduler=StoreScheduler(timers, queue="lro.timers.svc")))
+    writer.add_resumable_handler("h", lambda op: op.complete())
+    writer.new_operation("operations/r2").resume_via_tasks("h", delay=timedelta(hours=1))
+    reader.cancel_operation("operations/r2")
+    assert reader.store.get("operations/r2").cancel_requested and not reader.get_operation_pb("operations/r2").done
+    token = parse_token(writer.store.get("operations/r2").resume_token).token
+    assert writer.resume("operations/r2", "h", token) is not None
+    assert writer.get_operation_pb("operations/r2").error.code == 1
+    timers.close()
     with pytest.raises(ConfigError):
         LroClient(Config(neuron="svc", store=42))
     inner.close()

@@ -168,3 +168,19 @@ def test_wait_operation_returns_the_latest_state_at_its_timeout(lro: LroClient, 
     with pytest.raises(grpc.RpcError) as err:
         stub.WaitOperation(operations_pb2.WaitOperationRequest(name="operations/none"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_aip151_names_over_grpc(lro: LroClient, channel: grpc.Channel) -> None:
+    from google.api_core import operations_v1
+
+    ops = operations_v1.OperationsClient(channel)
+    name = "projects/p1/locations/europe-west1/operations/job-1"
+    lro.new_operation(name, {"n": 1})
+    lro.new_operation("projects/p1/locations/us-east1/operations/job-2")
+    lro.new_operation("operations/plain")
+    assert ops.get_operation(name).name == name
+    assert [o.name for o in ops.list_operations("projects/p1/locations/europe-west1/operations", "")] == [name]
+    assert [o.name for o in ops.list_operations("operations", "")] == ["operations/plain"]
+    ops.cancel_operation(name)
+    assert ops.get_operation(name).done
+    ops.delete_operation(name)

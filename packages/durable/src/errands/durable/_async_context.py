@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import inspect
 from datetime import timedelta
-from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, TypeVar
 
 from . import _loops
 from ._context import (
@@ -337,10 +337,11 @@ class AsyncDurableContext(_ContextCore):
         """``await ctx.parallel(name, [fn, ...])``: each ``fn(child_ctx)`` as a branch."""
         return self._batch_operation(self._parallel_batch(name_or_functions, functions, config, name))
 
-    def execute_concurrently(self, functions: Sequence[Callable[[Any], Any]], name: str | None = None,
-                             config: ParallelConfig | None = None) -> DurableOperation[BatchResult[Any]]:
-        """The engine under ``map`` and ``parallel``."""
-        return self._batch_operation(self._branches_batch(_check_name(name), list(functions), config, "branch"))
+    def execute_concurrently(self, functions_or_name: Any, name: Any = None, config: Any = None,
+                             *args: Any) -> DurableOperation[BatchResult[Any]]:
+        """``await ctx.execute_concurrently([fn, ...], name, config)`` or, the reference's form,
+        ``execute_concurrently(name, items, fn, config)`` with ``fn(child_ctx, item)`` per ``ConcurrentItem``."""
+        return self._batch_operation(self._concurrently(functions_or_name, name, config, *args))
 
     def _batch_operation(self, batch: Batch) -> DurableOperation[BatchResult[Any]]:
         return DurableOperation(self, batch.op_id, lambda: self._run_batch(batch))

@@ -9,38 +9,33 @@ sorts the service's errors into what the invocation must do about them, and sett
 from __future__ import annotations
 
 import json
-import math
 import threading
-from datetime import datetime
 from typing import Any, Mapping, Sequence
 
 from errands.core import Clock, ConfigError, SystemClock
 
-from ._errors import CheckpointError, DurableError
+from ._errors import CheckpointError, InvocationError
 from ._lambda import CheckpointOutput, StateOutput
-from ._values import (
-    ErrorObject,
-    Operation,
-    OperationStatus,
-    OperationSubType,
-    OperationType,
-    OperationUpdate,
+from ._values import ErrorObject, Operation, OperationUpdate, TerminationReason
+from ._wire import (
+    NON_RETRYABLE_CODES,
+    checkpoint_request_to_wire,
+    checkpoint_response_from_wire,
+    error_to_wire,
+    state_from_wire,
 )
 
 __all__ = ["AWSDurableExecutionClient", "DurableServiceError", "classify_service_error"]
 
-# The service's error codes that no retry can fix (a KMS key the function cannot use), as AWS's SDK treats them.
-_EXECUTION_LEVEL_CODES = frozenset({
-    "KMSAccessDeniedException", "KMSDisabledException", "KMSInvalidStateException", "KMSNotFoundException",
-})
 _THROTTLING_CODES = frozenset({
     "TooManyRequestsException", "ThrottlingException", "Throttling", "RequestLimitExceeded",
 })
 _INVALID_TOKEN_PREFIX = "Invalid checkpoint token"
 
 
-class DurableServiceError(DurableError):
-    """A call to the durable-execution API failed, for a reason other than a stale checkpoint token.
+class DurableServiceError(InvocationError):
+    """A call to the durable-execution API failed, for a reason other than a stale checkpoint token (AWS's
+    ``BotoClientError``: an invocation-level error unless no retry can fix it).
 
     Attributes:
         operation: the API call (``CheckpointDurableExecution``, ...).
@@ -53,7 +48,7 @@ class DurableServiceError(DurableError):
 
     def __init__(self, message: str, *, operation: str, code: str | None = None, status_code: int | None = None,
                  retryable: bool = True, response: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, TerminationReason.CHECKPOINT_FAILED)
         self.operation = operation
         self.code = code
         self.status_code = status_code
@@ -93,7 +88,7 @@ def classify_service_error(exc: BaseException, operation: str) -> CheckpointErro
             code = None
         if message.startswith(_INVALID_TOKEN_PREFIX) and (status is None or 400 <= status < 500):
             return CheckpointError(f"{operation}: {message}")
-        if code in _EXECUTION_LEVEL_CODES:
+        if code in NON_RETRYABLE_CODES:
             retryable = False
         elif status == 429 or code in _THROTTLING_CODES:
             retryable = True
@@ -106,120 +101,6 @@ def classify_service_error(exc: BaseException, operation: str) -> CheckpointErro
     # No response: the connection failed or timed out (botocore's ConnectionError, ReadTimeoutError, ...).
     return DurableServiceError(f"{operation} failed: {type(exc).__name__}: {exc}", operation=operation,
                                retryable=True)
-
-
-# -- the Lambda API's shapes --------------------------------------------------------------------------
-
-def _seconds(value: float | None) -> int:
-    """The API's integer seconds: a fraction rounds up, so a wait never ends early."""
-    return max(0, math.ceil(value or 0))
-
-
-def _wire_type(t: OperationType) -> str:
-    return "CHAINED_INVOKE" if t.value in ("INVOKE", "CHAINED_INVOKE") else t.value
-
-
-def _error_to_service(error: ErrorObject) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if error.type is not None:
-        out["ErrorType"] = error.type
-    if error.message is not None:
-        out["ErrorMessage"] = error.message
-    if error.data is not None:
-        out["ErrorData"] = error.data
-    if error.stack_trace:
-        out["StackTrace"] = [str(line) for line in error.stack_trace]
-    return out
-
-
-def update_to_service(u: OperationUpdate) -> dict[str, Any]:
-    """An ``OperationUpdate`` as the ``Updates`` member of ``CheckpointDurableExecution`` takes it."""
-    out: dict[str, Any] = {"Id": u.operation_id, "Type": _wire_type(u.operation_type), "Action": u.action.value}
-    if u.parent_id:
-        out["ParentId"] = u.parent_id
-    if u.name:
-        out["Name"] = u.name
-    if u.sub_type:
-        out["SubType"] = u.sub_type.value
-    if u.payload is not None:
-        out["Payload"] = u.payload
-    if u.error is not None:
-        out["Error"] = _error_to_service(u.error)
-    if u.wait_seconds is not None:
-        out["WaitOptions"] = {"WaitSeconds": _seconds(u.wait_seconds)}
-    if u.next_attempt_delay_seconds is not None:
-        out["StepOptions"] = {"NextAttemptDelaySeconds": _seconds(u.next_attempt_delay_seconds)}
-    if u.timeout_seconds is not None or u.heartbeat_timeout_seconds is not None:
-        options: dict[str, int] = {}
-        if u.timeout_seconds:
-            options["TimeoutSeconds"] = _seconds(u.timeout_seconds)
-        if u.heartbeat_timeout_seconds:
-            options["HeartbeatTimeoutSeconds"] = _seconds(u.heartbeat_timeout_seconds)
-        out["CallbackOptions"] = options
-    if u.function_name is not None:
-        out["ChainedInvokeOptions"] = {"FunctionName": u.function_name}
-    return out
-
-
-def _timestamp(value: Any) -> float | None:
-    """boto3 gives ``datetime``s; the invocation JSON gives epoch milliseconds."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)):
-        return float(value) / 1000.0
-    return datetime.fromisoformat(str(value)).timestamp()
-
-
-def _operation_type(value: str) -> OperationType:
-    try:
-        return OperationType(value)
-    except ValueError:
-        if value == "CHAINED_INVOKE":
-            return OperationType("INVOKE")
-        raise
-
-
-def _sub_type(value: Any) -> OperationSubType | None:
-    if not value:
-        return None
-    try:
-        return OperationSubType(value)
-    except ValueError:
-        return None
-
-
-def operation_from_service(data: Mapping[str, Any]) -> Operation:
-    """An ``Operation`` of a ``GetDurableExecutionState`` or ``CheckpointDurableExecution`` answer."""
-    type_ = _operation_type(str(data["Type"]))
-    kw: dict[str, Any] = {}
-    details: Mapping[str, Any] = {}
-    for key in ("ExecutionDetails", "ContextDetails", "StepDetails", "WaitDetails", "CallbackDetails",
-                "ChainedInvokeDetails"):
-        if data.get(key):
-            details = data[key]
-            break
-    if details.get("Error"):
-        kw["error"] = ErrorObject.from_dict(details["Error"])
-    if details.get("Result") is not None:
-        kw["result"] = details["Result"]
-    if "InputPayload" in details:
-        kw["input_payload"] = details.get("InputPayload")
-    if "Attempt" in details:
-        kw["attempt"] = int(details.get("Attempt") or 0)
-    if details.get("NextAttemptTimestamp") is not None:
-        kw["next_attempt_timestamp"] = _timestamp(details["NextAttemptTimestamp"])
-    if details.get("ScheduledEndTimestamp") is not None:
-        kw["scheduled_timestamp"] = _timestamp(details["ScheduledEndTimestamp"])
-    if details.get("CallbackId") is not None:
-        kw["callback_id"] = details["CallbackId"]
-    return Operation(
-        id=str(data["Id"]), type=type_, status=OperationStatus(data["Status"]), parent_id=data.get("ParentId"),
-        name=data.get("Name"), sub_type=_sub_type(data.get("SubType")),
-        start_timestamp=_timestamp(data.get("StartTimestamp")), end_timestamp=_timestamp(data.get("EndTimestamp")),
-        **kw,
-    )
 
 
 # -- the client ---------------------------------------------------------------------------------------
@@ -274,19 +155,13 @@ class AWSDurableExecutionClient:
             CheckpointError: the token is stale (another invocation owns the execution).
             DurableServiceError: any other failure (``retryable`` says whether retrying can help).
         """
-        kwargs: dict[str, Any] = {"DurableExecutionArn": durable_execution_arn, "CheckpointToken": checkpoint_token,
-                                  "Updates": [update_to_service(u) for u in updates]}
-        if client_token is not None:
-            kwargs["ClientToken"] = client_token
+        kwargs = checkpoint_request_to_wire(durable_execution_arn, checkpoint_token, updates, client_token)
         try:
             answer = self.lambda_client.checkpoint_durable_execution(**kwargs)
         except Exception as exc:
             raise classify_service_error(exc, "CheckpointDurableExecution") from exc
         self.checkpoint_calls += 1
-        token = answer.get("CheckpointToken") or ""
-        state = answer.get("NewExecutionState") or {}
-        operations = [operation_from_service(o) for o in state.get("Operations") or []]
-        marker = state.get("NextMarker") or ""
+        token, operations, marker = checkpoint_response_from_wire(answer)
         while marker and token:
             page = self.get_execution_state(durable_execution_arn, token, marker)
             operations.extend(page.operations)
@@ -309,8 +184,8 @@ class AWSDurableExecutionClient:
             answer = self.lambda_client.get_durable_execution_state(**kwargs)
         except Exception as exc:
             raise classify_service_error(exc, "GetDurableExecutionState") from exc
-        return StateOutput([operation_from_service(o) for o in answer.get("Operations") or []],
-                           answer.get("NextMarker") or "")
+        operations, marker = state_from_wire(answer)
+        return StateOutput(operations, marker)
 
     def get_all_operations(self, durable_execution_arn: str, checkpoint_token: str, next_marker: str = ""
                            ) -> list[Operation]:
@@ -360,7 +235,7 @@ class AWSDurableExecutionClient:
         else:
             obj = ErrorObject(type="CallbackError", message=str(error))
         self._call("SendDurableExecutionCallbackFailure", self.lambda_client.send_durable_execution_callback_failure,
-                   CallbackId=callback_id, Error=_error_to_service(obj))
+                   CallbackId=callback_id, Error=error_to_wire(obj))
         return True
 
     def heartbeat_callback(self, callback_id: str) -> None:

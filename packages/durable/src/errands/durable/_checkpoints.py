@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from errands.core import Lease, LeaseLostError
@@ -85,20 +86,20 @@ class StoreCheckpoints:
     def now(self) -> float:
         return self.clock.now()
 
-    def new_callback_id(self, operation_id: str) -> str:
-        return uuid.uuid4().hex
-
     def check_invoke(self, function_name: str) -> None:
         self.registry.check(function_name)
 
-    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> None:
+    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> list[Operation]:
+        written: list[Operation] = []
+
         def write(tx: Tx) -> None:
             now = self.now()
             self.fence(tx, now)
-            self.write_ops(tx, updates, operations, now)
+            written[:] = self.write_ops(tx, updates, operations, now)
             self.keepalive(tx, now)
 
         self.write(write)
+        return written
 
     # -- writing --------------------------------------------------------------------------------
     def fence(self, tx: Tx, now: float) -> None:
@@ -106,22 +107,27 @@ class StoreCheckpoints:
         if not schema.touch_running(tx, self.execution_id, self.run_token, now):
             raise ExecutionFencedOut(f"execution {self.execution_id} was taken over")
 
-    def write_ops(self, tx: Tx, updates: Sequence[OperationUpdate], ops: Sequence[Operation], now: float) -> None:
-        """Store ``ops`` and start the executions that ``updates`` invoke.
+    def write_ops(self, tx: Tx, updates: Sequence[OperationUpdate], ops: Sequence[Operation], now: float
+                  ) -> list[Operation]:
+        """Store ``ops`` and start the executions that ``updates`` invoke, as the service does: the batch is
+        checked against its rules and each new callback gets its id here. Returns the operations written.
 
         Raises:
             InvocationAbandoned: an operation was settled meanwhile (a callback answered, a child ended);
                 the invocation replays at once to see it.
         """
+        ops = [replace(op, callback_id=uuid.uuid4().hex)
+               if op.type is OperationType.CALLBACK and op.callback_id is None else op for op in ops]
         for op in ops:
             if not schema.write_operation(tx, self.execution_id, op):
                 raise InvocationAbandoned(f"operation {op.name or op.id} was settled while this invocation wrote it",
                                           retry_now=True)
         for u in updates:
-            if u.operation_type is OperationType.INVOKE and u.action is OperationAction.START:
+            if u.operation_type is OperationType.CHAINED_INVOKE and u.action is OperationAction.START:
                 assert u.function_name is not None and u.child_execution_id is not None
                 executions.create(self.store, tx, u.child_execution_id, u.function_name, u.payload, now,
                                   parent=(self.execution_id, u.operation_id))
+        return ops
 
     def write(self, body: Callable[[Tx], None]) -> None:
         """Run ``body`` in one transaction of the invocation, tried again after an infrastructure error

@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Awaitable, Callable, Generator, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, Sequence, TypeVar, Union
 
 from errands.core import ConfigError
 
@@ -18,9 +18,11 @@ from . import _loops
 from ._errors import (
     CallbackError,
     CallbackTimeoutError,
+    CheckpointError,
     ChildContextError,
     DurableOperationError,
     ExecutionFencedOut,
+    InvalidStateError,
     InvocationAbandoned,
     InvokeError,
     NonDeterministicExecutionError,
@@ -40,10 +42,12 @@ from ._values import (
     ChildConfig,
     CompletionConfig,
     CompletionReason,
+    ConcurrentItem,
     Duration,
     ErrorObject,
     InvokeConfig,
     MapConfig,
+    NamedBranch,
     Operation,
     OperationAction,
     OperationStatus,
@@ -57,6 +61,7 @@ from ._values import (
     WaitForConditionConfig,
     to_seconds,
 )
+from ._wire import callback_deadline, seconds_to_wire
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -69,7 +74,14 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple}
 
 def operation_id(parent_id: str | None, counter: int) -> str:
     """The id of the ``counter``-th operation (1-based) under ``parent_id``: stable across replays."""
-    return hashlib.blake2b(f"{parent_id or ''}-{counter}".encode(), digest_size=8).hexdigest()
+    return hash_id(f"{parent_id or ''}-{counter}")
+
+
+def hash_id(value: str) -> str:
+    """The operation id for ``value``: 16 hex digits of its blake2b hash (within the API's 64 characters
+    of ``[A-Za-z0-9_-]``). ``hash_id(f"{parent_id or ''}-{n}")`` is the id of the n-th operation (1-based)
+    under ``parent_id``, so a test can build a checkpoint for ``set_operation`` by hand."""
+    return hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,17 +117,13 @@ class Callback:
         assert op is not None
         if op.status is OperationStatus.SUCCEEDED:
             return _decode(self._serdes, op.result, self.operation_id, state.execution_id)
-        if op.status is OperationStatus.FAILED or op.status is OperationStatus.TIMED_OUT:
+        if op.status is OperationStatus.TIMED_OUT:
+            raise CallbackTimeoutError.from_error_object(op.error or ErrorObject(
+                type="CallbackTimeoutError", message=f"callback {op.name or self.operation_id} timed out"))
+        if op.done:
             raise _callback_error(op.error)
-        deadlines = [op.timeout_timestamp]
-        if op.heartbeat_timeout:
-            deadlines.append((op.heartbeat_timestamp or op.start_timestamp or 0.0) + op.heartbeat_timeout)
-        deadline = earliest(deadlines)
-        if deadline is not None and state.now() >= deadline:
-            error = ErrorObject(type="CallbackTimeoutError",
-                                message=f"callback {op.name or self.operation_id} timed out")
-            state.checkpoint(_update(op, OperationAction.FAIL, error=error), sync=True)
-            raise CallbackTimeoutError.from_error_object(error)
+        # The service times a callback out (CALLBACK takes only START): suspend until its deadline at most.
+        deadline = callback_deadline(op)
         raise SuspendExecution(f"waiting for callback {op.name or self.operation_id}", until=deadline)
 
 
@@ -227,7 +235,9 @@ class _ContextCore:
         self._parent_id = parent_id
         self._counter = 0
         self._lock = threading.Lock()
-        self.logger = log
+        #: Child contexts of this (sync) context running now: while any runs, this one must not be used.
+        self._inside = 0
+        self.logger = state.logger or log
 
     @property
     def execution_id(self) -> str:
@@ -252,6 +262,10 @@ class _ContextCore:
     def _next(self, type_: OperationType, sub_type: OperationSubType | None, name: str | None
               ) -> tuple[str, Operation | None]:
         with self._lock:
+            if self._inside:
+                raise InvalidStateError(
+                    f"the context {self._parent_id or '(root)'} was used inside one of its child contexts; "
+                    "a child context function must use the context it is given")
             self._counter += 1
             counter = self._counter
             op_id = operation_id(self._parent_id, counter)
@@ -336,6 +350,8 @@ class _ContextCore:
                 state.checkpoint(_update(cur, OperationAction.FAIL, error=error), sync=True)
                 raise StepError.from_error_object(error) from failure
             delay = decision.delay_seconds
+            if state.wire:  # the API takes whole seconds, at least one: the retry always suspends
+                delay = seconds_to_wire(delay, minimum=1) or 1
             state.checkpoint(_update(cur, OperationAction.RETRY, error=error, next_attempt_delay_seconds=delay),
                              sync=True)
             attempt += 1
@@ -355,14 +371,15 @@ class _ContextCore:
         op_id, op = self._next(OperationType.WAIT, OperationSubType.WAIT, _check_name(name))
 
         def wait() -> None:
+            # The service completes a wait (WAIT takes only START and CANCEL): the function suspends until
+            # then, and a replay finds the wait SUCCEEDED.
             state = self._state
             current = op
             if current is None:
-                current = self._start(op_id, OperationType.WAIT, OperationSubType.WAIT, name, wait_seconds=seconds)
+                wait_seconds = seconds_to_wire(seconds, minimum=1) if state.wire else seconds
+                current = self._start(op_id, OperationType.WAIT, OperationSubType.WAIT, name,
+                                      wait_seconds=wait_seconds)
             if current.done:
-                return
-            if state.now() >= (current.scheduled_timestamp or 0):
-                state.checkpoint(_update(current, OperationAction.SUCCEED), sync=False)
                 return
             raise SuspendExecution(f"wait {name or op_id}", until=current.scheduled_timestamp)
 
@@ -376,14 +393,16 @@ class _ContextCore:
         def create() -> Callback:
             current = op
             if current is None:
-                current = self._start(
+                self._start(
                     op_id, OperationType.CALLBACK, OperationSubType.CALLBACK, name, sync=True,
-                    callback_id=self._state.backend.new_callback_id(op_id),
                     timeout_seconds=to_seconds(config.timeout_seconds, field="timeout_seconds") or None,
                     heartbeat_timeout_seconds=to_seconds(config.heartbeat_timeout_seconds,
                                                          field="heartbeat_timeout_seconds") or None,
                 )
-            assert current.callback_id is not None
+                current = self._state.get(op_id)  # with the id the service issued
+                assert current is not None
+            if current.callback_id is None:
+                raise CheckpointError(f"the service issued no CallbackId for callback {name or op_id}")
             return Callback(self._state, op_id, current.callback_id, config.serdes or DEFAULT_SERDES)
 
         return op_id, _immediate(create)
@@ -435,7 +454,7 @@ class _ContextCore:
             raise ConfigError(f"invoke needs a function name, got {function_name!r}", field="function_name",
                               value=function_name)
         cfg = config or InvokeConfig()
-        op_id, op = self._next(OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, _check_name(name))
+        op_id, op = self._next(OperationType.CHAINED_INVOKE, OperationSubType.CHAINED_INVOKE, _check_name(name))
 
         def invoke() -> Any:
             state = self._state
@@ -444,8 +463,8 @@ class _ContextCore:
                 state.backend.check_invoke(function_name)
                 text = (cfg.serdes_payload or DEFAULT_SERDES).serialize(payload,
                                                                         SerdesContext(op_id, state.execution_id))
-                current = self._start(op_id, OperationType.INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
-                                      function_name=function_name, payload=text,
+                current = self._start(op_id, OperationType.CHAINED_INVOKE, OperationSubType.CHAINED_INVOKE, name, sync=True,
+                                      function_name=function_name, payload=text, tenant_id=state.tenant_id,
                                       child_execution_id=f"{state.execution_id}/{op_id}")
             if current.status is OperationStatus.SUCCEEDED:
                 return _decode(cfg.serdes_result or DEFAULT_SERDES, current.result, op_id, state.execution_id)
@@ -502,6 +521,8 @@ class _ContextCore:
             state.completed_new()
             return new_state
         delay = max(float(decision.delay_seconds), 0.0)
+        if state.wire:
+            delay = seconds_to_wire(delay, minimum=1) or 1
         state.checkpoint(_update(op, OperationAction.RETRY, payload=text, next_attempt_delay_seconds=delay),
                          sync=True)
         raise SuspendExecution(f"condition {label or op_id}", until=state.now() + delay)
@@ -524,9 +545,12 @@ class _ContextCore:
                                   value=type(items).__name__) from None
         config = config or MapConfig()
         seq = list(items)
+        names = [_check_name(config.item_namer(seq[i], i)) for i in range(len(seq))] if config.item_namer else None
         return self._batch(_check_name(name), [(func, (seq[i], i, seq)) for i in range(len(seq))],
-                           config.max_concurrency, config.completion_config, config.serdes or DEFAULT_SERDES,
-                           OperationSubType.MAP, OperationSubType.MAP_ITERATION)
+                           config.max_concurrency, config.completion_config,
+                           config.item_serdes or config.serdes or DEFAULT_SERDES,
+                           OperationSubType.MAP, OperationSubType.MAP_ITERATION, names=names,
+                           batch_serdes=config.batch_serdes)
 
     def _parallel_batch(self, name_or_functions: Any, functions: Any, config: ParallelConfig | None,
                         name: str | None) -> Batch:
@@ -538,22 +562,43 @@ class _ContextCore:
                 config = functions
         return self._branches_batch(_check_name(name), list(fns or []), config, "parallel branch")
 
+    def _concurrently(self, first: Any, second: Any, third: Any, *rest: Any) -> Batch:
+        if (first is None or isinstance(first, str)) and not callable(second):
+            return self._items_batch(_check_name(first), second or [], third, rest[0] if rest else None)
+        return self._branches_batch(_check_name(second), list(first or []), third, "branch")
+
     def _branches_batch(self, name: str | None, fns: list[Any], config: ParallelConfig | None, what: str) -> Batch:
         config = config or ParallelConfig()
-        for f in fns:
-            _check_callable(f, what)
-        return self._batch(name, [(f, ()) for f in fns], config.max_concurrency, config.completion_config,
-                           config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
-                           OperationSubType.PARALLEL_BRANCH)
+        branches = [_branch(f, what) for f in fns]
+        names = [n for n, _ in branches]
+        return self._batch(name, [(f, ()) for _, f in branches], config.max_concurrency, config.completion_config,
+                           config.item_serdes or config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
+                           OperationSubType.PARALLEL_BRANCH, names=names if any(names) else None,
+                           batch_serdes=config.batch_serdes)
+
+    def _items_batch(self, name: str | None, items: Any, fn: Any, config: ParallelConfig | None) -> Batch:
+        """``execute_concurrently(name, items, fn)``: ``fn(child_ctx, item)`` per ``ConcurrentItem``."""
+        _check_callable(fn, "concurrent function")
+        config = config or ParallelConfig()
+        seq = [_concurrent_item(item, i) for i, item in enumerate(list(items))]
+        names = [item.name for item in seq]
+        return self._batch(name, [(fn, (item,)) for item in seq], config.max_concurrency, config.completion_config,
+                           config.item_serdes or config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
+                           OperationSubType.PARALLEL_BRANCH, names=names if any(names) else None,
+                           batch_serdes=config.batch_serdes)
 
     def _batch(self, name: str | None, branches: list[tuple[Callable[..., Any], tuple[Any, ...]]],
                max_concurrency: int | None, completion: CompletionConfig, serdes: Serdes, outer: OperationSubType,
-               inner: OperationSubType) -> Batch:
+               inner: OperationSubType, *, names: list[str | None] | None = None,
+               batch_serdes: Serdes | None = None) -> Batch:
         if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
             raise ConfigError(f"max_concurrency must be a positive integer or None, got {max_concurrency!r}",
                               field="max_concurrency", value=max_concurrency)
         op_id, op = self._next(OperationType.CONTEXT, outer, name)
-        return Batch(self, op_id, op, name, branches, max_concurrency, completion, serdes, outer, inner)
+        batch = Batch(self, op_id, op, name, branches, max_concurrency, completion, serdes, outer, inner)
+        batch.names = names or [None] * len(branches)
+        batch.batch_serdes = batch_serdes
+        return batch
 
 
 class Batch:
@@ -581,13 +626,15 @@ class Batch:
         self.queue: list[int] = []
         self.stop = False
         self.fatal: BaseException | None = None
+        self.names: list[str | None] = [None] * self.total
+        self.batch_serdes: Serdes | None = None
 
     def open(self) -> BatchResult[Any] | None:
         """The checkpointed result on replay; else start the operation and queue the unfinished branches
         (None)."""
         state = self.state
         if self.op is not None and self.op.status is OperationStatus.SUCCEEDED:
-            return _decode_batch(self.op.result, self.serdes, self.op_id, state.execution_id)
+            return _decode_batch(self.op.result, self.serdes, self.op_id, state.execution_id, self.batch_serdes)
         if self.op is None:
             self.op = self.ctx._start(self.op_id, OperationType.CONTEXT, self.outer, self.name)
         for i, bid in enumerate(self.branch_ids):
@@ -621,7 +668,7 @@ class Batch:
         if bop is None:
             bop = state.checkpoint(OperationUpdate(
                 operation_id=bid, operation_type=OperationType.CONTEXT, action=OperationAction.START,
-                parent_id=self.op_id, sub_type=self.inner), sync=False)
+                parent_id=self.op_id, name=self.names[i], sub_type=self.inner), sync=False)
         fn, args = self.branches[i]
         try:
             value = yield _Body(fn, bid, args)
@@ -666,11 +713,47 @@ class Batch:
                               "error": value.to_dict() if value else None})
             else:
                 items.append({"index": i, "status": "STARTED", "result": None, "error": None})
-        text = json.dumps({"all": items, "completionReason": _reason(finished, total, completion).value},
-                          separators=(",", ":"))
+        data = {"all": items, "completionReason": _reason(finished, total, completion).value}
+        if self.batch_serdes is not None:
+            text = self.batch_serdes.serialize(data, SerdesContext(self.op_id, state.execution_id))
+        else:
+            text = json.dumps(data, separators=(",", ":"))
         assert self.op is not None
         state.checkpoint(_update(self.op, OperationAction.SUCCEED, payload=text), sync=False)
-        return _decode_batch(text, self.serdes, self.op_id, state.execution_id)
+        return _decode_batch(text, self.serdes, self.op_id, state.execution_id, self.batch_serdes)
+
+
+class DurableFuture(Generic[T]):
+    """An operation of a sync function that runs later, at most once: ``ctx.step_future(...)`` takes the
+    operation's id at once (in call order, like any call) and ``future.result()`` runs it the first time
+    and returns (or raises) the same outcome every time after. The reference SDK's Future / Await; an
+    ``async def`` function gets the same from ``asyncio`` (``DurableOperation``)."""
+
+    def __init__(self, ctx: DurableContext, op_id: str, logic: OperationLogic) -> None:
+        self._ctx = ctx
+        self.operation_id = op_id
+        self._logic: OperationLogic | None = logic
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """Whether the operation has run (to a value or an error)."""
+        return self._logic is None
+
+    def result(self) -> T:
+        """Run the operation if it has not run yet; its value, or its error raised (a suspension too)."""
+        with self._lock:
+            if self._logic is not None:
+                logic, self._logic = self._logic, None
+                try:
+                    self._value = self._ctx._drive(logic)
+                except BaseException as exc:  # kept and re-raised on every call, a suspension included
+                    self._error = exc
+        if self._error is not None:
+            raise self._error
+        value: T = self._value
+        return value
 
 
 class DurableContext(_ContextCore):
@@ -704,9 +787,24 @@ class DurableContext(_ContextCore):
                 error = exc
 
     def _perform(self, request: _Call | _Body) -> Any:
-        if isinstance(request, _Call):
-            result = request.fn(*request.args)
-        elif is_async_callable(request.fn):
+        if isinstance(request, _Body):
+            with self._lock:
+                self._inside += 1
+            try:
+                return self._perform_body(request)
+            finally:
+                with self._lock:
+                    self._inside -= 1
+        return self._perform_call(request)
+
+    def _perform_call(self, request: _Call) -> Any:
+        result = request.fn(*request.args)
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            result = self._await_here(result)
+        return result
+
+    def _perform_body(self, request: _Body) -> Any:
+        if is_async_callable(request.fn):
             from ._async_context import AsyncDurableContext, run_body
 
             child = AsyncDurableContext(self._state, request.parent_id)
@@ -733,6 +831,30 @@ class DurableContext(_ContextCore):
         """
         result: T = self._drive(self._step_op(name_or_fn, fn, config, name)[1])  # the checkpoint's value, decoded
         return result
+
+    # -- futures ---------------------------------------------------------------------------------
+    def step_future(self, name_or_fn: str | Callable[[StepContext], T], fn: Callable[[StepContext], T] | None = None,
+                    config: StepConfig | None = None, *, name: str | None = None) -> DurableFuture[T]:
+        """``step`` as a ``DurableFuture``: the id is taken now, the step runs on ``result()``."""
+        return DurableFuture(self, *self._step_op(name_or_fn, fn, config, name))
+
+    def wait_future(self, name_or_duration: str | Duration | timedelta | float,
+                    duration: Duration | timedelta | float | None = None, *, name: str | None = None
+                    ) -> DurableFuture[None]:
+        """``wait`` as a ``DurableFuture``."""
+        return DurableFuture(self, *self._wait_op(name_or_duration, duration, name))
+
+    def invoke_future(self, function_name: str, payload: Any = None, name: str | None = None,
+                      config: InvokeConfig | None = None) -> DurableFuture[Any]:
+        """``invoke`` as a ``DurableFuture``."""
+        return DurableFuture(self, *self._invoke_op(function_name, payload, name, config))
+
+    def run_in_child_context_future(self, name_or_fn: str | Callable[[DurableContext], T],
+                                    fn: Callable[[DurableContext], T] | None = None,
+                                    config: ChildConfig | None = None, *, name: str | None = None
+                                    ) -> DurableFuture[T]:
+        """``run_in_child_context`` as a ``DurableFuture``."""
+        return DurableFuture(self, *self._run_in_child_context_op(name_or_fn, fn, config, name))
 
     # -- wait ------------------------------------------------------------------------------------
     def wait(self, name_or_duration: str | Duration | timedelta | float,
@@ -824,11 +946,17 @@ class DurableContext(_ContextCore):
         """Run each ``fn(child_ctx)`` of ``functions`` as a branch, at most ``max_concurrency`` at once."""
         return self._run_batch(self._parallel_batch(name_or_functions, functions, config, name))
 
-    def execute_concurrently(self, functions: Sequence[Callable[[DurableContext], Any]], name: str | None = None,
-                             config: ParallelConfig | None = None) -> BatchResult[Any]:
+    def execute_concurrently(self, functions_or_name: Sequence[Any] | str | None, name: Any = None,
+                             config: Any = None, *args: Any) -> BatchResult[Any]:
         """The engine under ``map`` and ``parallel``: run branches with bounded concurrency until the
-        completion config is met."""
-        return self._run_batch(self._branches_batch(_check_name(name), list(functions), config, "branch"))
+        completion config is met.
+
+        ``execute_concurrently([fn, ...], name, config)`` runs each ``fn(child_ctx)``;
+        ``execute_concurrently(name, items, fn, config)`` (the reference's form) runs ``fn(child_ctx, item)``
+        for each ``ConcurrentItem`` (``id``, ``data``, ``index``, ``name``; plain values and mappings with
+        those keys are wrapped).
+        """
+        return self._run_batch(self._concurrently(functions_or_name, name, config, *args))
 
     def _run_batch(self, batch: Batch) -> BatchResult[Any]:
         replayed = batch.open()
@@ -892,8 +1020,38 @@ def _reason(outcomes: dict[int, tuple[str, Any]], total: int, cc: CompletionConf
     return CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
 
-def _decode_batch(text: str | None, serdes: Serdes, op_id: str, execution_id: str) -> BatchResult[Any]:
-    data = json.loads(text or '{"all":[],"completionReason":"ALL_COMPLETED"}')
+def _branch(f: Any, what: str) -> tuple[str | None, Any]:
+    """A parallel branch as (name, function): a callable, a ``NamedBranch``, a ``(name, fn)`` pair or a
+    mapping with ``name`` and ``func``."""
+    name: Any
+    fn: Any
+    if isinstance(f, NamedBranch):
+        name, fn = f.name, f.func
+    elif isinstance(f, tuple) and len(f) == 2 and (f[0] is None or isinstance(f[0], str)):
+        name, fn = f
+    elif isinstance(f, Mapping):
+        name, fn = f.get("name"), f.get("func")
+    else:
+        name, fn = None, f
+    _check_callable(fn, what)
+    return _check_name(name), fn
+
+
+def _concurrent_item(item: Any, index: int) -> ConcurrentItem[Any]:
+    if isinstance(item, ConcurrentItem):
+        return item
+    if isinstance(item, Mapping) and "data" in item:
+        return ConcurrentItem(id=str(item.get("id", index)), data=item["data"], index=int(item.get("index", index)),
+                              name=_check_name(item.get("name")))
+    return ConcurrentItem(id=str(index), data=item, index=index)
+
+
+def _decode_batch(text: str | None, serdes: Serdes, op_id: str, execution_id: str,
+                  batch_serdes: Serdes | None = None) -> BatchResult[Any]:
+    if text is not None and batch_serdes is not None:
+        data = batch_serdes.deserialize(text, SerdesContext(op_id, execution_id))
+    else:
+        data = json.loads(text or '{"all":[],"completionReason":"ALL_COMPLETED"}')
     items: list[BatchItem[Any]] = []
     for raw in data["all"]:
         status = BatchItemStatus(raw["status"])

@@ -31,7 +31,7 @@ replay alike, so ``except StepError`` sees the same type, message and data both 
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from errands.core import ErrandsError
 
@@ -116,6 +116,37 @@ class SerdesError(DurableError):
 
 class CheckpointError(DurableError):
     """The checkpoint service refused the invocation's updates (for example a stale ``CheckpointToken``)."""
+
+
+class InvalidCheckpointError(CheckpointError):
+    """The service refused a checkpoint batch that breaks its rules (an action a type does not take, two
+    updates of one operation, a bad id or parent): a bug in the SDK side, never retried."""
+
+
+class InvalidStateError(DurableError):
+    """An operation was called where it cannot be: on a parent context from inside one of its child
+    contexts (a child context function, a ``map`` item, a ``parallel`` branch)."""
+
+
+class UnrecoverableError(DurableError):
+    """An error that ends the invocation whatever user code does, with a ``termination_reason``
+    (``TerminationReason``): ``InvocationError`` (the handler raises, so Lambda retries the invocation) or
+    ``ExecutionError`` (the execution ends ``FAILED``)."""
+
+    def __init__(self, message: str, termination_reason: Any = None) -> None:
+        from ._values import TerminationReason
+
+        super().__init__(message)
+        self.message = message
+        self.termination_reason = termination_reason or TerminationReason.UNHANDLED_ERROR
+
+
+class InvocationError(UnrecoverableError):
+    """The invocation fails and is retried (a transient checkpoint error, throttling, a stale token)."""
+
+
+class ExecutionError(UnrecoverableError):
+    """The execution fails, without retry (a checkpoint the service refuses for good)."""
 
 
 class StepInterruptedError(DurableError):

@@ -24,6 +24,7 @@ from ._registry import Registry
 from ._state import ExecutionState
 from ._transitions import abandon_delay, settle
 from ._values import ErrorObject, ExecutionStatus, Operation, OperationUpdate
+from ._wire import advance_all
 
 log = logging.getLogger("errands.durable")
 
@@ -104,6 +105,10 @@ class Invocations:
                 self.store.complete([lease], tx=tx)
                 return False
             ops = {op.id: op for op in schema.operations(tx, eid)}
+            # the service's own moves: due waits succeed, due retries are READY, late callbacks time out
+            for op in advance_all(ops, self.clock.now()).values():
+                if schema.write_operation(tx, eid, op):
+                    ops[op.id] = op
         run_token, function, input_text, signal_seq = taken
         self._invoke(self._checkpoints(lease, run_token), function, input_text, ops, signal_seq)
         return True

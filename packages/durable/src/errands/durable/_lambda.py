@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from errands.core import Clock, ConfigError, NotFoundError, SystemClock
 
 from ._context import DurableContext, InvocationOutcome, run_handler
-from ._errors import CheckpointError, ExecutionFencedOut, InvocationAbandoned
+from ._errors import CheckpointError, ExecutionError, ExecutionFencedOut, InvocationAbandoned
 from ._state import ExecutionState
 from ._values import (
     ErrorObject,
@@ -22,8 +23,10 @@ from ._values import (
     OperationStatus,
     OperationType,
     OperationUpdate,
+    TerminationReason,
     apply_update,
 )
+from ._wire import EXECUTION_OPERATION_ID, advance_all, checkpoint_error_category, validate_updates, wire_update
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +121,17 @@ class _ClientExecution:
     function: str | None = None
     parent: tuple[str, str] | None = None
     output: InvocationOutput | None = None
+    #: Operations the service changed since the last checkpoint answer (answered callbacks, ended waits).
+    changed: set[str] = field(default_factory=set)
 
 
 class InMemoryClient:
-    """The durable checkpoint service in memory: tokens, operations, callbacks and chained invokes.
+    """The durable checkpoint service in memory: tokens, operations, callbacks and chained invokes, under
+    the service's rules (``_wire.validate_updates``): it completes waits, times callbacks out, makes due
+    retries READY and issues callback ids.
+
+    An invocation input for an execution it has never seen (a hand-built one) is adopted: its operations
+    and token become the execution's.
 
     Args:
         clock: the time source (wait and timeout deadlines).
@@ -146,32 +156,42 @@ class InMemoryClient:
     # -- the service API -------------------------------------------------------------------------
     def checkpoint(self, durable_execution_arn: str, checkpoint_token: str, updates: Sequence[OperationUpdate],
                    client_token: str | None = None) -> CheckpointOutput:
-        """Apply ``updates`` in order, atomically.
+        """Apply ``updates`` in order, atomically, as the service receives them (through the wire shapes).
 
         Raises:
             CheckpointError: the token is not the execution's current one.
+            InvalidCheckpointError: the batch breaks one of the service's rules; nothing is applied.
         """
         invokes: list[OperationUpdate] = []
         with self._lock:
             ex = self._execution(durable_execution_arn)
             if checkpoint_token != ex.token:
-                raise CheckpointError(f"stale CheckpointToken for {durable_execution_arn}")
+                raise CheckpointError(f"Invalid checkpoint token for {durable_execution_arn}")
+            received = [wire_update(u) for u in updates]
+            self._advance(ex)
+            validate_updates(received, ex.operations)
             self.checkpoint_calls += 1
             now = self.clock.now()
             touched: dict[str, None] = {}
-            for u in updates:
+            for u in received:
                 existing = ex.operations.get(u.operation_id)
                 if existing is None:
                     ex.seq += 1
+                if u.operation_type is OperationType.CALLBACK and u.action is OperationAction.START:
+                    u = replace(u, callback_id=uuid.uuid4().hex)
                 op = apply_update(existing, u, now, ex.seq)
                 ex.operations[op.id] = op
                 touched[op.id] = None
                 if op.callback_id and u.action is OperationAction.START:
                     self._callbacks[op.callback_id] = (ex.arn, op.id)
-                if u.operation_type is OperationType.INVOKE and u.action is OperationAction.START:
+                if u.operation_type is OperationType.CHAINED_INVOKE and u.action is OperationAction.START:
                     invokes.append(u)
             ex.token = uuid.uuid4().hex
-            out = CheckpointOutput(ex.token, [ex.operations[i] for i in touched])
+            # the new execution state: what this batch changed, and what changed meanwhile on the service's
+            # side (a callback answered, a wait ended), so the function sees it in this invocation
+            changed = {**dict.fromkeys(ex.changed), **touched}
+            ex.changed.clear()
+            out = CheckpointOutput(ex.token, [ex.operations[i] for i in changed])
         for u in invokes:
             self._start_child(durable_execution_arn, u)
         return out
@@ -181,11 +201,17 @@ class InMemoryClient:
         """A page of the execution's operations after ``next_marker``."""
         with self._lock:
             ex = self._execution(durable_execution_arn)
+            self._advance(ex)
             ops = sorted(ex.operations.values(), key=lambda o: o.seq)
             start = int(next_marker or 0)
             page = ops[start:start + max_items]
             more = start + max_items < len(ops)
             return StateOutput(page, str(start + max_items) if more else "")
+
+    def _advance(self, ex: _ClientExecution) -> None:
+        moved = advance_all(ex.operations, self.clock.now())
+        ex.operations.update(moved)
+        ex.changed.update(moved)
 
     # -- driving executions ----------------------------------------------------------------------
     def start_execution(self, input: Any = None, *, arn: str | None = None, function: str | None = None
@@ -195,15 +221,60 @@ class InMemoryClient:
         with self._lock:
             if arn in self._executions:
                 raise ConfigError(f"execution {arn!r} exists already", field="arn", value=arn)
-            op = Operation(id=f"{arn}#execution", type=OperationType.EXECUTION, status=OperationStatus.STARTED,
+            op = Operation(id=EXECUTION_OPERATION_ID, type=OperationType.EXECUTION, status=OperationStatus.STARTED,
                            start_timestamp=self.clock.now(), input_payload=json.dumps(input), seq=0)
             self._executions[arn] = _ClientExecution(arn, {op.id: op}, uuid.uuid4().hex, function=function)
         return self.invocation_input(arn)
+
+    def adopt(self, inp: InvocationInput, operations: Sequence[Operation] | None = None) -> None:
+        """Take on an execution first seen in an invocation input (built by hand, or by another service):
+        its operations (``operations``, else the input's first page) and its token. Known ARNs are left
+        as they are."""
+        with self._lock:
+            if inp.durable_execution_arn in self._executions:
+                return
+            ops = list(operations if operations is not None else inp.initial_execution_state.operations)
+            self._executions[inp.durable_execution_arn] = _ClientExecution(
+                inp.durable_execution_arn, {o.id: replace(o, seq=i) for i, o in enumerate(ops)},
+                inp.checkpoint_token, seq=len(ops))
+
+    def set_operation(self, arn_or_operation: str | Operation | Mapping[str, Any],
+                      operation: Operation | Mapping[str, Any] | None = None) -> Operation:
+        """Put ``operation`` (an ``Operation`` or its API shape) into an execution's state, as the service
+        would have it: ``set_operation(arn, op)``, or ``set_operation(op)`` when the client holds one
+        execution. A callback's id becomes known to ``complete_callback``.
+
+        Raises:
+            ConfigError: no ARN given and the client does not hold exactly one execution.
+        """
+        if operation is None:
+            if isinstance(arn_or_operation, str):
+                raise ConfigError("set_operation needs an operation", field="operation")
+            operation, arn = arn_or_operation, None
+        else:
+            arn = arn_or_operation if isinstance(arn_or_operation, str) else None
+        op = operation if isinstance(operation, Operation) else Operation.from_dict(operation)
+        with self._lock:
+            if arn is None:
+                if len(self._executions) != 1:
+                    raise ConfigError("set_operation(op) needs the execution's ARN when the client holds "
+                                      f"{len(self._executions)} executions", field="arn")
+                arn = next(iter(self._executions))
+            ex = self._execution(arn)
+            old = ex.operations.get(op.id)
+            if old is None:
+                ex.seq += 1
+            op = replace(op, seq=old.seq if old is not None else ex.seq)
+            ex.operations[op.id] = op
+            if op.callback_id:
+                self._callbacks[op.callback_id] = (arn, op.id)
+            return op
 
     def invocation_input(self, arn: str) -> InvocationInput:
         """The input of the next invocation of ``arn``: a fresh token and the first page of operations."""
         with self._lock:
             ex = self._execution(arn)
+            self._advance(ex)
             ex.token = uuid.uuid4().hex
             ops = sorted(ex.operations.values(), key=lambda o: o.seq)
             first, rest = ops[:self.page_size], ops[self.page_size:]
@@ -221,10 +292,10 @@ class InMemoryClient:
             op = pex.operations[parent[1]]
             if op.done:
                 return
-            action = OperationAction.SUCCEED if output.status is InvocationStatus.SUCCEEDED else OperationAction.FAIL
-            pex.operations[op.id] = apply_update(op, OperationUpdate(
-                operation_id=op.id, operation_type=op.type, action=action, payload=output.result,
-                error=output.error), self.clock.now())
+            status, error = ((OperationStatus.SUCCEEDED, None) if output.status is InvocationStatus.SUCCEEDED
+                             else (OperationStatus.FAILED, output.error))
+            pex.operations[op.id] = replace(op, status=status, result=output.result if error is None else None,
+                                            error=error, end_timestamp=self.clock.now())
 
     def output(self, arn: str) -> InvocationOutput | None:
         """The last recorded output of ``arn``."""
@@ -233,7 +304,9 @@ class InMemoryClient:
 
     def operations(self, arn: str) -> list[Operation]:
         with self._lock:
-            return sorted(self._execution(arn).operations.values(), key=lambda o: o.seq)
+            ex = self._execution(arn)
+            self._advance(ex)
+            return sorted(ex.operations.values(), key=lambda o: o.seq)
 
     def register_function(self, name: str, handler: Callable[[Any], InvocationOutput]) -> None:
         """Make ``handler`` (a ``with_durable_execution`` result) invocable with ``ctx.invoke(name, ...)``."""
@@ -255,8 +328,8 @@ class InMemoryClient:
         return out
 
     def _start_child(self, parent_arn: str, u: OperationUpdate) -> None:
-        assert u.function_name is not None and u.child_execution_id is not None
-        child = u.child_execution_id
+        assert u.function_name is not None
+        child = u.child_execution_id or f"{parent_arn}/{u.operation_id}"
         self.start_execution(json.loads(u.payload) if u.payload is not None else None, arn=child,
                              function=u.function_name)
         with self._lock:
@@ -264,33 +337,45 @@ class InMemoryClient:
         self.invoke(child)
 
     # -- callbacks -------------------------------------------------------------------------------
-    def _settle(self, callback_id: str, action: OperationAction, payload: str | None,
+    def _settle(self, callback_id: str, status: OperationStatus, payload: str | None,
                 error: ErrorObject | None) -> bool:
         with self._lock:
             where = self._callbacks.get(callback_id)
             if where is None:
                 raise NotFoundError(f"no callback {callback_id!r}")
             ex = self._execution(where[0])
+            self._advance(ex)
             op = ex.operations[where[1]]
             if op.done:
                 return False
-            ex.operations[op.id] = apply_update(op, OperationUpdate(
-                operation_id=op.id, operation_type=op.type, action=action, payload=payload, error=error),
-                self.clock.now())
+            ex.operations[op.id] = replace(op, status=status, result=payload, error=error,
+                                           end_timestamp=self.clock.now())
+            ex.changed.add(op.id)
             return True
 
-    def complete_callback(self, callback_id: str, result: Any = None) -> bool:
-        """``SendDurableExecutionCallbackSuccess`` with a JSON result."""
-        return self._settle(callback_id, OperationAction.SUCCEED, json.dumps(result), None)
+    def complete_callback(self, callback_id: str, payload: str | bytes | None = None) -> bool:
+        """``SendDurableExecutionCallbackSuccess``: ``payload`` is the serialized result, kept as given
+        (``'"approved"'`` is the JSON text of ``"approved"``); bytes are read as UTF-8. False if the callback
+        was settled already."""
+        if isinstance(payload, (bytes, bytearray)):
+            payload = bytes(payload).decode()
+        elif payload is not None and not isinstance(payload, str):
+            raise ConfigError(f"complete_callback takes the serialized result (str), got {type(payload).__name__}; "
+                              "pass json.dumps(value)", field="payload", value=type(payload).__name__)
+        return self._settle(callback_id, OperationStatus.SUCCEEDED, payload, None)
 
-    def fail_callback(self, callback_id: str, error: ErrorObject) -> bool:
-        """``SendDurableExecutionCallbackFailure``."""
-        return self._settle(callback_id, OperationAction.FAIL, None, error)
+    def fail_callback(self, callback_id: str, error: ErrorObject | BaseException | Mapping[str, Any] | str,
+                      timed_out: bool = False) -> bool:
+        """``SendDurableExecutionCallbackFailure`` (``timed_out``: the callback ends ``TIMED_OUT``, and the
+        function sees a ``CallbackTimeoutError``)."""
+        from ._callbacks import error_object
+
+        obj = error_object(error)
+        status = OperationStatus.TIMED_OUT if timed_out else OperationStatus.FAILED
+        return self._settle(callback_id, status, None, obj)
 
     def heartbeat_callback(self, callback_id: str) -> None:
         """``SendDurableExecutionCallbackHeartbeat``."""
-        from dataclasses import replace
-
         with self._lock:
             where = self._callbacks.get(callback_id)
             if where is None:
@@ -306,6 +391,9 @@ class InMemoryClient:
 
 
 class _ClientBackend:
+    #: Speaks the Lambda API: whole seconds, the service issues callback ids.
+    wire = True
+
     def __init__(self, client: Any, arn: str, token: str, clock: Clock) -> None:
         self.client = client
         self.execution_id = arn
@@ -315,23 +403,25 @@ class _ClientBackend:
     def now(self) -> float:
         return self.clock.now()
 
-    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> None:
+    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> list[Operation]:
         try:
             out = self.client.checkpoint(self.execution_id, self.token, list(updates), None)
-        except CheckpointError as exc:
-            raise ExecutionFencedOut(str(exc)) from exc
         except Exception as exc:
-            # The service failed, not the user's code: the invocation fails and Lambda retries it.
+            # Never the execution's failure unless no retry can help: AWS's invocation-level and
+            # execution-level unrecoverable errors.
+            if checkpoint_error_category(exc) == "EXECUTION":
+                raise InvocationAbandoned(f"{type(exc).__name__}: {exc}", ExecutionError(
+                    f"checkpoint refused: {exc}", TerminationReason.CHECKPOINT_FAILED)) from exc
+            if isinstance(exc, CheckpointError):  # a stale token: another invocation owns the execution
+                raise ExecutionFencedOut(str(exc)) from exc
             raise InvocationAbandoned(f"{type(exc).__name__}: {exc}", exc) from exc
         self.token = out.checkpoint_token
-
-    def new_callback_id(self, operation_id: str) -> str:
-        return uuid.uuid4().hex
+        return list(out.operations)
 
     def check_invoke(self, function_name: str) -> None:
         check = getattr(self.client, "check_invoke", None)
         if check is None:
-            raise ConfigError("this client cannot invoke durable functions", field="client")
+            return  # the service checks the target itself
         check(function_name)
 
 
@@ -343,11 +433,18 @@ class DurableExecutionConfig:
         client: the checkpoint service (``InMemoryClient`` locally).
         clock: the time source (default: the client's clock, else the wall clock).
         always_replay: end the invocation after each newly completed operation (a determinism check).
+        logger: the logger ``ctx.logger`` and step contexts use (default ``errands.durable``).
+        request_id: the invocation's request id for log records (default: the Lambda context's
+            ``aws_request_id``).
+        tenant_id: the ``TenantId`` of chained invokes started from this function.
     """
 
     client: Any
     clock: Clock | None = None
     always_replay: bool = False
+    logger: logging.Logger | None = None
+    request_id: str | None = None
+    tenant_id: str | None = None
 
 
 def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Callable[[Any, Any], Awaitable[Any]],
@@ -359,16 +456,18 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
     optional Lambda context, replays the checkpointed operations, runs the handler, flushes its
     checkpoints and returns an ``InvocationOutput`` (``Status`` SUCCEEDED / FAILED / PENDING).
 
-    Without ``config`` it is the Lambda entry point: the client is an ``AWSDurableExecutionClient``
-    (boto3 from the environment, made on the first invocation) and the wrapper returns the output as the
-    JSON dict Lambda sends back (``{"Status", "Result", "Error"}``). A checkpoint the service rejects as
-    invalid (``DurableServiceError`` that is not ``retryable``) fails the execution with that error.
+    Without ``config`` it is the Lambda entry point (``lambda_handler = with_durable_execution(fn)``): the
+    client is an ``AWSDurableExecutionClient`` (boto3 from the environment, made on the first invocation)
+    and the wrapper returns the output as the JSON object Lambda sends back (``{"Status", "Result",
+    "Error"}``).
 
     Raises:
         ConfigError: the input is not a durable invocation.
         CheckpointError: the service refused the checkpoints (stale token): let Lambda retry.
-        Exception: the checkpoint service itself failed (the client's error, re-raised): the invocation
-            fails, never the execution, and Lambda retries it.
+        Exception: the checkpoint service failed in a way a retry may fix (the client's error, re-raised;
+            AWS's invocation-level error): the invocation fails, never the execution, and Lambda retries it.
+            A checkpoint no retry can fix (a batch the service refuses by its rules, a 4xx other than
+            throttling or a stale token) ends the execution instead: ``Status: FAILED``.
     """
     if not callable(handler):
         raise ConfigError(f"handler must be callable, got {handler!r}", field="handler", value=repr(handler))
@@ -379,13 +478,12 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
         config = DurableExecutionConfig(client=AWSDurableExecutionClient())
     client = config.client
     clock = config.clock or getattr(client, "clock", None) or SystemClock()
-    always_replay = config.always_replay
 
-    def wrapped(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> Any:
-        out = invoke(event)
-        return out.to_dict() if as_lambda else out
+    def entry_point(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> dict[str, Any]:
+        return wrapped(event, lambda_context).to_dict()
 
-    def invoke(event: Mapping[str, Any] | InvocationInput) -> InvocationOutput:
+    def wrapped(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> InvocationOutput:
+        assert config is not None
         inp = event if isinstance(event, InvocationInput) else InvocationInput.from_dict(event)
         ops = list(inp.initial_execution_state.operations)
         marker = inp.initial_execution_state.next_marker
@@ -395,9 +493,17 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
             marker = page.next_marker
         payload = next((o.input_payload for o in ops if o.type is OperationType.EXECUTION), None)
         user_event = json.loads(payload) if payload and payload.strip() else {}
+        adopt = getattr(client, "adopt", None)
+        if callable(adopt):
+            adopt(inp, ops)
         backend = _ClientBackend(client, inp.durable_execution_arn, inp.checkpoint_token, clock)
         state = ExecutionState(backend, {o.id: o for o in ops if o.type is not OperationType.EXECUTION},
-                               always_replay=always_replay)
+                               always_replay=config.always_replay)
+        request_id = config.request_id or getattr(lambda_context, "aws_request_id", None)
+        logger = config.logger or logging.getLogger("errands.durable")
+        state.logger = logging.LoggerAdapter(logger, {"durable_execution_arn": inp.durable_execution_arn,
+                                                      "request_id": request_id})
+        state.tenant_id = config.tenant_id
         try:
             outcome = run_handler(handler, user_event, state)
             updates, touched = state.take_pending()
@@ -407,13 +513,13 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
             raise CheckpointError(str(exc)) from exc
         except InvocationAbandoned as exc:
             outcome = InvocationOutcome("ABANDONED", abandoned=exc)
+        if outcome.abandoned is not None and isinstance(outcome.abandoned.cause, ExecutionError):
+            outcome = InvocationOutcome("FAILED", error=ErrorObject.from_exception(outcome.abandoned.cause,
+                                                                                   with_trace=False))
         if outcome.abandoned is not None:
             cause = outcome.abandoned.cause
             if cause is None:
                 raise CheckpointError(outcome.abandoned.reason)
-            if getattr(cause, "retryable", True) is False:
-                # The service rejected the checkpoint itself (validation): retrying cannot help.
-                return InvocationOutput(status=InvocationStatus.FAILED, error=ErrorObject.from_exception(cause))
             raise cause
         out = InvocationOutput(status=InvocationStatus(outcome.status), result=outcome.result, error=outcome.error)
         record = getattr(client, "record_output", None)
@@ -421,4 +527,4 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
             record(inp.durable_execution_arn, out)
         return out
 
-    return wrapped
+    return entry_point if as_lambda else wrapped

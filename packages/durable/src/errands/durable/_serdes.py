@@ -27,11 +27,12 @@ class Serdes(Protocol):
 
 
 class JsonSerdes:
-    """Compact JSON (the default). Tuples come back as lists on the first run as on replay."""
+    """Compact JSON with sorted keys (the default, encoded as the reference SDK encodes). Tuples come back
+    as lists on the first run as on replay."""
 
     def serialize(self, value: Any, context: SerdesContext) -> str:
         try:
-            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise SerdesError(
                 f"result of operation {context.operation_id or '?'} is not JSON-serialisable ({exc}); "
@@ -46,15 +47,13 @@ class JsonSerdes:
 
 
 class PassThroughSerdes:
-    """Stores text as it is: the value must already be a ``str`` (e.g. your own JSON or base64)."""
+    """Stores text as it is (your own JSON or base64); any other value is JSON-encoded, as by
+    ``JsonSerdes``. Deserialising gives the text back."""
 
     def serialize(self, value: Any, context: SerdesContext) -> str:
-        if not isinstance(value, str):
-            raise SerdesError(
-                f"PassThroughSerdes needs str results, operation {context.operation_id or '?'} returned "
-                f"{type(value).__name__}; serialise it yourself or use JsonSerdes"
-            )
-        return value
+        if isinstance(value, str):
+            return value
+        return JsonSerdes().serialize(value, context)
 
     def deserialize(self, data: str, context: SerdesContext) -> Any:
         return data

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from ._errors import ExecutionFencedOut, InvocationAbandoned, NonDeterministicExecutionError, SuspendExecution
 from ._values import Operation, OperationUpdate, apply_update
+from ._wire import validate_updates
 
 
 class CheckpointBackend(Protocol):
@@ -16,15 +17,15 @@ class CheckpointBackend(Protocol):
 
     def now(self) -> float: ...
 
-    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]) -> None:
-        """Persist ``operations`` (the state after ``updates``) in one transaction.
+    def flush(self, updates: Sequence[OperationUpdate], operations: Sequence[Operation]
+              ) -> Sequence[Operation] | None:
+        """Persist ``operations`` (the state after ``updates``) in one transaction; return the service's view
+        of the operations it changed (with what it issued: a callback's id), or None.
 
         Raises:
             ExecutionFencedOut: another invocation or an operator owns the execution now.
             InvocationAbandoned: the store failed (after any retries of its own): stop and replay later.
         """
-
-    def new_callback_id(self, operation_id: str) -> str: ...
 
     def check_invoke(self, function_name: str) -> None:
         """Raise ``ConfigError`` if ``function_name`` cannot be invoked from here."""
@@ -40,6 +41,11 @@ class ExecutionState:
                  always_replay: bool = False) -> None:
         self.backend = backend
         self.execution_id = backend.execution_id
+        #: The backend speaks the Lambda API: waits and retry delays are whole seconds, at least one.
+        self.wire: bool = bool(getattr(backend, "wire", False))
+        #: The logger of contexts and steps (None: ``errands.durable``); the chained invokes' ``TenantId``.
+        self.logger: Any = None
+        self.tenant_id: str | None = None
         self.operations: dict[str, Operation] = dict(operations or {})
         self.always_replay = always_replay
         self.fatal: NonDeterministicExecutionError | None = None
@@ -49,6 +55,7 @@ class ExecutionState:
         self.replayed = bool(self.operations)
         self._updates: list[OperationUpdate] = []
         self._dirty: dict[str, None] = {}
+        self._before: dict[str, Operation | None] = {}
         self._lock = threading.RLock()
         self._seq = max((op.seq for op in self.operations.values()), default=0)
         self.new_completions = 0
@@ -67,6 +74,8 @@ class ExecutionState:
             if self.stopped is not None:
                 raise self.stopped
             existing = self.operations.get(update.operation_id)
+            if update.operation_id not in self._before:
+                self._before[update.operation_id] = existing
             if existing is None:
                 self._seq += 1
             op = apply_update(existing, update, self.now(), self._seq)
@@ -87,18 +96,36 @@ class ExecutionState:
         if not self._updates:
             return
         updates, ids = self._updates, list(self._dirty)
+        # the service's rules, on every backend alike (InMemoryClient and AWS check again on their side)
+        validate_updates(updates, _Before(self.operations, self._before))
         try:
-            self.backend.flush(updates, [self.operations[i] for i in ids])
+            answered = self.backend.flush(updates, [self.operations[i] for i in ids])
         except (ExecutionFencedOut, InvocationAbandoned) as signal:
             self.stopped = signal
             raise
-        self._updates, self._dirty = [], {}
+        self._updates, self._dirty, self._before = [], {}, {}
+        self.merge(answered or ())
+
+    def merge(self, answered: Sequence[Operation]) -> None:
+        """Take what the service issued for operations it answered with (a callback's id)."""
+        from dataclasses import replace
+
+        for op in answered:
+            mine = self.operations.get(op.id)
+            if mine is None:
+                continue
+            if op.callback_id and mine.callback_id != op.callback_id:
+                mine = replace(mine, callback_id=op.callback_id)
+            if op.done and not mine.done:  # settled by the service meanwhile
+                mine = replace(op, seq=mine.seq)
+            self.operations[op.id] = mine
 
     def take_pending(self) -> tuple[list[OperationUpdate], list[Operation]]:
         """The updates not yet flushed and the operations they touched, for the final transaction."""
         with self._lock:
             updates, ids = self._updates, list(self._dirty)
-            self._updates, self._dirty = [], {}
+            validate_updates(updates, _Before(self.operations, self._before))
+            self._updates, self._dirty, self._before = [], {}, {}
             return updates, [self.operations[i] for i in ids]
 
     def mark_fatal(self, error: NonDeterministicExecutionError) -> NonDeterministicExecutionError:
@@ -119,3 +146,30 @@ class ExecutionState:
 def earliest(values: Sequence[Any]) -> float | None:
     times = [float(v) for v in values if v is not None]
     return min(times) if times else None
+
+
+class _Before(Mapping[str, Operation]):
+    """The operations as they were before the pending batch (what the service holds), without a copy."""
+
+    def __init__(self, now: Mapping[str, Operation], before: Mapping[str, Operation | None]) -> None:
+        self._now = now
+        self._before = before
+
+    def __getitem__(self, key: str) -> Operation:
+        if key in self._before:
+            op = self._before[key]
+            if op is None:
+                raise KeyError(key)
+            return op
+        return self._now[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._before:
+            return self._before[key] is not None  # type: ignore[index]
+        return key in self._now
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._now if k in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

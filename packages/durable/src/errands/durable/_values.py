@@ -29,7 +29,13 @@ class OperationType(_StrEnum):
     STEP = "STEP"
     WAIT = "WAIT"
     CALLBACK = "CALLBACK"
-    INVOKE = "INVOKE"
+    CHAINED_INVOKE = "CHAINED_INVOKE"
+    #: Deprecated alias of ``CHAINED_INVOKE`` (the name before the 2025-12-01 API).
+    INVOKE = "CHAINED_INVOKE"
+
+    @classmethod
+    def _missing_(cls, value: object) -> OperationType | None:
+        return cls.CHAINED_INVOKE if value == "INVOKE" else None  # rows stored before the rename
 
 
 class OperationSubType(_StrEnum):
@@ -69,6 +75,18 @@ class OperationAction(_StrEnum):
     FAIL = "FAIL"
     RETRY = "RETRY"
     CANCEL = "CANCEL"
+
+
+class TerminationReason(_StrEnum):
+    """Why an invocation ended without its function returning (the reference SDK's reasons)."""
+
+    UNHANDLED_ERROR = "UNHANDLED_ERROR"
+    INVOCATION_ERROR = "INVOCATION_ERROR"
+    EXECUTION_ERROR = "EXECUTION_ERROR"
+    CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
+    NON_DETERMINISTIC_EXECUTION = "NON_DETERMINISTIC_EXECUTION"
+    STEP_INTERRUPTED = "STEP_INTERRUPTED"
+    SERIALIZATION_ERROR = "SERIALIZATION_ERROR"
 
 
 class InvocationStatus(_StrEnum):
@@ -266,98 +284,23 @@ class Operation:
                 out[key] = value
         return out
 
+    @property
+    def scheduled_end_timestamp(self) -> float | None:
+        """When a wait ends (epoch seconds), the API's ``WaitDetails.ScheduledEndTimestamp``."""
+        return self.scheduled_timestamp
+
     def to_dict(self) -> dict[str, Any]:
-        """The AWS ``Operation`` JSON shape."""
-        out: dict[str, Any] = {"Id": self.id, "Type": self.type.value, "Status": self.status.value}
-        if self.parent_id:
-            out["ParentId"] = self.parent_id
-        if self.name:
-            out["Name"] = self.name
-        if self.sub_type:
-            out["SubType"] = self.sub_type.value
-        if self.start_timestamp is not None:
-            out["StartTimestamp"] = _iso(self.start_timestamp)
-        if self.end_timestamp is not None:
-            out["EndTimestamp"] = _iso(self.end_timestamp)
-        err = self.error.to_dict() if self.error else None
-        if self.type is OperationType.EXECUTION:
-            out["ExecutionDetails"] = {"InputPayload": self.input_payload}
-        elif self.type is OperationType.CONTEXT:
-            details: dict[str, Any] = {}
-            if self.result is not None:
-                details["Result"] = self.result
-            if err:
-                details["Error"] = err
-            out["ContextDetails"] = details
-        elif self.type is OperationType.STEP:
-            step: dict[str, Any] = {"Attempt": self.attempt}
-            if self.next_attempt_timestamp is not None:
-                step["NextAttemptTimestamp"] = _iso(self.next_attempt_timestamp)
-            if self.result is not None:
-                step["Result"] = self.result
-            if err:
-                step["Error"] = err
-            out["StepDetails"] = step
-        elif self.type is OperationType.WAIT:
-            out["WaitDetails"] = {"ScheduledTimestamp": _iso(self.scheduled_timestamp)}
-        elif self.type is OperationType.CALLBACK:
-            cb: dict[str, Any] = {"CallbackId": self.callback_id}
-            if self.result is not None:
-                cb["Result"] = self.result
-            if err:
-                cb["Error"] = err
-            out["CallbackDetails"] = cb
-        elif self.type is OperationType.INVOKE:
-            inv: dict[str, Any] = {"DurableExecutionArn": self.child_execution_id}
-            if self.result is not None:
-                inv["Result"] = self.result
-            if err:
-                inv["Error"] = err
-            out["InvokeDetails"] = inv
-        return out
+        """The Lambda API's ``Operation`` shape (timestamps in epoch milliseconds); see ``_wire``."""
+        from ._wire import operation_to_wire
+
+        return operation_to_wire(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Operation:
-        """Read the AWS ``Operation`` JSON shape."""
+        """Read the Lambda API's ``Operation`` shape, ignoring fields it does not know."""
+        from ._wire import operation_from_wire
 
-        def ts(value: Any) -> float | None:
-            if value is None:
-                return None
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, datetime):
-                return value.timestamp()
-            return datetime.fromisoformat(str(value)).timestamp()
-
-        type_ = OperationType(data["Type"])
-        kw: dict[str, Any] = {}
-        key = {
-            OperationType.EXECUTION: "ExecutionDetails", OperationType.CONTEXT: "ContextDetails",
-            OperationType.STEP: "StepDetails", OperationType.WAIT: "WaitDetails",
-            OperationType.CALLBACK: "CallbackDetails", OperationType.INVOKE: "InvokeDetails",
-        }[type_]
-        d = data.get(key) or {}
-        if d.get("Error"):
-            kw["error"] = ErrorObject.from_dict(d["Error"])
-        if "Result" in d:
-            kw["result"] = d["Result"]
-        if type_ is OperationType.EXECUTION:
-            kw["input_payload"] = d.get("InputPayload")
-        elif type_ is OperationType.STEP:
-            kw["attempt"] = int(d.get("Attempt", 0))
-            kw["next_attempt_timestamp"] = ts(d.get("NextAttemptTimestamp"))
-        elif type_ is OperationType.WAIT:
-            kw["scheduled_timestamp"] = ts(d.get("ScheduledTimestamp"))
-        elif type_ is OperationType.CALLBACK:
-            kw["callback_id"] = d.get("CallbackId")
-        elif type_ is OperationType.INVOKE:
-            kw["child_execution_id"] = d.get("DurableExecutionArn")
-        sub = data.get("SubType")
-        return cls(
-            id=data["Id"], type=type_, status=OperationStatus(data["Status"]), parent_id=data.get("ParentId"),
-            name=data.get("Name"), sub_type=OperationSubType(sub) if sub else None,
-            start_timestamp=ts(data.get("StartTimestamp")), end_timestamp=ts(data.get("EndTimestamp")), **kw,
-        )
+        return operation_from_wire(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +308,9 @@ class OperationUpdate:
     """One checkpoint update (AWS ``OperationUpdate``): what happened to an operation.
 
     ``wait_seconds``, ``next_attempt_delay_seconds``, ``timeout_seconds`` and
-    ``heartbeat_timeout_seconds`` are the ``WaitOptions``, ``StepOptions`` and ``CallbackOptions``.
+    ``heartbeat_timeout_seconds`` are the ``WaitOptions``, ``StepOptions`` and ``CallbackOptions``;
+    ``function_name`` and ``tenant_id`` the ``ChainedInvokeOptions``. ``callback_id`` and
+    ``child_execution_id`` are the service's (it issues them); they never go on the wire.
     """
 
     operation_id: str
@@ -383,30 +328,20 @@ class OperationUpdate:
     callback_id: str | None = None
     function_name: str | None = None
     child_execution_id: str | None = None
+    tenant_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The AWS ``OperationUpdate`` JSON shape."""
-        out: dict[str, Any] = {"Id": self.operation_id, "Type": self.operation_type.value, "Action": self.action.value}
-        if self.parent_id:
-            out["ParentId"] = self.parent_id
-        if self.name:
-            out["Name"] = self.name
-        if self.sub_type:
-            out["SubType"] = self.sub_type.value
-        if self.payload is not None:
-            out["Payload"] = self.payload
-        if self.error:
-            out["Error"] = self.error.to_dict()
-        if self.wait_seconds is not None:
-            out["WaitOptions"] = {"WaitSeconds": self.wait_seconds}
-        if self.next_attempt_delay_seconds is not None:
-            out["StepOptions"] = {"NextAttemptDelaySeconds": self.next_attempt_delay_seconds}
-        if self.timeout_seconds is not None or self.heartbeat_timeout_seconds is not None:
-            out["CallbackOptions"] = {"TimeoutSeconds": self.timeout_seconds or 0,
-                                      "HeartbeatTimeoutSeconds": self.heartbeat_timeout_seconds or 0}
-        if self.function_name is not None:
-            out["InvokeOptions"] = {"FunctionName": self.function_name}
-        return out
+        """The Lambda API's ``OperationUpdate`` shape (integer seconds in the options); see ``_wire``."""
+        from ._wire import update_to_wire
+
+        return update_to_wire(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OperationUpdate:
+        """Read the Lambda API's ``OperationUpdate`` shape, ignoring fields it does not know."""
+        from ._wire import update_from_wire
+
+        return update_from_wire(data)
 
 
 def apply_update(existing: Operation | None, update: OperationUpdate, now: float, seq: int = 0) -> Operation:
@@ -422,8 +357,9 @@ def apply_update(existing: Operation | None, update: OperationUpdate, now: float
                      next_attempt_timestamp=None)
         if update.wait_seconds is not None:
             op = replace(op, scheduled_timestamp=now + update.wait_seconds)
-        if update.callback_id is not None:
-            op = replace(op, callback_id=update.callback_id, heartbeat_timestamp=now)
+        if update.operation_type is OperationType.CALLBACK:
+            # the service issues the callback id (``callback_id`` here is the one it chose)
+            op = replace(op, callback_id=update.callback_id or existing.callback_id, heartbeat_timestamp=now)
             if update.timeout_seconds:
                 op = replace(op, timeout_timestamp=now + update.timeout_seconds)
             if update.heartbeat_timeout_seconds:
@@ -438,8 +374,10 @@ def apply_update(existing: Operation | None, update: OperationUpdate, now: float
         return replace(existing, status=OperationStatus.FAILED, error=update.error, end_timestamp=now,
                        next_attempt_timestamp=None)
     if action is OperationAction.RETRY:
+        # PENDING until the delay has passed, then READY (the service's move; at once without a delay)
         delay = update.next_attempt_delay_seconds or 0.0
-        return replace(existing, status=OperationStatus.PENDING, error=update.error,
+        status = OperationStatus.PENDING if delay > 0 else OperationStatus.READY
+        return replace(existing, status=status, error=update.error,
                        result=update.payload if update.payload is not None else existing.result,
                        attempt=max(existing.attempt, 1) + 1, next_attempt_timestamp=now + delay)
     return replace(existing, status=OperationStatus.CANCELLED, end_timestamp=now)
@@ -540,20 +478,53 @@ class WaitForConditionConfig(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class MapConfig:
-    """Options of ``ctx.map``: at most ``max_concurrency`` items at once (None: all)."""
+    """Options of ``ctx.map``: at most ``max_concurrency`` items at once (None: all).
+
+    ``item_namer(item, index) -> str`` names each item's child context; ``item_serdes`` stores each item's
+    result (``serdes`` too, for compatibility; ``item_serdes`` wins); ``batch_serdes`` stores the whole
+    ``BatchResult`` checkpoint (JSON by default).
+    """
 
     max_concurrency: int | None = None
     completion_config: CompletionConfig = field(default_factory=CompletionConfig)
     serdes: Serdes | None = None
+    item_namer: Callable[[Any, int], str] | None = None
+    item_serdes: Serdes | None = None
+    batch_serdes: Serdes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
-    """Options of ``ctx.parallel`` and ``ctx.execute_concurrently``."""
+    """Options of ``ctx.parallel`` and ``ctx.execute_concurrently``; ``item_serdes`` / ``batch_serdes`` as
+    in ``MapConfig``."""
 
     max_concurrency: int | None = None
     completion_config: CompletionConfig = field(default_factory=CompletionConfig.all_successful)
     serdes: Serdes | None = None
+    item_serdes: Serdes | None = None
+    batch_serdes: Serdes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NamedBranch(Generic[T]):
+    """A ``parallel`` branch with a name (its child context's ``Name``): ``NamedBranch("a", fn)``; a
+    ``(name, fn)`` pair or ``{"name": ..., "func": ...}`` works too."""
+
+    name: str | None
+    func: Callable[[Any], T]
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrentItem(Generic[T]):
+    """One item of ``ctx.execute_concurrently(name, items, fn)``: ``fn(child_ctx, item)`` gets it.
+
+    ``id`` is the caller's key for the item (the operation ids stay derived from ``index``), ``data`` the
+    item's value, ``index`` its position, ``name`` its child context's name."""
+
+    id: str
+    data: T
+    index: int
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

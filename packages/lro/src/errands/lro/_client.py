@@ -23,6 +23,7 @@ from . import _paging, _resume
 from ._auth import CallbackAuth
 from ._codec import encode_state, pack_any
 from ._config import Config, config_from_env
+from ._hygiene import ExpiredPurge
 from ._local_callbacks import LocalCallbacks
 from ._operation import Operation, run_async, store_call
 from ._operation_table import BatchAborted, OperationRecord, OperationStore, SQLOperationStore
@@ -33,7 +34,9 @@ from ._transitions import ResumeOutcome, pending_resume
 
 __all__ = ["LroClient"]
 
-_NAME = re.compile(r"^operations/[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
+# ``operations/{id}``, or AIP-151 names in a parent collection: ``projects/p/locations/l/operations/{id}``.
+_NAME = re.compile(r"^(?:[a-z][A-Za-z0-9]*/[A-Za-z0-9][A-Za-z0-9._~-]{0,199}/){0,4}operations/"
+                   r"[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
 
 
 class _ClientBatch:
@@ -102,17 +105,16 @@ class LroClient:
         self.core_store: SQLStore | None = None
         self.store: OperationStore = self._open_store(config.store, clock)
         self.scheduler: Any = config.scheduler
-        if self.scheduler is None:
-            if self.core_store is None:
-                raise ConfigError(
-                    "lro.scheduler is required when lro.store is not an errands SQL store", field="lro.scheduler"
-                )
+        if self.scheduler is None and self.core_store is not None:
             self.scheduler = local_scheduler(config, self.core_store)
+        # Without a scheduler (a read-only process such as an Operations server on Spanner) everything but
+        # resume_via_tasks works (it raises ConfigError); a cancel only flags an operation whose resume is due.
         self._handlers: dict[str, ResumableHandler] = {}
         self._auth: CallbackAuth | None = None
         self._scheduling = ResumeScheduling(self)
         self._local = LocalCallbacks(self)
         self._batch_loops = BatchLoops()
+        self._purge = ExpiredPurge(self)
         # Pauses between the attempts to create a resume's task before resume_via_tasks gives up.
         self._schedule_backoff: tuple[float, ...] = (0.05, 0.25)
 
@@ -156,7 +158,8 @@ class LroClient:
             return SQLOperationStore(spec, self.config.neuron)
         factory = getattr(spec, "operation_store", None)
         if callable(factory):
-            store: OperationStore = factory(neuron=self.config.neuron, table=self.config.spanner_table)
+            extra = {"database_role": self.config.database_role} if self.config.database_role else {}
+            store: OperationStore = factory(neuron=self.config.neuron, table=self.config.spanner_table, **extra)
             return store
         if isinstance(spec, OperationStore):
             return spec
@@ -208,7 +211,27 @@ class LroClient:
             )
         self._handlers = seen
 
-    add_resumable_handler = add_resumable_handlers
+    def add_resumable_handler(self, path: str | ResumableHandler, fn: Any = None) -> None:
+        """Register ``fn`` (sync or async ``fn(op)``) at ``path``, as lro/v2's ``AddResumableHandler(path,
+        handler)``; a ``ResumableHandler`` alone is accepted too. A path registered twice raises
+        ``ConfigError``."""
+        if isinstance(path, ResumableHandler) and fn is None:
+            self.add_resumable_handlers(path)
+            return
+        if not callable(fn):
+            raise ConfigError(f"add_resumable_handler needs a callable handler for {path!r}, got {fn!r}",
+                              field="handlers.handler", value=type(fn).__name__)
+        self.add_resumable_handlers(ResumableHandler(str(path), fn))
+
+    def register_http_at_prefix(self, prefix: str) -> None:
+        """Serve and address callbacks under ``prefix`` (lro/v2's ``RegisterHTTPHandlersAtPrefix``): a
+        leading and trailing ``/`` are added as there, callback URLs use it from now on, and ``asgi_app()``
+        / ``wsgi_app()`` serve it. A remote scheduler built with the previous prefix keeps it for URLs it
+        builds itself; the resume payload's ``url`` carries the new one."""
+        text = prefix if isinstance(prefix, str) else ""
+        text = text if text.startswith("/") else "/" + text
+        text = text if text.endswith("/") else text + "/"
+        self.config = replace(self.config, prefix=text)  # validated by Config
 
     @property
     def handlers(self) -> Mapping[str, ResumableHandler]:
@@ -240,7 +263,8 @@ class LroClient:
         """Create an operation (not done).
 
         Args:
-            name: ``operations/{id}``; default ``operations/{uuid4}``.
+            name: ``operations/{id}`` or an AIP-151 name such as ``projects/p/locations/l/operations/{id}``;
+                default ``operations/{uuid4}``.
             metadata: a protobuf message or a dict (packed as ``google.protobuf.Struct``).
             private_state: initial private state (JSON).
             conn: the caller's own connection to the store's database (a ``sqlite3.Connection``, a psycopg
@@ -255,7 +279,8 @@ class LroClient:
         name = name if name is not None else f"operations/{uuid.uuid4()}"
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(
-                f"operation name must be 'operations/{{id}}' with an id of letters, digits and '._~-', got {name!r}",
+                f"operation name must be 'operations/{{id}}' (or in a parent collection, AIP-151: "
+                f"'projects/{{p}}/locations/{{l}}/operations/{{id}}') with ids of letters, digits and '._~-', got {name!r}",
                 field="name", value=name,
             )
         pb = operations_pb2.Operation(name=name)
@@ -371,6 +396,8 @@ class LroClient:
             else:
                 raise LeaseLostError(f"operation {name!r} kept changing while it was being cancelled; try again")
         assert record.resume_path is not None and state.token is not None
+        if self.scheduler is None:
+            return  # a read-only client: the pending resume's own callback ends it CANCELLED, when it comes
         self._scheduling.schedule(record, record.resume_path, state.token, 0.0, key=f"lro-{state.token}-cancel")
 
     async def cancel_operation_async(self, name: str) -> None:
@@ -386,9 +413,13 @@ class LroClient:
         """``delete_operation`` for async code."""
         await run_async(self, self.delete_operation, name)
 
-    def purge_expired(self) -> int:
-        """Delete operations not saved for ``config.ttl`` (90 days by default). Returns how many."""
-        return self.store.purge(self.store.now() - self.config.ttl.total_seconds())
+    def purge_expired(self, limit: int | None = None) -> int:
+        """Delete operations not saved for ``config.ttl`` (90 days by default), at most ``limit`` (None: all).
+        Returns how many. A worker the client is attached to runs it in bounded batches by itself."""
+        cutoff = self.store.now() - self.config.ttl.total_seconds()
+        if limit is None:
+            return self.store.purge(cutoff)
+        return self.store.purge(cutoff, limit=limit)
 
     # -- resuming ------------------------------------------------------------------------------
     def callback_url(self, name: str, path: str, token: str | None = None) -> str | None:
@@ -487,6 +518,19 @@ class LroClient:
         from ._http import WsgiApp
 
         return WsgiApp(self, prefix or self.config.prefix)
+
+    def operations_asgi_app(self, prefix: str = "/v1/", fallback: Any = None) -> Any:
+        """An ASGI application serving ``google.longrunning.Operations`` over HTTP/JSON under ``prefix``
+        (see ``errands.lro._rest``); other requests go to ``fallback``, e.g. ``client.asgi_app()``."""
+        from ._rest import OperationsRestApi, RestAsgiApp
+
+        return RestAsgiApp(OperationsRestApi(self, prefix), fallback)
+
+    def operations_wsgi_app(self, prefix: str = "/v1/", fallback: Any = None) -> Any:
+        """The WSGI twin of ``operations_asgi_app``."""
+        from ._rest import OperationsRestApi, RestWsgiApp
+
+        return RestWsgiApp(OperationsRestApi(self, prefix), fallback)
 
     def register_grpc(self, server: Any) -> Any:
         """Serve ``google.longrunning.Operations`` (Get, List, Delete, Cancel, Wait) on a ``grpc.Server``.

@@ -139,6 +139,23 @@ def unpack_any(value: any_pb2.Any, type_: type[T] | None, *, field: str) -> T:
 
 
 def _struct_dict(value: any_pb2.Any) -> dict[str, Any]:
+    """A ``Struct`` as JSON values. ``Struct`` holds every number as a double (the Struct double rule), so a
+    number with no fractional part within 2**53 comes back as an ``int``: ``{"step": 1}`` round-trips as
+    ``{"step": 1}``, not ``{"step": 1.0}``. Integers beyond 2**53 lose precision in a ``Struct``: send them
+    as strings, or use a message of your own for metadata."""
     struct = struct_pb2.Struct()
     value.Unpack(struct)
-    return json_format.MessageToDict(struct)
+    return cast(dict[str, Any], _integers(json_format.MessageToDict(struct)))
+
+
+_EXACT = float(2**53)
+
+
+def _integers(data: Any) -> Any:
+    if type(data) is float:
+        return int(data) if data.is_integer() and -_EXACT <= data <= _EXACT else data
+    if type(data) is dict:
+        return {k: _integers(v) for k, v in data.items()}
+    if type(data) is list:
+        return [_integers(v) for v in data]
+    return data

@@ -21,6 +21,7 @@ ENV_VARS = (
     "ALIS_MANAGED_SPANNER_PROJECT",
     "ALIS_MANAGED_SPANNER_INSTANCE",
     "ALIS_MANAGED_SPANNER_DB",
+    "ALIS_RUN_HASH",
 )
 
 _NEURON = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -44,6 +45,10 @@ class Config:
         project_number: the project number (``ALIS_PROJECT_NR``).
         region: the Cloud Run / Cloud Tasks region (``ALIS_REGION``).
         queue: the Cloud Tasks queue; default ``{neuron}-operations``.
+        cloud_tasks_project: the project of the Cloud Tasks queue when it is not ``project`` (alis
+            ``CloudTasksProject``).
+        database_role: the Spanner fine-grained access control role of the store's sessions (alis
+            ``DatabaseRole``); passed to a store URL's operation store.
         service_account: the account Cloud Tasks signs OIDC tokens as; default
             ``alis-build@{project}.iam.gserviceaccount.com`` when ``project`` is set.
         allow_unauthenticated: accept callbacks without credentials. Off by default.
@@ -55,6 +60,8 @@ class Config:
         callback_secret: the HMAC key of the local scheduler's callbacks; default a random key kept in the
             store (so every process on the store shares it).
         ttl: how long an operation is kept after its last save (``purge_expired``).
+        purge_every: seconds between the purges of expired operations a worker runs (``client.attach``).
+        purge_batch: most operations one purge pass deletes.
         wait_initial: first poll interval of ``wait_operation``, seconds.
         wait_maximum: longest poll interval, seconds.
         wait_multiplier: growth of the poll interval.
@@ -81,6 +88,8 @@ class Config:
     spanner_instance: str | None = None
     spanner_database: str | None = None
     queue: str | None = None
+    cloud_tasks_project: str | None = None
+    database_role: str | None = None
     service_account: str | None = None
     allow_unauthenticated: bool = False
     oidc_audience: str | None = None
@@ -89,6 +98,8 @@ class Config:
     oidc_issuers: tuple[str, ...] = GOOGLE_ISSUERS
     callback_secret: str | None = field(default=None, repr=False)
     ttl: timedelta = timedelta(days=90)
+    purge_every: float = 3600.0
+    purge_batch: int = 1000
     wait_initial: float = 0.05
     wait_maximum: float = 1.0
     wait_multiplier: float = 1.5
@@ -120,6 +131,14 @@ class Config:
             problems.append(("dispatch_deadline", self.dispatch_deadline, "seconds from 15 to 1800 (Cloud Tasks' range)"))
         if not isinstance(self.wait_multiplier, (int, float)) or self.wait_multiplier < 1:
             problems.append(("wait_multiplier", self.wait_multiplier, "a number >= 1"))
+        if isinstance(self.purge_every, bool) or not isinstance(self.purge_every, (int, float)) or self.purge_every <= 0:
+            problems.append(("purge_every", self.purge_every, "a positive number of seconds"))
+        if isinstance(self.purge_batch, bool) or not isinstance(self.purge_batch, int) or not 1 <= self.purge_batch <= 10_000:
+            problems.append(("purge_batch", self.purge_batch, "an integer from 1 to 10000"))
+        for name in ("cloud_tasks_project", "database_role"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or "/" in value):
+                problems.append((name, value, "a non-empty name without '/'"))
         if not isinstance(self.resume_batch, int) or self.resume_batch < 1:
             problems.append(("resume_batch", self.resume_batch, "an integer >= 1"))
         if self.callback_secret is not None and (not isinstance(self.callback_secret, str) or len(self.callback_secret) < 16):
@@ -137,6 +156,11 @@ class Config:
     def queue_name(self) -> str:
         """The Cloud Tasks queue: ``queue`` or ``{neuron}-operations``."""
         return self.queue or f"{self.neuron}-operations"
+
+    @property
+    def tasks_project(self) -> str | None:
+        """The project of the Cloud Tasks queue: ``cloud_tasks_project`` or ``project``."""
+        return self.cloud_tasks_project or self.project
 
     @property
     def invoker_service_account(self) -> str | None:
@@ -166,20 +190,24 @@ class Config:
 def config_from_env(neuron: str, host: str | None, env: Mapping[str, str], **overrides: Any) -> Config:
     """The alis configuration: see the table in the package README.
 
-    * ``host`` defaults to ``https://{neuron}-{ALIS_PROJECT_NR}.{ALIS_REGION}.run.app`` when both are set.
+    * ``host`` defaults to ``https://{neuron}-{ALIS_PROJECT_NR}.{ALIS_REGION}.run.app`` when both are set,
+      else to lro/v2's ``https://{neuron}-{ALIS_RUN_HASH}.run.app`` when ``ALIS_RUN_HASH`` is.
     * The store is ``spanner://projects/{p}/instances/{i}/databases/{d}`` when the three
       ``ALIS_MANAGED_SPANNER_*`` variables are set, else the embedded ``sqlite:///ops.db``.
     """
     project = env.get("ALIS_OS_PROJECT") or None
     number = env.get("ALIS_PROJECT_NR") or None
     region = env.get("ALIS_REGION") or None
-    sp, si, sd = (env.get(k) or None for k in ENV_VARS[3:])
+    sp, si, sd = (env.get(k) or None for k in ENV_VARS[3:6])
+    run_hash = env.get("ALIS_RUN_HASH") or None
     values: dict[str, Any] = {
         "neuron": neuron, "project": project, "project_number": number, "region": region,
         "spanner_project": sp, "spanner_instance": si, "spanner_database": sd,
     }
     if host is None and number and region:
         host = f"https://{neuron}-{number}.{region}.run.app"
+    elif host is None and run_hash:
+        host = f"https://{neuron}-{run_hash}.run.app"
     values["host"] = host
     if sp and si and sd:
         values["store"] = f"spanner://projects/{sp}/instances/{si}/databases/{sd}"

@@ -110,6 +110,7 @@ class LocalCallbacks:
             worker.on_timer(client.resume_topic, self.fire)
         else:
             worker.add_job(f"lro.{client.neuron}.run_due", self.run_due)
+        worker.add_job(f"lro.{client.neuron}.purge", client._purge.run)
 
     def _fire_fenced(self, _topic: str, payload: Mapping[str, Any]) -> None:
         self.fire_payload(payload, hold=False)  # the timer's lease, renewed by the scheduler, fences the run

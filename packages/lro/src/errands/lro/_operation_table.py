@@ -105,8 +105,9 @@ class OperationStore(Protocol):
         """Records ordered by name, names after ``after``, starting with ``prefix``, at most ``limit``."""
         ...
 
-    def purge(self, older_than: float) -> int:
-        """Delete operations last saved before ``older_than`` (epoch seconds); how many."""
+    def purge(self, older_than: float, *, limit: int | None = None) -> int:
+        """Delete operations last saved before ``older_than`` (epoch seconds), at most ``limit`` of them
+        (None: all); how many."""
         ...
 
     def now(self) -> float:
@@ -383,13 +384,19 @@ class SQLOperationStore:
             )
         return [_record(r) for r in rows]
 
-    def purge(self, older_than: float) -> int:
+    def purge(self, older_than: float, *, limit: int | None = None) -> int:
         with self._tx() as tx:
             written: dict[str, OperationRecord] | None = getattr(self._local, "written", None)
             if written is not None:
                 written.clear()
+            if limit is None:
+                return tx.rowcount(
+                    "DELETE FROM lro_operations WHERE Neuron = ? AND UpdateTime < ?", (self.neuron, older_than)
+                )
             return tx.rowcount(
-                "DELETE FROM lro_operations WHERE Neuron = ? AND UpdateTime < ?", (self.neuron, older_than)
+                "DELETE FROM lro_operations WHERE Neuron = ? AND key IN (SELECT key FROM lro_operations "
+                "WHERE Neuron = ? AND UpdateTime < ? ORDER BY key LIMIT ?)",
+                (self.neuron, self.neuron, older_than, int(limit)),
             )
 
 

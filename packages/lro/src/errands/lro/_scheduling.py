@@ -51,7 +51,7 @@ def cloud_tasks_scheduler(config: Config) -> Any:
         raise MissingDependencyError("errands-connectors-gcp (cloudtasks scheduler)", "tasks")
     try:
         return cls(
-            project=config.project, location=config.region, queue=config.queue_name,
+            project=config.tasks_project, location=config.region, queue=config.queue_name,
             service_account=config.invoker_service_account, host=config.base_url, prefix=config.prefix,
             dispatch_deadline=config.dispatch_deadline,
         )
@@ -104,9 +104,19 @@ class ResumeScheduling:
             payload["url"] = url
         return payload
 
+    def require_scheduler(self) -> None:
+        """Raise ``ConfigError``: this client has no scheduler to resume operations with."""
+        raise ConfigError(
+            "this client has no scheduler (lro.scheduler is None and lro.store is not an errands SQL store): it "
+            "can read, list, wait for, cancel and delete operations, but not resume them; set lro.scheduler",
+            field="lro.scheduler", value=None,
+        )
+
     def save_and_schedule(self, op: Operation, path: str, delay: timedelta | float) -> None:
         """Save ``op`` with a fresh resume token and schedule its callback; ``op`` holds what was saved."""
         client = self.client
+        if client.scheduler is None:
+            self.require_scheduler()
         if not isinstance(path, str) or (path not in client._handlers and not HANDLER_PATH.match(path)):
             raise ConfigError(f"resume path must look like 'create-agent', got {path!r}", field="path", value=path)
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
@@ -232,6 +242,8 @@ class ResumeScheduling:
 
     def schedule(self, record: OperationRecord, path: str, token: str, seconds: float, *, key: str) -> None:
         """Have the scheduler call back ``record``'s resume ``token`` at ``path`` in ``seconds``."""
+        if self.client.scheduler is None:
+            self.require_scheduler()
         at = datetime.fromtimestamp(self.client.store.now() + seconds, tz=timezone.utc)
         call_user(self.client.scheduler.schedule, self.topic, self.payload(record.name, path, token), at, key=key)
 

@@ -145,3 +145,15 @@ class OperationStoreContract:
         op_store.create(make_record("operations/new"))
         assert op_store.purge(op_store.now() - 500) == 1
         assert [r.name for r in op_store.list()] == ["operations/new"]
+
+    def test_purge_in_bounded_batches(self, op_store: Any, clock: FakeClock) -> None:
+        for i in range(5):
+            op_store.create(make_record(f"operations/old{i}"))
+        clock.advance(1000)
+        op_store.create(make_record("operations/new"))
+        cutoff = op_store.now() - 500
+        assert op_store.purge(cutoff, limit=2) == 2
+        assert op_store.purge(cutoff, limit=2) == 2
+        assert op_store.purge(cutoff, limit=2) == 1
+        assert op_store.purge(cutoff, limit=2) == 0
+        assert [r.name for r in op_store.list()] == ["operations/new"]

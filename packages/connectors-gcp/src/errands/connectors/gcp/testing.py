@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from errands.core.testing import service_missing
@@ -42,11 +42,15 @@ from ._emulators import (
     start_tasks_emulator,
     tasks_emulator_python,
 )
+from ._spanner_table import ALIS_OPERATIONS_DDL, PROTO_BUNDLE_DDL
 
 __all__ = [
+    "ALIS_OPERATIONS_DDL",
     "TASKS_EMULATOR_VERSION",
     "EmulatorProcess",
     "SpannerDatabase",
+    "database_ddl",
+    "provision_alis_table",
     "pubsub_emulator",
     "spanner_database",
     "spanner_emulator",
@@ -150,6 +154,32 @@ def spanner_database(spanner_emulator: EmulatorProcess) -> Iterator[SpannerDatab
     finally:
         with contextlib.suppress(Exception):
             database.drop()
+
+
+def _database(db: SpannerDatabase) -> Any:
+    from google.cloud import spanner
+
+    # google-cloud-spanner's Client.instance carries no annotations.
+    return spanner.Client(project=db.project).instance(db.instance).database(db.database)  # type: ignore[no-untyped-call]
+
+
+def provision_alis_table(db: SpannerDatabase, project: str = "os_proj", neuron: str = "launchpad_v1") -> str:
+    """Create ``{project}_{neuron}_Operations`` in ``db`` as the alis module does: ``CREATE PROTO BUNDLE
+    (google.longrunning.Operation)`` and ``ALIS_OPERATIONS_DDL``. Returns the table name."""
+    from ._spanner_table import operations_descriptor_set
+
+    _database(db).update_ddl(
+        [PROTO_BUNDLE_DDL, ALIS_OPERATIONS_DDL.format(project=project, neuron=neuron)],
+        proto_descriptors=operations_descriptor_set(),
+    ).result(timeout=120)
+    return f"{project}_{neuron}_Operations"
+
+
+def database_ddl(db: SpannerDatabase) -> list[str]:
+    """The DDL statements of ``db`` as Spanner reports them."""
+    database = _database(db)
+    database.reload()
+    return list(database.ddl_statements)
 
 
 @pytest.fixture(scope="session")

@@ -3,24 +3,29 @@
 ``SQLStore.run_async(fn, *args, conn=None, **kwargs)`` is the one mechanism every ``*_async`` twin uses:
 
 - with an async caller connection (psycopg ``AsyncConnection``; SQLAlchemy ``AsyncConnection`` /
-  ``AsyncSession`` over psycopg or aiosqlite), ``fn`` runs in a greenlet on the caller's event loop, and each
-  DBAPI call it makes is awaited on the caller's connection (the technique of SQLAlchemy's asyncio extension):
-  the SQL exists once, and the loop is never blocked;
+  ``AsyncSession`` over psycopg or aiosqlite), the driver under it is resolved once on the loop
+  (``join_async``); then ``fn`` runs in a greenlet on the caller's event loop, and each DBAPI call it makes is
+  awaited on the caller's connection (the technique of SQLAlchemy's asyncio extension): the SQL exists once,
+  and the loop is never blocked. On a SQLite store over aiosqlite, whose connection runs each statement in a
+  thread of its own, ``fn`` runs whole in that thread, on the ``sqlite3`` connection under it: one round trip
+  to the thread instead of one per statement;
 - with a sync caller connection (thread-bound: sqlite3, a Django connection), ``fn`` runs in the caller's
   thread, on the caller's connection, as the sync method would;
 - without a connection, a SQLite store's work runs in a thread off the loop, and a PostgreSQL store's
-  transactions take connections from a psycopg ``AsyncConnectionPool`` (one per event loop), through the same
-  greenlet bridge.
+  transactions take connections from a psycopg ``AsyncConnectionPool`` (one per event loop, closed when that
+  loop shuts down if ``close_async`` did not close it), through the same greenlet bridge.
 
 Errors raised by ``fn`` propagate unchanged. A cancelled task leaves no transaction half-open: the
-cancellation is thrown into ``fn`` where it waits, the store's own transaction rolls back (shielded from the
-cancellation) and its connection goes back to the pool; the caller's own transaction is the caller's to end.
+cancellation is thrown into ``fn`` where it waits in a bridge, the store's own transaction rolls back (shielded
+from the cancellation) and its connection goes back to the pool; work already running in a thread (SQLite's, or
+aiosqlite's) finishes; the caller's own transaction is the caller's to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import sys
 import threading
@@ -28,7 +33,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import ConfigError, MissingDependencyError
-from ._sql import POSTGRES, Tx
+from ._sql import POSTGRES, SQLITE, Tx
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._stores import SQLStore
@@ -147,7 +152,35 @@ class _Done:
         return rows
 
 
+def _statement(raw: Any, sql: str, params: Sequence[Any]) -> _Done:
+    """One statement on a ``sqlite3.Connection``, in its thread: rows, rowcount and lastrowid at once."""
+    cur = raw.execute(sql, params)
+    try:
+        return _Done(cur.fetchall(), cur.rowcount, cur.lastrowid)
+    finally:
+        cur.close()
+
+
+def _statements(raw: Any, sql: str, rows: list[Any]) -> _Done:
+    cur = raw.executemany(sql, rows)
+    try:
+        return _Done([], cur.rowcount, cur.lastrowid)
+    finally:
+        cur.close()
+
+
+def in_driver_thread(driver: Any) -> Callable[..., Awaitable[Any]] | None:
+    """``call(fn, *args)``: ``fn(*args)`` run in the thread of an ``aiosqlite.Connection``, in one round trip
+    (the queue SQLAlchemy's aiosqlite dialect also uses), or None where this aiosqlite has no such queue."""
+    call = getattr(driver, "_execute", None)
+    return call if call is not None and hasattr(driver, "_conn") else None
+
+
 async def _aio_execute(conn: Any, sql: str, params: Sequence[Any]) -> _Done:
+    call = in_driver_thread(conn)
+    if call is not None:
+        done: _Done = await call(_statement, conn._conn, sql, params)
+        return done
     cur = await conn.execute(sql, params)
     try:
         rows = list(await cur.fetchall())
@@ -157,6 +190,10 @@ async def _aio_execute(conn: Any, sql: str, params: Sequence[Any]) -> _Done:
 
 
 async def _aio_executemany(conn: Any, sql: str, rows: Any) -> _Done:
+    call = in_driver_thread(conn)
+    if call is not None:
+        done: _Done = await call(_statements, conn._conn, sql, list(rows))
+        return done
     cur = await conn.executemany(sql, list(rows))
     try:
         return _Done([], cur.rowcount, cur.lastrowid)
@@ -246,7 +283,31 @@ class AsyncPGConnection:
 # -- a PostgreSQL store's own transactions on the event loop ---------------------------------------------------
 
 
-async def _open_pool(store: Any) -> Any:
+class _LoopPool:
+    """The async pool of one event loop, and the task that closes it (``_close_with_loop``)."""
+
+    __slots__ = ("guard", "pool")
+
+    def __init__(self, pool: Any, guard: asyncio.Task[None]) -> None:
+        self.pool = pool
+        self.guard = guard
+
+
+async def _close_with_loop(pool: Any, started: asyncio.Event) -> None:
+    """Wait until cancelled, then close ``pool``: cancelled by ``close_async``, by ``close``, or by the shutdown
+    of its loop (``asyncio.run`` cancels every task left, then waits for them all).
+
+    psycopg_pool's maintenance workers catch the cancellation of the task they run (a connection attempt, a
+    reset) and go back to waiting for the next one: a loop ended while the pool connects would wait for them
+    forever. Closing the pool sends each of them its stop."""
+    try:
+        started.set()
+        await asyncio.get_running_loop().create_future()
+    finally:
+        await pool.close()
+
+
+async def _open_pool(store: Any) -> _LoopPool:
     try:
         import psycopg_pool
     except ImportError as exc:  # pragma: no cover - a PostgresStore has it already
@@ -258,12 +319,21 @@ async def _open_pool(store: Any) -> Any:
         max_idle=sync.max_idle, reconnect_timeout=sync.reconnect_timeout,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
     )
-    await pool.open(wait=False)
-    return pool
+    # The guard first, running (a task cancelled before its first step would never reach its ``finally``): from
+    # its opening on, the pool closes when its loop ends.
+    started = asyncio.Event()
+    guard = asyncio.get_running_loop().create_task(_close_with_loop(pool, started), name=f"{sync.name}:async-close")
+    try:
+        await started.wait()
+        await pool.open(wait=False)
+    except BaseException:
+        guard.cancel()
+        raise
+    return _LoopPool(pool, guard)
 
 
-def _pools(store: Any) -> weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Any]]:
-    pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = getattr(
+def _pools(store: Any) -> weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[_LoopPool]]:
+    pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[_LoopPool]] | None = getattr(
         store, "_async_pools", None)
     if pools is None:
         pools = weakref.WeakKeyDictionary()
@@ -279,7 +349,7 @@ async def async_pool(store: Any) -> Any:
     if opening is None:
         opening = pools[loop] = asyncio.ensure_future(_open_pool(store))
     try:
-        return await asyncio.shield(opening)
+        return (await asyncio.shield(opening)).pool
     except Exception:
         if pools.get(loop) is opening:
             del pools[loop]
@@ -311,9 +381,14 @@ def pooled_async(store: Any) -> Iterator[Tx]:
 async def close_pools(store: Any) -> None:
     """Close the async pool of this event loop (``SQLStore.close_async``)."""
     opening = _pools(store).pop(asyncio.get_running_loop(), None)
-    if opening is not None:
-        with contextlib.suppress(Exception):
-            await (await opening).close()
+    if opening is None:
+        return
+    try:
+        held = await opening
+    except Exception:  # never opened: nothing to close
+        return
+    held.guard.cancel()
+    await asyncio.wait([held.guard])  # the pool closed (not ``await guard``: its cancellation is not ours)
 
 
 def close_all_pools(store: Any) -> None:
@@ -321,17 +396,17 @@ def close_all_pools(store: Any) -> None:
     pools = _pools(store)
     for loop, opening in list(pools.items()):
         pools.pop(loop, None)
-        if loop.is_closed() or not opening.done() or opening.exception() is not None:
+        if loop.is_closed() or not opening.done() or opening.cancelled() or opening.exception() is not None:
             continue
-        pool = opening.result()
+        guard = opening.result().guard
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:
-            loop.create_task(pool.close())
+            guard.cancel()
         elif loop.is_running():
-            asyncio.run_coroutine_threadsafe(pool.close(), loop)
+            loop.call_soon_threadsafe(guard.cancel)
 
 
 # -- run_async ---------------------------------------------------------------------------------------------------
@@ -340,7 +415,7 @@ def close_all_pools(store: Any) -> None:
 async def run_async(store: SQLStore, fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any],
                     conn: Any) -> _T:
     """``SQLStore.run_async``."""
-    from ._connections import is_async_connection
+    from ._connections import Joined, is_async_connection, join_async
 
     own = store if store.dialect == POSTGRES and hasattr(store, "_pool") else None
     if conn is None:
@@ -351,6 +426,15 @@ async def run_async(store: SQLStore, fn: Callable[..., _T], args: tuple[Any, ...
     if not is_async_connection(conn):
         # A sync connection belongs to its thread (sqlite3, Django's per-thread connections): use it there.
         return fn(*args, conn=conn, **kwargs)
-    # The store's resolution of ``conn`` (``caller_tx``) finds the driver under it from inside the bridge.
+    # Resolved once, here on the loop: the driver under the caller's connection, inside its transaction.
+    joined = await join_async(conn)
+    if joined.dialect == SQLITE and store.dialect == SQLITE:
+        call = in_driver_thread(joined.driver)
+        if call is not None:
+            # aiosqlite runs every statement in a thread of its own: the whole of fn runs there, on the
+            # sqlite3 connection under it, in one round trip instead of one per statement.
+            here = Joined(joined.driver._conn, SQLITE, joined.driver, conn)
+            result: _T = await call(functools.partial(fn, *args, conn=here, **kwargs))
+            return result
     _greenlet()
-    return await bridge(lambda: fn(*args, conn=conn, **kwargs), own)
+    return await bridge(lambda: fn(*args, conn=joined, **kwargs), own)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -53,10 +54,27 @@ _KINDS = {
 _DIALECT_NAMES = {SQLITE: "SQLite", POSTGRES: "PostgreSQL"}
 
 
+class Joined:
+    """A caller's async connection resolved once, on its event loop (``join_async``): the connection the store's
+    SQL runs on (an adapter of the async driver, or the ``sqlite3.Connection`` under an aiosqlite one, in that
+    driver's thread), the driver (the key of the same-database verdict), and the caller's object (named in
+    errors)."""
+
+    __slots__ = ("caller", "dialect", "driver", "raw")
+
+    def __init__(self, raw: Any, dialect: str, driver: Any, caller: Any) -> None:
+        self.raw = raw
+        self.dialect = dialect
+        self.driver = driver
+        self.caller = caller
+
+
 def kind_of(conn: Any) -> str | None:
     """The kind of caller connection ``conn`` is, or None for a type ``conn=`` does not accept."""
     if isinstance(conn, sqlite3.Connection):
         return "sqlite3"
+    if type(conn) is Joined:
+        return "joined"
     if isinstance(conn, AioSQLiteConnection):
         return "aiosqlite-adapted"
     if isinstance(conn, AsyncPGConnection):
@@ -74,6 +92,8 @@ def is_async_connection(conn: Any) -> bool:
 
 
 def _type_name(conn: Any) -> str:
+    if type(conn) is Joined:
+        conn = conn.caller
     return f"{type(conn).__module__}.{type(conn).__qualname__}"
 
 
@@ -105,8 +125,19 @@ async def async_driver(conn: Any) -> Any:
     return conn
 
 
+async def join_async(conn: Any) -> Joined:
+    """An async caller connection resolved on this event loop, for ``run_async``: the driver under it (inside the
+    caller's transaction) and the adapter the store's SQL runs on in a bridge."""
+    driver = await async_driver(conn)
+    if kind_of(driver) == "aiosqlite":
+        return Joined(AioSQLiteConnection(driver), SQLITE, driver, conn)
+    return Joined(AsyncPGConnection(driver), POSTGRES, driver, conn)
+
+
 def _driver(conn: Any, kind: str | None) -> tuple[Any, str]:
     """The DBAPI connection (or an adapter of an async one) and dialect under ``conn``."""
+    if kind == "joined":
+        return conn.raw, conn.dialect
     if kind == "sqlite3":
         return conn, SQLITE
     if kind == "psycopg":
@@ -158,19 +189,57 @@ def _driver(conn: Any, kind: str | None) -> tuple[Any, str]:
     raise _unknown(conn)
 
 
+# What each DBAPI connection is connected to (SQLite: the real path of its main database file, "" in memory;
+# PostgreSQL: ``pg_server``), keyed weakly by the connection (or the async driver under an adapter): a connection
+# cannot change database, so it is asked once. ``sqlite3.Connection`` takes no weak reference: it is asked each
+# time (a statement in the caller's thread).
+_connected_to: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+# The real path of each store's database file, resolved once.
+_store_files: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _verdict_key(conn: Any, raw: Any) -> Any:
+    """What the verdict on ``raw`` is cached under: the async driver of a resolved connection or of an adapter,
+    else the DBAPI connection itself."""
+    if type(conn) is Joined:
+        return conn.driver
+    return getattr(raw, "driver", raw) if isinstance(raw, (AioSQLiteConnection, AsyncPGConnection)) else raw
+
+
+def _cached(key: Any, find: Any) -> Any:
+    try:
+        return _connected_to[key]
+    except KeyError:
+        pass
+    except TypeError:  # no weak reference to this connection (sqlite3)
+        return find()
+    value = _connected_to[key] = find()
+    return value
+
+
 def _sqlite_file(raw: Any) -> str:
+    """The real path of the main database file of ``raw`` ("" for an in-memory or temporary database)."""
     for row in raw.execute("PRAGMA database_list").fetchall():
         if row[1] == "main":
-            return str(row[2] or "")
+            return os.path.realpath(row[2]) if row[2] else ""
     return ""  # pragma: no cover - every connection has a main database
+
+
+def _store_file(store: SQLStore, path: str) -> str:
+    try:
+        return _store_files[store]
+    except (KeyError, TypeError):
+        real = os.path.realpath(path)
+        with contextlib.suppress(TypeError):
+            _store_files[store] = real
+        return real
 
 
 def _check_sqlite(store: SQLStore, conn: Any, raw: Any) -> None:
     path = str(getattr(store, "path", ""))
-    theirs = _sqlite_file(raw)
+    theirs = _cached(_verdict_key(conn, raw), lambda: _sqlite_file(raw))
     in_memory = path == ":memory:" or "mode=memory" in path
-    same = (theirs == "" and in_memory) if (theirs == "" or in_memory) else (
-        os.path.realpath(theirs) == os.path.realpath(path))
+    same = (theirs == "" and in_memory) if (theirs == "" or in_memory) else theirs == _store_file(store, path)
     if not same:
         raise ConfigError(
             f"conn ({_type_name(conn)}) is connected to the SQLite database {theirs or ':memory:'!r}, but this "
@@ -193,7 +262,7 @@ def pg_server(info: Any) -> tuple[str, str, int]:
 def _check_postgres(store: SQLStore, conn: Any, raw: Any) -> None:
     ours = getattr(store, "server", None)
     if ours is not None:
-        theirs = pg_server(raw.info)
+        theirs = _cached(_verdict_key(conn, raw), lambda: pg_server(raw.info))
         if theirs != ours:
             raise ConfigError(
                 f"conn ({_type_name(conn)}) is connected to PostgreSQL database {theirs[0]!r} on "
