@@ -252,8 +252,8 @@ class AWSLocalRunner:
         out.pop("ResponseMetadata", None)
         return out
 
-    def wait(self, arn: str, timeout: float = 30.0, *, until: Callable[[dict[str, Any]], bool] | None = None
-             ) -> dict[str, Any]:
+    def wait(self, arn: str, timeout: float = 30.0, *, until: Callable[[dict[str, Any]], bool] | None = None,
+             poll: float = 0.02) -> dict[str, Any]:
         """Poll ``GetDurableExecution`` until the execution ends (or ``until(description)``) and return it.
 
         Raises:
@@ -267,7 +267,7 @@ class AWSLocalRunner:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"execution {arn} is still {d.get('Status')} after {timeout}s; "
                                    f"runner log: {self.log_tail(1500)}")
-            time.sleep(0.02)
+            time.sleep(poll)
 
     def history(self, arn: str) -> list[dict[str, Any]]:
         """Every event of ``GetDurableExecutionHistory`` (with execution data), in order."""
