@@ -397,6 +397,39 @@ def test_errands_on_the_runner_matches_the_aws_sdk(harness: Harness, scenario: S
         assert ours["Error"]["ErrorMessage"] == theirs["Error"]["ErrorMessage"]
 
 
+_LOCAL = [s for s in SCENARIOS if s.drive is None and s.name != "chained-invoke"]
+
+
+@pytest.mark.parametrize("scenario", _LOCAL, ids=lambda s: s.name)
+def test_the_same_handlers_run_on_in_memory_client_and_durable_runner(scenario: Scenario) -> None:
+    """The handlers the runner runs are plain errands functions: unchanged on the local backends."""
+    from errands.core import FakeClock
+    from errands.durable import ExecutionStatus, InMemoryClient
+    from errands.durable.testing import LocalRunner
+
+    _attempts.clear()
+    clock = FakeClock()
+    client = InMemoryClient(clock=clock)
+    wrapped = with_durable_execution(scenario.ours, DurableExecutionConfig(client=client))
+    inp = client.start_execution(scenario.input())
+    for _ in range(50):
+        out = wrapped(inp)
+        if out.status.value != "PENDING":
+            break
+        clock.advance(60)
+        inp = client.invocation_input(inp.durable_execution_arn)
+    assert out.status.value == scenario.status
+    if scenario.result is not None:
+        assert json.loads(out.result or "null") == scenario.result
+
+    _attempts.clear()
+    info = LocalRunner(scenario.ours).run(scenario.input())
+    expected = ExecutionStatus.SUCCEEDED if scenario.status == "SUCCEEDED" else ExecutionStatus.FAILED
+    assert info.status is expected
+    if scenario.result is not None:
+        assert info.result == scenario.result
+
+
 def test_the_lambda_entry_point_form_answers_lambda_json(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """``with_durable_execution(handler)`` with no config: the AWS client from the environment, dict output."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_LAMBDA", harness.runner.url)
