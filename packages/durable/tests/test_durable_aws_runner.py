@@ -68,6 +68,16 @@ def aws_steps(event: Any, ctx: Any) -> Any:
     return ctx.step(lambda _: {"n": b}, name="wrap")
 
 
+async def ours_async_steps(event: Any, ctx: Any) -> Any:
+    """The steps scenario as an ``async def`` function with ``async def`` steps (``AsyncDurableContext``)."""
+    async def add(_: Any) -> int:
+        return int(event["n"]) + 1
+
+    a = await ctx.step(add, name="add")
+    b = await ctx.step(lambda _: a * 2, name="double")
+    return await ctx.step(lambda _: {"n": b}, name="wrap")
+
+
 def ours_retries(event: Any, ctx: Any) -> Any:
     strategy = lambda err, n: OurRetryDecision.retry(Dur(seconds=1)) if n < 3 else OurRetryDecision.no_retry()  # noqa: E731
     return ctx.step(_flaky(event["key"], 2), name="flaky", config=OurStepConfig(retry_strategy=strategy))
@@ -286,6 +296,7 @@ def _succeed_with_our_client(h: Harness, arn: str) -> None:
 
 SCENARIOS = [
     Scenario("steps", ours_steps, aws_steps, lambda: {"n": 1}, result={"n": 4}),
+    Scenario("async-steps", ours_async_steps, aws_steps, lambda: {"n": 1}, result={"n": 4}),
     Scenario("retries", ours_retries, aws_retries, lambda: {"key": "flaky"}, result="ok after 3"),
     Scenario("waits", ours_waits, aws_waits, result=["before", "after"]),
     Scenario("map", ours_map, aws_map, result=[10, 20, 30]),
@@ -450,6 +461,20 @@ def test_the_lambda_entry_point_form_answers_lambda_json(harness: Harness, monke
     assert _outcome(description) == ("SUCCEEDED", {"n": 6})
     assert seen and all(isinstance(o, dict) for o in seen)
     assert seen[-1] == {"Status": "SUCCEEDED", "Result": '{"n":6}'}
+
+
+def test_settling_a_settled_callback_is_refused_for_good(harness: Harness) -> None:
+    arn = harness.runner.start("ours-callback-success", {})
+    callback_id = harness.callback_id(arn)
+    client = AWSDurableExecutionClient(harness.runner.lambda_client())
+    assert client.complete_callback(callback_id, json.dumps("approved")) is True
+    assert _outcome(harness.runner.wait(arn)) == ("SUCCEEDED", {"answer": "approved"})
+    for settle in (lambda: client.complete_callback(callback_id, json.dumps("again")),
+                   lambda: client.fail_callback(callback_id, RuntimeError("late")),
+                   lambda: client.heartbeat_callback(callback_id)):
+        with pytest.raises(DurableServiceError) as info:
+            settle()
+        assert not info.value.retryable and info.value.status_code == 404
 
 
 # -- the client without the runner ----------------------------------------------------------------
