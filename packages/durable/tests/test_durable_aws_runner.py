@@ -639,6 +639,14 @@ def test_a_rejected_checkpoint_fails_the_execution_and_a_throttled_one_the_invoc
         wrapped(inp)
     assert info.value.retryable
 
+    stub.raise_on_checkpoint = _ClientError(400, "ThrottlingException", "slow down")  # a 4xx, yet throttling
+    with pytest.raises(DurableServiceError):
+        wrapped(inp)
+
+    stub.raise_on_checkpoint = ConnectionError("connection reset")
+    with pytest.raises(DurableServiceError):
+        wrapped(inp)
+
     stub.raise_on_checkpoint = _ClientError(400, "InvalidParameterValueException", "Invalid checkpoint token")
     with pytest.raises(CheckpointError):
         wrapped(inp)
