@@ -24,6 +24,7 @@ from errands.durable import (
     with_durable_execution,
 )
 from errands.durable._wire import operation_from_wire, operation_to_wire
+from errands.durable.testing import LocalRunner
 
 
 def approve(event: Any, ctx: DurableContext) -> Any:
@@ -227,3 +228,17 @@ def test_on_the_lambda_shape_a_signal_wait_is_a_callback() -> None:
     assert client.complete_callback(wait.callback_id, '"went"')
     out = client.invoke(arn)
     assert out.status is InvocationStatus.SUCCEEDED and out.result == '"went"'
+
+
+def test_local_runner_sends_signals_and_skips_to_a_waits_timeout() -> None:
+    local = LocalRunner(approve, always_replay=True)
+    info = local.run({})
+    assert info.status is ExecutionStatus.PENDING  # a wait without a timeout: nothing to skip to
+    local.send_signal(info.execution_id, "approve", "x")
+    local.send_signal(info.execution_id, "approve", "y")
+    assert local.drive(info.execution_id).result == ["x", "y"]
+    timed = LocalRunner(with_timeout)
+    info = timed.run({})  # the clock jumps to the first wait's timeout
+    assert info.status is ExecutionStatus.PENDING
+    timed.send_signal(info.execution_id, "late", 3)
+    assert timed.drive(info.execution_id).result == ["timed out: no signal 'late' arrived within 10s", 3]
