@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, Iterator
 
 import pytest
@@ -25,6 +26,8 @@ from errands.durable import (
 )
 from errands.durable._wire import operation_from_wire, operation_to_wire
 from errands.durable.testing import LocalRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def approve(event: Any, ctx: DurableContext) -> Any:
@@ -242,3 +245,57 @@ def test_local_runner_sends_signals_and_skips_to_a_waits_timeout() -> None:
     assert info.status is ExecutionStatus.PENDING
     timed.send_signal(info.execution_id, "late", 3)
     assert timed.drive(info.execution_id).result == ["timed out: no signal 'late' arrived within 10s", 3]
+
+
+def collect(event: Any, ctx: DurableContext) -> Any:
+    return [ctx.wait_for_signal("n") for _ in range(event["count"])]
+
+
+def test_concurrent_senders_lose_no_signal_and_keep_each_senders_order(url: str) -> None:
+    senders, each = 4, 5
+    runner = DurableRunner(url, functions={"collect": collect})
+    stop = threading.Event()
+    try:
+        eid = runner.start("collect", {"count": senders * each})
+
+        def send(sender: int) -> None:
+            for i in range(each):
+                runner.send_signal(eid, "n", [sender, i])
+
+        threads = [threading.Thread(target=send, args=(s,)) for s in range(senders)]
+        worker = threading.Thread(target=runner.serve, args=(stop,), kwargs={"poll_interval": 0.01})
+        worker.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        info = runner.wait(eid, timeout=60)
+    finally:
+        stop.set()
+        worker.join()
+        runner.close()
+    assert info.status is ExecutionStatus.SUCCEEDED
+    got = [tuple(x) for x in info.result]
+    assert sorted(got) == [(s, i) for s in range(senders) for i in range(each)]  # each once
+    for s in range(senders):
+        assert [i for sender, i in got if sender == s] == list(range(each))  # in the order sent
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.sampled_from(["send", "run"]), min_size=1, max_size=12), replay=st.booleans())
+def test_any_interleaving_of_sends_and_invocations_delivers_in_order(plan: list[str], replay: bool) -> None:
+    sends = plan.count("send")
+    runner = DurableRunner("memory://", clock=FakeClock(), functions={"collect": collect}, always_replay=replay)
+    try:
+        eid = runner.start("collect", {"count": sends})
+        sent = 0
+        for step in plan:
+            if step == "send":
+                runner.send_signal(eid, "n", sent)
+                sent += 1
+            else:
+                runner.drain()
+        info = runner.wait(eid, timeout=30)
+    finally:
+        runner.close()
+    assert info.status is ExecutionStatus.SUCCEEDED and info.result == list(range(sends))
