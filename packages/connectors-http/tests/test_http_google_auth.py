@@ -244,3 +244,15 @@ def test_the_default_source_is_google_auths_fetch_id_token(monkeypatch: pytest.M
     from google.auth import transport
 
     assert isinstance(request, transport.Request)
+
+
+def test_a_client_of_your_own_gets_the_token_too(httpserver: HTTPServer, clock: Clock, source: Source) -> None:
+    import httpx
+
+    seen: list[str] = []
+    httpserver.expect_request("/pay").respond_with_handler(lambda r: (seen.append(bearer(r)), Response("ok"))[1])
+    with httpx.Client() as client:
+        c = HttpConnector(url=httpserver.url_for("/pay"), client=client,
+                          auth=GoogleIdToken(token_source=source, clock=clock))
+        assert c.dispatch(_effect()).outcome is DispatchOutcome.CONFIRMED
+    assert seen and token_expiry(seen[0]) == T0 + 3600

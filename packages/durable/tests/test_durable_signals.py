@@ -299,3 +299,22 @@ def test_any_interleaving_of_sends_and_invocations_delivers_in_order(plan: list[
     finally:
         runner.close()
     assert info.status is ExecutionStatus.SUCCEEDED and info.result == list(range(sends))
+
+
+def test_send_signal_writes_in_the_callers_transaction(tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "durable.db"
+    runner = DurableRunner(f"sqlite:///{path}", clock=FakeClock(), functions=FUNCTIONS)
+    try:
+        eid = runner.start("approve", {})
+        conn = sqlite3.connect(path)
+        runner.send_signal(eid, "approve", "rolled back", conn=conn)
+        conn.rollback()
+        runner.send_signal(eid, "approve", "first", conn=conn)
+        conn.commit()
+        conn.close()
+        runner.send_signal(eid, "approve", "second")
+        assert runner.wait(eid, timeout=30).result == ["first", "second"]
+    finally:
+        runner.close()

@@ -403,10 +403,3 @@ def take_signal(tx: Tx, execution_id: str, seq: int, operation_id: str, now: flo
     """Record that the wait ``operation_id`` took the signal ``seq``."""
     tx.execute("UPDATE durable_signals SET operation_id = ?, taken_at = ? WHERE execution_id = ? AND seq = ? "
                "AND operation_id IS NULL", (operation_id, now, execution_id, seq))
-
-
-def signals(tx: Tx, execution_id: str) -> list[tuple[int, str, str | None, float, str | None]]:
-    """``(seq, name, payload, sent_at, operation_id)`` of every signal sent to the execution, in order."""
-    return [(int(r[0]), r[1], r[2], float(r[3]), r[4]) for r in tx.query(
-        "SELECT seq, name, payload, sent_at, operation_id FROM durable_signals WHERE execution_id = ? ORDER BY seq",
-        (execution_id,))]
