@@ -200,6 +200,10 @@ def test_bad_settings_are_config_errors() -> None:
     with pytest.raises(ConfigError) as wrong:
         HttpConnector(url="https://x.example", auth="Bearer x")  # type: ignore[arg-type]
     assert wrong.value.field == "auth" and "Bearer x" not in str(wrong.value)
+    with pytest.raises(ConfigError, match="Authorization") as both:
+        HttpConnector(url="https://x.example", headers={"authorization": "Bearer s3cret"},
+                      auth=GoogleIdToken(token_source=lambda a: "t"))
+    assert both.value.field == "auth" and "s3cret" not in str(both.value)
 
 
 def test_from_config_takes_an_auth_table(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -200,7 +200,7 @@ class HttpConnector:
              "ca_bundle": ca_bundle},
             allow_unknown=True,
         )
-        self._init(settings, client, async_client, _check_auth(auth, "auth"))
+        self._init(settings, client, async_client, _check_auth(auth, "auth", settings.headers))
 
     def _init(self, settings: HttpSettings, client: httpx.Client | None,
               async_client: httpx.AsyncClient | None, auth: GoogleIdToken | None = None) -> None:
@@ -259,6 +259,7 @@ class HttpConnector:
         auth_table = options.pop("auth", None)
         settings = validate(options, prefix=prefix, expand_env=True)
         auth = _auth_from_config(auth_table, f"{prefix}.auth") if auth_table is not None else None
+        _check_auth(auth, f"{prefix}.auth", settings.headers)
         self = cls.__new__(cls)
         self._init(settings, None, None, auth)
         return self
@@ -591,13 +592,16 @@ class HttpConnector:
         return self._finish(call, await self._apost(call)) if isinstance(call, _Call) else call
 
 
-def _check_auth(auth: object, field: str) -> GoogleIdToken | None:
+def _check_auth(auth: object, field: str, headers: Mapping[str, str]) -> GoogleIdToken | None:
     """``auth`` if it is outbound credentials (``GoogleIdToken`` or an object with its ``token``,
-    ``atoken``, ``invalidate`` and ``fragments``).
+    ``atoken``, ``invalidate`` and ``fragments``) and ``headers`` set no ``Authorization`` of their own.
 
     Raises:
         ConfigError: anything else, naming ``field``.
     """
+    if auth is not None and any(name.lower() == "authorization" for name in headers):
+        raise ConfigError(f"{field} sets the Authorization header: drop Authorization from headers, or auth",
+                          field=field, value=type(auth).__name__)
     if auth is None or isinstance(auth, GoogleIdToken) or all(
             callable(getattr(auth, m, None)) for m in ("token", "atoken", "invalidate", "fragments")):
         return auth  # type: ignore[return-value]  # duck-typed credentials with GoogleIdToken's methods
