@@ -582,9 +582,14 @@ class TaskEngine:
             due = table.due_schedules(tx, list(self._types), now)
         for s in due:
             was = s.next_at.timestamp()
-            tick = max(was, _last_tick(s.cron, now))
+            try:
+                tick = max(was, _last_tick(s.cron, now))
+                following = _next_tick(s.cron, tick)
+            except ConfigError:
+                log.error("schedule %r: its cron expression %r is not valid here; it does not run", s.name, s.cron)
+                continue
             with self.store.transaction() as tx:
-                if table.advance_schedule(tx, s.name, was, tick, _next_tick(s.cron, tick), now):
+                if table.advance_schedule(tx, s.name, was, tick, following, now):
                     queued += table.insert(tx, tick_id(s.name, tick), s.type, dumps(s.params, field="params"),
                                            now, None, now, priority=s.priority)
         return queued
@@ -674,12 +679,21 @@ class TaskEngine:
             How many tasks were started.
         """
         with self._claiming:
+            if self._types:
+                try:
+                    self._housekeeping()
+                except Exception as exc:
+                    # Housekeeping is never a reason not to claim: it runs again at the next pass.
+                    if is_infrastructure_error(exc):
+                        log.info("tasks: housekeeping met a store fault (%s: %s); again at the next pass",
+                                 type(exc).__name__, exc)
+                    else:
+                        log.exception("tasks: housekeeping failed; again at the next pass")
             try:
                 if not self._recovered:
                     self.recover()
                 if not self._types:
                     return 0
-                self._housekeeping()
                 with self._lock:
                     free = self.concurrency - len(self._running) - len(self._overdue)
                     held = [*self._running, *self._overdue]
