@@ -498,3 +498,20 @@ def test_stopped_attempts_settle_by_their_reason() -> None:
     assert settle('"done"', 1, policy, now, lease_lost=False, stopped=SHUTDOWN).status is TaskStatus.SUCCEEDED  # type: ignore[union-attr]
     # a lost lease writes nothing, whatever the reason
     assert settle('"done"', 1, policy, now, lease_lost=True, stopped=CANCEL) is None
+
+
+def test_app_task_declares_a_time_limit(url: str) -> None:
+    from errands import App
+
+    app = App(url)
+    seen: list[Any] = []
+
+    @app.task("report", time_limit=timedelta(minutes=5), retry_max=0)
+    def report(params: Any, ctx: TaskContext) -> str:
+        seen.append(ctx.cancelled)
+        return "ok"
+
+    spec = app.tasks._types["report"]
+    assert spec.time_limit == 300.0 and spec.policy.retry_max == 0
+    assert app.tasks.wait(app.tasks.submit("report", {})).result == "ok" and seen == [False]
+    app.close()
