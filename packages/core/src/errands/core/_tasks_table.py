@@ -49,7 +49,7 @@ TASK_MIGRATIONS = [
         ALTER TABLE em_tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE em_tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
         DROP INDEX IF EXISTS em_tasks_due;
-        CREATE INDEX IF NOT EXISTS em_tasks_due ON em_tasks (type, status, priority, available_at);
+        CREATE INDEX IF NOT EXISTS em_tasks_due ON em_tasks (type, status, priority DESC, available_at);
         CREATE INDEX IF NOT EXISTS em_tasks_finished ON em_tasks (status, finished_at);
         CREATE TABLE IF NOT EXISTS em_task_schedules (
             name TEXT PRIMARY KEY,
