@@ -27,6 +27,7 @@ EXPECTED_ALL = [
     "DeliveryError",
     "DispatchOutcome",
     "DispatchResult",
+    "DueTimer",
     "Effect",
     "EffectConflictError",
     "EffectOutcome",

@@ -16,7 +16,7 @@ from ._app import App
 from ._clock import Clock, FakeClock, SystemClock
 from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
 from ._hookspecs import hookimpl, hookspec
-from ._journal import Journal, StoreScheduler
+from ._journal import DueTimer, Journal, StoreScheduler
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._plugins import (
     ErrandsConfig,
@@ -98,6 +98,7 @@ __all__ = [
     "DeliveryError",
     "DispatchOutcome",
     "DispatchResult",
+    "DueTimer",
     "Effect",
     "EffectConflictError",
     "EffectOutcome",
