@@ -347,7 +347,7 @@ class Engines:
     def operation_view(self, neuron: str, name: str) -> dict[str, Any]:
         client = self.lro(neuron)
         op = client.get_operation(name)
-        return {"operation": dict(_operation(op.operation_pb), version=op.version, resume_point=op.resume_point,
+        return {"operation": dict(_operation(op.operation_pb()), version=op.version, resume_point=op.resume_point,
                                   cancel_requested=op.cancel_requested), "neuron": neuron}
 
     def executions_view(self, *, status: str | None = None, function: str | None = None,

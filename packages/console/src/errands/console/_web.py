@@ -113,11 +113,12 @@ class Console:
     def render(self, request: Request, template: str, context: Mapping[str, Any], *, status: int = 200) -> Response:
         refresh = request.query_params.get("refresh")
         args = {k: v for k, v in request.query_params.items() if k not in ("refresh", "done")}
-        html = self.templates.get_template(template).render(
-            base=_base(request), csrf=request.state.csrf, path=request.url.path, args=args,
-            refresh=int(refresh) if refresh and refresh.isdigit() else None, refresh_every=self.refresh,
-            done=request.query_params.get("done"), operator=getattr(request.state, "operator", None),
-            neurons=self.engines.neurons, **context)
+        values: dict[str, Any] = {
+            "base": _base(request), "csrf": request.state.csrf, "path": request.url.path, "args": args,
+            "refresh": int(refresh) if refresh and refresh.isdigit() else None, "refresh_every": self.refresh,
+            "done": request.query_params.get("done"), "operator": getattr(request.state, "operator", None),
+            "neurons": self.engines.neurons}
+        html = self.templates.get_template(template).render({**values, **context})
         return HTMLResponse(html, status_code=status)
 
     def page(self, template: str, read: Callable[[Request], Any]) -> tuple[Endpoint, Endpoint]:
