@@ -162,7 +162,7 @@ def _operation(pb: Any) -> dict[str, Any]:
 def _tree(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The operations as a tree (``children`` under each), in start order, each with its ``depth``."""
     by_id = {s["id"]: dict(s, children=[]) for s in steps}
-    roots = []
+    roots: list[dict[str, Any]] = []
     for s in by_id.values():
         parent = by_id.get(s["parent_id"]) if s["parent_id"] else None
         (parent["children"] if parent is not None else roots).append(s)

@@ -9,15 +9,14 @@ import json
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from urllib.parse import parse_qsl, quote, urlencode
 
+from errands.core.errors import ConfigError, ErrandsError, NotFoundError
+from errands.core.store import SQLStore
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
-
-from errands.core.errors import ConfigError, ErrandsError, NotFoundError
-from errands.core.store import SQLStore
 
 from ._auth import CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER, Access, csrf_ok, new_csrf_token
 from ._views import Engines, Page
