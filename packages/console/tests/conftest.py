@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -33,11 +34,11 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def console_url(demo_store: str) -> Iterator[str]:
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port, in a thread; yields its base URL."""
     import uvicorn
 
-    app = console_app(demo_store, access=Access(token=TOKEN), neurons=["demo"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,9 +49,17 @@ def console_url(demo_store: str) -> Iterator[str]:
     while not server.started:
         assert time.monotonic() < deadline, "the console did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def console_url(demo_store: str) -> Iterator[str]:
+    with serve(console_app(demo_store, access=Access(token=TOKEN), neurons=["demo"])) as url:
+        yield url
 
 
 def auth() -> dict[str, Any]:

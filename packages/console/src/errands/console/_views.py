@@ -204,12 +204,14 @@ class Engines:
     """One of each engine over one store, for reading and for operators' actions.
 
     Args:
-        store: a store URL or an open store.
+        store: a store URL, an open store, or an ``errands.App`` (its store and outbox are used; closing the
+            engines leaves it open).
         neurons: the lro services whose operations the console lists (``LroClient`` is per neuron).
     """
 
-    def __init__(self, store: str | SQLStore, *, neurons: Iterable[str] = ()) -> None:
-        self.app = App(store)
+    def __init__(self, store: str | SQLStore | App, *, neurons: Iterable[str] = ()) -> None:
+        self._owns_app = not isinstance(store, App)
+        self.app = store if isinstance(store, App) else App(store)
         self.store: SQLStore = self.app.store
         self.outbox = self.app.outbox
         self.tasks = TaskEngine(self.store)
@@ -232,7 +234,8 @@ class Engines:
             client.close()
         self.durable.close()
         self.tasks.close(wait=False)
-        self.app.close()
+        if self._owns_app:
+            self.app.close()
 
     # -- reading -----------------------------------------------------------------------------------------------
     def overview(self) -> dict[str, Any]:

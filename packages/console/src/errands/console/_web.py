@@ -233,7 +233,7 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def console_app(store: str | SQLStore | Engines, *, access: Access | None = None, neurons: Iterable[str] = (),
-                refresh: int = 5) -> Starlette:
+                refresh: int = 5, own: bool = False) -> Starlette:
     """The console as an ASGI application; mount it at any prefix (``Mount("/console", console_app(...))``).
 
     Args:
@@ -242,10 +242,12 @@ def console_app(store: str | SQLStore | Engines, *, access: Access | None = None
             none are set, so put it behind your own authentication or set one).
         neurons: the lro services whose operations it lists.
         refresh: seconds between reloads of a page with live refresh on.
+        own: close ``Engines`` given as ``store`` when the application shuts down (those it opens itself it
+            always closes).
     """
     engines = store if isinstance(store, Engines) else Engines(store, neurons=neurons)
     console = Console(engines, access if access is not None else Access.from_settings(), refresh=refresh)
-    owned = engines is not store
+    owned = own or engines is not store
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
