@@ -69,6 +69,7 @@ EXPECTED_ALL = [
     "RouteStatus",
     "SQLStore",
     "SQLiteStore",
+    "ScheduleRecord",
     "Scheduler",
     "Semantics",
     "Sink",

@@ -38,7 +38,7 @@ from ._protocols import (
 )
 from ._reactor import Reaction, Reactor
 from ._retry_after import MAX_RETRY_AFTER, clamp_retry_after, parse_retry_after
-from ._tasks import TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
+from ._tasks import ScheduleRecord, TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
 from ._values import (
     CompensationOutcome,
     CompensationResult,
@@ -140,6 +140,7 @@ __all__ = [
     "RouteStatus",
     "SQLStore",
     "SQLiteStore",
+    "ScheduleRecord",
     "Scheduler",
     "Semantics",
     "Sink",
