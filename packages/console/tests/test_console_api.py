@@ -83,3 +83,28 @@ def test_a_bearer_api_post_needs_no_csrf(console_url: str) -> None:
     r = httpx.post(console_url + "/api/act/effect/redrive/gated-1", headers=auth())
     assert r.status_code == 200, r.text
     assert r.json()["by"] == "token"
+
+
+def test_task_and_execution_actions_through_the_api(console_url: str, demo_store: str) -> None:
+    from errands.core import TaskEngine
+    from errands.durable import DurableRunner
+
+    store = open_store(demo_store)
+    try:
+        task = TaskEngine(store).submit("console.check", {"n": 1})
+        runner = DurableRunner(store, functions={"console-waits": lambda event, ctx: None})
+        execution = runner.start("console-waits", {"n": 1})
+    finally:
+        store.close()
+    task_id = getattr(task, "id", task)
+    api = console_url + "/api"
+    r = httpx.post(f"{api}/act/task/cancel/{task_id}", headers=auth())
+    assert r.status_code == 200 and "cancelled" in r.json()["message"], r.text
+    assert httpx.get(f"{api}/tasks/{task_id}", headers=auth()).json()["task"]["status"] == "CANCELLED"
+    assert "signal" in httpx.get(f"{api}/executions/{execution}", headers=auth()).json()["actions"]
+    r = httpx.post(f"{api}/act/execution/signal/{execution}", headers=auth(), json={"signal": "go", "payload": {"ok": 1}})
+    assert r.status_code == 200 and "kept" in r.json()["message"], r.text
+    r = httpx.post(f"{api}/act/execution/terminate/{execution}", headers=auth(), json={"reason": "test"})
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{api}/executions/{execution}", headers=auth()).json()["execution"]["status"] == "TERMINATED"
+    assert httpx.post(f"{api}/act/execution/launch/{execution}", headers=auth()).status_code == 404

@@ -335,7 +335,12 @@ class Engines:
         task = self.tasks.get(id)
         if task is None:
             raise NotFoundError(f"no task {id!r}")
-        return {"task": _task(task)}
+        actions = []
+        if task.status.value in ("DEAD", "FAILED"):
+            actions.append("redrive")
+        if task.status.value in ("PENDING", "RUNNING") and callable(getattr(self.tasks, "cancel", None)):
+            actions.append("cancel")
+        return {"task": _task(task), "actions": actions}
 
     def operations_view(self, *, neuron: str | None = None, done: str | None = None, page_token: str = "",
                         size: int = 50) -> dict[str, Any]:
@@ -447,6 +452,13 @@ class Engines:
     def _task_redrive(self, id: str, by: str, form: Mapping[str, str]) -> str:
         return f"task {id}: {self.tasks.redrive([id])} queued again"
 
+    def _task_cancel(self, id: str, by: str, form: Mapping[str, str]) -> str:
+        cancel = getattr(self.tasks, "cancel", None)
+        if not callable(cancel):
+            raise NotFoundError("this errands-core has no TaskEngine.cancel")
+        return f"task {id}: " + ("cancelled (a running one stops at its next check)" if cancel(id)
+                                 else "had ended already; nothing changed")
+
     def _operation_cancel(self, target: str, by: str, form: Mapping[str, str]) -> str:
         neuron, _, name = target.partition(":")
         self.lro(neuron).cancel_operation(name)
@@ -473,5 +485,8 @@ class Engines:
         if not callable(send):
             raise NotFoundError("this errands-durable has no DurableRunner.send_signal")
         payload = json.loads(form["payload"]) if form.get("payload") else None
-        send(id, form.get("signal") or "", payload)
-        return f"execution {id}: signal {form.get('signal')!r} sent"
+        if not form.get("signal"):
+            raise ConfigError("name the signal to send", field="signal")
+        taken = send(id, form["signal"], payload)
+        return f"execution {id}: signal {form['signal']!r} " + ("taken by a waiting step" if taken
+                                                                   else "kept until a step waits for it")

@@ -33,6 +33,7 @@ ACTIONS: dict[tuple[str, str], tuple[str, list[str]]] = {
     ("obligation", "resolve"): ("Resolve obligation {target} by hand.", ["reason"]),
     ("route", "redrive"): ("Queue the parked events of route {target} for delivery.", ["event_id"]),
     ("task", "redrive"): ("Queue task {target} again with fresh retries.", []),
+    ("task", "cancel"): ("Cancel task {target}: a pending one ends now, a running one is asked to stop.", []),
     ("operation", "cancel"): ("Ask operation {target} to cancel.", []),
     ("execution", "terminate"): ("Terminate execution {target} (and the executions it invoked).", ["reason"]),
     ("execution", "suspend"): ("Suspend execution {target}: nothing runs until it is resumed.", []),
