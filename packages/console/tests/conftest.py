@@ -1,8 +1,10 @@
-"""A store the demo filled, plus one effect awaiting approval, and the console serving it on a free port."""
+"""A store the demo filled, plus effects awaiting approval, effects whose outcome is unknown (flagged for a
+human), an obligation owed, and the console serving it on a free port."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -11,11 +13,42 @@ from typing import Any, Iterator
 
 import pytest
 from errands.console import Access, console_app
-from errands.core import Effect, Outbox, open_store
+from errands.core import (
+    ConnectorCapabilities,
+    DispatchOutcome,
+    DispatchResult,
+    Effect,
+    Outbox,
+    Semantics,
+    open_store,
+)
 from errands.core._cli import main as errands_main
 
 TOKEN = "console-test-token"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+#: Where the browser tests write their screenshots (never into the work tree's committed files).
+REPO = Path(__file__).resolve().parents[3]
+
+
+def artifacts_dir() -> Path:
+    """``$ERRANDS_TEST_ARTIFACTS`` if set, else ``<repo>/build/test-artifacts/console/`` (git ignores it)."""
+    path = Path(os.environ.get("ERRANDS_TEST_ARTIFACTS") or REPO / "build" / "test-artifacts" / "console")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+#: Effects ``demo_store`` leaves ``UNKNOWN`` and flagged, and the effect whose compensation is owed.
+UNKNOWN_KEYS = ("lost-0", "lost-1", "lost-2")
+OWED_KEY = "refunded-0"
+
+
+class LostAcks:
+    """A counterparty whose acknowledgements never arrive and that cannot be asked: a ``NON_IDEMPOTENT``
+    effect it takes is ``UNKNOWN`` and flagged for a human at once."""
+
+    name = "lost"
+    capabilities = ConnectorCapabilities(can_observe=False, can_compensate=True,
+                                         default_semantics=Semantics.NON_IDEMPOTENT)
+
+    def dispatch(self, effect: Effect) -> DispatchResult:
+        return DispatchResult(outcome=DispatchOutcome.UNKNOWN)
 
 
 @pytest.fixture(scope="session")
@@ -25,9 +58,21 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     store = open_store(url)
     outbox = Outbox(store, connectors=["bank"])
     try:
-        for i in range(3):
+        for i in range(4):
             outbox.submit(Effect(key=f"gated-{i}", connector="bank", tool="transfer",
                                  payload={"cents": 5000 + i, "api_key": "never-shown"}, human_gate=True))
+    finally:
+        outbox.close()
+    outbox = Outbox(store, connectors={"lost": LostAcks()})
+    try:
+        for key in UNKNOWN_KEYS:
+            outbox.submit(Effect(key=key, connector="lost", tool="transfer", payload={"cents": 700},
+                                 semantics=Semantics.NON_IDEMPOTENT))
+        outbox.submit(Effect(key=OWED_KEY, connector="lost", tool="transfer", payload={"cents": 800},
+                             semantics=Semantics.NON_IDEMPOTENT))
+        outbox.dispatch_once()
+        outbox.resolve(OWED_KEY, "CONFIRMED", by="setup")
+        outbox.register_compensation(OWED_KEY, "refund", {"cents": 800}, due=True)
     finally:
         outbox.close()
         store.close()

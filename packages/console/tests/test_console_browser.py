@@ -1,7 +1,8 @@
 """The console in a real headless Chromium (the system's ``/usr/bin/chromium``, driven by Playwright):
 every page renders from a store the demo filled, a filter narrows the effects list, approving a gated effect
-from its page changes it in the store, and the screenshots of the overview and an execution page are kept
-in ``packages/console/artifacts/``."""
+from its page changes it in the store, and so does resolving a flagged effect through its form; the screenshots
+of the overview and an execution page are written to the test artifacts directory (``$ERRANDS_TEST_ARTIFACTS``,
+default ``build/test-artifacts/console/``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 from errands.core import EffectStatus, Outbox, open_store
 
-from .conftest import ARTIFACTS, auth
+from .conftest import UNKNOWN_KEYS, artifacts_dir, auth
 
 CHROMIUM = os.environ.get("ERRANDS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -52,9 +53,8 @@ def test_every_page_renders(page: Any, console_url: str) -> None:
         response = page.goto(console_url + path)
         assert response is not None and response.status == 200, path
         assert heading in page.locator("h1").inner_text(), path
-    ARTIFACTS.mkdir(exist_ok=True)
     page.goto(console_url + "/")
-    page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
+    page.screenshot(path=str(artifacts_dir() / "overview.png"), full_page=True)
     page.goto(console_url + "/operations")
     first = page.locator("table a").first
     first.click()
@@ -67,8 +67,7 @@ def test_an_execution_page_shows_the_operation_tree(page: Any, console_url: str)
     assert page.locator("h1").inner_text().startswith("Execution ")
     assert page.locator("#operations .op-row").count() >= 1
     assert page.locator("#timeline .tl-bar").count() >= 1
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "execution.png"), full_page=True)
+    page.screenshot(path=str(artifacts_dir() / "execution.png"), full_page=True)
 
 
 def test_a_filter_narrows_the_effects_list(page: Any, console_url: str) -> None:
@@ -95,6 +94,36 @@ def test_approving_a_gated_effect_changes_it_in_the_store(page: Any, console_url
         assert outbox.get("gated-0").status is EffectStatus.PENDING
         history = outbox.history("gated-0")
         assert any("token" in str(e.data) for e in history), [(e.type, e.data) for e in history]
+    finally:
+        outbox.close()
+        store.close()
+
+
+def test_resolving_a_flagged_effect_through_its_form(page: Any, console_url: str, demo_store: str) -> None:
+    key = UNKNOWN_KEYS[1]
+    page.goto(console_url + f"/effects/{key}")
+    assert "UNKNOWN" in page.locator("#effect-status").inner_text()
+    page.click("text=Resolve")
+    assert page.locator("select[name=status] option").all_inner_texts()[1:] == [
+        "CONFIRMED", "FAILED", "ABSENT", "DUPLICATE"]
+    page.select_option("select[name=status]", "DUPLICATE")
+    page.click("#confirm")
+    assert "compensate_kind" in page.locator("#error").inner_text()
+    assert page.locator("select[name=status]").input_value() == "DUPLICATE"
+    page.select_option("select[name=status]", "CONFIRMED")
+    page.fill("input[name=external_ref]", "tx-77")
+    page.fill("textarea[name=response]", '{"id": "tx-77"}')
+    page.click("#confirm")
+    page.wait_for_url(f"**/effects/{key}?done=**")
+    assert "CONFIRMED" in page.locator("#effect-status").inner_text()
+    store = open_store(demo_store)
+    outbox = Outbox(store, connectors=["lost"])
+    try:
+        record = outbox.get(key)
+        assert (record.status, record.flagged, record.external_ref, record.response) == (
+            EffectStatus.CONFIRMED, False, "tx-77", {"id": "tx-77"})
+        last = outbox.history(key)[-1].data
+        assert (last["resolved"], last["by"]) == ("CONFIRMED", "token"), last
     finally:
         outbox.close()
         store.close()

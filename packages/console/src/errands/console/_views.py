@@ -7,7 +7,6 @@ an event ``console.action`` in the journal, stream ``console``, with the operato
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import threading
@@ -27,6 +26,11 @@ REDACTED = "••••••"
 EFFECT_STATUSES = [s.value for s in EffectStatus]
 TASK_STATUSES = [s.value for s in TaskStatus]
 EXECUTION_STATUSES = [s.value for s in ExecutionStatus]
+#: What ``Outbox.resolve`` settles an effect as, and ``Outbox.resolve_obligation`` an obligation.
+RESOLUTIONS = ["CONFIRMED", "FAILED", "ABSENT", "DUPLICATE"]
+OBLIGATION_RESOLUTIONS = ["COMPENSATED", "STUCK"]
+#: The obligation statuses ``Outbox.resolve_obligation`` takes (and a ``COMPENSATING`` one whose lease lapsed).
+RESOLVABLE_OBLIGATIONS = ("REGISTERED", "PENDING", "STUCK")
 #: A count past this is shown as ``{CAP}+`` (the engines list at most this many at a time).
 CAP = 1000
 
@@ -50,6 +54,25 @@ def iso(value: Any) -> str | None:
     return str(value)
 
 
+def json_field(form: Mapping[str, str], name: str) -> Any:
+    """The JSON value of form field ``name`` (``None`` when absent or blank).
+
+    Raises:
+        ConfigError: the field is not JSON.
+    """
+    text = (form.get(name) or "").strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not JSON: {exc}", field=name) from None
+
+
+def _text(form: Mapping[str, str], name: str) -> str | None:
+    return (form.get(name) or "").strip() or None
+
+
 def _json_text(text: str | None) -> Any:
     if text is None:
         return None
@@ -57,6 +80,19 @@ def _json_text(text: str | None) -> Any:
         return json.loads(text)
     except (TypeError, ValueError):
         return text
+
+
+def obligation_actions(o: Any) -> list[str]:
+    """What an operator can do to obligation ``o``."""
+    status = o.status.value
+    return (["redrive"] if status == "STUCK" else []) + (["resolve"] if status in RESOLVABLE_OBLIGATIONS else [])
+
+
+def _obligation_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise NotFoundError(f"no obligation {text!r}") from None
 
 
 class Page:
@@ -296,7 +332,7 @@ class Engines:
         if status in (EffectStatus.FAILED, EffectStatus.CANCELLED) or (status is EffectStatus.UNKNOWN
                                                                          and record.flagged):
             out.append("redrive")
-        if callable(getattr(self.outbox, "resolve", None)) and (record.flagged or status is EffectStatus.UNKNOWN):
+        if record.flagged or status is EffectStatus.UNKNOWN:
             out.append("resolve")
         return out
 
@@ -305,9 +341,8 @@ class Engines:
         page = page or Page()
         rows = self.outbox.obligations(status or None, run_id=run_id or None, limit=page.offset + page.size + 1)
         items, more = page.cut(rows)
-        return {"items": [_obligation(o) for o in items], "page": page.to_dict(more),
-                "filters": {"status": status, "run_id": run_id},
-                "can_resolve": callable(getattr(self.outbox, "resolve_obligation", None))}
+        return {"items": [dict(_obligation(o), actions=obligation_actions(o)) for o in items],
+                "page": page.to_dict(more), "filters": {"status": status, "run_id": run_id}}
 
     def routes_view(self, *, route: str | None = None, page: Page | None = None) -> dict[str, Any]:
         page = page or Page()
@@ -400,45 +435,39 @@ class Engines:
         if handler is None:
             raise NotFoundError(f"no action {action!r} on {kind}")
         message: str = handler(target, by, form)
-        self._record(f"{kind}.{action}", target, by, {k: v for k, v in form.items() if k in
-                                                      ("reason", "operation", "signal")})
+        self._record(f"{kind}.{action}", target, by, {k: v for k, v in form.items() if v and k in
+                                                      ("reason", "operation", "signal", "status", "error",
+                                                       "external_ref", "compensate_kind")})
         return message
 
     def _effect_approve(self, key: str, by: str, form: Mapping[str, str]) -> str:
-        kwargs: dict[str, Any] = {"by": by}
-        if form.get("payload") and "payload" in inspect.signature(self.outbox.approve).parameters:
-            kwargs["payload"] = json.loads(form["payload"])
-        return f"effect {key}: {self.outbox.approve(key, **kwargs).status.value}"
+        return f"effect {key}: {self.outbox.approve(key, payload=json_field(form, 'payload'), by=by).status.value}"
 
     def _effect_reject(self, key: str, by: str, form: Mapping[str, str]) -> str:
-        return f"effect {key}: {self.outbox.reject(key, reason=form.get('reason') or None, by=by).status.value}"
+        return f"effect {key}: {self.outbox.reject(key, reason=_text(form, 'reason'), by=by).status.value}"
 
     def _effect_redrive(self, key: str, by: str, form: Mapping[str, str]) -> str:
         return f"effect {key}: {self.outbox.redrive(key).status.value}"
 
     def _effect_resolve(self, key: str, by: str, form: Mapping[str, str]) -> str:
-        resolve = getattr(self.outbox, "resolve", None)
-        if not callable(resolve):
-            raise NotFoundError("this errands-core has no Outbox.resolve")
-        params = inspect.signature(resolve).parameters
-        kwargs: dict[str, Any] = {k: v for k, v in (("by", by), ("reason", form.get("reason") or None))
-                                  if k in params}
-        if "outcome" in params and form.get("outcome"):
-            kwargs["outcome"] = form["outcome"]
-        result = resolve(key, **kwargs)
-        return f"effect {key}: {getattr(getattr(result, 'status', None), 'value', 'resolved')}"
+        status = _text(form, "status")
+        if status is None:
+            raise ConfigError(f"choose the status to resolve it as: one of {', '.join(RESOLUTIONS)}", field="status")
+        record = self.outbox.resolve(key, status, response=json_field(form, "response"), error=_text(form, "error"),
+                                     external_ref=_text(form, "external_ref"),
+                                     compensate_kind=_text(form, "compensate_kind"), by=by)
+        return f"effect {key}: resolved {status.upper()}, now {record.status.value}"
 
     def _obligation_redrive(self, id: str, by: str, form: Mapping[str, str]) -> str:
-        return f"obligation {id}: {self.outbox.redrive_obligation(int(id)).status.value}"
+        return f"obligation {id}: {self.outbox.redrive_obligation(_obligation_id(id)).status.value}"
 
     def _obligation_resolve(self, id: str, by: str, form: Mapping[str, str]) -> str:
-        resolve = getattr(self.outbox, "resolve_obligation", None)
-        if not callable(resolve):
-            raise NotFoundError("this errands-core has no Outbox.resolve_obligation")
-        params = inspect.signature(resolve).parameters
-        kwargs = {k: v for k, v in (("by", by), ("reason", form.get("reason") or None)) if k in params}
-        result = resolve(int(id), **kwargs)
-        return f"obligation {id}: {getattr(getattr(result, 'status', None), 'value', 'resolved')}"
+        status = _text(form, "status")
+        if status is None:
+            raise ConfigError(f"choose the status to resolve it as: one of {', '.join(OBLIGATION_RESOLUTIONS)}",
+                              field="status")
+        record = self.outbox.resolve_obligation(_obligation_id(id), status, result=json_field(form, "result"), by=by)
+        return f"obligation {id}: {record.status.value}"
 
     def _route_redrive(self, route: str, by: str, form: Mapping[str, str]) -> str:
         ids = [i for i in (form.get("event_id") or "").split(",") if i] or None
@@ -484,7 +513,7 @@ class Engines:
         send = getattr(self.durable, "send_signal", None)
         if not callable(send):
             raise NotFoundError("this errands-durable has no DurableRunner.send_signal")
-        payload = json.loads(form["payload"]) if form.get("payload") else None
+        payload = json_field(form, "payload")
         if not form.get("signal"):
             raise ConfigError("name the signal to send", field="signal")
         taken = send(id, form["signal"], payload)

@@ -19,18 +19,23 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from ._auth import CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER, Access, csrf_ok, new_csrf_token
-from ._views import Engines, Page
+from ._views import OBLIGATION_RESOLUTIONS, RESOLUTIONS, Engines, Page
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 #: The confirmation each action asks for, and the fields its form has.
 ACTIONS: dict[tuple[str, str], tuple[str, list[str]]] = {
-    ("effect", "approve"): ("Approve effect {target}: it will be dispatched.", []),
+    ("effect", "approve"): ("Approve effect {target}: it will be dispatched (with the payload, if given, in its "
+                            "metadata under errands.approval).", ["payload"]),
     ("effect", "reject"): ("Reject effect {target}: it is cancelled and never dispatched.", ["reason"]),
     ("effect", "redrive"): ("Queue effect {target} again with fresh attempts.", []),
-    ("effect", "resolve"): ("Resolve effect {target} by hand.", ["outcome", "reason"]),
+    ("effect", "resolve"): ("Resolve effect {target} by hand, from what you found at the counterparty: CONFIRMED "
+                            "(it happened), FAILED (it failed for good: say why), ABSENT (it never arrived: "
+                            "dispatch it again) or DUPLICATE (it happened more than once: name the compensation "
+                            "owed).", ["status", "error", "external_ref", "compensate_kind", "response"]),
     ("obligation", "redrive"): ("Make obligation {target} due again with fresh attempts.", []),
-    ("obligation", "resolve"): ("Resolve obligation {target} by hand.", ["reason"]),
+    ("obligation", "resolve"): ("Resolve obligation {target} by hand: COMPENSATED (done, or found done) or STUCK "
+                                "(stop trying).", ["status", "result"]),
     ("route", "redrive"): ("Queue the parked events of route {target} for delivery.", ["event_id"]),
     ("task", "redrive"): ("Queue task {target} again with fresh retries.", []),
     ("task", "cancel"): ("Cancel task {target}: a pending one ends now, a running one is asked to stop.", []),
@@ -42,6 +47,11 @@ ACTIONS: dict[tuple[str, str], tuple[str, list[str]]] = {
                              ["operation"]),
     ("execution", "signal"): ("Send a signal to execution {target}.", ["signal", "payload"]),
 }
+
+#: The fields chosen from a list, per action, and the fields that take JSON.
+CHOICES: dict[tuple[str, str, str], list[str]] = {
+    ("effect", "resolve", "status"): RESOLUTIONS, ("obligation", "resolve", "status"): OBLIGATION_RESOLUTIONS}
+JSON_FIELDS = ("payload", "response", "result")
 
 #: Where each kind's page is, to go back to after an action.
 _PAGES = {"effect": "effects/{t}", "obligation": "obligations", "route": "routes", "task": "tasks/{t}",
@@ -134,19 +144,32 @@ class Console:
         return self.guard(html), self.guard(api)
 
     # -- actions -----------------------------------------------------------------------------------------------
-    async def confirm(self, request: Request, operator: str) -> Response:
-        request.state.operator = operator
-        kind, action, target = _action_of(request)
+    def _confirmation(self, request: Request, kind: str, action: str, target: str, defaults: Mapping[str, str],
+                      *, error: str | None = None, status: int = 200) -> Response:
         text, fields = ACTIONS[(kind, action)]
         return self.render(request, "confirm.html", {
             "kind": kind, "action": action, "target": target, "question": text.format(target=target),
-            "fields": fields, "back": _PAGES[kind].format(t=quote(target, safe="/:")),
-            "defaults": dict(request.query_params)})
+            "fields": fields, "choices": {f: CHOICES[(kind, action, f)] for f in fields if (kind, action, f) in CHOICES},
+            "json_fields": JSON_FIELDS, "back": _PAGES[kind].format(t=quote(target, safe="/:")),
+            "defaults": dict(defaults), "error": error}, status=status)
+
+    async def confirm(self, request: Request, operator: str) -> Response:
+        request.state.operator = operator
+        kind, action, target = _action_of(request)
+        return self._confirmation(request, kind, action, target, request.query_params)
 
     async def perform(self, request: Request, operator: str) -> Response:
         kind, action, target = _action_of(request)
         form = {k: v for k, v in (await _form(request)).items() if k != CSRF_FIELD}
-        message = await run_in_threadpool(self.engines.act, kind, action, target, operator, form)
+        try:
+            message = await run_in_threadpool(self.engines.act, kind, action, target, operator, form)
+        except (ErrandsError, ValueError) as exc:
+            if _is_api(request):
+                raise
+            # The form again, as filled in, with the engine's reason it refused: nothing was changed.
+            request.state.operator = operator
+            return self._confirmation(request, kind, action, target, form, error=f"{type(exc).__name__}: {exc}",
+                                      status=404 if isinstance(exc, NotFoundError) else 400)
         if _is_api(request):
             return JSONResponse({"ok": True, "message": message, "by": operator})
         back = _PAGES[kind].format(t=quote(target, safe="/:"))
