@@ -18,6 +18,7 @@ def test_public_names_are_pinned() -> None:
         "MapConfig", "NonDeterministicExecutionError", "Operation", "OperationAction", "OperationStatus",
         "OperationSubType", "OperationType", "OperationUpdate", "ParallelConfig", "PassThroughSerdes",
         "RetryDecision", "RetryPresets", "RetryStrategyConfig", "Serdes", "SerdesContext", "SerdesError",
+        "SignalRefusedError", "SignalTimeoutError",
         "StateOutput", "StepConfig", "StepContext", "StepError", "StepInterruptedError", "StepSemantics",
         "SuspendExecution", "WaitForCallbackConfig", "WaitForConditionConfig", "WaitForConditionDecision",
         "WaitForConditionError", "__version__", "create_retry_strategy", "durable_function",
