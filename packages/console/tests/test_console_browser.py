@@ -18,7 +18,9 @@ from .conftest import UNKNOWN_KEYS, artifacts_dir, auth
 CHROMIUM = os.environ.get("ERRANDS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running in this thread while it is open, and every
+# later test calling asyncio.run would fail; the browser closes with this module's last test.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
