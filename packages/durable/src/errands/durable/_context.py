@@ -632,15 +632,17 @@ class _ContextCore:
                               field="max_concurrency", value=max_concurrency)
         op_id, op = self._next(OperationType.CONTEXT, outer, name)
         batch = Batch(self, op_id, op, name, branches, max_concurrency, completion, serdes, outer, inner)
-        given = names or [None] * len(branches)
-        prefix = _BRANCH_NAME_PREFIX[inner]
-        batch.names = [n if n is not None else f"{prefix}{i}" for i, n in enumerate(given)]
+        batch.names = branch_names(inner, names or [None] * len(branches))
         batch.batch_serdes = batch_serdes
         return batch
 
 
-#: How AWS's SDK names an iteration or branch given no name: the prefix and its index.
-_BRANCH_NAME_PREFIX = {OperationSubType.MAP_ITERATION: "map-item-", OperationSubType.PARALLEL_BRANCH: "parallel-branch-"}
+def branch_names(inner: OperationSubType, given: Sequence[str | None]) -> list[str | None]:
+    """The names of a batch's iterations or branches: as given, else as AWS's SDK names them,
+    ``map-item-<i>`` / ``parallel-branch-<i>``. (errands left them unnamed before; their names are not
+    checked on replay, so such a history replays.)"""
+    prefix = "map-item-" if inner is OperationSubType.MAP_ITERATION else "parallel-branch-"
+    return [n if n is not None else f"{prefix}{i}" for i, n in enumerate(given)]
 
 
 class Batch:
@@ -668,7 +670,7 @@ class Batch:
         self.queue: list[int] = []
         self.stop = False
         self.fatal: BaseException | None = None
-        self.names: list[str] = []
+        self.names: list[str | None] = []
         self.batch_serdes: Serdes | None = None
 
     def open(self) -> BatchResult[Any] | None:
