@@ -67,15 +67,21 @@ def terminate(store: SQLStore, execution_id: str, reason: str | None, *, recursi
     return get(store, execution_id)
 
 
-def _terminate(store: SQLStore, tx: Tx, execution_id: str, error: ErrorObject, recursive: bool) -> None:
+def end_tree(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, error: ErrorObject) -> None:
+    """End the execution and every execution it started that has not ended, with ``status`` and ``error``."""
+    _terminate(store, tx, execution_id, error, True, status)
+
+
+def _terminate(store: SQLStore, tx: Tx, execution_id: str, error: ErrorObject, recursive: bool,
+               end_as: ExecutionStatus = ExecutionStatus.TERMINATED) -> None:
     status = schema.execution_status(tx, execution_id)
     if status is None or status.terminal:
         return
     store.dequeue(schema.QUEUE, execution_id, tx=tx)
-    executions.end(store, tx, execution_id, ExecutionStatus.TERMINATED, None, error, store.clock.now())
+    executions.end(store, tx, execution_id, end_as, None, error, store.clock.now())
     if recursive:
         for child in schema.children(tx, execution_id):
-            _terminate(store, tx, child, error, recursive)
+            _terminate(store, tx, child, error, recursive, end_as)
 
 
 def suspend(store: SQLStore, execution_id: str) -> ExecutionInfo:
@@ -125,6 +131,7 @@ def purge(store: SQLStore, execution_id: str) -> int:
 def _purge(store: SQLStore, tx: Tx, execution_id: str) -> int:
     n = sum(_purge(store, tx, child) for child in schema.children(tx, execution_id))
     store.dequeue(schema.QUEUE, execution_id, tx=tx)
+    store.dequeue(schema.DEADLINES, execution_id, tx=tx)
     return n + schema.delete_execution(tx, execution_id)
 
 
