@@ -210,9 +210,9 @@ class DurableModel(RuleBasedStateMachine):
         self.model[eid] = Execution(eid, specs, wait, timeout,
                                     deadline=None if deadline is None else self.clock.now() + deadline)
         event = {"specs": specs, "wait": wait, "timeout": timeout}
-        if inline and deadline is None:  # the first invocation runs in the caller's thread
+        if inline:  # the first invocation runs in the caller's thread
             try:
-                self.retrying(lambda: self.runners[0].run("flow", event, execution_id=eid))
+                self.retrying(lambda: self.runners[0].run("flow", event, execution_id=eid, timeout=deadline))
             except Crash:
                 self.crashes += 1
                 self.close_runners()

@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any, Iterator
 
@@ -529,3 +530,56 @@ def test_start_child_refuses_an_unknown_function(runner: DurableRunner) -> None:
 
     runner.register("orphan", orphan)
     assert "nobody" in runner.run("orphan", {}).result
+
+
+STUCK_WORKER = """
+import pathlib, sys, time
+from errands.durable import DurableRunner
+
+url, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+
+def sleeper(event, ctx):
+    ctx.wait("long", 3600)
+
+def stuck(event, ctx):
+    ctx.start_child("sleeper", None)
+    def hang(step):
+        marker.write_text(step.execution_id)
+        time.sleep(3600)
+    return ctx.step("hang", hang)
+
+runner = DurableRunner(url, functions={"stuck": stuck, "sleeper": sleeper}, lease_for=3600)
+print("ready", flush=True)
+runner.serve(poll_interval=0.01)
+"""
+
+
+@pytest.mark.crash
+def test_a_timeout_ends_an_execution_whose_worker_process_was_killed(url: str, tmp_path: Any) -> None:
+    from errands.core.testing import faults
+
+    script, marker = tmp_path / "stuck_worker.py", tmp_path / "in-step"
+    script.write_text(STUCK_WORKER)
+    # the leases outlast the test: only the deadline can end the execution the dead worker holds
+    runner = DurableRunner(url, functions={"stuck": lambda e, c: None, "sleeper": sleeper},
+                           lease_for=3600)
+    worker = faults.python_worker(script, url, str(marker)).start()
+    try:
+        eid = runner.start("stuck", {}, timeout=1.0)
+        for _ in range(3000):
+            if marker.exists():
+                break
+            time.sleep(0.01)
+        assert marker.read_text() == eid  # the worker is inside the step
+        worker.kill()
+        for _ in range(3000):
+            runner.work_once()
+            if runner.get(eid).status.terminal:
+                break
+            time.sleep(0.01)
+    finally:
+        worker.kill()
+    info = runner.get(eid)
+    assert info.status is ExecutionStatus.TIMED_OUT
+    assert [c.status for c in runner.list(parent_id=eid)] == [ExecutionStatus.TIMED_OUT]
+    runner.close()
