@@ -19,13 +19,17 @@ from errands.core._cli import main
 from errands.durable import (
     AsyncDurableContext,
     DurableContext,
+    DurableExecutionConfig,
     DurableRunner,
     ExecutionStatus,
+    InMemoryClient,
+    InvocationStatus,
     OperationSubType,
     RetryDecision,
     RetryPresets,
     StepConfig,
     StepError,
+    with_durable_execution,
 )
 
 RUNS: Counter[str] = Counter()
@@ -530,6 +534,37 @@ def test_start_child_refuses_an_unknown_function(runner: DurableRunner) -> None:
 
     runner.register("orphan", orphan)
     assert "nobody" in runner.run("orphan", {}).result
+
+
+def test_under_the_lambda_wrapper_patched_events_and_step_timeouts_work_and_children_are_refused() -> None:
+    client = InMemoryClient()
+
+    def handler(event: Any, ctx: DurableContext) -> Any:
+        ctx.set_event("k", 1)
+        value = ctx.step("s", lambda _: 2, StepConfig(timeout=5))
+        try:
+            ctx.start_child("child", 1)
+        except ConfigError as exc:
+            return [ctx.patched("x"), value, str(exc)]
+        return "started"
+
+    def continuing(event: Any, ctx: DurableContext) -> Any:
+        ctx.continue_as_new(1)
+
+    out = with_durable_execution(handler, DurableExecutionConfig(client=client))(client.start_execution({}))
+    assert out.status is InvocationStatus.SUCCEEDED
+    assert json.loads(out.result or "null") == [True, 2, "start_child needs a DurableRunner (the Lambda API has "
+                                                         "no such operation)"]
+    out = with_durable_execution(continuing, DurableExecutionConfig(client=client))(client.start_execution({}))
+    assert out.status is InvocationStatus.FAILED and out.error is not None
+    assert "continue_as_new needs a DurableRunner" in (out.error.message or "")
+
+
+def test_rerun_from_keeps_the_events_its_kept_operations_set(runner: DurableRunner) -> None:
+    eid = runner.start("publisher", {})
+    runner.drain()
+    new_id = runner.rerun_from(eid, "go")  # keeps both set_event operations before the wait
+    assert runner.get_event(new_id, "progress", timeout=0) == {"done": 1}
 
 
 STUCK_WORKER = """

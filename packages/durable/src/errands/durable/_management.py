@@ -17,7 +17,7 @@ from errands.core.store import SQLStore, Tx, dumps
 from . import _executions as executions
 from . import _schema as schema
 from ._transitions import find_operation, kept_for_rerun, statuses, terminated_error
-from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation
+from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, OperationSubType
 
 
 # -- read models ----------------------------------------------------------------------------------
@@ -168,4 +168,6 @@ def rerun_from(store: SQLStore, execution_id: str, operation: str, *, new_execut
             raise AlreadyExistsError(f"execution {new_id!r} exists already; pick another new_execution_id")
         for o in kept_for_rerun(ops, target):
             schema.insert_operation(tx, new_id, replace(o, callback_id=uuid.uuid4().hex) if o.callback_id else o)
+            if o.sub_type is OperationSubType.SET_EVENT and o.name:  # the events it had set, set again
+                schema.set_event(tx, new_id, o.name, o.result, store.clock.now())
     return new_id
