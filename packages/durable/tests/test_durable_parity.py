@@ -271,6 +271,17 @@ def test_replay_reports_the_first_divergence(runner: DurableRunner) -> None:
     with pytest.raises(NotFoundError, match="nope"):
         runner.replay("nope", old_code)
 
+    def cut_off(event: Any, ctx: DurableContext) -> Any:
+        ctx.step("a", counted("a", 1))
+        return ctx.step("b", lambda _: runner.terminate(ctx.execution_id, "cut off in step b"))
+
+    runner.register("cut_off", cut_off)
+    cut = runner.start("cut_off", {})
+    runner.drain()
+    assert runner.get(cut).status is ExecutionStatus.TERMINATED and len(runner.history(cut)) == 1
+    found = runner.replay(cut, cut_off)  # cut off by an operator, not ended by its code: it may go on
+    assert found.ok and found.outcome == "END_OF_HISTORY"
+
 
 def test_cli_replay_exits_non_zero_on_a_divergence(url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -116,7 +116,8 @@ class _ReplayState(ExecutionState):
 def replay(execution_id: str, fn: Callable[[Any, Any], Any], history: Sequence[Operation], input_value: Any,
            ended: bool, now: Callable[[], float]) -> ReplayResult:
     """Replay ``history`` (ordered by start) of an execution on ``input_value`` through ``fn``; ``ended``:
-    the execution has finished, so the code may ask for nothing past the history."""
+    the execution's code ended it (it succeeded or failed), so the code may ask for nothing past the
+    history."""
     ordered = sorted(history, key=lambda o: o.seq)
     # A step the history holds unfinished would run its body next: make it start (a write) instead.
     ops = {o.id: replace(o, status=OperationStatus.READY)

@@ -302,8 +302,9 @@ class DurableRunner:
             NotFoundError: no such execution.
         """
         info = self.get(execution_id)
-        return replay(execution_id, fn, self.history(execution_id), info.input, info.status.terminal,
-                      self.clock.now)
+        # only an execution its code ended may not go on; one cut off (terminated, timed out) may
+        completed = info.status in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED)
+        return replay(execution_id, fn, self.history(execution_id), info.input, completed, self.clock.now)
 
     def get_event(self, execution_id: str, key: str, timeout: float | None = None, *,
                   poll_interval: float = 0.02) -> Any:
