@@ -398,6 +398,22 @@ def test_a_timeout_ends_the_execution_and_its_children_timed_out(runner: Durable
     assert runner.purge(eid) == 3
 
 
+def test_a_deadline_holds_for_the_children_an_execution_left_running(runner: DurableRunner) -> None:
+    def leaves(event: Any, ctx: DurableContext) -> Any:
+        return ctx.start_child("sleeper", None)
+
+    runner.register("leaves", leaves)
+    eid = runner.start("leaves", {}, timeout=30)
+    runner.drain()
+    info = runner.get(eid)
+    assert info.status is ExecutionStatus.SUCCEEDED
+    assert runner.get(info.result).status is ExecutionStatus.PENDING
+    advance(runner, 31)
+    runner.drain()
+    assert runner.get(eid).status is ExecutionStatus.SUCCEEDED  # its own outcome stays
+    assert runner.get(info.result).status is ExecutionStatus.TIMED_OUT
+
+
 def test_a_timeout_ends_an_execution_whose_worker_is_busy_or_gone(url: str) -> None:
     clock = FakeClock()
     entered = threading.Event()

@@ -68,8 +68,11 @@ def terminate(store: SQLStore, execution_id: str, reason: str | None, *, recursi
 
 
 def end_tree(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, error: ErrorObject) -> None:
-    """End the execution and every execution it started that has not ended, with ``status`` and ``error``."""
-    _terminate(store, tx, execution_id, error, True, status)
+    """End the execution and every execution it started, at any depth, that has not ended (under one that
+    has, too: a deadline holds for the children an execution left running), with ``status`` and ``error``."""
+    _terminate(store, tx, execution_id, error, False, status)
+    for child in schema.children(tx, execution_id):
+        end_tree(store, tx, child, status, error)
 
 
 def _terminate(store: SQLStore, tx: Tx, execution_id: str, error: ErrorObject, recursive: bool,

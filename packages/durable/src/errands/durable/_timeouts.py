@@ -112,8 +112,7 @@ def _expire(store: SQLStore, claim: Callable[[], list[Lease]]) -> int:
     for lease in leases:
         try:
             with store.transaction() as tx:
-                status = schema.execution_status(tx, lease.key)
-                if status is not None and not status.terminal:
+                if schema.execution_status(tx, lease.key) is not None:
                     management.end_tree(store, tx, lease.key, ExecutionStatus.TIMED_OUT, timed_out_error(lease.key))
                 store.complete([lease], tx=tx)
         except Exception as exc:
