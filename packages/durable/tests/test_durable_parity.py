@@ -207,6 +207,28 @@ def test_a_patched_deploy_finishes_old_executions_on_the_old_path_and_new_ones_o
     assert after.replay(old_eid, new).ok and after.replay(new_eid, new).ok
 
 
+def cleaned_code(event: Any, ctx: DurableContext) -> Any:
+    ctx.deprecate_patch("v2")
+    a = ctx.step("a2", counted("a2", 100))
+    ctx.wait("w", 10)
+    return ctx.step("b", counted("b", a + 1))
+
+
+def test_deprecate_patch_replays_histories_with_the_marker_and_writes_none(runner: DurableRunner) -> None:
+    patched_deploy = deploy(runner, flow=new_code)
+    marked = patched_deploy.start("flow", {}, execution_id="marked")
+    patched_deploy.drain()  # suspended in the wait, with the marker in its history
+    assert patched_deploy.replay(marked, cleaned_code).ok
+    cleaned = deploy(runner, flow=cleaned_code)
+    fresh = cleaned.start("flow", {}, execution_id="fresh")
+    cleaned.drain()
+    advance(runner, 11)
+    cleaned.drain()
+    assert cleaned.get(marked).result == 101 and cleaned.get(fresh).result == 101
+    assert [o.name for o in cleaned.history(marked)] == ["v2", "a2", "w", "b"]
+    assert [o.name for o in cleaned.history(fresh)] == ["a2", "w", "b"]
+
+
 def test_patched_needs_a_change_id(runner: DurableRunner) -> None:
     def bad(event: Any, ctx: DurableContext) -> Any:
         try:

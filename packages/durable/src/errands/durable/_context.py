@@ -581,6 +581,13 @@ class _ContextCore:
 
         return patched(self, change_id)
 
+    def deprecate_patch(self, change_id: str) -> None:
+        """Stand where ``patched(change_id)`` stood once its old branch is gone (Temporal's
+        ``workflow.deprecate_patch``): histories with the marker replay, new ones get none."""
+        from ._versioning import patched
+
+        patched(self, change_id, record=False)
+
     def continue_as_new(self, input: Any = None) -> NoReturn:
         """End this run and start the execution again on ``input`` with an empty history (the same
         execution id; ``ExecutionInfo`` keeps it, its run number grows), so a long-lived function's history

@@ -5,6 +5,9 @@ An execution that reaches ``patched`` on new code checkpoints a marker (a STEP o
 ``Patch`` named after the change) where it calls it and takes the new path; its replays find the marker and
 agree. An execution whose history passed that point before the deploy holds another operation there: it
 takes the old path, and the marker's slot is not used, so its history still lines up.
+
+Once no execution on the old path remains, the old branch goes and ``ctx.deprecate_patch(change_id)``
+stands where ``patched`` was: it steps over the marker in histories that have one and writes none.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def is_marker(type_: OperationType, sub_type: OperationSubType | None, name: str
     return type_ is OperationType.STEP and sub_type is OperationSubType.PATCH and name == change_id
 
 
-def patched(ctx: _ContextCore, change_id: str) -> bool:
-    """See ``DurableContext.patched``."""
+def patched(ctx: _ContextCore, change_id: str, *, record: bool = True) -> bool:
+    """See ``DurableContext.patched``; without ``record`` (``deprecate_patch``), a marker found is stepped
+    over and none is written."""
     from ._context import operation_id
 
     if not isinstance(change_id, str) or not change_id:
@@ -40,6 +44,8 @@ def patched(ctx: _ContextCore, change_id: str) -> bool:
         op = state.get(op_id)
         if op is not None and not is_marker(op.type, op.sub_type, op.name, change_id):
             return False  # the history went on without the change here: the old path
+        if op is None and not record:
+            return True
         ctx._counter += 1
     if op is None:
         state.checkpoint(OperationUpdate(operation_id=op_id, operation_type=OperationType.STEP,
