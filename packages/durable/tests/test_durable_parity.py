@@ -305,6 +305,28 @@ def test_replay_reports_the_first_divergence(runner: DurableRunner) -> None:
     assert found.ok and found.outcome == "END_OF_HISTORY"
 
 
+def fan_out(event: Any, ctx: DurableContext) -> Any:
+    doubled = ctx.map("m", [1, 2, 3], lambda c, item, i, items: c.step(f"s{i}", lambda _: item * 2))
+    inner = ctx.run_in_child_context("child", lambda c: c.step("inner", lambda _: 5))
+    ctx.parallel("p", [lambda c: c.step("x", lambda _: 1), lambda c: c.wait("pw", 5)])
+    return [doubled.get_results(), inner]
+
+
+def fan_in_only(event: Any, ctx: DurableContext) -> Any:
+    return ctx.map("m", [1, 2, 3], lambda c, item, i, items: c.step(f"s{i}", lambda _: item * 2)).get_results()
+
+
+def test_replay_walks_maps_child_contexts_and_parallel_branches(runner: DurableRunner) -> None:
+    runner.register("fan_out", fan_out)
+    eid = runner.start("fan_out", {})
+    runner.drain()  # suspended in a parallel branch's wait
+    same = runner.replay(eid, fan_out)
+    assert same.ok and same.outcome == "PENDING" and same.reached == same.operations
+    cut = runner.replay(eid, fan_in_only).divergence
+    assert cut is not None and cut.expected == {"type": "CONTEXT", "sub_type": "RunInChildContext", "name": "child"}
+    assert cut.got is None and cut.index == 1 + 3 * 2 + 1  # after the map, its three branches and their steps
+
+
 def test_cli_replay_exits_non_zero_on_a_divergence(url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     runner = DurableRunner(url, functions=FUNCTIONS)

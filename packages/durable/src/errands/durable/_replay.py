@@ -54,7 +54,8 @@ class ReplayResult:
     Attributes:
         execution_id: the execution replayed.
         operations: how many operations its history holds.
-        reached: how many of them the code reached.
+        reached: how many of them the code reached (those inside an operation replayed from its checkpoint,
+            a finished child context, ``map`` or ``parallel``, count as reached with it).
         outcome: how the replay ended: ``END_OF_HISTORY`` (the code would go on past the history),
             ``SUCCEEDED``, ``FAILED`` or ``PENDING`` (the function returned, raised or suspended).
         divergence: the first divergence, None when the code agrees with the history.
@@ -128,7 +129,7 @@ def replay(execution_id: str, fn: Callable[[Any, Any], Any], history: Sequence[O
     except ReplayStopped:
         outcome = "END_OF_HISTORY"
     position = {o.id: i + 1 for i, o in enumerate(ordered)}
-    reached = sum(1 for o in ordered if o.id in state.seen)
+    reached = sum(1 for o in ordered if o.id in state.seen or _inside_replayed(o, ops, state.seen))
     divergence = _mismatch(state, ops, position) or _past_the_end(state, ended, len(ordered))
     if divergence is None and outcome != "END_OF_HISTORY":
         divergence = _unreached(state, ordered, ops, position)
