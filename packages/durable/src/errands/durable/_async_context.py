@@ -349,6 +349,16 @@ class AsyncDurableContext(_ContextCore):
         """
         return self._operation(self._wait_for_condition_op(check, config, name))
 
+    def set_event(self, key: str, value: Any) -> DurableOperation[None]:
+        """``await ctx.set_event(key, value)``: publish ``value`` under ``key`` for ``DurableRunner.get_event``.
+        As ``DurableContext.set_event``."""
+        return self._operation(self._set_event_op(key, value))
+
+    def start_child(self, function: str, input: Any = None, *, name: str | None = None) -> DurableOperation[str]:
+        """``child_id = await ctx.start_child(function, input)``: start a child execution without waiting for
+        it. As ``DurableContext.start_child``."""
+        return self._operation(self._start_child_op(function, input, name))
+
     def map(self, name_or_items: Any, items_or_fn: Any = None, fn: Any = None, config: MapConfig | None = None,
             *, name: str | None = None) -> DurableOperation[BatchResult[Any]]:
         """``await ctx.map(name, items, fn)``: ``fn(child_ctx, item, index, items)`` per item, at most

@@ -10,9 +10,10 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, NoReturn, Sequence, TypeVar, Union
 
 from errands.core import ConfigError
+from errands.core.store import dumps
 
 from . import _loops
 from ._errors import (
@@ -20,6 +21,7 @@ from ._errors import (
     CallbackTimeoutError,
     CheckpointError,
     ChildContextError,
+    ContinueAsNew,
     DurableOperationError,
     ExecutionFencedOut,
     InvalidStateError,
@@ -282,7 +284,7 @@ class _ContextCore:
                 f"{op.type.value}/{op.sub_type.value if op.sub_type else '-'} {op.name!r} when checkpointed, "
                 f"now {type_.value}/{sub_type.value if sub_type else '-'} {name!r}: the function must call "
                 "the same operations in the same order on every replay",
-                step_id=op_id,
+                step_id=op_id, got=(type_, sub_type, name),
             ))
         return op_id, op
 
@@ -308,6 +310,10 @@ class _ContextCore:
         if replayed is not _RUN:
             return replayed
         strategy: RetryStrategy = config.retry_strategy or RetryPresets.default()
+        if config.timeout is not None:
+            from ._timeouts import bounded
+
+            func = bounded(func, config.timeout, is_async_callable(func), f"step {name or op_id}")
         at_most_once = config.step_semantics is StepSemantics.AT_MOST_ONCE_PER_RETRY
         attempt = op.attempt if op is not None and op.attempt else 1
         started = op is not None and op.status is OperationStatus.STARTED
@@ -564,6 +570,47 @@ class _ContextCore:
         state.checkpoint(_update(op, OperationAction.RETRY, payload=text, next_attempt_delay_seconds=delay),
                          sync=True)
         raise SuspendExecution(f"condition {label or op_id}", until=state.now() + delay)
+
+    # -- versioning, events, children, continue as new --------------------------------------------
+    def patched(self, change_id: str) -> bool:
+        """Whether this execution takes the code path of ``change_id`` (Temporal's ``workflow.patched``):
+        True for an execution that reaches this point on code that has it (a marker is checkpointed, so its
+        replays agree), False for one whose history passed this point before the change was deployed. Not
+        awaited, in an ``async def`` function too.
+
+        Raises:
+            ConfigError: ``change_id`` is not a non-empty string.
+        """
+        from ._versioning import patched
+
+        return patched(self, change_id)
+
+    def deprecate_patch(self, change_id: str) -> None:
+        """Stand where ``patched(change_id)`` stood once its old branch is gone (Temporal's
+        ``workflow.deprecate_patch``): histories with the marker replay, new ones get none."""
+        from ._versioning import patched
+
+        patched(self, change_id, record=False)
+
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this run and start the execution again on ``input`` with an empty history (the same
+        execution id; ``ExecutionInfo`` keeps it, its run number grows), so a long-lived function's history
+        stays bounded. Kept signals and events carry over; operations not checkpointed yet are dropped.
+
+        Raises:
+            PayloadError: ``input`` is not JSON.
+        """
+        raise ContinueAsNew(dumps(input, field="input"))
+
+    def _set_event_op(self, key: str, value: Any) -> tuple[str, OperationLogic]:
+        from ._events import set_event_op
+
+        return set_event_op(self, key, value)
+
+    def _start_child_op(self, function: str, input: Any, name: str | None) -> tuple[str, OperationLogic]:
+        from ._continuation import start_child_op
+
+        return start_child_op(self, function, input, name)
 
     # -- map / parallel --------------------------------------------------------------------------
     def _map_batch(self, name_or_items: Any, items_or_fn: Any, fn: Any, config: MapConfig | None,
@@ -1023,6 +1070,28 @@ class DurableContext(_ContextCore):
         """
         return self._drive(self._invoke_op(function_name, payload, name, config)[1])
 
+    # -- events and children ---------------------------------------------------------------------
+    def set_event(self, key: str, value: Any) -> None:
+        """Publish ``value`` (JSON) under ``key`` for ``DurableRunner.get_event``: a checkpointed operation,
+        committed before this returns; the latest value of a key wins.
+
+        Raises:
+            ConfigError: ``key`` is not a non-empty string. PayloadError: ``value`` is not JSON.
+        """
+        self._drive(self._set_event_op(key, value)[1])
+
+    def start_child(self, function: str, input: Any = None, *, name: str | None = None) -> str:
+        """Start the durable function ``function`` on ``input`` as a child execution without waiting for it;
+        its id (``<this id>/<operation id>``, the same on every replay). The child ends with its parent's
+        timeout or recursive termination; ``DurableRunner.get`` / ``wait`` follow it.
+
+        Raises:
+            ConfigError: ``function`` is not registered, or the backend is not a ``DurableRunner``'s.
+            PayloadError: ``input`` is not JSON.
+        """
+        child: str = self._drive(self._start_child_op(function, input, name)[1])
+        return child
+
     # -- wait for condition ----------------------------------------------------------------------
     def wait_for_condition(self, check: Callable[[Any, StepContext], Any] | str,
                            config: WaitForConditionConfig[Any] | Callable[[Any, StepContext], Any] | None = None,
@@ -1200,6 +1269,10 @@ def _run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionStat
             value = fn(event, DurableContext(state))
     except InvocationAbandoned as abandoned:
         return InvocationOutcome("ABANDONED", abandoned=abandoned)
+    except ContinueAsNew as cont:  # the next run's input travels as the outcome's result
+        if state.fatal is not None:
+            return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal))
+        return InvocationOutcome("CONTINUED", result=cont.input_text)
     except SuspendExecution as s:
         if state.fatal is not None:
             return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal))
