@@ -31,16 +31,26 @@ def _waiting(tx: Tx, callback_id: str) -> tuple[str, str] | None:
     return (execution_id, op_id) if can_settle_callback(op_status, execution_status) else None
 
 
+def settle_in(store: SQLStore, tx: Tx, callback_id: str, status: OperationStatus, result: str | None,
+              error: ErrorObject | None) -> bool:
+    """Settle the callback and wake its execution in ``tx``. False if it can take no answer any more.
+
+    Raises:
+        NotFoundError: no such callback.
+    """
+    waiting = _waiting(tx, callback_id)
+    if waiting is None:
+        return False
+    now = store.clock.now()
+    schema.settle_operation(tx, *waiting, status, result, error, now)
+    executions.signal(store, tx, waiting[0], now)
+    return True
+
+
 def _settle(store: SQLStore, callback_id: str, status: OperationStatus, result: str | None,
             error: ErrorObject | None) -> bool:
     with store.transaction() as tx:
-        waiting = _waiting(tx, callback_id)
-        if waiting is None:
-            return False
-        now = store.clock.now()
-        schema.settle_operation(tx, *waiting, status, result, error, now)
-        executions.signal(store, tx, waiting[0], now)
-    return True
+        return settle_in(store, tx, callback_id, status, result, error)
 
 
 def complete(store: SQLStore, callback_id: str, result: Any) -> bool:

@@ -54,6 +54,8 @@ class OperationSubType(_StrEnum):
     CHAINED_INVOKE = "ChainedInvoke"
     #: ``ctx.wait_for_signal``: a CALLBACK named after the signal (errands' own subtype)
     WAIT_FOR_SIGNAL = "WaitForSignal"
+    #: ``ctx.effect``: a CALLBACK whose id is the effect's key, settled by the outbox's journal event
+    EFFECT = "Effect"
 
 
 class OperationStatus(_StrEnum):
