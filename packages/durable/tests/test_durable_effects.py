@@ -313,3 +313,23 @@ def test_an_ended_effect_wakes_its_execution_once_even_when_delivered_twice(stor
     assert seen == [1] * 5
     a.close()
     b.close()
+
+
+def test_an_effect_operation_takes_no_callback_answer(store: SQLStore) -> None:
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    runner = DurableRunner(store, outbox=outbox, functions={"pay": pay})
+    eid = runner.start("pay", {"cents": 1, "to": "x"})
+    runner.work_once()
+    [op] = runner.history(eid)
+    assert op.callback_id is not None
+    for answer in (lambda: runner.complete_callback(op.callback_id, {}), lambda: runner.fail_callback(op.callback_id, "no"),
+                   lambda: runner.heartbeat_callback(op.callback_id)):
+        with pytest.raises(ConfigError, match="ends when its effect does"):
+            answer()
+    assert runner.history(eid)[0].status is op.status
+    outbox.cancel(op.callback_id, reason="changed our mind")
+    runner.work_once()
+    info = runner.get(eid)
+    assert info.status is ExecutionStatus.FAILED and info.error is not None
+    assert info.error.type == "EffectFailedError" and "CANCELLED" in (info.error.message or "")
+    runner.close()

@@ -15,8 +15,7 @@ import inspect
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, TypeVar
 
-from errands.core import Effect
-from errands.core.outbox import EffectRecord
+from errands.core import Effect, EffectRecord
 
 from . import _effects as effects
 from . import _loops

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, Sequence, TypeVar, Union
 
-from errands.core import ConfigError, Effect
-from errands.core.outbox import EffectRecord
+from errands.core import ConfigError, Effect, EffectRecord
 
 from . import _effects as effects
 from . import _loops

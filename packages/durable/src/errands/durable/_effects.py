@@ -28,23 +28,24 @@ from typing import Any, Generator, Sequence
 from errands.core import (
     ConfigError,
     Effect,
+    EffectRecord,
     EffectStatus,
     FanOut,
     NotFoundError,
+    Outbox,
     Route,
     Semantics,
     TransientError,
 )
-from errands.core.outbox import EffectRecord, Outbox
-from errands.core.store import SQLStore, Tx, dumps
 from errands.core.runtime import error_text, is_infrastructure_error
+from errands.core.store import SQLStore, Tx, dumps
 
 from . import _callbacks as callbacks
 from ._errors import DurableOperationError, SuspendExecution
 from ._values import OperationAction, OperationStatus, OperationSubType, OperationType, OperationUpdate
 
 #: The prefix of the keys of effects submitted by ``ctx.effect``.
-KEY_PREFIX = "durable/"
+KEY_PREFIX = callbacks.EFFECT_KEYS
 #: The fan-out route that wakes executions when their effects end.
 ROUTE = "durable.effects"
 #: The outbox's journal subjects of an effect's end.
