@@ -20,6 +20,7 @@ from errands.core import (
     EffectStatus,
     Outbox,
     Semantics,
+    Worker,
     open_store,
 )
 from errands.core.outbox import EffectRecord, ObligationStatus
@@ -332,4 +333,26 @@ def test_an_effect_operation_takes_no_callback_answer(store: SQLStore) -> None:
     info = runner.get(eid)
     assert info.status is ExecutionStatus.FAILED and info.error is not None
     assert info.error.type == "EffectFailedError" and "CANCELLED" in (info.error.message or "")
+    runner.close()
+
+
+def test_wait_and_wait_async_see_effects_end_while_a_worker_dispatches(store: SQLStore) -> None:
+    """No durable worker runs: ``wait`` (and ``wait_async``, through ``SQLStore.run_async``) wake the
+    execution themselves once the outbox's worker has confirmed the effect."""
+    bank = FakeConnector("bank")
+    outbox = Outbox(store, connectors={"bank": bank})
+    runner = DurableRunner(store, outbox=outbox, functions={"pay": pay})
+    stop = threading.Event()
+    dispatcher = Worker(store, outbox=outbox, poll_interval=0.01)
+    thread = threading.Thread(target=dispatcher.run, args=(stop,))
+    thread.start()
+    try:
+        first = runner.start("pay", {"cents": 1, "to": "a"})
+        assert runner.wait(first, timeout=60).status is ExecutionStatus.SUCCEEDED
+        second = runner.start("pay", {"cents": 2, "to": "b"})
+        assert asyncio.run(runner.wait_async(second, timeout=60)).status is ExecutionStatus.SUCCEEDED
+    finally:
+        stop.set()
+        thread.join()
+    assert len(bank.dispatched) == 4
     runner.close()

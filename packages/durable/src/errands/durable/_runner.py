@@ -252,7 +252,8 @@ class DurableRunner:
 
     def wait(self, execution_id: str, timeout: float | None = None, *, poll_interval: float = 0.02) -> ExecutionInfo:
         """Block until the execution finishes. Meanwhile this thread runs the execution's own due invocations
-        (and those of the executions it invoked) that no worker holds; never other executions' work.
+        (and those of the executions it invoked) that no worker holds, and wakes executions whose effects
+        ended (``ctx.effect``); never other executions' work.
 
         Raises:
             TimeoutError: still not finished after ``timeout`` seconds.
@@ -264,7 +265,7 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if self._invocations.run_keys(family) == 0:
+            if self._wake_effects() + self._invocations.run_keys(family) == 0:
                 time.sleep(poll_interval)
 
     async def wait_async(self, execution_id: str, timeout: float | None = None, *,
@@ -282,7 +283,8 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if await self.store.run_async(self._invocations.run_keys, family) == 0:
+            woken = await self.store.run_async(self._wake_effects)
+            if woken + await self.store.run_async(self._invocations.run_keys, family) == 0:
                 await asyncio.sleep(poll_interval)
 
     def _look(self, execution_id: str, last: ExecutionInfo | None) -> tuple[ExecutionInfo | None, list[str]]:
