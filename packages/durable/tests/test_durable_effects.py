@@ -20,6 +20,7 @@ from errands.core import (
     EffectStatus,
     Outbox,
     Semantics,
+    TransientError,
     Worker,
     open_store,
 )
@@ -356,3 +357,23 @@ def test_wait_and_wait_async_see_effects_end_while_a_worker_dispatches(store: SQ
         thread.join()
     assert len(bank.dispatched) == 4
     runner.close()
+
+
+def test_local_runner_drives_effects_and_skips_their_retry_delays() -> None:
+    from errands.durable.testing import LocalRunner
+
+    bank = FakeConnector("bank", outcomes=[TransientError("503", retry_after=3600), ("deliver", DispatchOutcome.UNKNOWN)])
+
+    def flow(event: Any, ctx: DurableContext) -> Any:
+        rec = ctx.effect("pay", Effect(key="-", connector="bank", payload=event, semantics=Semantics.NON_IDEMPOTENT))
+        ctx.wait("cool-off", 60)
+        return [rec.status.value, rec.attempts]
+
+    with LocalRunner(flow, connectors={"bank": bank}, always_replay=True) as local:
+        started = local.clock.now()
+        info = local.run({"cents": 5})
+        assert info.status is ExecutionStatus.SUCCEEDED, info.error
+        assert info.result == ["CONFIRMED", 2]
+        assert local.clock.now() - started >= 3600  # the Retry-After was skipped, not slept
+        [key] = [op.callback_id for op in local.history(info.execution_id) if op.callback_id]
+        assert bank.deliveries(key) == 1 and key in bank.observed  # resent only once observed ABSENT
