@@ -279,6 +279,9 @@ def test_app_wires_its_outbox_into_an_attached_runner(store: SQLStore) -> None:
     assert runner.outbox is app.outbox  # the API side submits through the app's submit-only outbox
     eid = runner.start("pay", {"cents": 1, "to": "x"})
     runner.run("pay", {"cents": 2, "to": "y"}, execution_id="inline")  # runs the first invocation here
+    own = runner.worker()
+    assert own.outbox is None  # a submit-only outbox dispatches nothing: the app's worker does
+    own.close()
     worker = app.worker()
     for _ in range(200):
         worker.drain()

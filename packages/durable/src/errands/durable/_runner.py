@@ -221,8 +221,9 @@ class DurableRunner:
 
     def worker(self, **options: Any) -> Worker:
         """A core ``Worker`` running this runner's ``work_once`` (with signal handling and draining), and
-        dispatching its outbox's effects when it has one."""
-        options.setdefault("outbox", self.outbox)
+        dispatching its outbox's effects when it has one with connectors (not a submit-only one)."""
+        if self.outbox is not None and not self.outbox.submit_only:
+            options.setdefault("outbox", self.outbox)
         return Worker(self.store, jobs=[self.work_once], **options)
 
     def attach(self, worker: Worker) -> None:
