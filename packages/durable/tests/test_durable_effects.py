@@ -105,8 +105,9 @@ def test_effect_round_trip_returns_the_confirmed_record(store: SQLStore) -> None
 
 
 def test_chaos_connector_confirms_each_effect_exactly_once_across_restarts(url: str) -> None:
-    """40 workflows of two non-idempotent effects each, through lost acks, failed requests and delays, on
-    two workers at a time that are stopped and replaced (new runners, outboxes, connections) again and again."""
+    """40 workflows of two non-idempotent effects each, through lost acks, failed requests and delays (with
+    attempts enough that none runs out), on two workers at a time that are stopped and replaced (new
+    runners, outboxes, connections) again and again."""
     bank = FakeConnector("bank")
     chaos = ChaosConnector(bank, seed=5, fail=0.25, lose_ack=0.3, delay=0.2, max_delay=0.003)
     with DurableRunner(url, functions={"pay": pay}) as starter:
@@ -116,7 +117,7 @@ def test_chaos_connector_confirms_each_effect_exactly_once_across_restarts(url: 
     restarts = 0
     while time.monotonic() < deadline:
         stores = [open_store(url) for _ in range(2)]
-        runners = [DurableRunner(s, outbox=Outbox(s, connectors={"bank": chaos}, **FAST),
+        runners = [DurableRunner(s, outbox=Outbox(s, connectors={"bank": chaos}, max_attempts=50, **FAST),
                                  functions={"pay": pay_once}, lease_for=2.0) for s in stores]
         stop = threading.Event()
         workers = [r.worker(poll_interval=0.005) for r in runners]
