@@ -88,6 +88,7 @@ class DurableRunner:
         self._stop = threading.Event()
         self.outbox: Any = None
         self._wakes: Any = None
+        self._waking = threading.Lock()
         if outbox is not None:
             self.use_outbox(outbox)
 
@@ -196,8 +197,8 @@ class DurableRunner:
 
     def _wake_effects(self) -> int:
         """Wake the executions whose effects ended (the ``durable.effects`` route over the journal)."""
-        if self._wakes is None:
-            return 0
+        if self._wakes is None or not self._waking.acquire(blocking=False):
+            return 0  # (another thread of this runner is reading them now)
         try:
             woken: int = self._wakes.run_once()
         except Exception as exc:
@@ -205,6 +206,8 @@ class DurableRunner:
                 raise
             log.warning("reading the ends of effects failed (%s); trying again next round", error_text(exc))
             return 0
+        finally:
+            self._waking.release()
         return woken
 
     def next_due(self) -> float | None:

@@ -73,7 +73,8 @@ class LocalRunner:
         """The next durable timer or effect retry."""
         times = [self.runner.next_due()]
         if self.outbox is not None:
-            times += [r.next_attempt_at.timestamp() for status in (EffectStatus.PENDING, EffectStatus.UNKNOWN)
+            # a record's times are whole microseconds: a millisecond later, the stored due time has surely passed
+            times += [r.next_attempt_at.timestamp() + 0.001 for status in (EffectStatus.PENDING, EffectStatus.UNKNOWN)
                       for r in self.outbox.list(status=status, limit=1000) if r.next_attempt_at is not None]
         known = [t for t in times if t is not None]
         return min(known) if known else None
