@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-N_WORKFLOWS = 30
+N_WORKFLOWS = 60
 MAX_SPAWNS = 40
 
 
@@ -131,9 +131,11 @@ def test_killed_workers_lose_no_effect_and_duplicate_none(store_url: str, tmp_pa
     for spawn in range(MAX_SPAWNS):
         last = spawn == MAX_SPAWNS - 1 or time.monotonic() > deadline - 40
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, __file__, store_url, ledger, "0" if last else "0.15"],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=log)
-        until = time.monotonic() + (40 if last else rng.uniform(0.5, 1.5))
+            proc = subprocess.Popen([sys.executable, __file__, store_url, ledger, "0" if last else "0.06"],
+                                    env=env, stdout=subprocess.PIPE, stderr=log)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n", log_path.read_text()[-3000:]  # started: the clock runs now
+        until = time.monotonic() + (40 if last else rng.uniform(0.1, 0.6))
         done = False
         while proc.poll() is None and time.monotonic() < until and not done:
             time.sleep(0.05)
@@ -144,6 +146,7 @@ def test_killed_workers_lose_no_effect_and_duplicate_none(store_url: str, tmp_pa
             external += 1
         else:
             assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+        proc.stdout.close()
         if done or all(runner.get(i).status.terminal for i in ids) or last:
             break
     infos = [runner.get(i) for i in ids]
@@ -160,7 +163,7 @@ def test_killed_workers_lose_no_effect_and_duplicate_none(store_url: str, tmp_pa
     assert delivered == {k: 1 for k in keys}  # exactly once at the counterparty
     kills_path = Path(f"{ledger}.kills")
     kills = kills_path.read_text().split() if kills_path.exists() else []
-    assert "before-commit" in kills and "after-commit" in kills, kills
+    assert "before-commit" in kills and "after-commit" in kills, (kills, log_path.read_text()[-3000:])
     sys.stderr.write(f"effect crash test: {kills.count('before-commit')} kills before the submit committed, "
                      f"{kills.count('after-commit')} right after, {external} at random\n")
     runner.close()
