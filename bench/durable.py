@@ -27,6 +27,11 @@ Lambda Invoke endpoint in this process, each started with ``/start-durable-execu
 DBOS is a process-wide singleton, so each DBOS configuration runs in a child process of this script; the
 timings exclude start-up and a warm-up of 10 workflows. Each figure is the best of ``--repeat`` rounds.
 
+And one ``ctx.effect`` round trip per workflow (``--effects`` sequential workflows on SQLite): a workflow
+whose one operation is ``ctx.effect`` to a no-op connector (submitted with the checkpoint, dispatched by
+``Outbox.dispatch_once``, its end read from the journal by the runner's next ``work_once``, which wakes and
+finishes the execution), beside the same workflow with a plain ``ctx.step``.
+
 Run: ``hatch run bench:durable`` (options: ``--workflows``, ``--aws-runs``, ``--repeat``).
 """
 
@@ -44,7 +49,9 @@ from typing import Any
 # ``python bench/durable.py`` puts bench/ first on sys.path, where sibling scripts (bench/http.py) would
 # shadow standard-library modules that DBOS imports.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]  # after the stdlib
+
+from _tables import print_table  # noqa: E402
 
 WARMUP = 10
 
@@ -182,11 +189,61 @@ def run_dbos(workdir: str, n: int, repeat: int, tuned: bool) -> float:
     return best
 
 
+def run_effects(workdir: str, n: int, repeat: int) -> tuple[float, float]:
+    """Best seconds of ``n`` workflows of one ``ctx.effect`` (each driven to its end: run, dispatch, wake)
+    and of ``n`` workflows of one step, their rounds interleaved."""
+    from errands.core import DispatchOutcome, DispatchResult, Effect, Outbox
+    from errands.durable import DurableContext, DurableRunner
+
+    class NoOp:
+        name = "noop"
+
+        def dispatch(self, effect: Any) -> DispatchResult:
+            return DispatchResult(outcome=DispatchOutcome.CONFIRMED)
+
+    def with_effect(event: Any, ctx: DurableContext) -> Any:
+        return ctx.effect("pay", Effect(key="-", connector="noop", payload=event)).status.value
+
+    def with_step(event: Any, ctx: DurableContext) -> Any:
+        return ctx.step("pay", lambda _: "CONFIRMED")
+
+    def timed(fn: Any, path: str) -> float:
+        runner = DurableRunner(f"sqlite:///{path}", functions={"one": fn})
+        outbox = Outbox(runner.store, connectors={"noop": NoOp()})
+        runner.use_outbox(outbox)
+
+        def one(i: int) -> None:
+            info = runner.run("one", i)
+            if not info.status.terminal:
+                outbox.dispatch_once()
+                runner.work_once()
+                info = runner.get(info.execution_id)
+            assert info.result == "CONFIRMED", info
+
+        started = 0.0
+        for i in range(WARMUP + n):  # the first WARMUP workflows are not timed
+            if i == WARMUP:
+                started = time.perf_counter()
+            one(i)
+        try:
+            return time.perf_counter() - started
+        finally:
+            outbox.close()
+            runner.close()
+
+    best = {"effect": float("inf"), "step": float("inf")}
+    for r in range(repeat):  # rounds interleaved
+        for label, fn in (("effect", with_effect), ("step", with_step)):
+            best[label] = min(best[label], timed(fn, os.path.join(workdir, f"{label}-{r}.db")))
+    return best["effect"], best["step"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workflows", type=int, default=200)
     parser.add_argument("--aws-runs", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--effects", type=int, default=200)
     parser.add_argument("--child", choices=["dbos-default", "dbos-tuned"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,6 +264,7 @@ def main() -> None:
                  "--repeat", str(args.repeat)], check=True, capture_output=True, text=True)
             seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
             results.append((f"DBOS {child.split('-')[1]}", label, seconds))
+        effect_s, step_s = run_effects(tmp, args.effects, args.repeat)
     errands_s = results[0][2]
     aws_n = args.aws_runs
     errands_aws_s, sdk_aws_s = run_aws(aws_n, args.repeat)
@@ -214,21 +272,20 @@ def main() -> None:
     header = ["engine", "SQLite durability", "total s", "ms / workflow", "workflows / s", "vs errands sync"]
     rows = [[name, label, f"{s:.3f}", f"{1000 * s / n:.2f}", f"{n / s:.0f}", f"{s / errands_s:.2f}x"]
             for name, label, s in results]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    print_table(header, rows)
     print(f"\n{aws_n} sequential executions of 3 steps on AWS's local durable-execution runner "
           f"(best of {args.repeat})\n")
     header = ["engine", "total s", "ms / execution", "executions / s", "vs errands"]
     rows = [[name, f"{s:.3f}", f"{1000 * s / aws_n:.2f}", f"{aws_n / s:.0f}", f"{s / errands_aws_s:.2f}x"]
             for name, s in (("errands on the AWS runner", errands_aws_s), ("AWS SDK on the AWS runner", sdk_aws_s))]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    print_table(header, rows)
+    en = args.effects
+    print(f"\n{en} sequential workflows of one operation on SQLite, each driven to its end (best of {args.repeat})\n")
+    header = ["workflow", "total s", "ms / workflow", "workflows / s", "vs plain step"]
+    rows = [[name, f"{s:.3f}", f"{1000 * s / en:.2f}", f"{en / s:.0f}", f"{s / step_s:.2f}x"]
+            for name, s in (("ctx.effect round trip (no-op connector)", effect_s), ("plain ctx.step", step_s))]
+    print_table(header, rows)
+    print(f"\nctx.effect round trip vs plain step: {effect_s / step_s:.2f}x the time")
     ratio = results[3][2] / errands_s
     print()
     print(f"durable vs tuned DBOS: {ratio:.2f}x (goal >= 1.5)")

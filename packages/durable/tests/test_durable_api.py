@@ -11,7 +11,7 @@ def test_public_names_are_pinned() -> None:
         "CallbackError", "CallbackTimeoutError", "CheckpointError", "CheckpointOutput", "ChildConfig",
         "ChildContextError", "CompletionConfig", "CompletionReason", "DurableContext", "DurableError",
         "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DurableServiceError",
-        "DuplicateFunctionError", "Duration",
+        "DuplicateFunctionError", "Duration", "EffectFailedError",
         "ErrorObject", "ExecutionError", "DurableFuture", "InvalidStateError", "ConcurrentItem", "NamedBranch", "InvocationError", "UnrecoverableError", "TerminationReason", "hash_id",
         "ExecutionInfo", "ExecutionStatus", "InMemoryClient", "InitialExecutionState", "InvocationInput",
         "InvalidCheckpointError", "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from errands.core import ConfigError, Lease, LeaseLostError
 from errands.core.runtime import error_text, heartbeat, is_infrastructure_error
@@ -43,12 +43,14 @@ class Invocations:
         always_replay: end every invocation after each newly completed operation.
     """
 
-    def __init__(self, store: SQLStore, registry: Registry, *, lease_for: float, always_replay: bool) -> None:
+    def __init__(self, store: SQLStore, registry: Registry, *, lease_for: float, always_replay: bool,
+                 outbox: Any = None) -> None:
         self.store = store
         self.clock = store.clock
         self.registry = registry
         self.lease_for = lease_for
         self.always_replay = always_replay
+        self.outbox = outbox
         self._abandons: dict[str, int] = {}
 
     # -- claiming -------------------------------------------------------------------------------
@@ -115,7 +117,8 @@ class Invocations:
         return True
 
     def _checkpoints(self, lease: Lease, run_token: int) -> StoreCheckpoints:
-        return StoreCheckpoints(self.store, lease, run_token, lease_for=self.lease_for, registry=self.registry)
+        return StoreCheckpoints(self.store, lease, run_token, lease_for=self.lease_for, registry=self.registry,
+                                outbox=self.outbox)
 
     def _invoke(self, backend: StoreCheckpoints, function: str, input_text: str | None,
                 ops: dict[str, Operation], signal_seq: int) -> None:

@@ -20,6 +20,7 @@ from errands.core.runtime import drain, error_text, is_infrastructure_error
 from errands.core.store import SQLStore, dumps
 
 from . import _callbacks as callbacks
+from . import _effects as effects
 from . import _events as events
 from . import _executions as executions
 from . import _management as management
@@ -54,6 +55,8 @@ class DurableRunner:
         retention: how long finished executions are kept (``timedelta`` or seconds; None: forever).
         always_replay: end every invocation after each newly completed operation and replay from the
             start (a determinism check for tests).
+        outbox: the core ``Outbox`` on this store that ``ctx.effect`` submits through (``use_outbox``;
+            ``errands.App.attach`` gives its own).
 
     Example:
         >>> runner = DurableRunner("memory://")
@@ -67,7 +70,7 @@ class DurableRunner:
     def __init__(self, store: str | SQLStore = "sqlite:///durable.db", *,
                  functions: Mapping[str, DurableFunction] | None = None, clock: Clock | None = None,
                  lease_for: float = DEFAULT_LEASE_FOR, retention: timedelta | float | None = None,
-                 always_replay: bool = False) -> None:
+                 always_replay: bool = False, outbox: Any = None) -> None:
         if isinstance(store, str):
             self.store: SQLStore = open_store(store, clock=clock)
             self._owns_store = True
@@ -90,6 +93,27 @@ class DurableRunner:
         self._last_retention = 0.0
         self._last_deadlines = float("-inf")
         self._stop = threading.Event()
+        self.outbox: Any = None
+        self._wakes: Any = None
+        self._waking = threading.Lock()
+        if outbox is not None:
+            self.use_outbox(outbox)
+
+    def use_outbox(self, outbox: Any) -> None:
+        """Submit ``ctx.effect``'s effects through ``outbox`` (an ``errands.core.Outbox`` on this runner's
+        store; a submit-only one will do when another worker dispatches) and wake executions when they end.
+
+        Raises:
+            ConfigError: ``outbox`` is not an ``Outbox`` on this runner's store.
+        """
+        if not callable(getattr(outbox, "submit_many", None)) or getattr(outbox, "store", None) is not self.store:
+            raise ConfigError("outbox must be an errands.core.Outbox on the runner's own store (Outbox(runner.store, "
+                              f"...)), got {type(outbox).__name__}", field="outbox", value=type(outbox).__name__)
+        if self._wakes is not None:
+            self._wakes.close()
+        self.outbox = outbox
+        self._invocations.outbox = outbox
+        self._wakes = effects.wakes(self.store, outbox)
 
     # -- registration ----------------------------------------------------------------------------
     def register(self, name: str, fn: DurableFunction) -> None:
@@ -176,6 +200,7 @@ class DurableRunner:
         An execution whose invocation meets a store fault is given back and retried shortly; it never stops
         the others. A fault while claiming claims nothing this round.
         """
+        woken = self._wake_effects()
         claimed = 0
         if self.clock.now() - self._last_deadlines >= DEADLINES_EVERY:  # first: not invoked once more
             self._last_deadlines = self.clock.now()
@@ -188,7 +213,22 @@ class DurableRunner:
                 if not is_infrastructure_error(exc):
                     raise
                 log.warning("retention failed (%s); trying again later", error_text(exc))
-        return claimed
+        return claimed + woken
+
+    def _wake_effects(self) -> int:
+        """Wake the executions whose effects ended (the ``durable.effects`` route over the journal)."""
+        if self._wakes is None or not self._waking.acquire(blocking=False):
+            return 0  # (another thread of this runner is reading them now)
+        try:
+            woken: int = self._wakes.run_once()
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.warning("reading the ends of effects failed (%s); trying again next round", error_text(exc))
+            return 0
+        finally:
+            self._waking.release()
+        return woken
 
     def next_due(self) -> float | None:
         """When the next execution becomes due (epoch seconds), or None."""
@@ -203,11 +243,17 @@ class DurableRunner:
                 stop.wait(poll_interval)
 
     def worker(self, **options: Any) -> Worker:
-        """A core ``Worker`` running this runner's ``work_once`` (with signal handling and draining)."""
+        """A core ``Worker`` running this runner's ``work_once`` (with signal handling and draining), and
+        dispatching its outbox's effects when it has one with connectors (not a submit-only one)."""
+        if self.outbox is not None and not self.outbox.submit_only:
+            options.setdefault("outbox", self.outbox)
         return Worker(self.store, jobs=[self.work_once], **options)
 
     def attach(self, worker: Worker) -> None:
-        """Run this runner's executions in ``worker`` (``errands.App.attach(runner)`` calls this)."""
+        """Run this runner's executions in ``worker`` (``errands.App.attach(runner)`` calls this); a runner
+        without an outbox takes the worker's, if it is on the runner's store."""
+        if self.outbox is None and getattr(worker.outbox, "store", None) is self.store:
+            self.use_outbox(worker.outbox)
         worker.add_job("durable.work_once", self.work_once)
 
     def drain(self, max_rounds: int = 10_000) -> int:
@@ -230,7 +276,8 @@ class DurableRunner:
 
     def wait(self, execution_id: str, timeout: float | None = None, *, poll_interval: float = 0.02) -> ExecutionInfo:
         """Block until the execution finishes. Meanwhile this thread runs the execution's own due invocations
-        (and those of the executions it invoked) that no worker holds; never other executions' work.
+        (and those of the executions it invoked) that no worker holds, and wakes executions whose effects
+        ended (``ctx.effect``); never other executions' work.
 
         Raises:
             TimeoutError: still not finished after ``timeout`` seconds.
@@ -242,7 +289,7 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if self._run_family(family) == 0:
+            if self._wake_effects() + self._run_family(family) == 0:
                 time.sleep(poll_interval)
 
     async def wait_async(self, execution_id: str, timeout: float | None = None, *,
@@ -260,7 +307,8 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if await self.store.run_async(self._run_family, family) == 0:
+            woken = await self.store.run_async(self._wake_effects)
+            if woken + await self.store.run_async(self._run_family, family) == 0:
                 await asyncio.sleep(poll_interval)
 
     def _run_family(self, family: list[str]) -> int:
@@ -457,6 +505,8 @@ class DurableRunner:
     def close(self) -> None:
         """Stop ``serve`` loops and close the store if this runner opened it."""
         self._stop.set()
+        if self._wakes is not None:
+            self._wakes.close()
         if self._owns_store:
             self.store.close()
 

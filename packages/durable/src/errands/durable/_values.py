@@ -58,6 +58,8 @@ class OperationSubType(_StrEnum):
     PATCH = "Patch"
     SET_EVENT = "SetEvent"
     START_CHILD = "StartChild"
+    #: ``ctx.effect``: a CALLBACK whose id is the effect's key, settled by the outbox's journal event
+    EFFECT = "Effect"
 
 
 class OperationStatus(_StrEnum):
