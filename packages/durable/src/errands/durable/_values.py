@@ -102,10 +102,12 @@ class InvocationStatus(_StrEnum):
 class ExecutionStatus(_StrEnum):
     """The state of an execution kept by ``DurableRunner``.
 
+    ``ENQUEUED``: started on a queue (``start(..., queue=...)``), waiting for the queue to admit it;
     ``RUNNING``: due to run or running; ``PENDING``: waiting for a timer, callback or child;
     ``SUSPENDED``: paused by an operator; the rest are terminal.
     """
 
+    ENQUEUED = "ENQUEUED"
     RUNNING = "RUNNING"
     PENDING = "PENDING"
     SUSPENDED = "SUSPENDED"
