@@ -28,8 +28,8 @@ from . import _signals as signals
 from ._invocations import Invocations
 from ._parallel import Slots, check_parallelism
 from ._queues import QueueConfig, Queues
-from ._schedules import Schedules
 from ._registry import DurableFunction, Registry
+from ._schedules import Schedules
 from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, to_seconds
 
 log = logging.getLogger("errands.durable")

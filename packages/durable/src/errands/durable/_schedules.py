@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from errands.core import ConfigError
 from errands.core.runtime import check_cron, error_text, is_infrastructure_error, last_tick, next_tick
@@ -37,6 +37,14 @@ def tick_execution_id(name: str, tick: float) -> str:
     return f"{name}@{datetime.fromtimestamp(tick, tz=timezone.utc).isoformat()}"
 
 
+def _failure(check: Callable[[], object]) -> ConfigError | None:
+    try:
+        check()
+    except ConfigError as exc:
+        return exc
+    return None
+
+
 class Schedules:
     """The schedules of one runner's store, fired by its worker for the functions it has registered."""
 
@@ -47,15 +55,11 @@ class Schedules:
 
     def put(self, name: Any, function: str, cron: Any, input: Any) -> None:
         """Create or change the schedule ``name`` (an unchanged one keeps its next tick)."""
-        problems: list[ConfigError] = []
-        if not isinstance(name, str) or not name.strip() or "/" in name or "@" in name:
-            problems.append(ConfigError(f"schedule name must be a non-empty string without '/' or '@', got {name!r}",
-                                        field="name", value=name))
-        for check in (lambda: self.registry.check(function), lambda: check_cron(cron)):
-            try:
-                check()
-            except ConfigError as exc:
-                problems.append(exc)
+        bad_name = not isinstance(name, str) or not name.strip() or "/" in name or "@" in name
+        problems = [p for p in (
+            ConfigError(f"schedule name must be a non-empty string without '/' or '@', got {name!r}", field="name",
+                        value=name) if bad_name else None,
+            _failure(lambda: self.registry.check(function)), _failure(lambda: check_cron(cron))) if p is not None]
         if problems:
             raise ConfigError.collect(problems, f"schedule {name!r}")
         text = dumps(input, field="input")
