@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -326,9 +327,10 @@ def run_restate(workdir: str, n: int, repeat: int) -> tuple[float, float] | str:
         with open(log_path, "wb") as log_file:
             procs.append(subprocess.Popen(
                 [*RESTATE_SERVER, "--no-logo", "--listen-mode", "tcp", "--bind-port", str(fabric), "--base-dir",
-                 os.path.join(workdir, "restate-data")], env=env, stdout=log_file, stderr=subprocess.STDOUT))
+                 os.path.join(workdir, "restate-data")], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True))  # npx runs node, which runs the server: stopped as one group
         procs.append(subprocess.Popen([sys.executable, __file__, "--child", "restate-service", "--port",
-                                       str(service_port)]))
+                                       str(service_port)], start_new_session=True))
         client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=2 * RESTATE_IN_FLIGHT))
         with client:
             _wait_until(lambda: client.get(f"http://127.0.0.1:{admin}/health").status_code == 200, 180,
@@ -366,12 +368,28 @@ def run_restate(workdir: str, n: int, repeat: int) -> tuple[float, float] | str:
         return f"{exc}" + (f" (server log ends: {tail})" if tail else "")
     finally:
         for proc in reversed(procs):
-            proc.terminate()
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[Any]) -> None:
+    """Stop ``proc`` and every process it started (its own session's group): SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader: a zombie still counts as one of the group
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            continue
+        break
+    proc.wait()
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
