@@ -520,6 +520,8 @@ def admit(tx: Tx, queue: str, executor: str, limit: int, now: float) -> list[str
     running = {r[0] for r in tx.query(
         f"UPDATE durable_executions SET status = 'RUNNING', updated_at = ? WHERE id IN {in_clause(len(ids))} "
         "AND status = 'ENQUEUED' RETURNING id", (now, *ids))}
+    for stale in (i for i in ids if i not in running):  # its execution is not waiting (a start raced it)
+        end_queue_item(tx, stale, now)
     return [i for i in ids if i in running]
 
 
