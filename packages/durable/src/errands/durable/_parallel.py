@@ -65,11 +65,13 @@ class Slots:
                 wake()
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a running invocation to end. Whether any was running."""
+        """Wait up to ``timeout`` seconds for half the running invocations to end (at least one), so that
+        the next claim takes a batch rather than one execution at a time. Whether any was running."""
         with self._changed:
             if self._busy == 0:
                 return False
-            self._changed.wait(timeout)
+            until = self._busy // 2 if self._busy > 1 else 0
+            self._changed.wait_for(lambda: self._busy <= until, timeout)
             return True
 
     def close(self) -> None:
