@@ -41,6 +41,16 @@ TASK_MIGRATIONS = [
         CREATE INDEX IF NOT EXISTS em_tasks_debounce ON em_tasks (debounce_key)
         """,
     ),
+    # Ordering keys: tasks sharing an ``order_key`` run one at a time, in ``order_seq`` order (reactions
+    # keyed with ``key=``: the event's journal position).
+    Migration(
+        2,
+        """
+        ALTER TABLE em_tasks ADD COLUMN order_key TEXT;
+        ALTER TABLE em_tasks ADD COLUMN order_seq {bigint};
+        CREATE INDEX IF NOT EXISTS em_tasks_order ON em_tasks (order_key, order_seq)
+        """,
+    ),
 ]
 
 # PostgreSQL advisory lock class for task admission: engines claiming a type with ``max_concurrency`` take
@@ -103,11 +113,19 @@ def _record(row: Sequence[Any]) -> TaskRecord:
 
 # -- submitting and reading ----------------------------------------------------------------------
 
-def insert(tx: Tx, task_id: str, type: str, params: str, at: float, debounce_key: str | None, now: float) -> int:
+def insert(tx: Tx, task_id: str, type: str, params: str, at: float, debounce_key: str | None, now: float, *,
+           order_key: str | None = None, order_seq: int | None = None) -> int:
     """Queue a task due at ``at`` unless its id exists (returns 0 then). A ``debounce_key`` first removes the
-    pending task queued under the same key, so the newest one of a burst is the one that runs."""
+    pending task queued under the same key, so the newest one of a burst is the one that runs. Tasks with the
+    same ``order_key`` run one at a time, lowest ``order_seq`` first (see ``claim``)."""
     if debounce_key is not None:
         tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?", (debounce_key, _PENDING))
+    if order_key is not None:
+        return tx.rowcount(
+            "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at, "
+            "order_key, order_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (task_id, type, params, _PENDING, at, debounce_key, now, now, order_key, order_seq),
+        )
     return tx.rowcount(
         "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
@@ -157,6 +175,15 @@ def redrive(tx: Tx, now: float, *, ids: Sequence[str] | None = None, type: str |
         sql += " AND type = ?"
         params.append(type)
     return tx.rowcount(sql, params)
+
+
+def counts(tx: Tx, type_prefix: str) -> dict[str, dict[str, int]]:
+    """Tasks per type (of the types starting with ``type_prefix``) and status: ``{type: {status: n}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for type_, status, n in tx.query("SELECT type, status, COUNT(*) FROM em_tasks WHERE type LIKE ? "
+                                     "GROUP BY type, status", (type_prefix + "%",)):
+        out.setdefault(type_, {})[status] = int(n)
+    return out
 
 
 def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
@@ -215,16 +242,25 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
           now: float) -> list[Claimed]:
     """Take up to ``limit`` tasks of ``type``: due pending ones, and running ones whose lease lapsed except
     those in ``held`` (this owner still runs them; they are for other workers to take, never for this one
-    to start twice)."""
-    mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
+    to start twice).
+
+    A task with an ``order_key`` is taken only at the head of its key: no task of that key with a lower
+    ``order_seq`` is pending or running, and no other one runs under a live lease. So tasks of one key run
+    one at a time in ``order_seq`` order across workers (an earlier task waiting for its retry holds the
+    later ones back; a finished, failed or dead one does not)."""
+    mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
     rows = tx.query(
         "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
-        "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM em_tasks "
-        "WHERE type = ? AND ((status = ? AND available_at <= ?) OR "
-        f"(status = ? AND lease_expires <= ?{mine})) "
-        f"ORDER BY available_at, created_at LIMIT ?{tx.skip_locked}) "
+        "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT t.id FROM em_tasks t "
+        "WHERE t.type = ? AND ((t.status = ? AND t.available_at <= ?) OR "
+        f"(t.status = ? AND t.lease_expires <= ?{mine})) "
+        "AND (t.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key "
+        "AND o.id <> t.id AND ((o.status = ? AND o.order_seq < t.order_seq) OR (o.status = ? AND "
+        "(o.lease_expires > ? OR o.order_seq < t.order_seq))))) "
+        f"ORDER BY t.available_at, t.created_at LIMIT ?{tx.skip_locked}) "
         "RETURNING id, type, params, token, attempts",
-        (_RUNNING, owner, lease_until, now, now, type, _PENDING, now, _RUNNING, now, *held, limit),
+        (_RUNNING, owner, lease_until, now, now, type, _PENDING, now, _RUNNING, now, *held,
+         _PENDING, _RUNNING, now, limit),
     )
     return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
 
