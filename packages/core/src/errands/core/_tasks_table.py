@@ -48,7 +48,7 @@ TASK_MIGRATIONS = [
         """
         ALTER TABLE em_tasks ADD COLUMN order_key TEXT;
         ALTER TABLE em_tasks ADD COLUMN order_seq {bigint};
-        CREATE INDEX IF NOT EXISTS em_tasks_order ON em_tasks (order_key, order_seq)
+        CREATE INDEX IF NOT EXISTS em_tasks_order ON em_tasks (order_key, status, order_seq) WHERE order_key IS NOT NULL
         """,
     ),
 ]
@@ -238,6 +238,14 @@ def admitted(tx: Tx, limited: Sequence[str], now: float) -> dict[str, int]:
         "AND lease_expires > ? GROUP BY type", (*limited, _RUNNING, now))}
 
 
+# A task ``t`` with an order key is at the head of its key: no task of the key with a lower order_seq is
+# pending, and no other one runs (under a live lease, or a lapsed one with a lower order_seq). Parameters:
+# PENDING, RUNNING, now. Each probe is one range of the index (order_key, status, order_seq).
+_HEAD = ("NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key AND o.status = ? "
+         "AND o.order_seq < t.order_seq) AND NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key "
+         "AND o.status = ? AND o.id <> t.id AND (o.lease_expires > ? OR o.order_seq < t.order_seq))")
+
+
 def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_until: float,
           now: float) -> list[Claimed]:
     """Take up to ``limit`` tasks of ``type``: due pending ones, and running ones whose lease lapsed except
@@ -249,20 +257,28 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
     one at a time in ``order_seq`` order across workers (an earlier task waiting for its retry holds the
     later ones back; a finished, failed or dead one does not)."""
     mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
-    rows = tx.query(
-        "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
-        "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT t.id FROM em_tasks t "
-        "WHERE t.type = ? AND ((t.status = ? AND t.available_at <= ?) OR "
-        f"(t.status = ? AND t.lease_expires <= ?{mine})) "
-        "AND (t.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key "
-        "AND o.id <> t.id AND ((o.status = ? AND o.order_seq < t.order_seq) OR (o.status = ? AND "
-        "(o.lease_expires > ? OR o.order_seq < t.order_seq))))) "
-        f"ORDER BY t.available_at, t.created_at LIMIT ?{tx.skip_locked}) "
-        "RETURNING id, type, params, token, attempts",
-        (_RUNNING, owner, lease_until, now, now, type, _PENDING, now, _RUNNING, now, *held,
-         _PENDING, _RUNNING, now, limit),
-    )
-    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
+    claimed: list[Claimed] = []
+    # Ties of available_at go in submission order: SQLite's index (type, status, available_at) holds them in
+    # rowid order already, and naming created_at there would make it sort every tie before the LIMIT.
+    order = "t.available_at, t.created_at" if tx.dialect == POSTGRES else "t.available_at"
+    # Lapsed leases first, then due pending tasks: two statements, so that each walks its index in order and
+    # stops at ``limit`` (an OR of the two would filter, then sort, every pending task of the type).
+    for due, params in (
+        (f"t.status = ? AND t.lease_expires <= ?{mine}", (_RUNNING, now, *held)),
+        ("t.status = ? AND t.available_at <= ?", (_PENDING, now)),
+    ):
+        if len(claimed) >= limit:
+            break
+        rows = tx.query(
+            "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
+            "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT t.id FROM em_tasks t "
+            f"WHERE t.type = ? AND {due} AND (t.order_key IS NULL OR ({_HEAD})) "
+            f"ORDER BY {order} LIMIT ?{tx.skip_locked}) "
+            "RETURNING id, type, params, token, attempts",
+            (_RUNNING, owner, lease_until, now, now, type, *params, _PENDING, _RUNNING, now, limit - len(claimed)),
+        )
+        claimed.extend(Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows)
+    return claimed
 
 
 def renew(tx: Tx, task_id: str, token: int, lease_until: float) -> bool:
