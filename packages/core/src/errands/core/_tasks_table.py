@@ -48,7 +48,8 @@ TASK_MIGRATIONS = [
         """
         ALTER TABLE em_tasks ADD COLUMN order_key TEXT;
         ALTER TABLE em_tasks ADD COLUMN order_seq {bigint};
-        CREATE INDEX IF NOT EXISTS em_tasks_order ON em_tasks (order_key, status, order_seq) WHERE order_key IS NOT NULL
+        CREATE INDEX IF NOT EXISTS em_tasks_order ON em_tasks (order_key, order_seq)
+            WHERE order_key IS NOT NULL AND status IN ('PENDING', 'RUNNING')
         """,
     ),
 ]
@@ -239,11 +240,10 @@ def admitted(tx: Tx, limited: Sequence[str], now: float) -> dict[str, int]:
 
 
 # A task ``t`` with an order key is at the head of its key: no task of the key with a lower order_seq is
-# pending, and no other one runs (under a live lease, or a lapsed one with a lower order_seq). Parameters:
-# PENDING, RUNNING, now. Each probe is one range of the index (order_key, status, order_seq).
-_HEAD = ("NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key AND o.status = ? "
-         "AND o.order_seq < t.order_seq) AND NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key "
-         "AND o.status = ? AND o.id <> t.id AND (o.lease_expires > ? OR o.order_seq < t.order_seq))")
+# pending or running. One probe of the partial index of live keyed tasks (order_key, order_seq), which a
+# finished task leaves.
+_HEAD = ("NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key AND o.status IN ('PENDING', "
+         "'RUNNING') AND o.order_seq < t.order_seq)")
 
 
 def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_until: float,
@@ -253,9 +253,9 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
     to start twice).
 
     A task with an ``order_key`` is taken only at the head of its key: no task of that key with a lower
-    ``order_seq`` is pending or running, and no other one runs under a live lease. So tasks of one key run
-    one at a time in ``order_seq`` order across workers (an earlier task waiting for its retry holds the
-    later ones back; a finished, failed or dead one does not)."""
+    ``order_seq`` is pending or running. So tasks of one key run one at a time in ``order_seq`` order across
+    workers (an earlier task waiting for its retry holds the later ones back; a finished, failed or dead one
+    does not; a dead one queued again by ``redrive`` runs at once, even beside a later one of its key)."""
     mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
     claimed: list[Claimed] = []
     # Ties of available_at go in submission order: SQLite's index (type, status, available_at) holds them in
@@ -275,7 +275,7 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
             f"WHERE t.type = ? AND {due} AND (t.order_key IS NULL OR ({_HEAD})) "
             f"ORDER BY {order} LIMIT ?{tx.skip_locked}) "
             "RETURNING id, type, params, token, attempts",
-            (_RUNNING, owner, lease_until, now, now, type, *params, _PENDING, _RUNNING, now, limit - len(claimed)),
+            (_RUNNING, owner, lease_until, now, now, type, *params, limit - len(claimed)),
         )
         claimed.extend(Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows)
     return claimed
