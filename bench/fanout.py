@@ -262,7 +262,7 @@ def main() -> None:
     rows = [
         ("log sink (file)", args.events, "raw sqlite3 + json lines", raw_l, em_l),
         (f"webhook (x{args.concurrency})", args.hooks, "raw httpx threads", raw_w, em_w),
-        ("reactions keyed+cel", args.reaction_events, "plain reactions (x2)", plain_r, keyed_r),
+        ("reactions cel+key", args.reaction_events, "plain reactions (x2)", plain_r, keyed_r),
     ]
     header = f"{'workload':<18} {'events':>8} {'baseline':<26} {'raw ev/s':>10} {'errands ev/s':>14} {'ratio':>6}"
     print(header)
