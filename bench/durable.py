@@ -14,10 +14,20 @@ the next step runs:
   (passed as ``system_database_engine``, with DBOS's own connection settings: IMMEDIATE transactions,
   ``busy_timeout``, foreign keys).
 
+And on AWS's local durable-execution runner (``start-server`` of ``aws-durable-execution-sdk-python-testing``,
+in memory, ``--skip-time``), 100 sequential executions of the same three-step function through a local
+Lambda Invoke endpoint in this process, each started with ``/start-durable-execution`` and polled with
+``GetDurableExecution`` until it ends:
+
+- ``errands on the AWS runner``: ``with_durable_execution(three, DurableExecutionConfig(client=
+  AWSDurableExecutionClient(...)))``;
+- ``AWS SDK on the AWS runner``: AWS's ``@durable_execution`` (``aws-durable-execution-sdk-python``) on
+  the same function.
+
 DBOS is a process-wide singleton, so each DBOS configuration runs in a child process of this script; the
 timings exclude start-up and a warm-up of 10 workflows. Each figure is the best of ``--repeat`` rounds.
 
-Run: ``hatch run bench:durable`` (options: ``--workflows``, ``--repeat``).
+Run: ``hatch run bench:durable`` (options: ``--workflows``, ``--aws-runs``, ``--repeat``).
 """
 
 from __future__ import annotations
@@ -84,6 +94,41 @@ def run_errands(workdir: str, n: int, repeat: int) -> tuple[float, float]:
     return best_sync, best_async
 
 
+def run_aws(n: int, repeat: int) -> tuple[float, float]:
+    """Best seconds of errands and of AWS's SDK for ``n`` executions each on AWS's local runner, rounds
+    interleaved."""
+    from aws_durable_execution_sdk_python.execution import durable_execution
+
+    from errands.durable import AWSDurableExecutionClient, DurableExecutionConfig, with_durable_execution
+    from errands.durable.testing import AWSLocalRunner, LambdaEndpoint
+
+    def three(event: Any, ctx: Any) -> int:
+        a = ctx.step(lambda _: event + 1, name="one")
+        b = ctx.step(lambda _: a * 2, name="two")
+        return ctx.step(lambda _: b + 3, name="three")  # type: ignore[no-any-return]
+
+    with LambdaEndpoint() as endpoint, AWSLocalRunner(endpoint.url) as runner:
+        endpoint.register("errands-three", with_durable_execution(three, DurableExecutionConfig(
+            client=AWSDurableExecutionClient(runner.lambda_client()))))
+        endpoint.register("aws-three", durable_execution(three, boto3_client=runner.lambda_client()))
+
+        def timed(function: str, count: int) -> float:
+            started = time.perf_counter()
+            for i in range(count):
+                arn = runner.start(function, i)
+                out = runner.wait(arn, 60, poll=0.001)
+                assert out["Status"] == "SUCCEEDED" and json.loads(out["Result"]) == (i + 1) * 2 + 3, out
+            return time.perf_counter() - started
+
+        timed("errands-three", WARMUP)
+        timed("aws-three", WARMUP)
+        best_errands = best_aws = float("inf")
+        for _ in range(repeat):
+            best_errands = min(best_errands, timed("errands-three", n))
+            best_aws = min(best_aws, timed("aws-three", n))
+    return best_errands, best_aws
+
+
 def run_dbos(workdir: str, n: int, repeat: int, tuned: bool) -> float:
     import logging
 
@@ -140,6 +185,7 @@ def run_dbos(workdir: str, n: int, repeat: int, tuned: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workflows", type=int, default=200)
+    parser.add_argument("--aws-runs", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", choices=["dbos-default", "dbos-tuned"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -162,6 +208,8 @@ def main() -> None:
             seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
             results.append((f"DBOS {child.split('-')[1]}", label, seconds))
     errands_s = results[0][2]
+    aws_n = args.aws_runs
+    errands_aws_s, sdk_aws_s = run_aws(aws_n, args.repeat)
     print(f"{n} sequential workflows of 3 steps on SQLite (best of {args.repeat})\n")
     header = ["engine", "SQLite durability", "total s", "ms / workflow", "workflows / s", "vs errands sync"]
     rows = [[name, label, f"{s:.3f}", f"{1000 * s / n:.2f}", f"{n / s:.0f}", f"{s / errands_s:.2f}x"]
@@ -171,10 +219,21 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    print(f"\n{aws_n} sequential executions of 3 steps on AWS's local durable-execution runner "
+          f"(best of {args.repeat})\n")
+    header = ["engine", "total s", "ms / execution", "executions / s", "vs errands"]
+    rows = [[name, f"{s:.3f}", f"{1000 * s / aws_n:.2f}", f"{aws_n / s:.0f}", f"{s / errands_aws_s:.2f}x"]
+            for name, s in (("errands on the AWS runner", errands_aws_s), ("AWS SDK on the AWS runner", sdk_aws_s))]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
     ratio = results[3][2] / errands_s
     print()
     print(f"durable vs tuned DBOS: {ratio:.2f}x (goal >= 1.5)")
     print(f"async durable vs sync durable: {sync_s / async_s:.2f} (goal >= 0.8)")
+    print(f"errands on the AWS runner vs the AWS SDK on it: {sdk_aws_s / errands_aws_s:.2f} (goal >= 1.0)")
 
 
 if __name__ == "__main__":

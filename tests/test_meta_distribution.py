@@ -29,6 +29,7 @@ DESIGN: dict[str, tuple[str, dict[str, set[str] | None]]] = {
     ),
     "lro": ("errands-lro", {"lro": None}),
     "durable": ("errands-durable", {"durable": None}),
+    "console": ("errands-console", {"console": None}),
 }
 PRESENT = {d: spec for d, spec in DESIGN.items() if (ROOT / "packages" / d / "pyproject.toml").exists()}
 

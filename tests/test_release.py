@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / ".ci" / "dist.py"
 OURS = {
     "errands", "errands-core", "errands-sinks", "errands-connectors-http", "errands-connectors-gcp",
-    "errands-lro", "errands-durable",
+    "errands-lro", "errands-durable", "errands-console",
 }
 FULL = "errands[http,sinks,lro,durable]"
 
@@ -128,7 +128,7 @@ def test_package_license_files_are_the_root_license() -> None:
 
 def test_no_index_install_takes_exactly_what_was_asked(full_venv: Path) -> None:
     installed = _installed(full_venv)
-    assert installed & OURS == OURS - {"errands-connectors-gcp"}
+    assert installed & OURS == OURS - {"errands-connectors-gcp", "errands-console"}
 
 
 def test_installed_namespace_is_pep_420(full_venv: Path) -> None:

@@ -13,7 +13,9 @@ def test_public_names() -> None:
     assert http.__all__ == [
         "NEVER_SENT",
         "AsyncHttpConnector",
+        "GoogleIdToken",
         "HttpConnector",
+        "TokenError",
         "__version__",
         "is_secret_header",
         "parse_retry_after",

@@ -78,7 +78,7 @@ def test_a_confirmed_dispatch_confirms_and_says_so_in_its_event() -> None:
     assert (c.event.stream, c.event.type, c.event.subject) == ("effects/bank", "effect.confirmed",
                                                                "effect.confirmed.bank.pay")
     assert c.event.data == {"key": "k", "connector": "bank", "tool": "pay", "status": "CONFIRMED", "attempt": 1,
-                            "outcome": "CONFIRMED", "external_ref": "tx-9"}
+                            "outcome": "CONFIRMED", "external_ref": "tx-9", "run_id": "run-1"}
 
 
 @pytest.mark.parametrize("result", [
@@ -170,7 +170,8 @@ def test_an_observation_that_finds_the_effect_confirms_it() -> None:
                          observations=1)
     assert (c.status, c.external_ref, c.obligation, delays.asked) == (EffectStatus.CONFIRMED, "tx-1", None, [])
     assert c.event.data == {"key": "k", "connector": "bank", "tool": "pay", "status": "CONFIRMED",
-                            "observation": "CONFIRMED", "observations": 1, "external_ref": "tx-1"}
+                            "observation": "CONFIRMED", "observations": 1, "external_ref": "tx-1",
+                            "run_id": "run-1"}
 
 
 def test_a_duplicate_confirms_and_owes_a_compensation_in_the_same_change() -> None:
@@ -298,7 +299,7 @@ def test_approve_reject_and_cancel() -> None:
     assert (change.status, change.next_attempt_at, change.error) == (
         EffectStatus.CANCELLED, None, "rejected: no reason given")
     assert change.event.data == {"key": "k", "connector": "bank", "tool": "", "status": "CANCELLED",
-                                 "rejected_by": "grace"}
+                                 "rejected_by": "grace", "by": "grace"}
     assert cancel(stored(EffectStatus.PENDING), NOW, reason="changed").error == "cancelled: changed"
     with pytest.raises(ConfigError, match="cannot approve effect 'k': it is PENDING"):
         approve(stored(EffectStatus.PENDING), NOW, by=None)

@@ -7,16 +7,18 @@ import errands.durable.testing as durable_testing
 def test_public_names_are_pinned() -> None:
     assert durable.__all__ == sorted(durable.__all__)
     assert set(durable.__all__) == {
-        "AsyncCallback", "AsyncDurableContext", "BatchItem", "BatchItemError", "BatchItemStatus", "BatchResult", "Callback", "CallbackConfig",
+        "AWSDurableExecutionClient", "AsyncCallback", "AsyncDurableContext", "BatchItem", "BatchItemError", "BatchItemStatus", "BatchResult", "Callback", "CallbackConfig",
         "CallbackError", "CallbackTimeoutError", "CheckpointError", "CheckpointOutput", "ChildConfig",
         "ChildContextError", "CompletionConfig", "CompletionReason", "DurableContext", "DurableError",
-        "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DuplicateFunctionError", "Duration",
+        "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DurableServiceError",
+        "DuplicateFunctionError", "Duration",
         "ErrorObject", "ExecutionError", "DurableFuture", "InvalidStateError", "ConcurrentItem", "NamedBranch", "InvocationError", "UnrecoverableError", "TerminationReason", "hash_id",
         "ExecutionInfo", "ExecutionStatus", "InMemoryClient", "InitialExecutionState", "InvocationInput",
         "InvalidCheckpointError", "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",
         "MapConfig", "NonDeterministicExecutionError", "Operation", "OperationAction", "OperationStatus",
         "OperationSubType", "OperationType", "OperationUpdate", "ParallelConfig", "PassThroughSerdes",
         "RetryDecision", "RetryPresets", "RetryStrategyConfig", "Serdes", "SerdesContext", "SerdesError",
+        "SignalRefusedError", "SignalTimeoutError",
         "StateOutput", "StepConfig", "StepContext", "StepError", "StepInterruptedError", "StepSemantics",
         "SuspendExecution", "WaitForCallbackConfig", "WaitForConditionConfig", "WaitForConditionDecision",
         "WaitForConditionError", "__version__", "create_retry_strategy", "durable_function",
@@ -24,7 +26,8 @@ def test_public_names_are_pinned() -> None:
     }
     for name in durable.__all__:
         assert getattr(durable, name) is not None
-    assert durable_testing.__all__ == ["LocalRunner"]
+    assert durable_testing.__all__ == ["AWSLocalRunner", "LambdaEndpoint", "LocalRunner", "aws_runner_available",
+                                       "normalise_history"]
 
 
 def test_control_signals_are_not_exceptions() -> None:

@@ -58,6 +58,33 @@ def test_executions_list_history_terminate_rerun(tmp_path: Any, capsys: pytest.C
     assert "NotFoundError" in capsys.readouterr().err
 
 
+def test_executions_signal_sends_a_signal_by_name(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+
+    def gate(event: Any, ctx: DurableContext) -> Any:
+        return ctx.wait_for_signal("open")
+
+    runner = DurableRunner(url, functions={"gate": gate})
+    eid = runner.start("gate", {}, execution_id="gate-1")
+    assert main(["executions", "signal", eid, "open", "--payload", '{"by": "ops"}', "--store", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"execution_id": eid, "name": "open", "taken": False}
+    assert runner.wait(eid, timeout=30).result == {"by": "ops"}
+
+    assert main(["executions", "signal", eid, "open", "--store", url]) == 1  # finished: refused
+    assert "SignalRefusedError" in capsys.readouterr().err
+    assert main(["executions", "signal", eid, "open", "--payload", "{nope", "--store", url]) == 1
+    assert "--payload must be JSON" in capsys.readouterr().err
+    assert main(["executions", "signal", "missing", "open", "--store", url]) == 1
+    assert "NotFoundError" in capsys.readouterr().err
+
+    other = runner.start("gate", {}, execution_id="gate-2")
+    runner.drain()
+    assert main(["executions", "signal", other, "open", "--store", url]) == 0
+    assert "taken by a waiting wait_for_signal" in capsys.readouterr().out
+    assert runner.wait(other, timeout=30).result is None
+    runner.close()
+
+
 def test_executions_find_their_store_as_every_errands_command_does(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from errands.core._cli import build_parser

@@ -1,6 +1,7 @@
 """The durable engine's decisions on their own, with no store: what an invocation's outcome does to its
 execution and queue item, how a child's end settles its parent's operation, when a callback still takes an
-answer, how soon an abandoned invocation comes back, what a list filter and a rerun select."""
+answer, which waits take which signals, how soon an abandoned invocation comes back, what a list filter and a
+rerun select."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from errands.durable._transitions import (
     Settlement,
     abandon_delay,
     can_settle_callback,
+    deliveries,
     find_operation,
     invoke_settlement,
     kept_for_rerun,
     settle,
     statuses,
+    takes_signals,
     terminated_error,
 )
 
@@ -114,3 +117,14 @@ def test_a_rerun_keeps_what_finished_before_its_operation_except_what_encloses_i
     deep = _op("deep", 4, OperationStatus.STARTED, parent="inner")
     nested = [ops[0], ops[1], _op("inner", 3, parent="ctx", type_=OperationType.CONTEXT), deep]
     assert [o.id for o in kept_for_rerun(nested, deep)] == ["a"]  # both enclosing contexts run again
+
+
+def test_waits_take_kept_signals_oldest_first_and_the_rest_is_left() -> None:
+    assert deliveries(["w1", "w2"], [(3, "a"), (5, "b"), (9, "c")]) == [("w1", 3, "a"), ("w2", 5, "b")]
+    assert deliveries(["w1", "w2"], [(4, None)]) == [("w1", 4, None)]
+    assert deliveries([], [(1, "a")]) == [] and deliveries(["w1"], []) == []
+
+
+@pytest.mark.parametrize("status", list(ExecutionStatus))
+def test_only_an_execution_that_may_still_run_takes_signals(status: ExecutionStatus) -> None:
+    assert takes_signals(status) is (not status.terminal)

@@ -16,7 +16,7 @@ from ._app import App
 from ._clock import Clock, FakeClock, SystemClock
 from ._fanout import DeadEvent, FanOut, Route, RouteState, RouteStatus
 from ._hookspecs import hookimpl, hookspec
-from ._journal import Journal, StoreScheduler
+from ._journal import DueTimer, Journal, StoreScheduler
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._plugins import (
     ErrandsConfig,
@@ -38,7 +38,7 @@ from ._protocols import (
 )
 from ._reactor import Reaction, Reactor
 from ._retry_after import MAX_RETRY_AFTER, clamp_retry_after, parse_retry_after
-from ._tasks import TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
+from ._tasks import ScheduleRecord, TaskContext, TaskEngine, TaskRecord, TaskStatus, typed_handler
 from ._values import (
     CompensationOutcome,
     CompensationResult,
@@ -98,6 +98,7 @@ __all__ = [
     "DeliveryError",
     "DispatchOutcome",
     "DispatchResult",
+    "DueTimer",
     "Effect",
     "EffectConflictError",
     "EffectOutcome",
@@ -140,6 +141,7 @@ __all__ = [
     "RouteStatus",
     "SQLStore",
     "SQLiteStore",
+    "ScheduleRecord",
     "Scheduler",
     "Semantics",
     "Sink",

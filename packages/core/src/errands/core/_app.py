@@ -268,6 +268,22 @@ class App:
                 self._task_engine = engine
             return self._task_engine
 
+    def console(self, **options: Any) -> Any:
+        """The web console over this app's store, an ASGI application to mount at a prefix of yours
+        (``Mount("/console", app.console(token=...))``). It comes from errands-console (the
+        ``errands_console_app`` hook); ``options`` are its ``console_app`` arguments (``access``, ``token``,
+        ``neurons``, ``refresh``).
+
+        Raises:
+            ConfigError: no installed plugin provides a console.
+        """
+        from ._plugins import get_registry
+
+        asgi = get_registry().pm.hook.errands_console_app(app=self, options=dict(options))
+        if asgi is None:
+            raise ConfigError("App.console() needs errands-console: pip install errands-console", field="console")
+        return asgi
+
     # -- the worker side ---------------------------------------------------------------------------
     def worker(self, **overrides: Any) -> Worker:
         """A ``Worker`` running every engine of this app; it builds the connectors and sinks now.

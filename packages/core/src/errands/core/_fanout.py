@@ -408,6 +408,20 @@ class FanOut:
             ))
         return out
 
+    @staticmethod
+    def stored_status(store: SQLStore) -> list[RouteStatus]:
+        """Every route the store holds a cursor of, as ``status`` reports it, without the sinks (for the
+        command line and the console); ``retry_at`` is None, since only the process running a route knows it."""
+        store.migrate("fanout", FANOUT_MIGRATIONS)
+        head = store.last_position()
+        with store.read() as tx:
+            cursors = table.cursors(tx)
+            dead = table.parked_counts(tx)
+            states = {name: table.state(tx, name) for name, _ in cursors}
+        return [RouteStatus(name=name, cursor=cursor, behind=max(0, head - cursor), state=states[name][0],
+                            reason=states[name][1], dead=dead.get(name, 0), retry_at=None)
+                for name, cursor in cursors]
+
     def use_runner(self, runner: CallRunner | None) -> None:
         """Await async sinks through ``runner`` (a ``Worker`` lends its own while it runs this engine);
         None: through this engine's own again."""

@@ -9,6 +9,7 @@ plugin's implementation, never these bodies (hence ``raise NotImplementedError``
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pluggy
 
@@ -81,3 +82,14 @@ def errands_register_demos() -> list[type]:
         dict[str, object]`` returning summary figures.
     """
     raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def errands_console_app(app: Any, options: dict[str, Any]) -> Any:
+    """The web console over ``app`` (an ``errands.App``), an ASGI application to mount at a prefix; what
+    ``App.console(**options)`` returns. errands-console implements it.
+
+    Args:
+        app: the ``errands.App`` whose store the console reads.
+        options: the keyword arguments given to ``App.console``.
+    """

@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 import logging
 from contextlib import AbstractContextManager
-from datetime import datetime
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Mapping, NamedTuple, Sequence
 
 from ._leases import DEFAULT_LEASE_FOR, LeaseBatch, is_infrastructure_error
 from ._runtime import run_sync
 from ._values import Event, Lease
-from .errors import LeaseLostError, TransientError
+from .errors import ConfigError, LeaseLostError, TransientError
 from .store._sql import Tx
 from .store._stores import NewEvent, SQLStore, as_epoch, new_id
 
@@ -84,6 +84,22 @@ TimerHandler = Callable[[str, Any], "Awaitable[None] | None"]
 GroupTransaction = Callable[[Sequence[Any]], AbstractContextManager[Tx]]
 
 
+class DueTimer(NamedTuple):
+    """A timer due now (``StoreScheduler.due``): its key, topic and payload, when it fell due, and how many times
+    it was claimed to fire (more than none: a handler raised, or a worker died while it fired)."""
+
+    key: str
+    topic: str
+    payload: Any
+    due_at: datetime
+    attempts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping (the time as ISO 8601)."""
+        return {"key": self.key, "topic": self.topic, "payload": self.payload, "due_at": self.due_at.isoformat(),
+                "attempts": self.attempts}
+
+
 class StoreScheduler:
     """Timers kept in the store and fired by the worker: each fires once (re-fired only if its handler
     crashed before completing), and ``cancel(key)`` removes it.
@@ -124,6 +140,22 @@ class StoreScheduler:
 
     def pending(self) -> int:
         return self.store.queue_size(self.queue)
+
+    def due(self, limit: int = 100) -> list[DueTimer]:
+        """The timers due now that no worker holds (the next ``fire_due`` would fire them), earliest first;
+        nothing is claimed.
+
+        Raises:
+            ConfigError: ``limit`` is not an integer >= 1.
+        """
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError(f"limit must be an integer >= 1, got {limit!r}", field="limit", value=limit)
+        return [
+            DueTimer(key, item.get("topic", "") if isinstance(item, dict) else "",
+                     item.get("payload") if isinstance(item, dict) else item,
+                     datetime.fromtimestamp(at, tz=timezone.utc), attempts)
+            for key, item, at, attempts in self.store.due_items(self.queue, limit)
+        ]
 
     def fire_due(
         self, handlers: Mapping[str, TimerHandler] | Callable[[str, Any], Any], limit: int = 100, *,

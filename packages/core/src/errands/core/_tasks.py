@@ -6,10 +6,18 @@ renews a task's lease while its handler runs; a handler whose lease was lost wri
 ``RUNNING`` by a process that died is taken again: at the next start when the dead process ran on this
 host, otherwise once its lease lapses. An infrastructure error in the engine's own store calls (a locked
 database, a dropped connection) abandons the invocation, which runs again soon; it never fails the task.
+
+A running handler is asked to stop in one way whatever the cause (``TaskEngine.cancel``, its type's
+``time_limit``, the engine closing at a worker's shutdown): a sync handler sees ``ctx.cancelled`` turn true,
+an async one is cancelled (``CancelledError`` at its next ``await``). Periodic tasks are rows of
+``em_task_schedules``: at each cron tick one worker moves the schedule on and queues the tick's task, under an
+id derived from the schedule's name and the tick, in one transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
@@ -24,20 +32,93 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping, Sequence
 
 from . import _tasks_table as table
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._runtime import CallRunner, drain
-from ._tasks_table import TaskRecord
-from ._tasks_transitions import FINAL, RetryPolicy, TaskStatus, Transition, settle
+from ._tasks_table import ScheduleRecord, TaskRecord
+from ._tasks_transitions import (
+    CANCEL,
+    FINAL,
+    SHUTDOWN,
+    TIME_LIMIT,
+    RetryPolicy,
+    TaskStatus,
+    Transition,
+    cancelled,
+    settle,
+    timed_out,
+)
 from ._worker import retry_infrastructure
 from .errors import ConfigError, InvalidTaskIdError, NotFoundError
 from .store import SQLStore, dumps
 
-__all__ = ["TaskContext", "TaskEngine", "TaskRecord", "TaskStatus", "typed_handler"]
+__all__ = ["ScheduleRecord", "TaskContext", "TaskEngine", "TaskRecord", "TaskStatus", "typed_handler"]
 
 log = logging.getLogger("errands.tasks")
+
+#: The namespace of the ids of periodic tasks: ``uuid5(_TICKS, f"{schedule}@{tick}")``, the same in every worker.
+_TICKS = uuid.UUID("6f1d3c1e-5a0b-4f8e-9b1e-7d2f4c6a8e10")
+#: Finished tasks deleted per purge (``retention``); a full batch makes the next pass purge again.
+PURGE_BATCH = 500
+#: Seconds (of the store's clock) between purges that found less than a batch, and between reads of the schedules.
+_PURGE_EVERY = 60.0
+_SCHEDULES_EVERY = 1.0
+#: Seconds between asks of the store whether a task running here was cancelled from elsewhere.
+_CANCEL_POLL = 0.2
+
+
+class _Stop:
+    """The request that a run stop: its reason (first one wins) and, for an async handler, the asyncio task to
+    cancel. ``finish`` closes it when the handler returned, so a request after that changes nothing."""
+
+    __slots__ = ("_event", "_lock", "_loop", "_task", "done", "reason")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self.reason: str | None = None
+        self.done = False
+
+    def request(self, reason: str) -> bool:
+        """Ask the handler to stop; False when it was asked already or has returned."""
+        with self._lock:
+            if self.done or self.reason is not None:
+                return False
+            self.reason = reason
+            self._event.set()
+            loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop closed: the handler is gone with it
+                pass
+        return True
+
+    def attach(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None) -> None:
+        """The async handler runs as ``task`` on ``loop``: cancel it on a request (at once if one came)."""
+        with self._lock:
+            self._loop, self._task = loop, task
+            asked = self.reason is not None
+        if asked and task is not None:
+            task.cancel()
+
+    def finish(self) -> str | None:
+        """The handler returned: no request counts from now on. Returns the reason it was asked to stop, if any."""
+        with self._lock:
+            self.done = True
+            return self.reason
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+    @property
+    def set(self) -> bool:
+        return self._event.is_set()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,12 +127,32 @@ class TaskContext:
 
     A long handler can ask whether its lease is still its own (``lease_lost``, ``check_lease()``): once it
     is lost another worker may run the task, and whatever this run returns is dropped.
+
+    A sync handler is stopped cooperatively: ``cancelled`` turns true when the task is cancelled
+    (``TaskEngine.cancel``), runs past its type's ``time_limit`` or the engine shuts down (``cancel_reason``
+    says which); the handler should then return or raise soon. ``wait_cancelled(seconds)`` sleeps until then.
+    An async handler is cancelled instead (``CancelledError``).
     """
 
     id: str
     type: str
     attempt: int
     _beat: Beat | None = dataclass_field(default=None, repr=False, compare=False)
+    _stop: _Stop | None = dataclass_field(default=None, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once this run was asked to stop (cancelled, past its time limit, or shutting down)."""
+        return self._stop is not None and self._stop.set
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why it was asked to stop: ``"cancelled"``, ``"time_limit"`` or ``"shutdown"`` (None: it was not)."""
+        return None if self._stop is None else self._stop.reason
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block until this run is asked to stop or ``timeout`` seconds pass; True if it was asked."""
+        return self._stop is not None and self._stop.wait(timeout)
 
     @property
     def lease_lost(self) -> bool:
@@ -74,6 +175,8 @@ class _Run:
     token: int
     attempt: int
     beat: Beat
+    started: float = 0.0
+    stop: _Stop = dataclass_field(default_factory=_Stop)
 
 
 @dataclass
@@ -83,6 +186,7 @@ class _TypeSpec:
     max_concurrency: int | None
     rate_limit_per_s: float | None
     policy: RetryPolicy
+    time_limit: float | None = None
     tokens: float = 0.0
     refilled_at: float = 0.0
 
@@ -131,6 +235,70 @@ def _positive_int(value: Any, field: str, minimum: int = 1) -> int:
     return value
 
 
+def _seconds(value: Any, field: str) -> float | None:
+    """A positive duration in seconds (a number or a ``timedelta``), or None."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ConfigError(f"{field} must be a positive number of seconds or a timedelta, got {value!r}",
+                          field=field, value=value)
+    return float(value)
+
+
+def _priority(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"priority must be an integer (higher runs first, default 0), got {value!r}",
+                          field="priority", value=value)
+    return value
+
+
+def _cron(expression: Any) -> Any:
+    """``croniter``'s iterator class after checking ``expression`` (five fields, or six with seconds)."""
+    from croniter import croniter
+
+    if not isinstance(expression, str) or not croniter.is_valid(expression):
+        raise ConfigError(f"cron must be a cron expression such as '*/5 * * * *' (minute hour day month weekday), "
+                          f"got {expression!r}", field="cron", value=expression)
+    return croniter
+
+
+def _next_tick(expression: str, after: float) -> float:
+    """The first tick of ``expression`` (UTC) strictly after ``after``."""
+    croniter = _cron(expression)
+    return float(croniter(expression, datetime.fromtimestamp(after, tz=timezone.utc)).get_next(float))
+
+
+def _last_tick(expression: str, at: float) -> float:
+    """The latest tick of ``expression`` (UTC) at or before ``at``."""
+    croniter = _cron(expression)
+    prev = float(croniter(expression, datetime.fromtimestamp(at, tz=timezone.utc)).get_prev(float))
+    nxt = _next_tick(expression, prev)
+    return nxt if nxt <= at else prev
+
+
+def tick_id(schedule: str, tick: float) -> str:
+    """The id of schedule ``schedule``'s task of the tick at ``tick`` (epoch seconds): the same in every worker."""
+    return str(uuid.uuid5(_TICKS, f"{schedule}@{tick:.6f}"))
+
+
+def _until_stopped(fn: Callable[..., Any], stop: _Stop) -> Callable[..., Any]:
+    """``fn`` whose awaitable, if it returns one, runs as a task that ``stop`` can cancel."""
+    def call(*args: Any) -> Any:
+        result = fn(*args)
+        if isinstance(result, (str, int, float, bool, dict, list, type(None))) or not inspect.isawaitable(result):
+            return result
+
+        async def guarded() -> Any:
+            stop.attach(asyncio.get_running_loop(), asyncio.current_task())
+            return await result
+
+        return guarded()
+
+    return call
+
+
 class TaskEngine:
     """Durable tasks: ``submit`` from anywhere, run by whichever worker has the handler.
 
@@ -144,6 +312,9 @@ class TaskEngine:
         retry_max: retries after a failure (``PermanentError`` and ``ConfigError`` are not retried).
         retry_base: the first retry delay in seconds, doubling each attempt (with jitter).
         retry_cap: the longest retry delay.
+        retention: seconds (or a ``timedelta``) a finished task is kept (succeeded, failed or cancelled; the
+            dead-letter list is kept for an operator): the engine deletes older ones as it runs, at most
+            ``PURGE_BATCH`` per pass. None keeps them.
 
     Example:
         >>> engine = TaskEngine(store, handlers={"resize": resize_image})
@@ -155,6 +326,7 @@ class TaskEngine:
     def __init__(
         self, store: SQLStore, handlers: Mapping[str, Callable[..., Any]] | None = None, *, concurrency: int = 8,
         lease_for: float = DEFAULT_LEASE_FOR, retry_max: int = 3, retry_base: float = 1.0, retry_cap: float = 300.0,
+        retention: float | timedelta | None = None,
     ) -> None:
         self.store = store
         self.concurrency = _positive_int(concurrency, "concurrency")
@@ -165,6 +337,7 @@ class TaskEngine:
         self.retry_max = _positive_int(retry_max, "retry_max", 0)
         self.retry_base = retry_base
         self.retry_cap = retry_cap
+        self.retention = _seconds(retention, "retention")
         self.owner = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._types: dict[str, _TypeSpec] = {}
         for type_, fn in (handlers or {}).items():
@@ -174,6 +347,12 @@ class TaskEngine:
         self._bridge = self._own_bridge
         self._pool: ThreadPoolExecutor | None = None
         self._running: dict[str, _Run] = {}
+        # Runs past their time limit whose sync handler has not returned: their attempt is written, their slot
+        # still taken (the thread is busy), their task never started here again until they return.
+        self._overdue: dict[str, _Run] = {}
+        self._next_purge = 0.0
+        self._next_schedules = 0.0
+        self._next_cancel_poll = 0.0
         self._lock = threading.Lock()
         self._claiming = threading.Lock()
         self._recovered = False
@@ -187,6 +366,7 @@ class TaskEngine:
         self, type: str, fn: Callable[..., Any], *, max_concurrency: int | None = None,
         rate_limit_per_s: float | None = None, retry_max: int | None = None, dlq_after: int | None = None,
         retry_base: float | None = None,
+        time_limit: float | timedelta | None = None,
     ) -> None:
         """Run tasks of ``type`` with ``fn``.
 
@@ -200,6 +380,11 @@ class TaskEngine:
                 attempts, or once its retries run out; None ends such tasks ``FAILED``.
             retry_base: the first retry delay in seconds of this type (default: the engine's), doubling
                 each attempt up to the engine's ``retry_cap``.
+            time_limit: seconds (or a ``timedelta``) an attempt may run. Past it the attempt fails (a
+                ``TimeoutError``, retried by the type's policy) and the handler is asked to stop: an async one
+                is cancelled; a sync one sees ``ctx.cancelled`` and should return soon. Until a sync handler
+                returns it keeps its thread and one of the engine's ``concurrency`` slots (logged as a
+                warning), and whatever it returns is dropped. The limit is checked at each pass of the engine.
         """
         problems: list[ConfigError] = []
         if not isinstance(type, str) or not type:
@@ -226,6 +411,11 @@ class TaskEngine:
         ):
             problems.append(ConfigError(f"retry_base must be a positive number of seconds, got {retry_base!r}",
                                         field="retry_base", value=retry_base))
+        try:
+            limit = _seconds(time_limit, "time_limit")
+        except ConfigError as exc:
+            problems.append(exc)
+            limit = None
         if problems:
             raise ConfigError.collect(problems, f"task type {type!r}")
         self._types[type] = _TypeSpec(
@@ -234,7 +424,7 @@ class TaskEngine:
             policy=RetryPolicy(retry_max=self.retry_max if retry_max is None else retry_max, dlq_after=dlq_after,
                                base=self.retry_base if retry_base is None else float(retry_base),
                                cap=self.retry_cap),
-            tokens=max(1.0, float(rate_limit_per_s or 1)), refilled_at=self.store.clock.now(),
+            tokens=max(1.0, float(rate_limit_per_s or 1)), refilled_at=self.store.clock.now(), time_limit=limit,
         )
 
     @property
@@ -244,7 +434,7 @@ class TaskEngine:
     # -- submit and views ------------------------------------------------------------------------
     def submit(
         self, type: str, params: Any = None, id: str | uuid.UUID | None = None, *, delay: float = 0.0,
-        conn: Any = None,
+        priority: int = 0, conn: Any = None,
     ) -> str:
         """Queue a task. Submitting an id that exists already returns it and changes nothing.
 
@@ -253,6 +443,7 @@ class TaskEngine:
             params: JSON-serialisable parameters.
             id: a caller-chosen UUID (same id = same task); a new one if None.
             delay: seconds before the task may start.
+            priority: among due tasks, higher ones start first (default 0; negative for background work).
             conn: the caller's connection (any kind ``conn=`` takes): the task commits with the caller's transaction.
 
         Returns:
@@ -264,19 +455,20 @@ class TaskEngine:
         """
         task_id = _task_id(id) if id is not None else str(uuid.uuid4())
         self._check_type(type)
+        rank = _priority(priority)
         text = dumps(params, field="params")
         now = self.store.clock.now()
         with self.store.transaction(conn) as tx:
-            table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now)
+            table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank)
         return task_id
 
     async def submit_async(
         self, type: str, params: Any = None, id: str | uuid.UUID | None = None, *, delay: float = 0.0,
-        conn: Any = None,
+        priority: int = 0, conn: Any = None,
     ) -> str:
         """``submit`` for coroutines, without blocking the event loop (``SQLStore.run_async``); ``conn`` may also
         be an async connection or session."""
-        return await self.store.run_async(self.submit, type, params, id, delay=delay, conn=conn)
+        return await self.store.run_async(self.submit, type, params, id, delay=delay, priority=priority, conn=conn)
 
     def _check_type(self, type: Any) -> None:
         if not isinstance(type, str) or not type:
@@ -321,6 +513,148 @@ class TaskEngine:
         with self.store.transaction() as tx:
             return table.redrive(tx, now, ids=clean, type=type)
 
+    def cancel(self, id: str) -> bool:
+        """Cancel a task. A pending one ends ``CANCELLED`` at once; a running one is asked to stop wherever it
+        runs (its sync handler sees ``ctx.cancelled``, an async one is cancelled) and ends ``CANCELLED`` when
+        its handler returns or raises. Returns False when the task had ended already (nothing changes).
+
+        Raises:
+            NotFoundError: there is no such task.
+        """
+        task_id = _task_id(id)
+        with self.store.transaction() as tx:
+            was = table.cancel(tx, task_id, self.store.clock.now())
+        if was is None:
+            raise NotFoundError(f"no task {task_id!r}")
+        if was is TaskStatus.RUNNING:
+            with self._lock:
+                run = self._running.get(task_id)
+            if run is not None:  # running here: no need to wait for the next pass to tell it
+                run.stop.request(CANCEL)
+        return was in (TaskStatus.PENDING, TaskStatus.RUNNING)
+
+    def purge(self, older_than: float | timedelta, *, limit: int = PURGE_BATCH) -> int:
+        """Delete up to ``limit`` tasks that finished (succeeded, failed, cancelled) more than ``older_than``
+        seconds ago, oldest first. Returns how many. The engine calls it as it runs when given ``retention``."""
+        age = _seconds(older_than, "older_than")
+        assert age is not None
+        limit = _positive_int(limit, "limit")
+        with self.store.transaction() as tx:
+            return table.purge(tx, self.store.clock.now() - age, limit)
+
+    # -- periodic tasks --------------------------------------------------------------------------
+    def schedule(self, name: str, type: str, *, cron: str, params: Any = None, priority: int = 0) -> ScheduleRecord:
+        """Queue a task of ``type`` with ``params`` at each tick of ``cron`` (five fields, UTC: ``"*/5 * * * *"``
+        every five minutes). Each tick runs once across every worker: the worker that moves the schedule on
+        queues the tick's task, under an id derived from ``name`` and the tick. Ticks missed while no worker
+        ran are run once, as the latest of them.
+
+        Calling it again with the same arguments changes nothing (every process may declare its schedules at
+        start); other arguments replace the schedule, its next tick counted from now.
+
+        Raises:
+            ConfigError: a bad name, type, cron expression or priority; PayloadError: params not JSON.
+        """
+        problems: list[ConfigError] = []
+        if not isinstance(name, str) or not name:
+            problems.append(ConfigError(f"schedule name must be a non-empty string, got {name!r}", field="name",
+                                        value=name))
+        for check in (lambda: self._check_type(type), lambda: _cron(cron), lambda: _priority(priority)):
+            try:
+                check()
+            except ConfigError as exc:
+                problems.append(exc)
+        if problems:
+            raise ConfigError.collect(problems, f"schedule {name!r}")
+        text = dumps(params, field="params")
+        now = self.store.clock.now()
+        with self.store.transaction() as tx:
+            table.put_schedule(tx, name, type, cron, text, priority, _next_tick(cron, now), now)
+            return next(s for s in table.schedules(tx) if s.name == name)
+
+    def schedules(self) -> list[ScheduleRecord]:
+        """Every periodic task, by name."""
+        with self.store.read() as tx:
+            return table.schedules(tx)
+
+    def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name`` (its tasks queued already stay). False if there was none."""
+        with self.store.transaction() as tx:
+            return table.remove_schedule(tx, name)
+
+    def fire_schedules(self) -> int:
+        """Queue the task of every due tick of the schedules of this engine's types. Returns how many were
+        queued here (a tick another worker queued first is not counted). Called by ``run_once``."""
+        now = self.store.clock.now()
+        queued = 0
+        with self.store.read() as tx:
+            due = table.due_schedules(tx, list(self._types), now)
+        for s in due:
+            was = s.next_at.timestamp()
+            try:
+                tick = max(was, _last_tick(s.cron, now))
+                following = _next_tick(s.cron, tick)
+            except ConfigError:
+                log.error("schedule %r: its cron expression %r is not valid here; it does not run", s.name, s.cron)
+                continue
+            with self.store.transaction() as tx:
+                if table.advance_schedule(tx, s.name, was, tick, following, now):
+                    queued += table.insert(tx, tick_id(s.name, tick), s.type, dumps(s.params, field="params"),
+                                           now, None, now, priority=s.priority)
+        return queued
+
+    def _housekeeping(self) -> None:
+        """What a pass does besides claiming: stop runs past their time limit or cancelled from elsewhere,
+        queue due ticks of periodic tasks, purge old finished tasks (``retention``)."""
+        now = self.store.clock.now()
+        self._enforce_limits(now)
+        if time.monotonic() >= self._next_cancel_poll:
+            self._next_cancel_poll = time.monotonic() + _CANCEL_POLL
+            with self._lock:
+                ids = list(self._running)
+            if ids:
+                with self.store.read() as tx:
+                    asked = table.cancel_requested(tx, ids)
+                for task_id in asked:
+                    with self._lock:
+                        run = self._running.get(task_id)
+                    if run is not None and run.stop.request(CANCEL):
+                        log.info("task %s (%s): cancelled; its handler is asked to stop", run.id, run.type)
+        if self._types and now >= self._next_schedules:
+            self._next_schedules = now + _SCHEDULES_EVERY
+            self.fire_schedules()
+        if self.retention is not None and now >= self._next_purge:
+            with self.store.transaction() as tx:
+                n = table.purge(tx, now - self.retention, PURGE_BATCH)
+            self._next_purge = now if n >= PURGE_BATCH else now + min(_PURGE_EVERY, self.retention)
+            if n:
+                log.info("tasks: purged %d finished task(s) older than %gs", n, self.retention)
+
+    def _enforce_limits(self, now: float) -> None:
+        with self._lock:
+            over = [r for r in self._running.values()
+                    if (limit := self._types[r.type].time_limit) is not None and now >= r.started + limit]
+        for run in over:
+            if not run.stop.request(TIME_LIMIT):
+                continue
+            spec = self._types[run.type]
+            assert spec.time_limit is not None
+            transition = timed_out(spec.time_limit, run.attempt, spec.policy, now)
+            self._log(run, transition)
+            with self._lock:
+                if self._running.get(run.id) is run:
+                    del self._running[run.id]
+                    self._overdue[run.id] = run
+            abandoned = self._record(run, transition)
+            run.beat.stop()
+            if abandoned:
+                with self._lock:
+                    self._abandoned = True
+            if not inspect.iscoroutinefunction(spec.fn):
+                log.warning("task %s (%s) ran past its time limit of %gs: the attempt failed and its handler is "
+                            "asked to stop (ctx.cancelled); until it returns it keeps a thread and one of this "
+                            "engine's %d slots", run.id, run.type, spec.time_limit, self.concurrency)
+
     # -- running -------------------------------------------------------------------------------
     def recover(self) -> int:
         """Queue again the tasks left RUNNING by dead processes of this host and by lapsed leases.
@@ -354,14 +688,24 @@ class TaskEngine:
             How many tasks were started.
         """
         with self._claiming:
+            if self._types:
+                try:
+                    self._housekeeping()
+                except Exception as exc:
+                    # Housekeeping is never a reason not to claim: it runs again at the next pass.
+                    if is_infrastructure_error(exc):
+                        log.info("tasks: housekeeping met a store fault (%s: %s); again at the next pass",
+                                 type(exc).__name__, exc)
+                    else:
+                        log.exception("tasks: housekeeping failed; again at the next pass")
             try:
                 if not self._recovered:
                     self.recover()
                 if not self._types:
                     return 0
                 with self._lock:
-                    free = self.concurrency - len(self._running)
-                    held = list(self._running)
+                    free = self.concurrency - len(self._running) - len(self._overdue)
+                    held = [*self._running, *self._overdue]
                     abandoned, self._abandoned = self._abandoned, False
                 if free <= 0:
                     with self._lock:
@@ -379,13 +723,15 @@ class TaskEngine:
                 return 0
             if not claimed:
                 return 0
+            now = self.store.clock.now()
             pool = self._executor()
             runs = []
             with self._lock:
                 for c in claimed:
                     beat = heartbeat(functools.partial(self._renew, c.id, c.token), lease_for=self.lease_for,
                                      what=f"task {c.id}")
-                    run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat)
+                    run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat,
+                               started=now)
                     self._running[c.id] = run
                     runs.append(run)
         for run in runs:
@@ -404,24 +750,39 @@ class TaskEngine:
                 if n:
                     log.info("tasks: %d abandoned invocation(s) queued again", n)
             running = table.admitted(tx, limited, now)
-            for type_, spec in self._types.items():
-                if free <= 0:
-                    break
-                allowed = free
-                if spec.max_concurrency is not None:
-                    allowed = min(allowed, spec.max_concurrency - running.get(type_, 0))
-                if spec.rate_limit_per_s is not None:
-                    self._refill(spec, now)
-                    allowed = min(allowed, int(spec.tokens))
-                if allowed <= 0:
-                    continue
-                # A lapsed lease of a task this engine still runs (its renewals could not reach the database)
-                # is for other workers to take, never for this one to start twice: ``held`` is left out.
-                got = table.claim(tx, type_, self.owner, held, allowed, now + self.lease_for, now)
-                if spec.rate_limit_per_s is not None:
-                    spec.tokens -= len(got)
-                free -= len(got)
-                claimed.extend(got)
+            # Free slots go to the due tasks of highest priority across the types: the first ``free`` of them
+            # say how many each type gets (first round); a window that was full may hide more due tasks, which
+            # fill what the first round left (second round, in the same order of types).
+            order = table.due_order(tx, list(self._types), held, free, now) if len(self._types) > 1 else []
+            plan: dict[str, int] = {}
+            for type_ in order:
+                plan[type_] = plan.get(type_, 0) + 1
+            ranked = [*plan, *(t for t in self._types if t not in plan)]
+            rounds = [True, False] if len(order) == free else [True]
+            taken: dict[str, int] = {}
+            for capped in rounds if plan else [False]:
+                for type_ in ranked:
+                    spec = self._types[type_]
+                    if free <= 0:
+                        break
+                    allowed = free
+                    if capped:
+                        allowed = min(allowed, plan.get(type_, 0) - taken.get(type_, 0))
+                    if spec.max_concurrency is not None:
+                        allowed = min(allowed, spec.max_concurrency - running.get(type_, 0) - taken.get(type_, 0))
+                    if spec.rate_limit_per_s is not None:
+                        self._refill(spec, now)
+                        allowed = min(allowed, int(spec.tokens))
+                    if allowed <= 0:
+                        continue
+                    # A lapsed lease of a task this engine still runs (its renewals could not reach the database)
+                    # is for other workers to take, never for this one to start twice: ``held`` is left out.
+                    got = table.claim(tx, type_, self.owner, held, allowed, now + self.lease_for, now)
+                    if spec.rate_limit_per_s is not None:
+                        spec.tokens -= len(got)
+                    free -= len(got)
+                    taken[type_] = taken.get(type_, 0) + len(got)
+                    claimed.extend(got)
         return claimed
 
     def _renew(self, task_id: str, token: int) -> bool:
@@ -444,17 +805,26 @@ class TaskEngine:
         spec = self._types[run.type]
         outcome: str | Exception
         try:
-            args: tuple[Any, ...] = (run.params, TaskContext(id=run.id, type=run.type, attempt=run.attempt,
-                                                             _beat=run.beat)) if spec.wants_ctx else (run.params,)
-            outcome = dumps(self._bridge.call(spec.fn, *args), field="result")
+            args: tuple[Any, ...] = (run.params, TaskContext(
+                id=run.id, type=run.type, attempt=run.attempt, _beat=run.beat, _stop=run.stop,
+            )) if spec.wants_ctx else (run.params,)
+            outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
         except BaseException as exc:
-            if not isinstance(exc, Exception):
+            stopped = run.stop.set and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError))
+            if not isinstance(exc, Exception) and not stopped:
+                run.stop.finish()
                 self._forget(run)
                 raise
-            outcome = exc
+            outcome = exc if isinstance(exc, Exception) else RuntimeError(f"stopped ({run.stop.reason})")
+        reason = run.stop.finish()
         abandoned = False
         try:
-            transition = settle(outcome, run.attempt, spec.policy, self.store.clock.now(), lease_lost=run.beat.lost)
+            if reason == TIME_LIMIT:
+                log.info("task %s (%s): its handler returned after its time limit; its outcome is dropped",
+                         run.id, run.type)
+                return
+            transition = settle(outcome, run.attempt, spec.policy, self.store.clock.now(), lease_lost=run.beat.lost,
+                                stopped=reason)
             if transition is None:
                 log.warning("task %s (%s): its lease was lost while it ran; this run records nothing (another "
                             "worker may run it)", run.id, run.type)
@@ -470,6 +840,8 @@ class TaskEngine:
         if transition.status is TaskStatus.PENDING:
             log.warning("task %s (%s) attempt %d failed: %s; retrying in %.2fs", run.id, run.type, run.attempt,
                         transition.error, transition.delay)
+        elif transition.status is TaskStatus.CANCELLED:
+            log.info("task %s (%s) cancelled", run.id, run.type)
         elif transition.status is not TaskStatus.SUCCEEDED:
             log.error("task %s (%s) %s after %d attempt(s): %s", run.id, run.type, transition.status.value.lower(),
                       run.attempt, transition.error)
@@ -481,8 +853,14 @@ class TaskEngine:
         def write(attempt: int) -> bool:
             with self.store.transaction() as tx:
                 # A write that met a fault at commit may have landed unseen: a retry asks that first.
-                return (attempt > 0 and table.finished(tx, run.id, run.token)) or table.finish(
-                    tx, run.id, run.token, transition.columns, self.store.clock.now())
+                if attempt > 0 and table.finished(tx, run.id, run.token):
+                    return True
+                now = self.store.clock.now()
+                outcome = transition
+                # Cancelled from elsewhere while the attempt ended: no retry, the task ends cancelled.
+                if outcome.status is TaskStatus.PENDING and table.cancel_requested(tx, [run.id]):
+                    outcome = cancelled(now)
+                return table.finish(tx, run.id, run.token, outcome.columns, now)
 
         try:
             written = retry_infrastructure(write, clock=self.store.clock, what=f"task {run.id}: writing its outcome",
@@ -512,15 +890,17 @@ class TaskEngine:
         with self._lock:
             if self._running.get(run.id) is run:
                 del self._running[run.id]
+            if self._overdue.get(run.id) is run:
+                del self._overdue[run.id]
             if abandoned:
                 self._abandoned = True
         run.beat.stop()
 
     @property
     def in_flight(self) -> int:
-        """Tasks this engine is running now."""
+        """Tasks this engine is running now (handlers past their time limit that have not returned included)."""
         with self._lock:
-            return len(self._running)
+            return len(self._running) + len(self._overdue)
 
     def wait(self, id: str, timeout: float = 30.0, *, poll: float = 0.02) -> TaskRecord:
         """Run due tasks until ``id`` is final (or ``timeout`` seconds pass), and return it."""
@@ -561,7 +941,14 @@ class TaskEngine:
         self._bridge = runner or self._own_bridge
 
     def close(self, wait: bool = True) -> None:
-        """Stop taking tasks; with ``wait``, let running ones finish."""
+        """Stop taking tasks and ask running handlers to stop (``ctx.cancelled``, or ``CancelledError`` for an
+        async one: a worker's shutdown, SIGTERM, reaches them so); with ``wait``, wait until they return. A task
+        whose handler raised then is released for another worker (the attempt not counted, never failed); one
+        whose handler returned has succeeded."""
+        with self._lock:
+            runs = list(self._running.values())
+        for run in runs:
+            run.stop.request(SHUTDOWN)
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:

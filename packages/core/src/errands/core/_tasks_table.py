@@ -1,5 +1,5 @@
-"""The task table ``em_tasks``: its migrations and every statement the task engine and reactions run on it,
-as functions over a ``Tx``. The engine (``_tasks``) decides; this module only reads and writes rows.
+"""The task tables ``em_tasks`` and ``em_task_schedules``: their migrations and every statement the task
+engine and reactions run on them, as functions over a ``Tx``. The engine (``_tasks``) decides; this module only reads and writes rows.
 
 Every write to a running task is fenced by its token (``token = ?``, bumped at each claim), so a worker
 whose lease moved on writes nothing.
@@ -41,10 +41,33 @@ TASK_MIGRATIONS = [
         CREATE INDEX IF NOT EXISTS em_tasks_debounce ON em_tasks (debounce_key)
         """,
     ),
-    # Ordering keys: tasks sharing an ``order_key`` run one at a time, in ``order_seq`` order (reactions
-    # keyed with ``key=``: the event's journal position).
+    # Priorities (higher first among due tasks), cancellation asked of a running task's worker, the purge of
+    # finished tasks by age, and periodic tasks (one row per schedule: the next tick due).
     Migration(
         2,
+        """
+        ALTER TABLE em_tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE em_tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+        DROP INDEX IF EXISTS em_tasks_due;
+        CREATE INDEX IF NOT EXISTS em_tasks_due ON em_tasks (type, status, priority DESC, available_at);
+        CREATE INDEX IF NOT EXISTS em_tasks_finished ON em_tasks (status, finished_at);
+        CREATE TABLE IF NOT EXISTS em_task_schedules (
+            name TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            cron TEXT NOT NULL,
+            params TEXT,
+            priority INTEGER NOT NULL DEFAULT 0,
+            next_at {double} NOT NULL,
+            last_at {double},
+            created_at {double} NOT NULL,
+            updated_at {double} NOT NULL
+        )
+        """,
+    ),
+    # Ordering keys: tasks sharing an ``order_key`` run one at a time, in ``order_seq`` order (reactions
+    # keyed with ``key=``: the event's journal position). The partial index holds live keyed tasks only.
+    Migration(
+        3,
         """
         ALTER TABLE em_tasks ADD COLUMN order_key TEXT;
         ALTER TABLE em_tasks ADD COLUMN order_seq {bigint};
@@ -61,7 +84,10 @@ _ADMIT_LOCK = 0x656D7461
 
 _PENDING, _RUNNING = str(TaskStatus.PENDING), str(TaskStatus.RUNNING)
 _COLS = ("id, type, params, status, attempts, result, error, created_at, updated_at, started_at, finished_at, "
-         "available_at")
+         "available_at, priority, cancel_requested")
+_SCHEDULE_COLS = "name, type, cron, params, priority, next_at, last_at"
+#: What the purge of old tasks deletes: finished tasks, not the dead-letter list (parked for an operator).
+_PURGED = (str(TaskStatus.SUCCEEDED), str(TaskStatus.FAILED), str(TaskStatus.CANCELLED))
 # An abandoned invocation (an infrastructure fault, not the handler's) does not count as an attempt.
 _GIVE_BACK = ("UPDATE em_tasks SET status = ?, owner = NULL, lease_expires = NULL, available_at = ?, updated_at = ?, "
               "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE status = ?")
@@ -83,6 +109,36 @@ class TaskRecord:
     started_at: datetime | None
     finished_at: datetime | None
     available_at: datetime
+    priority: int = 0
+    cancel_requested: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as JSON-ready values (times in ISO 8601)."""
+        return {
+            "id": self.id, "type": self.type, "status": str(self.status), "priority": self.priority,
+            "attempts": self.attempts, "params": self.params, "result": self.result, "error": self.error,
+            "cancel_requested": self.cancel_requested,
+            **{name: None if (t := getattr(self, name)) is None else t.isoformat()
+               for name in ("created_at", "updated_at", "started_at", "finished_at", "available_at")},
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleRecord:
+    """A periodic task: ``type`` with ``params`` queued at each tick of ``cron`` (UTC)."""
+
+    name: str
+    type: str
+    cron: str
+    params: Any
+    priority: int
+    next_at: datetime
+    last_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "cron": self.cron, "params": self.params,
+                "priority": self.priority, "next_at": self.next_at.isoformat(),
+                "last_at": None if self.last_at is None else self.last_at.isoformat()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,29 +164,29 @@ def _record(row: Sequence[Any]) -> TaskRecord:
     return TaskRecord(
         id=row[0], type=row[1], params=loads(row[2]), status=TaskStatus(row[3]), attempts=int(row[4]),
         result=loads(row[5]), error=row[6], created_at=_at(row[7]), updated_at=_at(row[8]),
-        started_at=_when(row[9]), finished_at=_when(row[10]), available_at=_at(row[11]),
+        started_at=_when(row[9]), finished_at=_when(row[10]), available_at=_at(row[11]), priority=int(row[12]),
+        cancel_requested=bool(row[13]),
     )
+
+
+def _schedule(row: Sequence[Any]) -> ScheduleRecord:
+    return ScheduleRecord(name=row[0], type=row[1], cron=row[2], params=loads(row[3]), priority=int(row[4]),
+                          next_at=_at(row[5]), last_at=_when(row[6]))
 
 
 # -- submitting and reading ----------------------------------------------------------------------
 
-def insert(tx: Tx, task_id: str, type: str, params: str, at: float, debounce_key: str | None, now: float, *,
-           order_key: str | None = None, order_seq: int | None = None) -> int:
+def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debounce_key: str | None, now: float,
+           *, priority: int = 0, order_key: str | None = None, order_seq: int | None = None) -> int:
     """Queue a task due at ``at`` unless its id exists (returns 0 then). A ``debounce_key`` first removes the
     pending task queued under the same key, so the newest one of a burst is the one that runs. Tasks with the
     same ``order_key`` run one at a time, lowest ``order_seq`` first (see ``claim``)."""
     if debounce_key is not None:
         tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?", (debounce_key, _PENDING))
-    if order_key is not None:
-        return tx.rowcount(
-            "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at, "
-            "order_key, order_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (task_id, type, params, _PENDING, at, debounce_key, now, now, order_key, order_seq),
-        )
     return tx.rowcount(
-        "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        (task_id, type, params, _PENDING, at, debounce_key, now, now),
+        "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at, "
+        "priority, order_key, order_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        (task_id, type, params, _PENDING, at, debounce_key, now, now, priority, order_key, order_seq),
     )
 
 
@@ -185,6 +241,51 @@ def counts(tx: Tx, type_prefix: str) -> dict[str, dict[str, int]]:
                                      "GROUP BY type, status", (type_prefix + "%",)):
         out.setdefault(type_, {})[status] = int(n)
     return out
+
+
+def cancel(tx: Tx, task_id: str, now: float) -> TaskStatus | None:
+    """Cancel a task: a pending one ends ``CANCELLED`` now, a running one is marked for its worker (which asks
+    its handler to stop). Returns the status the task had (None: no such task); a final task is left as it is."""
+    row = tx.one("SELECT status FROM em_tasks WHERE id = ?", (task_id,))
+    if row is None:
+        return None
+    status = TaskStatus(row[0])
+    if status is TaskStatus.PENDING:
+        tx.execute("UPDATE em_tasks SET status = ?, error = ?, finished_at = ?, updated_at = ? WHERE id = ? "
+                   "AND status = ?", (str(TaskStatus.CANCELLED), "cancelled", now, now, task_id, _PENDING))
+    elif status is TaskStatus.RUNNING:
+        tx.execute("UPDATE em_tasks SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = ?",
+                   (now, task_id, _RUNNING))
+    return status
+
+
+def cancel_requested(tx: Tx, ids: Sequence[str]) -> list[str]:
+    """Which of the running tasks ``ids`` were asked to stop (``cancel``)."""
+    if not ids:
+        return []
+    return [r[0] for r in tx.query(f"SELECT id FROM em_tasks WHERE id IN {in_clause(len(ids))} AND status = ? "
+                                   "AND cancel_requested = 1", (*ids, _RUNNING))]
+
+
+def purge(tx: Tx, before: float, limit: int) -> int:
+    """Delete up to ``limit`` finished tasks (succeeded, failed, cancelled) that finished before ``before``,
+    oldest first."""
+    return tx.rowcount(
+        f"DELETE FROM em_tasks WHERE id IN (SELECT id FROM em_tasks WHERE status IN {in_clause(len(_PURGED))} "
+        "AND finished_at < ? ORDER BY finished_at LIMIT ?)", (*_PURGED, before, limit))
+
+
+def due_order(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now: float) -> list[str]:
+    """The types of the first ``limit`` tasks of ``types`` a claim could take (``held`` left out), highest
+    priority first: the order in which the engine gives its free slots to its types."""
+    if not types:
+        return []
+    mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
+    return [r[0] for r in tx.query(
+        f"SELECT type FROM em_tasks t WHERE type IN {in_clause(len(types))}{mine} AND ((status = ? AND "
+        f"available_at <= ?) OR (status = ? AND lease_expires <= ?)) AND (order_key IS NULL OR {_HEAD}) "
+        "ORDER BY priority DESC, available_at, "
+        "created_at LIMIT ?", (*types, *held, _PENDING, now, _RUNNING, now, limit))]
 
 
 def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
@@ -248,37 +349,34 @@ _HEAD = ("NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key A
 
 def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_until: float,
           now: float) -> list[Claimed]:
-    """Take up to ``limit`` tasks of ``type``: due pending ones, and running ones whose lease lapsed except
-    those in ``held`` (this owner still runs them; they are for other workers to take, never for this one
-    to start twice).
+    """Take up to ``limit`` tasks of ``type``, highest priority first: due pending ones, and running ones whose
+    lease lapsed, except those in ``held`` (this owner still runs them, or a handler of theirs that ran past
+    its time limit: they are for other workers to take, never for this one to start twice).
 
     A task with an ``order_key`` is taken only at the head of its key: no task of that key with a lower
     ``order_seq`` is pending or running. So tasks of one key run one at a time in ``order_seq`` order across
-    workers (an earlier task waiting for its retry holds the later ones back; a finished, failed or dead one
-    does not; a dead one queued again by ``redrive`` runs at once, even beside a later one of its key)."""
+    workers (an earlier task waiting for its retry, or running past a cancel, holds the later ones back; a
+    finished, failed, cancelled or dead one does not; a dead one queued again by ``redrive`` runs at once, even
+    beside a later one of its key).
+
+    Each of the two kinds (lapsed leases, due pending tasks) is one walk of the due index (type, status,
+    priority DESC, available_at) in order that stops at ``limit``; the better ``limit`` of both are taken."""
     mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
-    claimed: list[Claimed] = []
-    # Ties of available_at go in submission order: SQLite's index (type, status, available_at) holds them in
-    # rowid order already, and naming created_at there would make it sort every tie before the LIMIT.
-    order = "t.available_at, t.created_at" if tx.dialect == POSTGRES else "t.available_at"
-    # Lapsed leases first, then due pending tasks: two statements, so that each walks its index in order and
-    # stops at ``limit`` (an OR of the two would filter, then sort, every pending task of the type).
-    for due, params in (
-        (f"t.status = ? AND t.lease_expires <= ?{mine}", (_RUNNING, now, *held)),
-        ("t.status = ? AND t.available_at <= ?", (_PENDING, now)),
-    ):
-        if len(claimed) >= limit:
-            break
-        rows = tx.query(
-            "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
-            "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT t.id FROM em_tasks t "
-            f"WHERE t.type = ? AND {due} AND (t.order_key IS NULL OR ({_HEAD})) "
-            f"ORDER BY {order} LIMIT ?{tx.skip_locked}) "
-            "RETURNING id, type, params, token, attempts",
-            (_RUNNING, owner, lease_until, now, now, type, *params, limit - len(claimed)),
-        )
-        claimed.extend(Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows)
-    return claimed
+    # Ties of available_at go in submission order: SQLite's index holds them in rowid order already, and naming
+    # created_at in its walk would make it sort every tie before the LIMIT (the outer sort is of 2 * limit rows).
+    ties = ", t.created_at" if tx.dialect == POSTGRES else ""
+    walk = ("SELECT * FROM (SELECT t.id, t.priority, t.available_at, t.created_at FROM em_tasks t "
+            f"WHERE t.type = ? AND t.status = ? AND {{}}{mine} AND (t.order_key IS NULL OR {_HEAD}) "
+            f"ORDER BY t.priority DESC, t.available_at{ties} LIMIT ?{tx.skip_locked}) w")
+    rows = tx.query(
+        "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
+        "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM ("
+        f"{walk.format('t.lease_expires <= ?')} UNION ALL {walk.format('t.available_at <= ?')}) c "
+        "ORDER BY priority DESC, available_at, created_at LIMIT ?) RETURNING id, type, params, token, attempts",
+        (_RUNNING, owner, lease_until, now, now, type, _RUNNING, now, *held, limit,
+         type, _PENDING, now, *held, limit, limit),
+    )
+    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
 
 
 def renew(tx: Tx, task_id: str, token: int, lease_until: float) -> bool:
@@ -292,7 +390,7 @@ def finish(tx: Tx, task_id: str, token: int, columns: Mapping[str, Any], now: fl
     False when the task is no longer that run's: removed, taken since, or already written."""
     assignments = ", ".join(f"{name} = ?" for name in columns)
     return tx.rowcount(
-        f"UPDATE em_tasks SET {assignments}, owner = NULL, lease_expires = NULL, updated_at = ? "
+        f"UPDATE em_tasks SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, updated_at = ? "
         "WHERE id = ? AND token = ? AND status = ?",
         (*columns.values(), now, task_id, token, _RUNNING),
     ) == 1
@@ -303,3 +401,44 @@ def finished(tx: Tx, task_id: str, token: int) -> bool:
     a write that met a fault at commit, whose outcome may have landed."""
     return tx.one("SELECT 1 FROM em_tasks WHERE id = ? AND token = ? AND status <> ?",
                   (task_id, token, _RUNNING)) is not None
+
+
+# -- periodic tasks ------------------------------------------------------------------------------
+
+def put_schedule(tx: Tx, name: str, type: str, cron: str, params: str | None, priority: int, next_at: float,
+                 now: float) -> None:
+    """Create or change the schedule ``name``. An unchanged schedule keeps its next tick; a changed one takes
+    ``next_at``."""
+    tx.execute(
+        "INSERT INTO em_task_schedules (name, type, cron, params, priority, next_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET type = excluded.type, "
+        "cron = excluded.cron, params = excluded.params, priority = excluded.priority, "
+        "next_at = excluded.next_at, updated_at = excluded.updated_at WHERE em_task_schedules.type <> excluded.type "
+        "OR em_task_schedules.cron <> excluded.cron OR em_task_schedules.priority <> excluded.priority "
+        "OR COALESCE(em_task_schedules.params, '') <> COALESCE(excluded.params, '')",
+        (name, type, cron, params, priority, next_at, now, now),
+    )
+
+
+def schedules(tx: Tx) -> list[ScheduleRecord]:
+    return [_schedule(r) for r in tx.query(f"SELECT {_SCHEDULE_COLS} FROM em_task_schedules ORDER BY name")]
+
+
+def remove_schedule(tx: Tx, name: str) -> bool:
+    return tx.rowcount("DELETE FROM em_task_schedules WHERE name = ?", (name,)) > 0
+
+
+def due_schedules(tx: Tx, types: Sequence[str], now: float) -> list[ScheduleRecord]:
+    """The schedules of ``types`` whose next tick is due at ``now``."""
+    if not types:
+        return []
+    return [_schedule(r) for r in tx.query(
+        f"SELECT {_SCHEDULE_COLS} FROM em_task_schedules WHERE type IN {in_clause(len(types))} AND next_at <= ? "
+        "ORDER BY next_at, name", (*types, now))]
+
+
+def advance_schedule(tx: Tx, name: str, was: float, tick: float, next_at: float, now: float) -> bool:
+    """Move schedule ``name`` from its tick ``was`` to ``next_at``, having queued ``tick``; False when another
+    worker moved it first (that worker queued the same tick, under the same id)."""
+    return tx.rowcount("UPDATE em_task_schedules SET next_at = ?, last_at = ?, updated_at = ? WHERE name = ? "
+                       "AND next_at = ?", (next_at, tick, now, name, was)) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
+from ._aws import AWSDurableExecutionClient, DurableServiceError
 from ._context import Callback, DurableContext, DurableFuture, StepContext, hash_id
 from ._errors import (
     BatchItemError,
@@ -33,6 +34,8 @@ from ._errors import (
     InvokeError,
     NonDeterministicExecutionError,
     SerdesError,
+    SignalRefusedError,
+    SignalTimeoutError,
     StepError,
     StepInterruptedError,
     SuspendExecution,
@@ -92,6 +95,7 @@ from ._values import (
 )
 
 __all__ = [
+    "AWSDurableExecutionClient",
     "AsyncCallback",
     "AsyncDurableContext",
     "BatchItem",
@@ -117,6 +121,7 @@ __all__ = [
     "DurableOperation",
     "DurableOperationError",
     "DurableRunner",
+    "DurableServiceError",
     "Duration",
     "ErrorObject",
     "ExecutionError",
@@ -151,6 +156,8 @@ __all__ = [
     "Serdes",
     "SerdesContext",
     "SerdesError",
+    "SignalRefusedError",
+    "SignalTimeoutError",
     "StateOutput",
     "StepConfig",
     "StepContext",

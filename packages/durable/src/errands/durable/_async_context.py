@@ -295,6 +295,17 @@ class AsyncDurableContext(_ContextCore):
 
         return self._operation(self._child_op(_check_name(name), body, OperationSubType.WAIT_FOR_CALLBACK, serdes))
 
+    def wait_for_signal(self, name: str, timeout: Duration | timedelta | float | None = None
+                        ) -> DurableOperation[Any]:
+        """``await ctx.wait_for_signal(name, timeout)``: the payload of the next signal ``name`` sent to this
+        execution; suspends until one arrives. As ``DurableContext.wait_for_signal``; the operation id is
+        taken at the call.
+
+        Raises:
+            SignalTimeoutError: no signal arrived within ``timeout``.
+        """
+        return self._operation(self._wait_for_signal_op(name, timeout))
+
     def run_in_child_context(self, name_or_fn: str | Callable[[Any], Any], fn: Callable[[Any], Any] | None = None,
                              config: ChildConfig | None = None, *, name: str | None = None) -> DurableOperation[Any]:
         """``await ctx.run_in_child_context(name, fn)``: ``fn(child_ctx)`` as one operation with its own

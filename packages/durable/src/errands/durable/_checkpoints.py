@@ -19,9 +19,10 @@ from errands.core.store import SQLStore, Tx
 
 from . import _executions as executions
 from . import _schema as schema
+from . import _signals as signals
 from ._errors import ExecutionFencedOut, InvocationAbandoned
 from ._registry import Registry
-from ._values import Operation, OperationAction, OperationType, OperationUpdate
+from ._values import Operation, OperationAction, OperationStatus, OperationSubType, OperationType, OperationUpdate
 
 #: Waits before the second and third try of a checkpoint that met an infrastructure error; then the
 #: invocation is abandoned. Giving up is cheap (the execution replays from its checkpoints soon, maybe on
@@ -110,7 +111,8 @@ class StoreCheckpoints:
     def write_ops(self, tx: Tx, updates: Sequence[OperationUpdate], ops: Sequence[Operation], now: float
                   ) -> list[Operation]:
         """Store ``ops`` and start the executions that ``updates`` invoke, as the service does: the batch is
-        checked against its rules and each new callback gets its id here. Returns the operations written.
+        checked against its rules, each new callback gets its id here and each new signal wait takes a kept
+        signal of its name. Returns the operations written (a wait that took a signal, settled).
 
         Raises:
             InvocationAbandoned: an operation was settled meanwhile (a callback answered, a child ended);
@@ -122,11 +124,20 @@ class StoreCheckpoints:
             if not schema.write_operation(tx, self.execution_id, op):
                 raise InvocationAbandoned(f"operation {op.name or op.id} was settled while this invocation wrote it",
                                           retry_now=True)
+        signal_names: dict[str, None] = {}
         for u in updates:
             if u.operation_type is OperationType.CHAINED_INVOKE and u.action is OperationAction.START:
                 assert u.function_name is not None and u.child_execution_id is not None
                 executions.create(self.store, tx, u.child_execution_id, u.function_name, u.payload, now,
                                   parent=(self.execution_id, u.operation_id))
+            elif u.sub_type is OperationSubType.WAIT_FOR_SIGNAL and u.action is OperationAction.START and u.name:
+                signal_names[u.name] = None
+        # a wait that starts takes the oldest signal of its name already kept, in this transaction
+        taken = {op_id: payload for name in signal_names
+                 for op_id, payload in signals.deliver(tx, self.execution_id, name, now)}
+        if taken:
+            ops = [replace(op, status=OperationStatus.SUCCEEDED, result=taken[op.id], end_timestamp=now)
+                   if op.id in taken else op for op in ops]
         return ops
 
     def write(self, body: Callable[[Tx], None]) -> None:

@@ -1,12 +1,14 @@
-"""``errands executions list|history|terminate|rerun``. The store is resolved as for every ``errands``
+"""``errands executions list|history|terminate|rerun|signal``. The store is resolved as for every ``errands``
 command (``errands.core.cli``): ``--store``, the config's store, ``$ERRANDS_STORE``, the default."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from errands.core import ConfigError
 from errands.core.cli import add_store_options, print_json, print_table, store_url
 
 if TYPE_CHECKING:
@@ -69,9 +71,23 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_signal(args: argparse.Namespace) -> int:
+    try:
+        payload = None if args.payload is None else json.loads(args.payload)
+    except ValueError as exc:
+        raise ConfigError(f"--payload must be JSON: {exc}", field="payload", value=args.payload) from None
+    with _runner(args) as runner:
+        taken = runner.send_signal(args.execution_id, args.name, payload)
+    if args.json:
+        print_json({"execution_id": args.execution_id, "name": args.name, "taken": taken})
+    else:
+        print(f"{args.execution_id}: signal {args.name} " + ("taken by a waiting wait_for_signal" if taken else "kept"))
+    return 0
+
+
 def register(group: Any) -> None:
     """Add ``executions`` and its sub-commands to the ``errands`` parser."""
-    p = group.add_parser("executions", help="durable executions: list, history, terminate, rerun")
+    p = group.add_parser("executions", help="durable executions: list, history, terminate, rerun, signal")
     sub = p.add_subparsers(dest="executions_command", metavar="ACTION")
 
     q = sub.add_parser("list", help="list executions, newest first")
@@ -98,6 +114,13 @@ def register(group: Any) -> None:
     q.add_argument("operation", help="operation id or name to run again from")
     q.add_argument("--new-id", default=None, help="id of the new execution")
     q.set_defaults(func=_cmd_rerun)
+
+    q = sub.add_parser("signal", help="send a signal by name to an execution (kept until a wait takes it)")
+    add_store_options(q)
+    q.add_argument("execution_id")
+    q.add_argument("name", help="the signal's name, as ctx.wait_for_signal(name) waits for it")
+    q.add_argument("--payload", default=None, help="the signal's payload, as JSON (default: null)")
+    q.set_defaults(func=_cmd_signal)
 
     def _help(_args: argparse.Namespace) -> int:
         p.print_help()

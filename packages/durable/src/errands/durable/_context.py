@@ -26,6 +26,7 @@ from ._errors import (
     InvocationAbandoned,
     InvokeError,
     NonDeterministicExecutionError,
+    SignalTimeoutError,
     StepError,
     StepInterruptedError,
     SuspendExecution,
@@ -406,6 +407,39 @@ class _ContextCore:
             return Callback(self._state, op_id, current.callback_id, config.serdes or DEFAULT_SERDES)
 
         return op_id, _immediate(create)
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _wait_for_signal_op(self, name: str, timeout: Duration | timedelta | float | None
+                            ) -> tuple[str, OperationLogic]:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"wait_for_signal needs a signal name, got {name!r}", field="name", value=name)
+        seconds = None if timeout is None else to_seconds(timeout, field="timeout")
+        if seconds is not None and seconds <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout!r}", field="timeout", value=timeout)
+        op_id, op = self._next(OperationType.CALLBACK, OperationSubType.WAIT_FOR_SIGNAL, name)
+
+        def wait() -> Any:
+            # A CALLBACK named after the signal: the store settles it with the oldest signal of the name
+            # (kept already, or the next to arrive); the service times it out like any callback.
+            state = self._state
+            current = op
+            if current is None:
+                self._start(op_id, OperationType.CALLBACK, OperationSubType.WAIT_FOR_SIGNAL, name, sync=True,
+                            timeout_seconds=seconds_to_wire(seconds, minimum=1) if state.wire else seconds)
+                current = state.get(op_id)  # settled already if a signal was kept
+                assert current is not None
+                if current.done:
+                    state.completed_new()
+            if current.status is OperationStatus.SUCCEEDED:
+                return _decode(DEFAULT_SERDES, current.result, op_id, state.execution_id)
+            if current.status is OperationStatus.TIMED_OUT:
+                within = f" within {seconds:g}s" if seconds is not None else ""
+                raise SignalTimeoutError(f"no signal {name!r} arrived{within}", error_type="SignalTimeoutError")
+            if current.done:
+                raise _callback_error(current.error)
+            raise SuspendExecution(f"waiting for signal {name}", until=callback_deadline(current))
+
+        return op_id, _immediate(wait)
 
     # -- child contexts --------------------------------------------------------------------------
     def _child_op(self, name: str | None, func: Callable[..., Any], sub_type: OperationSubType,
@@ -897,6 +931,21 @@ class DurableContext(_ContextCore):
             return cb.result()
 
         return self._drive(self._child_op(_check_name(name), body, OperationSubType.WAIT_FOR_CALLBACK, serdes)[1])
+
+    # -- signals ---------------------------------------------------------------------------------
+    def wait_for_signal(self, name: str, timeout: Duration | timedelta | float | None = None) -> Any:
+        """The payload of the next signal ``name`` sent to this execution (``DurableRunner.send_signal``);
+        suspends until one arrives. A signal sent before the wait is kept for it; several are taken in the
+        order sent, one per wait.
+
+        Args:
+            name: the signal's name (also the operation's name).
+            timeout: give up after this long (a ``Duration``, ``timedelta`` or seconds; None: wait forever).
+
+        Raises:
+            SignalTimeoutError: no signal arrived within ``timeout``.
+        """
+        return self._drive(self._wait_for_signal_op(name, timeout)[1])
 
     # -- child contexts --------------------------------------------------------------------------
     def run_in_child_context(self, name_or_fn: str | Callable[[DurableContext], T],

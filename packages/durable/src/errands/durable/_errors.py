@@ -8,6 +8,7 @@ The tree::
         │   ├── StepError                 a step failed after its retries
         │   ├── CallbackError             a callback was failed by the caller
         │   │   └── CallbackTimeoutError  ... or timed out (result or heartbeat)
+        │   │       └── SignalTimeoutError  no signal came within ``wait_for_signal``'s timeout
         │   ├── InvokeError               an invoked durable function failed
         │   ├── ChildContextError         a child context raised
         │   ├── WaitForConditionError     a condition check raised
@@ -16,6 +17,7 @@ The tree::
         ├── SerdesError                   a value could not be serialised or deserialised
         ├── CheckpointError               the checkpoint service refused an update (stale token)
         ├── StepInterruptedError          an at-most-once step was cut off mid-attempt
+        ├── SignalRefusedError            a signal sent to a finished execution (also a ConfigError)
         └── DuplicateFunctionError        a function name is taken by another function (also a ConfigError;
                                           defined with the registry, in ``_registry``)
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from errands.core import ErrandsError
+from errands.core import ConfigError, ErrandsError
 
 from ._values import ErrorObject
 
@@ -81,6 +83,11 @@ class CallbackError(DurableOperationError):
 
 class CallbackTimeoutError(CallbackError):
     """A callback got no result, or no heartbeat, within its timeout."""
+
+
+class SignalTimeoutError(CallbackTimeoutError):
+    """No signal of the awaited name arrived within ``ctx.wait_for_signal``'s timeout. A
+    ``CallbackTimeoutError``, as the wait is checkpointed as a CALLBACK."""
 
 
 class InvokeError(DurableOperationError):
@@ -151,6 +158,22 @@ class ExecutionError(UnrecoverableError):
 
 class StepInterruptedError(DurableError):
     """An ``AT_MOST_ONCE_PER_RETRY`` attempt was cut off before its outcome was checkpointed."""
+
+
+class SignalRefusedError(DurableError, ConfigError):
+    """``send_signal`` to an execution that has finished: nothing can receive the signal any more, so it is
+    not kept.
+
+    Attributes:
+        execution_id: the execution.
+        status: its terminal status (``SUCCEEDED``, ``FAILED`` or ``TERMINATED``).
+    """
+
+    def __init__(self, execution_id: str, status: str) -> None:
+        super().__init__(f"execution {execution_id!r} is {status}: it takes no more signals", field="execution_id",
+                         value=execution_id)
+        self.execution_id = execution_id
+        self.status = status
 
 
 class SuspendExecution(BaseException):

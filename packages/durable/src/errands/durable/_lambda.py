@@ -448,13 +448,18 @@ class DurableExecutionConfig:
 
 
 def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Callable[[Any, Any], Awaitable[Any]],
-                           config: DurableExecutionConfig) -> Callable[..., InvocationOutput]:
+                           config: DurableExecutionConfig | None = None) -> Callable[..., Any]:
     """Wrap ``handler(event, ctx)`` as a durable Lambda handler (an ``async def`` handler gets an
     ``AsyncDurableContext`` and runs on the process's shared event-loop thread).
 
     The wrapper takes the invocation input (a dict with the AWS keys, or ``InvocationInput``) and an
     optional Lambda context, replays the checkpointed operations, runs the handler, flushes its
     checkpoints and returns an ``InvocationOutput`` (``Status`` SUCCEEDED / FAILED / PENDING).
+
+    Without ``config`` it is the Lambda entry point (``lambda_handler = with_durable_execution(fn)``): the
+    client is an ``AWSDurableExecutionClient`` (boto3 from the environment, made on the first invocation)
+    and the wrapper returns the output as the JSON object Lambda sends back (``{"Status", "Result",
+    "Error"}``).
 
     Raises:
         ConfigError: the input is not a durable invocation.
@@ -466,10 +471,19 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
     """
     if not callable(handler):
         raise ConfigError(f"handler must be callable, got {handler!r}", field="handler", value=repr(handler))
+    as_lambda = config is None
+    if config is None:
+        from ._aws import AWSDurableExecutionClient
+
+        config = DurableExecutionConfig(client=AWSDurableExecutionClient())
     client = config.client
     clock = config.clock or getattr(client, "clock", None) or SystemClock()
 
+    def entry_point(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> dict[str, Any]:
+        return wrapped(event, lambda_context).to_dict()
+
     def wrapped(event: Mapping[str, Any] | InvocationInput, lambda_context: Any = None) -> InvocationOutput:
+        assert config is not None
         inp = event if isinstance(event, InvocationInput) else InvocationInput.from_dict(event)
         ops = list(inp.initial_execution_state.operations)
         marker = inp.initial_execution_state.next_marker
@@ -513,4 +527,4 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
             record(inp.durable_execution_arn, out)
         return out
 
-    return wrapped
+    return entry_point if as_lambda else wrapped

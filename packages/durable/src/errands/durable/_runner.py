@@ -1,8 +1,9 @@
 """``DurableRunner``: durable functions on an errands store (SQLite or PostgreSQL).
 
 The runner wires the parts together and holds a runner's settings: ``_registry`` (which function runs
-under which name), ``_invocations`` (claiming and running invocations), ``_callbacks`` and ``_management``
-(what callers do to executions from outside), over ``_executions`` and ``_schema`` (durable's tables).
+under which name), ``_invocations`` (claiming and running invocations), ``_callbacks``, ``_signals`` and
+``_management`` (what callers do to executions from outside), over ``_executions`` and ``_schema``
+(durable's tables).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import _callbacks as callbacks
 from . import _executions as executions
 from . import _management as management
 from . import _schema as schema
+from . import _signals as signals
 from ._invocations import Invocations
 from ._registry import DurableFunction, Registry
 from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, to_seconds
@@ -306,6 +308,30 @@ class DurableRunner:
     async def heartbeat_callback_async(self, callback_id: str) -> None:
         """``heartbeat_callback`` for coroutines, without blocking the event loop."""
         await self.store.run_async(self.heartbeat_callback, callback_id)
+
+    # -- signals ---------------------------------------------------------------------------------
+    def send_signal(self, execution_id: str, name: str, payload: Any = None, *, conn: Any = None) -> bool:
+        """Send the signal ``name`` with ``payload`` (JSON) to the execution: the oldest
+        ``ctx.wait_for_signal(name)`` waiting takes it and the execution wakes; with none waiting, it is kept,
+        after any earlier ones, until a wait takes it.
+
+        Args:
+            conn: the caller's own connection to the store's database (as ``start``'s).
+
+        Returns:
+            True if a waiting ``wait_for_signal`` took the signal at once, False if it is kept.
+
+        Raises:
+            NotFoundError: no such execution. SignalRefusedError: the execution has finished.
+            ConfigError: ``name`` is not a non-empty string. PayloadError: ``payload`` is not JSON.
+        """
+        return signals.send(self.store, execution_id, name, payload, conn=conn)
+
+    async def send_signal_async(self, execution_id: str, name: str, payload: Any = None, *,
+                                conn: Any = None) -> bool:
+        """``send_signal`` for coroutines, without blocking the event loop (``conn`` as there)."""
+        taken: bool = await self.store.run_async(self.send_signal, execution_id, name, payload, conn=conn)
+        return taken
 
     # -- management ------------------------------------------------------------------------------
     def terminate(self, execution_id: str, reason: str | None = None, *, recursive: bool = True) -> ExecutionInfo:

@@ -1,5 +1,6 @@
-"""durable's own tables, ``durable_executions`` and ``durable_operations``: their migrations, how rows map
-to ``ExecutionInfo`` and ``Operation``, and every statement over them, written over ``Tx``.
+"""durable's own tables, ``durable_executions``, ``durable_operations`` and ``durable_signals``: their
+migrations, how rows map to ``ExecutionInfo`` and ``Operation``, and every statement over them, written over
+``Tx``.
 
 This is the one module of errands-durable with SQL. The queue item of an execution (its key is the
 execution's id, in ``QUEUE``) lives in core's queue and is reached only through the store's queue methods.
@@ -74,6 +75,24 @@ MIGRATIONS = [
             PRIMARY KEY (execution_id, id)
         );
         CREATE UNIQUE INDEX IF NOT EXISTS durable_operations_callback ON durable_operations (callback_id)
+        """,
+    ),
+    # Signals sent to an execution by name, in the order they were sent (``seq``, per execution); each is
+    # kept (``operation_id`` NULL) until a ``wait_for_signal`` of its name takes it.
+    Migration(
+        2,
+        """
+        CREATE TABLE IF NOT EXISTS durable_signals (
+            execution_id TEXT NOT NULL,
+            seq {bigint} NOT NULL,
+            name TEXT NOT NULL,
+            payload TEXT,
+            sent_at {double} NOT NULL,
+            operation_id TEXT,
+            taken_at {double},
+            PRIMARY KEY (execution_id, seq)
+        );
+        CREATE INDEX IF NOT EXISTS durable_signals_name ON durable_signals (execution_id, name, seq)
         """,
     ),
 ]
@@ -280,6 +299,7 @@ def active_family(tx: Tx, execution_id: str) -> list[str]:
 def delete_execution(tx: Tx, execution_id: str) -> int:
     """Delete one execution and its operations (not its children). How many executions were deleted."""
     tx.execute("DELETE FROM durable_operations WHERE execution_id = ?", (execution_id,))
+    tx.execute("DELETE FROM durable_signals WHERE execution_id = ?", (execution_id,))
     return tx.rowcount("DELETE FROM durable_executions WHERE id = ?", (execution_id,))
 
 
@@ -343,3 +363,43 @@ def touch_callback(tx: Tx, execution_id: str, operation_id: str, now: float) -> 
     """Record a heartbeat of the party completing a callback."""
     tx.execute("UPDATE durable_operations SET heartbeat_ts = ? WHERE execution_id = ? AND id = ?",
                (now, execution_id, operation_id))
+
+
+# -- signals --------------------------------------------------------------------------------------
+def lock_execution(tx: Tx, execution_id: str) -> ExecutionStatus | None:
+    """Take the execution row's write lock (ordering a signal with the invocation's checkpoints, which take
+    it first too) and return its status; None if it does not exist."""
+    row = tx.one("UPDATE durable_executions SET updated_at = updated_at WHERE id = ? RETURNING status",
+                 (execution_id,))
+    return ExecutionStatus(row[0]) if row is not None else None
+
+
+def insert_signal(tx: Tx, execution_id: str, name: str, payload: str | None, now: float) -> int:
+    """Keep a signal after every earlier one of the execution; its sequence number. Callers hold the
+    execution's lock (``lock_execution``), which orders concurrent senders."""
+    row = tx.one("SELECT COALESCE(MAX(seq), 0) + 1 FROM durable_signals WHERE execution_id = ?", (execution_id,))
+    seq = int(row[0]) if row is not None else 1
+    tx.execute("INSERT INTO durable_signals (execution_id, seq, name, payload, sent_at) VALUES (?, ?, ?, ?, ?)",
+               (execution_id, seq, name, payload, now))
+    return seq
+
+
+def kept_signals(tx: Tx, execution_id: str, name: str) -> list[tuple[int, str | None]]:
+    """``(seq, payload)`` of the signals named ``name`` no wait has taken yet, oldest first."""
+    return [(int(r[0]), r[1]) for r in tx.query(
+        "SELECT seq, payload FROM durable_signals WHERE execution_id = ? AND name = ? AND operation_id IS NULL "
+        "ORDER BY seq", (execution_id, name))]
+
+
+def signal_waits(tx: Tx, execution_id: str, name: str) -> list[str]:
+    """Ids of the execution's ``wait_for_signal`` operations for ``name`` still waiting, in start order."""
+    return [r[0] for r in tx.query(
+        "SELECT id FROM durable_operations WHERE execution_id = ? AND type = ? AND sub_type = ? AND name = ? "
+        "AND status = 'STARTED' ORDER BY seq",
+        (execution_id, OperationType.CALLBACK.value, OperationSubType.WAIT_FOR_SIGNAL.value, name))]
+
+
+def take_signal(tx: Tx, execution_id: str, seq: int, operation_id: str, now: float) -> None:
+    """Record that the wait ``operation_id`` took the signal ``seq``."""
+    tx.execute("UPDATE durable_signals SET operation_id = ?, taken_at = ? WHERE execution_id = ? AND seq = ? "
+               "AND operation_id IS NULL", (operation_id, now, execution_id, seq))

@@ -1,9 +1,9 @@
 """The decisions of the durable engine, as pure functions: what an invocation's outcome means for its
 execution and its queue item, how an invoked execution's end settles its parent's operation, when a
-callback may still be settled, how soon an abandoned invocation is tried again, what a rerun keeps.
+callback may still be settled, which waits take which signals, how soon an abandoned invocation is tried again, what a rerun keeps.
 
 Nothing here touches a store or a clock, so each rule is tested on its own; the modules that write
-(``_invocations``, ``_executions``, ``_management``, ``_callbacks``) apply what these decide.
+(``_invocations``, ``_executions``, ``_management``, ``_callbacks``, ``_signals``) apply what these decide.
 """
 
 from __future__ import annotations
@@ -70,6 +70,24 @@ def terminated_error(reason: str | None) -> ErrorObject:
 def can_settle_callback(operation: OperationStatus, execution: ExecutionStatus) -> bool:
     """A callback takes an answer or a heartbeat only while it waits and its execution has not ended."""
     return operation is OperationStatus.STARTED and not execution.terminal
+
+
+def takes_signals(execution: ExecutionStatus) -> bool:
+    """A signal is kept for an execution that may still run (running, waiting, suspended), never for one
+    that has ended."""
+    return not execution.terminal
+
+
+def deliveries(waits: Sequence[str], kept: Sequence[tuple[int, str | None]]
+               ) -> list[tuple[str, int, str | None]]:
+    """Which waiting operation takes which kept signal of one name: the oldest wait the oldest signal, and so
+    on, ``(operation_id, seq, payload)``; what is left over keeps waiting, or stays kept.
+
+    Args:
+        waits: the ids of the waits for the name that are open, in the order they started.
+        kept: ``(seq, payload)`` of the signals of the name not taken yet, in the order they were sent.
+    """
+    return [(op_id, seq, payload) for op_id, (seq, payload) in zip(waits, kept)]
 
 
 def abandon_delay(failures: int, *, lease_for: float, retry_now: bool = False) -> float:

@@ -52,6 +52,8 @@ class OperationSubType(_StrEnum):
     WAIT_FOR_CALLBACK = "WaitForCallback"
     WAIT_FOR_CONDITION = "WaitForCondition"
     CHAINED_INVOKE = "ChainedInvoke"
+    #: ``ctx.wait_for_signal``: a CALLBACK named after the signal (errands' own subtype)
+    WAIT_FOR_SIGNAL = "WaitForSignal"
 
 
 class OperationStatus(_StrEnum):

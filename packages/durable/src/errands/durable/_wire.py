@@ -445,10 +445,14 @@ def checkpoint_error_category(exc: BaseException) -> str:
     A batch the service refuses by its rules (``InvalidCheckpointError``), a non-retryable error code, and
     a 4xx answer are execution-level, except throttling (429) and a stale checkpoint token
     (``InvalidParameterValueException`` "Invalid checkpoint token ..."), as are 5xx answers and network
-    errors, which are invocation-level. botocore's ``ClientError`` is read through its ``response``.
+    errors, which are invocation-level. botocore's ``ClientError`` is read through its ``response``; an
+    error with a boolean ``retryable`` (``DurableServiceError``) was classified by its client already.
     """
     if isinstance(exc, InvalidCheckpointError):
         return "EXECUTION"
+    retryable = getattr(exc, "retryable", None)
+    if isinstance(retryable, bool):  # classified already by the client that raised it
+        return "INVOCATION" if retryable else "EXECUTION"
     response = getattr(exc, "response", None)
     if not isinstance(response, Mapping):
         return "INVOCATION"

@@ -99,18 +99,24 @@ class _Endpoint:
         return _json(500, {"operation": name, "error": type(error).__name__})
 
 
+async def answer_lifespan(receive: Callable[[], Any], send: Callable[[dict[str, Any]], Any]) -> None:
+    """Answer an ASGI lifespan's startup and shutdown (nothing to start or stop); returns at shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 class AsgiApp(_Endpoint):
     """The ASGI 3 callback application (``client.asgi_app()``); also answers lifespan events."""
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[dict[str, Any]], Any]) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         more = True

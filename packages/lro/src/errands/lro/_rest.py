@@ -38,6 +38,8 @@ from errands.core.errors import (
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import json_format
 
+from ._http import answer_lifespan
+
 if TYPE_CHECKING:
     from ._client import LroClient
 
@@ -165,13 +167,8 @@ class RestAsgiApp:
                 await self.fallback(scope, receive, send)
                 return
             if scope["type"] == "lifespan":
-                while True:
-                    message = await receive()
-                    if message["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                    elif message["type"] == "lifespan.shutdown":
-                        await send({"type": "lifespan.shutdown.complete"})
-                        return
+                await answer_lifespan(receive, send)
+                return
             if scope["type"] != "http":
                 return
             await self._send(send, _error(404, "NOT_FOUND", f"no route at {scope['path']}"))

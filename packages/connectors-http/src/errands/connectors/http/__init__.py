@@ -10,13 +10,16 @@ Example:
 from __future__ import annotations
 
 from .__about__ import __version__
+from ._auth import GoogleIdToken, TokenError
 from ._connector import NEVER_SENT, AsyncHttpConnector, HttpConnector
 from ._headers import is_secret_header, parse_retry_after, redact_headers
 
 __all__ = [
     "NEVER_SENT",
     "AsyncHttpConnector",
+    "GoogleIdToken",
     "HttpConnector",
+    "TokenError",
     "__version__",
     "is_secret_header",
     "parse_retry_after",

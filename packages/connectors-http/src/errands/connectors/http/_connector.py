@@ -19,6 +19,7 @@ import stamina
 from errands.core import (
     CompensationOutcome,
     CompensationResult,
+    ConfigError,
     ConnectorCapabilities,
     DispatchOutcome,
     DispatchResult,
@@ -30,6 +31,7 @@ from errands.core import (
 )
 
 from .__about__ import __version__
+from ._auth import GoogleIdToken, TokenError
 from ._config import HttpSettings, redact_url, validate
 from ._headers import parse_retry_after, redact_headers, scrub, secret_fragments
 
@@ -160,9 +162,12 @@ class HttpConnector:
         max_connections: the size of each connection pool.
         ca_bundle: a PEM file of CA certificates to trust instead of the system ones. TLS verification is
             always on; to change that, pass your own ``client``.
+        auth: outbound credentials added to every request: ``GoogleIdToken()`` sends an OIDC ID token
+            (``Authorization: Bearer ...``) for an IAM-protected target such as Cloud Run, fetched once per
+            audience, renewed shortly before it expires and once more when the target answers 401.
 
     Raises:
-        ConfigError: a bad URL, header, timeout or count, naming the field.
+        ConfigError: a bad URL, header, timeout, count or auth, naming the field.
 
     Example:
         >>> connector = HttpConnector(url="https://bank.example/wires",
@@ -187,6 +192,7 @@ class HttpConnector:
         connect_retries: int = 2,
         max_connections: int = 100,
         ca_bundle: str | None = None,
+        auth: GoogleIdToken | None = None,
     ) -> None:
         settings = validate(
             {"url": url, "observe_url": observe_url, "compensate_url": compensate_url, "headers": headers,
@@ -194,11 +200,12 @@ class HttpConnector:
              "ca_bundle": ca_bundle},
             allow_unknown=True,
         )
-        self._init(settings, client, async_client)
+        self._init(settings, client, async_client, _check_auth(auth, "auth", settings.headers))
 
     def _init(self, settings: HttpSettings, client: httpx.Client | None,
-              async_client: httpx.AsyncClient | None) -> None:
+              async_client: httpx.AsyncClient | None, auth: GoogleIdToken | None = None) -> None:
         self.settings = settings
+        self.auth = auth
         self.url = settings.url
         self.observe_url = settings.observe_url
         self.compensate_url = settings.compensate_url
@@ -237,6 +244,7 @@ class HttpConnector:
             observe_url = "https://bank.example/wires/lookup"
             headers = { Authorization = "Bearer ${BANK_TOKEN}" }
             timeout = 5.0
+            auth = { type = "google-id-token" }   # optional; audience = "https://..." to set one
 
         Args:
             name: the instance name (``bank.wire``).
@@ -247,9 +255,13 @@ class HttpConnector:
             ConfigError: listing every bad field by its path.
         """
         prefix = field or f'connectors."{name}"'
+        options = dict(options)
+        auth_table = options.pop("auth", None)
         settings = validate(options, prefix=prefix, expand_env=True)
+        auth = _auth_from_config(auth_table, f"{prefix}.auth") if auth_table is not None else None
+        _check_auth(auth, f"{prefix}.auth", settings.headers)
         self = cls.__new__(cls)
-        self._init(settings, None, None)
+        self._init(settings, None, None, auth)
         return self
 
     # -- clients --------------------------------------------------------------------------------
@@ -341,6 +353,8 @@ class HttpConnector:
         if self.settings.headers:
             parts.append(f"headers={redact_headers(self.settings.headers)!r}")
         parts.append(f"timeout={self.timeout!r}")
+        if self.auth is not None:
+            parts.append(f"auth={self.auth!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
     # -- requests -------------------------------------------------------------------------------
@@ -355,30 +369,58 @@ class HttpConnector:
         headers["Errands-Attempt"] = str(attempt)
         return headers
 
-    def _post_options(self, headers: dict[str, str], own_client: bool) -> dict[str, Any]:
-        """The options of a POST: a client the connector built carries the static headers and the timeout."""
+    def _post_options(self, call: _Call[Any], token: str | None, own_client: bool) -> dict[str, Any]:
+        """The options of a POST: a client the connector built carries the static headers and the timeout.
+        The token goes into the request's headers only, never into ``call.headers`` (which are logged)."""
+        headers = call.headers if token is None else {**call.headers, "Authorization": f"Bearer {token}"}
         if own_client:
             return {"headers": headers}
         return {"headers": {**self._headers, **headers}, "timeout": self._timeout}
 
-    def _post(self, call: _Call[Any]) -> httpx.Response | httpx.RequestError:
-        """Send ``call`` on the sync client (connect failures retried); a transport failure is returned."""
+    def _scrub(self, text: str) -> str:
+        """``text`` without the secret header values, nor any token ``auth`` holds."""
+        secrets = self._secrets if self.auth is None else (*self.auth.fragments(), *self._secrets)
+        return scrub(text, secrets)
+
+    def _post(self, call: _Call[Any]) -> httpx.Response | httpx.RequestError | TokenError:
+        """Send ``call`` on the sync client (connect failures retried); a transport failure, or the failure
+        to get a token for it, is returned. With ``auth``, a 401 answer is tried once more with a new token."""
         post = self._retried(self._sync_client().post)
+        auth = self.auth
         try:
-            return post(call.url, content=call.body, **self._post_options(call.headers, self._own_client))
-        except httpx.RequestError as exc:
+            token = auth.token(call.url) if auth is not None else None
+            response = post(call.url, content=call.body, **self._post_options(call, token, self._own_client))
+            if auth is None or token is None or response.status_code != 401:
+                return response
+            auth.invalidate(call.url, token)
+            try:
+                token = auth.token(call.url)
+            except TokenError:
+                return response  # the refusal stands
+            return post(call.url, content=call.body, **self._post_options(call, token, self._own_client))
+        except (httpx.RequestError, TokenError) as exc:
             return exc
 
-    async def _apost(self, call: _Call[Any]) -> httpx.Response | httpx.RequestError:
-        """:meth:`_post` on the async client."""
+    async def _apost(self, call: _Call[Any]) -> httpx.Response | httpx.RequestError | TokenError:
+        """:meth:`_post` on the async client (a token fetch runs on a thread)."""
         post = self._retried((await self._aclient()).post)
+        auth = self.auth
+        own = self._async_client is None
         try:
-            return await post(call.url, content=call.body,
-                              **self._post_options(call.headers, self._async_client is None))
-        except httpx.RequestError as exc:
+            token = await auth.atoken(call.url) if auth is not None else None
+            response = await post(call.url, content=call.body, **self._post_options(call, token, own))
+            if auth is None or token is None or response.status_code != 401:
+                return response
+            auth.invalidate(call.url, token)
+            try:
+                token = await auth.atoken(call.url)
+            except TokenError:
+                return response
+            return await post(call.url, content=call.body, **self._post_options(call, token, own))
+        except (httpx.RequestError, TokenError) as exc:
             return exc
 
-    def _finish(self, call: _Call[R], answer: httpx.Response | httpx.RequestError) -> R:
+    def _finish(self, call: _Call[R], answer: httpx.Response | httpx.RequestError | TokenError) -> R:
         """The result of ``call`` from its answer, logged."""
         if isinstance(answer, httpx.Response):
             result = call.answered(answer)
@@ -390,12 +432,13 @@ class HttpConnector:
 
     def _status_error(self, status: int, body: Any) -> str:
         """``HTTP <status>`` and the start of the body the server answered with, secrets scrubbed."""
-        shown = scrub(body if isinstance(body, str) else json.dumps(body), self._secrets)[:300] if body else ""
+        shown = self._scrub(body if isinstance(body, str) else json.dumps(body))[:300] if body else ""
         return f"HTTP {status}{': ' + shown if shown else ''}"
 
     def _describe(self, exc: BaseException, url: str) -> str:
-        sent = "the request was not sent" if isinstance(exc, NEVER_SENT) else "the request may have been sent"
-        detail = scrub(str(exc), self._secrets) or type(exc).__name__
+        sent = ("the request was not sent" if isinstance(exc, (*NEVER_SENT, TokenError))
+                else "the request may have been sent")
+        detail = self._scrub(str(exc)) or type(exc).__name__
         return f"POST {redact_url(url)} failed ({type(exc).__name__}: {detail}); {sent}"
 
     def _log(self, what: str, url: str, key: str, headers: Mapping[str, str], outcome: object,
@@ -547,6 +590,42 @@ class HttpConnector:
         """The async form of :meth:`compensate`."""
         call = self._compensate_call(obligation)
         return self._finish(call, await self._apost(call)) if isinstance(call, _Call) else call
+
+
+def _check_auth(auth: object, field: str, headers: Mapping[str, str]) -> GoogleIdToken | None:
+    """``auth`` if it is outbound credentials (``GoogleIdToken`` or an object with its ``token``,
+    ``atoken``, ``invalidate`` and ``fragments``) and ``headers`` set no ``Authorization`` of their own.
+
+    Raises:
+        ConfigError: anything else, naming ``field``.
+    """
+    if auth is not None and any(name.lower() == "authorization" for name in headers):
+        raise ConfigError(f"{field} sets the Authorization header: drop Authorization from headers, or auth",
+                          field=field, value=type(auth).__name__)
+    if auth is None or isinstance(auth, GoogleIdToken) or all(
+            callable(getattr(auth, m, None)) for m in ("token", "atoken", "invalidate", "fragments")):
+        return auth  # type: ignore[return-value]  # duck-typed credentials with GoogleIdToken's methods
+    raise ConfigError(f"{field} must be outbound credentials such as GoogleIdToken(), got {type(auth).__name__}",
+                      field=field, value=type(auth).__name__)
+
+
+def _auth_from_config(table: object, field: str) -> GoogleIdToken:
+    """``auth = { type = "google-id-token", audience = "..." }`` of an ``errands.toml`` connector table.
+
+    Raises:
+        ConfigError: another type, an unknown key or a bad audience, naming the field.
+    """
+    if not isinstance(table, Mapping) or table.get("type") != "google-id-token":
+        raise ConfigError(f'{field} must be a table with type = "google-id-token", got {table!r}', field=field,
+                          value=table)
+    unknown = sorted(set(table) - {"type", "audience"})
+    if unknown:
+        raise ConfigError(f"{field}.{unknown[0]} is not an auth option; expected type, audience",
+                          field=f"{field}.{unknown[0]}", value=unknown[0])
+    try:
+        return GoogleIdToken(audience=table.get("audience"))
+    except ConfigError as exc:
+        raise ConfigError(f"{field}: {exc}", field=f"{field}.audience", value=table.get("audience")) from None
 
 
 def _forget_pool(connector: HttpConnector, loop: asyncio.AbstractEventLoop) -> Callable[[_LoopPool], None]:

@@ -50,8 +50,8 @@ class Dispatcher:
     def _release_dispatch(self, tx: Tx, claimed_at: float) -> None:
         """Give a dispatch claim back (``release_failed_claim``), journalling each effect due again."""
         given_back = _effect_table.release_dispatch_claim(tx, self.ctx.settings.owner, claimed_at)
-        self.ctx.journal(tx, [effect_event(k, c, t, "PENDING", released="store fault during claim")
-                              for k, c, t in given_back])
+        self.ctx.journal(tx, [effect_event(e.key, e.connector, e.tool, "PENDING", released="store fault during claim",
+                                           run_id=e.run_id, business_key=e.business_key) for e in given_back])
 
     # -- dispatch -------------------------------------------------------------------------------------------------
     def dispatch_once(self, limit: int | None) -> list[EffectOutcome]:
@@ -119,8 +119,9 @@ class Dispatcher:
             with ctx.store.transaction() as tx:
                 lapsed = _effect_table.lapse_non_idempotent(tx, now)
                 if lapsed:
-                    ctx.journal(tx, [effect_event(k, c, t, "UNKNOWN", error="lease lapsed during dispatch")
-                                     for k, c, t in lapsed])
+                    ctx.journal(tx, [effect_event(e.key, e.connector, e.tool, "UNKNOWN",
+                                                  error="lease lapsed during dispatch", run_id=e.run_id,
+                                                  business_key=e.business_key) for e in lapsed])
                 if not known:
                     return []
                 claimed = _effect_table.claim_for_observation(tx, s.owner, until, now, known,

@@ -19,6 +19,7 @@ from ._records import (
     EffectRecord,
     NewEffect,
     StoredEffect,
+    Touched,
     claimed_from_row,
     effect_from_row,
     stored_json,
@@ -78,6 +79,7 @@ def migrations(dialect: str) -> list[Migration]:
 
 
 _COLS = ", ".join(EFFECT_COLUMNS)
+_TOUCHED = "key, connector, tool, run_id, business_key"
 _CLAIMED = ", ".join(CLAIM_COLUMNS)
 # Every new row keeps the journal's position (``journal_from``): its events come after it.
 # One row reads it in the statement; a batch reads it once and passes it to every row.
@@ -191,17 +193,17 @@ def claim_for_dispatch(tx: Tx, owner: str, until: float, now: float, connectors:
     return [claimed_from_row(r) for r in rows]
 
 
-def lapse_non_idempotent(tx: Tx, now: float) -> list[tuple[str, str, str]]:
+def lapse_non_idempotent(tx: Tx, now: float) -> list[Touched]:
     """Turn ``NON_IDEMPOTENT`` effects whose dispatch lease lapsed (a worker died mid-call) ``UNKNOWN``, to be
-    observed; returns their keys, connectors and tools."""
+    observed; returns their keys, connectors, tools, runs and business keys."""
     rows = tx.query(
         "UPDATE em_effects SET status = 'UNKNOWN', lease_owner = NULL, updated_at = ?, "
         "error = 'lease lapsed during dispatch; outcome unknown' WHERE key IN (SELECT key FROM em_effects "
         "WHERE status = 'DISPATCHING' AND semantics = 'NON_IDEMPOTENT' AND next_attempt_at <= ?"
-        f"{tx.skip_locked}) RETURNING key, connector, tool",
+        f"{tx.skip_locked}) RETURNING {_TOUCHED}",
         (now, now),
     )
-    return [(k, c, t) for k, c, t in rows]
+    return [Touched(*r) for r in rows]
 
 
 def claim_for_observation(tx: Tx, owner: str, until: float, now: float, connectors: Sequence[str],
@@ -217,16 +219,16 @@ def claim_for_observation(tx: Tx, owner: str, until: float, now: float, connecto
     return [claimed_from_row(r) for r in rows]
 
 
-def release_dispatch_claim(tx: Tx, owner: str, claimed_at: float) -> list[tuple[str, str, str]]:
+def release_dispatch_claim(tx: Tx, owner: str, claimed_at: float) -> list[Touched]:
     """Give back, due at once, the dispatch claim ``owner`` made at ``claimed_at`` (found by both), with the
-    attempt it charged; returns the keys, connectors and tools given back."""
+    attempt it charged; returns the effects given back."""
     rows = tx.query(
         "UPDATE em_effects SET status = 'PENDING', attempts = attempts - 1, next_attempt_at = ?, "
         "lease_owner = NULL WHERE lease_owner = ? AND status = 'DISPATCHING' AND updated_at = ? "
-        "RETURNING key, connector, tool",
+        f"RETURNING {_TOUCHED}",
         (claimed_at, owner, claimed_at),
     )
-    return [(k, c, t) for k, c, t in rows]
+    return [Touched(*r) for r in rows]
 
 
 def release_observation_claim(tx: Tx, owner: str, claimed_at: float) -> None:
@@ -343,24 +345,35 @@ def release_inline(tx: Tx, key: str, owner: str, claimed_at: float) -> None:
 
 # -- operators and sagas --------------------------------------------------------------------------------------
 def apply_change(tx: Tx, key: str, change: Change) -> None:
-    """Store an operator's ``change`` of effect ``key`` (read for change in this transaction)."""
+    """Store an operator's ``change`` of effect ``key`` (read for change in this transaction). The lease token is
+    bumped, so that a worker whose lease lapsed records nothing over the decision."""
     fresh = ", attempts = 0, observations = 0, flagged = 0" if change.fresh_attempts else ""
+    if change.unflag and not change.fresh_attempts:
+        fresh += ", flagged = 0"
+    extra: tuple[Any, ...] = ()
+    if change.response is not None or change.external_ref is not None:
+        fresh += ", response = COALESCE(?, response), external_ref = COALESCE(?, external_ref)"
+        extra += (stored_json(change.response), change.external_ref)
+    if change.metadata is not None:
+        fresh += ", metadata = ?"
+        extra += (stored_json(change.metadata),)
     tx.execute(
-        f"UPDATE em_effects SET status = ?, next_attempt_at = ?, lease_owner = NULL, updated_at = ?, error = ?{fresh} "
-        "WHERE key = ?",
-        (change.status.value, change.next_attempt_at, change.updated_at, change.error, key),
+        "UPDATE em_effects SET status = ?, next_attempt_at = ?, lease_owner = NULL, lease_token = lease_token + 1, "
+        f"updated_at = ?, error = ?{fresh} WHERE key = ?",
+        (change.status.value, change.next_attempt_at, change.updated_at, change.error, *extra, key),
     )
 
 
-def cancel_run(tx: Tx, run_id: str, now: float) -> list[tuple[str, str, str]]:
-    """Cancel the effects of saga ``run_id`` not yet dispatched; returns their keys, connectors and tools."""
+def cancel_run(tx: Tx, run_id: str, now: float) -> list[tuple[str, str, str, str | None]]:
+    """Cancel the effects of saga ``run_id`` not yet dispatched; returns their keys, connectors, tools and business
+    keys."""
     rows = tx.query(
         "UPDATE em_effects SET status = 'CANCELLED', next_attempt_at = NULL, updated_at = ?, "
         "error = 'cancelled: run compensated' WHERE run_id = ? AND status IN ('PENDING', 'AWAITING_APPROVAL') "
-        "RETURNING key, connector, tool",
+        "RETURNING key, connector, tool, business_key",
         (now, run_id),
     )
-    return [(k, c, t) for k, c, t in rows]
+    return [(k, c, t, b) for k, c, t, b in rows]
 
 
 # -- read models ----------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Callable, Collection, Iterable, List, Mapping, TypeVar
 
-from .._values import Effect, EffectStatus, Event, Obligation
+from .._values import Effect, EffectStatus, Event, Obligation, ObservationOutcome
 from ..errors import ConfigError, NotFoundError
 from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain
-from ..store import SQLStore, default_owner
-from . import _effect_table, _inline, _queries, _transitions
+from ..store import SQLStore, default_owner, dumps
+from . import _effect_table, _inline, _obligation_table, _queries, _transitions
 from ._admission import DEFAULT_PAYLOAD_LIMIT, admit, check_same, check_str, distinct
 from ._context import ConnectorSet, Context, Settings
 from ._dispatch import Dispatcher
@@ -318,24 +318,43 @@ class Outbox:
                 raise NotFoundError(f"no effect with key {key!r}")
             change = decide(stored, now)
             _effect_table.apply_change(tx, key, change)
-            self._ctx.journal(tx, [change.event])
+            events = [change.event]
+            owed = change.obligation
+            if owed is not None:
+                ob_id = _obligation_table.insert(tx, owed, now)
+                if ob_id is not None:
+                    events.append(_transitions.obligation_event(ob_id, owed.effect_key, owed.kind, owed.status,
+                                                                run_id=owed.run_id))
+            self._ctx.journal(tx, events)
             changed = _effect_table.get(tx, key)
         assert changed is not None
         return changed.record
 
-    def approve(self, key: str, *, by: str | None = None, conn: Any = None) -> EffectRecord:
+    def approve(self, key: str, *, payload: Any = None, by: str | None = None, conn: Any = None) -> EffectRecord:
         """Let a human-gated effect go: ``AWAITING_APPROVAL`` -> ``PENDING`` (in the caller's transaction on
         ``conn``, if given).
 
+        Args:
+            key: the effect.
+            payload: what the approver adds (JSON: a signed-off amount, a ticket); the connector finds it in
+                ``effect.metadata["errands.approval"]``.
+            by: who approved (the event's ``by`` and ``approved_by``).
+            conn: the caller's own connection.
+
         Raises:
             NotFoundError: no such effect.
-            ConfigError: the effect is not awaiting approval.
+            ConfigError: the effect is not awaiting approval, or ``by`` is not a string.
+            PayloadError: ``payload`` is not JSON or over ``payload_limit``.
         """
-        return self._decide(key, lambda stored, now: _transitions.approve(stored, now, by=by), conn)
+        check_str("by", by, optional=True)
+        if payload is not None:
+            dumps(payload, field="payload", limit=self.payload_limit)
+        return self._decide(key, lambda stored, now: _transitions.approve(stored, now, by=by, payload=payload), conn)
 
-    async def approve_async(self, key: str, *, by: str | None = None, conn: Any = None) -> EffectRecord:
+    async def approve_async(self, key: str, *, payload: Any = None, by: str | None = None,
+                            conn: Any = None) -> EffectRecord:
         """``approve`` for coroutines (``SQLStore.run_async``)."""
-        return await self.store.run_async(self.approve, key, by=by, conn=conn)
+        return await self.store.run_async(self.approve, key, payload=payload, by=by, conn=conn)
 
     def reject(self, key: str, *, reason: str | None = None, by: str | None = None,
                conn: Any = None) -> EffectRecord:
@@ -350,6 +369,57 @@ class Outbox:
     def cancel(self, key: str, *, reason: str | None = None) -> EffectRecord:
         """Withdraw an effect not yet dispatched (``PENDING`` or ``AWAITING_APPROVAL``) -> ``CANCELLED``."""
         return self._decide(key, lambda stored, now: _transitions.cancel(stored, now, reason=reason))
+
+    def resolve(
+        self, key: str, status: EffectStatus | ObservationOutcome | str, *, response: Any = None,
+        error: str | None = None, external_ref: str | None = None, compensate_kind: str | None = None,
+        by: str | None = None, conn: Any = None,
+    ) -> EffectRecord:
+        """Settle an effect's outcome from what an operator found at the counterparty, without calling its
+        connector (the reconciler's answer, given by a human).
+
+        Args:
+            key: the effect: ``UNKNOWN`` (flagged or not), ``PENDING``, ``DISPATCHING`` with a lapsed lease, or
+                ``AWAITING_APPROVAL``.
+            status: ``CONFIRMED`` (it happened), ``FAILED`` (it failed for good), ``ABSENT`` (it never arrived:
+                dispatched again, with fresh attempts) or ``DUPLICATE`` (it happened more than once: confirmed,
+                and a compensation of ``compensate_kind`` owed, due at once).
+            response: what the counterparty answered (JSON), kept as the effect's response.
+            error: why it failed (``FAILED``).
+            external_ref: the counterparty's reference.
+            compensate_kind: the kind of compensation a ``DUPLICATE`` owes (required there, refused elsewhere).
+            by: who resolved it (the event's ``by``).
+            conn: the caller's own connection.
+
+        Raises:
+            NotFoundError: no such effect.
+            ConfigError: a finished effect, one a worker holds now (a live lease), or a resolution that does not
+                fit it; nothing changes.
+            PayloadError: ``response`` is not JSON or over ``payload_limit``.
+        """
+        for name, value in (("error", error), ("external_ref", external_ref), ("compensate_kind", compensate_kind),
+                            ("by", by)):
+            check_str(name, value, optional=True)
+        _transitions.resolution(status)
+        dumps(response, field="response", limit=self.payload_limit)
+        attempts = self.compensation_attempts
+
+        def decide(stored: StoredEffect, now: float) -> _transitions.Change:
+            return _transitions.resolve(stored, now, status=status, response=response, error=error,
+                                        external_ref=external_ref, compensate_kind=compensate_kind, by=by,
+                                        compensation_attempts=attempts)
+
+        return self._decide(key, decide, conn)
+
+    async def resolve_async(
+        self, key: str, status: EffectStatus | ObservationOutcome | str, *, response: Any = None,
+        error: str | None = None, external_ref: str | None = None, compensate_kind: str | None = None,
+        by: str | None = None, conn: Any = None,
+    ) -> EffectRecord:
+        """``resolve`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.resolve, key, status, response=response, error=error,
+                                          external_ref=external_ref, compensate_kind=compensate_kind, by=by,
+                                          conn=conn)
 
     def redrive(self, key: str, *, conn: Any = None) -> EffectRecord:
         """Queue a ``FAILED`` or ``CANCELLED`` effect (or a flagged ``UNKNOWN`` one) again with fresh attempts.
@@ -438,6 +508,26 @@ class Outbox:
     def redrive_obligation(self, obligation_id: int) -> ObligationRecord:
         """Make a ``STUCK`` obligation due again with fresh attempts."""
         return self._saga.redrive(obligation_id)
+
+    def resolve_obligation(self, obligation_id: int, status: ObligationStatus | str, *, result: Any = None,
+                           by: str | None = None, conn: Any = None) -> ObligationRecord:
+        """Settle a compensation owed by hand: ``COMPENSATED`` (done, or found done) or ``STUCK`` (stop trying).
+
+        It applies to a ``REGISTERED``, ``PENDING`` or ``STUCK`` obligation, or a ``COMPENSATING`` one whose lease
+        lapsed; ``result`` (JSON) is kept as its response, and the event carries ``by``.
+
+        Raises:
+            NotFoundError: no such obligation.
+            ConfigError: another status, or an obligation finished, already so, or held by a worker now.
+        """
+        return self._saga.resolve(obligation_id, status, result=result, by=by, conn=conn)
+
+    async def resolve_obligation_async(self, obligation_id: int, status: ObligationStatus | str, *,
+                                       result: Any = None, by: str | None = None,
+                                       conn: Any = None) -> ObligationRecord:
+        """``resolve_obligation`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.resolve_obligation, obligation_id, status, result=result, by=by,
+                                          conn=conn)
 
     # -- views ------------------------------------------------------------------------------------------------
     def get(self, key: str, *, conn: Any = None) -> EffectRecord:

@@ -93,7 +93,7 @@ def _claim(ctx: Context, effect: Effect, row: NewEffect, now: float, until: floa
             token, attempts = stored.token + 1, rec.attempts + 1
             _effect_table.take_over(tx, effect.key, token, attempts, owner, until, now)
         ctx.journal(tx, [effect_event(effect.key, effect.connector, effect.tool, EffectStatus.DISPATCHING,
-                                      attempt=attempts)])
+                                      attempt=attempts, run_id=effect.run_id, business_key=effect.business_key)])
     return token, None
 
 
@@ -107,7 +107,8 @@ def finish(ctx: Context, effect: Effect, token: int, result: CallResult, lease: 
             if _effect_table.finish_inline(tx, effect.key, token, done.status.value, done.response,
                                            done.external_ref, done.error, now):
                 ctx.journal(tx, [effect_event(effect.key, effect.connector, effect.tool, done.status,
-                                              error=done.error, external_ref=done.external_ref)])
+                                              error=done.error, external_ref=done.external_ref,
+                                              run_id=effect.run_id, business_key=effect.business_key)])
 
     retry_infrastructure(lambda attempt: lease.recorded(lambda: record(attempt)), clock=ctx.store.clock,
                          what=f"recording inline effect {effect.key}", keep_going=lease.alive)

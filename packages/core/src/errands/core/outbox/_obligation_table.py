@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ..store import Tx
+from ..store import POSTGRES, Tx
 from ._records import (
     OBLIGATION_COLUMNS,
     NewObligation,
@@ -16,7 +16,7 @@ from ._records import (
     obligation_from_row,
     stored_json,
 )
-from ._transitions import ObligationCompletion
+from ._transitions import ObligationChange, ObligationCompletion
 
 #: The table, created by the outbox's first migration (the effect table module holds the migrations).
 SCHEMA = """
@@ -137,6 +137,29 @@ def redrive(tx: Tx, ob_id: int, now: float) -> ObligationRecord | None:
         (now, now, ob_id),
     )
     return None if row is None else obligation_from_row(row)[0]
+
+
+def get_for_change(tx: Tx, ob_id: int) -> tuple[ObligationRecord, float | None] | None:
+    """Obligation ``ob_id`` and its stored ``next_attempt_at`` (for one being compensated: when its lease lapses),
+    locked until the transaction ends (PostgreSQL; SQLite's write transaction holds the whole database)."""
+    lock = " FOR UPDATE" if tx.dialect == POSTGRES else ""
+    row = tx.one(f"SELECT {_COLS} FROM em_obligations WHERE id = ?{lock}", (ob_id,))
+    if row is None:
+        return None
+    return obligation_from_row(row)[0], None if row[9] is None else float(row[9])
+
+
+def apply_resolution(tx: Tx, ob_id: int, change: ObligationChange) -> ObligationRecord:
+    """Store an operator's resolution of obligation ``ob_id`` (read for change in this transaction); the lease token
+    is bumped, so that a worker whose lease lapsed records nothing over it. Returns the record afterwards."""
+    row = tx.one(
+        "UPDATE em_obligations SET status = ?, next_attempt_at = NULL, lease_owner = NULL, "
+        "lease_token = lease_token + 1, response = COALESCE(?, response), error = ?, updated_at = ? "
+        f"WHERE id = ? RETURNING {_COLS}",
+        (change.status.value, stored_json(change.response), change.error, change.updated_at, ob_id),
+    )
+    assert row is not None
+    return obligation_from_row(row)[0]
 
 
 def select(tx: Tx, where: Mapping[str, Any], limit: int) -> list[ObligationRecord]:

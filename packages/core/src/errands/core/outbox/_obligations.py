@@ -22,6 +22,7 @@ from ._transitions import (
     obligation_event,
     obligation_lost,
     obligation_not_started,
+    resolve_obligation,
 )
 
 log = logging.getLogger("errands.outbox")
@@ -68,7 +69,8 @@ class Saga:
         with store.transaction() as tx:
             cancelled = _effect_table.cancel_run(tx, run_id, now)
             due = sorted(_obligation_table.make_run_due(tx, run_id, now), key=lambda o: -o.id)
-            events = [effect_event(k, c, t, "CANCELLED", reason="run compensated") for k, c, t in cancelled]
+            events = [effect_event(k, c, t, "CANCELLED", reason="run compensated", run_id=run_id, business_key=b)
+                      for k, c, t, b in cancelled]
             events += [obligation_event(o.id, o.effect_key, o.kind, "PENDING", run_id=run_id) for o in due]
             if events:
                 self.ctx.journal(tx, events)
@@ -157,4 +159,22 @@ class Saga:
                 raise ConfigError(f"obligation {obligation_id!r} does not exist or is not STUCK",
                                   field="id", value=obligation_id)
             self.ctx.journal(tx, [obligation_event(rec.id, rec.effect_key, rec.kind, "PENDING", redriven=True)])
+        return rec
+
+    def resolve(self, obligation_id: int, status: Any, *, result: Any, by: str | None, conn: Any) -> ObligationRecord:
+        if not isinstance(obligation_id, int) or isinstance(obligation_id, bool):
+            raise ConfigError(f"id must be an obligation id (an integer), got {obligation_id!r}", field="id",
+                              value=obligation_id)
+        check_str("by", by, optional=True)
+        dumps(result, field="result", limit=self.ctx.settings.payload_limit)
+        store = self.ctx.store
+        now = store.clock.now()
+        with store.transaction(conn) as tx:
+            found = _obligation_table.get_for_change(tx, obligation_id)
+            if found is None:
+                raise NotFoundError(f"no obligation with id {obligation_id!r}")
+            record, leased_until = found
+            change = resolve_obligation(record, leased_until, now, status=status, result=result, by=by)
+            rec = _obligation_table.apply_resolution(tx, obligation_id, change)
+            self.ctx.journal(tx, [change.event])
         return rec

@@ -212,6 +212,16 @@ class NewObligation(NamedTuple):
     next_attempt_at: float | None
 
 
+class Touched(NamedTuple):
+    """An effect a bulk statement changed, as its event names it."""
+
+    key: str
+    connector: str
+    tool: str
+    run_id: str | None
+    business_key: str | None
+
+
 class StoredEffect(NamedTuple):
     """An effect as read for a change: its record, and the stored times and token the record does not show."""
 

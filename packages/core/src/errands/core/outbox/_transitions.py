@@ -84,7 +84,8 @@ def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data
 def dispatching_event(claimed: Claimed) -> NewEvent:
     """The event of a claim for dispatch (or of an inline run starting)."""
     effect = claimed.effect
-    return effect_event(effect.key, effect.connector, effect.tool, EffectStatus.DISPATCHING, attempt=claimed.attempts)
+    return effect_event(effect.key, effect.connector, effect.tool, EffectStatus.DISPATCHING, attempt=claimed.attempts,
+                        run_id=effect.run_id, business_key=effect.business_key)
 
 
 # -- admission ------------------------------------------------------------------------------------------------
@@ -94,6 +95,8 @@ def submitted_event(row: NewEffect) -> NewEvent:
                             "semantics": row.semantics}
     if row.run_id is not None:
         body["run_id"] = row.run_id
+    if row.business_key is not None:
+        body["business_key"] = row.business_key
     names = _EVENT_NAMES.get((row.connector, row.tool, row.status)) or _event_names(row.connector, row.tool,
                                                                                     row.status)
     return NewEvent(names[0], names[1], body, names[2])
@@ -196,7 +199,8 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
         status = EffectStatus.PENDING
         next_at = now + delay(attempts, retry_after)
     event = effect_event(effect.key, effect.connector, effect.tool, status, attempt=attempts, outcome=outcome,
-                         error=error, external_ref=ref, flagged=True if flagged else None)
+                         error=error, external_ref=ref, flagged=True if flagged else None, run_id=effect.run_id,
+                         business_key=effect.business_key)
     return _completion(claimed, outcome, status, next_at, response, error, ref, flagged, now, event)
 
 
@@ -251,8 +255,10 @@ def observe_transition(claimed: Claimed, result: CallResult, *, max_observations
         else:
             next_at = now + delay(observations, None)
     event = effect_event(
-        effect.key, effect.connector, effect.tool, status, observation=outcome, observations=observations, error=error, external_ref=ref, flagged=True if flagged else None,
-        newly_flagged=True if flagged and not claimed.flagged else None,
+        effect.key, effect.connector, effect.tool, status, observation=outcome, observations=observations,
+        error=error, external_ref=ref, flagged=True if flagged else None,
+        newly_flagged=True if flagged and not claimed.flagged else None, run_id=effect.run_id,
+        business_key=effect.business_key,
     )
     return _completion(claimed, outcome, status, next_at, response, error, ref, flagged, now, event, obligation)
 
@@ -362,7 +368,10 @@ def obligation_not_started(record: ObligationRecord) -> ObligationOutcome:
 # -- operators' decisions -------------------------------------------------------------------------------------
 class Change(NamedTuple):
     """What an operator's decision does to one effect: its new status, when it is next due, its error, whether
-    its attempts, observations and flag start again, and the event to journal."""
+    its attempts, observations and flag start again, and the event to journal. A resolution also sets what the
+    counterparty answered (``response`` and ``external_ref``: None keeps the stored ones), clears the flag
+    (``unflag``) and may owe a compensation (``obligation``); an approval may carry new ``metadata`` (None keeps
+    the stored one)."""
 
     status: EffectStatus
     next_attempt_at: float | None
@@ -370,31 +379,62 @@ class Change(NamedTuple):
     fresh_attempts: bool
     updated_at: float
     event: NewEvent
+    response: Any = None
+    external_ref: str | None = None
+    unflag: bool = False
+    obligation: NewObligation | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def _refuse(rec: Any, verb: str, why: str) -> ConfigError:
+    return ConfigError(f"cannot {verb} effect {rec.key!r}: {why}", field="key", value=rec.key)
+
+
+def _check_status(stored: StoredEffect, allowed: tuple[EffectStatus, ...], verb: str) -> None:
+    rec = stored.record
+    if rec.status not in allowed:
+        raise _refuse(rec, verb, f"it is {rec.status}, and only {' or '.join(s.value for s in allowed)} effects "
+                                 f"can be {verb}d")
+
+
+def _next_due(stored: StoredEffect, to: EffectStatus, now: float) -> float | None:
+    return max(now, stored.not_before) if to in (EffectStatus.PENDING, EffectStatus.UNKNOWN) else None
+
+
+def _operator_event(rec: Any, to: EffectStatus, **data: Any) -> NewEvent:
+    return effect_event(rec.key, rec.connector, rec.tool, to, **data, run_id=rec.run_id,
+                        business_key=rec.business_key)
 
 
 def _change(stored: StoredEffect, allowed: tuple[EffectStatus, ...], to: EffectStatus, verb: str, now: float, *,
-            error: str | None = None, fresh_attempts: bool = False, **data: Any) -> Change:
+            error: str | None = None, fresh_attempts: bool = False, metadata: dict[str, Any] | None = None,
+            **data: Any) -> Change:
+    _check_status(stored, allowed, verb)
     rec = stored.record
-    if rec.status not in allowed:
-        raise ConfigError(
-            f"cannot {verb} effect {rec.key!r}: it is {rec.status}, and only "
-            f"{' or '.join(s.value for s in allowed)} effects can be {verb}d",
-            field="key", value=rec.key,
-        )
-    next_at = max(now, stored.not_before) if to in (EffectStatus.PENDING, EffectStatus.UNKNOWN) else None
-    event = effect_event(rec.key, rec.connector, rec.tool, to, **data)
-    return Change(to, next_at, rec.error if error is None else error, fresh_attempts, now, event)
+    event = _operator_event(rec, to, **data)
+    return Change(to, _next_due(stored, to, now), rec.error if error is None else error, fresh_attempts, now, event,
+                  metadata=metadata)
 
 
-def approve(stored: StoredEffect, now: float, *, by: str | None) -> Change:
-    """A human lets a gated effect go: ``AWAITING_APPROVAL`` -> ``PENDING``."""
-    return _change(stored, (EffectStatus.AWAITING_APPROVAL,), EffectStatus.PENDING, "approve", now, approved_by=by)
+#: Where an approval's payload reaches the connector: ``effect.metadata[APPROVAL_METADATA]``.
+APPROVAL_METADATA = "errands.approval"
+
+
+def approve(stored: StoredEffect, now: float, *, by: str | None, payload: Any = None) -> Change:
+    """A human lets a gated effect go: ``AWAITING_APPROVAL`` -> ``PENDING``. A ``payload`` (what the approver
+    adds: a signed-off amount, a ticket) is kept in the effect's metadata under ``errands.approval``, where the
+    connector finds it."""
+    metadata = None
+    if payload is not None:
+        metadata = {**stored.record.metadata, APPROVAL_METADATA: payload}
+    return _change(stored, (EffectStatus.AWAITING_APPROVAL,), EffectStatus.PENDING, "approve", now, metadata=metadata,
+                   approved_by=by, by=by)
 
 
 def reject(stored: StoredEffect, now: float, *, reason: str | None, by: str | None) -> Change:
     """A human refuses a gated effect: ``AWAITING_APPROVAL`` -> ``CANCELLED``."""
     return _change(stored, (EffectStatus.AWAITING_APPROVAL,), EffectStatus.CANCELLED, "reject", now,
-                   error=f"rejected: {reason or 'no reason given'}", rejected_by=by, reason=reason)
+                   error=f"rejected: {reason or 'no reason given'}", rejected_by=by, by=by, reason=reason)
 
 
 def cancel(stored: StoredEffect, now: float, *, reason: str | None) -> Change:
@@ -410,8 +450,7 @@ def redrive(stored: StoredEffect, now: float, *, can_observe: bool | None) -> Ch
     refuses the redrives that depend on it."""
     rec = stored.record
     if rec.status is EffectStatus.UNKNOWN and not rec.flagged:
-        raise ConfigError(f"cannot redrive effect {rec.key!r}: it is UNKNOWN and still being observed",
-                          field="key", value=rec.key)
+        raise _refuse(rec, "redrive", "it is UNKNOWN and still being observed")
     allowed = (EffectStatus.FAILED, EffectStatus.CANCELLED, EffectStatus.UNKNOWN)
     to = EffectStatus.PENDING
     if rec.status in allowed and (rec.status is EffectStatus.UNKNOWN or rec.semantics is Semantics.OBSERVE_ONLY):
@@ -425,3 +464,139 @@ def redrive(stored: StoredEffect, now: float, *, can_observe: bool | None) -> Ch
         if can_observe:
             to = EffectStatus.UNKNOWN
     return _change(stored, allowed, to, "redrive", now, fresh_attempts=True, redriven=True)
+
+
+#: What an operator may say of an effect's outcome (``Outbox.resolve``): it happened (``CONFIRMED``), it failed for
+#: good (``FAILED``), it never reached the counterparty (``ABSENT``: dispatch it again), or it happened more than
+#: once (``DUPLICATE``: confirmed, and a compensation owed).
+RESOLUTIONS = ("CONFIRMED", "FAILED", "ABSENT", "DUPLICATE")
+
+# Which resolutions each status takes; any other status (CONFIRMED, FAILED, CANCELLED: finished) takes none.
+_RESOLVABLE: dict[EffectStatus, tuple[str, ...]] = {
+    EffectStatus.UNKNOWN: RESOLUTIONS,
+    EffectStatus.PENDING: RESOLUTIONS,
+    EffectStatus.DISPATCHING: RESOLUTIONS,
+    EffectStatus.AWAITING_APPROVAL: ("CONFIRMED", "FAILED", "DUPLICATE"),
+}
+
+
+def resolution(status: Any) -> str:
+    """``status`` as one of ``RESOLUTIONS`` (an ``EffectStatus``, an ``ObservationOutcome`` or a string, in any
+    case).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    name = str(status).upper() if isinstance(status, str) else None
+    if name not in RESOLUTIONS:
+        raise ConfigError(f"status must be one of {', '.join(RESOLUTIONS)}, got {status!r}", field="status",
+                          value=status)
+    return name
+
+
+def lease_live(stored: StoredEffect, now: float) -> bool:
+    """Whether a worker holds effect ``stored`` now: dispatching it, or observing it, its lease not lapsed."""
+    rec = stored.record
+    leased = rec.status is EffectStatus.DISPATCHING or rec.lease_owner is not None
+    return leased and stored.next_attempt_at is not None and stored.next_attempt_at > now
+
+
+def resolve(stored: StoredEffect, now: float, *, status: Any, response: Any = None, error: str | None = None,
+            external_ref: str | None = None, compensate_kind: str | None = None, by: str | None = None,
+            compensation_attempts: int) -> Change:
+    """An operator settles an effect's outcome from what they found at the counterparty (``status`` one of
+    ``RESOLUTIONS``), without a connector call.
+
+    It applies to an effect no worker holds that is not finished: ``UNKNOWN`` (flagged or not), ``PENDING``,
+    ``DISPATCHING`` with a lapsed lease, or ``AWAITING_APPROVAL`` (not ``ABSENT``: approve it to dispatch it).
+    ``CONFIRMED`` confirms; ``FAILED`` fails it (``error`` says why); ``ABSENT`` makes it due for dispatch with
+    fresh attempts (never for ``OBSERVE_ONLY``, which is never dispatched); ``DUPLICATE`` confirms it and owes a
+    compensation of ``compensate_kind``, due at once (``payload`` and ``observed``, like the reconciler's). Each
+    clears the flag; the event carries ``resolved`` (the status given) and ``by``.
+
+    Raises:
+        ConfigError: the effect is finished, held by a worker now, or the resolution does not fit it; nothing
+            changes.
+    """
+    status = resolution(status)
+    rec = stored.record
+    allowed = _RESOLVABLE.get(rec.status, ())
+    if not allowed:
+        raise _refuse(rec, "resolve", f"it is {rec.status} (finished); only UNKNOWN, PENDING, DISPATCHING with a "
+                                      "lapsed lease or AWAITING_APPROVAL effects can be resolved")
+    if lease_live(stored, now):
+        raise _refuse(rec, "resolve", f"it is {rec.status} and leased to {rec.lease_owner or 'a worker'} until its "
+                                      "lease lapses; resolve it once the worker is done or its lease lapsed")
+    if status not in allowed:
+        raise _refuse(rec, "resolve", f"it is {rec.status}: approve it to dispatch it, or resolve it "
+                                      f"{', '.join(allowed)}")
+    if (compensate_kind is None) == (status == "DUPLICATE"):
+        raise ConfigError(
+            "a DUPLICATE resolution needs compensate_kind, the kind of compensation owed (e.g. 'refund')"
+            if compensate_kind is None else f"compensate_kind applies to DUPLICATE only, not to {status}",
+            field="compensate_kind", value=compensate_kind)
+    obligation: NewObligation | None = None
+    fresh = False
+    if status == "ABSENT":
+        if rec.semantics is Semantics.OBSERVE_ONLY:
+            raise _refuse(rec, "resolve", "it is OBSERVE_ONLY and never dispatched; resolve it CONFIRMED or FAILED")
+        to, fresh = EffectStatus.PENDING, True
+    elif status == "FAILED":
+        to = EffectStatus.FAILED
+        error = error or f"resolved FAILED by {by or 'an operator'}"
+    else:
+        to = EffectStatus.CONFIRMED
+        if status == "DUPLICATE":
+            assert compensate_kind is not None
+            obligation = NewObligation(rec.key, compensate_kind, {"payload": rec.payload, "observed": response},
+                                       rec.run_id, rec.connector, ObligationStatus.PENDING, compensation_attempts,
+                                       now)
+    event = _operator_event(rec, to, resolved=status, by=by, error=error, external_ref=external_ref,
+                            compensate_kind=compensate_kind)
+    return Change(to, _next_due(stored, to, now), error, fresh, now, event, response=response,
+                  external_ref=external_ref, unflag=True, obligation=obligation)
+
+
+#: What an operator may say of an obligation (``Outbox.resolve_obligation``).
+OBLIGATION_RESOLUTIONS = ("COMPENSATED", "STUCK")
+
+
+class ObligationChange(NamedTuple):
+    """What an operator's resolution does to one obligation."""
+
+    status: ObligationStatus
+    response: Any
+    error: str | None
+    updated_at: float
+    event: NewEvent
+
+
+def resolve_obligation(record: ObligationRecord, leased_until: float | None, now: float, *, status: Any,
+                       result: Any = None, by: str | None = None) -> ObligationChange:
+    """An operator settles a compensation owed: ``COMPENSATED`` (done by hand, or found done) or ``STUCK`` (stop
+    trying; a human follows it up). It applies to an obligation not finished and held by no worker:
+    ``REGISTERED``, ``PENDING``, ``STUCK`` (to ``COMPENSATED``) or ``COMPENSATING`` with a lapsed lease
+    (``leased_until``: when the lease of a ``COMPENSATING`` one lapses). ``result`` is kept as its response.
+
+    Raises:
+        ConfigError: a status other than those two, or an obligation finished, already so, or held by a worker.
+    """
+    name = str(status).upper() if isinstance(status, str) else None
+    if name not in OBLIGATION_RESOLUTIONS:
+        raise ConfigError(f"status must be one of {', '.join(OBLIGATION_RESOLUTIONS)}, got {status!r}",
+                          field="status", value=status)
+    to = ObligationStatus(name)
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"cannot resolve obligation {record.id}: {why}", field="id", value=record.id)
+
+    if record.status is ObligationStatus.COMPENSATED:
+        raise refuse("it is COMPENSATED (finished)")
+    if record.status is to:
+        raise refuse(f"it is {to} already")
+    if record.status is ObligationStatus.COMPENSATING and leased_until is not None and leased_until > now:
+        raise refuse("it is COMPENSATING and a worker holds it; resolve it once its lease lapsed")
+    error = None if to is ObligationStatus.COMPENSATED else f"resolved STUCK by {by or 'an operator'}"
+    event = obligation_event(record.id, record.effect_key, record.kind, to, resolved=name, by=by,
+                             run_id=record.run_id)
+    return ObligationChange(to, result, error, now, event)

@@ -669,6 +669,18 @@ class SQLStore:
             row = tx.one("SELECT COUNT(*) FROM em_queue WHERE queue = ?", (queue,))
         return int(row[0]) if row else 0
 
+    def due_items(self, queue: str, limit: int = 100) -> list[tuple[str, Any, float, int]]:
+        """The items of ``queue`` a ``claim`` would take now (due, and leased to no one or their lease lapsed),
+        earliest first, without claiming them: ``(key, payload, available_at, attempts)``."""
+        now = self.clock.now()
+        with self.read() as tx:
+            rows = tx.query(
+                "SELECT key, payload, available_at, attempts FROM em_queue WHERE queue = ? AND available_at <= ? "
+                "AND (lease_expires IS NULL OR lease_expires <= ?) ORDER BY available_at, key LIMIT ?",
+                (queue, now, now, int(limit)),
+            )
+        return [(k, loads(p), float(at), int(a)) for k, p, at, a in rows]
+
     def next_due(self, queue: str) -> float | None:
         """When the earliest item of ``queue`` becomes claimable, or None if empty."""
         with self.read() as tx:

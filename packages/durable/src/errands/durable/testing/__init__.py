@@ -3,6 +3,7 @@ ahead to the next timer, so a one-hour wait takes no time."""
 
 from __future__ import annotations
 
+from ._aws import AWSLocalRunner, LambdaEndpoint, aws_runner_available, normalise_history
 from ._local import LocalRunner
 
-__all__ = ["LocalRunner"]
+__all__ = ["AWSLocalRunner", "LambdaEndpoint", "LocalRunner", "aws_runner_available", "normalise_history"]

@@ -74,6 +74,10 @@ class LocalRunner:
     def heartbeat_callback(self, callback_id: str) -> None:
         self.runner.heartbeat_callback(callback_id)
 
+    def send_signal(self, execution_id: str, name: str, payload: Any = None) -> bool:
+        """``DurableRunner.send_signal``; ``drive`` the execution afterwards to let it take the signal."""
+        return self.runner.send_signal(execution_id, name, payload)
+
     def get(self, execution_id: str) -> ExecutionInfo:
         return self.runner.get(execution_id)
 
