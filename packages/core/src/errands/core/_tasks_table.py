@@ -275,19 +275,6 @@ def purge(tx: Tx, before: float, limit: int) -> int:
         "AND finished_at < ? ORDER BY finished_at LIMIT ?)", (*_PURGED, before, limit))
 
 
-def due_order(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now: float) -> list[str]:
-    """The types of the first ``limit`` tasks of ``types`` a claim could take (``held`` left out), highest
-    priority first: the order in which the engine gives its free slots to its types."""
-    if not types:
-        return []
-    mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
-    return [r[0] for r in tx.query(
-        f"SELECT type FROM em_tasks t WHERE type IN {in_clause(len(types))}{mine} AND ((status = ? AND "
-        f"available_at <= ?) OR (status = ? AND lease_expires <= ?)) AND (order_key IS NULL OR {_HEAD}) "
-        "ORDER BY priority DESC, available_at, "
-        "created_at LIMIT ?", (*types, *held, _PENDING, now, _RUNNING, now, limit))]
-
-
 def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
     """How many pending tasks of ``types`` are due at ``now``."""
     if not types:
@@ -340,11 +327,54 @@ def admitted(tx: Tx, limited: Sequence[str], now: float) -> dict[str, int]:
         "AND lease_expires > ? GROUP BY type", (*limited, _RUNNING, now))}
 
 
+# -- what a claim can take -------------------------------------------------------------------------
+
 # A task ``t`` with an order key is at the head of its key: no task of the key with a lower order_seq is
 # pending or running. One probe of the partial index of live keyed tasks (order_key, order_seq), which a
 # finished task leaves.
 _HEAD = ("NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key AND o.status IN ('PENDING', "
          "'RUNNING') AND o.order_seq < t.order_seq)")
+# The two kinds of task a claim takes: running ones whose lease lapsed, and due pending ones.
+_KINDS = (("t.status = ? AND t.lease_expires <= ?", _RUNNING), ("t.status = ? AND t.available_at <= ?", _PENDING))
+# Types read by one ``due_order`` statement: two walks each, within SQLite's 500 terms of a compound select.
+_TYPES_PER_STATEMENT = 100
+
+
+def _candidates(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now: float, *,
+                lock: bool) -> tuple[str, list[Any]]:
+    """A query of the tasks a claim of ``types`` could take, as rows ``(id, type, priority, available_at,
+    created_at)``: the first ``limit`` of each type and kind, ``held`` left out, a keyed task only at the head
+    of its key. Each is one walk of the due index (type, status, priority DESC, available_at) in order that
+    stops at ``limit``, so the cost is that of ``limit`` tasks per type, not of the queue; the caller orders
+    the union (``priority DESC, available_at, created_at``) and keeps its first ``limit``. With ``lock`` the
+    rows read are locked, skipping those another claim holds (PostgreSQL)."""
+    mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
+    # Ties of available_at go in submission order: SQLite's index holds them in rowid order already, and
+    # naming created_at in its walk would make it sort every tie before the LIMIT.
+    ties = ", t.created_at" if tx.dialect == POSTGRES else ""
+    locked = tx.skip_locked if lock else ""
+    walks: list[str] = []
+    params: list[Any] = []
+    for type_ in types:
+        for due, status in _KINDS:
+            walks.append(
+                "SELECT * FROM (SELECT t.id, t.type, t.priority, t.available_at, t.created_at FROM em_tasks t "
+                f"WHERE t.type = ? AND {due}{mine} AND (t.order_key IS NULL OR {_HEAD}) "
+                f"ORDER BY t.priority DESC, t.available_at{ties} LIMIT ?{locked}) w")
+            params.extend((type_, status, now, *held, limit))
+    return " UNION ALL ".join(walks), params
+
+
+def due_order(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now: float) -> list[str]:
+    """The types of the first ``limit`` tasks of ``types`` a claim could take (``held`` left out), highest
+    priority first: the order in which the engine gives its free slots to its types."""
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(types), _TYPES_PER_STATEMENT):
+        walks, params = _candidates(tx, types[start:start + _TYPES_PER_STATEMENT], held, limit, now, lock=False)
+        rows.extend(tx.query(f"SELECT type, priority, available_at, created_at FROM ({walks}) c "
+                             "ORDER BY priority DESC, available_at, created_at LIMIT ?", (*params, limit)))
+    rows.sort(key=lambda r: (-int(r[1]), float(r[2]), float(r[3])))
+    return [r[0] for r in rows[:limit]]
 
 
 def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_until: float,
@@ -359,22 +389,13 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
     finished, failed, cancelled or dead one does not; a dead one queued again by ``redrive`` runs at once, even
     beside a later one of its key).
 
-    Each of the two kinds (lapsed leases, due pending tasks) is one walk of the due index (type, status,
-    priority DESC, available_at) in order that stops at ``limit``; the better ``limit`` of both are taken."""
-    mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
-    # Ties of available_at go in submission order: SQLite's index holds them in rowid order already, and naming
-    # created_at in its walk would make it sort every tie before the LIMIT (the outer sort is of 2 * limit rows).
-    ties = ", t.created_at" if tx.dialect == POSTGRES else ""
-    walk = ("SELECT * FROM (SELECT t.id, t.priority, t.available_at, t.created_at FROM em_tasks t "
-            f"WHERE t.type = ? AND t.status = ? AND {{}}{mine} AND (t.order_key IS NULL OR {_HEAD}) "
-            f"ORDER BY t.priority DESC, t.available_at{ties} LIMIT ?{tx.skip_locked}) w")
+    The candidates are read by ``_candidates``: the cost is that of ``limit`` tasks, not of the queue."""
+    walks, params = _candidates(tx, [type], held, limit, now, lock=True)
     rows = tx.query(
         "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
-        "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM ("
-        f"{walk.format('t.lease_expires <= ?')} UNION ALL {walk.format('t.available_at <= ?')}) c "
+        f"attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM ({walks}) c "
         "ORDER BY priority DESC, available_at, created_at LIMIT ?) RETURNING id, type, params, token, attempts",
-        (_RUNNING, owner, lease_until, now, now, type, _RUNNING, now, *held, limit,
-         type, _PENDING, now, *held, limit, limit),
+        (_RUNNING, owner, lease_until, now, now, *params, limit),
     )
     return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
 
