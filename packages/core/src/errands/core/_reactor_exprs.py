@@ -4,8 +4,10 @@
 CEL expressions are compiled once, when the reaction is registered, with ``cel-python`` (the ``cel``
 extra). They see the event's CloudEvents envelope as variables: ``type``, ``subject``, ``source``, ``id``,
 ``time`` (a timestamp), ``data``, and errands' ``stream``. A dotted path (``data.customer``, ``stream``)
-is read straight from the event, without CEL. ``Envelopes`` converts an event for CEL once and keeps it
-for the other reactions reading the same event.
+is read straight from the event, without CEL. An expression in the common subset of ``_cel_subset``
+(comparisons, ``in``, ``!``, ``&&``, ``||``, field selection, literals) is evaluated straight over the event's
+values too, with cel-python's answers; cel-python evaluates the rest. ``Envelopes`` converts an event for CEL
+once and keeps it, and each expression's value, for the other reactions reading the same event.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
+from ._cel_subset import Undecided, compile_subset
 from ._values import Event
 from .errors import ConfigError, MissingDependencyError
 from .store import dumps
@@ -93,6 +96,8 @@ class Expression:
     field: str
     program: Any
     names: tuple[str, ...] = ()
+    #: The expression evaluated over the event's own values, when it is in ``_cel_subset``'s subset.
+    direct: Callable[[Event], Any] | None = None
 
     def run(self, variables: dict[str, Any]) -> Any:
         """The expression's value over ``variables`` (CEL values), as plain Python; raises ``ValueError``
@@ -141,7 +146,8 @@ def compile_cel(text: Any, field: str) -> Expression:
             f"{field} {text!r} uses unknown name(s) {', '.join(unknown)}: a CEL expression sees "
             f"{', '.join(CEL_VARIABLES)} (such as 'data.{unknown[0]}')", field=field, value=text)
     return Expression(text=text, field=field, program=program,
-                      names=tuple(n for n in CEL_VARIABLES if n in _free_names(program.ast)))
+                      names=tuple(n for n in CEL_VARIABLES if n in _free_names(program.ast)),
+                      direct=compile_subset(program.ast))
 
 
 _MACROS = ("all", "exists", "exists_one", "map", "filter")
@@ -202,17 +208,30 @@ class Envelopes:
         if expression.text in values:
             value = values[expression.text]
         else:
-            for name in expression.names:
-                if name not in variables:
-                    variables[name] = _variable(name, event)
-            try:
-                value = expression.run({name: variables[name] for name in expression.names})
-            except ValueError as exc:
-                value = exc
-            values[expression.text] = value
+            value = values[expression.text] = _value(expression, event, variables)
         if isinstance(value, ValueError):
             raise value
         return value
+
+
+def _value(expression: Expression, event: Event, variables: dict[str, Any]) -> Any:
+    """``expression`` on ``event``, or the ``ValueError`` saying why it has none: read straight from the event
+    when the expression is in the direct subset and its values settle it, else by cel-python over the event's
+    CEL variables (converted once, kept in ``variables`` for the next expression)."""
+    if expression.direct is not None:
+        try:
+            return expression.direct(event)
+        except ValueError as exc:
+            return ValueError(f"{expression.field} {expression.text!r}: {exc}")
+        except Undecided:
+            pass
+    for name in expression.names:
+        if name not in variables:
+            variables[name] = _variable(name, event)
+    try:
+        return expression.run({name: variables[name] for name in expression.names})
+    except ValueError as exc:
+        return exc
 
 
 def _variable(name: str, event: Event) -> Any:
