@@ -11,12 +11,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from errands.core import Event
 from errands.core._cel_subset import Undecided
 from errands.core._reactor_exprs import Envelopes, _variable, compile_cel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("celpy", reason="cel-python is the `cel` extra")
 compile_cel("true", "predicate")  # cel-python raises the recursion limit once, when first used: not inside a test

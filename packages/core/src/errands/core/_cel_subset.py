@@ -111,26 +111,17 @@ def _logic(left: Fn, right: Fn, absorbing: bool) -> Fn:
     return run
 
 
-def _not(operand: Fn) -> Fn:
+def _on(operand: Fn, accepted: type, apply: Callable[[Any], Any]) -> Fn:
+    """``apply`` to the value of ``operand`` when it is an ``accepted`` (``!`` on a bool, a selection on a map);
+    an error passes on, any other value is cel-python's."""
+
     def run(env: Env) -> Any:
         value = operand(env)
         if value is ERROR:
             return ERROR
-        if not isinstance(value, bool):
+        if not isinstance(value, accepted):
             raise Undecided
-        return not value
-
-    return run
-
-
-def _select(operand: Fn, name: str) -> Fn:
-    def run(env: Env) -> Any:
-        value = operand(env)
-        if value is ERROR:
-            return ERROR
-        if not isinstance(value, dict):
-            raise Undecided
-        return value.get(name, ERROR)
+        return apply(value)
 
     return run
 
@@ -225,12 +216,13 @@ def _build(node: Any) -> Fn:
         if len(kids) == 1:
             return _build(kids[0])
         if len(kids) == 2 and getattr(kids[0], "data", None) == "unary_not":
-            return _not(_build(kids[1]))
+            return _on(_build(kids[1]), bool, lambda value: not value)
         raise _Outside
     if kind == "member" and len(kids) == 1:
         return _build(kids[0])
     if kind == "member_dot" and len(kids) == 2 and not hasattr(kids[1], "data"):
-        return _select(_build(kids[0]), str(kids[1]))
+        name = str(kids[1])
+        return _on(_build(kids[0]), dict, lambda value: value.get(name, ERROR))
     if kind == "paren_expr" and len(kids) == 1:
         return _build(kids[0])
     if kind == "ident" and len(kids) == 1:
