@@ -264,16 +264,20 @@ class Reactor:
         keyed = reaction.debounce_ms or reaction.ordered
         now = self.store.clock.now()
         queued = 0
+        rows: list[tuple[str, str, str | None, float, float, str | None, int | None]] = []
         with self.store.transaction() as tx:
             for ev in events:
                 if not compiled.matches(ev, envelopes):
                     continue
                 key = f"{reaction.name}|{compiled.key(ev, envelopes)}" if keyed else None
-                queued += tasks_table.insert(
-                    tx, reaction.task_id(ev), reaction.task_type, dumps(ev.to_cloudevent(), field="data"),
-                    now + delay, key if reaction.debounce_ms else None, now,
-                    order_key=key if reaction.ordered else None, order_seq=ev.position,
-                )
+                params = dumps(ev.to_cloudevent(), field="data")
+                order_key, order_seq = (key, ev.position) if reaction.ordered else (None, None)
+                if reaction.debounce_ms:  # one at a time: each replaces the pending task of its key
+                    queued += tasks_table.insert(tx, reaction.task_id(ev), reaction.task_type, params, now + delay,
+                                                 key, now, order_key=order_key, order_seq=order_seq)
+                else:
+                    rows.append((reaction.task_id(ev), reaction.task_type, params, now, now, order_key, order_seq))
+            queued += tasks_table.insert_many(tx, rows)
             version = self.store.kv_put(CURSOR_NAMESPACE, f"reactor:{reaction.name}", last,
                                         expected_version=version, tx=tx)
         self._cursors[reaction.name] = (last, version)

@@ -190,6 +190,17 @@ def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debou
     )
 
 
+def insert_many(tx: Tx, rows: Sequence[tuple[str, str, str | None, float, float, str | None, int | None]]) -> int:
+    """Queue many tasks at once, each ``(id, type, params, at, now, order_key, order_seq)`` (priority 0, no
+    debounce key), those whose id exists left as they are; returns how many were queued."""
+    return tx.insert_rows(
+        "INSERT INTO em_tasks (id, type, params, status, available_at, created_at, updated_at, order_key, "
+        "order_seq) VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(task_id, type_, params, _PENDING, at, now, now, order_key, order_seq)
+         for task_id, type_, params, at, now, order_key, order_seq in rows],
+        " ON CONFLICT (id) DO NOTHING")
+
+
 def get(tx: Tx, task_id: str) -> TaskRecord | None:
     row = tx.one(f"SELECT {_COLS} FROM em_tasks WHERE id = ?", (task_id,))
     return _record(row) if row else None
