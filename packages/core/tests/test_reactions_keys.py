@@ -281,3 +281,56 @@ def test_reactions_list_shows_each_reaction(url: str, capsys: pytest.CaptureFixt
     finally:
         reactor.close()
         store.close()
+
+
+def test_a_claim_takes_heads_of_keys_by_priority_held_back_by_retries_cancels_and_held_runs(url: str) -> None:
+    from errands.core import _tasks_table as table
+
+    store = open_store(url)
+    try:
+        TaskEngine(store)  # the tasks tables
+        now = store.clock.now()
+
+        def claim(owner: str = "w1", held: tuple[str, ...] = (), at: float = now) -> list[str]:
+            with store.transaction() as tx:
+                return sorted(c.id for c in table.claim(tx, "x", owner, list(held), 10, at + 1000, at))
+
+        def status(task_id: str) -> str:
+            with store.transaction() as tx:
+                record = table.get(tx, task_id)
+            assert record is not None
+            return str(record.status)
+
+        with store.transaction() as tx:
+            for task_id, priority, key, seq in (("a1", 0, "k1", 1), ("a2", 9, "k1", 2), ("p", 5, None, None),
+                                                ("b1", 1, "k2", 3), ("b2", 0, "k2", 4)):
+                table.insert(tx, task_id, "x", None, now, None, now, priority=priority, order_key=key, order_seq=seq)
+            # the order of types a pass plans by leaves out tasks that are not the head of their key
+            assert table.due_order(tx, ["x", "y"], [], 10, now) == ["x", "x", "x"]
+        # the heads, highest priority first; a2 waits for a1 whatever its priority
+        with store.transaction() as tx:
+            assert [c.id for c in table.claim(tx, "x", "w1", [], 2, now + 1000, now)] in (["p", "b1"], ["b1", "p"])
+        assert claim() == ["a1"]
+        assert {status(t) for t in ("p", "b1", "a1")} == {"RUNNING"} and status("a2") == "PENDING"
+        assert claim() == []  # a1 and b1 run: their keys are held
+        # b1's attempt failed and retries later: it holds k2; a1 asked to cancel runs on and holds k1
+        with store.transaction() as tx:
+            token = int(tx.one("SELECT token FROM em_tasks WHERE id = 'p'")[0])  # type: ignore[index]
+            assert table.finish(tx, "p", token, {"status": "SUCCEEDED", "finished_at": now}, now)
+            token = int(tx.one("SELECT token FROM em_tasks WHERE id = 'b1'")[0])  # type: ignore[index]
+            assert table.finish(tx, "b1", token, {"status": "PENDING", "available_at": now + 100}, now)
+            assert table.cancel(tx, "a1", now) is TaskStatus.RUNNING
+        assert claim() == []
+        # the retry is due: b1 again, not b2
+        assert claim(at=now + 101) == ["b1"]
+        # a1's run ends cancelled: a2 is the head of k1 now
+        with store.transaction() as tx:
+            token = int(tx.one("SELECT token FROM em_tasks WHERE id = 'a1'")[0])  # type: ignore[index]
+            assert table.finish(tx, "a1", token, {"status": "CANCELLED", "finished_at": now}, now)
+        # a2's lease lapses while its handler runs on past a time limit on w1: w1 holds it, another worker takes it
+        assert claim(at=now + 102) == ["a2"]
+        assert claim(owner="w1", held=("a2",), at=now + 2000) == ["b1"]  # b1's lease lapsed too: not held by w1
+        assert claim(owner="w2", at=now + 2000) == ["a2"]
+        assert status("b2") == "PENDING"
+    finally:
+        store.close()
