@@ -360,9 +360,9 @@ def _candidates(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, n
     the union (``priority DESC, available_at, created_at``) and keeps its first ``limit``. With ``lock`` the
     rows read are locked, skipping those another claim holds (PostgreSQL)."""
     mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
-    # Ties of available_at go in submission order: SQLite's index holds them in rowid order already, and
-    # naming created_at in its walk would make it sort every tie before the LIMIT.
-    ties = ", t.created_at" if tx.dialect == POSTGRES else ""
+    # A walk orders by the index's own columns only: naming created_at there too would make the database sort
+    # every due task (ties of available_at are tasks queued at once; the index holds them in the order they
+    # were written), where the caller sorts at most ``2 * limit`` candidates by it.
     locked = tx.skip_locked if lock else ""
     walks: list[str] = []
     params: list[Any] = []
@@ -371,7 +371,7 @@ def _candidates(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, n
             walks.append(
                 "SELECT * FROM (SELECT t.id, t.type, t.priority, t.available_at, t.created_at FROM em_tasks t "
                 f"WHERE t.type = ? AND {due}{mine} AND (t.order_key IS NULL OR {_HEAD}) "
-                f"ORDER BY t.priority DESC, t.available_at{ties} LIMIT ?{locked}) w")
+                f"ORDER BY t.priority DESC, t.available_at LIMIT ?{locked}) w")
             params.extend((type_, status, now, *held, limit))
     return " UNION ALL ".join(walks), params
 
