@@ -356,13 +356,15 @@ def _candidates(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, n
     """A query of the tasks a claim of ``types`` could take, as rows ``(id, type, priority, available_at,
     created_at)``: the first ``limit`` of each type and kind, ``held`` left out, a keyed task only at the head
     of its key. Each is one walk of the due index (type, status, priority DESC, available_at) in order that
-    stops at ``limit``, so the cost is that of ``limit`` tasks per type, not of the queue; the caller orders
-    the union (``priority DESC, available_at, created_at``) and keeps its first ``limit``. With ``lock`` the
-    rows read are locked, skipping those another claim holds (PostgreSQL)."""
+    stops at ``limit``, so the cost is that of ``limit`` tasks per type and of those the walk passes over
+    (keyed tasks behind the head of their key, tasks of a higher priority not due yet), not of the queue; the
+    caller orders the union (``priority DESC, available_at, created_at``) and keeps its first ``limit``. With
+    ``lock`` the rows read are locked, skipping those another claim holds (PostgreSQL; a candidate the caller
+    leaves stays locked until its transaction ends)."""
     mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
     # A walk orders by the index's own columns only: naming created_at there too would make the database sort
-    # every due task (ties of available_at are tasks queued at once; the index holds them in the order they
-    # were written), where the caller sorts at most ``2 * limit`` candidates by it.
+    # every due task (ties of available_at are tasks queued at once; the index holds them about in the order
+    # they were written), where the caller sorts at most ``2 * limit`` candidates by it.
     locked = tx.skip_locked if lock else ""
     walks: list[str] = []
     params: list[Any] = []
@@ -400,7 +402,7 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
     finished, failed, cancelled or dead one does not; a dead one queued again by ``redrive`` runs at once, even
     beside a later one of its key).
 
-    The candidates are read by ``_candidates``: the cost is that of ``limit`` tasks, not of the queue."""
+    The candidates are read by ``_candidates``, walks of the due index that stop at ``limit``."""
     walks, params = _candidates(tx, [type], held, limit, now, lock=True)
     rows = tx.query(
         "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
