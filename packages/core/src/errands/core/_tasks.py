@@ -344,6 +344,7 @@ class TaskEngine:
     def register(
         self, type: str, fn: Callable[..., Any], *, max_concurrency: int | None = None,
         rate_limit_per_s: float | None = None, retry_max: int | None = None, dlq_after: int | None = None,
+        retry_base: float | None = None,
         time_limit: float | timedelta | None = None,
     ) -> None:
         """Run tasks of ``type`` with ``fn``.
@@ -356,6 +357,8 @@ class TaskEngine:
             retry_max: retries after a failure (default: the engine's).
             dlq_after: park the task in the dead-letter list (status ``DEAD``) after this many failed
                 attempts, or once its retries run out; None ends such tasks ``FAILED``.
+            retry_base: the first retry delay in seconds of this type (default: the engine's), doubling
+                each attempt up to the engine's ``retry_cap``.
             time_limit: seconds (or a ``timedelta``) an attempt may run. Past it the attempt fails (a
                 ``TimeoutError``, retried by the type's policy) and the handler is asked to stop: an async one
                 is cancelled; a sync one sees ``ctx.cancelled`` and should return soon. Until a sync handler
@@ -382,6 +385,11 @@ class TaskEngine:
         ):
             problems.append(ConfigError(f"rate_limit_per_s must be a positive number, got {rate_limit_per_s!r}",
                                         field="rate_limit_per_s", value=rate_limit_per_s))
+        if retry_base is not None and (
+            not isinstance(retry_base, (int, float)) or isinstance(retry_base, bool) or retry_base <= 0
+        ):
+            problems.append(ConfigError(f"retry_base must be a positive number of seconds, got {retry_base!r}",
+                                        field="retry_base", value=retry_base))
         try:
             limit = _seconds(time_limit, "time_limit")
         except ConfigError as exc:
@@ -393,7 +401,8 @@ class TaskEngine:
             fn=fn, wants_ctx=_wants_ctx(fn), max_concurrency=max_concurrency,
             rate_limit_per_s=float(rate_limit_per_s) if rate_limit_per_s else None,
             policy=RetryPolicy(retry_max=self.retry_max if retry_max is None else retry_max, dlq_after=dlq_after,
-                               base=self.retry_base, cap=self.retry_cap),
+                               base=self.retry_base if retry_base is None else float(retry_base),
+                               cap=self.retry_cap),
             tokens=max(1.0, float(rate_limit_per_s or 1)), refilled_at=self.store.clock.now(), time_limit=limit,
         )
 
