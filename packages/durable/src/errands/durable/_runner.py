@@ -32,8 +32,8 @@ from ._parallel import Slots, check_parallelism
 from ._queues import QueueConfig, Queues
 from ._registry import DurableFunction, Registry
 from ._replay import ReplayResult, replay
-from ._timeouts import check_timeout, expire_due, expire_keys
 from ._schedules import Schedules
+from ._timeouts import check_timeout, expire_due, expire_keys
 from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, to_seconds
 
 log = logging.getLogger("errands.durable")
