@@ -4,7 +4,7 @@ Every workflow runs in the calling thread, start to finish, with each step's res
 the next step runs:
 
 - ``errands sync``: ``DurableRunner("sqlite:///...").run("three", i)`` with its default durability (WAL,
-  ``synchronous=NORMAL``, one commit per step result, the steps' starts and the execution's start and end
+  ``synchronous=FULL``, one commit per step result, the steps' starts and the execution's start and end
   in their own commits);
 - ``errands async (3 async steps)``: the same workflow as an ``async def`` function whose three steps are
   ``async def`` too, each awaited in turn (the same commits);
@@ -198,8 +198,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="errands-bench-durable-") as tmp:
         results: list[tuple[str, str, float]] = []
         sync_s, async_s = run_errands(tmp, n, args.repeat)
-        results.append(("errands sync", "WAL, synchronous=NORMAL (default)", sync_s))
-        results.append(("errands async (3 async steps)", "WAL, synchronous=NORMAL (default)", async_s))
+        results.append(("errands sync", "WAL, synchronous=FULL (default)", sync_s))
+        results.append(("errands async (3 async steps)", "WAL, synchronous=FULL (default)", async_s))
         for child, label in (("dbos-default", "defaults (rollback journal, synchronous=FULL)"),
                              ("dbos-tuned", "WAL, synchronous=NORMAL")):
             out = subprocess.run(

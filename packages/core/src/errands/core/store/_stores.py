@@ -24,6 +24,7 @@ from .._values import Event, Lease
 from ..errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
 from . import _async
 from ._connections import caller_transaction, pg_server
+from ._group import GroupCommitter
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, in_clause, loads, subject_matcher
 
 log = logging.getLogger("errands.store")
@@ -149,6 +150,7 @@ class SQLStore:
         self.clock: Clock = clock or SystemClock()
         self._migrated: set[str] = set()
         self._migrate_lock = threading.Lock()
+        self._committer = GroupCommitter(self)
 
     # -- connections -------------------------------------------------------------------------
     def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
@@ -165,6 +167,26 @@ class SQLStore:
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         """A read-only transaction."""
         return self.transaction()
+
+    def group_commit(self, work: Callable[[Tx], _T]) -> _T:
+        """Run ``work(tx)`` in a transaction of the store's own, shared with the concurrent calls of other threads
+        (group commit): one commit serves every call that arrived while the previous group was committing.
+
+        Returns only once the transaction holding ``work`` has committed, with what ``work`` returned. Each call's
+        work runs inside a savepoint: if it raises, its statements are undone and the error is raised to its own
+        caller, not to the others. ``work`` runs in the thread of the group's leader and must use only ``tx``.
+        A lone caller's work runs in a plain transaction, with no wait. Under ``run_async`` on PostgreSQL (a
+        coroutine's transaction on the loop's pool) the work runs in a transaction of its own.
+
+        Raises:
+            Exception: the error ``work`` raised, or the transaction's own (a failed commit, a dropped
+                connection), in which case nothing of the group was committed.
+        """
+        if _async._live and _async.bridged_store() is self:
+            # On an event loop's greenlet: waiting for a leader in another thread would block the loop.
+            with self.transaction() as tx:
+                return work(tx)
+        return self._committer.run(work)
 
     async def run_async(self, fn: Callable[..., _T], /, *args: Any, conn: Any = None, **kwargs: Any) -> _T:
         """Run store work written once, for sync callers, on behalf of a coroutine: ``fn(*args, **kwargs)``
@@ -705,7 +727,13 @@ class SQLiteStore(SQLStore):
     """The embedded store: one SQLite file in WAL mode, on a local disk (never NFS).
 
     URL: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``; query options
-    ``synchronous`` (``NORMAL`` default; ``FULL`` survives power loss) and ``busy_timeout`` (ms, 30000).
+    ``synchronous`` and ``busy_timeout`` (ms, 30000).
+
+    ``synchronous=FULL`` (the default) fsyncs the WAL at every commit: a commit that returned survives a power
+    loss or an operating-system crash. ``synchronous=NORMAL`` (``sqlite:///app.db?synchronous=normal`` or
+    ``SQLiteStore(url, synchronous="normal")``) fsyncs only at checkpoints: it still survives a crash of the
+    process, but a power loss can lose the last commits (effects whose ``submit`` returned). ``OFF`` and
+    ``EXTRA`` are SQLite's own.
     """
 
     name: ClassVar[str] = "sqlite"
@@ -727,7 +755,7 @@ class SQLiteStore(SQLStore):
             raise ConfigError(f"store URL {url!r} names no file", field="store", value=url)
         self.path = path
         url_sync = options.pop("synchronous", None)
-        sync = (synchronous or url_sync or "NORMAL").upper()
+        sync = (synchronous or url_sync or "FULL").upper()
         if sync not in _SYNC_LEVELS:
             raise ConfigError(
                 f"store option synchronous must be one of {', '.join(_SYNC_LEVELS)}, got {sync!r}",
