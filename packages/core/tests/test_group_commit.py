@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import pytest
-from errands.core import Effect, EffectConflictError, Outbox, open_store
+from errands.core import Effect, EffectConflictError, Journal, NewEvent, Outbox, TaskEngine, open_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -255,6 +255,37 @@ def test_a_callers_own_connection_is_never_grouped(tmp_path: Path) -> None:
     conn.close()
     outbox.close()
     store.close()
+
+
+def _from_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    out: list[Any] = [None] * n
+
+    def call(i: int) -> None:
+        out[i] = fn(i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_concurrent_journal_appends_share_commits_and_keep_each_stream_numbered(store: Any) -> None:
+    journal = Journal(store)
+    appended = _from_threads(8, lambda t: [journal.append(f"s{t % 3}", "e", {"t": t, "i": i}) for i in range(40)])
+    events = [e for batch in appended for e in batch]
+    stored = journal.read(0, limit=1000)
+    assert sorted(e.position for e in events) == [e.position for e in stored]
+    for stream in ("s0", "s1", "s2"):
+        seqs = [e.seq for e in stored if e.stream == stream]
+        assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_concurrent_task_submits_all_get_durable_rows(store: Any) -> None:
+    engine = TaskEngine(store, handlers={"noop": lambda params: None})
+    ids = _from_threads(8, lambda t: [engine.submit("noop", {"t": t, "i": i}) for i in range(30)])
+    assert all(engine.get(i) is not None for batch in ids for i in batch)
 
 
 # -- the batcher as a property: any mix of good and failing members, any grouping --------------------------------

@@ -305,11 +305,14 @@ class SQLStore:
         SQLStore._positioned = tuple(SQLStore._reserved)
 
     def append_events(self, events: Sequence[NewEvent], *, tx: Tx | None = None, conn: Any = None) -> list[Event]:
-        """Append events in one transaction (or inside ``tx`` / the caller's ``conn``)."""
+        """Append events in one transaction (or inside ``tx`` / the caller's ``conn``); without either, concurrent
+        appends share commits (``group_commit``), each returning once its events are committed."""
         for ev in events:
             _validate_new_event(ev, self._reserved)
         if tx is not None:
             return self._append(tx, events)
+        if conn is None:
+            return self.group_commit(lambda t: self._append(t, events))
         with self.transaction(conn) as t:
             return self._append(t, events)
 
