@@ -193,3 +193,38 @@ def test_many_streams_keep_their_order_and_no_two_batches_of_one_stream_fly_toge
         last[stream] = int(seq)
     assert store.get_cursor("fanout:r") == 1500
     fanout.close()
+
+
+def test_a_store_fault_mid_pass_ends_it_only_after_the_batches_in_flight_answered(store: Any) -> None:
+    a, b = streams_in_lanes(2)
+    Journal(store).append_many([NewEvent(s, "t", {}) for s in (a, b)])
+    sink = HeldSink()
+    fanout = FanOut(store, [Route("r", sink, batch_size=10, max_in_flight=2)])
+    real = fanout._commit
+    faults = [ConnectionError("the database went away")]
+
+    def commit(*args: Any) -> bool:
+        if faults:
+            raise faults.pop()
+        return real(*args)
+
+    fanout._commit = commit  # type: ignore[method-assign]  # a store fault on the first cursor commit
+    raised: list[BaseException] = []
+
+    def pass_() -> None:
+        try:
+            fanout.run_once()
+        except ConnectionError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=pass_)
+    thread.start()
+    until(lambda: len(sink.held()) == 2, "two batches in flight")
+    sink.ack(f"{a}/1")  # its cursor commit fails
+    thread.join(0.3)
+    assert thread.is_alive() and sink.held() == [f"{b}/1"]  # still waiting for b's answer
+    sink.ack(f"{b}/1")
+    thread.join(20)
+    assert raised and not thread.is_alive()
+    assert store.get_cursor("fanout:r") == 0  # nothing committed: the next pass delivers both again
+    fanout.close()

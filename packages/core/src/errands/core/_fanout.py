@@ -282,52 +282,58 @@ class FanOut:
         exhausted = failed = lost = False
         any_events = False
         pool = self._executor(n)
-        while True:
-            # Read ahead while batches are in flight: at most two windows buffered, at most ``budget`` a pass.
-            if not exhausted and not failed and buffered < 2 * size * n:
-                events, last = self.store.scan_events(scanned, size * n, subjects)
-                if last <= scanned:
-                    exhausted = True
+        try:
+            while True:
+                # Read ahead while batches are in flight: at most two windows buffered, at most ``budget`` a pass.
+                if not exhausted and not failed and buffered < 2 * size * n:
+                    events, last = self.store.scan_events(scanned, size * n, subjects)
+                    if last <= scanned:
+                        exhausted = True
+                    else:
+                        scanned = last
+                        if run.ahead:
+                            events = [e for e in events if e.id not in run.ahead]
+                        for ev in events:
+                            pending[zlib.crc32(ev.stream.encode()) % n if n > 1 else 0].append(ev)
+                        buffered += len(events)
+                        budget -= len(events)
+                        any_events = any_events or bool(events)
+                        exhausted = budget <= 0
+                if not failed:
+                    for i in range(n):
+                        if not busy[i] and pending[i]:
+                            q = pending[i]
+                            batch = [q.popleft() for _ in range(min(size, len(q)))]
+                            buffered -= len(batch)
+                            busy[i] = True
+                            flying[pool.submit(self._publish_batch, route, lanes[i], batch)] = (i, batch)
+                if not flying:
+                    break
+                if not exhausted and not failed and buffered < 2 * size * n:
+                    # Room to read more: take the acknowledgements that came, without waiting for one.
+                    done, _ = wait(flying, timeout=0)
+                    if not done:
+                        continue
                 else:
-                    scanned = last
-                    if run.ahead:
-                        events = [e for e in events if e.id not in run.ahead]
-                    for ev in events:
-                        pending[zlib.crc32(ev.stream.encode()) % n if n > 1 else 0].append(ev)
-                    buffered += len(events)
-                    budget -= len(events)
-                    any_events = any_events or bool(events)
-                    exhausted = budget <= 0
-            if not failed:
-                for i in range(n):
-                    if not busy[i] and pending[i]:
-                        q = pending[i]
-                        batch = [q.popleft() for _ in range(min(size, len(q)))]
-                        buffered -= len(batch)
-                        busy[i] = True
-                        flying[pool.submit(self._publish_batch, route, lanes[i], batch)] = (i, batch)
-            if not flying:
-                break
-            if not exhausted and not failed and buffered < 2 * size * n:
-                # Room to read more: take the acknowledgements that came, without waiting for one.
-                done, _ = wait(flying, timeout=0)
-                if not done:
+                    done, _ = wait(flying, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i, _batch = flying.pop(future)
+                    busy[i] = False
+                    if not future.result():
+                        failed = True
+                if failed:
                     continue
-            else:
-                done, _ = wait(flying, return_when=FIRST_COMPLETED)
-            for future in done:
-                i, _batch = flying.pop(future)
-                busy[i] = False
-                if not future.result():
-                    failed = True
-            if failed:
-                continue
-            held = _earliest_held(lanes, pending, flying)
-            cursor = scanned if held is None else held - 1
-            if cursor > run.cursor:
-                parked = _take_parked(lanes, committed)
-                if not self._commit(run, cursor, parked):
-                    failed = lost = True  # another process moved the cursor: this pass ends here
+                held = _earliest_held(lanes, pending, flying)
+                cursor = scanned if held is None else held - 1
+                if cursor > run.cursor:
+                    parked = _take_parked(lanes, committed)
+                    if not self._commit(run, cursor, parked):
+                        failed = lost = True  # another process moved the cursor: this pass ends here
+        except BaseException:
+            # A store fault (or an interruption) ends the pass: let the batches in flight answer first, so that
+            # the next pass never has two batches of one stream in flight at once.
+            wait(flying)
+            raise
         if lost:
             return Window(cursor=run.cursor, ahead={}, delivered=sum(len(lane.delivered) for lane in lanes),
                           parked=_take_parked(lanes, committed), stop=None, retry=None)
