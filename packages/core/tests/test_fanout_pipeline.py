@@ -148,6 +148,8 @@ def test_a_streams_next_batch_waits_for_the_acknowledgement_of_its_previous_one(
     thread, out = run_in_thread(fanout.run_once)
     for first in (1, 3, 5):
         until(lambda first=first: sink.held() == [f"{a}/{first}"], f"the batch from {a}/{first}, alone")
+        # The cursor follows the acknowledgements while the pass goes on.
+        assert store.get_cursor("fanout:r") == first - 1
         sink.ack(f"{a}/{first}")
     thread.join(20)
     assert out == [6]

@@ -278,7 +278,7 @@ class FanOut:
         flying: dict[Future[bool], tuple[int, list[Event]]] = {}
         busy = [False] * n
         committed = [0] * n  # per lane, how many of its parked events went with a commit already
-        buffered = 0
+        buffered = acknowledged = 0
         exhausted = failed = lost = False
         any_events = False
         pool = self._executor(n)
@@ -317,15 +317,19 @@ class FanOut:
                 else:
                     done, _ = wait(flying, return_when=FIRST_COMPLETED)
                 for future in done:
-                    i, _batch = flying.pop(future)
+                    i, batch = flying.pop(future)
                     busy[i] = False
+                    acknowledged += len(batch)
                     if not future.result():
                         failed = True
-                if failed:
+                # A commit (an fsync at the default durability) per window of acknowledgements while the journal
+                # has more, per acknowledgement at the tail of the pass.
+                if failed or (acknowledged < size * n and not exhausted):
                     continue
                 held = _earliest_held(lanes, pending, flying)
                 cursor = scanned if held is None else held - 1
                 if cursor > run.cursor:
+                    acknowledged = 0
                     parked = _take_parked(lanes, committed)
                     if not self._commit(run, cursor, parked):
                         failed = lost = True  # another process moved the cursor: this pass ends here
