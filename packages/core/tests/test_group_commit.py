@@ -385,3 +385,29 @@ def test_a_sigkill_mid_window_loses_no_submit_that_returned(kind: str, tmp_path:
 
 if __name__ == "__main__":
     _submit_forever(sys.argv[1], sys.argv[2])
+
+
+def test_a_submit_inside_the_threads_own_transaction_fails_at_once_rather_than_wait_for_a_leader(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'own-tx.db'}")
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    leader_done = threading.Event()
+    errors: list[BaseException] = []
+    with store.transaction():
+        # Another thread becomes a group's leader and waits for this thread's transaction to end.
+        leader = threading.Thread(target=lambda: (outbox.submit(Effect(key="led", connector="noop", payload={})),
+                                                  leader_done.set()))
+        leader.start()
+        until_leading = time.monotonic() + 20
+        while not store._committer._leading and time.monotonic() < until_leading:
+            time.sleep(0.001)
+        try:
+            outbox.submit(Effect(key="nested", connector="noop", payload={}))
+        except Exception as exc:  # SQLite refuses a transaction inside a transaction
+            errors.append(exc)
+    leader.join(20)
+    assert errors and leader_done.is_set()
+    assert [r.key for r in outbox.list()] == ["led"]
+    outbox.close()
+    store.close()

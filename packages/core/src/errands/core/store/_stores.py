@@ -182,11 +182,16 @@ class SQLStore:
             Exception: the error ``work`` raised, or the transaction's own (a failed commit, a dropped
                 connection), in which case nothing of the group was committed.
         """
-        if _async._live and _async.bridged_store() is self:
-            # On an event loop's greenlet: waiting for a leader in another thread would block the loop.
+        if (_async._live and _async.bridged_store() is self) or self._in_transaction_here():
+            # On an event loop's greenlet, waiting for a leader in another thread would block the loop; inside a
+            # transaction of this thread's own, the leader would wait for it: the work goes alone (as before).
             with self.transaction() as tx:
                 return work(tx)
         return self._committer.run(work)
+
+    def _in_transaction_here(self) -> bool:
+        """Whether this thread is inside a transaction of the store's own that would hold a group's leader up."""
+        return False
 
     async def run_async(self, fn: Callable[..., _T], /, *args: Any, conn: Any = None, **kwargs: Any) -> _T:
         """Run store work written once, for sync callers, on behalf of a coroutine: ``fn(*args, **kwargs)``
@@ -802,6 +807,11 @@ class SQLiteStore(SQLStore):
         if conn is not None:
             return caller_transaction(self, conn)
         return _SQLiteTransaction(self._lock, self._conn)
+
+    def _in_transaction_here(self) -> bool:
+        # The store's one connection is held under this lock for a whole transaction (or read).
+        owned: bool = self._lock._is_owned()  # type: ignore[attr-defined]  # RLock's C method, not in typeshed
+        return owned
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
