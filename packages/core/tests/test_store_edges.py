@@ -115,6 +115,15 @@ def test_synchronous_defaults_to_full_and_normal_is_an_opt_in(tmp_path: Path) ->
             opened.close()
 
 
+def test_statement_journals_stay_in_memory(tmp_path: Path) -> None:
+    """A batched write's statement journal is not spilled to a temporary file (``temp_store = MEMORY``)."""
+    store = open_store(f"sqlite:///{tmp_path / 't.db'}")
+    try:
+        assert _pragma(store, "temp_store") == 2
+    finally:
+        store.close()
+
+
 def test_busy_timeout_from_url(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'b.db'}?busy_timeout=1234")
     try:

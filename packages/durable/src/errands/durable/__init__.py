@@ -25,6 +25,7 @@ from ._errors import (
     CallbackTimeoutError,
     CheckpointError,
     ChildContextError,
+    ContinueAsNew,
     DurableError,
     DurableOperationError,
     ExecutionError,
@@ -38,6 +39,7 @@ from ._errors import (
     SignalTimeoutError,
     StepError,
     StepInterruptedError,
+    StepTimeoutError,
     SuspendExecution,
     UnrecoverableError,
     WaitForConditionError,
@@ -53,6 +55,7 @@ from ._lambda import (
     with_durable_execution,
 )
 from ._registry import DuplicateFunctionError, durable_function
+from ._replay import Divergence, ReplayResult
 from ._retries import (
     JitterStrategy,
     RetryDecision,
@@ -113,6 +116,8 @@ __all__ = [
     "CompletionConfig",
     "CompletionReason",
     "ConcurrentItem",
+    "ContinueAsNew",
+    "Divergence",
     "DuplicateFunctionError",
     "DurableContext",
     "DurableError",
@@ -150,6 +155,7 @@ __all__ = [
     "OperationUpdate",
     "ParallelConfig",
     "PassThroughSerdes",
+    "ReplayResult",
     "RetryDecision",
     "RetryPresets",
     "RetryStrategyConfig",
@@ -164,6 +170,7 @@ __all__ = [
     "StepError",
     "StepInterruptedError",
     "StepSemantics",
+    "StepTimeoutError",
     "SuspendExecution",
     "TerminationReason",
     "UnrecoverableError",

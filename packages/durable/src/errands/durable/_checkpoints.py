@@ -34,6 +34,9 @@ class StoreCheckpoints:
     """Checkpoints of one invocation into the store, under ``lease`` (the worker's claim on the execution's
     queue item) and ``run_token`` (the execution's, as this invocation took it)."""
 
+    #: ``ctx.start_child`` creates executions through this backend (the Lambda API's cannot).
+    starts_children = True
+
     def __init__(self, store: SQLStore, lease: Lease, run_token: int, *, lease_for: float,
                  registry: Registry) -> None:
         self.store = store
@@ -132,6 +135,12 @@ class StoreCheckpoints:
                                   parent=(self.execution_id, u.operation_id))
             elif u.sub_type is OperationSubType.WAIT_FOR_SIGNAL and u.action is OperationAction.START and u.name:
                 signal_names[u.name] = None
+            elif u.sub_type is OperationSubType.SET_EVENT and u.name:
+                schema.set_event(tx, self.execution_id, u.name, u.payload, now)
+            elif u.sub_type is OperationSubType.START_CHILD and u.action is OperationAction.START:
+                assert u.function_name is not None and u.child_execution_id is not None
+                executions.create(self.store, tx, u.child_execution_id, u.function_name, u.payload, now,
+                                  parent=(self.execution_id, None))
         # a wait that starts takes the oldest signal of its name already kept, in this transaction
         taken = {op_id: payload for name in signal_names
                  for op_id, payload in signals.deliver(tx, self.execution_id, name, now)}

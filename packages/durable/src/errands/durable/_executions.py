@@ -35,7 +35,7 @@ def new_execution_id(execution_id: str | None) -> str:
 
 
 def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str | None, now: float, *,
-           parent: tuple[str, str] | None = None, run_token: int = 0) -> bool:
+           parent: tuple[str, str | None] | None = None, run_token: int = 0) -> bool:
     """A new execution, due now, with its ``durable.execution.started`` event. False (nothing changes) if
     the id exists."""
     if not schema.insert_execution(tx, execution_id, function, input_text, now, parent=parent, run_token=run_token):
@@ -48,14 +48,16 @@ def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text
 
 
 def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str, now: float, *,
-          run_token: int = 0) -> bool:
+          run_token: int = 0, timeout: float | None = None) -> bool:
     """Create the execution, or find it created already with the same function and input (a start is
-    idempotent on its id). Whether it was created.
+    idempotent on its id). Whether it was created. With ``timeout``, its deadline is queued too.
 
     Raises:
         AlreadyExistsError: the id exists with another function or input.
     """
     if create(store, tx, execution_id, function, input_text, now, run_token=run_token):
+        if timeout is not None:
+            store.enqueue(schema.DEADLINES, [(execution_id, None, now + timeout)], tx=tx)
         return True
     existing = schema.function_and_input(tx, execution_id)
     if existing != (function, input_text):

@@ -19,6 +19,7 @@ from . import _executions as executions
 from . import _schema as schema
 from ._checkpoints import StoreCheckpoints
 from ._context import InvocationOutcome, run_handler
+from ._continuation import continue_run
 from ._errors import ExecutionFencedOut, InvocationAbandoned
 from ._registry import Registry
 from ._state import ExecutionState
@@ -168,6 +169,8 @@ class Invocations:
             self.store.release([backend.lease], delay=settled.release_in, tx=tx)
         if settled.status.terminal:
             executions.end(self.store, tx, eid, settled.status, outcome.result, outcome.error, now)
+        elif outcome.status == "CONTINUED":
+            continue_run(self.store, tx, eid, outcome.result, now)
 
     # -- giving up ------------------------------------------------------------------------------
     def _backoff(self, execution_id: str) -> float:

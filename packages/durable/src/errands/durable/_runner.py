@@ -20,18 +20,24 @@ from errands.core.runtime import drain, error_text, is_infrastructure_error
 from errands.core.store import SQLStore, dumps
 
 from . import _callbacks as callbacks
+from . import _events as events
 from . import _executions as executions
 from . import _management as management
 from . import _schema as schema
 from . import _signals as signals
 from ._invocations import Invocations
 from ._registry import DurableFunction, Registry
+from ._replay import ReplayResult, replay
+from ._timeouts import check_timeout, expire_due, expire_keys
 from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, to_seconds
 
 log = logging.getLogger("errands.durable")
 
 #: How often ``work_once`` applies the retention (seconds of the store's clock).
 RETENTION_EVERY = 60.0
+#: How often ``work_once`` looks for executions past their deadline (seconds of the store's clock): a
+#: deadline is enforced this late at most, and an idle worker's polls cost one statement, not two.
+DEADLINES_EVERY = 1.0
 
 
 class DurableRunner:
@@ -82,6 +88,7 @@ class DurableRunner:
         self._invocations = Invocations(self.store, self._registry, lease_for=self.lease_for,
                                         always_replay=always_replay)
         self._last_retention = 0.0
+        self._last_deadlines = float("-inf")
         self._stop = threading.Event()
 
     # -- registration ----------------------------------------------------------------------------
@@ -109,7 +116,8 @@ class DurableRunner:
         self._registry.check(function)
         return executions.new_execution_id(execution_id), dumps(input, field="input")
 
-    def start(self, function: str, input: Any = None, *, execution_id: str | None = None, conn: Any = None) -> str:
+    def start(self, function: str, input: Any = None, *, execution_id: str | None = None, conn: Any = None,
+              timeout: timedelta | float | None = None) -> str:
         """Start ``function`` on ``input`` (JSON); a worker (or ``wait``) runs it.
 
         Idempotent on ``execution_id``: the same id with the same function and input returns the
@@ -118,33 +126,41 @@ class DurableRunner:
         Args:
             conn: the caller's own connection to the store's database: the execution's rows are written in
                 the caller's transaction, committed (or rolled back) with the caller's other writes.
+            timeout: seconds (or a ``timedelta``) after which the execution, and every execution it started,
+                ends ``TIMED_OUT``, whether or not a worker still runs it (any worker's ``work_once`` ends it;
+                an invocation in flight is fenced out at its next checkpoint).
 
         Raises:
-            ConfigError: unknown function or bad id. PayloadError: input is not JSON.
+            ConfigError: unknown function, bad id or timeout. PayloadError: input is not JSON.
             AlreadyExistsError: the id exists with another function or input.
         """
         execution_id, text = self._prepare_start(function, input, execution_id)
+        seconds = check_timeout(timeout)
         with self.store.transaction(conn) as tx:
-            executions.start(self.store, tx, execution_id, function, text, self.clock.now())
+            executions.start(self.store, tx, execution_id, function, text, self.clock.now(), timeout=seconds)
         return execution_id
 
     async def start_async(self, function: str, input: Any = None, *, execution_id: str | None = None,
-                          conn: Any = None) -> str:
+                          conn: Any = None, timeout: timedelta | float | None = None) -> str:
         """``start`` for coroutines, without blocking the event loop (``conn`` as there)."""
-        started: str = await self.store.run_async(self.start, function, input, execution_id=execution_id, conn=conn)
+        started: str = await self.store.run_async(self.start, function, input, execution_id=execution_id, conn=conn,
+                                                  timeout=timeout)
         return started
 
-    def run(self, function: str, input: Any = None, *, execution_id: str | None = None) -> ExecutionInfo:
+    def run(self, function: str, input: Any = None, *, execution_id: str | None = None,
+            timeout: timedelta | float | None = None) -> ExecutionInfo:
         """Start ``function`` and run its first invocation in this thread.
 
         Returns when the execution finishes or suspends (``PENDING``: a worker resumes it later). The
         invocation holds a lease like a worker's: if the process dies meanwhile, a worker takes the execution
         over within ``lease_for`` seconds. An existing ``execution_id`` is run here only if it is due and no
-        worker holds it.
+        worker holds it. ``timeout`` as ``start``'s.
         """
         execution_id, text = self._prepare_start(function, input, execution_id)
+        seconds = check_timeout(timeout)
         with self.store.transaction() as tx:
-            created = executions.start(self.store, tx, execution_id, function, text, self.clock.now(), run_token=1)
+            created = executions.start(self.store, tx, execution_id, function, text, self.clock.now(), run_token=1,
+                                       timeout=seconds)
             leases = self._invocations.claim_keys([execution_id], tx=tx)
         if created and leases:
             self._invocations.run_first(leases[0], function, text)
@@ -160,7 +176,11 @@ class DurableRunner:
         An execution whose invocation meets a store fault is given back and retried shortly; it never stops
         the others. A fault while claiming claims nothing this round.
         """
-        claimed = self._invocations.run_due(limit)
+        claimed = 0
+        if self.clock.now() - self._last_deadlines >= DEADLINES_EVERY:  # first: not invoked once more
+            self._last_deadlines = self.clock.now()
+            claimed = expire_due(self.store, limit, lease_for=self.lease_for)
+        claimed += self._invocations.run_due(limit)
         if self.retention is not None and self.clock.now() - self._last_retention > RETENTION_EVERY:
             try:
                 self.apply_retention()
@@ -172,8 +192,8 @@ class DurableRunner:
 
     def next_due(self) -> float | None:
         """When the next execution becomes due (epoch seconds), or None."""
-        due: float | None = self.store.next_due(schema.QUEUE)
-        return due
+        dues = [d for d in (self.store.next_due(schema.QUEUE), self.store.next_due(schema.DEADLINES)) if d is not None]
+        return min(dues) if dues else None
 
     def serve(self, stop: threading.Event | None = None, *, poll_interval: float = 0.1) -> None:
         """Run executions until ``stop`` is set (or ``close()``)."""
@@ -222,7 +242,7 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if self._invocations.run_keys(family) == 0:
+            if self._run_family(family) == 0:
                 time.sleep(poll_interval)
 
     async def wait_async(self, execution_id: str, timeout: float | None = None, *,
@@ -240,8 +260,12 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if await self.store.run_async(self._invocations.run_keys, family) == 0:
+            if await self.store.run_async(self._run_family, family) == 0:
                 await asyncio.sleep(poll_interval)
+
+    def _run_family(self, family: list[str]) -> int:
+        """Run the due invocations and deadlines of ``family`` that no worker holds; how many."""
+        return self._invocations.run_keys(family) + expire_keys(self.store, family, lease_for=self.lease_for)
 
     def _look(self, execution_id: str, last: ExecutionInfo | None) -> tuple[ExecutionInfo | None, list[str]]:
         """The execution (``last`` if the store failed) and, unless it finished, the executions of its family
@@ -268,6 +292,54 @@ class DurableRunner:
     def history(self, execution_id: str) -> List[Operation]:
         """The execution's checkpointed operations in the order they started."""
         return management.history(self.store, execution_id)
+
+    # -- versioning and events -------------------------------------------------------------------
+    def replay(self, execution_id: str, fn: DurableFunction) -> ReplayResult:
+        """Replay the execution's stored history against ``fn`` (new code, registered or not) and report
+        the first divergence; nothing is written and no step body runs. Check a deploy with it.
+
+        Raises:
+            NotFoundError: no such execution.
+        """
+        info = self.get(execution_id)
+        # only an execution its code ended may not go on; one cut off (terminated, timed out) may
+        completed = info.status in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED)
+        return replay(execution_id, fn, self.history(execution_id), info.input, completed, self.clock.now)
+
+    def get_event(self, execution_id: str, key: str, timeout: float | None = None, *,
+                  poll_interval: float = 0.02) -> Any:
+        """The latest value the execution set for ``key`` with ``ctx.set_event``, waiting for it to be set:
+        at most ``timeout`` seconds, or (None) until the execution ends. None if it is not set by then (as
+        DBOS's ``get_event``).
+
+        Raises:
+            NotFoundError: no such execution. ConfigError: a bad key or timeout.
+        """
+        key = events.check_wait(key, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done, value = events.look(self.store, execution_id, key)
+            if done:
+                return value
+            pause = events.pause(deadline, poll_interval)
+            if pause is None:
+                return None
+            time.sleep(pause)
+
+    async def get_event_async(self, execution_id: str, key: str, timeout: float | None = None, *,
+                              poll_interval: float = 0.02) -> Any:
+        """``get_event`` for coroutines: the reads run through the store's async bridge, the pauses are
+        ``asyncio.sleep``; the event loop is never blocked."""
+        key = events.check_wait(key, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done, value = await self.store.run_async(events.look, self.store, execution_id, key)
+            if done:
+                return value
+            pause = events.pause(deadline, poll_interval)
+            if pause is None:
+                return None
+            await asyncio.sleep(pause)
 
     # -- callbacks -------------------------------------------------------------------------------
     def complete_callback(self, callback_id: str, result: Any = None) -> bool:

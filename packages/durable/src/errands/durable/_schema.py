@@ -26,6 +26,8 @@ from ._values import (
 
 #: The core queue holding one item per execution that is due to run (or running, while leased).
 QUEUE = "durable.work"
+#: The core queue holding one item per execution started with a timeout, due at its deadline.
+DEADLINES = "durable.deadlines"
 
 MIGRATIONS = [
     Migration(
@@ -95,6 +97,21 @@ MIGRATIONS = [
         CREATE INDEX IF NOT EXISTS durable_signals_name ON durable_signals (execution_id, name, seq)
         """,
     ),
+    # ``ctx.set_event``: the latest value of each key of an execution; ``runs``: how many histories the
+    # execution has had (``ctx.continue_as_new`` starts the next).
+    Migration(
+        3,
+        """
+        CREATE TABLE IF NOT EXISTS durable_events (
+            execution_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT,
+            set_at {double} NOT NULL,
+            PRIMARY KEY (execution_id, key)
+        );
+        ALTER TABLE durable_executions ADD COLUMN runs {bigint} NOT NULL DEFAULT 1
+        """,
+    ),
 ]
 
 #: Executions that may still run: due or running (``RUNNING``), or waiting for a timer, callback or child.
@@ -161,8 +178,9 @@ def _info(row: Sequence[Any]) -> ExecutionInfo:
 
 # -- executions -----------------------------------------------------------------------------------
 def insert_execution(tx: Tx, execution_id: str, function: str, input_text: str | None, now: float, *,
-                     parent: tuple[str, str] | None = None, run_token: int = 0) -> bool:
-    """A new ``RUNNING`` execution (a child when ``parent`` is ``(execution, operation)``); ``run_token`` 1
+                     parent: tuple[str, str | None] | None = None, run_token: int = 0) -> bool:
+    """A new ``RUNNING`` execution (a child when ``parent`` is ``(execution, operation)``, the operation None
+    for a child nothing waits for); ``run_token`` 1
     means its first invocation is already under way here. False if the id exists (nothing changes)."""
     return tx.rowcount(
         "INSERT INTO durable_executions (id, function, status, input, parent_id, parent_op, run_token, "
@@ -300,6 +318,7 @@ def delete_execution(tx: Tx, execution_id: str) -> int:
     """Delete one execution and its operations (not its children). How many executions were deleted."""
     tx.execute("DELETE FROM durable_operations WHERE execution_id = ?", (execution_id,))
     tx.execute("DELETE FROM durable_signals WHERE execution_id = ?", (execution_id,))
+    tx.execute("DELETE FROM durable_events WHERE execution_id = ?", (execution_id,))
     return tx.rowcount("DELETE FROM durable_executions WHERE id = ?", (execution_id,))
 
 
@@ -403,3 +422,34 @@ def take_signal(tx: Tx, execution_id: str, seq: int, operation_id: str, now: flo
     """Record that the wait ``operation_id`` took the signal ``seq``."""
     tx.execute("UPDATE durable_signals SET operation_id = ?, taken_at = ? WHERE execution_id = ? AND seq = ? "
                "AND operation_id IS NULL", (operation_id, now, execution_id, seq))
+
+
+# -- events ---------------------------------------------------------------------------------------
+def set_event(tx: Tx, execution_id: str, key: str, value: str | None, now: float) -> None:
+    """Record ``value`` (JSON text) as the latest of the execution's event ``key``."""
+    tx.execute("INSERT INTO durable_events (execution_id, key, value, set_at) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (execution_id, key) DO UPDATE SET value = excluded.value, set_at = excluded.set_at",
+               (execution_id, key, value, now))
+
+
+def get_event(tx: Tx, execution_id: str, key: str) -> tuple[str | None] | None:
+    """``(value,)`` of the execution's event ``key`` (the value JSON text), None while it is not set."""
+    row = tx.one("SELECT value FROM durable_events WHERE execution_id = ? AND key = ?", (execution_id, key))
+    return (row[0],) if row is not None else None
+
+
+# -- continue as new ------------------------------------------------------------------------------
+def continue_execution(tx: Tx, execution_id: str, input_text: str | None, now: float) -> int:
+    """Start the execution's next history: its operations deleted, ``input_text`` its input, still
+    ``RUNNING``. The number of the run that starts."""
+    tx.execute("DELETE FROM durable_operations WHERE execution_id = ?", (execution_id,))
+    row = tx.one("UPDATE durable_executions SET input = ?, runs = runs + 1, status = 'RUNNING', wake_at = NULL, "
+                 "updated_at = ? WHERE id = ? RETURNING runs", (input_text, now, execution_id))
+    assert row is not None, f"execution {execution_id} continued while it did not exist"
+    return int(row[0])
+
+
+def runs(tx: Tx, execution_id: str) -> int | None:
+    """How many histories the execution has had (1 until it continues as new)."""
+    row = tx.one("SELECT runs FROM durable_executions WHERE id = ?", (execution_id,))
+    return int(row[0]) if row is not None else None

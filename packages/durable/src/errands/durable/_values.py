@@ -54,6 +54,10 @@ class OperationSubType(_StrEnum):
     CHAINED_INVOKE = "ChainedInvoke"
     #: ``ctx.wait_for_signal``: a CALLBACK named after the signal (errands' own subtype)
     WAIT_FOR_SIGNAL = "WaitForSignal"
+    #: errands' own: a ``ctx.patched`` marker, a ``ctx.set_event``, a ``ctx.start_child`` (STEP operations).
+    PATCH = "Patch"
+    SET_EVENT = "SetEvent"
+    START_CHILD = "StartChild"
 
 
 class OperationStatus(_StrEnum):
@@ -103,7 +107,8 @@ class ExecutionStatus(_StrEnum):
     """The state of an execution kept by ``DurableRunner``.
 
     ``RUNNING``: due to run or running; ``PENDING``: waiting for a timer, callback or child;
-    ``SUSPENDED``: paused by an operator; the rest are terminal.
+    ``SUSPENDED``: paused by an operator; the rest are terminal (``TIMED_OUT``: its ``start(timeout=...)``
+    deadline passed, the Lambda API's name).
     """
 
     RUNNING = "RUNNING"
@@ -112,10 +117,12 @@ class ExecutionStatus(_StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     TERMINATED = "TERMINATED"
+    TIMED_OUT = "TIMED_OUT"
 
     @property
     def terminal(self) -> bool:
-        return self in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED, ExecutionStatus.TERMINATED)
+        return self in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED, ExecutionStatus.TERMINATED,
+                        ExecutionStatus.TIMED_OUT)
 
 
 TERMINAL_OP = (OperationStatus.SUCCEEDED, OperationStatus.FAILED, OperationStatus.CANCELLED,
@@ -418,11 +425,15 @@ class StepConfig:
         retry_strategy: ``(error, attempts_made) -> RetryDecision``; default ``RetryPresets.default()``.
         step_semantics: at least or at most once per retry attempt.
         serdes: how the result is stored (JSON by default).
+        timeout: seconds (or a ``Duration`` / ``timedelta``) one attempt may take; a longer one fails with
+            ``StepTimeoutError`` and the retry strategy decides. An ``async def`` step is cancelled; a sync
+            one cannot be stopped: it runs on a thread of its own and its late result is ignored.
     """
 
     retry_strategy: Callable[[Exception, int], RetryDecision] | None = None
     step_semantics: StepSemantics = StepSemantics.AT_LEAST_ONCE_PER_RETRY
     serdes: Serdes | None = None
+    timeout: Duration | timedelta | float | None = None
 
 
 @dataclass(frozen=True, slots=True)

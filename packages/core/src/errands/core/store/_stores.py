@@ -801,6 +801,10 @@ class SQLiteStore(SQLStore):
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # A statement that writes many rows in a transaction keeps a statement journal (to undo that statement
+        # alone), which SQLite spills to a temporary file past 64 KiB: a batched submit then wrote each page twice,
+        # once to that file. Kept in memory, the batch writes only its WAL frames.
+        conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
