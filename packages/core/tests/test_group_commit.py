@@ -411,3 +411,54 @@ def test_a_submit_inside_the_threads_own_transaction_fails_at_once_rather_than_w
     assert [r.key for r in outbox.list()] == ["led"]
     outbox.close()
     store.close()
+
+
+# -- coroutines on PostgreSQL: grouped on their event loop ---------------------------------------------------
+
+
+@pytest.fixture
+def pg_store(postgres_url: str) -> Iterator[Any]:
+    s = open_store(postgres_url)
+    yield s
+    s.close()
+
+
+def test_coroutines_on_postgresql_share_commits_on_their_loop(pg_store: Any) -> None:
+    outbox = Outbox(pg_store, connectors={"noop": NoopConnector()})
+
+    async def main() -> list[Any]:
+        try:
+            return await asyncio.gather(*(outbox.submit_async(Effect(key=f"c{i}", connector="noop", payload={}))
+                                          for i in range(40)))
+        finally:
+            await pg_store.close_async()
+
+    with _counting(pg_store) as opened:
+        records = asyncio.run(main())
+    assert [r.key for r in records] == [f"c{i}" for i in range(40)]
+    assert opened[0] < 40  # the coroutines that queued behind the first shared a transaction
+    assert {r.key for r in outbox.list(limit=100)} == {f"c{i}" for i in range(40)}
+    outbox.close()
+
+
+@pytest.mark.parametrize("cancelled", [0, 5], ids=["the-leader", "a-follower"])
+def test_a_cancelled_coroutine_fails_no_other_of_its_group(pg_store: Any, cancelled: int) -> None:
+    outbox = Outbox(pg_store, connectors={"noop": NoopConnector()})
+
+    async def main() -> list[Any]:
+        try:
+            tasks = [asyncio.create_task(outbox.submit_async(Effect(key=f"x{i}", connector="noop", payload={})))
+                     for i in range(10)]
+            await asyncio.sleep(0)  # every task has started: the first leads, the others wait in its queue
+            tasks[cancelled].cancel()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await pg_store.close_async()
+
+    results = asyncio.run(main())
+    assert isinstance(results[cancelled], asyncio.CancelledError)
+    assert all(r.key == f"x{i}" for i, r in enumerate(results) if i != cancelled)
+    stored = {r.key for r in outbox.list(limit=100)}
+    assert stored == {f"x{i}" for i in range(10) if i != cancelled}  # the cancelled one left before it was written
+    assert all(not g.leading and not g.queue for g in pg_store._committer._loops.values())
+    outbox.close()

@@ -16,9 +16,12 @@ never waits (its group is itself, with no savepoint), and the busier the store, 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
+from . import _async
 from ._sql import Tx
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,24 +34,44 @@ MAX_GROUP = 256
 
 
 class _Member(Generic[_T]):
-    """A follower's work in a group, and what became of it."""
+    """A follower's work in a group, and what became of it. ``done`` (a thread's) or ``future`` (a coroutine's, in
+    a bridge on its event loop) is released when the member's group has committed, or when it is to lead the next
+    group (``batch`` set)."""
 
-    __slots__ = ("batch", "done", "error", "value", "work")
+    __slots__ = ("batch", "done", "error", "future", "value", "work")
 
-    def __init__(self, work: Callable[[Tx], _T]) -> None:
+    def __init__(self, work: Callable[[Tx], _T], future: asyncio.Future[None] | None = None) -> None:
         self.work = work
-        # Held until the member's group has committed, or until it is to lead the next group (``batch`` set).
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.future = future
+        self.done: Any = None
+        if future is None:
+            self.done = threading.Lock()
+            self.done.acquire()
         self.batch: list[_Member[Any]] | None = None
         self.value: Any = None
         self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        if self.future is None:
+            self.done.release()
+        elif not self.future.done():
+            self.future.set_result(None)
 
     def result(self) -> _T:
         if self.error is not None:
             raise self.error
         value: _T = self.value
         return value
+
+
+class _LoopGroups:
+    """The groups of the coroutines of one event loop (all in its thread: greenlets switch only where they await)."""
+
+    __slots__ = ("leading", "queue")
+
+    def __init__(self) -> None:
+        self.leading = False
+        self.queue: list[_Member[Any]] = []
 
 
 class GroupCommitter:
@@ -65,6 +88,7 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._queue: list[_Member[Any]] = []
         self._leading = False
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopGroups] = weakref.WeakKeyDictionary()
 
     def run(self, work: Callable[[Tx], _T]) -> _T:
         """``work(tx)`` committed, in a group with the calls of other threads; its result or its own error."""
@@ -92,8 +116,63 @@ class GroupCommitter:
             finally:
                 self._hand_over()
                 for m in batch[1:]:
-                    m.done.release()
+                    m.wake()
         return member.result()
+
+    def run_bridged(self, work: Callable[[Tx], _T]) -> _T:
+        """``run`` for a coroutine's work in a bridge of this store (``run_async`` on PostgreSQL): the groups are
+        those of the coroutines of this event loop, each one's transaction on the loop's async pool, and a
+        follower awaits (the loop runs on) rather than blocks."""
+        loop = asyncio.get_running_loop()
+        groups = self._loops.get(loop)
+        if groups is None:
+            with self._lock:
+                groups = self._loops.setdefault(loop, _LoopGroups())
+        if not groups.leading:
+            groups.leading = True
+            try:
+                with self._store.transaction() as tx:
+                    return work(tx)
+            finally:
+                self._hand_over_bridged(groups)
+        future: asyncio.Future[None] = loop.create_future()
+        member = _Member(work, future)
+        groups.queue.append(member)
+        try:
+            # Shielded: a cancelled caller must not cancel the wake-up a leader may be handing it.
+            _async.await_(asyncio.shield(future))
+        except BaseException:
+            if member in groups.queue:
+                groups.queue.remove(member)  # not taken into a group: nothing of it is written
+            elif member.batch is not None:
+                self._lead_bridged(groups, member.batch)  # made the next leader: the others wait for it
+            raise
+        if member.batch is not None:
+            self._lead_bridged(groups, member.batch)
+        if isinstance(member.error, asyncio.CancelledError) and member.batch is None:
+            # The group's leader was cancelled, and the group's transaction with it; this caller was not: its work
+            # goes again, in a transaction of its own.
+            with self._store.transaction() as tx:
+                return work(tx)
+        return member.result()
+
+    def _lead_bridged(self, groups: _LoopGroups, batch: list[_Member[Any]]) -> None:
+        try:
+            self._commit(batch)
+        finally:
+            self._hand_over_bridged(groups)
+            for m in batch[1:]:
+                m.wake()
+
+    def _hand_over_bridged(self, groups: _LoopGroups) -> None:
+        queue = groups.queue
+        if not queue:
+            groups.leading = False
+            return
+        batch = queue[:self._max]
+        del queue[:self._max]
+        batch[0].batch = batch
+        batch[0].wake()
 
     def _hand_over(self) -> None:
         """Make the next group of the callers waiting and wake its leader, or, if none waits, lead no more."""
@@ -105,7 +184,7 @@ class GroupCommitter:
             batch = queue[:self._max]
             del queue[:self._max]
         batch[0].batch = batch
-        batch[0].done.release()
+        batch[0].wake()
 
     def _commit(self, batch: list[_Member[Any]]) -> None:
         """Write every member's work in one transaction, each in a savepoint; settle every member."""

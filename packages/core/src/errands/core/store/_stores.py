@@ -175,16 +175,20 @@ class SQLStore:
         Returns only once the transaction holding ``work`` has committed, with what ``work`` returned. Each call's
         work runs inside a savepoint: if it raises, its statements are undone and the error is raised to its own
         caller, not to the others. ``work`` runs in the thread of the group's leader and must use only ``tx``.
-        A lone caller's work runs in a plain transaction, with no wait. Under ``run_async`` on PostgreSQL (a
-        coroutine's transaction on the loop's pool) the work runs in a transaction of its own.
+        A lone caller's work runs in a plain transaction, with no wait. Under ``run_async`` on PostgreSQL the
+        groups are those of the coroutines of one event loop, on its async pool: a follower awaits its group.
 
         Raises:
             Exception: the error ``work`` raised, or the transaction's own (a failed commit, a dropped
                 connection), in which case nothing of the group was committed.
         """
-        if (_async._live and _async.bridged_store() is self) or self._in_transaction_here():
-            # On an event loop's greenlet, waiting for a leader in another thread would block the loop; inside a
-            # transaction of this thread's own, the leader would wait for it: the work goes alone (as before).
+        if _async._live and _async.bridged_store() is self:
+            # A coroutine's work on this event loop (``run_async`` on PostgreSQL): grouped with the loop's others.
+            grouped: _T = self._committer.run_bridged(work)
+            return grouped
+        if self._in_transaction_here():
+            # Inside a transaction of this thread's own the group's leader would wait for it: the work goes alone,
+            # as a transaction of its own would.
             with self.transaction() as tx:
                 return work(tx)
         return self._committer.run(work)
