@@ -462,3 +462,71 @@ def test_a_cancelled_coroutine_fails_no_other_of_its_group(pg_store: Any, cancel
     assert stored == {f"x{i}" for i in range(10) if i != cancelled}  # the cancelled one left before it was written
     assert all(not g.leading and not g.queue for g in pg_store._committer._loops.values())
     outbox.close()
+
+
+def test_a_follower_interrupted_while_it_waits_leaves_no_one_waiting(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'interrupt.db'}")
+    with store.transaction() as tx:
+        tx.execute("CREATE TABLE gc_rows (k TEXT PRIMARY KEY)")
+    committer = store._committer
+    gate = threading.Event()
+    first = threading.Thread(target=store.group_commit, args=(lambda tx: gate.wait(30),))
+    first.start()
+    while not committer._leading:
+        time.sleep(0.001)
+
+    class Interrupted(BaseException):
+        pass
+
+    class InterruptedLock:
+        """A wait that is interrupted, as KeyboardInterrupt interrupts a main thread's."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+
+        def acquire(self) -> None:
+            self.acquire = self.lock.acquire  # type: ignore[method-assign]  # the next wait is a real one
+            raise Interrupted
+
+        def release(self) -> None:
+            self.lock.release()
+
+    import errands.core.store._group as group
+
+    real_member = group._Member
+
+    def interrupted_member(work: Any, future: Any = None) -> Any:
+        m = real_member(work, future)
+        if work is interrupted_work:
+            m.done = InterruptedLock(m.done)
+        return m
+
+    def interrupted_work(tx: Any) -> None:
+        tx.execute("INSERT INTO gc_rows (k) VALUES ('interrupted')")
+
+    group._Member = interrupted_member  # type: ignore[misc]  # this one member's wait is interrupted
+    errors: list[BaseException] = []
+    try:
+        def call() -> None:
+            try:
+                store.group_commit(interrupted_work)
+            except Interrupted as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(20)
+    finally:
+        group._Member = real_member  # type: ignore[misc]
+    assert errors and committer._queue == []  # it left the queue
+    others = [threading.Thread(target=store.group_commit, args=(_insert(f"o{i}"),)) for i in range(3)]
+    for o in others:
+        o.start()
+    while len(committer._queue) < 3:
+        time.sleep(0.001)
+    gate.set()
+    for o in [first, *others]:
+        o.join(20)
+        assert not o.is_alive()
+    assert _keys(store) == {"o0", "o1", "o2"}
+    store.close()

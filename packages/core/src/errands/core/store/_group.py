@@ -108,16 +108,32 @@ class GroupCommitter:
                     return work(tx)
             finally:
                 self._hand_over()
-        member.done.acquire()  # released when this member's group has committed, or when it is to lead
-        batch = member.batch
-        if batch is not None:
-            try:
-                self._commit(batch)
-            finally:
-                self._hand_over()
-                for m in batch[1:]:
-                    m.wake()
+        try:
+            member.done.acquire()  # released when this member's group has committed, or when it is to lead
+        except BaseException:
+            # Interrupted while waiting (KeyboardInterrupt in the main thread): leave the queue if still in it;
+            # if a group took this member already, wait for it, and lead it if this member is its leader, so that
+            # no other caller is left waiting.
+            with self._lock:
+                queued = member in self._queue
+                if queued:
+                    self._queue.remove(member)
+            if not queued:
+                member.done.acquire()
+                if member.batch is not None:
+                    self._lead(member.batch)
+            raise
+        if member.batch is not None:
+            self._lead(member.batch)
         return member.result()
+
+    def _lead(self, batch: list[_Member[Any]]) -> None:
+        try:
+            self._commit(batch)
+        finally:
+            self._hand_over()
+            for m in batch[1:]:
+                m.wake()
 
     def run_bridged(self, work: Callable[[Tx], _T]) -> _T:
         """``run`` for a coroutine's work in a bridge of this store (``run_async`` on PostgreSQL): the groups are
