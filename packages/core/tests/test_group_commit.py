@@ -92,13 +92,13 @@ def _one_group(store: Any, works: list[Callable[[Any], Any]]) -> list[tuple[Any,
 
     first = threading.Thread(target=store.group_commit, args=(hold,))
     first.start()
-    while not store._committer._leading:
+    while not store._committer._threads.leading:
         time.sleep(0.001)
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while len(store._committer._queue) < len(works) and time.monotonic() < deadline:
+    while len(store._committer._threads.queue) < len(works) and time.monotonic() < deadline:
         time.sleep(0.001)
     gate.set()
     first.join()
@@ -155,7 +155,7 @@ def test_a_failed_commit_fails_every_member_and_stores_nothing(store: Any) -> No
 
     first = threading.Thread(target=store.group_commit, args=(hold,))
     first.start()
-    while not store._committer._leading:
+    while not store._committer._threads.leading:
         time.sleep(0.001)
     store.transaction = failing
 
@@ -169,7 +169,7 @@ def test_a_failed_commit_fails_every_member_and_stores_nothing(store: Any) -> No
     threads = [threading.Thread(target=call, args=(f"f{i}",)) for i in range(4)]
     for t in threads:
         t.start()
-    while len(store._committer._queue) < 4:
+    while len(store._committer._threads.queue) < 4:
         time.sleep(0.001)
     gate.set()
     for t in [first, *threads]:
@@ -250,7 +250,7 @@ def test_a_callers_own_connection_is_never_grouped(tmp_path: Path) -> None:
     with _counting(store) as opened:
         outbox.submit(Effect(key="mine", connector="noop", payload={}), conn=conn)
         conn.rollback()  # the caller's transaction: rolled back, the effect with it
-    assert opened[0] == 1 and not store._committer._leading
+    assert opened[0] == 1 and not store._committer._threads.leading
     assert outbox.list() == []
     conn.close()
     outbox.close()
@@ -326,7 +326,7 @@ def test_every_member_gets_its_own_outcome(tmp_path: Path, groups: list[list[str
             else:
                 assert error is not None and value is None
         assert _keys(store) == expected
-    assert not store._committer._leading and store._committer._queue == []
+    assert not store._committer._threads.leading and store._committer._threads.queue == []
     store.close()
 
 
@@ -400,7 +400,7 @@ def test_a_submit_inside_the_threads_own_transaction_fails_at_once_rather_than_w
                                                   leader_done.set()))
         leader.start()
         until_leading = time.monotonic() + 20
-        while not store._committer._leading and time.monotonic() < until_leading:
+        while not store._committer._threads.leading and time.monotonic() < until_leading:
             time.sleep(0.001)
         try:
             outbox.submit(Effect(key="nested", connector="noop", payload={}))
@@ -472,7 +472,7 @@ def test_a_follower_interrupted_while_it_waits_leaves_no_one_waiting(tmp_path: P
     gate = threading.Event()
     first = threading.Thread(target=store.group_commit, args=(lambda tx: gate.wait(30),))
     first.start()
-    while not committer._leading:
+    while not committer._threads.leading:
         time.sleep(0.001)
 
     class Interrupted(BaseException):
@@ -518,11 +518,11 @@ def test_a_follower_interrupted_while_it_waits_leaves_no_one_waiting(tmp_path: P
         t.join(20)
     finally:
         group._Member = real_member  # type: ignore[misc]
-    assert errors and committer._queue == []  # it left the queue
+    assert errors and committer._threads.queue == []  # it left the queue
     others = [threading.Thread(target=store.group_commit, args=(_insert(f"o{i}"),)) for i in range(3)]
     for o in others:
         o.start()
-    while len(committer._queue) < 3:
+    while len(committer._threads.queue) < 3:
         time.sleep(0.001)
     gate.set()
     for o in [first, *others]:

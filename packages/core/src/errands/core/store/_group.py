@@ -17,6 +17,7 @@ never waits (its group is itself, with no savepoint), and the busier the store, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
@@ -64,8 +65,10 @@ class _Member(Generic[_T]):
         return value
 
 
-class _LoopGroups:
-    """The groups of the coroutines of one event loop (all in its thread: greenlets switch only where they await)."""
+class _Groups:
+    """Callers waiting to be written, and whether a group is being written: of the threads of a store (under its
+    committer's lock), or of the coroutines of one event loop (all in its thread: greenlets switch only where
+    they await)."""
 
     __slots__ = ("leading", "queue")
 
@@ -86,20 +89,19 @@ class GroupCommitter:
         self._store = store
         self._max = max_group
         self._lock = threading.Lock()
-        self._queue: list[_Member[Any]] = []
-        self._leading = False
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopGroups] = weakref.WeakKeyDictionary()
+        self._threads = _Groups()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Groups] = weakref.WeakKeyDictionary()
 
     def run(self, work: Callable[[Tx], _T]) -> _T:
         """``work(tx)`` committed, in a group with the calls of other threads; its result or its own error."""
-        lock = self._lock
-        with lock:
-            if not self._leading:
-                self._leading = True
+        groups = self._threads
+        with self._lock:
+            if not groups.leading:
+                groups.leading = True
                 member = None
             else:
                 member = _Member(work)
-                self._queue.append(member)
+                groups.queue.append(member)
         if member is None:
             # No group is being written: this call is a group of its own, with no savepoint and no wait (the hot
             # path of one writer); calls arriving meanwhile form the next group.
@@ -107,7 +109,7 @@ class GroupCommitter:
                 with self._store.transaction() as tx:
                     return work(tx)
             finally:
-                self._hand_over()
+                self._hand_over(groups, self._lock)
         try:
             member.done.acquire()  # released when this member's group has committed, or when it is to lead
         except BaseException:
@@ -115,9 +117,9 @@ class GroupCommitter:
             # if a group took this member already, wait for it, and lead it if this member is its leader, so that
             # no other caller is left waiting.
             with self._lock:
-                queued = member in self._queue
+                queued = member in groups.queue
                 if queued:
-                    self._queue.remove(member)
+                    groups.queue.remove(member)
             if not queued:
                 member.done.acquire()
                 if member.batch is not None:
@@ -131,7 +133,7 @@ class GroupCommitter:
         try:
             self._commit(batch)
         finally:
-            self._hand_over()
+            self._hand_over(self._threads, self._lock)
             for m in batch[1:]:
                 m.wake()
 
@@ -143,14 +145,14 @@ class GroupCommitter:
         groups = self._loops.get(loop)
         if groups is None:
             with self._lock:
-                groups = self._loops.setdefault(loop, _LoopGroups())
+                groups = self._loops.setdefault(loop, _Groups())
         if not groups.leading:
             groups.leading = True
             try:
                 with self._store.transaction() as tx:
                     return work(tx)
             finally:
-                self._hand_over_bridged(groups)
+                self._hand_over(groups, None)
         future: asyncio.Future[None] = loop.create_future()
         member = _Member(work, future)
         groups.queue.append(member)
@@ -172,30 +174,21 @@ class GroupCommitter:
                 return work(tx)
         return member.result()
 
-    def _lead_bridged(self, groups: _LoopGroups, batch: list[_Member[Any]]) -> None:
+    def _lead_bridged(self, groups: _Groups, batch: list[_Member[Any]]) -> None:
         try:
             self._commit(batch)
         finally:
-            self._hand_over_bridged(groups)
+            self._hand_over(groups, None)
             for m in batch[1:]:
                 m.wake()
 
-    def _hand_over_bridged(self, groups: _LoopGroups) -> None:
-        queue = groups.queue
-        if not queue:
-            groups.leading = False
-            return
-        batch = queue[:self._max]
-        del queue[:self._max]
-        batch[0].batch = batch
-        batch[0].wake()
-
-    def _hand_over(self) -> None:
-        """Make the next group of the callers waiting and wake its leader, or, if none waits, lead no more."""
-        with self._lock:
-            queue = self._queue
+    def _hand_over(self, groups: _Groups, lock: threading.Lock | None) -> None:
+        """Make the next group of the callers waiting and wake its leader, or, if none waits, lead no more
+        (``lock``: the committer's, for the threads' groups)."""
+        with lock or contextlib.nullcontext():
+            queue = groups.queue
             if not queue:
-                self._leading = False
+                groups.leading = False
                 return
             batch = queue[:self._max]
             del queue[:self._max]
