@@ -230,3 +230,27 @@ def test_a_store_fault_mid_pass_ends_it_only_after_the_batches_in_flight_answere
     assert raised and not thread.is_alive()
     assert store.get_cursor("fanout:r") == 0  # nothing committed: the next pass delivers both again
     fanout.close()
+
+
+def test_a_sink_publishes_in_the_context_of_the_pass(store: Any) -> None:
+    import contextvars
+
+    who: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
+    seen: list[str] = []
+
+    class ContextSink:
+        name = "context"
+
+        def publish(self, events: Sequence[Event]) -> None:
+            seen.append(who.get())  # e.g. the worker's runner made current, for run_sync in a sink
+
+    a, b = streams_in_lanes(2)
+    Journal(store).append_many([NewEvent(s, "t", {}) for s in (a, b)])
+    fanout = FanOut(store, [Route("r", ContextSink(), batch_size=10, max_in_flight=2)])
+    token = who.set("the worker")
+    try:
+        assert fanout.run_once() == 2
+    finally:
+        who.reset(token)
+    assert seen == ["the worker", "the worker"]
+    fanout.close()

@@ -12,6 +12,7 @@ the pass: the cursor stays before it, and the next pass publishes again from the
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import threading
 import zlib
@@ -306,7 +307,9 @@ class FanOut:
                             batch = [q.popleft() for _ in range(min(size, len(q)))]
                             buffered -= len(batch)
                             busy[i] = True
-                            flying[pool.submit(self._publish_batch, route, lanes[i], batch)] = (i, batch)
+                            # In this context (a worker's runner made current for ``run_sync`` in a sink, say).
+                            call = contextvars.copy_context().run
+                            flying[pool.submit(call, self._publish_batch, route, lanes[i], batch)] = (i, batch)
                 if not flying:
                     break
                 if not exhausted and not failed and buffered < 2 * size * n:
