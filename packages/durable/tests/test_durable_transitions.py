@@ -73,7 +73,7 @@ def test_a_termination_names_its_reason_or_the_operator() -> None:
 def test_a_callback_takes_answers_only_while_it_waits_in_a_live_execution(operation: OperationStatus,
                                                                           execution: ExecutionStatus) -> None:
     expected = operation is OperationStatus.STARTED and execution in (
-        ExecutionStatus.RUNNING, ExecutionStatus.PENDING, ExecutionStatus.SUSPENDED)
+        ExecutionStatus.ENQUEUED, ExecutionStatus.RUNNING, ExecutionStatus.PENDING, ExecutionStatus.SUSPENDED)
     assert can_settle_callback(operation, execution) is expected
 
 

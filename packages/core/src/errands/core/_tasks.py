@@ -32,10 +32,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence
 
 from . import _tasks_table as table
+from ._cron import check_cron as _cron
+from ._cron import last_tick as _last_tick
+from ._cron import next_tick as _next_tick
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._runtime import CallRunner, drain
 from ._tasks_table import ScheduleRecord, TaskRecord
@@ -252,30 +255,6 @@ def _priority(value: Any) -> int:
         raise ConfigError(f"priority must be an integer (higher runs first, default 0), got {value!r}",
                           field="priority", value=value)
     return value
-
-
-def _cron(expression: Any) -> Any:
-    """``croniter``'s iterator class after checking ``expression`` (five fields, or six with seconds)."""
-    from croniter import croniter
-
-    if not isinstance(expression, str) or not croniter.is_valid(expression):
-        raise ConfigError(f"cron must be a cron expression such as '*/5 * * * *' (minute hour day month weekday), "
-                          f"got {expression!r}", field="cron", value=expression)
-    return croniter
-
-
-def _next_tick(expression: str, after: float) -> float:
-    """The first tick of ``expression`` (UTC) strictly after ``after``."""
-    croniter = _cron(expression)
-    return float(croniter(expression, datetime.fromtimestamp(after, tz=timezone.utc)).get_next(float))
-
-
-def _last_tick(expression: str, at: float) -> float:
-    """The latest tick of ``expression`` (UTC) at or before ``at``."""
-    croniter = _cron(expression)
-    prev = float(croniter(expression, datetime.fromtimestamp(at, tz=timezone.utc)).get_prev(float))
-    nxt = _next_tick(expression, prev)
-    return nxt if nxt <= at else prev
 
 
 def tick_id(schedule: str, tick: float) -> str:

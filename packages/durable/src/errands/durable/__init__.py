@@ -19,6 +19,7 @@ from .__about__ import __version__
 from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
 from ._aws import AWSDurableExecutionClient, DurableServiceError
 from ._context import Callback, DurableContext, DurableFuture, StepContext, hash_id
+from ._effects import EffectFailedError
 from ._errors import (
     BatchItemError,
     CallbackError,
@@ -34,6 +35,7 @@ from ._errors import (
     InvocationError,
     InvokeError,
     NonDeterministicExecutionError,
+    QueueDeduplicatedError,
     SerdesError,
     SignalRefusedError,
     SignalTimeoutError,
@@ -128,6 +130,7 @@ __all__ = [
     "DurableRunner",
     "DurableServiceError",
     "Duration",
+    "EffectFailedError",
     "ErrorObject",
     "ExecutionError",
     "ExecutionInfo",
@@ -156,6 +159,7 @@ __all__ = [
     "ParallelConfig",
     "PassThroughSerdes",
     "ReplayResult",
+    "QueueDeduplicatedError",
     "RetryDecision",
     "RetryPresets",
     "RetryStrategyConfig",

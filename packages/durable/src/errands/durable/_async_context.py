@@ -15,6 +15,9 @@ import inspect
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, TypeVar
 
+from errands.core import Effect, EffectRecord
+
+from . import _effects as effects
 from . import _loops
 from ._context import (
     _PLAIN,
@@ -317,6 +320,15 @@ class AsyncDurableContext(_ContextCore):
             SignalTimeoutError: no signal arrived within ``timeout``.
         """
         return self._operation(self._wait_for_signal_op(name, timeout))
+
+    def effect(self, name: str, effect: Effect) -> DurableOperation[EffectRecord]:
+        """``await ctx.effect(name, effect)``: as ``DurableContext.effect``; the operation id is taken at the
+        call.
+
+        Raises:
+            EffectFailedError: the effect ended ``FAILED`` or ``CANCELLED``.
+        """
+        return self._operation(effects.effect_op(self, name, effect))
 
     def run_in_child_context(self, name_or_fn: str | Callable[[Any], Any], fn: Callable[[Any], Any] | None = None,
                              config: ChildConfig | None = None, *, name: str | None = None) -> DurableOperation[Any]:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, NoReturn, Sequence, TypeVar, Union
 
-from errands.core import ConfigError
+from errands.core import ConfigError, Effect, EffectRecord
 from errands.core.store import dumps
 
+from . import _effects as effects
 from . import _loops
 from ._errors import (
     CallbackError,
@@ -1047,6 +1048,21 @@ class DurableContext(_ContextCore):
             SignalTimeoutError: no signal arrived within ``timeout``.
         """
         return self._drive(self._wait_for_signal_op(name, timeout)[1])
+
+    def effect(self, name: str, effect: Effect) -> EffectRecord:
+        """Submit ``effect`` through the runner's outbox, in the transaction of this operation's checkpoint,
+        and suspend until it is ``CONFIRMED``; on replay, the recorded record. See ``_effects``.
+
+        Args:
+            name: the operation's name.
+            effect: the effect; its ``key`` is replaced by ``durable/<execution id>/<operation id>`` and its
+                ``run_id`` defaults to the execution id (``Outbox.compensate_run(execution_id)``).
+
+        Raises:
+            EffectFailedError: the effect ended ``FAILED`` or ``CANCELLED`` (``.record`` says how).
+            ConfigError, PayloadError: a bad effect, or a runner without an outbox; nothing is submitted.
+        """
+        return self._drive(effects.effect_op(self, name, effect)[1])  # type: ignore[no-any-return]
 
     # -- child contexts --------------------------------------------------------------------------
     def run_in_child_context(self, name_or_fn: str | Callable[[DurableContext], T],

@@ -19,6 +19,7 @@ The tree::
         ├── StepInterruptedError          an at-most-once step was cut off mid-attempt
         ├── StepTimeoutError              a step attempt ran past ``StepConfig(timeout=...)``
         ├── SignalRefusedError            a signal sent to a finished execution (also a ConfigError)
+        ├── QueueDeduplicatedError        a start on a queue whose dedup_id an unfinished execution holds
         └── DuplicateFunctionError        a function name is taken by another function (also a ConfigError;
                                           defined with the registry, in ``_registry``)
 
@@ -183,6 +184,24 @@ class SignalRefusedError(DurableError, ConfigError):
                          value=execution_id)
         self.execution_id = execution_id
         self.status = status
+
+
+class QueueDeduplicatedError(DurableError):
+    """``start(..., queue=q, dedup_id=d)`` while another execution started on ``q`` with ``d`` has not
+    finished: nothing is started (DBOS's ``DBOSQueueDeduplicatedError``).
+
+    Attributes:
+        queue: the queue.
+        dedup_id: the deduplication id.
+        execution_id: the unfinished execution that holds it.
+    """
+
+    def __init__(self, queue: str, dedup_id: str, execution_id: str) -> None:
+        super().__init__(f"queue {queue!r} already has execution {execution_id!r} with dedup_id {dedup_id!r}, not "
+                         "finished; wait for it (or pass another dedup_id)")
+        self.queue = queue
+        self.dedup_id = dedup_id
+        self.execution_id = execution_id
 
 
 class SuspendExecution(BaseException):

@@ -58,6 +58,8 @@ class OperationSubType(_StrEnum):
     PATCH = "Patch"
     SET_EVENT = "SetEvent"
     START_CHILD = "StartChild"
+    #: ``ctx.effect``: a CALLBACK whose id is the effect's key, settled by the outbox's journal event
+    EFFECT = "Effect"
 
 
 class OperationStatus(_StrEnum):
@@ -106,11 +108,13 @@ class InvocationStatus(_StrEnum):
 class ExecutionStatus(_StrEnum):
     """The state of an execution kept by ``DurableRunner``.
 
+    ``ENQUEUED``: started on a queue (``start(..., queue=...)``), waiting for the queue to admit it;
     ``RUNNING``: due to run or running; ``PENDING``: waiting for a timer, callback or child;
     ``SUSPENDED``: paused by an operator; the rest are terminal (``TIMED_OUT``: its ``start(timeout=...)``
     deadline passed, the Lambda API's name).
     """
 
+    ENQUEUED = "ENQUEUED"
     RUNNING = "RUNNING"
     PENDING = "PENDING"
     SUSPENDED = "SUSPENDED"

@@ -212,6 +212,15 @@ class Outbox:
         return admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
                      capabilities=self._ctx.connectors.admission_capabilities, compensators=self._ctx.compensators)
 
+    def check(self, effect: Effect) -> None:
+        """Raise what ``submit`` would raise for ``effect``'s own faults, storing nothing (a key taken by
+        another effect is found only by ``submit``).
+
+        Raises:
+            ConfigError: bad input. PayloadError: the payload is not JSON or over ``payload_limit``.
+        """
+        self._admit(effect, self.store.clock.now())
+
     def submit(self, effect: Effect, conn: Any = None) -> EffectRecord:
         """Record ``effect`` durably; the worker dispatches it.
 
