@@ -1,7 +1,7 @@
 """Async callers: an async FastAPI endpoint that submits an effect in the caller's ``AsyncSession``, and
 ``async def`` durable workflows, each beside its baseline in the same run.
 
-1. **Orders.** One FastAPI app (async SQLAlchemy on aiosqlite, SQLite WAL with ``synchronous=NORMAL`` on
+1. **Orders.** One FastAPI app (async SQLAlchemy on aiosqlite, SQLite WAL with ``synchronous=FULL`` on
    every connection, errands' default) with two endpoints:
 
    - ``POST /orders/plain``: writes the order row in an ``AsyncSession`` and commits;
@@ -92,7 +92,7 @@ def build_app(database_url: str, pool_size: int) -> Any:
         def _connect(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA synchronous = FULL")
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")

@@ -4,7 +4,7 @@ Every workflow runs in the calling thread, start to finish, with each step's res
 the next step runs:
 
 - ``errands sync``: ``DurableRunner("sqlite:///...").run("three", i)`` with its default durability (WAL,
-  ``synchronous=NORMAL``, one commit per step result, the steps' starts and the execution's start and end
+  ``synchronous=FULL``, one commit per step result, the steps' starts and the execution's start and end
   in their own commits);
 - ``errands async (3 async steps)``: the same workflow as an ``async def`` function whose three steps are
   ``async def`` too, each awaited in turn (the same commits);
@@ -499,8 +499,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="errands-bench-durable-") as tmp:
         results: list[tuple[str, str, float]] = []
         sync_s, async_s = run_errands(tmp, n, args.repeat)
-        results.append(("errands sync", "WAL, synchronous=NORMAL (default)", sync_s))
-        results.append(("errands async (3 async steps)", "WAL, synchronous=NORMAL (default)", async_s))
+        results.append(("errands sync", "WAL, synchronous=FULL (default)", sync_s))
+        results.append(("errands async (3 async steps)", "WAL, synchronous=FULL (default)", async_s))
         def dbos(child: str, workflows: int) -> float:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", child, "--workdir", tmp, "--workflows", str(workflows),
@@ -527,7 +527,7 @@ def main() -> None:
     print_table(header, rows)
     print(f"\n{queued_n} workflows of 3 steps on a queue of concurrency 8, SQLite (best of {args.repeat})\n")
     rows = [[name, label, f"{s:.3f}", f"{queued_n / s:.0f}", f"{s / errands_queued:.2f}x"]
-            for name, label, s in (("errands queued", "WAL, synchronous=NORMAL (default), max_parallelism=8",
+            for name, label, s in (("errands queued", "WAL, synchronous=FULL (default), max_parallelism=8",
                                     errands_queued),
                                    ("DBOS queued", "WAL, synchronous=NORMAL, polling_interval_sec=0.01",
                                     dbos_queued))]

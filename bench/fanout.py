@@ -1,8 +1,9 @@
 """Fan-out throughput: a route relaying the journal to a file ``LogSink`` and to a ``WebhookSink``, beside
 raw loops doing the same work, measured in the same run.
 
-- ``log``: 100,000 events over 20 streams in a SQLite file (WAL, ``synchronous=NORMAL``). errands relays
-  them with ``FanOut`` + ``LogSink`` (batches of 1,000, cursor committed per batch). The raw loop reads the
+- ``log``: 100,000 events over 20 streams in a SQLite file (WAL, the store's default ``synchronous=FULL``).
+  errands relays them with ``FanOut`` + ``LogSink`` (batches of 1,000, the cursor committed per window of
+  acknowledged batches). The raw loop reads the
   same rows with ``sqlite3`` in pages of 1,000 and writes the same CloudEvents JSON lines; the two files
   are checked to be byte-identical.
 - ``webhook``: events POSTed to a local uvicorn server (in its own process) at the same concurrency:

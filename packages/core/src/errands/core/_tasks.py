@@ -56,7 +56,7 @@ from ._tasks_transitions import (
 )
 from ._worker import retry_infrastructure
 from .errors import ConfigError, InvalidTaskIdError, NotFoundError
-from .store import SQLStore, dumps
+from .store import SQLStore, Tx, dumps
 
 __all__ = ["ScheduleRecord", "TaskContext", "TaskEngine", "TaskRecord", "TaskStatus", "typed_handler"]
 
@@ -437,8 +437,15 @@ class TaskEngine:
         rank = _priority(priority)
         text = dumps(params, field="params")
         now = self.store.clock.now()
-        with self.store.transaction(conn) as tx:
+
+        def write(tx: Tx) -> None:
             table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank)
+
+        if conn is None:
+            self.store.group_commit(write)  # concurrent submits share commits; returns once this one's is done
+        else:
+            with self.store.transaction(conn) as tx:
+                write(tx)
         return task_id
 
     async def submit_async(

@@ -241,12 +241,24 @@ class Outbox:
         """
         store = self.store
         row = self._admit(effect, store.clock.now())
-        with store.transaction(conn) as tx:
+        journal = self._ctx.journal
+
+        def write(tx: Any) -> EffectRecord | StoredEffect | None:
             # Insert first and look only on a conflict (the common case is a new key).
             if _effect_table.insert_new(tx, row):
-                self._ctx.journal(tx, [_transitions.submitted_event(row)])
+                journal(tx, [_transitions.submitted_event(row)])
                 return new_effect_record(row, effect)
-            stored = _effect_table.get(tx, row.key)
+            return _effect_table.get(tx, row.key)
+
+        if conn is None:
+            # Concurrent submitters share a commit; this call returns once its own row is committed.
+            written = store.group_commit(write)
+        else:
+            with store.transaction(conn) as tx:
+                written = write(tx)
+        if isinstance(written, EffectRecord):
+            return written
+        stored = written
         if stored is None:
             # Not stored and not inserted: only a concurrent delete could do this; go the general way.
             return self.submit_many([effect], conn=conn)[0]
