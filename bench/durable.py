@@ -10,9 +10,9 @@ the next step runs:
   ``async def`` too, each awaited in turn (the same commits);
 - ``DBOS defaults``: ``@DBOS.workflow`` / ``@DBOS.step`` on its SQLite system database as DBOS opens it
   (rollback journal, ``synchronous=FULL``);
-- ``DBOS tuned``: the same on a system database engine opened in WAL mode with ``synchronous=NORMAL``
-  (passed as ``system_database_engine``, with DBOS's own connection settings: IMMEDIATE transactions,
-  ``busy_timeout``, foreign keys).
+- ``DBOS tuned``: the same on a system database engine opened in WAL mode, at errands' durability
+  (``synchronous=FULL``: every commit survives power loss), passed as ``system_database_engine``, with
+  DBOS's own connection settings: IMMEDIATE transactions, ``busy_timeout``, foreign keys.
 
 And on AWS's local durable-execution runner (``start-server`` of ``aws-durable-execution-sdk-python-testing``,
 in memory, ``--skip-time``), 100 sequential executions of the same three-step function through a local
@@ -30,7 +30,7 @@ to the end, timed from the first start to the last result:
 - ``errands queued``: ``runner.add_queue("bench", concurrency=8)``, ``start(..., queue="bench")`` for each,
   then ``drain()`` on a runner with ``max_parallelism=8``;
 - ``DBOS queued``: ``DBOS.register_queue("bench", global_concurrency=8)``, ``queue.enqueue`` for each, then
-  every handle's ``get_result()``, on the tuned system database (WAL, ``synchronous=NORMAL``) and with the
+  every handle's ``get_result()``, on the tuned system database (WAL, ``synchronous=FULL``) and with the
   queue polled every 10 ms (``polling_interval_sec=0.01``; at its default of one second a queue of
   concurrency 8 admits at most 8 workflows a second).
 
@@ -265,7 +265,7 @@ def run_dbos(workdir: str, n: int, repeat: int, tuned: bool, queued: bool = Fals
                 dbapi_conn.execute("PRAGMA busy_timeout=30000")
                 dbapi_conn.execute("PRAGMA foreign_keys=ON")
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
-                dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+                dbapi_conn.execute("PRAGMA synchronous=FULL")
 
             config["system_database_engine"] = engine
         DBOS(config=config)
@@ -508,7 +508,7 @@ def main() -> None:
             return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
 
         for child, label in (("dbos-default", "defaults (rollback journal, synchronous=FULL)"),
-                             ("dbos-tuned", "WAL, synchronous=NORMAL")):
+                             ("dbos-tuned", "WAL, synchronous=FULL")):
             results.append((f"DBOS {child.split('-')[1]}", label, dbos(child, n)))
         queued_n = args.queued
         errands_queued = run_errands_many(tmp, queued_n, args.repeat, in_flight=8, queue=8)
@@ -529,7 +529,7 @@ def main() -> None:
     rows = [[name, label, f"{s:.3f}", f"{queued_n / s:.0f}", f"{s / errands_queued:.2f}x"]
             for name, label, s in (("errands queued", "WAL, synchronous=FULL (default), max_parallelism=8",
                                     errands_queued),
-                                   ("DBOS queued", "WAL, synchronous=NORMAL, polling_interval_sec=0.01",
+                                   ("DBOS queued", "WAL, synchronous=FULL, polling_interval_sec=0.01",
                                     dbos_queued))]
     print_table(["engine", "settings", "total s", "workflows / s", "vs errands queued"], rows)
     print(f"\n{n} workflows of 3 steps, errands (SQLite) beside Restate, each at its defaults "
