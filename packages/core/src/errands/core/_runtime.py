@@ -18,6 +18,7 @@ import inspect
 import threading
 from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
+from . import telemetry
 from ._values import CompensationResult, DispatchResult, Observation
 from .errors import ConfigError
 
@@ -30,6 +31,11 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple,
 
 async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
+
+
+async def _await_in(aw: Awaitable[Any], ctx: contextvars.Context) -> Any:
+    # The awaitable runs as a task made in the caller's context: its trace span stays current on the loop.
+    return await ctx.run(asyncio.ensure_future, aw)
 
 
 class CallRunner:
@@ -125,7 +131,8 @@ class CallRunner:
         if loop is self._given and not loop.is_running():
             raise RuntimeError("the event loop given to this CallRunner is not running; an awaitable sent to it "
                                "would never finish")
-        return asyncio.run_coroutine_threadsafe(_await(aw), loop).result()
+        waited = _await_in(aw, contextvars.copy_context()) if telemetry.ENABLED else _await(aw)
+        return asyncio.run_coroutine_threadsafe(waited, loop).result()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, awaiting the result on the runner's loop if it is awaitable."""

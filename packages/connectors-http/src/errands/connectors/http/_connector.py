@@ -16,6 +16,7 @@ from typing import Any, AsyncGenerator, Callable, ClassVar, Generic, Mapping, Ty
 
 import httpx
 import stamina
+from errands.core import telemetry
 from errands.core import (
     CompensationOutcome,
     CompensationResult,
@@ -367,6 +368,7 @@ class HttpConnector:
         if run_id is not None:
             headers["Errands-Run-Id"] = run_id
         headers["Errands-Attempt"] = str(attempt)
+        telemetry.inject(headers)
         return headers
 
     def _post_options(self, call: _Call[Any], token: str | None, own_client: bool) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from .._values import Effect, EffectStatus, Event, Obligation, ObservationOutcom
 from ..errors import ConfigError, NotFoundError
 from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain
 from ..store import SQLStore, default_owner, dumps
+from .. import telemetry
 from . import _effect_table, _inline, _obligation_table, _queries, _transitions
 from ._admission import DEFAULT_PAYLOAD_LIMIT, admit, check_same, check_str, distinct
 from ._context import ConnectorSet, Context, Settings
@@ -30,6 +31,7 @@ from ._records import (
 SQLStore.reserve_positioned_prefix(_transitions.EFFECT_STREAMS, "the outbox")
 
 F = TypeVar("F", bound=Callable[..., Any])
+SUBMIT = "errands.outbox.submit"
 
 
 def _problems(options: Mapping[str, Any], connectors: Any) -> list[str]:
@@ -206,11 +208,15 @@ class Outbox:
         return register
 
     # -- submit -----------------------------------------------------------------------------------------------
-    def _admit(self, effect: Any, now: float) -> NewEffect:
-        """The row of ``effect``, checked against what this outbox knows of its connector."""
+    def _admit(self, effect: Any, now: float) -> tuple[Effect, NewEffect]:
+        """``effect`` (carrying the current trace context in its metadata) and its row, checked against what this
+        outbox knows of its connector."""
         s = self._ctx.settings
-        return admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
-                     capabilities=self._ctx.connectors.admission_capabilities, compensators=self._ctx.compensators)
+        if telemetry.ENABLED:
+            effect = telemetry.traced_effect(effect)
+        return effect, admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
+                             capabilities=self._ctx.connectors.admission_capabilities,
+                             compensators=self._ctx.compensators)
 
     def submit(self, effect: Effect, conn: Any = None) -> EffectRecord:
         """Record ``effect`` durably; the worker dispatches it.
@@ -231,13 +237,14 @@ class Outbox:
             EffectConflictError: the key exists with a different payload, connector or tool.
         """
         store = self.store
-        row = self._admit(effect, store.clock.now())
-        with store.transaction(conn) as tx:
-            # Insert first and look only on a conflict (the common case is a new key).
-            if _effect_table.insert_new(tx, row):
-                self._ctx.journal(tx, [_transitions.submitted_event(row)])
-                return new_effect_record(row, effect)
-            stored = _effect_table.get(tx, row.key)
+        with telemetry.span(SUBMIT, effect_key=effect.key, connector=effect.connector):
+            effect, row = self._admit(effect, store.clock.now())
+            with store.transaction(conn) as tx:
+                # Insert first and look only on a conflict (the common case is a new key).
+                if _effect_table.insert_new(tx, row):
+                    self._ctx.journal(tx, [_transitions.submitted_event(row)])
+                    return new_effect_record(row, effect)
+                stored = _effect_table.get(tx, row.key)
         if stored is None:
             # Not stored and not inserted: only a concurrent delete could do this; go the general way.
             return self.submit_many([effect], conn=conn)[0]
@@ -253,7 +260,9 @@ class Outbox:
         store = self.store
         now = store.clock.now()
         effects = list(effects)
-        rows = [self._admit(e, now) for e in effects]
+        with telemetry.span(SUBMIT, count=len(effects)):
+            admitted = [self._admit(e, now) for e in effects]
+        effects, rows = [e for e, _ in admitted], [row for _, row in admitted]
         if not rows:
             return []
         by_key = distinct(rows)

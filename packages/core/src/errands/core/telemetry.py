@@ -1,0 +1,339 @@
+"""Traces, metrics and structured logs of every engine, through the OpenTelemetry API when it is installed.
+
+``pip install 'errands-core[otel]'`` brings ``opentelemetry-api``; configure a tracer and a meter provider (the
+SDK, an exporter) as for any instrumented library. Without the API nothing here imports it, every helper is a
+no-op and the engines' hot paths pay one module-constant check (``ENABLED``).
+
+Spans, named ``errands.<engine>.<verb>`` (``SPANS`` lists each once with the attributes it may carry):
+
+===============================  =================================================================================
+``errands.outbox.submit``        an effect recorded (``Outbox.submit``): effect key, connector
+``errands.outbox.dispatch``      one dispatch attempt: effect key, connector, attempt, lease owner, status
+``errands.outbox.observe``       one observation of an effect whose outcome is unknown: as dispatch
+``errands.outbox.compensate``    one compensation attempt: effect key, obligation kind, attempt, lease owner
+``errands.journal.append``       events appended (``Journal.append``): stream, subject
+``errands.fanout.batch``         one route's batch read from the journal: route, count
+``errands.fanout.publish``       one sink publish of that batch: route, sink, count, status
+``errands.tasks.submit``         a task queued (``TaskEngine.submit``): task type, task id
+``errands.tasks.run``            one task attempt on a worker: task type, task id, attempt, lease owner, status
+``errands.lro.save``             an operation created or saved (``new_operation``): operation
+``errands.lro.resume``           an operation resumed by its callback: operation, status
+``errands.lro.complete``         an operation completed: operation, status
+``errands.durable.start``        an execution started (``DurableRunner.start``): execution id, function
+``errands.durable.invocation``   one invocation of an execution on a worker: execution id, lease owner, status
+``errands.durable.step``         one step run inside an invocation: execution id, step, attempt, status
+===============================  =================================================================================
+
+Attributes are ids, names, counts and statuses, never payloads, responses or secrets.
+
+Context travels with the work: the W3C trace context current when work is recorded (an effect, an event, a
+task, an execution, an operation) is stored with it (``carrier``; an effect keeps it in its metadata under
+``errands.trace``) and restored as the parent of the worker's span (``span(..., parent=...)``), so a worker's
+spans, in another thread or another process, are in the request's trace. Outgoing calls carry ``traceparent``
+(``inject``): the HTTP connector's and the webhook sink's headers, Pub/Sub attributes, Cloud Tasks headers.
+
+Metrics (``METRICS``), through the meter ``errands``:
+
+====================================  ==========  =======================================================
+``errands.outbox.effects``            counter     effects reaching a status (``status``, ``connector``)
+``errands.outbox.dispatch.duration``  histogram   seconds per dispatch call (``connector``)
+``errands.outbox.dispatch.attempts``  counter     dispatch attempts made (``connector``)
+``errands.fanout.lag``                gauge       journal events behind the head, per route (``route``)
+``errands.queue.depth``               gauge       work due now, per engine (``engine``)
+``errands.queue.age``                 gauge       seconds the oldest due work has waited (``engine``)
+``errands.lease.lost``                counter     leases lost to another worker (``engine``)
+``errands.durable.executions``        counter     durable executions reaching a status (``status``)
+====================================  ==========  =======================================================
+
+Logs: ``ERRANDS_LOG_FORMAT=json`` makes ``configure_logging`` (the ``errands worker`` command calls it) write one
+JSON object per line, canonical keys first (``LOG_KEYS``), then the current ``trace_id`` and ``span_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, ContextManager, Iterable, Mapping, MutableMapping, TextIO, TypeVar
+
+try:
+    from opentelemetry import metrics as _metrics
+    from opentelemetry import propagate as _propagate
+    from opentelemetry import trace as _trace
+except ImportError:  # the optional dependency is absent: every helper below is a no-op
+    ENABLED = False
+else:
+    ENABLED = True
+
+__all__ = [
+    "ATTRIBUTES",
+    "ENABLED",
+    "LOG_KEYS",
+    "METRICS",
+    "SPANS",
+    "TRACE_KEY",
+    "JsonFormatter",
+    "answered",
+    "carrier",
+    "configure_logging",
+    "count",
+    "dispatched",
+    "gauge",
+    "inject",
+    "is_enabled",
+    "log_formatter",
+    "record",
+    "set_status",
+    "span",
+    "stored",
+    "traced_effect",
+    "with_trace",
+]
+
+#: Where an effect's metadata keeps the trace context current at its submit.
+TRACE_KEY = "errands.trace"
+
+#: Attribute keyword (as ``span`` takes it) -> attribute name on the span.
+ATTRIBUTES: Mapping[str, str] = {
+    "effect_key": "errands.effect_key",
+    "connector": "errands.connector",
+    "attempt": "errands.attempt",
+    "status": "errands.status",
+    "lease_owner": "errands.lease_owner",
+    "kind": "errands.obligation_kind",
+    "stream": "errands.stream",
+    "subject": "errands.subject",
+    "route": "errands.route",
+    "sink": "errands.sink",
+    "count": "errands.count",
+    "task_type": "errands.task_type",
+    "task_id": "errands.task_id",
+    "operation": "errands.operation",
+    "execution_id": "errands.execution_id",
+    "function": "errands.function",
+    "step": "errands.step",
+}
+
+_WORK = ("attempt", "lease_owner", "status")
+
+#: Every span errands starts, with the attributes it may carry (keywords of ``ATTRIBUTES``).
+SPANS: Mapping[str, tuple[str, ...]] = {
+    "errands.outbox.submit": ("effect_key", "connector"),
+    "errands.outbox.dispatch": ("effect_key", "connector", *_WORK),
+    "errands.outbox.observe": ("effect_key", "connector", *_WORK),
+    "errands.outbox.compensate": ("effect_key", "kind", *_WORK),
+    "errands.journal.append": ("stream", "subject", "count"),
+    "errands.fanout.batch": ("route", "count"),
+    "errands.fanout.publish": ("route", "sink", "count", "status"),
+    "errands.tasks.submit": ("task_type", "task_id"),
+    "errands.tasks.run": ("task_type", "task_id", *_WORK),
+    "errands.lro.save": ("operation",),
+    "errands.lro.resume": ("operation", "status"),
+    "errands.lro.complete": ("operation", "status"),
+    "errands.durable.start": ("execution_id", "function"),
+    "errands.durable.invocation": ("execution_id", "function", "lease_owner", "status"),
+    "errands.durable.step": ("execution_id", "step", "attempt", "status"),
+}
+
+#: Every instrument errands records: name -> (kind, unit, description).
+METRICS: Mapping[str, tuple[str, str, str]] = {
+    "errands.outbox.effects": ("counter", "{effect}", "effects reaching a status"),
+    "errands.outbox.dispatch.duration": ("histogram", "s", "seconds per dispatch call"),
+    "errands.outbox.dispatch.attempts": ("counter", "{attempt}", "dispatch attempts made"),
+    "errands.fanout.lag": ("gauge", "{event}", "journal events behind the head, per route"),
+    "errands.queue.depth": ("gauge", "{item}", "work due now, per engine"),
+    "errands.queue.age": ("gauge", "s", "seconds the oldest due work has waited, per engine"),
+    "errands.lease.lost": ("counter", "{lease}", "leases lost to another worker"),
+    "errands.durable.executions": ("counter", "{execution}", "durable executions reaching a status"),
+}
+
+#: The keys a JSON log line starts with, in this order (those the record has).
+LOG_KEYS = ("ts", "level", "logger", "msg", "effect_key", "run_id", "execution_id", "operation", "task_id",
+            "route", "connector", "attempt", "status", "lease_owner", "trace_id", "span_id")
+
+T = TypeVar("T")
+_NULL: ContextManager[None] = contextlib.nullcontext()
+_instruments: dict[str, Any] = {}
+
+
+def is_enabled() -> bool:
+    """Whether ``opentelemetry-api`` is installed (a constant of the process: ``ENABLED``)."""
+    return ENABLED
+
+
+def span(name: str, parent: Mapping[str, str] | None = None, **attributes: Any) -> ContextManager[Any]:
+    """Start span ``name`` (one of ``SPANS``) as the current one for a ``with`` block; yields the span (None
+    without the API). ``parent``: a stored carrier (``stored``) whose trace the span continues, instead of the
+    current context's. Attributes are ``ATTRIBUTES`` keywords; None values are left out."""
+    if not ENABLED:
+        return _NULL
+    attrs = {ATTRIBUTES[k]: v for k, v in attributes.items() if v is not None}
+    ctx = _propagate.extract(parent) if parent else None
+    return _trace.get_tracer("errands").start_as_current_span(name, context=ctx, attributes=attrs)
+
+
+def answered(current: Any, result: T) -> T:
+    """``result`` (a connector's or sink's answer), its outcome set as the ``errands.status`` of span ``current``."""
+    if current is not None:
+        outcome = getattr(result, "outcome", None)
+        if outcome is not None:
+            current.set_attribute(ATTRIBUTES["status"], str(outcome))
+    return result
+
+
+def dispatched(connector: str, started: float) -> float:
+    """The seconds since ``started`` (``time.perf_counter``), recorded as one dispatch attempt of ``connector``."""
+    seconds = time.perf_counter() - started
+    if ENABLED:
+        attrs = {"connector": connector}
+        _instrument("errands.outbox.dispatch.duration").record(seconds, attrs)
+        _instrument("errands.outbox.dispatch.attempts").add(1, attrs)
+    return seconds
+
+
+def set_status(current: Any, status: Any) -> None:
+    """Set the ``errands.status`` attribute of a span ``span`` yielded (nothing for None)."""
+    if current is not None:
+        current.set_attribute(ATTRIBUTES["status"], str(status))
+
+
+def carrier() -> dict[str, str] | None:
+    """The W3C trace context current now (``traceparent``, ``tracestate``), to store with work; None when no span
+    is current (or without the API)."""
+    if not ENABLED:
+        return None
+    out: dict[str, str] = {}
+    _propagate.inject(out)
+    return out or None
+
+
+def with_trace(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``metadata`` with the current trace context under ``TRACE_KEY`` (the same object when there is none, or
+    the key is set already)."""
+    if not ENABLED or TRACE_KEY in metadata:
+        return metadata
+    found = carrier()
+    return metadata if found is None else {**metadata, TRACE_KEY: found}
+
+
+def traced_effect(effect: T) -> T:
+    """``effect`` (an ``Effect``) with the current trace context in its metadata (``with_trace``); the same
+    object when there is none."""
+    metadata = getattr(effect, "metadata", None)
+    if not isinstance(metadata, dict):
+        return effect
+    traced = with_trace(metadata)
+    return effect if traced is metadata else dataclasses.replace(effect, metadata=traced)  # type: ignore[type-var]
+
+
+def stored(metadata: Mapping[str, Any] | None) -> Mapping[str, str] | None:
+    """The trace context ``with_trace`` stored in ``metadata`` (None if none)."""
+    if not metadata:
+        return None
+    found = metadata.get(TRACE_KEY)
+    return found if isinstance(found, Mapping) else None
+
+
+def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """Add the current trace context (``traceparent``, ``tracestate``) to outgoing ``headers``; returns them."""
+    if ENABLED:
+        _propagate.inject(headers)
+    return headers
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+def _instrument(name: str) -> Any:
+    found = _instruments.get(name)
+    if found is None:
+        kind, unit, description = METRICS[name]
+        meter = _metrics.get_meter("errands")
+        make = meter.create_counter if kind == "counter" else meter.create_histogram
+        found = _instruments[name] = make(name, unit=unit, description=description)
+    return found
+
+
+def count(name: str, amount: int = 1, **attributes: Any) -> None:
+    """Add ``amount`` to counter ``name`` (one of ``METRICS``)."""
+    if ENABLED:
+        _instrument(name).add(amount, {k: str(v) for k, v in attributes.items()})
+
+
+def record(name: str, value: float, **attributes: Any) -> None:
+    """Record ``value`` on histogram ``name`` (one of ``METRICS``)."""
+    if ENABLED:
+        _instrument(name).record(value, {k: str(v) for k, v in attributes.items()})
+
+
+def gauge(name: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]]]) -> None:
+    """Report gauge ``name`` (one of ``METRICS``) at each collection with ``read()``: (value, attributes) pairs.
+    A failing read reports nothing that time (a store down must not break the exporter)."""
+    if not ENABLED:
+        return
+    kind, unit, description = METRICS[name]
+
+    def observe(_options: Any) -> Iterable[Any]:
+        try:
+            return [_metrics.Observation(value, dict(attrs)) for value, attrs in read()]
+        except Exception:  # a collection that fails reports nothing; the next one asks again
+            logging.getLogger("errands.telemetry").debug("gauge %s could not be read", name, exc_info=True)
+            return []
+
+    _metrics.get_meter("errands").create_observable_gauge(name, callbacks=[observe], unit=unit,
+                                                          description=description)
+
+
+# -- logs ---------------------------------------------------------------------------------------------------------
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_SECRET_WORDS = ("authorization", "password", "secret", "token", "cookie", "credential", "api_key", "apikey")
+
+
+def _redacted(key: str, value: Any) -> Any:
+    lower = key.lower()
+    return "***" if any(word in lower for word in _SECRET_WORDS) else value
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``LOG_KEYS`` first (those present), then the record's other extras; values of
+    keys that name a secret (``authorization``, ``token``, ``password``, ...) are ``***``. Messages are formatted as
+    in text logs, where errands redacts URLs and headers before logging them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        found: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                found[key] = _redacted(key, value)
+        if ENABLED:
+            ctx = _trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                found["trace_id"], found["span_id"] = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+        if record.exc_info:
+            found["exc"] = self.formatException(record.exc_info)
+        line = {key: found.pop(key) for key in LOG_KEYS if key in found}
+        line.update(found)
+        return json.dumps(line, default=str)
+
+
+def log_formatter() -> logging.Formatter:
+    """``JsonFormatter`` when ``ERRANDS_LOG_FORMAT=json``, else text lines ``time logger level message``."""
+    if os.environ.get("ERRANDS_LOG_FORMAT", "").strip().lower() == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def configure_logging(level: int = logging.WARNING, stream: TextIO | None = None) -> None:
+    """Log to ``stream`` (stderr) at ``level`` with ``log_formatter()``, as ``logging.basicConfig`` does: nothing
+    changes when the root logger has handlers already (the application configured logging)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(log_formatter())
+    root.addHandler(handler)
+    root.setLevel(level)
