@@ -1,0 +1,253 @@
+"""Traces, metrics and logs (``errands.core.telemetry``) with the OpenTelemetry SDK's in-memory exporter and reader.
+
+An effect submitted inside a request's span is dispatched later by a worker, in another thread and in another
+process (the trace context carried through the store), in the request's trace; the counterparty (a real local
+HTTP server) receives a ``traceparent`` of that trace. Without opentelemetry (its import blocked in a subprocess)
+nothing of it is imported and the outbox works as before.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pytest_httpserver import HTTPServer
+
+from errands.connectors.http import HttpConnector
+from errands.core import Effect, EffectStatus, Outbox, open_store, telemetry
+
+_EXPORTER = InMemorySpanExporter()
+_READER = InMemoryMetricReader()
+_installed: list[bool] = []
+
+# The worker of the subprocess test: its own SDK, its spans' (name, trace id, parent span id) printed as JSON.
+WORKER = """
+import json, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from errands.connectors.http import HttpConnector
+from errands.core import Outbox, open_store
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+store = open_store(sys.argv[1])
+outbox = Outbox(store, connectors={"bank": HttpConnector(url=sys.argv[2])})
+outbox.drain()
+print(json.dumps([[s.name, format(s.context.trace_id, "032x"), s.parent and format(s.parent.span_id, "016x")]
+                  for s in exporter.get_finished_spans()]))
+"""
+
+# Without opentelemetry: its import is refused, as if it were not installed.
+UNTRACED = """
+import importlib.abc, json, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "opentelemetry" or name.startswith("opentelemetry."):
+            raise ImportError(f"no module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+from errands.connectors.http import HttpConnector
+from errands.core import Effect, Outbox, open_store, telemetry
+
+store = open_store(sys.argv[1])
+outbox = Outbox(store, connectors={"bank": HttpConnector(url=sys.argv[2])})
+with telemetry.span("errands.outbox.submit", effect_key="k"):
+    outbox.submit(Effect(key="plain", connector="bank", payload={"n": 1}))
+outbox.drain()
+telemetry.count("errands.outbox.effects", status="CONFIRMED")
+print(json.dumps({"enabled": telemetry.ENABLED, "status": str(outbox.get("plain").status),
+                  "metadata": outbox.get("plain").metadata,
+                  "imported": sorted(m for m in sys.modules if m.startswith("opentelemetry"))}))
+"""
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The process's tracer and meter providers (set once: OpenTelemetry allows one of each), spans cleared."""
+    if not _installed:
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+        metrics.set_meter_provider(MeterProvider(metric_readers=[_READER]))
+        _installed.append(True)
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'errands.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def _trace_id(s: ReadableSpan) -> str:
+    assert s.context is not None
+    return format(s.context.trace_id, "032x")
+
+
+def _by_name(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+def _traceparents(server: HTTPServer) -> list[str]:
+    return [req.headers.get("traceparent", "") for req, _ in server.log]
+
+
+def _submit_in_request(outbox: Outbox, key: str) -> str:
+    """Submit an effect inside a request's span; returns the request's trace id."""
+    with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+        outbox.submit(Effect(key=key, connector="bank", payload={"cents": 500}))
+    return format(request.get_span_context().trace_id, "032x")
+
+
+def test_a_worker_thread_dispatches_in_the_request_trace_and_the_counterparty_gets_traceparent(
+        spans: InMemorySpanExporter, httpserver: HTTPServer, store_url: str) -> None:
+    httpserver.expect_request("/pay", method="POST").respond_with_json({"ok": True})
+    store = open_store(store_url)
+    try:
+        outbox = Outbox(store, connectors={"bank": HttpConnector(url=httpserver.url_for("/pay"))})
+        trace_id = _submit_in_request(outbox, "order-1")
+        assert outbox.get("order-1").metadata[telemetry.TRACE_KEY]["traceparent"].split("-")[1] == trace_id
+
+        worker = threading.Thread(target=outbox.drain)
+        worker.start()
+        worker.join()
+
+        assert outbox.get("order-1").status is EffectStatus.CONFIRMED
+        (submit,) = _by_name(spans, "errands.outbox.submit")
+        (dispatch,) = _by_name(spans, "errands.outbox.dispatch")
+        assert {_trace_id(submit), _trace_id(dispatch)} == {trace_id}
+        assert dispatch.parent is not None and submit.context is not None
+        assert dispatch.parent.span_id == submit.context.span_id  # request -> submit -> dispatch
+        assert dispatch.attributes is not None
+        assert dispatch.attributes["errands.effect_key"] == "order-1"
+        assert dispatch.attributes["errands.connector"] == "bank"
+        assert dispatch.attributes["errands.status"] == "CONFIRMED"
+        assert dispatch.attributes["errands.attempt"] == 1
+        assert "cents" not in json.dumps(dict(dispatch.attributes))  # never the payload
+        (parent,) = _traceparents(httpserver)
+        assert parent.split("-")[1] == trace_id
+        assert dispatch.context is not None and parent.split("-")[2] == format(dispatch.context.span_id, "016x")
+    finally:
+        store.close()
+
+
+def test_a_worker_process_dispatches_in_the_request_trace(
+        spans: InMemorySpanExporter, httpserver: HTTPServer, store_url: str) -> None:
+    httpserver.expect_request("/pay", method="POST").respond_with_json({"ok": True})
+    url = httpserver.url_for("/pay")
+    store = open_store(store_url)
+    try:
+        outbox = Outbox(store, connectors={"bank": HttpConnector(url=url)})
+        trace_id = _submit_in_request(outbox, "order-2")
+        done = subprocess.run([sys.executable, "-c", WORKER, store_url, url], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        worker_spans = json.loads(done.stdout.strip().splitlines()[-1])
+        assert [name for name, _, _ in worker_spans] == ["errands.outbox.dispatch"]
+        (submit,) = _by_name(spans, "errands.outbox.submit")
+        assert submit.context is not None
+        assert worker_spans[0][1:] == [trace_id, format(submit.context.span_id, "016x")]
+        (parent,) = _traceparents(httpserver)
+        assert parent.split("-")[1] == trace_id
+        assert outbox.get("order-2").status is EffectStatus.CONFIRMED
+    finally:
+        store.close()
+
+
+def test_metrics_carry_the_documented_names(spans: InMemorySpanExporter, httpserver: HTTPServer,
+                                            tmp_path: Path) -> None:
+    httpserver.expect_request("/pay", method="POST").respond_with_json({"ok": True})
+    store = open_store(f"sqlite:///{tmp_path / 'errands.db'}")
+    try:
+        outbox = Outbox(store, connectors={"bank": HttpConnector(url=httpserver.url_for("/pay"))})
+        _submit_in_request(outbox, "order-3")
+        outbox.drain()
+    finally:
+        store.close()
+    data = _READER.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            if scope.scope.name == "errands":
+                for metric in scope.metrics:
+                    points[metric.name] = list(metric.data.data_points)
+    assert set(points) <= set(telemetry.METRICS)
+    assert {"errands.outbox.effects", "errands.outbox.dispatch.duration", "errands.outbox.dispatch.attempts"} \
+        <= set(points)
+    statuses = {dict(p.attributes)["status"] for p in points["errands.outbox.effects"]}
+    assert "CONFIRMED" in statuses
+    assert {dict(p.attributes)["connector"] for p in points["errands.outbox.dispatch.attempts"]} == {"bank"}
+
+
+def test_every_span_name_is_errands_engine_verb_and_its_attributes_are_known() -> None:
+    for name, attributes in telemetry.SPANS.items():
+        prefix, engine, verb = name.split(".")
+        assert prefix == "errands" and engine and verb
+        assert set(attributes) <= set(telemetry.ATTRIBUTES)
+    assert all(name.startswith("errands.") for name in telemetry.METRICS)
+
+
+def test_json_logs_put_canonical_keys_first_with_the_trace_and_redact_secrets(
+        spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERRANDS_LOG_FORMAT", "json")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(telemetry.log_formatter())
+    log = logging.getLogger("errands.test.telemetry")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+            log.warning("lease on effect %s lapsed", "order-4",
+                        extra={"lease_owner": "w1", "effect_key": "order-4", "authorization": "Bearer s3cret"})
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    line = json.loads(out.getvalue())
+    assert list(line)[:6] == ["ts", "level", "logger", "msg", "effect_key", "lease_owner"]
+    assert line["msg"] == "lease on effect order-4 lapsed" and line["level"] == "WARNING"
+    assert line["trace_id"] == format(request.get_span_context().trace_id, "032x")
+    assert line["span_id"] == format(request.get_span_context().span_id, "016x")
+    assert line["authorization"] == "***" and "s3cret" not in out.getvalue()
+
+
+def test_text_logs_stay_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ERRANDS_LOG_FORMAT", raising=False)
+    assert not isinstance(telemetry.log_formatter(), telemetry.JsonFormatter)
+
+
+def test_without_opentelemetry_nothing_is_imported_and_the_outbox_works(httpserver: HTTPServer,
+                                                                       tmp_path: Path) -> None:
+    httpserver.expect_request("/pay", method="POST").respond_with_json({"ok": True})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run([sys.executable, "-c", UNTRACED, f"sqlite:///{tmp_path / 'errands.db'}",
+                           httpserver.url_for("/pay")], capture_output=True, text=True, timeout=120, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"enabled": False, "status": "CONFIRMED", "metadata": {}, "imported": []}
+    assert _traceparents(httpserver) == [""]
