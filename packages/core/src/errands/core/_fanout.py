@@ -8,6 +8,7 @@ with any parked events, to just before the earliest event not yet delivered.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import zlib
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import _fanout_table as table
+from . import telemetry
 from ._fanout_table import CURSOR_NAMESPACE, FANOUT_MIGRATIONS
 from ._fanout_transitions import Lane, RouteState, Verdict, retry_delay, settle, verdict
 from ._runtime import CallRunner, drain
@@ -244,12 +246,14 @@ class FanOut:
                 self._commit(run, last, [])
             return delivered
         lanes = self._lanes(route, events)
-        if len(lanes) == 1:
-            self._publish_lane(route, lanes[0])
-        else:
-            pool = self._executor(route.max_in_flight)
-            for f in [pool.submit(self._publish_lane, route, lane) for lane in lanes]:
-                f.result()
+        with telemetry.span("errands.fanout.batch", route=route.name, count=len(events)):
+            if len(lanes) == 1:
+                self._publish_lane(route, lanes[0])
+            else:
+                pool = self._executor(route.max_in_flight)
+                for f in [pool.submit(contextvars.copy_context().run, self._publish_lane, route, lane)
+                          for lane in lanes]:
+                    f.result()
         window = settle(last, lanes)
         run.ahead.update(window.ahead)
         self._commit(run, window.cursor, window.parked)
@@ -283,10 +287,14 @@ class FanOut:
 
     def _publish(self, route: Route, batch: Sequence[Event]) -> Exception | None:
         """Hand ``batch`` to the sink: None if it took it, else what it raised."""
-        try:
-            self._bridge.call(route.sink.publish, batch)
-        except Exception as exc:
-            return exc
+        with telemetry.span("errands.fanout.publish", route=route.name, sink=type(route.sink).__name__,
+                            count=len(batch)) as span:
+            try:
+                self._bridge.call(route.sink.publish, batch)
+            except Exception as exc:
+                telemetry.set_status(span, "FAILED")
+                return exc
+            telemetry.set_status(span, "DELIVERED")
         return None
 
     def _publish_lane(self, route: Route, lane: Lane) -> None:

@@ -799,7 +799,9 @@ class TaskEngine:
             args: tuple[Any, ...] = (run.params, TaskContext(
                 id=run.id, type=run.type, attempt=run.attempt, _beat=run.beat, _stop=run.stop,
             )) if spec.wants_ctx else (run.params,)
-            outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
+            with telemetry.span("errands.tasks.run", task_type=run.type, task_id=run.id, attempt=run.attempt,
+                                lease_owner=self.owner):
+                outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
         except BaseException as exc:
             stopped = run.stop.set and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError))
             if not isinstance(exc, Exception) and not stopped:
@@ -817,6 +819,7 @@ class TaskEngine:
             transition = settle(outcome, run.attempt, spec.policy, self.store.clock.now(), lease_lost=run.beat.lost,
                                 stopped=reason)
             if transition is None:
+                telemetry.count("errands.lease.lost", engine="tasks")
                 log.warning("task %s (%s): its lease was lost while it ran; this run records nothing (another "
                             "worker may run it)", run.id, run.type)
                 return

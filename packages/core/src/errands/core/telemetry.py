@@ -39,8 +39,7 @@ Metrics (``METRICS``), through the meter ``errands``:
 ``errands.outbox.dispatch.duration``  histogram   seconds per dispatch call (``connector``)
 ``errands.outbox.dispatch.attempts``  counter     dispatch attempts made (``connector``)
 ``errands.fanout.lag``                gauge       journal events behind the head, per route (``route``)
-``errands.queue.depth``               gauge       work due now, per engine (``engine``)
-``errands.queue.age``                 gauge       seconds the oldest due work has waited (``engine``)
+``errands.queue.depth``               gauge       work due now, per engine (``engine``: ``outbox``)
 ``errands.lease.lost``                counter     leases lost to another worker (``engine``)
 ``errands.durable.executions``        counter     durable executions reaching a status (``status``)
 ====================================  ==========  =======================================================
@@ -58,6 +57,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from typing import Any, Callable, ContextManager, Iterable, Mapping, MutableMapping, TextIO, TypeVar
 
 try:
@@ -87,10 +87,13 @@ __all__ = [
     "is_enabled",
     "log_formatter",
     "record",
+    "queued",
     "set_status",
+    "spanned",
     "span",
     "stored",
     "traced_effect",
+    "watch",
     "with_trace",
 ]
 
@@ -146,7 +149,6 @@ METRICS: Mapping[str, tuple[str, str, str]] = {
     "errands.outbox.dispatch.attempts": ("counter", "{attempt}", "dispatch attempts made"),
     "errands.fanout.lag": ("gauge", "{event}", "journal events behind the head, per route"),
     "errands.queue.depth": ("gauge", "{item}", "work due now, per engine"),
-    "errands.queue.age": ("gauge", "s", "seconds the oldest due work has waited, per engine"),
     "errands.lease.lost": ("counter", "{lease}", "leases lost to another worker"),
     "errands.durable.executions": ("counter", "{execution}", "durable executions reaching a status"),
 }
@@ -158,6 +160,7 @@ LOG_KEYS = ("ts", "level", "logger", "msg", "effect_key", "run_id", "execution_i
 T = TypeVar("T")
 _NULL: ContextManager[None] = contextlib.nullcontext()
 _instruments: dict[str, Any] = {}
+_gauges: dict[str, list[Callable[[], Any]]] = {}
 
 
 def is_enabled() -> bool:
@@ -193,6 +196,27 @@ def dispatched(connector: str, started: float) -> float:
         _instrument("errands.outbox.dispatch.duration").record(seconds, attrs)
         _instrument("errands.outbox.dispatch.attempts").add(1, attrs)
     return seconds
+
+
+def spanned(fn: Callable[..., T], name: str, **attributes: Any) -> Callable[..., T]:
+    """``fn`` run inside span ``name`` (``span``) at each call; ``fn`` itself without the API."""
+    if not ENABLED:
+        return fn
+
+    def call(*args: Any, **kwargs: Any) -> T:
+        with span(name, **attributes) as current:
+            result = fn(*args, **kwargs)
+            set_status(current, "SUCCEEDED")
+            return result
+
+    return call
+
+
+def queued() -> dict[str, Any] | None:
+    """The payload that carries the current trace context with a queued item (``stored`` reads it back); None
+    when there is none."""
+    found = carrier()
+    return None if found is None else {TRACE_KEY: found}
 
 
 def set_status(current: Any, status: Any) -> None:
@@ -270,20 +294,56 @@ def record(name: str, value: float, **attributes: Any) -> None:
 
 def gauge(name: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]]]) -> None:
     """Report gauge ``name`` (one of ``METRICS``) at each collection with ``read()``: (value, attributes) pairs.
-    A failing read reports nothing that time (a store down must not break the exporter)."""
+    Each name is one instrument whatever the number of reads; a read that fails reports nothing that time (a store
+    down must not break the exporter), one that returns None is dropped (what it read is gone)."""
     if not ENABLED:
         return
-    kind, unit, description = METRICS[name]
+    reads = _gauges.get(name)
+    if reads is None:
+        reads = _gauges[name] = []
+        kind, unit, description = METRICS[name]
 
-    def observe(_options: Any) -> Iterable[Any]:
-        try:
-            return [_metrics.Observation(value, dict(attrs)) for value, attrs in read()]
-        except Exception:  # a collection that fails reports nothing; the next one asks again
-            logging.getLogger("errands.telemetry").debug("gauge %s could not be read", name, exc_info=True)
-            return []
+        def observe(_options: Any) -> Iterable[Any]:
+            out = []
+            for each in list(reads):
+                try:
+                    found = each()
+                    if found is None:
+                        reads.remove(each)
+                        continue
+                    out.extend(_metrics.Observation(value, dict(attrs)) for value, attrs in found)
+                except Exception:  # a collection that fails reports nothing; the next one asks again
+                    logging.getLogger("errands.telemetry").debug("gauge %s could not be read", name, exc_info=True)
+            return out
 
-    _metrics.get_meter("errands").create_observable_gauge(name, callbacks=[observe], unit=unit,
-                                                          description=description)
+        _metrics.get_meter("errands").create_observable_gauge(name, callbacks=[observe], unit=unit,
+                                                              description=description)
+    reads.append(read)
+
+
+def watch(worker: Any) -> None:
+    """Report the gauges of a worker's engines while it lives: ``errands.queue.depth`` of its outbox (effects due
+    now) and ``errands.fanout.lag`` of each of its routes."""
+    if not ENABLED:
+        return
+    ref = weakref.ref(worker)
+
+    def depth() -> list[tuple[float, Mapping[str, str]]] | None:
+        w = ref()
+        if w is None:
+            return None
+        stats = getattr(w.outbox, "stats", None)
+        return [(stats()["due"], {"engine": "outbox"})] if callable(stats) else []
+
+    def lag() -> list[tuple[float, Mapping[str, str]]] | None:
+        w = ref()
+        if w is None:
+            return None
+        status = getattr(w.fanout, "status", None)
+        return [(route.behind, {"route": route.name}) for route in status()] if callable(status) else []
+
+    gauge("errands.queue.depth", depth)  # type: ignore[arg-type]
+    gauge("errands.fanout.lag", lag)  # type: ignore[arg-type]
 
 
 # -- logs ---------------------------------------------------------------------------------------------------------

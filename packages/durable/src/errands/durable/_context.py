@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, Sequence, TypeVar, Union
 
-from errands.core import ConfigError
+from errands.core import ConfigError, telemetry
 
 from . import _loops
 from ._errors import (
@@ -68,6 +68,7 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 log = logging.getLogger("errands.durable")
+STEP = "errands.durable.step"
 
 #: Results that are never awaitable, answered without asking ``inspect.isawaitable``.
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple})
@@ -330,7 +331,8 @@ class _ContextCore:
                 sctx = StepContext(execution_id=state.execution_id, operation_id=op_id, name=name, attempt=attempt,
                                    logger=self.logger)
                 try:
-                    value = yield _Call(func, (sctx,))
+                    value = yield _Call(telemetry.spanned(func, STEP, execution_id=state.execution_id, step=name or op_id,
+                                                          attempt=attempt), (sctx,))
                 except Exception as exc:
                     pending_error = exc
                 else:

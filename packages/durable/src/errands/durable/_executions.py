@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from errands.core import AlreadyExistsError, ConfigError
+from errands.core import AlreadyExistsError, ConfigError, telemetry
 from errands.core.store import NewEvent, SQLStore, Tx
 
 from . import _schema as schema
@@ -40,7 +40,8 @@ def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text
     the id exists."""
     if not schema.insert_execution(tx, execution_id, function, input_text, now, parent=parent, run_token=run_token):
         return False
-    store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)
+    store.enqueue(schema.QUEUE, [(execution_id, telemetry.queued(), now)], tx=tx)
+    telemetry.count("errands.durable.executions", status="STARTED")
     store.append_events([NewEvent(f"durable/{execution_id}", "durable.execution.started",
                                   {"execution_id": execution_id, "function": function,
                                    "parent_id": parent[0] if parent else None})], tx=tx)
@@ -70,6 +71,7 @@ def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, res
     """Record a terminal status, publish ``durable.execution.<status>`` and hand the outcome to a waiting
     parent."""
     parent_id, parent_op, function = schema.end_execution(tx, execution_id, status, result, error, now)
+    telemetry.count("errands.durable.executions", status=status.value)
     data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
     if error is not None:
         data["error"] = error.to_dict()

@@ -15,7 +15,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Mapping
 
-from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Worker, open_store
+from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Worker, open_store, telemetry
 from errands.core.runtime import drain, error_text, is_infrastructure_error
 from errands.core.store import SQLStore, dumps
 
@@ -124,7 +124,8 @@ class DurableRunner:
             AlreadyExistsError: the id exists with another function or input.
         """
         execution_id, text = self._prepare_start(function, input, execution_id)
-        with self.store.transaction(conn) as tx:
+        with telemetry.span("errands.durable.start", execution_id=execution_id, function=function), \
+                self.store.transaction(conn) as tx:
             executions.start(self.store, tx, execution_id, function, text, self.clock.now())
         return execution_id
 
