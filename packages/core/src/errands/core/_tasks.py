@@ -36,6 +36,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping, Sequence
 
 from . import _tasks_table as table
+from . import telemetry
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._runtime import CallRunner, drain
 from ._tasks_table import ScheduleRecord, TaskRecord
@@ -449,7 +450,8 @@ class TaskEngine:
         rank = _priority(priority)
         text = dumps(params, field="params")
         now = self.store.clock.now()
-        with self.store.transaction(conn) as tx:
+        with telemetry.span("errands.tasks.submit", task_type=type, task_id=task_id), \
+                self.store.transaction(conn) as tx:
             table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank)
         return task_id
 

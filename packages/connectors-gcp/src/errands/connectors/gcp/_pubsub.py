@@ -12,7 +12,6 @@ import threading
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Mapping, Sequence
 
-from errands.core import telemetry
 from errands.core import (
     ConfigError,
     ConnectorCapabilities,
@@ -24,6 +23,7 @@ from errands.core import (
     PermanentError,
     Semantics,
     TransientError,
+    telemetry,
 )
 
 from ._imports import require

@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Mapping
 from urllib.parse import urlencode, urlsplit
 
-from errands.core import telemetry
 from errands.core import (
     ConfigError,
     ConnectorCapabilities,
@@ -30,6 +29,7 @@ from errands.core import (
     PermanentError,
     Semantics,
     TransientError,
+    telemetry,
 )
 
 from ._imports import require

@@ -16,7 +16,6 @@ from typing import Any, AsyncGenerator, Callable, ClassVar, Generic, Mapping, Ty
 
 import httpx
 import stamina
-from errands.core import telemetry
 from errands.core import (
     CompensationOutcome,
     CompensationResult,
@@ -29,6 +28,7 @@ from errands.core import (
     Observation,
     ObservationOutcome,
     Semantics,
+    telemetry,
 )
 
 from .__about__ import __version__

@@ -8,10 +8,10 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+from .. import telemetry
 from .._values import EffectStatus, Semantics
 from ..errors import ConfigError, PermanentError
 from ..runtime import retry_infrastructure
-from .. import telemetry
 from ..store import NewEvent, Tx
 from . import _effect_table, _obligation_table
 from ._admission import safety_net_problem

@@ -7,11 +7,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Callable, Collection, Iterable, List, Mapping, TypeVar
 
+from .. import telemetry
 from .._values import Effect, EffectStatus, Event, Obligation, ObservationOutcome
 from ..errors import ConfigError, NotFoundError
 from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain
 from ..store import SQLStore, default_owner, dumps
-from .. import telemetry
 from . import _effect_table, _inline, _obligation_table, _queries, _transitions
 from ._admission import DEFAULT_PAYLOAD_LIMIT, admit, check_same, check_str, distinct
 from ._context import ConnectorSet, Context, Settings

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .. import telemetry
 from .._protocols import capabilities_of
 from .._values import CompensationOutcome, CompensationResult
 from ..errors import ConfigError, EffectConflictError, NotFoundError
-from .. import telemetry
 from ..runtime import retry_infrastructure
 from ..store import dumps
 from . import _effect_table, _obligation_table
