@@ -251,3 +251,38 @@ def test_without_opentelemetry_nothing_is_imported_and_the_outbox_works(httpserv
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found == {"enabled": False, "status": "CONFIRMED", "metadata": {}, "imported": []}
     assert _traceparents(httpserver) == [""]
+
+
+def test_a_durable_step_runs_in_the_trace_of_the_start(spans: InMemorySpanExporter, httpserver: HTTPServer,
+                                                        store_url: str) -> None:
+    from errands.durable import DurableRunner
+
+    httpserver.expect_request("/hook", method="POST").respond_with_json({"ok": True})
+    url = httpserver.url_for("/hook")
+    runner = DurableRunner(store_url)
+    try:
+        def pay(event: Any, ctx: Any) -> Any:
+            import httpx
+
+            return ctx.step(lambda _: httpx.post(url, json={}, headers=telemetry.inject({})).status_code,
+                            name="call")
+
+        runner.register("pay", pay)
+        with trace.get_tracer("shop").start_as_current_span("POST /payments") as request:
+            execution_id = runner.start("pay", {"cents": 5})
+        trace_id = format(request.get_span_context().trace_id, "032x")
+        worker = threading.Thread(target=runner.drain)
+        worker.start()
+        worker.join()
+        assert runner.get(execution_id).result == 200
+        (start,) = _by_name(spans, "errands.durable.start")
+        (invocation,) = _by_name(spans, "errands.durable.invocation")
+        (step,) = _by_name(spans, "errands.durable.step")
+        assert {_trace_id(start), _trace_id(invocation), _trace_id(step)} == {trace_id}
+        assert invocation.parent is not None and start.context is not None
+        assert invocation.parent.span_id == start.context.span_id
+        assert step.attributes is not None and step.attributes["errands.step"] == "call"
+        (parent,) = _traceparents(httpserver)
+        assert step.context is not None and parent.split("-")[1:3] == [trace_id, format(step.context.span_id, "016x")]
+    finally:
+        runner.close()
