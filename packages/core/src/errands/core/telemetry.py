@@ -142,6 +142,7 @@ SPANS: Mapping[str, tuple[str, ...]] = {
     "errands.durable.start": ("execution_id", "function"),
     "errands.durable.invocation": ("execution_id", "function", "lease_owner", "status"),
     "errands.durable.step": ("execution_id", "step", "attempt", "status"),
+    "errands.demo.counterparty": (),
 }
 
 #: Every instrument errands records: name -> (kind, unit, description).
@@ -160,6 +161,7 @@ LOG_KEYS = ("ts", "level", "logger", "msg", "effect_key", "run_id", "execution_i
             "route", "connector", "attempt", "status", "lease_owner", "trace_id", "span_id")
 
 T = TypeVar("T")
+H = TypeVar("H", bound=MutableMapping[str, str])
 _NULL: ContextManager[None] = contextlib.nullcontext()
 _instruments: dict[str, Any] = {}
 _gauges: dict[str, list[Callable[[], Any]]] = {}
@@ -286,7 +288,7 @@ def stored(metadata: Mapping[str, Any] | None) -> Mapping[str, str] | None:
     return found if isinstance(found, Mapping) else None
 
 
-def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
+def inject(headers: H) -> H:
     """Add the current trace context (``traceparent``, ``tracestate``) to outgoing ``headers``; returns them."""
     if ENABLED:
         _propagate.inject(headers)
@@ -328,7 +330,7 @@ def gauge(name: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]
         _kind, unit, description = METRICS[name]
 
         def observe(_options: Any) -> Iterable[Any]:
-            out = []
+            out: list[Any] = []
             for each in list(reads):
                 try:
                     found = each()
