@@ -237,7 +237,8 @@ class Outbox:
             EffectConflictError: the key exists with a different payload, connector or tool.
         """
         store = self.store
-        with telemetry.span(SUBMIT, effect_key=effect.key, connector=effect.connector):
+        with telemetry.span(SUBMIT, effect_key=getattr(effect, "key", None),
+                            connector=getattr(effect, "connector", None)):
             effect, row = self._admit(effect, store.clock.now())
             with store.transaction(conn) as tx:
                 # Insert first and look only on a conflict (the common case is a new key).
