@@ -55,6 +55,29 @@ print(json.dumps([[s.name, format(s.context.trace_id, "032x"), s.parent and form
                   for s in exporter.get_finished_spans()]))
 """
 
+# A task worker in a process of its own: the handler calls the counterparty with the current trace context.
+TASK_WORKER = """
+import json, sys
+import httpx
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from errands.core import TaskEngine, open_store, telemetry
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+store = open_store(sys.argv[1])
+engine = TaskEngine(store, {"ship": lambda params: httpx.post(sys.argv[2], json=params,
+                                                              headers=telemetry.inject({})).status_code})
+engine.drain()
+engine.close()
+print(json.dumps([[s.name, format(s.context.trace_id, "032x"), s.parent and format(s.parent.span_id, "016x")]
+                  for s in exporter.get_finished_spans()]))
+"""
+
 # Without opentelemetry: its import is refused, as if it were not installed.
 UNTRACED = """
 import importlib.abc, json, sys
@@ -286,3 +309,50 @@ def test_a_durable_step_runs_in_the_trace_of_the_start(spans: InMemorySpanExport
         assert step.context is not None and parent.split("-")[1:3] == [trace_id, format(step.context.span_id, "016x")]
     finally:
         runner.close()
+
+
+def _ship(url: str) -> Any:
+    import httpx
+
+    return lambda params: httpx.post(url, json=params, headers=telemetry.inject({})).status_code
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_a_task_runs_in_the_trace_of_its_submit(spans: InMemorySpanExporter, httpserver: HTTPServer, store_url: str,
+                                                where: str) -> None:
+    from errands.core import TaskEngine
+
+    httpserver.expect_request("/ship", method="POST").respond_with_json({"ok": True})
+    url = httpserver.url_for("/ship")
+    store = open_store(store_url)
+    engine = TaskEngine(store, {"ship": _ship(url)})
+    try:
+        with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+            task_id = engine.submit("ship", {"order": 7})
+        trace_id = format(request.get_span_context().trace_id, "032x")
+        (submit,) = _by_name(spans, "errands.tasks.submit")
+        assert submit.context is not None
+        if where == "thread":
+            worker = threading.Thread(target=engine.drain)
+            worker.start()
+            worker.join()
+            (run,) = _by_name(spans, "errands.tasks.run")
+            assert run.parent is not None and run.context is not None
+            assert (_trace_id(run), run.parent.span_id) == (trace_id, submit.context.span_id)
+            assert run.attributes is not None and run.attributes["errands.task_id"] == task_id
+            run_span = format(run.context.span_id, "016x")
+        else:
+            done = subprocess.run([sys.executable, "-c", TASK_WORKER, store_url, url], capture_output=True,
+                                  text=True, timeout=120, check=False)
+            assert done.returncode == 0, done.stderr
+            (found,) = [s for s in json.loads(done.stdout.strip().splitlines()[-1]) if s[0] == "errands.tasks.run"]
+            assert found[1:] == [trace_id, format(submit.context.span_id, "016x")]
+            run_span = ""
+        (parent,) = _traceparents(httpserver)
+        assert parent.split("-")[1] == trace_id
+        assert not run_span or parent.split("-")[2] == run_span
+        record = engine.get(task_id)
+        assert record is not None and str(record.status) == "SUCCEEDED"
+    finally:
+        engine.close()
+        store.close()

@@ -178,6 +178,7 @@ class _Run:
     beat: Beat
     started: float = 0.0
     stop: _Stop = dataclass_field(default_factory=_Stop)
+    trace: str | None = None
 
 
 @dataclass
@@ -452,7 +453,8 @@ class TaskEngine:
         now = self.store.clock.now()
         with telemetry.span("errands.tasks.submit", task_type=type, task_id=task_id), \
                 self.store.transaction(conn) as tx:
-            table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank)
+            table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank,
+                         trace=telemetry.carrier_text())
         return task_id
 
     async def submit_async(
@@ -724,7 +726,7 @@ class TaskEngine:
                     beat = heartbeat(functools.partial(self._renew, c.id, c.token), lease_for=self.lease_for,
                                      what=f"task {c.id}")
                     run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat,
-                               started=now)
+                               started=now, trace=c.trace)
                     self._running[c.id] = run
                     runs.append(run)
         for run in runs:
@@ -801,7 +803,7 @@ class TaskEngine:
             args: tuple[Any, ...] = (run.params, TaskContext(
                 id=run.id, type=run.type, attempt=run.attempt, _beat=run.beat, _stop=run.stop,
             )) if spec.wants_ctx else (run.params,)
-            with telemetry.span("errands.tasks.run", task_type=run.type, task_id=run.id, attempt=run.attempt,
+            with telemetry.span("errands.tasks.run", telemetry.parsed(run.trace), task_type=run.type, task_id=run.id, attempt=run.attempt,
                                 lease_owner=self.owner):
                 outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
         except BaseException as exc:

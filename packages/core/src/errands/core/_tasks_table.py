@@ -64,6 +64,8 @@ TASK_MIGRATIONS = [
         )
         """,
     ),
+    # The W3C trace context current when the task was submitted (JSON): its run continues that trace.
+    Migration(5, "ALTER TABLE em_tasks ADD COLUMN trace TEXT"),
 ]
 
 # PostgreSQL advisory lock class for task admission: engines claiming a type with ``max_concurrency`` take
@@ -139,6 +141,7 @@ class Claimed:
     params: Any
     token: int
     attempt: int
+    trace: str | None = None
 
 
 def _at(t: Any) -> datetime:
@@ -166,15 +169,15 @@ def _schedule(row: Sequence[Any]) -> ScheduleRecord:
 # -- submitting and reading ----------------------------------------------------------------------
 
 def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debounce_key: str | None, now: float,
-           *, priority: int = 0) -> int:
+           *, priority: int = 0, trace: str | None = None) -> int:
     """Queue a task due at ``at`` unless its id exists (returns 0 then). A ``debounce_key`` first removes the
     pending task queued under the same key, so the newest one of a burst is the one that runs."""
     if debounce_key is not None:
         tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?", (debounce_key, _PENDING))
     return tx.rowcount(
         "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at, "
-        "priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        (task_id, type, params, _PENDING, at, debounce_key, now, now, priority),
+        "priority, trace) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        (task_id, type, params, _PENDING, at, debounce_key, now, now, priority, trace),
     )
 
 
@@ -329,10 +332,10 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
         "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM em_tasks "
         f"WHERE type = ?{mine} AND ((status = ? AND available_at <= ?) OR (status = ? AND lease_expires <= ?)) "
         f"ORDER BY priority DESC, available_at, created_at LIMIT ?{tx.skip_locked}) "
-        "RETURNING id, type, params, token, attempts",
+        "RETURNING id, type, params, token, attempts, trace",
         (_RUNNING, owner, lease_until, now, now, type, *held, _PENDING, now, _RUNNING, now, limit),
     )
-    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
+    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4]), r[5]) for r in rows]
 
 
 def renew(tx: Tx, task_id: str, token: int, lease_until: float) -> bool:

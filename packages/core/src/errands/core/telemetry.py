@@ -81,6 +81,7 @@ __all__ = [
     "JsonFormatter",
     "answered",
     "carrier",
+    "carrier_text",
     "configure_logging",
     "count",
     "dispatched",
@@ -88,6 +89,7 @@ __all__ = [
     "inject",
     "is_enabled",
     "log_formatter",
+    "parsed",
     "record",
     "queued",
     "set_status",
@@ -259,6 +261,23 @@ def carrier() -> dict[str, str] | None:
     if ctx.trace_state:
         out["tracestate"] = ctx.trace_state.to_header()
     return out
+
+
+def carrier_text() -> str | None:
+    """``carrier()`` as JSON text, for a text column; None when no span is current."""
+    found = carrier()
+    return None if found is None else json.dumps(found, separators=(",", ":"))
+
+
+def parsed(text: str | None) -> Mapping[str, str] | None:
+    """The carrier ``carrier_text`` wrote (None for None or anything else)."""
+    if not text or not ENABLED:
+        return None
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def with_trace(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
