@@ -356,3 +356,38 @@ def test_a_task_runs_in_the_trace_of_its_submit(spans: InMemorySpanExporter, htt
     finally:
         engine.close()
         store.close()
+
+
+def test_an_lro_resume_continues_the_trace_of_the_request_that_scheduled_it(
+        spans: InMemorySpanExporter, httpserver: HTTPServer, store_url: str) -> None:
+    from errands.lro import Config, LroClient, Operation, ResumableHandler
+
+    httpserver.expect_request("/provision", method="POST").respond_with_json({"ok": True})
+    url = httpserver.url_for("/provision")
+    client = LroClient(Config(neuron="svc", store=store_url))
+
+    def provision(op: Operation) -> None:
+        _ship(url)({"operation": op.name})
+        op.complete({"ready": True})
+
+    client.add_resumable_handlers(ResumableHandler("provision", provision))
+    try:
+        with trace.get_tracer("shop").start_as_current_span("POST /machines") as request:
+            op = client.new_operation("operations/m1")
+            op.resume_via_tasks("provision")
+        trace_id = format(request.get_span_context().trace_id, "032x")
+        worker = threading.Thread(target=client.run_due)
+        worker.start()
+        worker.join()
+        assert client.get_operation("operations/m1").done
+        (resume,) = _by_name(spans, "errands.lro.resume")
+        (complete,) = _by_name(spans, "errands.lro.complete")
+        (save,) = _by_name(spans, "errands.lro.save")
+        assert {_trace_id(resume), _trace_id(complete), _trace_id(save)} == {trace_id}
+        assert resume.parent is not None and resume.parent.span_id == request.get_span_context().span_id
+        assert resume.attributes is not None and resume.attributes["errands.operation"] == "operations/m1"
+        (parent,) = _traceparents(httpserver)
+        assert resume.context is not None
+        assert parent.split("-")[1:3] == [trace_id, format(resume.context.span_id, "016x")]
+    finally:
+        client.close()

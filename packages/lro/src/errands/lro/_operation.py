@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from errands.core import ConfigError, InfrastructureError, LeaseLostError, is_infrastructure_error
+from errands.core import ConfigError, InfrastructureError, LeaseLostError, is_infrastructure_error, telemetry
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import empty_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
@@ -285,7 +285,8 @@ class Operation:
     def _save_final(self, pb: operations_pb2.Operation) -> Operation:
         # The finished proto is a copy: if the write fails, this object stays exactly as it was.
         raw = pb.SerializeToString(deterministic=True)
-        with self._guard():
+        with self._guard(), telemetry.span("errands.lro.complete", operation=self.name,
+                                           status="FAILED" if pb.HasField("error") else "SUCCEEDED"):
             self._record = self._write(self._snapshot(pb=pb, raw=raw))
         self._pb, self._raw = pb, raw
         return self
