@@ -226,6 +226,47 @@ def test_metrics_carry_the_documented_names(spans: InMemorySpanExporter, httpser
     assert {dict(p.attributes)["connector"] for p in points["errands.outbox.dispatch.attempts"]} == {"bank"}
 
 
+def _gauge_points(name: str) -> dict[str, float]:
+    data = _READER.get_metrics_data()
+    assert data is not None
+    found: dict[str, float] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for p in metric.data.data_points:
+                        found[",".join(f"{k}={v}" for k, v in sorted(dict(p.attributes).items()))] = p.value
+    return found
+
+
+def test_gauges_report_queue_depth_and_age_and_route_lag(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    from errands.core import FakeClock, FanOut, Journal, Route, TaskEngine, Worker
+
+    class Held:
+        def publish(self, events: Any) -> None:
+            raise AssertionError("the route is not run in this test")
+
+    clock = FakeClock()
+    store = open_store(f"sqlite:///{tmp_path / 'errands.db'}", clock=clock)
+    try:
+        outbox = Outbox(store, connectors={"bank": HttpConnector(url="http://127.0.0.1:9/pay")})
+        tasks = TaskEngine(store, {"ship": lambda params: None})
+        fanout = FanOut(store, routes=[Route(name="audit", sink=Held(), subjects=["order.**"])])
+        worker = Worker(store, outbox=outbox, fanout=fanout)
+        outbox.submit(Effect(key="order-5", connector="bank", payload={}))
+        tasks.submit("ship", {"order": 5})
+        Journal(store).append("orders/5", "order.placed", {"total": 5})
+        clock.advance(30)
+        depth, age = _gauge_points("errands.queue.depth"), _gauge_points("errands.queue.age")
+        assert depth["engine=outbox"] == 1 and depth["engine=tasks"] == 1
+        assert age["engine=outbox"] == 30 and age["engine=tasks"] == 30
+        assert _gauge_points("errands.fanout.lag")["route=audit"] >= 1
+        worker.close()
+        tasks.close()
+    finally:
+        store.close()
+
+
 def test_every_span_name_is_errands_engine_verb_and_its_attributes_are_known() -> None:
     for name, attributes in telemetry.SPANS.items():
         prefix, engine, verb = name.split(".")

@@ -345,6 +345,7 @@ class TaskEngine:
         for type_, fn in (handlers or {}).items():
             self.register(type_, fn)
         store.migrate("tasks", table.TASK_MIGRATIONS)
+        telemetry.backlog("tasks", self, lambda engine, tx, now: table.backlog(tx, now))
         self._own_bridge = CallRunner(name="errands-tasks")
         self._bridge = self._own_bridge
         self._pool: ThreadPoolExecutor | None = None

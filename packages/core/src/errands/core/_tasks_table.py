@@ -269,6 +269,13 @@ def due_order(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now
         "created_at LIMIT ?", (*types, *held, _PENDING, now, _RUNNING, now, limit))]
 
 
+def backlog(tx: Tx, now: float) -> tuple[int, float | None]:
+    """How many pending tasks are due at ``now``, and the due time of the one due longest (None if none)."""
+    row = tx.one("SELECT COUNT(*), MIN(available_at) FROM em_tasks WHERE status = ? AND available_at <= ?",
+                 (_PENDING, now))
+    return (int(row[0]), None if row[1] is None else float(row[1])) if row else (0, None)
+
+
 def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
     """How many pending tasks of ``types`` are due at ``now``."""
     if not types:

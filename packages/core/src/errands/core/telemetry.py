@@ -39,7 +39,8 @@ Metrics (``METRICS``), through the meter ``errands``:
 ``errands.outbox.dispatch.duration``  histogram   seconds per dispatch call (``connector``)
 ``errands.outbox.dispatch.attempts``  counter     dispatch attempts made (``connector``)
 ``errands.fanout.lag``                gauge       journal events behind the head, per route (``route``)
-``errands.queue.depth``               gauge       work due now, per engine (``engine``: ``outbox``)
+``errands.queue.depth``               gauge       work due now, per engine (``engine``: ``outbox``, ``tasks``)
+``errands.queue.age``                 gauge       seconds the oldest due work has waited (``engine``)
 ``errands.lease.lost``                counter     leases lost to another worker (``engine``)
 ``errands.durable.executions``        counter     durable executions reaching a status (``status``)
 ====================================  ==========  =======================================================
@@ -80,6 +81,7 @@ __all__ = [
     "TRACE_KEY",
     "JsonFormatter",
     "answered",
+    "backlog",
     "carrier",
     "carrier_text",
     "configure_logging",
@@ -154,6 +156,7 @@ METRICS: Mapping[str, tuple[str, str, str]] = {
     "errands.outbox.dispatch.attempts": ("counter", "{attempt}", "dispatch attempts made"),
     "errands.fanout.lag": ("gauge", "{event}", "journal events behind the head, per route"),
     "errands.queue.depth": ("gauge", "{item}", "work due now, per engine"),
+    "errands.queue.age": ("gauge", "s", "seconds the oldest due work has waited, per engine"),
     "errands.lease.lost": ("counter", "{lease}", "leases lost to another worker"),
     "errands.durable.executions": ("counter", "{execution}", "durable executions reaching a status"),
 }
@@ -337,7 +340,7 @@ def record(name: str, value: float, **attributes: Any) -> None:
         _instrument(name).record(value, {k: str(v) for k, v in attributes.items()})
 
 
-def gauge(name: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]]]) -> None:
+def gauge(name: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]] | None]) -> None:
     """Report gauge ``name`` (one of ``METRICS``) at each collection with ``read()``: (value, attributes) pairs.
     Each name is one instrument whatever the number of reads; a read that fails reports nothing that time (a store
     down must not break the exporter), one that returns None is dropped (what it read is gone)."""
@@ -367,18 +370,10 @@ def gauge(name: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]
 
 
 def watch(worker: Any) -> None:
-    """Report the gauges of a worker's engines while it lives: ``errands.queue.depth`` of its outbox (effects due
-    now) and ``errands.fanout.lag`` of each of its routes."""
+    """Report ``errands.fanout.lag`` of each route of a worker's fan-out while the worker lives."""
     if not ENABLED:
         return
     ref = weakref.ref(worker)
-
-    def depth() -> list[tuple[float, Mapping[str, str]]] | None:
-        w = ref()
-        if w is None:
-            return None
-        stats = getattr(w.outbox, "stats", None)
-        return [(stats()["due"], {"engine": "outbox"})] if callable(stats) else []
 
     def lag() -> list[tuple[float, Mapping[str, str]]] | None:
         w = ref()
@@ -387,8 +382,36 @@ def watch(worker: Any) -> None:
         status = getattr(w.fanout, "status", None)
         return [(route.behind, {"route": route.name}) for route in status()] if callable(status) else []
 
-    gauge("errands.queue.depth", depth)  # type: ignore[arg-type]
-    gauge("errands.fanout.lag", lag)  # type: ignore[arg-type]
+    gauge("errands.fanout.lag", lag)
+
+
+def backlog(engine: str, owner: Any, read: Callable[[Any, Any, float], tuple[int, float | None]]) -> None:
+    """Report ``errands.queue.depth`` and ``errands.queue.age`` of ``engine`` while ``owner`` (an engine with a
+    ``store``) lives: ``read(owner, tx, now)`` answers how many items are due and the due time of the oldest."""
+    if not ENABLED:
+        return
+    ref = weakref.ref(owner)
+
+    def measure() -> tuple[int, float] | None:
+        found = ref()
+        if found is None:
+            return None
+        store = found.store
+        now = store.clock.now()
+        with store.read() as tx:
+            depth, oldest = read(found, tx, now)
+        return depth, 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def depth() -> list[tuple[float, Mapping[str, str]]] | None:
+        got = measure()
+        return None if got is None else [(got[0], {"engine": engine})]
+
+    def age() -> list[tuple[float, Mapping[str, str]]] | None:
+        got = measure()
+        return None if got is None else [(got[1], {"engine": engine})]
+
+    gauge("errands.queue.depth", depth)
+    gauge("errands.queue.age", age)
 
 
 # -- logs ---------------------------------------------------------------------------------------------------------

@@ -113,6 +113,7 @@ class Outbox:
         self._dispatcher = Dispatcher(self._ctx)
         self._saga = Saga(self._ctx)
         store.migrate("outbox", _effect_table.migrations(store.dialect))
+        telemetry.backlog("outbox", self, lambda outbox, tx, now: _effect_table.backlog(tx, now))
 
     # -- configuration ----------------------------------------------------------------------------------------
     @property
