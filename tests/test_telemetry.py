@@ -78,6 +78,30 @@ print(json.dumps([[s.name, format(s.context.trace_id, "032x"), s.parent and form
                   for s in exporter.get_finished_spans()]))
 """
 
+# A durable worker in a process of its own, with the same function as the test's.
+DURABLE_WORKER = """
+import json, sys
+import httpx
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from errands.core import telemetry
+from errands.durable import DurableRunner
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+runner = DurableRunner(sys.argv[1])
+runner.register("pay", lambda event, ctx: ctx.step(
+    lambda _: httpx.post(sys.argv[2], json={}, headers=telemetry.inject({})).status_code, name="call"))
+runner.drain()
+runner.close()
+print(json.dumps([[s.name, format(s.context.trace_id, "032x"), s.parent and format(s.parent.span_id, "016x")]
+                  for s in exporter.get_finished_spans()]))
+"""
+
 # Without opentelemetry: its import is refused, as if it were not installed.
 UNTRACED = """
 import importlib.abc, json, sys
@@ -284,14 +308,22 @@ def test_json_logs_put_canonical_keys_first_with_the_trace_and_redact_secrets(
     log = logging.getLogger("errands.test.telemetry")
     log.addHandler(handler)
     log.propagate = False
+    log.setLevel(logging.INFO)
     try:
         with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
             log.warning("lease on effect %s lapsed", "order-4",
                         extra={"lease_owner": "w1", "effect_key": "order-4", "authorization": "Bearer s3cret"})
+        with telemetry.span("errands.outbox.dispatch", effect_key="order-9", lease_owner="w2", attempt=2):
+            log.info("dispatching")
     finally:
         log.removeHandler(handler)
         log.propagate = True
-    line = json.loads(out.getvalue())
+        log.setLevel(logging.NOTSET)
+    first, second = out.getvalue().splitlines()
+    inside = json.loads(second)  # the errands span's attributes name the work
+    assert list(inside)[:7] == ["ts", "level", "logger", "msg", "effect_key", "attempt", "lease_owner"]
+    assert (inside["effect_key"], inside["attempt"], inside["lease_owner"]) == ("order-9", 2, "w2")
+    line = json.loads(first)
     assert list(line)[:6] == ["ts", "level", "logger", "msg", "effect_key", "lease_owner"]
     assert line["msg"] == "lease on effect order-4 lapsed" and line["level"] == "WARNING"
     assert line["trace_id"] == format(request.get_span_context().trace_id, "032x")
@@ -317,8 +349,9 @@ def test_without_opentelemetry_nothing_is_imported_and_the_outbox_works(httpserv
     assert _traceparents(httpserver) == [""]
 
 
+@pytest.mark.parametrize("where", ["thread", "process"])
 def test_a_durable_step_runs_in_the_trace_of_the_start(spans: InMemorySpanExporter, httpserver: HTTPServer,
-                                                        store_url: str) -> None:
+                                                        store_url: str, where: str) -> None:
     from errands.durable import DurableRunner
 
     httpserver.expect_request("/hook", method="POST").respond_with_json({"ok": True})
@@ -326,28 +359,38 @@ def test_a_durable_step_runs_in_the_trace_of_the_start(spans: InMemorySpanExport
     runner = DurableRunner(store_url)
     try:
         def pay(event: Any, ctx: Any) -> Any:
-            import httpx
-
-            return ctx.step(lambda _: httpx.post(url, json={}, headers=telemetry.inject({})).status_code,
-                            name="call")
+            return ctx.step(lambda _: _ship(url)({}), name="call")
 
         runner.register("pay", pay)
         with trace.get_tracer("shop").start_as_current_span("POST /payments") as request:
             execution_id = runner.start("pay", {"cents": 5})
         trace_id = format(request.get_span_context().trace_id, "032x")
-        worker = threading.Thread(target=runner.drain)
-        worker.start()
-        worker.join()
-        assert runner.get(execution_id).result == 200
         (start,) = _by_name(spans, "errands.durable.start")
-        (invocation,) = _by_name(spans, "errands.durable.invocation")
-        (step,) = _by_name(spans, "errands.durable.step")
-        assert {_trace_id(start), _trace_id(invocation), _trace_id(step)} == {trace_id}
-        assert invocation.parent is not None and start.context is not None
-        assert invocation.parent.span_id == start.context.span_id
-        assert step.attributes is not None and step.attributes["errands.step"] == "call"
+        assert start.context is not None
+        start_span = format(start.context.span_id, "016x")
+        if where == "thread":
+            worker = threading.Thread(target=runner.drain)
+            worker.start()
+            worker.join()
+            (invocation,) = _by_name(spans, "errands.durable.invocation")
+            (step,) = _by_name(spans, "errands.durable.step")
+            assert {_trace_id(invocation), _trace_id(step)} == {trace_id}
+            assert invocation.parent is not None and format(invocation.parent.span_id, "016x") == start_span
+            assert step.attributes is not None and step.attributes["errands.step"] == "call"
+            assert step.context is not None
+            step_span = format(step.context.span_id, "016x")
+        else:
+            done = subprocess.run([sys.executable, "-c", DURABLE_WORKER, store_url, url], capture_output=True,
+                                  text=True, timeout=120, check=False)
+            assert done.returncode == 0, done.stderr
+            found = {name: rest for name, *rest in json.loads(done.stdout.strip().splitlines()[-1])}
+            assert found["errands.durable.invocation"] == [trace_id, start_span]
+            assert found["errands.durable.step"][0] == trace_id
+            step_span = ""
+        assert runner.get(execution_id).result == 200
         (parent,) = _traceparents(httpserver)
-        assert step.context is not None and parent.split("-")[1:3] == [trace_id, format(step.context.span_id, "016x")]
+        assert parent.split("-")[1] == trace_id
+        assert not step_span or parent.split("-")[2] == step_span
     finally:
         runner.close()
 
@@ -432,3 +475,24 @@ def test_an_lro_resume_continues_the_trace_of_the_request_that_scheduled_it(
         assert parent.split("-")[1:3] == [trace_id, format(resume.context.span_id, "016x")]
     finally:
         client.close()
+
+
+def test_the_demo_says_how_to_see_a_trace_without_the_sdk(tmp_path: Path) -> None:
+    script = UNTRACED.split("from errands.connectors.http")[0] + (
+        "from errands.core._demo import DemoContext\n"
+        "from errands.core._telemetry_demo import TelemetryDemo\n"
+        "print(json.dumps(TelemetryDemo().run(DemoContext(store_url='', workdir=sys.argv[1], size=1))))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'errands-core[otel]' opentelemetry-sdk" in done.stderr
+    assert "not shown" in json.loads(done.stdout.strip().splitlines()[-1])["trace tree"]
+
+
+def test_the_demo_prints_one_trace_tree(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    from errands.core._demo import DemoContext
+    from errands.core._telemetry_demo import TelemetryDemo
+
+    figures = TelemetryDemo().run(DemoContext(store_url="", workdir=str(tmp_path), size=1, quiet=True))
+    assert figures["trace tree"].split(" > ") == [
+        "POST /orders", "errands.outbox.submit", "errands.outbox.dispatch", "errands.demo.counterparty"]

@@ -87,7 +87,7 @@ class TelemetryDemo:
         store = open_store(f"sqlite:///{ctx.workdir}/telemetry.db")
         try:
             outbox = Outbox(store, connectors={"bank": _PostConnector(f"http://127.0.0.1:{server.server_port}/pay")})
-            with trace.get_tracer("demo").start_as_current_span("POST /orders (the request)"):
+            with trace.get_tracer("demo").start_as_current_span("POST /orders"):
                 outbox.submit(Effect(key="traced-order-1", connector="bank", payload={"cents": 500}))
             worker = threading.Thread(target=outbox.drain)
             worker.start()

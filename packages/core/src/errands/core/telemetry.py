@@ -415,6 +415,7 @@ def backlog(engine: str, owner: Any, read: Callable[[Any, Any, float], tuple[int
 
 
 # -- logs ---------------------------------------------------------------------------------------------------------
+_LOG_FIELD = {name: key for key, name in ATTRIBUTES.items()}
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _SECRET_WORDS = ("authorization", "password", "secret", "token", "cookie", "credential", "api_key", "apikey")
 
@@ -438,9 +439,15 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 found[key] = _redacted(key, value)
         if ENABLED:
-            ctx = _trace.get_current_span().get_span_context()
+            current = _trace.get_current_span()
+            ctx = current.get_span_context()
             if ctx.is_valid:
                 found["trace_id"], found["span_id"] = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+                # The errands span's attributes name the work the line is about (effect key, lease owner, ...).
+                for name, value in (getattr(current, "attributes", None) or {}).items():
+                    key = _LOG_FIELD.get(name)
+                    if key is not None:
+                        found.setdefault(key, value)
         if record.exc_info:
             found["exc"] = self.formatException(record.exc_info)
         line = {key: found.pop(key) for key in LOG_KEYS if key in found}
