@@ -445,9 +445,9 @@ class JsonFormatter(logging.Formatter):
                 found["trace_id"], found["span_id"] = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
                 # The errands span's attributes name the work the line is about (effect key, lease owner, ...).
                 for name, value in (getattr(current, "attributes", None) or {}).items():
-                    key = _LOG_FIELD.get(name)
-                    if key is not None:
-                        found.setdefault(key, value)
+                    field = _LOG_FIELD.get(name)
+                    if field is not None:
+                        found.setdefault(field, value)
         if record.exc_info:
             found["exc"] = self.formatException(record.exc_info)
         line = {key: found.pop(key) for key in LOG_KEYS if key in found}
