@@ -496,3 +496,38 @@ def test_the_demo_prints_one_trace_tree(spans: InMemorySpanExporter, tmp_path: P
     figures = TelemetryDemo().run(DemoContext(store_url="", workdir=str(tmp_path), size=1, quiet=True))
     assert figures["trace tree"].split(" > ") == [
         "POST /orders", "errands.outbox.submit", "errands.outbox.dispatch", "errands.demo.counterparty"]
+
+
+def test_webhooks_pubsub_messages_and_cloud_tasks_carry_traceparent(spans: InMemorySpanExporter,
+                                                                     httpserver: HTTPServer) -> None:
+    from datetime import datetime, timezone
+
+    from errands.connectors.gcp import CloudTasksConnector, PubSubConnector
+    from errands.core import Event
+    from errands.sinks import WebhookSink
+
+    class Queue:
+        """Takes the task a connector creates, as the Cloud Tasks client would."""
+
+        def __init__(self) -> None:
+            self.tasks: list[Any] = []
+
+        def create_task(self, *, parent: str, task: Any, timeout: float, retry: Any) -> Any:
+            self.tasks.append(task)
+            return task
+
+    httpserver.expect_request("/hook", method="POST").respond_with_data("", status=204)
+    effect = Effect(key="order-6", connector="bus", payload={"cents": 5})
+    event = Event(id="orders/6/1", stream="orders/6", seq=1, subject="order.placed", type="order.placed",
+                  data={"total": 5}, time=datetime.now(timezone.utc))
+    queue = Queue()
+    with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+        _, attributes = PubSubConnector("p", "orders", publisher=object()).message(effect)
+        CloudTasksConnector("p", "l", "q", "https://svc.example/run", client=queue).dispatch(effect)
+        WebhookSink(httpserver.url_for("/hook"), "whsec_" + "a" * 32).publish([event])
+    expected = f"00-{request.get_span_context().trace_id:032x}-{request.get_span_context().span_id:016x}-"
+    assert attributes["traceparent"].startswith(expected)
+    (task,) = queue.tasks
+    assert task.http_request.headers["traceparent"].startswith(expected)
+    (parent,) = _traceparents(httpserver)
+    assert parent.startswith(expected)
