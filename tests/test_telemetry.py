@@ -496,6 +496,7 @@ def test_the_demo_prints_one_trace_tree(spans: InMemorySpanExporter, tmp_path: P
     figures = TelemetryDemo().run(DemoContext(store_url="", workdir=str(tmp_path), size=1, quiet=True))
     assert figures["trace tree"].split(" > ") == [
         "POST /orders", "errands.outbox.submit", "errands.outbox.dispatch", "errands.demo.counterparty"]
+    assert (figures["traces"], figures["depth"]) == (1, 4)  # one trace, each span the child of the one before
 
 
 def test_webhooks_pubsub_messages_and_cloud_tasks_carry_traceparent(spans: InMemorySpanExporter,

@@ -19,7 +19,7 @@ class _Counterparty(http.server.BaseHTTPRequestHandler):
     """A local HTTP server that answers in a span of its own, continuing the caller's ``traceparent``."""
 
     def do_POST(self) -> None:
-        with telemetry.span("errands.demo.counterparty", dict(self.headers.items())):
+        with telemetry.span("errands.demo.counterparty", dict(self.headers.items())):  # its request's trace
             self.rfile.read(int(self.headers.get("content-length") or 0))
             self.send_response(200)
             self.end_headers()
@@ -101,4 +101,6 @@ class TelemetryDemo:
         ctx.say("one trace, request -> submit -> dispatch (a worker thread) -> the counterparty's request:")
         for line in lines:
             ctx.say("  " + line)
-        return {"trace tree": " > ".join(line.strip().split(" (")[0] for line in lines)}
+        return {"trace tree": " > ".join(line.strip().split(" (")[0] for line in lines),
+                "traces": len({s.context.trace_id for s in spans}), "depth": max(len(line) - len(line.lstrip())
+                                                                              for line in lines) // 2 + 1}

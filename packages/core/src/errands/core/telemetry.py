@@ -190,7 +190,9 @@ def span(name: str, parent: Mapping[str, str] | None = None, **attributes: Any) 
 
 def _parent_context(parent: Mapping[str, str]) -> Any:
     """The context of a stored ``carrier``: its span as a remote parent (the W3C form ``carrier`` writes; any
-    other form through the configured propagator)."""
+    other form through the configured propagator). Header names are matched in any case."""
+    if "traceparent" not in parent:
+        parent = {str(k).lower(): v for k, v in parent.items()}
     parts = str(parent.get("traceparent", "")).split("-")
     if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16:
         return _propagate.extract(parent)
