@@ -139,7 +139,14 @@ def spans() -> Iterator[InMemorySpanExporter]:
         _installed.append(True)
     _EXPORTER.clear()
     yield _EXPORTER
+    finished = _EXPORTER.get_finished_spans()
     _EXPORTER.clear()
+    # Every span errands started is one SPANS lists, with attributes it lists for it.
+    for s in finished:
+        if s.name.startswith("errands."):
+            assert s.name in telemetry.SPANS, s.name
+            allowed = {telemetry.ATTRIBUTES[k] for k in telemetry.SPANS[s.name]}
+            assert set(s.attributes or {}) <= allowed, (s.name, s.attributes)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -532,3 +539,60 @@ def test_webhooks_pubsub_messages_and_cloud_tasks_carry_traceparent(spans: InMem
     assert task.http_request.headers["traceparent"].startswith(expected)
     (parent,) = _traceparents(httpserver)
     assert parent.startswith(expected)
+
+
+def test_journal_fanout_and_observe_spans(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    from errands.core import (
+        DispatchOutcome,
+        DispatchResult,
+        FakeClock,
+        FanOut,
+        Journal,
+        Observation,
+        ObservationOutcome,
+        Route,
+    )
+
+    class Unsure:
+        def dispatch(self, effect: Effect) -> DispatchResult:
+            return DispatchResult(outcome=DispatchOutcome.UNKNOWN, error="timed out")
+
+        def observe(self, effect: Effect) -> Observation:
+            return Observation(outcome=ObservationOutcome.CONFIRMED)
+
+    class Kept:
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+
+        def publish(self, events: Any) -> None:
+            self.events.extend(events)
+
+    clock = FakeClock()
+    store = open_store(f"sqlite:///{tmp_path / 'errands.db'}", clock=clock)
+    try:
+        sink = Kept()
+        fanout = FanOut(store, routes=[Route(name="audit", sink=sink, subjects=["order.**"])])
+        outbox = Outbox(store, connectors={"unsure": Unsure()})
+        with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+            Journal(store).append("orders/8", "order.placed", {"total": 8})
+            outbox.submit(Effect(key="order-8", connector="unsure", payload={}))
+        outbox.drain()
+        clock.advance(3600)  # the observation is due after a backoff
+        outbox.drain()
+        fanout.run_once()
+        fanout.close()
+        assert outbox.get("order-8").status is EffectStatus.CONFIRMED and len(sink.events) == 1
+        (append,) = _by_name(spans, "errands.journal.append")
+        (observe,) = _by_name(spans, "errands.outbox.observe")
+        (dispatch,) = _by_name(spans, "errands.outbox.dispatch")
+        trace_id = format(request.get_span_context().trace_id, "032x")
+        assert {_trace_id(append), _trace_id(observe), _trace_id(dispatch)} == {trace_id}
+        assert dispatch.attributes is not None and dispatch.attributes["errands.status"] == "UNKNOWN"
+        assert observe.attributes is not None and observe.attributes["errands.status"] == "CONFIRMED"
+        (batch,) = _by_name(spans, "errands.fanout.batch")
+        (publish,) = _by_name(spans, "errands.fanout.publish")
+        assert publish.parent is not None and batch.context is not None
+        assert publish.parent.span_id == batch.context.span_id
+        assert publish.attributes is not None and publish.attributes["errands.status"] == "DELIVERED"
+    finally:
+        store.close()

@@ -7,7 +7,7 @@ no-op and the engines' hot paths pay one module-constant check (``ENABLED``).
 Spans, named ``errands.<engine>.<verb>`` (``SPANS`` lists each once with the attributes it may carry):
 
 ===============================  =================================================================================
-``errands.outbox.submit``        an effect recorded (``Outbox.submit``): effect key, connector
+``errands.outbox.submit``        effects recorded (``Outbox.submit``): effect key, connector; count (``submit_many``)
 ``errands.outbox.dispatch``      one dispatch attempt: effect key, connector, attempt, lease owner, status
 ``errands.outbox.observe``       one observation of an effect whose outcome is unknown: as dispatch
 ``errands.outbox.compensate``    one compensation attempt: effect key, obligation kind, attempt, lease owner
@@ -22,20 +22,21 @@ Spans, named ``errands.<engine>.<verb>`` (``SPANS`` lists each once with the att
 ``errands.durable.start``        an execution started (``DurableRunner.start``): execution id, function
 ``errands.durable.invocation``   one invocation of an execution on a worker: execution id, lease owner, status
 ``errands.durable.step``         one step run inside an invocation: execution id, step, attempt, status
+``errands.demo.counterparty``    the counterparty of ``errands demo``: its request, in the caller's trace
 ===============================  =================================================================================
 
 Attributes are ids, names, counts and statuses, never payloads, responses or secrets.
 
-Context travels with the work: the W3C trace context current when work is recorded (an effect, an event, a
-task, an execution, an operation) is stored with it (``carrier``; an effect keeps it in its metadata under
-``errands.trace``) and restored as the parent of the worker's span (``span(..., parent=...)``), so a worker's
+Context travels with the work: the W3C trace context current when work is recorded (an effect, a task, a
+durable execution, an lro callback) is stored with it (``carrier``; an effect keeps it in its metadata under
+``errands.trace``, a task in ``em_tasks.trace``, an execution and a callback in their queue payload) and restored as the parent of the worker's span (``span(..., parent=...)``), so a worker's
 spans, in another thread or another process, are in the request's trace. Outgoing calls carry ``traceparent``
 (``inject``): the HTTP connector's and the webhook sink's headers, Pub/Sub attributes, Cloud Tasks headers.
 
 Metrics (``METRICS``), through the meter ``errands``:
 
 ====================================  ==========  =======================================================
-``errands.outbox.effects``            counter     effects reaching a status (``status``, ``connector``)
+``errands.outbox.effects``            counter     effects reaching a status by a worker's step (``status``)
 ``errands.outbox.dispatch.duration``  histogram   seconds per dispatch call (``connector``)
 ``errands.outbox.dispatch.attempts``  counter     dispatch attempts made (``connector``)
 ``errands.fanout.lag``                gauge       journal events behind the head, per route (``route``)
@@ -92,11 +93,11 @@ __all__ = [
     "is_enabled",
     "log_formatter",
     "parsed",
-    "record",
     "queued",
+    "record",
     "set_status",
-    "spanned",
     "span",
+    "spanned",
     "stored",
     "traced_effect",
     "watch",
@@ -131,7 +132,7 @@ _WORK = ("attempt", "lease_owner", "status")
 
 #: Every span errands starts, with the attributes it may carry (keywords of ``ATTRIBUTES``).
 SPANS: Mapping[str, tuple[str, ...]] = {
-    "errands.outbox.submit": ("effect_key", "connector"),
+    "errands.outbox.submit": ("effect_key", "connector", "count"),
     "errands.outbox.dispatch": ("effect_key", "connector", *_WORK),
     "errands.outbox.observe": ("effect_key", "connector", *_WORK),
     "errands.outbox.compensate": ("effect_key", "kind", *_WORK),
