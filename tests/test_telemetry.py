@@ -258,6 +258,7 @@ def test_metrics_carry_the_documented_names(spans: InMemorySpanExporter, httpser
 
 
 def _gauge_points(name: str) -> dict[str, float]:
+    """The points of instrument ``name`` (a gauge's values, a counter's sums) by their attributes."""
     data = _READER.get_metrics_data()
     assert data is not None
     found: dict[str, float] = {}
@@ -395,6 +396,9 @@ def test_a_durable_step_runs_in_the_trace_of_the_start(spans: InMemorySpanExport
             assert found["errands.durable.step"][0] == trace_id
             step_span = ""
         assert runner.get(execution_id).result == 200
+        if where == "thread":
+            executions = _gauge_points("errands.durable.executions")
+            assert executions["status=STARTED"] >= 1 and executions["status=SUCCEEDED"] >= 1
         (parent,) = _traceparents(httpserver)
         assert parent.split("-")[1] == trace_id
         assert not step_span or parent.split("-")[2] == step_span
