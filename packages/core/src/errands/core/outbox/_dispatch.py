@@ -159,8 +159,10 @@ class Dispatcher:
             return telemetry.answered(span, self.ctx.connectors.instance(effect.connector).observe(effect))
 
     def _attributes(self, c: Claimed) -> dict[str, Any]:
-        return {"effect_key": c.effect.key, "connector": c.effect.connector, "attempt": c.effect.metadata.get("errands.attempt", c.attempts),
-                "lease_owner": self.ctx.settings.owner}
+        """What the span of a call on ``c`` says of it (never its payload)."""
+        effect = c.effect
+        return {"effect_key": effect.key, "connector": effect.connector,
+                "attempt": effect.metadata.get("errands.attempt", c.attempts), "lease_owner": self.ctx.settings.owner}
 
     # -- recording ------------------------------------------------------------------------------------------------
     def _finish(self, claimed: Sequence[Claimed], results: Sequence[CallResult], held: EffectStatus,
