@@ -7,8 +7,9 @@ no-op and the engines' hot paths pay one module-constant check (``ENABLED``).
 Spans, named ``errands.<engine>.<verb>`` (``SPANS`` lists each once with the attributes it may carry):
 
 ===============================  =================================================================================
-``errands.outbox.submit``        effects recorded (``Outbox.submit``): effect key, connector; count (``submit_many``)
-``errands.outbox.dispatch``      one dispatch attempt: effect key, connector, attempt, lease owner, status
+``errands.outbox.submit``        effects recorded (``Outbox.submit``): effect key, connector, run id; count
+                                 (``submit_many``)
+``errands.outbox.dispatch``      one dispatch attempt: effect key, connector, run id, attempt, lease owner, status
 ``errands.outbox.observe``       one observation of an effect whose outcome is unknown: as dispatch
 ``errands.outbox.compensate``    one compensation attempt: effect key, obligation kind, attempt, lease owner
 ``errands.journal.append``       events appended (``Journal.append``): stream, subject
@@ -111,6 +112,7 @@ TRACE_KEY = "errands.trace"
 ATTRIBUTES: Mapping[str, str] = {
     "effect_key": "errands.effect_key",
     "connector": "errands.connector",
+    "run_id": "errands.run_id",
     "attempt": "errands.attempt",
     "status": "errands.status",
     "lease_owner": "errands.lease_owner",
@@ -132,9 +134,9 @@ _WORK = ("attempt", "lease_owner", "status")
 
 #: Every span errands starts, with the attributes it may carry (keywords of ``ATTRIBUTES``).
 SPANS: Mapping[str, tuple[str, ...]] = {
-    "errands.outbox.submit": ("effect_key", "connector", "count"),
-    "errands.outbox.dispatch": ("effect_key", "connector", *_WORK),
-    "errands.outbox.observe": ("effect_key", "connector", *_WORK),
+    "errands.outbox.submit": ("effect_key", "connector", "run_id", "count"),
+    "errands.outbox.dispatch": ("effect_key", "connector", "run_id", *_WORK),
+    "errands.outbox.observe": ("effect_key", "connector", "run_id", *_WORK),
     "errands.outbox.compensate": ("effect_key", "kind", *_WORK),
     "errands.journal.append": ("stream", "subject", "count"),
     "errands.fanout.batch": ("route", "count"),

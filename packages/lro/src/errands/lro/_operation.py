@@ -242,11 +242,12 @@ class Operation:
             InfrastructureError: the store failed; this object is as it was, retry the save.
         """
         self._open()
-        if self._lock is None:
-            self._record = self._write(self._snapshot())
-            return self
-        with self._lock:
-            self._record = self._write(self._snapshot())
+        with telemetry.span("errands.lro.save", operation=self.name):
+            if self._lock is None:
+                self._record = self._write(self._snapshot())
+                return self
+            with self._lock:
+                self._record = self._write(self._snapshot())
         return self
 
     def complete(self, response: Any = None) -> Operation:

@@ -161,7 +161,7 @@ class Dispatcher:
     def _attributes(self, c: Claimed) -> dict[str, Any]:
         """What the span of a call on ``c`` says of it (never its payload)."""
         effect = c.effect
-        return {"effect_key": effect.key, "connector": effect.connector,
+        return {"effect_key": effect.key, "connector": effect.connector, "run_id": effect.run_id,
                 "attempt": effect.metadata.get("errands.attempt", c.attempts), "lease_owner": self.ctx.settings.owner}
 
     # -- recording ------------------------------------------------------------------------------------------------

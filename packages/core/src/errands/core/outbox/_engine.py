@@ -239,7 +239,7 @@ class Outbox:
         """
         store = self.store
         with telemetry.span(SUBMIT, effect_key=getattr(effect, "key", None),
-                            connector=getattr(effect, "connector", None)):
+                            connector=getattr(effect, "connector", None), run_id=getattr(effect, "run_id", None)):
             effect, row = self._admit(effect, store.clock.now())
             with store.transaction(conn) as tx:
                 # Insert first and look only on a conflict (the common case is a new key).
