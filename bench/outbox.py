@@ -121,11 +121,11 @@ class Errands:
 
 
 class Tracing:
-    """One global tracer provider that records spans (the SDK, its exporter dropping them) while ``on``, and
-    is the API's no-op tracer otherwise: OpenTelemetry allows one provider per process, and the rows alternate."""
+    """The SDK's tracer provider, recording every span into a batch processor whose exporter drops them; errands
+    records with it only inside ``telemetry.use_providers`` (the traced rows), else with the API's global no-op
+    tracer (no SDK configured)."""
 
     def __init__(self) -> None:
-        from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -133,40 +133,22 @@ class Tracing:
             def export(self, spans: Any) -> SpanExportResult:
                 return SpanExportResult.SUCCESS
 
-        sdk = TracerProvider()
-        sdk.add_span_processor(BatchSpanProcessor(Dropped()))
-        self.sdk = sdk
-        recording, idle = sdk.get_tracer("errands"), trace.NoOpTracer()
-        switch = self
-
-        class Switched(trace.Tracer):
-            def start_span(self, *args: Any, **kwargs: Any) -> Any:
-                return (recording if switch.on else idle).start_span(*args, **kwargs)
-
-            def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
-                return (recording if switch.on else idle).start_as_current_span(*args, **kwargs)
-
-        class Provider(trace.TracerProvider):
-            def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
-                return Switched()
-
-        self.on = False
-        trace.set_tracer_provider(Provider())
+        self.sdk = TracerProvider()
+        self.sdk.add_span_processor(BatchSpanProcessor(Dropped()))
 
 
 class Traced(Errands):
-    """The one-by-one row with spans recorded (``on``) or not."""
+    """The one-by-one row with spans recorded by the SDK (``on``) or not."""
 
     def __init__(self, path: str, sync: str, tracing: Tracing, on: bool) -> None:
         super().__init__(path, sync, None)
         self.tracing, self.on = tracing, on
 
     def run(self, effects: list[Effect]) -> float:
-        self.tracing.on = self.on
-        try:
+        if not self.on:
             return super().run(effects)
-        finally:
-            self.tracing.on = False
+        with telemetry.use_providers(tracer_provider=self.tracing.sdk):
+            return super().run(effects)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -32,7 +31,10 @@ from errands.core import Effect, EffectStatus, Outbox, open_store, telemetry
 
 _EXPORTER = InMemorySpanExporter()
 _READER = InMemoryMetricReader()
-_installed: list[bool] = []
+_PROVIDER = TracerProvider()
+_PROVIDER.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+_METERS = MeterProvider(metric_readers=[_READER])
+_SHOP = _PROVIDER.get_tracer("shop")  # the application's own spans (a request's)
 
 # The worker of the subprocess test: its own SDK, its spans' (name, trace id, parent span id) printed as JSON.
 WORKER = """
@@ -130,15 +132,11 @@ print(json.dumps({"enabled": telemetry.ENABLED, "status": str(outbox.get("plain"
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    """The process's tracer and meter providers (set once: OpenTelemetry allows one of each), spans cleared."""
-    if not _installed:
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-        metrics.set_meter_provider(MeterProvider(metric_readers=[_READER]))
-        _installed.append(True)
+    """errands' spans and metrics recorded by the SDK in memory (the process's global providers are left as they
+    are, for the tests that run after these), spans cleared."""
     _EXPORTER.clear()
-    yield _EXPORTER
+    with telemetry.use_providers(tracer_provider=_PROVIDER, meter_provider=_METERS):
+        yield _EXPORTER
     finished = _EXPORTER.get_finished_spans()
     _EXPORTER.clear()
     # Every span errands started is one SPANS lists, with attributes it lists for it.
@@ -171,7 +169,7 @@ def _traceparents(server: HTTPServer) -> list[str]:
 
 def _submit_in_request(outbox: Outbox, key: str) -> str:
     """Submit an effect inside a request's span; returns the request's trace id."""
-    with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+    with _SHOP.start_as_current_span("POST /orders") as request:
         outbox.submit(Effect(key=key, connector="bank", payload={"cents": 500}))
     return format(request.get_span_context().trace_id, "032x")
 
@@ -318,7 +316,7 @@ def test_json_logs_put_canonical_keys_first_with_the_trace_and_redact_secrets(
     log.propagate = False
     log.setLevel(logging.INFO)
     try:
-        with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+        with _SHOP.start_as_current_span("POST /orders") as request:
             log.warning("lease on effect %s lapsed", "order-4",
                         extra={"lease_owner": "w1", "effect_key": "order-4", "authorization": "Bearer s3cret"})
         with telemetry.span("errands.outbox.dispatch", effect_key="order-9", lease_owner="w2", attempt=2):
@@ -370,7 +368,7 @@ def test_a_durable_step_runs_in_the_trace_of_the_start(spans: InMemorySpanExport
             return ctx.step(lambda _: _ship(url)({}), name="call")
 
         runner.register("pay", pay)
-        with trace.get_tracer("shop").start_as_current_span("POST /payments") as request:
+        with _SHOP.start_as_current_span("POST /payments") as request:
             execution_id = runner.start("pay", {"cents": 5})
         trace_id = format(request.get_span_context().trace_id, "032x")
         (start,) = _by_name(spans, "errands.durable.start")
@@ -422,7 +420,7 @@ def test_a_task_runs_in_the_trace_of_its_submit(spans: InMemorySpanExporter, htt
     store = open_store(store_url)
     engine = TaskEngine(store, {"ship": _ship(url)})
     try:
-        with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+        with _SHOP.start_as_current_span("POST /orders") as request:
             task_id = engine.submit("ship", {"order": 7})
         trace_id = format(request.get_span_context().trace_id, "032x")
         (submit,) = _by_name(spans, "errands.tasks.submit")
@@ -467,7 +465,7 @@ def test_an_lro_resume_continues_the_trace_of_the_request_that_scheduled_it(
 
     client.add_resumable_handlers(ResumableHandler("provision", provision))
     try:
-        with trace.get_tracer("shop").start_as_current_span("POST /machines") as request:
+        with _SHOP.start_as_current_span("POST /machines") as request:
             op = client.new_operation("operations/m1")
             op.resume_via_tasks("provision")
         trace_id = format(request.get_span_context().trace_id, "032x")
@@ -533,7 +531,7 @@ def test_webhooks_pubsub_messages_and_cloud_tasks_carry_traceparent(spans: InMem
     event = Event(id="orders/6/1", stream="orders/6", seq=1, subject="order.placed", type="order.placed",
                   data={"total": 5}, time=datetime.now(timezone.utc))
     queue = Queue()
-    with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+    with _SHOP.start_as_current_span("POST /orders") as request:
         _, attributes = PubSubConnector("p", "orders", publisher=object()).message(effect)
         CloudTasksConnector("p", "l", "q", "https://svc.example/run", client=queue).dispatch(effect)
         WebhookSink(httpserver.url_for("/hook"), "whsec_" + "a" * 32).publish([event])
@@ -577,7 +575,7 @@ def test_journal_fanout_and_observe_spans(spans: InMemorySpanExporter, tmp_path:
         sink = Kept()
         fanout = FanOut(store, routes=[Route(name="audit", sink=sink, subjects=["order.**"])])
         outbox = Outbox(store, connectors={"unsure": Unsure()})
-        with trace.get_tracer("shop").start_as_current_span("POST /orders") as request:
+        with _SHOP.start_as_current_span("POST /orders") as request:
             Journal(store).append("orders/8", "order.placed", {"total": 8})
             outbox.submit(Effect(key="order-8", connector="unsure", payload={}))
         outbox.drain()

@@ -68,7 +68,6 @@ class TelemetryDemo:
 
     def run(self, ctx: Any) -> dict[str, Any]:
         try:
-            from opentelemetry import trace
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import SimpleSpanProcessor
             from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -76,22 +75,20 @@ class TelemetryDemo:
             ctx.say(f"telemetry: no trace tree without OpenTelemetry; to see one: {HOW}")
             return {"trace tree": f"not shown ({HOW})"}
         exporter = InMemorySpanExporter()
-        provider = trace.get_tracer_provider()
-        if not isinstance(provider, TracerProvider):
-            provider = TracerProvider()
-            trace.set_tracer_provider(provider)
+        provider = TracerProvider()  # the demo's own: the process's providers stay as the application set them
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counterparty)
         serving = threading.Thread(target=server.serve_forever, daemon=True)
         serving.start()
         store = open_store(f"sqlite:///{ctx.workdir}/telemetry.db")
         try:
-            outbox = Outbox(store, connectors={"bank": _PostConnector(f"http://127.0.0.1:{server.server_port}/pay")})
-            with trace.get_tracer("demo").start_as_current_span("POST /orders"):
-                outbox.submit(Effect(key="traced-order-1", connector="bank", payload={"cents": 500}))
-            worker = threading.Thread(target=outbox.drain)
-            worker.start()
-            worker.join()
+            with telemetry.use_providers(tracer_provider=provider):
+                outbox = Outbox(store, connectors={"bank": _PostConnector(f"http://127.0.0.1:{server.server_port}/pay")})
+                with provider.get_tracer("demo").start_as_current_span("POST /orders"):
+                    outbox.submit(Effect(key="traced-order-1", connector="bank", payload={"cents": 500}))
+                worker = threading.Thread(target=outbox.drain)
+                worker.start()
+                worker.join()
         finally:
             server.shutdown()
             server.server_close()

@@ -61,7 +61,7 @@ import os
 import sys
 import time
 import weakref
-from typing import Any, Callable, ContextManager, Iterable, Mapping, MutableMapping, TextIO, TypeVar
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, MutableMapping, TextIO, TypeVar
 
 try:
     from opentelemetry import metrics as _metrics
@@ -101,6 +101,7 @@ __all__ = [
     "spanned",
     "stored",
     "traced_effect",
+    "use_providers",
     "watch",
     "with_trace",
 ]
@@ -173,6 +174,41 @@ H = TypeVar("H", bound=MutableMapping[str, str])
 _NULL: ContextManager[None] = contextlib.nullcontext()
 _instruments: dict[str, Any] = {}
 _gauges: dict[str, list[Callable[[], Any]]] = {}
+_by_provider: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any], dict[str, list[Callable[[], Any]]]]] = \
+    weakref.WeakKeyDictionary()
+_METER: Any = None  # the meter ``errands`` of the global provider (a proxy until one is set), asked for once
+
+
+def _meter() -> Any:
+    global _METER
+    if _METER is None:
+        _METER = _metrics.get_meter("errands")
+    return _METER
+
+
+@contextlib.contextmanager
+def use_providers(tracer_provider: Any = None, meter_provider: Any = None) -> Iterator[None]:
+    """Record errands' spans with ``tracer_provider`` and its metrics with ``meter_provider`` instead of the
+    global ones while the block runs, in every thread (the demo, a benchmark or a test suite that must not set
+    OpenTelemetry's process-wide providers, which can be set only once). None keeps the current one."""
+    global _TRACER, _METER, _instruments, _gauges
+    if not ENABLED:
+        yield
+        return
+    before = _TRACER, _METER, _instruments, _gauges
+    if tracer_provider is not None:
+        _TRACER = tracer_provider.get_tracer("errands")
+    if meter_provider is not None:
+        # One meter and one set of instruments per provider, kept for the next block: a meter answers a second
+        # creation of an instrument with the first one (and without its new callbacks).
+        kept = _by_provider.get(meter_provider)
+        if kept is None:
+            kept = _by_provider[meter_provider] = (meter_provider.get_meter("errands"), {}, {})
+        _METER, _instruments, _gauges = kept
+    try:
+        yield
+    finally:
+        _TRACER, _METER, _instruments, _gauges = before
 
 
 def is_enabled() -> bool:
@@ -327,7 +363,7 @@ def _instrument(name: str) -> Any:
     found = _instruments.get(name)
     if found is None:
         kind, unit, description = METRICS[name]
-        meter = _metrics.get_meter("errands")
+        meter = _meter()
         make = meter.create_counter if kind == "counter" else meter.create_histogram
         found = _instruments[name] = make(name, unit=unit, description=description)
     return found
@@ -369,7 +405,7 @@ def gauge(name: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]
                     logging.getLogger("errands.telemetry").debug("gauge %s could not be read", name, exc_info=True)
             return out
 
-        _metrics.get_meter("errands").create_observable_gauge(name, callbacks=[observe], unit=unit,
+        _meter().create_observable_gauge(name, callbacks=[observe], unit=unit,
                                                               description=description)
     reads.append(read)
 
