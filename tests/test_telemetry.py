@@ -598,3 +598,55 @@ def test_journal_fanout_and_observe_spans(spans: InMemorySpanExporter, tmp_path:
         assert publish.attributes is not None and publish.attributes["errands.status"] == "DELIVERED"
     finally:
         store.close()
+
+
+def test_an_lro_callback_over_http_continues_the_trace(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from errands.lro import Config, LroClient, Operation, ResumableHandler
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    db = f"sqlite:///{tmp_path / 'ops.db'}"
+    server = make_server("127.0.0.1", 0, lambda environ, start: [], handler_class=Quiet)  # its app comes next
+    host = f"http://127.0.0.1:{server.server_port}"
+    server_client = LroClient(Config(neuron="svc", store=db, host=host))
+    server.set_app(server_client.wsgi_app())
+    worker_client = LroClient(Config(neuron="svc", store=db, host=host))
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        server_client.add_resumable_handlers(ResumableHandler("provision", lambda op: op.complete({"ok": True})))
+        with _SHOP.start_as_current_span("POST /machines") as request:
+            op: Operation = server_client.new_operation("operations/m2")
+            op.resume_via_tasks("provision")
+        worker = threading.Thread(target=worker_client.run_due)
+        worker.start()
+        worker.join()
+        assert worker_client.get_operation("operations/m2").done
+        (resume,) = _by_name(spans, "errands.lro.resume")  # in the server's thread, from the callback's header
+        assert resume.parent is not None and resume.parent.span_id == request.get_span_context().span_id
+        assert _trace_id(resume) == format(request.get_span_context().trace_id, "032x")
+    finally:
+        server.shutdown()
+        server.server_close()
+        server_client.close()
+        worker_client.close()
+
+
+def test_the_worker_command_logs_json_lines(tmp_path: Path) -> None:
+    script = (
+        "import logging, sys\n"
+        "from errands.core import telemetry\n"
+        "telemetry.configure_logging(logging.INFO)\n"
+        "logging.getLogger('errands.outbox').warning('lease on effect %s lapsed', 'k1', "
+        "extra={'effect_key': 'k1', 'lease_owner': 'w1'})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "ERRANDS_LOG_FORMAT": "json"})
+    assert done.returncode == 0, done.stderr
+    (line,) = [json.loads(text) for text in done.stderr.splitlines()]
+    assert list(line) == ["ts", "level", "logger", "msg", "effect_key", "lease_owner"]
+    assert line["msg"] == "lease on effect k1 lapsed" and line["logger"] == "errands.outbox"
