@@ -124,6 +124,24 @@ with telemetry.span("errands.outbox.submit", effect_key="k"):
     outbox.submit(Effect(key="plain", connector="bank", payload={"n": 1}))
 outbox.drain()
 telemetry.count("errands.outbox.effects", status="CONFIRMED")
+from errands.core import TaskEngine
+from errands.durable import DurableRunner
+from errands.lro import Config, LroClient, ResumableHandler
+import errands.sinks, errands.connectors.gcp
+
+tasks = TaskEngine(store, {"ship": lambda params: params["n"]})
+task = tasks.wait(tasks.submit("ship", {"n": 2}), timeout=60)
+runner = DurableRunner(store)
+runner.register("pay", lambda event, ctx: ctx.step(lambda _: 3, name="one"))
+execution = runner.start("pay", {})
+runner.drain()
+lro = LroClient(Config(neuron="svc", store=store))
+lro.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete({"ok": True})))
+lro.new_operation("operations/o1").resume_via_tasks("h")
+lro.run_due()
+assert str(task.status) == "SUCCEEDED" and runner.get(execution).result == 3, (task, runner.get(execution))
+assert lro.get_operation("operations/o1").done
+tasks.close(); runner.close(); lro.close()
 print(json.dumps({"enabled": telemetry.ENABLED, "status": str(outbox.get("plain").status),
                   "metadata": outbox.get("plain").metadata,
                   "imported": sorted(m for m in sys.modules if m.startswith("opentelemetry"))}))
