@@ -65,7 +65,6 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, M
 
 try:
     from opentelemetry import metrics as _metrics
-    from opentelemetry import propagate as _propagate
     from opentelemetry import trace as _trace
 except ImportError:  # the optional dependency is absent: every helper below is a no-op
     ENABLED = False
@@ -174,6 +173,20 @@ H = TypeVar("H", bound=MutableMapping[str, str])
 _NULL: ContextManager[None] = contextlib.nullcontext()
 _instruments: dict[str, Any] = {}
 _gauges: dict[str, list[Callable[[], Any]]] = {}
+_PROPAGATE: Any = None
+
+
+def _propagator() -> Any:
+    """``opentelemetry.propagate`` (the configured propagators), imported at its first use: it reads the
+    entry points of every installed propagator, a cost an import of errands should not pay."""
+    global _PROPAGATE
+    if _PROPAGATE is None:
+        from opentelemetry import propagate
+
+        _PROPAGATE = propagate
+    return _PROPAGATE
+
+
 _by_provider: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any], dict[str, list[Callable[[], Any]]]]] = \
     weakref.WeakKeyDictionary()
 _METER: Any = None  # the meter ``errands`` of the global provider (a proxy until one is set), asked for once
@@ -234,11 +247,11 @@ def _parent_context(parent: Mapping[str, str]) -> Any:
         parent = {str(k).lower(): v for k, v in parent.items()}
     parts = str(parent.get("traceparent", "")).split("-")
     if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16:
-        return _propagate.extract(parent)
+        return _propagator().extract(parent)
     try:
         trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
     except ValueError:
-        return _propagate.extract(parent)
+        return _propagator().extract(parent)
     state = _trace.TraceState.from_header([parent["tracestate"]]) if parent.get("tracestate") else None
     found = _trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=_trace.TraceFlags(flags),
                                trace_state=state)
@@ -354,7 +367,7 @@ def stored(metadata: Mapping[str, Any] | None) -> Mapping[str, str] | None:
 def inject(headers: H) -> H:
     """Add the current trace context (``traceparent``, ``tracestate``) to outgoing ``headers``; returns them."""
     if ENABLED:
-        _propagate.inject(headers)
+        _propagator().inject(headers)
     return headers
 
 
