@@ -668,3 +668,29 @@ def test_the_worker_command_logs_json_lines(tmp_path: Path) -> None:
     (line,) = [json.loads(text) for text in done.stderr.splitlines()]
     assert list(line) == ["ts", "level", "logger", "msg", "effect_key", "lease_owner"]
     assert line["msg"] == "lease on effect k1 lapsed" and line["logger"] == "errands.outbox"
+
+
+def test_an_async_connector_runs_inside_its_dispatch_span(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    from errands.core import DispatchOutcome, DispatchResult
+
+    class Async:
+        def __init__(self) -> None:
+            self.sent: list[dict[str, str]] = []
+
+        async def dispatch(self, effect: Effect) -> DispatchResult:
+            self.sent.append(telemetry.inject({}))  # on the runner's event loop thread
+            return DispatchResult(outcome=DispatchOutcome.CONFIRMED)
+
+    store = open_store(f"sqlite:///{tmp_path / 'errands.db'}")
+    connector = Async()
+    outbox = Outbox(store, connectors={"bank": connector})
+    try:
+        trace_id = _submit_in_request(outbox, "order-10")
+        outbox.drain()
+        (dispatch,) = _by_name(spans, "errands.outbox.dispatch")
+        assert dispatch.context is not None
+        (headers,) = connector.sent
+        assert headers["traceparent"].split("-")[1:3] == [trace_id, format(dispatch.context.span_id, "016x")]
+    finally:
+        outbox.close()
+        store.close()

@@ -18,7 +18,6 @@ import inspect
 import threading
 from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
-from . import telemetry
 from ._values import CompensationResult, DispatchResult, Observation
 from .errors import ConfigError
 
@@ -31,11 +30,6 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple,
 
 async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
-
-
-async def _await_in(aw: Awaitable[Any], ctx: contextvars.Context) -> Any:
-    # The awaitable runs as a task made in the caller's context: its trace span stays current on the loop.
-    return await ctx.run(asyncio.ensure_future, aw)
 
 
 class CallRunner:
@@ -131,8 +125,9 @@ class CallRunner:
         if loop is self._given and not loop.is_running():
             raise RuntimeError("the event loop given to this CallRunner is not running; an awaitable sent to it "
                                "would never finish")
-        waited = _await_in(aw, contextvars.copy_context()) if telemetry.ENABLED else _await(aw)
-        return asyncio.run_coroutine_threadsafe(waited, loop).result()
+        # The task runs in a copy of this thread's context (``call_soon_threadsafe`` takes it): a span current
+        # here is current in the coroutine.
+        return asyncio.run_coroutine_threadsafe(_await(aw), loop).result()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, awaiting the result on the runner's loop if it is awaitable."""
