@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from errands.connectors.http import HttpConnector
+from errands.core import Effect, EffectStatus, Outbox, open_store, telemetry
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pytest_httpserver import HTTPServer
-
-from errands.connectors.http import HttpConnector
-from errands.core import Effect, EffectStatus, Outbox, open_store, telemetry
 
 _EXPORTER = InMemorySpanExporter()
 _READER = InMemoryMetricReader()
