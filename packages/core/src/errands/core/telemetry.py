@@ -13,7 +13,7 @@ Spans, named ``errands.<engine>.<verb>`` (``SPANS`` lists each once with the att
 ``errands.outbox.observe``       one observation of an effect whose outcome is unknown: as dispatch
 ``errands.outbox.compensate``    one compensation attempt: effect key, obligation kind, attempt, lease owner
 ``errands.journal.append``       events appended (``Journal.append``): stream, subject
-``errands.fanout.batch``         one route's batch read from the journal: route, count
+``errands.fanout.batch``         one pass of a route's pipelined relay (its batches): route, count
 ``errands.fanout.publish``       one sink publish of that batch: route, sink, count, status
 ``errands.tasks.submit``         a task queued (``TaskEngine.submit``): task type, task id
 ``errands.tasks.run``            one task attempt on a worker: task type, task id, attempt, lease owner, status
@@ -81,6 +81,7 @@ __all__ = [
     "SPANS",
     "TRACE_KEY",
     "JsonFormatter",
+    "annotate",
     "answered",
     "backlog",
     "carrier",
@@ -302,6 +303,15 @@ def set_status(current: Any, status: Any) -> None:
     """Set the ``errands.status`` attribute of a span ``span`` yielded (nothing for None)."""
     if current is not None:
         current.set_attribute(ATTRIBUTES["status"], str(status))
+
+
+def annotate(current: Any, **attributes: Any) -> None:
+    """Set attributes (``ATTRIBUTES`` keywords; None values left out) on a span ``span`` yielded, known only once
+    its work is done (nothing for None)."""
+    if current is not None:
+        for key, value in attributes.items():
+            if value is not None:
+                current.set_attribute(ATTRIBUTES[key], value)
 
 
 def carrier() -> dict[str, str] | None:
