@@ -421,6 +421,52 @@ def test_a_durable_step_runs_in_the_trace_of_the_start(spans: InMemorySpanExport
         runner.close()
 
 
+def test_parallel_invocations_branches_and_ctx_effect_stay_in_the_trace_of_the_start(
+        spans: InMemorySpanExporter, store_url: str) -> None:
+    """With ``max_parallelism`` (invocations on the runner's threads), a ``map``'s branches (on threads of their
+    own) and a ``ctx.effect`` (submitted later by the checkpoint, dispatched by the outbox): every step, and the
+    effect's dispatch, are in the trace of the request that started the execution."""
+    from errands.core.testing import FakeConnector
+    from errands.durable import DurableRunner
+
+    store = open_store(store_url)
+    outbox = Outbox(store, connectors={"bank": FakeConnector("bank")})
+    runner = DurableRunner(store, outbox=outbox, max_parallelism=2)
+    try:
+        def order(event: Any, ctx: Any) -> Any:
+            doubled = ctx.map("lines", event["lines"], lambda c, item, i, items: c.step(lambda _: item * 2,
+                                                                                         name=f"line-{i}"))
+            ctx.effect("charge", Effect(key="-", connector="bank", payload={"cents": sum(doubled.results())}))
+            return sum(doubled.results())
+
+        runner.register("order", order)
+        traces: dict[str, str] = {}
+        for _ in range(2):
+            with _SHOP.start_as_current_span("POST /orders") as request:
+                eid = runner.start("order", {"lines": [1, 2, 3]})
+            traces[eid] = format(request.get_span_context().trace_id, "032x")
+        for _ in range(50):
+            runner.drain()
+            outbox.drain()
+            if all(runner.get(e).status.terminal for e in traces):
+                break
+        assert [runner.get(e).result for e in traces] == [12, 12]
+        by_execution: dict[str, set[str]] = {}
+        for s in _by_name(spans, "errands.durable.step") + _by_name(spans, "errands.durable.invocation"):
+            assert s.attributes is not None
+            by_execution.setdefault(str(s.attributes["errands.execution_id"]), set()).add(_trace_id(s))
+        assert by_execution == {e: {trace} for e, trace in traces.items()}
+        steps = _by_name(spans, "errands.durable.step")
+        assert len({(s.attributes or {}).get("errands.step") for s in steps}) >= 3
+        dispatches = {str((s.attributes or {})["errands.run_id"]): _trace_id(s)
+                      for s in _by_name(spans, "errands.outbox.dispatch")}
+        assert dispatches == traces
+    finally:
+        runner.close()
+        outbox.close()
+        store.close()
+
+
 def _ship(url: str) -> Any:
     import httpx
 
@@ -465,6 +511,54 @@ def test_a_task_runs_in_the_trace_of_its_submit(spans: InMemorySpanExporter, htt
         assert record is not None and str(record.status) == "SUCCEEDED"
     finally:
         engine.close()
+        store.close()
+
+
+def test_a_reaction_task_runs_in_the_trace_of_the_append_that_triggered_it(spans: InMemorySpanExporter,
+                                                                          store_url: str) -> None:
+    """Events appended concurrently from requests of their own (so that group commit writes some of them from
+    another request's thread): each reaction task runs in the trace of its own event's request."""
+    from errands.core import Event, Journal, Reactor
+
+    store = open_store(store_url)
+    reactor = Reactor(store)
+    seen: dict[int, str] = {}
+
+    def on_placed(event: Event) -> None:
+        found = telemetry.carrier()
+        assert found is not None
+        seen[event.data["order"]] = found["traceparent"].split("-")[1]
+
+    reactor.on("order.placed", on_placed, max_concurrency=None, name="on_placed")
+    journal = Journal(store)
+    traces: dict[int, str] = {}
+    start = threading.Barrier(4)
+
+    def request(order: int) -> None:
+        start.wait()
+        with _SHOP.start_as_current_span("POST /orders") as span:
+            journal.append(f"orders/{order}", "order.placed", {"order": order})
+        traces[order] = format(span.get_span_context().trace_id, "032x")
+
+    try:
+        callers = [threading.Thread(target=request, args=(order,)) for order in range(4)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join()
+        journal.append("orders/9", "order.placed", {"order": 9})  # outside any request: a trace of its own
+        worker = threading.Thread(target=lambda: [reactor.run_once() for _ in range(3)] and reactor.engine.drain())
+        worker.start()
+        worker.join()
+        assert len(set(traces.values())) == 4 and set(seen) == {0, 1, 2, 3, 9}
+        assert {order: seen[order] for order in traces} == traces
+        assert seen[9] not in traces.values()
+        runs = {s.attributes["errands.task_id"]: s for s in _by_name(spans, "errands.tasks.run")
+                if s.attributes is not None}
+        assert len(runs) == 5
+        assert {_trace_id(s) for s in runs.values()} == set(seen.values())
+    finally:
+        reactor.close()
         store.close()
 
 

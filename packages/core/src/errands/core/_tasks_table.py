@@ -195,14 +195,15 @@ def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debou
     )
 
 
-def insert_many(tx: Tx, rows: Sequence[tuple[str, str, str | None, float, float, str | None, int | None]]) -> int:
-    """Queue many tasks at once, each ``(id, type, params, at, now, order_key, order_seq)`` (priority 0, no
+def insert_many(tx: Tx, rows: Sequence[tuple[str, str, str | None, float, float, str | None, int | None, str | None]],
+                ) -> int:
+    """Queue many tasks at once, each ``(id, type, params, at, now, order_key, order_seq, trace)`` (priority 0, no
     debounce key), those whose id exists left as they are; returns how many were queued."""
     return tx.insert_rows(
         "INSERT INTO em_tasks (id, type, params, status, available_at, created_at, updated_at, order_key, "
-        "order_seq) VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(task_id, type_, params, _PENDING, at, now, now, order_key, order_seq)
-         for task_id, type_, params, at, now, order_key, order_seq in rows],
+        "order_seq, trace) VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(task_id, type_, params, _PENDING, at, now, now, order_key, order_seq, trace)
+         for task_id, type_, params, at, now, order_key, order_seq, trace in rows],
         " ON CONFLICT (id) DO NOTHING")
 
 

@@ -30,7 +30,9 @@ Attributes are ids, names, counts and statuses, never payloads, responses or sec
 
 Context travels with the work: the W3C trace context current when work is recorded (an effect, a task, a
 durable execution, an lro callback) is stored with it (``carrier``; an effect keeps it in its metadata under
-``errands.trace``, a task in ``em_tasks.trace``, an execution and a callback in their queue payload) and restored as the parent of the worker's span (``span(..., parent=...)``), so a worker's
+``errands.trace``, a task in ``em_tasks.trace``, a journal event in ``em_events.trace`` (a reaction's task takes
+it), an execution and a callback in their queue payload) and restored as the parent of the worker's span
+(``span(..., parent=...)``), so a worker's
 spans, in another thread or another process, are in the request's trace. Outgoing calls carry ``traceparent``
 (``inject``): the HTTP connector's and the webhook sink's headers, Pub/Sub attributes, Cloud Tasks headers.
 
@@ -64,6 +66,7 @@ import weakref
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, MutableMapping, TextIO, TypeVar
 
 try:
+    from opentelemetry import context as _context
     from opentelemetry import metrics as _metrics
     from opentelemetry import trace as _trace
 except ImportError:  # the optional dependency is absent: every helper below is a no-op
@@ -96,6 +99,7 @@ __all__ = [
     "parsed",
     "queued",
     "record",
+    "resumed",
     "set_status",
     "span",
     "spanned",
@@ -257,6 +261,23 @@ def _parent_context(parent: Mapping[str, str]) -> Any:
     found = _trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=_trace.TraceFlags(flags),
                                trace_state=state)
     return _trace.set_span_in_context(_trace.NonRecordingSpan(found))
+
+
+@contextlib.contextmanager
+def _attached(ctx: Any) -> Iterator[None]:
+    token = _context.attach(ctx)
+    try:
+        yield
+    finally:
+        _context.detach(token)
+
+
+def resumed(parent: Mapping[str, str] | None) -> ContextManager[None]:
+    """Make a stored carrier (``stored``) the current context for a ``with`` block, starting no span: work
+    recorded inside (``carrier``, ``queued``) continues that trace. Nothing for None (or without the API)."""
+    if not ENABLED or not parent:
+        return _NULL
+    return _attached(_parent_context(parent))
 
 
 def answered(current: Any, result: T) -> T:

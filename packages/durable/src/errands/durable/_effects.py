@@ -178,7 +178,10 @@ class EffectWakes:
                     if record.status not in _ENDED:  # redriven since: a later event ends it
                         continue
                     try:
-                        callbacks.settle_in(self.store, tx, key, OperationStatus.SUCCEEDED, record_json(record), None)
+                        # The woken invocation continues the trace of the effect's submit (the workflow's).
+                        with telemetry.resumed(telemetry.stored(record.metadata)):
+                            callbacks.settle_in(self.store, tx, key, OperationStatus.SUCCEEDED, record_json(record),
+                                                None)
                     except NotFoundError:  # the execution was purged
                         continue
         except Exception as exc:

@@ -97,4 +97,6 @@ def signal(store: SQLStore, tx: Tx, execution_id: str, now: float) -> None:
     if status is None or status.value not in schema.ACTIVE:
         return
     store.bring_forward(schema.QUEUE, execution_id, now, tx=tx)
-    store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)
+    # The invocation it makes due continues the trace current here (the waker's: a callback's request, an
+    # effect's submit); an item queued already keeps its own.
+    store.enqueue(schema.QUEUE, [(execution_id, telemetry.queued(), now)], tx=tx)
