@@ -787,3 +787,18 @@ def test_an_async_connector_runs_inside_its_dispatch_span(spans: InMemorySpanExp
     finally:
         outbox.close()
         store.close()
+
+
+def test_without_a_tracer_provider_nothing_is_traced(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    """The API installed and no provider set (a fresh process): ``tracing()`` is false, no span is started and the
+    effect's metadata takes nothing; inside ``use_providers`` it is true."""
+    code = ("import json, sys\nfrom errands.core import Effect, Outbox, open_store, telemetry\n"
+            "store = open_store(sys.argv[1])\nout = Outbox(store, connectors=['bank'])\n"
+            "record = out.submit(Effect(key='k', connector='bank', payload={}))\n"
+            "print(json.dumps([telemetry.tracing(), dict(record.metadata), telemetry.span('errands.outbox.submit') is "
+            "telemetry.span('errands.tasks.run')]))\nstore.close()\n")
+    done = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'errands.db'}"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, {}, True]
+    assert telemetry.tracing()  # the fixture's providers

@@ -316,7 +316,7 @@ class FanOut:
                             pending[zlib.crc32(ev.stream.encode()) % n if n > 1 else 0].append(ev)
                         buffered += len(events)
                         budget -= len(events)
-                        if events and not any_events and telemetry.ENABLED:
+                        if events and not any_events and telemetry.tracing():
                             begin()  # the pass's span, current in this thread before any publish is handed out
                         any_events = any_events or bool(events)
                         exhausted = budget <= 0

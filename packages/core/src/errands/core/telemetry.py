@@ -2,7 +2,8 @@
 
 ``pip install 'errands-core[otel]'`` brings ``opentelemetry-api``; configure a tracer and a meter provider (the
 SDK, an exporter) as for any instrumented library. Without the API nothing here imports it, every helper is a
-no-op and the engines' hot paths pay one module-constant check (``ENABLED``).
+no-op and the engines' hot paths pay one module-constant check (``ENABLED``); with the API and no tracer provider
+set, they pay one check more (``tracing``): no span is started and no trace context is read or stored.
 
 Spans, named ``errands.<engine>.<verb>`` (``SPANS`` lists each once with the attributes it may carry):
 
@@ -104,6 +105,7 @@ __all__ = [
     "span",
     "spanned",
     "stored",
+    "tracing",
     "traced_effect",
     "use_providers",
     "watch",
@@ -229,6 +231,13 @@ def use_providers(tracer_provider: Any = None, meter_provider: Any = None) -> It
         _TRACER, _METER, _instruments, _gauges = before
 
 
+def tracing() -> bool:
+    """Whether errands records spans now: the API is installed and a tracer provider is set (OpenTelemetry's
+    global one, or one of ``use_providers``). Without one, ``span`` is a shared null context and ``carrier`` None at
+    the cost of this check: the engines' hot paths pay nothing more until tracing is configured."""
+    return ENABLED and (_TRACER.__class__ is not _trace.ProxyTracer or _trace._TRACER_PROVIDER is not None)
+
+
 def is_enabled() -> bool:
     """Whether ``opentelemetry-api`` is installed (a constant of the process: ``ENABLED``)."""
     return ENABLED
@@ -238,7 +247,7 @@ def span(name: str, parent: Mapping[str, str] | None = None, **attributes: Any) 
     """Start span ``name`` (one of ``SPANS``) as the current one for a ``with`` block; yields the span (None
     without the API). ``parent``: a stored carrier (``stored``) whose trace the span continues, instead of the
     current context's. Attributes are ``ATTRIBUTES`` keywords; None values are left out."""
-    if not ENABLED:
+    if not tracing():
         return _NULL
     attrs = {ATTRIBUTES[k]: v for k, v in attributes.items() if v is not None}
     ctx = _parent_context(parent) if parent else None
@@ -300,8 +309,9 @@ def dispatched(connector: str, started: float) -> float:
 
 
 def spanned(fn: Callable[..., T], name: str, **attributes: Any) -> Callable[..., T]:
-    """``fn`` run inside span ``name`` (``span``) at each call; ``fn`` itself without the API."""
-    if not ENABLED:
+    """``fn`` run inside span ``name`` (``span``) at each call; ``fn`` itself when nothing records spans
+    (``tracing``)."""
+    if not tracing():
         return fn
 
     def call(*args: Any, **kwargs: Any) -> T:
@@ -338,7 +348,7 @@ def annotate(current: Any, **attributes: Any) -> None:
 def carrier() -> dict[str, str] | None:
     """The W3C trace context current now (``traceparent``, ``tracestate``), to store with work; None when no span
     is current (or without the API)."""
-    if not ENABLED:
+    if not tracing():
         return None
     # Written directly in the W3C form (what the trace-context propagator writes), at a fraction of its cost:
     # this runs on every submit.

@@ -213,7 +213,7 @@ class Outbox:
         """``effect`` (carrying the current trace context in its metadata) and its row, checked against what this
         outbox knows of its connector."""
         s = self._ctx.settings
-        if telemetry.ENABLED:
+        if telemetry.tracing():
             effect = telemetry.traced_effect(effect)
         return effect, admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
                              capabilities=self._ctx.connectors.admission_capabilities,

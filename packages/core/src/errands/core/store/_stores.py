@@ -323,7 +323,7 @@ class SQLStore:
         for ev in events:
             _validate_new_event(ev, self._reserved)
         # Read in the caller's thread: under group commit the rows are written by the leader's.
-        trace = telemetry.carrier_text() if telemetry.ENABLED else None
+        trace = telemetry.carrier_text() if telemetry.tracing() else None
         if tx is not None:
             return self._append(tx, events, trace)
         if conn is None:
