@@ -18,6 +18,14 @@ The goal lines are read at ``FULL``, the store's default: the durability setting
 power loss, where the naive outbox's two commits per effect cost what they cost in production. At ``NORMAL``
 (an explicit opt-in) a commit is only a memory copy into the WAL; its one-by-one row has a goal line too.
 
+Tracing: ``errands one-by-one traced`` is the one-by-one row with the OpenTelemetry SDK recording every span
+(submit and dispatch, the trace context stored with each effect) into a batch processor whose exporter drops
+them; ``untraced`` is the same row with the API alone (no SDK configured: what a user who installs
+``errands-core[otel]`` without configuring it gets). They alternate with the other rows; the goal line is the
+``FULL`` ratio like the others, and the ``NORMAL`` one (where a commit costs least and tracing's share is
+largest) is printed beside it. Without opentelemetry installed those rows are left out, and the other rows run
+as before.
+
 Run: ``hatch run bench:outbox`` (options: ``--effects``, ``--batch``).
 """
 
@@ -32,7 +40,7 @@ import threading
 import time
 from typing import Any, ClassVar
 
-from errands.core import DispatchOutcome, DispatchResult, Effect, EffectStatus, Outbox, open_store
+from errands.core import DispatchOutcome, DispatchResult, Effect, EffectStatus, Outbox, open_store, telemetry
 
 
 class NoopConnector:
@@ -127,6 +135,37 @@ class Errands:
         self.store.close()
 
 
+class Tracing:
+    """The SDK's tracer provider, recording every span into a batch processor whose exporter drops them; errands
+    records with it only inside ``telemetry.use_providers`` (the traced rows), else with the API's global no-op
+    tracer (no SDK configured)."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Dropped(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        self.sdk = TracerProvider()
+        self.sdk.add_span_processor(BatchSpanProcessor(Dropped()))
+
+
+class Traced(Errands):
+    """The one-by-one row with spans recorded by the SDK (``on``) or not."""
+
+    def __init__(self, path: str, sync: str, tracing: Tracing, on: bool) -> None:
+        super().__init__(path, sync, None)
+        self.tracing, self.on = tracing, on
+
+    def run(self, effects: list[Effect]) -> float:
+        if not self.on:
+            return super().run(effects)
+        with telemetry.use_providers(tracer_provider=self.tracing.sdk):
+            return super().run(effects)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--effects", type=int, default=20_000)
@@ -139,6 +178,8 @@ def main() -> None:
     per_round = n // args.rounds
     rows: list[tuple[str, str, float, float]] = []
     ratios: dict[str, dict[str, float]] = {}
+    tracing = Tracing() if telemetry.ENABLED else None
+    traced_ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="errands-bench-outbox-") as tmp:
         for sync in ("NORMAL", "FULL"):
             parts: dict[str, Any] = {
@@ -147,6 +188,9 @@ def main() -> None:
                 "many": Errands(os.path.join(tmp, f"many-{sync}.db"), sync, args.batch),
                 "eight": Errands(os.path.join(tmp, f"eight-{sync}.db"), sync, None, threads=8),
             }
+            if tracing is not None:
+                parts["untraced"] = Traced(os.path.join(tmp, f"untraced-{sync}.db"), sync, tracing, False)
+                parts["traced"] = Traced(os.path.join(tmp, f"traced-{sync}.db"), sync, tracing, True)
             spent = dict.fromkeys(parts, 0.0)
             for r in range(args.rounds):
                 effects = [Effect(key=f"order-{i}", connector="noop", payload=_payload(i))
@@ -163,6 +207,12 @@ def main() -> None:
                 (sync, f"errands submit_many({args.batch})", spent["many"], ratios[sync]["many"]),
                 (sync, "errands 8 concurrent submitters", spent["eight"], ratios[sync]["eight"]),
             ]
+            if "traced" in spent:
+                traced_ratios[sync] = spent["untraced"] / spent["traced"]
+                rows += [
+                    (sync, "errands one-by-one, otel API untraced", spent["untraced"], base / spent["untraced"]),
+                    (sync, "errands one-by-one, otel SDK traced", spent["traced"], base / spent["traced"]),
+                ]
     total = per_round * args.rounds
     print(f"{total} effects submitted and dispatched through a no-op connector, SQLite WAL\n")
     print(f"| {'synchronous':<11} | {'outbox':<38} | {'seconds':>8} | {'effects/s':>10} | {'vs naive':>8} |")
@@ -174,6 +224,11 @@ def main() -> None:
           "memory copy into the WAL.")
     print(f"outbox one-by-one vs naive: {ratios['FULL']['one']:.2f}x (goal >= 1.2)")
     print(f"outbox submit_many vs naive: {ratios['FULL']['many']:.2f}x (goal >= 3)")
+    if not traced_ratios:
+        print("outbox traced vs untraced: not measured, opentelemetry is not installed (goal >= 0.85)")
+    else:
+        print(f"(tracing at NORMAL, where a commit costs least: traced vs untraced {traced_ratios['NORMAL']:.2f})")
+        print(f"outbox traced vs untraced: {traced_ratios['FULL']:.2f} (goal >= 0.85)")
     print(f"outbox 8 concurrent submitters vs naive: {ratios['FULL']['eight']:.2f}x (goal >= 3)")
     print(f"outbox one-by-one at NORMAL vs naive: {ratios['NORMAL']['one']:.2f}x (goal >= 1.0)")
 

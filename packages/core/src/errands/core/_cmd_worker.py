@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+from . import telemetry
 from .errors import ConfigError
 
 _WORKER_KEYS = {"max_in_flight": int, "poll_interval": float, "lease_for": float, "batch_size": int,
@@ -52,8 +53,7 @@ def _app_of(args: argparse.Namespace) -> Any:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    telemetry.configure_logging(logging.INFO if args.verbose else logging.WARNING, sys.stderr)
     app = _app_of(args)
     try:
         worker = app.worker()

@@ -90,8 +90,9 @@ class StoreJournalDemo:
 # ``errands_register_demos``.
 from ._fanout_demo import FanOutDemo  # noqa: E402
 from ._outbox_demo import OutboxDemo  # noqa: E402
+from ._telemetry_demo import TelemetryDemo  # noqa: E402
 
-CORE_DEMOS: list[type] = [StoreJournalDemo, OutboxDemo, FanOutDemo]
+CORE_DEMOS: list[type] = [StoreJournalDemo, OutboxDemo, FanOutDemo, TelemetryDemo]
 
 
 def _demo_parts() -> list[Any]:

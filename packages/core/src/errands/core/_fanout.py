@@ -12,6 +12,7 @@ the pass: the cursor stays before it, and the next pass publishes again from the
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import logging
 import threading
@@ -19,9 +20,10 @@ import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import _fanout_table as table
+from . import telemetry
 from ._fanout_table import CURSOR_NAMESPACE, FANOUT_MIGRATIONS
 from ._fanout_transitions import Lane, RouteState, Verdict, Window, retry_delay, settle, verdict
 from ._runtime import CallRunner, drain
@@ -33,6 +35,7 @@ __all__ = ["DeadEvent", "FanOut", "Route", "RouteState", "RouteStatus", "list_de
            "route_states"]
 
 log = logging.getLogger("errands.fanout")
+BATCH, PUBLISH = "errands.fanout.batch", "errands.fanout.publish"
 
 #: How many windows (``batch_size * max_in_flight`` events) one pass of a route reads at most: a pass keeps the
 #: pipeline full over several windows, and still ends, so that a worker's loop runs its other engines.
@@ -258,6 +261,21 @@ class FanOut:
         return delivered + window.delivered
 
     def _pipeline(self, run: _RouteRun) -> Window | None:
+        """``_relay`` inside span ``errands.fanout.batch``, begun at the first event read (an idle pass starts none):
+        each publish of the pass, in the pool's threads, is a child of it."""
+        with contextlib.ExitStack() as spans:
+            begun: list[Any] = []  # the span, once begun
+
+            def begin() -> None:
+                if not begun:
+                    begun.append(spans.enter_context(telemetry.span(BATCH, route=run.route.name)))
+
+            window = self._relay(run, begin)
+            if begun and window is not None:
+                telemetry.annotate(begun[0], count=window.delivered)
+            return window
+
+    def _relay(self, run: _RouteRun, begin: Callable[[], Any]) -> Window | None:
         """Publish the route's pending events, up to ``PASS_WINDOWS`` windows of them, as a pipeline: up to
         ``max_in_flight`` batches in flight (one per lane: a stream's events stay in one lane, so a batch holding
         a stream is published only once the lane's previous batch was acknowledged), the journal read further
@@ -298,6 +316,8 @@ class FanOut:
                             pending[zlib.crc32(ev.stream.encode()) % n if n > 1 else 0].append(ev)
                         buffered += len(events)
                         budget -= len(events)
+                        if events and not any_events and telemetry.tracing():
+                            begin()  # the pass's span, current in this thread before any publish is handed out
                         any_events = any_events or bool(events)
                         exhausted = budget <= 0
                 if not failed:
@@ -362,10 +382,14 @@ class FanOut:
 
     def _publish(self, route: Route, batch: Sequence[Event]) -> Exception | None:
         """Hand ``batch`` to the sink: None if it took it, else what it raised."""
-        try:
-            self._bridge.call(route.sink.publish, batch)
-        except Exception as exc:
-            return exc
+        with telemetry.span(PUBLISH, route=route.name, sink=type(route.sink).__name__,
+                            count=len(batch)) as span:
+            try:
+                self._bridge.call(route.sink.publish, batch)
+            except Exception as exc:
+                telemetry.set_status(span, "FAILED")
+                return exc
+            telemetry.set_status(span, "DELIVERED")
         return None
 
     def _publish_batch(self, route: Route, lane: Lane, batch: list[Event]) -> bool:

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping, NamedTuple, Sequence
 
+from . import telemetry
 from ._leases import DEFAULT_LEASE_FOR, LeaseBatch, is_infrastructure_error
 from ._runtime import run_sync
 from ._values import Event, Lease
@@ -16,6 +17,7 @@ from .store._sql import Tx
 from .store._stores import NewEvent, SQLStore, as_epoch, new_id
 
 log = logging.getLogger("errands.scheduler")
+APPEND = "errands.journal.append"
 
 
 class Journal:
@@ -40,7 +42,8 @@ class Journal:
 
         ``subject`` defaults to ``type``.
         """
-        return self.store.append_events([NewEvent(stream, type, data, subject)], conn=conn)[0]
+        with telemetry.span(APPEND, stream=stream, subject=subject or type, count=1):
+            return self.store.append_events([NewEvent(stream, type, data, subject)], conn=conn)[0]
 
     async def append_async(
         self, stream: str, type: str, data: Any = None, subject: str | None = None, conn: Any = None
@@ -51,7 +54,8 @@ class Journal:
 
     def append_many(self, events: Sequence[NewEvent], conn: Any = None) -> list[Event]:
         """Append many events in one transaction (the caller's, with ``conn``)."""
-        return self.store.append_events(list(events), conn=conn)
+        with telemetry.span(APPEND, count=len(events)):
+            return self.store.append_events(list(events), conn=conn)
 
     async def append_many_async(self, events: Sequence[NewEvent], conn: Any = None) -> list[Event]:
         """``append_many`` for coroutines (``SQLStore.run_async``)."""

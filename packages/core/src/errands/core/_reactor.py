@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from . import _reactor_table as reactor_table
 from . import _tasks_table as tasks_table
+from . import telemetry
 from ._fanout_table import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
 from ._reactor_exprs import EntityKey, Envelopes, Matcher, describe_key, matcher
@@ -264,8 +265,10 @@ class Reactor:
         keyed = reaction.debounce_ms or reaction.ordered
         now = self.store.clock.now()
         queued = 0
-        rows: list[tuple[str, str, str | None, float, float, str | None, int | None]] = []
+        rows: list[tuple[str, str, str | None, float, float, str | None, int | None, str | None]] = []
         with self.store.transaction() as tx:
+            # Each task continues the trace of its event's append (only when tracing is installed: one read more).
+            traces = self.store.event_traces(tx, [ev.position for ev in events]) if telemetry.ENABLED else {}
             for ev in events:
                 if not compiled.matches(ev, envelopes):
                     continue
@@ -274,9 +277,11 @@ class Reactor:
                 order_key, order_seq = (key, ev.position) if reaction.ordered else (None, None)
                 if reaction.debounce_ms:  # one at a time: each replaces the pending task of its key
                     queued += tasks_table.insert(tx, reaction.task_id(ev), reaction.task_type, params, now + delay,
-                                                 key, now, order_key=order_key, order_seq=order_seq)
+                                                 key, now, order_key=order_key, order_seq=order_seq,
+                                                 trace=traces.get(ev.position))
                 else:
-                    rows.append((reaction.task_id(ev), reaction.task_type, params, now, now, order_key, order_seq))
+                    rows.append((reaction.task_id(ev), reaction.task_type, params, now, now, order_key, order_seq,
+                                 traces.get(ev.position)))
             queued += tasks_table.insert_many(tx, rows)
             version = self.store.kv_put(CURSOR_NAMESPACE, f"reactor:{reaction.name}", last,
                                         expected_version=version, tx=tx)

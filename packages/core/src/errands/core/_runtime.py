@@ -125,6 +125,8 @@ class CallRunner:
         if loop is self._given and not loop.is_running():
             raise RuntimeError("the event loop given to this CallRunner is not running; an awaitable sent to it "
                                "would never finish")
+        # The task runs in a copy of this thread's context (``call_soon_threadsafe`` takes it): a span current
+        # here is current in the coroutine.
         return asyncio.run_coroutine_threadsafe(_await(aw), loop).result()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

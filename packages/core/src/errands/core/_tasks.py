@@ -36,6 +36,7 @@ from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence
 
 from . import _tasks_table as table
+from . import telemetry
 from ._cron import check_cron as _cron
 from ._cron import last_tick as _last_tick
 from ._cron import next_tick as _next_tick
@@ -180,6 +181,7 @@ class _Run:
     beat: Beat
     started: float = 0.0
     stop: _Stop = dataclass_field(default_factory=_Stop)
+    trace: str | None = None
 
 
 @dataclass
@@ -322,6 +324,7 @@ class TaskEngine:
         for type_, fn in (handlers or {}).items():
             self.register(type_, fn)
         store.migrate("tasks", table.TASK_MIGRATIONS)
+        telemetry.backlog("tasks", self, lambda engine, tx, now: table.backlog(tx, now))
         self._own_bridge = CallRunner(name="errands-tasks")
         self._bridge = self._own_bridge
         self._pool: ThreadPoolExecutor | None = None
@@ -437,15 +440,19 @@ class TaskEngine:
         rank = _priority(priority)
         text = dumps(params, field="params")
         now = self.store.clock.now()
+        with telemetry.span("errands.tasks.submit", task_type=type, task_id=task_id):
+            # Read in the caller's thread: under group commit ``write`` may run in another thread (the leader's).
+            trace = telemetry.carrier_text()
 
-        def write(tx: Tx) -> None:
-            table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank)
+            def write(tx: Tx) -> None:
+                table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank,
+                             trace=trace)
 
-        if conn is None:
-            self.store.group_commit(write)  # concurrent submits share commits; returns once this one's is done
-        else:
-            with self.store.transaction(conn) as tx:
-                write(tx)
+            if conn is None:
+                self.store.group_commit(write)  # concurrent submits share commits; returns once this one's is done
+            else:
+                with self.store.transaction(conn) as tx:
+                    write(tx)
         return task_id
 
     async def submit_async(
@@ -717,7 +724,7 @@ class TaskEngine:
                     beat = heartbeat(functools.partial(self._renew, c.id, c.token), lease_for=self.lease_for,
                                      what=f"task {c.id}")
                     run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat,
-                               started=now)
+                               started=now, trace=c.trace)
                     self._running[c.id] = run
                     runs.append(run)
         for run in runs:
@@ -794,7 +801,9 @@ class TaskEngine:
             args: tuple[Any, ...] = (run.params, TaskContext(
                 id=run.id, type=run.type, attempt=run.attempt, _beat=run.beat, _stop=run.stop,
             )) if spec.wants_ctx else (run.params,)
-            outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
+            with telemetry.span("errands.tasks.run", telemetry.parsed(run.trace), task_type=run.type, task_id=run.id, attempt=run.attempt,
+                                lease_owner=self.owner):
+                outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
         except BaseException as exc:
             stopped = run.stop.set and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError))
             if not isinstance(exc, Exception) and not stopped:
@@ -812,6 +821,7 @@ class TaskEngine:
             transition = settle(outcome, run.attempt, spec.policy, self.store.clock.now(), lease_lost=run.beat.lost,
                                 stopped=reason)
             if transition is None:
+                telemetry.count("errands.lease.lost", engine="tasks")
                 log.warning("task %s (%s): its lease was lost while it ran; this run records nothing (another "
                             "worker may run it)", run.id, run.type)
                 return

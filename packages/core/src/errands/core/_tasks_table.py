@@ -75,6 +75,8 @@ TASK_MIGRATIONS = [
             WHERE order_key IS NOT NULL AND status IN ('PENDING', 'RUNNING')
         """,
     ),
+    # The W3C trace context current when the task was submitted (JSON): its run continues that trace.
+    Migration(5, "ALTER TABLE em_tasks ADD COLUMN trace TEXT"),
 ]
 
 # PostgreSQL advisory lock class for task admission: engines claiming a type with ``max_concurrency`` take
@@ -150,6 +152,7 @@ class Claimed:
     params: Any
     token: int
     attempt: int
+    trace: str | None = None
 
 
 def _at(t: Any) -> datetime:
@@ -177,7 +180,8 @@ def _schedule(row: Sequence[Any]) -> ScheduleRecord:
 # -- submitting and reading ----------------------------------------------------------------------
 
 def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debounce_key: str | None, now: float,
-           *, priority: int = 0, order_key: str | None = None, order_seq: int | None = None) -> int:
+           *, priority: int = 0, order_key: str | None = None, order_seq: int | None = None,
+           trace: str | None = None) -> int:
     """Queue a task due at ``at`` unless its id exists (returns 0 then). A ``debounce_key`` first removes the
     pending task queued under the same key, so the newest one of a burst is the one that runs. Tasks with the
     same ``order_key`` run one at a time, lowest ``order_seq`` first (see ``claim``)."""
@@ -185,19 +189,21 @@ def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debou
         tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?", (debounce_key, _PENDING))
     return tx.rowcount(
         "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at, "
-        "priority, order_key, order_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        (task_id, type, params, _PENDING, at, debounce_key, now, now, priority, order_key, order_seq),
+        "priority, order_key, order_seq, trace) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO NOTHING",
+        (task_id, type, params, _PENDING, at, debounce_key, now, now, priority, order_key, order_seq, trace),
     )
 
 
-def insert_many(tx: Tx, rows: Sequence[tuple[str, str, str | None, float, float, str | None, int | None]]) -> int:
-    """Queue many tasks at once, each ``(id, type, params, at, now, order_key, order_seq)`` (priority 0, no
+def insert_many(tx: Tx, rows: Sequence[tuple[str, str, str | None, float, float, str | None, int | None, str | None]],
+                ) -> int:
+    """Queue many tasks at once, each ``(id, type, params, at, now, order_key, order_seq, trace)`` (priority 0, no
     debounce key), those whose id exists left as they are; returns how many were queued."""
     return tx.insert_rows(
         "INSERT INTO em_tasks (id, type, params, status, available_at, created_at, updated_at, order_key, "
-        "order_seq) VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(task_id, type_, params, _PENDING, at, now, now, order_key, order_seq)
-         for task_id, type_, params, at, now, order_key, order_seq in rows],
+        "order_seq, trace) VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(task_id, type_, params, _PENDING, at, now, now, order_key, order_seq, trace)
+         for task_id, type_, params, at, now, order_key, order_seq, trace in rows],
         " ON CONFLICT (id) DO NOTHING")
 
 
@@ -284,6 +290,13 @@ def purge(tx: Tx, before: float, limit: int) -> int:
     return tx.rowcount(
         f"DELETE FROM em_tasks WHERE id IN (SELECT id FROM em_tasks WHERE status IN {in_clause(len(_PURGED))} "
         "AND finished_at < ? ORDER BY finished_at LIMIT ?)", (*_PURGED, before, limit))
+
+
+def backlog(tx: Tx, now: float) -> tuple[int, float | None]:
+    """How many pending tasks are due at ``now``, and the due time of the one due longest (None if none)."""
+    row = tx.one("SELECT COUNT(*), MIN(available_at) FROM em_tasks WHERE status = ? AND available_at <= ?",
+                 (_PENDING, now))
+    return (int(row[0]), None if row[1] is None else float(row[1])) if row else (0, None)
 
 
 def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
@@ -407,10 +420,11 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
     rows = tx.query(
         "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
         f"attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM ({walks}) c "
-        "ORDER BY priority DESC, available_at, created_at LIMIT ?) RETURNING id, type, params, token, attempts",
+        "ORDER BY priority DESC, available_at, created_at LIMIT ?) RETURNING id, type, params, token, attempts, "
+        "trace",
         (_RUNNING, owner, lease_until, now, now, *params, limit),
     )
-    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
+    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4]), r[5]) for r in rows]
 
 
 def renew(tx: Tx, task_id: str, token: int, lease_until: float) -> bool:

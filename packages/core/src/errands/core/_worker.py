@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 
+from . import telemetry
 from ._clock import Clock
 from ._journal import StoreScheduler
 from ._leases import is_infrastructure_error
@@ -130,6 +131,7 @@ class Worker:
             self.add_job(getattr(job, "__qualname__", repr(job)), job)
         self.passes = 0
         self.faulted = False  # whether the last pass met a store fault
+        telemetry.watch(self)
 
     def add_job(self, name: str, job: Job) -> None:
         """Run ``job()`` every pass; if it is a method of an engine that takes a runner (``use_runner``),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import inspect
 import json
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, NoReturn, Sequence, TypeVar, Union
 
-from errands.core import ConfigError, Effect, EffectRecord
+from errands.core import ConfigError, Effect, EffectRecord, telemetry
 from errands.core.store import dumps
 
 from . import _effects as effects
@@ -71,6 +72,7 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 log = logging.getLogger("errands.durable")
+STEP = "errands.durable.step"
 
 #: Results that are never awaitable, answered without asking ``inspect.isawaitable``.
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple})
@@ -339,7 +341,8 @@ class _ContextCore:
                 sctx = StepContext(execution_id=state.execution_id, operation_id=op_id, name=name, attempt=attempt,
                                    logger=self.logger)
                 try:
-                    value = yield _Call(func, (sctx,))
+                    value = yield _Call(telemetry.spanned(func, STEP, execution_id=state.execution_id, step=name or op_id,
+                                                          attempt=attempt), (sctx,))
                 except Exception as exc:
                     pending_error = exc
                 else:
@@ -1156,7 +1159,8 @@ class DurableContext(_ContextCore):
                 running: dict[Future[tuple[str, Any]], int] = {}
                 while batch.queue or running:
                     while (i := batch.next_branch(len(running), workers)) is not None:
-                        running[pool.submit(self._drive, batch.branch(i))] = i
+                        # In this thread's context: a branch's steps are spans of this invocation's trace.
+                        running[pool.submit(contextvars.copy_context().run, self._drive, batch.branch(i))] = i
                     if not running:
                         break
                     done, _ = wait(running, return_when=FIRST_COMPLETED)

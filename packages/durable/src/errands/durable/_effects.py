@@ -36,6 +36,7 @@ from errands.core import (
     Route,
     Semantics,
     TransientError,
+    telemetry,
 )
 from errands.core.runtime import error_text, is_infrastructure_error
 from errands.core.store import SQLStore, Tx, dumps
@@ -122,6 +123,9 @@ def effect_op(ctx: Any, name: str, effect: Effect) -> tuple[str, Generator[Any, 
                     "Outbox(store, ...)), or attach the runner to an errands.App", field="outbox", value=None)
             key = effect_key(state.execution_id, op_id)
             submitted = replace(effect, key=key, run_id=effect.run_id or state.execution_id)
+            # The trace context current here (the invocation's, a step's) goes with the effect: it is
+            # submitted later, by the checkpoint.
+            submitted = telemetry.traced_effect(submitted)
             outbox.check(submitted)
             # Submitted by the transaction that checkpoints this start (``submit_started``).
             ctx._start(op_id, OperationType.CALLBACK, OperationSubType.EFFECT, name, payload=_effect_json(submitted),
@@ -174,7 +178,10 @@ class EffectWakes:
                     if record.status not in _ENDED:  # redriven since: a later event ends it
                         continue
                     try:
-                        callbacks.settle_in(self.store, tx, key, OperationStatus.SUCCEEDED, record_json(record), None)
+                        # The woken invocation continues the trace of the effect's submit (the workflow's).
+                        with telemetry.resumed(telemetry.stored(record.metadata)):
+                            callbacks.settle_in(self.store, tx, key, OperationStatus.SUCCEEDED, record_json(record),
+                                                None)
                     except NotFoundError:  # the execution was purged
                         continue
         except Exception as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from errands.core import AlreadyExistsError, ConfigError
+from errands.core import AlreadyExistsError, ConfigError, telemetry
 from errands.core.store import NewEvent, SQLStore, Tx
 
 from . import _schema as schema
@@ -43,7 +43,8 @@ def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text
     if queued:
         schema.hold_execution(tx, execution_id)
     else:
-        store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)
+        store.enqueue(schema.QUEUE, [(execution_id, telemetry.queued(), now)], tx=tx)
+    telemetry.count("errands.durable.executions", status="ENQUEUED" if queued else "STARTED")
     store.append_events([NewEvent(f"durable/{execution_id}", "durable.execution.started",
                                   {"execution_id": execution_id, "function": function,
                                    "parent_id": parent[0] if parent else None})], tx=tx)
@@ -76,6 +77,7 @@ def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, res
     parent."""
     parent_id, parent_op, function = schema.end_execution(tx, execution_id, status, result, error, now)
     schema.end_queue_item(tx, execution_id, now)
+    telemetry.count("errands.durable.executions", status=status.value)
     data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
     if error is not None:
         data["error"] = error.to_dict()
@@ -95,4 +97,6 @@ def signal(store: SQLStore, tx: Tx, execution_id: str, now: float) -> None:
     if status is None or status.value not in schema.ACTIVE:
         return
     store.bring_forward(schema.QUEUE, execution_id, now, tx=tx)
-    store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)
+    # The invocation it makes due continues the trace current here (the waker's: a callback's request, an
+    # effect's submit); an item queued already keeps its own.
+    store.enqueue(schema.QUEUE, [(execution_id, telemetry.queued(), now)], tx=tx)

@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any, Callable, Sequence
 
-from errands.core import ConfigError, Lease, LeaseLostError
+from errands.core import ConfigError, Lease, LeaseLostError, telemetry
 from errands.core.runtime import error_text, heartbeat, is_infrastructure_error
 from errands.core.store import SQLStore, Tx
 
@@ -28,6 +28,7 @@ from ._values import ErrorObject, ExecutionStatus, Operation, OperationUpdate
 from ._wire import advance_all
 
 log = logging.getLogger("errands.durable")
+INVOCATION = "errands.durable.invocation"
 
 #: Executions whose abandons are counted (for their backoff) before the count starts afresh.
 _MAX_COUNTED = 4096
@@ -222,8 +223,11 @@ class Invocations:
         """Run one claimed execution; whatever goes wrong, the lease is given back and no other execution
         is affected."""
         try:
-            run()
+            with telemetry.span(INVOCATION, telemetry.stored(lease.payload), execution_id=lease.key,
+                                lease_owner=lease.owner):
+                run()
         except LeaseLostError:
+            telemetry.count("errands.lease.lost", engine="durable")
             log.info("lease on execution %s was lost", lease.key)
         except Exception as exc:
             delay = self._backoff(lease.key)

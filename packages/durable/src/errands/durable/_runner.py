@@ -15,7 +15,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Mapping
 
-from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Worker, open_store
+from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Worker, open_store, telemetry
 from errands.core.runtime import drain, error_text, is_infrastructure_error
 from errands.core.store import SQLStore, dumps
 
@@ -185,7 +185,8 @@ class DurableRunner:
             self._queues.get(queue)
         execution_id, text = self._prepare_start(function, input, execution_id)
         seconds = check_timeout(timeout)
-        with self.store.transaction(conn) as tx:
+        with telemetry.span("errands.durable.start", execution_id=execution_id, function=function), \
+                self.store.transaction(conn) as tx:
             if queue is None:
                 executions.start(self.store, tx, execution_id, function, text, self.clock.now(),
                                  timeout=seconds)

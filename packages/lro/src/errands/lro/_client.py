@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Mapping
 
-from errands.core import StoreScheduler, open_store
+from errands.core import StoreScheduler, open_store, telemetry
 from errands.core.errors import ConfigError, LeaseLostError, NotFoundError, TransientError
 from errands.core.store import SQLStore
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
@@ -289,7 +289,8 @@ class LroClient:
         state = encode_state(private_state) if private_state is not None else None
         record = OperationRecord(name=name, operation=pb.SerializeToString(deterministic=True), state=state)
         if conn is None:
-            return Operation(self, self.store.create(record), pb)
+            with telemetry.span("errands.lro.save", operation=name):
+                return Operation(self, self.store.create(record), pb)
         if not isinstance(self.store, SQLOperationStore):
             raise ConfigError(
                 f"conn= needs an errands SQL store; {type(self.store).__name__} cannot join the caller's transaction",

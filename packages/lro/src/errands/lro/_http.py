@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, quote
 
 from errands.core.errors import ConfigError, InfrastructureError, NotFoundError, TransientError
 
-from ._resume import ResumeBusyError
+from ._resume import ResumeBusyError, aresume, resume
 
 if TYPE_CHECKING:
     from ._client import LroClient
@@ -137,7 +137,7 @@ class AsgiApp(_Endpoint):
             await self._send(send, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
             return
         try:
-            outcome = await self.client.aresume(name, path, token)
+            outcome = await aresume(self.client, name, path, token, parent=req.headers)
         except Exception as exc:
             await self._send(send, self.settle(name, error=exc))
             return
@@ -173,7 +173,7 @@ class WsgiApp(_Endpoint):
         if not self.client.callback_auth().check(req.headers, req.method, req.target):
             return self._respond(start_response, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
         try:
-            outcome = self.client.resume(name, rpath, token)
+            outcome = resume(self.client, name, rpath, token, hold=token is not None, parent=req.headers)
         except Exception as exc:
             return self._respond(start_response, self.settle(name, error=exc))
         return self._respond(start_response, self.settle(name, outcome))

@@ -16,7 +16,7 @@ import secrets
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from errands.core import StoreScheduler
+from errands.core import StoreScheduler, telemetry
 from errands.core.errors import LeaseLostError, NotFoundError, PermanentError, TransientError
 from errands.core.runtime import is_infrastructure_error
 from errands.core.store import Tx
@@ -119,7 +119,7 @@ class LocalCallbacks:
         """Run the callback ``p`` describes in-process. A callback whose operation or handler does not exist
         is dropped; any other error propagates to the scheduler, which fires the callback again."""
         try:
-            resume(self.client, p["name"], p["path"], p.get("token"), record, hold=hold)
+            resume(self.client, p["name"], p["path"], p.get("token"), record, hold=hold, parent=telemetry.stored(p))
         except NotFoundError as exc:
             log.warning("callback lro-%s dropped: %s", p.get("token"), exc)
 
@@ -133,7 +133,7 @@ class LocalCallbacks:
         config = self.client.config
         url = self.client.callback_url(p["name"], p["path"], p.get("token"))
         assert url is not None and config.base_url is not None
-        headers = {"content-length": "0"}
+        headers = {"content-length": "0", **(telemetry.stored(p) or {})}
         secret = self.secret()
         if secret is not None:
             headers[SIGNATURE_HEADER] = sign(secret, "PUT", url[len(config.base_url):])

@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from errands.core import ConfigError, InfrastructureError, LeaseLostError, is_infrastructure_error
+from errands.core import ConfigError, InfrastructureError, LeaseLostError, is_infrastructure_error, telemetry
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import empty_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
@@ -242,11 +242,12 @@ class Operation:
             InfrastructureError: the store failed; this object is as it was, retry the save.
         """
         self._open()
-        if self._lock is None:
-            self._record = self._write(self._snapshot())
-            return self
-        with self._lock:
-            self._record = self._write(self._snapshot())
+        with telemetry.span("errands.lro.save", operation=self.name):
+            if self._lock is None:
+                self._record = self._write(self._snapshot())
+                return self
+            with self._lock:
+                self._record = self._write(self._snapshot())
         return self
 
     def complete(self, response: Any = None) -> Operation:
@@ -285,7 +286,8 @@ class Operation:
     def _save_final(self, pb: operations_pb2.Operation) -> Operation:
         # The finished proto is a copy: if the write fails, this object stays exactly as it was.
         raw = pb.SerializeToString(deterministic=True)
-        with self._guard():
+        with self._guard(), telemetry.span("errands.lro.complete", operation=self.name,
+                                           status="FAILED" if pb.HasField("error") else "SUCCEEDED"):
             self._record = self._write(self._snapshot(pb=pb, raw=raw))
         self._pb, self._raw = pb, raw
         return self

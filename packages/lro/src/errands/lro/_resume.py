@@ -11,8 +11,9 @@ import secrets
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
+from errands.core import telemetry
 from errands.core.errors import ConfigError, InfrastructureError, LeaseLostError, NotFoundError, TransientError
 from errands.core.runtime import Beat, heartbeat, run_sync
 from google.rpc import code_pb2  # type: ignore[import-untyped]
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ._client import LroClient
 
 log = logging.getLogger("errands.lro")
+RESUME = "errands.lro.resume"
 
 __all__ = ["HANDLER_PATH", "BatchLoops", "ResumableHandler", "ResumeBusyError", "aresume", "call_user",
            "finish_cancelled", "resume"]
@@ -308,7 +310,7 @@ def _renewal(client: LroClient, op: Operation, token: str | None, claim: str) ->
 
 def resume(
     client: LroClient, name: str, path: str, token: str | None, record: OperationRecord | None = None, *,
-    hold: bool,
+    hold: bool, parent: Mapping[str, str] | None = None,
 ) -> ResumeOutcome:
     """Run the handler at ``path`` on the operation now, in this thread (see ``LroClient.resume``); an
     async handler inside a batch open on this thread too (see ``BatchLoops``).
@@ -318,7 +320,16 @@ def resume(
             in one query).
         hold: take a hold on the resume while the handler runs. Without one, the caller fences the run
             (a timer's lease, or a batch's transaction).
+        parent: the trace context the callback carried (its ``traceparent``): the resume continues that trace.
     """
+    with telemetry.span(RESUME, parent, operation=name) as span:
+        outcome = _resume(client, name, path, token, record, hold=hold)
+        telemetry.set_status(span, outcome)
+        return outcome
+
+
+def _resume(client: LroClient, name: str, path: str, token: str | None, record: OperationRecord | None, *,
+            hold: bool) -> ResumeOutcome:
     outcome, op, fn, claim = _begin(client, name, path, token, record, hold=hold)
     if outcome is not None:
         return outcome
@@ -335,9 +346,17 @@ def resume(
     return _end(op, None, token, claim)
 
 
-async def aresume(client: LroClient, name: str, path: str, token: str | None) -> ResumeOutcome:
+async def aresume(client: LroClient, name: str, path: str, token: str | None, *,
+                  parent: Mapping[str, str] | None = None) -> ResumeOutcome:
     """``resume`` for async code: store calls and sync handlers run in a thread, async handlers on the
     running loop."""
+    with telemetry.span(RESUME, parent, operation=name) as span:
+        outcome = await _aresume(client, name, path, token)
+        telemetry.set_status(span, outcome)
+        return outcome
+
+
+async def _aresume(client: LroClient, name: str, path: str, token: str | None) -> ResumeOutcome:
     outcome, op, fn, claim = await asyncio.to_thread(_begin, client, name, path, token, None,
                                                      hold=token is not None)
     if outcome is not None:

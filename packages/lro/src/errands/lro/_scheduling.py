@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from errands.core import StoreScheduler, get_registry
+from errands.core import StoreScheduler, get_registry, telemetry
 from errands.core.errors import ConfigError, InfrastructureError, MissingDependencyError, TransientError
 from errands.core.runtime import is_infrastructure_error
 from errands.core.store import SQLStore
@@ -98,10 +98,13 @@ class ResumeScheduling:
 
     def payload(self, name: str, path: str, token: str) -> dict[str, Any]:
         """What a resume's timer or task carries."""
-        payload = {"neuron": self.client.config.neuron, "name": name, "path": path, "token": token}
+        payload: dict[str, Any] = {"neuron": self.client.config.neuron, "name": name, "path": path, "token": token}
         url = self.callback_url(name, path, token)
         if url:
             payload["url"] = url
+        trace = telemetry.carrier()  # the resume continues the trace of the request that scheduled it
+        if trace is not None:
+            payload[telemetry.TRACE_KEY] = trace
         return payload
 
     def require_scheduler(self) -> None:

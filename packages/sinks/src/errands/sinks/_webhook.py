@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import httpx
-from errands.core import ConfigError, ErrandsError, Event, PermanentError, TransientError, parse_retry_after
+from errands.core import ConfigError, ErrandsError, Event, PermanentError, TransientError, parse_retry_after, telemetry
 
 SECRET_PREFIX = "whsec_"
 _RETRY_STATUSES = frozenset({408, 425, 429})
@@ -150,7 +150,7 @@ class WebhookSink:
 
     def _post(self, event: Event) -> None:
         body = event.to_json().encode("utf-8")
-        headers = self.signed_headers(event, body)
+        headers = telemetry.inject(self.signed_headers(event, body))
         try:
             resp = self._client.post(self.url, content=body, headers=headers)
         except httpx.TimeoutException as exc:

@@ -23,6 +23,7 @@ from errands.core import (
     PermanentError,
     Semantics,
     TransientError,
+    telemetry,
 )
 
 from ._imports import require
@@ -203,7 +204,7 @@ class PubSubConnector(_OnTopic):
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"effect {effect.key!r}: payload is not JSON-serialisable: {exc}",
                                field="payload") from exc
-        attrs = {**self.attributes, EFFECT_KEY: effect.key, CONNECTOR: effect.connector}
+        attrs = telemetry.inject({**self.attributes, EFFECT_KEY: effect.key, CONNECTOR: effect.connector})
         if effect.business_key:
             attrs[BUSINESS_KEY] = effect.business_key
         if effect.run_id:

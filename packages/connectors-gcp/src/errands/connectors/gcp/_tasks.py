@@ -29,6 +29,7 @@ from errands.core import (
     PermanentError,
     Semantics,
     TransientError,
+    telemetry,
 )
 
 from ._imports import require
@@ -314,6 +315,7 @@ class CloudTasksConnector(_OnQueue):
             headers["Errands-Business-Key"] = effect.business_key
         if effect.run_id:
             headers["Errands-Run-Id"] = effect.run_id
+        telemetry.inject(headers)
         at = _as_datetime(effect.dispatch_at) if effect.dispatch_at is not None else None
         name = self.task_name(effect)
         try:
@@ -480,7 +482,7 @@ class CloudTasksScheduler(_OnQueue):
         key = key or uuid.uuid4().hex
         when = _as_datetime(at)
         url = self.url_for(topic, payload)
-        headers = {"Errands-Timer-Key": key}
+        headers = telemetry.inject({"Errands-Timer-Key": key})
         body = b""
         if self.payload_as == "json":
             try:

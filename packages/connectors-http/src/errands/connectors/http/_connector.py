@@ -28,6 +28,7 @@ from errands.core import (
     Observation,
     ObservationOutcome,
     Semantics,
+    telemetry,
 )
 
 from .__about__ import __version__
@@ -367,6 +368,7 @@ class HttpConnector:
         if run_id is not None:
             headers["Errands-Run-Id"] = run_id
         headers["Errands-Attempt"] = str(attempt)
+        telemetry.inject(headers)
         return headers
 
     def _post_options(self, call: _Call[Any], token: str | None, own_client: bool) -> dict[str, Any]:

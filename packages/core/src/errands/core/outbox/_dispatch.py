@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+from .. import telemetry
 from .._values import EffectStatus, Semantics
 from ..errors import ConfigError, PermanentError
 from ..runtime import retry_infrastructure
@@ -29,6 +30,8 @@ from ._transitions import (
 )
 
 log = logging.getLogger("errands.outbox")
+DISPATCH, OBSERVE = "errands.outbox.dispatch", "errands.outbox.observe"
+EFFECTS, LEASE_LOST = "errands.outbox.effects", "errands.lease.lost"
 
 
 class Dispatcher:
@@ -104,10 +107,11 @@ class Dispatcher:
             if problem is not None:
                 raise PermanentError(problem)
         started = time.perf_counter()
-        try:
-            return self.ctx.runner.call(conn.dispatch, effect)
-        finally:
-            self.latency.record(effect.connector, time.perf_counter() - started)
+        with telemetry.span(DISPATCH, telemetry.stored(effect.metadata), **self._attributes(c)) as span:
+            try:
+                return telemetry.answered(span, self.ctx.runner.call(conn.dispatch, effect))
+            finally:
+                self.latency.record(effect.connector, telemetry.dispatched(effect.connector, started))
 
     # -- reconcile ------------------------------------------------------------------------------------------------
     def reconcile_once(self, limit: int | None) -> list[EffectOutcome]:
@@ -151,7 +155,14 @@ class Dispatcher:
         if not self.ctx.connectors.can_observe(effect.connector):
             raise ConfigError(f"connector {effect.connector!r} cannot observe", field="connector",
                               value=effect.connector)
-        return self.ctx.connectors.instance(effect.connector).observe(effect)
+        with telemetry.span(OBSERVE, telemetry.stored(effect.metadata), **self._attributes(c)) as span:
+            return telemetry.answered(span, self.ctx.connectors.instance(effect.connector).observe(effect))
+
+    def _attributes(self, c: Claimed) -> dict[str, Any]:
+        """What the span of a call on ``c`` says of it (never its payload)."""
+        effect = c.effect
+        return {"effect_key": effect.key, "connector": effect.connector, "run_id": effect.run_id,
+                "attempt": effect.metadata.get("errands.attempt", c.attempts), "lease_owner": self.ctx.settings.owner}
 
     # -- recording ------------------------------------------------------------------------------------------------
     def _finish(self, claimed: Sequence[Claimed], results: Sequence[CallResult], held: EffectStatus,
@@ -190,6 +201,7 @@ class Dispatcher:
                 if again and len(still_held) < len(completions) else set()
             for c in completions:
                 if c.key in still_held:
+                    telemetry.count(EFFECTS, status=c.status)
                     out.append(c.outcome)
                     events.append(c.event)
                     owed = c.obligation
@@ -200,7 +212,9 @@ class Dispatcher:
                 elif c.key in recorded:
                     out.append(c.outcome)
                 else:
-                    log.warning("lease on effect %s lapsed before its result was recorded", c.key)
+                    log.warning("lease on effect %s lapsed before its result was recorded", c.key,
+                                extra={"effect_key": c.key, "lease_owner": self.ctx.settings.owner})
+                    telemetry.count(LEASE_LOST, engine="outbox")
                     out.append(lease_lost(c.outcome, held))
             if events:
                 self.ctx.journal(tx, events)

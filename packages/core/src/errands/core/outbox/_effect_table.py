@@ -391,6 +391,13 @@ def history_start(tx: Tx, key: str) -> tuple[str, int] | None:
     return None if row is None else (row[0], int(row[1]))
 
 
+def backlog(tx: Tx, now: float) -> tuple[int, float | None]:
+    """How many effects a worker would take now, and the due time of the one due longest (None if none)."""
+    row = tx.one("SELECT COUNT(*), MIN(next_attempt_at) FROM em_effects WHERE status IN ('PENDING', 'UNKNOWN') "
+                 "AND next_attempt_at <= ?", (now,))
+    return (int(row[0]), None if row[1] is None else float(row[1])) if row else (0, None)
+
+
 def counts(tx: Tx, now: float) -> tuple[dict[str, int], int, int]:
     """Effects by status, flagged ones, and those a worker would take now."""
     by_status = {str(s): int(n) for s, n in tx.query("SELECT status, COUNT(*) FROM em_effects GROUP BY status")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Callable, Collection, Iterable, List, Mapping, TypeVar
 
+from .. import telemetry
 from .._values import Effect, EffectStatus, Event, Obligation, ObservationOutcome
 from ..errors import ConfigError, NotFoundError
 from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain
@@ -30,6 +31,7 @@ from ._records import (
 SQLStore.reserve_positioned_prefix(_transitions.EFFECT_STREAMS, "the outbox")
 
 F = TypeVar("F", bound=Callable[..., Any])
+SUBMIT = "errands.outbox.submit"
 
 
 def _problems(options: Mapping[str, Any], connectors: Any) -> list[str]:
@@ -111,6 +113,7 @@ class Outbox:
         self._dispatcher = Dispatcher(self._ctx)
         self._saga = Saga(self._ctx)
         store.migrate("outbox", _effect_table.migrations(store.dialect))
+        telemetry.backlog("outbox", self, lambda outbox, tx, now: _effect_table.backlog(tx, now))
 
     # -- configuration ----------------------------------------------------------------------------------------
     @property
@@ -206,11 +209,15 @@ class Outbox:
         return register
 
     # -- submit -----------------------------------------------------------------------------------------------
-    def _admit(self, effect: Any, now: float) -> NewEffect:
-        """The row of ``effect``, checked against what this outbox knows of its connector."""
+    def _admit(self, effect: Any, now: float) -> tuple[Effect, NewEffect]:
+        """``effect`` (carrying the current trace context in its metadata) and its row, checked against what this
+        outbox knows of its connector."""
         s = self._ctx.settings
-        return admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
-                     capabilities=self._ctx.connectors.admission_capabilities, compensators=self._ctx.compensators)
+        if telemetry.tracing():
+            effect = telemetry.traced_effect(effect)
+        return effect, admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
+                             capabilities=self._ctx.connectors.admission_capabilities,
+                             compensators=self._ctx.compensators)
 
     def check(self, effect: Effect) -> None:
         """Raise what ``submit`` would raise for ``effect``'s own faults, storing nothing (a key taken by
@@ -240,22 +247,26 @@ class Outbox:
             EffectConflictError: the key exists with a different payload, connector or tool.
         """
         store = self.store
-        row = self._admit(effect, store.clock.now())
-        journal = self._ctx.journal
+        with telemetry.span(SUBMIT, effect_key=getattr(effect, "key", None),
+                            connector=getattr(effect, "connector", None), run_id=getattr(effect, "run_id", None)):
+            # In the caller's thread: the effect's metadata takes this thread's trace context here, before
+            # ``write`` runs (under group commit, in the thread of the group's leader).
+            effect, row = self._admit(effect, store.clock.now())
+            journal = self._ctx.journal
 
-        def write(tx: Any) -> EffectRecord | StoredEffect | None:
-            # Insert first and look only on a conflict (the common case is a new key).
-            if _effect_table.insert_new(tx, row):
-                journal(tx, [_transitions.submitted_event(row)])
-                return new_effect_record(row, effect)
-            return _effect_table.get(tx, row.key)
+            def write(tx: Any) -> EffectRecord | StoredEffect | None:
+                # Insert first and look only on a conflict (the common case is a new key).
+                if _effect_table.insert_new(tx, row):
+                    journal(tx, [_transitions.submitted_event(row)])
+                    return new_effect_record(row, effect)
+                return _effect_table.get(tx, row.key)
 
-        if conn is None:
-            # Concurrent submitters share a commit; this call returns once its own row is committed.
-            written = store.group_commit(write)
-        else:
-            with store.transaction(conn) as tx:
-                written = write(tx)
+            if conn is None:
+                # Concurrent submitters share a commit; this call returns once its own row is committed.
+                written = store.group_commit(write)
+            else:
+                with store.transaction(conn) as tx:
+                    written = write(tx)
         if isinstance(written, EffectRecord):
             return written
         stored = written
@@ -274,7 +285,9 @@ class Outbox:
         store = self.store
         now = store.clock.now()
         effects = list(effects)
-        rows = [self._admit(e, now) for e in effects]
+        with telemetry.span(SUBMIT, count=len(effects)):
+            admitted = [self._admit(e, now) for e in effects]
+        effects, rows = [e for e, _ in admitted], [row for _, row in admitted]
         if not rows:
             return []
         by_key = distinct(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .. import telemetry
 from .._protocols import capabilities_of
 from .._values import CompensationOutcome, CompensationResult
 from ..errors import ConfigError, EffectConflictError, NotFoundError
@@ -120,6 +121,11 @@ class Saga:
                               for i, k, kind in given_back])
 
     def _call(self, rec: ObligationRecord) -> Any:
+        with telemetry.span("errands.outbox.compensate", effect_key=rec.effect_key, kind=rec.kind,
+                            attempt=rec.attempts + 1, lease_owner=self.ctx.settings.owner) as span:
+            return telemetry.answered(span, self._compensate(rec))
+
+    def _compensate(self, rec: ObligationRecord) -> Any:
         fn = self.ctx.compensators.get(rec.kind)
         if fn is not None:
             return fn(rec.obligation)

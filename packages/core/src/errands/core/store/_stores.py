@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from .. import telemetry
 from .._clock import Clock, SystemClock
 from .._values import Event, Lease
 from ..errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
@@ -78,6 +79,9 @@ CORE_MIGRATIONS = [
         ){without_rowid}
         """,
     ),
+    # The W3C trace context current at ``append_events`` (JSON, ``telemetry.carrier_text``), NULL when none: the
+    # tasks of a reaction to the event continue that trace.
+    Migration(2, "ALTER TABLE em_events ADD COLUMN trace TEXT"),
 ]
 
 
@@ -318,17 +322,21 @@ class SQLStore:
         appends share commits (``group_commit``), each returning once its events are committed."""
         for ev in events:
             _validate_new_event(ev, self._reserved)
+        # Read in the caller's thread: under group commit the rows are written by the leader's.
+        trace = telemetry.carrier_text() if telemetry.tracing() else None
         if tx is not None:
-            return self._append(tx, events)
+            return self._append(tx, events, trace)
         if conn is None:
-            return self.group_commit(lambda t: self._append(t, events))
+            return self.group_commit(lambda t: self._append(t, events, trace))
         with self.transaction(conn) as t:
-            return self._append(t, events)
+            return self._append(t, events, trace)
 
-    def _append(self, tx: Tx, events: Sequence[NewEvent]) -> list[Event]:
+    def _append(self, tx: Tx, events: Sequence[NewEvent], trace: str | None = None) -> list[Event]:
         if not events:
             return []
         rows, positions = self._write_events(tx, events)
+        if trace is not None:  # traced appends only: an untraced one writes no more than before
+            tx.executemany("UPDATE em_events SET trace = ? WHERE position = ?", [(trace, p) for p in positions])
         when = datetime.fromtimestamp(rows[0][5], tz=timezone.utc)
         out = []
         for r, ev, pos in zip(rows, events, positions):
@@ -425,6 +433,16 @@ class SQLStore:
         filtered by subject patterns and/or one stream."""
         events, _ = self.scan_events(after, limit, subjects, stream=stream)
         return events
+
+    def event_traces(self, tx: Tx, positions: Sequence[int]) -> dict[int, str]:
+        """The trace context ``append_events`` stored with the events at ``positions``, of those that have one."""
+        out: dict[int, str] = {}
+        for i in range(0, len(positions), 500):
+            chunk = list(positions[i:i + 500])
+            out.update((int(p), str(t)) for p, t in tx.query(
+                f"SELECT position, trace FROM em_events WHERE position IN {in_clause(len(chunk))} "
+                "AND trace IS NOT NULL", chunk))
+        return out
 
     def scan_events(
         self, after: int, limit: int, subjects: Sequence[str] | None = None, *,
