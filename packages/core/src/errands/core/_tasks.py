@@ -33,9 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import _tasks_table as table
+from . import _wake
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._runtime import CallRunner, drain
 from ._tasks_table import ScheduleRecord, TaskRecord
@@ -360,6 +361,8 @@ class TaskEngine:
         # run here (a claim committed but unacknowledged, a result that could not be written): the next
         # claim gives such tasks back at once instead of waiting out their lease.
         self._abandoned = False
+        #: Set whenever a slot frees (a run ended): ``drain`` waits on it instead of polling.
+        self._freed = _wake.Wake()
 
     # -- registration --------------------------------------------------------------------------
     def register(
@@ -451,7 +454,49 @@ class TaskEngine:
         now = self.store.clock.now()
         with self.store.transaction(conn) as tx:
             table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank)
+            tx.notify(_wake.TASKS)
+        _wake.notify(self.store, _wake.TASKS)
         return task_id
+
+    def submit_many(
+        self, type: str, params: Iterable[Any], *, ids: Sequence[str | uuid.UUID] | None = None, delay: float = 0.0,
+        priority: int = 0, conn: Any = None,
+    ) -> list[str]:
+        """Queue one task of ``type`` per item of ``params``, in one transaction and one statement (all of them,
+        or on an error none). An id that exists already is left as it is, as ``submit`` does.
+
+        Args:
+            type: the task type of every task.
+            params: the JSON-serialisable parameters of each task.
+            ids: a caller-chosen UUID per task (as many as ``params``); new ones if None.
+            delay, priority, conn: as for ``submit``, the same for every task.
+
+        Returns:
+            The task ids, in the order of ``params``.
+
+        Raises:
+            InvalidTaskIdError: an id is not a UUID; ConfigError: unknown type, or not one id per task;
+            PayloadError: params not JSON (naming the item's index).
+        """
+        self._check_type(type)
+        rank = _priority(priority)
+        texts = [dumps(p, field=f"params[{n}]") for n, p in enumerate(params)]
+        if ids is None:
+            task_ids = [str(uuid.uuid4()) for _ in texts]
+        else:
+            task_ids = [_task_id(i) for i in ids]
+            if len(task_ids) != len(texts):
+                raise ConfigError(f"submit_many takes one id per task: {len(task_ids)} ids for {len(texts)} params",
+                                  field="ids", value=len(task_ids))
+        if not texts:
+            return []
+        now = self.store.clock.now()
+        at = now + max(0.0, float(delay))
+        with self.store.transaction(conn) as tx:
+            table.insert_many(tx, [(i, type, t, at, rank) for i, t in zip(task_ids, texts)], now)
+            tx.notify(_wake.TASKS)
+        _wake.notify(self.store, _wake.TASKS)
+        return task_ids
 
     async def submit_async(
         self, type: str, params: Any = None, id: str | uuid.UUID | None = None, *, delay: float = 0.0,
@@ -460,6 +505,14 @@ class TaskEngine:
         """``submit`` for coroutines, without blocking the event loop (``SQLStore.run_async``); ``conn`` may also
         be an async connection or session."""
         return await self.store.run_async(self.submit, type, params, id, delay=delay, priority=priority, conn=conn)
+
+    async def submit_many_async(
+        self, type: str, params: Iterable[Any], *, ids: Sequence[str | uuid.UUID] | None = None, delay: float = 0.0,
+        priority: int = 0, conn: Any = None,
+    ) -> list[str]:
+        """``submit_many`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.submit_many, type, list(params), ids=ids, delay=delay,
+                                          priority=priority, conn=conn)
 
     def _check_type(self, type: Any) -> None:
         if not isinstance(type, str) or not type:
@@ -886,6 +939,9 @@ class TaskEngine:
             if abandoned:
                 self._abandoned = True
         run.beat.stop()
+        # A slot is free: the driver (a worker, ``drain``) claims the next task now, not after a poll.
+        self._freed.set()
+        _wake.notify(self.store, _wake.TASKS)
 
     @property
     def in_flight(self) -> int:
@@ -907,21 +963,23 @@ class TaskEngine:
 
     def drain(self, timeout: float = 30.0, *, poll: float = 0.02) -> int:
         """Run tasks until none of this engine's types is due or running here (or ``timeout`` seconds pass).
-        Returns tasks started."""
+        A pass follows at once while a pass starts tasks, and as soon as a slot frees otherwise. Returns tasks
+        started."""
         deadline = time.monotonic() + timeout
 
         def step() -> int:
             return self.run_once() if time.monotonic() < deadline else 0
 
         def busy() -> bool:
-            """Tasks still run here or are due: pass again after ``poll``, until the deadline."""
+            """Tasks still run here or are due: pass again as soon as a slot frees (at most ``poll`` later: a
+            retry coming due, a rate limit refilled), until the deadline."""
             if time.monotonic() >= deadline:
                 return False
             if self.in_flight == 0:
                 with self.store.read() as tx:
                     if table.due_count(tx, list(self._types), self.store.clock.now()) == 0:
                         return False
-            time.sleep(poll)
+            self._freed.wait(poll)
             return True
 
         return drain(step, sys.maxsize, busy=busy)

@@ -1,0 +1,274 @@
+"""The event-driven worker, on SQLite and PostgreSQL: woken by a submit in this process and by another
+process's ``NOTIFY``, claiming as soon as a slot frees, two workers never running a task twice, a SIGKILLed
+worker's task reclaimed after its lease; and claims that walk only the due rows (the partial claim index)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from errands.core import TaskEngine, TaskStatus, Worker, _wake, open_store
+from errands.core import _tasks_table as table
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def url(request: Any, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def postgres(postgres_url: str) -> str:
+    return postgres_url
+
+
+@pytest.fixture
+def never_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle waits of an hour from the first one: only a wake can get a worker going again."""
+    monkeypatch.setattr(_wake, "FIRST_POLL", 3600.0)
+
+
+def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait for ``predicate()`` (a bound on waiting, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[Worker], threading.Event]]:
+    """Run workers on threads; stop and join them at the end."""
+    started: list[tuple[threading.Thread, threading.Event]] = []
+
+    def run(worker: Worker) -> threading.Event:
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+        started.append((thread, stop))
+        return stop
+
+    yield run
+    for thread, stop in started:
+        stop.set()
+    for thread, stop in started:
+        thread.join(timeout=30)
+
+
+def status(store: Any, task_id: str) -> TaskStatus | None:
+    with store.read() as tx:
+        rec = table.get(tx, task_id)
+    return None if rec is None else rec.status
+
+
+def test_a_submit_in_this_process_wakes_the_worker(url: str, never_poll: None, running: Any) -> None:
+    store = open_store(url)
+    try:
+        engine = TaskEngine(store, handlers={"t": lambda p: p})
+        worker = Worker(store, jobs=[engine.run_once], poll_interval=3600)
+        running(worker)
+        until(lambda: worker.passes >= 1)
+        before = worker.woken
+        task_id = engine.submit("t", 1)
+        until(lambda: status(store, task_id) is TaskStatus.SUCCEEDED)
+        assert worker.woken > before
+    finally:
+        store.close()
+
+
+def test_a_subscribed_wake_is_set_by_a_submit_on_another_store_of_the_same_database(url: str) -> None:
+    first, second = open_store(url), open_store(url)
+    try:
+        wake = _wake.Wake()
+        _wake.subscribe(first, wake, [_wake.TASKS])
+        TaskEngine(second).submit("t")
+        assert wake.is_set
+        assert wake.wait(0) and wake.woken == 1 and not wake.is_set
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.services
+def test_a_submit_in_another_process_wakes_the_worker_by_notify(postgres: str, never_poll: None,
+                                                                  running: Any) -> None:
+    store = open_store(postgres)
+    try:
+        engine = TaskEngine(store, handlers={"t": lambda p: p})
+        worker = Worker(store, jobs=[engine.run_once], poll_interval=3600)
+        running(worker)
+        until(lambda: worker.listening and worker.passes >= 1)
+        task_id = str(uuid.uuid4())
+        script = textwrap.dedent(f"""
+            from errands.core import TaskEngine, open_store
+            store = open_store({postgres!r})
+            TaskEngine(store).submit("t", 1, id={task_id!r})
+            store.close()
+        """)
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+        until(lambda: status(store, task_id) is TaskStatus.SUCCEEDED)
+        assert worker.notified >= 1
+    finally:
+        store.close()
+
+
+def test_no_due_task_waits_while_a_slot_is_free(url: str, never_poll: None, running: Any) -> None:
+    """Four slots, forty tasks queued before the worker starts, no poll: every task is claimed when a slot frees."""
+    store = open_store(url)
+    try:
+        lock = threading.Lock()
+        at_once = [0, 0]
+
+        def handler(_: Any) -> None:
+            with lock:
+                at_once[0] += 1
+                at_once[1] = max(at_once[1], at_once[0])
+            time.sleep(0.005)
+            with lock:
+                at_once[0] -= 1
+
+        engine = TaskEngine(store, handlers={"t": handler}, concurrency=4)
+        ids = [engine.submit("t") for _ in range(40)]
+        worker = Worker(store, jobs=[engine.run_once], poll_interval=3600)
+        running(worker)
+        until(lambda: all(status(store, i) is TaskStatus.SUCCEEDED for i in ids))
+        assert at_once[1] <= 4
+    finally:
+        store.close()
+
+
+def test_drain_claims_as_slots_free(url: str) -> None:
+    store = open_store(url)
+    try:
+        engine = TaskEngine(store, handlers={"t": lambda p: p}, concurrency=2)
+        ids = [engine.submit("t", n) for n in range(30)]
+        assert engine.drain(timeout=60, poll=3600) == 30
+        assert all(status(store, i) is TaskStatus.SUCCEEDED for i in ids)
+    finally:
+        store.close()
+
+
+def test_two_workers_on_one_store_never_run_a_task_twice(url: str, running: Any) -> None:
+    stores = [open_store(url), open_store(url)]
+    try:
+        ran: list[str] = []
+        lock = threading.Lock()
+
+        def handler(p: Any) -> None:
+            with lock:
+                ran.append(p)
+
+        engines = [TaskEngine(s, handlers={"t": handler}, concurrency=4) for s in stores]
+        ids = [engines[0].submit("t", str(n)) for n in range(200)]
+        workers = [Worker(s, jobs=[e.run_once]) for s, e in zip(stores, engines)]
+        for w in workers:
+            running(w)
+        until(lambda: all(status(stores[0], i) is TaskStatus.SUCCEEDED for i in ids), timeout=60)
+        assert sorted(ran) == sorted(str(n) for n in range(200))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_sigkilled_workers_task_is_taken_again_after_its_lease(url: str, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    script = textwrap.dedent(f"""
+        import pathlib, time
+        from errands.core import TaskEngine, Worker, open_store
+        store = open_store({url!r})
+        def slow(p):
+            pathlib.Path({str(started)!r}).write_text("yes")
+            time.sleep(3600)
+        engine = TaskEngine(store, handlers={{"t": slow}}, lease_for=1.0)
+        Worker(store, jobs=[engine.run_once]).run()
+    """)
+    store = open_store(url)
+    try:
+        task_id = TaskEngine(store).submit("t")
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        try:
+            until(started.exists, timeout=60)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+        assert status(store, task_id) is TaskStatus.RUNNING
+        # Another engine on another host's terms: only the lapsed lease gives the task back.
+        engine = TaskEngine(store, handlers={"t": lambda p: "again"}, lease_for=1.0)
+        engine._recovered = True  # not this host's recovery at start: the claim of a lapsed lease
+        until(lambda: engine.run_once() > 0 or status(store, task_id) is TaskStatus.SUCCEEDED, timeout=30)
+        until(lambda: status(store, task_id) is TaskStatus.SUCCEEDED)
+        rec = engine.get(task_id)
+        assert rec is not None and rec.result == "again" and rec.attempts == 2
+    finally:
+        store.close()
+
+
+# -- the claim walks due rows only -----------------------------------------------------------------
+
+def _claim_statement(store: Any) -> tuple[str, tuple[Any, ...]]:
+    """The claim's SQL and parameters, as ``table.claim`` sends them."""
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+
+    class Spy:
+        def __init__(self, tx: Any) -> None:
+            self.dialect, self.skip_locked = tx.dialect, tx.skip_locked
+
+        def query(self, sql: str, params: Any) -> list[Any]:
+            seen.append((sql, tuple(params)))
+            return []
+
+    with store.read() as tx:
+        table.claim(Spy(tx), "t", "me", [], 8, 2e9, 1e9)  # type: ignore[arg-type]
+    return seen[0]
+
+
+def _finished_rows(store: Any, n: int) -> None:
+    rows = [(str(uuid.uuid4()), "t", "SUCCEEDED", 0.0, 0.0, 0.0, 0.0) for _ in range(n)]
+    with store.transaction() as tx:
+        tx.insert_rows("INSERT INTO em_tasks (id, type, status, available_at, created_at, updated_at, finished_at) "
+                       "VALUES ", "(?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def test_the_claim_walks_the_partial_index_of_due_rows_on_sqlite(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'plan.db'}")
+    try:
+        TaskEngine(store)
+        _finished_rows(store, 2000)
+        with store.transaction() as tx:
+            tx.execute("ANALYZE")
+        sql, params = _claim_statement(store)
+        select = sql[sql.index("SELECT id FROM em_tasks"):sql.rindex(")")]
+        with store.read() as tx:
+            plan = " ".join(str(r[-1]) for r in tx.query("EXPLAIN QUERY PLAN " + select, params[5:]))
+        assert "em_tasks_claim" in plan and "SCAN em_tasks" not in plan.replace("USING INDEX", "")
+    finally:
+        store.close()
+
+
+@pytest.mark.services
+def test_the_claim_walks_the_partial_index_of_due_rows_on_postgres(postgres: str) -> None:
+    store = open_store(postgres)
+    try:
+        TaskEngine(store)
+        _finished_rows(store, 20_000)
+        with store.transaction() as tx:
+            tx.execute("ANALYZE em_tasks")
+        sql, params = _claim_statement(store)
+        select = sql[sql.index("SELECT id FROM em_tasks"):sql.rindex(")")].replace(" FOR UPDATE SKIP LOCKED", "")
+        with store.read() as tx:
+            # A generic plan (the parameters unknown), as a prepared statement gets after a few runs.
+            tx.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            plan = "\n".join(r[0] for r in tx.query("EXPLAIN " + select, params[5:]))
+        assert "em_tasks_claim" in plan and "Seq Scan" not in plan, plan
+    finally:
+        store.close()
