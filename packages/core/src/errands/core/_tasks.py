@@ -52,7 +52,7 @@ from ._tasks_transitions import (
     settle,
     timed_out,
 )
-from ._worker import retry_infrastructure
+from ._worker import RETRY_DELAYS, retry_infrastructure
 from .errors import ConfigError, InvalidTaskIdError, NotFoundError
 from .store import SQLStore, dumps
 
@@ -178,6 +178,19 @@ class _Run:
     beat: Beat
     started: float = 0.0
     stop: _Stop = dataclass_field(default_factory=_Stop)
+
+
+@dataclass(eq=False)
+class _Done:
+    """A run's outcome waiting to be written (``TaskEngine._record``): whether it was, or is to be written
+    alone by the run's own thread."""
+
+    run: _Run
+    transition: Transition
+    event: threading.Event = dataclass_field(default_factory=threading.Event)
+    written: bool = False
+    alone: bool = False
+    tried: bool = False  # a batch holding it failed: it may have landed unseen
 
 
 @dataclass
@@ -361,6 +374,10 @@ class TaskEngine:
         # run here (a claim committed but unacknowledged, a result that could not be written): the next
         # claim gives such tasks back at once instead of waiting out their lease.
         self._abandoned = False
+        # Outcomes waiting to be written together (``_record``), and whether a thread writes them now.
+        self._done_lock = threading.Lock()
+        self._done_queue: list[_Done] = []
+        self._writing = False
         #: Set whenever a slot frees (a run ended): ``drain`` waits on it instead of polling.
         self._freed = _wake.Wake()
 
@@ -891,9 +908,58 @@ class TaskEngine:
                       run.attempt, transition.error)
 
     def _record(self, run: _Run, transition: Transition) -> bool:
-        """Write a run's outcome, fenced by its token. Infrastructure errors are retried (the shared
+        """Write a run's outcome, fenced by its token; returns whether the invocation was abandoned.
+
+        Outcomes of runs that end together are written together (group commit): the first thread to arrive
+        writes every outcome queued meanwhile in one transaction, round after round while more arrive, and
+        each of the others returns when its own outcome is written. A batch that fails sends each of its runs
+        to the one-by-one write (``_record_one``), which retries and, at worst, abandons."""
+        done = _Done(run, transition)
+        with self._done_lock:
+            self._done_queue.append(done)
+            lead = not self._writing
+            self._writing = True
+        if lead:
+            while True:
+                with self._done_lock:
+                    batch, self._done_queue = self._done_queue, []
+                    if not batch:
+                        self._writing = False
+                        break
+                self._write_batch(batch)
+        else:
+            done.event.wait()
+        if done.alone:
+            return self._record_one(run, transition, landed=done.tried)
+        if not done.written:
+            log.warning("task %s: outcome dropped; it was removed or taken by another worker", run.id)
+        return False
+
+    def _write_batch(self, batch: list[_Done]) -> None:
+        """Write ``batch``'s outcomes in one transaction."""
+        try:
+            with self.store.transaction() as tx:
+                now = self.store.clock.now()
+                retried = [d.run.id for d in batch if d.transition.status is TaskStatus.PENDING]
+                asked = set(table.cancel_requested(tx, retried)) if retried else set()
+                outcomes = [(d.run.id, d.run.token, (cancelled(now) if d.run.id in asked else d.transition).columns)
+                            for d in batch]
+                for d, written in zip(batch, table.finish_many(tx, outcomes, now)):
+                    d.written = written
+        except Exception as exc:  # each run's own thread writes it alone, and meets the error there
+            log.info("tasks: writing %d outcomes together failed (%s: %s); writing them one by one", len(batch),
+                     type(exc).__name__, exc)
+            for d in batch:
+                d.alone = d.tried = True
+        finally:
+            for d in batch:
+                d.event.set()
+
+    def _record_one(self, run: _Run, transition: Transition, *, landed: bool = False) -> bool:
+        """Write one run's outcome, fenced by its token. Infrastructure errors are retried (the shared
         ``retry_infrastructure`` policy) while the heartbeat keeps the lease; then the invocation is abandoned
-        and runs again soon. Returns whether it was abandoned."""
+        and runs again soon. Returns whether it was abandoned. ``landed``: a batch holding it failed (it may
+        have landed unseen): that was the policy's first attempt."""
         def write(attempt: int) -> bool:
             with self.store.transaction() as tx:
                 # A write that met a fault at commit may have landed unseen: a retry asks that first.
@@ -907,8 +973,11 @@ class TaskEngine:
                 return table.finish(tx, run.id, run.token, outcome.columns, now)
 
         try:
-            written = retry_infrastructure(write, clock=self.store.clock, what=f"task {run.id}: writing its outcome",
-                                           keep_going=lambda: not run.beat.lost)
+            # After a batch that failed, that batch was the first attempt of the shared policy.
+            written = retry_infrastructure(lambda attempt: write(attempt + landed), clock=self.store.clock,
+                                           what=f"task {run.id}: writing its outcome",
+                                           keep_going=lambda: not run.beat.lost,
+                                           delays=RETRY_DELAYS[1:] if landed else RETRY_DELAYS)
         except Exception as exc:
             if not is_infrastructure_error(exc):
                 raise

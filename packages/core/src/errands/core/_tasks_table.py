@@ -388,6 +388,38 @@ def finish(tx: Tx, task_id: str, token: int, columns: Mapping[str, Any], now: fl
     ) == 1
 
 
+#: The PostgreSQL array type of each column an outcome writes (``finish_many``).
+_ARRAY_TYPES = {"status": "text", "result": "text", "error": "text", "finished_at": "double precision",
+                "available_at": "double precision", "attempts": "integer"}
+
+
+def finish_many(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], now: float) -> list[bool]:
+    """``finish`` for each ``(id, token, columns)`` of ``outcomes``, in order; on PostgreSQL the outcomes that
+    write the same columns go in one statement (the values as arrays, ``unnest``)."""
+    done = [False] * len(outcomes)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for n, (_, _, columns) in enumerate(outcomes):
+        groups.setdefault(tuple(columns), []).append(n)
+    for names, members in groups.items():
+        if tx.dialect != POSTGRES or len(members) == 1 or any(c not in _ARRAY_TYPES for c in names):
+            for n in members:
+                task_id, token, columns = outcomes[n]
+                done[n] = finish(tx, task_id, token, columns, now)
+            continue
+        arrays = [[outcomes[n][0] for n in members], [outcomes[n][1] for n in members],
+                  *([outcomes[n][2][c] for n in members] for c in names)]
+        casts = ", ".join(["?::text[]", "?::bigint[]", *(f"?::{_ARRAY_TYPES[c]}[]" for c in names)])
+        assignments = ", ".join(f"{c} = v.{c}" for c in names)
+        written = {r[0] for r in tx.query(
+            f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
+            f"updated_at = ? FROM unnest({casts}) AS v(id, token, {', '.join(names)}) "
+            f"WHERE t.id = v.id AND t.token = v.token AND t.status = '{_RUNNING}' RETURNING t.id",
+            (now, *arrays))}
+        for n in members:
+            done[n] = outcomes[n][0] in written
+    return done
+
+
 def finished(tx: Tx, task_id: str, token: int) -> bool:
     """Whether the run holding ``token`` left the task no longer running: asked before writing again after
     a write that met a fault at commit, whose outcome may have landed."""
