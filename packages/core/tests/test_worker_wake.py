@@ -272,3 +272,91 @@ def test_the_claim_walks_the_partial_index_of_due_rows_on_postgres(postgres: str
         assert "em_tasks_claim" in plan and "Seq Scan" not in plan, plan
     finally:
         store.close()
+
+
+# -- batched enqueue and outcomes written together --------------------------------------------------
+
+def test_submit_many_queues_every_task_in_one_go_and_keeps_existing_ids(url: str) -> None:
+    store = open_store(url)
+    try:
+        engine = TaskEngine(store, handlers={"t": lambda p: p * 2})
+        first = str(uuid.uuid4())
+        engine.submit("t", 100, id=first)
+        ids = engine.submit_many("t", [1, 2, 3], ids=[first, uuid.uuid4(), str(uuid.uuid4())])
+        assert ids[0] == first and len(set(ids)) == 3
+        assert engine.drain(timeout=60) == 3
+        results = [rec.result for rec in (engine.get(i) for i in ids) if rec is not None]
+        assert results == [200, 4, 6]  # the existing id kept its own params
+        assert engine.submit_many("t", []) == []
+    finally:
+        store.close()
+
+
+def test_submit_many_refuses_bad_input_and_stores_nothing(url: str) -> None:
+    from errands.core import ConfigError, InvalidTaskIdError, PayloadError
+
+    store = open_store(url)
+    try:
+        engine = TaskEngine(store, handlers={"t": lambda p: p})
+        with pytest.raises(ConfigError) as info:
+            engine.submit_many("t", [1, 2], ids=[str(uuid.uuid4())])
+        assert info.value.field == "ids"
+        with pytest.raises(InvalidTaskIdError):
+            engine.submit_many("t", [1], ids=["not-a-uuid"])
+        with pytest.raises(PayloadError) as payload:
+            engine.submit_many("t", [1, object()])
+        assert payload.value.field == "params[1]"
+        with pytest.raises(ConfigError):
+            engine.submit_many("nope", [1])
+        assert engine.recent() == []
+    finally:
+        store.close()
+
+
+def test_outcomes_that_end_together_are_each_written_as_their_own(url: str) -> None:
+    """Successes, failures for good and retries in the same batches: each task gets its own outcome."""
+    store = open_store(url)
+    try:
+        from errands.core import PermanentError
+
+        def handler(n: int) -> int:
+            if n % 3 == 1:
+                raise PermanentError(f"no {n}")
+            return n
+
+        engine = TaskEngine(store, handlers={"t": handler}, concurrency=8, retry_max=0)
+        ids = engine.submit_many("t", list(range(60)))
+        engine.drain(timeout=60)
+        for n, task_id in enumerate(ids):
+            rec = engine.get(task_id)
+            assert rec is not None
+            if n % 3 == 1:
+                assert rec.status is TaskStatus.FAILED and rec.error is not None and f"no {n}" in rec.error
+            else:
+                assert rec.status is TaskStatus.SUCCEEDED and rec.result == n and rec.error is None
+    finally:
+        store.close()
+
+
+def test_an_outbox_submit_wakes_the_worker(url: str, never_poll: None, running: Any) -> None:
+    from errands.core import DispatchOutcome, DispatchResult, Effect, EffectStatus, Outbox
+
+    class Noop:
+        name = "noop"
+
+        def dispatch(self, effect: Any) -> DispatchResult:
+            return DispatchResult(outcome=DispatchOutcome.CONFIRMED)
+
+    store = open_store(url)
+    try:
+        outbox = Outbox(store, connectors={"noop": Noop()})
+        worker = Worker(store, outbox=outbox, poll_interval=3600)
+        running(worker)
+        until(lambda: worker.passes >= 1)
+        outbox.submit(Effect(key="a", connector="noop", payload={}))
+        outbox.submit_many([Effect(key="b", connector="noop", payload={})])
+        until(lambda: all((rec := outbox.get(k)) is not None and rec.status is EffectStatus.CONFIRMED
+                          for k in ("a", "b")))
+        assert worker.woken >= 1
+    finally:
+        store.close()

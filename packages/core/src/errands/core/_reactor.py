@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from . import _tasks_table as tasks_table
+from . import _wake
 from ._fanout_table import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
 from ._runtime import CallRunner
@@ -256,7 +257,11 @@ class Reactor:
                 )
             version = self.store.kv_put(CURSOR_NAMESPACE, f"reactor:{reaction.name}", last,
                                         expected_version=version, tx=tx)
+            if queued:
+                tx.notify(_wake.TASKS)
         self._cursors[reaction.name] = (last, version)
+        if queued:
+            _wake.notify(self.store, _wake.TASKS)
         return queued
 
     def run_once(self) -> int:

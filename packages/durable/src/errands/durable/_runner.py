@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Mapping
 
 from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Worker, open_store
-from errands.core.runtime import drain, error_text, is_infrastructure_error
+from errands.core.runtime import drain, error_text, is_infrastructure_error, notify_work
 from errands.core.store import SQLStore, dumps
 
 from . import _callbacks as callbacks
@@ -126,6 +126,8 @@ class DurableRunner:
         execution_id, text = self._prepare_start(function, input, execution_id)
         with self.store.transaction(conn) as tx:
             executions.start(self.store, tx, execution_id, function, text, self.clock.now())
+            tx.notify("durable")  # a worker of another process (PostgreSQL), at commit
+        notify_work(self.store, "durable")  # a worker of this process
         return execution_id
 
     async def start_async(self, function: str, input: Any = None, *, execution_id: str | None = None,

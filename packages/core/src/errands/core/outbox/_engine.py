@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Collection, Iterable, List, Mapping, TypeVar
 
 from .._values import Effect, EffectStatus, Event, Obligation, ObservationOutcome
+from .._wake import OUTBOX
 from ..errors import ConfigError, NotFoundError
-from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain
+from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain, notify_work
 from ..store import SQLStore, default_owner, dumps
 from . import _effect_table, _inline, _obligation_table, _queries, _transitions
 from ._admission import DEFAULT_PAYLOAD_LIMIT, admit, check_same, check_str, distinct
@@ -236,8 +237,14 @@ class Outbox:
             # Insert first and look only on a conflict (the common case is a new key).
             if _effect_table.insert_new(tx, row):
                 self._ctx.journal(tx, [_transitions.submitted_event(row)])
-                return new_effect_record(row, effect)
-            stored = _effect_table.get(tx, row.key)
+                tx.notify(OUTBOX)
+                new = True
+            else:
+                new = False
+                stored = _effect_table.get(tx, row.key)
+        if new:
+            notify_work(store, OUTBOX)
+            return new_effect_record(row, effect)
         if stored is None:
             # Not stored and not inserted: only a concurrent delete could do this; go the general way.
             return self.submit_many([effect], conn=conn)[0]
@@ -269,6 +276,9 @@ class Outbox:
                 stored.update(self._stored_alike(tx, by_key, [k for k in by_key if k not in stored and k not in new]))
             if inserted:
                 self._ctx.journal(tx, [_transitions.submitted_event(row) for row in inserted])
+                tx.notify(OUTBOX)
+        if inserted:
+            notify_work(store, OUTBOX)
         created = datetime.fromtimestamp(now, tz=timezone.utc)
         return [stored.get(row.key) or new_effect_record(row, effect, created) for row, effect in zip(rows, effects)]
 

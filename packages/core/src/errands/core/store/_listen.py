@@ -53,7 +53,7 @@ class Listener:
                     self._conn = None
                     try:
                         conn.close()
-                    except Exception:  # noqa: BLE001 - closing a broken connection; nothing to report
+                    except Exception:  # closing a broken connection: nothing to report
                         pass
             except Exception as exc:
                 if self._closed.is_set():
