@@ -14,8 +14,11 @@ cluster (the tests' helper: ``initdb``/``pg_ctl`` on a free port, ``fsync=off`` 
 processing rate counts from the worker's start to the last task's end; every task is counted by its handler.
 Each comparison alternates the peers over ``--rounds`` rounds and takes the medians.
 
+A last table shows that a claim costs what its batch costs, not what the table's history does: the claim
+rate with 10,000 and with 1,000,000 finished tasks beside the due ones (inserted in bulk with one statement).
+
 Run: ``hatch run bench:tasks`` (options: ``--tasks``, ``--rounds``, ``--concurrency``, ``--quick``,
-``--no-postgres``).
+``--no-postgres``, ``--no-claims``).
 """
 
 from __future__ import annotations
@@ -197,6 +200,45 @@ def procrastinate_run(dsn: str, n: int, batched: bool, concurrency: int) -> tupl
     return asyncio.run(_procrastinate(dsn, n, batched, concurrency))
 
 
+# -- claims beside a long history --------------------------------------------------------------------
+
+_HISTORY = {
+    "sqlite": ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+               "INSERT INTO em_tasks (id, type, status, attempts, available_at, created_at, updated_at, finished_at) "
+               "SELECT 'done-' || i, 'noop', 'SUCCEEDED', 1, i, i, i, i FROM n"),
+    "postgresql": ("INSERT INTO em_tasks (id, type, status, attempts, available_at, created_at, updated_at, "
+                   "finished_at) SELECT 'done-' || i, 'noop', 'SUCCEEDED', 1, i, i, i, i FROM generate_series(1, ?) i"),
+}
+
+
+def claim_rate(url: str, finished: int, due: int = 2000, batch: int = 8) -> float:
+    """Tasks claimed per second, ``batch`` per claim (one transaction each), beside ``finished`` finished rows
+    inserted in bulk first."""
+    from errands.core import _tasks_table as table
+
+    store = open_store(url)
+    try:
+        engine = TaskEngine(store, handlers={"noop": lambda p: None})
+        with store.transaction() as tx:
+            tx.execute(_HISTORY[store.dialect], (finished,))
+        with store.transaction() as tx:
+            tx.execute("ANALYZE")
+        for i in range(0, due, BATCH):
+            engine.submit_many("noop", [None] * min(BATCH, due - i))
+        taken = 0
+        started = time.perf_counter()
+        while taken < due:
+            now = store.clock.now()
+            with store.transaction() as tx:
+                got = table.claim(tx, "noop", "bench", [], batch, now + 60, now)
+            if not got:
+                raise RuntimeError(f"claims stopped at {taken} of {due}")
+            taken += len(got)
+        return taken / (time.perf_counter() - started)
+    finally:
+        store.close()
+
+
 # -- the table ---------------------------------------------------------------------------------------
 
 def rounds(runs: dict[str, Callable[[], tuple[float, float]]], r: int) -> dict[str, list[tuple[float, float]]]:
@@ -216,6 +258,7 @@ def main() -> None:
     ap.add_argument("--pgqueuer-batch", type=int, default=10, help="pgqueuer's batch_size (its default: 10)")
     ap.add_argument("--quick", action="store_true", help="2,000 tasks, one round")
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--no-claims", action="store_true", help="skip the claim rate beside a long history")
     args = ap.parse_args()
     n, r = (2000, 1) if args.quick else (args.tasks, args.rounds)
     c = args.concurrency
@@ -247,8 +290,15 @@ def main() -> None:
             "procrastinate": lambda: procrastinate_run(fresh(), n, False, c),
             "procrastinate batch_defer": lambda: procrastinate_run(fresh(), n, True, c),
         })
+    histories = (10_000, 100_000) if args.quick else (10_000, 1_000_000)
+    claims: dict[tuple[str, int], float] = {}
     try:
         seen = rounds(runs, r)
+        if not args.no_claims:
+            for finished in histories:
+                claims[("sqlite", finished)] = claim_rate(sqlite_file("FULL"), finished)
+                if server is not None:
+                    claims[("postgres", finished)] = claim_rate(server.create_database(), finished)
     finally:
         if server is not None:
             server.stop()
@@ -261,6 +311,13 @@ def main() -> None:
     for k in seen:
         lo, hi = spread[k]
         print(f"| {k:<32} | {enq[k]:>10,.0f} | {proc[k]:>11,.0f} | {lo:>6,.0f}-{hi:>6,.0f}  |")
+    if claims:
+        print(f"\nClaims of 8 due tasks (one transaction each) beside finished tasks inserted in bulk\n")
+        print(f"| {'store':<8} | {'finished rows':>13} | {'claimed/s':>10} | {'vs fewest rows':>14} |")
+        print(f"|{'-' * 10}|{'-' * 15}|{'-' * 12}|{'-' * 16}|")
+        for (dialect, finished), rate in claims.items():
+            base = claims[(dialect, histories[0])]
+            print(f"| {dialect:<8} | {finished:>13,} | {rate:>10,.0f} | {rate / base:>14.2f} |")
     print()
     print(f"tasks vs huey: {proc['errands sqlite (FULL)'] / proc['huey SqliteHuey (FULL)']:.2f} (goal >= 1.5)")
     if server is not None:

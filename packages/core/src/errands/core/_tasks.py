@@ -219,6 +219,18 @@ def _task_id(value: Any) -> str:
     )
 
 
+def _new_ids(n: int) -> list[str]:
+    """``n`` random (version 4) UUIDs as text, from one read of the system's random source."""
+    raw = bytearray(os.urandom(16 * n))
+    ids = []
+    for k in range(0, 16 * n, 16):
+        raw[k + 6] = (raw[k + 6] & 0x0F) | 0x40
+        raw[k + 8] = (raw[k + 8] & 0x3F) | 0x80
+        h = raw[k:k + 16].hex()
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return ids
+
+
 def _wants_ctx(fn: Callable[..., Any]) -> bool:
     try:
         sig = inspect.signature(fn)
@@ -499,7 +511,7 @@ class TaskEngine:
         rank = _priority(priority)
         texts = [dumps(p, field=f"params[{n}]") for n, p in enumerate(params)]
         if ids is None:
-            task_ids = [str(uuid.uuid4()) for _ in texts]
+            task_ids = _new_ids(len(texts))
         else:
             task_ids = [_task_id(i) for i in ids]
             if len(task_ids) != len(texts):
@@ -510,7 +522,7 @@ class TaskEngine:
         now = self.store.clock.now()
         at = now + max(0.0, float(delay))
         with self.store.transaction(conn) as tx:
-            table.insert_many(tx, [(i, type, t, at, rank) for i, t in zip(task_ids, texts)], now)
+            table.insert_many(tx, task_ids, type, texts, at, rank, now)
             tx.notify(_wake.TASKS)
         _wake.notify(self.store, _wake.TASKS)
         return task_ids
