@@ -390,6 +390,11 @@ class TaskEngine:
         self._done_lock = threading.Lock()
         self._done_queue: list[_Done] = []
         self._writing = False
+        #: Whether the transaction that writes outcomes also claims tasks for the slots they free: on while a
+        #: driver runs the engine continuously (a ``Worker`` lent its runner, ``drain``); off, only ``run_once``
+        #: starts tasks, as a caller stepping the engine expects.
+        self.claim_ahead = False
+        self._ahead = 0  # tasks started so, reported by the next ``run_once``
         #: Set whenever a slot frees (a run ended): ``drain`` waits on it instead of polling.
         self._freed = _wake.Wake()
 
@@ -758,8 +763,15 @@ class TaskEngine:
         nothing starts: the next call tries again.
 
         Returns:
-            How many tasks were started.
+            How many tasks were started (with ``claim_ahead``, those started as others ended since the last
+            call included).
         """
+        started = self._run_once()
+        with self._lock:
+            started, self._ahead = started + self._ahead, 0
+        return started
+
+    def _run_once(self) -> int:
         with self._claiming:
             if self._types:
                 try:
@@ -796,66 +808,81 @@ class TaskEngine:
                 return 0
             if not claimed:
                 return 0
-            now = self.store.clock.now()
-            pool = self._executor()
-            runs = []
-            with self._lock:
+            self._executor()
+            return self._start(claimed)
+
+    def _start(self, claimed: list[table.Claimed], *, ahead: bool = False) -> int:
+        """Run ``claimed`` on the engine's pool; returns how many started. Tasks claimed while the engine closed
+        (its pool gone) are given back, their attempt not counted."""
+        now = self.store.clock.now()
+        with self._lock:
+            pool = self._pool
+            if pool is not None:
                 for c in claimed:
                     beat = heartbeat(functools.partial(self._renew, c.id, c.token), lease_for=self.lease_for,
                                      what=f"task {c.id}")
                     run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat,
                                started=now)
                     self._running[c.id] = run
-                    runs.append(run)
-        for run in runs:
-            pool.submit(self._execute, run)
-        return len(runs)
+                    pool.submit(self._execute, run)  # under the lock: ``close`` takes the pool under it too
+                if ahead:
+                    self._ahead += len(claimed)
+                return len(claimed)
+        with self.store.transaction() as tx:
+            for c in claimed:
+                table.abandon(tx, c.id, c.token, now)
+        return 0
 
     def _claim(self, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
+        with self.store.transaction() as tx:
+            return self._claim_in(tx, free, held, abandoned)
+
+    def _claim_in(self, tx: Any, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
+        """Claim up to ``free`` due tasks in ``tx`` (``_claiming`` held), giving ``free`` slots to the types by
+        priority; with ``abandoned``, first give back this engine's tasks that it does not run."""
         now = self.store.clock.now()
         claimed: list[table.Claimed] = []
         limited = [t for t, s in self._types.items() if s.max_concurrency is not None]
-        with self.store.transaction() as tx:
-            if abandoned:
-                # This engine's RUNNING tasks that it does not run: their invocation was abandoned on an
-                # infrastructure error.
-                n = table.give_back(tx, self.owner, held, now)
-                if n:
-                    log.info("tasks: %d abandoned invocation(s) queued again", n)
-            running = table.admitted(tx, limited, now)
-            # Free slots go to the due tasks of highest priority across the types: the first ``free`` of them
-            # say how many each type gets (first round); a window that was full may hide more due tasks, which
-            # fill what the first round left (second round, in the same order of types).
-            order = table.due_order(tx, list(self._types), held, free, now) if len(self._types) > 1 else []
-            plan: dict[str, int] = {}
-            for type_ in order:
-                plan[type_] = plan.get(type_, 0) + 1
-            ranked = [*plan, *(t for t in self._types if t not in plan)]
-            rounds = [True, False] if len(order) == free else [True]
-            taken: dict[str, int] = {}
-            for capped in rounds if plan else [False]:
-                for type_ in ranked:
-                    spec = self._types[type_]
-                    if free <= 0:
-                        break
-                    allowed = free
-                    if capped:
-                        allowed = min(allowed, plan.get(type_, 0) - taken.get(type_, 0))
-                    if spec.max_concurrency is not None:
-                        allowed = min(allowed, spec.max_concurrency - running.get(type_, 0) - taken.get(type_, 0))
-                    if spec.rate_limit_per_s is not None:
-                        self._refill(spec, now)
-                        allowed = min(allowed, int(spec.tokens))
-                    if allowed <= 0:
-                        continue
-                    # A lapsed lease of a task this engine still runs (its renewals could not reach the database)
-                    # is for other workers to take, never for this one to start twice: ``held`` is left out.
-                    got = table.claim(tx, type_, self.owner, held, allowed, now + self.lease_for, now)
-                    if spec.rate_limit_per_s is not None:
-                        spec.tokens -= len(got)
-                    free -= len(got)
-                    taken[type_] = taken.get(type_, 0) + len(got)
-                    claimed.extend(got)
+        if abandoned:
+            # This engine's RUNNING tasks that it does not run: their invocation was abandoned on an
+            # infrastructure error.
+            n = table.give_back(tx, self.owner, held, now)
+            if n:
+                log.info("tasks: %d abandoned invocation(s) queued again", n)
+        running = table.admitted(tx, limited, now)
+        # Free slots go to the due tasks of highest priority across the types: the first ``free`` of them
+        # say how many each type gets (first round); a window that was full may hide more due tasks, which
+        # fill what the first round left (second round, in the same order of types).
+        order = table.due_order(tx, list(self._types), held, free, now) if len(self._types) > 1 else []
+        plan: dict[str, int] = {}
+        for type_ in order:
+            plan[type_] = plan.get(type_, 0) + 1
+        ranked = [*plan, *(t for t in self._types if t not in plan)]
+        rounds = [True, False] if len(order) == free else [True]
+        taken: dict[str, int] = {}
+        for capped in rounds if plan else [False]:
+            for type_ in ranked:
+                spec = self._types[type_]
+                if free <= 0:
+                    break
+                allowed = free
+                if capped:
+                    allowed = min(allowed, plan.get(type_, 0) - taken.get(type_, 0))
+                if spec.max_concurrency is not None:
+                    allowed = min(allowed, spec.max_concurrency - running.get(type_, 0) - taken.get(type_, 0))
+                if spec.rate_limit_per_s is not None:
+                    self._refill(spec, now)
+                    allowed = min(allowed, int(spec.tokens))
+                if allowed <= 0:
+                    continue
+                # A lapsed lease of a task this engine still runs (its renewals could not reach the database)
+                # is for other workers to take, never for this one to start twice: ``held`` is left out.
+                got = table.claim(tx, type_, self.owner, held, allowed, now + self.lease_for, now)
+                if spec.rate_limit_per_s is not None:
+                    spec.tokens -= len(got)
+                free -= len(got)
+                taken[type_] = taken.get(type_, 0) + len(got)
+                claimed.extend(got)
         return claimed
 
     def _renew(self, task_id: str, token: int) -> bool:
@@ -948,24 +975,51 @@ class TaskEngine:
         return False
 
     def _write_batch(self, batch: list[_Done]) -> None:
-        """Write ``batch``'s outcomes in one transaction."""
+        """Write ``batch``'s outcomes in one transaction and, in the same one, claim due tasks for the slots
+        they free (unless ``run_once`` is claiming now): one commit ends runs and starts the next ones."""
+        ahead = (self.claim_ahead and self._pool is not None and bool(self._types)
+                 and self._claiming.acquire(blocking=False))
+        claimed: list[table.Claimed] = []
         try:
-            with self.store.transaction() as tx:
-                now = self.store.clock.now()
-                retried = [d.run.id for d in batch if d.transition.status is TaskStatus.PENDING]
-                asked = set(table.cancel_requested(tx, retried)) if retried else set()
-                outcomes = [(d.run.id, d.run.token, (cancelled(now) if d.run.id in asked else d.transition).columns)
-                            for d in batch]
-                for d, written in zip(batch, table.finish_many(tx, outcomes, now)):
-                    d.written = written
-        except Exception as exc:  # each run's own thread writes it alone, and meets the error there
-            log.info("tasks: writing %d outcomes together failed (%s: %s); writing them one by one", len(batch),
-                     type(exc).__name__, exc)
-            for d in batch:
-                d.alone = d.tried = True
+            try:
+                with self.store.transaction() as tx:
+                    now = self.store.clock.now()
+                    retried = [d.run.id for d in batch if d.transition.status is TaskStatus.PENDING]
+                    asked = set(table.cancel_requested(tx, retried)) if retried else set()
+                    outcomes = [(d.run.id, d.run.token,
+                                 (cancelled(now) if d.run.id in asked else d.transition).columns) for d in batch]
+                    for d, written in zip(batch, table.finish_many(tx, outcomes, now)):
+                        d.written = written
+                    if ahead:
+                        claimed = self._claim_freed(tx, batch)
+            except Exception as exc:  # each run's own thread writes it alone, and meets the error there
+                log.info("tasks: writing %d outcomes together failed (%s: %s); writing them one by one",
+                         len(batch), type(exc).__name__, exc)
+                for d in batch:
+                    d.alone = d.tried = True
+                if ahead:  # a claim may have committed unacknowledged: the next claim gives such tasks back
+                    with self._lock:
+                        self._abandoned = True
+                claimed = []
+            finally:
+                for d in batch:
+                    d.event.set()
+            if claimed:
+                self._start(claimed, ahead=True)
         finally:
-            for d in batch:
-                d.event.set()
+            if ahead:
+                self._claiming.release()
+
+    def _claim_freed(self, tx: Any, batch: list[_Done]) -> list[table.Claimed]:
+        """Claim in ``tx`` up to the slots free once ``batch``'s runs leave (a run past its time limit keeps its
+        slot until its handler returns)."""
+        with self._lock:
+            if self._abandoned:
+                return []  # ``run_once`` gives those back first
+            leaving = sum(1 for d in batch if self._running.get(d.run.id) is d.run)
+            free = self.concurrency - len(self._running) - len(self._overdue) + leaving
+            held = [*self._running, *self._overdue]
+        return self._claim_in(tx, free, held, False) if free > 0 else []
 
     def _record_one(self, run: _Run, transition: Transition, *, landed: bool = False) -> bool:
         """Write one run's outcome, fenced by its token. Infrastructure errors are retried (the shared
@@ -1063,24 +1117,29 @@ class TaskEngine:
             self._freed.wait(poll)
             return True
 
-        return drain(step, sys.maxsize, busy=busy)
+        was, self.claim_ahead = self.claim_ahead, True
+        try:
+            return drain(step, sys.maxsize, busy=busy)
+        finally:
+            self.claim_ahead = was
 
     def use_runner(self, runner: CallRunner | None) -> None:
         """Await async handlers through ``runner`` (a ``Worker`` lends its own while it runs this engine);
-        None: through this engine's own again."""
+        None: through this engine's own again. While a runner is lent the engine claims ahead
+        (``claim_ahead``): the worker runs it continuously."""
         self._bridge = runner or self._own_bridge
+        self.claim_ahead = runner is not None
 
     def close(self, wait: bool = True) -> None:
         """Stop taking tasks and ask running handlers to stop (``ctx.cancelled``, or ``CancelledError`` for an
         async one: a worker's shutdown, SIGTERM, reaches them so); with ``wait``, wait until they return. A task
         whose handler raised then is released for another worker (the attempt not counted, never failed); one
         whose handler returned has succeeded."""
-        with self._lock:
+        with self._lock:  # from now on nothing starts here (``_start`` needs the pool)
+            pool, self._pool = self._pool, None
             runs = list(self._running.values())
         for run in runs:
             run.stop.request(SHUTDOWN)
-        with self._lock:
-            pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=wait)
         self._own_bridge.close()
