@@ -360,3 +360,21 @@ def test_an_outbox_submit_wakes_the_worker(url: str, never_poll: None, running: 
         assert worker.woken >= 1
     finally:
         store.close()
+
+
+def test_tasks_claimed_while_the_engine_closes_are_given_back(url: str) -> None:
+    store = open_store(url)
+    try:
+        engine = TaskEngine(store, handlers={"t": lambda p: p})
+        task_id = engine.submit("t")
+        engine.close()  # no pool any more: nothing may start here
+        now = store.clock.now()
+        with store.transaction() as tx:
+            claimed = table.claim(tx, "t", engine.owner, [], 8, now + 60, now)
+        assert [c.id for c in claimed] == [task_id]
+        assert engine._start(claimed, ahead=True) == 0
+        rec = engine.get(task_id)
+        assert rec is not None and rec.status is TaskStatus.PENDING and rec.attempts == 0
+        assert engine.in_flight == 0
+    finally:
+        store.close()

@@ -828,9 +828,15 @@ class TaskEngine:
                 if ahead:
                     self._ahead += len(claimed)
                 return len(claimed)
-        with self.store.transaction() as tx:
-            for c in claimed:
-                table.abandon(tx, c.id, c.token, now)
+        try:
+            with self.store.transaction() as tx:
+                for c in claimed:
+                    table.abandon(tx, c.id, c.token, now)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            with self._lock:
+                self._abandoned = True  # the next claim gives them back (or their leases lapse)
         return 0
 
     def _claim(self, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
