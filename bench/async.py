@@ -1,7 +1,7 @@
 """Async callers: an async FastAPI endpoint that submits an effect in the caller's ``AsyncSession``, and
 ``async def`` durable workflows, each beside its baseline in the same run.
 
-1. **Orders.** One FastAPI app (async SQLAlchemy on aiosqlite, SQLite WAL with ``synchronous=NORMAL`` on
+1. **Orders.** One FastAPI app (async SQLAlchemy on aiosqlite, SQLite WAL with ``synchronous=FULL`` on
    every connection, errands' default) with two endpoints:
 
    - ``POST /orders/plain``: writes the order row in an ``AsyncSession`` and commits;
@@ -49,6 +49,9 @@ from typing import Any, AsyncIterator
 from sqlalchemy import Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/, after the stdlib
+from _tables import print_table  # noqa: E402
+
 WARMUP = 10
 
 
@@ -89,7 +92,7 @@ def build_app(database_url: str, pool_size: int) -> Any:
         def _connect(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA synchronous = FULL")
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")
@@ -302,14 +305,6 @@ def bench_durable(workdir: str, args: argparse.Namespace) -> dict[str, list[floa
 
 
 # -- the report --------------------------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200)
@@ -334,7 +329,7 @@ def main() -> None:
           f"SQLAlchemy), {backend}; {args.workflows} durable workflows of 3 steps on SQLite; best of "
           f"{args.rounds} alternated rounds\n")
     plain, outbox = max(rates["plain"]), max(rates["outbox"])
-    _table(["endpoint", "orders / s", "ms / order", "vs order alone"], [
+    print_table(["endpoint", "orders / s", "ms / order", "vs order alone"], [
         ["order insert alone (AsyncSession)", f"{plain:.0f}", f"{1000 / plain:.2f}", "1.00"],
         ["order + outbox.submit_async(conn=session)", f"{outbox:.0f}", f"{1000 / outbox:.2f}", f"{outbox / plain:.2f}"],
     ])
@@ -343,7 +338,7 @@ def main() -> None:
     n = args.workflows
     best = {name: min(values) for name, values in runs.items()}
     sync_s = best["sync"]
-    _table(["workflows", "total s", "ms / workflow", "workflows / s", "vs sync"], [
+    print_table(["workflows", "total s", "ms / workflow", "workflows / s", "vs sync"], [
         [label, f"{s:.3f}", f"{1000 * s / n:.2f}", f"{n / s:.0f}", f"{sync_s / s:.2f}"]
         for label, s in (("sync function and steps, start + drain", sync_s),
                          ("async def function and steps, start + drain", best["async"]),

@@ -1,17 +1,25 @@
 """Fan-out throughput: a route relaying the journal to a file ``LogSink`` and to a ``WebhookSink``, beside
 raw loops doing the same work, measured in the same run.
 
-- ``log``: 100,000 events over 20 streams in a SQLite file (WAL, ``synchronous=NORMAL``). errands relays
-  them with ``FanOut`` + ``LogSink`` (batches of 1,000, cursor committed per batch). The raw loop reads the
+- ``log``: 100,000 events over 20 streams in a SQLite file (WAL, the store's default ``synchronous=FULL``).
+  errands relays them with ``FanOut`` + ``LogSink`` (batches of 1,000, the cursor committed per window of
+  acknowledged batches). The raw loop reads the
   same rows with ``sqlite3`` in pages of 1,000 and writes the same CloudEvents JSON lines; the two files
   are checked to be byte-identical.
 - ``webhook``: events POSTed to a local uvicorn server (in its own process) at the same concurrency:
   errands with ``WebhookSink`` (signed, Standard Webhooks) on a route with ``max_in_flight`` lanes; raw
   with that many threads, each an ``httpx.Client`` posting the same bodies.
 
+- ``reactions``: 20,000 events over 100 customers in a SQLite file, each the input of two reactions run
+  to completion by a ``Reactor`` with an 8-slot ``TaskEngine``: once with a CEL ``predicate``
+  (``data.total >= 0 && type == 'order.placed'``, true for every event, so both runs do the same tasks) and a
+  ``key`` (``data.customer``: each customer's tasks one at a time, in journal order), once plain (neither).
+  Each run starts from a copy of the same file. The ratio is plain time / keyed time.
+
 Ratios are errands throughput / raw throughput (higher is better; 1.0 = as fast as raw).
 
-Run: ``hatch run bench:fanout`` (options: ``--events``, ``--hooks``, ``--concurrency``, ``--repeat``).
+Run: ``hatch run bench:fanout`` (options: ``--events``, ``--hooks``, ``--reaction-events``, ``--concurrency``,
+``--repeat``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -32,7 +41,7 @@ from datetime import datetime, timezone
 # A sibling benchmark named like a standard-library package (bench/http.py) must not shadow it here.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from errands.core import FanOut, Journal, NewEvent, Route, open_store  # noqa: E402
+from errands.core import FanOut, Journal, NewEvent, Reactor, Route, TaskEngine, open_store  # noqa: E402
 from errands.sinks import LogSink, WebhookSink  # noqa: E402
 
 STREAMS = 20
@@ -187,19 +196,74 @@ def bench_webhook(tmp: str, hooks: int, concurrency: int, repeat: int) -> tuple[
     return best_raw, best_em
 
 
+CUSTOMERS = 100
+REACTIONS = ("receipt", "audit")
+
+
+def run_reactions(url: str, n: int, keyed: bool, concurrency: int) -> float:
+    """Seconds for two reactions to run every one of ``n`` events to completion."""
+    store = open_store(url)
+    done = [0]
+    lock = threading.Lock()
+
+    def handle(event: object) -> None:
+        with lock:
+            done[0] += 1
+
+    reactor = Reactor(store, TaskEngine(store, concurrency=concurrency))
+    for name in REACTIONS:
+        options = {"predicate": "data.total >= 0 && type == 'order.placed'", "key": "data.customer"} if keyed else {}
+        reactor.on("order.placed", handle, max_concurrency=None, name=name, **options)
+    expected = n * len(REACTIONS)
+    t = time.perf_counter()
+    while done[0] < expected or reactor.engine.in_flight:
+        if reactor.run_once() == 0:
+            time.sleep(0.0005)
+    elapsed = time.perf_counter() - t
+    reactor.close()
+    store.close()
+    assert done[0] == expected, f"ran {done[0]} of {expected}"
+    return elapsed
+
+
+def bench_reactions(tmp: str, events: int, concurrency: int, repeat: int) -> tuple[float, float]:
+    source = os.path.join(tmp, "reactions.db")
+    store = open_store(f"sqlite:///{source}")
+    journal = Journal(store)
+    for start in range(0, events, 2000):
+        journal.append_many([NewEvent(f"orders/{i % STREAMS}", "order.placed",
+                                      {"order": i, "total": i * 3 % 997, "customer": f"c{i % CUSTOMERS}"})
+                             for i in range(start, min(events, start + 2000))])
+    store.close()
+    best_plain = best_keyed = float("inf")
+    for r in range(repeat):
+        for keyed in (False, True):
+            db = os.path.join(tmp, f"reactions-{r}-{int(keyed)}.db")
+            shutil.copyfile(source, db)
+            took = run_reactions(f"sqlite:///{db}", events, keyed, concurrency)
+            if keyed:
+                best_keyed = min(best_keyed, took)
+            else:
+                best_plain = min(best_plain, took)
+    return best_plain, best_keyed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--hooks", type=int, default=5_000)
+    parser.add_argument("--reaction-events", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="errands-bench-fanout-") as tmp:
         raw_l, em_l = bench_log(tmp, args.events, args.repeat)
         raw_w, em_w = bench_webhook(tmp, args.hooks, args.concurrency, args.repeat)
+        plain_r, keyed_r = bench_reactions(tmp, args.reaction_events, args.concurrency, args.repeat)
     rows = [
         ("log sink (file)", args.events, "raw sqlite3 + json lines", raw_l, em_l),
         (f"webhook (x{args.concurrency})", args.hooks, "raw httpx threads", raw_w, em_w),
+        ("reactions cel+key", args.reaction_events, "plain reactions (x2)", plain_r, keyed_r),
     ]
     header = f"{'workload':<18} {'events':>8} {'baseline':<26} {'raw ev/s':>10} {'errands ev/s':>14} {'ratio':>6}"
     print(header)
@@ -208,6 +272,7 @@ def main() -> None:
         print(f"{name:<18} {n:>8} {base:<26} {n / raw_t:>10,.0f} {n / em_t:>14,.0f} {raw_t / em_t:>6.2f}")
     print(f"fanout webhook vs raw httpx: {raw_w / em_w:.2f}")
     print(f"fanout log sink vs raw: {raw_l / em_l:.2f} (goal >= 0.5)")
+    print(f"keyed reactions vs plain reactions: {plain_r / keyed_r:.2f} (goal >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ fresh topic on one emulator, with the same client batch settings, and wait until
 every message:
 
 - ``errands``: events already in a SQLite journal (WAL) are relayed by ``FanOut.drain()`` to a
-  ``PubSubSink``: reading the journal, building the messages, publishing each batch and waiting for it,
-  and committing the route's cursor after each window.
+  ``PubSubSink``: reading the journal, building the messages, publishing up to ``--in-flight`` batches at once
+  (one per lane of streams, the journal read ahead meanwhile), and committing the route's cursor as the
+  batches are acknowledged.
 - ``raw publisher``: a bare ``PublisherClient`` publishes the pre-built messages in one go and waits for
   every future: no store, no cursor, no per-batch wait.
 
 Each side runs ``--repeat`` times, alternating, on fresh topics; the best run counts. Rows with ordering
-off and on (ordering key = stream). The goal ratio is the lower of the two.
+off and on (ordering key = stream); both rows are printed, and the goal line shows the lower of the two.
 
 Run: ``hatch run bench:gcp`` (options: ``--events``, ``--streams``, ``--batch``, ``--repeat``).
 """
@@ -137,7 +138,7 @@ def main() -> int:
     for name, ours, raw, ratio in rows:
         print(f"| {name} | {ours:,.0f} | {raw:,.0f} | {ratio:.2f} |")
     print()
-    print(f"pubsub sink vs raw publisher: {min(ratios):.2f} (goal >= 0.7)")
+    print(f"pubsub sink vs raw publisher: {min(ratios):.2f} (goal >= 0.9)")
     return 0
 
 

@@ -7,7 +7,7 @@ counterparty's own service time; 0 by default).
 - ``raw httpx``: one ``httpx.Client`` shared by ``--concurrency`` threads POSTing the same JSON bodies with an
   ``Idempotency-Key`` header. No durability: nothing is recorded anywhere.
 - ``errands outbox``: ``outbox.submit_many`` (batches of 500) into a fresh SQLite file (WAL,
-  ``synchronous=NORMAL``), then a ``Worker`` draining it with ``max_in_flight=--concurrency`` through an
+  the store's default ``synchronous=FULL``), then a ``Worker`` draining it with ``max_in_flight=--concurrency`` through an
   ``HttpConnector``: every effect leased, POSTed, recorded CONFIRMED and journalled. Submitting is timed too.
 
 Each side runs ``--rounds`` times, alternating, against the same server; the best round of each is compared

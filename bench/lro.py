@@ -1,8 +1,8 @@
 """lro throughput: operations created, resumed once and completed, beside the alis sequence on raw sqlite3.
 
 Every row runs the same user-level work for ``--ops`` operations on a fresh SQLite file in WAL mode, once with
-``synchronous=NORMAL`` (the store's default; commits not fsynced) and once with ``synchronous=FULL`` (every
-commit fsynced), the same level on both sides; the goal line is the ``FULL`` one:
+``synchronous=NORMAL`` (an opt-in; commits not fsynced) and once with ``synchronous=FULL`` (the store's
+default; every commit fsynced), the same level on both sides; the goal line is the ``FULL`` one:
 
 1. create the operation (metadata ``{"step": 0}``, private state ``{"step": 0}``);
 2. save the private state and schedule one resume (``resume_via_tasks``);

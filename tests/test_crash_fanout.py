@@ -25,6 +25,7 @@ KILLS = 20
 
 def relay(url: str, path: str, drain: bool) -> None:
     from errands.core import FanOut, Route, is_infrastructure_error, open_store
+    from errands.core._fanout import PASS_WINDOWS
     from errands.sinks import LogSink
 
     store = open_store(url)
@@ -38,8 +39,8 @@ def relay(url: str, path: str, drain: bool) -> None:
         except Exception as exc:  # a dropped connection: the pass is retried, as the worker does
             if not is_infrastructure_error(exc):
                 raise
-        # A short pause per pass stretches the relay out so that the kills land mid-delivery.
-        time.sleep(0.01)
+        # A short pause per window of a pass stretches the relay out so that the kills land mid-delivery.
+        time.sleep(0.01 * PASS_WINDOWS)
     fanout.close()
     store.close()
 

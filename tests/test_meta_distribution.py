@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # DESIGN §1: package folder -> (distribution, {meta extra: extras of that distribution it asks for, or
 # None when the package decides}).
 DESIGN: dict[str, tuple[str, dict[str, set[str] | None]]] = {
-    "core": ("errands-core", {"postgres": {"postgres"}}),
+    "core": ("errands-core", {"postgres": {"postgres"}, "cel": {"cel"}}),
     "connectors-http": ("errands-connectors-http", {"http": None}),
     "sinks": ("errands-sinks", {"sinks": None}),
     "connectors-gcp": (

@@ -246,7 +246,7 @@ def test_debounce_key_names_the_entity() -> None:
 
 def test_a_bad_debounce_key_is_named(store: Any) -> None:
     reactor = Reactor(store)
-    with pytest.raises(ConfigError, match="key must name the entity") as info:
+    with pytest.raises(ConfigError, match="uses unknown name") as info:
         reactor.on("a", print, debounce_ms=10, key="order")
     assert info.value.field == "key" and info.value.value == "order"
     reaction = reactor.on("a", print, debounce_ms=10, key=lambda e: e.data["id"], name="fn")

@@ -100,15 +100,26 @@ def test_synchronous_from_url_is_honoured(tmp_path: Path, level: str) -> None:
         store.close()
 
 
-def test_synchronous_defaults_to_normal_and_keyword_overrides(tmp_path: Path) -> None:
+def test_synchronous_defaults_to_full_and_normal_is_an_opt_in(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
     try:
-        assert _pragma(store, "synchronous") == SYNC_LEVELS["NORMAL"]
+        assert store.synchronous == "FULL"
+        assert _pragma(store, "synchronous") == SYNC_LEVELS["FULL"]
     finally:
         store.close()
-    store = open_store(f"sqlite:///{tmp_path / 'e.db'}", synchronous="full")
+    for opened in (open_store(f"sqlite:///{tmp_path / 'e.db'}", synchronous="normal"),
+                   open_store(f"sqlite:///{tmp_path / 'f.db'}?synchronous=normal")):
+        try:
+            assert _pragma(opened, "synchronous") == SYNC_LEVELS["NORMAL"]
+        finally:
+            opened.close()
+
+
+def test_statement_journals_stay_in_memory(tmp_path: Path) -> None:
+    """A batched write's statement journal is not spilled to a temporary file (``temp_store = MEMORY``)."""
+    store = open_store(f"sqlite:///{tmp_path / 't.db'}")
     try:
-        assert _pragma(store, "synchronous") == SYNC_LEVELS["FULL"]
+        assert _pragma(store, "temp_store") == 2
     finally:
         store.close()
 

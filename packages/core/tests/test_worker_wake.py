@@ -233,10 +233,18 @@ def _claim_statement(store: Any) -> tuple[str, tuple[Any, ...]]:
 
 
 def _finished_rows(store: Any, n: int) -> None:
-    rows = [(str(uuid.uuid4()), "t", "SUCCEEDED", 0.0, 0.0, 0.0, 0.0) for _ in range(n)]
+    """``n`` finished tasks of type ``t`` (a tenth of them keyed), and a few live keyed ones."""
+    rows = [(str(uuid.uuid4()), "t", "SUCCEEDED", 0.0, 0.0, 0.0, 0.0, f"k{i % 7}" if i % 10 == 0 else None, i)
+            for i in range(n)]
+    rows += [(str(uuid.uuid4()), "t", "PENDING", 0.0, 0.0, 0.0, None, f"k{i % 3}", n + i) for i in range(12)]
     with store.transaction() as tx:
-        tx.insert_rows("INSERT INTO em_tasks (id, type, status, available_at, created_at, updated_at, finished_at) "
-                       "VALUES ", "(?, ?, ?, ?, ?, ?, ?)", rows)
+        tx.insert_rows("INSERT INTO em_tasks (id, type, status, available_at, created_at, updated_at, finished_at, "
+                       "order_key, order_seq) VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def _select(sql: str) -> str:
+    """The claim's candidate query: the ``IN (...)`` of its ``UPDATE``, the walks of the due index."""
+    return sql[sql.index("SELECT id FROM ("):sql.rindex(")")]
 
 
 def test_the_claim_walks_the_partial_index_of_due_rows_on_sqlite(tmp_path: Path) -> None:
@@ -247,10 +255,12 @@ def test_the_claim_walks_the_partial_index_of_due_rows_on_sqlite(tmp_path: Path)
         with store.transaction() as tx:
             tx.execute("ANALYZE")
         sql, params = _claim_statement(store)
-        select = sql[sql.index("SELECT id FROM em_tasks"):sql.rindex(")")]
         with store.read() as tx:
-            plan = " ".join(str(r[-1]) for r in tx.query("EXPLAIN QUERY PLAN " + select, params[5:]))
-        assert "em_tasks_claim" in plan and "SCAN em_tasks" not in plan.replace("USING INDEX", "")
+            plan = [str(r[-1]) for r in tx.query("EXPLAIN QUERY PLAN " + _select(sql), params[5:])]
+        walks = [line for line in plan if " t " in f" {line} "]
+        # Both walks (lapsed leases, due pending tasks) search the partial index; the head rule probes em_tasks_order.
+        assert len(walks) == 2 and all("em_tasks_claim" in w and w.startswith("SEARCH") for w in walks), plan
+        assert any("em_tasks_order" in line for line in plan), plan
     finally:
         store.close()
 
@@ -264,7 +274,7 @@ def test_the_claim_walks_the_partial_index_of_due_rows_on_postgres(postgres: str
         with store.transaction() as tx:
             tx.execute("ANALYZE em_tasks")
         sql, params = _claim_statement(store)
-        select = sql[sql.index("SELECT id FROM em_tasks"):sql.rindex(")")].replace(" FOR UPDATE SKIP LOCKED", "")
+        select = _select(sql).replace(" FOR UPDATE SKIP LOCKED", "")
         with store.read() as tx:
             # A generic plan (the parameters unknown), as a prepared statement gets after a few runs.
             tx.execute("SET LOCAL plan_cache_mode = force_generic_plan")

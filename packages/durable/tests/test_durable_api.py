@@ -11,14 +11,16 @@ def test_public_names_are_pinned() -> None:
         "CallbackError", "CallbackTimeoutError", "CheckpointError", "CheckpointOutput", "ChildConfig",
         "ChildContextError", "CompletionConfig", "CompletionReason", "DurableContext", "DurableError",
         "DurableExecutionConfig", "DurableOperation", "DurableOperationError", "DurableRunner", "DurableServiceError",
-        "DuplicateFunctionError", "Duration",
+        "DuplicateFunctionError", "Duration", "EffectFailedError",
         "ErrorObject", "ExecutionError", "DurableFuture", "InvalidStateError", "ConcurrentItem", "NamedBranch", "InvocationError", "UnrecoverableError", "TerminationReason", "hash_id",
         "ExecutionInfo", "ExecutionStatus", "InMemoryClient", "InitialExecutionState", "InvocationInput",
         "InvalidCheckpointError", "InvocationOutput", "InvocationStatus", "InvokeConfig", "InvokeError", "JitterStrategy", "JsonSerdes",
         "MapConfig", "NonDeterministicExecutionError", "Operation", "OperationAction", "OperationStatus",
         "OperationSubType", "OperationType", "OperationUpdate", "ParallelConfig", "PassThroughSerdes",
-        "RetryDecision", "RetryPresets", "RetryStrategyConfig", "Serdes", "SerdesContext", "SerdesError",
+        "QueueDeduplicatedError", "RetryDecision", "RetryPresets", "RetryStrategyConfig", "Serdes", "SerdesContext",
+        "SerdesError",
         "SignalRefusedError", "SignalTimeoutError",
+        "ContinueAsNew", "Divergence", "ReplayResult", "StepTimeoutError",
         "StateOutput", "StepConfig", "StepContext", "StepError", "StepInterruptedError", "StepSemantics",
         "SuspendExecution", "WaitForCallbackConfig", "WaitForConditionConfig", "WaitForConditionDecision",
         "WaitForConditionError", "__version__", "create_retry_strategy", "durable_function",
@@ -33,5 +35,6 @@ def test_public_names_are_pinned() -> None:
 def test_control_signals_are_not_exceptions() -> None:
     assert issubclass(durable.SuspendExecution, BaseException)
     assert not issubclass(durable.SuspendExecution, Exception)
+    assert issubclass(durable.ContinueAsNew, BaseException) and not issubclass(durable.ContinueAsNew, Exception)
     assert issubclass(durable.StepError, durable.DurableError)
     assert issubclass(durable.CallbackTimeoutError, durable.CallbackError)

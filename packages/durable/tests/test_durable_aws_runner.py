@@ -311,19 +311,6 @@ SCENARIOS = [
     Scenario("failure", ours_failure, aws_failure, status="FAILED"),
 ]
 
-# What still differs, and why (each xfail is strict: it fails once the difference is gone).
-_NAMES = ("errands leaves map iterations and parallel branches unnamed; AWS's SDK names them map-item-<i> / "
-          "parallel-branch-<i>, and its BatchResult items carry decoded results where ours carry serialized text")
-_WFC_NAMES = ("AWS's SDK names wait_for_callback's operations '<name> create callback id' and '<name> submitter'; "
-              "errands leaves the callback unnamed and calls the step 'submitter'")
-KNOWN_DIFFERENCES = {"map": _NAMES, "parallel": _NAMES, "wait-for-callback": _WFC_NAMES}
-
-
-def _compared(scenarios: list[Scenario]) -> list[Any]:
-    return [pytest.param(s, id=s.name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[s.name])]
-                         if s.name in KNOWN_DIFFERENCES else []) for s in scenarios]
-
-
 CHILDREN = {"ours-child": ours_child_function, "aws-child": aws_child_function}
 
 
@@ -397,7 +384,7 @@ def _normalised(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return events
 
 
-@pytest.mark.parametrize("scenario", _compared(SCENARIOS))
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
 def test_errands_on_the_runner_matches_the_aws_sdk(harness: Harness, scenario: Scenario) -> None:
     ours, our_history = harness.run(f"ours-{scenario.name}", scenario.input(), scenario.drive)
     assert _outcome(ours) == (scenario.status, scenario.result), (ours, harness.endpoint.errors,

@@ -10,6 +10,8 @@ Invariants, after every step:
 - an at-most-once step never runs one attempt twice, and no step runs while it still runs elsewhere
   (a second worker polls while steps run, with the clock moved on but within the lease);
 - a finished execution never changes (status, result, error, checkpoints), and a settled callback neither;
+- an execution ends TIMED_OUT only when started with a timeout, never before its deadline; a SUCCEEDED one's
+  last ``set_event`` is what ``get_event`` reads; ``patched`` is True on every fresh history;
 and at the end, with faults paused, open callbacks answered and time moved on: every execution finishes
 and the work queue is empty (nothing stuck, every lease completed or lapsed).
 """
@@ -41,7 +43,7 @@ from errands.durable import (
     WaitForCallbackConfig,
     create_retry_strategy,
 )
-from errands.durable._schema import QUEUE
+from errands.durable._schema import DEADLINES, QUEUE
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -52,7 +54,7 @@ LEASE_FOR = 10.0
 INTERRUPTIBLE = create_retry_strategy(RetryStrategyConfig(
     max_attempts=60, initial_delay=Duration(), jitter_strategy=JitterStrategy.NONE,
     retryable_error_types=[StepInterruptedError]))
-SPECS = st.sampled_from(["alo", "alo", "amo", "amo", "fail", "wait", "cb"])
+SPECS = st.sampled_from(["alo", "alo", "amo", "amo", "fail", "wait", "cb", "event", "patch"])
 
 
 class ModelFaultPlan(faults.FaultPlan):
@@ -81,6 +83,7 @@ class Execution:
     timeout: float
     callbacks: dict[int, str] = field(default_factory=dict)  # step index -> callback id
     terminated: bool = False
+    deadline: float | None = None  # the store clock's time of its start(timeout=...) deadline
 
 
 class DurableModel(RuleBasedStateMachine):
@@ -115,6 +118,11 @@ class DurableModel(RuleBasedStateMachine):
         for i, spec in enumerate(event["specs"]):
             if spec == "wait":
                 ctx.wait(f"w{i}", event["wait"])
+            elif spec == "event":
+                ctx.set_event("last", i)
+            elif spec == "patch":
+                if not ctx.patched(f"p{i}"):
+                    self.violations.append(f"patched p{i} of {eid} was False on code that always had it")
             elif spec == "cb":
                 def submit(callback_id: str, _step: Any, i: int = i) -> None:
                     if callback_id not in self.callback_owner:
@@ -195,20 +203,22 @@ class DurableModel(RuleBasedStateMachine):
         self.open_runners()
 
     @rule(target=executions, specs=st.lists(SPECS, min_size=1, max_size=4), wait=st.sampled_from([0.0, 1.0, 30.0]),
-          timeout=st.sampled_from([0.0, 20.0]), inline=st.booleans())
-    def start(self, specs: list[str], wait: float, timeout: float, inline: bool) -> str:
+          timeout=st.sampled_from([0.0, 20.0]), inline=st.booleans(),
+          deadline=st.sampled_from([None, None, 5.0, 45.0]))
+    def start(self, specs: list[str], wait: float, timeout: float, inline: bool, deadline: float | None) -> str:
         eid = f"e{len(self.model)}"
-        self.model[eid] = Execution(eid, specs, wait, timeout)
+        self.model[eid] = Execution(eid, specs, wait, timeout,
+                                    deadline=None if deadline is None else self.clock.now() + deadline)
         event = {"specs": specs, "wait": wait, "timeout": timeout}
         if inline:  # the first invocation runs in the caller's thread
             try:
-                self.retrying(lambda: self.runners[0].run("flow", event, execution_id=eid))
+                self.retrying(lambda: self.runners[0].run("flow", event, execution_id=eid, timeout=deadline))
             except Crash:
                 self.crashes += 1
                 self.close_runners()
                 self.open_runners()
         else:
-            self.retrying(lambda: self.runners[0].start("flow", event, execution_id=eid))
+            self.retrying(lambda: self.runners[0].start("flow", event, execution_id=eid, timeout=deadline))
         return eid
 
     @rule(worker=st.sampled_from([0, 1]))
@@ -309,10 +319,15 @@ class DurableModel(RuleBasedStateMachine):
         if info.status is ExecutionStatus.TERMINATED:
             assert ex.terminated, f"{ex.id} TERMINATED without an operator"
             return
+        if info.status is ExecutionStatus.TIMED_OUT:
+            assert ex.deadline is not None, f"{ex.id} TIMED_OUT without a timeout"
+            assert info.ended_at >= ex.deadline, f"{ex.id} TIMED_OUT at {info.ended_at}, before {ex.deadline}"
+            assert info.error is not None and info.error.type == "ExecutionTimedOut", (ex.id, info.error)
+            return
         expected: list[Any] = []
         failure: tuple[str, str] | None = None
         for i, spec in enumerate(ex.specs):
-            if spec == "wait":
+            if spec in ("wait", "event", "patch"):
                 continue
             if spec == "fail":
                 failure = ("UserError", f"user failure {ex.id} s{i}")
@@ -334,6 +349,8 @@ class DurableModel(RuleBasedStateMachine):
         else:
             assert info.status is ExecutionStatus.SUCCEEDED, (ex.id, info.status, info.error)
             assert info.result == expected, (ex.id, info.result, expected)
+            last = max((i for i, spec in enumerate(ex.specs) if spec == "event"), default=None)
+            assert self.runners[0].get_event(ex.id, "last", timeout=0) == last, (ex.id, last)
 
     def teardown(self) -> None:
         n = len(self.plan.injected)
@@ -361,6 +378,11 @@ class DurableModel(RuleBasedStateMachine):
                      if not self.runners[0].get(eid).status.terminal}
             assert not stuck, f"executions never finished: {stuck}"
             assert self.runners[0].store.queue_size(QUEUE) == 0, "work left in the queue"
+            self.clock.advance(60)  # past every deadline: each is claimed and changes no finished execution
+            self.runners[0].drain()
+            assert self.runners[0].store.queue_size(DEADLINES) == 0, "deadlines left in the queue"
+            timed_out = sum(self.runners[0].get(eid).status is ExecutionStatus.TIMED_OUT for eid in self.model)
+            event(f"executions timed out: {min(timed_out, 2)}{'+' if timed_out > 2 else ''}")
         self.nothing_broke_a_promise()
 
 

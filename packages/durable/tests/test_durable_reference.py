@@ -241,6 +241,38 @@ def test_item_and_batch_serdes() -> None:
     assert LocalRunner(wf, always_replay=True).run().result == ["A", "B"]
 
 
+def test_a_batch_result_holds_item_values_as_aws_does_and_text_where_json_cannot() -> None:
+    import datetime as dt
+
+    from errands.durable import MapConfig
+    from errands.durable.testing import LocalRunner
+
+    class Dates:
+        def serialize(self, value: Any, context: SerdesContext) -> str:
+            return str(value.isoformat())
+
+        def deserialize(self, data: str, context: SerdesContext) -> Any:
+            return dt.date.fromisoformat(data)
+
+    def wf(event: Any, ctx: DurableContext) -> Any:
+        plain = ctx.parallel("plain", [lambda c: "a", lambda c: {"n": [1, None]}, lambda c: '"quoted"'])
+        days = ctx.map("days", [1, 2], lambda c, item, i, items: dt.date(2026, 1, item),
+                       config=MapConfig(item_serdes=Dates()))
+        assert all(type(d) is dt.date for d in days.results())
+        return [plain.results(), [d.isoformat() for d in days.results()]]
+
+    expected = [["a", {"n": [1, None]}, '"quoted"'], ["2026-01-01", "2026-01-02"]]
+    local = LocalRunner(wf)
+    info = local.run()
+    assert info.result == expected
+    ops = local.runner.history(info.execution_id)
+    [plain] = [o for o in ops if o.sub_type is OperationSubType.PARALLEL]
+    [days] = [o for o in ops if o.sub_type is OperationSubType.MAP]
+    assert [i["result"] for i in json.loads(plain.result or "")["all"]] == ["a", {"n": [1, None]}, '"quoted"']
+    assert [i["result"] for i in json.loads(days.result or "")["all"]] == ["2026-01-01", "2026-01-02"]
+    assert LocalRunner(wf, always_replay=True).run().result == expected
+
+
 def test_using_a_parent_context_inside_a_child_raises() -> None:
     from errands.durable import InvalidStateError
     from errands.durable.testing import LocalRunner

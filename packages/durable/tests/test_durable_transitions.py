@@ -23,6 +23,7 @@ from errands.durable._transitions import (
     statuses,
     takes_signals,
     terminated_error,
+    timed_out_error,
 )
 
 NOW = 1_700_000_000.0
@@ -72,7 +73,7 @@ def test_a_termination_names_its_reason_or_the_operator() -> None:
 def test_a_callback_takes_answers_only_while_it_waits_in_a_live_execution(operation: OperationStatus,
                                                                           execution: ExecutionStatus) -> None:
     expected = operation is OperationStatus.STARTED and execution in (
-        ExecutionStatus.RUNNING, ExecutionStatus.PENDING, ExecutionStatus.SUSPENDED)
+        ExecutionStatus.ENQUEUED, ExecutionStatus.RUNNING, ExecutionStatus.PENDING, ExecutionStatus.SUSPENDED)
     assert can_settle_callback(operation, execution) is expected
 
 
@@ -128,3 +129,17 @@ def test_waits_take_kept_signals_oldest_first_and_the_rest_is_left() -> None:
 @pytest.mark.parametrize("status", list(ExecutionStatus))
 def test_only_an_execution_that_may_still_run_takes_signals(status: ExecutionStatus) -> None:
     assert takes_signals(status) is (not status.terminal)
+
+
+def test_continue_as_new_keeps_the_execution_running_and_due_at_once() -> None:
+    settled = settle(InvocationOutcome("CONTINUED", result='{"n":2}'), now=NOW, signalled=False)
+    assert settled == Settlement(ExecutionStatus.RUNNING, wake_at=None, release_in=0.0)
+    assert not settled.status.terminal
+
+
+def test_a_timed_out_child_fails_its_parents_invoke_with_the_deadline_error() -> None:
+    error = timed_out_error("parent-1")
+    assert error.type == "ExecutionTimedOut" and "parent-1" in (error.message or "")
+    assert ExecutionStatus.TIMED_OUT.terminal
+    assert invoke_settlement(ExecutionStatus.TIMED_OUT, None, error) == (OperationStatus.FAILED, None, error)
+    assert statuses("timed_out") == ["TIMED_OUT"]

@@ -226,10 +226,15 @@ class App:
 
     def attach(self, engine: Any) -> Any:
         """Run ``engine`` (an ``LroClient``, a ``DurableRunner``: anything with ``attach(worker)``) in the
-        worker. Returns it."""
+        worker. Returns it. An engine on this app's store that takes an outbox (``use_outbox``, as a
+        ``DurableRunner`` does for ``ctx.effect``) and has none gets ``app.outbox``."""
         if not callable(getattr(engine, "attach", None)):
             raise ConfigError(f"engines given to App.attach must have attach(worker); {type(engine).__name__} "
                               "has not", field="engine", value=type(engine).__name__)
+        use_outbox = getattr(engine, "use_outbox", None)
+        if (callable(use_outbox) and getattr(engine, "outbox", None) is None and self._store is not None
+                and getattr(engine, "store", None) is self._store):
+            use_outbox(self.outbox)
         self._engines.append(engine)
         return engine
 

@@ -1,24 +1,29 @@
 """Fan-out: each route relays the journal events matching its subjects to one sink, from a durable cursor.
 
-Delivery is at least once and in order per stream. Within one pass a route reads a window of up to
-``batch_size * max_in_flight`` events, splits it into lanes by stream (so that one stream's events stay in
-one lane, in order) and publishes the lanes' batches concurrently. The cursor moves, in one transaction
-with any parked events, to just before the earliest event not yet delivered.
+Delivery is at least once and in order per stream. A route's events go into ``max_in_flight`` lanes by stream
+(one stream's events stay in one lane, in order). A pass is a pipeline: each lane has at most one batch in
+flight, and its next batch is published as soon as the sink has acknowledged the previous one (so a batch holding
+a stream, an ordering key of the sink, never goes before that stream's previous batch was acknowledged); the
+journal is read ahead while batches are in flight; the cursor is committed as acknowledgements arrive, in one
+transaction with any events parked, to just before the earliest event not yet acknowledged. A failed batch stops
+the pass: the cursor stays before it, and the next pass publishes again from there.
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import logging
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import _fanout_table as table
 from ._fanout_table import CURSOR_NAMESPACE, FANOUT_MIGRATIONS
-from ._fanout_transitions import Lane, RouteState, Verdict, retry_delay, settle, verdict
+from ._fanout_transitions import Lane, RouteState, Verdict, Window, retry_delay, settle, verdict
 from ._runtime import CallRunner, drain
 from ._values import Event
 from .errors import ConfigError, LeaseLostError, NotFoundError, TransientError, error_text
@@ -28,6 +33,10 @@ __all__ = ["DeadEvent", "FanOut", "Route", "RouteState", "RouteStatus", "list_de
            "route_states"]
 
 log = logging.getLogger("errands.fanout")
+
+#: How many windows (``batch_size * max_in_flight`` events) one pass of a route reads at most: a pass keeps the
+#: pipeline full over several windows, and still ends, so that a worker's loop runs its other engines.
+PASS_WINDOWS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,22 +244,9 @@ class FanOut:
         if run.retry_at > self.store.clock.now() or self._state(route.name)[0] is RouteState.STOPPED:
             return delivered
         assert run.cursor is not None
-        events, last = self.store.scan_events(run.cursor, route.batch_size * route.max_in_flight,
-                                              list(route.subjects) or None)
-        if run.ahead:
-            events = [e for e in events if e.id not in run.ahead]
-        if not events:
-            if last > run.cursor:
-                self._commit(run, last, [])
+        window = self._pipeline(run)
+        if window is None:
             return delivered
-        lanes = self._lanes(route, events)
-        if len(lanes) == 1:
-            self._publish_lane(route, lanes[0])
-        else:
-            pool = self._executor(route.max_in_flight)
-            for f in [pool.submit(self._publish_lane, route, lane) for lane in lanes]:
-                f.result()
-        window = settle(last, lanes)
         run.ahead.update(window.ahead)
         self._commit(run, window.cursor, window.parked)
         if window.stop is not None:
@@ -259,19 +255,102 @@ class FanOut:
             self._back_off(run, window.retry)
         else:
             run.attempt = 0
-        for ev, error in window.parked:
-            log.warning("route %s parked event %s: %s", route.name, ev.id, error)
         return delivered + window.delivered
 
-    def _lanes(self, route: Route, events: list[Event]) -> list[Lane]:
-        size = route.batch_size
-        if route.max_in_flight == 1:
-            return [Lane([events[i:i + size] for i in range(0, len(events), size)])]
-        buckets: dict[int, list[Event]] = {}
+    def _pipeline(self, run: _RouteRun) -> Window | None:
+        """Publish the route's pending events, up to ``PASS_WINDOWS`` windows of them, as a pipeline: up to
+        ``max_in_flight`` batches in flight (one per lane: a stream's events stay in one lane, so a batch holding
+        a stream is published only once the lane's previous batch was acknowledged), the journal read further
+        while they are, and the cursor committed as acknowledgements arrive, never past an event not yet taken.
+
+        Returns:
+            What is left to settle (the last cursor, the events parked since the last commit, an error to stop
+            or back off on), or None if nothing was pending.
+        """
+        route = run.route
         n = route.max_in_flight
-        for ev in events:
-            buckets.setdefault(zlib.crc32(ev.stream.encode()) % n, []).append(ev)
-        return [Lane([b[i:i + size] for i in range(0, len(b), size)]) for b in buckets.values()]
+        size = route.batch_size
+        subjects = list(route.subjects) or None
+        assert run.cursor is not None
+        scanned = run.cursor
+        budget = size * n * PASS_WINDOWS
+        lanes = [Lane([]) for _ in range(n)]
+        pending: list[collections.deque[Event]] = [collections.deque() for _ in range(n)]
+        flying: dict[Future[bool], tuple[int, list[Event]]] = {}
+        busy = [False] * n
+        committed = [0] * n  # per lane, how many of its parked events went with a commit already
+        buffered = acknowledged = 0
+        exhausted = failed = lost = False
+        any_events = False
+        pool = self._executor(n)
+        try:
+            while True:
+                # Read ahead while batches are in flight: at most two windows buffered, at most ``budget`` a pass.
+                if not exhausted and not failed and buffered < 2 * size * n:
+                    events, last = self.store.scan_events(scanned, size * n, subjects)
+                    if last <= scanned:
+                        exhausted = True
+                    else:
+                        scanned = last
+                        if run.ahead:
+                            events = [e for e in events if e.id not in run.ahead]
+                        for ev in events:
+                            pending[zlib.crc32(ev.stream.encode()) % n if n > 1 else 0].append(ev)
+                        buffered += len(events)
+                        budget -= len(events)
+                        any_events = any_events or bool(events)
+                        exhausted = budget <= 0
+                if not failed:
+                    for i in range(n):
+                        if not busy[i] and pending[i]:
+                            q = pending[i]
+                            batch = [q.popleft() for _ in range(min(size, len(q)))]
+                            buffered -= len(batch)
+                            busy[i] = True
+                            # In this context (a worker's runner made current for ``run_sync`` in a sink, say).
+                            call = contextvars.copy_context().run
+                            flying[pool.submit(call, self._publish_batch, route, lanes[i], batch)] = (i, batch)
+                if not flying:
+                    break
+                if not exhausted and not failed and buffered < 2 * size * n:
+                    # Room to read more: take the acknowledgements that came, without waiting for one.
+                    done, _ = wait(flying, timeout=0)
+                    if not done:
+                        continue
+                else:
+                    done, _ = wait(flying, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i, batch = flying.pop(future)
+                    busy[i] = False
+                    acknowledged += len(batch)
+                    if not future.result():
+                        failed = True
+                # A commit (an fsync at the default durability) per window of acknowledgements while the journal
+                # has more, per acknowledgement at the tail of the pass.
+                if failed or (acknowledged < size * n and not exhausted):
+                    continue
+                held = _earliest_held(lanes, pending, flying)
+                cursor = scanned if held is None else held - 1
+                if cursor > run.cursor:
+                    acknowledged = 0
+                    parked = _take_parked(lanes, committed)
+                    if not self._commit(run, cursor, parked):
+                        failed = lost = True  # another process moved the cursor: this pass ends here
+        except BaseException:
+            # A store fault (or an interruption) ends the pass: let the batches in flight answer first, so that
+            # the next pass never has two batches of one stream in flight at once.
+            wait(flying)
+            raise
+        if lost:
+            return Window(cursor=run.cursor, ahead={}, delivered=sum(len(lane.delivered) for lane in lanes),
+                          parked=_take_parked(lanes, committed), stop=None, retry=None)
+        if not any_events and scanned == run.cursor:
+            return None
+        # Events read but never published (a lane failed) hold the cursor as a failed batch does.
+        for lane, q in zip(lanes, pending):
+            if q and lane.failed_at is None:
+                lane.failed_at = q[0]
+        return replace(settle(scanned, lanes), parked=_take_parked(lanes, committed))
 
     def _executor(self, n: int) -> ThreadPoolExecutor:
         with self._lock:
@@ -289,32 +368,36 @@ class FanOut:
             return exc
         return None
 
-    def _publish_lane(self, route: Route, lane: Lane) -> None:
-        for batch in lane.batches:
-            exc = self._publish(route, batch)
+    def _publish_batch(self, route: Route, lane: Lane, batch: list[Event]) -> bool:
+        """Publish one batch of ``lane``; whether the lane may go on (its events delivered, or parked)."""
+        lane.batches.append(batch)
+        exc = self._publish(route, batch)
+        if exc is None:
+            lane.delivered.extend(batch)
+            return True
+        answer = verdict(exc)
+        if answer is not Verdict.PARK:
+            if answer is Verdict.RETRY and not isinstance(exc, TransientError):
+                log.warning("route %s: sink %s raised %s; retrying as a transient failure", route.name,
+                            type(route.sink).__name__, type(exc).__name__, exc_info=exc)
+            lane.hold(batch[0], exc, answer)
+            return False
+        # The batch was refused for good: find the events that fail on their own.
+        for ev in batch:
+            exc = self._publish(route, [ev])
             if exc is None:
-                lane.delivered.extend(batch)
+                lane.delivered.append(ev)
                 continue
             answer = verdict(exc)
             if answer is not Verdict.PARK:
-                if answer is Verdict.RETRY and not isinstance(exc, TransientError):
-                    log.warning("route %s: sink %s raised %s; retrying as a transient failure", route.name,
-                                type(route.sink).__name__, type(exc).__name__, exc_info=exc)
-                lane.hold(batch[0], exc, answer)
-                return
-            # The batch was refused for good: find the events that fail on their own.
-            for ev in batch:
-                exc = self._publish(route, [ev])
-                if exc is None:
-                    lane.delivered.append(ev)
-                    continue
-                answer = verdict(exc)
-                if answer is not Verdict.PARK:
-                    lane.hold(ev, exc, answer)
-                    return
-                lane.parked.append((ev, error_text(exc)))
+                lane.hold(ev, exc, answer)
+                return False
+            lane.parked.append((ev, error_text(exc)))
+        return True
 
-    def _commit(self, run: _RouteRun, cursor: int, parked: Sequence[tuple[Event, str]]) -> None:
+    def _commit(self, run: _RouteRun, cursor: int, parked: Sequence[tuple[Event, str]]) -> bool:
+        """Move the route's cursor to ``cursor`` with ``parked`` added to its dead letters; False if another
+        process had moved the cursor (it is reloaded, and nothing here is written)."""
         now = self.store.clock.now()
         try:
             with self.store.transaction() as tx:
@@ -326,10 +409,13 @@ class FanOut:
             log.warning("route %s: its cursor was moved by another process; reloading it", run.route.name)
             run.ahead.clear()
             self._load_cursor(run)
-            return
+            return False
+        for ev, error in parked:
+            log.warning("route %s parked event %s: %s", run.route.name, ev.id, error)
         run.cursor = cursor
         if run.ahead:
             run.ahead = {k: p for k, p in run.ahead.items() if p > cursor}
+        return True
 
     def _back_off(self, run: _RouteRun, exc: Exception) -> None:
         run.attempt += 1
@@ -438,6 +524,25 @@ class FanOut:
         if pool is not None:
             pool.shutdown(wait=True)
         self._own_bridge.close()
+
+
+def _earliest_held(lanes: Sequence[Lane], pending: Sequence[collections.deque[Event]],
+                   flying: Mapping[Any, tuple[int, list[Event]]]) -> int | None:
+    """The position of the earliest event read and not yet acknowledged (in flight, waiting, or failed)."""
+    held = [lane.failed_at.position for lane in lanes if lane.failed_at is not None]
+    held += [q[0].position for q in pending if q]
+    held += [batch[0].position for _, batch in flying.values()]
+    return min(held) if held else None
+
+
+def _take_parked(lanes: Sequence[Lane], taken: list[int]) -> list[tuple[Event, str]]:
+    """The events the lanes parked since the last call (``taken``: how many of each lane's were taken)."""
+    out: list[tuple[Event, str]] = []
+    for i, lane in enumerate(lanes):
+        k = len(lane.parked)  # a lane in flight may append meanwhile: those go next time
+        out += lane.parked[taken[i]:k]
+        taken[i] = k
+    return out
 
 
 def list_dead(store: SQLStore, route: str | None = None, limit: int = 100) -> list[DeadEvent]:

@@ -1,10 +1,16 @@
-"""Reactions: journal events matching a subject pattern become tasks of the task engine.
+"""Reactions: journal events matching a subject pattern (and a CEL ``predicate``) become tasks of the task
+engine.
 
-With ``debounce_ms`` a reaction coalesces a burst of events *of one entity* into one run, for the entity's
-last event. The entity is named by ``key=``: by default the effect key on the outbox's effect streams
+``key=`` gives each event an ordering key: a dotted path into the event (``data.customer``, ``stream``), a
+CEL expression over its envelope, or a function of it. The tasks of a reaction with the same key run one at
+a time in journal order, across workers; tasks of different keys run in parallel. Without ``key=`` a
+reaction's tasks run in any order.
+
+With ``debounce_ms`` a reaction coalesces a burst of events *of one key* into one run, for the key's last
+event. Without ``key=`` the debounce key is the effect key on the outbox's effect streams
 (``effects/<connector>``), the obligation id on ``obligations/<kind>``, the operation name on lro's
 ``lro/<neuron>``, and the stream itself on every other stream (one stream per entity, ``orders/42``).
-Events whose key cannot be read are never merged with others.
+Events whose key cannot be read are never merged with others nor ordered after them.
 """
 
 from __future__ import annotations
@@ -12,86 +18,26 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
+from . import _reactor_table as reactor_table
 from . import _tasks_table as tasks_table
 from . import _wake
 from ._fanout_table import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
+from ._reactor_exprs import EntityKey, Envelopes, Matcher, describe_key, matcher
 from ._runtime import CallRunner
 from ._tasks import TaskEngine, TaskRecord
 from ._values import Event
-from .errors import ConfigError, LeaseLostError
+from .errors import ConfigError, LeaseLostError, NotFoundError
 from .store import SQLStore, dumps, subject_regex
+
+__all__ = ["EntityKey", "Reaction", "Reactor"]
 
 log = logging.getLogger("errands.reactor")
 
 _NAMESPACE = uuid.UUID("0b5d7f0e-5c7a-4a53-9d6e-656d69737361")
-
-#: What ``key=`` accepts: a path into the event (``"stream"``, ``"subject"``, ``"type"``, ``"data"`` or
-#: ``"data.<field>[.<field>...]"``) or a function of the event returning its entity.
-EntityKey = Union[str, Callable[[Event], Any]]
-
-# Streams that carry many entities each, and the data field that names the entity on them.
-_SHARED_STREAMS = (("effects/", "key"), ("obligations/", "id"), ("lro/", "name"))
-_EVENT_FIELDS = ("stream", "subject", "type", "data")
-_MISSING = object()
-
-
-def _default_entity(event: Event) -> str:
-    """The entity of ``event`` when a reaction names none: the effect key on ``effects/...`` streams, the
-    obligation id on ``obligations/...``, the operation name on ``lro/...``, otherwise the stream."""
-    for prefix, name in _SHARED_STREAMS:
-        if event.stream.startswith(prefix):
-            value = event.data.get(name, _MISSING) if isinstance(event.data, dict) else _MISSING
-            return f"{event.stream}|{_text(value, event)}"
-    return event.stream
-
-
-def _text(value: Any, event: Event) -> str:
-    if value is _MISSING or value is None:
-        return f"event:{event.id}"  # an event we cannot place stays on its own: never merged
-    return value if isinstance(value, str) else dumps(value, field="key")
-
-
-def _path_getter(path: str) -> Callable[[Event], str]:
-    head, _, rest = path.partition(".")
-    names = rest.split(".") if rest else []
-
-    def entity(event: Event) -> str:
-        value: Any = getattr(event, head)
-        for name in names:
-            value = value.get(name, _MISSING) if isinstance(value, dict) else _MISSING
-            if value is _MISSING:
-                break
-        return _text(value, event)
-
-    return entity
-
-
-def _entity_fn(key: EntityKey | None) -> Callable[[Event], str]:
-    if key is None:
-        return _default_entity
-    if callable(key):
-        def entity(event: Event) -> str:
-            return _text(key(event), event)
-
-        return entity
-    return _path_getter(key)
-
-
-def _check_key(key: Any) -> ConfigError | None:
-    if key is None or callable(key):
-        return None
-    if isinstance(key, str):
-        head, dot, rest = key.partition(".")
-        if head in _EVENT_FIELDS and (not dot or (head == "data" and all(rest.split(".")))):
-            return None
-    return ConfigError(
-        f"key must name the entity to debounce by: 'stream', 'subject', 'type', 'data' or 'data.<field>' "
-        f"(such as 'data.order'), or be a function of the event; got {key!r}", field="key", value=key,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +50,32 @@ class Reaction:
     debounce_ms: int
     start: str
     key: EntityKey | None = None
+    predicate: str | None = None
+    max_concurrency: int | None = 1
+    retry_max: int = 5
+    dlq_after: int | None = 5
+    retry_backoff_ms: int | None = None
+    matcher: Matcher | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ordered(self) -> bool:
+        """Whether tasks of one key run one at a time in journal order (a ``key`` was given)."""
+        return self.key is not None
 
     def task_id(self, event: Event) -> str:
         """The task id of this reaction to ``event``: the same event always makes the same task."""
         return str(uuid.uuid5(_NAMESPACE, f"{self.name}|{event.id}"))
 
     def entity(self, event: Event) -> str:
-        """The entity ``event`` is about, as this reaction's debounce sees it (see ``Reactor.on(key=)``)."""
-        return _entity_fn(self.key)(event)
+        """The key of ``event`` as this reaction sees it (see ``Reactor.on(key=)``)."""
+        return (self.matcher or matcher(None, self.key)).key(event, Envelopes(1))
+
+    def describe(self) -> dict[str, Any]:
+        """This reaction's options as JSON values (what ``errands reactions list`` shows)."""
+        return {"name": self.name, "subject_pattern": self.subject_pattern, "predicate": self.predicate,
+                "key": describe_key(self.key), "debounce_ms": self.debounce_ms,
+                "max_concurrency": self.max_concurrency, "retry_max": self.retry_max, "dlq_after": self.dlq_after,
+                "retry_backoff_ms": self.retry_backoff_ms, "start": self.start}
 
 
 def _call_with_event(handler: Callable[[Event], Any], params: Any) -> Any:
@@ -138,36 +102,53 @@ class Reactor:
         self.batch_size = batch_size
         self._reactions: dict[str, Reaction] = {}
         self._cursors: dict[str, tuple[int, int]] = {}
-        self._entities: dict[str, Callable[[Event], str]] = {}
+        self._described: set[str] = set()
+        # The CEL variables of recent events, converted once for every reaction that reads them.
+        self._envelopes = Envelopes(max(4096, 2 * batch_size))
 
     def on(
-        self, subject_pattern: str, handler: Callable[[Event], Any], max_concurrency: int = 1,
-        rate_limit_per_s: float | None = None, debounce_ms: int = 0, retry_max: int = 5, dlq_after: int = 5,
+        self, subject_pattern: str, handler: Callable[[Event], Any], max_concurrency: int | None = 1,
+        rate_limit_per_s: float | None = None, debounce_ms: int = 0, retry_max: int = 5, dlq_after: int | None = 5,
         *, name: str | None = None, start: str = "beginning", key: EntityKey | None = None,
+        predicate: str | None = None, retry_backoff_ms: int | None = None,
     ) -> Reaction:
-        """React to events whose subject matches ``subject_pattern`` by running ``handler(event)`` as a task.
+        """React to events whose subject matches ``subject_pattern`` (and ``predicate``) by running
+        ``handler(event)`` as a task.
 
         Args:
             subject_pattern: dot-separated; ``*`` one token, ``**`` the rest.
             handler: ``handler(event)``, sync or async; must be idempotent (at least once).
-            max_concurrency: the most runs of this reaction at once, across workers.
+            max_concurrency: the most runs of this reaction at once, across workers (None: no limit but the
+                engine's ``concurrency``). With ``key``, at most one of them per key.
             rate_limit_per_s: the most runs started per second (per worker process).
-            debounce_ms: wait this long after an event; a newer event of the same entity (see ``key``)
-                arriving meanwhile replaces it, so a burst runs the handler once per entity, for the
-                entity's last event. Events of different entities are never merged.
+            debounce_ms: wait this long after an event; a newer event of the same key arriving meanwhile
+                replaces it, so a burst runs the handler once per key, for the key's last event. Events of
+                different keys are never merged.
             retry_max: retries after a failure.
             dlq_after: park the task in the dead-letter list after this many failed attempts (or when
-                retries run out first).
+                retries run out first); None ends such tasks ``FAILED``.
             name: the reaction's name (its cursor and task type); the handler's qualified name by default.
             start: a new reaction begins at the ``"beginning"`` of the journal or its ``"end"``.
-            key: names the entity an event is about, for ``debounce_ms``: ``"data.order"`` (a field of the
-                event's data, dotted for nested ones), ``"stream"``, ``"subject"``, ``"type"``, or a function
-                of the event. By default the effect key on effect streams (``effects/<connector>``), the
-                obligation id on ``obligations/<kind>``, the operation name on ``lro/<neuron>``, and the stream
-                on every other stream. An event whose key is missing is never merged with another.
+            key: each event's ordering key: a dotted path (``"data.customer"``, ``"stream"``, ``"subject"``,
+                ``"type"``, ``"source"``, ``"id"``), read without CEL; a CEL expression over the envelope
+                (``"data.region + '/' + data.customer"``); or a function of the event. Tasks with the same key
+                run one at a time in journal order, across workers; different keys in parallel. A task that
+                fails holds its key's later tasks back while it retries; once it is dead (``dlq_after``) or
+                failed they go on. ``debounce_ms`` merges events of one key only. Without ``key`` tasks run
+                in any order, and debounce merges by the default entity: the effect key on effect streams
+                (``effects/<connector>``), the obligation id on ``obligations/<kind>``, the operation name
+                on ``lro/<neuron>``, and the stream on every other stream. An event whose key cannot be read
+                is its own key.
+            predicate: a CEL expression over the event's CloudEvents envelope (``type``, ``subject``,
+                ``source``, ``id``, ``time``, ``data``; and ``stream``), such as ``"data.amount > 100"``:
+                only events for which it is true become tasks (one that cannot be evaluated on an event, a
+                missing field say, is false there). Compiled now; needs the ``cel`` extra.
+            retry_backoff_ms: the first retry delay in milliseconds, doubling each attempt with jitter up to
+                the engine's ``retry_cap`` (default: the engine's ``retry_base``).
 
         Raises:
-            ConfigError: a bad pattern, option or a name used twice, naming the field.
+            ConfigError: a bad pattern, option, CEL expression or a name used twice, naming the field.
+            MissingDependencyError: a CEL ``predicate`` or ``key`` without ``cel-python`` (the ``cel`` extra).
         """
         name = name or f"{getattr(handler, '__module__', '')}.{getattr(handler, '__qualname__', repr(handler))}"
         problems: list[ConfigError] = []
@@ -181,9 +162,16 @@ class Reactor:
         if not isinstance(debounce_ms, int) or isinstance(debounce_ms, bool) or debounce_ms < 0:
             problems.append(ConfigError(f"debounce_ms must be an integer >= 0, got {debounce_ms!r}",
                                         field="debounce_ms", value=debounce_ms))
-        key_problem = _check_key(key)
-        if key_problem is not None:
-            problems.append(key_problem)
+        if retry_backoff_ms is not None and (
+            not isinstance(retry_backoff_ms, int) or isinstance(retry_backoff_ms, bool) or retry_backoff_ms < 1
+        ):
+            problems.append(ConfigError(f"retry_backoff_ms must be an integer >= 1, got {retry_backoff_ms!r}",
+                                        field="retry_backoff_ms", value=retry_backoff_ms))
+        compiled: Matcher | None = None
+        try:
+            compiled = matcher(predicate, key)
+        except ConfigError as exc:
+            problems.extend(exc.problems or [exc])
         if start not in ("beginning", "end"):
             problems.append(ConfigError(f"start must be 'beginning' or 'end', got {start!r}", field="start",
                                         value=start))
@@ -192,23 +180,48 @@ class Reactor:
             try:
                 self.engine.register(task_type, functools.partial(_call_with_event, handler),
                                      max_concurrency=max_concurrency, rate_limit_per_s=rate_limit_per_s,
-                                     retry_max=retry_max, dlq_after=dlq_after)
+                                     retry_max=retry_max, dlq_after=dlq_after,
+                                     retry_base=None if retry_backoff_ms is None else retry_backoff_ms / 1000.0)
             except ConfigError as exc:
                 problems.append(exc)
         if problems:
             raise ConfigError.collect(problems, f"reaction {name!r}")
         reaction = Reaction(name=name, subject_pattern=subject_pattern, task_type=task_type,
-                            debounce_ms=debounce_ms, start=start, key=key)
+                            debounce_ms=debounce_ms, start=start, key=key, predicate=predicate,
+                            max_concurrency=max_concurrency, retry_max=retry_max, dlq_after=dlq_after,
+                            retry_backoff_ms=retry_backoff_ms, matcher=compiled)
         self._reactions[name] = reaction
-        self._entities[name] = _entity_fn(key)
         return reaction
 
-    @property
+    def off(self, name: str) -> Reaction:
+        """Stop reacting to new events with the reaction ``name``; returns it.
+
+        Its tasks already queued still run here (its handler stays with the engine), and its cursor stays in
+        the store: ``on`` again with the same name goes on from where it stopped.
+
+        Raises:
+            NotFoundError: no reaction of that name here.
+        """
+        reaction = self._reactions.pop(name, None)
+        if reaction is None:
+            raise NotFoundError(f"no reaction named {name!r}; reactions: {', '.join(self._reactions) or 'none'}")
+        self._cursors.pop(name, None)
+        self._described.discard(name)
+        return reaction
+
     def reactions(self) -> list[Reaction]:
+        """The reactions registered here, in registration order."""
         return list(self._reactions.values())
 
     def _cursor(self, reaction: Reaction) -> tuple[int, int]:
         key = f"reactor:{reaction.name}"
+        if reaction.name not in self._described:
+            # What the reaction is, for ``errands reactions list`` (rewritten only when it changed).
+            described = reaction.describe()
+            got_description = self.store.kv_get(reactor_table.DEFINITION_NAMESPACE, reaction.name)
+            if got_description is None or got_description[0] != described:
+                self.store.kv_put(reactor_table.DEFINITION_NAMESPACE, reaction.name, described)
+            self._described.add(reaction.name)
         got = self.store.kv_get(CURSOR_NAMESPACE, key)
         if got is not None:
             return int(got[0]), got[1]
@@ -224,7 +237,7 @@ class Reactor:
         The tasks and the reaction's cursor commit together. An infrastructure error from the store (a
         locked database, a dropped connection) is logged and the batch read again at the next call."""
         queued = 0
-        for reaction in self._reactions.values():
+        for reaction in list(self._reactions.values()):
             try:
                 queued += self._submit(reaction)
             except LeaseLostError:
@@ -246,15 +259,26 @@ class Reactor:
             self._cursors[reaction.name] = (cursor, version)
             return 0
         delay = reaction.debounce_ms / 1000.0
-        entity = self._entities[reaction.name]
+        compiled = reaction.matcher
+        assert compiled is not None
+        envelopes = self._envelopes
+        keyed = reaction.debounce_ms or reaction.ordered
         now = self.store.clock.now()
         queued = 0
+        rows: list[tuple[str, str, str | None, float, float, str | None, int | None]] = []
         with self.store.transaction() as tx:
             for ev in events:
-                queued += tasks_table.insert(
-                    tx, reaction.task_id(ev), reaction.task_type, dumps(ev.to_cloudevent(), field="data"),
-                    now + delay, f"{reaction.name}|{entity(ev)}" if reaction.debounce_ms else None, now,
-                )
+                if not compiled.matches(ev, envelopes):
+                    continue
+                key = f"{reaction.name}|{compiled.key(ev, envelopes)}" if keyed else None
+                params = dumps(ev.to_cloudevent(), field="data")
+                order_key, order_seq = (key, ev.position) if reaction.ordered else (None, None)
+                if reaction.debounce_ms:  # one at a time: each replaces the pending task of its key
+                    queued += tasks_table.insert(tx, reaction.task_id(ev), reaction.task_type, params, now + delay,
+                                                 key, now, order_key=order_key, order_seq=order_seq)
+                else:
+                    rows.append((reaction.task_id(ev), reaction.task_type, params, now, now, order_key, order_seq))
+            queued += tasks_table.insert_many(tx, rows)
             version = self.store.kv_put(CURSOR_NAMESPACE, f"reactor:{reaction.name}", last,
                                         expected_version=version, tx=tx)
             if queued:

@@ -32,11 +32,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import _tasks_table as table
 from . import _wake
+from ._cron import check_cron as _cron
+from ._cron import last_tick as _last_tick
+from ._cron import next_tick as _next_tick
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
 from ._runtime import CallRunner, drain
 from ._tasks_table import ScheduleRecord, TaskRecord
@@ -54,7 +57,7 @@ from ._tasks_transitions import (
 )
 from ._worker import RETRY_DELAYS, retry_infrastructure
 from .errors import ConfigError, InvalidTaskIdError, NotFoundError
-from .store import SQLStore, dumps
+from .store import SQLStore, Tx, dumps
 
 __all__ = ["ScheduleRecord", "TaskContext", "TaskEngine", "TaskRecord", "TaskStatus", "typed_handler"]
 
@@ -280,30 +283,6 @@ def _priority(value: Any) -> int:
     return value
 
 
-def _cron(expression: Any) -> Any:
-    """``croniter``'s iterator class after checking ``expression`` (five fields, or six with seconds)."""
-    from croniter import croniter
-
-    if not isinstance(expression, str) or not croniter.is_valid(expression):
-        raise ConfigError(f"cron must be a cron expression such as '*/5 * * * *' (minute hour day month weekday), "
-                          f"got {expression!r}", field="cron", value=expression)
-    return croniter
-
-
-def _next_tick(expression: str, after: float) -> float:
-    """The first tick of ``expression`` (UTC) strictly after ``after``."""
-    croniter = _cron(expression)
-    return float(croniter(expression, datetime.fromtimestamp(after, tz=timezone.utc)).get_next(float))
-
-
-def _last_tick(expression: str, at: float) -> float:
-    """The latest tick of ``expression`` (UTC) at or before ``at``."""
-    croniter = _cron(expression)
-    prev = float(croniter(expression, datetime.fromtimestamp(at, tz=timezone.utc)).get_prev(float))
-    nxt = _next_tick(expression, prev)
-    return nxt if nxt <= at else prev
-
-
 def tick_id(schedule: str, tick: float) -> str:
     """The id of schedule ``schedule``'s task of the tick at ``tick`` (epoch seconds): the same in every worker."""
     return str(uuid.uuid5(_TICKS, f"{schedule}@{tick:.6f}"))
@@ -402,6 +381,7 @@ class TaskEngine:
     def register(
         self, type: str, fn: Callable[..., Any], *, max_concurrency: int | None = None,
         rate_limit_per_s: float | None = None, retry_max: int | None = None, dlq_after: int | None = None,
+        retry_base: float | None = None,
         time_limit: float | timedelta | None = None,
     ) -> None:
         """Run tasks of ``type`` with ``fn``.
@@ -414,6 +394,8 @@ class TaskEngine:
             retry_max: retries after a failure (default: the engine's).
             dlq_after: park the task in the dead-letter list (status ``DEAD``) after this many failed
                 attempts, or once its retries run out; None ends such tasks ``FAILED``.
+            retry_base: the first retry delay in seconds of this type (default: the engine's), doubling
+                each attempt up to the engine's ``retry_cap``.
             time_limit: seconds (or a ``timedelta``) an attempt may run. Past it the attempt fails (a
                 ``TimeoutError``, retried by the type's policy) and the handler is asked to stop: an async one
                 is cancelled; a sync one sees ``ctx.cancelled`` and should return soon. Until a sync handler
@@ -440,6 +422,11 @@ class TaskEngine:
         ):
             problems.append(ConfigError(f"rate_limit_per_s must be a positive number, got {rate_limit_per_s!r}",
                                         field="rate_limit_per_s", value=rate_limit_per_s))
+        if retry_base is not None and (
+            not isinstance(retry_base, (int, float)) or isinstance(retry_base, bool) or retry_base <= 0
+        ):
+            problems.append(ConfigError(f"retry_base must be a positive number of seconds, got {retry_base!r}",
+                                        field="retry_base", value=retry_base))
         try:
             limit = _seconds(time_limit, "time_limit")
         except ConfigError as exc:
@@ -451,7 +438,8 @@ class TaskEngine:
             fn=fn, wants_ctx=_wants_ctx(fn), max_concurrency=max_concurrency,
             rate_limit_per_s=float(rate_limit_per_s) if rate_limit_per_s else None,
             policy=RetryPolicy(retry_max=self.retry_max if retry_max is None else retry_max, dlq_after=dlq_after,
-                               base=self.retry_base, cap=self.retry_cap),
+                               base=self.retry_base if retry_base is None else float(retry_base),
+                               cap=self.retry_cap),
             tokens=max(1.0, float(rate_limit_per_s or 1)), refilled_at=self.store.clock.now(), time_limit=limit,
         )
 
@@ -486,10 +474,17 @@ class TaskEngine:
         rank = _priority(priority)
         text = dumps(params, field="params")
         now = self.store.clock.now()
-        with self.store.transaction(conn) as tx:
+
+        def write(tx: Tx) -> None:
             table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank)
-            tx.notify(_wake.TASKS)
-        _wake.notify(self.store, _wake.TASKS)
+            tx.notify(_wake.TASKS)  # workers of other processes (PostgreSQL), at the commit of the group
+
+        if conn is None:
+            self.store.group_commit(write)  # concurrent submits share commits; returns once this one's is done
+        else:
+            with self.store.transaction(conn) as tx:
+                write(tx)
+        _wake.notify(self.store, _wake.TASKS)  # workers of this process, after the commit
         return task_id
 
     def submit_many(
@@ -527,7 +522,7 @@ class TaskEngine:
         now = self.store.clock.now()
         at = now + max(0.0, float(delay))
         with self.store.transaction(conn) as tx:
-            table.insert_many(tx, task_ids, type, texts, at, rank, now)
+            table.insert_batch(tx, task_ids, type, texts, at, rank, now)
             tx.notify(_wake.TASKS)
         _wake.notify(self.store, _wake.TASKS)
         return task_ids

@@ -64,18 +64,30 @@ TASK_MIGRATIONS = [
         )
         """,
     ),
+    # Ordering keys: tasks sharing an ``order_key`` run one at a time, in ``order_seq`` order (reactions
+    # keyed with ``key=``: the event's journal position). The partial index holds live keyed tasks only.
+    Migration(
+        3,
+        """
+        ALTER TABLE em_tasks ADD COLUMN order_key TEXT;
+        ALTER TABLE em_tasks ADD COLUMN order_seq {bigint};
+        CREATE INDEX IF NOT EXISTS em_tasks_order ON em_tasks (order_key, order_seq)
+            WHERE order_key IS NOT NULL AND status IN ('PENDING', 'RUNNING')
+        """,
+    ),
 ]
 
-#: The claim index (tasks migration 4): only the rows a claim may take, pending and running ones, so that
-#: finished tasks (the table's history) are never walked by a claim and a claim costs O(batch), not O(table).
-#: Its predicate is written as literals, and every claim-path query repeats it (``_DUE``) as one of its AND
-#: terms: SQLite uses a partial index only for a query holding the index's own terms, and PostgreSQL only
-#: when it can prove the predicate (bound parameters would hide it from a generic plan). The debounce index
-#: keeps only the rows with a key (most tasks have none), one index entry fewer to write per task.
+#: The claim index (tasks migration 4): main's due index (type, status, priority DESC, available_at) made
+#: partial, over the rows a claim may take only (pending and running ones), so that finished tasks (the
+#: table's history) are neither walked nor indexed and a claim costs O(batch), not O(table). Its predicate is
+#: written as literals, and every claim-path query repeats it (``_LIVE``) as one of its AND terms: SQLite uses a
+#: partial index only for a query holding the index's own terms, and PostgreSQL only when it can prove the
+#: predicate (bound parameters would hide it from a generic plan). The debounce index keeps only the rows with
+#: a key (most tasks have none), one index entry fewer to write per task.
 CLAIM_INDEX = Migration(
     4,
     """
-    CREATE INDEX IF NOT EXISTS em_tasks_claim ON em_tasks (type, priority DESC, available_at, created_at)
+    CREATE INDEX IF NOT EXISTS em_tasks_claim ON em_tasks (type, status, priority DESC, available_at)
         WHERE status IN ('PENDING', 'RUNNING');
     DROP INDEX IF EXISTS em_tasks_due;
     CREATE INDEX IF NOT EXISTS em_tasks_debounced ON em_tasks (debounce_key) WHERE debounce_key IS NOT NULL;
@@ -90,10 +102,8 @@ TASK_MIGRATIONS.append(CLAIM_INDEX)
 _ADMIT_LOCK = 0x656D7461
 
 _PENDING, _RUNNING = str(TaskStatus.PENDING), str(TaskStatus.RUNNING)
-#: The claim index's predicate, and the rows due to a claim at ``?`` (twice): pending ones due by then and
-#: running ones whose lease lapsed by then. Literals, for the partial index (``CLAIM_INDEX``).
-_DUE = (f"status IN ('{_PENDING}', '{_RUNNING}') AND ((status = '{_PENDING}' AND available_at <= ?) "
-        f"OR (status = '{_RUNNING}' AND lease_expires <= ?))")
+#: The claim index's predicate (``CLAIM_INDEX``), a term of every query that should walk it.
+_LIVE = f"status IN ('{_PENDING}', '{_RUNNING}')"
 _COLS = ("id, type, params, status, attempts, result, error, created_at, updated_at, started_at, finished_at, "
          "available_at, priority, cancel_requested")
 _SCHEDULE_COLS = "name, type, cron, params, priority, next_at, last_at"
@@ -188,19 +198,20 @@ def _schedule(row: Sequence[Any]) -> ScheduleRecord:
 # -- submitting and reading ----------------------------------------------------------------------
 
 def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debounce_key: str | None, now: float,
-           *, priority: int = 0) -> int:
+           *, priority: int = 0, order_key: str | None = None, order_seq: int | None = None) -> int:
     """Queue a task due at ``at`` unless its id exists (returns 0 then). A ``debounce_key`` first removes the
-    pending task queued under the same key, so the newest one of a burst is the one that runs."""
+    pending task queued under the same key, so the newest one of a burst is the one that runs. Tasks with the
+    same ``order_key`` run one at a time, lowest ``order_seq`` first (see ``claim``)."""
     if debounce_key is not None:
         tx.execute("DELETE FROM em_tasks WHERE debounce_key = ? AND status = ?", (debounce_key, _PENDING))
     return tx.rowcount(
         "INSERT INTO em_tasks (id, type, params, status, available_at, debounce_key, created_at, updated_at, "
-        "priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        (task_id, type, params, _PENDING, at, debounce_key, now, now, priority),
+        "priority, order_key, order_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        (task_id, type, params, _PENDING, at, debounce_key, now, now, priority, order_key, order_seq),
     )
 
 
-def insert_many(tx: Tx, ids: Sequence[str], type: str, params: Sequence[str], at: float, priority: int,
+def insert_batch(tx: Tx, ids: Sequence[str], type: str, params: Sequence[str], at: float, priority: int,
                 now: float) -> int:
     """Queue tasks of ``type`` (ids ``ids``, JSON texts ``params``), each unless its id exists; returns how many
     were new. One statement on PostgreSQL: the ids as one comma-separated text (UUIDs hold no comma) and the
@@ -218,6 +229,17 @@ def insert_many(tx: Tx, ids: Sequence[str], type: str, params: Sequence[str], at
     return tx.insert_rows(
         "INSERT INTO em_tasks (id, type, params, status, available_at, created_at, updated_at, priority) VALUES ",
         "(?, ?, ?, ?, ?, ?, ?, ?)", [(i, type, p, _PENDING, at, now, now, priority) for i, p in zip(ids, params)],
+        " ON CONFLICT (id) DO NOTHING")
+
+
+def insert_many(tx: Tx, rows: Sequence[tuple[str, str, str | None, float, float, str | None, int | None]]) -> int:
+    """Queue many tasks at once, each ``(id, type, params, at, now, order_key, order_seq)`` (priority 0, no
+    debounce key), those whose id exists left as they are; returns how many were queued."""
+    return tx.insert_rows(
+        "INSERT INTO em_tasks (id, type, params, status, available_at, created_at, updated_at, order_key, "
+        "order_seq) VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(task_id, type_, params, _PENDING, at, now, now, order_key, order_seq)
+         for task_id, type_, params, at, now, order_key, order_seq in rows],
         " ON CONFLICT (id) DO NOTHING")
 
 
@@ -265,6 +287,15 @@ def redrive(tx: Tx, now: float, *, ids: Sequence[str] | None = None, type: str |
     return tx.rowcount(sql, params)
 
 
+def counts(tx: Tx, type_prefix: str) -> dict[str, dict[str, int]]:
+    """Tasks per type (of the types starting with ``type_prefix``) and status: ``{type: {status: n}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for type_, status, n in tx.query("SELECT type, status, COUNT(*) FROM em_tasks WHERE type LIKE ? "
+                                     "GROUP BY type, status", (type_prefix + "%",)):
+        out.setdefault(type_, {})[status] = int(n)
+    return out
+
+
 def cancel(tx: Tx, task_id: str, now: float) -> TaskStatus | None:
     """Cancel a task: a pending one ends ``CANCELLED`` now, a running one is marked for its worker (which asks
     its handler to stop). Returns the status the task had (None: no such task); a final task is left as it is."""
@@ -297,23 +328,12 @@ def purge(tx: Tx, before: float, limit: int) -> int:
         "AND finished_at < ? ORDER BY finished_at LIMIT ?)", (*_PURGED, before, limit))
 
 
-def due_order(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now: float) -> list[str]:
-    """The types of the first ``limit`` tasks of ``types`` a claim could take (``held`` left out), highest
-    priority first: the order in which the engine gives its free slots to its types."""
-    if not types:
-        return []
-    mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
-    return [r[0] for r in tx.query(
-        f"SELECT type FROM em_tasks WHERE type IN {in_clause(len(types))}{mine} AND {_DUE} "
-        "ORDER BY priority DESC, available_at, created_at LIMIT ?", (*types, *held, now, now, limit))]
-
-
 def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
     """How many pending tasks of ``types`` are due at ``now``."""
     if not types:
         return 0
-    row = tx.one(f"SELECT COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(types))} AND status IN "
-                 f"('{_PENDING}', '{_RUNNING}') AND status = ? AND available_at <= ?", (*types, _PENDING, now))
+    row = tx.one(f"SELECT COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(types))} AND {_LIVE} "
+                 "AND status = ? AND available_at <= ?", (*types, _PENDING, now))
     return int(row[0]) if row else 0
 
 
@@ -356,22 +376,83 @@ def admitted(tx: Tx, limited: Sequence[str], now: float) -> dict[str, int]:
         for type_ in sorted(limited):  # in one order everywhere, so two engines never deadlock
             tx.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_ADMIT_LOCK, type_))
     return {t: int(n) for t, n in tx.query(
-        f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND status = ? "
+        f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND {_LIVE} AND status = ? "
         "AND lease_expires > ? GROUP BY type", (*limited, _RUNNING, now))}
+
+
+# -- what a claim can take -------------------------------------------------------------------------
+
+# A task ``t`` with an order key is at the head of its key: no task of the key with a lower order_seq is
+# pending or running. One probe of the partial index of live keyed tasks (order_key, order_seq), which a
+# finished task leaves.
+_HEAD = ("NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key AND o.status IN ('PENDING', "
+         "'RUNNING') AND o.order_seq < t.order_seq)")
+# The two kinds of task a claim takes: running ones whose lease lapsed, and due pending ones.
+# Literals, with the claim index's predicate, so that each walks the partial index (``CLAIM_INDEX``).
+_KINDS = (f"t.{_LIVE} AND t.status = '{_RUNNING}' AND t.lease_expires <= ?",
+          f"t.{_LIVE} AND t.status = '{_PENDING}' AND t.available_at <= ?")
+# Types read by one ``due_order`` statement: two walks each, within SQLite's 500 terms of a compound select.
+_TYPES_PER_STATEMENT = 100
+
+
+def _candidates(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now: float, *,
+                lock: bool) -> tuple[str, list[Any]]:
+    """A query of the tasks a claim of ``types`` could take, as rows ``(id, type, priority, available_at,
+    created_at)``: the first ``limit`` of each type and kind, ``held`` left out, a keyed task only at the head
+    of its key. Each is one walk of the due index (type, status, priority DESC, available_at) in order that
+    stops at ``limit``, so the cost is that of ``limit`` tasks per type and of those the walk passes over
+    (keyed tasks behind the head of their key, tasks of a higher priority not due yet), not of the queue; the
+    caller orders the union (``priority DESC, available_at, created_at``) and keeps its first ``limit``. With
+    ``lock`` the rows read are locked, skipping those another claim holds (PostgreSQL; a candidate the caller
+    leaves stays locked until its transaction ends)."""
+    mine = f" AND t.id NOT IN {in_clause(len(held))}" if held else ""
+    # A walk orders by the index's own columns only: naming created_at there too would make the database sort
+    # every due task (ties of available_at are tasks queued at once; the index holds them about in the order
+    # they were written), where the caller sorts at most ``2 * limit`` candidates by it.
+    locked = tx.skip_locked if lock else ""
+    walks: list[str] = []
+    params: list[Any] = []
+    for type_ in types:
+        for due in _KINDS:
+            walks.append(
+                "SELECT * FROM (SELECT t.id, t.type, t.priority, t.available_at, t.created_at FROM em_tasks t "
+                f"WHERE t.type = ? AND {due}{mine} AND (t.order_key IS NULL OR {_HEAD}) "
+                f"ORDER BY t.priority DESC, t.available_at LIMIT ?{locked}) w")
+            params.extend((type_, now, *held, limit))
+    return " UNION ALL ".join(walks), params
+
+
+def due_order(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, now: float) -> list[str]:
+    """The types of the first ``limit`` tasks of ``types`` a claim could take (``held`` left out), highest
+    priority first: the order in which the engine gives its free slots to its types."""
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(types), _TYPES_PER_STATEMENT):
+        walks, params = _candidates(tx, types[start:start + _TYPES_PER_STATEMENT], held, limit, now, lock=False)
+        rows.extend(tx.query(f"SELECT type, priority, available_at, created_at FROM ({walks}) c "
+                             "ORDER BY priority DESC, available_at, created_at LIMIT ?", (*params, limit)))
+    rows.sort(key=lambda r: (-int(r[1]), float(r[2]), float(r[3])))
+    return [r[0] for r in rows[:limit]]
 
 
 def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_until: float,
           now: float) -> list[Claimed]:
     """Take up to ``limit`` tasks of ``type``, highest priority first: due pending ones, and running ones whose
     lease lapsed, except those in ``held`` (this owner still runs them, or a handler of theirs that ran past
-    its time limit: they are for other workers to take, never for this one to start twice)."""
-    mine = f" AND id NOT IN {in_clause(len(held))}" if held else ""
+    its time limit: they are for other workers to take, never for this one to start twice).
+
+    A task with an ``order_key`` is taken only at the head of its key: no task of that key with a lower
+    ``order_seq`` is pending or running. So tasks of one key run one at a time in ``order_seq`` order across
+    workers (an earlier task waiting for its retry, or running past a cancel, holds the later ones back; a
+    finished, failed, cancelled or dead one does not; a dead one queued again by ``redrive`` runs at once, even
+    beside a later one of its key).
+
+    The candidates are read by ``_candidates``, walks of the due index that stop at ``limit``."""
+    walks, params = _candidates(tx, [type], held, limit, now, lock=True)
     rows = tx.query(
         "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
-        "attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM em_tasks "
-        f"WHERE type = ?{mine} AND {_DUE} ORDER BY priority DESC, available_at, created_at "
-        f"LIMIT ?{tx.skip_locked}) RETURNING id, type, params, token, attempts",
-        (_RUNNING, owner, lease_until, now, now, type, *held, now, now, limit),
+        f"attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM ({walks}) c "
+        "ORDER BY priority DESC, available_at, created_at LIMIT ?) RETURNING id, type, params, token, attempts",
+        (_RUNNING, owner, lease_until, now, now, *params, limit),
     )
     return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4])) for r in rows]
 

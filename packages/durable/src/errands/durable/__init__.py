@@ -19,12 +19,14 @@ from .__about__ import __version__
 from ._async_context import AsyncCallback, AsyncDurableContext, DurableOperation
 from ._aws import AWSDurableExecutionClient, DurableServiceError
 from ._context import Callback, DurableContext, DurableFuture, StepContext, hash_id
+from ._effects import EffectFailedError
 from ._errors import (
     BatchItemError,
     CallbackError,
     CallbackTimeoutError,
     CheckpointError,
     ChildContextError,
+    ContinueAsNew,
     DurableError,
     DurableOperationError,
     ExecutionError,
@@ -33,11 +35,13 @@ from ._errors import (
     InvocationError,
     InvokeError,
     NonDeterministicExecutionError,
+    QueueDeduplicatedError,
     SerdesError,
     SignalRefusedError,
     SignalTimeoutError,
     StepError,
     StepInterruptedError,
+    StepTimeoutError,
     SuspendExecution,
     UnrecoverableError,
     WaitForConditionError,
@@ -53,6 +57,7 @@ from ._lambda import (
     with_durable_execution,
 )
 from ._registry import DuplicateFunctionError, durable_function
+from ._replay import Divergence, ReplayResult
 from ._retries import (
     JitterStrategy,
     RetryDecision,
@@ -113,6 +118,8 @@ __all__ = [
     "CompletionConfig",
     "CompletionReason",
     "ConcurrentItem",
+    "ContinueAsNew",
+    "Divergence",
     "DuplicateFunctionError",
     "DurableContext",
     "DurableError",
@@ -123,6 +130,7 @@ __all__ = [
     "DurableRunner",
     "DurableServiceError",
     "Duration",
+    "EffectFailedError",
     "ErrorObject",
     "ExecutionError",
     "ExecutionInfo",
@@ -150,6 +158,8 @@ __all__ = [
     "OperationUpdate",
     "ParallelConfig",
     "PassThroughSerdes",
+    "QueueDeduplicatedError",
+    "ReplayResult",
     "RetryDecision",
     "RetryPresets",
     "RetryStrategyConfig",
@@ -164,6 +174,7 @@ __all__ = [
     "StepError",
     "StepInterruptedError",
     "StepSemantics",
+    "StepTimeoutError",
     "SuspendExecution",
     "TerminationReason",
     "UnrecoverableError",

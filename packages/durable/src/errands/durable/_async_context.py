@@ -15,9 +15,14 @@ import inspect
 from datetime import timedelta
 from typing import Any, Awaitable, Callable, Coroutine, Generator, Generic, TypeVar
 
+from errands.core import Effect, EffectRecord
+
+from . import _effects as effects
 from . import _loops
 from ._context import (
     _PLAIN,
+    LEGACY_CALLBACK_NAMES,
+    LEGACY_SUBMITTER_NAMES,
     Batch,
     Callback,
     DurableContext,
@@ -32,6 +37,7 @@ from ._context import (
     _submitter_config,
     _submitter_error,
     is_async_callable,
+    wait_for_callback_names,
 )
 from ._errors import StepError, SuspendExecution
 from ._serdes import DEFAULT_SERDES
@@ -256,7 +262,10 @@ class AsyncDurableContext(_ContextCore):
                         ) -> DurableOperation[AsyncCallback]:
         """``cb = await ctx.create_callback(name)``: a callback id (committed before it is returned) and
         ``await cb.result()``."""
-        op_id, logic = self._create_callback_op(name, config)
+        return self._callback_operation(self._create_callback_op(name, config))
+
+    def _callback_operation(self, op: tuple[str, OperationLogic]) -> DurableOperation[AsyncCallback]:
+        op_id, logic = op
 
         async def create() -> AsyncCallback:
             return AsyncCallback(await self._drive(logic))
@@ -278,15 +287,21 @@ class AsyncDurableContext(_ContextCore):
         cfg = config or WaitForCallbackConfig()
         serdes = cfg.serdes or DEFAULT_SERDES
 
+        callback_name, submitter_name = wait_for_callback_names(name)
+
         async def body(child: AsyncDurableContext) -> Any:
-            cb = await child.create_callback(config=_callback_config(cfg, serdes))
-            if is_async_callable(sub):
-                async def submit(sctx: StepContext) -> Any:
-                    return await sub(cb.callback_id, sctx)
-                step = child.step(submit, name="submitter", config=_submitter_config(cfg))
-            else:
-                step = child.step(lambda sctx: sub(cb.callback_id, sctx), name="submitter",
-                                  config=_submitter_config(cfg))
+            cb = await child._callback_operation(child._create_callback_op(
+                callback_name, _callback_config(cfg, serdes), LEGACY_CALLBACK_NAMES))
+
+            async def submit_async(sctx: StepContext) -> Any:
+                return await sub(cb.callback_id, sctx)
+
+            def submit_sync(sctx: StepContext) -> Any:
+                return sub(cb.callback_id, sctx)
+
+            submit: Callable[[StepContext], Any] = submit_async if is_async_callable(sub) else submit_sync
+            step = child._operation(child._step_op(submit, None, _submitter_config(cfg), submitter_name,
+                                                   LEGACY_SUBMITTER_NAMES))
             try:
                 await step
             except StepError as exc:
@@ -305,6 +320,15 @@ class AsyncDurableContext(_ContextCore):
             SignalTimeoutError: no signal arrived within ``timeout``.
         """
         return self._operation(self._wait_for_signal_op(name, timeout))
+
+    def effect(self, name: str, effect: Effect) -> DurableOperation[EffectRecord]:
+        """``await ctx.effect(name, effect)``: as ``DurableContext.effect``; the operation id is taken at the
+        call.
+
+        Raises:
+            EffectFailedError: the effect ended ``FAILED`` or ``CANCELLED``.
+        """
+        return self._operation(effects.effect_op(self, name, effect))
 
     def run_in_child_context(self, name_or_fn: str | Callable[[Any], Any], fn: Callable[[Any], Any] | None = None,
                              config: ChildConfig | None = None, *, name: str | None = None) -> DurableOperation[Any]:
@@ -336,6 +360,16 @@ class AsyncDurableContext(_ContextCore):
             WaitForConditionError: ``check`` raised.
         """
         return self._operation(self._wait_for_condition_op(check, config, name))
+
+    def set_event(self, key: str, value: Any) -> DurableOperation[None]:
+        """``await ctx.set_event(key, value)``: publish ``value`` under ``key`` for ``DurableRunner.get_event``.
+        As ``DurableContext.set_event``."""
+        return self._operation(self._set_event_op(key, value))
+
+    def start_child(self, function: str, input: Any = None, *, name: str | None = None) -> DurableOperation[str]:
+        """``child_id = await ctx.start_child(function, input)``: start a child execution without waiting for
+        it. As ``DurableContext.start_child``."""
+        return self._operation(self._start_child_op(function, input, name))
 
     def map(self, name_or_items: Any, items_or_fn: Any = None, fn: Any = None, config: MapConfig | None = None,
             *, name: str | None = None) -> DurableOperation[BatchResult[Any]]:

@@ -14,6 +14,9 @@ from . import _schema as schema
 from ._transitions import can_settle_callback
 from ._values import ErrorObject, OperationStatus
 
+#: The prefix of ``ctx.effect``'s effect keys (``_effects.KEY_PREFIX``), which are its operations' callback ids.
+EFFECT_KEYS = "durable/"
+
 
 def _waiting(tx: Tx, callback_id: str) -> tuple[str, str] | None:
     """``(execution_id, operation_id)`` of the callback if it can still be settled, else None.
@@ -31,16 +34,34 @@ def _waiting(tx: Tx, callback_id: str) -> tuple[str, str] | None:
     return (execution_id, op_id) if can_settle_callback(op_status, execution_status) else None
 
 
+def settle_in(store: SQLStore, tx: Tx, callback_id: str, status: OperationStatus, result: str | None,
+              error: ErrorObject | None) -> bool:
+    """Settle the callback and wake its execution in ``tx``. False if it can take no answer any more.
+
+    Raises:
+        NotFoundError: no such callback.
+    """
+    waiting = _waiting(tx, callback_id)
+    if waiting is None:
+        return False
+    now = store.clock.now()
+    schema.settle_operation(tx, *waiting, status, result, error, now)
+    executions.signal(store, tx, waiting[0], now)
+    return True
+
+
+def _not_an_effect(callback_id: str) -> None:
+    """Refuse answers from outside to a ``ctx.effect`` operation (whose callback id is its effect's key)."""
+    if isinstance(callback_id, str) and callback_id.startswith(EFFECT_KEYS):
+        raise ConfigError(f"callback {callback_id!r} is a ctx.effect operation: it ends when its effect does "
+                          "(Outbox.resolve, approve, reject, cancel)", field="callback_id", value=callback_id)
+
+
 def _settle(store: SQLStore, callback_id: str, status: OperationStatus, result: str | None,
             error: ErrorObject | None) -> bool:
+    _not_an_effect(callback_id)
     with store.transaction() as tx:
-        waiting = _waiting(tx, callback_id)
-        if waiting is None:
-            return False
-        now = store.clock.now()
-        schema.settle_operation(tx, *waiting, status, result, error, now)
-        executions.signal(store, tx, waiting[0], now)
-    return True
+        return settle_in(store, tx, callback_id, status, result, error)
 
 
 def complete(store: SQLStore, callback_id: str, result: Any) -> bool:
@@ -75,6 +96,7 @@ def fail(store: SQLStore, callback_id: str, error: ErrorObject | BaseException |
 
 def heartbeat(store: SQLStore, callback_id: str) -> None:
     """Record that the party completing ``callback_id`` is still working (resets its heartbeat timeout)."""
+    _not_an_effect(callback_id)
     with store.transaction() as tx:
         waiting = _waiting(tx, callback_id)
         if waiting is not None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from errands.core import Lease, LeaseLostError
 from errands.core.runtime import Beat, error_text, retry_infrastructure
 from errands.core.store import SQLStore, Tx
 
+from . import _effects as effects
 from . import _executions as executions
 from . import _schema as schema
 from . import _signals as signals
@@ -34,8 +35,11 @@ class StoreCheckpoints:
     """Checkpoints of one invocation into the store, under ``lease`` (the worker's claim on the execution's
     queue item) and ``run_token`` (the execution's, as this invocation took it)."""
 
+    #: ``ctx.start_child`` creates executions through this backend (the Lambda API's cannot).
+    starts_children = True
+
     def __init__(self, store: SQLStore, lease: Lease, run_token: int, *, lease_for: float,
-                 registry: Registry) -> None:
+                 registry: Registry, outbox: Any = None) -> None:
         self.store = store
         self.clock = store.clock
         self.execution_id = lease.key
@@ -43,6 +47,8 @@ class StoreCheckpoints:
         self.run_token = run_token
         self.lease_for = lease_for
         self.registry = registry
+        #: The ``Outbox`` that ``ctx.effect`` submits through (None: ctx.effect is refused).
+        self.outbox = outbox
         self.beat: Beat | None = None
         self._kept_alive = self.clock.now()
         self._renewing = threading.Lock()
@@ -132,6 +138,13 @@ class StoreCheckpoints:
                                   parent=(self.execution_id, u.operation_id))
             elif u.sub_type is OperationSubType.WAIT_FOR_SIGNAL and u.action is OperationAction.START and u.name:
                 signal_names[u.name] = None
+            elif u.sub_type is OperationSubType.SET_EVENT and u.name:
+                schema.set_event(tx, self.execution_id, u.name, u.payload, now)
+            elif u.sub_type is OperationSubType.START_CHILD and u.action is OperationAction.START:
+                assert u.function_name is not None and u.child_execution_id is not None
+                executions.create(self.store, tx, u.child_execution_id, u.function_name, u.payload, now,
+                                  parent=(self.execution_id, None))
+        effects.submit_started(self.outbox, tx, updates)
         # a wait that starts takes the oldest signal of its name already kept, in this transaction
         taken = {op_id: payload for name in signal_names
                  for op_id, payload in signals.deliver(tx, self.execution_id, name, now)}

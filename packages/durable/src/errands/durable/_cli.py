@@ -1,4 +1,4 @@
-"""``errands executions list|history|terminate|rerun|signal``. The store is resolved as for every ``errands``
+"""``errands executions list|history|terminate|rerun|signal|replay``. The store is resolved as for every ``errands``
 command (``errands.core.cli``): ``--store``, the config's store, ``$ERRANDS_STORE``, the default."""
 
 from __future__ import annotations
@@ -85,9 +85,51 @@ def _cmd_signal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_function(spec: str) -> Any:
+    """``module:function`` imported (the current directory importable, as ``python -m`` has it)."""
+    import importlib
+    import sys
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--function must be module:function, got {spec!r}", field="function", value=spec)
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--function {spec!r} cannot be loaded: {exc}", field="function", value=spec) from None
+    if not callable(target):
+        raise ConfigError(f"--function {spec!r} is not callable", field="function", value=spec)
+    return target
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    fn = _load_function(args.function)
+    with _runner(args) as runner:
+        found = runner.replay(args.execution_id, fn)
+    if args.json:
+        print_json(found.to_dict())
+    elif found.divergence is None:
+        print(f"{found.execution_id}: no divergence ({found.reached} of {found.operations} operations replayed, "
+              f"{found.outcome})")
+    else:
+        d = found.divergence
+
+        def shape(s: dict[str, Any] | None) -> str:
+            return "-" if s is None else f"{s['type']}/{s['sub_type'] or '-'} {s['name']!r}"
+
+        print(f"{found.execution_id}: diverges at operation #{d.index} ({d.operation_id})")
+        print_table(["", "type/subtype name"], [["expected", shape(d.expected)], ["got", shape(d.got)]])
+        print(d.message)
+    return 0 if found.ok else 1
+
+
 def register(group: Any) -> None:
     """Add ``executions`` and its sub-commands to the ``errands`` parser."""
-    p = group.add_parser("executions", help="durable executions: list, history, terminate, rerun, signal")
+    p = group.add_parser("executions", help="durable executions: list, history, terminate, rerun, signal, replay")
     sub = p.add_subparsers(dest="executions_command", metavar="ACTION")
 
     q = sub.add_parser("list", help="list executions, newest first")
@@ -121,6 +163,12 @@ def register(group: Any) -> None:
     q.add_argument("name", help="the signal's name, as ctx.wait_for_signal(name) waits for it")
     q.add_argument("--payload", default=None, help="the signal's payload, as JSON (default: null)")
     q.set_defaults(func=_cmd_signal)
+
+    q = sub.add_parser("replay", help="replay an execution's history against new code; exit 1 on a divergence")
+    add_store_options(q)
+    q.add_argument("execution_id")
+    q.add_argument("--function", required=True, help="the new code, as module:function")
+    q.set_defaults(func=_cmd_replay)
 
     def _help(_args: argparse.Namespace) -> int:
         p.print_help()

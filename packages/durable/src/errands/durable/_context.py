@@ -10,16 +10,19 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Callable, Generator, Generic, Mapping, NoReturn, Sequence, TypeVar, Union
 
-from errands.core import ConfigError
+from errands.core import ConfigError, Effect, EffectRecord
+from errands.core.store import dumps
 
+from . import _effects as effects
 from . import _loops
 from ._errors import (
     CallbackError,
     CallbackTimeoutError,
     CheckpointError,
     ChildContextError,
+    ContinueAsNew,
     DurableOperationError,
     ExecutionFencedOut,
     InvalidStateError,
@@ -260,8 +263,10 @@ class _ContextCore:
         return _loops.run_here(aw)
 
     # -- plumbing --------------------------------------------------------------------------------
-    def _next(self, type_: OperationType, sub_type: OperationSubType | None, name: str | None
-              ) -> tuple[str, Operation | None]:
+    def _next(self, type_: OperationType, sub_type: OperationSubType | None, name: str | None,
+              legacy: tuple[str | None, ...] = ()) -> tuple[str, Operation | None]:
+        """The next operation id here and its checkpoint, if any; a checkpoint of another type, subtype or
+        name (other than a ``legacy`` one: the name an older errands recorded for it) is non-deterministic."""
         with self._lock:
             if self._inside:
                 raise InvalidStateError(
@@ -274,13 +279,13 @@ class _ContextCore:
         if state.fatal is not None:
             raise state.fatal
         op = state.get(op_id)
-        if op is not None and (op.type, op.sub_type, op.name) != (type_, sub_type, name):
+        if op is not None and ((op.type, op.sub_type) != (type_, sub_type) or op.name not in (name, *legacy)):
             raise state.mark_fatal(NonDeterministicExecutionError(
                 f"operation #{counter} under {self._parent_id or 'the root'} was "
                 f"{op.type.value}/{op.sub_type.value if op.sub_type else '-'} {op.name!r} when checkpointed, "
                 f"now {type_.value}/{sub_type.value if sub_type else '-'} {name!r}: the function must call "
                 "the same operations in the same order on every replay",
-                step_id=op_id,
+                step_id=op_id, got=(type_, sub_type, name),
             ))
         return op_id, op
 
@@ -291,12 +296,12 @@ class _ContextCore:
             name=name, sub_type=sub_type, **kw), sync=sync)
 
     # -- step ------------------------------------------------------------------------------------
-    def _step_op(self, name_or_fn: Any, fn: Any, config: StepConfig | None, name: str | None
-                 ) -> tuple[str, OperationLogic]:
+    def _step_op(self, name_or_fn: Any, fn: Any, config: StepConfig | None, name: str | None,
+                 legacy: tuple[str | None, ...] = ()) -> tuple[str, OperationLogic]:
         name, func = _name_and_callable(name_or_fn, fn, name, "step function")
         config = config or StepConfig()
-        op_id, op = self._next(OperationType.STEP, OperationSubType.STEP, _check_name(name))
-        return op_id, self._step_logic(op_id, op, name, func, config)
+        op_id, op = self._next(OperationType.STEP, OperationSubType.STEP, _check_name(name), legacy)
+        return op_id, self._step_logic(op_id, op, op.name if op is not None else name, func, config)
 
     def _step_logic(self, op_id: str, op: Operation | None, name: str | None, func: Callable[[StepContext], Any],
                     config: StepConfig) -> OperationLogic:
@@ -306,6 +311,10 @@ class _ContextCore:
         if replayed is not _RUN:
             return replayed
         strategy: RetryStrategy = config.retry_strategy or RetryPresets.default()
+        if config.timeout is not None:
+            from ._timeouts import bounded
+
+            func = bounded(func, config.timeout, is_async_callable(func), f"step {name or op_id}")
         at_most_once = config.step_semantics is StepSemantics.AT_MOST_ONCE_PER_RETRY
         attempt = op.attempt if op is not None and op.attempt else 1
         started = op is not None and op.status is OperationStatus.STARTED
@@ -387,9 +396,11 @@ class _ContextCore:
         return op_id, _immediate(wait)
 
     # -- callbacks -------------------------------------------------------------------------------
-    def _create_callback_op(self, name: str | None, config: CallbackConfig | None) -> tuple[str, OperationLogic]:
+    def _create_callback_op(self, name: str | None, config: CallbackConfig | None,
+                            legacy: tuple[str | None, ...] = ()) -> tuple[str, OperationLogic]:
         config = config or CallbackConfig()
-        op_id, op = self._next(OperationType.CALLBACK, OperationSubType.CALLBACK, _check_name(name))
+        op_id, op = self._next(OperationType.CALLBACK, OperationSubType.CALLBACK, _check_name(name), legacy)
+        name = op.name if op is not None else name
 
         def create() -> Callback:
             current = op
@@ -561,6 +572,47 @@ class _ContextCore:
                          sync=True)
         raise SuspendExecution(f"condition {label or op_id}", until=state.now() + delay)
 
+    # -- versioning, events, children, continue as new --------------------------------------------
+    def patched(self, change_id: str) -> bool:
+        """Whether this execution takes the code path of ``change_id`` (Temporal's ``workflow.patched``):
+        True for an execution that reaches this point on code that has it (a marker is checkpointed, so its
+        replays agree), False for one whose history passed this point before the change was deployed. Not
+        awaited, in an ``async def`` function too.
+
+        Raises:
+            ConfigError: ``change_id`` is not a non-empty string.
+        """
+        from ._versioning import patched
+
+        return patched(self, change_id)
+
+    def deprecate_patch(self, change_id: str) -> None:
+        """Stand where ``patched(change_id)`` stood once its old branch is gone (Temporal's
+        ``workflow.deprecate_patch``): histories with the marker replay, new ones get none."""
+        from ._versioning import patched
+
+        patched(self, change_id, record=False)
+
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this run and start the execution again on ``input`` with an empty history (the same
+        execution id; ``ExecutionInfo`` keeps it, its run number grows), so a long-lived function's history
+        stays bounded. Kept signals and events carry over; operations not checkpointed yet are dropped.
+
+        Raises:
+            PayloadError: ``input`` is not JSON.
+        """
+        raise ContinueAsNew(dumps(input, field="input"))
+
+    def _set_event_op(self, key: str, value: Any) -> tuple[str, OperationLogic]:
+        from ._events import set_event_op
+
+        return set_event_op(self, key, value)
+
+    def _start_child_op(self, function: str, input: Any, name: str | None) -> tuple[str, OperationLogic]:
+        from ._continuation import start_child_op
+
+        return start_child_op(self, function, input, name)
+
     # -- map / parallel --------------------------------------------------------------------------
     def _map_batch(self, name_or_items: Any, items_or_fn: Any, fn: Any, config: MapConfig | None,
                    name: str | None) -> Batch:
@@ -607,8 +659,7 @@ class _ContextCore:
         names = [n for n, _ in branches]
         return self._batch(name, [(f, ()) for _, f in branches], config.max_concurrency, config.completion_config,
                            config.item_serdes or config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
-                           OperationSubType.PARALLEL_BRANCH, names=names if any(names) else None,
-                           batch_serdes=config.batch_serdes)
+                           OperationSubType.PARALLEL_BRANCH, names=names, batch_serdes=config.batch_serdes)
 
     def _items_batch(self, name: str | None, items: Any, fn: Any, config: ParallelConfig | None) -> Batch:
         """``execute_concurrently(name, items, fn)``: ``fn(child_ctx, item)`` per ``ConcurrentItem``."""
@@ -618,8 +669,7 @@ class _ContextCore:
         names = [item.name for item in seq]
         return self._batch(name, [(fn, (item,)) for item in seq], config.max_concurrency, config.completion_config,
                            config.item_serdes or config.serdes or DEFAULT_SERDES, OperationSubType.PARALLEL,
-                           OperationSubType.PARALLEL_BRANCH, names=names if any(names) else None,
-                           batch_serdes=config.batch_serdes)
+                           OperationSubType.PARALLEL_BRANCH, names=names, batch_serdes=config.batch_serdes)
 
     def _batch(self, name: str | None, branches: list[tuple[Callable[..., Any], tuple[Any, ...]]],
                max_concurrency: int | None, completion: CompletionConfig, serdes: Serdes, outer: OperationSubType,
@@ -630,9 +680,17 @@ class _ContextCore:
                               field="max_concurrency", value=max_concurrency)
         op_id, op = self._next(OperationType.CONTEXT, outer, name)
         batch = Batch(self, op_id, op, name, branches, max_concurrency, completion, serdes, outer, inner)
-        batch.names = names or [None] * len(branches)
+        batch.names = branch_names(inner, names or [None] * len(branches))
         batch.batch_serdes = batch_serdes
         return batch
+
+
+def branch_names(inner: OperationSubType, given: Sequence[str | None]) -> list[str | None]:
+    """The names of a batch's iterations or branches: as given, else as AWS's SDK names them,
+    ``map-item-<i>`` / ``parallel-branch-<i>``. (errands left them unnamed before; their names are not
+    checked on replay, so such a history replays.)"""
+    prefix = "map-item-" if inner is OperationSubType.MAP_ITERATION else "parallel-branch-"
+    return [n if n is not None else f"{prefix}{i}" for i, n in enumerate(given)]
 
 
 class Batch:
@@ -660,7 +718,7 @@ class Batch:
         self.queue: list[int] = []
         self.stop = False
         self.fatal: BaseException | None = None
-        self.names: list[str | None] = [None] * self.total
+        self.names: list[str | None] = []
         self.batch_serdes: Serdes | None = None
 
     def open(self) -> BatchResult[Any] | None:
@@ -668,7 +726,7 @@ class Batch:
         (None)."""
         state = self.state
         if self.op is not None and self.op.status is OperationStatus.SUCCEEDED:
-            return _decode_batch(self.op.result, self.serdes, self.op_id, state.execution_id, self.batch_serdes)
+            return self.decode(self.op.result)
         if self.op is None:
             self.op = self.ctx._start(self.op_id, OperationType.CONTEXT, self.outer, self.name)
         for i, bid in enumerate(self.branch_ids):
@@ -741,7 +799,8 @@ class Batch:
         for i in range(total):
             kind, value = finished.get(i, ("started", None))
             if kind == "ok":
-                items.append({"index": i, "status": "SUCCEEDED", "result": value, "error": None})
+                items.append({"index": i, "status": "SUCCEEDED", "result": self._item_result(i, value),
+                              "error": None})
             elif kind == "err":
                 items.append({"index": i, "status": "FAILED", "result": None,
                               "error": value.to_dict() if value else None})
@@ -754,7 +813,47 @@ class Batch:
             text = json.dumps(data, separators=(",", ":"))
         assert self.op is not None
         state.checkpoint(_update(self.op, OperationAction.SUCCEED, payload=text), sync=False)
-        return _decode_batch(text, self.serdes, self.op_id, state.execution_id, self.batch_serdes)
+        return self.decode(text)
+
+    def _item_result(self, i: int, text: str | None) -> Any:
+        """What the checkpoint holds for item ``i``'s result: its value, as AWS's SDK's batch results do, when
+        that is plain JSON; else the text the item serdes made of it (as the branch's own checkpoint)."""
+        value = _decode(self.serdes, text, self.branch_ids[i], self.state.execution_id)
+        return value if _plain_json(value) else text
+
+    def decode(self, text: str | None) -> BatchResult[Any]:
+        """The ``BatchResult`` of the checkpointed ``text``. An item's result is its branch checkpoint's text
+        when it equals that text (so, decoded with the item serdes: a value JSON cannot hold, or a history
+        recorded before batch results held values), else the value itself."""
+        state, serdes = self.state, self.serdes
+        if text is not None and self.batch_serdes is not None:
+            data = self.batch_serdes.deserialize(text, SerdesContext(self.op_id, state.execution_id))
+        else:
+            data = json.loads(text or '{"all":[],"completionReason":"ALL_COMPLETED"}')
+        items: list[BatchItem[Any]] = []
+        for raw in data["all"]:
+            index, status = int(raw["index"]), BatchItemStatus(raw["status"])
+            result = raw.get("result")
+            if status is not BatchItemStatus.SUCCEEDED:
+                result = None
+            elif isinstance(result, str) and 0 <= index < self.total:
+                bop = state.get(self.branch_ids[index])
+                if bop is not None and bop.result == result:
+                    result = _decode(serdes, result, bop.id, state.execution_id)
+            error = ErrorObject.from_dict(raw["error"]) if raw.get("error") else None
+            items.append(BatchItem(index=index, status=status, result=result, error=error))
+        return BatchResult(all=items, completion_reason=CompletionReason(data["completionReason"]))
+
+
+def _plain_json(value: Any) -> bool:
+    """Whether ``value`` is made of JSON's own types only (and so comes back from JSON as it went in)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    if type(value) is list:
+        return all(_plain_json(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _plain_json(v) for k, v in value.items())
+    return False
 
 
 class DurableFuture(Generic[T]):
@@ -921,11 +1020,14 @@ class DurableContext(_ContextCore):
         config = config or WaitForCallbackConfig()
         serdes = config.serdes or DEFAULT_SERDES
 
+        callback_name, submitter_name = wait_for_callback_names(name)
+
         def body(child: DurableContext) -> Any:
-            cb = child.create_callback(config=_callback_config(config, serdes))
+            cb: Callback = child._drive(child._create_callback_op(
+                callback_name, _callback_config(config, serdes), LEGACY_CALLBACK_NAMES)[1])
             try:
-                child.step(lambda sctx: sub(cb.callback_id, sctx), name="submitter",
-                           config=_submitter_config(config))
+                child._drive(child._step_op(lambda sctx: sub(cb.callback_id, sctx), None, _submitter_config(config),
+                                            submitter_name, LEGACY_SUBMITTER_NAMES)[1])
             except StepError as exc:
                 raise _submitter_error(exc) from exc
             return cb.result()
@@ -946,6 +1048,21 @@ class DurableContext(_ContextCore):
             SignalTimeoutError: no signal arrived within ``timeout``.
         """
         return self._drive(self._wait_for_signal_op(name, timeout)[1])
+
+    def effect(self, name: str, effect: Effect) -> EffectRecord:
+        """Submit ``effect`` through the runner's outbox, in the transaction of this operation's checkpoint,
+        and suspend until it is ``CONFIRMED``; on replay, the recorded record. See ``_effects``.
+
+        Args:
+            name: the operation's name.
+            effect: the effect; its ``key`` is replaced by ``durable/<execution id>/<operation id>`` and its
+                ``run_id`` defaults to the execution id (``Outbox.compensate_run(execution_id)``).
+
+        Raises:
+            EffectFailedError: the effect ended ``FAILED`` or ``CANCELLED`` (``.record`` says how).
+            ConfigError, PayloadError: a bad effect, or a runner without an outbox; nothing is submitted.
+        """
+        return self._drive(effects.effect_op(self, name, effect)[1])  # type: ignore[no-any-return]
 
     # -- child contexts --------------------------------------------------------------------------
     def run_in_child_context(self, name_or_fn: str | Callable[[DurableContext], T],
@@ -968,6 +1085,28 @@ class DurableContext(_ContextCore):
             InvokeError: the child execution failed.
         """
         return self._drive(self._invoke_op(function_name, payload, name, config)[1])
+
+    # -- events and children ---------------------------------------------------------------------
+    def set_event(self, key: str, value: Any) -> None:
+        """Publish ``value`` (JSON) under ``key`` for ``DurableRunner.get_event``: a checkpointed operation,
+        committed before this returns; the latest value of a key wins.
+
+        Raises:
+            ConfigError: ``key`` is not a non-empty string. PayloadError: ``value`` is not JSON.
+        """
+        self._drive(self._set_event_op(key, value)[1])
+
+    def start_child(self, function: str, input: Any = None, *, name: str | None = None) -> str:
+        """Start the durable function ``function`` on ``input`` as a child execution without waiting for it;
+        its id (``<this id>/<operation id>``, the same on every replay). The child ends with its parent's
+        timeout or recursive termination; ``DurableRunner.get`` / ``wait`` follow it.
+
+        Raises:
+            ConfigError: ``function`` is not registered, or the backend is not a ``DurableRunner``'s.
+            PayloadError: ``input`` is not JSON.
+        """
+        child: str = self._drive(self._start_child_op(function, input, name)[1])
+        return child
 
     # -- wait for condition ----------------------------------------------------------------------
     def wait_for_condition(self, check: Callable[[Any, StepContext], Any] | str,
@@ -1029,6 +1168,18 @@ class DurableContext(_ContextCore):
 def _callback_config(config: WaitForCallbackConfig, serdes: Serdes) -> CallbackConfig:
     return CallbackConfig(timeout_seconds=config.timeout_seconds,
                           heartbeat_timeout_seconds=config.heartbeat_timeout_seconds, serdes=serdes)
+
+
+def wait_for_callback_names(name: str | None) -> tuple[str, str]:
+    """The names of ``wait_for_callback``'s callback and submitter step, as AWS's SDK gives them:
+    ``"<name> create callback id"`` and ``"<name> submitter"``."""
+    prefix = f"{name} " if name else ""
+    return f"{prefix}create callback id", f"{prefix}submitter"
+
+
+#: The names errands gave them before it named them as AWS's SDK does; a history recorded then replays.
+LEGACY_CALLBACK_NAMES: tuple[str | None, ...] = (None,)
+LEGACY_SUBMITTER_NAMES: tuple[str | None, ...] = ("submitter",)
 
 
 def _submitter_config(config: WaitForCallbackConfig) -> StepConfig:
@@ -1095,22 +1246,6 @@ def _concurrent_item(item: Any, index: int) -> ConcurrentItem[Any]:
     return ConcurrentItem(id=str(index), data=item, index=index)
 
 
-def _decode_batch(text: str | None, serdes: Serdes, op_id: str, execution_id: str,
-                  batch_serdes: Serdes | None = None) -> BatchResult[Any]:
-    if text is not None and batch_serdes is not None:
-        data = batch_serdes.deserialize(text, SerdesContext(op_id, execution_id))
-    else:
-        data = json.loads(text or '{"all":[],"completionReason":"ALL_COMPLETED"}')
-    items: list[BatchItem[Any]] = []
-    for raw in data["all"]:
-        status = BatchItemStatus(raw["status"])
-        bid = operation_id(op_id, int(raw["index"]) + 1)
-        result = _decode(serdes, raw.get("result"), bid, execution_id) if status is BatchItemStatus.SUCCEEDED else None
-        error = ErrorObject.from_dict(raw["error"]) if raw.get("error") else None
-        items.append(BatchItem(index=int(raw["index"]), status=status, result=result, error=error))
-    return BatchResult(all=items, completion_reason=CompletionReason(data["completionReason"]))
-
-
 @dataclass(frozen=True, slots=True)
 class InvocationOutcome:
     """How one invocation of a durable function ended. ``ABANDONED`` (with ``abandoned``): the store failed
@@ -1150,6 +1285,10 @@ def _run_handler(fn: Callable[[Any, Any], Any], event: Any, state: ExecutionStat
             value = fn(event, DurableContext(state))
     except InvocationAbandoned as abandoned:
         return InvocationOutcome("ABANDONED", abandoned=abandoned)
+    except ContinueAsNew as cont:  # the next run's input travels as the outcome's result
+        if state.fatal is not None:
+            return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal))
+        return InvocationOutcome("CONTINUED", result=cont.input_text)
     except SuspendExecution as s:
         if state.fatal is not None:
             return InvocationOutcome("FAILED", error=ErrorObject.from_exception(state.fatal))

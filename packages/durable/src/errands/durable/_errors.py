@@ -17,13 +17,17 @@ The tree::
         ├── SerdesError                   a value could not be serialised or deserialised
         ├── CheckpointError               the checkpoint service refused an update (stale token)
         ├── StepInterruptedError          an at-most-once step was cut off mid-attempt
+        ├── StepTimeoutError              a step attempt ran past ``StepConfig(timeout=...)``
         ├── SignalRefusedError            a signal sent to a finished execution (also a ConfigError)
+        ├── QueueDeduplicatedError        a start on a queue whose dedup_id an unfinished execution holds
         └── DuplicateFunctionError        a function name is taken by another function (also a ConfigError;
                                           defined with the registry, in ``_registry``)
 
     BaseException
     ├── SuspendExecution                  control signal: the invocation stops here, PENDING
     ├── ExecutionFencedOut                control signal: another invocation owns the execution now
+    │   └── ReplayStopped                 ... or ``DurableRunner.replay`` reached the end of the history
+    ├── ContinueAsNew                     control signal: ``ctx.continue_as_new`` ends this run
     └── InvocationAbandoned               control signal: the store failed under the invocation; it is
                                           retried soon and never recorded as the execution's failure
 
@@ -112,9 +116,11 @@ class NonDeterministicExecutionError(DurableError):
     The invocation fails even if user code catches this error.
     """
 
-    def __init__(self, message: str, *, step_id: str | None = None) -> None:
+    def __init__(self, message: str, *, step_id: str | None = None, got: tuple[Any, ...] | None = None) -> None:
         super().__init__(message)
         self.step_id = step_id
+        #: ``(type, sub_type, name)`` of the operation the code called instead, when known.
+        self.got = got
 
 
 class SerdesError(DurableError):
@@ -160,6 +166,10 @@ class StepInterruptedError(DurableError):
     """An ``AT_MOST_ONCE_PER_RETRY`` attempt was cut off before its outcome was checkpointed."""
 
 
+class StepTimeoutError(DurableError):
+    """A step attempt ran longer than its ``StepConfig(timeout=...)``; it counts as a failed attempt."""
+
+
 class SignalRefusedError(DurableError, ConfigError):
     """``send_signal`` to an execution that has finished: nothing can receive the signal any more, so it is
     not kept.
@@ -176,6 +186,24 @@ class SignalRefusedError(DurableError, ConfigError):
         self.status = status
 
 
+class QueueDeduplicatedError(DurableError):
+    """``start(..., queue=q, dedup_id=d)`` while another execution started on ``q`` with ``d`` has not
+    finished: nothing is started (DBOS's ``DBOSQueueDeduplicatedError``).
+
+    Attributes:
+        queue: the queue.
+        dedup_id: the deduplication id.
+        execution_id: the unfinished execution that holds it.
+    """
+
+    def __init__(self, queue: str, dedup_id: str, execution_id: str) -> None:
+        super().__init__(f"queue {queue!r} already has execution {execution_id!r} with dedup_id {dedup_id!r}, not "
+                         "finished; wait for it (or pass another dedup_id)")
+        self.queue = queue
+        self.dedup_id = dedup_id
+        self.execution_id = execution_id
+
+
 class SuspendExecution(BaseException):
     """Control signal: the invocation stops and the execution is ``PENDING`` until ``until``
     (epoch seconds) or a callback or child arrives.
@@ -190,6 +218,20 @@ class SuspendExecution(BaseException):
 
 class ExecutionFencedOut(BaseException):
     """Control signal: another invocation (or an operator) took this execution over; stop now."""
+
+
+class ReplayStopped(ExecutionFencedOut):
+    """Control signal of ``DurableRunner.replay``: the function would write (or run a step) past what the
+    history holds; the replay ends there, having written nothing."""
+
+
+class ContinueAsNew(BaseException):
+    """Control signal: ``ctx.continue_as_new(input)`` ends this run; the execution starts afresh on
+    ``input_text`` with an empty history."""
+
+    def __init__(self, input_text: str) -> None:
+        super().__init__("continue as new")
+        self.input_text = input_text
 
 
 class InvocationAbandoned(BaseException):

@@ -35,12 +35,15 @@ def new_execution_id(execution_id: str | None) -> str:
 
 
 def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str | None, now: float, *,
-           parent: tuple[str, str] | None = None, run_token: int = 0) -> bool:
-    """A new execution, due now, with its ``durable.execution.started`` event. False (nothing changes) if
-    the id exists."""
+           parent: tuple[str, str | None] | None = None, run_token: int = 0, queued: bool = False) -> bool:
+    """A new execution, due now (``queued``: ``ENQUEUED``, until its queue admits it), with its
+    ``durable.execution.started`` event. False (nothing changes) if the id exists."""
     if not schema.insert_execution(tx, execution_id, function, input_text, now, parent=parent, run_token=run_token):
         return False
-    store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)
+    if queued:
+        schema.hold_execution(tx, execution_id)
+    else:
+        store.enqueue(schema.QUEUE, [(execution_id, None, now)], tx=tx)
     store.append_events([NewEvent(f"durable/{execution_id}", "durable.execution.started",
                                   {"execution_id": execution_id, "function": function,
                                    "parent_id": parent[0] if parent else None})], tx=tx)
@@ -48,14 +51,16 @@ def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text
 
 
 def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str, now: float, *,
-          run_token: int = 0) -> bool:
+          run_token: int = 0, timeout: float | None = None, queued: bool = False) -> bool:
     """Create the execution, or find it created already with the same function and input (a start is
-    idempotent on its id). Whether it was created.
+    idempotent on its id). Whether it was created. With ``timeout``, its deadline is queued too.
 
     Raises:
         AlreadyExistsError: the id exists with another function or input.
     """
-    if create(store, tx, execution_id, function, input_text, now, run_token=run_token):
+    if create(store, tx, execution_id, function, input_text, now, run_token=run_token, queued=queued):
+        if timeout is not None:
+            store.enqueue(schema.DEADLINES, [(execution_id, None, now + timeout)], tx=tx)
         return True
     existing = schema.function_and_input(tx, execution_id)
     if existing != (function, input_text):
@@ -70,6 +75,7 @@ def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, res
     """Record a terminal status, publish ``durable.execution.<status>`` and hand the outcome to a waiting
     parent."""
     parent_id, parent_op, function = schema.end_execution(tx, execution_id, status, result, error, now)
+    schema.end_queue_item(tx, execution_id, now)
     data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
     if error is not None:
         data["error"] = error.to_dict()

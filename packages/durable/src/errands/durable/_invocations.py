@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from errands.core import ConfigError, Lease, LeaseLostError
 from errands.core.runtime import error_text, heartbeat, is_infrastructure_error
@@ -19,6 +19,7 @@ from . import _executions as executions
 from . import _schema as schema
 from ._checkpoints import StoreCheckpoints
 from ._context import InvocationOutcome, run_handler
+from ._continuation import continue_run
 from ._errors import ExecutionFencedOut, InvocationAbandoned
 from ._registry import Registry
 from ._state import ExecutionState
@@ -42,12 +43,14 @@ class Invocations:
         always_replay: end every invocation after each newly completed operation.
     """
 
-    def __init__(self, store: SQLStore, registry: Registry, *, lease_for: float, always_replay: bool) -> None:
+    def __init__(self, store: SQLStore, registry: Registry, *, lease_for: float, always_replay: bool,
+                 outbox: Any = None) -> None:
         self.store = store
         self.clock = store.clock
         self.registry = registry
         self.lease_for = lease_for
         self.always_replay = always_replay
+        self.outbox = outbox
         self._abandons: dict[str, int] = {}
 
     # -- claiming -------------------------------------------------------------------------------
@@ -60,6 +63,11 @@ class Invocations:
         return self._run_claimed(lambda: self.store.claim(schema.QUEUE, limit, lease_for=self.lease_for),
                                  "durable executions", logging.WARNING)
 
+    def claim_due(self, limit: int) -> list[Lease]:
+        """Claim up to ``limit`` due executions (none when the store fails), to be run by the caller."""
+        return self._claimed(lambda: self.store.claim(schema.QUEUE, limit, lease_for=self.lease_for),
+                             "durable executions", logging.WARNING)
+
     def run_keys(self, keys: Sequence[str]) -> int:
         """Run one invocation of each of ``keys`` that is due and not held by a worker."""
         if not keys:
@@ -67,18 +75,22 @@ class Invocations:
         return self._run_claimed(lambda: self.claim_keys(keys), f"executions {', '.join(keys)}", logging.INFO)
 
     def _run_claimed(self, claim: Callable[[], list[Lease]], what: str, level: int) -> int:
+        """Run what ``claim()`` leased, one after another."""
+        leases = self._claimed(claim, what, level)
+        for lease in leases:
+            self.run(lease)
+        return len(leases)
+
+    def _claimed(self, claim: Callable[[], list[Lease]], what: str, level: int) -> list[Lease]:
         """A store fault while claiming claims nothing this time (logged at ``level``); any other error
         is a bug and propagates."""
         try:
-            leases = claim()
+            return claim()
         except Exception as exc:
             if not is_infrastructure_error(exc):
                 raise
             log.log(level, "claiming %s failed (%s); trying again next round", what, error_text(exc))
-            return 0
-        for lease in leases:
-            self.run(lease)
-        return len(leases)
+            return []
 
     # -- running --------------------------------------------------------------------------------
     def run(self, lease: Lease) -> None:
@@ -114,7 +126,8 @@ class Invocations:
         return True
 
     def _checkpoints(self, lease: Lease, run_token: int) -> StoreCheckpoints:
-        return StoreCheckpoints(self.store, lease, run_token, lease_for=self.lease_for, registry=self.registry)
+        return StoreCheckpoints(self.store, lease, run_token, lease_for=self.lease_for, registry=self.registry,
+                                outbox=self.outbox)
 
     def _invoke(self, backend: StoreCheckpoints, function: str, input_text: str | None,
                 ops: dict[str, Operation], signal_seq: int) -> None:
@@ -168,6 +181,8 @@ class Invocations:
             self.store.release([backend.lease], delay=settled.release_in, tx=tx)
         if settled.status.terminal:
             executions.end(self.store, tx, eid, settled.status, outcome.result, outcome.error, now)
+        elif outcome.status == "CONTINUED":
+            continue_run(self.store, tx, eid, outcome.result, now)
 
     # -- giving up ------------------------------------------------------------------------------
     def _backoff(self, execution_id: str) -> float:

@@ -516,6 +516,9 @@ def with_durable_execution(handler: Callable[[Any, DurableContext], Any] | Calla
         if outcome.abandoned is not None and isinstance(outcome.abandoned.cause, ExecutionError):
             outcome = InvocationOutcome("FAILED", error=ErrorObject.from_exception(outcome.abandoned.cause,
                                                                                    with_trace=False))
+        if outcome.status == "CONTINUED":
+            outcome = InvocationOutcome("FAILED", error=ErrorObject(
+                type="ConfigError", message="continue_as_new needs a DurableRunner (the Lambda API has no such end)"))
         if outcome.abandoned is not None:
             cause = outcome.abandoned.cause
             if cause is None:

@@ -17,7 +17,7 @@ from errands.core.store import SQLStore, Tx, dumps
 from . import _executions as executions
 from . import _schema as schema
 from ._transitions import find_operation, kept_for_rerun, statuses, terminated_error
-from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation
+from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, OperationSubType
 
 
 # -- read models ----------------------------------------------------------------------------------
@@ -67,15 +67,24 @@ def terminate(store: SQLStore, execution_id: str, reason: str | None, *, recursi
     return get(store, execution_id)
 
 
-def _terminate(store: SQLStore, tx: Tx, execution_id: str, error: ErrorObject, recursive: bool) -> None:
+def end_tree(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, error: ErrorObject) -> None:
+    """End the execution and every execution it started, at any depth, that has not ended (under one that
+    has, too: a deadline holds for the children an execution left running), with ``status`` and ``error``."""
+    _terminate(store, tx, execution_id, error, False, status)
+    for child in schema.children(tx, execution_id):
+        end_tree(store, tx, child, status, error)
+
+
+def _terminate(store: SQLStore, tx: Tx, execution_id: str, error: ErrorObject, recursive: bool,
+               end_as: ExecutionStatus = ExecutionStatus.TERMINATED) -> None:
     status = schema.execution_status(tx, execution_id)
     if status is None or status.terminal:
         return
     store.dequeue(schema.QUEUE, execution_id, tx=tx)
-    executions.end(store, tx, execution_id, ExecutionStatus.TERMINATED, None, error, store.clock.now())
+    executions.end(store, tx, execution_id, end_as, None, error, store.clock.now())
     if recursive:
         for child in schema.children(tx, execution_id):
-            _terminate(store, tx, child, error, recursive)
+            _terminate(store, tx, child, error, recursive, end_as)
 
 
 def suspend(store: SQLStore, execution_id: str) -> ExecutionInfo:
@@ -125,6 +134,7 @@ def purge(store: SQLStore, execution_id: str) -> int:
 def _purge(store: SQLStore, tx: Tx, execution_id: str) -> int:
     n = sum(_purge(store, tx, child) for child in schema.children(tx, execution_id))
     store.dequeue(schema.QUEUE, execution_id, tx=tx)
+    store.dequeue(schema.DEADLINES, execution_id, tx=tx)
     return n + schema.delete_execution(tx, execution_id)
 
 
@@ -161,4 +171,6 @@ def rerun_from(store: SQLStore, execution_id: str, operation: str, *, new_execut
             raise AlreadyExistsError(f"execution {new_id!r} exists already; pick another new_execution_id")
         for o in kept_for_rerun(ops, target):
             schema.insert_operation(tx, new_id, replace(o, callback_id=uuid.uuid4().hex) if o.callback_id else o)
+            if o.sub_type is OperationSubType.SET_EVENT and o.name:  # the events it had set, set again
+                schema.set_event(tx, new_id, o.name, o.result, store.clock.now())
     return new_id

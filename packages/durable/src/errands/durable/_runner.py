@@ -20,18 +20,29 @@ from errands.core.runtime import drain, error_text, is_infrastructure_error, not
 from errands.core.store import SQLStore, dumps
 
 from . import _callbacks as callbacks
+from . import _effects as effects
+from . import _events as events
 from . import _executions as executions
 from . import _management as management
+from . import _queues as queues
 from . import _schema as schema
 from . import _signals as signals
 from ._invocations import Invocations
+from ._parallel import Slots, check_parallelism
+from ._queues import QueueConfig, Queues
 from ._registry import DurableFunction, Registry
+from ._replay import ReplayResult, replay
+from ._schedules import Schedules
+from ._timeouts import check_timeout, expire_due, expire_keys
 from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, to_seconds
 
 log = logging.getLogger("errands.durable")
 
 #: How often ``work_once`` applies the retention (seconds of the store's clock).
 RETENTION_EVERY = 60.0
+#: How often ``work_once`` looks for executions past their deadline (seconds of the store's clock): a
+#: deadline is enforced this late at most, and an idle worker's polls cost one statement, not two.
+DEADLINES_EVERY = 1.0
 
 
 class DurableRunner:
@@ -48,6 +59,11 @@ class DurableRunner:
         retention: how long finished executions are kept (``timedelta`` or seconds; None: forever).
         always_replay: end every invocation after each newly completed operation and replay from the
             start (a determinism check for tests).
+        outbox: the core ``Outbox`` on this store that ``ctx.effect`` submits through (``use_outbox``;
+            ``errands.App.attach`` gives its own).
+        max_parallelism: the most invocations a worker (``work_once``, ``drain``, ``serve``, a core
+            ``Worker``) runs at once, each on a thread of its own with its lease renewed; 1 (the default)
+            runs them one after another in the worker's thread.
 
     Example:
         >>> runner = DurableRunner("memory://")
@@ -61,7 +77,7 @@ class DurableRunner:
     def __init__(self, store: str | SQLStore = "sqlite:///durable.db", *,
                  functions: Mapping[str, DurableFunction] | None = None, clock: Clock | None = None,
                  lease_for: float = DEFAULT_LEASE_FOR, retention: timedelta | float | None = None,
-                 always_replay: bool = False) -> None:
+                 always_replay: bool = False, outbox: Any = None, max_parallelism: int = 1) -> None:
         if isinstance(store, str):
             self.store: SQLStore = open_store(store, clock=clock)
             self._owns_store = True
@@ -82,7 +98,36 @@ class DurableRunner:
         self._invocations = Invocations(self.store, self._registry, lease_for=self.lease_for,
                                         always_replay=always_replay)
         self._last_retention = 0.0
+        self._last_deadlines = float("-inf")
         self._stop = threading.Event()
+        self._queues = Queues(self.store, lease_for=self.lease_for)
+        self._schedules = Schedules(self.store, self._registry)
+        self.max_parallelism = check_parallelism(max_parallelism)
+        self._slots = Slots(self.max_parallelism, self._invocations.run) if self.max_parallelism > 1 else None
+        self._freed = threading.Event()
+        if self._slots is not None:
+            self._slots.on_free(self._freed.set)
+        self.outbox: Any = None
+        self._wakes: Any = None
+        self._waking = threading.Lock()
+        if outbox is not None:
+            self.use_outbox(outbox)
+
+    def use_outbox(self, outbox: Any) -> None:
+        """Submit ``ctx.effect``'s effects through ``outbox`` (an ``errands.core.Outbox`` on this runner's
+        store; a submit-only one will do when another worker dispatches) and wake executions when they end.
+
+        Raises:
+            ConfigError: ``outbox`` is not an ``Outbox`` on this runner's store.
+        """
+        if not callable(getattr(outbox, "submit_many", None)) or getattr(outbox, "store", None) is not self.store:
+            raise ConfigError("outbox must be an errands.core.Outbox on the runner's own store (Outbox(runner.store, "
+                              f"...)), got {type(outbox).__name__}", field="outbox", value=type(outbox).__name__)
+        if self._wakes is not None:
+            self._wakes.close()
+        self.outbox = outbox
+        self._invocations.outbox = outbox
+        self._wakes = effects.wakes(self.store, outbox)
 
     # -- registration ----------------------------------------------------------------------------
     def register(self, name: str, fn: DurableFunction) -> None:
@@ -109,7 +154,9 @@ class DurableRunner:
         self._registry.check(function)
         return executions.new_execution_id(execution_id), dumps(input, field="input")
 
-    def start(self, function: str, input: Any = None, *, execution_id: str | None = None, conn: Any = None) -> str:
+    def start(self, function: str, input: Any = None, *, execution_id: str | None = None, conn: Any = None,
+              timeout: timedelta | float | None = None, queue: str | None = None, priority: int = 0,
+              dedup_id: str | None = None) -> str:
         """Start ``function`` on ``input`` (JSON); a worker (or ``wait``) runs it.
 
         Idempotent on ``execution_id``: the same id with the same function and input returns the
@@ -118,35 +165,94 @@ class DurableRunner:
         Args:
             conn: the caller's own connection to the store's database: the execution's rows are written in
                 the caller's transaction, committed (or rolled back) with the caller's other writes.
+            timeout: seconds (or a ``timedelta``) after which the execution, and every execution it started,
+                ends ``TIMED_OUT``, whether or not a worker still runs it (any worker's ``work_once`` ends it;
+                an invocation in flight is fenced out at its next checkpoint).
+            queue: a queue of this runner (``add_queue``): the execution is ``ENQUEUED`` until a worker
+                admits it within the queue's limits.
+            priority: the queue admits lower values first (default 0), then the oldest.
+            dedup_id: while an execution started on ``queue`` with this id has not finished, another start
+                with it raises ``QueueDeduplicatedError``.
 
         Raises:
-            ConfigError: unknown function or bad id. PayloadError: input is not JSON.
-            AlreadyExistsError: the id exists with another function or input.
+            ConfigError: unknown function, bad id or timeout, unknown queue, bad priority or dedup_id.
+                PayloadError: input is not JSON. AlreadyExistsError: the id exists with another function
+                or input.
+            QueueDeduplicatedError: ``dedup_id`` is held on ``queue`` (nothing is started).
         """
+        queues.check_start(queue, priority, dedup_id)
+        if queue is not None:
+            self._queues.get(queue)
         execution_id, text = self._prepare_start(function, input, execution_id)
+        seconds = check_timeout(timeout)
         with self.store.transaction(conn) as tx:
-            executions.start(self.store, tx, execution_id, function, text, self.clock.now())
+            if queue is None:
+                executions.start(self.store, tx, execution_id, function, text, self.clock.now(),
+                                 timeout=seconds)
+            else:
+                self._queues.start(tx, execution_id, function, text, self.clock.now(), queue=queue,
+                                   priority=priority, dedup_id=dedup_id, timeout=seconds)
             tx.notify("durable")  # a worker of another process (PostgreSQL), at commit
         notify_work(self.store, "durable")  # a worker of this process
         return execution_id
 
     async def start_async(self, function: str, input: Any = None, *, execution_id: str | None = None,
-                          conn: Any = None) -> str:
-        """``start`` for coroutines, without blocking the event loop (``conn`` as there)."""
-        started: str = await self.store.run_async(self.start, function, input, execution_id=execution_id, conn=conn)
+                          conn: Any = None, timeout: timedelta | float | None = None,
+                          queue: str | None = None, priority: int = 0, dedup_id: str | None = None) -> str:
+        """``start`` for coroutines, without blocking the event loop (``conn``, ``timeout`` and the queue's
+        arguments as there)."""
+        started: str = await self.store.run_async(self.start, function, input, execution_id=execution_id, conn=conn,
+                                                  timeout=timeout, queue=queue, priority=priority, dedup_id=dedup_id)
         return started
 
-    def run(self, function: str, input: Any = None, *, execution_id: str | None = None) -> ExecutionInfo:
+    # -- queues and schedules --------------------------------------------------------------------
+    def add_queue(self, name: str, *, concurrency: int | None = None, worker_concurrency: int | None = None,
+                  rate_limit: tuple[int, float] | None = None) -> QueueConfig:
+        """Declare the queue ``name`` for ``start(..., queue=name)`` (every process that starts on it or runs
+        its executions declares it, with the same limits).
+
+        Args:
+            concurrency: the most executions of the queue admitted and not finished, across every worker on
+                the store (held across processes on PostgreSQL by a row lock in each admission).
+            worker_concurrency: the same, counting those one worker (this runner) admitted.
+            rate_limit: ``(limit, period_seconds)``: at most ``limit`` admissions in any ``period_seconds``.
+
+        Raises:
+            ConfigError: a bad name or limit (every problem at once).
+        """
+        return self._queues.add(name, concurrency=concurrency, worker_concurrency=worker_concurrency,
+                                rate_limit=rate_limit)
+
+    def schedule(self, name: str, function: str, cron: str, input: Any = None) -> None:
+        """Start ``function`` on ``input`` at each tick of ``cron`` (five fields, or six with seconds; UTC),
+        once per tick across every worker, as the execution ``<name>@<tick, ISO 8601>``. Ticks missed while
+        no worker ran start once, as the latest. Declaring the same schedule again changes nothing; another
+        function, cron or input replaces it, its next tick counted from now.
+
+        Raises:
+            ConfigError: a bad name, an unknown function or a bad cron expression. PayloadError: input is
+                not JSON.
+        """
+        self._schedules.put(name, function, cron, input)
+
+    def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name`` (executions it started stay). False if there was none."""
+        return self._schedules.remove(name)
+
+    def run(self, function: str, input: Any = None, *, execution_id: str | None = None,
+            timeout: timedelta | float | None = None) -> ExecutionInfo:
         """Start ``function`` and run its first invocation in this thread.
 
         Returns when the execution finishes or suspends (``PENDING``: a worker resumes it later). The
         invocation holds a lease like a worker's: if the process dies meanwhile, a worker takes the execution
         over within ``lease_for`` seconds. An existing ``execution_id`` is run here only if it is due and no
-        worker holds it.
+        worker holds it. ``timeout`` as ``start``'s.
         """
         execution_id, text = self._prepare_start(function, input, execution_id)
+        seconds = check_timeout(timeout)
         with self.store.transaction() as tx:
-            created = executions.start(self.store, tx, execution_id, function, text, self.clock.now(), run_token=1)
+            created = executions.start(self.store, tx, execution_id, function, text, self.clock.now(), run_token=1,
+                                       timeout=seconds)
             leases = self._invocations.claim_keys([execution_id], tx=tx)
         if created and leases:
             self._invocations.run_first(leases[0], function, text)
@@ -157,12 +263,30 @@ class DurableRunner:
 
     # -- workers ---------------------------------------------------------------------------------
     def work_once(self, limit: int = 16) -> int:
-        """Claim up to ``limit`` due executions and run one invocation of each. Returns how many were claimed.
+        """Start the due ticks of schedules, admit what the queues allow, claim up to ``limit`` due executions
+        (no more than ``max_parallelism`` leaves free) and run one invocation of each: here, one after
+        another, or with ``max_parallelism`` above 1 on the runner's threads (this returns at once). Returns
+        how many were started and claimed.
 
         An execution whose invocation meets a store fault is given back and retried shortly; it never stops
         the others. A fault while claiming claims nothing this round.
         """
-        claimed = self._invocations.run_due(limit)
+        woken = self._wake_effects()
+        claimed = 0
+        if self.clock.now() - self._last_deadlines >= DEADLINES_EVERY:  # first: not invoked once more
+            self._last_deadlines = self.clock.now()
+            claimed = expire_due(self.store, limit, lease_for=self.lease_for)
+        claimed += self._schedules.fire()
+        room = limit if self._slots is None else min(limit, self._slots.free())
+        leases = self._queues.admit(room) if room > 0 else []
+        if room > len(leases):
+            leases += self._invocations.claim_due(room - len(leases))
+        if self._slots is not None:
+            self._slots.submit(leases)
+        else:
+            for lease in leases:
+                self._invocations.run(lease)
+        claimed += len(leases)
         if self.retention is not None and self.clock.now() - self._last_retention > RETENTION_EVERY:
             try:
                 self.apply_retention()
@@ -170,31 +294,59 @@ class DurableRunner:
                 if not is_infrastructure_error(exc):
                     raise
                 log.warning("retention failed (%s); trying again later", error_text(exc))
-        return claimed
+        return claimed + woken
+
+    def _wake_effects(self) -> int:
+        """Wake the executions whose effects ended (the ``durable.effects`` route over the journal)."""
+        if self._wakes is None or not self._waking.acquire(blocking=False):
+            return 0  # (another thread of this runner is reading them now)
+        try:
+            woken: int = self._wakes.run_once()
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.warning("reading the ends of effects failed (%s); trying again next round", error_text(exc))
+            return 0
+        finally:
+            self._waking.release()
+        return woken
 
     def next_due(self) -> float | None:
         """When the next execution becomes due (epoch seconds), or None."""
-        due: float | None = self.store.next_due(schema.QUEUE)
-        return due
+        dues = [d for d in (self.store.next_due(schema.QUEUE), self.store.next_due(schema.DEADLINES)) if d is not None]
+        return min(dues) if dues else None
 
     def serve(self, stop: threading.Event | None = None, *, poll_interval: float = 0.1) -> None:
         """Run executions until ``stop`` is set (or ``close()``)."""
         stop = stop or self._stop
         while not stop.is_set() and not self._stop.is_set():
             if self.work_once() == 0:
-                stop.wait(poll_interval)
+                (self._freed if self._slots is not None else stop).wait(poll_interval)
+                self._freed.clear()
 
     def worker(self, **options: Any) -> Worker:
-        """A core ``Worker`` running this runner's ``work_once`` (with signal handling and draining)."""
-        return Worker(self.store, jobs=[self.work_once], **options)
+        """A core ``Worker`` running this runner's ``work_once`` (with signal handling and draining), and
+        dispatching its outbox's effects when it has one with connectors (not a submit-only one)."""
+        if self.outbox is not None and not self.outbox.submit_only:
+            options.setdefault("outbox", self.outbox)
+        worker = Worker(self.store, **options)
+        self.attach(worker)
+        return worker
 
     def attach(self, worker: Worker) -> None:
-        """Run this runner's executions in ``worker`` (``errands.App.attach(runner)`` calls this)."""
+        """Run this runner's executions in ``worker`` (``errands.App.attach(runner)`` calls this); a runner
+        without an outbox takes the worker's, if it is on the runner's store. With ``max_parallelism`` above
+        1 they run on the runner's threads, the worker woken as each ends."""
+        if self.outbox is None and getattr(worker.outbox, "store", None) is self.store:
+            self.use_outbox(worker.outbox)
         worker.add_job("durable.work_once", self.work_once)
+        if self._slots is not None:
+            self._slots.on_free(worker.wake)
 
     def drain(self, max_rounds: int = 10_000) -> int:
-        """Run every due execution until none is due now. Returns how many invocations ran."""
-        return drain(self.work_once, max_rounds)
+        """Run every due execution until none is due now and none runs. Returns how many invocations ran."""
+        slots = self._slots
+        return drain(self.work_once, max_rounds, busy=None if slots is None else lambda: slots.wait(0.05))
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, execution_id: str) -> ExecutionInfo:
@@ -212,7 +364,8 @@ class DurableRunner:
 
     def wait(self, execution_id: str, timeout: float | None = None, *, poll_interval: float = 0.02) -> ExecutionInfo:
         """Block until the execution finishes. Meanwhile this thread runs the execution's own due invocations
-        (and those of the executions it invoked) that no worker holds; never other executions' work.
+        (and those of the executions it invoked) that no worker holds, and wakes executions whose effects
+        ended (``ctx.effect``); never other executions' work.
 
         Raises:
             TimeoutError: still not finished after ``timeout`` seconds.
@@ -224,7 +377,7 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if self._invocations.run_keys(family) == 0:
+            if self._wake_effects() + self._run_family(family) == 0:
                 time.sleep(poll_interval)
 
     async def wait_async(self, execution_id: str, timeout: float | None = None, *,
@@ -242,8 +395,13 @@ class DurableRunner:
             if info is not None and info.status.terminal:
                 return info
             _check_deadline(execution_id, info, timeout, deadline)
-            if await self.store.run_async(self._invocations.run_keys, family) == 0:
+            woken = await self.store.run_async(self._wake_effects)
+            if woken + await self.store.run_async(self._run_family, family) == 0:
                 await asyncio.sleep(poll_interval)
+
+    def _run_family(self, family: list[str]) -> int:
+        """Run the due invocations and deadlines of ``family`` that no worker holds; how many."""
+        return self._invocations.run_keys(family) + expire_keys(self.store, family, lease_for=self.lease_for)
 
     def _look(self, execution_id: str, last: ExecutionInfo | None) -> tuple[ExecutionInfo | None, list[str]]:
         """The execution (``last`` if the store failed) and, unless it finished, the executions of its family
@@ -270,6 +428,54 @@ class DurableRunner:
     def history(self, execution_id: str) -> List[Operation]:
         """The execution's checkpointed operations in the order they started."""
         return management.history(self.store, execution_id)
+
+    # -- versioning and events -------------------------------------------------------------------
+    def replay(self, execution_id: str, fn: DurableFunction) -> ReplayResult:
+        """Replay the execution's stored history against ``fn`` (new code, registered or not) and report
+        the first divergence; nothing is written and no step body runs. Check a deploy with it.
+
+        Raises:
+            NotFoundError: no such execution.
+        """
+        info = self.get(execution_id)
+        # only an execution its code ended may not go on; one cut off (terminated, timed out) may
+        completed = info.status in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED)
+        return replay(execution_id, fn, self.history(execution_id), info.input, completed, self.clock.now)
+
+    def get_event(self, execution_id: str, key: str, timeout: float | None = None, *,
+                  poll_interval: float = 0.02) -> Any:
+        """The latest value the execution set for ``key`` with ``ctx.set_event``, waiting for it to be set:
+        at most ``timeout`` seconds, or (None) until the execution ends. None if it is not set by then (as
+        DBOS's ``get_event``).
+
+        Raises:
+            NotFoundError: no such execution. ConfigError: a bad key or timeout.
+        """
+        key = events.check_wait(key, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done, value = events.look(self.store, execution_id, key)
+            if done:
+                return value
+            pause = events.pause(deadline, poll_interval)
+            if pause is None:
+                return None
+            time.sleep(pause)
+
+    async def get_event_async(self, execution_id: str, key: str, timeout: float | None = None, *,
+                              poll_interval: float = 0.02) -> Any:
+        """``get_event`` for coroutines: the reads run through the store's async bridge, the pauses are
+        ``asyncio.sleep``; the event loop is never blocked."""
+        key = events.check_wait(key, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done, value = await self.store.run_async(events.look, self.store, execution_id, key)
+            if done:
+                return value
+            pause = events.pause(deadline, poll_interval)
+            if pause is None:
+                return None
+            await asyncio.sleep(pause)
 
     # -- callbacks -------------------------------------------------------------------------------
     def complete_callback(self, callback_id: str, result: Any = None) -> bool:
@@ -387,6 +593,10 @@ class DurableRunner:
     def close(self) -> None:
         """Stop ``serve`` loops and close the store if this runner opened it."""
         self._stop.set()
+        if self._wakes is not None:
+            self._wakes.close()
+        if self._slots is not None:
+            self._slots.close()
         if self._owns_store:
             self.store.close()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, List, Sequence
 
-from errands.core.store import Migration, Tx, in_clause
+from errands.core.store import POSTGRES, Migration, Tx, in_clause
 
 from ._values import (
     TERMINAL_OP,
@@ -26,6 +26,8 @@ from ._values import (
 
 #: The core queue holding one item per execution that is due to run (or running, while leased).
 QUEUE = "durable.work"
+#: The core queue holding one item per execution started with a timeout, due at its deadline.
+DEADLINES = "durable.deadlines"
 
 MIGRATIONS = [
     Migration(
@@ -95,6 +97,62 @@ MIGRATIONS = [
         CREATE INDEX IF NOT EXISTS durable_signals_name ON durable_signals (execution_id, name, seq)
         """,
     ),
+    # ``ctx.set_event``: the latest value of each key of an execution; ``runs``: how many histories the
+    # execution has had (``ctx.continue_as_new`` starts the next).
+    Migration(
+        3,
+        """
+        CREATE TABLE IF NOT EXISTS durable_events (
+            execution_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT,
+            set_at {double} NOT NULL,
+            PRIMARY KEY (execution_id, key)
+        );
+        ALTER TABLE durable_executions ADD COLUMN runs {bigint} NOT NULL DEFAULT 1
+        """,
+    ),
+    # Queues and schedules. An execution started on a queue has a row in ``durable_queue_items`` from its
+    # start: waiting (``admitted_at`` NULL), admitted by a worker (``executor``), then ended (``ended_at``, its
+    # ``dedup_id`` cleared); the partial indexes keep the admission's reads to the live rows. A queue's row
+    # in ``durable_queues`` is the lock every admission to it takes. ``durable_schedules``: one row per cron
+    # schedule, its next tick due.
+    Migration(
+        4,
+        """
+        CREATE TABLE IF NOT EXISTS durable_queue_items (
+            execution_id TEXT PRIMARY KEY,
+            queue TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            dedup_id TEXT,
+            enqueued_at {double} NOT NULL,
+            admitted_at {double},
+            executor TEXT,
+            ended_at {double}
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS durable_queue_items_dedup ON durable_queue_items (queue, dedup_id);
+        CREATE INDEX IF NOT EXISTS durable_queue_items_waiting ON durable_queue_items (queue, priority, enqueued_at)
+            WHERE admitted_at IS NULL AND ended_at IS NULL;
+        CREATE INDEX IF NOT EXISTS durable_queue_items_running ON durable_queue_items (queue, executor)
+            WHERE admitted_at IS NOT NULL AND ended_at IS NULL;
+        CREATE INDEX IF NOT EXISTS durable_queue_items_admitted ON durable_queue_items (queue, admitted_at);
+        CREATE TABLE IF NOT EXISTS durable_queues (
+            name TEXT PRIMARY KEY,
+            created_at {double} NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS durable_schedules (
+            name TEXT PRIMARY KEY,
+            function TEXT NOT NULL,
+            cron TEXT NOT NULL,
+            input TEXT,
+            next_at {double} NOT NULL,
+            last_at {double},
+            created_at {double} NOT NULL,
+            updated_at {double} NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS durable_schedules_due ON durable_schedules (next_at)
+        """,
+    ),
 ]
 
 #: Executions that may still run: due or running (``RUNNING``), or waiting for a timer, callback or child.
@@ -161,8 +219,9 @@ def _info(row: Sequence[Any]) -> ExecutionInfo:
 
 # -- executions -----------------------------------------------------------------------------------
 def insert_execution(tx: Tx, execution_id: str, function: str, input_text: str | None, now: float, *,
-                     parent: tuple[str, str] | None = None, run_token: int = 0) -> bool:
-    """A new ``RUNNING`` execution (a child when ``parent`` is ``(execution, operation)``); ``run_token`` 1
+                     parent: tuple[str, str | None] | None = None, run_token: int = 0) -> bool:
+    """A new ``RUNNING`` execution (a child when ``parent`` is ``(execution, operation)``, the operation None
+    for a child nothing waits for); ``run_token`` 1
     means its first invocation is already under way here. False if the id exists (nothing changes)."""
     return tx.rowcount(
         "INSERT INTO durable_executions (id, function, status, input, parent_id, parent_op, run_token, "
@@ -300,6 +359,8 @@ def delete_execution(tx: Tx, execution_id: str) -> int:
     """Delete one execution and its operations (not its children). How many executions were deleted."""
     tx.execute("DELETE FROM durable_operations WHERE execution_id = ?", (execution_id,))
     tx.execute("DELETE FROM durable_signals WHERE execution_id = ?", (execution_id,))
+    tx.execute("DELETE FROM durable_events WHERE execution_id = ?", (execution_id,))
+    tx.execute("DELETE FROM durable_queue_items WHERE execution_id = ?", (execution_id,))
     return tx.rowcount("DELETE FROM durable_executions WHERE id = ?", (execution_id,))
 
 
@@ -403,3 +464,145 @@ def take_signal(tx: Tx, execution_id: str, seq: int, operation_id: str, now: flo
     """Record that the wait ``operation_id`` took the signal ``seq``."""
     tx.execute("UPDATE durable_signals SET operation_id = ?, taken_at = ? WHERE execution_id = ? AND seq = ? "
                "AND operation_id IS NULL", (operation_id, now, execution_id, seq))
+
+
+# -- events ---------------------------------------------------------------------------------------
+def set_event(tx: Tx, execution_id: str, key: str, value: str | None, now: float) -> None:
+    """Record ``value`` (JSON text) as the latest of the execution's event ``key``."""
+    tx.execute("INSERT INTO durable_events (execution_id, key, value, set_at) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (execution_id, key) DO UPDATE SET value = excluded.value, set_at = excluded.set_at",
+               (execution_id, key, value, now))
+
+
+def get_event(tx: Tx, execution_id: str, key: str) -> tuple[str | None] | None:
+    """``(value,)`` of the execution's event ``key`` (the value JSON text), None while it is not set."""
+    row = tx.one("SELECT value FROM durable_events WHERE execution_id = ? AND key = ?", (execution_id, key))
+    return (row[0],) if row is not None else None
+
+
+# -- continue as new ------------------------------------------------------------------------------
+def continue_execution(tx: Tx, execution_id: str, input_text: str | None, now: float) -> int:
+    """Start the execution's next history: its operations deleted, ``input_text`` its input, still
+    ``RUNNING``. The number of the run that starts."""
+    tx.execute("DELETE FROM durable_operations WHERE execution_id = ?", (execution_id,))
+    row = tx.one("UPDATE durable_executions SET input = ?, runs = runs + 1, status = 'RUNNING', wake_at = NULL, "
+                 "updated_at = ? WHERE id = ? RETURNING runs", (input_text, now, execution_id))
+    assert row is not None, f"execution {execution_id} continued while it did not exist"
+    return int(row[0])
+
+
+def runs(tx: Tx, execution_id: str) -> int | None:
+    """How many histories the execution has had (1 until it continues as new)."""
+    row = tx.one("SELECT runs FROM durable_executions WHERE id = ?", (execution_id,))
+    return int(row[0]) if row is not None else None
+
+
+# -- queues ---------------------------------------------------------------------------------------
+def insert_queue_item(tx: Tx, execution_id: str, queue: str, priority: int, dedup_id: str | None,
+                      now: float) -> bool:
+    """The queue row of an execution started on ``queue``, waiting. False (nothing changes) when the id has
+    one already or ``dedup_id`` is held by an execution of the queue that has not ended."""
+    return tx.rowcount(
+        "INSERT INTO durable_queue_items (execution_id, queue, priority, dedup_id, enqueued_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (execution_id, queue, priority, dedup_id, now),
+    ) == 1
+
+
+def dedup_holder(tx: Tx, queue: str, dedup_id: str) -> str | None:
+    """The execution of ``queue`` not yet ended that holds ``dedup_id``."""
+    row = tx.one("SELECT execution_id FROM durable_queue_items WHERE queue = ? AND dedup_id = ?", (queue, dedup_id))
+    return row[0] if row is not None else None
+
+
+def hold_execution(tx: Tx, execution_id: str) -> None:
+    """A new execution waits for its queue (``ENQUEUED``) instead of running."""
+    tx.execute("UPDATE durable_executions SET status = 'ENQUEUED' WHERE id = ? AND status = 'RUNNING'",
+               (execution_id,))
+
+
+def end_queue_item(tx: Tx, execution_id: str, now: float) -> None:
+    """The execution ended: it no longer counts against its queue's limits, and its ``dedup_id`` is free."""
+    tx.execute("UPDATE durable_queue_items SET ended_at = ?, dedup_id = NULL WHERE execution_id = ? "
+               "AND ended_at IS NULL", (now, execution_id))
+
+
+def has_waiting(tx: Tx, queue: str) -> bool:
+    """Whether an execution waits on ``queue``."""
+    return tx.one("SELECT 1 FROM durable_queue_items WHERE queue = ? AND admitted_at IS NULL AND ended_at IS NULL "
+                  "LIMIT 1", (queue,)) is not None
+
+
+def lock_queue(tx: Tx, queue: str, now: float) -> None:
+    """Take ``queue``'s lock until the transaction ends: admissions to one queue run one at a time across
+    every process (a row lock on PostgreSQL; SQLite's write transaction is one already)."""
+    tx.execute("INSERT INTO durable_queues (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+               (queue, now))
+    if tx.dialect == POSTGRES:
+        tx.execute("SELECT name FROM durable_queues WHERE name = ? FOR UPDATE", (queue,))
+
+
+def queue_load(tx: Tx, queue: str, executor: str, since: float | None) -> tuple[int, int, int]:
+    """``(admitted, admitted by executor, admitted since)`` of ``queue``: the executions admitted and not
+    ended, those of them ``executor`` admitted, and how many were admitted after ``since`` (0 when None)."""
+    row = tx.one("SELECT COUNT(*), COALESCE(SUM(CASE WHEN executor = ? THEN 1 ELSE 0 END), 0) "
+                 "FROM durable_queue_items WHERE queue = ? AND admitted_at IS NOT NULL AND ended_at IS NULL",
+                 (executor, queue))
+    active, mine = (int(row[0]), int(row[1])) if row is not None else (0, 0)
+    recent = 0
+    if since is not None:
+        got = tx.one("SELECT COUNT(*) FROM durable_queue_items WHERE queue = ? AND admitted_at > ?", (queue, since))
+        recent = int(got[0]) if got is not None else 0
+    return active, mine, recent
+
+
+def admit(tx: Tx, queue: str, executor: str, limit: int, now: float) -> list[str]:
+    """Admit up to ``limit`` of the executions waiting on ``queue``, lowest ``priority`` first, then oldest:
+    ``RUNNING`` again, admitted by ``executor``. Their ids, in that order. The caller holds the queue's
+    lock (``lock_queue``)."""
+    ids = [r[0] for r in tx.query(
+        "SELECT execution_id FROM durable_queue_items WHERE queue = ? AND admitted_at IS NULL AND ended_at IS NULL "
+        "ORDER BY priority, enqueued_at, execution_id LIMIT ?", (queue, limit))]
+    if not ids:
+        return []
+    tx.execute(f"UPDATE durable_queue_items SET admitted_at = ?, executor = ? WHERE execution_id IN "
+               f"{in_clause(len(ids))}", (now, executor, *ids))
+    running = {r[0] for r in tx.query(
+        f"UPDATE durable_executions SET status = 'RUNNING', updated_at = ? WHERE id IN {in_clause(len(ids))} "
+        "AND status = 'ENQUEUED' RETURNING id", (now, *ids))}
+    for stale in (i for i in ids if i not in running):  # its execution is not waiting (a start raced it)
+        end_queue_item(tx, stale, now)
+    return [i for i in ids if i in running]
+
+
+# -- schedules ------------------------------------------------------------------------------------
+def put_schedule(tx: Tx, name: str, function: str, cron: str, input_text: str | None, next_at: float,
+                 now: float) -> None:
+    """Create or change the schedule ``name``. An unchanged schedule keeps its next tick; a changed one takes
+    ``next_at``."""
+    tx.execute(
+        "INSERT INTO durable_schedules (name, function, cron, input, next_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET function = excluded.function, "
+        "cron = excluded.cron, input = excluded.input, next_at = excluded.next_at, updated_at = excluded.updated_at "
+        "WHERE durable_schedules.function <> excluded.function OR durable_schedules.cron <> excluded.cron "
+        "OR COALESCE(durable_schedules.input, '') <> COALESCE(excluded.input, '')",
+        (name, function, cron, input_text, next_at, now, now),
+    )
+
+
+def due_schedules(tx: Tx, now: float) -> list[tuple[str, str, str, str | None, float]]:
+    """``(name, function, cron, input, next_at)`` of the schedules whose next tick is due at ``now``."""
+    return [(r[0], r[1], r[2], r[3], float(r[4])) for r in tx.query(
+        "SELECT name, function, cron, input, next_at FROM durable_schedules WHERE next_at <= ? ORDER BY next_at, name",
+        (now,))]
+
+
+def advance_schedule(tx: Tx, name: str, was: float, tick: float, next_at: float, now: float) -> bool:
+    """Move schedule ``name`` from its tick ``was`` to ``next_at``, having started ``tick``; False when another
+    worker moved it first (that worker started the same tick, under the same id)."""
+    return tx.rowcount("UPDATE durable_schedules SET next_at = ?, last_at = ?, updated_at = ? WHERE name = ? "
+                       "AND next_at = ?", (next_at, tick, now, name, was)) == 1
+
+
+def remove_schedule(tx: Tx, name: str) -> bool:
+    return tx.rowcount("DELETE FROM durable_schedules WHERE name = ?", (name,)) > 0

@@ -26,7 +26,8 @@ class Settlement:
     """What a finished invocation does to its execution and to the execution's queue item.
 
     Attributes:
-        status: ``PENDING`` (waits for a timer, a callback or a child), ``SUCCEEDED`` or ``FAILED``.
+        status: ``PENDING`` (waits for a timer, a callback or a child), ``SUCCEEDED`` or ``FAILED``;
+            ``RUNNING`` after ``continue_as_new`` (the next run starts at once).
         wake_at: while ``PENDING``, when the execution is due again; None until a signal arrives.
         release_in: seconds after which the queue item is due again; None: the item is completed (the
             execution has ended, or waits for a signal, which enqueues it again).
@@ -48,6 +49,8 @@ def settle(outcome: InvocationOutcome, *, now: float, signalled: bool) -> Settle
         return Settlement(ExecutionStatus.SUCCEEDED)
     if outcome.status == "FAILED":
         return Settlement(ExecutionStatus.FAILED)
+    if outcome.status == "CONTINUED":  # continue_as_new: the next run is due at once
+        return Settlement(ExecutionStatus.RUNNING, release_in=0.0)
     raise ValueError(f"an invocation that ended {outcome.status} settles nothing")
 
 
@@ -65,6 +68,11 @@ def invoke_settlement(status: ExecutionStatus, result: str | None, error: ErrorO
 def terminated_error(reason: str | None) -> ErrorObject:
     """The error a terminated execution ends with."""
     return ErrorObject(type="ExecutionTerminated", message=reason or "terminated by an operator")
+
+
+def timed_out_error(execution_id: str) -> ErrorObject:
+    """The error an execution (and each execution it started) ends with at its deadline."""
+    return ErrorObject(type="ExecutionTimedOut", message=f"execution {execution_id} passed its deadline")
 
 
 def can_settle_callback(operation: OperationStatus, execution: ExecutionStatus) -> bool:

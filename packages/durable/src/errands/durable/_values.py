@@ -54,6 +54,12 @@ class OperationSubType(_StrEnum):
     CHAINED_INVOKE = "ChainedInvoke"
     #: ``ctx.wait_for_signal``: a CALLBACK named after the signal (errands' own subtype)
     WAIT_FOR_SIGNAL = "WaitForSignal"
+    #: errands' own: a ``ctx.patched`` marker, a ``ctx.set_event``, a ``ctx.start_child`` (STEP operations).
+    PATCH = "Patch"
+    SET_EVENT = "SetEvent"
+    START_CHILD = "StartChild"
+    #: ``ctx.effect``: a CALLBACK whose id is the effect's key, settled by the outbox's journal event
+    EFFECT = "Effect"
 
 
 class OperationStatus(_StrEnum):
@@ -102,20 +108,25 @@ class InvocationStatus(_StrEnum):
 class ExecutionStatus(_StrEnum):
     """The state of an execution kept by ``DurableRunner``.
 
+    ``ENQUEUED``: started on a queue (``start(..., queue=...)``), waiting for the queue to admit it;
     ``RUNNING``: due to run or running; ``PENDING``: waiting for a timer, callback or child;
-    ``SUSPENDED``: paused by an operator; the rest are terminal.
+    ``SUSPENDED``: paused by an operator; the rest are terminal (``TIMED_OUT``: its ``start(timeout=...)``
+    deadline passed, the Lambda API's name).
     """
 
+    ENQUEUED = "ENQUEUED"
     RUNNING = "RUNNING"
     PENDING = "PENDING"
     SUSPENDED = "SUSPENDED"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     TERMINATED = "TERMINATED"
+    TIMED_OUT = "TIMED_OUT"
 
     @property
     def terminal(self) -> bool:
-        return self in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED, ExecutionStatus.TERMINATED)
+        return self in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED, ExecutionStatus.TERMINATED,
+                        ExecutionStatus.TIMED_OUT)
 
 
 TERMINAL_OP = (OperationStatus.SUCCEEDED, OperationStatus.FAILED, OperationStatus.CANCELLED,
@@ -418,11 +429,15 @@ class StepConfig:
         retry_strategy: ``(error, attempts_made) -> RetryDecision``; default ``RetryPresets.default()``.
         step_semantics: at least or at most once per retry attempt.
         serdes: how the result is stored (JSON by default).
+        timeout: seconds (or a ``Duration`` / ``timedelta``) one attempt may take; a longer one fails with
+            ``StepTimeoutError`` and the retry strategy decides. An ``async def`` step is cancelled; a sync
+            one cannot be stopped: it runs on a thread of its own and its late result is ignored.
     """
 
     retry_strategy: Callable[[Exception, int], RetryDecision] | None = None
     step_semantics: StepSemantics = StepSemantics.AT_LEAST_ONCE_PER_RETRY
     serdes: Serdes | None = None
+    timeout: Duration | timedelta | float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,6 +213,15 @@ class Outbox:
         return admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
                      capabilities=self._ctx.connectors.admission_capabilities, compensators=self._ctx.compensators)
 
+    def check(self, effect: Effect) -> None:
+        """Raise what ``submit`` would raise for ``effect``'s own faults, storing nothing (a key taken by
+        another effect is found only by ``submit``).
+
+        Raises:
+            ConfigError: bad input. PayloadError: the payload is not JSON or over ``payload_limit``.
+        """
+        self._admit(effect, self.store.clock.now())
+
     def submit(self, effect: Effect, conn: Any = None) -> EffectRecord:
         """Record ``effect`` durably; the worker dispatches it.
 
@@ -233,18 +242,26 @@ class Outbox:
         """
         store = self.store
         row = self._admit(effect, store.clock.now())
-        with store.transaction(conn) as tx:
+        journal = self._ctx.journal
+
+        def write(tx: Any) -> EffectRecord | StoredEffect | None:
             # Insert first and look only on a conflict (the common case is a new key).
             if _effect_table.insert_new(tx, row):
-                self._ctx.journal(tx, [_transitions.submitted_event(row)])
+                journal(tx, [_transitions.submitted_event(row)])
                 tx.notify(OUTBOX)
-                new = True
-            else:
-                new = False
-                stored = _effect_table.get(tx, row.key)
-        if new:
+                return new_effect_record(row, effect)
+            return _effect_table.get(tx, row.key)
+
+        if conn is None:
+            # Concurrent submitters share a commit; this call returns once its own row is committed.
+            written = store.group_commit(write)
+        else:
+            with store.transaction(conn) as tx:
+                written = write(tx)
+        if isinstance(written, EffectRecord):
             notify_work(store, OUTBOX)
-            return new_effect_record(row, effect)
+            return written
+        stored = written
         if stored is None:
             # Not stored and not inserted: only a concurrent delete could do this; go the general way.
             return self.submit_many([effect], conn=conn)[0]

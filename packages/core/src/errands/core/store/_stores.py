@@ -24,6 +24,7 @@ from .._values import Event, Lease
 from ..errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
 from . import _async
 from ._connections import caller_transaction, pg_server
+from ._group import GroupCommitter
 from ._listen import Listener
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, in_clause, loads, subject_matcher
 
@@ -150,6 +151,7 @@ class SQLStore:
         self.clock: Clock = clock or SystemClock()
         self._migrated: set[str] = set()
         self._migrate_lock = threading.Lock()
+        self._committer = GroupCommitter(self)
 
     # -- connections -------------------------------------------------------------------------
     def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
@@ -166,6 +168,35 @@ class SQLStore:
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         """A read-only transaction."""
         return self.transaction()
+
+    def group_commit(self, work: Callable[[Tx], _T]) -> _T:
+        """Run ``work(tx)`` in a transaction of the store's own, shared with the concurrent calls of other threads
+        (group commit): one commit serves every call that arrived while the previous group was committing.
+
+        Returns only once the transaction holding ``work`` has committed, with what ``work`` returned. Each call's
+        work runs inside a savepoint: if it raises, its statements are undone and the error is raised to its own
+        caller, not to the others. ``work`` runs in the thread of the group's leader and must use only ``tx``.
+        A lone caller's work runs in a plain transaction, with no wait. Under ``run_async`` on PostgreSQL the
+        groups are those of the coroutines of one event loop, on its async pool: a follower awaits its group.
+
+        Raises:
+            Exception: the error ``work`` raised, or the transaction's own (a failed commit, a dropped
+                connection), in which case nothing of the group was committed.
+        """
+        if _async._live and _async.bridged_store() is self:
+            # A coroutine's work on this event loop (``run_async`` on PostgreSQL): grouped with the loop's others.
+            grouped: _T = self._committer.run_bridged(work)
+            return grouped
+        if self._in_transaction_here():
+            # Inside a transaction of this thread's own the group's leader would wait for it: the work goes alone,
+            # as a transaction of its own would.
+            with self.transaction() as tx:
+                return work(tx)
+        return self._committer.run(work)
+
+    def _in_transaction_here(self) -> bool:
+        """Whether this thread is inside a transaction of the store's own that would hold a group's leader up."""
+        return False
 
     async def run_async(self, fn: Callable[..., _T], /, *args: Any, conn: Any = None, **kwargs: Any) -> _T:
         """Run store work written once, for sync callers, on behalf of a coroutine: ``fn(*args, **kwargs)``
@@ -290,11 +321,14 @@ class SQLStore:
         SQLStore._positioned = tuple(SQLStore._reserved)
 
     def append_events(self, events: Sequence[NewEvent], *, tx: Tx | None = None, conn: Any = None) -> list[Event]:
-        """Append events in one transaction (or inside ``tx`` / the caller's ``conn``)."""
+        """Append events in one transaction (or inside ``tx`` / the caller's ``conn``); without either, concurrent
+        appends share commits (``group_commit``), each returning once its events are committed."""
         for ev in events:
             _validate_new_event(ev, self._reserved)
         if tx is not None:
             return self._append(tx, events)
+        if conn is None:
+            return self.group_commit(lambda t: self._append(t, events))
         with self.transaction(conn) as t:
             return self._append(t, events)
 
@@ -712,7 +746,13 @@ class SQLiteStore(SQLStore):
     """The embedded store: one SQLite file in WAL mode, on a local disk (never NFS).
 
     URL: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``; query options
-    ``synchronous`` (``NORMAL`` default; ``FULL`` survives power loss) and ``busy_timeout`` (ms, 30000).
+    ``synchronous`` and ``busy_timeout`` (ms, 30000).
+
+    ``synchronous=FULL`` (the default) fsyncs the WAL at every commit: a commit that returned survives a power
+    loss or an operating-system crash. ``synchronous=NORMAL`` (``sqlite:///app.db?synchronous=normal`` or
+    ``SQLiteStore(url, synchronous="normal")``) fsyncs only at checkpoints: it still survives a crash of the
+    process, but a power loss can lose the last commits (effects whose ``submit`` returned). ``OFF`` and
+    ``EXTRA`` are SQLite's own.
     """
 
     name: ClassVar[str] = "sqlite"
@@ -734,7 +774,7 @@ class SQLiteStore(SQLStore):
             raise ConfigError(f"store URL {url!r} names no file", field="store", value=url)
         self.path = path
         url_sync = options.pop("synchronous", None)
-        sync = (synchronous or url_sync or "NORMAL").upper()
+        sync = (synchronous or url_sync or "FULL").upper()
         if sync not in _SYNC_LEVELS:
             raise ConfigError(
                 f"store option synchronous must be one of {', '.join(_SYNC_LEVELS)}, got {sync!r}",
@@ -772,12 +812,21 @@ class SQLiteStore(SQLStore):
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # A statement that writes many rows in a transaction keeps a statement journal (to undo that statement
+        # alone), which SQLite spills to a temporary file past 64 KiB: a batched submit then wrote each page twice,
+        # once to that file. Kept in memory, the batch writes only its WAL frames.
+        conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
         if conn is not None:
             return caller_transaction(self, conn)
         return _SQLiteTransaction(self._lock, self._conn)
+
+    def _in_transaction_here(self) -> bool:
+        # The store's one connection is held under this lock for a whole transaction (or read).
+        owned: bool = self._lock._is_owned()  # type: ignore[attr-defined]  # RLock's C method, not in typeshed
+        return owned
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from errands.core import FakeClock
+from errands.core import EffectStatus, FakeClock, Outbox
 
 from .._runner import DurableRunner
 from .._values import ExecutionInfo, Operation
@@ -20,6 +20,8 @@ class LocalRunner:
         always_replay: end every invocation after each newly completed operation and replay from the
             start, so non-deterministic code fails fast.
         clock: the fake clock (a new one by default).
+        connectors: name -> connector: an ``Outbox`` on the runner's store for ``ctx.effect``, dispatched
+            by ``drive`` (its retries skip time too).
 
     Example:
         >>> def slow(event, ctx):
@@ -31,7 +33,7 @@ class LocalRunner:
 
     def __init__(self, function: Callable[[Any, Any], Any] | None = None, *, name: str = "main",
                  functions: Mapping[str, Callable[[Any, Any], Any]] | None = None, always_replay: bool = False,
-                 clock: FakeClock | None = None) -> None:
+                 clock: FakeClock | None = None, connectors: Mapping[str, Any] | None = None) -> None:
         self.clock = clock or FakeClock()
         registered = dict(functions or {})
         if function is not None:
@@ -39,6 +41,10 @@ class LocalRunner:
         self.name = name
         self.runner = DurableRunner("memory://", clock=self.clock, functions=registered, always_replay=always_replay)
         self.invocations = 0
+        self.outbox: Outbox | None = None
+        if connectors is not None:
+            self.outbox = Outbox(self.runner.store, connectors=connectors)
+            self.runner.use_outbox(self.outbox)
 
     def run(self, input: Any = None, *, function: str | None = None, execution_id: str | None = None,
             skip_time: bool = True) -> ExecutionInfo:
@@ -51,15 +57,27 @@ class LocalRunner:
         finishes or nothing more is scheduled."""
         for _ in range(max_invocations):
             self.invocations += self.runner.drain()
+            if self.outbox is not None and self.outbox.drain():
+                continue  # an effect moved on: its execution may be woken now
             info = self.runner.get(execution_id)
             if info.status.terminal:
                 return info
-            due = self.runner.next_due()
+            due = self._next_due()
             if due is None or not skip_time:
                 return info
             if due > self.clock.now():
                 self.clock.set(due)
         return self.runner.get(execution_id)
+
+    def _next_due(self) -> float | None:
+        """The next durable timer or effect retry."""
+        times = [self.runner.next_due()]
+        if self.outbox is not None:
+            # a record's times are whole microseconds: a millisecond later, the stored due time has surely passed
+            times += [r.next_attempt_at.timestamp() + 0.001 for status in (EffectStatus.PENDING, EffectStatus.UNKNOWN)
+                      for r in self.outbox.list(status=status, limit=1000) if r.next_attempt_at is not None]
+        known = [t for t in times if t is not None]
+        return min(known) if known else None
 
     def advance(self, seconds: float) -> None:
         """Move the fake clock forward."""
@@ -85,6 +103,8 @@ class LocalRunner:
         return self.runner.history(execution_id)
 
     def close(self) -> None:
+        if self.outbox is not None:
+            self.outbox.close()
         self.runner.close()
 
     def __enter__(self) -> LocalRunner:

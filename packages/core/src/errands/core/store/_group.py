@@ -1,0 +1,216 @@
+"""Group commit: concurrent writers share one store transaction, each returning once its own work is committed.
+
+``SQLStore.group_commit(work)`` runs ``work(tx)`` in a transaction of the store's own. Callers that arrive while
+another group is being written queue up; when that group has committed, the first of them leads the next group:
+it opens one transaction, runs every queued member's work inside a savepoint of its own, commits once and wakes
+the others. The window of a group is the previous group's commit: a caller that finds no group being written
+never waits (its group is itself, with no savepoint), and the busier the store, the larger the groups.
+
+- A member returns only after the group's commit: its row is durable (at the store's ``synchronous`` level) when
+  it returns, and a crash before the commit loses only work whose call had not returned.
+- A member whose work raises (a conflict, bad input) is rolled back to its savepoint and gets its own error; the
+  others go on. A failure of the transaction itself (the commit, a dropped connection) is every member's error:
+  none of them returned a value for work that was not committed.
+- The leader runs the others' work in its thread: ``work`` must touch only ``tx`` (no thread-bound state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
+
+from . import _async
+from ._sql import Tx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._stores import SQLStore
+
+_T = TypeVar("_T")
+
+#: The most members of one group: a bound on the leader's transaction (and on how long its lock is held).
+MAX_GROUP = 256
+
+
+class _Member(Generic[_T]):
+    """A follower's work in a group, and what became of it. ``done`` (a thread's) or ``future`` (a coroutine's, in
+    a bridge on its event loop) is released when the member's group has committed, or when it is to lead the next
+    group (``batch`` set)."""
+
+    __slots__ = ("batch", "done", "error", "future", "value", "work")
+
+    def __init__(self, work: Callable[[Tx], _T], future: asyncio.Future[None] | None = None) -> None:
+        self.work = work
+        self.future = future
+        self.done: Any = None
+        if future is None:
+            self.done = threading.Lock()
+            self.done.acquire()
+        self.batch: list[_Member[Any]] | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        if self.future is None:
+            self.done.release()
+        elif not self.future.done():
+            self.future.set_result(None)
+
+    def result(self) -> _T:
+        if self.error is not None:
+            raise self.error
+        value: _T = self.value
+        return value
+
+
+class _Groups:
+    """Callers waiting to be written, and whether a group is being written: of the threads of a store (under its
+    committer's lock), or of the coroutines of one event loop (all in its thread: greenlets switch only where
+    they await)."""
+
+    __slots__ = ("leading", "queue")
+
+    def __init__(self) -> None:
+        self.leading = False
+        self.queue: list[_Member[Any]] = []
+
+
+class GroupCommitter:
+    """The leader/follower batcher of one store (``SQLStore.group_commit``).
+
+    Args:
+        store: the store whose transactions the groups use.
+        max_group: the most members of one group.
+    """
+
+    def __init__(self, store: SQLStore, *, max_group: int = MAX_GROUP) -> None:
+        self._store = store
+        self._max = max_group
+        self._lock = threading.Lock()
+        self._threads = _Groups()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Groups] = weakref.WeakKeyDictionary()
+
+    def run(self, work: Callable[[Tx], _T]) -> _T:
+        """``work(tx)`` committed, in a group with the calls of other threads; its result or its own error."""
+        groups = self._threads
+        with self._lock:
+            if not groups.leading:
+                groups.leading = True
+                member = None
+            else:
+                member = _Member(work)
+                groups.queue.append(member)
+        if member is None:
+            # No group is being written: this call is a group of its own, with no savepoint and no wait (the hot
+            # path of one writer); calls arriving meanwhile form the next group.
+            try:
+                with self._store.transaction() as tx:
+                    return work(tx)
+            finally:
+                self._hand_over(groups, self._lock)
+        try:
+            member.done.acquire()  # released when this member's group has committed, or when it is to lead
+        except BaseException:
+            # Interrupted while waiting (KeyboardInterrupt in the main thread): leave the queue if still in it;
+            # if a group took this member already, wait for it, and lead it if this member is its leader, so that
+            # no other caller is left waiting.
+            with self._lock:
+                queued = member in groups.queue
+                if queued:
+                    groups.queue.remove(member)
+            if not queued:
+                member.done.acquire()
+                if member.batch is not None:
+                    self._lead(member.batch)
+            raise
+        if member.batch is not None:
+            self._lead(member.batch)
+        return member.result()
+
+    def _lead(self, batch: list[_Member[Any]]) -> None:
+        try:
+            self._commit(batch)
+        finally:
+            self._hand_over(self._threads, self._lock)
+            for m in batch[1:]:
+                m.wake()
+
+    def run_bridged(self, work: Callable[[Tx], _T]) -> _T:
+        """``run`` for a coroutine's work in a bridge of this store (``run_async`` on PostgreSQL): the groups are
+        those of the coroutines of this event loop, each one's transaction on the loop's async pool, and a
+        follower awaits (the loop runs on) rather than blocks."""
+        loop = asyncio.get_running_loop()
+        groups = self._loops.get(loop)
+        if groups is None:
+            with self._lock:
+                groups = self._loops.setdefault(loop, _Groups())
+        if not groups.leading:
+            groups.leading = True
+            try:
+                with self._store.transaction() as tx:
+                    return work(tx)
+            finally:
+                self._hand_over(groups, None)
+        future: asyncio.Future[None] = loop.create_future()
+        member = _Member(work, future)
+        groups.queue.append(member)
+        try:
+            # Shielded: a cancelled caller must not cancel the wake-up a leader may be handing it.
+            _async.await_(asyncio.shield(future))
+        except BaseException:
+            if member in groups.queue:
+                groups.queue.remove(member)  # not taken into a group: nothing of it is written
+            elif member.batch is not None:
+                self._lead_bridged(groups, member.batch)  # made the next leader: the others wait for it
+            raise
+        if member.batch is not None:
+            self._lead_bridged(groups, member.batch)
+        if isinstance(member.error, asyncio.CancelledError) and member.batch is None:
+            # The group's leader was cancelled, and the group's transaction with it; this caller was not: its work
+            # goes again, in a transaction of its own.
+            with self._store.transaction() as tx:
+                return work(tx)
+        return member.result()
+
+    def _lead_bridged(self, groups: _Groups, batch: list[_Member[Any]]) -> None:
+        try:
+            self._commit(batch)
+        finally:
+            self._hand_over(groups, None)
+            for m in batch[1:]:
+                m.wake()
+
+    def _hand_over(self, groups: _Groups, lock: threading.Lock | None) -> None:
+        """Make the next group of the callers waiting and wake its leader, or, if none waits, lead no more
+        (``lock``: the committer's, for the threads' groups)."""
+        with lock or contextlib.nullcontext():
+            queue = groups.queue
+            if not queue:
+                groups.leading = False
+                return
+            batch = queue[:self._max]
+            del queue[:self._max]
+        batch[0].batch = batch
+        batch[0].wake()
+
+    def _commit(self, batch: list[_Member[Any]]) -> None:
+        """Write every member's work in one transaction, each in a savepoint; settle every member."""
+        try:
+            with self._store.transaction() as tx:
+                for i, m in enumerate(batch):
+                    savepoint = f"em_group_{i}"
+                    tx.execute(f"SAVEPOINT {savepoint}")
+                    try:
+                        m.value = m.work(tx)
+                    except Exception as exc:
+                        # This member's failure is its own: undo its statements, keep the others'.
+                        tx.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                        m.value, m.error = None, exc
+                    tx.execute(f"RELEASE SAVEPOINT {savepoint}")
+        except BaseException as exc:
+            # Nothing of the group was committed: every member that had no error of its own gets this one.
+            for m in batch:
+                if m.error is None:
+                    m.value, m.error = None, exc

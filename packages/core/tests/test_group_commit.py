@@ -1,0 +1,532 @@
+"""Group commit (``SQLStore.group_commit``): concurrent submitters share one transaction, each call returns only
+once its own row is committed, and one member's failure is its own.
+
+Run as a script, this file is a submitting process: ``python test_group_commit.py <store url> <run>`` submits effects
+from eight threads and prints each key once its ``submit`` has returned, until it is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import pytest
+from errands.core import Effect, EffectConflictError, Journal, NewEvent, Outbox, TaskEngine, open_store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+class NoopConnector:
+    name: ClassVar[str] = "noop"
+
+    def dispatch(self, effect: Any) -> Any:  # pragma: no cover - nothing is dispatched here
+        raise AssertionError("not dispatched in these tests")
+
+
+def _url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return (f"sqlite:///{tmp_path / 'group.db'}" if kind == "sqlite"
+            else str(request.getfixturevalue("postgres_url")))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    s = open_store(_url(request.param, tmp_path, request))
+    with s.transaction() as tx:
+        tx.execute("CREATE TABLE IF NOT EXISTS gc_rows (k TEXT PRIMARY KEY)")
+    yield s
+    s.close()
+
+
+def _keys(store: Any) -> set[str]:
+    with store.read() as tx:
+        return {k for (k,) in tx.query("SELECT k FROM gc_rows")}
+
+
+def _insert(key: str) -> Callable[[Any], str]:
+    def work(tx: Any) -> str:
+        tx.execute("INSERT INTO gc_rows (k) VALUES (?)", (key,))
+        return key
+    return work
+
+
+@contextlib.contextmanager
+def _counting(store: Any) -> Iterator[list[int]]:
+    """Count the store's own transactions (each one commit)."""
+    opened = [0]
+    real = store.transaction
+
+    def transaction(conn: Any = None) -> Any:
+        opened[0] += 1
+        return real(conn)
+
+    store.transaction = transaction
+    try:
+        yield opened
+    finally:
+        del store.transaction
+
+
+def _one_group(store: Any, works: list[Callable[[Any], Any]]) -> list[tuple[Any, BaseException | None]]:
+    """Run ``works`` from threads of their own as one group: a first caller holds the store until every one of them
+    waits behind it. Returns what each call returned or raised."""
+    gate = threading.Event()
+
+    def hold(tx: Any) -> None:
+        gate.wait(30)
+
+    out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(works)
+
+    def call(i: int) -> None:
+        try:
+            out[i] = (store.group_commit(works[i]), None)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test to look at
+            out[i] = (None, exc)
+
+    first = threading.Thread(target=store.group_commit, args=(hold,))
+    first.start()
+    while not store._committer._threads.leading:
+        time.sleep(0.001)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(store._committer._threads.queue) < len(works) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    gate.set()
+    first.join()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_waiting_callers_share_one_commit_and_each_returns_its_own_result(store: Any) -> None:
+    with _counting(store) as opened:
+        out = _one_group(store, [_insert(f"k{i}") for i in range(12)])
+    assert [value for value, _ in out] == [f"k{i}" for i in range(12)]
+    assert all(error is None for _, error in out)
+    assert opened[0] == 2  # the holder's transaction, then one for the twelve
+    assert _keys(store) == {f"k{i}" for i in range(12)}
+
+
+def test_a_members_failed_statement_is_its_own(store: Any) -> None:
+    store.group_commit(_insert("taken"))
+    works = [_insert("a"), _insert("taken"), _insert("b")]  # the middle one breaks the primary key
+    out = _one_group(store, works)
+    assert out[0] == ("a", None) and out[2] == ("b", None)
+    assert out[1][0] is None and out[1][1] is not None
+    assert "taken" not in str(out[0])
+    assert _keys(store) == {"taken", "a", "b"}
+
+
+def test_a_members_error_undoes_only_its_own_statements(store: Any) -> None:
+    def half(tx: Any) -> None:
+        tx.execute("INSERT INTO gc_rows (k) VALUES ('half')")
+        raise ValueError("bad input")
+
+    out = _one_group(store, [_insert("x"), half, _insert("y")])
+    error = out[1][1]
+    assert isinstance(error, ValueError) and str(error) == "bad input"
+    assert _keys(store) == {"x", "y"}
+
+
+def test_a_failed_commit_fails_every_member_and_stores_nothing(store: Any) -> None:
+    real = store.transaction
+
+    @contextlib.contextmanager
+    def failing(conn: Any = None) -> Iterator[Any]:
+        with pytest.raises(OSError), real(conn) as tx:
+            yield tx
+            raise OSError("disk full")  # the transaction rolls back, as a failed commit leaves it
+        raise OSError("disk full")
+
+    gate = threading.Event()
+    results: list[BaseException | None] = []
+
+    def hold(tx: Any) -> None:
+        gate.wait(30)
+
+    first = threading.Thread(target=store.group_commit, args=(hold,))
+    first.start()
+    while not store._committer._threads.leading:
+        time.sleep(0.001)
+    store.transaction = failing
+
+    def call(key: str) -> None:
+        try:
+            store.group_commit(_insert(key))
+            results.append(None)
+        except OSError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=call, args=(f"f{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while len(store._committer._threads.queue) < 4:
+        time.sleep(0.001)
+    gate.set()
+    for t in [first, *threads]:
+        t.join()
+    del store.transaction
+    assert len(results) == 4 and all(isinstance(r, OSError) for r in results)
+    assert _keys(store) == set()
+
+
+def test_concurrent_submitters_all_get_durable_rows(store: Any) -> None:
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    returned: list[str] = []
+    errors: list[BaseException] = []
+
+    def submit(t: int) -> None:
+        for i in range(60):
+            key = f"t{t}-{i}"
+            try:
+                outbox.submit(Effect(key=key, connector="noop", payload={"i": i}))
+                returned.append(key)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(returned) == 480
+    assert {r.key for r in outbox.list(limit=1000)} == set(returned)
+    outbox.close()
+
+
+def test_a_conflicting_submit_in_a_group_fails_alone(store: Any) -> None:
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    outbox.submit(Effect(key="dup", connector="noop", payload={"v": 1}))
+
+    results: dict[str, Any] = {}
+
+    def call(key: str, v: int) -> None:
+        try:
+            results[f"{key}/{v}"] = outbox.submit(Effect(key=key, connector="noop", payload={"v": v}))
+        except EffectConflictError as exc:
+            results[f"{key}/{v}"] = exc
+
+    threads = [threading.Thread(target=call, args=args) for args in (("a", 1), ("dup", 2), ("b", 1), ("dup", 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results["dup/2"], EffectConflictError)
+    assert results["dup/1"].payload == {"v": 1}
+    assert {r.key for r in outbox.list(limit=10)} == {"dup", "a", "b"}
+    outbox.close()
+
+
+def test_async_submitters_all_get_durable_rows(store: Any) -> None:
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+
+    async def main() -> list[Any]:
+        try:
+            return await asyncio.gather(*(outbox.submit_async(Effect(key=f"a{i}", connector="noop", payload={}))
+                                          for i in range(40)))
+        finally:
+            await store.close_async()
+
+    records = asyncio.run(main())
+    assert [r.key for r in records] == [f"a{i}" for i in range(40)]
+    assert {r.key for r in outbox.list(limit=100)} == {f"a{i}" for i in range(40)}
+    outbox.close()
+
+
+def test_a_callers_own_connection_is_never_grouped(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'own.db'}")
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    conn = store.connect()
+    with _counting(store) as opened:
+        outbox.submit(Effect(key="mine", connector="noop", payload={}), conn=conn)
+        conn.rollback()  # the caller's transaction: rolled back, the effect with it
+    assert opened[0] == 1 and not store._committer._threads.leading
+    assert outbox.list() == []
+    conn.close()
+    outbox.close()
+    store.close()
+
+
+def _from_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    out: list[Any] = [None] * n
+
+    def call(i: int) -> None:
+        out[i] = fn(i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_concurrent_journal_appends_share_commits_and_keep_each_stream_numbered(store: Any) -> None:
+    journal = Journal(store)
+    appended = _from_threads(8, lambda t: [journal.append(f"s{t % 3}", "e", {"t": t, "i": i}) for i in range(40)])
+    events = [e for batch in appended for e in batch]
+    stored = journal.read(0, limit=1000)
+    assert sorted(e.position for e in events) == [e.position for e in stored]
+    for stream in ("s0", "s1", "s2"):
+        seqs = [e.seq for e in stored if e.stream == stream]
+        assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_concurrent_task_submits_all_get_durable_rows(store: Any) -> None:
+    engine = TaskEngine(store, handlers={"noop": lambda params: None})
+    ids = _from_threads(8, lambda t: [engine.submit("noop", {"t": t, "i": i}) for i in range(30)])
+    assert all(engine.get(i) is not None for batch in ids for i in batch)
+
+
+# -- the batcher as a property: any mix of good and failing members, any grouping --------------------------------
+
+_MEMBER = st.sampled_from(["ok", "duplicate", "raise", "half"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(groups=st.lists(st.lists(_MEMBER, min_size=1, max_size=6), min_size=1, max_size=4))
+def test_every_member_gets_its_own_outcome(tmp_path: Path, groups: list[list[str]]) -> None:
+    store = open_store(f"sqlite:///{tmp_path / f'prop-{time.monotonic_ns()}.db'}")
+    with store.transaction() as tx:
+        tx.execute("CREATE TABLE gc_rows (k TEXT PRIMARY KEY)")
+    store.group_commit(_insert("seed"))
+    expected = {"seed"}
+    n = 0
+    for kinds in groups:
+        works: list[Callable[[Any], Any]] = []
+        for kind in kinds:
+            key = f"m{n}"
+            n += 1
+            if kind == "ok":
+                works.append(_insert(key))
+            elif kind == "duplicate":
+                works.append(_insert("seed"))
+            elif kind == "raise":
+                works.append(lambda tx: (_ for _ in ()).throw(ValueError("bad")))
+            else:
+                def half(tx: Any, key: str = key) -> None:
+                    tx.execute("INSERT INTO gc_rows (k) VALUES (?)", (key,))
+                    raise ValueError("half")
+                works.append(half)
+        out = _one_group(store, works)
+        for kind, (value, error), i in zip(kinds, out, range(n - len(kinds), n)):
+            if kind == "ok":
+                assert error is None and value == f"m{i}"
+                expected.add(f"m{i}")
+            else:
+                assert error is not None and value is None
+        assert _keys(store) == expected
+    assert not store._committer._threads.leading and store._committer._threads.queue == []
+    store.close()
+
+
+# -- a crash mid-window ---------------------------------------------------------------------------------------
+
+
+def _submit_forever(url: str, run: str) -> None:
+    store = open_store(url)
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    lock = threading.Lock()
+
+    def submit(t: int) -> None:
+        i = 0
+        while True:
+            key = f"{run}-{t}-{i}"
+            outbox.submit(Effect(key=key, connector="noop", payload={"i": i}))
+            with lock:
+                sys.stdout.write(key + "\n")
+                sys.stdout.flush()
+            i += 1
+
+    for t in range(8):
+        threading.Thread(target=submit, args=(t,), daemon=True).start()
+    threading.Event().wait()
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_sigkill_mid_window_loses_no_submit_that_returned(kind: str, tmp_path: Path,
+                                                            request: pytest.FixtureRequest) -> None:
+    url = _url(kind, tmp_path, request)
+    open_store(url).close()  # migrated before the submitters race to it
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    returned: list[str] = []
+    for run in range(3):
+        proc = subprocess.Popen([sys.executable, __file__, url, f"run{run}"], stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None
+        for _ in range(300):  # the kill lands while groups are being written
+            line = proc.stdout.readline()
+            if not line:
+                break
+            returned.append(line.strip())
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+        returned += [k for k in rest.splitlines() if k]  # printed before the kill: those submits returned
+        assert proc.returncode == -signal.SIGKILL
+    store = open_store(url)
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    stored = {r.key for r in outbox.list(limit=100_000)}
+    assert len(returned) >= 900
+    assert set(returned) <= stored
+    outbox.close()
+    store.close()
+
+
+if __name__ == "__main__":
+    _submit_forever(sys.argv[1], sys.argv[2])
+
+
+def test_a_submit_inside_the_threads_own_transaction_fails_at_once_rather_than_wait_for_a_leader(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'own-tx.db'}")
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    leader_done = threading.Event()
+    errors: list[BaseException] = []
+    with store.transaction():
+        # Another thread becomes a group's leader and waits for this thread's transaction to end.
+        leader = threading.Thread(target=lambda: (outbox.submit(Effect(key="led", connector="noop", payload={})),
+                                                  leader_done.set()))
+        leader.start()
+        until_leading = time.monotonic() + 20
+        while not store._committer._threads.leading and time.monotonic() < until_leading:
+            time.sleep(0.001)
+        try:
+            outbox.submit(Effect(key="nested", connector="noop", payload={}))
+        except Exception as exc:  # SQLite refuses a transaction inside a transaction
+            errors.append(exc)
+    leader.join(20)
+    assert errors and leader_done.is_set()
+    assert [r.key for r in outbox.list()] == ["led"]
+    outbox.close()
+    store.close()
+
+
+# -- coroutines on PostgreSQL: grouped on their event loop ---------------------------------------------------
+
+
+@pytest.fixture
+def pg_store(postgres_url: str) -> Iterator[Any]:
+    s = open_store(postgres_url)
+    yield s
+    s.close()
+
+
+def test_coroutines_on_postgresql_share_commits_on_their_loop(pg_store: Any) -> None:
+    outbox = Outbox(pg_store, connectors={"noop": NoopConnector()})
+
+    async def main() -> list[Any]:
+        try:
+            return await asyncio.gather(*(outbox.submit_async(Effect(key=f"c{i}", connector="noop", payload={}))
+                                          for i in range(40)))
+        finally:
+            await pg_store.close_async()
+
+    with _counting(pg_store) as opened:
+        records = asyncio.run(main())
+    assert [r.key for r in records] == [f"c{i}" for i in range(40)]
+    assert opened[0] < 40  # the coroutines that queued behind the first shared a transaction
+    assert {r.key for r in outbox.list(limit=100)} == {f"c{i}" for i in range(40)}
+    outbox.close()
+
+
+@pytest.mark.parametrize("cancelled", [0, 5], ids=["the-leader", "a-follower"])
+def test_a_cancelled_coroutine_fails_no_other_of_its_group(pg_store: Any, cancelled: int) -> None:
+    outbox = Outbox(pg_store, connectors={"noop": NoopConnector()})
+
+    async def main() -> list[Any]:
+        try:
+            tasks = [asyncio.create_task(outbox.submit_async(Effect(key=f"x{i}", connector="noop", payload={})))
+                     for i in range(10)]
+            await asyncio.sleep(0)  # every task has started: the first leads, the others wait in its queue
+            tasks[cancelled].cancel()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await pg_store.close_async()
+
+    results = asyncio.run(main())
+    assert isinstance(results[cancelled], asyncio.CancelledError)
+    assert all(r.key == f"x{i}" for i, r in enumerate(results) if i != cancelled)
+    stored = {r.key for r in outbox.list(limit=100)}
+    assert stored == {f"x{i}" for i in range(10) if i != cancelled}  # the cancelled one left before it was written
+    assert all(not g.leading and not g.queue for g in pg_store._committer._loops.values())
+    outbox.close()
+
+
+def test_a_follower_interrupted_while_it_waits_leaves_no_one_waiting(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'interrupt.db'}")
+    with store.transaction() as tx:
+        tx.execute("CREATE TABLE gc_rows (k TEXT PRIMARY KEY)")
+    committer = store._committer
+    gate = threading.Event()
+    first = threading.Thread(target=store.group_commit, args=(lambda tx: gate.wait(30),))
+    first.start()
+    while not committer._threads.leading:
+        time.sleep(0.001)
+
+    class Interrupted(BaseException):
+        pass
+
+    class InterruptedLock:
+        """A wait that is interrupted, as KeyboardInterrupt interrupts a main thread's."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+
+        def acquire(self) -> None:
+            self.acquire = self.lock.acquire  # type: ignore[method-assign]  # the next wait is a real one
+            raise Interrupted
+
+        def release(self) -> None:
+            self.lock.release()
+
+    import errands.core.store._group as group
+
+    real_member = group._Member
+
+    def interrupted_member(work: Any, future: Any = None) -> Any:
+        m = real_member(work, future)
+        if work is interrupted_work:
+            m.done = InterruptedLock(m.done)
+        return m
+
+    def interrupted_work(tx: Any) -> None:
+        tx.execute("INSERT INTO gc_rows (k) VALUES ('interrupted')")
+
+    group._Member = interrupted_member  # type: ignore[misc]  # this one member's wait is interrupted
+    errors: list[BaseException] = []
+    try:
+        def call() -> None:
+            try:
+                store.group_commit(interrupted_work)
+            except Interrupted as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(20)
+    finally:
+        group._Member = real_member  # type: ignore[misc]
+    assert errors and committer._threads.queue == []  # it left the queue
+    others = [threading.Thread(target=store.group_commit, args=(_insert(f"o{i}"),)) for i in range(3)]
+    for o in others:
+        o.start()
+    while len(committer._threads.queue) < 3:
+        time.sleep(0.001)
+    gate.set()
+    for o in [first, *others]:
+        o.join(20)
+        assert not o.is_alive()
+    assert _keys(store) == {"o0", "o1", "o2"}
+    store.close()
