@@ -286,6 +286,41 @@ def test_the_claim_walks_the_partial_index_of_due_rows_on_postgres(postgres: str
 
 # -- batched enqueue and outcomes written together --------------------------------------------------
 
+def test_quick_handlers_run_inline_under_a_driver_and_others_on_the_pool(url: str) -> None:
+    """Once a type's handler is timed as quick, a driver (``drain``) runs it in its own thread, a batch per
+    commit; a type with a time limit always runs on the engine's pool. Every task succeeds, failures are
+    retried as on the pool."""
+    store = open_store(url)
+    threads: dict[str, set[str]] = {"quick": set(), "limited": set()}
+    failed: set[int] = set()
+
+    def handler(kind: str) -> Callable[[Any], Any]:
+        def run(n: Any) -> Any:
+            threads[kind].add(threading.current_thread().name)
+            if kind == "quick" and n % 10 == 0 and n not in failed:
+                failed.add(n)
+                raise RuntimeError("once")
+            return n
+        return run
+
+    try:
+        engine = TaskEngine(store, concurrency=4)
+        engine._latency.QUICK = 60.0  # every timed handler counts as quick here, however busy the machine
+        engine.register("quick", handler("quick"), retry_base=0.001)
+        engine.register("limited", handler("limited"), time_limit=30)
+        ids = engine.submit_many("quick", range(200)) + engine.submit_many("limited", range(40))
+        engine.drain(timeout=120)
+        records = [engine.wait(i, timeout=60) for i in ids]
+        assert all(r.status is TaskStatus.SUCCEEDED for r in records)
+        quick = [r for r in records if r.type == "quick"]
+        assert sorted(r.result for r in quick) == list(range(200))
+        assert {r.attempts for r in quick if r.result % 10 == 0} == {2}
+        here = threading.current_thread().name
+        assert here in threads["quick"] and here not in threads["limited"]
+    finally:
+        store.close()
+
+
 def test_submit_many_queues_every_task_in_one_go_and_keeps_existing_ids(url: str) -> None:
     store = open_store(url)
     try:
@@ -382,7 +417,7 @@ def test_tasks_claimed_while_the_engine_closes_are_given_back(url: str) -> None:
         with store.transaction() as tx:
             claimed = table.claim(tx, "t", engine.owner, [], 8, now + 60, now)
         assert [c.id for c in claimed] == [task_id]
-        assert engine._start(claimed, ahead=True) == 0
+        assert engine._start(claimed, ahead=True) == (0, [])
         rec = engine.get(task_id)
         assert rec is not None and rec.status is TaskStatus.PENDING and rec.attempts == 0
         assert engine.in_flight == 0

@@ -41,7 +41,7 @@ from ._cron import check_cron as _cron
 from ._cron import last_tick as _last_tick
 from ._cron import next_tick as _next_tick
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
-from ._runtime import CallRunner, drain
+from ._runtime import CallRunner, Latency, drain
 from ._tasks_table import ScheduleRecord, TaskRecord
 from ._tasks_transitions import (
     CANCEL,
@@ -72,6 +72,9 @@ _PURGE_EVERY = 60.0
 _SCHEDULES_EVERY = 1.0
 #: Seconds between asks of the store whether a task running here was cancelled from elsewhere.
 _CANCEL_POLL = 0.2
+#: How long a pass may go on running quick handlers inline, round after round (``TaskEngine._run_inline``),
+#: before it returns to its driver.
+_INLINE_FOR = 0.05
 
 
 class _Stop:
@@ -376,6 +379,8 @@ class TaskEngine:
         self._ahead = 0  # tasks started so, reported by the next ``run_once``
         #: Set whenever a slot frees (a run ended): ``drain`` waits on it instead of polling.
         self._freed = _wake.Wake()
+        #: Each type's handler time: under a driver, types answering in well under a millisecond run inline.
+        self._latency = Latency()
 
     # -- registration --------------------------------------------------------------------------
     def register(
@@ -804,12 +809,17 @@ class TaskEngine:
             if not claimed:
                 return 0
             self._executor()
-            return self._start(claimed)
+            # Under a driver (``claim_ahead``), quick handlers run here, in the claiming thread.
+            started, quick = self._start(claimed, inline=self.claim_ahead)
+            return started + (self._run_inline(quick) if quick else 0)
 
-    def _start(self, claimed: list[table.Claimed], *, ahead: bool = False) -> int:
-        """Run ``claimed`` on the engine's pool; returns how many started. Tasks claimed while the engine closed
-        (its pool gone) are given back, their attempt not counted."""
+    def _start(self, claimed: list[table.Claimed], *, ahead: bool = False,
+               inline: bool = False) -> tuple[int, list[_Run]]:
+        """Run ``claimed`` on the engine's pool; returns how many started, and, with ``inline``, the runs of
+        quick types (``_quick``) left for the caller to run in its own thread. Tasks claimed while the engine
+        closed (its pool gone) are given back, their attempt not counted."""
         now = self.store.clock.now()
+        quick: list[_Run] = []
         with self._lock:
             pool = self._pool
             if pool is not None:
@@ -819,10 +829,13 @@ class TaskEngine:
                     run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat,
                                started=now)
                     self._running[c.id] = run
-                    pool.submit(self._execute, run)  # under the lock: ``close`` takes the pool under it too
+                    if inline and self._quick(c.type):
+                        quick.append(run)
+                    else:
+                        pool.submit(self._execute, run)  # under the lock: ``close`` takes the pool under it too
                 if ahead:
                     self._ahead += len(claimed)
-                return len(claimed)
+                return len(claimed), quick
         try:
             with self.store.transaction() as tx:
                 for c in claimed:
@@ -832,7 +845,39 @@ class TaskEngine:
                 raise
             with self._lock:
                 self._abandoned = True  # the next claim gives them back (or their leases lapse)
-        return 0
+        return 0, []
+
+    def _quick(self, type_: str) -> bool:
+        """Whether ``type_``'s handler answers so quickly that a thread hand-off would cost more than the call
+        (``Latency``); never a type with a time limit, which only a thread of its own can enforce."""
+        return self._types[type_].time_limit is None and self._latency.quick([type_])
+
+    def _run_inline(self, runs: list[_Run]) -> int:
+        """Run ``runs`` (quick handlers, ``_claiming`` held) one after another in this thread, write their
+        outcomes in one transaction that also claims tasks for the slots they free, and go on so, round after
+        round, for up to ``_INLINE_FOR`` seconds: a commit per batch of tasks instead of per task or two.
+        Claimed tasks of types that are not quick go to the pool. Returns how many tasks started here beyond
+        ``runs``."""
+        until = time.monotonic() + _INLINE_FOR
+        started = 0
+        while runs:
+            batch = [_Done(run, t) for run in runs if (t := self._attempt(run)) is not None]
+            for run in runs:
+                if not any(d.run is run for d in batch):
+                    self._forget(run)  # its outcome is not to be written (``_attempt`` said why)
+            claimed = self._write_outcomes(batch, claim=time.monotonic() < until) if batch else []
+            for d in batch:
+                abandoned = False
+                if d.alone:
+                    abandoned = self._record_one(d.run, d.transition, landed=d.tried)
+                elif not d.written:
+                    log.warning("task %s: outcome dropped; it was removed or taken by another worker", d.run.id)
+                self._forget(d.run, abandoned=abandoned)
+            if not claimed:
+                break
+            n, runs = self._start(claimed, inline=True)
+            started += n
+        return started
 
     def _claim(self, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
         with self.store.transaction() as tx:
@@ -903,13 +948,27 @@ class TaskEngine:
             return self._pool
 
     def _execute(self, run: _Run) -> None:
+        """Run one task on a thread of the pool and write its outcome."""
+        transition = self._attempt(run)
+        abandoned = False
+        try:
+            if transition is not None:
+                abandoned = self._record(run, transition)
+        finally:
+            self._forget(run, abandoned=abandoned)
+
+    def _attempt(self, run: _Run) -> Transition | None:
+        """Call the run's handler and say what its outcome leads to; None when nothing is to be written (past
+        its time limit, its lease lost). A ``BaseException`` other than a stop forgets the run and goes on."""
         spec = self._types[run.type]
         outcome: str | Exception
         try:
             args: tuple[Any, ...] = (run.params, TaskContext(
                 id=run.id, type=run.type, attempt=run.attempt, _beat=run.beat, _stop=run.stop,
             )) if spec.wants_ctx else (run.params,)
+            began = time.perf_counter()
             outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
+            self._latency.record(run.type, time.perf_counter() - began)
         except BaseException as exc:
             stopped = run.stop.set and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError))
             if not isinstance(exc, Exception) and not stopped:
@@ -918,22 +977,22 @@ class TaskEngine:
                 raise
             outcome = exc if isinstance(exc, Exception) else RuntimeError(f"stopped ({run.stop.reason})")
         reason = run.stop.finish()
-        abandoned = False
         try:
             if reason == TIME_LIMIT:
                 log.info("task %s (%s): its handler returned after its time limit; its outcome is dropped",
                          run.id, run.type)
-                return
+                return None
             transition = settle(outcome, run.attempt, spec.policy, self.store.clock.now(), lease_lost=run.beat.lost,
                                 stopped=reason)
             if transition is None:
                 log.warning("task %s (%s): its lease was lost while it ran; this run records nothing (another "
                             "worker may run it)", run.id, run.type)
-                return
+                return None
             self._log(run, transition)
-            abandoned = self._record(run, transition)
-        finally:
-            self._forget(run, abandoned=abandoned)
+            return transition
+        except BaseException:
+            self._forget(run)
+            raise
 
     @staticmethod
     def _log(run: _Run, transition: Transition) -> None:
@@ -980,36 +1039,43 @@ class TaskEngine:
         they free (unless ``run_once`` is claiming now): one commit ends runs and starts the next ones."""
         ahead = (self.claim_ahead and self._pool is not None and bool(self._types)
                  and self._claiming.acquire(blocking=False))
-        claimed: list[table.Claimed] = []
         try:
-            try:
-                with self.store.transaction() as tx:
-                    now = self.store.clock.now()
-                    retried = [d.run.id for d in batch if d.transition.status is TaskStatus.PENDING]
-                    asked = set(table.cancel_requested(tx, retried)) if retried else set()
-                    outcomes = [(d.run.id, d.run.token,
-                                 (cancelled(now) if d.run.id in asked else d.transition).columns) for d in batch]
-                    for d, written in zip(batch, table.finish_many(tx, outcomes, now)):
-                        d.written = written
-                    if ahead:
-                        claimed = self._claim_freed(tx, batch)
-            except Exception as exc:  # each run's own thread writes it alone, and meets the error there
-                log.info("tasks: writing %d outcomes together failed (%s: %s); writing them one by one",
-                         len(batch), type(exc).__name__, exc)
-                for d in batch:
-                    d.alone = d.tried = True
-                if ahead:  # a claim may have committed unacknowledged: the next claim gives such tasks back
-                    with self._lock:
-                        self._abandoned = True
-                claimed = []
-            finally:
-                for d in batch:
-                    d.event.set()
+            claimed = self._write_outcomes(batch, claim=ahead)
             if claimed:
                 self._start(claimed, ahead=True)
         finally:
             if ahead:
                 self._claiming.release()
+
+    def _write_outcomes(self, batch: list[_Done], *, claim: bool) -> list[table.Claimed]:
+        """Write ``batch``'s outcomes in one transaction, with ``claim`` (``_claiming`` held) claiming in it
+        tasks for the slots they free; returns those. On a fault every run of ``batch`` is marked to be written
+        alone (``_Done.alone``); every run's event is set."""
+        claimed: list[table.Claimed] = []
+        try:
+            with self.store.transaction() as tx:
+                now = self.store.clock.now()
+                retried = [d.run.id for d in batch if d.transition.status is TaskStatus.PENDING]
+                asked = set(table.cancel_requested(tx, retried)) if retried else set()
+                outcomes = [(d.run.id, d.run.token,
+                             (cancelled(now) if d.run.id in asked else d.transition).columns) for d in batch]
+                for d, written in zip(batch, table.finish_many(tx, outcomes, now)):
+                    d.written = written
+                if claim:
+                    claimed = self._claim_freed(tx, batch)
+        except Exception as exc:  # each run's own thread writes it alone, and meets the error there
+            log.info("tasks: writing %d outcomes together failed (%s: %s); writing them one by one",
+                     len(batch), type(exc).__name__, exc)
+            for d in batch:
+                d.alone = d.tried = True
+            if claim:  # a claim may have committed unacknowledged: the next claim gives such tasks back
+                with self._lock:
+                    self._abandoned = True
+            claimed = []
+        finally:
+            for d in batch:
+                d.event.set()
+        return claimed
 
     def _claim_freed(self, tx: Any, batch: list[_Done]) -> list[table.Claimed]:
         """Claim in ``tx`` up to the slots free once ``batch``'s runs leave (a run past its time limit keeps its
