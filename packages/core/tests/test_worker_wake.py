@@ -321,6 +321,34 @@ def test_quick_handlers_run_inline_under_a_driver_and_others_on_the_pool(url: st
         store.close()
 
 
+def test_an_interrupt_in_an_inline_handler_gives_the_batch_back(url: str) -> None:
+    """A ``KeyboardInterrupt`` from a handler run inline reaches the driver; the tasks of its batch are not
+    left held by the engine: the next pass gives them back and runs every task to success."""
+    store = open_store(url)
+    calls: list[int] = []
+
+    def handler(n: Any) -> Any:
+        calls.append(n)
+        if n == 5 and calls.count(5) == 1:
+            raise KeyboardInterrupt
+        return n
+
+    try:
+        engine = TaskEngine(store, handlers={"t": handler}, concurrency=4)
+        engine._latency.QUICK = 60.0
+        engine._latency.record("t", 0.0)  # timed as quick already: every batch runs inline
+        ids = engine.submit_many("t", range(12))
+        with pytest.raises(KeyboardInterrupt):
+            engine.drain(timeout=60)
+        assert engine.in_flight == 0
+        engine.drain(timeout=60)
+        records = [engine.wait(i, timeout=60) for i in ids]
+        assert [r.result for r in records] == list(range(12))
+        assert all(r.status is TaskStatus.SUCCEEDED for r in records)
+    finally:
+        store.close()
+
+
 def test_submit_many_queues_every_task_in_one_go_and_keeps_existing_ids(url: str) -> None:
     store = open_store(url)
     try:

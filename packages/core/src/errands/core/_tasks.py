@@ -861,10 +861,20 @@ class TaskEngine:
         until = time.monotonic() + _INLINE_FOR
         started = 0
         while runs:
-            batch = [_Done(run, t) for run in runs if (t := self._attempt(run)) is not None]
-            for run in runs:
-                if not any(d.run is run for d in batch):
+            batch: list[_Done] = []
+            for n, run in enumerate(runs):
+                try:
+                    transition = self._attempt(run)
+                except BaseException:
+                    # Not an error of the handler's (an interrupt): the runs not begun are given back at the
+                    # next claim, their outcomes so far dropped with this pass.
+                    for left in [*runs[n + 1:], *(d.run for d in batch)]:
+                        self._forget(left, abandoned=True)
+                    raise
+                if transition is None:
                     self._forget(run)  # its outcome is not to be written (``_attempt`` said why)
+                else:
+                    batch.append(_Done(run, transition))
             claimed = self._write_outcomes(batch, claim=time.monotonic() < until) if batch else []
             for d in batch:
                 abandoned = False
