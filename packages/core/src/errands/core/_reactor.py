@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from . import _reactor_table as reactor_table
 from . import _tasks_table as tasks_table
-from . import telemetry
+from . import _wake, telemetry
 from ._fanout_table import CURSOR_NAMESPACE
 from ._leases import is_infrastructure_error
 from ._reactor_exprs import EntityKey, Envelopes, Matcher, describe_key, matcher
@@ -285,7 +285,11 @@ class Reactor:
             queued += tasks_table.insert_many(tx, rows)
             version = self.store.kv_put(CURSOR_NAMESPACE, f"reactor:{reaction.name}", last,
                                         expected_version=version, tx=tx)
+            if queued:
+                tx.notify(_wake.TASKS)
         self._cursors[reaction.name] = (last, version)
+        if queued:
+            _wake.notify(self.store, _wake.TASKS)
         return queued
 
     def run_once(self) -> int:

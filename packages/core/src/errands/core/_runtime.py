@@ -181,6 +181,35 @@ _shared_lock = threading.Lock()
 _current: contextvars.ContextVar[CallRunner | None] = contextvars.ContextVar("errands_call_runner", default=None)
 
 
+class Latency:
+    """A moving average of the call time of each kind of user call (a connector, a task type), fed by the
+    threads that make the calls (hence the lock).
+
+    Calls answering in well under a millisecond are made inline, where a thread hand-off would cost more
+    than the call (the outbox's dispatch, the task engine's quick handlers)."""
+
+    QUICK = 0.0002  # seconds
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._average: dict[str, float] = {}
+
+    def record(self, connector: str, seconds: float) -> None:
+        with self._lock:
+            old = self._average.get(connector)
+            self._average[connector] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def untimed(self, connectors: Sequence[str]) -> bool:
+        """Whether a call of any one of ``connectors`` was never timed yet."""
+        with self._lock:
+            return any(name not in self._average for name in connectors)
+
+    def quick(self, connectors: Sequence[str]) -> bool:
+        """Whether every one of ``connectors`` answers quickly (one not timed yet does not)."""
+        with self._lock:
+            return all(self._average.get(name, 1.0) < self.QUICK for name in connectors)
+
+
 def run_sync(aw: Awaitable[Any]) -> Any:
     """Wait for ``aw`` from sync code, whether or not an event loop runs on this thread: on the loop of
     the runner made current here (``CallRunner.as_current``: a worker's, during its passes), else on the

@@ -33,15 +33,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import timedelta
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import _tasks_table as table
-from . import telemetry
+from . import _wake, telemetry
 from ._cron import check_cron as _cron
 from ._cron import last_tick as _last_tick
 from ._cron import next_tick as _next_tick
 from ._leases import DEFAULT_LEASE_FOR, Beat, heartbeat, is_infrastructure_error
-from ._runtime import CallRunner, drain
+from ._runtime import CallRunner, Latency, drain
 from ._tasks_table import ScheduleRecord, TaskRecord
 from ._tasks_transitions import (
     CANCEL,
@@ -55,7 +55,7 @@ from ._tasks_transitions import (
     settle,
     timed_out,
 )
-from ._worker import retry_infrastructure
+from ._worker import RETRY_DELAYS, retry_infrastructure
 from .errors import ConfigError, InvalidTaskIdError, NotFoundError
 from .store import SQLStore, Tx, dumps
 
@@ -72,6 +72,9 @@ _PURGE_EVERY = 60.0
 _SCHEDULES_EVERY = 1.0
 #: Seconds between asks of the store whether a task running here was cancelled from elsewhere.
 _CANCEL_POLL = 0.2
+#: How long a pass may go on running quick handlers inline, round after round (``TaskEngine._run_inline``),
+#: before it returns to its driver.
+_INLINE_FOR = 0.05
 
 
 class _Stop:
@@ -184,6 +187,19 @@ class _Run:
     trace: str | None = None
 
 
+@dataclass(eq=False)
+class _Done:
+    """A run's outcome waiting to be written (``TaskEngine._record``): whether it was, or is to be written
+    alone by the run's own thread."""
+
+    run: _Run
+    transition: Transition
+    event: threading.Event = dataclass_field(default_factory=threading.Event)
+    written: bool = False
+    alone: bool = False
+    tried: bool = False  # a batch holding it failed: it may have landed unseen
+
+
 @dataclass
 class _TypeSpec:
     fn: Callable[..., Any]
@@ -208,6 +224,18 @@ def _task_id(value: Any) -> str:
         f"task id must be a UUID such as '{uuid.uuid4()}', got {value!r}; omit id to get a new one",
         field="id", value=value,
     )
+
+
+def _new_ids(n: int) -> list[str]:
+    """``n`` random (version 4) UUIDs as text, from one read of the system's random source."""
+    raw = bytearray(os.urandom(16 * n))
+    ids = []
+    for k in range(0, 16 * n, 16):
+        raw[k + 6] = (raw[k + 6] & 0x0F) | 0x40
+        raw[k + 8] = (raw[k + 8] & 0x3F) | 0x80
+        h = raw[k:k + 16].hex()
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return ids
 
 
 def _wants_ctx(fn: Callable[..., Any]) -> bool:
@@ -342,6 +370,19 @@ class TaskEngine:
         # run here (a claim committed but unacknowledged, a result that could not be written): the next
         # claim gives such tasks back at once instead of waiting out their lease.
         self._abandoned = False
+        # Outcomes waiting to be written together (``_record``), and whether a thread writes them now.
+        self._done_lock = threading.Lock()
+        self._done_queue: list[_Done] = []
+        self._writing = False
+        #: Whether the transaction that writes outcomes also claims tasks for the slots they free: on while a
+        #: driver runs the engine continuously (a ``Worker`` lent its runner, ``drain``); off, only ``run_once``
+        #: starts tasks, as a caller stepping the engine expects.
+        self.claim_ahead = False
+        self._ahead = 0  # tasks started so, reported by the next ``run_once``
+        #: Set whenever a slot frees (a run ended): ``drain`` waits on it instead of polling.
+        self._freed = _wake.Wake()
+        #: Each type's handler time: under a driver, types answering in well under a millisecond run inline.
+        self._latency = Latency()
 
     # -- registration --------------------------------------------------------------------------
     def register(
@@ -447,13 +488,57 @@ class TaskEngine:
             def write(tx: Tx) -> None:
                 table.insert(tx, task_id, type, text, now + max(0.0, float(delay)), None, now, priority=rank,
                              trace=trace)
+                tx.notify(_wake.TASKS)  # workers of other processes (PostgreSQL), at the commit of the group
 
             if conn is None:
                 self.store.group_commit(write)  # concurrent submits share commits; returns once this one's is done
             else:
                 with self.store.transaction(conn) as tx:
                     write(tx)
+        _wake.notify(self.store, _wake.TASKS)  # workers of this process, after the commit
         return task_id
+
+    def submit_many(
+        self, type: str, params: Iterable[Any], *, ids: Sequence[str | uuid.UUID] | None = None, delay: float = 0.0,
+        priority: int = 0, conn: Any = None,
+    ) -> list[str]:
+        """Queue one task of ``type`` per item of ``params``, in one transaction and one statement (all of them,
+        or on an error none). An id that exists already is left as it is, as ``submit`` does.
+
+        Args:
+            type: the task type of every task.
+            params: the JSON-serialisable parameters of each task.
+            ids: a caller-chosen UUID per task (as many as ``params``); new ones if None.
+            delay, priority, conn: as for ``submit``, the same for every task.
+
+        Returns:
+            The task ids, in the order of ``params``.
+
+        Raises:
+            InvalidTaskIdError: an id is not a UUID; ConfigError: unknown type, or not one id per task;
+            PayloadError: params not JSON (naming the item's index).
+        """
+        self._check_type(type)
+        rank = _priority(priority)
+        texts = [dumps(p, field=f"params[{n}]") for n, p in enumerate(params)]
+        if ids is None:
+            task_ids = _new_ids(len(texts))
+        else:
+            task_ids = [_task_id(i) for i in ids]
+            if len(task_ids) != len(texts):
+                raise ConfigError(f"submit_many takes one id per task: {len(task_ids)} ids for {len(texts)} params",
+                                  field="ids", value=len(task_ids))
+        if not texts:
+            return []
+        now = self.store.clock.now()
+        at = now + max(0.0, float(delay))
+        with telemetry.span("errands.tasks.submit", task_type=type, count=len(task_ids)):
+            trace = telemetry.carrier_text()
+            with self.store.transaction(conn) as tx:
+                table.insert_batch(tx, task_ids, type, texts, at, rank, now, trace)
+                tx.notify(_wake.TASKS)
+        _wake.notify(self.store, _wake.TASKS)
+        return task_ids
 
     async def submit_async(
         self, type: str, params: Any = None, id: str | uuid.UUID | None = None, *, delay: float = 0.0,
@@ -462,6 +547,14 @@ class TaskEngine:
         """``submit`` for coroutines, without blocking the event loop (``SQLStore.run_async``); ``conn`` may also
         be an async connection or session."""
         return await self.store.run_async(self.submit, type, params, id, delay=delay, priority=priority, conn=conn)
+
+    async def submit_many_async(
+        self, type: str, params: Iterable[Any], *, ids: Sequence[str | uuid.UUID] | None = None, delay: float = 0.0,
+        priority: int = 0, conn: Any = None,
+    ) -> list[str]:
+        """``submit_many`` for coroutines (``SQLStore.run_async``)."""
+        return await self.store.run_async(self.submit_many, type, list(params), ids=ids, delay=delay,
+                                          priority=priority, conn=conn)
 
     def _check_type(self, type: Any) -> None:
         if not isinstance(type, str) or not type:
@@ -678,8 +771,15 @@ class TaskEngine:
         nothing starts: the next call tries again.
 
         Returns:
-            How many tasks were started.
+            How many tasks were started (with ``claim_ahead``, those started as others ended since the last
+            call included).
         """
+        started = self._run_once()
+        with self._lock:
+            started, self._ahead = started + self._ahead, 0
+        return started
+
+    def _run_once(self) -> int:
         with self._claiming:
             if self._types:
                 try:
@@ -716,66 +816,137 @@ class TaskEngine:
                 return 0
             if not claimed:
                 return 0
-            now = self.store.clock.now()
-            pool = self._executor()
-            runs = []
-            with self._lock:
+            self._executor()
+            # Under a driver (``claim_ahead``), quick handlers run here, in the claiming thread.
+            started, quick = self._start(claimed, inline=self.claim_ahead)
+            return started + (self._run_inline(quick) if quick else 0)
+
+    def _start(self, claimed: list[table.Claimed], *, ahead: bool = False,
+               inline: bool = False) -> tuple[int, list[_Run]]:
+        """Run ``claimed`` on the engine's pool; returns how many started, and, with ``inline``, the runs of
+        quick types (``_quick``) left for the caller to run in its own thread. Tasks claimed while the engine
+        closed (its pool gone) are given back, their attempt not counted."""
+        now = self.store.clock.now()
+        quick: list[_Run] = []
+        with self._lock:
+            pool = self._pool
+            if pool is not None:
                 for c in claimed:
                     beat = heartbeat(functools.partial(self._renew, c.id, c.token), lease_for=self.lease_for,
                                      what=f"task {c.id}")
                     run = _Run(id=c.id, type=c.type, params=c.params, token=c.token, attempt=c.attempt, beat=beat,
                                started=now, trace=c.trace)
                     self._running[c.id] = run
-                    runs.append(run)
-        for run in runs:
-            pool.submit(self._execute, run)
-        return len(runs)
+                    if inline and self._quick(c.type):
+                        quick.append(run)
+                    else:
+                        pool.submit(self._execute, run)  # under the lock: ``close`` takes the pool under it too
+                if ahead:
+                    self._ahead += len(claimed)
+                return len(claimed), quick
+        try:
+            with self.store.transaction() as tx:
+                for c in claimed:
+                    table.abandon(tx, c.id, c.token, now)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            with self._lock:
+                self._abandoned = True  # the next claim gives them back (or their leases lapse)
+        return 0, []
+
+    def _quick(self, type_: str) -> bool:
+        """Whether ``type_``'s handler answers so quickly that a thread hand-off would cost more than the call
+        (``Latency``); never a type with a time limit, which only a thread of its own can enforce."""
+        return self._types[type_].time_limit is None and self._latency.quick([type_])
+
+    def _run_inline(self, runs: list[_Run]) -> int:
+        """Run ``runs`` (quick handlers, ``_claiming`` held) one after another in this thread, write their
+        outcomes in one transaction that also claims tasks for the slots they free, and go on so, round after
+        round, for up to ``_INLINE_FOR`` seconds: a commit per batch of tasks instead of per task or two.
+        Claimed tasks of types that are not quick go to the pool. Returns how many tasks started here beyond
+        ``runs``."""
+        until = time.monotonic() + _INLINE_FOR
+        started = 0
+        while runs:
+            batch: list[_Done] = []
+            for n, run in enumerate(runs):
+                try:
+                    transition = self._attempt(run)
+                except BaseException:
+                    # Not an error of the handler's (an interrupt): the runs not begun are given back at the
+                    # next claim, their outcomes so far dropped with this pass.
+                    for left in [*runs[n + 1:], *(d.run for d in batch)]:
+                        self._forget(left, abandoned=True)
+                    raise
+                if transition is None:
+                    self._forget(run)  # its outcome is not to be written (``_attempt`` said why)
+                else:
+                    batch.append(_Done(run, transition))
+            claimed = self._write_outcomes(batch, claim=time.monotonic() < until) if batch else []
+            for d in batch:
+                abandoned = False
+                if d.alone:
+                    abandoned = self._record_one(d.run, d.transition, landed=d.tried)
+                elif not d.written:
+                    log.warning("task %s: outcome dropped; it was removed or taken by another worker", d.run.id)
+                self._forget(d.run, abandoned=abandoned)
+            if not claimed:
+                break
+            n, runs = self._start(claimed, inline=True)
+            started += n
+        return started
 
     def _claim(self, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
+        with self.store.transaction() as tx:
+            return self._claim_in(tx, free, held, abandoned)
+
+    def _claim_in(self, tx: Any, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
+        """Claim up to ``free`` due tasks in ``tx`` (``_claiming`` held), giving ``free`` slots to the types by
+        priority; with ``abandoned``, first give back this engine's tasks that it does not run."""
         now = self.store.clock.now()
         claimed: list[table.Claimed] = []
         limited = [t for t, s in self._types.items() if s.max_concurrency is not None]
-        with self.store.transaction() as tx:
-            if abandoned:
-                # This engine's RUNNING tasks that it does not run: their invocation was abandoned on an
-                # infrastructure error.
-                n = table.give_back(tx, self.owner, held, now)
-                if n:
-                    log.info("tasks: %d abandoned invocation(s) queued again", n)
-            running = table.admitted(tx, limited, now)
-            # Free slots go to the due tasks of highest priority across the types: the first ``free`` of them
-            # say how many each type gets (first round); a window that was full may hide more due tasks, which
-            # fill what the first round left (second round, in the same order of types).
-            order = table.due_order(tx, list(self._types), held, free, now) if len(self._types) > 1 else []
-            plan: dict[str, int] = {}
-            for type_ in order:
-                plan[type_] = plan.get(type_, 0) + 1
-            ranked = [*plan, *(t for t in self._types if t not in plan)]
-            rounds = [True, False] if len(order) == free else [True]
-            taken: dict[str, int] = {}
-            for capped in rounds if plan else [False]:
-                for type_ in ranked:
-                    spec = self._types[type_]
-                    if free <= 0:
-                        break
-                    allowed = free
-                    if capped:
-                        allowed = min(allowed, plan.get(type_, 0) - taken.get(type_, 0))
-                    if spec.max_concurrency is not None:
-                        allowed = min(allowed, spec.max_concurrency - running.get(type_, 0) - taken.get(type_, 0))
-                    if spec.rate_limit_per_s is not None:
-                        self._refill(spec, now)
-                        allowed = min(allowed, int(spec.tokens))
-                    if allowed <= 0:
-                        continue
-                    # A lapsed lease of a task this engine still runs (its renewals could not reach the database)
-                    # is for other workers to take, never for this one to start twice: ``held`` is left out.
-                    got = table.claim(tx, type_, self.owner, held, allowed, now + self.lease_for, now)
-                    if spec.rate_limit_per_s is not None:
-                        spec.tokens -= len(got)
-                    free -= len(got)
-                    taken[type_] = taken.get(type_, 0) + len(got)
-                    claimed.extend(got)
+        if abandoned:
+            # This engine's RUNNING tasks that it does not run: their invocation was abandoned on an
+            # infrastructure error.
+            n = table.give_back(tx, self.owner, held, now)
+            if n:
+                log.info("tasks: %d abandoned invocation(s) queued again", n)
+        running = table.admitted(tx, limited, now)
+        # Free slots go to the due tasks of highest priority across the types: the first ``free`` of them
+        # say how many each type gets (first round); a window that was full may hide more due tasks, which
+        # fill what the first round left (second round, in the same order of types).
+        order = table.due_order(tx, list(self._types), held, free, now) if len(self._types) > 1 else []
+        plan: dict[str, int] = {}
+        for type_ in order:
+            plan[type_] = plan.get(type_, 0) + 1
+        ranked = [*plan, *(t for t in self._types if t not in plan)]
+        rounds = [True, False] if len(order) == free else [True]
+        taken: dict[str, int] = {}
+        for capped in rounds if plan else [False]:
+            for type_ in ranked:
+                spec = self._types[type_]
+                if free <= 0:
+                    break
+                allowed = free
+                if capped:
+                    allowed = min(allowed, plan.get(type_, 0) - taken.get(type_, 0))
+                if spec.max_concurrency is not None:
+                    allowed = min(allowed, spec.max_concurrency - running.get(type_, 0) - taken.get(type_, 0))
+                if spec.rate_limit_per_s is not None:
+                    self._refill(spec, now)
+                    allowed = min(allowed, int(spec.tokens))
+                if allowed <= 0:
+                    continue
+                # A lapsed lease of a task this engine still runs (its renewals could not reach the database)
+                # is for other workers to take, never for this one to start twice: ``held`` is left out.
+                got = table.claim(tx, type_, self.owner, held, allowed, now + self.lease_for, now)
+                if spec.rate_limit_per_s is not None:
+                    spec.tokens -= len(got)
+                free -= len(got)
+                taken[type_] = taken.get(type_, 0) + len(got)
+                claimed.extend(got)
         return claimed
 
     def _renew(self, task_id: str, token: int) -> bool:
@@ -795,15 +966,29 @@ class TaskEngine:
             return self._pool
 
     def _execute(self, run: _Run) -> None:
+        """Run one task on a thread of the pool and write its outcome."""
+        transition = self._attempt(run)
+        abandoned = False
+        try:
+            if transition is not None:
+                abandoned = self._record(run, transition)
+        finally:
+            self._forget(run, abandoned=abandoned)
+
+    def _attempt(self, run: _Run) -> Transition | None:
+        """Call the run's handler and say what its outcome leads to; None when nothing is to be written (past
+        its time limit, its lease lost). A ``BaseException`` other than a stop forgets the run and goes on."""
         spec = self._types[run.type]
         outcome: str | Exception
         try:
             args: tuple[Any, ...] = (run.params, TaskContext(
                 id=run.id, type=run.type, attempt=run.attempt, _beat=run.beat, _stop=run.stop,
             )) if spec.wants_ctx else (run.params,)
+            began = time.perf_counter()
             with telemetry.span("errands.tasks.run", telemetry.parsed(run.trace), task_type=run.type, task_id=run.id, attempt=run.attempt,
                                 lease_owner=self.owner):
                 outcome = dumps(self._bridge.call(_until_stopped(spec.fn, run.stop), *args), field="result")
+            self._latency.record(run.type, time.perf_counter() - began)
         except BaseException as exc:
             stopped = run.stop.set and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError))
             if not isinstance(exc, Exception) and not stopped:
@@ -812,23 +997,23 @@ class TaskEngine:
                 raise
             outcome = exc if isinstance(exc, Exception) else RuntimeError(f"stopped ({run.stop.reason})")
         reason = run.stop.finish()
-        abandoned = False
         try:
             if reason == TIME_LIMIT:
                 log.info("task %s (%s): its handler returned after its time limit; its outcome is dropped",
                          run.id, run.type)
-                return
+                return None
             transition = settle(outcome, run.attempt, spec.policy, self.store.clock.now(), lease_lost=run.beat.lost,
                                 stopped=reason)
             if transition is None:
                 telemetry.count("errands.lease.lost", engine="tasks")
                 log.warning("task %s (%s): its lease was lost while it ran; this run records nothing (another "
                             "worker may run it)", run.id, run.type)
-                return
+                return None
             self._log(run, transition)
-            abandoned = self._record(run, transition)
-        finally:
-            self._forget(run, abandoned=abandoned)
+            return transition
+        except BaseException:
+            self._forget(run)
+            raise
 
     @staticmethod
     def _log(run: _Run, transition: Transition) -> None:
@@ -843,9 +1028,92 @@ class TaskEngine:
                       run.attempt, transition.error)
 
     def _record(self, run: _Run, transition: Transition) -> bool:
-        """Write a run's outcome, fenced by its token. Infrastructure errors are retried (the shared
+        """Write a run's outcome, fenced by its token; returns whether the invocation was abandoned.
+
+        Outcomes of runs that end together are written together (group commit): the first thread to arrive
+        writes every outcome queued meanwhile in one transaction, round after round while more arrive, and
+        each of the others returns when its own outcome is written. A batch that fails sends each of its runs
+        to the one-by-one write (``_record_one``), which retries and, at worst, abandons."""
+        done = _Done(run, transition)
+        with self._done_lock:
+            self._done_queue.append(done)
+            lead = not self._writing
+            self._writing = True
+        if lead:
+            while True:
+                with self._done_lock:
+                    batch, self._done_queue = self._done_queue, []
+                    if not batch:
+                        self._writing = False
+                        break
+                self._write_batch(batch)
+        else:
+            done.event.wait()
+        if done.alone:
+            return self._record_one(run, transition, landed=done.tried)
+        if not done.written:
+            log.warning("task %s: outcome dropped; it was removed or taken by another worker", run.id)
+        return False
+
+    def _write_batch(self, batch: list[_Done]) -> None:
+        """Write ``batch``'s outcomes in one transaction and, in the same one, claim due tasks for the slots
+        they free (unless ``run_once`` is claiming now): one commit ends runs and starts the next ones."""
+        ahead = (self.claim_ahead and self._pool is not None and bool(self._types)
+                 and self._claiming.acquire(blocking=False))
+        try:
+            claimed = self._write_outcomes(batch, claim=ahead)
+            if claimed:
+                self._start(claimed, ahead=True)
+        finally:
+            if ahead:
+                self._claiming.release()
+
+    def _write_outcomes(self, batch: list[_Done], *, claim: bool) -> list[table.Claimed]:
+        """Write ``batch``'s outcomes in one transaction, with ``claim`` (``_claiming`` held) claiming in it
+        tasks for the slots they free; returns those. On a fault every run of ``batch`` is marked to be written
+        alone (``_Done.alone``); every run's event is set."""
+        claimed: list[table.Claimed] = []
+        try:
+            with self.store.transaction() as tx:
+                now = self.store.clock.now()
+                retried = [d.run.id for d in batch if d.transition.status is TaskStatus.PENDING]
+                asked = set(table.cancel_requested(tx, retried)) if retried else set()
+                outcomes = [(d.run.id, d.run.token,
+                             (cancelled(now) if d.run.id in asked else d.transition).columns) for d in batch]
+                for d, written in zip(batch, table.finish_many(tx, outcomes, now)):
+                    d.written = written
+                if claim:
+                    claimed = self._claim_freed(tx, batch)
+        except Exception as exc:  # each run's own thread writes it alone, and meets the error there
+            log.info("tasks: writing %d outcomes together failed (%s: %s); writing them one by one",
+                     len(batch), type(exc).__name__, exc)
+            for d in batch:
+                d.alone = d.tried = True
+            if claim:  # a claim may have committed unacknowledged: the next claim gives such tasks back
+                with self._lock:
+                    self._abandoned = True
+            claimed = []
+        finally:
+            for d in batch:
+                d.event.set()
+        return claimed
+
+    def _claim_freed(self, tx: Any, batch: list[_Done]) -> list[table.Claimed]:
+        """Claim in ``tx`` up to the slots free once ``batch``'s runs leave (a run past its time limit keeps its
+        slot until its handler returns)."""
+        with self._lock:
+            if self._abandoned:
+                return []  # ``run_once`` gives those back first
+            leaving = sum(1 for d in batch if self._running.get(d.run.id) is d.run)
+            free = self.concurrency - len(self._running) - len(self._overdue) + leaving
+            held = [*self._running, *self._overdue]
+        return self._claim_in(tx, free, held, False) if free > 0 else []
+
+    def _record_one(self, run: _Run, transition: Transition, *, landed: bool = False) -> bool:
+        """Write one run's outcome, fenced by its token. Infrastructure errors are retried (the shared
         ``retry_infrastructure`` policy) while the heartbeat keeps the lease; then the invocation is abandoned
-        and runs again soon. Returns whether it was abandoned."""
+        and runs again soon. Returns whether it was abandoned. ``landed``: a batch holding it failed (it may
+        have landed unseen): that was the policy's first attempt."""
         def write(attempt: int) -> bool:
             with self.store.transaction() as tx:
                 # A write that met a fault at commit may have landed unseen: a retry asks that first.
@@ -859,8 +1127,11 @@ class TaskEngine:
                 return table.finish(tx, run.id, run.token, outcome.columns, now)
 
         try:
-            written = retry_infrastructure(write, clock=self.store.clock, what=f"task {run.id}: writing its outcome",
-                                           keep_going=lambda: not run.beat.lost)
+            # After a batch that failed, that batch was the first attempt of the shared policy.
+            written = retry_infrastructure(lambda attempt: write(attempt + landed), clock=self.store.clock,
+                                           what=f"task {run.id}: writing its outcome",
+                                           keep_going=lambda: not run.beat.lost,
+                                           delays=RETRY_DELAYS[1:] if landed else RETRY_DELAYS)
         except Exception as exc:
             if not is_infrastructure_error(exc):
                 raise
@@ -891,6 +1162,9 @@ class TaskEngine:
             if abandoned:
                 self._abandoned = True
         run.beat.stop()
+        # A slot is free: the driver (a worker, ``drain``) claims the next task now, not after a poll.
+        self._freed.set()
+        _wake.notify(self.store, _wake.TASKS)
 
     @property
     def in_flight(self) -> int:
@@ -912,41 +1186,48 @@ class TaskEngine:
 
     def drain(self, timeout: float = 30.0, *, poll: float = 0.02) -> int:
         """Run tasks until none of this engine's types is due or running here (or ``timeout`` seconds pass).
-        Returns tasks started."""
+        A pass follows at once while a pass starts tasks, and as soon as a slot frees otherwise. Returns tasks
+        started."""
         deadline = time.monotonic() + timeout
 
         def step() -> int:
             return self.run_once() if time.monotonic() < deadline else 0
 
         def busy() -> bool:
-            """Tasks still run here or are due: pass again after ``poll``, until the deadline."""
+            """Tasks still run here or are due: pass again as soon as a slot frees (at most ``poll`` later: a
+            retry coming due, a rate limit refilled), until the deadline."""
             if time.monotonic() >= deadline:
                 return False
             if self.in_flight == 0:
                 with self.store.read() as tx:
                     if table.due_count(tx, list(self._types), self.store.clock.now()) == 0:
                         return False
-            time.sleep(poll)
+            self._freed.wait(poll)
             return True
 
-        return drain(step, sys.maxsize, busy=busy)
+        was, self.claim_ahead = self.claim_ahead, True
+        try:
+            return drain(step, sys.maxsize, busy=busy)
+        finally:
+            self.claim_ahead = was
 
     def use_runner(self, runner: CallRunner | None) -> None:
         """Await async handlers through ``runner`` (a ``Worker`` lends its own while it runs this engine);
-        None: through this engine's own again."""
+        None: through this engine's own again. While a runner is lent the engine claims ahead
+        (``claim_ahead``): the worker runs it continuously."""
         self._bridge = runner or self._own_bridge
+        self.claim_ahead = runner is not None
 
     def close(self, wait: bool = True) -> None:
         """Stop taking tasks and ask running handlers to stop (``ctx.cancelled``, or ``CancelledError`` for an
         async one: a worker's shutdown, SIGTERM, reaches them so); with ``wait``, wait until they return. A task
         whose handler raised then is released for another worker (the attempt not counted, never failed); one
         whose handler returned has succeeded."""
-        with self._lock:
+        with self._lock:  # from now on nothing starts here (``_start`` needs the pool)
+            pool, self._pool = self._pool, None
             runs = list(self._running.values())
         for run in runs:
             run.stop.request(SHUTDOWN)
-        with self._lock:
-            pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=wait)
         self._own_bridge.close()

@@ -79,12 +79,33 @@ TASK_MIGRATIONS = [
     Migration(5, "ALTER TABLE em_tasks ADD COLUMN trace TEXT"),
 ]
 
+#: The claim index (tasks migration 4): main's due index (type, status, priority DESC, available_at) made
+#: partial, over the rows a claim may take only (pending and running ones), so that finished tasks (the
+#: table's history) are neither walked nor indexed and a claim costs O(batch), not O(table). Its predicate is
+#: written as literals, and every claim-path query repeats it (``_LIVE``) as one of its AND terms: SQLite uses a
+#: partial index only for a query holding the index's own terms, and PostgreSQL only when it can prove the
+#: predicate (bound parameters would hide it from a generic plan). The debounce index keeps only the rows with
+#: a key (most tasks have none), one index entry fewer to write per task.
+CLAIM_INDEX = Migration(
+    4,
+    """
+    CREATE INDEX IF NOT EXISTS em_tasks_claim ON em_tasks (type, status, priority DESC, available_at)
+        WHERE status IN ('PENDING', 'RUNNING');
+    DROP INDEX IF EXISTS em_tasks_due;
+    CREATE INDEX IF NOT EXISTS em_tasks_debounced ON em_tasks (debounce_key) WHERE debounce_key IS NOT NULL;
+    DROP INDEX IF EXISTS em_tasks_debounce
+    """,
+)
+TASK_MIGRATIONS.append(CLAIM_INDEX)
+
 # PostgreSQL advisory lock class for task admission: engines claiming a type with ``max_concurrency`` take
 # ``(_ADMIT_LOCK, hashtext(type))`` for the transaction, so counting the running tasks and claiming more is
 # one step across workers (READ COMMITTED would otherwise let two counts see the same free slot).
 _ADMIT_LOCK = 0x656D7461
 
 _PENDING, _RUNNING = str(TaskStatus.PENDING), str(TaskStatus.RUNNING)
+#: The claim index's predicate (``CLAIM_INDEX``), a term of every query that should walk it.
+_LIVE = f"status IN ('{_PENDING}', '{_RUNNING}')"
 _COLS = ("id, type, params, status, attempts, result, error, created_at, updated_at, started_at, finished_at, "
          "available_at, priority, cancel_requested")
 _SCHEDULE_COLS = "name, type, cron, params, priority, next_at, last_at"
@@ -195,6 +216,28 @@ def insert(tx: Tx, task_id: str, type: str, params: str | None, at: float, debou
     )
 
 
+def insert_batch(tx: Tx, ids: Sequence[str], type: str, params: Sequence[str], at: float, priority: int,
+                 now: float, trace: str | None = None) -> int:
+    """Queue tasks of ``type`` (ids ``ids``, JSON texts ``params``), each unless its id exists; returns how many
+    were new (``trace``: the submitter's trace context, one for the batch). One statement on PostgreSQL: the
+    ids as one comma-separated text (UUIDs hold no comma) and the params as one JSON array (``json`` keeps each element's text as written), so that nothing is adapted per
+    row; on SQLite the store's multi-row ``INSERT``."""
+    if not ids:
+        return 0
+    if tx.dialect == POSTGRES:
+        return tx.rowcount(
+            "INSERT INTO em_tasks (id, type, params, status, available_at, created_at, updated_at, priority, trace) "
+            "SELECT i.id, ?, p.params::text, ?, ?, ?, ?, ?, ? FROM unnest(string_to_array(?, ',')) WITH ORDINALITY "
+            "AS i(id, n) JOIN json_array_elements(?::json) WITH ORDINALITY AS p(params, n) USING (n) "
+            "ON CONFLICT (id) DO NOTHING",
+            (type, _PENDING, at, now, now, priority, trace, ",".join(ids), "[" + ",".join(params) + "]"))
+    return tx.insert_rows(
+        "INSERT INTO em_tasks (id, type, params, status, available_at, created_at, updated_at, priority, trace) "
+        "VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(i, type, p, _PENDING, at, now, now, priority, trace) for i, p in zip(ids, params)],
+        " ON CONFLICT (id) DO NOTHING")
+
+
 def insert_many(tx: Tx, rows: Sequence[tuple[str, str, str | None, float, float, str | None, int | None, str | None]],
                 ) -> int:
     """Queue many tasks at once, each ``(id, type, params, at, now, order_key, order_seq, trace)`` (priority 0, no
@@ -303,8 +346,8 @@ def due_count(tx: Tx, types: Sequence[str], now: float) -> int:
     """How many pending tasks of ``types`` are due at ``now``."""
     if not types:
         return 0
-    row = tx.one(f"SELECT COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(types))} AND status = ? "
-                 "AND available_at <= ?", (*types, _PENDING, now))
+    row = tx.one(f"SELECT COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(types))} AND {_LIVE} "
+                 "AND status = ? AND available_at <= ?", (*types, _PENDING, now))
     return int(row[0]) if row else 0
 
 
@@ -347,7 +390,7 @@ def admitted(tx: Tx, limited: Sequence[str], now: float) -> dict[str, int]:
         for type_ in sorted(limited):  # in one order everywhere, so two engines never deadlock
             tx.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_ADMIT_LOCK, type_))
     return {t: int(n) for t, n in tx.query(
-        f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND status = ? "
+        f"SELECT type, COUNT(*) FROM em_tasks WHERE type IN {in_clause(len(limited))} AND {_LIVE} AND status = ? "
         "AND lease_expires > ? GROUP BY type", (*limited, _RUNNING, now))}
 
 
@@ -359,7 +402,9 @@ def admitted(tx: Tx, limited: Sequence[str], now: float) -> dict[str, int]:
 _HEAD = ("NOT EXISTS (SELECT 1 FROM em_tasks o WHERE o.order_key = t.order_key AND o.status IN ('PENDING', "
          "'RUNNING') AND o.order_seq < t.order_seq)")
 # The two kinds of task a claim takes: running ones whose lease lapsed, and due pending ones.
-_KINDS = (("t.status = ? AND t.lease_expires <= ?", _RUNNING), ("t.status = ? AND t.available_at <= ?", _PENDING))
+# Literals, with the claim index's predicate, so that each walks the partial index (``CLAIM_INDEX``).
+_KINDS = (f"t.{_LIVE} AND t.status = '{_RUNNING}' AND t.lease_expires <= ?",
+          f"t.{_LIVE} AND t.status = '{_PENDING}' AND t.available_at <= ?")
 # Types read by one ``due_order`` statement: two walks each, within SQLite's 500 terms of a compound select.
 _TYPES_PER_STATEMENT = 100
 
@@ -382,12 +427,12 @@ def _candidates(tx: Tx, types: Sequence[str], held: Sequence[str], limit: int, n
     walks: list[str] = []
     params: list[Any] = []
     for type_ in types:
-        for due, status in _KINDS:
+        for due in _KINDS:
             walks.append(
                 "SELECT * FROM (SELECT t.id, t.type, t.priority, t.available_at, t.created_at FROM em_tasks t "
                 f"WHERE t.type = ? AND {due}{mine} AND (t.order_key IS NULL OR {_HEAD}) "
                 f"ORDER BY t.priority DESC, t.available_at LIMIT ?{locked}) w")
-            params.extend((type_, status, now, *held, limit))
+            params.extend((type_, now, *held, limit))
     return " UNION ALL ".join(walks), params
 
 
@@ -442,6 +487,38 @@ def finish(tx: Tx, task_id: str, token: int, columns: Mapping[str, Any], now: fl
         "WHERE id = ? AND token = ? AND status = ?",
         (*columns.values(), now, task_id, token, _RUNNING),
     ) == 1
+
+
+#: The PostgreSQL array type of each column an outcome writes (``finish_many``).
+_ARRAY_TYPES = {"status": "text", "result": "text", "error": "text", "finished_at": "double precision",
+                "available_at": "double precision", "attempts": "integer"}
+
+
+def finish_many(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], now: float) -> list[bool]:
+    """``finish`` for each ``(id, token, columns)`` of ``outcomes``, in order; on PostgreSQL the outcomes that
+    write the same columns go in one statement (the values as arrays, ``unnest``)."""
+    done = [False] * len(outcomes)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for n, (_, _, columns) in enumerate(outcomes):
+        groups.setdefault(tuple(columns), []).append(n)
+    for names, members in groups.items():
+        if tx.dialect != POSTGRES or len(members) == 1 or any(c not in _ARRAY_TYPES for c in names):
+            for n in members:
+                task_id, token, columns = outcomes[n]
+                done[n] = finish(tx, task_id, token, columns, now)
+            continue
+        arrays = [[outcomes[n][0] for n in members], [outcomes[n][1] for n in members],
+                  *([outcomes[n][2][c] for n in members] for c in names)]
+        casts = ", ".join(["?::text[]", "?::bigint[]", *(f"?::{_ARRAY_TYPES[c]}[]" for c in names)])
+        assignments = ", ".join(f"{c} = v.{c}" for c in names)
+        written = {r[0] for r in tx.query(
+            f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
+            f"updated_at = ? FROM unnest({casts}) AS v(id, token, {', '.join(names)}) "
+            f"WHERE t.id = v.id AND t.token = v.token AND t.status = '{_RUNNING}' RETURNING t.id",
+            (now, *arrays))}
+        for n in members:
+            done[n] = outcomes[n][0] in written
+    return done
 
 
 def finished(tx: Tx, task_id: str, token: int) -> bool:

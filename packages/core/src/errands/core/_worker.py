@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 
-from . import telemetry
+from . import _wake, telemetry
 from ._clock import Clock
 from ._journal import StoreScheduler
 from ._leases import is_infrastructure_error
@@ -74,9 +74,15 @@ def _amount(result: Any) -> int:
 class Worker:
     """Runs dispatch, reconcile, compensate, fan-out, timers and tasks until stopped.
 
-    Each pass calls every job once; when a pass finds no work the worker sleeps ``poll_interval``
-    seconds (or until ``wake()``). SIGTERM and SIGINT stop it after the current pass: leases in flight
-    finish, or lapse and are taken again by the next worker; nothing is lost.
+    Each pass calls every job once. A pass that started work is followed by the next at once; after a pass
+    that found nothing the worker waits until it is woken: by a submit in this process, by an engine whose
+    slot freed (so it claims the next work as soon as it can run it, even when every slot was busy), by a
+    ``NOTIFY`` of a submitting transaction in another process (PostgreSQL: the worker runs ``LISTEN`` on
+    a connection of its own), or by ``wake()``; at the latest after ``poll_interval`` (delayed work coming due).
+    Where the store cannot notify (SQLite) the wait is an adaptive poll: 1 ms after the last work found,
+    doubling up to ``poll_interval`` while nothing comes (``errands.core._wake``). SIGTERM and SIGINT stop it
+    after the current pass: leases in flight finish, or lapse and are taken again by the next worker; nothing
+    is lost.
 
     ``run()`` loops in the calling thread; ``await run_async()`` runs the same loop inside an application's
     event loop: the passes (store work, sync user code) in threads, async user code on that loop.
@@ -93,7 +99,7 @@ class Worker:
         scheduler: the timer scheduler (a ``StoreScheduler`` on ``store`` by default).
         timer_handlers: topic -> handler for timers fired by this worker.
         jobs: further ``() -> amount`` callables run every pass (task engines, lro, durable).
-        poll_interval: seconds to sleep after a pass that found nothing.
+        poll_interval: the longest wait after a pass that found nothing (when no notification comes).
         max_in_flight: the most effects or batches in flight at once, passed to the engines.
     """
 
@@ -109,7 +115,8 @@ class Worker:
         self.timer_handlers: dict[str, Callable[[str, Any], Any]] = dict(timer_handlers or {})
         self.poll_interval = poll_interval
         self.max_in_flight = max_in_flight
-        self._wake = threading.Event()
+        self._signal = _wake.Wake()
+        self._listener: Any = None
         self._jobs: list[tuple[str, Job]] = []
         self._lent: list[Any] = []  # engines of jobs given this worker's runner: closed and given back by close
         self.runner = CallRunner(max_in_flight)
@@ -196,7 +203,23 @@ class Worker:
         return total
 
     def wake(self) -> None:
-        self._wake.set()
+        """Cut the current wait short: the next pass runs now."""
+        self._signal.set()
+
+    @property
+    def woken(self) -> int:
+        """How many of this worker's waits were cut short by a wake (a submit, a freed slot, a notification)."""
+        return self._signal.woken
+
+    @property
+    def notified(self) -> int:
+        """How many notifications from the database (PostgreSQL ``NOTIFY``) reached this worker."""
+        return self._signal.notified
+
+    @property
+    def listening(self) -> bool:
+        """Whether this worker hears other processes' submits now (its ``LISTEN`` connection is up)."""
+        return self._listener is not None and self._listener.connected.is_set()
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Loop until ``stop`` is set, or SIGTERM/SIGINT when run in the main thread."""
@@ -206,24 +229,55 @@ class Worker:
             def _on_signal(signum: int, _frame: Any) -> None:
                 log.info("signal %s: stopping after this pass", signum)
                 stop.set()
-                self._wake.set()
+                self.wake()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore[int(sig)] = signal.signal(sig, _on_signal)
         try:
-            self._serve(stop.is_set)
+            self._serve(stop.is_set, stop)
         finally:
             for signum, handler in restore.items():
                 signal.signal(signum, handler)
             self.close()
 
-    def _serve(self, stopped: Callable[[], bool]) -> None:
-        """The one loop of ``run`` and ``run_async``: a pass, and after a pass that found nothing a sleep of
-        ``poll_interval`` (cut short by ``wake()``), until ``stopped()``."""
-        while not stopped():
-            if self.step() == 0:
-                self._wake.wait(self.poll_interval)
-                self._wake.clear()
+    def _serve(self, stopped: Callable[[], bool], stop: threading.Event | None = None) -> None:
+        """The one loop of ``run`` and ``run_async``, until ``stopped()``: a pass; after a pass that found
+        nothing, a wait until woken (``_wake``) or the idle pace elapses; after a store fault, a pause doubling
+        up to a second. ``stop`` being set wakes the wait."""
+        idle = _wake.Idle(self.poll_interval)
+        store = self.store
+        served = threading.Event()
+        if stop is not None:
+            def watch() -> None:
+                while not stop.wait(1.0):
+                    if served.is_set():
+                        return
+                self.wake()
+
+            threading.Thread(target=watch, name="errands-worker-stop", daemon=True).start()
+        _wake.subscribe(store, self._signal)
+        listen = getattr(store, "listen", None)  # a plugin's store may have no notifications
+        self._listener = listen(_wake.CHANNELS, lambda channel: _wake.remote(store, channel)) if listen else None
+        faulted = 0
+        try:
+            while not stopped():
+                self._signal.clear()  # a wake from now on (during the pass) cuts the next wait short
+                done = self.step()
+                if self.faulted:
+                    faulted += 1
+                    self._signal.wait(min(1.0, 0.01 * 2 ** min(faulted, 7)))
+                    continue
+                faulted = 0
+                if done:
+                    idle.worked()
+                    continue
+                self._signal.wait(idle.next(notified=self.listening))
+        finally:
+            served.set()
+            listener, self._listener = self._listener, None
+            if listener is not None:
+                listener.close()
+            _wake.unsubscribe(store, self._signal)
 
     async def run_async(self, stop: StopEvent | None = None) -> None:
         """Run every engine inside the running event loop until ``stop`` is set, then close the worker.
@@ -257,7 +311,7 @@ class Worker:
         def serve() -> None:
             try:
                 try:
-                    self._serve(stopped)
+                    self._serve(stopped, given)
                 finally:
                     self.close()  # here, off the loop: it waits for calls in flight, which the loop runs
             except BaseException as exc:  # handed to the coroutine, which raises it
@@ -283,7 +337,7 @@ class Worker:
             if watcher is not None:
                 watcher.cancel()
         halt.set()
-        self._wake.set()
+        self.wake()
         while not done.done():  # the pass in flight finishes on its thread, its async calls on this loop
             try:
                 await asyncio.wait([done])

@@ -148,7 +148,7 @@ SPANS: Mapping[str, tuple[str, ...]] = {
     "errands.journal.append": ("stream", "subject", "count"),
     "errands.fanout.batch": ("route", "count"),
     "errands.fanout.publish": ("route", "sink", "count", "status"),
-    "errands.tasks.submit": ("task_type", "task_id"),
+    "errands.tasks.submit": ("task_type", "task_id", "count"),
     "errands.tasks.run": ("task_type", "task_id", *_WORK),
     "errands.lro.save": ("operation",),
     "errands.lro.resume": ("operation", "status"),

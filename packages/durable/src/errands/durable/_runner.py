@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Mapping
 
 from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Worker, open_store, telemetry
-from errands.core.runtime import drain, error_text, is_infrastructure_error
+from errands.core.runtime import drain, error_text, is_infrastructure_error, notify_work
 from errands.core.store import SQLStore, dumps
 
 from . import _callbacks as callbacks
@@ -193,6 +193,8 @@ class DurableRunner:
             else:
                 self._queues.start(tx, execution_id, function, text, self.clock.now(), queue=queue,
                                    priority=priority, dedup_id=dedup_id, timeout=seconds)
+            tx.notify("durable")  # a worker of another process (PostgreSQL), at commit
+        notify_work(self.store, "durable")  # a worker of this process
         return execution_id
 
     async def start_async(self, function: str, input: Any = None, *, execution_id: str | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar
 
@@ -157,34 +156,6 @@ class ConnectorSet:
             cached = (conn, capabilities_of(conn))
             self._caps[name] = cached
         return cached[1]
-
-
-class Latency:
-    """A moving average of each connector's call time, fed by the threads that make the calls (hence the lock).
-
-    Connectors answering in well under a millisecond are called inline, where a thread hand-off would cost more
-    than the call."""
-
-    QUICK = 0.0002  # seconds
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._average: dict[str, float] = {}
-
-    def record(self, connector: str, seconds: float) -> None:
-        with self._lock:
-            old = self._average.get(connector)
-            self._average[connector] = seconds if old is None else 0.8 * old + 0.2 * seconds
-
-    def untimed(self, connectors: Sequence[str]) -> bool:
-        """Whether a call of any one of ``connectors`` was never timed yet."""
-        with self._lock:
-            return any(name not in self._average for name in connectors)
-
-    def quick(self, connectors: Sequence[str]) -> bool:
-        """Whether every one of ``connectors`` answers quickly (one not timed yet does not)."""
-        with self._lock:
-            return all(self._average.get(name, 1.0) < self.QUICK for name in connectors)
 
 
 class Context:

@@ -9,13 +9,14 @@ import time
 from typing import Any, Callable, Sequence
 
 from .. import telemetry
+from .._runtime import Latency
 from .._values import EffectStatus, Semantics
 from ..errors import ConfigError, PermanentError
 from ..runtime import retry_infrastructure
 from ..store import NewEvent, Tx
 from . import _effect_table, _obligation_table
 from ._admission import safety_net_problem
-from ._context import SKIPPED, Context, Latency, TableLease, release_failed_claim
+from ._context import SKIPPED, Context, TableLease, release_failed_claim
 from ._records import Claimed, EffectOutcome
 from ._transitions import (
     CallResult,

@@ -9,8 +9,9 @@ from typing import Any, Callable, Collection, Iterable, List, Mapping, TypeVar
 
 from .. import telemetry
 from .._values import Effect, EffectStatus, Event, Obligation, ObservationOutcome
+from .._wake import OUTBOX
 from ..errors import ConfigError, NotFoundError
-from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain
+from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain, notify_work
 from ..store import SQLStore, default_owner, dumps
 from . import _effect_table, _inline, _obligation_table, _queries, _transitions
 from ._admission import DEFAULT_PAYLOAD_LIMIT, admit, check_same, check_str, distinct
@@ -258,6 +259,7 @@ class Outbox:
                 # Insert first and look only on a conflict (the common case is a new key).
                 if _effect_table.insert_new(tx, row):
                     journal(tx, [_transitions.submitted_event(row)])
+                    tx.notify(OUTBOX)
                     return new_effect_record(row, effect)
                 return _effect_table.get(tx, row.key)
 
@@ -268,6 +270,7 @@ class Outbox:
                 with store.transaction(conn) as tx:
                     written = write(tx)
         if isinstance(written, EffectRecord):
+            notify_work(store, OUTBOX)
             return written
         stored = written
         if stored is None:
@@ -303,6 +306,9 @@ class Outbox:
                 stored.update(self._stored_alike(tx, by_key, [k for k in by_key if k not in stored and k not in new]))
             if inserted:
                 self._ctx.journal(tx, [_transitions.submitted_event(row) for row in inserted])
+                tx.notify(OUTBOX)
+        if inserted:
+            notify_work(store, OUTBOX)
         created = datetime.fromtimestamp(now, tz=timezone.utc)
         return [stored.get(row.key) or new_effect_record(row, effect, created) for row, effect in zip(rows, effects)]
 

@@ -63,6 +63,9 @@ def _to_pyformat(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+#: The PostgreSQL channel of an engine's notifications: ``errands_<channel>`` (``Tx.notify``, ``SQLStore.listen``).
+NOTIFY_PREFIX = "errands_"
+
 #: Rows per multi-row ``INSERT`` on SQLite (``Tx.insert_rows``): far below its 32,766 parameters for rows of
 #: up to 300 columns.
 VALUES_ROWS = 100
@@ -134,6 +137,13 @@ class Tx:
 
     def rowcount(self, sql: str, params: Sequence[Any] = ()) -> int:
         return int(self.execute(sql, params).rowcount)
+
+    def notify(self, channel: str) -> None:
+        """Tell the workers listening on this database (``SQLStore.listen``) that ``channel`` has new work, when
+        this transaction commits (PostgreSQL ``NOTIFY``: sent at commit, never if it rolls back, one per channel
+        and transaction). SQLite has no notifications: its workers poll (``errands.core._wake``)."""
+        if self.dialect == POSTGRES:
+            self.raw.cursor().execute("SELECT pg_notify(%s, '')", (NOTIFY_PREFIX + channel,))
 
     @property
     def skip_locked(self) -> str:

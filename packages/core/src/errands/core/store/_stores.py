@@ -26,6 +26,7 @@ from ..errors import ConfigError, ErrandsError, LeaseLostError, MissingDependenc
 from . import _async
 from ._connections import caller_transaction, pg_server
 from ._group import GroupCommitter
+from ._listen import Listener
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, in_clause, loads, subject_matcher
 
 log = logging.getLogger("errands.store")
@@ -225,6 +226,12 @@ class SQLStore:
         """Close what ``run_async`` opened for this event loop (a PostgreSQL store's async pool); the store
         stays open for sync callers and other loops."""
         await _async.close_pools(self)
+
+    def listen(self, channels: Sequence[str], on_notify: Callable[[str | None], None]) -> Listener | None:
+        """Call ``on_notify(channel)`` on a thread of its own whenever a committed transaction notified one of
+        ``channels`` (``Tx.notify``), until the returned listener's ``close()``; None where the database cannot
+        notify (SQLite: its workers poll)."""
+        return None
 
     def close(self) -> None:
         """Release connections. The store is unusable afterwards."""
@@ -1093,6 +1100,10 @@ class PostgresStore(SQLStore):
     def connect(self) -> Any:
         """A new psycopg connection of the caller's own to this database (not from the pool)."""
         return self._psycopg.connect(self._conninfo)
+
+    def listen(self, channels: Sequence[str], on_notify: Callable[[str | None], None]) -> Listener | None:
+        """``LISTEN`` on a connection of its own (not from the pool), opened again whenever it drops."""
+        return Listener(lambda: self._psycopg.connect(self._conninfo, autocommit=True), channels, on_notify)
 
     def close(self) -> None:
         """Close the pool: idle connections now, those in use when their transaction ends (and the async pools
