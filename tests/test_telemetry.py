@@ -132,8 +132,13 @@ tasks = TaskEngine(store, {"ship": lambda params: params["n"]})
 task = tasks.wait(tasks.submit("ship", {"n": 2}), timeout=60)
 runner = DurableRunner(store)
 runner.register("pay", lambda event, ctx: ctx.step(lambda _: 3, name="one"))
+runner.add_queue("orders")
 execution = runner.start("pay", {})
+queued = runner.start("pay", {}, queue="orders")
 runner.drain()
+assert runner.get(queued).result == 3, runner.get(queued)
+with store.read() as tx:
+    assert tx.one("SELECT trace FROM durable_queue_items WHERE execution_id = ?", (queued,))[0] is None
 lro = LroClient(Config(neuron="svc", store=store))
 lro.add_resumable_handlers(ResumableHandler("h", lambda op: op.complete({"ok": True})))
 lro.new_operation("operations/o1").resume_via_tasks("h")
@@ -465,6 +470,35 @@ def test_parallel_invocations_branches_and_ctx_effect_stay_in_the_trace_of_the_s
         runner.close()
         outbox.close()
         store.close()
+
+
+def test_a_queued_start_runs_in_the_trace_of_the_start_when_a_worker_admits_it(
+        spans: InMemorySpanExporter, store_url: str) -> None:
+    """An execution started on a queue keeps the start's trace context until a worker (another thread) admits
+    it: its invocation is a child of the start's span and its steps are in the request's trace."""
+    from errands.durable import DurableRunner
+
+    runner = DurableRunner(store_url)
+    try:
+        runner.register("pay", lambda event, ctx: ctx.step(lambda _: event["cents"] * 2, name="double"))
+        runner.add_queue("payments", concurrency=1)
+        with _SHOP.start_as_current_span("POST /payments") as request:
+            execution_id = runner.start("pay", {"cents": 5}, queue="payments")
+        trace_id = format(request.get_span_context().trace_id, "032x")
+        assert str(runner.get(execution_id).status) == "ENQUEUED"
+        (start,) = _by_name(spans, "errands.durable.start")
+        assert start.context is not None
+        worker = threading.Thread(target=runner.drain)
+        worker.start()
+        worker.join()
+        assert runner.get(execution_id).result == 10
+        (invocation,) = _by_name(spans, "errands.durable.invocation")
+        (step,) = _by_name(spans, "errands.durable.step")
+        assert {_trace_id(invocation), _trace_id(step)} == {trace_id}
+        assert invocation.parent is not None and invocation.parent.span_id == start.context.span_id
+        assert step.attributes is not None and step.attributes["errands.step"] == "double"
+    finally:
+        runner.close()
 
 
 def _ship(url: str) -> Any:

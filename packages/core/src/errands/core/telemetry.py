@@ -323,10 +323,11 @@ def spanned(fn: Callable[..., T], name: str, **attributes: Any) -> Callable[...,
     return call
 
 
-def queued() -> dict[str, Any] | None:
+def queued(text: str | None = None) -> dict[str, Any] | None:
     """The payload that carries the current trace context with a queued item (``stored`` reads it back); None
-    when there is none."""
-    found = carrier()
+    when there is none. With ``text`` (what ``carrier_text`` wrote earlier, kept with the work), that context
+    instead: None when ``text`` holds none."""
+    found = carrier() if text is None else parsed(text)
     return None if found is None else {TRACE_KEY: found}
 
 

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from errands.core import ConfigError, Lease
+from errands.core import ConfigError, Lease, telemetry
 from errands.core.runtime import error_text, is_infrastructure_error
 from errands.core.store import SQLStore, Tx
 
@@ -113,7 +113,9 @@ class Queues:
             AlreadyExistsError: the id exists with another function or input.
         """
         if schema.function_and_input(tx, execution_id) is None:
-            if schema.insert_queue_item(tx, execution_id, queue, priority, dedup_id, now):
+            # The caller's trace context, read here in its thread, waits with the row for the admission.
+            if schema.insert_queue_item(tx, execution_id, queue, priority, dedup_id, now,
+                                        trace=telemetry.carrier_text()):
                 return executions.start(self.store, tx, execution_id, function, input_text, now, queued=True,
                                         timeout=timeout)
             holder = schema.dedup_holder(tx, queue, dedup_id) if dedup_id is not None else None
@@ -162,11 +164,14 @@ class Queues:
             room = self._room(tx, config, room, now)
             if room <= 0:
                 return []
-            ids = schema.admit(tx, config.name, self.executor, room, now)
-            if not ids:
+            admitted = schema.admit(tx, config.name, self.executor, room, now)
+            if not admitted:
                 return []
-            self.store.enqueue(schema.QUEUE, [(i, None, now) for i in ids], tx=tx)
-            claimed: list[Lease] = self.store.claim_keys(schema.QUEUE, ids, lease_for=self.lease_for, tx=tx)
+            # Each invocation continues the trace of its start, as one queued by an unqueued start does.
+            self.store.enqueue(schema.QUEUE, [(i, telemetry.queued(trace) if trace else None, now)
+                                              for i, trace in admitted], tx=tx)
+            claimed: list[Lease] = self.store.claim_keys(schema.QUEUE, [i for i, _ in admitted],
+                                                         lease_for=self.lease_for, tx=tx)
             return claimed
 
 

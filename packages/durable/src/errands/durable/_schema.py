@@ -153,6 +153,14 @@ MIGRATIONS = [
         CREATE INDEX IF NOT EXISTS durable_schedules_due ON durable_schedules (next_at)
         """,
     ),
+    # The trace context current at a queued start (``telemetry.carrier_text``; NULL without one), handed to
+    # the invocation its admission queues, as a start that is not queued hands it with its queue item.
+    Migration(
+        5,
+        """
+        ALTER TABLE durable_queue_items ADD COLUMN trace TEXT
+        """,
+    ),
 ]
 
 #: Executions that may still run: due or running (``RUNNING``), or waiting for a timer, callback or child.
@@ -499,13 +507,14 @@ def runs(tx: Tx, execution_id: str) -> int | None:
 
 # -- queues ---------------------------------------------------------------------------------------
 def insert_queue_item(tx: Tx, execution_id: str, queue: str, priority: int, dedup_id: str | None,
-                      now: float) -> bool:
-    """The queue row of an execution started on ``queue``, waiting. False (nothing changes) when the id has
-    one already or ``dedup_id`` is held by an execution of the queue that has not ended."""
+                      now: float, *, trace: str | None = None) -> bool:
+    """The queue row of an execution started on ``queue``, waiting, with the start's trace context
+    (``telemetry.carrier_text``). False (nothing changes) when the id has one already or ``dedup_id`` is held
+    by an execution of the queue that has not ended."""
     return tx.rowcount(
-        "INSERT INTO durable_queue_items (execution_id, queue, priority, dedup_id, enqueued_at) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        (execution_id, queue, priority, dedup_id, now),
+        "INSERT INTO durable_queue_items (execution_id, queue, priority, dedup_id, enqueued_at, trace) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (execution_id, queue, priority, dedup_id, now, trace),
     ) == 1
 
 
@@ -556,13 +565,14 @@ def queue_load(tx: Tx, queue: str, executor: str, since: float | None) -> tuple[
     return active, mine, recent
 
 
-def admit(tx: Tx, queue: str, executor: str, limit: int, now: float) -> list[str]:
+def admit(tx: Tx, queue: str, executor: str, limit: int, now: float) -> list[tuple[str, str | None]]:
     """Admit up to ``limit`` of the executions waiting on ``queue``, lowest ``priority`` first, then oldest:
-    ``RUNNING`` again, admitted by ``executor``. Their ids, in that order. The caller holds the queue's
-    lock (``lock_queue``)."""
-    ids = [r[0] for r in tx.query(
-        "SELECT execution_id FROM durable_queue_items WHERE queue = ? AND admitted_at IS NULL AND ended_at IS NULL "
-        "ORDER BY priority, enqueued_at, execution_id LIMIT ?", (queue, limit))]
+    ``RUNNING`` again, admitted by ``executor``. Their ids with their start's trace context, in that order.
+    The caller holds the queue's lock (``lock_queue``)."""
+    rows = [(str(r[0]), r[1]) for r in tx.query(
+        "SELECT execution_id, trace FROM durable_queue_items WHERE queue = ? AND admitted_at IS NULL "
+        "AND ended_at IS NULL ORDER BY priority, enqueued_at, execution_id LIMIT ?", (queue, limit))]
+    ids = [i for i, _ in rows]
     if not ids:
         return []
     tx.execute(f"UPDATE durable_queue_items SET admitted_at = ?, executor = ? WHERE execution_id IN "
@@ -572,7 +582,7 @@ def admit(tx: Tx, queue: str, executor: str, limit: int, now: float) -> list[str
         "AND status = 'ENQUEUED' RETURNING id", (now, *ids))}
     for stale in (i for i in ids if i not in running):  # its execution is not waiting (a start raced it)
         end_queue_item(tx, stale, now)
-    return [i for i in ids if i in running]
+    return [(i, trace) for i, trace in rows if i in running]
 
 
 # -- schedules ------------------------------------------------------------------------------------
