@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("errands.lro.http")
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+            409: "Conflict", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class _Request:
@@ -41,7 +41,7 @@ class _Request:
         self.headers = headers
 
 
-_Response = tuple[int, list[tuple[str, str]], bytes]
+Response = tuple[int, list[tuple[str, str]], bytes]
 
 
 class _Callback(NamedTuple):
@@ -52,7 +52,7 @@ class _Callback(NamedTuple):
     token: str
 
 
-def _json(status: int, body: dict[str, Any], extra: Iterable[tuple[str, str]] = ()) -> _Response:
+def _json(status: int, body: dict[str, Any], extra: Iterable[tuple[str, str]] = ()) -> Response:
     data = json.dumps(body).encode()
     headers = [("content-type", "application/json"), ("content-length", str(len(data))), *extra]
     return status, headers, data
@@ -66,7 +66,7 @@ class _Endpoint:
         self.client = client
         self.prefix = prefix
 
-    def route(self, req: _Request) -> _Response | _Callback:
+    def route(self, req: _Request) -> Response | _Callback:
         """Either a finished response, or the callback to resume after authentication."""
         if not req.path.startswith(self.prefix) or len(req.path) == len(self.prefix):
             return _json(404, {"error": f"no callback here; callbacks are PUT {self.prefix}{{path}}"})
@@ -81,7 +81,7 @@ class _Endpoint:
             return _json(400, {"error": "query parameter 'token' (the resume token of resume_via_tasks) is required"})
         return _Callback(names[0], req.path[len(self.prefix):], tokens[0])
 
-    def settle(self, name: str, outcome: Any = None, error: BaseException | None = None) -> _Response:
+    def settle(self, name: str, outcome: Any = None, error: BaseException | None = None) -> Response:
         if error is None:
             return _json(200, {"operation": name, "outcome": str(outcome)})
         if isinstance(error, NotFoundError):
@@ -110,6 +110,21 @@ async def answer_lifespan(receive: Callable[[], Any], send: Callable[[dict[str, 
             return
 
 
+async def send_response(send: Callable[[dict[str, Any]], Any], response: Response) -> None:
+    """Send ``(status, headers, body)`` over ASGI (the resume routes' and the REST Operations API's)."""
+    status, headers, body = response
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def wsgi_respond(start_response: Callable[..., Any], response: Response) -> list[bytes]:
+    """Start a WSGI response of ``(status, headers, body)`` and return its body."""
+    status, headers, body = response
+    start_response(f"{status} {_REASONS.get(status, '')}", headers)
+    return [body]
+
+
 class AsgiApp(_Endpoint):
     """The ASGI 3 callback application (``client.asgi_app()``); also answers lifespan events."""
 
@@ -129,26 +144,19 @@ class AsgiApp(_Endpoint):
         req = _Request(scope["method"].upper(), scope["path"], raw_path, scope.get("query_string", b"").decode("latin-1"), headers)
         routed = self.route(req)
         if not isinstance(routed, _Callback):
-            await self._send(send, routed)
+            await send_response(send, routed)
             return
         name, path, token = routed
         allowed = await asyncio.to_thread(self.client.callback_auth().check, req.headers, req.method, req.target)
         if not allowed:
-            await self._send(send, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
+            await send_response(send, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
             return
         try:
             outcome = await aresume(self.client, name, path, token, parent=req.headers)
         except Exception as exc:
-            await self._send(send, self.settle(name, error=exc))
+            await send_response(send, self.settle(name, error=exc))
             return
-        await self._send(send, self.settle(name, outcome))
-
-    @staticmethod
-    async def _send(send: Callable[[dict[str, Any]], Any], response: _Response) -> None:
-        status, headers, body = response
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(k.encode(), v.encode()) for k, v in headers]})
-        await send({"type": "http.response.body", "body": body})
+        await send_response(send, self.settle(name, outcome))
 
 
 class WsgiApp(_Endpoint):
@@ -168,18 +176,13 @@ class WsgiApp(_Endpoint):
         req = _Request(environ.get("REQUEST_METHOD", "GET").upper(), path, raw_path, environ.get("QUERY_STRING", ""), headers)
         routed = self.route(req)
         if not isinstance(routed, _Callback):
-            return self._respond(start_response, routed)
+            return wsgi_respond(start_response, routed)
         name, rpath, token = routed
         if not self.client.callback_auth().check(req.headers, req.method, req.target):
-            return self._respond(start_response, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
+            return wsgi_respond(start_response, _json(401, {"error": "unauthenticated"}, [("www-authenticate", "Bearer")]))
         try:
             outcome = resume(self.client, name, rpath, token, hold=token is not None, parent=req.headers)
         except Exception as exc:
-            return self._respond(start_response, self.settle(name, error=exc))
-        return self._respond(start_response, self.settle(name, outcome))
+            return wsgi_respond(start_response, self.settle(name, error=exc))
+        return wsgi_respond(start_response, self.settle(name, outcome))
 
-    @staticmethod
-    def _respond(start_response: Callable[..., Any], response: _Response) -> list[bytes]:
-        status, headers, body = response
-        start_response(f"{status} {_REASONS.get(status, '')}", headers)
-        return [body]

@@ -38,7 +38,7 @@ from errands.core.errors import (
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import json_format
 
-from ._http import answer_lifespan
+from ._http import Response, answer_lifespan, send_response, wsgi_respond
 
 if TYPE_CHECKING:
     from ._client import LroClient
@@ -47,23 +47,20 @@ __all__ = ["OperationsRestApi", "RestAsgiApp", "RestWsgiApp"]
 
 log = logging.getLogger("errands.lro.rest")
 
-_Response = tuple[int, list[tuple[str, str]], bytes]
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            500: "Internal Server Error", 503: "Service Unavailable"}
 _MAX_BODY = 1 << 16
 
 
-def _json(status: int, body: Any, extra: Iterable[tuple[str, str]] = ()) -> _Response:
+def _json(status: int, body: Any, extra: Iterable[tuple[str, str]] = ()) -> Response:
     data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     return status, [("content-type", "application/json; charset=utf-8"), ("content-length", str(len(data))),
                     *extra], data
 
 
-def _error(status: int, code: str, message: str, extra: Iterable[tuple[str, str]] = ()) -> _Response:
+def _error(status: int, code: str, message: str, extra: Iterable[tuple[str, str]] = ()) -> Response:
     return _json(status, {"error": {"code": status, "message": message, "status": code}}, extra)
 
 
-def _message(msg: Any) -> _Response:
+def _message(msg: Any) -> Response:
     return _json(200, json_format.MessageToJson(msg, indent=None))
 
 
@@ -85,7 +82,7 @@ class OperationsRestApi:
         """Whether ``path`` is one of these routes (else it belongs to the fallback app)."""
         return path.startswith(self.prefix)
 
-    def handle(self, method: str, path: str, query: str, body: bytes) -> _Response:
+    def handle(self, method: str, path: str, query: str, body: bytes) -> Response:
         """Answer one request (``path`` decoded, ``query`` raw)."""
         rest = path[len(self.prefix):]
         try:
@@ -105,7 +102,7 @@ class OperationsRestApi:
             log.exception("operations request %s %s failed", method, path)
             return _error(500, "INTERNAL", "internal error")
 
-    def _dispatch(self, method: str, rest: str, query: dict[str, list[str]], body: bytes) -> _Response:
+    def _dispatch(self, method: str, rest: str, query: dict[str, list[str]], body: bytes) -> Response:
         client = self.client
         verb = ""
         if ":" in rest.rsplit("/", 1)[-1]:
@@ -171,7 +168,7 @@ class RestAsgiApp:
                 return
             if scope["type"] != "http":
                 return
-            await self._send(send, _error(404, "NOT_FOUND", f"no route at {scope['path']}"))
+            await send_response(send, _error(404, "NOT_FOUND", f"no route at {scope['path']}"))
             return
         chunks: list[bytes] = []
         size = 0
@@ -184,18 +181,12 @@ class RestAsgiApp:
                 chunks.append(chunk)
             more = bool(message.get("more_body")) and message["type"] == "http.request"
         if size > _MAX_BODY:
-            await self._send(send, _error(400, "INVALID_ARGUMENT", "request body too large"))
+            await send_response(send, _error(400, "INVALID_ARGUMENT", "request body too large"))
             return
         response = await asyncio.to_thread(self.api.handle, scope["method"].upper(), scope["path"],
                                            scope.get("query_string", b"").decode("latin-1"), b"".join(chunks))
-        await self._send(send, response)
+        await send_response(send, response)
 
-    @staticmethod
-    async def _send(send: Callable[[dict[str, Any]], Any], response: _Response) -> None:
-        status, headers, body = response
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(k.encode(), v.encode()) for k, v in headers]})
-        await send({"type": "http.response.body", "body": body})
 
 
 class RestWsgiApp:
@@ -213,20 +204,15 @@ class RestWsgiApp:
             if self.fallback is not None:
                 result: Iterable[bytes] = self.fallback(environ, start_response)
                 return result
-            return self._respond(start_response, _error(404, "NOT_FOUND", f"no route at {path}"))
+            return wsgi_respond(start_response, _error(404, "NOT_FOUND", f"no route at {path}"))
         length = environ.get("CONTENT_LENGTH") or "0"
         stream = environ.get("wsgi.input")
         body = b""
         if stream is not None and length.isdigit() and int(length) > 0:
             if int(length) > _MAX_BODY:
-                return self._respond(start_response, _error(400, "INVALID_ARGUMENT", "request body too large"))
+                return wsgi_respond(start_response, _error(400, "INVALID_ARGUMENT", "request body too large"))
             body = stream.read(int(length))
         response = self.api.handle(environ.get("REQUEST_METHOD", "GET").upper(), path,
                                    environ.get("QUERY_STRING", ""), body)
-        return self._respond(start_response, response)
+        return wsgi_respond(start_response, response)
 
-    @staticmethod
-    def _respond(start_response: Callable[..., Any], response: _Response) -> list[bytes]:
-        status, headers, body = response
-        start_response(f"{status} {_REASONS.get(status, '')}", headers)
-        return [body]
