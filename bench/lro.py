@@ -136,6 +136,14 @@ def run_raw(path: str, n: int, sync: str, tasks: bool = False) -> float:
     return elapsed
 
 
+def _run_until_idle(client: Any) -> int:
+    """Fire due resumes in batches of 500 until none is due; how many fired."""
+    fired = 0
+    while got := client.run_due(limit=500):
+        fired += got
+    return fired
+
+
 def run_lro(path: str, n: int, sync: str, per_batch: int) -> float:
     """``per_batch`` operations created and scheduled per ``client.batch()``; 0: no batches at all."""
     batched = per_batch > 0
@@ -158,12 +166,7 @@ def run_lro(path: str, n: int, sync: str, per_batch: int) -> float:
         for i in range(n):
             op = client.new_operation(f"operations/lro-{i}", {"step": 0}, private_state={"step": 0})
             op.set_private_state({"step": 1}).resume_via_tasks("create-agent")
-    fired = 0
-    while True:
-        got = client.run_due(limit=500)
-        if got == 0:
-            break
-        fired += got
+    fired = _run_until_idle(client)
     elapsed = time.perf_counter() - started
     assert fired == n, fired
     done, token = client.list_operations("done = true", page_size=1000)
@@ -233,12 +236,7 @@ def run_spanner_lro(store: Any, n: int, tag: str) -> float:
     for i in range(n):
         op = client.new_operation(f"operations/lro-{tag}-{i}", {"step": 0}, private_state={"step": 0})
         op.set_private_state({"step": 1}).resume_via_tasks("create-agent")
-    fired = 0
-    while True:
-        got = client.run_due(limit=500)
-        if got == 0:
-            break
-        fired += got
+    fired = _run_until_idle(client)
     elapsed = time.perf_counter() - started
     assert fired == n, fired
     assert client.get_operation_pb(f"operations/lro-{tag}-{n - 1}").done
