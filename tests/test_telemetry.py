@@ -836,3 +836,71 @@ def test_without_a_tracer_provider_nothing_is_traced(spans: InMemorySpanExporter
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, {}, True]
     assert telemetry.tracing()  # the fixture's providers
+
+
+class _Refused(Exception):
+    pass
+
+
+class _RefusingConnector:
+    name = "bank"
+
+    def dispatch(self, effect: Effect) -> Any:
+        raise _Refused("the bank is down")
+
+
+def test_a_failing_dispatch_records_its_exception_on_its_span_and_the_context_is_restored(
+        spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    """A connector that raises: its dispatch span ends with status ERROR and the exception as an event (as the
+    tracer's ``start_as_current_span`` does), the effect is retried as a transient fault, and the worker's thread
+    is back in the context it had before the span."""
+    from opentelemetry import trace
+    from opentelemetry.trace import StatusCode
+
+    store = open_store(f"sqlite:///{tmp_path / 'errands.db'}")
+    outbox = Outbox(store, connectors={"bank": _RefusingConnector()})
+    _submit_in_request(outbox, "order-1")
+    before = trace.get_current_span()
+    outbox.dispatch_once()
+    assert trace.get_current_span() is before
+    (dispatch,) = _by_name(spans, "errands.outbox.dispatch")
+    assert dispatch.status.status_code is StatusCode.ERROR
+    assert "_Refused: the bank is down" in (dispatch.status.description or "")
+    assert [e.name for e in dispatch.events] == ["exception"]
+    assert outbox.get("order-1").status is EffectStatus.PENDING
+    outbox.close()
+    store.close()
+
+
+@pytest.mark.parametrize("carrier", [
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    {"TraceParent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "shop=1"},
+])
+def test_a_stored_carrier_is_the_parent_of_the_workers_span(spans: InMemorySpanExporter,
+                                                            carrier: dict[str, str]) -> None:
+    with telemetry.span("errands.outbox.dispatch", carrier) as current:
+        context = current.get_span_context()
+    assert format(context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    (finished,) = _by_name(spans, "errands.outbox.dispatch")
+    assert finished.parent is not None and format(finished.parent.span_id, "016x") == "b7ad6b7169203331"
+    assert finished.parent.is_remote
+    if "tracestate" in carrier:
+        assert context.trace_state.get("shop") == "1"
+
+
+@pytest.mark.parametrize("carrier", [
+    {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},  # an all-zero trace id is invalid
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033-01"},  # a short span id
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319z-b7ad6b7169203331-01"},  # not hex
+    {"traceparent": 7},
+    {},
+])
+def test_a_malformed_stored_carrier_starts_a_trace_of_its_own(spans: InMemorySpanExporter,
+                                                              carrier: dict[str, Any]) -> None:
+    """What no propagator can read is no parent: the worker's span starts a new trace instead of failing."""
+    with telemetry.span("errands.outbox.dispatch", carrier):
+        pass
+    (finished,) = _by_name(spans, "errands.outbox.dispatch")
+    assert finished.parent is None
+    assert finished.context is not None and finished.context.trace_id != 0

@@ -76,6 +76,7 @@ else:
     ENABLED = True
     # A proxy until a tracer provider is set, then that provider's tracer: asked for once, not per span.
     _TRACER = _trace.get_tracer("errands")
+    _FLAGS = {0: _trace.TraceFlags(0), 1: _trace.TraceFlags(1)}
 
 __all__ = [
     "ATTRIBUTES",
@@ -250,26 +251,69 @@ def span(name: str, parent: Mapping[str, str] | None = None, **attributes: Any) 
     if not tracing():
         return _NULL
     attrs = {ATTRIBUTES[k]: v for k, v in attributes.items() if v is not None}
-    ctx = _parent_context(parent) if parent else None
-    return _TRACER.start_as_current_span(name, context=ctx, attributes=attrs)
+    return _Current(_TRACER.start_span(name, context=_parent_context(parent) if parent else None, attributes=attrs))
+
+
+class _Current:
+    """A started span as the current one for a ``with`` block, then ended: what the tracer's
+    ``start_as_current_span`` does (an exception is recorded on the span and sets its status to ERROR), as one
+    small object instead of two generator-based context managers, on a path every effect takes twice."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Any) -> None:
+        self._span = span
+
+    def __enter__(self) -> Any:
+        self._token = _context.attach(_trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        _context.detach(self._token)
+        current = self._span
+        # As the API's ``use_span``: exceptions only, not BaseException (GeneratorExit, a control signal).
+        if isinstance(exc, Exception) and current.is_recording():
+            current.record_exception(exc)
+            current.set_status(_trace.Status(_trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        current.end()
 
 
 def _parent_context(parent: Mapping[str, str]) -> Any:
     """The context of a stored ``carrier``: its span as a remote parent (the W3C form ``carrier`` writes; any
     other form through the configured propagator). Header names are matched in any case."""
-    if "traceparent" not in parent:
+    found = parent.get("traceparent")
+    if found is None:
         parent = {str(k).lower(): v for k, v in parent.items()}
-    parts = str(parent.get("traceparent", "")).split("-")
-    if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16:
-        return _propagator().extract(parent)
+        found = parent.get("traceparent")
+    # Version 00 as ``carrier`` writes it: ``00-<32 hex trace id>-<16 hex span id>-<2 hex flags>``.
+    if type(found) is not str or len(found) != 55 or not found.startswith("00-") or found[35] != "-" \
+            or found[52] != "-":
+        return _extracted(parent)
     try:
-        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+        trace_id, span_id, flags = int(found[3:35], 16), int(found[36:52], 16), int(found[53:], 16)
     except ValueError:
-        return _propagator().extract(parent)
-    state = _trace.TraceState.from_header([parent["tracestate"]]) if parent.get("tracestate") else None
-    found = _trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=_trace.TraceFlags(flags),
-                               trace_state=state)
-    return _trace.set_span_in_context(_trace.NonRecordingSpan(found))
+        return _extracted(parent)
+    state = parent.get("tracestate")
+    if state is not None and type(state) is not str:
+        state = None
+    remote = _trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=_FLAGS.get(flags) or
+                                _trace.TraceFlags(flags),
+                                trace_state=_trace.TraceState.from_header([state]) if state else None)
+    if not remote.is_valid:
+        return _extracted(parent)
+    return _trace.set_span_in_context(_trace.NonRecordingSpan(remote))
+
+
+def _extracted(parent: Mapping[str, Any]) -> Any:
+    """The context the configured propagator reads from a stored carrier that is not ``carrier``'s W3C form; a
+    context of no span when it reads nothing (a carrier that no propagator can read starts a trace of its own: it
+    must not fail the work it came with)."""
+    try:
+        return _propagator().extract({k: v for k, v in parent.items() if isinstance(v, str)},
+                                     context=_context.Context())
+    except Exception:  # a broken propagator or carrier: no parent, the work goes on
+        logging.getLogger("errands.telemetry").debug("a stored trace context could not be read", exc_info=True)
+        return _context.Context()
 
 
 @contextlib.contextmanager
