@@ -106,8 +106,9 @@ def _check_capabilities(effect: Effect, caps: ConnectorCapabilities, compensator
 
 
 def admit(effect: Any, now: float, *, max_attempts: int, payload_limit: int, capabilities: Capabilities | None,
-          compensators: Collection[str] = ()) -> NewEffect:
-    """Check ``effect`` and build its row, due from ``now`` (or its ``dispatch_at``).
+          compensators: Collection[str] = (), metadata: Mapping[str, Any] | None = None) -> NewEffect:
+    """Check ``effect`` and build its row, due from ``now`` (or its ``dispatch_at``). ``metadata``: what the row
+    stores instead of ``effect.metadata`` (that metadata with the trace context, ``telemetry.with_trace``).
 
     ``capabilities`` None: an inline run, which calls no connector (its status is ``DISPATCHING``, and a
     ``NON_IDEMPOTENT`` effect is refused: an unknown outcome must be observed before any retry).
@@ -132,8 +133,9 @@ def admit(effect: Any, now: float, *, max_attempts: int, payload_limit: int, cap
             raise ConfigError(f"effect.dispatch_at: {exc}", field="effect.dispatch_at",
                               value=effect.dispatch_at) from None
     payload = dumps(effect.payload, field="effect.payload", limit=payload_limit)
-    metadata = dumps(dict(effect.metadata), field="effect.metadata", limit=payload_limit) \
-        if effect.metadata else None
+    if metadata is None:
+        metadata = effect.metadata
+    stored_metadata = dumps(dict(metadata), field="effect.metadata", limit=payload_limit) if metadata else None
     if capabilities is None:
         if semantics is Semantics.NON_IDEMPOTENT:
             raise ConfigError(
@@ -149,7 +151,7 @@ def admit(effect: Any, now: float, *, max_attempts: int, payload_limit: int, cap
         status = admitted_status(semantics, effect.human_gate)
     return NewEffect(
         effect.key, effect.connector, effect.tool, payload, effect.business_key, semantics.value, effect.run_id,
-        metadata, int(effect.human_gate), not_before, status.value, attempts, first_due(status, not_before, now),
+        stored_metadata, int(effect.human_gate), not_before, status.value, attempts, first_due(status, not_before, now),
         now, now,
     )
 

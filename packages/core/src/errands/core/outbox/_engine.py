@@ -210,15 +210,17 @@ class Outbox:
         return register
 
     # -- submit -----------------------------------------------------------------------------------------------
-    def _admit(self, effect: Any, now: float) -> tuple[Effect, NewEffect]:
-        """``effect`` (carrying the current trace context in its metadata) and its row, checked against what this
-        outbox knows of its connector."""
+    def _admit(self, effect: Any, now: float) -> tuple[NewEffect, Mapping[str, Any] | None]:
+        """``effect``'s row, checked against what this outbox knows of its connector, and the metadata it stores
+        when that is not ``effect.metadata``: with the current trace context (None when there is none)."""
         s = self._ctx.settings
-        if telemetry.tracing():
-            effect = telemetry.traced_effect(effect)
-        return effect, admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
-                             capabilities=self._ctx.connectors.admission_capabilities,
-                             compensators=self._ctx.compensators)
+        metadata = None
+        if telemetry.tracing() and isinstance(getattr(effect, "metadata", None), dict):
+            traced = telemetry.with_trace(effect.metadata)
+            metadata = None if traced is effect.metadata else traced
+        return admit(effect, now, max_attempts=s.max_attempts, payload_limit=s.payload_limit,
+                     capabilities=self._ctx.connectors.admission_capabilities, compensators=self._ctx.compensators,
+                     metadata=metadata), metadata
 
     def check(self, effect: Effect) -> None:
         """Raise what ``submit`` would raise for ``effect``'s own faults, storing nothing (a key taken by
@@ -252,7 +254,7 @@ class Outbox:
                             connector=getattr(effect, "connector", None), run_id=getattr(effect, "run_id", None)):
             # In the caller's thread: the effect's metadata takes this thread's trace context here, before
             # ``write`` runs (under group commit, in the thread of the group's leader).
-            effect, row = self._admit(effect, store.clock.now())
+            row, metadata = self._admit(effect, store.clock.now())
             journal = self._ctx.journal
 
             def write(tx: Any) -> EffectRecord | StoredEffect | None:
@@ -260,7 +262,7 @@ class Outbox:
                 if _effect_table.insert_new(tx, row):
                     journal(tx, [_transitions.submitted_event(row)])
                     tx.notify(OUTBOX)
-                    return new_effect_record(row, effect)
+                    return new_effect_record(row, effect, metadata=metadata)
                 return _effect_table.get(tx, row.key)
 
             if conn is None:
@@ -290,7 +292,7 @@ class Outbox:
         effects = list(effects)
         with telemetry.span(SUBMIT, count=len(effects)):
             admitted = [self._admit(e, now) for e in effects]
-        effects, rows = [e for e, _ in admitted], [row for _, row in admitted]
+        rows = [row for row, _ in admitted]
         if not rows:
             return []
         by_key = distinct(rows)
@@ -310,7 +312,8 @@ class Outbox:
         if inserted:
             notify_work(store, OUTBOX)
         created = datetime.fromtimestamp(now, tz=timezone.utc)
-        return [stored.get(row.key) or new_effect_record(row, effect, created) for row, effect in zip(rows, effects)]
+        return [stored.get(row.key) or new_effect_record(row, effect, created, metadata)
+                for (row, metadata), effect in zip(admitted, effects)]
 
     async def submit_async(self, effect: Effect, conn: Any = None) -> EffectRecord:
         """``submit`` for coroutines, without blocking the event loop (``SQLStore.run_async``); ``conn`` may also be

@@ -281,9 +281,11 @@ def effect_from_row(row: Sequence[Any]) -> StoredEffect:
     return StoredEffect(record, float(not_before), None if next_at is None else float(next_at), int(token))
 
 
-def new_effect_record(row: NewEffect, effect: Effect, created: datetime | None = None) -> EffectRecord:
+def new_effect_record(row: NewEffect, effect: Effect, created: datetime | None = None,
+                      metadata: Mapping[str, Any] | None = None) -> EffectRecord:
     """The record of an effect just inserted from ``row``: what reading it back would give, without the read.
-    ``created``: ``row.created_at`` as a datetime, when the caller has it (the rows of one batch share it)."""
+    ``created``: ``row.created_at`` as a datetime, when the caller has it (the rows of one batch share it);
+    ``metadata``: what the row stores, when it is not ``effect.metadata`` (``admit``)."""
     if created is None:
         created = _ts(row.created_at)
     due = created if row.next_attempt_at == row.created_at else _ts(row.next_attempt_at)
@@ -291,7 +293,7 @@ def new_effect_record(row: NewEffect, effect: Effect, created: datetime | None =
         key=row.key, connector=row.connector, tool=row.tool, payload=effect.payload, status=_STATUS[row.status],
         semantics=_SEMANTICS[row.semantics], attempts=0, max_attempts=row.max_attempts,
         business_key=row.business_key, run_id=row.run_id, human_gate=bool(row.human_gate),
-        metadata=dict(effect.metadata), next_attempt_at=due, created_at=created, updated_at=created,
+        metadata=dict(effect.metadata if metadata is None else metadata), next_attempt_at=due, created_at=created, updated_at=created,
     )
 
 
