@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import signal
 import subprocess
@@ -116,6 +117,48 @@ def test_waiting_callers_share_one_commit_and_each_returns_its_own_result(store:
     assert _keys(store) == {f"k{i}" for i in range(12)}
 
 
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="nobody")
+
+
+def test_each_members_work_runs_in_its_callers_context(store: Any) -> None:
+    """The leader runs the others' work in its own thread, each in its caller's context: what a work reads of the
+    current context (the trace context an effect stores, a span it starts) is its caller's."""
+    gate = threading.Event()
+    seen: dict[str, str] = {}
+
+    def hold(tx: Any) -> None:
+        _CALLER.set("holder")
+        gate.wait(30)
+
+    def call(i: int) -> None:
+        _CALLER.set(f"caller-{i}")
+
+        def work(tx: Any) -> None:
+            seen[f"caller-{i}"] = _CALLER.get()
+            _CALLER.set("changed by the work")  # in the caller's copy only
+            tx.execute("INSERT INTO gc_rows (k) VALUES (?)", (f"k{i}",))
+
+        store.group_commit(work)
+        assert _CALLER.get() == f"caller-{i}"
+
+    first = threading.Thread(target=store.group_commit, args=(hold,))
+    first.start()
+    while not store._committer._threads.leading:
+        time.sleep(0.001)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(store._committer._threads.queue) < 6 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    gate.set()
+    first.join()
+    for t in threads:
+        t.join()
+    assert seen == {f"caller-{i}": f"caller-{i}" for i in range(6)}
+    assert _keys(store) == {f"k{i}" for i in range(6)}
+
+
 def test_a_members_failed_statement_is_its_own(store: Any) -> None:
     store.group_commit(_insert("taken"))
     works = [_insert("a"), _insert("taken"), _insert("b")]  # the middle one breaks the primary key
@@ -124,6 +167,21 @@ def test_a_members_failed_statement_is_its_own(store: Any) -> None:
     assert out[1][0] is None and out[1][1] is not None
     assert "taken" not in str(out[0])
     assert _keys(store) == {"taken", "a", "b"}
+
+
+class _Signal(BaseException):
+    """An engine's control signal (a fenced-out write, a suspension): a BaseException, not an Exception."""
+
+
+def test_a_members_base_exception_signal_is_its_own(store: Any) -> None:
+    def signalled(tx: Any) -> None:
+        tx.execute("INSERT INTO gc_rows (k) VALUES ('signalled')")
+        raise _Signal("fenced out")
+
+    out = _one_group(store, [_insert("a"), signalled, _insert("b")])
+    assert [v for v, _ in out] == ["a", None, "b"]
+    assert isinstance(out[1][1], _Signal)
+    assert _keys(store) == {"a", "b"}
 
 
 def test_a_members_error_undoes_only_its_own_statements(store: Any) -> None:
@@ -495,8 +553,8 @@ def test_a_follower_interrupted_while_it_waits_leaves_no_one_waiting(tmp_path: P
 
     real_member = group._Member
 
-    def interrupted_member(work: Any, future: Any = None) -> Any:
-        m = real_member(work, future)
+    def interrupted_member(enter: Any, work: Any, future: Any = None) -> Any:
+        m = real_member(enter, work, future)
         if work is interrupted_work:
             m.done = InterruptedLock(m.done)
         return m

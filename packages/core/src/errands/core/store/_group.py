@@ -8,16 +8,20 @@ never waits (its group is itself, with no savepoint), and the busier the store, 
 
 - A member returns only after the group's commit: its row is durable (at the store's ``synchronous`` level) when
   it returns, and a crash before the commit loses only work whose call had not returned.
-- A member whose work raises (a conflict, bad input) is rolled back to its savepoint and gets its own error; the
-  others go on. A failure of the transaction itself (the commit, a dropped connection) is every member's error:
-  none of them returned a value for work that was not committed.
-- The leader runs the others' work in its thread: ``work`` must touch only ``tx`` (no thread-bound state).
+- A member whose work raises (a conflict, bad input, an engine's ``BaseException`` signal such as a fenced-out
+  write) is rolled back to its savepoint and gets its own error; the others go on. A failure of the transaction
+  itself (the commit, a dropped connection) is every member's error: none of them returned a value for work that
+  was not committed.
+- The leader runs the others' work in its thread: ``work`` must touch only ``tx`` (no thread-bound state). It runs
+  in a copy of its caller's context (``contextvars``): what it reads of the current context (the trace context a
+  row stores, a span it starts) is its caller's, not the leader's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
@@ -39,9 +43,11 @@ class _Member(Generic[_T]):
     a bridge on its event loop) is released when the member's group has committed, or when it is to lead the next
     group (``batch`` set)."""
 
-    __slots__ = ("batch", "done", "error", "future", "value", "work")
+    __slots__ = ("batch", "done", "enter", "error", "future", "value", "work")
 
-    def __init__(self, work: Callable[[Tx], _T], future: asyncio.Future[None] | None = None) -> None:
+    def __init__(self, enter: Callable[..., Any], work: Callable[[Tx], _T],
+                 future: asyncio.Future[None] | None = None) -> None:
+        self.enter = enter  # runs ``work`` in the caller's context: ``enter(work, tx)``
         self.work = work
         self.future = future
         self.done: Any = None
@@ -100,7 +106,8 @@ class GroupCommitter:
                 groups.leading = True
                 member = None
             else:
-                member = _Member(work)
+                # Run by the leader, in this caller's context (a copy: one context is entered by one thread at a time).
+                member = _Member(contextvars.copy_context().run, work)
                 groups.queue.append(member)
         if member is None:
             # No group is being written: this call is a group of its own, with no savepoint and no wait (the hot
@@ -154,7 +161,7 @@ class GroupCommitter:
             finally:
                 self._hand_over(groups, None)
         future: asyncio.Future[None] = loop.create_future()
-        member = _Member(work, future)
+        member = _Member(contextvars.copy_context().run, work, future)
         groups.queue.append(member)
         try:
             # Shielded: a cancelled caller must not cancel the wake-up a leader may be handing it.
@@ -203,9 +210,12 @@ class GroupCommitter:
                     savepoint = f"em_group_{i}"
                     tx.execute(f"SAVEPOINT {savepoint}")
                     try:
-                        m.value = m.work(tx)
-                    except Exception as exc:
-                        # This member's failure is its own: undo its statements, keep the others'.
+                        m.value = m.enter(m.work, tx)
+                    except (KeyboardInterrupt, SystemExit):
+                        raise  # the leader's thread is interrupted: the group's transaction ends with it
+                    except BaseException as exc:
+                        # This member's failure is its own (an error, or an engine's signal such as a fenced-out
+                        # write): undo its statements, keep the others'.
                         tx.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
                         m.value, m.error = None, exc
                     tx.execute(f"RELEASE SAVEPOINT {savepoint}")
