@@ -127,6 +127,8 @@ class _Heartbeats:
                 self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="errands-heartbeat")
                 self._thread = threading.Thread(target=self._run, name="errands-heartbeats", daemon=True)
                 self._thread.start()
+            elif self._heap[0][2] is not beat:
+                return  # the scheduler wakes for an earlier beat anyway: no wake-up for each lease taken
             self._cond.notify()
 
     def _run(self) -> None:
