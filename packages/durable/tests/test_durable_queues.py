@@ -327,3 +327,62 @@ def test_max_parallelism_must_be_a_positive_integer() -> None:
     with pytest.raises(ConfigError) as caught:
         DurableRunner("memory://", max_parallelism=0)
     assert caught.value.field == "max_parallelism"
+
+
+def _grouped_checkpoints(url: str, fence: int | None) -> tuple[DurableRunner, list[str]]:
+    """Four executions of a one-step workflow on four threads whose step checkpoints are held back until all four
+    wait behind one group commit, then written as one group. ``fence``: the execution another invocation takes
+    over (its run token moved) in the transaction before that group, so that its own fence fails inside it."""
+    arrived = threading.Barrier(5, timeout=20)  # the four steps and this test
+    go = threading.Event()
+
+    def one(event: Any, ctx: DurableContext) -> Any:
+        def step(_: Any) -> Any:
+            arrived.wait()
+            go.wait(20)
+            return event * 10
+        return ctx.step("one", step)
+
+    runner = DurableRunner(url, functions={"one": one}, max_parallelism=4)
+    ids = [runner.start("one", i, execution_id=f"grouped-{i}") for i in range(4)]
+    committer = runner.store._committer
+    seen: list[int] = []
+
+    def hold(tx: Any) -> None:
+        deadline = time.monotonic() + 20
+        while len(committer._threads.queue) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(len(committer._threads.queue))
+        if fence is not None:
+            tx.execute("UPDATE durable_executions SET run_token = run_token + 1 WHERE id = ?", (ids[fence],))
+
+    drained = threading.Thread(target=runner.drain)
+    drained.start()
+    arrived.wait()  # every invocation runs its step: their takes are committed
+    holder = threading.Thread(target=runner.store.group_commit, args=(hold,))
+    holder.start()
+    while not committer._threads.leading:
+        time.sleep(0.001)
+    go.set()
+    holder.join(30)
+    drained.join(60)
+    assert seen == [4]  # the four checkpoints waited behind the holder: they were written as one group
+    return runner, ids
+
+
+def test_checkpoints_of_concurrent_invocations_share_one_commit(url: str) -> None:
+    runner, ids = _grouped_checkpoints(url, fence=None)
+    assert [runner.get(i).status for i in ids] == [ExecutionStatus.SUCCEEDED] * 4
+    assert [runner.get(i).result for i in ids] == [0, 10, 20, 30]
+    runner.close()
+
+
+def test_a_fenced_out_checkpoint_in_a_group_fails_alone(url: str) -> None:
+    """One invocation of the group was taken over: its checkpoint is undone (its savepoint) and it stops; the
+    other three are written and their executions end."""
+    runner, ids = _grouped_checkpoints(url, fence=2)
+    statuses = [runner.get(i).status for i in ids]
+    assert statuses[:2] + statuses[3:] == [ExecutionStatus.SUCCEEDED] * 3
+    assert statuses[2] is ExecutionStatus.RUNNING  # another invocation's now; this one wrote nothing
+    assert [op.name for op in runner.history(ids[2]) if op.name == "one"] == []
+    runner.close()

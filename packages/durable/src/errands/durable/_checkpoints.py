@@ -165,8 +165,9 @@ class StoreCheckpoints:
         def attempt(_attempt: int) -> None:
             if self.beat is not None and self.beat.lost:
                 raise ExecutionFencedOut(f"the lease on execution {self.execution_id} was lost")
-            with self.store.transaction() as tx:
-                body(tx)
+            # Concurrent invocations (``max_parallelism``, callers' threads) share commits: each returns once its own
+            # checkpoint is committed.
+            self.store.group_commit(body)
 
         try:
             retry_infrastructure(attempt, clock=self.clock, what=f"a checkpoint of execution {self.execution_id}",

@@ -111,18 +111,25 @@ class Invocations:
             LeaseLostError: the lease is no longer held.
         """
         eid = lease.key
-        with self.store.transaction() as tx:
+
+        def take(tx: Tx) -> tuple[tuple[int, str, str | None, int], dict[str, Operation]] | None:
             self.store.extend([lease], lease_for=self.lease_for, tx=tx)
             taken = schema.take_execution(tx, eid, self.clock.now())
             if taken is None:
                 self.store.complete([lease], tx=tx)
-                return False
+                return None
             ops = {op.id: op for op in schema.operations(tx, eid)}
             # the service's own moves: due waits succeed, due retries are READY, late callbacks time out
             for op in advance_all(ops, self.clock.now()).values():
                 if schema.write_operation(tx, eid, op):
                     ops[op.id] = op
-        run_token, function, input_text, signal_seq = taken
+            return taken, ops
+
+        # Invocations starting at once on this runner's threads share the commit.
+        got = self.store.group_commit(take)
+        if got is None:
+            return False
+        (run_token, function, input_text, signal_seq), ops = got
         self._invoke(self._checkpoints(lease, run_token), function, input_text, ops, signal_seq)
         return True
 

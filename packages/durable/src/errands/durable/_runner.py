@@ -15,9 +15,9 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Mapping
 
-from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Worker, open_store, telemetry
+from errands.core import DEFAULT_LEASE_FOR, Clock, ConfigError, Lease, Worker, open_store, telemetry
 from errands.core.runtime import drain, error_text, is_infrastructure_error, notify_work
-from errands.core.store import SQLStore, dumps
+from errands.core.store import SQLStore, Tx, dumps
 
 from . import _callbacks as callbacks
 from . import _effects as effects
@@ -251,10 +251,13 @@ class DurableRunner:
         """
         execution_id, text = self._prepare_start(function, input, execution_id)
         seconds = check_timeout(timeout)
-        with self.store.transaction() as tx:
+        def start(tx: Tx) -> tuple[bool, list[Lease]]:
             created = executions.start(self.store, tx, execution_id, function, text, self.clock.now(), run_token=1,
                                        timeout=seconds)
-            leases = self._invocations.claim_keys([execution_id], tx=tx)
+            return created, self._invocations.claim_keys([execution_id], tx=tx)
+
+        # Callers starting at once (a service's request threads) share the commit.
+        created, leases = self.store.group_commit(start)
         if created and leases:
             self._invocations.run_first(leases[0], function, text)
         else:
