@@ -1,15 +1,16 @@
 """Pub/Sub relay: ``FanOut`` + ``PubSubSink`` beside the raw publisher client, against the Pub/Sub emulator.
 
 Both sides publish the same messages (the events' JSON data with their ``ce-*`` attributes) to their own
-fresh topic on one emulator, with the same client batch settings, and wait until Pub/Sub has acknowledged
+fresh topic on one emulator, in requests of at most 1,000 messages, and wait until Pub/Sub has acknowledged
 every message:
 
 - ``errands``: events already in a SQLite journal (WAL) are relayed by ``FanOut.drain()`` to a
   ``PubSubSink``: reading the journal, building the messages, publishing up to ``--in-flight`` batches at once
-  (one per lane of streams, the journal read ahead meanwhile), and committing the route's cursor as the
-  batches are acknowledged.
-- ``raw publisher``: a bare ``PublisherClient`` publishes the pre-built messages in one go and waits for
-  every future: no store, no cursor, no per-batch wait.
+  (one per lane of streams, the journal read ahead meanwhile; each batch as ``Publish`` requests of its own on
+  the client's channel), and committing the route's cursor as the batches are acknowledged.
+- ``raw publisher``: a bare ``PublisherClient`` publishes the pre-built messages in one go (its ``publish``,
+  which batches them into requests on its threads, 1,000 messages or 10 ms) and waits for every future: no
+  store, no cursor, no per-batch wait.
 
 Each side runs ``--repeat`` times, alternating, on fresh topics; the best run counts. Rows with ordering
 off and on (ordering key = stream); both rows are printed, and the goal line shows the lower of the two.

@@ -239,3 +239,66 @@ def test_missing_extra_raises_at_use_naming_it(monkeypatch: pytest.MonkeyPatch) 
         connector.dispatch(_effect("x-1"))
     assert info.value.extra == "pubsub"
     assert "errands[pubsub]" in str(info.value)
+
+
+def test_sink_splits_a_batch_into_requests_in_order(pubsub: PubSub, tmp_path: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch over ``batch_max_messages`` (or over ``MAX_REQUEST_BYTES``) goes as several ``Publish`` requests,
+    one after another: every event arrives, each stream in journal order."""
+    from errands.connectors.gcp import _pubsub
+
+    topic, sub = pubsub.topic(ordering=True)
+    store = open_store(f"sqlite:///{tmp_path}/j.db")
+    events = store.append_events([NewEvent(f"orders/{i % 2}", "order.updated", {"i": i, "pad": "x" * 40 * (i % 3)})
+                                  for i in range(25)])
+    sizes: list[int] = []
+    real = _pubsub._rpc
+
+    def counted(client: Any) -> Any:
+        send = real(client)
+
+        def each(topic: str, messages: list[Any], timeout: float) -> Any:
+            sizes.append(len(messages))
+            return send(topic, messages, timeout)
+        return each
+
+    monkeypatch.setattr(_pubsub, "_rpc", counted)
+    sink = PubSubSink(PROJECT, topic, ordering=True, batch_max_messages=4)
+    try:
+        sink.publish(events[:12])
+        assert sizes == [4, 4, 4]
+        monkeypatch.setattr(_pubsub, "MAX_REQUEST_BYTES", 600)  # about two messages a request
+        sink.publish(events[12:])
+    finally:
+        sink.close()
+    assert sum(sizes) == 25 and max(sizes[3:]) < 4
+    messages = pubsub.pull(sub, 25)
+    assert sorted(m.attributes["ce-id"] for m in messages) == sorted(e.id for e in events)
+    for key in ("orders/0", "orders/1"):
+        seqs = [int(m.attributes["ce-id"].rsplit("/", 1)[1]) for m in messages if m.ordering_key == key]
+        assert seqs == sorted(seqs)
+
+
+def test_fanout_parks_only_the_message_pubsub_refuses(pubsub: PubSub, tmp_path: Any) -> None:
+    """A message Pub/Sub refuses (``INVALID_ARGUMENT``: here an empty one, as a sink subclass builds it) fails
+    the whole request: the relay publishes the batch's events one by one, parks the refused one and delivers the
+    others."""
+    class Blanking(PubSubSink):
+        @staticmethod
+        def message(event: Any) -> tuple[bytes, dict[str, str]]:
+            return (b"", {}) if event.type == "order.blank" else PubSubSink.message(event)
+
+    topic, sub = pubsub.topic()
+    store = open_store(f"sqlite:///{tmp_path}/j.db")
+    store.append_events([NewEvent("orders/1", "order.placed", {"n": 1}), NewEvent("orders/1", "order.blank", {}),
+                         NewEvent("orders/1", "order.paid", {"n": 3})])
+    sink = Blanking(PROJECT, topic, timeout=20)
+    fanout = FanOut(store, routes=[Route(name="pubsub", sink=sink, batch_size=10)])
+    try:
+        assert fanout.drain() == 2
+    finally:
+        fanout.close()
+        sink.close()
+    got = sorted(m.attributes["ce-id"] for m in pubsub.pull(sub, 2))
+    assert got == ["orders/1/1", "orders/1/3"]
+    assert [d.event.id for d in fanout.dead("pubsub")] == ["orders/1/2"]

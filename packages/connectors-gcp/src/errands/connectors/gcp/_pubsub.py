@@ -1,7 +1,9 @@
 """Pub/Sub: ``PubSubConnector`` publishes effects, ``PubSubSink`` publishes journal events.
 
 Both hold one ``google.cloud.pubsub_v1.PublisherClient`` (built at first use, so the ``pubsub`` extra is
-needed only then), which batches messages on its own threads. Vendor errors are mapped here, once.
+needed only then). The connector publishes through it message by message (the client batches them on its own
+threads); the sink, handed batches by the relay, sends each as ``Publish`` requests of its own on the client's
+channel. Vendor errors are mapped here, once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,29 @@ TOOL = "errands-tool"
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"))
+
+#: The most bytes of messages ``PubSubSink`` puts in one ``Publish`` request (Pub/Sub's limit is 10 MB).
+MAX_REQUEST_BYTES = 9_000_000
+
+
+def _message_type() -> Any:
+    """The protobuf class of ``PubsubMessage`` (built directly: the proto-plus wrapper costs more per message)."""
+    types = require("google.pubsub_v1", package="google-cloud-pubsub", extra="pubsub")
+    return types.PubsubMessage.pb()
+
+
+def _rpc(client: Any) -> Any:
+    """``send(topic, messages, timeout)``: one ``Publish`` request through ``client``'s own channel and credentials
+    (the generated client's ``publish``, which the batching ``PublisherClient`` overrides with its per-message one)."""
+    gapic = require("google.pubsub_v1", package="google-cloud-pubsub", extra="pubsub").PublisherClient
+    request_type = require("google.pubsub_v1", package="google-cloud-pubsub", extra="pubsub").PublishRequest
+
+    def send(topic: str, messages: list[Any], timeout: float) -> Any:
+        request = request_type.wrap(request_type.pb()(topic=topic, messages=messages))
+        # One attempt within ``timeout``: the relay retries a failed batch with its backoff.
+        return gapic.publish(client, request=request, retry=None, timeout=timeout)
+
+    return send
 
 
 def _cloudevent_time(when: datetime) -> str:
@@ -245,17 +270,18 @@ class PubSubSink(_OnTopic):
     ``content-type``. With ``ordering=True`` the ordering key is the event's stream, so subscribers with
     message ordering see each stream in journal order.
 
-    ``publish`` sends the whole batch, then waits for every acknowledgement: a timeout or a transient error
-    raises ``TransientError`` (the batch is retried; duplicates carry the same ``ce-id``), a message Pub/Sub
-    refuses raises ``PermanentError``.
+    ``publish`` sends the batch as ``Publish`` requests (``batch_max_messages`` messages each, in order) and
+    returns once every one was acknowledged: a timeout or a transient error raises ``TransientError`` (the batch
+    is retried; duplicates carry the same ``ce-id``), a message Pub/Sub refuses raises ``PermanentError``.
 
     Args:
         project: the Google Cloud project id.
         topic: the topic id (or full path).
         ordering: ordering key = stream.
         timeout: seconds to wait for a batch to be acknowledged.
-        batch_max_messages: messages per publish request of the client.
-        batch_max_latency: seconds the client waits to fill a request.
+        batch_max_messages: messages per ``Publish`` request.
+        batch_max_latency: seconds the client waits to fill a request (for a client shared with a
+            ``PubSubConnector``; the sink sends its batches at once).
         publisher: a ready ``PublisherClient`` (else one is built at first use).
     """
 
@@ -305,40 +331,50 @@ class PubSubSink(_OnTopic):
     def publish(self, events: Sequence[Event]) -> None:
         """Publish ``events`` and wait until Pub/Sub has acknowledged all of them.
 
+        The batch goes as Pub/Sub ``Publish`` requests of its own, in order (at most ``batch_max_messages``
+        messages and ``MAX_REQUEST_BYTES`` each): the relay has batched the events already, so the client's
+        per-message batching (its threads, futures and timers) is left out. With ``ordering`` each message
+        carries its stream as ordering key; the relay holds one batch of a stream in flight at a time and the
+        requests of a batch go one after another, so a stream's messages reach Pub/Sub in journal order.
+
         Raises:
-            TransientError: a timeout or a retryable error; the batch is retried.
+            TransientError: a timeout or a retryable error; the batch is retried (the requests already
+                acknowledged are sent again: duplicates carry the same ``ce-id``).
             PermanentError: Pub/Sub refused a message (too large, invalid attributes).
         """
         if not events:
             return
         client = self._pub.client()
         topic = self._pub.topic_path
-        pending: list[tuple[Any, str]] = []
+        send = _rpc(client)
+        message_type = _message_type()
+        ordering = self.ordering
+        limit = self._pub._batch[0]
+        chunk: list[Any] = []
+        size = 0
+        done = 0
         for event in events:
             data, attrs = self.message(event)
-            key = event.stream if self.ordering else ""
             try:
-                pending.append((client.publish(topic, data, ordering_key=key, **attrs), key))
+                message = message_type(data=data, attributes=attrs, ordering_key=event.stream if ordering else "")
             except (TypeError, ValueError) as exc:
                 raise PermanentError(f"event {event.id!r} cannot be published to {topic}: {exc}") from exc
-            except Exception as exc:
-                raise TransientError(f"publishing to {topic} failed: {type(exc).__name__}: {exc}") from exc
-        _, not_done = concurrent.futures.wait([f for f, _ in pending], timeout=self.timeout)
-        failures: list[tuple[str, BaseException]] = []
-        for future, key in pending:
-            if future in not_done:
-                failures.append((key, concurrent.futures.TimeoutError()))
-                continue
-            error = future.exception()
-            if error is not None:
-                failures.append((key, error))
-        if not failures:
-            return
-        for key in {k for k, _ in failures}:
-            self._pub.resume(key)
-        kinds = {_classify(exc) for _, exc in failures}
-        first = failures[0][1]
-        message = f"{len(failures)} of {len(events)} events not published to {topic}: {type(first).__name__}: {first}"
-        if kinds == {"permanent"}:
-            raise PermanentError(message) from first
-        raise TransientError(message) from first
+            weight = len(data) + sum(len(k) + len(v) for k, v in attrs.items()) + 64
+            if chunk and (len(chunk) >= limit or size + weight > MAX_REQUEST_BYTES):
+                done = self._send(send, topic, chunk, done, len(events))
+                chunk, size = [], 0
+            chunk.append(message)
+            size += weight
+        self._send(send, topic, chunk, done, len(events))
+
+    def _send(self, send: Any, topic: str, messages: list[Any], done: int, total: int) -> int:
+        """One ``Publish`` request of ``messages``, waited for; how many of the batch are acknowledged then."""
+        try:
+            send(topic, messages, self.timeout)
+        except Exception as exc:
+            kind = _classify(exc)
+            message = (f"{total - done} of {total} events not published to {topic}: {type(exc).__name__}: {exc}")
+            if kind == "permanent":
+                raise PermanentError(message) from exc
+            raise TransientError(message) from exc
+        return done + len(messages)
