@@ -381,3 +381,42 @@ def test_a_finished_executions_callback_can_no_longer_be_settled(runner: Durable
     runner.heartbeat_callback(cid)
     assert runner.history(eid) == before
     assert runner.get(eid).status is ExecutionStatus.TERMINATED
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_schema_6_keeps_every_operation_of_a_store_written_at_schema_5(kind: str, request: pytest.FixtureRequest,
+                                                                       tmp_path: Any) -> None:
+    """Migration 6 rebuilds ``durable_operations`` (clustered on its key on SQLite; the callback index holding only
+    operations with a callback): a store written at schema 5 keeps every operation, its executions go on, and a
+    callback id stays unique."""
+    from errands.core import open_store
+    from errands.durable._schema import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'durable.db'}" if kind == "sqlite" else str(request.getfixturevalue("postgres_url"))
+    clock = FakeClock()
+    old = open_store(url, clock=clock)
+    assert old.migrate("durable", MIGRATIONS[:5]) == 5
+    before = DurableRunner(old, clock=clock, functions={"greet": greet})  # the store stays at schema 5
+    eid = before.start("greet", {"name": "ada"}, execution_id="order-1")
+    before.work_once()
+    clock.advance(30)
+    before.work_once()
+    history = before.history(eid)
+    callback = _callback_id(before, eid)
+    before.close()
+    old.close()
+
+    after = DurableRunner(url, clock=clock, functions={"greet": greet})
+    with after.store.read() as tx:
+        assert tx.one("SELECT version FROM em_schema WHERE component = 'durable'") == (6,)
+        if kind == "sqlite":
+            (ddl,) = tx.one("SELECT sql FROM sqlite_master WHERE name = 'durable_operations'")
+            assert "WITHOUT ROWID" in ddl
+    assert after.history(eid) == history
+    with pytest.raises(Exception):  # the callback id is still unique
+        with after.store.transaction() as tx:
+            tx.execute("UPDATE durable_operations SET callback_id = ? WHERE execution_id = ? AND id <> ("
+                       "SELECT id FROM durable_operations WHERE callback_id = ?)", (callback, eid, callback))
+    after.complete_callback(callback, "yes")
+    assert after.wait(eid, timeout=10).result == "hello Ada yes"
+    after.close()
