@@ -904,3 +904,26 @@ def test_a_malformed_stored_carrier_starts_a_trace_of_its_own(spans: InMemorySpa
     (finished,) = _by_name(spans, "errands.outbox.dispatch")
     assert finished.parent is None
     assert finished.context is not None and finished.context.trace_id != 0
+
+
+def test_a_durable_executions_events_keep_the_trace_of_their_append(spans: InMemorySpanExporter,
+                                                                    store_url: str) -> None:
+    """``durable.execution.started`` keeps the trace context of the start, ``.succeeded`` the one of the invocation
+    that ended it (in the start's trace): a reaction to either continues the request's trace."""
+    from errands.durable import DurableRunner
+
+    runner = DurableRunner(store_url, functions={"echo": lambda event, ctx: ctx.step("echo", lambda _: event)})
+    try:
+        with _SHOP.start_as_current_span("POST /echo") as request:
+            execution_id = runner.start("echo", 7)
+        runner.drain()
+        assert runner.get(execution_id).result == 7
+        trace_id = format(request.get_span_context().trace_id, "032x")
+        with runner.store.read() as tx:
+            rows = tx.query("SELECT type, seq, position, trace FROM em_events WHERE stream = ? ORDER BY position",
+                            (f"durable/{execution_id}",))
+        assert [r[0] for r in rows] == ["durable.execution.started", "durable.execution.succeeded"]
+        assert all(seq == position for _, seq, position, _ in rows)  # the engine's stream: seq is the position
+        assert [json.loads(r[3])["traceparent"].split("-")[1] for r in rows] == [trace_id, trace_id]
+    finally:
+        runner.close()

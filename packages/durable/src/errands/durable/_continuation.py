@@ -8,8 +8,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from errands.core import ConfigError
-from errands.core.store import NewEvent, SQLStore, Tx, dumps
+from errands.core.store import SQLStore, Tx, dumps
 
+from . import _executions as executions
 from . import _schema as schema
 from ._values import OperationAction, OperationSubType, OperationType, OperationUpdate
 
@@ -54,5 +55,4 @@ def continue_run(store: SQLStore, tx: Tx, execution_id: str, input_text: str | N
     """Start the execution's next run in the invocation's last transaction: its history cleared, the new
     input in place, a ``durable.execution.continued`` event."""
     run = schema.continue_execution(tx, execution_id, input_text, now)
-    store.append_events([NewEvent(f"durable/{execution_id}", "durable.execution.continued",
-                                  {"execution_id": execution_id, "run": run})], tx=tx)
+    executions.journal(store, tx, execution_id, "durable.execution.continued", {"execution_id": execution_id, "run": run})

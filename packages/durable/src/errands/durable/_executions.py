@@ -19,6 +19,12 @@ from ._values import ErrorObject, ExecutionStatus
 #: The longest execution id accepted (ids of invoked executions extend their parent's).
 MAX_ID_LENGTH = 256
 
+#: The journal stream of an execution's events is this prefix and its id. The streams are the engine's
+#: (``reserve_positioned_prefix``): an event's ``seq`` is its journal position, with no per-stream counter row to
+#: write at each start and end; ``append_events`` refuses them.
+STREAM_PREFIX = "durable/"
+SQLStore.reserve_positioned_prefix(STREAM_PREFIX, "errands-durable")
+
 
 def new_execution_id(execution_id: str | None) -> str:
     """``execution_id`` checked, or a new one.
@@ -45,10 +51,16 @@ def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text
     else:
         store.enqueue(schema.QUEUE, [(execution_id, telemetry.queued(), now)], tx=tx)
     telemetry.count("errands.durable.executions", status="ENQUEUED" if queued else "STARTED")
-    store.append_events([NewEvent(f"durable/{execution_id}", "durable.execution.started",
-                                  {"execution_id": execution_id, "function": function,
-                                   "parent_id": parent[0] if parent else None})], tx=tx)
+    journal(store, tx, execution_id, "durable.execution.started",
+            {"execution_id": execution_id, "function": function, "parent_id": parent[0] if parent else None})
     return True
+
+
+def journal(store: SQLStore, tx: Tx, execution_id: str, type: str, data: dict[str, Any]) -> None:
+    """Append event ``type`` of the execution to its stream (``STREAM_PREFIX`` + id) in ``tx``, with the current
+    trace context (a reaction to it continues the trace)."""
+    store.append_engine_events(tx, [NewEvent(STREAM_PREFIX + execution_id, type, data)],
+                               trace=telemetry.carrier_text() if telemetry.tracing() else None)
 
 
 def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str, now: float, *,
@@ -81,8 +93,7 @@ def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, res
     data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
     if error is not None:
         data["error"] = error.to_dict()
-    store.append_events([NewEvent(f"durable/{execution_id}", f"durable.execution.{status.value.lower()}", data)],
-                        tx=tx)
+    journal(store, tx, execution_id, f"durable.execution.{status.value.lower()}", data)
     if parent_id is None or parent_op is None:
         return
     op_status, op_result, op_error = invoke_settlement(status, result, error)

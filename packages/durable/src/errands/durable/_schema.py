@@ -163,10 +163,15 @@ MIGRATIONS = [
     ),
     # Operations clustered on their primary key (on SQLite one B-tree per row instead of a table and its key's
     # index), and the callback index holding only the operations that have a callback: a step's checkpoint writes
-    # one B-tree instead of three. Same columns, same rows, same uniqueness.
+    # one B-tree instead of three. Same columns, same rows, same uniqueness. The executions' parent and end
+    # indexes hold only the executions that have one: a top-level start writes neither.
     Migration(
         6,
         """
+        DROP INDEX IF EXISTS durable_executions_parent;
+        CREATE INDEX durable_executions_parent ON durable_executions (parent_id) WHERE parent_id IS NOT NULL;
+        DROP INDEX IF EXISTS durable_executions_ended;
+        CREATE INDEX durable_executions_ended ON durable_executions (ended_at) WHERE ended_at IS NOT NULL;
         CREATE TABLE durable_operations_v6 (
             execution_id TEXT NOT NULL,
             id TEXT NOT NULL,

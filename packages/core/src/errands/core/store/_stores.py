@@ -138,6 +138,13 @@ _EVENT_COLS = "position, stream, seq, subject, type, data, time"
 _T = TypeVar("_T")
 
 
+def _keep_trace(tx: Tx, positions: Sequence[int], trace: str | None) -> None:
+    """Keep ``trace`` (a traced append's context) with the events at ``positions``; an untraced append writes
+    nothing more."""
+    if trace is not None:
+        tx.executemany("UPDATE em_events SET trace = ? WHERE position = ?", [(trace, p) for p in positions])
+
+
 class SQLStore:
     """Everything a store does, written once over ``Tx``. Subclasses supply connections.
 
@@ -342,8 +349,7 @@ class SQLStore:
         if not events:
             return []
         rows, positions = self._write_events(tx, events)
-        if trace is not None:  # traced appends only: an untraced one writes no more than before
-            tx.executemany("UPDATE em_events SET trace = ? WHERE position = ?", [(trace, p) for p in positions])
+        _keep_trace(tx, positions, trace)
         when = datetime.fromtimestamp(rows[0][5], tz=timezone.utc)
         out = []
         for r, ev, pos in zip(rows, events, positions):
@@ -352,14 +358,17 @@ class SQLStore:
                              time=when, position=pos))
         return out
 
-    def append_engine_events(self, tx: Tx, events: Sequence[NewEvent]) -> list[int]:
+    def append_engine_events(self, tx: Tx, events: Sequence[NewEvent], trace: str | None = None) -> list[int]:
         """Append events an engine built, inside the engine's transaction ``tx``; returns their positions.
+        ``trace``: the trace context they carry (``telemetry.carrier_text``), as ``append_events`` keeps it.
 
         For engines only: the events are taken as well-formed (an engine builds them; they are not validated
         again), and they may go to the streams the engine reserved (``reserve_positioned_prefix``)."""
         if not events:
             return []
-        return self._write_events(tx, events)[1]
+        positions = self._write_events(tx, events)[1]
+        _keep_trace(tx, positions, trace)
+        return positions
 
     def _write_events(self, tx: Tx, events: Sequence[NewEvent]) -> tuple[list[tuple[Any, ...]], list[int]]:
         """Write well-formed events (validated by the caller, or built by an engine): their rows and positions.
