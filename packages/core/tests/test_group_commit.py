@@ -78,34 +78,85 @@ def _counting(store: Any) -> Iterator[list[int]]:
 def _one_group(store: Any, works: list[Callable[[Any], Any]]) -> list[tuple[Any, BaseException | None]]:
     """Run ``works`` from threads of their own as one group: a first caller holds the store until every one of them
     waits behind it. Returns what each call returned or raised."""
+    return _one_group_of_calls(store, [lambda work=work: store.group_commit(work) for work in works])
+
+
+def _one_group_of_calls(store: Any, calls: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
+    """``_one_group`` for calls that reach ``group_commit`` themselves (an outbox's ``submit``): each runs in a thread
+    of its own while a first caller holds the store, until every one of them waits behind it."""
     gate = threading.Event()
-
-    def hold(tx: Any) -> None:
-        gate.wait(30)
-
-    out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(works)
+    out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(calls)
 
     def call(i: int) -> None:
         try:
-            out[i] = (store.group_commit(works[i]), None)
+            out[i] = (calls[i](), None)
         except BaseException as exc:  # noqa: BLE001 - recorded for the test to look at
             out[i] = (None, exc)
 
-    first = threading.Thread(target=store.group_commit, args=(hold,))
+    first = threading.Thread(target=store.group_commit, args=(lambda tx: gate.wait(30),))
     first.start()
     while not store._committer._threads.leading:
         time.sleep(0.001)
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while len(store._committer._threads.queue) < len(works) and time.monotonic() < deadline:
+    while len(store._committer._threads.queue) < len(calls) and time.monotonic() < deadline:
         time.sleep(0.001)
     gate.set()
     first.join()
     for t in threads:
         t.join()
     return out
+
+
+def _batched(store: Any, key: str, *, own: bool = False) -> Callable[[], Any]:
+    """A call whose row goes in its group's one multi-row statement (``Batch``) unless ``own``: left to its work."""
+    from errands.core.store import Batch
+
+    def work(tx: Any) -> str:
+        tx.execute("INSERT INTO gc_rows (k) VALUES (?)", (key,))
+        return f"{key} alone"
+
+    return lambda: store.group_commit(work, together=Batch(_write_rows, (key, own)))
+
+_WRITES: list[int] = []
+
+
+def _write_rows(tx: Any, items: list[tuple[str, bool]]) -> list[Any]:
+    from errands.core.store import Batch
+
+    rows = [(key,) for key, own in items if not own]
+    _WRITES.append(len(items))
+    if any(key == "boom" for key, _ in items):
+        tx.execute("INSERT INTO gc_rows (k) VALUES ('boom')")
+        raise RuntimeError("the batch fails as a whole")
+    tx.insert_rows("INSERT INTO gc_rows (k) VALUES ", "(?)", rows)
+    return [Batch.OWN if own else f"{key} together" for key, own in items]
+
+
+def test_a_groups_batched_members_are_written_in_one_call_and_the_rest_by_their_own_work(store: Any) -> None:
+    _WRITES.clear()
+    with _counting(store) as opened:
+        out = _one_group_of_calls(store, [_batched(store, "b0"), _batched(store, "b1"), _batched(store, "b2", own=True),
+                                          _batched(store, "b3"),
+                                          lambda: store.group_commit(_insert("plain"))])
+    assert [value for value, _ in out] == ["b0 together", "b1 together", "b2 alone", "b3 together", "plain"]
+    assert _WRITES == [4]  # one call for the group's four batched members
+    assert opened[0] == 2
+    assert _keys(store) == {"b0", "b1", "b2", "b3", "plain"}
+
+
+def test_a_failed_batch_is_undone_and_each_member_runs_its_own_work(store: Any) -> None:
+    _WRITES.clear()
+    with store.transaction() as tx:
+        tx.execute("INSERT INTO gc_rows (k) VALUES ('taken')")
+    out = _one_group_of_calls(store, [_batched(store, "c0"), _batched(store, "boom"), _batched(store, "taken"),
+                                      _batched(store, "c1")])
+    assert [value for value, _ in out] == ["c0 alone", "boom alone", None, "c1 alone"]
+    assert out[2][1] is not None  # the member whose own work fails gets its error, alone
+    assert [error is None for _, error in out] == [True, True, False, True]
+    assert _keys(store) == {"taken", "c0", "boom", "c1"}  # the failed batch's 'boom' row was undone, then written alone
 
 
 def test_waiting_callers_share_one_commit_and_each_returns_its_own_result(store: Any) -> None:
@@ -285,6 +336,33 @@ def test_a_conflicting_submit_in_a_group_fails_alone(store: Any) -> None:
     outbox.close()
 
 
+def test_a_groups_submits_are_written_together_each_getting_its_own_outcome(store: Any) -> None:
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    outbox.submit(Effect(key="same", connector="noop", payload={"v": 1}))
+    outbox.submit(Effect(key="other", connector="noop", payload={"v": 1}))
+    before = store.last_position()
+
+    def submit(key: str, v: int) -> Callable[[], Any]:
+        return lambda: outbox.submit(Effect(key=key, connector="noop", payload={"v": v}))
+
+    out = _one_group_of_calls(store, [submit("n0", 0), submit("same", 1), submit("n1", 1), submit("other", 2),
+                                      submit("twice", 3), submit("twice", 3), submit("twice", 4), submit("n2", 2)])
+    values = [value for value, _ in out]
+    errors = [error for _, error in out]
+    assert [v.key if v is not None else None for v in values] == ["n0", "same", "n1", None, "twice", "twice", None,
+                                                                  "n2"]
+    assert [type(e).__name__ if e is not None else None for e in errors] == [
+        None, None, None, "EffectConflictError", None, None, "EffectConflictError", None]
+    assert values[1].payload == {"v": 1} and values[4].payload == values[5].payload == {"v": 3}
+    assert {r.key: r.payload for r in outbox.list(limit=20)} == {
+        "same": {"v": 1}, "other": {"v": 1}, "n0": {"v": 0}, "n1": {"v": 1}, "twice": {"v": 3}, "n2": {"v": 2}}
+    # One submitted event per new effect, each after its row's journal position.
+    events = store.read_events(after=before)
+    assert sorted(e.data["key"] for e in events) == ["n0", "n1", "n2", "twice"]
+    assert all(e.data["status"] == "PENDING" for e in events)
+    outbox.close()
+
+
 def test_async_submitters_all_get_durable_rows(store: Any) -> None:
     outbox = Outbox(store, connectors={"noop": NoopConnector()})
 
@@ -385,6 +463,47 @@ def test_every_member_gets_its_own_outcome(tmp_path: Path, groups: list[list[str
                 assert error is not None and value is None
         assert _keys(store) == expected
     assert not store._committer._threads.leading and store._committer._threads.queue == []
+    store.close()
+
+
+_SUBMIT = st.sampled_from(["new", "again", "conflict", "twice"])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(groups=st.lists(st.lists(_SUBMIT, min_size=1, max_size=6), min_size=1, max_size=3))
+def test_every_submit_in_a_group_gets_its_own_outcome(tmp_path: Path, groups: list[list[str]]) -> None:
+    store = open_store(f"sqlite:///{tmp_path / f'submits-{time.monotonic_ns()}.db'}")
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    outbox.submit(Effect(key="seed", connector="noop", payload={"v": 0}))
+    stored = {"seed": {"v": 0}}
+    n = 0
+    for kinds in groups:
+        calls: list[Callable[[], Any]] = []
+        expect: list[tuple[str, Any] | None] = []  # (key, payload returned), or None for a conflict
+        for kind in kinds:
+            key, payload = f"s{n}", {"v": n}
+            n += 1
+            if kind == "again":
+                key, payload = "seed", {"v": 0}
+            elif kind == "conflict":
+                key, payload = "seed", {"other": n}
+            effect = Effect(key=key, connector="noop", payload=payload)
+            copies = 2 if kind == "twice" else 1
+            for _ in range(copies):
+                calls.append(lambda effect=effect: outbox.submit(effect))
+                expect.append(None if kind == "conflict" else (key, payload))
+            if kind in ("new", "twice"):
+                stored[key] = payload
+        out = _one_group_of_calls(store, calls)
+        for wanted, (value, error) in zip(expect, out):
+            if wanted is None:
+                assert isinstance(error, EffectConflictError) and value is None
+            else:
+                assert error is None and (value.key, value.payload) == wanted
+        assert {r.key: r.payload for r in outbox.list(limit=100)} == stored
+    events = store.read_events()
+    assert sorted(e.data["key"] for e in events) == sorted(stored)  # one submitted event per effect, none twice
+    outbox.close()
     store.close()
 
 

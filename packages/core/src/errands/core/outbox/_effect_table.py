@@ -124,6 +124,16 @@ def insert_new(tx: Tx, row: NewEffect) -> bool:
     return tx.rowcount(_INSERT_ONE_NEW, row) == 1
 
 
+_ROW_AT_POSITION = f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, 0, ?, ?, {SQLStore.LAST_POSITION_SQL})"
+
+
+def insert_new_rows(tx: Tx, rows: Sequence[NewEffect]) -> set[str]:
+    """Insert ``rows`` (distinct keys) but those whose key is taken, in multi-row statements; the keys inserted."""
+    if not rows:
+        return set()
+    return {r[0] for r in tx.insert_returning(_BATCH_HEAD, _ROW_AT_POSITION, rows, _NEW_ONLY + " RETURNING key")}
+
+
 def _with_position(tx: Tx, rows: Sequence[NewEffect]) -> list[tuple[Any, ...]]:
     """``rows`` as the batch statement's parameters: each followed by the journal's last position."""
     (position,) = tx.one(f"SELECT {SQLStore.LAST_POSITION_SQL}") or (0,)

@@ -12,7 +12,7 @@ from .._values import Effect, EffectStatus, Event, Obligation, ObservationOutcom
 from .._wake import OUTBOX
 from ..errors import ConfigError, NotFoundError
 from ..runtime import DEFAULT_LEASE_FOR, CallRunner, drain, notify_work
-from ..store import SQLStore, default_owner, dumps
+from ..store import Batch, SQLStore, Tx, default_owner, dumps
 from . import _effect_table, _inline, _obligation_table, _queries, _transitions
 from ._admission import DEFAULT_PAYLOAD_LIMIT, admit, check_same, check_str, distinct
 from ._context import ConnectorSet, Context, Settings
@@ -266,8 +266,9 @@ class Outbox:
                 return _effect_table.get(tx, row.key)
 
             if conn is None:
-                # Concurrent submitters share a commit; this call returns once its own row is committed.
-                written = store.group_commit(write)
+                # Concurrent submitters share a commit (their rows written together); this call returns once its
+                # own row is committed.
+                written = store.group_commit(write, together=Batch(self._write_submitted, (row, effect, metadata)))
             else:
                 with store.transaction(conn) as tx:
                     written = write(tx)
@@ -280,6 +281,25 @@ class Outbox:
             return self.submit_many([effect], conn=conn)[0]
         check_same(row, stored.record)
         return stored.record
+
+    def _write_submitted(self, tx: Tx, items: list[tuple[NewEffect, Effect, Mapping[str, Any] | None]]
+                         ) -> list[EffectRecord | Any]:
+        """The rows of concurrent submits, written together by their group's leader (``Batch``): the new keys in one
+        statement, with their events; a key taken before (or twice in the group) is left to its submit's own
+        ``write`` (``Batch.OWN``), which returns the stored record or raises the conflict to that caller."""
+        first: dict[str, int] = {}
+        for i, (row, _, _) in enumerate(items):
+            first.setdefault(row.key, i)
+        new = _effect_table.insert_new_rows(tx, [items[i][0] for i in first.values()])
+        if not new:
+            return [Batch.OWN] * len(items)
+        self._ctx.journal(tx, [_transitions.submitted_event(items[i][0]) for key, i in first.items() if key in new])
+        tx.notify(OUTBOX)
+        out: list[EffectRecord | Any] = []
+        for i, (row, effect, metadata) in enumerate(items):
+            out.append(new_effect_record(row, effect, metadata=metadata) if row.key in new and first[row.key] == i
+                       else Batch.OWN)
+        return out
 
     def submit_many(self, effects: Iterable[Effect], conn: Any = None) -> List[EffectRecord]:
         """Record many effects in one transaction: all of them, or (on any error) none.

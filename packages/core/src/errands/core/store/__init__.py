@@ -9,6 +9,7 @@ and read events, enqueue / claim / extend / complete / release with fencing, key
 
 from __future__ import annotations
 
+from ._group import Batch
 from ._sql import (
     POSTGRES,
     SQLITE,
@@ -38,6 +39,7 @@ from ._stores import (
 )
 
 __all__ = [
+    "Batch",
     "BUILTIN_STORES",
     "CORE_MIGRATIONS",
     "JSONText",

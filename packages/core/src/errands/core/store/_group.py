@@ -15,6 +15,13 @@ never waits (its group is itself, with no savepoint), and the busier the store, 
 - The leader runs the others' work in its thread: ``work`` must touch only ``tx`` (no thread-bound state). It runs
   in a copy of its caller's context (``contextvars``): what it reads of the current context (the trace context a
   row stores, a span it starts) is its caller's, not the leader's.
+- A member may bring a ``Batch`` beside its work: the same kind of write as others' (an outbox's submit), that the
+  leader writes for all the members of its group with the same ``Batch.write`` in one call (a multi-row statement
+  per table instead of a few statements per member), in one savepoint. ``write`` answers per member: its result, or
+  ``Batch.OWN`` for a member it left to its own ``work`` (a key taken before, say), which runs after, in a
+  savepoint of its own as any member's. If ``write`` raises, its savepoint is undone and every member of the batch
+  runs its own ``work``: a member's fault is still that member's alone. ``write`` runs in the leader's context and
+  must read only its arguments.
 """
 
 from __future__ import annotations
@@ -38,17 +45,33 @@ _T = TypeVar("_T")
 MAX_GROUP = 256
 
 
+class Batch:
+    """What a member of a group may bring beside its work: ``item``, written with the other members' of the same
+    ``write`` by ``write(tx, items)`` in one call, which returns one result per item, in order (``Batch.OWN``: this
+    member's own work is to run instead)."""
+
+    __slots__ = ("item", "write")
+
+    #: A result of ``write`` meaning: not written with the others; run the member's own work.
+    OWN: Any = object()
+
+    def __init__(self, write: Callable[[Tx, list[Any]], list[Any]], item: Any) -> None:
+        self.write = write
+        self.item = item
+
+
 class _Member(Generic[_T]):
     """A follower's work in a group, and what became of it. ``done`` (a thread's) or ``future`` (a coroutine's, in
     a bridge on its event loop) is released when the member's group has committed, or when it is to lead the next
     group (``batch`` set)."""
 
-    __slots__ = ("batch", "done", "enter", "error", "future", "value", "work")
+    __slots__ = ("batch", "done", "enter", "error", "future", "together", "value", "work")
 
     def __init__(self, enter: Callable[..., Any], work: Callable[[Tx], _T],
                  future: asyncio.Future[None] | None = None) -> None:
         self.enter = enter  # runs ``work`` in the caller's context: ``enter(work, tx)``
         self.work = work
+        self.together: Batch | None = None  # this member's part of a write made with others
         self.future = future
         self.done: Any = None
         if future is None:
@@ -98,8 +121,9 @@ class GroupCommitter:
         self._threads = _Groups()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Groups] = weakref.WeakKeyDictionary()
 
-    def run(self, work: Callable[[Tx], _T]) -> _T:
-        """``work(tx)`` committed, in a group with the calls of other threads; its result or its own error."""
+    def run(self, work: Callable[[Tx], _T], together: Batch | None = None) -> _T:
+        """``work(tx)`` committed, in a group with the calls of other threads; its result or its own error.
+        ``together``: this call's part of a write its group's leader may make for several members at once."""
         groups = self._threads
         with self._lock:
             if not groups.leading:
@@ -108,6 +132,7 @@ class GroupCommitter:
             else:
                 # Run by the leader, in this caller's context (a copy: one context is entered by one thread at a time).
                 member = _Member(contextvars.copy_context().run, work)
+                member.together = together
                 groups.queue.append(member)
         if member is None:
             # No group is being written: this call is a group of its own, with no savepoint and no wait (the hot
@@ -137,6 +162,7 @@ class GroupCommitter:
         return member.result()
 
     def _lead(self, batch: list[_Member[Any]]) -> None:
+        self._gather(self._threads, batch, self._lock)
         try:
             self._commit(batch)
         finally:
@@ -144,7 +170,7 @@ class GroupCommitter:
             for m in batch[1:]:
                 m.wake()
 
-    def run_bridged(self, work: Callable[[Tx], _T]) -> _T:
+    def run_bridged(self, work: Callable[[Tx], _T], together: Batch | None = None) -> _T:
         """``run`` for a coroutine's work in a bridge of this store (``run_async`` on PostgreSQL): the groups are
         those of the coroutines of this event loop, each one's transaction on the loop's async pool, and a
         follower awaits (the loop runs on) rather than blocks."""
@@ -162,6 +188,7 @@ class GroupCommitter:
                 self._hand_over(groups, None)
         future: asyncio.Future[None] = loop.create_future()
         member = _Member(contextvars.copy_context().run, work, future)
+        member.together = together
         groups.queue.append(member)
         try:
             # Shielded: a cancelled caller must not cancel the wake-up a leader may be handing it.
@@ -182,6 +209,7 @@ class GroupCommitter:
         return member.result()
 
     def _lead_bridged(self, groups: _Groups, batch: list[_Member[Any]]) -> None:
+        self._gather(groups, batch, None)
         try:
             self._commit(batch)
         finally:
@@ -190,23 +218,37 @@ class GroupCommitter:
                 m.wake()
 
     def _hand_over(self, groups: _Groups, lock: threading.Lock | None) -> None:
-        """Make the next group of the callers waiting and wake its leader, or, if none waits, lead no more
-        (``lock``: the committer's, for the threads' groups)."""
+        """Wake the first of the callers waiting to lead the next group (it gathers the others when it starts), or,
+        if none waits, lead no more (``lock``: the committer's, for the threads' groups)."""
         with lock or contextlib.nullcontext():
             queue = groups.queue
             if not queue:
                 groups.leading = False
                 return
-            batch = queue[:self._max]
-            del queue[:self._max]
-        batch[0].batch = batch
-        batch[0].wake()
+            leader = queue.pop(0)
+        leader.batch = [leader]
+        leader.wake()
+
+    def _gather(self, groups: _Groups, batch: list[_Member[Any]], lock: threading.Lock | None) -> None:
+        """Add to the group a leader starts every caller queued by then (up to ``max_group``): those that arrived
+        while it was being woken write with it, rather than wait for the next commit."""
+        with lock or contextlib.nullcontext():
+            queue = groups.queue
+            room = self._max - len(batch)
+            batch += queue[:room]
+            del queue[:room]
 
     def _commit(self, batch: list[_Member[Any]]) -> None:
-        """Write every member's work in one transaction, each in a savepoint; settle every member."""
+        """Write every member's work in one transaction, each in a savepoint (the members of a ``Batch`` together,
+        in one); settle every member."""
         try:
             with self._store.transaction() as tx:
-                for i, m in enumerate(batch):
+                if len(batch) == 1:
+                    # A group of one (its caller found a group being written): its transaction is its own.
+                    m = batch[0]
+                    m.value = m.enter(m.work, tx)
+                    return
+                for i, m in enumerate(self._write_together(tx, batch)):
                     savepoint = f"em_group_{i}"
                     tx.execute(f"SAVEPOINT {savepoint}")
                     try:
@@ -224,3 +266,32 @@ class GroupCommitter:
             for m in batch:
                 if m.error is None:
                     m.value, m.error = None, exc
+
+    @staticmethod
+    def _write_together(tx: Tx, batch: list[_Member[Any]]) -> list[_Member[Any]]:
+        """Write the members that share a ``Batch.write`` with others, each such set in one call inside a savepoint;
+        the members whose own work is still to run, in order."""
+        sets: dict[Any, list[_Member[Any]]] = {}
+        for m in batch:
+            if m.together is not None:
+                sets.setdefault(m.together.write, []).append(m)
+        written: set[int] = set()
+        for write, members in sets.items():
+            if len(members) < 2:
+                continue
+            tx.execute("SAVEPOINT em_group_batch")
+            try:
+                results = write(tx, [m.together.item for m in members if m.together is not None])
+                if len(results) != len(members):
+                    raise AssertionError(f"a batch write returned {len(results)} results for {len(members)} items")
+            except Exception:
+                # The batch failed as a whole: undo it, and let each member's own work find whose fault it is.
+                tx.execute("ROLLBACK TO SAVEPOINT em_group_batch")
+                tx.execute("RELEASE SAVEPOINT em_group_batch")
+                continue
+            tx.execute("RELEASE SAVEPOINT em_group_batch")
+            for m, result in zip(members, results):
+                if result is not Batch.OWN:
+                    m.value = result
+                    written.add(id(m))
+        return [m for m in batch if id(m) not in written] if written else batch

@@ -124,9 +124,24 @@ class Tx:
             execute = self.raw.execute
             for i in range(0, whole, VALUES_ROWS):
                 changed += execute(many, tuple(flat(rows[i:i + VALUES_ROWS]))).rowcount
-        if n > whole:
-            changed += self.raw.executemany(head + row + tail, rows[whole:]).rowcount
+        rest = n - whole
+        if rest > 1:
+            # The last rows in one statement too (a group commit's rows: a few at a time).
+            changed += self.raw.execute(_values_statement(head, row, tail, rest),
+                                        tuple(itertools.chain.from_iterable(rows[whole:]))).rowcount
+        elif rest:
+            changed += self.raw.execute(head + row + tail, rows[whole]).rowcount
         return changed
+
+    def insert_returning(self, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str) -> list[tuple[Any, ...]]:
+        """Insert ``rows`` through multi-row statements ``head + row, row, ... + tail`` (``tail`` ending in a
+        ``RETURNING`` clause), ``VALUES_ROWS`` rows at most each; the rows they returned."""
+        out: list[tuple[Any, ...]] = []
+        flat = itertools.chain.from_iterable
+        for i in range(0, len(rows), VALUES_ROWS):
+            chunk = rows[i:i + VALUES_ROWS]
+            out += self.query(_values_statement(head, row, tail, len(chunk)), tuple(flat(chunk)))
+        return out
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self.execute(sql, params).fetchall())

@@ -25,7 +25,7 @@ from .._values import Event, Lease
 from ..errors import ConfigError, ErrandsError, LeaseLostError, MissingDependencyError
 from . import _async
 from ._connections import caller_transaction, pg_server
-from ._group import GroupCommitter
+from ._group import Batch, GroupCommitter
 from ._listen import Listener
 from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, in_clause, loads, subject_matcher
 
@@ -180,7 +180,7 @@ class SQLStore:
         """A read-only transaction."""
         return self.transaction()
 
-    def group_commit(self, work: Callable[[Tx], _T]) -> _T:
+    def group_commit(self, work: Callable[[Tx], _T], *, together: Batch | None = None) -> _T:
         """Run ``work(tx)`` in a transaction of the store's own, shared with the concurrent calls of other threads
         (group commit): one commit serves every call that arrived while the previous group was committing.
 
@@ -190,20 +190,24 @@ class SQLStore:
         A lone caller's work runs in a plain transaction, with no wait. Under ``run_async`` on PostgreSQL the
         groups are those of the coroutines of one event loop, on its async pool: a follower awaits its group.
 
+        ``together``: this call's part of a write the group's leader makes for every member bringing the same
+        ``Batch.write`` at once (one multi-row statement per table), falling back to ``work`` for the members that
+        write leaves to their own work, or for all of them if it raises (``store._group``).
+
         Raises:
             Exception: the error ``work`` raised, or the transaction's own (a failed commit, a dropped
                 connection), in which case nothing of the group was committed.
         """
         if _async._live and _async.bridged_store() is self:
             # A coroutine's work on this event loop (``run_async`` on PostgreSQL): grouped with the loop's others.
-            grouped: _T = self._committer.run_bridged(work)
+            grouped: _T = self._committer.run_bridged(work, together)
             return grouped
         if self._in_transaction_here():
             # Inside a transaction of this thread's own the group's leader would wait for it: the work goes alone,
             # as a transaction of its own would.
             with self.transaction() as tx:
                 return work(tx)
-        return self._committer.run(work)
+        return self._committer.run(work, together)
 
     def _in_transaction_here(self) -> bool:
         """Whether this thread is inside a transaction of the store's own that would hold a group's leader up."""
