@@ -338,6 +338,21 @@ def test_connections_terminated_between_transactions_are_never_handed_out(postgr
         store.close()
 
 
+def test_a_connection_that_dies_after_it_was_taken_is_replaced_at_the_first_statement(postgres_url: str) -> None:
+    store = open_store(postgres_url + "?pool_size=2&application_name=errands-first")
+    try:
+        first = _backend_pid(store)
+        with store.transaction() as tx:
+            # Taken from the pool alive; dropped before the transaction said anything.
+            assert faults.terminate_postgres_connections(postgres_url, application_name="errands-first") >= 1
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'k', '1', 1, 0)")
+            assert int(tx.one("SELECT pg_backend_pid()")[0]) != first
+        assert store.kv_get("ns", "k") == (1, 1)
+        assert _backend_pid(store) != first
+    finally:
+        store.close()
+
+
 def test_a_connection_dropped_inside_a_transaction_is_infrastructure_and_discarded(postgres_url: str) -> None:
     from errands.core import is_infrastructure_error
 
