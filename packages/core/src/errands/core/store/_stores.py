@@ -174,6 +174,15 @@ class SQLStore:
         """A read-only transaction."""
         return self.transaction()
 
+    def statement(self) -> contextlib.AbstractContextManager[Tx]:
+        """A write transaction of one statement, for a hot path whose whole transaction one statement says.
+
+        On PostgreSQL that statement runs on its own (autocommit: atomic, committed when it returns), without
+        the round trips of ``BEGIN`` and ``COMMIT``; a second statement raises ``ErrandsError``. Elsewhere it is
+        ``transaction()``.
+        """
+        return self.transaction()
+
     def group_commit(self, work: Callable[[Tx], _T]) -> _T:
         """Run ``work(tx)`` in a transaction of the store's own, shared with the concurrent calls of other threads
         (group commit): one commit serves every call that arrived while the previous group was committing.
@@ -988,15 +997,19 @@ class _PooledTx(Tx):
     connection later, or a connection wrapped by fault injection (``raw`` is not the pool's), raises.
     """
 
-    __slots__ = ("_store", "conn")
+    __slots__ = ("_single", "_store", "conn")
 
-    def __init__(self, conn: Any, store: PostgresStore) -> None:
+    def __init__(self, conn: Any, store: PostgresStore, *, single: bool = False) -> None:
         super().__init__(conn, POSTGRES)
         self.conn: Any = conn  # the pool's connection (None while it is being replaced)
         self._store: PostgresStore | None = store  # None once the first statement ran
+        self._single = single  # ``PostgresStore.statement``: one statement, in autocommit
 
     def _first(self, run: Callable[[], _T]) -> _T:
         store, self._store = self._store, None
+        if store is None and self._single:
+            raise ErrandsError("store.statement() runs one statement, and this is a second one: use "
+                               "store.transaction() for several")
         if store is None or self.raw is not self.conn:
             return run()
         try:
@@ -1008,10 +1021,12 @@ class _PooledTx(Tx):
             self.conn = None
             store._discard(dead, exc)
             self.raw = self.conn = store._checkout(verify=True)
+            if self._single:
+                self.conn.autocommit = True
             return run()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        if self._store is None:
+        if self._store is None and not self._single:
             return Tx.execute(self, sql, params)
         return self._first(lambda: Tx.execute(self, sql, params))
 
@@ -1138,6 +1153,19 @@ class PostgresStore(SQLStore):
         self._pool.check()
 
     @contextlib.contextmanager
+    def _single(self) -> Iterator[Tx]:
+        tx = _PooledTx(self._checkout(), self, single=True)
+        try:
+            tx.conn.autocommit = True  # no round trip: the connection is idle
+            yield tx
+        finally:
+            c = tx.conn
+            if c is not None:
+                if not c.closed:
+                    c.autocommit = False
+                self._pool.putconn(c)
+
+    @contextlib.contextmanager
     def _pooled(self) -> Iterator[Tx]:
         tx = _PooledTx(self._checkout(), self)
         try:
@@ -1162,6 +1190,11 @@ class PostgresStore(SQLStore):
         if _async._live and _async.bridged_store() is self:
             return _async.pooled_async(self)  # run_async: this event loop's async pool
         return self._pooled()
+
+    def statement(self) -> contextlib.AbstractContextManager[Tx]:
+        if _async._live and _async.bridged_store() is self:
+            return _async.pooled_async(self)
+        return self._single()
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         # Not through self.transaction: fault injection wraps both, and a read must pass it once.
