@@ -353,6 +353,29 @@ def test_a_connection_that_dies_after_it_was_taken_is_replaced_at_the_first_stat
         store.close()
 
 
+def test_a_statement_runs_alone_and_a_dead_connection_under_it_is_replaced(postgres_url: str) -> None:
+    from errands.core.errors import ErrandsError
+
+    store = open_store(postgres_url + "?pool_size=1&application_name=errands-single")
+    try:
+        first = _backend_pid(store)
+        with store.statement() as tx:
+            assert faults.terminate_postgres_connections(postgres_url, application_name="errands-single") >= 1
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'a', '1', 1, 0)")
+        assert store.kv_get("ns", "a") == (1, 1)
+        assert _backend_pid(store) != first
+        with pytest.raises(ErrandsError, match="one statement"), store.statement() as tx:
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'b', '1', 1, 0)")
+            tx.execute("SELECT 1")
+        assert store.kv_get("ns", "b") == (1, 1), "the one statement committed as it ran"
+        with store.transaction() as tx:  # the connection went back to the pool out of autocommit
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'c', '1', 1, 0)")
+            tx.raw.rollback()
+        assert store.kv_get("ns", "c") is None
+    finally:
+        store.close()
+
+
 def test_a_connection_dropped_inside_a_transaction_is_infrastructure_and_discarded(postgres_url: str) -> None:
     from errands.core import is_infrastructure_error
 

@@ -276,6 +276,48 @@ def test_a_handler_that_lost_its_lease_is_told_and_records_nothing(tmp_path: Pat
     theirs.close()
 
 
+@pytest.mark.services
+def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_tasks(postgres_url: str) -> None:
+    """The worker's rounds (outcomes written and next tasks claimed in one statement) meet connections that died
+    since the last round: each is replaced, and every task succeeds once, its attempt counted once."""
+    store = open_store(postgres_url + "?pool_size=4&application_name=errands-rounds")
+    try:
+        calls: list[int] = []
+        lock = threading.Lock()
+
+        def handler(n: int) -> int:
+            with lock:
+                calls.append(n)
+                kill = len(calls) % 25 == 0
+            if kill:  # between this round's claim and its outcome write: every pooled connection dies
+                faults.terminate_postgres_connections(postgres_url, application_name="errands-rounds")
+            return n
+
+        engine = TaskEngine(store, handlers={"h": handler}, concurrency=8)
+        ids = engine.submit_many("h", list(range(200)))
+        worker = Worker(store, jobs=[engine.run_once], max_in_flight=8)
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if all(r.status is TaskStatus.SUCCEEDED for r in engine.recent(300)):
+                    break
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join(30)
+        records = {r.id: r for r in engine.recent(300)}
+        assert sorted(records) == sorted(ids)
+        assert {r.status for r in records.values()} == {TaskStatus.SUCCEEDED}
+        assert {r.attempts for r in records.values()} == {1}
+        assert sorted(r.result for r in records.values()) == list(range(200))
+        assert len(calls) >= 200 and sorted(set(calls)) == list(range(200))
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("when", ["before", "commit", "after_commit"])
 def test_an_outcome_write_that_meets_a_fault_is_retried_not_a_failure(when: str,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
