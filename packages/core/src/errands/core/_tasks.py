@@ -890,7 +890,9 @@ class TaskEngine:
                     abandoned = self._record_one(d.run, d.transition, landed=d.tried)
                 elif not d.written:
                     log.warning("task %s: outcome dropped; it was removed or taken by another worker", d.run.id)
-                self._forget(d.run, abandoned=abandoned)
+                self._forget(d.run, abandoned=abandoned, tell=False)
+            if batch:
+                self._freed_up()  # once for the round's runs
             if not claimed:
                 break
             n, runs = self._start(claimed, inline=True)
@@ -1193,7 +1195,9 @@ class TaskEngine:
                 raise
             # Still failing: the next claim of this engine gives the task back (or its lease lapses).
 
-    def _forget(self, run: _Run, *, abandoned: bool = False) -> None:
+    def _forget(self, run: _Run, *, abandoned: bool = False, tell: bool = True) -> None:
+        """The run left its slot. ``tell`` (unless the caller tells once for a round of runs: ``_freed_up``):
+        say so to the driver."""
         with self._lock:
             if self._running.get(run.id) is run:
                 del self._running[run.id]
@@ -1202,6 +1206,10 @@ class TaskEngine:
             if abandoned:
                 self._abandoned = True
         run.beat.stop()
+        if tell:
+            self._freed_up()
+
+    def _freed_up(self) -> None:
         # A slot is free: the driver (a worker, ``drain``) claims the next task now, not after a poll.
         self._freed.set()
         _wake.notify(self.store, _wake.TASKS)

@@ -504,12 +504,17 @@ def _outcome_arrays(outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], name
                     now: float) -> tuple[str, list[Any]]:
     """The PostgreSQL ``UPDATE`` writing ``outcomes`` (each writing the columns ``names``) in one statement, the
     values as arrays (``unnest``), returning the ids it wrote; and its parameters."""
-    arrays = [[o[0] for o in outcomes], [o[1] for o in outcomes], *([o[2][c] for o in outcomes] for c in names)]
+    ids = [o[0] for o in outcomes]
+    arrays = [ids, [o[1] for o in outcomes], *([o[2][c] for o in outcomes] for c in names)]
     casts = ", ".join(["?::text[]", "?::bigint[]", *(f"?::{_ARRAY_TYPES[c]}[]" for c in names)])
     assignments = ", ".join(f"{c} = v.{c}" for c in names)
+    # The rows come by primary key (``t.id = ANY``). The status is tested as an expression no index holds: as
+    # ``status = 'RUNNING'`` the planner would also read the (status, finished_at) index for it, every entry
+    # saying RUNNING, those the finished tasks left behind too (until a vacuum): a cost growing with history.
     return (f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
             f"updated_at = ? FROM unnest({casts}) AS v(id, token, {', '.join(names)}) "
-            f"WHERE t.id = v.id AND t.token = v.token AND t.status = '{_RUNNING}' RETURNING t.id", [now, *arrays])
+            f"WHERE t.id = ANY(?::text[]) AND t.id = v.id AND t.token = v.token "
+            f"AND COALESCE(t.status, '') = '{_RUNNING}' RETURNING t.id", [now, *arrays, ids])
 
 
 def finish_many(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], now: float) -> list[bool]:
