@@ -281,6 +281,7 @@ def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_task
     """The worker's rounds (outcomes written and next tasks claimed in one statement) meet connections that died
     since the last round: each is replaced, and every task succeeds once, its attempt counted once."""
     store = open_store(postgres_url + "?pool_size=4&application_name=errands-rounds")
+    watcher = open_store(postgres_url + "?pool_size=1&application_name=errands-watch")
     try:
         calls: list[int] = []
         lock = threading.Lock()
@@ -295,6 +296,8 @@ def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_task
 
         engine = TaskEngine(store, handlers={"h": handler}, concurrency=8)
         ids = engine.submit_many("h", list(range(200)))
+        # The test reads on connections of its own, which the kills leave alone.
+        view = TaskEngine(watcher)
         worker = Worker(store, jobs=[engine.run_once], max_in_flight=8)
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -302,19 +305,20 @@ def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_task
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                if all(r.status is TaskStatus.SUCCEEDED for r in engine.recent(300)):
+                if all(r.status is TaskStatus.SUCCEEDED for r in view.recent(300)):
                     break
                 time.sleep(0.05)
         finally:
             stop.set()
             thread.join(30)
-        records = {r.id: r for r in engine.recent(300)}
+        records = {r.id: r for r in view.recent(300)}
         assert sorted(records) == sorted(ids)
         assert {r.status for r in records.values()} == {TaskStatus.SUCCEEDED}
         assert {r.attempts for r in records.values()} == {1}
         assert sorted(r.result for r in records.values()) == list(range(200))
         assert len(calls) >= 200 and sorted(set(calls)) == list(range(200))
     finally:
+        watcher.close()
         store.close()
 
 

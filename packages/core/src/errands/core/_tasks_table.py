@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from ._tasks_transitions import TaskStatus
-from .store import POSTGRES, Migration, Tx, in_clause, loads
+from .store import POSTGRES, Migration, Tx, dumps, in_clause, loads
 
 TASK_MIGRATIONS = [
     Migration(
@@ -504,17 +504,32 @@ def _outcome_arrays(outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], name
                     now: float) -> tuple[str, list[Any]]:
     """The PostgreSQL ``UPDATE`` writing ``outcomes`` (each writing the columns ``names``) in one statement, the
     values as arrays (``unnest``), returning the ids it wrote; and its parameters."""
-    ids = [o[0] for o in outcomes]
-    arrays = [ids, [o[1] for o in outcomes], *([o[2][c] for o in outcomes] for c in names)]
+    arrays = [[o[0] for o in outcomes], [o[1] for o in outcomes], *([o[2][c] for o in outcomes] for c in names)]
     casts = ", ".join(["?::text[]", "?::bigint[]", *(f"?::{_ARRAY_TYPES[c]}[]" for c in names)])
     assignments = ", ".join(f"{c} = v.{c}" for c in names)
-    # The rows come by primary key (``t.id = ANY``). The status is tested as an expression no index holds: as
-    # ``status = 'RUNNING'`` the planner would also read the (status, finished_at) index for it, every entry
-    # saying RUNNING, those the finished tasks left behind too (until a vacuum): a cost growing with history.
     return (f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
             f"updated_at = ? FROM unnest({casts}) AS v(id, token, {', '.join(names)}) "
-            f"WHERE t.id = ANY(?::text[]) AND t.id = v.id AND t.token = v.token "
-            f"AND COALESCE(t.status, '') = '{_RUNNING}' RETURNING t.id", [now, *arrays, ids])
+            f"WHERE t.id = v.id AND t.token = v.token AND t.status = '{_RUNNING}' RETURNING t.id", [now, *arrays])
+
+
+def _outcome_records(outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], names: tuple[str, ...],
+                     now: float) -> tuple[str, list[Any]]:
+    """``_outcome_arrays`` with the values as one JSON parameter (``json_to_recordset``): for a worker's round
+    of a few outcomes, quicker to send than arrays, and few parameters, so that the driver keeps the statement
+    parsed."""
+    records = dumps([{"id": task_id, "token": token, **{c: columns[c] for c in names}}
+                     for task_id, token, columns in outcomes], field="outcomes")
+    assignments = ", ".join(f"{c} = v.{c}" for c in names)
+    types = ", ".join(f"{c} {_ARRAY_TYPES[c]}" for c in names)
+    # The status is tested as an expression no index holds: as ``status = 'RUNNING'`` the planner may also read
+    # the (status, finished_at) index for it, every entry saying RUNNING, those the finished tasks left behind
+    # too (until a vacuum): a cost growing with history. The rows come by primary key: the LIMIT tells the
+    # planner how few records there are (it guesses 100 for a function, and would scan the table).
+    return (f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
+            f"updated_at = ? FROM (SELECT * FROM json_to_recordset(?::json) AS r(id text, token bigint, {types}) "
+            f"LIMIT {len(outcomes)}) v "
+            f"WHERE t.id = v.id AND t.token = v.token AND COALESCE(t.status, '') = '{_RUNNING}' RETURNING t.id",
+            [now, records])
 
 
 def finish_many(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], now: float) -> list[bool]:
@@ -558,7 +573,7 @@ def finish_and_claim(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any
     if tx.dialect != POSTGRES or not one_statement(outcomes) or not (outcomes and limit > 0):
         done = finish_many(tx, outcomes, now)
         return done, claim(tx, type, owner, held, limit, lease_until, now) if limit > 0 else []
-    finish_sql, finish_params = _outcome_arrays(outcomes, tuple(outcomes[0][2]), now)
+    finish_sql, finish_params = _outcome_records(outcomes, tuple(outcomes[0][2]), now)
     claim_sql, claim_params = _claim_statement(tx, type, owner, held, limit, lease_until, now)
     # The written ids come back with no type (every task has one): that tells them from the claimed tasks.
     rows = tx.query(f"WITH done AS ({finish_sql}), took AS ({claim_sql}) SELECT id, NULL, NULL, NULL, NULL, NULL "
