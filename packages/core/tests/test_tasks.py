@@ -322,6 +322,44 @@ def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_task
         store.close()
 
 
+@pytest.mark.services
+@pytest.mark.parametrize("when", ["before", "commit", "after_commit"])
+def test_a_round_statement_that_meets_a_fault_costs_retries_on_postgres(when: str, postgres_url: str) -> None:
+    """The worker's round on PostgreSQL (outcomes written and next tasks claimed in one statement) meets dropped
+    connections, before it, at its commit, and after it committed: every task succeeds, its attempt counted once,
+    and none is left running."""
+    store = open_store(postgres_url)
+    try:
+        plan = faults.FaultPlan(match=r"WITH done AS", rate=0.2, kinds=("dropped",), when=(when,), seed=5,
+                                limit=6)
+        with faults.inject(store, plan):
+            engine = TaskEngine(store, handlers={"h": lambda n: n}, concurrency=8)
+            ids = engine.submit_many("h", list(range(120)))
+            worker = Worker(store, jobs=[engine.run_once], max_in_flight=8)
+            stop = threading.Event()
+            thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+            thread.start()
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    with plan.paused():
+                        if all(r.status is TaskStatus.SUCCEEDED for r in engine.recent(200)):
+                            break
+                    time.sleep(0.05)
+            finally:
+                stop.set()
+                thread.join(30)
+            with plan.paused():
+                records = {r.id: r for r in engine.recent(200)}
+        assert plan.injected, "no round met a fault"
+        assert sorted(records) == sorted(ids)
+        assert {r.status for r in records.values()} == {TaskStatus.SUCCEEDED}
+        assert {r.attempts for r in records.values()} == {1}
+        assert sorted(r.result for r in records.values()) == list(range(120))
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("when", ["before", "commit", "after_commit"])
 def test_an_outcome_write_that_meets_a_fault_is_retried_not_a_failure(when: str,
                                                                      caplog: pytest.LogCaptureFixture) -> None:

@@ -178,8 +178,9 @@ class SQLStore:
         """A write transaction of one statement, for a hot path whose whole transaction one statement says.
 
         On PostgreSQL that statement runs on its own (autocommit: atomic, committed when it returns), without
-        the round trips of ``BEGIN`` and ``COMMIT``; a second statement raises ``ErrandsError``. Elsewhere it is
-        ``transaction()``.
+        the round trips of ``BEGIN`` and ``COMMIT``; a second statement raises ``ErrandsError``. A connection
+        that breaks under it raises an infrastructure error, never run again here: the statement may have
+        committed unacknowledged, as a transaction's ``COMMIT`` may. Elsewhere it is ``transaction()``.
         """
         return self.transaction()
 
@@ -993,8 +994,11 @@ class _PooledTx(Tx):
 
     If its first statement finds the connection dead (it died idle since it was taken: a failover, a restart,
     ``pg_terminate_backend``), the dead one is discarded and the statement runs again on a checked connection:
-    nothing had run in the transaction, so nothing is lost or done twice. A statement that meets a dead
-    connection later, or a connection wrapped by fault injection (``raw`` is not the pool's), raises.
+    nothing had run in the transaction and nothing commits before ``COMMIT``, so nothing is lost or done twice.
+    A statement that meets a dead connection later, a connection wrapped by fault injection (``raw`` is not the
+    pool's), or the one statement of ``PostgresStore.statement`` (in autocommit it may have committed before
+    its connection broke: running it again could do its work twice) raises, an infrastructure error for the
+    caller to handle; the dead connection is discarded all the same.
     """
 
     __slots__ = ("_single", "_store", "conn")
@@ -1020,9 +1024,9 @@ class _PooledTx(Tx):
                 raise
             self.conn = None
             store._discard(dead, exc)
-            self.raw = self.conn = store._checkout(verify=True)
             if self._single:
-                self.conn.autocommit = True
+                raise
+            self.raw = self.conn = store._checkout(verify=True)
             return run()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
