@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Callable, TypedDict
 
 import pytest
 from errands.core import (
@@ -276,6 +277,29 @@ def test_a_handler_that_lost_its_lease_is_told_and_records_nothing(tmp_path: Pat
     theirs.close()
 
 
+def _work_until_succeeded(engine: TaskEngine, view: TaskEngine, limit: int,
+                          quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                          ) -> dict[str, Any]:
+    """Run ``engine`` in a real ``Worker`` until every task ``view`` sees (up to ``limit``) succeeded, or a minute
+    passed; the tasks then, by id. ``quiet()`` holds faults off while the test reads."""
+    worker = Worker(engine.store, jobs=[engine.run_once], max_in_flight=8)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with quiet():
+                if all(r.status is TaskStatus.SUCCEEDED for r in view.recent(limit)):
+                    break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+    with quiet():
+        return {r.id: r for r in view.recent(limit)}
+
+
 @pytest.mark.services
 def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_tasks(postgres_url: str) -> None:
     """The worker's rounds (outcomes written and next tasks claimed in one statement) meet connections that died
@@ -298,20 +322,7 @@ def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_task
         ids = engine.submit_many("h", list(range(200)))
         # The test reads on connections of its own, which the kills leave alone.
         view = TaskEngine(watcher)
-        worker = Worker(store, jobs=[engine.run_once], max_in_flight=8)
-        stop = threading.Event()
-        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if all(r.status is TaskStatus.SUCCEEDED for r in view.recent(300)):
-                    break
-                time.sleep(0.05)
-        finally:
-            stop.set()
-            thread.join(30)
-        records = {r.id: r for r in view.recent(300)}
+        records = _work_until_succeeded(engine, view, 300)
         assert sorted(records) == sorted(ids)
         assert {r.status for r in records.values()} == {TaskStatus.SUCCEEDED}
         assert {r.attempts for r in records.values()} == {1}
@@ -335,22 +346,7 @@ def test_a_round_statement_that_meets_a_fault_costs_retries_on_postgres(when: st
         with faults.inject(store, plan):
             engine = TaskEngine(store, handlers={"h": lambda n: n}, concurrency=8)
             ids = engine.submit_many("h", list(range(120)))
-            worker = Worker(store, jobs=[engine.run_once], max_in_flight=8)
-            stop = threading.Event()
-            thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-            thread.start()
-            try:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    with plan.paused():
-                        if all(r.status is TaskStatus.SUCCEEDED for r in engine.recent(200)):
-                            break
-                    time.sleep(0.05)
-            finally:
-                stop.set()
-                thread.join(30)
-            with plan.paused():
-                records = {r.id: r for r in engine.recent(200)}
+            records = _work_until_succeeded(engine, engine, 200, plan.paused)
         assert plan.injected, "no round met a fault"
         assert sorted(records) == sorted(ids)
         assert {r.status for r in records.values()} == {TaskStatus.SUCCEEDED}
