@@ -338,6 +338,71 @@ def test_connections_terminated_between_transactions_are_never_handed_out(postgr
         store.close()
 
 
+def test_a_connection_that_dies_after_it_was_taken_is_replaced_at_the_first_statement(postgres_url: str) -> None:
+    store = open_store(postgres_url + "?pool_size=2&application_name=errands-first")
+    try:
+        first = _backend_pid(store)
+        with store.transaction() as tx:
+            # Taken from the pool alive; dropped before the transaction said anything.
+            assert faults.terminate_postgres_connections(postgres_url, application_name="errands-first") >= 1
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'k', '1', 1, 0)")
+            assert int(tx.one("SELECT pg_backend_pid()")[0]) != first
+        assert store.kv_get("ns", "k") == (1, 1)
+        assert _backend_pid(store) != first
+    finally:
+        store.close()
+
+
+def test_a_connection_that_dies_after_a_statement_through_raw_is_never_replaced_mid_transaction(
+        postgres_url: str) -> None:
+    """A statement already ran on the connection (through ``tx.raw``, bypassing the transaction's first-statement
+    watch): when the connection then dies, the next statement raises instead of going again on another
+    connection, so nothing of the transaction commits without the rest."""
+    from errands.core import is_infrastructure_error
+
+    store = open_store(postgres_url + "?pool_size=2&application_name=errands-raw-first")
+    try:
+        with pytest.raises(Exception) as info, store.transaction() as tx:
+            tx.raw.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) "
+                           "VALUES ('ns', 'first', '1', 1, 0)")
+            assert faults.terminate_postgres_connections(postgres_url, application_name="errands-raw-first") >= 1
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'second', '1', 1, 0)")
+        assert is_infrastructure_error(info.value), info.value
+        assert store.kv_get("ns", "first") is None and store.kv_get("ns", "second") is None
+    finally:
+        store.close()
+
+
+def test_a_statement_runs_alone_and_a_dead_connection_under_it_is_infrastructure_and_discarded(
+        postgres_url: str) -> None:
+    from errands.core import is_infrastructure_error
+    from errands.core.errors import ErrandsError
+
+    store = open_store(postgres_url + "?pool_size=1&application_name=errands-single")
+    try:
+        first = _backend_pid(store)
+        # In autocommit the statement may have committed before its connection broke: it is never run again
+        # by the store (its caller decides), and the dead connection goes.
+        with pytest.raises(Exception) as info, store.statement() as tx:
+            assert faults.terminate_postgres_connections(postgres_url, application_name="errands-single") >= 1
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'a', '1', 1, 0)")
+        assert is_infrastructure_error(info.value), info.value
+        assert _backend_pid(store) != first
+        with store.statement() as tx:
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'a', '1', 1, 0)")
+        assert store.kv_get("ns", "a") == (1, 1)
+        with pytest.raises(ErrandsError, match="one statement"), store.statement() as tx:
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'b', '1', 1, 0)")
+            tx.execute("SELECT 1")
+        assert store.kv_get("ns", "b") == (1, 1), "the one statement committed as it ran"
+        with store.transaction() as tx:  # the connection went back to the pool out of autocommit
+            tx.execute("INSERT INTO em_kv (namespace, key, value, version, updated_at) VALUES ('ns', 'c', '1', 1, 0)")
+            tx.raw.rollback()
+        assert store.kv_get("ns", "c") is None
+    finally:
+        store.close()
+
+
 def test_a_connection_dropped_inside_a_transaction_is_infrastructure_and_discarded(postgres_url: str) -> None:
     from errands.core import is_infrastructure_error
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Callable, TypedDict
 
 import pytest
 from errands.core import (
@@ -274,6 +275,85 @@ def test_a_handler_that_lost_its_lease_is_told_and_records_nothing(tmp_path: Pat
     other.close()
     mine.close()
     theirs.close()
+
+
+def _work_until_succeeded(engine: TaskEngine, view: TaskEngine, limit: int,
+                          quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                          ) -> dict[str, Any]:
+    """Run ``engine`` in a real ``Worker`` until every task ``view`` sees (up to ``limit``) succeeded, or a minute
+    passed; the tasks then, by id. ``quiet()`` holds faults off while the test reads."""
+    worker = Worker(engine.store, jobs=[engine.run_once], max_in_flight=8)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with quiet():
+                if all(r.status is TaskStatus.SUCCEEDED for r in view.recent(limit)):
+                    break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+    with quiet():
+        return {r.id: r for r in view.recent(limit)}
+
+
+@pytest.mark.services
+def test_postgres_connections_killed_between_rounds_cost_retries_not_failed_tasks(postgres_url: str) -> None:
+    """The worker's rounds (outcomes written and next tasks claimed in one statement) meet connections that died
+    since the last round: each is replaced, and every task succeeds once, its attempt counted once."""
+    store = open_store(postgres_url + "?pool_size=4&application_name=errands-rounds")
+    watcher = open_store(postgres_url + "?pool_size=1&application_name=errands-watch")
+    try:
+        calls: list[int] = []
+        lock = threading.Lock()
+
+        def handler(n: int) -> int:
+            with lock:
+                calls.append(n)
+                kill = len(calls) % 25 == 0
+            if kill:  # between this round's claim and its outcome write: every pooled connection dies
+                faults.terminate_postgres_connections(postgres_url, application_name="errands-rounds")
+            return n
+
+        engine = TaskEngine(store, handlers={"h": handler}, concurrency=8)
+        ids = engine.submit_many("h", list(range(200)))
+        # The test reads on connections of its own, which the kills leave alone.
+        view = TaskEngine(watcher)
+        records = _work_until_succeeded(engine, view, 300)
+        assert sorted(records) == sorted(ids)
+        assert {r.status for r in records.values()} == {TaskStatus.SUCCEEDED}
+        assert {r.attempts for r in records.values()} == {1}
+        assert sorted(r.result for r in records.values()) == list(range(200))
+        assert len(calls) >= 200 and sorted(set(calls)) == list(range(200))
+    finally:
+        watcher.close()
+        store.close()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("when", ["before", "commit", "after_commit"])
+def test_a_round_statement_that_meets_a_fault_costs_retries_on_postgres(when: str, postgres_url: str) -> None:
+    """The worker's round on PostgreSQL (outcomes written and next tasks claimed in one statement) meets dropped
+    connections, before it, at its commit, and after it committed: every task succeeds, its attempt counted once,
+    and none is left running."""
+    store = open_store(postgres_url)
+    try:
+        plan = faults.FaultPlan(match=r"WITH done AS", rate=0.2, kinds=("dropped",), when=(when,), seed=5,
+                                limit=6)
+        with faults.inject(store, plan):
+            engine = TaskEngine(store, handlers={"h": lambda n: n}, concurrency=8)
+            ids = engine.submit_many("h", list(range(120)))
+            records = _work_until_succeeded(engine, engine, 200, plan.paused)
+        assert plan.injected, "no round met a fault"
+        assert sorted(records) == sorted(ids)
+        assert {r.status for r in records.values()} == {TaskStatus.SUCCEEDED}
+        assert {r.attempts for r in records.values()} == {1}
+        assert sorted(r.result for r in records.values()) == list(range(120))
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("when", ["before", "commit", "after_commit"])

@@ -890,7 +890,9 @@ class TaskEngine:
                     abandoned = self._record_one(d.run, d.transition, landed=d.tried)
                 elif not d.written:
                     log.warning("task %s: outcome dropped; it was removed or taken by another worker", d.run.id)
-                self._forget(d.run, abandoned=abandoned)
+                self._forget(d.run, abandoned=abandoned, tell=False)
+            if batch:
+                self._freed_up()  # once for the round's runs
             if not claimed:
                 break
             n, runs = self._start(claimed, inline=True)
@@ -898,7 +900,10 @@ class TaskEngine:
         return started
 
     def _claim(self, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
-        with self.store.transaction() as tx:
+        # The claim of one type with no max_concurrency and nothing to give back is one statement.
+        one = (not abandoned and len(self._types) == 1
+               and all(s.max_concurrency is None for s in self._types.values()))
+        with self.store.statement() if one else self.store.transaction() as tx:
             return self._claim_in(tx, free, held, abandoned)
 
     def _claim_in(self, tx: Any, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
@@ -1074,6 +1079,23 @@ class TaskEngine:
         alone (``_Done.alone``); every run's event is set."""
         claimed: list[table.Claimed] = []
         try:
+            now = self.store.clock.now()
+            # A retry may have been cancelled meanwhile (asked in the transaction); other outcomes are known now.
+            known = not any(d.transition.status is TaskStatus.PENDING for d in batch)
+            outcomes = [(d.run.id, d.run.token, d.transition.columns) for d in batch]
+            single = self._single_claim(batch) if claim and known and table.one_statement(outcomes) else None
+            if single is not None:
+                # One statement writes the outcomes and takes the next tasks: a round is one round trip.
+                type_, free, held = single
+                spec = self._types[type_]
+                with self.store.statement() as tx:
+                    done, claimed = table.finish_and_claim(tx, outcomes, now, type_, self.owner, held, free,
+                                                           now + self.lease_for)
+                if spec.rate_limit_per_s is not None:
+                    spec.tokens -= len(claimed)
+                for d, written in zip(batch, done):
+                    d.written = written
+                return claimed
             with self.store.transaction() as tx:
                 now = self.store.clock.now()
                 retried = [d.run.id for d in batch if d.transition.status is TaskStatus.PENDING]
@@ -1101,13 +1123,33 @@ class TaskEngine:
     def _claim_freed(self, tx: Any, batch: list[_Done]) -> list[table.Claimed]:
         """Claim in ``tx`` up to the slots free once ``batch``'s runs leave (a run past its time limit keeps its
         slot until its handler returns)."""
+        free, held = self._freed_slots(batch)
+        return self._claim_in(tx, free, held, False) if free > 0 else []
+
+    def _freed_slots(self, batch: list[_Done]) -> tuple[int, list[str]]:
+        """The slots free once ``batch``'s runs leave (none while abandoned tasks wait to be given back by
+        ``run_once``), and the tasks this engine holds."""
         with self._lock:
             if self._abandoned:
-                return []  # ``run_once`` gives those back first
+                return 0, []
             leaving = sum(1 for d in batch if self._running.get(d.run.id) is d.run)
             free = self.concurrency - len(self._running) - len(self._overdue) + leaving
-            held = [*self._running, *self._overdue]
-        return self._claim_in(tx, free, held, False) if free > 0 else []
+            return free, [*self._running, *self._overdue]
+
+    def _single_claim(self, batch: list[_Done]) -> tuple[str, int, list[str]] | None:
+        """``(type, free slots, held)`` when the claim for the slots ``batch`` frees is one ``table.claim`` of
+        the engine's one type (no ``max_concurrency`` to count first), so that it can share a statement with the
+        outcomes; None otherwise (``_claim_in`` decides)."""
+        if len(self._types) != 1:
+            return None
+        (type_, spec), = self._types.items()
+        if spec.max_concurrency is not None:
+            return None
+        free, held = self._freed_slots(batch)
+        if spec.rate_limit_per_s is not None:
+            self._refill(spec, self.store.clock.now())
+            free = min(free, int(spec.tokens))
+        return type_, max(free, 0), held
 
     def _record_one(self, run: _Run, transition: Transition, *, landed: bool = False) -> bool:
         """Write one run's outcome, fenced by its token. Infrastructure errors are retried (the shared
@@ -1153,7 +1195,9 @@ class TaskEngine:
                 raise
             # Still failing: the next claim of this engine gives the task back (or its lease lapses).
 
-    def _forget(self, run: _Run, *, abandoned: bool = False) -> None:
+    def _forget(self, run: _Run, *, abandoned: bool = False, tell: bool = True) -> None:
+        """The run left its slot. ``tell`` (unless the caller tells once for a round of runs: ``_freed_up``):
+        say so to the driver."""
         with self._lock:
             if self._running.get(run.id) is run:
                 del self._running[run.id]
@@ -1162,6 +1206,10 @@ class TaskEngine:
             if abandoned:
                 self._abandoned = True
         run.beat.stop()
+        if tell:
+            self._freed_up()
+
+    def _freed_up(self) -> None:
         # A slot is free: the driver (a worker, ``drain``) claims the next task now, not after a poll.
         self._freed.set()
         _wake.notify(self.store, _wake.TASKS)

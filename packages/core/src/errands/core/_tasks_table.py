@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from ._tasks_transitions import TaskStatus
-from .store import POSTGRES, Migration, Tx, in_clause, loads
+from .store import POSTGRES, Migration, Tx, dumps, in_clause, loads
 
 TASK_MIGRATIONS = [
     Migration(
@@ -461,15 +461,21 @@ def claim(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_
     beside a later one of its key).
 
     The candidates are read by ``_candidates``, walks of the due index that stop at ``limit``."""
+    return [_claimed(r) for r in tx.query(*_claim_statement(tx, type, owner, held, limit, lease_until, now))]
+
+
+def _claim_statement(tx: Tx, type: str, owner: str, held: Sequence[str], limit: int, lease_until: float,
+                     now: float) -> tuple[str, list[Any]]:
+    """``claim``'s ``UPDATE ... RETURNING id, type, params, token, attempts, trace`` and its parameters."""
     walks, params = _candidates(tx, [type], held, limit, now, lock=True)
-    rows = tx.query(
-        "UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
-        f"attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM ({walks}) c "
-        "ORDER BY priority DESC, available_at, created_at LIMIT ?) RETURNING id, type, params, token, attempts, "
-        "trace",
-        (_RUNNING, owner, lease_until, now, now, *params, limit),
-    )
-    return [Claimed(r[0], r[1], loads(r[2]), int(r[3]), int(r[4]), r[5]) for r in rows]
+    return ("UPDATE em_tasks SET status = ?, owner = ?, token = token + 1, lease_expires = ?, "
+            f"attempts = attempts + 1, started_at = ?, updated_at = ? WHERE id IN (SELECT id FROM ({walks}) c "
+            "ORDER BY priority DESC, available_at, created_at LIMIT ?) RETURNING id, type, params, token, attempts, "
+            "trace", [_RUNNING, owner, lease_until, now, now, *params, limit])
+
+
+def _claimed(row: Sequence[Any]) -> Claimed:
+    return Claimed(row[0], row[1], loads(row[2]), int(row[3]), int(row[4]), row[5])
 
 
 def renew(tx: Tx, task_id: str, token: int, lease_until: float) -> bool:
@@ -494,6 +500,38 @@ _ARRAY_TYPES = {"status": "text", "result": "text", "error": "text", "finished_a
                 "available_at": "double precision", "attempts": "integer"}
 
 
+def _outcome_arrays(outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], names: tuple[str, ...],
+                    now: float) -> tuple[str, list[Any]]:
+    """The PostgreSQL ``UPDATE`` writing ``outcomes`` (each writing the columns ``names``) in one statement, the
+    values as arrays (``unnest``), returning the ids it wrote; and its parameters."""
+    arrays = [[o[0] for o in outcomes], [o[1] for o in outcomes], *([o[2][c] for o in outcomes] for c in names)]
+    casts = ", ".join(["?::text[]", "?::bigint[]", *(f"?::{_ARRAY_TYPES[c]}[]" for c in names)])
+    assignments = ", ".join(f"{c} = v.{c}" for c in names)
+    return (f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
+            f"updated_at = ? FROM unnest({casts}) AS v(id, token, {', '.join(names)}) "
+            f"WHERE t.id = v.id AND t.token = v.token AND t.status = '{_RUNNING}' RETURNING t.id", [now, *arrays])
+
+
+def _outcome_records(outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], names: tuple[str, ...],
+                     now: float) -> tuple[str, list[Any]]:
+    """``_outcome_arrays`` with the values as one JSON parameter (``json_to_recordset``): for a worker's round
+    of a few outcomes, quicker to send than arrays, and few parameters, so that the driver keeps the statement
+    parsed."""
+    records = dumps([{"id": task_id, "token": token, **{c: columns[c] for c in names}}
+                     for task_id, token, columns in outcomes], field="outcomes")
+    assignments = ", ".join(f"{c} = v.{c}" for c in names)
+    types = ", ".join(f"{c} {_ARRAY_TYPES[c]}" for c in names)
+    # The status is tested as an expression no index holds: as ``status = 'RUNNING'`` the planner may also read
+    # the (status, finished_at) index for it, every entry saying RUNNING, those the finished tasks left behind
+    # too (until a vacuum): a cost growing with history. The rows come by primary key: the LIMIT tells the
+    # planner how few records there are (it guesses 100 for a function, and would scan the table).
+    return (f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
+            f"updated_at = ? FROM (SELECT * FROM json_to_recordset(?::json) AS r(id text, token bigint, {types}) "
+            f"LIMIT {len(outcomes)}) v "
+            f"WHERE t.id = v.id AND t.token = v.token AND COALESCE(t.status, '') = '{_RUNNING}' RETURNING t.id",
+            [now, records])
+
+
 def finish_many(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], now: float) -> list[bool]:
     """``finish`` for each ``(id, token, columns)`` of ``outcomes``, in order; on PostgreSQL the outcomes that
     write the same columns go in one statement (the values as arrays, ``unnest``)."""
@@ -507,18 +545,42 @@ def finish_many(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], 
                 task_id, token, columns = outcomes[n]
                 done[n] = finish(tx, task_id, token, columns, now)
             continue
-        arrays = [[outcomes[n][0] for n in members], [outcomes[n][1] for n in members],
-                  *([outcomes[n][2][c] for n in members] for c in names)]
-        casts = ", ".join(["?::text[]", "?::bigint[]", *(f"?::{_ARRAY_TYPES[c]}[]" for c in names)])
-        assignments = ", ".join(f"{c} = v.{c}" for c in names)
-        written = {r[0] for r in tx.query(
-            f"UPDATE em_tasks AS t SET {assignments}, owner = NULL, lease_expires = NULL, cancel_requested = 0, "
-            f"updated_at = ? FROM unnest({casts}) AS v(id, token, {', '.join(names)}) "
-            f"WHERE t.id = v.id AND t.token = v.token AND t.status = '{_RUNNING}' RETURNING t.id",
-            (now, *arrays))}
+        sql, params = _outcome_arrays([outcomes[n] for n in members], names, now)
+        written = {r[0] for r in tx.query(sql, params)}
         for n in members:
             done[n] = outcomes[n][0] in written
     return done
+
+
+def one_statement(outcomes: Sequence[tuple[str, int, Mapping[str, Any]]]) -> bool:
+    """Whether ``finish_and_claim`` of ``outcomes`` is one statement on PostgreSQL (to be run in
+    ``SQLStore.statement``): every outcome writes the same columns, each one an array can carry."""
+    names = tuple(outcomes[0][2]) if outcomes else ()
+    return all(c in _ARRAY_TYPES for c in names) and all(tuple(o[2]) == names for o in outcomes)
+
+
+def finish_and_claim(tx: Tx, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]], now: float, type: str,
+                     owner: str, held: Sequence[str], limit: int, lease_until: float
+                     ) -> tuple[list[bool], list[Claimed]]:
+    """``finish_many(outcomes)``, then, if ``limit``, ``claim`` of up to ``limit`` tasks of ``type``: what each
+    outcome's write did and what the claim took.
+
+    On PostgreSQL, when ``one_statement(outcomes)``, both are one statement (two data-modifying ``WITH``
+    terms), so that a worker's round (its outcomes written, the next tasks taken) is one round trip. Its claim
+    sees the table as it was before the outcomes (one snapshot): the runs ending are in ``held`` (still this
+    owner's) and so never candidates; a task ordered behind one of them (``order_key``) waits for the next
+    claim, as if that run were still running. Otherwise, and on SQLite, the two run one after the other."""
+    if tx.dialect != POSTGRES or not one_statement(outcomes) or not (outcomes and limit > 0):
+        done = finish_many(tx, outcomes, now)
+        return done, claim(tx, type, owner, held, limit, lease_until, now) if limit > 0 else []
+    finish_sql, finish_params = _outcome_records(outcomes, tuple(outcomes[0][2]), now)
+    claim_sql, claim_params = _claim_statement(tx, type, owner, held, limit, lease_until, now)
+    # The written ids come back with no type (every task has one): that tells them from the claimed tasks.
+    rows = tx.query(f"WITH done AS ({finish_sql}), took AS ({claim_sql}) SELECT id, NULL, NULL, NULL, NULL, NULL "
+                    "FROM done UNION ALL SELECT id, type, params, token, attempts, trace FROM took",
+                    (*finish_params, *claim_params))
+    written = {r[0] for r in rows if r[1] is None}
+    return [o[0] in written for o in outcomes], [_claimed(r) for r in rows if r[1] is not None]
 
 
 def finished(tx: Tx, task_id: str, token: int) -> bool:

@@ -10,13 +10,14 @@ import contextlib
 import logging
 import math
 import os
+import select
 import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import telemetry
@@ -178,6 +179,16 @@ class SQLStore:
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         """A read-only transaction."""
+        return self.transaction()
+
+    def statement(self) -> contextlib.AbstractContextManager[Tx]:
+        """A write transaction of one statement, for a hot path whose whole transaction one statement says.
+
+        On PostgreSQL that statement runs on its own (autocommit: atomic, committed when it returns), without
+        the round trips of ``BEGIN`` and ``COMMIT``; a second statement raises ``ErrandsError``. A connection
+        that breaks under it raises an infrastructure error, never run again here: the statement may have
+        committed unacknowledged, as a transaction's ``COMMIT`` may. Elsewhere it is ``transaction()``.
+        """
         return self.transaction()
 
     def group_commit(self, work: Callable[[Tx], _T], *, together: Batch | None = None) -> _T:
@@ -982,6 +993,80 @@ def _pool_settings(options: dict[str, str], pool_size: int | None) -> dict[str, 
     return settings
 
 
+def _readable(conn: Any) -> bool:
+    """Whether an idle connection's socket has something to read: the server's farewell (an error, then the
+    end of the stream) when it dropped the session; a live idle one has nothing unasked to say."""
+    try:
+        return bool(select.select([conn.fileno()], [], [], 0)[0])
+    except Exception:  # closed already, or no socket: let the check decide
+        return True
+
+
+class _PooledTx(Tx):
+    """A transaction on a connection of a ``PostgresStore``'s pool, taken without a round trip to check it.
+
+    If its first statement finds the connection dead (it died idle since it was taken: a failover, a restart,
+    ``pg_terminate_backend``), the dead one is discarded and the statement runs again on a checked connection:
+    nothing had run in the transaction and nothing commits before ``COMMIT``, so nothing is lost or done twice.
+    A statement that meets a dead connection later, a connection wrapped by fault injection (``raw`` is not the
+    pool's), or the one statement of ``PostgresStore.statement`` (in autocommit it may have committed before
+    its connection broke: running it again could do its work twice) raises, an infrastructure error for the
+    caller to handle; the dead connection is discarded all the same.
+    """
+
+    __slots__ = ("_single", "_store", "conn")
+
+    def __init__(self, conn: Any, store: PostgresStore, *, single: bool = False) -> None:
+        super().__init__(conn, POSTGRES)
+        self.conn: Any = conn  # the pool's connection (None while it is being replaced)
+        self._store: PostgresStore | None = store  # None once the first statement ran
+        self._single = single  # ``PostgresStore.statement``: one statement, in autocommit
+
+    def _first(self, run: Callable[[], _T]) -> _T:
+        store, self._store = self._store, None
+        if store is None and self._single:
+            raise ErrandsError("store.statement() runs one statement, and this is a second one: use "
+                               "store.transaction() for several")
+        if store is None or self.raw is not self.conn:
+            return run()
+        # Nothing may have run on the connection yet (code can reach ``raw`` directly): libpq's own record of the
+        # session, read without a round trip. Only then can the statement go again on another connection.
+        untouched = self.conn.info.transaction_status == store._idle
+        try:
+            return run()
+        except Exception as exc:
+            dead = self.conn
+            if not dead.closed or not untouched:
+                if dead.closed:
+                    self.conn = None
+                    store._discard(dead, exc)
+                raise
+            self.conn = None
+            store._discard(dead, exc)
+            if self._single:
+                raise
+            self.raw = self.conn = store._checkout(verify=True)
+            return run()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if self._store is None and not self._single:
+            return Tx.execute(self, sql, params)
+        return self._first(lambda: Tx.execute(self, sql, params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:  # no statement otherwise: the first is still to come
+            self._first(lambda: Tx.executemany(self, sql, rows))
+
+    def insert_rows(self, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str = "") -> int:
+        if not rows:
+            return 0
+        return self._first(lambda: Tx.insert_rows(self, head, row, rows, tail))
+
+    def notify(self, channel: str) -> None:
+        self._first(lambda: Tx.notify(self, channel))
+
+
 class PostgresStore(SQLStore):
     """PostgreSQL through psycopg 3 and a ``psycopg_pool`` connection pool, claims with ``FOR UPDATE SKIP LOCKED``.
 
@@ -1000,11 +1085,14 @@ class PostgresStore(SQLStore):
                                        it gives up on a connection and logs an error
     ========================== ======= ==================================================================
 
-    Every connection is health-checked when it is taken from the pool: one that died idle (a failover,
-    a server restart, ``pg_terminate_backend``) is discarded together with every other dead idle one,
-    and never reaches a transaction. A connection that breaks inside a transaction raises its error (an
-    infrastructure error: ``is_infrastructure_error``) and is discarded when it goes back. Opening the
-    store connects once, so that a wrong host or password fails at once with the server's own error.
+    A connection that died idle (a failover, a server restart, ``pg_terminate_backend``) never fails a
+    transaction: taking one from the pool looks at its socket without a round trip (the server's farewell
+    makes it readable; such a one is checked with a round trip), and one found dead by the first statement of
+    a transaction (it died since) is replaced there and the statement run again on a checked connection
+    (nothing had run in the transaction). Either way the dead one is discarded together with every other dead
+    idle one. A connection that breaks later inside a transaction raises its error (an infrastructure error:
+    ``is_infrastructure_error``) and is discarded when it goes back. Opening the store connects once, so that
+    a wrong host or password fails at once with the server's own error.
     """
 
     name: ClassVar[str] = "postgresql"
@@ -1022,6 +1110,7 @@ class PostgresStore(SQLStore):
         except ImportError as exc:
             raise MissingDependencyError("psycopg-pool", "postgres") from exc
         self._psycopg = psycopg
+        self._idle = psycopg.pq.TransactionStatus.IDLE  # a session with nothing run in its transaction
         parts = urlsplit(url)
         options = dict(parse_qsl(parts.query))
         settings = _pool_settings(options, pool_size)
@@ -1060,42 +1149,64 @@ class PostgresStore(SQLStore):
         log.error("store %s: could not reconnect to PostgreSQL for %.0f s; still trying when asked for a "
                   "connection", self.redacted_url, pool.reconnect_timeout)
 
-    def _checkout(self) -> Any:
-        """A live connection from the pool: each is checked with a round trip before it is handed out."""
+    def _checkout(self, *, verify: bool = False) -> Any:
+        """A connection from the pool not known to be dead. Its socket is looked at without a round trip: a
+        connection whose server said goodbye (or sent anything unasked) is readable, and only such a one (every
+        one, with ``verify``) is checked with a round trip before it is handed out."""
         deadline = time.monotonic() + self._timeout
         while True:
             try:
                 conn = self._pool.getconn(timeout=max(deadline - time.monotonic(), 0.001))
             except self._pool_closed:
                 raise ErrandsError(f"store {self.redacted_url} is closed") from None
-            try:
-                self._check(conn)
-            except Exception as exc:
-                self._pool.putconn(conn)  # a broken connection is discarded there, and a new one opened
-                # A connection that died idle seldom dies alone (a failover, a restart, an administrator):
-                # test every idle one now rather than meet them one at a time.
-                log.warning("store %s: a pooled connection was dead (%s); checking the idle ones",
-                            self.redacted_url, type(exc).__name__)
-                self._pool.check()
-                continue
+            if verify or _readable(conn):
+                try:
+                    self._check(conn)
+                except Exception as exc:
+                    self._discard(conn, exc)
+                    continue
             return conn
+
+    def _discard(self, conn: Any, exc: BaseException) -> None:
+        """Give a dead connection back (the pool discards it and opens a new one) and test the idle ones."""
+        self._pool.putconn(conn)
+        # A connection that died idle seldom dies alone (a failover, a restart, an administrator): test every
+        # idle one now rather than meet them one at a time.
+        log.warning("store %s: a pooled connection was dead (%s); checking the idle ones", self.redacted_url,
+                    type(exc).__name__)
+        self._pool.check()
+
+    @contextlib.contextmanager
+    def _single(self) -> Iterator[Tx]:
+        tx = _PooledTx(self._checkout(), self, single=True)
+        try:
+            tx.conn.autocommit = True  # no round trip: the connection is idle
+            yield tx
+        finally:
+            c = tx.conn
+            if c is not None:
+                if not c.closed:
+                    c.autocommit = False
+                self._pool.putconn(c)
 
     @contextlib.contextmanager
     def _pooled(self) -> Iterator[Tx]:
-        c = self._checkout()
+        tx = _PooledTx(self._checkout(), self)
         try:
             try:
-                yield Tx(c, POSTGRES)
+                yield tx
             except BaseException:
-                if not c.closed:
+                c = tx.conn
+                if c is not None and not c.closed:
                     try:
                         c.rollback()
                     except self._psycopg.Error:
                         pass  # the connection is gone (the pool discards it); the error to report is the first
                 raise
-            c.commit()
+            tx.conn.commit()
         finally:
-            self._pool.putconn(c)
+            if tx.conn is not None:
+                self._pool.putconn(tx.conn)
 
     def transaction(self, conn: Any = None) -> contextlib.AbstractContextManager[Tx]:
         if conn is not None:
@@ -1103,6 +1214,11 @@ class PostgresStore(SQLStore):
         if _async._live and _async.bridged_store() is self:
             return _async.pooled_async(self)  # run_async: this event loop's async pool
         return self._pooled()
+
+    def statement(self) -> contextlib.AbstractContextManager[Tx]:
+        if _async._live and _async.bridged_store() is self:
+            return _async.pooled_async(self)
+        return self._single()
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         # Not through self.transaction: fault injection wraps both, and a read must pass it once.

@@ -277,10 +277,12 @@ def inject(store: Any, plan: FaultPlan) -> Iterator[FaultPlan]:
 
     store.transaction = transaction
     store.read = read
+    # One statement is a transaction like any other here: its faults (at commit too) keep their meaning.
+    store.statement = lambda: _FaultyTransaction(originals["transaction"](), plan, dialect)
     try:
         yield plan
     finally:
-        for name in originals:
+        for name in (*originals, "statement"):
             with contextlib.suppress(AttributeError):
                 delattr(store, name)
 
