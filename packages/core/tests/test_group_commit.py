@@ -672,8 +672,8 @@ def test_a_follower_interrupted_while_it_waits_leaves_no_one_waiting(tmp_path: P
 
     real_member = group._Member
 
-    def interrupted_member(enter: Any, work: Any, future: Any = None) -> Any:
-        m = real_member(enter, work, future)
+    def interrupted_member(enter: Any, work: Any, future: Any = None, together: Any = None) -> Any:
+        m = real_member(enter, work, future, together)
         if work is interrupted_work:
             m.done = InterruptedLock(m.done)
         return m

@@ -68,10 +68,10 @@ class _Member(Generic[_T]):
     __slots__ = ("batch", "done", "enter", "error", "future", "together", "value", "work")
 
     def __init__(self, enter: Callable[..., Any], work: Callable[[Tx], _T],
-                 future: asyncio.Future[None] | None = None) -> None:
+                 future: asyncio.Future[None] | None = None, together: Batch | None = None) -> None:
         self.enter = enter  # runs ``work`` in the caller's context: ``enter(work, tx)``
         self.work = work
-        self.together: Batch | None = None  # this member's part of a write made with others
+        self.together = together  # this member's part of a write made with others
         self.future = future
         self.done: Any = None
         if future is None:
@@ -131,8 +131,7 @@ class GroupCommitter:
                 member = None
             else:
                 # Run by the leader, in this caller's context (a copy: one context is entered by one thread at a time).
-                member = _Member(contextvars.copy_context().run, work)
-                member.together = together
+                member = _Member(contextvars.copy_context().run, work, together=together)
                 groups.queue.append(member)
         if member is None:
             # No group is being written: this call is a group of its own, with no savepoint and no wait (the hot
@@ -155,18 +154,20 @@ class GroupCommitter:
             if not queued:
                 member.done.acquire()
                 if member.batch is not None:
-                    self._lead(member.batch)
+                    self._lead(groups, member.batch, self._lock)
             raise
         if member.batch is not None:
-            self._lead(member.batch)
+            self._lead(groups, member.batch, self._lock)
         return member.result()
 
-    def _lead(self, batch: list[_Member[Any]]) -> None:
-        self._gather(self._threads, batch, self._lock)
+    def _lead(self, groups: _Groups, batch: list[_Member[Any]], lock: threading.Lock | None) -> None:
+        """Write the group ``batch`` leads (with the callers queued by now), hand the lead over, wake the others
+        (``lock``: the committer's, for the threads' groups; None for a loop's coroutines)."""
+        self._gather(groups, batch, lock)
         try:
             self._commit(batch)
         finally:
-            self._hand_over(self._threads, self._lock)
+            self._hand_over(groups, lock)
             for m in batch[1:]:
                 m.wake()
 
@@ -187,8 +188,7 @@ class GroupCommitter:
             finally:
                 self._hand_over(groups, None)
         future: asyncio.Future[None] = loop.create_future()
-        member = _Member(contextvars.copy_context().run, work, future)
-        member.together = together
+        member = _Member(contextvars.copy_context().run, work, future, together)
         groups.queue.append(member)
         try:
             # Shielded: a cancelled caller must not cancel the wake-up a leader may be handing it.
@@ -197,25 +197,16 @@ class GroupCommitter:
             if member in groups.queue:
                 groups.queue.remove(member)  # not taken into a group: nothing of it is written
             elif member.batch is not None:
-                self._lead_bridged(groups, member.batch)  # made the next leader: the others wait for it
+                self._lead(groups, member.batch, None)  # made the next leader: the others wait for it
             raise
         if member.batch is not None:
-            self._lead_bridged(groups, member.batch)
+            self._lead(groups, member.batch, None)
         if isinstance(member.error, asyncio.CancelledError) and member.batch is None:
             # The group's leader was cancelled, and the group's transaction with it; this caller was not: its work
             # goes again, in a transaction of its own.
             with self._store.transaction() as tx:
                 return work(tx)
         return member.result()
-
-    def _lead_bridged(self, groups: _Groups, batch: list[_Member[Any]]) -> None:
-        self._gather(groups, batch, None)
-        try:
-            self._commit(batch)
-        finally:
-            self._hand_over(groups, None)
-            for m in batch[1:]:
-                m.wake()
 
     def _hand_over(self, groups: _Groups, lock: threading.Lock | None) -> None:
         """Wake the first of the callers waiting to lead the next group (it gathers the others when it starts), or,
