@@ -1036,14 +1036,11 @@ class _PooledTx(Tx):
             return run()
         except Exception as exc:
             dead = self.conn
-            if not dead.closed or not untouched:
-                if dead.closed:
-                    self.conn = None
-                    store._discard(dead, exc)
+            if not dead.closed:
                 raise
             self.conn = None
             store._discard(dead, exc)
-            if self._single:
+            if self._single or not untouched:
                 raise
             self.raw = self.conn = store._checkout(verify=True)
             return run()
