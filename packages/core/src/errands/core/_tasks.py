@@ -901,8 +901,7 @@ class TaskEngine:
 
     def _claim(self, free: int, held: list[str], abandoned: bool) -> list[table.Claimed]:
         # The claim of one type with no max_concurrency and nothing to give back is one statement.
-        one = (not abandoned and len(self._types) == 1
-               and all(s.max_concurrency is None for s in self._types.values()))
+        one = not abandoned and self._sole_type() is not None
         with self.store.statement() if one else self.store.transaction() as tx:
             return self._claim_in(tx, free, held, abandoned)
 
@@ -1136,15 +1135,22 @@ class TaskEngine:
             free = self.concurrency - len(self._running) - len(self._overdue) + leaving
             return free, [*self._running, *self._overdue]
 
+    def _sole_type(self) -> tuple[str, _TypeSpec] | None:
+        """The engine's one task type and its settings when its claim is one ``table.claim`` (one type, no
+        ``max_concurrency`` to count first); None otherwise."""
+        if len(self._types) != 1:
+            return None
+        (type_, spec), = self._types.items()
+        return None if spec.max_concurrency is not None else (type_, spec)
+
     def _single_claim(self, batch: list[_Done]) -> tuple[str, int, list[str]] | None:
         """``(type, free slots, held)`` when the claim for the slots ``batch`` frees is one ``table.claim`` of
         the engine's one type (no ``max_concurrency`` to count first), so that it can share a statement with the
         outcomes; None otherwise (``_claim_in`` decides)."""
-        if len(self._types) != 1:
+        sole = self._sole_type()
+        if sole is None:
             return None
-        (type_, spec), = self._types.items()
-        if spec.max_concurrency is not None:
-            return None
+        type_, spec = sole
         free, held = self._freed_slots(batch)
         if spec.rate_limit_per_s is not None:
             self._refill(spec, self.store.clock.now())
