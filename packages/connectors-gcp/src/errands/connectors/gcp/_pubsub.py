@@ -54,8 +54,8 @@ def _message_type() -> Any:
 def _rpc(client: Any) -> Any:
     """``send(topic, messages, timeout)``: one ``Publish`` request through ``client``'s own channel and credentials
     (the generated client's ``publish``, which the batching ``PublisherClient`` overrides with its per-message one)."""
-    gapic = require("google.pubsub_v1", package="google-cloud-pubsub", extra="pubsub").PublisherClient
-    request_type = require("google.pubsub_v1", package="google-cloud-pubsub", extra="pubsub").PublishRequest
+    pubsub = require("google.pubsub_v1", package="google-cloud-pubsub", extra="pubsub")
+    gapic, request_type = pubsub.PublisherClient, pubsub.PublishRequest
 
     def send(topic: str, messages: list[Any], timeout: float) -> Any:
         request = request_type.wrap(request_type.pb()(topic=topic, messages=messages))
