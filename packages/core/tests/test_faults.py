@@ -182,6 +182,38 @@ def test_many_heartbeats_share_one_thread() -> None:
         b.stop()
 
 
+def test_stopped_heartbeats_are_not_held_until_their_time() -> None:
+    """A worker running thousands of quick tasks a second takes and stops a beat for each: the scheduler
+    drops the stopped ones as it grows, so it holds about the beats of the work running, not every beat of the
+    last ``lease_for / 3`` seconds (which piled up as garbage the collector kept walking)."""
+    from errands.core import _leases
+
+    running = [heartbeat(lambda: True, lease_for=30.0, what=f"long {i}") for i in range(20)]
+    for i in range(20_000):
+        heartbeat(lambda: True, lease_for=30.0, what=f"quick {i}").stop()
+    held = len(_leases._HEARTBEATS)
+    assert held <= 2 * _leases._COMPACT_ABOVE + len(running), held
+    assert not any(b.lost for b in running)
+    for b in running:
+        b.stop()
+
+
+def test_a_beat_waited_on_from_two_threads_wakes_both_once_lost() -> None:
+    lost = threading.Event()
+    beat = heartbeat(lambda: not lost.is_set(), lease_for=0.06, what="task t-2")
+    woke: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woke.append(beat.wait_lost(timeout=5.0))) for _ in range(2)]
+    for w in waiters:
+        w.start()
+    assert not beat.wait_lost(timeout=0.01)
+    lost.set()
+    for w in waiters:
+        w.join(6.0)
+    assert woke == [True, True] and beat.lost
+    assert beat.wait_lost(timeout=0)
+    beat.stop()
+
+
 def test_default_lease_is_short() -> None:
     assert DEFAULT_LEASE_FOR == 10.0
 

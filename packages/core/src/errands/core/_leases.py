@@ -67,31 +67,41 @@ def is_infrastructure_error(exc: BaseException) -> bool:
 
 class Beat:
     """One lease being renewed. ``lost`` turns true (and stays true) once ``renew`` reports the lease gone;
-    from then on the holder must stop writing."""
+    from then on the holder must stop writing.
 
-    __slots__ = ("_cancelled", "_in_flight", "_lost", "every", "renew", "what")
+    A beat is taken for every task and effect a worker runs, so it is small: the event that ``wait_lost``
+    blocks on is made only when somebody waits."""
+
+    __slots__ = ("_cancelled", "_in_flight", "_lost", "_lost_event", "every", "renew", "what")
 
     def __init__(self, renew: Callable[[], bool], every: float, what: str) -> None:
         self.renew = renew
         self.every = every
         self.what = what
-        self._lost = threading.Event()
+        self._lost = False
+        self._lost_event: threading.Event | None = None
         self._cancelled = False
         self._in_flight = False
 
     @property
     def lost(self) -> bool:
         """True once the lease is known to be held by someone else (or gone)."""
-        return self._lost.is_set()
+        return self._lost
 
     def check(self) -> None:
         """Raise ``LeaseLostError`` if the lease is lost."""
-        if self._lost.is_set():
+        if self._lost:
             raise LeaseLostError(f"the lease on {self.what} was lost while it ran; another worker may hold it")
 
     def wait_lost(self, timeout: float | None = None) -> bool:
         """Block until the lease is lost or ``timeout`` passes; True if it was lost."""
-        return self._lost.wait(timeout)
+        with _LOST:
+            if self._lost:
+                return True
+            if self._lost_event is None:
+                self._lost_event = threading.Event()
+            event = self._lost_event
+        return event.wait(timeout)
 
     def __enter__(self) -> Beat:
         return self
@@ -104,9 +114,23 @@ class Beat:
         self._cancelled = True
 
     def _mark_lost(self) -> None:
-        if not self._lost.is_set():
-            self._lost.set()
-            log.warning("lease on %s lost: this worker stops writing it", self.what)
+        with _LOST:
+            if self._lost:
+                return
+            self._lost = True
+            event = self._lost_event
+        if event is not None:
+            event.set()
+        log.warning("lease on %s lost: this worker stops writing it", self.what)
+
+
+#: Guards the rare moments a beat's lease is found lost or waited for (``Beat.wait_lost``).
+_LOST = threading.Lock()
+
+#: The scheduler's heap keeps a stopped beat until its time comes, unless it grows past this many entries and
+#: twice its live ones: then the stopped ones are dropped at once, so a worker running thousands of quick
+#: tasks a second holds only the beats of the work it runs.
+_COMPACT_ABOVE = 512
 
 
 class _Heartbeats:
@@ -119,10 +143,14 @@ class _Heartbeats:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._compact_at = _COMPACT_ABOVE
 
     def add(self, beat: Beat) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + beat.every, next(self._seq), beat))
+            heap = self._heap
+            if len(heap) >= self._compact_at:
+                self._compact()
+            heapq.heappush(heap, (time.monotonic() + beat.every, next(self._seq), beat))
             if self._thread is None or not self._thread.is_alive():
                 self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="errands-heartbeat")
                 self._thread = threading.Thread(target=self._run, name="errands-heartbeats", daemon=True)
@@ -130,6 +158,17 @@ class _Heartbeats:
             elif self._heap[0][2] is not beat:
                 return  # the scheduler wakes for an earlier beat anyway: no wake-up for each lease taken
             self._cond.notify()
+
+    def __len__(self) -> int:
+        """How many beats the scheduler holds, stopped ones not yet dropped included."""
+        return len(self._heap)
+
+    def _compact(self) -> None:
+        """Drop the stopped beats (``_cond`` held); the next compaction comes when the heap has doubled."""
+        heap = self._heap
+        heap[:] = [entry for entry in heap if not entry[2]._cancelled]
+        heapq.heapify(heap)
+        self._compact_at = max(_COMPACT_ABOVE, 2 * len(heap))
 
     def _run(self) -> None:
         while True:
