@@ -93,10 +93,15 @@ def _one_group_of_calls(store: Any, calls: list[Callable[[], Any]]) -> list[tupl
         except BaseException as exc:  # noqa: BLE001 - recorded for the test to look at
             out[i] = (None, exc)
 
-    first = threading.Thread(target=store.group_commit, args=(lambda tx: gate.wait(30),))
+    entered = threading.Event()
+
+    def hold(tx: Any) -> None:
+        entered.set()  # the first caller's transaction is open: whoever comes now waits behind it
+        gate.wait(30)
+
+    first = threading.Thread(target=store.group_commit, args=(hold,))
     first.start()
-    while not store._committer._threads.leading:
-        time.sleep(0.001)
+    entered.wait(30)
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
@@ -707,3 +712,91 @@ def test_a_follower_interrupted_while_it_waits_leaves_no_one_waiting(tmp_path: P
         assert not o.is_alive()
     assert _keys(store) == {"o0", "o1", "o2"}
     store.close()
+
+
+def test_a_caller_after_a_group_with_company_waits_for_its_writers_and_commits_once_with_them(
+    store: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writers a group woke come back with their next calls: the first of them to find no group being written
+    waits for as many as the last group had, so they share one commit rather than one call going alone ahead."""
+    import errands.core.store._group as group
+
+    _one_group(store, [_insert(f"a{i}") for i in range(3)])
+    committer = store._committer
+    assert committer._company == 2  # the last group: a leader and two more
+    monkeypatch.setattr(group, "MAX_GATHER", 30.0)
+    committer._took = 30.0  # here the wait lasts until the two have come
+    with _counting(store) as opened:
+        first = threading.Thread(target=store.group_commit, args=(_insert("b0"),))
+        first.start()
+        deadline = time.monotonic() + 30
+        while committer._threads.gathering is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert committer._threads.gathering is not None
+        others = [threading.Thread(target=store.group_commit, args=(_insert(f"b{i}"),)) for i in (1, 2)]
+        for t in [*others]:
+            t.start()
+        for t in [first, *others]:
+            t.join(30)
+    assert opened[0] == 1
+    assert {"b0", "b1", "b2"} <= _keys(store)
+    assert committer._company == 2 and committer._threads.gathering is None and not committer._threads.leading
+
+
+def test_a_caller_after_a_group_of_one_never_waits(store: Any) -> None:
+    committer = store._committer
+    store.group_commit(_insert("solo"))
+    assert committer._company == 0
+    with _counting(store) as opened:
+        assert store.group_commit(_insert("next")) == "next"
+    assert opened[0] == 1 and committer._threads.gathering is None
+
+
+def test_a_leader_interrupted_while_it_gathers_hands_the_lead_to_whoever_queued(
+    store: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errands.core.store._group as group
+
+    _one_group(store, [_insert(f"a{i}") for i in range(3)])
+    committer = store._committer
+
+    class Interrupted(BaseException):
+        pass
+
+    queued = threading.Event()
+
+    class InterruptingBound:
+        """The bound of the gathering leader's wait: reading it interrupts the leader (as KeyboardInterrupt
+        interrupts a main thread's wait) once another caller has queued behind it."""
+
+        def __lt__(self, other: Any) -> bool:
+            queued.wait(30)
+            raise Interrupted
+
+        __gt__ = __lt__
+
+    monkeypatch.setattr(group, "MAX_GATHER", InterruptingBound())
+    errors: list[BaseException] = []
+
+    def lead() -> None:
+        try:
+            store.group_commit(_insert("interrupted"))
+        except Interrupted as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=lead)
+    first.start()
+    deadline = time.monotonic() + 30
+    while committer._threads.gathering is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    follower = threading.Thread(target=store.group_commit, args=(_insert("behind"),))
+    follower.start()
+    while not committer._threads.queue and time.monotonic() < deadline:
+        time.sleep(0.001)
+    queued.set()
+    first.join(30)
+    follower.join(30)
+    assert not follower.is_alive() and len(errors) == 1
+    keys = _keys(store)
+    assert "behind" in keys and "interrupted" not in keys
+    assert not committer._threads.leading and committer._threads.queue == [] and committer._threads.gathering is None

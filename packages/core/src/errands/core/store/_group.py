@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import contextvars
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
@@ -43,6 +44,10 @@ _T = TypeVar("_T")
 
 #: The most members of one group: a bound on the leader's transaction (and on how long its lock is held).
 MAX_GROUP = 256
+
+#: The longest a caller that finds no group being written waits for the writers the last group woke (seconds):
+#: it waits at most as long as the last group's transaction took, and never longer than this.
+MAX_GATHER = 0.002
 
 
 class Batch:
@@ -99,11 +104,19 @@ class _Groups:
     committer's lock), or of the coroutines of one event loop (all in its thread: greenlets switch only where
     they await)."""
 
-    __slots__ = ("leading", "queue")
+    __slots__ = ("gathering", "leading", "queue")
 
     def __init__(self) -> None:
         self.leading = False
         self.queue: list[_Member[Any]] = []
+        # A caller leading with no group queued, waiting for the writers the last group had: how many, and
+        # the event it waits on (set when that many are queued).
+        self.gathering: tuple[int, threading.Event] | None = None
+
+
+def _direct(work: Callable[[Tx], _T], tx: Tx) -> _T:
+    """How a leader runs its own work: in its own context, which is current."""
+    return work(tx)
 
 
 class GroupCommitter:
@@ -120,25 +133,42 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._threads = _Groups()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Groups] = weakref.WeakKeyDictionary()
+        # What the threads' last group was: how many writers it had besides its leader, and how long its
+        # transaction took (``_gather_first``).
+        self._company = 0
+        self._took = 0.0
 
     def run(self, work: Callable[[Tx], _T], together: Batch | None = None) -> _T:
         """``work(tx)`` committed, in a group with the calls of other threads; its result or its own error.
         ``together``: this call's part of a write its group's leader may make for several members at once."""
         groups = self._threads
+        gathering: threading.Event | None = None
         with self._lock:
             if not groups.leading:
                 groups.leading = True
                 member = None
+                if self._company:
+                    gathering = threading.Event()
+                    groups.gathering = (self._company, gathering)
             else:
                 # Run by the leader, in this caller's context (a copy: one context is entered by one thread at a time).
                 member = _Member(contextvars.copy_context().run, work, together=together)
-                groups.queue.append(member)
+                queue = groups.queue
+                queue.append(member)
+                waiting = groups.gathering
+                if waiting is not None and len(queue) >= waiting[0]:
+                    waiting[1].set()
         if member is None:
-            # No group is being written: this call is a group of its own, with no savepoint and no wait (the hot
-            # path of one writer); calls arriving meanwhile form the next group.
+            if gathering is not None:
+                return self._gather_first(groups, gathering, work, together)
+            # No group is being written and the last one had no company: this call is a group of its own, with no
+            # savepoint and no wait (the hot path of one writer); calls arriving meanwhile form the next group.
             try:
+                started = time.perf_counter()
                 with self._store.transaction() as tx:
-                    return work(tx)
+                    out = work(tx)
+                self._took, self._company = time.perf_counter() - started, 0
+                return out
             finally:
                 self._hand_over(groups, self._lock)
         try:
@@ -160,12 +190,35 @@ class GroupCommitter:
             self._lead(groups, member.batch, self._lock)
         return member.result()
 
+    def _gather_first(self, groups: _Groups, gathering: threading.Event, work: Callable[[Tx], _T],
+                      together: Batch | None) -> _T:
+        """Lead a group, having found none being written just after one with company: the writers that group
+        woke are coming back with their next calls, so wait for as many as it had (at most as long as its
+        transaction took, ``MAX_GATHER`` at most) and write them with this call, one commit for all, instead of
+        this call alone and them behind it. A call that comes after a group of one never waits."""
+        try:
+            gathering.wait(min(self._took, MAX_GATHER))
+        except BaseException:
+            # Interrupted before its work ran (nothing of it written): whoever queued meanwhile leads.
+            with self._lock:
+                groups.gathering = None
+            self._hand_over(groups, self._lock)
+            raise
+        with self._lock:
+            groups.gathering = None
+        own: _Member[_T] = _Member(_direct, work, together=together)
+        self._lead(groups, [own], self._lock)
+        return own.result()
+
     def _lead(self, groups: _Groups, batch: list[_Member[Any]], lock: threading.Lock | None) -> None:
         """Write the group ``batch`` leads (with the callers queued by now), hand the lead over, wake the others
         (``lock``: the committer's, for the threads' groups; None for a loop's coroutines)."""
         self._gather(groups, batch, lock)
         try:
+            started = time.perf_counter()
             self._commit(batch)
+            if lock is not None:  # the threads' groups: what the next caller finding none being written waits for
+                self._took, self._company = time.perf_counter() - started, len(batch) - 1
         finally:
             self._hand_over(groups, lock)
             for m in batch[1:]:
