@@ -84,10 +84,11 @@ def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text:
 
 
 def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, result: str | None,
-        error: ErrorObject | None, now: float) -> None:
+        error: ErrorObject | None, now: float) -> tuple[Any, ...]:
     """Record a terminal status, publish ``durable.execution.<status>`` and hand the outcome to a waiting
-    parent."""
-    parent_id, parent_op, function = schema.end_execution(tx, execution_id, status, result, error, now)
+    parent. The execution's row as it ended (``schema.execution_info`` reads it)."""
+    parent_op, row = schema.end_execution(tx, execution_id, status, result, error, now)
+    parent_id, function = row[6], row[1]
     schema.end_queue_item(tx, execution_id, now)
     telemetry.count("errands.durable.executions", status=status.value)
     data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
@@ -95,10 +96,11 @@ def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, res
         data["error"] = error.to_dict()
     journal(store, tx, execution_id, f"durable.execution.{status.value.lower()}", data)
     if parent_id is None or parent_op is None:
-        return
+        return row
     op_status, op_result, op_error = invoke_settlement(status, result, error)
     schema.settle_operation(tx, parent_id, parent_op, op_status, op_result, op_error, now)
     signal(store, tx, parent_id, now)
+    return row
 
 
 def signal(store: SQLStore, tx: Tx, execution_id: str, now: float) -> None:

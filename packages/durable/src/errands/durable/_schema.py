@@ -292,6 +292,11 @@ def function_and_input(tx: Tx, execution_id: str) -> tuple[str, str | None] | No
     return (row[0], row[1]) if row is not None else None
 
 
+def execution_info(row: Sequence[Any]) -> ExecutionInfo:
+    """The ``ExecutionInfo`` of a row of the execution's columns (as ``end_execution`` returns it)."""
+    return _info(row)
+
+
 def get_execution(tx: Tx, execution_id: str) -> ExecutionInfo | None:
     row = tx.one(f"SELECT {_EXEC_COLS} FROM durable_executions WHERE id = ?", (execution_id,))
     return _info(row) if row is not None else None
@@ -367,16 +372,17 @@ def set_pending(tx: Tx, execution_id: str, wake_at: float | None) -> None:
 
 
 def end_execution(tx: Tx, execution_id: str, status: ExecutionStatus, result: str | None,
-                  error: ErrorObject | None, now: float) -> tuple[str | None, str | None, str]:
+                  error: ErrorObject | None, now: float) -> tuple[str | None, tuple[Any, ...]]:
     """Record a terminal status (bumping the run token, so that no invocation writes after it).
-    ``(parent_id, parent_op, function)`` of the execution."""
+    ``(parent_op, row)``: the operation of the parent waiting for it, and the execution's row as it now is
+    (``execution_info`` makes it the ``ExecutionInfo`` that ``get_execution`` would read)."""
     row = tx.one(
         "UPDATE durable_executions SET status = ?, result = ?, error = ?, ended_at = ?, updated_at = ?, "
-        "wake_at = NULL, run_token = run_token + 1 WHERE id = ? RETURNING parent_id, parent_op, function",
+        f"wake_at = NULL, run_token = run_token + 1 WHERE id = ? RETURNING parent_op, {_EXEC_COLS}",
         (status.value, result, _error_text(error), now, now, execution_id),
     )
     assert row is not None, f"execution {execution_id} ended while it did not exist"
-    return row[0], row[1], row[2]
+    return row[0], row[1:]
 
 
 def suspend_execution(tx: Tx, execution_id: str, now: float) -> bool:
