@@ -84,12 +84,19 @@ def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text:
 
 
 def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, result: str | None,
-        error: ErrorObject | None, now: float) -> tuple[Any, ...]:
+        error: ErrorObject | None, now: float, *, run_token: int | None = None) -> tuple[Any, ...] | None:
     """Record a terminal status, publish ``durable.execution.<status>`` and hand the outcome to a waiting
-    parent. The execution's row as it ended (``schema.execution_info`` reads it)."""
-    parent_op, row = schema.end_execution(tx, execution_id, status, result, error, now)
-    parent_id, function = row[6], row[1]
-    schema.end_queue_item(tx, execution_id, now)
+    parent. The execution's row as it ended (``schema.execution_info`` reads it).
+
+    With ``run_token`` (an invocation ending its execution), only while the execution is ``RUNNING`` under it
+    (the invocation's fence): None, changing nothing, when it is not."""
+    ended = schema.end_execution(tx, execution_id, status, result, error, now, run_token=run_token)
+    if ended is None:
+        return None
+    parent_op, queued, row = ended
+    parent_id, function = row[6], row[1]  # the columns of ``schema.execution_info``
+    if queued:
+        schema.end_queue_item(tx, execution_id, now)
     telemetry.count("errands.durable.executions", status=status.value)
     data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
     if error is not None:

@@ -189,24 +189,30 @@ class Invocations:
         execution's row when the outcome ended it."""
         now = self.clock.now()
         eid = backend.execution_id
-        backend.fence(tx, now)
-        backend.write_ops(tx, updates, ops, now)
-        signalled = False
-        if outcome.status == "PENDING":
+        # Only a PENDING outcome's settlement depends on what the store holds (a signal that came meanwhile).
+        settled = None if outcome.status == "PENDING" else settle(outcome, now=now, signalled=False)
+        # An end with nothing more to write is the invocation's fence itself; otherwise the first write is.
+        end_fences = settled is not None and settled.status.terminal and not ops and not updates
+        if not end_fences:
+            backend.write_ops(tx, updates, ops, now)  # fenced
+        if settled is None:
             seen = schema.signal_seq(tx, eid)
-            signalled = seen is not None and seen != signal_seq
-        settled = settle(outcome, now=now, signalled=signalled)
-        if settled.status is ExecutionStatus.PENDING:
+            settled = settle(outcome, now=now, signalled=seen is not None and seen != signal_seq)
+        ended = None
+        if settled.status.terminal:
+            ended = executions.end(self.store, tx, eid, settled.status, outcome.result, outcome.error, now,
+                                   run_token=backend.run_token if end_fences else None)
+            if ended is None:
+                backend.fenced_out()
+        elif settled.status is ExecutionStatus.PENDING:
             schema.set_pending(tx, eid, settled.wake_at)
         if settled.release_in is None:
             self.store.complete([backend.lease], tx=tx)
         else:
             self.store.release([backend.lease], delay=settled.release_in, tx=tx)
-        if settled.status.terminal:
-            return executions.end(self.store, tx, eid, settled.status, outcome.result, outcome.error, now)
         if outcome.status == "CONTINUED":
             continue_run(self.store, tx, eid, outcome.result, now)
-        return None
+        return ended
 
     # -- giving up ------------------------------------------------------------------------------
     def _backoff(self, execution_id: str) -> float:
