@@ -500,3 +500,25 @@ def test_a_three_step_run_on_sqlite_is_twenty_statements_in_five_transactions(tm
     assert len(statements) == 20, statements
     assert not [s for s in statements if s.startswith("SELECT")], statements
     runner.close()
+
+
+def test_the_heartbeat_moves_updated_at_while_a_step_runs(tmp_path: Any) -> None:
+    # checkpoints leave updated_at alone; the heartbeat of a running invocation moves it
+    clock = FakeClock()
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'h.db'}", clock=clock, lease_for=0.3)
+    seen: list[tuple[float, float]] = []
+
+    def body(_: Any) -> int:
+        before = runner.get("h").updated_at
+        clock.advance(5)
+        deadline = time.monotonic() + 10
+        while runner.get("h").updated_at == before and time.monotonic() < deadline:
+            time.sleep(0.02)  # a heartbeat comes every lease_for / 3
+        seen.append((before, runner.get("h").updated_at))
+        return 1
+
+    runner.register("beats", lambda event, ctx: ctx.step("a", body))
+    assert runner.run("beats", None, execution_id="h").result == 1
+    [(before, during)] = seen
+    assert during == before + 5
+    runner.close()
