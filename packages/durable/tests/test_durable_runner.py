@@ -420,3 +420,105 @@ def test_schema_6_keeps_every_operation_of_a_store_written_at_schema_5(kind: str
     after.complete_callback(callback, "yes")
     assert after.wait(eid, timeout=10).result == "hello Ada yes"
     after.close()
+
+
+# -- what a run costs ------------------------------------------------------------------------------
+def _three(event: Any, ctx: DurableContext) -> Any:
+    a = ctx.step("a", lambda _: event + 1)
+    b = ctx.step("b", lambda _: a * 2)
+    return ctx.step("c", lambda _: b + 3)
+
+
+def _fails(event: Any, ctx: DurableContext) -> Any:
+    ctx.step("a", lambda _: 1)
+    raise ValueError(f"bad {event}")
+
+
+def test_run_returns_the_execution_as_its_last_transaction_ended_it(runner: DurableRunner) -> None:
+    runner.register("three", _three)
+    runner.register("fails", _fails)
+    done = runner.run("three", 7, execution_id="ok")
+    assert done.status is ExecutionStatus.SUCCEEDED and done.result == 19 and done.invocations == 1
+    assert done == runner.get("ok")  # exactly what a read says, to the timestamps
+    failed = runner.run("fails", 1, execution_id="bad")
+    assert failed.status is ExecutionStatus.FAILED and failed.error is not None
+    assert failed.error.message == "bad 1"
+    assert failed == runner.get("bad")
+    suspended = runner.run("greet", {"name": "ada"}, execution_id="waits")  # suspends: read after it
+    assert suspended.status is ExecutionStatus.PENDING and suspended == runner.get("waits")
+
+
+def test_run_reads_the_execution_another_party_ended_under_it(runner: DurableRunner) -> None:
+    def ended_meanwhile(event: Any, ctx: DurableContext) -> Any:
+        ctx.step("a", lambda _: runner.terminate("t", "operator said so") and 1)
+        return ctx.step("b", lambda _: 2)
+
+    runner.register("ended_meanwhile", ended_meanwhile)
+    info = runner.run("ended_meanwhile", None, execution_id="t")
+    assert info.status is ExecutionStatus.TERMINATED
+    assert info.error is not None and info.error.message == "operator said so"
+    assert info == runner.get("t")
+    assert runner.history("t") == []  # the fenced-out checkpoint wrote nothing
+
+
+def test_a_checkpoint_waits_for_a_takeover_in_flight_and_then_writes_nothing(runner: DurableRunner) -> None:
+    # The fence and the checkpoint are one statement; on PostgreSQL it locks the execution's row, so a
+    # checkpoint meeting a takeover that has not committed yet waits for it and then sees the new run token.
+    in_step, go = threading.Event(), threading.Event()
+
+    def slow(event: Any, ctx: DurableContext) -> Any:
+        return ctx.step("a", lambda _: in_step.set() or go.wait(10) and 1)
+
+    runner.register("slow", slow)
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(runner.run("slow", None, execution_id="s")))
+    t.start()
+    assert in_step.wait(10)
+    with runner.store.transaction() as tx:
+        tx.execute("UPDATE durable_executions SET run_token = run_token + 1, status = 'SUSPENDED' WHERE id = ?",
+                   ("s",))
+        go.set()
+        time.sleep(0.3)  # the checkpoint reaches the execution's row meanwhile (or not: either way it is fenced)
+    t.join(20)
+    assert not t.is_alive()
+    assert runner.history("s") == []
+    assert got[0].status is ExecutionStatus.SUSPENDED and got[0] == runner.get("s")
+
+
+def test_a_three_step_run_on_sqlite_is_twenty_statements_in_five_transactions(tmp_path: Any) -> None:
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'd.db'}", functions={"three": _three})
+    runner.run("three", 1)  # the first run prepares what later runs reuse
+    statements: list[str] = []
+    runner.store._conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    try:
+        assert runner.run("three", 7).result == 19
+    finally:
+        runner.store._conn.set_trace_callback(None)  # type: ignore[attr-defined]
+    # a start (with the claim), a checkpoint per step (the fence in the operation's INSERT), an end (the fence
+    # in its UPDATE); no read after the end, no queue row to end for an execution started on no queue
+    assert sum(s.startswith("BEGIN") for s in statements) == 5, statements
+    assert len(statements) == 20, statements
+    assert not [s for s in statements if s.startswith("SELECT")], statements
+    runner.close()
+
+
+def test_the_heartbeat_moves_updated_at_while_a_step_runs(tmp_path: Any) -> None:
+    # checkpoints leave updated_at alone; the heartbeat of a running invocation moves it
+    clock = FakeClock()
+    runner = DurableRunner(f"sqlite:///{tmp_path / 'h.db'}", clock=clock, lease_for=0.3)
+    seen: list[tuple[float, float]] = []
+
+    def body(_: Any) -> int:
+        before = runner.get("h").updated_at
+        clock.advance(5)
+        deadline = time.monotonic() + 10
+        while runner.get("h").updated_at == before and time.monotonic() < deadline:
+            time.sleep(0.02)  # a heartbeat comes every lease_for / 3
+        seen.append((before, runner.get("h").updated_at))
+        return 1
+
+    runner.register("beats", lambda event, ctx: ctx.step("a", body))
+    assert runner.run("beats", None, execution_id="h").result == 1
+    [(before, during)] = seen
+    assert during == before + 5
+    runner.close()

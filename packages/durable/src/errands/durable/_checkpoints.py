@@ -2,8 +2,10 @@
 ``ExecutionState`` flushes through, fenced twice over.
 
 Every write first checks the execution's run token (``ExecutionFencedOut`` once another invocation, a
-termination or a suspension took the execution), and the worker's lease on the execution's queue item is
-renewed by a heartbeat while user code runs and along with the checkpoints themselves.
+termination or a suspension took the execution; a checkpoint's first operation is written by the same
+statement), and the worker's lease on the execution's queue item is renewed by a heartbeat while user code runs
+and along with the checkpoints themselves. The heartbeat also moves the execution's ``updated_at``, which the
+checkpoints leave alone.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from errands.core import Lease, LeaseLostError
 from errands.core.runtime import Beat, error_text, retry_infrastructure
@@ -62,7 +64,7 @@ class StoreCheckpoints:
             if self._ending:  # the invocation gives its lease back itself
                 return True
             with self.store.transaction() as tx:
-                if not schema.runs_under(tx, self.execution_id, self.run_token):
+                if not schema.touch_running(tx, self.execution_id, self.run_token, self.clock.now()):
                     return False
                 try:
                     self.store.extend([self.lease], lease_for=self.lease_for, tx=tx)
@@ -101,8 +103,7 @@ class StoreCheckpoints:
 
         def write(tx: Tx) -> None:
             now = self.now()
-            self.fence(tx, now)
-            written[:] = self.write_ops(tx, updates, operations, now)
+            written[:] = self.write_ops(tx, updates, operations, now)  # fenced
             self.keepalive(tx, now)
 
         self.write(write)
@@ -112,22 +113,34 @@ class StoreCheckpoints:
     def fence(self, tx: Tx, now: float) -> None:
         """Raise ``ExecutionFencedOut`` unless the execution is still this invocation's."""
         if not schema.touch_running(tx, self.execution_id, self.run_token, now):
-            raise ExecutionFencedOut(f"execution {self.execution_id} was taken over")
+            self.fenced_out()
+
+    def fenced_out(self) -> NoReturn:
+        """Raise ``ExecutionFencedOut``: the execution is no longer this invocation's."""
+        raise ExecutionFencedOut(f"execution {self.execution_id} was taken over")
 
     def write_ops(self, tx: Tx, updates: Sequence[OperationUpdate], ops: Sequence[Operation], now: float
                   ) -> list[Operation]:
-        """Store ``ops`` and start the executions that ``updates`` invoke, as the service does: the batch is
-        checked against its rules, each new callback gets its id here and each new signal wait takes a kept
-        signal of its name. Returns the operations written (a wait that took a signal, settled).
+        """The fence (the first operation's write carries it), then store ``ops`` and start the executions that
+        ``updates`` invoke, as the service does: the batch is checked against its rules, each new callback gets
+        its id here and each new signal wait takes a kept signal of its name. Returns the operations written (a
+        wait that took a signal, settled).
 
         Raises:
+            ExecutionFencedOut: the execution is no longer this invocation's (nothing is written).
             InvocationAbandoned: an operation was settled meanwhile (a callback answered, a child ended);
                 the invocation replays at once to see it.
         """
         ops = [replace(op, callback_id=uuid.uuid4().hex)
                if op.type is OperationType.CALLBACK and op.callback_id is None else op for op in ops]
-        for op in ops:
-            if not schema.write_operation(tx, self.execution_id, op):
+        if not ops:
+            self.fence(tx, now)
+        for i, op in enumerate(ops):
+            written = (schema.write_operation_fenced(tx, self.execution_id, op, self.run_token) if i == 0
+                       else schema.write_operation(tx, self.execution_id, op))
+            if written is None:
+                self.fenced_out()
+            if not written:
                 raise InvocationAbandoned(f"operation {op.name or op.id} was settled while this invocation wrote it",
                                           retry_now=True)
         signal_names: dict[str, None] = {}

@@ -167,6 +167,10 @@ def _replay_attempts(state: ExecutionState, op: Operation | None, serdes: Serdes
     return _RUN
 
 
+#: The options of a step given none (``StepConfig`` is frozen: one instance serves every step).
+_DEFAULT_STEP = StepConfig()
+
+
 def _update(op: Operation, action: OperationAction, **kw: Any) -> OperationUpdate:
     return OperationUpdate(operation_id=op.id, operation_type=op.type, action=action, parent_id=op.parent_id,
                            name=op.name, sub_type=op.sub_type, **kw)
@@ -301,7 +305,7 @@ class _ContextCore:
     def _step_op(self, name_or_fn: Any, fn: Any, config: StepConfig | None, name: str | None,
                  legacy: tuple[str | None, ...] = ()) -> tuple[str, OperationLogic]:
         name, func = _name_and_callable(name_or_fn, fn, name, "step function")
-        config = config or StepConfig()
+        config = config or _DEFAULT_STEP
         op_id, op = self._next(OperationType.STEP, OperationSubType.STEP, _check_name(name), legacy)
         return op_id, self._step_logic(op_id, op, op.name if op is not None else name, func, config)
 
@@ -312,7 +316,7 @@ class _ContextCore:
         replayed = _replay_attempts(state, op, serdes, StepError, "step failed", f"step {name or op_id}")
         if replayed is not _RUN:
             return replayed
-        strategy: RetryStrategy = config.retry_strategy or RetryPresets.default()
+        strategy: RetryStrategy | None = config.retry_strategy  # the default one made at a first failure
         if config.timeout is not None:
             from ._timeouts import bounded
 
@@ -355,6 +359,8 @@ class _ContextCore:
             failure: Exception = pending_error
             pending_error = None
             error = ErrorObject.from_exception(failure)
+            if strategy is None:
+                strategy = RetryPresets.default()
             decision = strategy(failure, attempt)
             cur = state.get(op_id)
             if cur is None:

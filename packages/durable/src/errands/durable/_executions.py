@@ -84,21 +84,30 @@ def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text:
 
 
 def end(store: SQLStore, tx: Tx, execution_id: str, status: ExecutionStatus, result: str | None,
-        error: ErrorObject | None, now: float) -> None:
+        error: ErrorObject | None, now: float, *, run_token: int | None = None) -> tuple[Any, ...] | None:
     """Record a terminal status, publish ``durable.execution.<status>`` and hand the outcome to a waiting
-    parent."""
-    parent_id, parent_op, function = schema.end_execution(tx, execution_id, status, result, error, now)
-    schema.end_queue_item(tx, execution_id, now)
+    parent. The execution's row as it ended (``schema.execution_info`` reads it).
+
+    With ``run_token`` (an invocation ending its execution), only while the execution is ``RUNNING`` under it
+    (the invocation's fence): None, changing nothing, when it is not."""
+    ended = schema.end_execution(tx, execution_id, status, result, error, now, run_token=run_token)
+    if ended is None:
+        return None
+    parent_op, queued, row = ended
+    parent_id, function = row[6], row[1]  # the columns of ``schema.execution_info``
+    if queued:
+        schema.end_queue_item(tx, execution_id, now)
     telemetry.count("errands.durable.executions", status=status.value)
     data: dict[str, Any] = {"execution_id": execution_id, "function": function, "status": status.value}
     if error is not None:
         data["error"] = error.to_dict()
     journal(store, tx, execution_id, f"durable.execution.{status.value.lower()}", data)
     if parent_id is None or parent_op is None:
-        return
+        return row
     op_status, op_result, op_error = invoke_settlement(status, result, error)
     schema.settle_operation(tx, parent_id, parent_op, op_status, op_result, op_error, now)
     signal(store, tx, parent_id, now)
+    return row
 
 
 def signal(store: SQLStore, tx: Tx, execution_id: str, now: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from errands.core import ConfigError, Lease, LeaseLostError, telemetry
 from errands.core.runtime import error_text, heartbeat, is_infrastructure_error
@@ -24,11 +24,13 @@ from ._errors import ExecutionFencedOut, InvocationAbandoned
 from ._registry import Registry
 from ._state import ExecutionState
 from ._transitions import abandon_delay, settle
-from ._values import ErrorObject, ExecutionStatus, Operation, OperationUpdate
+from ._values import ErrorObject, ExecutionInfo, ExecutionStatus, Operation, OperationUpdate
 from ._wire import advance_all
 
 log = logging.getLogger("errands.durable")
 INVOCATION = "errands.durable.invocation"
+
+_R = TypeVar("_R")
 
 #: Executions whose abandons are counted (for their backoff) before the count starts afresh.
 _MAX_COUNTED = 4096
@@ -98,11 +100,13 @@ class Invocations:
         """Take the leased execution and run one invocation of it."""
         self._guarded(lease, lambda: self.load_and_invoke(lease))
 
-    def run_first(self, lease: Lease, function: str, input_text: str) -> None:
+    def run_first(self, lease: Lease, function: str, input_text: str) -> ExecutionInfo | None:
         """Run the first invocation of an execution created under ``lease`` with run token 1: there is
-        nothing to load."""
+        nothing to load. The execution as the invocation ended it, or None if it did not end it (it suspended,
+        was taken over or abandoned): then only a read says how the execution is."""
         backend = self._checkpoints(lease, 1)
-        self._guarded(lease, lambda: self._invoke(backend, function, input_text, {}, 0))
+        row = self._guarded(lease, lambda: self._invoke(backend, function, input_text, {}, 0))
+        return schema.execution_info(row) if row is not None else None
 
     def load_and_invoke(self, lease: Lease) -> bool:
         """Take the execution (bumping its run token) and run one invocation. False if not runnable.
@@ -138,7 +142,9 @@ class Invocations:
                                 outbox=self.outbox)
 
     def _invoke(self, backend: StoreCheckpoints, function: str, input_text: str | None,
-                ops: dict[str, Operation], signal_seq: int) -> None:
+                ops: dict[str, Operation], signal_seq: int) -> tuple[Any, ...] | None:
+        """Run one invocation and settle its outcome. The execution's row if the invocation's last transaction
+        ended it (committed), else None."""
         eid = backend.execution_id
         state = ExecutionState(backend, ops, always_replay=self.always_replay)
         backend.beat = heartbeat(backend.renew, lease_for=self.lease_for, what=f"execution {eid}")
@@ -153,44 +159,60 @@ class Invocations:
                     outcome = run_handler(fn, event, state)
                 except ExecutionFencedOut:
                     log.info("execution %s was taken over; this invocation stops", eid)
-                    return
+                    return None
         finally:
             backend.end_heartbeat()
         if outcome.abandoned is not None:
             self._abandon(backend, outcome.abandoned)
-            return
+            return None
         updates, pending = state.take_pending()
+        ended: list[tuple[Any, ...] | None] = [None]
+
+        def finish(tx: Tx) -> None:
+            # each attempt's own: only the one that committed is returned
+            ended[0] = self._finish(tx, backend, updates, pending, outcome, signal_seq)
+
         try:
-            backend.write(lambda tx: self._finish(tx, backend, updates, pending, outcome, signal_seq))
+            backend.write(finish)
         except (ExecutionFencedOut, LeaseLostError):
             log.info("execution %s was taken over before its invocation ended", eid)
         except InvocationAbandoned as abandoned:
             self._abandon(backend, abandoned)
         else:
             self._abandons.pop(eid, None)
+            return ended[0]
+        return None
 
     def _finish(self, tx: Tx, backend: StoreCheckpoints, updates: Sequence[OperationUpdate],
-                ops: Sequence[Operation], outcome: InvocationOutcome, signal_seq: int) -> None:
-        """The invocation's last transaction: its pending checkpoints and what its outcome settles."""
+                ops: Sequence[Operation], outcome: InvocationOutcome, signal_seq: int) -> tuple[Any, ...] | None:
+        """The invocation's last transaction: its pending checkpoints and what its outcome settles. The
+        execution's row when the outcome ended it."""
         now = self.clock.now()
         eid = backend.execution_id
-        backend.fence(tx, now)
-        backend.write_ops(tx, updates, ops, now)
-        signalled = False
-        if outcome.status == "PENDING":
+        # Only a PENDING outcome's settlement depends on what the store holds (a signal that came meanwhile).
+        settled = None if outcome.status == "PENDING" else settle(outcome, now=now, signalled=False)
+        # An end with nothing more to write is the invocation's fence itself; otherwise the first write is.
+        end_fences = settled is not None and settled.status.terminal and not ops and not updates
+        if not end_fences:
+            backend.write_ops(tx, updates, ops, now)  # fenced
+        if settled is None:
             seen = schema.signal_seq(tx, eid)
-            signalled = seen is not None and seen != signal_seq
-        settled = settle(outcome, now=now, signalled=signalled)
-        if settled.status is ExecutionStatus.PENDING:
+            settled = settle(outcome, now=now, signalled=seen is not None and seen != signal_seq)
+        ended = None
+        if settled.status.terminal:
+            ended = executions.end(self.store, tx, eid, settled.status, outcome.result, outcome.error, now,
+                                   run_token=backend.run_token if end_fences else None)
+            if ended is None:
+                backend.fenced_out()
+        elif settled.status is ExecutionStatus.PENDING:
             schema.set_pending(tx, eid, settled.wake_at)
         if settled.release_in is None:
             self.store.complete([backend.lease], tx=tx)
         else:
             self.store.release([backend.lease], delay=settled.release_in, tx=tx)
-        if settled.status.terminal:
-            executions.end(self.store, tx, eid, settled.status, outcome.result, outcome.error, now)
-        elif outcome.status == "CONTINUED":
+        if outcome.status == "CONTINUED":
             continue_run(self.store, tx, eid, outcome.result, now)
+        return ended
 
     # -- giving up ------------------------------------------------------------------------------
     def _backoff(self, execution_id: str) -> float:
@@ -226,13 +248,13 @@ class Invocations:
 
         self._give_back(backend.lease, delay, undo_starts)
 
-    def _guarded(self, lease: Lease, run: Callable[[], object]) -> None:
+    def _guarded(self, lease: Lease, run: Callable[[], _R]) -> _R | None:
         """Run one claimed execution; whatever goes wrong, the lease is given back and no other execution
-        is affected."""
+        is affected. What ``run`` returned, None if it raised."""
         try:
             with telemetry.span(INVOCATION, telemetry.stored(lease.payload), execution_id=lease.key,
                                 lease_owner=lease.owner):
-                run()
+                return run()
         except LeaseLostError:
             telemetry.count("errands.lease.lost", engine="durable")
             log.info("lease on execution %s was lost", lease.key)
@@ -243,6 +265,7 @@ class Invocations:
             else:
                 log.error("execution %s could not be run; retried in %.2fs", lease.key, delay, exc_info=exc)
             self._give_back(lease, delay)
+        return None
 
     def _give_back(self, lease: Lease, delay: float, before: Callable[[Tx], None] | None = None) -> None:
         """Release the lease, due again after ``delay``, with ``before``'s writes in the same transaction.

@@ -259,7 +259,9 @@ class DurableRunner:
         # Callers starting at once (a service's request threads) share the commit.
         created, leases = self.store.group_commit(start)
         if created and leases:
-            self._invocations.run_first(leases[0], function, text)
+            ended = self._invocations.run_first(leases[0], function, text)
+            if ended is not None:  # this invocation ended it: its last transaction says how
+                return ended
         else:
             for lease in leases:
                 self._invocations.run(lease)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, List, Sequence
 
-from errands.core.store import POSTGRES, Migration, Tx, in_clause
+from errands.core.store import POSTGRES, SQLITE, Migration, Tx, in_clause
 
 from ._values import (
     TERMINAL_OP,
@@ -227,6 +227,23 @@ _UPSERT_OP = (
     "child_execution_id = excluded.child_execution_id "
     f"WHERE durable_operations.status NOT IN {_TERMINAL_SQL}"
 )
+# The fence and the checkpoint in one statement: the operation is written only while the execution is ``RUNNING``
+# under the invocation's run token. On PostgreSQL the fence's row is locked as the ``UPDATE`` of a separate fence
+# locked it (a termination, suspension or take-over waits for the checkpoint's commit, or the checkpoint waits for
+# theirs and then sees the new token), and the values are cast to their columns' types (a ``SELECT`` list does not
+# take them from the target's columns).
+_FENCE_SQL = "SELECT 1 FROM durable_executions WHERE id = ? AND run_token = ? AND status = 'RUNNING'"
+_OP_TYPES = ("TEXT", "TEXT", "BIGINT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "INTEGER", "TEXT", "TEXT", "TEXT",
+             "DOUBLE PRECISION", "DOUBLE PRECISION", "DOUBLE PRECISION", "DOUBLE PRECISION", "DOUBLE PRECISION",
+             "DOUBLE PRECISION", "DOUBLE PRECISION", "TEXT")
+_UPSERT_SET = _UPSERT_OP[len(_INSERT_OP):]
+_FENCED_UPSERT_OP = {
+    SQLITE: f"INSERT INTO durable_operations ({_OP_COLS}) SELECT {','.join('?' * 20)} "
+            f"WHERE EXISTS ({_FENCE_SQL}){_UPSERT_SET}",
+    POSTGRES: f"INSERT INTO durable_operations ({_OP_COLS}) SELECT "
+              + ", ".join(f"CAST(? AS {t})" for t in _OP_TYPES)
+              + f" WHERE EXISTS ({_FENCE_SQL} FOR NO KEY UPDATE){_UPSERT_SET}",
+}
 _EXEC_COLS = ("id, function, status, input, result, error, parent_id, created_at, updated_at, ended_at, "
               "invocations")
 
@@ -290,6 +307,11 @@ def function_and_input(tx: Tx, execution_id: str) -> tuple[str, str | None] | No
     """What an execution runs: its function's name and its input's JSON text."""
     row = tx.one("SELECT function, input FROM durable_executions WHERE id = ?", (execution_id,))
     return (row[0], row[1]) if row is not None else None
+
+
+def execution_info(row: Sequence[Any]) -> ExecutionInfo:
+    """The ``ExecutionInfo`` of a row of the execution's columns (as ``end_execution`` returns it)."""
+    return _info(row)
 
 
 def get_execution(tx: Tx, execution_id: str) -> ExecutionInfo | None:
@@ -366,17 +388,31 @@ def set_pending(tx: Tx, execution_id: str, wake_at: float | None) -> None:
     tx.execute("UPDATE durable_executions SET status = 'PENDING', wake_at = ? WHERE id = ?", (wake_at, execution_id))
 
 
+_END = ("UPDATE durable_executions SET status = ?, result = ?, error = ?, ended_at = ?, updated_at = ?, "
+        "wake_at = NULL, run_token = run_token + 1 WHERE id = ?")
+_ENDED = (" RETURNING parent_op, EXISTS (SELECT 1 FROM durable_queue_items q WHERE q.execution_id = "
+          f"durable_executions.id AND q.ended_at IS NULL), {_EXEC_COLS}")
+
+
 def end_execution(tx: Tx, execution_id: str, status: ExecutionStatus, result: str | None,
-                  error: ErrorObject | None, now: float) -> tuple[str | None, str | None, str]:
+                  error: ErrorObject | None, now: float, *, run_token: int | None = None
+                  ) -> tuple[str | None, bool, tuple[Any, ...]] | None:
     """Record a terminal status (bumping the run token, so that no invocation writes after it).
-    ``(parent_id, parent_op, function)`` of the execution."""
-    row = tx.one(
-        "UPDATE durable_executions SET status = ?, result = ?, error = ?, ended_at = ?, updated_at = ?, "
-        "wake_at = NULL, run_token = run_token + 1 WHERE id = ? RETURNING parent_id, parent_op, function",
-        (status.value, result, _error_text(error), now, now, execution_id),
-    )
-    assert row is not None, f"execution {execution_id} ended while it did not exist"
-    return row[0], row[1], row[2]
+    ``(parent_op, queued, row)``: the operation of the parent waiting for it, whether its queue row has not
+    ended yet (it was started on a queue), and the execution's row as it now is (``execution_info`` makes it
+    the ``ExecutionInfo`` that ``get_execution`` would read).
+
+    With ``run_token``, the end is also the invocation's fence (``touch_running``): None, changing nothing,
+    unless the execution is ``RUNNING`` under that token."""
+    if run_token is None:
+        got = tx.one(_END + _ENDED, (status.value, result, _error_text(error), now, now, execution_id))
+        assert got is not None, f"execution {execution_id} ended while it did not exist"
+    else:
+        got = tx.one(_END + " AND run_token = ? AND status = 'RUNNING'" + _ENDED,
+                     (status.value, result, _error_text(error), now, now, execution_id, run_token))
+        if got is None:
+            return None
+    return got[0], bool(got[1]), got[2:]
 
 
 def suspend_execution(tx: Tx, execution_id: str, now: float) -> bool:
@@ -443,6 +479,24 @@ def write_operation(tx: Tx, execution_id: str, op: Operation) -> bool:
     row = _op_row(execution_id, op)
     if tx.rowcount(_UPSERT_OP, row) == 1:
         return True
+    return _same_stored(tx, execution_id, op, row)
+
+
+def write_operation_fenced(tx: Tx, execution_id: str, op: Operation, run_token: int) -> bool | None:
+    """``write_operation`` behind the fence of ``touch_running`` (without touching ``updated_at``), in one
+    statement: None, writing nothing, when the execution is no longer ``RUNNING`` under ``run_token``. The fence
+    holds for the rest of the transaction, as ``touch_running``'s does (on PostgreSQL the execution's row stays
+    locked)."""
+    row = _op_row(execution_id, op)
+    if tx.rowcount(_FENCED_UPSERT_OP[tx.dialect], (*row, execution_id, run_token)) == 1:
+        return True
+    if not runs_under(tx, execution_id, run_token):  # nothing was written: the fence said no, or ...
+        return None
+    return _same_stored(tx, execution_id, op, row)  # ... the stored operation is finished
+
+
+def _same_stored(tx: Tx, execution_id: str, op: Operation, row: tuple[Any, ...]) -> bool:
+    """Whether the finished operation stored under ``op``'s id is ``op`` (status, result, error)."""
     stored = tx.one("SELECT status, result, error FROM durable_operations WHERE execution_id = ? AND id = ?",
                     (execution_id, op.id))
     return stored is not None and tuple(stored) == (row[7], row[9], row[10])

@@ -361,6 +361,14 @@ def apply_update(existing: Operation | None, update: OperationUpdate, now: float
     """The operation after ``update``: the state machine every backend applies the same way."""
     action = update.action
     if existing is None:
+        if action is OperationAction.START and update.operation_type is not OperationType.CALLBACK:
+            # the common start, made at once (the general path below builds it field by field)
+            return Operation(
+                id=update.operation_id, type=update.operation_type, status=OperationStatus.STARTED,
+                parent_id=update.parent_id, name=update.name, sub_type=update.sub_type, start_timestamp=now,
+                attempt=1, seq=seq, scheduled_timestamp=None if update.wait_seconds is None else now + update.wait_seconds,
+                child_execution_id=update.child_execution_id,
+            )
         existing = Operation(
             id=update.operation_id, type=update.operation_type, status=OperationStatus.STARTED,
             parent_id=update.parent_id, name=update.name, sub_type=update.sub_type, start_timestamp=now, seq=seq,
