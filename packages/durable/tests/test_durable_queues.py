@@ -348,7 +348,10 @@ def _grouped_checkpoints(url: str, fence: int | None) -> tuple[DurableRunner, li
     committer = runner.store._committer
     seen: list[int] = []
 
+    entered = threading.Event()
+
     def hold(tx: Any) -> None:
+        entered.set()  # the holder's transaction is open: the checkpoints from now on queue behind it
         deadline = time.monotonic() + 20
         while len(committer._threads.queue) < 4 and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -361,8 +364,7 @@ def _grouped_checkpoints(url: str, fence: int | None) -> tuple[DurableRunner, li
     arrived.wait()  # every invocation runs its step: their takes are committed
     holder = threading.Thread(target=runner.store.group_commit, args=(hold,))
     holder.start()
-    while not committer._threads.leading:
-        time.sleep(0.001)
+    assert entered.wait(20)
     go.set()
     holder.join(30)
     drained.join(60)
