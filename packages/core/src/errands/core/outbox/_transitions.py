@@ -53,6 +53,12 @@ def effect_event(key: str, connector: str, tool: str, status: str, **data: Any) 
     for name, value in data.items():
         if value is not None:
             body[name] = value
+    return _named(connector, tool, status, body)
+
+
+def _named(connector: str, tool: str, status: str, body: dict[str, Any]) -> NewEvent:
+    """The event of an effect of ``connector`` and ``tool`` reaching ``status``, holding ``body`` (built by the
+    caller in ``effect_event``'s order: the transitions every effect of a batch takes build theirs directly)."""
     names = _EVENT_NAMES.get((connector, tool, status))
     if names is None:
         names = _event_names(connector, tool, status)
@@ -84,8 +90,13 @@ def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data
 def dispatching_event(claimed: Claimed) -> NewEvent:
     """The event of a claim for dispatch (or of an inline run starting)."""
     effect = claimed.effect
-    return effect_event(effect.key, effect.connector, effect.tool, EffectStatus.DISPATCHING, attempt=claimed.attempts,
-                        run_id=effect.run_id, business_key=effect.business_key)
+    body: dict[str, Any] = {"key": effect.key, "connector": effect.connector, "tool": effect.tool,
+                            "status": EffectStatus.DISPATCHING, "attempt": claimed.attempts}
+    if effect.run_id is not None:
+        body["run_id"] = effect.run_id
+    if effect.business_key is not None:
+        body["business_key"] = effect.business_key
+    return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, body)
 
 
 # -- admission ------------------------------------------------------------------------------------------------
@@ -97,9 +108,7 @@ def submitted_event(row: NewEffect) -> NewEvent:
         body["run_id"] = row.run_id
     if row.business_key is not None:
         body["business_key"] = row.business_key
-    names = _EVENT_NAMES.get((row.connector, row.tool, row.status)) or _event_names(row.connector, row.tool,
-                                                                                    row.status)
-    return NewEvent(names[0], names[1], body, names[2])
+    return _named(row.connector, row.tool, row.status, body)
 
 
 def admitted_status(semantics: Semantics, human_gate: bool) -> EffectStatus:
@@ -166,8 +175,10 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     error: str | None = None
     retry_after: float | None = None
     if ok and isinstance(value, DispatchResult):
-        outcome, response, ref, error, retry_after = (
-            DispatchOutcome(value.outcome), value.response, value.external_ref, value.error, value.retry_after)
+        outcome, response, ref, error, retry_after = value.outcome, value.response, value.external_ref, value.error, \
+            value.retry_after
+        if type(outcome) is not DispatchOutcome:
+            outcome = DispatchOutcome(outcome)
     elif ok:
         error = f"connector {effect.connector!r} returned {type(value).__name__}, not a DispatchResult"
     else:
@@ -198,10 +209,26 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     else:
         status = EffectStatus.PENDING
         next_at = now + delay(attempts, retry_after)
-    event = effect_event(effect.key, effect.connector, effect.tool, status, attempt=attempts, outcome=outcome,
-                         error=error, external_ref=ref, flagged=True if flagged else None, run_id=effect.run_id,
-                         business_key=effect.business_key)
-    return _completion(claimed, outcome, status, next_at, response, error, ref, flagged, now, event)
+    # effect_event's body, built here: every effect of a dispatched batch comes this way.
+    key = effect.key
+    body: dict[str, Any] = {"key": key, "connector": effect.connector, "tool": effect.tool, "status": status,
+                            "attempt": attempts}
+    if outcome is not None:
+        body["outcome"] = outcome
+    if error is not None:
+        body["error"] = error
+    if ref is not None:
+        body["external_ref"] = ref
+    if flagged:
+        body["flagged"] = True
+    if effect.run_id is not None:
+        body["run_id"] = effect.run_id
+    if effect.business_key is not None:
+        body["business_key"] = effect.business_key
+    reported = EffectOutcome(key=key, outcome=outcome, status=status, attempts=attempts, error=error,
+                             flagged=flagged)
+    return Completion(key, claimed.token, status, next_at, response, error, ref, flagged, now, reported,
+                      _named(effect.connector, effect.tool, status, body))
 
 
 def observe_transition(claimed: Claimed, result: CallResult, *, max_observations: int, compensation_attempts: int,
