@@ -21,7 +21,7 @@ from .._values import (
     Semantics,
 )
 from ..errors import ConfigError, PermanentError, TransientError, error_text
-from ..store import NewEvent
+from ..store import JSONText, NewEvent, json_value
 from ._records import (
     Claimed,
     EffectOutcome,
@@ -56,7 +56,7 @@ def effect_event(key: str, connector: str, tool: str, status: str, **data: Any) 
     return _named(connector, tool, status, body)
 
 
-def _named(connector: str, tool: str, status: str, body: dict[str, Any]) -> NewEvent:
+def _named(connector: str, tool: str, status: str, body: Any) -> NewEvent:
     """The event of an effect of ``connector`` and ``tool`` reaching ``status``, holding ``body`` (built by the
     caller in ``effect_event``'s order: the transitions every effect of a batch takes build theirs directly)."""
     names = _EVENT_NAMES.get((connector, tool, status))
@@ -90,13 +90,15 @@ def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data
 def dispatching_event(claimed: Claimed) -> NewEvent:
     """The event of a claim for dispatch (or of an inline run starting)."""
     effect = claimed.effect
-    body: dict[str, Any] = {"key": effect.key, "connector": effect.connector, "tool": effect.tool,
-                            "status": EffectStatus.DISPATCHING, "attempt": claimed.attempts}
+    # ``effect_event``'s data, written as JSON text at once (the journal stores it as it is): every claimed effect
+    # has one, read back from the journal only.
+    text = (f'{{"key":{json_value(effect.key)},"connector":{json_value(effect.connector)},'
+            f'"tool":{json_value(effect.tool)},"status":"DISPATCHING","attempt":{json_value(claimed.attempts)}')
     if effect.run_id is not None:
-        body["run_id"] = effect.run_id
+        text += f',"run_id":{json_value(effect.run_id)}'
     if effect.business_key is not None:
-        body["business_key"] = effect.business_key
-    return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, body)
+        text += f',"business_key":{json_value(effect.business_key)}'
+    return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, JSONText(text + "}"))
 
 
 # -- admission ------------------------------------------------------------------------------------------------
