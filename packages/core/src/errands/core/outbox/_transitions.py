@@ -15,6 +15,7 @@ from .._values import (
     CompensationResult,
     DispatchOutcome,
     DispatchResult,
+    Effect,
     EffectStatus,
     Observation,
     ObservationOutcome,
@@ -90,15 +91,24 @@ def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data
 def dispatching_event(claimed: Claimed) -> NewEvent:
     """The event of a claim for dispatch (or of an inline run starting)."""
     effect = claimed.effect
-    # ``effect_event``'s data, written as JSON text at once (the journal stores it as it is): every claimed effect
-    # has one, read back from the journal only.
-    text = (f'{{"key":{json_value(effect.key)},"connector":{json_value(effect.connector)},'
-            f'"tool":{json_value(effect.tool)},"status":"DISPATCHING","attempt":{json_value(claimed.attempts)}')
-    if effect.run_id is not None:
-        text += f',"run_id":{json_value(effect.run_id)}'
-    if effect.business_key is not None:
-        text += f',"business_key":{json_value(effect.business_key)}'
-    return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, JSONText(text + "}"))
+    text = _effect_text(effect, EffectStatus.DISPATCHING, claimed.attempts) + _effect_text_end(effect)
+    return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, JSONText(text))
+
+
+# The events every effect of a dispatched batch has (its claim's, its answer's) hold ``effect_event``'s data
+# written as JSON text at once, as the store would write it (the journal stores it as it is): the text up to the
+# attempt, then the members of each event, then the effect's run and business key.
+def _effect_text(effect: Effect, status: EffectStatus, attempt: int) -> str:
+    return (f'{{"key":{json_value(effect.key)},"connector":{json_value(effect.connector)},'
+            f'"tool":{json_value(effect.tool)},"status":"{status.value}","attempt":{json_value(attempt)}')
+
+
+def _effect_text_end(effect: Effect) -> str:
+    run_id, business_key = effect.run_id, effect.business_key
+    if run_id is None and business_key is None:
+        return "}"
+    text = "" if run_id is None else f',"run_id":{json_value(run_id)}'
+    return text + ("}" if business_key is None else f',"business_key":{json_value(business_key)}}}')
 
 
 # -- admission ------------------------------------------------------------------------------------------------
@@ -211,26 +221,21 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     else:
         status = EffectStatus.PENDING
         next_at = now + delay(attempts, retry_after)
-    # effect_event's body, built here: every effect of a dispatched batch comes this way.
+    # effect_event's data, written as JSON text at once: every effect of a dispatched batch comes this way.
     key = effect.key
-    body: dict[str, Any] = {"key": key, "connector": effect.connector, "tool": effect.tool, "status": status,
-                            "attempt": attempts}
+    text = _effect_text(effect, status, attempts)
     if outcome is not None:
-        body["outcome"] = outcome
+        text += f',"outcome":"{outcome.value}"'
     if error is not None:
-        body["error"] = error
+        text += f',"error":{json_value(error)}'
     if ref is not None:
-        body["external_ref"] = ref
+        text += f',"external_ref":{json_value(ref)}'
     if flagged:
-        body["flagged"] = True
-    if effect.run_id is not None:
-        body["run_id"] = effect.run_id
-    if effect.business_key is not None:
-        body["business_key"] = effect.business_key
+        text += ',"flagged":true'
     reported = EffectOutcome(key=key, outcome=outcome, status=status, attempts=attempts, error=error,
                              flagged=flagged)
     return Completion(key, claimed.token, status, next_at, response, error, ref, flagged, now, reported,
-                      _named(effect.connector, effect.tool, status, body))
+                      _named(effect.connector, effect.tool, status, JSONText(text + _effect_text_end(effect))))
 
 
 def observe_transition(claimed: Claimed, result: CallResult, *, max_observations: int, compensation_attempts: int,
