@@ -8,6 +8,7 @@ state, calls connectors, hands the answers here and writes what comes back.
 
 from __future__ import annotations
 
+from json.encoder import encode_basestring
 from typing import Any, Callable, NamedTuple
 
 from .._values import (
@@ -97,18 +98,24 @@ def dispatching_event(claimed: Claimed) -> NewEvent:
 
 # The events every effect of a dispatched batch has (its claim's, its answer's) hold ``effect_event``'s data
 # written as JSON text at once, as the store would write it (the journal stores it as it is): the text up to the
-# attempt, then the members of each event, then the effect's run and business key.
+# attempt, then the members of each event, then the effect's run and business key. (An enum's text is read as its
+# ``_value_``: ``.value`` is a descriptor call, paid per effect.)
+# The effect's own strings (its key, connector, tool, run and business key: text columns, checked at submit) are
+# encoded as the store's encoder encodes a string; the answer's (``error``, ``external_ref``) by ``json_value``.
 def _effect_text(effect: Effect, status: EffectStatus, attempt: int) -> str:
-    return (f'{{"key":{json_value(effect.key)},"connector":{json_value(effect.connector)},'
-            f'"tool":{json_value(effect.tool)},"status":"{status.value}","attempt":{json_value(attempt)}')
+    return (f'{{"key":{_string(effect.key)},"connector":{_string(effect.connector)},'
+            f'"tool":{_string(effect.tool)},"status":"{status._value_}","attempt":{json_value(attempt)}')
 
 
 def _effect_text_end(effect: Effect) -> str:
     run_id, business_key = effect.run_id, effect.business_key
     if run_id is None and business_key is None:
         return "}"
-    text = "" if run_id is None else f',"run_id":{json_value(run_id)}'
-    return text + ("}" if business_key is None else f',"business_key":{json_value(business_key)}}}')
+    text = "" if run_id is None else f',"run_id":{_string(run_id)}'
+    return text + ("}" if business_key is None else f',"business_key":{_string(business_key)}}}')
+
+
+_string: Callable[[str], str] = encode_basestring
 
 
 # -- admission ------------------------------------------------------------------------------------------------
@@ -225,7 +232,7 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     key = effect.key
     text = _effect_text(effect, status, attempts)
     if outcome is not None:
-        text += f',"outcome":"{outcome.value}"'
+        text += f',"outcome":"{outcome._value_}"'
     if error is not None:
         text += f',"error":{json_value(error)}'
     if ref is not None:
