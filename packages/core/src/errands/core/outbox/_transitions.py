@@ -96,12 +96,11 @@ def dispatching_event(claimed: Claimed) -> NewEvent:
     return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, JSONText(text))
 
 
-# The events every effect of a dispatched batch has (its claim's, its answer's) hold ``effect_event``'s data
-# written as JSON text at once, as the store would write it (the journal stores it as it is): the text up to the
-# attempt, then the members of each event, then the effect's run and business key. (An enum's text is read as its
-# ``_value_``: ``.value`` is a descriptor call, paid per effect.)
-# The effect's own strings (its key, connector, tool, run and business key: text columns, checked at submit) are
-# encoded as the store's encoder encodes a string; the answer's (``error``, ``external_ref``) by ``json_value``.
+# The two events every dispatched effect has (its claim's, its answer's) hold ``effect_event``'s data written as
+# JSON text at once, byte for byte what the store's encoder would write (the journal stores the text as it is): the
+# text up to the attempt, then each event's members, then the effect's run and business key. The effect's own
+# strings (text columns, checked at submit) are encoded as that encoder encodes a string, the answer's (``error``,
+# ``external_ref``) by ``json_value``; an enum's text is its ``_value_`` (``.value`` is a descriptor call).
 def _effect_text(effect: Effect, status: EffectStatus, attempt: int) -> str:
     return (f'{{"key":{_string(effect.key)},"connector":{_string(effect.connector)},'
             f'"tool":{_string(effect.tool)},"status":"{status._value_}","attempt":{json_value(attempt)}')
@@ -228,7 +227,6 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     else:
         status = EffectStatus.PENDING
         next_at = now + delay(attempts, retry_after)
-    # effect_event's data, written as JSON text at once: every effect of a dispatched batch comes this way.
     key = effect.key
     text = _effect_text(effect, status, attempts)
     if outcome is not None:
