@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 from errands.connectors.http import HttpConnector
-from errands.core import Effect, EffectStatus, Outbox, open_store, telemetry
+from errands.core import DispatchOutcome, DispatchResult, Effect, EffectStatus, Outbox, open_store, telemetry
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -275,6 +275,53 @@ def test_metrics_carry_the_documented_names(spans: InMemorySpanExporter, httpser
     statuses = {dict(p.attributes)["status"] for p in points["errands.outbox.effects"]}
     assert "CONFIRMED" in statuses
     assert {dict(p.attributes)["connector"] for p in points["errands.outbox.dispatch.attempts"]} == {"bank"}
+
+
+class _Answers:
+    """A connector that gives every effect the same answer."""
+
+    def __init__(self, name: str, outcome: DispatchOutcome) -> None:
+        self.name, self.outcome = name, outcome
+
+    def dispatch(self, effect: Effect) -> DispatchResult:
+        return DispatchResult(outcome=self.outcome)
+
+
+def _histogram_counts(name: str) -> dict[str, int]:
+    """How many values histogram ``name`` recorded, by its attributes."""
+    data = _READER.get_metrics_data()
+    assert data is not None
+    return {",".join(f"{k}={v}" for k, v in sorted(dict(p.attributes).items())): p.count
+            for resource in data.resource_metrics for scope in resource.scope_metrics for metric in scope.metrics
+            if metric.name == name for p in metric.data.data_points}
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_a_dispatched_batch_counts_one_attempt_and_one_status_per_effect(traced: bool, tmp_path: Path) -> None:
+    names = ("errands.outbox.dispatch.attempts", "errands.outbox.effects")
+    providers = {"tracer_provider": _PROVIDER} if traced else {}
+    with telemetry.use_providers(meter_provider=_METERS, **providers):
+        before = {name: _gauge_points(name) for name in names}
+        durations = _histogram_counts("errands.outbox.dispatch.duration")
+        store = open_store(f"sqlite:///{tmp_path / 'errands.db'}")
+        try:
+            outbox = Outbox(store, connectors={"ok": _Answers("ok", DispatchOutcome.CONFIRMED),
+                                               "no": _Answers("no", DispatchOutcome.FAILED)})
+            for i in range(5):
+                outbox.submit(Effect(key=f"e-{i}", connector="ok" if i < 3 else "no", payload={"i": i}))
+            assert len(outbox.dispatch_once()) == 5
+        finally:
+            store.close()
+
+        def added(name: str) -> dict[str, float]:
+            after = _gauge_points(name)
+            return {k: v - before[name].get(k, 0) for k, v in after.items() if v != before[name].get(k, 0)}
+
+        assert added("errands.outbox.dispatch.attempts") == {"connector=ok": 3, "connector=no": 2}
+        assert added("errands.outbox.effects") == {"status=CONFIRMED": 3, "status=FAILED": 2}
+        counts = _histogram_counts("errands.outbox.dispatch.duration")
+        assert {k: n - durations.get(k, 0) for k, n in counts.items() if n != durations.get(k, 0)} == {
+            "connector=ok": 3, "connector=no": 2}
 
 
 def _gauge_points(name: str) -> dict[str, float]:

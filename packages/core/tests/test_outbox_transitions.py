@@ -4,6 +4,8 @@ journal."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -23,12 +25,14 @@ from errands.core import (
 )
 from errands.core.outbox import EffectRecord, ObligationRecord, ObligationStatus
 from errands.core.outbox._records import Claimed, StoredEffect
+from errands.core.store import JSONText, dumps
 from errands.core.outbox._transitions import (
     admitted_status,
     approve,
     cancel,
     compensation_transition,
     dispatch_transition,
+    dispatching_event,
     effect_event,
     first_due,
     inline_result,
@@ -77,8 +81,9 @@ def test_a_confirmed_dispatch_confirms_and_says_so_in_its_event() -> None:
         "k", DispatchOutcome.CONFIRMED, EffectStatus.CONFIRMED, 1, False)
     assert (c.event.stream, c.event.type, c.event.subject) == ("effects/bank", "effect.confirmed",
                                                                "effect.confirmed.bank.pay")
-    assert c.event.data == {"key": "k", "connector": "bank", "tool": "pay", "status": "CONFIRMED", "attempt": 1,
-                            "outcome": "CONFIRMED", "external_ref": "tx-9", "run_id": "run-1"}
+    assert json.loads(c.event.data) == {"key": "k", "connector": "bank", "tool": "pay", "status": "CONFIRMED",
+                                        "attempt": 1, "outcome": "CONFIRMED", "external_ref": "tx-9",
+                                        "run_id": "run-1"}
 
 
 @pytest.mark.parametrize("result", [
@@ -111,7 +116,7 @@ def test_an_unknown_outcome_is_observed_when_the_connector_can_observe() -> None
     c, delays = dispatched((True, answer), can_observe=True, attempts=2)
     assert (c.status, c.next_attempt_at, c.flagged) == (EffectStatus.UNKNOWN, NOW + 5.0, False)
     assert delays.asked == [(1, 5.0)]  # the first observation's delay, whatever the attempt
-    assert c.outcome.outcome is DispatchOutcome.UNKNOWN and c.event.data["outcome"] == "UNKNOWN"
+    assert c.outcome.outcome is DispatchOutcome.UNKNOWN and json.loads(c.event.data)["outcome"] == "UNKNOWN"
 
 
 def test_an_unknown_outcome_of_an_idempotent_effect_a_connector_cannot_observe_is_dispatched_again() -> None:
@@ -128,7 +133,7 @@ def test_a_non_idempotent_effect_in_doubt_is_never_sent_again_blind(result: tupl
     c, delays = dispatched(result, semantics=Semantics.NON_IDEMPOTENT)
     assert (c.status, c.flagged, c.next_attempt_at) == (EffectStatus.UNKNOWN, True, None)
     assert c.error is not None and c.error.endswith("; NON_IDEMPOTENT and the connector cannot observe: flagged")
-    assert c.event.data["flagged"] is True and delays.asked == []
+    assert json.loads(c.event.data)["flagged"] is True and delays.asked == []
     c, delays = dispatched(result, semantics=Semantics.NON_IDEMPOTENT, can_observe=True)
     assert (c.status, c.flagged, c.next_attempt_at) == (EffectStatus.UNKNOWN, False, NOW + 10.0)
 
@@ -326,6 +331,44 @@ def test_redrive_starts_again_with_fresh_attempts_observing_what_can_be_observed
 
 
 # -- events -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("run_id, business_key", [(None, None), ("run-1", None), (None, "order 7"),
+                                                   ("r\u00e9\"\\n", "b\u2028\x01")])
+@pytest.mark.parametrize("key, tool", [("k", ""), ("k\u00fc\"'\\", "pay/\u00e9")])
+def test_a_claims_event_is_the_json_text_of_effect_event(run_id: str | None, business_key: str | None, key: str,
+                                                          tool: str) -> None:
+    effect = Effect(key=key, connector="bank", payload=None, tool=tool, run_id=run_id, business_key=business_key)
+    ev = dispatching_event(Claimed(effect, 3, 7, 5))
+    expected = effect_event(key, "bank", tool, EffectStatus.DISPATCHING, attempt=3, run_id=run_id,
+                            business_key=business_key)
+    assert type(ev.data) is JSONText and ev.data == dumps(expected.data, field="data")
+    assert json.loads(ev.data) == expected.data
+    assert (ev.stream, ev.type, ev.subject) == (expected.stream, expected.type, expected.subject)
+
+
+@pytest.mark.parametrize("result, semantics, can_observe", [
+    ((True, DispatchResult(outcome=DispatchOutcome.CONFIRMED, external_ref="tx-9")), Semantics.IDEMPOTENT, False),
+    ((True, DispatchResult(outcome="FAILED", error='no "funds" \u00e9')), Semantics.IDEMPOTENT,  # type: ignore[arg-type]
+     False),
+    ((True, DispatchResult(outcome=DispatchOutcome.PENDING, retry_after=4.0)), Semantics.IDEMPOTENT, True),
+    ((False, TransientError("busy")), Semantics.IDEMPOTENT, False),
+    ((False, RuntimeError("boom")), Semantics.NON_IDEMPOTENT, False),
+    ((True, "not a result"), Semantics.IDEMPOTENT, True),
+])
+@pytest.mark.parametrize("run_id, business_key", [("run-1", None), (None, "order-7"), ("r\u00e9\"", "\u2028")])
+def test_a_dispatch_event_is_the_json_text_of_effect_event(result: tuple[bool, Any], semantics: Semantics,
+                                                            can_observe: bool, run_id: str | None,
+                                                            business_key: str | None) -> None:
+    c = claimed(semantics)
+    c = c._replace(effect=dataclasses.replace(c.effect, run_id=run_id, business_key=business_key))
+    done = dispatch_transition(c, result, can_observe=can_observe, now=NOW, delay=Delays())
+    expected = effect_event("k", "bank", "pay", done.status, attempt=1, outcome=done.outcome.outcome,
+                            error=done.error, external_ref=done.external_ref, flagged=True if done.flagged else None,
+                            run_id=run_id, business_key=business_key)
+    assert type(done.event.data) is JSONText and done.event.data == dumps(expected.data, field="data")
+    assert (done.event.stream, done.event.type, done.event.subject) == (expected.stream, expected.type,
+                                                                        expected.subject)
+
+
 def test_events_name_their_stream_type_and_subject_and_leave_out_what_is_none() -> None:
     ev = effect_event("k", "bank", "", EffectStatus.DISPATCHING, attempt=2, error=None, flagged=True)
     assert (ev.stream, ev.type, ev.subject) == ("effects/bank", "effect.dispatching", "effect.dispatching.bank")

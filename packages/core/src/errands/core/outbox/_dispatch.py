@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from .. import telemetry
@@ -33,6 +34,15 @@ from ._transitions import (
 log = logging.getLogger("errands.outbox")
 DISPATCH, OBSERVE = "errands.outbox.dispatch", "errands.outbox.observe"
 EFFECTS, LEASE_LOST = "errands.outbox.effects", "errands.lease.lost"
+ATTEMPTS = "errands.outbox.dispatch.attempts"
+
+
+def _count_by(counter: str, attribute: str, values: Sequence[str]) -> None:
+    """Add to ``counter`` one per item of ``values``, by value (as ``attribute``): once per distinct value of a
+    batch, not once per effect."""
+    if values and telemetry.is_enabled():
+        for value, n in Counter(values).items():
+            telemetry.count(counter, n, **{attribute: value})
 
 
 class Dispatcher:
@@ -75,16 +85,22 @@ class Dispatcher:
             release_failed_claim(ctx, exc, "a dispatch claim", lambda tx: self._release_dispatch(tx, now))
             raise
         lease = self._lease(claimed, "DISPATCHING", until, "dispatched")
+        # The connector of each call made, counted once per batch as dispatch attempts (appends are atomic: the
+        # calls may run on the runner's threads).
+        made: list[str] = []
         try:
             def call(c: Claimed) -> Any:
-                return lease.call(c.effect.key, self._dispatch_call, c)
+                return lease.call(c.effect.key, self._dispatch_call, (c, made))
 
             names = sorted({c.effect.connector for c in claimed})
             results: list[CallResult] = []
-            if len(claimed) > 1 and self.latency.untimed(names):
-                # A connector not timed yet: its first call runs alone, to learn whether it is quick.
-                results = ctx.runner.map(call, claimed[:1], inline=True)
-            results += ctx.runner.map(call, claimed[len(results):], inline=self.latency.quick(names))
+            try:
+                if len(claimed) > 1 and self.latency.untimed(names):
+                    # A connector not timed yet: its first call runs alone, to learn whether it is quick.
+                    results = ctx.runner.map(call, claimed[:1], inline=True)
+                results += ctx.runner.map(call, claimed[len(results):], inline=self.latency.quick(names))
+            finally:
+                _count_by(ATTEMPTS, "connector", made)
             observes = {name: ctx.connectors.can_observe(name) for name in names}
             answered = ctx.store.clock.now()
 
@@ -96,7 +112,8 @@ class Dispatcher:
         finally:
             lease.stop()
 
-    def _dispatch_call(self, c: Claimed) -> Any:
+    def _dispatch_call(self, call: tuple[Claimed, list[str]]) -> Any:
+        c, made = call
         effect = c.effect
         connectors = self.ctx.connectors
         conn = connectors.instance(effect.connector)
@@ -108,11 +125,22 @@ class Dispatcher:
             if problem is not None:
                 raise PermanentError(problem)
         started = time.perf_counter()
+        if not telemetry.tracing():
+            # No span to start: neither its attributes nor its parent are worth reading.
+            try:
+                return self.ctx.runner.call(conn.dispatch, effect)
+            finally:
+                self._timed(effect.connector, started, made)
         with telemetry.span(DISPATCH, telemetry.stored(effect.metadata), **self._attributes(c)) as span:
             try:
                 return telemetry.answered(span, self.ctx.runner.call(conn.dispatch, effect))
             finally:
-                self.latency.record(effect.connector, telemetry.dispatched(effect.connector, started))
+                self._timed(effect.connector, started, made)
+
+    def _timed(self, connector: str, started: float, made: list[str]) -> None:
+        """A dispatch call of ``connector`` begun at ``started`` is over: its time recorded, its attempt noted."""
+        made.append(connector)
+        self.latency.record(connector, telemetry.dispatched(connector, started))
 
     # -- reconcile ------------------------------------------------------------------------------------------------
     def reconcile_once(self, limit: int | None) -> list[EffectOutcome]:
@@ -200,9 +228,10 @@ class Dispatcher:
             still_held = _effect_table.complete(tx, completions, held.value)
             recorded = _effect_table.recorded_before(tx, [c for c in completions if c.key not in still_held]) \
                 if again and len(still_held) < len(completions) else set()
+            reached: list[str] = []
             for c in completions:
                 if c.key in still_held:
-                    telemetry.count(EFFECTS, status=c.status)
+                    reached.append(c.status)
                     out.append(c.outcome)
                     events.append(c.event)
                     owed = c.obligation
@@ -217,6 +246,7 @@ class Dispatcher:
                                 extra={"effect_key": c.key, "lease_owner": self.ctx.settings.owner})
                     telemetry.count(LEASE_LOST, engine="outbox")
                     out.append(lease_lost(c.outcome, held))
+            _count_by(EFFECTS, "status", reached)
             if events:
                 self.ctx.journal(tx, events)
         return out

@@ -266,8 +266,9 @@ def extend(tx: Tx, held: Sequence[tuple[str, int]], until: float, status: str) -
 
 # -- completions ----------------------------------------------------------------------------------------------
 def _params(c: Completion) -> tuple[Any, ...]:
-    return (c.status.value, c.next_attempt_at, stored_json(c.response), c.error, c.external_ref, int(c.flagged),
-            c.updated_at, c.key, c.token)
+    # ``_value_``, not the ``.value`` descriptor: read once per completion.
+    return (c.status._value_, c.next_attempt_at, None if c.response is None else stored_json(c.response), c.error,
+            c.external_ref, int(c.flagged), c.updated_at, c.key, c.token)
 
 
 def complete(tx: Tx, completions: Sequence[Completion], held: str) -> set[str]:

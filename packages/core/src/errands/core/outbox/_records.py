@@ -301,13 +301,13 @@ def claimed_from_row(row: Sequence[Any]) -> Claimed:
     """The claimed effect of a row in ``CLAIM_COLUMNS`` order."""
     (key, connector, tool, payload, business_key, semantics, run_id, metadata, max_attempts, attempts, token,
      observations, flagged, human_gate) = row
+    attempts, token, max_attempts = int(attempts), int(token), int(max_attempts)
     meta = loads(metadata) if metadata is not None else {}
-    meta["errands.attempt"] = int(attempts)
-    meta["errands.lease_token"] = int(token)
+    meta["errands.attempt"] = attempts
+    meta["errands.lease_token"] = token
     effect = Effect(key=key, connector=connector, payload=loads(payload), tool=tool, business_key=business_key,
-                    semantics=_SEMANTICS[semantics], run_id=run_id, max_attempts=int(max_attempts), metadata=meta)
-    return Claimed(effect, int(attempts), int(token), int(max_attempts), int(observations), bool(flagged),
-                   bool(human_gate))
+                    semantics=_SEMANTICS[semantics], run_id=run_id, max_attempts=max_attempts, metadata=meta)
+    return Claimed(effect, attempts, token, max_attempts, int(observations), bool(flagged), bool(human_gate))
 
 
 def obligation_from_row(row: Sequence[Any]) -> tuple[ObligationRecord, int]:

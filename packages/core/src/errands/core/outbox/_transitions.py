@@ -8,6 +8,7 @@ state, calls connectors, hands the answers here and writes what comes back.
 
 from __future__ import annotations
 
+from json.encoder import encode_basestring
 from typing import Any, Callable, NamedTuple
 
 from .._values import (
@@ -15,13 +16,14 @@ from .._values import (
     CompensationResult,
     DispatchOutcome,
     DispatchResult,
+    Effect,
     EffectStatus,
     Observation,
     ObservationOutcome,
     Semantics,
 )
 from ..errors import ConfigError, PermanentError, TransientError, error_text
-from ..store import NewEvent
+from ..store import JSONText, NewEvent, json_value
 from ._records import (
     Claimed,
     EffectOutcome,
@@ -53,6 +55,12 @@ def effect_event(key: str, connector: str, tool: str, status: str, **data: Any) 
     for name, value in data.items():
         if value is not None:
             body[name] = value
+    return _named(connector, tool, status, body)
+
+
+def _named(connector: str, tool: str, status: str, body: Any) -> NewEvent:
+    """The event of an effect of ``connector`` and ``tool`` reaching ``status``, holding ``body`` (built by the
+    caller in ``effect_event``'s order: the transitions every effect of a batch takes build theirs directly)."""
     names = _EVENT_NAMES.get((connector, tool, status))
     if names is None:
         names = _event_names(connector, tool, status)
@@ -84,8 +92,29 @@ def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data
 def dispatching_event(claimed: Claimed) -> NewEvent:
     """The event of a claim for dispatch (or of an inline run starting)."""
     effect = claimed.effect
-    return effect_event(effect.key, effect.connector, effect.tool, EffectStatus.DISPATCHING, attempt=claimed.attempts,
-                        run_id=effect.run_id, business_key=effect.business_key)
+    text = _effect_text(effect, EffectStatus.DISPATCHING, claimed.attempts) + _effect_text_end(effect)
+    return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, JSONText(text))
+
+
+# The two events every dispatched effect has (its claim's, its answer's) hold ``effect_event``'s data written as
+# JSON text at once, byte for byte what the store's encoder would write (the journal stores the text as it is): the
+# text up to the attempt, then each event's members, then the effect's run and business key. The effect's own
+# strings (text columns, checked at submit) are encoded as that encoder encodes a string, the answer's (``error``,
+# ``external_ref``) by ``json_value``; an enum's text is its ``_value_`` (``.value`` is a descriptor call).
+def _effect_text(effect: Effect, status: EffectStatus, attempt: int) -> str:
+    return (f'{{"key":{_string(effect.key)},"connector":{_string(effect.connector)},'
+            f'"tool":{_string(effect.tool)},"status":"{status._value_}","attempt":{json_value(attempt)}')
+
+
+def _effect_text_end(effect: Effect) -> str:
+    run_id, business_key = effect.run_id, effect.business_key
+    if run_id is None and business_key is None:
+        return "}"
+    text = "" if run_id is None else f',"run_id":{_string(run_id)}'
+    return text + ("}" if business_key is None else f',"business_key":{_string(business_key)}}}')
+
+
+_string: Callable[[str], str] = encode_basestring
 
 
 # -- admission ------------------------------------------------------------------------------------------------
@@ -97,9 +126,7 @@ def submitted_event(row: NewEffect) -> NewEvent:
         body["run_id"] = row.run_id
     if row.business_key is not None:
         body["business_key"] = row.business_key
-    names = _EVENT_NAMES.get((row.connector, row.tool, row.status)) or _event_names(row.connector, row.tool,
-                                                                                    row.status)
-    return NewEvent(names[0], names[1], body, names[2])
+    return _named(row.connector, row.tool, row.status, body)
 
 
 def admitted_status(semantics: Semantics, human_gate: bool) -> EffectStatus:
@@ -166,8 +193,10 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     error: str | None = None
     retry_after: float | None = None
     if ok and isinstance(value, DispatchResult):
-        outcome, response, ref, error, retry_after = (
-            DispatchOutcome(value.outcome), value.response, value.external_ref, value.error, value.retry_after)
+        outcome, response, ref, error, retry_after = value.outcome, value.response, value.external_ref, value.error, \
+            value.retry_after
+        if type(outcome) is not DispatchOutcome:
+            outcome = DispatchOutcome(outcome)
     elif ok:
         error = f"connector {effect.connector!r} returned {type(value).__name__}, not a DispatchResult"
     else:
@@ -198,10 +227,20 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
     else:
         status = EffectStatus.PENDING
         next_at = now + delay(attempts, retry_after)
-    event = effect_event(effect.key, effect.connector, effect.tool, status, attempt=attempts, outcome=outcome,
-                         error=error, external_ref=ref, flagged=True if flagged else None, run_id=effect.run_id,
-                         business_key=effect.business_key)
-    return _completion(claimed, outcome, status, next_at, response, error, ref, flagged, now, event)
+    key = effect.key
+    text = _effect_text(effect, status, attempts)
+    if outcome is not None:
+        text += f',"outcome":"{outcome._value_}"'
+    if error is not None:
+        text += f',"error":{json_value(error)}'
+    if ref is not None:
+        text += f',"external_ref":{json_value(ref)}'
+    if flagged:
+        text += ',"flagged":true'
+    reported = EffectOutcome(key=key, outcome=outcome, status=status, attempts=attempts, error=error,
+                             flagged=flagged)
+    return Completion(key, claimed.token, status, next_at, response, error, ref, flagged, now, reported,
+                      _named(effect.connector, effect.tool, status, JSONText(text + _effect_text_end(effect))))
 
 
 def observe_transition(claimed: Claimed, result: CallResult, *, max_observations: int, compensation_attempts: int,
