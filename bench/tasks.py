@@ -9,8 +9,8 @@
 - procrastinate (psycopg): ``defer_async`` one by one and ``batch_defer_async``, run by ``run_worker_async``
   (``wait=False``: it returns once the queue is empty) with an async task and ``concurrency``.
 
-SQLite rows run on a fresh file each; PostgreSQL rows on a fresh database each of one throwaway PostgreSQL
-cluster (the tests' helper: ``initdb``/``pg_ctl`` on a free port, ``fsync=off`` for every peer alike). The
+SQLite rows run on a fresh file each; PostgreSQL rows on a fresh database each (dropped when its run ends) of one
+throwaway PostgreSQL cluster (the tests' helper: ``initdb``/``pg_ctl`` on a free port, ``fsync=off`` for every peer alike). The
 processing rate counts from the worker's start to the last task's end; every task is counted by its handler.
 Each comparison alternates the peers over ``--rounds`` rounds and takes the medians.
 
@@ -279,16 +279,24 @@ def main() -> None:
         server = start_postgres()
         pg = server
 
-        def fresh() -> str:
-            return pg.create_database()
+        def fresh(run: Callable[[str], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
+            """``run`` on a database of its own, dropped once it ends: no run's table is left for the cluster's
+            autovacuum to work through while the next peer is measured."""
+            def once() -> tuple[float, float]:
+                url = pg.create_database()
+                try:
+                    return run(url)
+                finally:
+                    pg.drop_database(url)
+            return once
 
         runs.update({
-            "errands postgres": lambda: errands_run(fresh(), n, c, batched=False),
-            "errands postgres submit_many": lambda: errands_run(fresh(), n, c, batched=True),
-            "pgqueuer": lambda: pgqueuer_run(fresh(), n, False, args.pgqueuer_batch),
-            "pgqueuer list enqueue": lambda: pgqueuer_run(fresh(), n, True, args.pgqueuer_batch),
-            "procrastinate": lambda: procrastinate_run(fresh(), n, False, c),
-            "procrastinate batch_defer": lambda: procrastinate_run(fresh(), n, True, c),
+            "errands postgres": fresh(lambda url: errands_run(url, n, c, batched=False)),
+            "errands postgres submit_many": fresh(lambda url: errands_run(url, n, c, batched=True)),
+            "pgqueuer": fresh(lambda url: pgqueuer_run(url, n, False, args.pgqueuer_batch)),
+            "pgqueuer list enqueue": fresh(lambda url: pgqueuer_run(url, n, True, args.pgqueuer_batch)),
+            "procrastinate": fresh(lambda url: procrastinate_run(url, n, False, c)),
+            "procrastinate batch_defer": fresh(lambda url: procrastinate_run(url, n, True, c)),
         })
     histories = (10_000, 100_000) if args.quick else (10_000, 1_000_000)
     claims: dict[tuple[str, int], float] = {}
