@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from errands.core import AlreadyExistsError, ConfigError, telemetry
+from errands.core import AlreadyExistsError, ConfigError, Lease, telemetry
 from errands.core.store import NewEvent, SQLStore, Tx
 
 from . import _schema as schema
@@ -41,13 +41,22 @@ def new_execution_id(execution_id: str | None) -> str:
 
 
 def create(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str | None, now: float, *,
-           parent: tuple[str, str | None] | None = None, run_token: int = 0, queued: bool = False) -> bool:
+           parent: tuple[str, str | None] | None = None, run_token: int = 0, queued: bool = False,
+           leases: list[Lease] | None = None, lease_for: float = 30.0) -> bool:
     """A new execution, due now (``queued``: ``ENQUEUED``, until its queue admits it), with its
-    ``durable.execution.started`` event. False (nothing changes) if the id exists."""
+    ``durable.execution.started`` event. False (nothing changes) if the id exists.
+
+    With ``leases`` (not ``queued``), its queue item is added leased to this thread for ``lease_for`` seconds, the
+    lease ``claim_keys`` would give, appended to ``leases``: the caller runs the execution's first invocation."""
     if not schema.insert_execution(tx, execution_id, function, input_text, now, parent=parent, run_token=run_token):
         return False
     if queued:
         schema.hold_execution(tx, execution_id)
+    elif leases is not None:
+        lease = store.enqueue_claimed(schema.QUEUE, execution_id, telemetry.queued(), lease_for=lease_for, tx=tx)
+        # (an item left queued under this id is claimed as it is, if due and held by no one)
+        leases += [lease] if lease is not None else store.claim_keys(schema.QUEUE, [execution_id], lease_for=lease_for,
+                                                                      tx=tx)
     else:
         store.enqueue(schema.QUEUE, [(execution_id, telemetry.queued(), now)], tx=tx)
     telemetry.count("errands.durable.executions", status="ENQUEUED" if queued else "STARTED")
@@ -64,14 +73,17 @@ def journal(store: SQLStore, tx: Tx, execution_id: str, type: str, data: dict[st
 
 
 def start(store: SQLStore, tx: Tx, execution_id: str, function: str, input_text: str, now: float, *,
-          run_token: int = 0, timeout: float | None = None, queued: bool = False) -> bool:
+          run_token: int = 0, timeout: float | None = None, queued: bool = False,
+          leases: list[Lease] | None = None, lease_for: float = 30.0) -> bool:
     """Create the execution, or find it created already with the same function and input (a start is
-    idempotent on its id). Whether it was created. With ``timeout``, its deadline is queued too.
+    idempotent on its id). Whether it was created. With ``timeout``, its deadline is queued too; ``leases`` and
+    ``lease_for`` as ``create``'s (for a new execution only).
 
     Raises:
         AlreadyExistsError: the id exists with another function or input.
     """
-    if create(store, tx, execution_id, function, input_text, now, run_token=run_token, queued=queued):
+    if create(store, tx, execution_id, function, input_text, now, run_token=run_token, queued=queued, leases=leases,
+              lease_for=lease_for):
         if timeout is not None:
             store.enqueue(schema.DEADLINES, [(execution_id, None, now + timeout)], tx=tx)
         return True

@@ -252,9 +252,11 @@ class DurableRunner:
         execution_id, text = self._prepare_start(function, input, execution_id)
         seconds = check_timeout(timeout)
         def start(tx: Tx) -> tuple[bool, list[Lease]]:
+            # A new execution's queue item is added leased to this thread: no claim to make after it.
+            leases: list[Lease] = []
             created = executions.start(self.store, tx, execution_id, function, text, self.clock.now(), run_token=1,
-                                       timeout=seconds)
-            return created, self._invocations.claim_keys([execution_id], tx=tx)
+                                       timeout=seconds, leases=leases, lease_for=self.lease_for)
+            return created, leases if created else self._invocations.claim_keys([execution_id], tx=tx)
 
         # Callers starting at once (a service's request threads) share the commit.
         created, leases = self.store.group_commit(start)

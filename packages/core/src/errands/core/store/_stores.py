@@ -659,6 +659,25 @@ class SQLStore:
             for k, p, t, a in rows
         ]
 
+    def enqueue_claimed(self, queue: str, key: str, payload: Any, *, tx: Tx, lease_for: float = 30.0,
+                        owner: str | None = None) -> Lease | None:
+        """Add item ``key``, due now, already leased to ``owner``, in one statement inside ``tx``: the lease
+        ``enqueue`` then ``claim_keys`` would give (token 1, one attempt, expiring ``lease_for`` from now), for a
+        worker that runs what it has just created. None, changing nothing, if ``key`` is queued already."""
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"queue item key must be a non-empty string, got {key!r}", field="key", value=key)
+        owner = owner or default_owner()
+        now = self.clock.now()
+        expires = now + lease_for
+        text = dumps(payload)
+        if not tx.rowcount(
+            "INSERT INTO em_queue (queue, key, payload, available_at, created_at, attempts, lease_owner, lease_token, "
+            "lease_expires) VALUES (?, ?, ?, ?, ?, 1, ?, 1, ?) ON CONFLICT (queue, key) DO NOTHING",
+            (queue, key, text, now, now, owner, expires),
+        ):
+            return None
+        return Lease(queue=queue, key=key, token=1, owner=owner, expires_at=expires, payload=loads(text), attempts=1)
+
     def _fenced(self, tx: Tx, leases: Sequence[Lease], sql: str, extra: Callable[[Lease], tuple[Any, ...]]) -> None:
         where = "WHERE queue = ? AND key = ? AND lease_token = ?"
         extras = {extra(lease) for lease in leases}

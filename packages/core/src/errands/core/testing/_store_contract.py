@@ -192,6 +192,27 @@ class StoreContract:
             store.complete(leases)
         store.complete([held, retaken])
 
+    def test_enqueue_claimed_gives_the_lease_a_claim_would(self, store: Any, clock: FakeClock) -> None:
+        with store.transaction() as tx:
+            lease = store.enqueue_claimed("q", "a", {"v": 1}, lease_for=5, owner="me", tx=tx)
+        store.enqueue("q", [("b", {"v": 1})])
+        (claimed,) = store.claim_keys("q", ["b"], lease_for=5, owner="me")
+        assert lease is not None
+        assert (lease.queue, lease.key, lease.payload, lease.owner, lease.token, lease.attempts) == (
+            claimed.queue, "a", claimed.payload, claimed.owner, claimed.token, claimed.attempts)
+        assert lease.expires_at == clock.now() + 5 == claimed.expires_at
+        with store.transaction() as tx:
+            assert store.enqueue_claimed("q", "a", None, tx=tx) is None  # queued already: unchanged
+            with pytest.raises(ConfigError):
+                store.enqueue_claimed("q", "", None, tx=tx)
+        assert store.claim_keys("q", ["a"]) == [] and store.claim("q") == []  # held, as a claimed item is
+        clock.advance(6)
+        (retaken,) = store.claim_keys("q", ["a"])  # its lease lapsed
+        assert retaken.token > lease.token and retaken.attempts == 2 and retaken.payload == {"v": 1}
+        with pytest.raises(LeaseLostError):
+            store.complete([lease])
+        store.complete([retaken, claimed])
+
     def test_bring_forward_moves_only_a_waiting_item(self, store: Any, clock: FakeClock) -> None:
         now = clock.now()
         store.enqueue("q", [("later", None, now + 60), ("soon", None, now + 5), ("held", None)])
