@@ -7,13 +7,12 @@ Whatever goes wrong with one execution, its lease is given back and the others o
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Callable, Sequence, TypeVar
 
 from errands.core import ConfigError, Lease, LeaseLostError, telemetry
 from errands.core.runtime import error_text, heartbeat, is_infrastructure_error
-from errands.core.store import SQLStore, Tx
+from errands.core.store import SQLStore, Tx, loads
 
 from . import _executions as executions
 from . import _schema as schema
@@ -154,7 +153,7 @@ class Invocations:
             except ConfigError as exc:
                 outcome = InvocationOutcome("FAILED", error=ErrorObject.from_exception(exc, with_trace=False))
             else:
-                event = json.loads(input_text) if input_text is not None else None
+                event = loads(input_text)
                 try:
                     outcome = run_handler(fn, event, state)
                 except ExecutionFencedOut:

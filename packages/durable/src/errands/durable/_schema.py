@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, List, Sequence
 
-from errands.core.store import POSTGRES, SQLITE, Migration, Tx, in_clause
+from errands.core.store import POSTGRES, SQLITE, Migration, Tx, in_clause, loads
 
 from ._values import (
     TERMINAL_OP,
@@ -281,8 +281,7 @@ def _info(row: Sequence[Any]) -> ExecutionInfo:
     id_, function, status, input_, result, error, parent, created, updated, ended, invocations = row
     return ExecutionInfo(
         execution_id=id_, function=function, status=ExecutionStatus(status),
-        input=json.loads(input_) if input_ is not None else None,
-        result=json.loads(result) if result is not None else None, result_text=result,
+        input=loads(input_), result=loads(result), result_text=result,
         error=_error_from(error), parent_id=parent, created_at=float(created), updated_at=float(updated),
         ended_at=float(ended) if ended is not None else None, invocations=int(invocations),
     )

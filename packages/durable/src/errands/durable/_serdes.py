@@ -6,7 +6,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from errands.core.store import loads
+
 from ._errors import SerdesError
+
+#: ``JsonSerdes``' encoder, made once (``json.dumps`` with these options makes one for every value).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +37,7 @@ class JsonSerdes:
 
     def serialize(self, value: Any, context: SerdesContext) -> str:
         try:
-            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True)
+            return _ENCODER.encode(value)
         except (TypeError, ValueError) as exc:
             raise SerdesError(
                 f"result of operation {context.operation_id or '?'} is not JSON-serialisable ({exc}); "
@@ -41,7 +46,8 @@ class JsonSerdes:
 
     def deserialize(self, data: str, context: SerdesContext) -> Any:
         try:
-            return json.loads(data)
+            # (the store's reader: compact JSON at once, anything else through ``json.loads``)
+            return loads(data) if data is not None else json.loads(data)
         except ValueError as exc:
             raise SerdesError(f"checkpoint of operation {context.operation_id or '?'} is not JSON: {exc}") from exc
 
