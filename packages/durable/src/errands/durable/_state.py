@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from ._errors import ExecutionFencedOut, InvocationAbandoned, NonDeterministicExecutionError, SuspendExecution
@@ -108,8 +109,6 @@ class ExecutionState:
 
     def merge(self, answered: Sequence[Operation]) -> None:
         """Take what the service issued for operations it answered with (a callback's id)."""
-        from dataclasses import replace
-
         for op in answered:
             mine = self.operations.get(op.id)
             if mine is None:
@@ -162,6 +161,12 @@ class _Before(Mapping[str, Operation]):
                 raise KeyError(key)
             return op
         return self._now[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        # (``Mapping.get`` goes through ``__getitem__`` and a ``KeyError``: this runs for every update)
+        before = self._before
+        op = before[key] if key in before else self._now.get(key)
+        return default if op is None else op
 
     def __contains__(self, key: object) -> bool:
         if key in self._before:
