@@ -277,7 +277,9 @@ def _op_from_row(row: Sequence[Any]) -> Operation:
     )
 
 
-def _info(row: Sequence[Any]) -> ExecutionInfo:
+def execution_info(row: Sequence[Any]) -> ExecutionInfo:
+    """The ``ExecutionInfo`` of a row of the execution's columns (``_EXEC_COLS``, as ``end_execution`` returns
+    them)."""
     id_, function, status, input_, result, error, parent, created, updated, ended, invocations = row
     return ExecutionInfo(
         execution_id=id_, function=function, status=ExecutionStatus(status),
@@ -308,14 +310,9 @@ def function_and_input(tx: Tx, execution_id: str) -> tuple[str, str | None] | No
     return (row[0], row[1]) if row is not None else None
 
 
-def execution_info(row: Sequence[Any]) -> ExecutionInfo:
-    """The ``ExecutionInfo`` of a row of the execution's columns (as ``end_execution`` returns it)."""
-    return _info(row)
-
-
 def get_execution(tx: Tx, execution_id: str) -> ExecutionInfo | None:
     row = tx.one(f"SELECT {_EXEC_COLS} FROM durable_executions WHERE id = ?", (execution_id,))
-    return _info(row) if row is not None else None
+    return execution_info(row) if row is not None else None
 
 
 def list_executions(tx: Tx, *, statuses: Sequence[str] | None, function: str | None, parent_id: str | None,
@@ -334,7 +331,7 @@ def list_executions(tx: Tx, *, statuses: Sequence[str] | None, function: str | N
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
-    return [_info(r) for r in tx.query(sql, (*params, limit, offset))]
+    return [execution_info(r) for r in tx.query(sql, (*params, limit, offset))]
 
 
 def execution_status(tx: Tx, execution_id: str) -> ExecutionStatus | None:
