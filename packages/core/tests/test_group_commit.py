@@ -800,3 +800,34 @@ def test_a_leader_interrupted_while_it_gathers_hands_the_lead_to_whoever_queued(
     keys = _keys(store)
     assert "behind" in keys and "interrupted" not in keys
     assert not committer._threads.leading and committer._threads.queue == [] and committer._threads.gathering is None
+
+
+def test_a_group_of_new_submits_on_sqlite_is_four_statements(tmp_path: Path) -> None:
+    """A group's new effects go in one plain multi-row INSERT and their events in one more, with no savepoint and
+    no RETURNING: every statement is a step of the driver that lets the process's other threads take the
+    interpreter while the leader holds the store."""
+    store = open_store(f"sqlite:///{tmp_path / 'four.db'}")
+    outbox = Outbox(store, connectors={"noop": NoopConnector()})
+    seen: list[str] = []
+    real = store._committer._commit
+
+    def traced(batch: Any) -> None:
+        store._conn.set_trace_callback(seen.append)
+        try:
+            real(batch)
+        finally:
+            store._conn.set_trace_callback(None)
+
+    store._committer._commit = traced
+    out = _one_group_of_calls(store, [lambda i=i: outbox.submit(Effect(key=f"k{i}", connector="noop",
+                                                                       payload={"i": i})) for i in range(6)])
+    del store._committer._commit
+    assert all(error is None for _, error in out) and [v.key for v, _ in out] == [f"k{i}" for i in range(6)]
+    words = [" ".join(s.split()[:3]) for s in seen]
+    assert len(seen) == 4, words
+    assert words[0] == "BEGIN IMMEDIATE" and words[-1] == "COMMIT"
+    assert seen[1].startswith("INSERT INTO em_effects") and seen[2].startswith("INSERT INTO em_events")
+    assert not any("RETURNING" in s or "SAVEPOINT" in s for s in seen)
+    assert {e.data["key"] for e in store.read_events()} == {f"k{i}" for i in range(6)}
+    outbox.close()
+    store.close()

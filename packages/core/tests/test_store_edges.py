@@ -513,3 +513,42 @@ def test_an_unreachable_server_fails_at_open_with_its_own_error() -> None:
         open_store(f"postgresql://u@127.0.0.1:{free_port()}/app?connect_timeout=5")
     assert type(info.value).__module__.startswith("psycopg") and "PoolTimeout" not in type(info.value).__name__
     assert "refused" in str(info.value) or "connect" in str(info.value)
+
+
+@pytest.mark.parametrize("count", [2, 100, 101, 250])
+def test_events_appended_together_get_the_positions_they_are_read_back_at(any_store: Any, count: int) -> None:
+    """Several events in one transaction: counted streams and a positioned one (the outbox's ``effects/``: seq = position), across more rows
+    than one statement takes; the positions returned are the rows', in order, after what the journal held."""
+    from errands.core.store import NewEvent
+
+    any_store.append_events([NewEvent(stream="before", type="t", data={"i": -1})])
+    events = [NewEvent(stream=("effects/t" if i % 3 == 0 else f"counted/{i % 2}"), type="t",
+                       data={"i": i}, subject=f"s.{i}") for i in range(count)]
+    with any_store.transaction() as tx:
+        positions = any_store.append_engine_events(tx, events)
+    stored = {e.position: e for e in any_store.read_events(after=1, limit=count + 10)}
+    assert positions == sorted(stored) and len(positions) == count
+    seqs: dict[str, int] = {}
+    for position, sent in zip(positions, events):
+        got = stored[position]
+        assert (got.stream, got.type, got.subject, got.data) == (sent.stream, "t", sent.subject, sent.data)
+        if sent.stream.startswith("effects/"):
+            assert got.seq == position
+        else:
+            seqs[sent.stream] = seqs.get(sent.stream, 0) + 1
+            assert got.seq == seqs[sent.stream]
+
+
+def test_insert_all_or_none_inserts_every_row_or_none_and_the_transaction_goes_on(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'u.db'}")
+    with store.transaction() as tx:
+        tx.execute("CREATE TABLE u (k TEXT PRIMARY KEY)")
+        tx.execute("INSERT INTO u (k) VALUES ('taken')")
+    with store.transaction() as tx:
+        assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)", [("a",), ("b",)]) is True
+        assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)", [("c",), ("taken",), ("d",)]) is False
+        tx.execute("INSERT INTO u (k) VALUES ('e')")  # the transaction is still open and usable
+        assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)", [(f"x{i}",) for i in range(101)]) is None
+    with store.read() as tx:
+        assert {r[0] for r in tx.query("SELECT k FROM u")} == {"taken", "a", "b", "e"}
+    store.close()

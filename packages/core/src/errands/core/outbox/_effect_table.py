@@ -128,9 +128,16 @@ _ROW_AT_POSITION = f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, 0, ?, ?, {SQL
 
 
 def insert_new_rows(tx: Tx, rows: Sequence[NewEffect]) -> set[str]:
-    """Insert ``rows`` (distinct keys) but those whose key is taken, in multi-row statements; the keys inserted."""
+    """Insert ``rows`` (distinct keys) but those whose key is taken, in multi-row statements; the keys inserted.
+
+    A few rows on SQLite (a group commit's) go in one plain ``INSERT``, all or none (``Tx.insert_all_or_none``):
+    no ``RETURNING`` clause, whose rows come back one step at a time; a taken key among them leaves each row to
+    its caller's own way."""
     if not rows:
         return set()
+    inserted = tx.insert_all_or_none(_BATCH_HEAD, _ROW_AT_POSITION, rows)
+    if inserted is not None:
+        return {r[0] for r in rows} if inserted else set()
     return {r[0] for r in tx.insert_returning(_BATCH_HEAD, _ROW_AT_POSITION, rows, _NEW_ONLY + " RETURNING key")}
 
 

@@ -17,11 +17,13 @@ never waits (its group is itself, with no savepoint), and the busier the store, 
   row stores, a span it starts) is its caller's, not the leader's.
 - A member may bring a ``Batch`` beside its work: the same kind of write as others' (an outbox's submit), that the
   leader writes for all the members of its group with the same ``Batch.write`` in one call (a multi-row statement
-  per table instead of a few statements per member), in one savepoint. ``write`` answers per member: its result, or
-  ``Batch.OWN`` for a member it left to its own ``work`` (a key taken before, say), which runs after, in a
-  savepoint of its own as any member's. If ``write`` raises, its savepoint is undone and every member of the batch
-  runs its own ``work``: a member's fault is still that member's alone. ``write`` runs in the leader's context and
-  must read only its arguments.
+  per table instead of a few statements per member), first in the transaction and with no savepoint (each
+  statement it spares is a step that lets the process's other threads take the interpreter while the leader holds
+  the store). ``write`` answers per member: its result, or ``Batch.OWN`` for a member it left to its own ``work``
+  (a key taken before, say), which runs after, in a savepoint of its own as any member's. If ``write`` raises, the
+  group's transaction, which held nothing but the batch, is rolled back and every member runs its own ``work`` in
+  a new one: a member's fault is still that member's alone. ``write`` runs in the leader's context and must read
+  only its arguments.
 """
 
 from __future__ import annotations
@@ -284,27 +286,24 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Member[Any]]) -> None:
         """Write every member's work in one transaction, each in a savepoint (the members of a ``Batch`` together,
-        in one); settle every member."""
+        in one call, first); settle every member."""
         try:
-            with self._store.transaction() as tx:
-                if len(batch) == 1:
-                    # A group of one (its caller found a group being written): its transaction is its own.
-                    m = batch[0]
-                    m.value = m.enter(m.work, tx)
-                    return
-                for i, m in enumerate(self._write_together(tx, batch)):
-                    savepoint = f"em_group_{i}"
-                    tx.execute(f"SAVEPOINT {savepoint}")
-                    try:
+            try:
+                with self._store.transaction() as tx:
+                    if len(batch) == 1:
+                        # A group of one (its caller found a group being written): its transaction is its own.
+                        m = batch[0]
                         m.value = m.enter(m.work, tx)
-                    except (KeyboardInterrupt, SystemExit):
-                        raise  # the leader's thread is interrupted: the group's transaction ends with it
-                    except BaseException as exc:
-                        # This member's failure is its own (an error, or an engine's signal such as a fenced-out
-                        # write): undo its statements, keep the others'.
-                        tx.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
-                        m.value, m.error = None, exc
-                    tx.execute(f"RELEASE SAVEPOINT {savepoint}")
+                        return
+                    self._run_each(tx, self._write_together(tx, batch))
+            except _BatchFailed:
+                # A batch write failed as a whole. It ran first in its transaction, which is rolled back, so nothing
+                # but the batch was lost: every member runs its own work in a new one, where a member's fault is its
+                # own alone.
+                for m in batch:
+                    m.value = m.error = None
+                with self._store.transaction() as tx:
+                    self._run_each(tx, batch)
         except BaseException as exc:
             # Nothing of the group was committed: every member that had no error of its own gets this one.
             for m in batch:
@@ -312,9 +311,27 @@ class GroupCommitter:
                     m.value, m.error = None, exc
 
     @staticmethod
+    def _run_each(tx: Tx, members: list[_Member[Any]]) -> None:
+        """Run each member's own work in ``tx``, in a savepoint of its own."""
+        for i, m in enumerate(members):
+            savepoint = f"em_group_{i}"
+            tx.execute(f"SAVEPOINT {savepoint}")
+            try:
+                m.value = m.enter(m.work, tx)
+            except (KeyboardInterrupt, SystemExit):
+                raise  # the leader's thread is interrupted: the group's transaction ends with it
+            except BaseException as exc:
+                # This member's failure is its own (an error, or an engine's signal such as a fenced-out write):
+                # undo its statements, keep the others'.
+                tx.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                m.value, m.error = None, exc
+            tx.execute(f"RELEASE SAVEPOINT {savepoint}")
+
+    @staticmethod
     def _write_together(tx: Tx, batch: list[_Member[Any]]) -> list[_Member[Any]]:
-        """Write the members that share a ``Batch.write`` with others, each such set in one call inside a savepoint;
-        the members whose own work is still to run, in order."""
+        """Write the members that share a ``Batch.write`` with others, each such set in one call, before any
+        member's own work and with no savepoint (a failed call fails the transaction: ``_BatchFailed``); the
+        members whose own work is still to run, in order."""
         sets: dict[Any, list[_Member[Any]]] = {}
         for m in batch:
             if m.together is not None:
@@ -323,19 +340,18 @@ class GroupCommitter:
         for write, members in sets.items():
             if len(members) < 2:
                 continue
-            tx.execute("SAVEPOINT em_group_batch")
             try:
                 results = write(tx, [m.together.item for m in members if m.together is not None])
                 if len(results) != len(members):
                     raise AssertionError(f"a batch write returned {len(results)} results for {len(members)} items")
-            except Exception:
-                # The batch failed as a whole: undo it, and let each member's own work find whose fault it is.
-                tx.execute("ROLLBACK TO SAVEPOINT em_group_batch")
-                tx.execute("RELEASE SAVEPOINT em_group_batch")
-                continue
-            tx.execute("RELEASE SAVEPOINT em_group_batch")
+            except Exception as exc:
+                raise _BatchFailed from exc
             for m, result in zip(members, results):
                 if result is not Batch.OWN:
                     m.value = result
                     written.add(id(m))
         return [m for m in batch if id(m) not in written] if written else batch
+
+
+class _BatchFailed(Exception):
+    """A ``Batch.write`` raised: its group's transaction is rolled back and every member runs its own work."""

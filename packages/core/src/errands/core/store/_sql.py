@@ -10,6 +10,7 @@ import functools
 import itertools
 import json
 import re
+import sqlite3
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -132,6 +133,20 @@ class Tx:
         elif rest:
             changed += self.raw.execute(head + row + tail, rows[whole]).rowcount
         return changed
+
+    def insert_all_or_none(self, head: str, row: str, rows: Sequence[Sequence[Any]]) -> bool | None:
+        """On SQLite, for rows that fit one statement (``VALUES_ROWS``): insert them all in one plain multi-row
+        ``INSERT`` (True), or, when one of them breaks a uniqueness constraint, none (False): SQLite undoes the
+        statement that failed, alone, and the transaction goes on. None where this cannot be done in one statement
+        (more rows; PostgreSQL, where a failed statement aborts the whole transaction): nothing is inserted, and
+        the caller takes its general way."""
+        if self.dialect != SQLITE or not rows or len(rows) > VALUES_ROWS:
+            return None
+        try:
+            self.insert_rows(head, row, rows)
+        except sqlite3.IntegrityError:
+            return False
+        return True
 
     def insert_returning(self, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str) -> list[tuple[Any, ...]]:
         """Insert ``rows`` through multi-row statements ``head + row, row, ... + tail`` (``tail`` ending in a

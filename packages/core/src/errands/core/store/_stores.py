@@ -7,6 +7,8 @@ disk, gone when the store closes.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import math
 import os
@@ -28,7 +30,7 @@ from . import _async
 from ._connections import caller_transaction, pg_server
 from ._group import Batch, GroupCommitter
 from ._listen import Listener
-from ._sql import POSTGRES, SQLITE, JSONText, Migration, Tx, dumps, in_clause, loads, subject_matcher
+from ._sql import POSTGRES, SQLITE, VALUES_ROWS, JSONText, Migration, Tx, dumps, in_clause, loads, subject_matcher
 
 log = logging.getLogger("errands.store")
 
@@ -430,15 +432,19 @@ class SQLStore:
                       "(?, COALESCE(?, (SELECT IFNULL(MAX(position), 0) + 1 FROM em_events)), ?, ?, ?, ?)")
             if len(rows) == 1:
                 return [int(tx.raw.execute(insert, rows[0]).lastrowid)]
-            # Several rows: their positions are known once the first is read, so each row carries its own
-            # (and, on a positioned stream, its ``seq``) and no row runs the subquery.
-            first = int(tx.raw.execute("SELECT IFNULL(MAX(position), 0) + 1 FROM em_events").fetchone()[0])
-            tx.insert_rows(
-                "INSERT INTO em_events (position, stream, seq, subject, type, data, time) VALUES ",
-                "(?, ?, ?, ?, ?, ?, ?)",
-                [(p, r[0], p if r[1] is None else r[1], r[2], r[3], r[4], r[5]) for p, r in enumerate(rows, first)],
-            )
-            return list(range(first, first + len(rows)))
+            # Several rows, ``VALUES_ROWS`` a statement: each statement reads the last position once and numbers
+            # its rows after it (on a positioned stream, ``seq`` too), in order; its last row's position is the
+            # statement's ``lastrowid``. One statement, not a read and then the insert: each is a step of the
+            # driver, which lets the process's other threads take the interpreter while the store's lock is held.
+            positions: list[int] = []
+            execute = tx.raw.execute
+            for i in range(0, len(rows), VALUES_ROWS):
+                chunk = rows[i:i + VALUES_ROWS]
+                cur = execute(_numbered_events(len(chunk)),
+                              tuple(itertools.chain.from_iterable((n, *r) for n, r in enumerate(chunk, 1))))
+                last = int(cur.lastrowid)
+                positions += range(last - len(chunk) + 1, last + 1)
+            return positions
         cur = tx.raw.cursor()
         cur.executemany(
             tx._sql(
@@ -796,6 +802,19 @@ class SQLStore:
 
 def default_owner() -> str:
     return f"{os.uname().nodename if hasattr(os, 'uname') else 'host'}:{os.getpid()}:{threading.get_ident()}"
+
+
+@functools.lru_cache(maxsize=VALUES_ROWS)
+def _numbered_events(n: int) -> str:
+    """SQLite: insert ``n`` events, each given as (its number in the statement, stream, seq or NULL, subject, type,
+    data, time), at the positions after the journal's last (a positioned stream's ``seq`` is its position). The one
+    row of the last position is the outer loop (``CROSS JOIN`` keeps it so), and the rows go in their order."""
+    return (
+        "INSERT INTO em_events (position, stream, seq, subject, type, data, time) "
+        "SELECT p.last + v.column1, v.column2, COALESCE(v.column3, p.last + v.column1), v.column4, v.column5, "
+        "v.column6, v.column7 FROM (SELECT IFNULL(MAX(position), 0) AS last FROM em_events) AS p CROSS JOIN "
+        "(VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n) + ") AS v"
+    )
 
 
 # -- SQLite ---------------------------------------------------------------------------------------
