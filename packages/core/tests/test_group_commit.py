@@ -831,3 +831,40 @@ def test_a_group_of_new_submits_on_sqlite_is_four_statements(tmp_path: Path) -> 
     assert {e.data["key"] for e in store.read_events()} == {f"k{i}" for i in range(6)}
     outbox.close()
     store.close()
+
+
+def test_a_groups_threads_wake_one_another_and_the_main_threads_member_is_woken_by_the_leader(store: Any) -> None:
+    """Followers on threads are woken in a chain (each wakes the next once it runs); the main thread's member, the
+    one a KeyboardInterrupt can stop, is never a link of it, so an interrupt there holds up no one."""
+    import errands.core.store._group as group
+
+    made: list[Any] = []
+    real_member = group._Member
+
+    def member(*args: Any, **kwargs: Any) -> Any:
+        m = real_member(*args, **kwargs)
+        made.append((threading.current_thread() is threading.main_thread(), m))
+        return m
+
+    gate = threading.Event()
+    first = threading.Thread(target=store.group_commit, args=(lambda tx: gate.wait(30),))
+    first.start()
+    while not store._committer._threads.leading:
+        time.sleep(0.001)
+    group._Member = member  # type: ignore[misc]
+    try:
+        threads = [threading.Thread(target=store.group_commit, args=(_insert(f"t{i}"),)) for i in range(4)]
+        for t in threads:
+            t.start()
+        while len(store._committer._threads.queue) < 4:
+            time.sleep(0.001)
+        threading.Timer(0.05, gate.set).start()
+        assert store.group_commit(_insert("main")) == "main"  # queued fifth, from the main thread
+    finally:
+        group._Member = real_member  # type: ignore[misc]
+    for t in [first, *threads]:
+        t.join(20)
+        assert not t.is_alive()
+    assert sorted(main for main, _ in made) == [False, False, False, False, True]
+    assert all(m.chained is not main and m.next is None for main, m in made)
+    assert _keys(store) == {"t0", "t1", "t2", "t3", "main"}

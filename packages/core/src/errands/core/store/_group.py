@@ -51,6 +51,8 @@ MAX_GROUP = 256
 #: it waits at most as long as the last group's transaction took, and never longer than this.
 MAX_GATHER = 0.002
 
+_MAIN_THREAD = threading.main_thread().ident
+
 
 class Batch:
     """What a member of a group may bring beside its work: ``item``, written with the other members' of the same
@@ -72,7 +74,7 @@ class _Member(Generic[_T]):
     a bridge on its event loop) is released when the member's group has committed, or when it is to lead the next
     group (``batch`` set)."""
 
-    __slots__ = ("batch", "done", "enter", "error", "future", "together", "value", "work")
+    __slots__ = ("batch", "chained", "done", "enter", "error", "future", "next", "together", "value", "work")
 
     def __init__(self, enter: Callable[..., Any], work: Callable[[Tx], _T],
                  future: asyncio.Future[None] | None = None, together: Batch | None = None) -> None:
@@ -81,10 +83,15 @@ class _Member(Generic[_T]):
         self.together = together  # this member's part of a write made with others
         self.future = future
         self.done: Any = None
+        # A thread's member is woken by the member woken before it (``next``), the main thread's by the leader: only
+        # the main thread is interrupted (KeyboardInterrupt), and an interrupted member must not hold up the rest.
+        self.chained = False
         if future is None:
             self.done = threading.Lock()
             self.done.acquire()
+            self.chained = threading.get_ident() != _MAIN_THREAD
         self.batch: list[_Member[Any]] | None = None
+        self.next: _Member[Any] | None = None
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -175,6 +182,12 @@ class GroupCommitter:
                 self._hand_over(groups, self._lock)
         try:
             member.done.acquire()  # released when this member's group has committed, or when it is to lead
+            following = member.next
+            if following is not None:
+                # Wake the next member of the committed group now that this one runs: woken together, they would
+                # each wake only to wait for the interpreter held by another, and switch twice.
+                member.next = None
+                following.wake()
         except BaseException:
             # Interrupted while waiting (KeyboardInterrupt in the main thread): leave the queue if still in it;
             # if a group took this member already, wait for it, and lead it if this member is its leader, so that
@@ -223,8 +236,17 @@ class GroupCommitter:
                 self._took, self._company = time.perf_counter() - started, len(batch) - 1
         finally:
             self._hand_over(groups, lock)
+            chain: list[_Member[Any]] = []
             for m in batch[1:]:
-                m.wake()
+                if m.chained:
+                    chain.append(m)
+                else:
+                    m.wake()
+            if chain:
+                # The threads' members wake one another, one after the other (``run``).
+                for a, b in zip(chain, chain[1:]):
+                    a.next = b
+                chain[0].wake()
 
     def run_bridged(self, work: Callable[[Tx], _T], together: Batch | None = None) -> _T:
         """``run`` for a coroutine's work in a bridge of this store (``run_async`` on PostgreSQL): the groups are
