@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import threading
 import time
 import weakref
@@ -244,7 +245,7 @@ class GroupCommitter:
                     m.wake()
             if chain:
                 # The threads' members wake one another, one after the other (``run``).
-                for a, b in zip(chain, chain[1:]):
+                for a, b in itertools.pairwise(chain):
                     a.next = b
                 chain[0].wake()
 
