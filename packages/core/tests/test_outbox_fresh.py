@@ -8,6 +8,7 @@ are claimed too.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,7 @@ def test_submit_event_is_what_the_general_builder_writes(store: Any) -> None:
         (event,) = outbox.history(key)
         expected = effect_event(key, "bank", tool, "PENDING", semantics="IDEMPOTENT", run_id=run_id)
         assert (event.stream, event.type, event.subject, event.data) == (
-            expected.stream, expected.type, expected.subject, expected.data)
+            expected.stream, expected.type, expected.subject, json.loads(expected.data))
     outbox.close()
 
 

@@ -389,7 +389,8 @@ def test_resolve_transitions() -> None:
     c = resolve(stored(EffectStatus.UNKNOWN, flagged=True), "CONFIRMED", by="ada", response={"a": 1})
     assert (c.status, c.next_attempt_at, c.error, c.unflag, c.response, c.obligation) == (
         EffectStatus.CONFIRMED, None, None, True, {"a": 1}, None)
-    assert c.event.data["resolved"] == "CONFIRMED" and c.event.data["by"] == "ada"
+    data = json.loads(c.event.data)
+    assert data["resolved"] == "CONFIRMED" and data["by"] == "ada"
     c = resolve(stored(EffectStatus.PENDING), "ABSENT")
     assert (c.status, c.next_attempt_at, c.fresh_attempts) == (EffectStatus.PENDING, NOW, True)
     c = resolve(stored(EffectStatus.DISPATCHING, owner="w", next_at=NOW), "DUPLICATE", compensate_kind="refund")

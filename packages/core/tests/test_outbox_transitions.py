@@ -34,6 +34,7 @@ from errands.core.outbox._transitions import (
     dispatch_transition,
     dispatching_event,
     effect_event,
+    effect_text,
     first_due,
     inline_result,
     lease_lost,
@@ -174,7 +175,7 @@ def test_an_observation_that_finds_the_effect_confirms_it() -> None:
     c, delays = observed((True, Observation(outcome=ObservationOutcome.CONFIRMED, external_ref="tx-1")),
                          observations=1)
     assert (c.status, c.external_ref, c.obligation, delays.asked) == (EffectStatus.CONFIRMED, "tx-1", None, [])
-    assert c.event.data == {"key": "k", "connector": "bank", "tool": "pay", "status": "CONFIRMED",
+    assert json.loads(c.event.data) == {"key": "k", "connector": "bank", "tool": "pay", "status": "CONFIRMED",
                             "observation": "CONFIRMED", "observations": 1, "external_ref": "tx-1",
                             "run_id": "run-1"}
 
@@ -210,14 +211,14 @@ def test_an_inconclusive_observation_is_made_again_after_backoff_then_flagged(re
     assert delays.asked == [(2, None)] and c.error is not None
     c, delays = observed(result, observations=3)
     assert (c.status, c.flagged, c.next_attempt_at, delays.asked) == (EffectStatus.UNKNOWN, True, NOW + 300.0, [])
-    assert c.event.data["flagged"] is True and c.event.data["newly_flagged"] is True
+    assert json.loads(c.event.data)["flagged"] is True and json.loads(c.event.data)["newly_flagged"] is True
     c, _ = observed(result, observations=4, flagged=True)
-    assert c.flagged and "newly_flagged" not in c.event.data
+    assert c.flagged and "newly_flagged" not in json.loads(c.event.data)
 
 
 def test_observations_say_what_they_saw() -> None:
     c, _ = observed((True, Observation(outcome=ObservationOutcome.STUCK)))
-    assert c.error == "observed STUCK" and c.event.data["observation"] == "STUCK"
+    assert c.error == "observed STUCK" and json.loads(c.event.data)["observation"] == "STUCK"
     c, _ = observed((True, "yes"))
     assert c.error == "connector 'bank' observe returned str, not an Observation" and c.outcome.outcome is None
 
@@ -299,11 +300,11 @@ def test_approve_reject_and_cancel() -> None:
     change = approve(stored(EffectStatus.AWAITING_APPROVAL, not_before=NOW + 60), NOW, by="ada")
     assert (change.status, change.next_attempt_at, change.error, change.fresh_attempts) == (
         EffectStatus.PENDING, NOW + 60, "earlier", False)
-    assert change.event.subject == "effect.pending.bank" and change.event.data["approved_by"] == "ada"
+    assert change.event.subject == "effect.pending.bank" and json.loads(change.event.data)["approved_by"] == "ada"
     change = reject(stored(EffectStatus.AWAITING_APPROVAL), NOW, reason=None, by="grace")
     assert (change.status, change.next_attempt_at, change.error) == (
         EffectStatus.CANCELLED, None, "rejected: no reason given")
-    assert change.event.data == {"key": "k", "connector": "bank", "tool": "", "status": "CANCELLED",
+    assert json.loads(change.event.data) == {"key": "k", "connector": "bank", "tool": "", "status": "CANCELLED",
                                  "rejected_by": "grace", "by": "grace"}
     assert cancel(stored(EffectStatus.PENDING), NOW, reason="changed").error == "cancelled: changed"
     with pytest.raises(ConfigError, match="cannot approve effect 'k': it is PENDING"):
@@ -315,7 +316,7 @@ def test_approve_reject_and_cancel() -> None:
 def test_redrive_starts_again_with_fresh_attempts_observing_what_can_be_observed() -> None:
     change = redrive(stored(EffectStatus.FAILED), NOW, can_observe=True)
     assert (change.status, change.next_attempt_at, change.fresh_attempts) == (EffectStatus.PENDING, NOW, True)
-    assert change.event.data["redriven"] is True
+    assert json.loads(change.event.data)["redriven"] is True
     assert redrive(stored(EffectStatus.UNKNOWN, flagged=True), NOW, can_observe=True).status is EffectStatus.UNKNOWN
     assert redrive(stored(EffectStatus.UNKNOWN, flagged=True), NOW, can_observe=False).status is EffectStatus.PENDING
     watched = stored(EffectStatus.CANCELLED, semantics=Semantics.OBSERVE_ONLY)
@@ -338,11 +339,17 @@ def test_a_claims_event_is_the_json_text_of_effect_event(run_id: str | None, bus
                                                           tool: str) -> None:
     effect = Effect(key=key, connector="bank", payload=None, tool=tool, run_id=run_id, business_key=business_key)
     ev = dispatching_event(Claimed(effect, 3, 7, 5))
-    expected = effect_event(key, "bank", tool, EffectStatus.DISPATCHING, attempt=3, run_id=run_id,
-                            business_key=business_key)
-    assert type(ev.data) is JSONText and ev.data == dumps(expected.data, field="data")
-    assert json.loads(ev.data) == expected.data
-    assert (ev.stream, ev.type, ev.subject) == (expected.stream, expected.type, expected.subject)
+    expected = _present({"key": key, "connector": "bank", "tool": tool, "status": "DISPATCHING", "attempt": 3,
+                         "run_id": run_id, "business_key": business_key})
+    assert type(ev.data) is JSONText and ev.data == dumps(expected, field="data")
+    assert json.loads(ev.data) == expected
+    assert (ev.stream, ev.type) == ("effects/bank", "effect.dispatching")
+    assert ev.subject == ("effect.dispatching.bank." + tool if tool else "effect.dispatching.bank")
+
+
+def _present(data: dict[str, Any]) -> dict[str, Any]:
+    """An effect event's data as the store's encoder would see it: the members that are not None, in order."""
+    return {name: value for name, value in data.items() if value is not None}
 
 
 @pytest.mark.parametrize("result, semantics, can_observe", [
@@ -361,20 +368,39 @@ def test_a_dispatch_event_is_the_json_text_of_effect_event(result: tuple[bool, A
     c = claimed(semantics)
     c = c._replace(effect=dataclasses.replace(c.effect, run_id=run_id, business_key=business_key))
     done = dispatch_transition(c, result, can_observe=can_observe, now=NOW, delay=Delays())
-    expected = effect_event("k", "bank", "pay", done.status, attempt=1, outcome=done.outcome.outcome,
-                            error=done.error, external_ref=done.external_ref, flagged=True if done.flagged else None,
-                            run_id=run_id, business_key=business_key)
-    assert type(done.event.data) is JSONText and done.event.data == dumps(expected.data, field="data")
-    assert (done.event.stream, done.event.type, done.event.subject) == (expected.stream, expected.type,
-                                                                        expected.subject)
+    outcome = done.outcome.outcome
+    expected = _present({"key": "k", "connector": "bank", "tool": "pay", "status": done.status.value, "attempt": 1,
+                         "outcome": None if outcome is None else outcome.value, "error": done.error,
+                         "external_ref": done.external_ref, "flagged": True if done.flagged else None,
+                         "run_id": run_id, "business_key": business_key})
+    assert type(done.event.data) is JSONText and done.event.data == dumps(expected, field="data")
+    lower = done.status.value.lower()
+    assert (done.event.stream, done.event.type, done.event.subject) == (
+        "effects/bank", f"effect.{lower}", f"effect.{lower}.bank.pay")
+
+
+@pytest.mark.parametrize("members", [
+    {"attempt": 0, "flagged": True, "retry_after": 2.5, "note": "a \"quoted\" \\ \u00e9 \u2028 \x01"},
+    {"response": {"nested": [1, "two", None, False], "\u00fc": 1e100}, "released": None, "count": -3},
+    {},
+])
+def test_effect_text_is_what_the_stores_encoder_writes_for_the_events_data(members: dict[str, Any]) -> None:
+    """Every effect event's data is written as text by one builder (``effect_text``), the hot paths' included: the
+    text is byte for byte the store's encoding of the same object, escapes, non-ASCII and nested values alike."""
+    for status in (EffectStatus.CONFIRMED, "CANCELLED"):
+        text = effect_text("k\u00fc\"'", "bank", "pay/\u00e9", status, members.items())
+        expected = _present({"key": "k\u00fc\"'", "connector": "bank", "tool": "pay/\u00e9", "status": str(
+            status.value if isinstance(status, EffectStatus) else status), **members})
+        assert text == dumps(expected, field="data")
+        assert json.loads(text) == expected
 
 
 def test_events_name_their_stream_type_and_subject_and_leave_out_what_is_none() -> None:
     ev = effect_event("k", "bank", "", EffectStatus.DISPATCHING, attempt=2, error=None, flagged=True)
     assert (ev.stream, ev.type, ev.subject) == ("effects/bank", "effect.dispatching", "effect.dispatching.bank")
-    assert ev.data == {"key": "k", "connector": "bank", "tool": "", "status": "DISPATCHING", "attempt": 2,
-                       "flagged": True}
-    assert list(ev.data)[0] == "key"
+    assert json.loads(ev.data) == {"key": "k", "connector": "bank", "tool": "", "status": "DISPATCHING",
+                                   "attempt": 2, "flagged": True}
+    assert list(json.loads(ev.data))[0] == "key"
     ev = obligation_event(3, "k", "refund", ObligationStatus.PENDING, run_id="r", released=None)
     assert (ev.stream, ev.type, ev.subject) == ("obligations/refund", "obligation.pending", "obligation.pending.refund")
     assert ev.data == {"key": "k", "id": 3, "kind": "refund", "status": "PENDING", "run_id": "r"}

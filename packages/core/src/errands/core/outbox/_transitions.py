@@ -9,14 +9,13 @@ state, calls connectors, hands the answers here and writes what comes back.
 from __future__ import annotations
 
 from json.encoder import encode_basestring
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from .._values import (
     CompensationOutcome,
     CompensationResult,
     DispatchOutcome,
     DispatchResult,
-    Effect,
     EffectStatus,
     Observation,
     ObservationOutcome,
@@ -50,12 +49,24 @@ def effect_event(key: str, connector: str, tool: str, status: str, **data: Any) 
     """An effect's journal event: on its connector's stream, typed ``effect.<status>``, with the subject
     ``effect.<status>.<connector>.<tool>`` (no tool token when the effect has none). ``data`` holds the key first
     (``history`` finds an effect's events by it), the connector, tool and status (an ``EffectStatus`` is a string
-    and is written as one), then the members given that are not None."""
-    body = {"key": key, "connector": connector, "tool": tool, "status": status}
-    for name, value in data.items():
+    and is written as one), then the members given that are not None; it is written as JSON text at once
+    (``effect_text``)."""
+    return _named(connector, tool, status, JSONText(effect_text(key, connector, tool, status, data.items())))
+
+
+def effect_text(key: str, connector: str, tool: str, status: str, members: Iterable[tuple[str, Any]]) -> str:
+    """The data of an effect event as JSON text: the key, connector, tool and status, then each of ``members``
+    whose value is not None, in order; byte for byte what the store's encoder writes for that object (the journal
+    stores the text as it is). Every effect event's data is built here, the hot paths' (a submit's, a claim's, an
+    answer's) included; a string member is encoded as that encoder encodes a string, any other by ``json_value``,
+    and an enum's text is its ``_value_`` (``.value`` is a descriptor call)."""
+    named = status if type(status) is str else status._value_  # type: ignore[attr-defined]  # an EffectStatus
+    text = (f'{{"key":{_string(key)},"connector":{_string(connector)},"tool":{_string(tool)},'
+            f'"status":{_string(named)}')
+    for name, value in members:
         if value is not None:
-            body[name] = value
-    return _named(connector, tool, status, body)
+            text += f",{_string(name)}:{_string(value) if type(value) is str else json_value(value)}"
+    return text + "}"
 
 
 def _named(connector: str, tool: str, status: str, body: Any) -> NewEvent:
@@ -92,26 +103,10 @@ def obligation_event(ob_id: int, effect_key: str, kind: str, status: str, **data
 def dispatching_event(claimed: Claimed) -> NewEvent:
     """The event of a claim for dispatch (or of an inline run starting)."""
     effect = claimed.effect
-    text = _effect_text(effect, EffectStatus.DISPATCHING, claimed.attempts) + _effect_text_end(effect)
-    return _named(effect.connector, effect.tool, EffectStatus.DISPATCHING, JSONText(text))
-
-
-# The two events every dispatched effect has (its claim's, its answer's) hold ``effect_event``'s data written as
-# JSON text at once, byte for byte what the store's encoder would write (the journal stores the text as it is): the
-# text up to the attempt, then each event's members, then the effect's run and business key. The effect's own
-# strings (text columns, checked at submit) are encoded as that encoder encodes a string, the answer's (``error``,
-# ``external_ref``) by ``json_value``; an enum's text is its ``_value_`` (``.value`` is a descriptor call).
-def _effect_text(effect: Effect, status: EffectStatus, attempt: int) -> str:
-    return (f'{{"key":{_string(effect.key)},"connector":{_string(effect.connector)},'
-            f'"tool":{_string(effect.tool)},"status":"{status._value_}","attempt":{json_value(attempt)}')
-
-
-def _effect_text_end(effect: Effect) -> str:
-    run_id, business_key = effect.run_id, effect.business_key
-    if run_id is None and business_key is None:
-        return "}"
-    text = "" if run_id is None else f',"run_id":{_string(run_id)}'
-    return text + ("}" if business_key is None else f',"business_key":{_string(business_key)}}}')
+    status = EffectStatus.DISPATCHING
+    return _named(effect.connector, effect.tool, status, JSONText(effect_text(
+        effect.key, effect.connector, effect.tool, status,
+        (("attempt", claimed.attempts), ("run_id", effect.run_id), ("business_key", effect.business_key)))))
 
 
 _string: Callable[[str], str] = encode_basestring
@@ -120,13 +115,9 @@ _string: Callable[[str], str] = encode_basestring
 # -- admission ------------------------------------------------------------------------------------------------
 def submitted_event(row: NewEffect) -> NewEvent:
     """The event of an effect just admitted: its first status, with its semantics and run."""
-    body: dict[str, Any] = {"key": row.key, "connector": row.connector, "tool": row.tool, "status": row.status,
-                            "semantics": row.semantics}
-    if row.run_id is not None:
-        body["run_id"] = row.run_id
-    if row.business_key is not None:
-        body["business_key"] = row.business_key
-    return _named(row.connector, row.tool, row.status, body)
+    return _named(row.connector, row.tool, row.status, JSONText(effect_text(
+        row.key, row.connector, row.tool, row.status,
+        (("semantics", row.semantics), ("run_id", row.run_id), ("business_key", row.business_key)))))
 
 
 def admitted_status(semantics: Semantics, human_gate: bool) -> EffectStatus:
@@ -228,19 +219,14 @@ def dispatch_transition(claimed: Claimed, result: CallResult, *, can_observe: bo
         status = EffectStatus.PENDING
         next_at = now + delay(attempts, retry_after)
     key = effect.key
-    text = _effect_text(effect, status, attempts)
-    if outcome is not None:
-        text += f',"outcome":"{outcome._value_}"'
-    if error is not None:
-        text += f',"error":{json_value(error)}'
-    if ref is not None:
-        text += f',"external_ref":{json_value(ref)}'
-    if flagged:
-        text += ',"flagged":true'
+    text = effect_text(key, effect.connector, effect.tool, status, (
+        ("attempt", attempts), ("outcome", None if outcome is None else outcome._value_), ("error", error),
+        ("external_ref", ref), ("flagged", True if flagged else None), ("run_id", effect.run_id),
+        ("business_key", effect.business_key)))
     reported = EffectOutcome(key=key, outcome=outcome, status=status, attempts=attempts, error=error,
                              flagged=flagged)
     return Completion(key, claimed.token, status, next_at, response, error, ref, flagged, now, reported,
-                      _named(effect.connector, effect.tool, status, JSONText(text + _effect_text_end(effect))))
+                      _named(effect.connector, effect.tool, status, JSONText(text)))
 
 
 def observe_transition(claimed: Claimed, result: CallResult, *, max_observations: int, compensation_attempts: int,
