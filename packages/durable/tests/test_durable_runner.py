@@ -522,3 +522,20 @@ def test_the_heartbeat_moves_updated_at_while_a_step_runs(tmp_path: Any) -> None
     [(before, during)] = seen
     assert during == before + 5
     runner.close()
+
+
+def test_the_fenced_checkpoints_casts_are_the_operation_columns_declared_types(postgres_url: str) -> None:
+    """The PostgreSQL casts of the fenced checkpoint are read from the schema's migrations, not restated: they are
+    the types the server holds for ``durable_operations``."""
+    from errands.durable import _schema
+
+    r = DurableRunner(postgres_url, functions={})
+    try:
+        with r.store.read() as tx:
+            held = dict(tx.query("SELECT column_name, UPPER(data_type) FROM information_schema.columns "
+                                 "WHERE table_name = 'durable_operations' AND table_schema = current_schema()"))
+    finally:
+        r.close()
+    columns = _schema._OP_COLS.split(", ")
+    assert len(_schema._OP_TYPES) == len(columns) == 20
+    assert dict(zip(columns, _schema._OP_TYPES)) == {c: held[c] for c in columns}

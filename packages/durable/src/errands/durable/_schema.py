@@ -9,6 +9,7 @@ execution's id, in ``QUEUE``) lives in core's queue and is reached only through 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, List, Sequence
 
 from errands.core.store import POSTGRES, SQLITE, Migration, Tx, in_clause, loads
@@ -233,9 +234,25 @@ _UPSERT_OP = (
 # theirs and then sees the new token), and the values are cast to their columns' types (a ``SELECT`` list does not
 # take them from the target's columns).
 _FENCE_SQL = "SELECT 1 FROM durable_executions WHERE id = ? AND run_token = ? AND status = 'RUNNING'"
-_OP_TYPES = ("TEXT", "TEXT", "BIGINT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "INTEGER", "TEXT", "TEXT", "TEXT",
-             "DOUBLE PRECISION", "DOUBLE PRECISION", "DOUBLE PRECISION", "DOUBLE PRECISION", "DOUBLE PRECISION",
-             "DOUBLE PRECISION", "DOUBLE PRECISION", "TEXT")
+
+
+def _declared_types(migrations: Sequence[Migration], table: str, dialect: str) -> dict[str, str]:
+    """The type each column of ``table`` is declared with in the last of ``migrations`` that creates it (one
+    column a line, as this module writes them), on ``dialect``: the casts below read the schema, not a copy."""
+    found: dict[str, str] = {}
+    for migration in migrations:
+        for statement in migration.statements(dialect):
+            head = statement.split("(", 1)[0].split()
+            if head[:2] == ["CREATE", "TABLE"] and head[-1].startswith(table):
+                found = {}
+                for line in statement.split("(", 1)[1].splitlines():
+                    m = re.match(r"\s*(\w+) (DOUBLE PRECISION|BIGINT|INTEGER|TEXT|REAL)\b", line)
+                    if m:
+                        found[m.group(1)] = m.group(2)
+    return found
+
+
+_OP_TYPES = tuple(_declared_types(MIGRATIONS, "durable_operations", POSTGRES)[c] for c in _OP_COLS.split(", "))
 _UPSERT_SET = _UPSERT_OP[len(_INSERT_OP):]
 _FENCED_UPSERT_OP = {
     SQLITE: f"INSERT INTO durable_operations ({_OP_COLS}) SELECT {','.join('?' * 20)} "
