@@ -548,7 +548,10 @@ def test_insert_all_or_none_inserts_every_row_or_none_and_the_transaction_goes_o
         assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)", [("a",), ("b",)]) is True
         assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)", [("c",), ("taken",), ("d",)]) is False
         tx.execute("INSERT INTO u (k) VALUES ('e')")  # the transaction is still open and usable
-        assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)", [(f"x{i}",) for i in range(101)]) is None
+        # More rows than one statement takes: inside a savepoint, all of them or none.
+        assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)",
+                                     [(f"y{i}",) for i in range(150)] + [("taken",)]) is False
+        assert tx.insert_all_or_none("INSERT INTO u (k) VALUES ", "(?)", [(f"x{i}",) for i in range(101)]) is True
     with store.read() as tx:
-        assert {r[0] for r in tx.query("SELECT k FROM u")} == {"taken", "a", "b", "e"}
+        assert {r[0] for r in tx.query("SELECT k FROM u")} == {"taken", "a", "b", "e"} | {f"x{i}" for i in range(101)}
     store.close()

@@ -130,9 +130,9 @@ _ROW_AT_POSITION = f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, 0, ?, ?, {SQL
 def insert_new_rows(tx: Tx, rows: Sequence[NewEffect]) -> set[str]:
     """Insert ``rows`` (distinct keys) but those whose key is taken, in multi-row statements; the keys inserted.
 
-    A few rows on SQLite (a group commit's) go in one plain ``INSERT``, all or none (``Tx.insert_all_or_none``):
-    no ``RETURNING`` clause, whose rows come back one step at a time; a taken key among them leaves each row to
-    its caller's own way."""
+    On SQLite they go in plain multi-row ``INSERT`` statements, all or none (``Tx.insert_all_or_none``): no
+    ``RETURNING`` clause, whose rows come back one step at a time; a taken key among them leaves each row to its
+    caller's own way."""
     if not rows:
         return set()
     inserted = tx.insert_all_or_none(_BATCH_HEAD, _ROW_AT_POSITION, rows)
@@ -148,9 +148,12 @@ def _with_position(tx: Tx, rows: Sequence[NewEffect]) -> list[tuple[Any, ...]]:
 
 
 def insert_all_new(tx: Tx, rows: Sequence[NewEffect]) -> bool:
-    """Insert ``rows`` (distinct keys) in one statement if no key among them is taken: whether it did (if one is
-    taken, or this cannot be done in one statement here, nothing is inserted)."""
-    return _each_or_none(tx, rows, lambda: tx.insert_rows(_BATCH_HEAD, _BATCH_ROW, _with_position(tx, rows), _NEW_ONLY))
+    """Insert ``rows`` (distinct keys) if no key among them is taken: whether it did (if one is taken, or this
+    cannot be done at once here, nothing is inserted: ``Tx.insert_all_or_none``)."""
+    if tx.dialect != SQLITE:
+        return False
+    # Every row carries the journal's last position, read once (a subquery in each row runs once per row).
+    return bool(tx.insert_all_or_none(_BATCH_HEAD, _BATCH_ROW, _with_position(tx, rows)))
 
 
 def insert_absent(tx: Tx, rows: Sequence[NewEffect]) -> list[NewEffect]:

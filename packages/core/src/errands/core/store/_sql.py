@@ -135,17 +135,31 @@ class Tx:
         return changed
 
     def insert_all_or_none(self, head: str, row: str, rows: Sequence[Sequence[Any]]) -> bool | None:
-        """On SQLite, for rows that fit one statement (``VALUES_ROWS``): insert them all in one plain multi-row
-        ``INSERT`` (True), or, when one of them breaks a uniqueness constraint, none (False): SQLite undoes the
-        statement that failed, alone, and the transaction goes on. None where this cannot be done in one statement
-        (more rows; PostgreSQL, where a failed statement aborts the whole transaction): nothing is inserted, and
-        the caller takes its general way."""
-        if self.dialect != SQLITE or not rows or len(rows) > VALUES_ROWS:
+        """On SQLite: insert every row of ``rows`` through ``insert_rows`` (True), or, when one of them breaks a
+        uniqueness constraint, none (False). Rows that fit one statement (``VALUES_ROWS``) need nothing more:
+        SQLite undoes the statement that failed, alone, and the transaction goes on; more rows are written inside
+        a savepoint. None where this cannot be done (PostgreSQL, where a failed statement aborts the whole
+        transaction; more rows on a connection outside a transaction): nothing is inserted, and the caller takes
+        its general way."""
+        if self.dialect != SQLITE or not rows:
             return None
+        if len(rows) <= VALUES_ROWS:
+            try:
+                self.insert_rows(head, row, rows)
+            except sqlite3.IntegrityError:
+                return False
+            return True
+        raw = self.raw
+        if not raw.in_transaction:
+            return None
+        raw.execute("SAVEPOINT em_all")
         try:
             self.insert_rows(head, row, rows)
         except sqlite3.IntegrityError:
+            raw.execute("ROLLBACK TO em_all")
+            raw.execute("RELEASE em_all")
             return False
+        raw.execute("RELEASE em_all")
         return True
 
     def insert_returning(self, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str) -> list[tuple[Any, ...]]:
